@@ -1,0 +1,181 @@
+//! The block-device abstraction every layer speaks: the NBD session calls it, the crypt layer
+//! implements it over another `BlockDevice`, and the file backend implements it over a file.
+//!
+//! Contract (every implementation keeps it):
+//! - Offsets and lengths are in bytes and have already been checked against `size()` by the
+//!   caller; an implementation may still return `ErrorKind::OutOfRange` defensively.
+//! - `write_at` with `fua = true` returns only once the data is on stable storage.
+//! - `flush` returns only once every write that returned before it was called is on stable
+//!   storage, whichever connection issued it (one backend is shared by all connections).
+//! - Methods are blocking; callers run them off the async reactor.
+//! - There are no default methods for the data path: a layer states what it does.
+
+pub mod file;
+pub mod latch;
+
+use std::fmt;
+use std::io;
+
+/// What a device can do; the session advertises exactly this to clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    pub read_only: bool,
+    /// TRIM actually discards (hole punching / BLKDISCARD); off unless the operator enabled it.
+    pub trim: bool,
+    /// Zeroing is cheaper than writing zeroes (so FAST_ZERO requests can succeed).
+    pub fast_zero: bool,
+    /// The smallest unit a request should be aligned to (LUKS2 sector size for encrypted volumes).
+    pub min_block: u32,
+    /// The block size clients should prefer.
+    pub preferred_block: u32,
+    pub rotational: bool,
+}
+
+/// One run of bytes with the same allocation state, for `base:allocation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    /// Not allocated on the backing store.
+    pub hole: bool,
+    /// Reads as zeroes.
+    pub zero: bool,
+}
+
+/// Options of a WRITE_ZEROES request, already validated against the advertised flags.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The range must stay allocated (NBD_CMD_FLAG_NO_HOLE).
+    pub no_hole: bool,
+    /// Fail with `ErrorKind::NotFast` rather than doing slow work (NBD_CMD_FLAG_FAST_ZERO).
+    pub fast_only: bool,
+    pub fua: bool,
+}
+
+pub trait BlockDevice: Send + Sync {
+    /// Size in bytes, fixed for the life of the device.
+    fn size(&self) -> u64;
+    fn caps(&self) -> Caps;
+    /// Fill all of `buf` from `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error>;
+    /// Write all of `buf` at `offset`; durable before returning if `fua`.
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), Error>;
+    /// Make every completed write durable.
+    fn flush(&self) -> Result<(), Error>;
+    /// Discard a range (only called when `caps().trim`); contents are undefined afterwards.
+    fn trim(&self, offset: u64, length: u64, fua: bool) -> Result<(), Error>;
+    /// Make a range read back as zeroes.
+    fn write_zeroes(&self, offset: u64, length: u64, flags: ZeroFlags) -> Result<(), Error>;
+    /// Prefetch hint; may do nothing.
+    fn cache(&self, offset: u64, length: u64) -> Result<(), Error>;
+    /// Allocation map from `offset`, covering at least one byte and at most `length`.
+    fn extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>, Error>;
+}
+
+/// The stable part of a block error, the one thing callers match on (see `nbd::errno`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The storage failed an operation.
+    Io,
+    /// No space left on the backing store (or past the end on write).
+    NoSpace,
+    /// The device or export is read-only.
+    ReadOnly,
+    /// The range lies outside the device.
+    OutOfRange,
+    /// The request is not aligned to what the layer needs.
+    Misaligned,
+    /// A FAST_ZERO request that would be slow.
+    NotFast,
+    /// The operation is not supported by this device.
+    Unsupported,
+    /// An earlier write or flush failed; durability can no longer be promised.
+    Latched,
+    /// Data failed an integrity check (decryption layer).
+    Corrupt,
+}
+
+/// Which operation failed, and where: enough for a log line to be useful.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Context {
+    pub op: Op,
+    pub offset: u64,
+    pub length: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write,
+    Flush,
+    Trim,
+    Zero,
+    Cache,
+    Extents,
+    Open,
+}
+
+/// A block-layer error: a kind to match on, a context to log, and the OS error behind it.
+#[derive(Debug)]
+pub struct Error {
+    pub kind: ErrorKind,
+    pub context: Option<Context>,
+    pub source: Option<io::Error>,
+}
+
+impl Error {
+    pub fn new(kind: ErrorKind) -> Self {
+        Error { kind, context: None, source: None }
+    }
+
+    pub fn at(mut self, op: Op, offset: u64, length: u64) -> Self {
+        self.context = Some(Context { op, offset, length });
+        self
+    }
+
+    /// Classify an OS error from the backing store.
+    pub fn from_io(source: io::Error) -> Self {
+        let kind = match source.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => ErrorKind::NoSpace,
+            Some(libc::EROFS) | Some(libc::EPERM) | Some(libc::EACCES) => ErrorKind::ReadOnly,
+            Some(libc::EOPNOTSUPP) => ErrorKind::Unsupported,
+            Some(libc::EINVAL) => ErrorKind::Io,
+            _ => ErrorKind::Io,
+        };
+        Error { kind, context: None, source: Some(source) }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ErrorKind::Io => "i/o error",
+            ErrorKind::NoSpace => "no space left",
+            ErrorKind::ReadOnly => "read-only",
+            ErrorKind::OutOfRange => "range outside the device",
+            ErrorKind::Misaligned => "request not aligned to the sector size",
+            ErrorKind::NotFast => "zeroing would not be fast",
+            ErrorKind::Unsupported => "operation not supported",
+            ErrorKind::Latched => "an earlier write or flush failed; refusing to promise durability",
+            ErrorKind::Corrupt => "data failed an integrity check",
+        })
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.kind)?;
+        if let Some(c) = &self.context {
+            write!(f, " ({:?} at offset {} length {})", c.op, c.offset, c.length)?;
+        }
+        if let Some(s) = &self.source {
+            write!(f, ": {s}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_ref().map(|e| e as _)
+    }
+}

@@ -1,0 +1,2 @@
+//! NBD protocol: wire numbers, codec, handshake, transmission session.
+

@@ -1,0 +1,1 @@
+//! The only module allowed `unsafe`: mlock, core dumps off. (to be written)
