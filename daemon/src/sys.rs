@@ -113,7 +113,12 @@ impl LockedBuf {
     /// buffer is still wiped on drop.
     pub fn zeroed(len: usize) -> LockedBuf {
         if len == 0 {
-            return LockedBuf { ptr: NonNull::dangling(), len: 0, layout: None, locked: false };
+            return LockedBuf {
+                ptr: NonNull::dangling(),
+                len: 0,
+                layout: None,
+                locked: false,
+            };
         }
         let page = page_size();
         let size = len
@@ -135,8 +140,19 @@ impl LockedBuf {
         // SAFETY: `ptr..ptr+layout.size()` is our own fresh, page-aligned allocation of whole
         // pages, so advising on it affects no other memory; MADV_DONTDUMP changes only core-dump
         // contents, not the mapping's data or validity. Best effort: errors are ignored.
-        let _ = unsafe { madvise(ptr.cast::<c_void>(), layout.size(), MmapAdvise::MADV_DONTDUMP) };
-        LockedBuf { ptr, len, layout: Some(layout), locked }
+        let _ = unsafe {
+            madvise(
+                ptr.cast::<c_void>(),
+                layout.size(),
+                MmapAdvise::MADV_DONTDUMP,
+            )
+        };
+        LockedBuf {
+            ptr,
+            len,
+            layout: Some(layout),
+            locked,
+        }
     }
 
     /// Allocates a buffer holding a copy of `bytes`.
@@ -230,7 +246,10 @@ mod tests {
     fn disable_core_dumps_succeeds_unprivileged() {
         // Lowering our own limits needs no privilege; it only affects this test process.
         disable_core_dumps().unwrap();
-        assert_eq!(nix::sys::resource::getrlimit(Resource::RLIMIT_CORE).unwrap(), (0, 0));
+        assert_eq!(
+            nix::sys::resource::getrlimit(Resource::RLIMIT_CORE).unwrap(),
+            (0, 0)
+        );
         assert!(!prctl::get_dumpable().unwrap());
     }
 
