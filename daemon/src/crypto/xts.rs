@@ -251,7 +251,7 @@ impl SectorCipher {
                     self.sector_size,
                     first_iv,
                     self.ivs_per_sector,
-                ),
+                )?,
                 // Only tests ask for a backend explicitly, and only after checking it exists;
                 // fall back rather than fail if one ever does without.
                 None => return self.run(Backend::Portable, dir, src, dst, first_iv),
@@ -632,6 +632,20 @@ mod tests {
     fn implementation_names_a_backend() {
         let c = cipher(&[1; 64], 512);
         assert!(["portable", "vaes512"].contains(&c.implementation()));
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_fast_path_is_chosen_exactly_when_the_cpu_supports_it() {
+        for key_len in [32, 64] {
+            let c = cipher(&vec![1; key_len], 4096);
+            assert_eq!(c.vaes.is_some(), vaes::cpu_supported());
+            assert_eq!(c.implementation() == "vaes512", vaes::cpu_supported());
+        }
+        // Make a silent skip of the fast-path comparisons visible in the test log.
+        if !vaes::cpu_supported() {
+            eprintln!("note: this CPU lacks VAES-512; only the portable path was tested");
+        }
     }
 
     proptest! {
