@@ -472,3 +472,248 @@ fn a_json_area_starting_with_whitespace_invalidates_that_copy() {
     let (_, repair) = Luks2Header::read(&f).unwrap();
     assert_eq!(repair, RepairNeeded::Primary);
 }
+
+// ---- round trips through the real cryptsetup ------------------------------------------------------
+
+const VOL_SIZE: u64 = 16 * 1024 * 1024 + 256 * 1024;
+
+fn fast_pbkdf2() -> KdfParams {
+    KdfParams::Pbkdf2 { hash: HashAlg::Sha256, iterations: 1000 }
+}
+
+fn small_argon2id() -> KdfParams {
+    KdfParams::Argon2id { time: 4, memory_kib: 1024, cpus: 1 }
+}
+
+/// A fresh, empty image file of `VOL_SIZE` bytes formatted by us.
+fn formatted(dir: &Path, kdf: KdfParams, pass: &str) -> (std::path::PathBuf, File, Luks2Header, VolumeKey) {
+    let p = dir.join("ours.img");
+    let f = OpenOptions::new().read(true).write(true).create_new(true).open(&p).unwrap();
+    f.set_len(VOL_SIZE).unwrap();
+    let mut params = FormatParams::new(kdf);
+    params.digest_iterations = 1000;
+    params.label = "nbdcrypt-test".into();
+    let (h, vk) = format(&f, &params, &pw(pass)).unwrap();
+    (p, f, h, vk)
+}
+
+#[test]
+fn cryptsetup_opens_what_we_format_with_pbkdf2_and_argon2id() {
+    for (kdf, name) in [(fast_pbkdf2(), "pbkdf2"), (small_argon2id(), "argon2id")] {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, f, h, vk) = formatted(dir.path(), kdf, "recovery passphrase");
+        let img = p.display().to_string();
+        let dump = cryptsetup_ok(&["luksDump", &img]);
+        assert!(dump.contains("Version:       \t2"), "{dump}");
+        assert!(dump.contains(&format!("PBKDF:      {name}")), "{dump}");
+        assert!(dump.contains("sector: 4096 [bytes]"), "{dump}");
+        assert!(dump.contains("offset: 16777216 [bytes]"), "{dump}");
+        let kf = key_file(dir.path(), "kf", "recovery passphrase");
+        cryptsetup_ok(&["open", "--test-passphrase", "--key-file", &kf, &img]);
+        assert_eq!(cryptsetup_volume_key(&img, &kf), vk.expose_secret());
+        let bad = key_file(dir.path(), "bad", "wrong");
+        assert!(!cryptsetup(&["open", "--test-passphrase", "--key-file", &bad, &img]).status.success());
+        // And we read back what we wrote.
+        let (h2, repair) = Luks2Header::read(&f).unwrap();
+        assert_eq!(repair, RepairNeeded::None);
+        assert_eq!(h2.uuid(), h.uuid());
+        assert_eq!(h2.label(), "nbdcrypt-test");
+        assert_eq!(h2.seqid(), 1);
+        let (k, slot) = h2.unlock(&f, &pw("recovery passphrase"), &limits()).unwrap();
+        assert_eq!((k.expose_secret(), slot), (vk.expose_secret(), 0));
+    }
+}
+
+#[test]
+fn our_layout_matches_cryptsetup_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, f, h, _) = formatted(dir.path(), fast_pbkdf2(), "p");
+    assert_eq!(h.hdr_size(), 16384);
+    assert_eq!(h.metadata_end(), 16_777_216);
+    let ks = &h.keyslots()[0];
+    assert_eq!((ks.area_offset, ks.area_size, ks.key_size), (Some(32768), Some(258_048), Some(64)));
+    // Secondary binary header at 16 KiB; JSON is compact, NUL-terminated, zero-filled.
+    let mut magic = [0u8; 6];
+    f.read_exact_at(&mut magic, 16384).unwrap();
+    assert_eq!(&magic, b"SKUL\xba\xbe");
+    let mut area = vec![0u8; 12288];
+    f.read_exact_at(&mut area, 4096).unwrap();
+    let text = metadata::json_text(&area).unwrap();
+    assert!(text.starts_with(br#"{"keyslots":{"0":{"type":"luks2""#));
+    assert!(!text.contains(&b' ') && !text.contains(&b'\n'));
+}
+
+#[test]
+fn cryptsetup_add_and_kill_slot_on_our_volume_keep_it_openable_by_us() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, f, _, vk) = formatted(dir.path(), fast_pbkdf2(), "first");
+    let img = p.display().to_string();
+    let k1 = key_file(dir.path(), "k1", "first");
+    let k2 = key_file(dir.path(), "k2", "second");
+    cryptsetup_ok(&["luksAddKey", "--batch-mode", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+        "--key-file", &k1, &img, &k2]);
+    let (h, _) = Luks2Header::read(&f).unwrap();
+    assert_eq!(h.seqid(), 2);
+    let (k, slot) = h.unlock(&f, &pw("second"), &limits()).unwrap();
+    assert_eq!((k.expose_secret(), slot), (vk.expose_secret(), 1));
+    cryptsetup_ok(&["luksKillSlot", "--batch-mode", "--key-file", &k2, &img, "0"]);
+    let (h, _) = Luks2Header::read(&f).unwrap();
+    assert!(matches!(h.unlock(&f, &pw("first"), &limits()).err().unwrap(), FormatError::WrongPassphrase));
+    assert_eq!(h.unlock(&f, &pw("second"), &limits()).unwrap().1, 1);
+}
+
+#[test]
+fn keyslot_and_token_changes_we_make_are_accepted_by_cryptsetup() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, f, mut h, vk) = formatted(dir.path(), small_argon2id(), "recovery");
+    let img = p.display().to_string();
+
+    // A second keyslot the systemd way: PBKDF2-SHA512, 1000 iterations, base64 secret.
+    let slot = h.add_keyslot(&f, &vk, &pw("c2VjcmV0LXNlY3JldA=="), &KdfParams::Pbkdf2 {
+        hash: HashAlg::Sha512,
+        iterations: 1000,
+    }).unwrap();
+    assert_eq!(slot, 1);
+    assert_eq!(h.keyslots()[1].area_offset, Some(290_816));
+    let ks = key_file(dir.path(), "ks", "c2VjcmV0LXNlY3JldA==");
+    cryptsetup_ok(&["open", "--test-passphrase", "--key-slot", "1", "--key-file", &ks, &img]);
+
+    // A token bound to it: cryptsetup lists it and still opens by passphrase.
+    let tok: serde_json::Map<String, Value> = serde_json::from_str(
+        r#"{"type":"nbdcrypt-aws-kms","keyslots":["1"],"key-id":"arn:aws:kms:x","blob":"AAEC"}"#,
+    ).unwrap();
+    let tid = h.add_token(&f, Token::from_json(tok).unwrap()).unwrap();
+    assert_eq!(tid, 0);
+    let dump = cryptsetup_ok(&["luksDump", &img]);
+    assert!(dump.contains("nbdcrypt-aws-kms"), "{dump}");
+    let exported = cryptsetup_ok(&["token", "export", "--token-id", "0", &img]);
+    let v: Value = serde_json::from_str(&exported).unwrap();
+    assert_eq!(v["blob"], "AAEC");
+    assert_eq!(v["keyslots"], serde_json::json!(["1"]));
+
+    // A luks2-* token type is reserved; a token for a missing keyslot is refused.
+    let bad: serde_json::Map<String, Value> =
+        serde_json::from_str(r#"{"type":"luks2-keyring","keyslots":[]}"#).unwrap();
+    assert!(matches!(h.add_token(&f, Token::from_json(bad).unwrap()), Err(FormatError::InvalidToken(_))));
+    let bad: serde_json::Map<String, Value> =
+        serde_json::from_str(r#"{"type":"x","keyslots":["9"]}"#).unwrap();
+    assert!(matches!(h.add_token(&f, Token::from_json(bad).unwrap()), Err(FormatError::InvalidToken(_))));
+
+    // Change the recovery passphrase: same slot id, new area, old one wiped.
+    let slot0 = h.change_passphrase(&f, &pw("recovery"), &pw("new recovery"), &small_argon2id(), &limits()).unwrap();
+    assert_eq!(slot0, 0);
+    let kn = key_file(dir.path(), "kn", "new recovery");
+    let ko = key_file(dir.path(), "ko", "recovery");
+    cryptsetup_ok(&["open", "--test-passphrase", "--key-slot", "0", "--key-file", &kn, &img]);
+    assert!(!cryptsetup(&["open", "--test-passphrase", "--key-file", &ko, &img]).status.success());
+
+    // Remove slot 1: the token stays, orphaned.
+    h.remove_keyslot(&f, 1).unwrap();
+    let (h2, _) = Luks2Header::read(&f).unwrap();
+    assert_eq!(h2.token(0).unwrap().keyslots(), &[] as &[u32]);
+    assert!(h2.keyslots().iter().all(|k| k.id == 0));
+    assert!(!cryptsetup(&["open", "--test-passphrase", "--key-file", &ks, &img]).status.success());
+    cryptsetup_ok(&["open", "--test-passphrase", "--key-file", &kn, &img]);
+    assert!(matches!(h.remove_keyslot(&f, 0), Err(FormatError::LastKeyslot(0))));
+    h.remove_token(&f, 0).unwrap();
+    assert!(h.token(0).is_none());
+    assert_eq!(cryptsetup_volume_key(&img, &kn), vk.expose_secret());
+}
+
+#[test]
+fn a_stale_in_memory_header_refuses_to_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, f, h, vk) = formatted(dir.path(), fast_pbkdf2(), "first");
+    let mut stale = h.clone();
+    let k1 = key_file(dir.path(), "k1", "first");
+    let k2 = key_file(dir.path(), "k2", "second");
+    cryptsetup_ok(&["luksAddKey", "--batch-mode", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+        "--key-file", &k1, &p.display().to_string(), &k2]);
+    let e = stale.add_keyslot(&f, &vk, &pw("third"), &fast_pbkdf2()).err().unwrap();
+    assert!(matches!(e, FormatError::ConcurrentUpdate { expected: 1, found: 2 }), "{e:?}");
+}
+
+#[test]
+fn add_keyslot_needs_the_right_volume_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, f, mut h, _) = formatted(dir.path(), fast_pbkdf2(), "first");
+    let wrong = VolumeKey::from_slice(&[0u8; 64]);
+    assert!(matches!(h.add_keyslot(&f, &wrong, &pw("x"), &fast_pbkdf2()), Err(FormatError::WrongVolumeKey)));
+    // Below cryptsetup's creation minimums.
+    let weak = KdfParams::Pbkdf2 { hash: HashAlg::Sha256, iterations: 10 };
+    assert!(matches!(h.add_keyslot(&f, &wrong, &pw("x"), &weak), Err(FormatError::InvalidParams(_))));
+}
+
+#[test]
+fn header_backup_and_restore_round_trip_and_interoperate_with_cryptsetup() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, f, h, vk) = formatted(dir.path(), fast_pbkdf2(), "pass");
+    let img = p.display().to_string();
+    let backup = dir.path().join("hdr.backup");
+    header_backup(&f, &backup).unwrap();
+    assert_eq!(std::fs::metadata(&backup).unwrap().len(), 16_777_216);
+    assert!(header_backup(&f, &backup).is_err(), "must not overwrite");
+    // Destroy both copies, restore, unlock.
+    f.write_all_at(&[0u8; 32768], 0).unwrap();
+    assert!(Luks2Header::read(&f).is_err());
+    let r = header_restore(&f, &backup).unwrap();
+    assert_eq!(r.uuid(), h.uuid());
+    assert_eq!(r.unlock(&f, &pw("pass"), &limits()).unwrap().0.expose_secret(), vk.expose_secret());
+    // cryptsetup accepts our backup file as a header too.
+    let kf = key_file(dir.path(), "kf", "pass");
+    cryptsetup_ok(&["open", "--test-passphrase", "--header", &backup.display().to_string(), "--key-file", &kf, &img]);
+    // A backup of another volume is refused.
+    let dir2 = tempfile::tempdir().unwrap();
+    let (_, f2, _, _) = formatted(dir2.path(), fast_pbkdf2(), "other");
+    match header_restore(&f2, &backup).err().unwrap() {
+        FormatError::BadBackup { reason, .. } => assert!(reason.contains("UUID"), "{reason}"),
+        e => panic!("{e:?}"),
+    }
+    // A file that is not a header is refused before anything is written.
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, vec![0u8; 65536]).unwrap();
+    assert!(matches!(header_restore(&f, &junk), Err(FormatError::BadBackup { .. })));
+}
+
+#[test]
+fn format_refuses_bad_parameters_and_small_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("small.img");
+    let f = OpenOptions::new().read(true).write(true).create_new(true).open(&p).unwrap();
+    f.set_len(1 << 20).unwrap();
+    let mut params = FormatParams::new(fast_pbkdf2());
+    params.digest_iterations = 1000;
+    assert!(matches!(format(&f, &params, &pw("x")), Err(FormatError::DeviceTooSmall { .. })));
+    let mut bad = params.clone();
+    bad.sector_size = 1000;
+    assert!(matches!(format(&f, &bad, &pw("x")), Err(FormatError::InvalidParams(_))));
+    let mut bad = params.clone();
+    bad.label = "x".repeat(48);
+    assert!(matches!(format(&f, &bad, &pw("x")), Err(FormatError::InvalidParams(_))));
+    let mut bad = params.clone();
+    bad.kdf = KdfParams::Argon2id { time: 1, memory_kib: 1024, cpus: 1 };
+    assert!(matches!(format(&f, &bad, &pw("x")), Err(FormatError::InvalidParams(_))));
+}
+
+#[test]
+fn format_with_a_small_keyslots_area_and_512_byte_sectors_opens_in_cryptsetup() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("b.img");
+    let f = OpenOptions::new().read(true).write(true).create_new(true).open(&p).unwrap();
+    f.set_len(2 << 20).unwrap();
+    let mut params = FormatParams::new(fast_pbkdf2());
+    params.digest_iterations = 1000;
+    params.keyslots_size = 262_144;
+    params.data_offset = 1 << 20;
+    params.sector_size = 512;
+    params.key_size = 32;
+    params.uuid = Some("AAAAAAAA-2222-4333-8444-555555555555".into());
+    let (h, vk) = format(&f, &params, &pw("p")).unwrap();
+    assert_eq!(h.uuid(), "aaaaaaaa-2222-4333-8444-555555555555");
+    assert_eq!(vk.len(), 32);
+    let img = p.display().to_string();
+    let kf = key_file(dir.path(), "kf", "p");
+    let dump = cryptsetup_ok(&["luksDump", &img]);
+    assert!(dump.contains("aaaaaaaa-2222-4333-8444-555555555555"), "{dump}");
+    assert_eq!(cryptsetup_volume_key(&img, &kf), vk.expose_secret());
+}
