@@ -9,8 +9,15 @@ use crate::crypto::keys::SecretBytes;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AfError {
-    #[error("af material is {actual} bytes, need at least {needed} ({stripes} stripes of {key_len})")]
-    ShortMaterial { actual: usize, needed: usize, stripes: u32, key_len: usize },
+    #[error(
+        "af material is {actual} bytes, need at least {needed} ({stripes} stripes of {key_len})"
+    )]
+    ShortMaterial {
+        actual: usize,
+        needed: usize,
+        stripes: u32,
+        key_len: usize,
+    },
     #[error("af parameters out of range: key length {key_len}, stripes {stripes}")]
     BadParams { key_len: usize, stripes: u32 },
     #[error("random number generator failed")]
@@ -33,17 +40,26 @@ pub fn merge(
         .filter(|_| key_len > 0 && stripes > 0)
         .ok_or(AfError::BadParams { key_len, stripes })?;
     if material.len() < needed {
-        return Err(AfError::ShortMaterial { actual: material.len(), needed, stripes, key_len });
+        return Err(AfError::ShortMaterial {
+            actual: material.len(),
+            needed,
+            stripes,
+            key_len,
+        });
     }
     let mut acc = SecretBytes::zeroed(key_len);
     let mut chunks = material[..needed].chunks_exact(key_len);
     // stripes - 1 diffused stripes, then the last one XORed in plain.
     for _ in 1..stripes {
-        let stripe = chunks.next().ok_or(AfError::BadParams { key_len, stripes })?;
+        let stripe = chunks
+            .next()
+            .ok_or(AfError::BadParams { key_len, stripes })?;
         xor_into(acc.expose_secret_mut(), stripe);
         diffuse(hash, acc.expose_secret_mut());
     }
-    let last = chunks.next().ok_or(AfError::BadParams { key_len, stripes })?;
+    let last = chunks
+        .next()
+        .ok_or(AfError::BadParams { key_len, stripes })?;
     xor_into(acc.expose_secret_mut(), last);
     Ok(acc)
 }
@@ -134,14 +150,24 @@ mod tests {
         let k = merge(&material, 4, 2, HashAlg::Sha256).unwrap();
         let mut h = [0u8; 32];
         HashAlg::Sha256.hash_parts(&[&[0, 0, 0, 0], &[0, 0, 0, 0]], &mut h);
-        let want: Vec<u8> = h[..4].iter().zip([1u8, 2, 3, 4]).map(|(a, b)| a ^ b).collect();
+        let want: Vec<u8> = h[..4]
+            .iter()
+            .zip([1u8, 2, 3, 4])
+            .map(|(a, b)| a ^ b)
+            .collect();
         assert_eq!(k.expose_secret(), &want[..]);
     }
 
     #[test]
     fn merge_rejects_short_material() {
         let e = merge(&[0u8; 100], 64, 4000, HashAlg::Sha256).err();
-        assert!(matches!(e, Some(AfError::ShortMaterial { needed: 256_000, .. })));
+        assert!(matches!(
+            e,
+            Some(AfError::ShortMaterial {
+                needed: 256_000,
+                ..
+            })
+        ));
         assert!(matches!(
             merge(&[0u8; 100], 0, 4000, HashAlg::Sha256),
             Err(AfError::BadParams { .. })

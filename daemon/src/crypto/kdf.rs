@@ -80,10 +80,21 @@ impl fmt::Display for HashAlg {
 /// KDF algorithm and cost, as stored in a keyslot's `kdf` object (without the salt).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KdfParams {
-    Pbkdf2 { hash: HashAlg, iterations: u32 },
+    Pbkdf2 {
+        hash: HashAlg,
+        iterations: u32,
+    },
     /// `time` = passes, `memory_kib` = KiB, `cpus` = lanes (and threads).
-    Argon2i { time: u32, memory_kib: u32, cpus: u32 },
-    Argon2id { time: u32, memory_kib: u32, cpus: u32 },
+    Argon2i {
+        time: u32,
+        memory_kib: u32,
+        cpus: u32,
+    },
+    Argon2id {
+        time: u32,
+        memory_kib: u32,
+        cpus: u32,
+    },
 }
 
 impl KdfParams {
@@ -107,8 +118,16 @@ impl KdfParams {
                     )));
                 }
             }
-            KdfParams::Argon2i { time, memory_kib, cpus }
-            | KdfParams::Argon2id { time, memory_kib, cpus } => {
+            KdfParams::Argon2i {
+                time,
+                memory_kib,
+                cpus,
+            }
+            | KdfParams::Argon2id {
+                time,
+                memory_kib,
+                cpus,
+            } => {
                 if time < MIN_ARGON2_TIME {
                     return Err(KdfError::Param(format!(
                         "argon2 time {time} below the minimum {MIN_ARGON2_TIME}"
@@ -175,7 +194,11 @@ impl KdfLimits {
     pub fn check(&self, params: &KdfParams) -> Result<(), LimitExceeded> {
         let over = |param, value: u32, cap: u32| {
             if value > cap {
-                Err(LimitExceeded { param, value: value.into(), cap: cap.into() })
+                Err(LimitExceeded {
+                    param,
+                    value: value.into(),
+                    cap: cap.into(),
+                })
             } else {
                 Ok(())
             }
@@ -184,8 +207,16 @@ impl KdfLimits {
             KdfParams::Pbkdf2 { iterations, .. } => {
                 over("iterations", iterations, self.max_pbkdf2_iterations)
             }
-            KdfParams::Argon2i { time, memory_kib, cpus }
-            | KdfParams::Argon2id { time, memory_kib, cpus } => {
+            KdfParams::Argon2i {
+                time,
+                memory_kib,
+                cpus,
+            }
+            | KdfParams::Argon2id {
+                time,
+                memory_kib,
+                cpus,
+            } => {
                 over("memory", memory_kib, self.max_argon2_memory_kib)?;
                 over("time", time, self.max_argon2_time)?;
                 over("cpus", cpus, self.max_argon2_cpus)
@@ -215,7 +246,11 @@ pub fn derive(
         KdfParams::Pbkdf2 { hash, iterations } => {
             pbkdf2_into(hash, secret, salt, iterations, out.expose_secret_mut())?
         }
-        KdfParams::Argon2i { time, memory_kib, cpus } => argon2_into(
+        KdfParams::Argon2i {
+            time,
+            memory_kib,
+            cpus,
+        } => argon2_into(
             Algorithm::Argon2i,
             time,
             memory_kib,
@@ -224,7 +259,11 @@ pub fn derive(
             salt,
             out.expose_secret_mut(),
         )?,
-        KdfParams::Argon2id { time, memory_kib, cpus } => argon2_into(
+        KdfParams::Argon2id {
+            time,
+            memory_kib,
+            cpus,
+        } => argon2_into(
             Algorithm::Argon2id,
             time,
             memory_kib,
@@ -246,7 +285,9 @@ pub fn pbkdf2_into(
     out: &mut [u8],
 ) -> Result<(), KdfError> {
     if iterations == 0 {
-        return Err(KdfError::Param("pbkdf2 iterations must be at least 1".into()));
+        return Err(KdfError::Param(
+            "pbkdf2 iterations must be at least 1".into(),
+        ));
     }
     if out.is_empty() {
         return Err(KdfError::Param("pbkdf2 output length is zero".into()));
@@ -303,19 +344,35 @@ pub fn benchmark_argon2id(target: Duration, max_memory_kib: u32) -> Result<KdfPa
     let salt = [0x5au8; 32];
     let mut out = [0u8; 32];
     let start = Instant::now();
-    argon2_into(Algorithm::Argon2id, 1, sample_kib, cpus, b"benchmark", &salt, &mut out)?;
+    argon2_into(
+        Algorithm::Argon2id,
+        1,
+        sample_kib,
+        cpus,
+        b"benchmark",
+        &salt,
+        &mut out,
+    )?;
     let per_kib_pass = start.elapsed().as_secs_f64() / f64::from(sample_kib);
     let per_kib_pass = per_kib_pass.max(1e-9);
     let budget = target.as_secs_f64() / per_kib_pass; // KiB-passes affordable
     let min_time = f64::from(MIN_ARGON2_TIME);
     let (time, memory_kib) = if budget / f64::from(max_mem) >= min_time {
-        let t = (budget / f64::from(max_mem)).floor().min(f64::from(u32::MAX / 2));
+        let t = (budget / f64::from(max_mem))
+            .floor()
+            .min(f64::from(u32::MAX / 2));
         (t as u32, max_mem) // float in [4, u32::MAX/2]: the cast cannot truncate
     } else {
-        let m = (budget / min_time).floor().max(f64::from(MIN_ARGON2_MEMORY_KIB.max(8 * cpus)));
+        let m = (budget / min_time)
+            .floor()
+            .max(f64::from(MIN_ARGON2_MEMORY_KIB.max(8 * cpus)));
         (MIN_ARGON2_TIME, (m.min(f64::from(max_mem))) as u32) // m <= max_mem (a u32)
     };
-    Ok(KdfParams::Argon2id { time, memory_kib, cpus })
+    Ok(KdfParams::Argon2id {
+        time,
+        memory_kib,
+        cpus,
+    })
 }
 
 /// PBKDF2 iterations that take about `target` for a `out_len`-byte output (cryptsetup uses 125 ms
@@ -363,57 +420,120 @@ mod tests {
         // RFC 9106 5.3 uses a secret and associated data, which LUKS never does; check instead
         // that argon2i and argon2id differ and are deterministic.
         let a = derive(
-            &KdfParams::Argon2id { time: 1, memory_kib: 64, cpus: 2 },
+            &KdfParams::Argon2id {
+                time: 1,
+                memory_kib: 64,
+                cpus: 2,
+            },
             b"pw",
             &[1; 32],
             32,
         )
         .unwrap();
         let b = derive(
-            &KdfParams::Argon2id { time: 1, memory_kib: 64, cpus: 2 },
+            &KdfParams::Argon2id {
+                time: 1,
+                memory_kib: 64,
+                cpus: 2,
+            },
             b"pw",
             &[1; 32],
             32,
         )
         .unwrap();
-        let c = derive(&KdfParams::Argon2i { time: 1, memory_kib: 64, cpus: 2 }, b"pw", &[1; 32], 32)
-            .unwrap();
+        let c = derive(
+            &KdfParams::Argon2i {
+                time: 1,
+                memory_kib: 64,
+                cpus: 2,
+            },
+            b"pw",
+            &[1; 32],
+            32,
+        )
+        .unwrap();
         assert_eq!(a.expose_secret(), b.expose_secret());
         assert_ne!(a.expose_secret(), c.expose_secret());
     }
 
     #[test]
     fn limits_name_the_parameter_over_its_cap() {
-        let l = KdfLimits { max_argon2_memory_kib: 1024, ..KdfLimits::default() };
+        let l = KdfLimits {
+            max_argon2_memory_kib: 1024,
+            ..KdfLimits::default()
+        };
         let e = l
-            .check(&KdfParams::Argon2id { time: 4, memory_kib: 2048, cpus: 1 })
+            .check(&KdfParams::Argon2id {
+                time: 4,
+                memory_kib: 2048,
+                cpus: 1,
+            })
             .unwrap_err();
-        assert_eq!(e, LimitExceeded { param: "memory", value: 2048, cap: 1024 });
+        assert_eq!(
+            e,
+            LimitExceeded {
+                param: "memory",
+                value: 2048,
+                cap: 1024
+            }
+        );
         let e = KdfLimits::default()
-            .check(&KdfParams::Pbkdf2 { hash: HashAlg::Sha256, iterations: u32::MAX })
+            .check(&KdfParams::Pbkdf2 {
+                hash: HashAlg::Sha256,
+                iterations: u32::MAX,
+            })
             .unwrap_err();
         assert_eq!(e.param, "iterations");
     }
 
     #[test]
     fn invalid_argon2_params_are_errors_not_panics() {
-        let e = derive(&KdfParams::Argon2id { time: 0, memory_kib: 64, cpus: 1 }, b"", &[0; 32], 32);
+        let e = derive(
+            &KdfParams::Argon2id {
+                time: 0,
+                memory_kib: 64,
+                cpus: 1,
+            },
+            b"",
+            &[0; 32],
+            32,
+        );
         assert!(matches!(e, Err(KdfError::Param(_))));
-        let e = derive(&KdfParams::Argon2id { time: 1, memory_kib: 1, cpus: 1 }, b"", &[0; 32], 32);
+        let e = derive(
+            &KdfParams::Argon2id {
+                time: 1,
+                memory_kib: 1,
+                cpus: 1,
+            },
+            b"",
+            &[0; 32],
+            32,
+        );
         assert!(matches!(e, Err(KdfError::Param(_))));
     }
 
     #[test]
     fn creation_bounds_follow_cryptsetup() {
-        assert!(KdfParams::Pbkdf2 { hash: HashAlg::Sha256, iterations: 999 }
-            .check_creatable()
-            .is_err());
-        assert!(KdfParams::Argon2id { time: 3, memory_kib: 1024, cpus: 1 }
-            .check_creatable()
-            .is_err());
-        assert!(KdfParams::Argon2id { time: 4, memory_kib: 32, cpus: 4 }
-            .check_creatable()
-            .is_ok());
+        assert!(KdfParams::Pbkdf2 {
+            hash: HashAlg::Sha256,
+            iterations: 999
+        }
+        .check_creatable()
+        .is_err());
+        assert!(KdfParams::Argon2id {
+            time: 3,
+            memory_kib: 1024,
+            cpus: 1
+        }
+        .check_creatable()
+        .is_err());
+        assert!(KdfParams::Argon2id {
+            time: 4,
+            memory_kib: 32,
+            cpus: 4
+        }
+        .check_creatable()
+        .is_ok());
     }
 
     #[test]

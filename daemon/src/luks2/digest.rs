@@ -13,7 +13,11 @@ pub(crate) fn verify(d: &DigestEntry, key: &[u8]) -> bool {
     if pbkdf2_into(d.hash, key, &d.salt, d.iterations, out.expose_secret_mut()).is_err() {
         return false;
     }
-    let diff = out.expose_secret().iter().zip(&d.digest).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    let diff = out
+        .expose_secret()
+        .iter()
+        .zip(&d.digest)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
     diff == 0
 }
 

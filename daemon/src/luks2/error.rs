@@ -44,24 +44,45 @@ pub enum FormatError {
         #[source]
         source: io::Error,
     },
-    #[error("header changed on disk since it was read (seqid {expected} in memory, {found} on disk)")]
+    #[error(
+        "header changed on disk since it was read (seqid {expected} in memory, {found} on disk)"
+    )]
     ConcurrentUpdate { expected: u64, found: u64 },
 
     // ---- binary header ------------------------------------------------------------------------
     #[error("{copy} header at offset {offset}: bad magic (not a LUKS2 header)")]
     BadMagic { copy: HeaderCopy, offset: u64 },
     #[error("{copy} header at offset {offset}: unsupported version {version} (only LUKS2)")]
-    UnsupportedVersion { copy: HeaderCopy, offset: u64, version: u16 },
+    UnsupportedVersion {
+        copy: HeaderCopy,
+        offset: u64,
+        version: u16,
+    },
     #[error("{copy} header at offset {offset}: hdr_size {hdr_size} is not an allowed size")]
-    BadHeaderSize { copy: HeaderCopy, offset: u64, hdr_size: u64 },
+    BadHeaderSize {
+        copy: HeaderCopy,
+        offset: u64,
+        hdr_size: u64,
+    },
     #[error("{copy} header at offset {offset}: hdr_offset field says {found}")]
-    BadHeaderOffset { copy: HeaderCopy, offset: u64, found: u64 },
+    BadHeaderOffset {
+        copy: HeaderCopy,
+        offset: u64,
+        found: u64,
+    },
     #[error("{copy} header at offset {offset}: unsupported checksum_alg {alg:?}")]
-    UnsupportedChecksumAlg { copy: HeaderCopy, offset: u64, alg: String },
+    UnsupportedChecksumAlg {
+        copy: HeaderCopy,
+        offset: u64,
+        alg: String,
+    },
     #[error("{copy} header at offset {offset}: checksum mismatch")]
     BadChecksum { copy: HeaderCopy, offset: u64 },
     #[error("no valid LUKS2 header copy (primary: {primary}; secondary: {secondary})")]
-    NoValidHeader { primary: Box<FormatError>, secondary: Box<FormatError> },
+    NoValidHeader {
+        primary: Box<FormatError>,
+        secondary: Box<FormatError>,
+    },
 
     // ---- JSON metadata -------------------------------------------------------------------------
     #[error("{copy} header: JSON area: {reason}")]
@@ -94,7 +115,12 @@ pub enum FormatError {
     #[error("keyslot {slot} cannot be opened: {reason}")]
     KeyslotUnusable { slot: u32, reason: String },
     #[error("keyslot {slot}: kdf {param} = {value} exceeds the limit {cap}")]
-    KdfLimit { slot: u32, param: &'static str, value: u64, cap: u64 },
+    KdfLimit {
+        slot: u32,
+        param: &'static str,
+        value: u64,
+        cap: u64,
+    },
     #[error("kdf failed: {0}")]
     Kdf(String),
     #[error("the given volume key does not match the volume's digest")]
@@ -127,7 +153,10 @@ impl FormatError {
     }
 
     pub(crate) fn meta(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        FormatError::Metadata { field: field.into(), reason: reason.into() }
+        FormatError::Metadata {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 
     /// True for errors that say "valid LUKS2, but we refuse it" rather than "corrupt": such a copy

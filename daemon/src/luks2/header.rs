@@ -60,23 +60,43 @@ impl BinaryHeader {
         }
         let version = u16::from_be_bytes([buf[OFF_VERSION], buf[OFF_VERSION + 1]]);
         if version != VERSION {
-            return Err(FormatError::UnsupportedVersion { copy, offset, version });
+            return Err(FormatError::UnsupportedVersion {
+                copy,
+                offset,
+                version,
+            });
         }
         let hdr_size = be64(buf, OFF_HDR_SIZE);
         if !is_allowed_hdr_size(hdr_size) {
-            return Err(FormatError::BadHeaderSize { copy, offset, hdr_size });
+            return Err(FormatError::BadHeaderSize {
+                copy,
+                offset,
+                hdr_size,
+            });
         }
         let hdr_offset = be64(buf, OFF_HDR_OFFSET);
         if hdr_offset != offset {
-            return Err(FormatError::BadHeaderOffset { copy, offset, found: hdr_offset });
+            return Err(FormatError::BadHeaderOffset {
+                copy,
+                offset,
+                found: hdr_offset,
+            });
         }
         if copy == HeaderCopy::Secondary && offset != hdr_size {
             // The secondary always sits at hdr_size; one found elsewhere is stale or foreign.
-            return Err(FormatError::BadHeaderSize { copy, offset, hdr_size });
+            return Err(FormatError::BadHeaderSize {
+                copy,
+                offset,
+                hdr_size,
+            });
         }
         let checksum_alg = c_string(&buf[OFF_CHECKSUM_ALG..OFF_CHECKSUM_ALG + CHECKSUM_ALG_LEN]);
         if checksum_alg != CHECKSUM_ALG {
-            return Err(FormatError::UnsupportedChecksumAlg { copy, offset, alg: checksum_alg });
+            return Err(FormatError::UnsupportedChecksumAlg {
+                copy,
+                offset,
+                alg: checksum_alg,
+            });
         }
         let mut salt = [0u8; SALT_LEN];
         salt.copy_from_slice(&buf[OFF_SALT..OFF_SALT + SALT_LEN]);
@@ -115,7 +135,10 @@ impl BinaryHeader {
         );
         buf[OFF_SALT..OFF_SALT + SALT_LEN].copy_from_slice(&self.salt);
         put_c_string(&mut buf[OFF_UUID..OFF_UUID + UUID_LEN], &self.uuid);
-        put_c_string(&mut buf[OFF_SUBSYSTEM..OFF_SUBSYSTEM + SUBSYSTEM_LEN], &self.subsystem);
+        put_c_string(
+            &mut buf[OFF_SUBSYSTEM..OFF_SUBSYSTEM + SUBSYSTEM_LEN],
+            &self.subsystem,
+        );
         buf[OFF_HDR_OFFSET..OFF_HDR_OFFSET + 8].copy_from_slice(&self.hdr_offset.to_be_bytes());
         buf[OFF_CSUM..OFF_CSUM + CSUM_LEN].copy_from_slice(&self.csum);
         buf
@@ -177,7 +200,12 @@ pub(crate) fn read_copy(
     }
     // hdr_size is one of nine values <= 4 MiB, so this allocation is bounded.
     let mut json_area = vec![0u8; usize::try_from(json_len).unwrap_or(0)];
-    read_exact_at(file, &mut json_area, bin.json_offset(), "reading the JSON area")?;
+    read_exact_at(
+        file,
+        &mut json_area,
+        bin.json_offset(),
+        "reading the JSON area",
+    )?;
     if checksum(&buf, &json_area) != bin.csum {
         return Err(FormatError::BadChecksum { copy, offset });
     }
@@ -234,7 +262,10 @@ pub(crate) fn write_copy(
     let area_len = usize::try_from(json_area_size(bin.hdr_size))
         .map_err(|_| FormatError::InvalidParams("hdr_size".into()))?;
     if json_text.len() >= area_len {
-        return Err(FormatError::JsonTooLarge { len: json_text.len(), max: area_len as u64 - 1 });
+        return Err(FormatError::JsonTooLarge {
+            len: json_text.len(),
+            max: area_len as u64 - 1,
+        });
     }
     let mut area = vec![0u8; area_len];
     area[..json_text.len()].copy_from_slice(json_text);
@@ -245,20 +276,29 @@ pub(crate) fn write_copy(
     write_all_at(file, &area, bin.json_offset(), "writing the JSON area")?;
     let mut summed = unsummed;
     summed.csum = checksum(&first, &area);
-    write_all_at(file, &summed.encode(), bin.hdr_offset, "writing the binary header checksum")?;
-    file.sync_all().map_err(|e| FormatError::io("syncing the header", bin.hdr_offset, e))
+    write_all_at(
+        file,
+        &summed.encode(),
+        bin.hdr_offset,
+        "writing the binary header checksum",
+    )?;
+    file.sync_all()
+        .map_err(|e| FormatError::io("syncing the header", bin.hdr_offset, e))
 }
 
 /// Size of a regular file or block device.
 pub(crate) fn device_size(file: &File) -> Result<u64, FormatError> {
-    let meta = file.metadata().map_err(|e| FormatError::io("reading file metadata", 0, e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| FormatError::io("reading file metadata", 0, e))?;
     if meta.is_file() {
         return Ok(meta.len());
     }
     // Block devices report 0 in metadata; seek to the end instead (we use positional I/O, so the
     // file position does not matter).
     let mut f = file;
-    f.seek(SeekFrom::End(0)).map_err(|e| FormatError::io("finding the device size", 0, e))
+    f.seek(SeekFrom::End(0))
+        .map_err(|e| FormatError::io("finding the device size", 0, e))
 }
 
 pub(crate) fn read_exact_at(
@@ -286,7 +326,8 @@ pub(crate) fn write_all_at(
     offset: u64,
     op: &'static str,
 ) -> Result<(), FormatError> {
-    file.write_all_at(buf, offset).map_err(|e| FormatError::io(op, offset, e))
+    file.write_all_at(buf, offset)
+        .map_err(|e| FormatError::io(op, offset, e))
 }
 
 fn be64(buf: &[u8], off: usize) -> u64 {
@@ -322,7 +363,11 @@ mod tests {
             salt: [3; SALT_LEN],
             uuid: "11111111-2222-4333-8444-555555555555".into(),
             subsystem: String::new(),
-            hdr_offset: if copy == HeaderCopy::Primary { 0 } else { 0x4000 },
+            hdr_offset: if copy == HeaderCopy::Primary {
+                0
+            } else {
+                0x4000
+            },
             csum: [0; CSUM_LEN],
         }
     }
@@ -341,7 +386,13 @@ mod tests {
     fn header_rejects_a_wrong_magic() {
         let buf = sample(HeaderCopy::Primary).encode();
         let e = BinaryHeader::parse(&buf, HeaderCopy::Secondary, 0x4000).unwrap_err();
-        assert!(matches!(e, FormatError::BadMagic { copy: HeaderCopy::Secondary, offset: 0x4000 }));
+        assert!(matches!(
+            e,
+            FormatError::BadMagic {
+                copy: HeaderCopy::Secondary,
+                offset: 0x4000
+            }
+        ));
     }
 
     #[test]
@@ -360,7 +411,10 @@ mod tests {
         buf[OFF_HDR_SIZE..OFF_HDR_SIZE + 8].copy_from_slice(&0xffff_ffff_ffffu64.to_be_bytes());
         assert!(matches!(
             BinaryHeader::parse(&buf, HeaderCopy::Primary, 0),
-            Err(FormatError::BadHeaderSize { hdr_size: 0xffff_ffff_ffff, .. })
+            Err(FormatError::BadHeaderSize {
+                hdr_size: 0xffff_ffff_ffff,
+                ..
+            })
         ));
     }
 

@@ -14,7 +14,7 @@ use xts_mode::{get_tweak_default, Xts128};
 
 use super::error::FormatError;
 use super::header::{read_exact_at, write_all_at};
-use super::layout::{AF_STRIPES, KEYSLOTS_ALIGN, KEYSLOT_SECTOR, KDF_SALT_LEN};
+use super::layout::{AF_STRIPES, KDF_SALT_LEN, KEYSLOTS_ALIGN, KEYSLOT_SECTOR};
 use super::metadata::{Af, Area, Kdf, KeyslotPriority, Luks2Keyslot, CIPHER};
 use crate::crypto::af;
 use crate::crypto::kdf::{self, HashAlg, KdfLimits, KdfParams};
@@ -39,8 +39,9 @@ pub(crate) fn open(
     passphrase: &SecretBytes,
     limits: &KdfLimits,
 ) -> Result<SecretBytes, FormatError> {
-    let (params, af_hash) =
-        ks.usable().map_err(|reason| FormatError::KeyslotUnusable { slot, reason })?;
+    let (params, af_hash) = ks
+        .usable()
+        .map_err(|reason| FormatError::KeyslotUnusable { slot, reason })?;
     limits.check(&params).map_err(|l| FormatError::KdfLimit {
         slot,
         param: l.param,
@@ -51,7 +52,10 @@ pub(crate) fn open(
     if len > ks.area.size {
         return Err(FormatError::KeyslotUnusable {
             slot,
-            reason: format!("area size {} smaller than the {len} bytes of AF material", ks.area.size),
+            reason: format!(
+                "area size {} smaller than the {len} bytes of AF material",
+                ks.area.size
+            ),
         });
     }
     let end = ks.area.offset.saturating_add(len);
@@ -72,11 +76,28 @@ pub(crate) fn open(
     )
     .map_err(|e| FormatError::Kdf(format!("keyslot {slot}: {e}")))?;
     let mut material = SecretBytes::zeroed(len);
-    read_exact_at(file, material.expose_secret_mut(), ks.area.offset, "reading keyslot material")?;
-    xts_area(area_key.expose_secret(), material.expose_secret_mut(), Direction::Decrypt)
-        .map_err(|reason| FormatError::KeyslotUnusable { slot, reason })?;
-    af::merge(material.expose_secret(), ks.key_size as usize, AF_STRIPES, af_hash)
-        .map_err(|e| FormatError::KeyslotUnusable { slot, reason: e.to_string() })
+    read_exact_at(
+        file,
+        material.expose_secret_mut(),
+        ks.area.offset,
+        "reading keyslot material",
+    )?;
+    xts_area(
+        area_key.expose_secret(),
+        material.expose_secret_mut(),
+        Direction::Decrypt,
+    )
+    .map_err(|reason| FormatError::KeyslotUnusable { slot, reason })?;
+    af::merge(
+        material.expose_secret(),
+        ks.key_size as usize,
+        AF_STRIPES,
+        af_hash,
+    )
+    .map_err(|e| FormatError::KeyslotUnusable {
+        slot,
+        reason: e.to_string(),
+    })
 }
 
 /// Writes a new keyslot's material at `offset` (fsynced) and returns its metadata. The caller
@@ -104,14 +125,28 @@ pub(crate) fn create(
     let len = usize::try_from(material_len(key_size)).unwrap_or(usize::MAX); // <= 256000
     let mut material = af::split(volume_key.expose_secret(), AF_STRIPES, af_hash, len)
         .map_err(|e| FormatError::Random(e.to_string()))?;
-    xts_area(area_key.expose_secret(), material.expose_secret_mut(), Direction::Encrypt)
-        .map_err(FormatError::InvalidParams)?;
-    write_all_at(file, material.expose_secret(), offset, "writing keyslot material")?;
-    file.sync_all().map_err(|e| FormatError::io("syncing keyslot material", offset, e))?;
+    xts_area(
+        area_key.expose_secret(),
+        material.expose_secret_mut(),
+        Direction::Encrypt,
+    )
+    .map_err(FormatError::InvalidParams)?;
+    write_all_at(
+        file,
+        material.expose_secret(),
+        offset,
+        "writing keyslot material",
+    )?;
+    file.sync_all()
+        .map_err(|e| FormatError::io("syncing keyslot material", offset, e))?;
     Ok(Luks2Keyslot {
         key_size,
         priority: None::<KeyslotPriority>,
-        af: Af { stripes: AF_STRIPES, hash: af_hash.name().into(), extra: Default::default() },
+        af: Af {
+            stripes: AF_STRIPES,
+            hash: af_hash.name().into(),
+            extra: Default::default(),
+        },
         area: Area {
             offset,
             size: area_size(key_size),
@@ -133,8 +168,11 @@ enum Direction {
 /// aes-xts-plain64 over whole 512-byte units, IV = unit index from the start of `buf`.
 fn xts_area(key: &[u8], buf: &mut [u8], dir: Direction) -> Result<(), String> {
     // xts-mode panics on a sector shorter than one block; our buffers are 512-byte multiples.
-    if buf.is_empty() || buf.len() % KEYSLOT_SECTOR as usize != 0 {
-        return Err(format!("keyslot material of {} bytes is not whole sectors", buf.len()));
+    if buf.is_empty() || !buf.len().is_multiple_of(KEYSLOT_SECTOR as usize) {
+        return Err(format!(
+            "keyslot material of {} bytes is not whole sectors",
+            buf.len()
+        ));
     }
     let sector = KEYSLOT_SECTOR as usize;
     match key.len() {
@@ -197,6 +235,9 @@ mod tests {
     }
 
     fn hex(s: &str) -> Vec<u8> {
-        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
     }
 }

@@ -29,14 +29,17 @@ pub(crate) struct HeaderLock {
 }
 
 pub(crate) fn lock(file: &File, mode: LockMode) -> Result<HeaderLock, FormatError> {
-    let meta = file.metadata().map_err(|e| FormatError::io("reading file metadata", 0, e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| FormatError::io("reading file metadata", 0, e))?;
     let (target, path) = if meta.file_type().is_block_device() {
         let path = block_lock_path(meta.rdev());
         (open_lock_file(&path)?, path)
     } else {
-        let clone = file
-            .try_clone()
-            .map_err(|e| FormatError::Lock { path: "(image file)".into(), source: e })?;
+        let clone = file.try_clone().map_err(|e| FormatError::Lock {
+            path: "(image file)".into(),
+            source: e,
+        })?;
         (clone, PathBuf::from("(image file)"))
     };
     let arg = match mode {
@@ -58,9 +61,23 @@ fn block_lock_path(rdev: u64) -> PathBuf {
 }
 
 fn open_lock_file(path: &PathBuf) -> Result<File, FormatError> {
-    let err = |e| FormatError::Lock { path: path.display().to_string(), source: e };
-    DirBuilder::new().recursive(true).mode(0o700).create(LOCK_DIR).map_err(err)?;
-    OpenOptions::new().read(true).write(true).create(true).mode(0o600).open(path).map_err(err)
+    let err = |e| FormatError::Lock {
+        path: path.display().to_string(),
+        source: e,
+    };
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(LOCK_DIR)
+        .map_err(err)?;
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)
 }
 
 #[cfg(test)]
@@ -70,10 +87,16 @@ mod tests {
     #[test]
     fn block_lock_path_uses_major_minor() {
         // 8:16 (sdb) in the Linux dev_t encoding.
-        assert_eq!(block_lock_path((8 << 8) | 16), PathBuf::from("/run/cryptsetup/L_8:16"));
+        assert_eq!(
+            block_lock_path((8 << 8) | 16),
+            PathBuf::from("/run/cryptsetup/L_8:16")
+        );
         // 259:3 (nvme) and a large minor.
         let rdev = (259u64 << 8) | 0x23 | ((0x123u64 & !0xff) << 12);
-        assert_eq!(block_lock_path(rdev), PathBuf::from("/run/cryptsetup/L_259:291"));
+        assert_eq!(
+            block_lock_path(rdev),
+            PathBuf::from("/run/cryptsetup/L_259:291")
+        );
     }
 
     #[test]

@@ -34,11 +34,17 @@ pub struct Metadata {
     pub(crate) extra: Map<String, Value>,
 }
 
+// A handful of keyslots parsed once: boxing the large variant buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Keyslot {
     Luks2(Luks2Keyslot),
     /// A keyslot type we do not implement: kept verbatim, never tried.
-    Other { type_name: String, area: Option<(u64, u64)>, raw: Map<String, Value> },
+    Other {
+        type_name: String,
+        area: Option<(u64, u64)>,
+        raw: Map<String, Value>,
+    },
 }
 
 impl Keyslot {
@@ -79,13 +85,22 @@ impl Luks2Keyslot {
     /// Everything needed to open the slot, or why we cannot.
     pub(crate) fn usable(&self) -> Result<(KdfParams, HashAlg), String> {
         if self.area.encryption != CIPHER {
-            return Err(format!("area encryption {:?} is not {CIPHER}", self.area.encryption));
+            return Err(format!(
+                "area encryption {:?} is not {CIPHER}",
+                self.area.encryption
+            ));
         }
         if !matches!(self.area.key_size, 32 | 64) {
-            return Err(format!("area key_size {} is not 32 or 64", self.area.key_size));
+            return Err(format!(
+                "area key_size {} is not 32 or 64",
+                self.area.key_size
+            ));
         }
         if self.af.stripes != AF_STRIPES {
-            return Err(format!("af stripes {} is not {AF_STRIPES}", self.af.stripes));
+            return Err(format!(
+                "af stripes {} is not {AF_STRIPES}",
+                self.af.stripes
+            ));
         }
         let af_hash = HashAlg::from_name(&self.af.hash)
             .ok_or_else(|| format!("af hash {:?} is not supported", self.af.hash))?;
@@ -121,9 +136,20 @@ pub(crate) struct Kdf {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum KdfKind {
     /// `hash` kept as a name: an unknown hash makes the slot unusable, not the header invalid.
-    Pbkdf2 { hash: String, iterations: u32 },
-    Argon2i { time: u32, memory: u32, cpus: u32 },
-    Argon2id { time: u32, memory: u32, cpus: u32 },
+    Pbkdf2 {
+        hash: String,
+        iterations: u32,
+    },
+    Argon2i {
+        time: u32,
+        memory: u32,
+        cpus: u32,
+    },
+    Argon2id {
+        time: u32,
+        memory: u32,
+        cpus: u32,
+    },
 }
 
 impl Kdf {
@@ -134,26 +160,43 @@ impl Kdf {
                     .ok_or_else(|| format!("kdf hash {hash:?} is not supported"))?,
                 iterations: *iterations,
             },
-            KdfKind::Argon2i { time, memory, cpus } => {
-                KdfParams::Argon2i { time: *time, memory_kib: *memory, cpus: *cpus }
-            }
-            KdfKind::Argon2id { time, memory, cpus } => {
-                KdfParams::Argon2id { time: *time, memory_kib: *memory, cpus: *cpus }
-            }
+            KdfKind::Argon2i { time, memory, cpus } => KdfParams::Argon2i {
+                time: *time,
+                memory_kib: *memory,
+                cpus: *cpus,
+            },
+            KdfKind::Argon2id { time, memory, cpus } => KdfParams::Argon2id {
+                time: *time,
+                memory_kib: *memory,
+                cpus: *cpus,
+            },
         })
     }
 
     pub(crate) fn from_params(params: &KdfParams, salt: [u8; KDF_SALT_LEN]) -> Kdf {
         let kind = match *params {
-            KdfParams::Pbkdf2 { hash, iterations } => {
-                KdfKind::Pbkdf2 { hash: hash.name().to_string(), iterations }
-            }
-            KdfParams::Argon2i { time, memory_kib, cpus } => {
-                KdfKind::Argon2i { time, memory: memory_kib, cpus }
-            }
-            KdfParams::Argon2id { time, memory_kib, cpus } => {
-                KdfKind::Argon2id { time, memory: memory_kib, cpus }
-            }
+            KdfParams::Pbkdf2 { hash, iterations } => KdfKind::Pbkdf2 {
+                hash: hash.name().to_string(),
+                iterations,
+            },
+            KdfParams::Argon2i {
+                time,
+                memory_kib,
+                cpus,
+            } => KdfKind::Argon2i {
+                time,
+                memory: memory_kib,
+                cpus,
+            },
+            KdfParams::Argon2id {
+                time,
+                memory_kib,
+                cpus,
+            } => KdfKind::Argon2id {
+                time,
+                memory: memory_kib,
+                cpus,
+            },
         };
         Kdf { kind, salt }
     }
@@ -217,7 +260,10 @@ impl Token {
     }
 
     fn set_keyslots(&mut self, keyslots: Vec<u32>) {
-        let list = keyslots.iter().map(|k| Value::String(k.to_string())).collect();
+        let list = keyslots
+            .iter()
+            .map(|k| Value::String(k.to_string()))
+            .collect();
         self.keyslots = keyslots;
         if let Some(v) = self.object.get_mut("keyslots") {
             *v = Value::Array(list);
@@ -237,7 +283,11 @@ pub(crate) struct Config {
 
 impl Metadata {
     /// Parses the JSON area of a copy whose `hdr_size` is known. `copy` only labels errors.
-    pub fn parse_area(json_area: &[u8], hdr_size: u64, copy: HeaderCopy) -> Result<Metadata, FormatError> {
+    pub fn parse_area(
+        json_area: &[u8],
+        hdr_size: u64,
+        copy: HeaderCopy,
+    ) -> Result<Metadata, FormatError> {
         let text = json_text(json_area).map_err(|reason| FormatError::JsonText { copy, reason })?;
         let root: Value = serde_json::from_slice(text).map_err(|e| FormatError::JsonText {
             copy,
@@ -255,7 +305,10 @@ impl Metadata {
         if config.json_size != expected_json {
             return Err(FormatError::meta(
                 "config.json_size",
-                format!("{} does not match hdr_size {hdr_size} (expected {expected_json})", config.json_size),
+                format!(
+                    "{} does not match hdr_size {hdr_size} (expected {expected_json})",
+                    config.json_size
+                ),
             ));
         }
 
@@ -276,7 +329,9 @@ impl Metadata {
         for (name, v) in seg_obj {
             let id = parse_id(name, "segments", Some(MAX_SEGMENTS))?;
             if id != 0 {
-                return Err(FormatError::Unsupported(format!("segment {id} without segment 0")));
+                return Err(FormatError::Unsupported(format!(
+                    "segment {id} without segment 0"
+                )));
             }
             segment = Some(parse_segment(v, "segments.0")?);
         }
@@ -295,8 +350,18 @@ impl Metadata {
             tokens.insert(id, parse_token(as_obj(v, &path)?.clone(), &path)?);
         }
 
-        let extra = extras(top, &["keyslots", "tokens", "segments", "digests", "config"]);
-        let md = Metadata { keyslots, tokens, segment, digests, config, extra };
+        let extra = extras(
+            top,
+            &["keyslots", "tokens", "segments", "digests", "config"],
+        );
+        let md = Metadata {
+            keyslots,
+            tokens,
+            segment,
+            digests,
+            config,
+            extra,
+        };
         md.validate(hdr_size)?;
         Ok(md)
     }
@@ -310,7 +375,9 @@ impl Metadata {
             .ok_or_else(|| FormatError::meta("config.keyslots_size", "overflows"))?;
         let mut extents: Vec<(u64, u64, u32)> = Vec::new();
         for (&id, ks) in &self.keyslots {
-            let Some((off, size)) = ks.area_extent() else { continue };
+            let Some((off, size)) = ks.area_extent() else {
+                continue;
+            };
             let field = format!("keyslots.{id}.area");
             if size == 0 {
                 return Err(FormatError::meta(field, "size is zero"));
@@ -324,16 +391,21 @@ impl Metadata {
                     format!("{off}+{size} outside the keyslots area {area_start}..{area_end}"),
                 ));
             }
-            if let Some((_, _, other)) =
-                extents.iter().find(|(o, e, _)| off < *e && *o < end)
-            {
-                return Err(FormatError::meta(field, format!("overlaps keyslot {other}'s area")));
+            if let Some((_, _, other)) = extents.iter().find(|(o, e, _)| off < *e && *o < end) {
+                return Err(FormatError::meta(
+                    field,
+                    format!("overlaps keyslot {other}'s area"),
+                ));
             }
             extents.push((off, end, id));
         }
         for (&id, ks) in &self.keyslots {
             if let Keyslot::Luks2(_) = ks {
-                let n = self.digests.values().filter(|d| d.keyslots.contains(&id)).count();
+                let n = self
+                    .digests
+                    .values()
+                    .filter(|d| d.keyslots.contains(&id))
+                    .count();
                 if n != 1 {
                     return Err(FormatError::meta(
                         format!("keyslots.{id}"),
@@ -361,7 +433,10 @@ impl Metadata {
             }
         }
         if !self.digests.values().any(|d| d.segments.contains(&0)) {
-            return Err(FormatError::meta("segments.0", "no digest covers the crypt segment"));
+            return Err(FormatError::meta(
+                "segments.0",
+                "no digest covers the crypt segment",
+            ));
         }
         for (&id, t) in &self.tokens {
             for k in &t.keyslots {
@@ -377,7 +452,10 @@ impl Metadata {
         if self.segment.offset != 0 && area_end > self.segment.offset {
             return Err(FormatError::meta(
                 "segments.0.offset",
-                format!("{} lies inside the metadata/keyslots area (ends at {area_end})", self.segment.offset),
+                format!(
+                    "{} lies inside the metadata/keyslots area (ends at {area_end})",
+                    self.segment.offset
+                ),
             ));
         }
         Ok(())
@@ -385,11 +463,17 @@ impl Metadata {
 
     /// The digest that covers the data segment (the volume key's digest).
     pub(crate) fn segment_digest(&self) -> Option<(u32, &DigestEntry)> {
-        self.digests.iter().find(|(_, d)| d.segments.contains(&0)).map(|(i, d)| (*i, d))
+        self.digests
+            .iter()
+            .find(|(_, d)| d.segments.contains(&0))
+            .map(|(i, d)| (*i, d))
     }
 
     pub(crate) fn digest_of_keyslot(&self, slot: u32) -> Option<(u32, &DigestEntry)> {
-        self.digests.iter().find(|(_, d)| d.keyslots.contains(&slot)).map(|(i, d)| (*i, d))
+        self.digests
+            .iter()
+            .find(|(_, d)| d.keyslots.contains(&slot))
+            .map(|(i, d)| (*i, d))
     }
 
     /// Compact JSON in cryptsetup's member order.
@@ -445,7 +529,10 @@ pub(crate) fn json_text(area: &[u8]) -> Result<&[u8], String> {
         .position(|&b| b == 0)
         .ok_or_else(|| "JSON text is not NUL-terminated".to_string())?;
     if let Some(pos) = area[nul..].iter().position(|&b| b != 0) {
-        return Err(format!("non-zero byte after the JSON text at area offset {}", nul + pos));
+        return Err(format!(
+            "non-zero byte after the JSON text at area offset {}",
+            nul + pos
+        ));
     }
     Ok(&area[..nul])
 }
@@ -500,7 +587,7 @@ fn parse_config(c: &Map<String, Value>) -> Result<Config, FormatError> {
     let p = "config";
     let json_size = u64_str(c, "json_size", p)?;
     let keyslots_size = u64_str(c, "keyslots_size", p)?;
-    if keyslots_size % KEYSLOTS_ALIGN != 0 || keyslots_size > MAX_KEYSLOTS_SIZE {
+    if !keyslots_size.is_multiple_of(KEYSLOTS_ALIGN) || keyslots_size > MAX_KEYSLOTS_SIZE {
         return Err(FormatError::meta(
             "config.keyslots_size",
             format!("{keyslots_size} is not a multiple of 4096 up to {MAX_KEYSLOTS_SIZE}"),
@@ -529,11 +616,18 @@ fn parse_keyslot(v: &Value, path: &str) -> Result<Keyslot, FormatError> {
             let size = a.get("size")?.as_str()?.parse::<u64>().ok()?;
             Some((off, size))
         });
-        return Ok(Keyslot::Other { type_name: type_name.to_string(), area, raw: o.clone() });
+        return Ok(Keyslot::Other {
+            type_name: type_name.to_string(),
+            area,
+            raw: o.clone(),
+        });
     }
     let key_size = u32_num(o, "key_size", path)?;
     if key_size == 0 || key_size > 512 {
-        return Err(FormatError::meta(format!("{path}.key_size"), format!("{key_size} out of range")));
+        return Err(FormatError::meta(
+            format!("{path}.key_size"),
+            format!("{key_size} out of range"),
+        ));
     }
     let priority = match o.get("priority") {
         None => None,
@@ -542,7 +636,10 @@ fn parse_keyslot(v: &Value, path: &str) -> Result<Keyslot, FormatError> {
             1 => KeyslotPriority::Normal,
             2 => KeyslotPriority::Prefer,
             n => {
-                return Err(FormatError::meta(format!("{path}.priority"), format!("{n} is not 0, 1 or 2")))
+                return Err(FormatError::meta(
+                    format!("{path}.priority"),
+                    format!("{n} is not 0, 1 or 2"),
+                ))
             }
         }),
     };
@@ -571,7 +668,10 @@ fn parse_keyslot(v: &Value, path: &str) -> Result<Keyslot, FormatError> {
     let k = obj_member(o, "kdf", path)?;
     let salt_vec = b64_member(k, "salt", &kp)?;
     let salt: [u8; KDF_SALT_LEN] = salt_vec.as_slice().try_into().map_err(|_| {
-        FormatError::meta(format!("{kp}.salt"), format!("{} bytes, must be 32", salt_vec.len()))
+        FormatError::meta(
+            format!("{kp}.salt"),
+            format!("{} bytes, must be 32", salt_vec.len()),
+        )
     })?;
     let kind = match str_member(k, "type", &kp)? {
         "pbkdf2" => KdfKind::Pbkdf2 {
@@ -589,7 +689,10 @@ fn parse_keyslot(v: &Value, path: &str) -> Result<Keyslot, FormatError> {
             }
         }
         other => {
-            return Err(FormatError::meta(format!("{kp}.type"), format!("unknown kdf {other:?}")))
+            return Err(FormatError::meta(
+                format!("{kp}.type"),
+                format!("unknown kdf {other:?}"),
+            ))
         }
     };
 
@@ -607,10 +710,14 @@ fn parse_segment(v: &Value, path: &str) -> Result<Segment, FormatError> {
     let o = as_obj(v, path)?;
     let t = str_member(o, "type", path)?;
     if t != "crypt" {
-        return Err(FormatError::Unsupported(format!("{path}.type is {t:?}, only \"crypt\" is served")));
+        return Err(FormatError::Unsupported(format!(
+            "{path}.type is {t:?}, only \"crypt\" is served"
+        )));
     }
     if o.contains_key("integrity") {
-        return Err(FormatError::Unsupported(format!("{path}.integrity (dm-integrity)")));
+        return Err(FormatError::Unsupported(format!(
+            "{path}.integrity (dm-integrity)"
+        )));
     }
     let encryption = str_member(o, "encryption", path)?;
     if encryption != CIPHER {
@@ -627,14 +734,17 @@ fn parse_segment(v: &Value, path: &str) -> Result<Segment, FormatError> {
         ));
     }
     let offset = u64_str(o, "offset", path)?;
-    if offset % 512 != 0 {
-        return Err(FormatError::meta(format!("{path}.offset"), format!("{offset} is not a multiple of 512")));
+    if !offset.is_multiple_of(512) {
+        return Err(FormatError::meta(
+            format!("{path}.offset"),
+            format!("{offset} is not a multiple of 512"),
+        ));
     }
     let size = match o.get("size") {
         Some(Value::String(s)) if s == "dynamic" => SegmentSize::Dynamic,
         _ => {
             let n = u64_str(o, "size", path)?;
-            if n == 0 || n % 512 != 0 || n % u64::from(sector_size) != 0 {
+            if n == 0 || !n.is_multiple_of(512) || !n.is_multiple_of(u64::from(sector_size)) {
                 return Err(FormatError::meta(
                     format!("{path}.size"),
                     format!("{n} is not a non-zero multiple of the sector size {sector_size}"),
@@ -663,7 +773,15 @@ fn parse_segment(v: &Value, path: &str) -> Result<Segment, FormatError> {
         flags,
         extra: extras(
             o,
-            &["type", "offset", "size", "iv_tweak", "encryption", "sector_size", "flags"],
+            &[
+                "type",
+                "offset",
+                "size",
+                "iv_tweak",
+                "encryption",
+                "sector_size",
+                "flags",
+            ],
         ),
     })
 }
@@ -672,16 +790,21 @@ fn parse_digest(v: &Value, path: &str) -> Result<DigestEntry, FormatError> {
     let o = as_obj(v, path)?;
     expect_str(o, "type", "pbkdf2", path)?;
     let hash_name = str_member(o, "hash", path)?;
-    let hash = HashAlg::from_name(hash_name).ok_or_else(|| {
-        FormatError::Unsupported(format!("{path}.hash {hash_name:?}"))
-    })?;
+    let hash = HashAlg::from_name(hash_name)
+        .ok_or_else(|| FormatError::Unsupported(format!("{path}.hash {hash_name:?}")))?;
     let salt = b64_member(o, "salt", path)?;
     let digest = b64_member(o, "digest", path)?;
     if salt.is_empty() || salt.len() > 64 {
-        return Err(FormatError::meta(format!("{path}.salt"), format!("{} bytes", salt.len())));
+        return Err(FormatError::meta(
+            format!("{path}.salt"),
+            format!("{} bytes", salt.len()),
+        ));
     }
     if !(16..=64).contains(&digest.len()) {
-        return Err(FormatError::meta(format!("{path}.digest"), format!("{} bytes", digest.len())));
+        return Err(FormatError::meta(
+            format!("{path}.digest"),
+            format!("{} bytes", digest.len()),
+        ));
     }
     let iterations = u32_num(o, "iterations", path)?;
     if iterations == 0 {
@@ -694,7 +817,18 @@ fn parse_digest(v: &Value, path: &str) -> Result<DigestEntry, FormatError> {
         iterations,
         salt,
         digest,
-        extra: extras(o, &["type", "keyslots", "segments", "hash", "iterations", "salt", "digest"]),
+        extra: extras(
+            o,
+            &[
+                "type",
+                "keyslots",
+                "segments",
+                "hash",
+                "iterations",
+                "salt",
+                "digest",
+            ],
+        ),
     })
 }
 
@@ -704,7 +838,11 @@ fn parse_token(o: Map<String, Value>, path: &str) -> Result<Token, FormatError> 
         return Err(FormatError::meta(format!("{path}.type"), "empty"));
     }
     let keyslots = id_list(&o, "keyslots", path)?;
-    Ok(Token { type_name, keyslots, object: o })
+    Ok(Token {
+        type_name,
+        keyslots,
+        object: o,
+    })
 }
 
 // ---- encoders ---------------------------------------------------------------------------------
@@ -739,7 +877,11 @@ fn encode_keyslot(k: &Keyslot) -> Value {
             kdf.insert("iterations".into(), (*iterations).into());
         }
         KdfKind::Argon2i { time, memory, cpus } | KdfKind::Argon2id { time, memory, cpus } => {
-            let t = if matches!(k.kdf.kind, KdfKind::Argon2i { .. }) { "argon2i" } else { "argon2id" };
+            let t = if matches!(k.kdf.kind, KdfKind::Argon2i { .. }) {
+                "argon2i"
+            } else {
+                "argon2id"
+            };
             kdf.insert("type".into(), t.into());
             kdf.insert("time".into(), (*time).into());
             kdf.insert("memory".into(), (*memory).into());
@@ -833,11 +975,13 @@ fn join(path: &str, key: &str) -> String {
 }
 
 fn as_obj<'a>(v: &'a Value, path: &str) -> Result<&'a Map<String, Value>, FormatError> {
-    v.as_object().ok_or_else(|| FormatError::meta(path, "must be an object"))
+    v.as_object()
+        .ok_or_else(|| FormatError::meta(path, "must be an object"))
 }
 
 fn member<'a>(o: &'a Map<String, Value>, key: &str, path: &str) -> Result<&'a Value, FormatError> {
-    o.get(key).ok_or_else(|| FormatError::meta(join(path, key), "missing"))
+    o.get(key)
+        .ok_or_else(|| FormatError::meta(join(path, key), "missing"))
 }
 
 fn obj_member<'a>(
@@ -848,16 +992,28 @@ fn obj_member<'a>(
     as_obj(member(o, key, path)?, &join(path, key))
 }
 
-fn str_member<'a>(o: &'a Map<String, Value>, key: &str, path: &str) -> Result<&'a str, FormatError> {
+fn str_member<'a>(
+    o: &'a Map<String, Value>,
+    key: &str,
+    path: &str,
+) -> Result<&'a str, FormatError> {
     member(o, key, path)?
         .as_str()
         .ok_or_else(|| FormatError::meta(join(path, key), "must be a string"))
 }
 
-fn expect_str(o: &Map<String, Value>, key: &str, want: &str, path: &str) -> Result<(), FormatError> {
+fn expect_str(
+    o: &Map<String, Value>,
+    key: &str,
+    want: &str,
+    path: &str,
+) -> Result<(), FormatError> {
     let got = str_member(o, key, path)?;
     if got != want {
-        return Err(FormatError::meta(join(path, key), format!("{got:?} is not {want:?}")));
+        return Err(FormatError::meta(
+            join(path, key),
+            format!("{got:?} is not {want:?}"),
+        ));
     }
     Ok(())
 }
@@ -866,10 +1022,16 @@ fn expect_str(o: &Map<String, Value>, key: &str, want: &str, path: &str) -> Resu
 fn u64_str(o: &Map<String, Value>, key: &str, path: &str) -> Result<u64, FormatError> {
     let v = member(o, key, path)?;
     let s = v.as_str().ok_or_else(|| {
-        FormatError::meta(join(path, key), "must be a decimal string (64-bit values are strings)")
+        FormatError::meta(
+            join(path, key),
+            "must be a decimal string (64-bit values are strings)",
+        )
     })?;
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(FormatError::meta(join(path, key), format!("{s:?} is not a decimal number")));
+        return Err(FormatError::meta(
+            join(path, key),
+            format!("{s:?} is not a decimal number"),
+        ));
     }
     s.parse::<u64>()
         .map_err(|_| FormatError::meta(join(path, key), format!("{s:?} does not fit 64 bits")))
@@ -891,7 +1053,9 @@ fn b64_member(o: &Map<String, Value>, key: &str, path: &str) -> Result<Vec<u8>, 
 }
 
 fn str_list(v: &Value, path: &str) -> Result<Vec<String>, FormatError> {
-    let a = v.as_array().ok_or_else(|| FormatError::meta(path, "must be an array"))?;
+    let a = v
+        .as_array()
+        .ok_or_else(|| FormatError::meta(path, "must be an array"))?;
     a.iter()
         .map(|x| {
             x.as_str()
@@ -921,15 +1085,25 @@ fn parse_id(name: &str, field: &str, max: Option<u32>) -> Result<u32, FormatErro
     let canonical = !name.is_empty()
         && name.bytes().all(|b| b.is_ascii_digit())
         && (name == "0" || !name.starts_with('0'));
-    let id = if canonical { name.parse::<u32>().ok() } else { None };
+    let id = if canonical {
+        name.parse::<u32>().ok()
+    } else {
+        None
+    };
     match id {
         Some(id) if max.is_none_or(|m| id < m) => Ok(id),
-        _ => Err(FormatError::meta(field, format!("{name:?} is not a valid id"))),
+        _ => Err(FormatError::meta(
+            field,
+            format!("{name:?} is not a valid id"),
+        )),
     }
 }
 
 fn extras(o: &Map<String, Value>, known: &[&str]) -> Map<String, Value> {
-    o.iter().filter(|(k, _)| !known.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect()
+    o.iter()
+        .filter(|(k, _)| !known.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -1057,16 +1231,24 @@ mod tests {
 
     #[test]
     fn the_captured_reencryption_header_is_refused() {
-        let text = std::fs::read_to_string(super::super::tests::testdata_dir().join("reencrypt-encrypt-initial.json"))
-            .unwrap();
+        let text = std::fs::read_to_string(
+            super::super::tests::testdata_dir().join("reencrypt-encrypt-initial.json"),
+        )
+        .unwrap();
         let v: Value = serde_json::from_str(&text).unwrap();
         let e = parse(&v).unwrap_err();
-        assert!(matches!(e, FormatError::ReencryptionInProgress { .. }), "{e:?}");
+        assert!(
+            matches!(e, FormatError::ReencryptionInProgress { .. }),
+            "{e:?}"
+        );
         assert!(e.to_string().contains("online-reencrypt-v2"));
         // Also without the requirement: the reencrypt keyslot alone is enough.
         let mut v2 = v.clone();
         v2["config"].as_object_mut().unwrap().remove("requirements");
-        assert!(matches!(parse(&v2).unwrap_err(), FormatError::ReencryptionInProgress { .. }));
+        assert!(matches!(
+            parse(&v2).unwrap_err(),
+            FormatError::ReencryptionInProgress { .. }
+        ));
     }
 
     #[test]
@@ -1086,7 +1268,10 @@ mod tests {
     fn a_nonzero_iv_tweak_and_odd_sector_sizes_are_refused() {
         let mut v = sample_json();
         v["segments"]["0"]["iv_tweak"] = "8".into();
-        assert!(matches!(parse(&v).unwrap_err(), FormatError::Unsupported(_)));
+        assert!(matches!(
+            parse(&v).unwrap_err(),
+            FormatError::Unsupported(_)
+        ));
         let mut v = sample_json();
         v["segments"]["0"]["sector_size"] = 1536.into();
         assert_eq!(field_of(parse(&v).unwrap_err()), "segments.0.sector_size");
@@ -1125,7 +1310,10 @@ mod tests {
     #[test]
     fn json_size_must_match_hdr_size() {
         let v = sample_json();
-        assert_eq!(field_of(Metadata::from_value(&v, 32768).unwrap_err()), "config.json_size");
+        assert_eq!(
+            field_of(Metadata::from_value(&v, 32768).unwrap_err()),
+            "config.json_size"
+        );
     }
 
     #[test]
@@ -1133,7 +1321,9 @@ mod tests {
         let mut v = sample_json();
         v["keyslots"]["0"]["kdf"]["hash"] = "whirlpool".into();
         let md = parse(&v).unwrap();
-        let Keyslot::Luks2(k) = &md.keyslots[&0] else { panic!() };
+        let Keyslot::Luks2(k) = &md.keyslots[&0] else {
+            panic!()
+        };
         assert!(k.usable().unwrap_err().contains("whirlpool"));
     }
 
@@ -1154,7 +1344,14 @@ mod tests {
         let mut paths = Vec::new();
         walk(&base, vec![], &mut paths);
         for p in paths {
-            for bad in [Value::Null, 1.into(), (-1).into(), "x".into(), serde_json::json!([]), serde_json::json!({})] {
+            for bad in [
+                Value::Null,
+                1.into(),
+                (-1).into(),
+                "x".into(),
+                serde_json::json!([]),
+                serde_json::json!({}),
+            ] {
                 let mut v = base.clone();
                 let mut cur = &mut v;
                 for k in &p {

@@ -27,13 +27,13 @@ mod volume;
 #[cfg(test)]
 mod tests;
 
+pub use crate::crypto::kdf::{benchmark_argon2id, HashAlg, KdfLimits, KdfParams};
 pub use error::{FormatError, HeaderCopy};
 pub use metadata::{KeyslotPriority, SegmentSize, Token};
 pub use volume::{
     format, header_backup, header_restore, DataSegment, FormatParams, KeyslotInfo, Luks2Header,
     RepairNeeded,
 };
-pub use crate::crypto::kdf::{benchmark_argon2id, HashAlg, KdfLimits, KdfParams};
 
 /// OS randomness for salts, keys and wipes.
 pub(crate) fn fill_random(buf: &mut [u8]) -> Result<(), FormatError> {

@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 use xts_mode::{get_tweak_default, Xts128};
 
 use super::header::checksum;
-use super::layout::{BIN_HEADER_SIZE, OFF_CSUM, OFF_SEQID, CSUM_LEN};
+use super::layout::{BIN_HEADER_SIZE, CSUM_LEN, OFF_CSUM, OFF_SEQID};
 use super::*;
 use crate::crypto::keys::{SecretBytes, VolumeKey};
 
@@ -48,7 +48,10 @@ const KEY_C: &str = "0b5cbdbd4133afbae47322587b5e8b2fce2681b16b73ab1a9150194a783
 const PATTERN_SHA256: &str = "c18d64203a7ed7338c9acb5d27d4e90421fb21c167d2ab3ff2de3d735a2f97c4";
 
 fn hex(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 fn to_hex(b: &[u8]) -> String {
@@ -64,7 +67,9 @@ fn image(dir: &Path, name: &str) -> std::path::PathBuf {
     let src = testdata_dir().join(format!("{name}.gz"));
     let gz = File::open(&src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
     let mut data = Vec::new();
-    flate2::read::GzDecoder::new(gz).read_to_end(&mut data).unwrap();
+    flate2::read::GzDecoder::new(gz)
+        .read_to_end(&mut data)
+        .unwrap();
     let dst = dir.join(name);
     std::fs::write(&dst, &data).unwrap();
     dst
@@ -91,7 +96,13 @@ fn pattern(len: usize) -> Vec<u8> {
 }
 
 /// Decrypts `len` bytes of the data segment: one XTS unit per sector, IV = byte offset / 512.
-fn decrypt_data(file: &File, offset: u64, sector_size: u32, key: &VolumeKey, len: usize) -> Vec<u8> {
+fn decrypt_data(
+    file: &File,
+    offset: u64,
+    sector_size: u32,
+    key: &VolumeKey,
+    len: usize,
+) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     file.read_exact_at(&mut buf, offset).unwrap();
     let k = key.expose_secret();
@@ -101,14 +112,19 @@ fn decrypt_data(file: &File, offset: u64, sector_size: u32, key: &VolumeKey, len
         Aes256::new_from_slice(&k[32..]).unwrap(),
     );
     let per = u128::from(sector_size / 512);
-    x.decrypt_area(&mut buf, sector_size as usize, 0, |i| get_tweak_default(i * per));
+    x.decrypt_area(&mut buf, sector_size as usize, 0, |i| {
+        get_tweak_default(i * per)
+    });
     buf
 }
 
 fn cryptsetup(args: &[&str]) -> Output {
-    Command::new("cryptsetup").args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run cryptsetup ({e}); install it: apt-get install cryptsetup-bin")
-    })
+    Command::new("cryptsetup")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run cryptsetup ({e}); install it: apt-get install cryptsetup-bin")
+        })
 }
 
 fn cryptsetup_ok(args: &[&str]) -> String {
@@ -130,8 +146,18 @@ fn key_file(dir: &Path, name: &str, content: &str) -> String {
 
 /// Volume key as dumped by cryptsetup.
 fn cryptsetup_volume_key(img: &str, keyfile: &str) -> Vec<u8> {
-    let out = cryptsetup_ok(&["luksDump", "--dump-volume-key", "--batch-mode", "--key-file", keyfile, img]);
-    let start = out.find("MK dump:").expect("no MK dump in cryptsetup output") + "MK dump:".len();
+    let out = cryptsetup_ok(&[
+        "luksDump",
+        "--dump-volume-key",
+        "--batch-mode",
+        "--key-file",
+        keyfile,
+        img,
+    ]);
+    let start = out
+        .find("MK dump:")
+        .expect("no MK dump in cryptsetup output")
+        + "MK dump:".len();
     let hexes: String = out[start..]
         .split_whitespace()
         .take_while(|w| w.len() == 2 && w.bytes().all(|b| b.is_ascii_hexdigit()))
@@ -141,7 +167,12 @@ fn cryptsetup_volume_key(img: &str, keyfile: &str) -> Vec<u8> {
 
 /// Rewrites one header copy at `offset`: optional new JSON text, a patch to the binary header,
 /// and a fresh valid checksum.
-fn rewrite_copy(file: &File, offset: u64, json: Option<&[u8]>, patch: impl Fn(&mut [u8; BIN_HEADER_SIZE])) {
+fn rewrite_copy(
+    file: &File,
+    offset: u64,
+    json: Option<&[u8]>,
+    patch: impl Fn(&mut [u8; BIN_HEADER_SIZE]),
+) {
     let mut bin = [0u8; BIN_HEADER_SIZE];
     file.read_exact_at(&mut bin, offset).unwrap();
     let hdr_size = u64::from_be_bytes(bin[8..16].try_into().unwrap());
@@ -196,17 +227,35 @@ fn tv_a_header_fields_match_the_readme() {
     );
     let ks = h.keyslots();
     assert_eq!(ks.len(), 2);
-    assert_eq!(ks[0].kdf, Some(KdfParams::Pbkdf2 { hash: HashAlg::Sha256, iterations: 1000 }));
+    assert_eq!(
+        ks[0].kdf,
+        Some(KdfParams::Pbkdf2 {
+            hash: HashAlg::Sha256,
+            iterations: 1000
+        })
+    );
     assert_eq!(ks[0].area_offset, Some(32768));
-    assert_eq!(ks[1].kdf, Some(KdfParams::Argon2id { time: 4, memory_kib: 64, cpus: 1 }));
+    assert_eq!(
+        ks[1].kdf,
+        Some(KdfParams::Argon2id {
+            time: 4,
+            memory_kib: 64,
+            cpus: 1
+        })
+    );
     assert_eq!(ks[1].area_offset, Some(290_816));
-    assert!(ks.iter().all(|k| k.for_data && k.priority == KeyslotPriority::Normal));
+    assert!(ks
+        .iter()
+        .all(|k| k.for_data && k.priority == KeyslotPriority::Normal));
     let toks: Vec<_> = h.tokens().collect();
     assert_eq!(toks.len(), 1);
     assert_eq!(toks[0].0, 0);
     assert_eq!(toks[0].1.type_name(), "example-kms");
     assert_eq!(toks[0].1.keyslots(), &[1]);
-    assert_eq!(toks[0].1.json()["example-ciphertext"], "AAECAwQFBgcICQoLDA0ODw==");
+    assert_eq!(
+        toks[0].1.json()["example-ciphertext"],
+        "AAECAwQFBgcICQoLDA0ODw=="
+    );
 }
 
 #[test]
@@ -214,14 +263,19 @@ fn tv_a_unlocks_with_both_passphrases_and_decrypts_the_pattern() {
     let dir = tempfile::tempdir().unwrap();
     let f = open_rw(&image(dir.path(), "tv-a-ss4096.img"));
     let (h, _) = Luks2Header::read(&f).unwrap();
-    for (pass, slot) in [("tv-a-pbkdf2-passphrase", 0), ("tv-a-argon2id-passphrase", 1)] {
+    for (pass, slot) in [
+        ("tv-a-pbkdf2-passphrase", 0),
+        ("tv-a-argon2id-passphrase", 1),
+    ] {
         let (key, s) = h.unlock(&f, &pw(pass), &limits()).unwrap();
         assert_eq!(s, slot);
         assert_eq!(to_hex(key.expose_secret()), KEY_A);
         let k2 = h.unlock_slot(&f, slot, &pw(pass), &limits()).unwrap();
         assert_eq!(k2.expose_secret(), key.expose_secret());
     }
-    let (key, _) = h.unlock(&f, &pw("tv-a-pbkdf2-passphrase"), &limits()).unwrap();
+    let (key, _) = h
+        .unlock(&f, &pw("tv-a-pbkdf2-passphrase"), &limits())
+        .unwrap();
     // Known answer: sector 1 (IV 8) ciphertext starts 95fd803c...
     let mut ct = [0u8; 16];
     f.read_exact_at(&mut ct, 16_777_216 + 4096).unwrap();
@@ -237,10 +291,16 @@ fn a_wrong_passphrase_says_no_keyslot_matches() {
     let dir = tempfile::tempdir().unwrap();
     let f = open_rw(&image(dir.path(), "tv-a-ss4096.img"));
     let (h, _) = Luks2Header::read(&f).unwrap();
-    let e = h.unlock(&f, &pw("tv-a-pbkdf2-passphrase\n"), &limits()).err().unwrap();
+    let e = h
+        .unlock(&f, &pw("tv-a-pbkdf2-passphrase\n"), &limits())
+        .err()
+        .unwrap();
     assert!(matches!(e, FormatError::WrongPassphrase));
     assert_eq!(e.to_string(), "no keyslot matches the passphrase");
-    let e = h.unlock_slot(&f, 1, &pw("tv-a-pbkdf2-passphrase"), &limits()).err().unwrap();
+    let e = h
+        .unlock_slot(&f, 1, &pw("tv-a-pbkdf2-passphrase"), &limits())
+        .err()
+        .unwrap();
     assert!(matches!(e, FormatError::WrongPassphrase));
     let e = h.unlock_slot(&f, 7, &pw("x"), &limits()).err().unwrap();
     assert!(matches!(e, FormatError::KeyslotNotFound(7)));
@@ -256,11 +316,23 @@ fn tv_b_argon2i_with_two_lanes_and_512_byte_sectors() {
     assert_eq!(h.seqid(), 3);
     let seg = h.data_segment();
     assert_eq!((seg.offset, seg.sector_size), (1_048_576, 512));
-    assert_eq!(h.keyslots()[0].kdf, Some(KdfParams::Argon2i { time: 4, memory_kib: 64, cpus: 2 }));
-    let (key, slot) = h.unlock(&f, &pw("tv-b-argon2i-passphrase"), &limits()).unwrap();
+    assert_eq!(
+        h.keyslots()[0].kdf,
+        Some(KdfParams::Argon2i {
+            time: 4,
+            memory_kib: 64,
+            cpus: 2
+        })
+    );
+    let (key, slot) = h
+        .unlock(&f, &pw("tv-b-argon2i-passphrase"), &limits())
+        .unwrap();
     assert_eq!(slot, 0);
     assert_eq!(to_hex(key.expose_secret()), KEY_B);
-    assert_eq!(decrypt_data(&f, 1_048_576, 512, &key, 65536), pattern(65536));
+    assert_eq!(
+        decrypt_data(&f, 1_048_576, 512, &key, 65536),
+        pattern(65536)
+    );
 }
 
 #[test]
@@ -274,7 +346,9 @@ fn tv_c_detached_header_is_refused_by_read_and_opens_with_read_metadata_only() {
     let (h, _) = Luks2Header::read_metadata_only(&hf).unwrap();
     assert_eq!(h.hdr_size(), 65536);
     assert_eq!(h.label(), "tv-c-detached");
-    let (key, _) = h.unlock(&hf, &pw("tv-c-pbkdf2-sha512-passphrase"), &limits()).unwrap();
+    let (key, _) = h
+        .unlock(&hf, &pw("tv-c-pbkdf2-sha512-passphrase"), &limits())
+        .unwrap();
     assert_eq!(to_hex(key.expose_secret()), KEY_C);
     assert_eq!(decrypt_data(&df, 0, 4096, &key, 65536), pattern(65536));
     // The data file has no header at all.
@@ -301,8 +375,20 @@ fn bad_magic_in_both_copies_is_no_valid_header() {
     f.write_all_at(b"X", 16384).unwrap();
     match Luks2Header::read(&f).err().unwrap() {
         FormatError::NoValidHeader { primary, secondary } => {
-            assert!(matches!(*primary, FormatError::BadMagic { copy: HeaderCopy::Primary, offset: 0 }));
-            assert!(matches!(*secondary, FormatError::BadMagic { copy: HeaderCopy::Secondary, .. }));
+            assert!(matches!(
+                *primary,
+                FormatError::BadMagic {
+                    copy: HeaderCopy::Primary,
+                    offset: 0
+                }
+            ));
+            assert!(matches!(
+                *secondary,
+                FormatError::BadMagic {
+                    copy: HeaderCopy::Secondary,
+                    ..
+                }
+            ));
         }
         e => panic!("{e:?}"),
     }
@@ -317,10 +403,19 @@ fn bad_checksums_in_both_copies_is_no_valid_header() {
     f.write_all_at(b"\x01", 16384 + 4096 + 12000).unwrap();
     match Luks2Header::read(&f).err().unwrap() {
         FormatError::NoValidHeader { primary, secondary } => {
-            assert!(matches!(*primary, FormatError::BadChecksum { copy: HeaderCopy::Primary, offset: 0 }));
+            assert!(matches!(
+                *primary,
+                FormatError::BadChecksum {
+                    copy: HeaderCopy::Primary,
+                    offset: 0
+                }
+            ));
             assert!(matches!(
                 *secondary,
-                FormatError::BadChecksum { copy: HeaderCopy::Secondary, offset: 16384 }
+                FormatError::BadChecksum {
+                    copy: HeaderCopy::Secondary,
+                    offset: 16384
+                }
             ));
         }
         e => panic!("{e:?}"),
@@ -335,7 +430,8 @@ fn a_bad_primary_checksum_falls_back_to_the_secondary_and_asks_for_repair() {
     let (h, repair) = Luks2Header::read(&f).unwrap();
     assert_eq!(repair, RepairNeeded::Primary);
     assert_eq!(h.seqid(), 5);
-    h.unlock(&f, &pw("tv-a-pbkdf2-passphrase"), &limits()).unwrap();
+    h.unlock(&f, &pw("tv-a-pbkdf2-passphrase"), &limits())
+        .unwrap();
     h.repair(&f, repair).unwrap();
     let (h2, repair2) = Luks2Header::read(&f).unwrap();
     assert_eq!(repair2, RepairNeeded::None);
@@ -355,10 +451,14 @@ fn a_zeroed_primary_is_found_through_the_secondary() {
 fn the_copy_with_the_higher_seqid_wins_and_ties_go_to_the_primary() {
     let dir = tempfile::tempdir().unwrap();
     let f = tv_a(dir.path());
-    rewrite_copy(&f, 16384, None, |b| b[OFF_SEQID..OFF_SEQID + 8].copy_from_slice(&6u64.to_be_bytes()));
+    rewrite_copy(&f, 16384, None, |b| {
+        b[OFF_SEQID..OFF_SEQID + 8].copy_from_slice(&6u64.to_be_bytes())
+    });
     let (h, repair) = Luks2Header::read(&f).unwrap();
     assert_eq!((h.seqid(), repair), (6, RepairNeeded::Primary));
-    rewrite_copy(&f, 0, None, |b| b[OFF_SEQID..OFF_SEQID + 8].copy_from_slice(&7u64.to_be_bytes()));
+    rewrite_copy(&f, 0, None, |b| {
+        b[OFF_SEQID..OFF_SEQID + 8].copy_from_slice(&7u64.to_be_bytes())
+    });
     let (h, repair) = Luks2Header::read(&f).unwrap();
     assert_eq!((h.seqid(), repair), (7, RepairNeeded::Secondary));
     // Same seqid, different labels: primary wins, nothing to repair.
@@ -374,7 +474,9 @@ fn the_copy_with_the_higher_seqid_wins_and_ties_go_to_the_primary() {
 fn an_unknown_mandatory_requirement_is_refused_with_its_name() {
     let dir = tempfile::tempdir().unwrap();
     let f = tv_a(dir.path());
-    edit_json_both(&f, |v| v["config"]["requirements"] = serde_json::json!({"mandatory": ["quantum-sealing"]}));
+    edit_json_both(&f, |v| {
+        v["config"]["requirements"] = serde_json::json!({"mandatory": ["quantum-sealing"]})
+    });
     match Luks2Header::read(&f).err().unwrap() {
         FormatError::UnmetRequirements(r) => assert_eq!(r, vec!["quantum-sealing".to_string()]),
         e => panic!("{e:?}"),
@@ -385,11 +487,15 @@ fn an_unknown_mandatory_requirement_is_refused_with_its_name() {
 fn a_header_in_reencryption_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let f = tv_a(dir.path());
-    let text = std::fs::read_to_string(testdata_dir().join("reencrypt-encrypt-initial.json")).unwrap();
+    let text =
+        std::fs::read_to_string(testdata_dir().join("reencrypt-encrypt-initial.json")).unwrap();
     let captured: Value = serde_json::from_str(&text).unwrap();
     edit_json_both(&f, |v| *v = captured.clone());
     let e = Luks2Header::read(&f).err().unwrap();
-    assert!(matches!(e, FormatError::ReencryptionInProgress { .. }), "{e:?}");
+    assert!(
+        matches!(e, FormatError::ReencryptionInProgress { .. }),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("--resume-only"));
 }
 
@@ -397,10 +503,15 @@ fn a_header_in_reencryption_is_refused() {
 fn an_unknown_segment_cipher_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let f = tv_a(dir.path());
-    edit_json_both(&f, |v| v["segments"]["0"]["encryption"] = "twofish-xts-plain64".into());
+    edit_json_both(&f, |v| {
+        v["segments"]["0"]["encryption"] = "twofish-xts-plain64".into()
+    });
     match Luks2Header::read(&f).err().unwrap() {
         FormatError::UnsupportedCipher { field, cipher } => {
-            assert_eq!((field.as_str(), cipher.as_str()), ("segments.0.encryption", "twofish-xts-plain64"))
+            assert_eq!(
+                (field.as_str(), cipher.as_str()),
+                ("segments.0.encryption", "twofish-xts-plain64")
+            )
         }
         e => panic!("{e:?}"),
     }
@@ -413,7 +524,10 @@ fn a_truncated_image_is_reported_with_the_missing_extent() {
     f.set_len(1 << 20).unwrap();
     match Luks2Header::read(&f).err().unwrap() {
         FormatError::Truncated { what, end, size } => {
-            assert_eq!((what.as_str(), end, size), ("keyslots area", 16_777_216, 1 << 20))
+            assert_eq!(
+                (what.as_str(), end, size),
+                ("keyslots area", 16_777_216, 1 << 20)
+            )
         }
         e => panic!("{e:?}"),
     }
@@ -424,7 +538,10 @@ fn a_file_smaller_than_a_header_is_too_small() {
     let dir = tempfile::tempdir().unwrap();
     let f = tv_a(dir.path());
     f.set_len(100).unwrap();
-    assert!(matches!(Luks2Header::read(&f).err().unwrap(), FormatError::DeviceTooSmall { size: 100, .. }));
+    assert!(matches!(
+        Luks2Header::read(&f).err().unwrap(),
+        FormatError::DeviceTooSmall { size: 100, .. }
+    ));
 }
 
 #[test]
@@ -441,7 +558,10 @@ fn a_data_area_that_is_not_whole_sectors_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let f = tv_a(dir.path());
     f.set_len(16_777_216 + 65536 + 512).unwrap();
-    assert!(matches!(Luks2Header::read(&f).err().unwrap(), FormatError::Unsupported(_)));
+    assert!(matches!(
+        Luks2Header::read(&f).err().unwrap(),
+        FormatError::Unsupported(_)
+    ));
 }
 
 #[test]
@@ -449,10 +569,21 @@ fn kdf_caps_are_enforced_and_named_when_opening_foreign_headers() {
     let dir = tempfile::tempdir().unwrap();
     let f = tv_a(dir.path());
     let (h, _) = Luks2Header::read(&f).unwrap();
-    let tight = KdfLimits { max_argon2_memory_kib: 32, ..KdfLimits::default() };
-    let e = h.unlock(&f, &pw("tv-a-argon2id-passphrase"), &tight).err().unwrap();
+    let tight = KdfLimits {
+        max_argon2_memory_kib: 32,
+        ..KdfLimits::default()
+    };
+    let e = h
+        .unlock(&f, &pw("tv-a-argon2id-passphrase"), &tight)
+        .err()
+        .unwrap();
     match &e {
-        FormatError::KdfLimit { slot: 1, param: "memory", value: 64, cap: 32 } => {}
+        FormatError::KdfLimit {
+            slot: 1,
+            param: "memory",
+            value: 64,
+            cap: 32,
+        } => {}
         e => panic!("{e:?}"),
     }
     // The slot within limits still opens.
@@ -478,17 +609,33 @@ fn a_json_area_starting_with_whitespace_invalidates_that_copy() {
 const VOL_SIZE: u64 = 16 * 1024 * 1024 + 256 * 1024;
 
 fn fast_pbkdf2() -> KdfParams {
-    KdfParams::Pbkdf2 { hash: HashAlg::Sha256, iterations: 1000 }
+    KdfParams::Pbkdf2 {
+        hash: HashAlg::Sha256,
+        iterations: 1000,
+    }
 }
 
 fn small_argon2id() -> KdfParams {
-    KdfParams::Argon2id { time: 4, memory_kib: 1024, cpus: 1 }
+    KdfParams::Argon2id {
+        time: 4,
+        memory_kib: 1024,
+        cpus: 1,
+    }
 }
 
 /// A fresh, empty image file of `VOL_SIZE` bytes formatted by us.
-fn formatted(dir: &Path, kdf: KdfParams, pass: &str) -> (std::path::PathBuf, File, Luks2Header, VolumeKey) {
+fn formatted(
+    dir: &Path,
+    kdf: KdfParams,
+    pass: &str,
+) -> (std::path::PathBuf, File, Luks2Header, VolumeKey) {
     let p = dir.join("ours.img");
-    let f = OpenOptions::new().read(true).write(true).create_new(true).open(&p).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .unwrap();
     f.set_len(VOL_SIZE).unwrap();
     let mut params = FormatParams::new(kdf);
     params.digest_iterations = 1000;
@@ -512,14 +659,20 @@ fn cryptsetup_opens_what_we_format_with_pbkdf2_and_argon2id() {
         cryptsetup_ok(&["open", "--test-passphrase", "--key-file", &kf, &img]);
         assert_eq!(cryptsetup_volume_key(&img, &kf), vk.expose_secret());
         let bad = key_file(dir.path(), "bad", "wrong");
-        assert!(!cryptsetup(&["open", "--test-passphrase", "--key-file", &bad, &img]).status.success());
+        assert!(
+            !cryptsetup(&["open", "--test-passphrase", "--key-file", &bad, &img])
+                .status
+                .success()
+        );
         // And we read back what we wrote.
         let (h2, repair) = Luks2Header::read(&f).unwrap();
         assert_eq!(repair, RepairNeeded::None);
         assert_eq!(h2.uuid(), h.uuid());
         assert_eq!(h2.label(), "nbdcrypt-test");
         assert_eq!(h2.seqid(), 1);
-        let (k, slot) = h2.unlock(&f, &pw("recovery passphrase"), &limits()).unwrap();
+        let (k, slot) = h2
+            .unlock(&f, &pw("recovery passphrase"), &limits())
+            .unwrap();
         assert_eq!((k.expose_secret(), slot), (vk.expose_secret(), 0));
     }
 }
@@ -531,7 +684,10 @@ fn our_layout_matches_cryptsetup_defaults() {
     assert_eq!(h.hdr_size(), 16384);
     assert_eq!(h.metadata_end(), 16_777_216);
     let ks = &h.keyslots()[0];
-    assert_eq!((ks.area_offset, ks.area_size, ks.key_size), (Some(32768), Some(258_048), Some(64)));
+    assert_eq!(
+        (ks.area_offset, ks.area_size, ks.key_size),
+        (Some(32768), Some(258_048), Some(64))
+    );
     // Secondary binary header at 16 KiB; JSON is compact, NUL-terminated, zero-filled.
     let mut magic = [0u8; 6];
     f.read_exact_at(&mut magic, 16384).unwrap();
@@ -550,15 +706,28 @@ fn cryptsetup_add_and_kill_slot_on_our_volume_keep_it_openable_by_us() {
     let img = p.display().to_string();
     let k1 = key_file(dir.path(), "k1", "first");
     let k2 = key_file(dir.path(), "k2", "second");
-    cryptsetup_ok(&["luksAddKey", "--batch-mode", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
-        "--key-file", &k1, &img, &k2]);
+    cryptsetup_ok(&[
+        "luksAddKey",
+        "--batch-mode",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--key-file",
+        &k1,
+        &img,
+        &k2,
+    ]);
     let (h, _) = Luks2Header::read(&f).unwrap();
     assert_eq!(h.seqid(), 2);
     let (k, slot) = h.unlock(&f, &pw("second"), &limits()).unwrap();
     assert_eq!((k.expose_secret(), slot), (vk.expose_secret(), 1));
     cryptsetup_ok(&["luksKillSlot", "--batch-mode", "--key-file", &k2, &img, "0"]);
     let (h, _) = Luks2Header::read(&f).unwrap();
-    assert!(matches!(h.unlock(&f, &pw("first"), &limits()).err().unwrap(), FormatError::WrongPassphrase));
+    assert!(matches!(
+        h.unlock(&f, &pw("first"), &limits()).err().unwrap(),
+        FormatError::WrongPassphrase
+    ));
     assert_eq!(h.unlock(&f, &pw("second"), &limits()).unwrap().1, 1);
 }
 
@@ -569,19 +738,35 @@ fn keyslot_and_token_changes_we_make_are_accepted_by_cryptsetup() {
     let img = p.display().to_string();
 
     // A second keyslot the systemd way: PBKDF2-SHA512, 1000 iterations, base64 secret.
-    let slot = h.add_keyslot(&f, &vk, &pw("c2VjcmV0LXNlY3JldA=="), &KdfParams::Pbkdf2 {
-        hash: HashAlg::Sha512,
-        iterations: 1000,
-    }).unwrap();
+    let slot = h
+        .add_keyslot(
+            &f,
+            &vk,
+            &pw("c2VjcmV0LXNlY3JldA=="),
+            &KdfParams::Pbkdf2 {
+                hash: HashAlg::Sha512,
+                iterations: 1000,
+            },
+        )
+        .unwrap();
     assert_eq!(slot, 1);
     assert_eq!(h.keyslots()[1].area_offset, Some(290_816));
     let ks = key_file(dir.path(), "ks", "c2VjcmV0LXNlY3JldA==");
-    cryptsetup_ok(&["open", "--test-passphrase", "--key-slot", "1", "--key-file", &ks, &img]);
+    cryptsetup_ok(&[
+        "open",
+        "--test-passphrase",
+        "--key-slot",
+        "1",
+        "--key-file",
+        &ks,
+        &img,
+    ]);
 
     // A token bound to it: cryptsetup lists it and still opens by passphrase.
     let tok: serde_json::Map<String, Value> = serde_json::from_str(
         r#"{"type":"nbdcrypt-aws-kms","keyslots":["1"],"key-id":"arn:aws:kms:x","blob":"AAEC"}"#,
-    ).unwrap();
+    )
+    .unwrap();
     let tid = h.add_token(&f, Token::from_json(tok).unwrap()).unwrap();
     assert_eq!(tid, 0);
     let dump = cryptsetup_ok(&["luksDump", &img]);
@@ -594,27 +779,60 @@ fn keyslot_and_token_changes_we_make_are_accepted_by_cryptsetup() {
     // A luks2-* token type is reserved; a token for a missing keyslot is refused.
     let bad: serde_json::Map<String, Value> =
         serde_json::from_str(r#"{"type":"luks2-keyring","keyslots":[]}"#).unwrap();
-    assert!(matches!(h.add_token(&f, Token::from_json(bad).unwrap()), Err(FormatError::InvalidToken(_))));
+    assert!(matches!(
+        h.add_token(&f, Token::from_json(bad).unwrap()),
+        Err(FormatError::InvalidToken(_))
+    ));
     let bad: serde_json::Map<String, Value> =
         serde_json::from_str(r#"{"type":"x","keyslots":["9"]}"#).unwrap();
-    assert!(matches!(h.add_token(&f, Token::from_json(bad).unwrap()), Err(FormatError::InvalidToken(_))));
+    assert!(matches!(
+        h.add_token(&f, Token::from_json(bad).unwrap()),
+        Err(FormatError::InvalidToken(_))
+    ));
 
     // Change the recovery passphrase: same slot id, new area, old one wiped.
-    let slot0 = h.change_passphrase(&f, &pw("recovery"), &pw("new recovery"), &small_argon2id(), &limits()).unwrap();
+    let slot0 = h
+        .change_passphrase(
+            &f,
+            &pw("recovery"),
+            &pw("new recovery"),
+            &small_argon2id(),
+            &limits(),
+        )
+        .unwrap();
     assert_eq!(slot0, 0);
     let kn = key_file(dir.path(), "kn", "new recovery");
     let ko = key_file(dir.path(), "ko", "recovery");
-    cryptsetup_ok(&["open", "--test-passphrase", "--key-slot", "0", "--key-file", &kn, &img]);
-    assert!(!cryptsetup(&["open", "--test-passphrase", "--key-file", &ko, &img]).status.success());
+    cryptsetup_ok(&[
+        "open",
+        "--test-passphrase",
+        "--key-slot",
+        "0",
+        "--key-file",
+        &kn,
+        &img,
+    ]);
+    assert!(
+        !cryptsetup(&["open", "--test-passphrase", "--key-file", &ko, &img])
+            .status
+            .success()
+    );
 
     // Remove slot 1: the token stays, orphaned.
     h.remove_keyslot(&f, 1).unwrap();
     let (h2, _) = Luks2Header::read(&f).unwrap();
     assert_eq!(h2.token(0).unwrap().keyslots(), &[] as &[u32]);
     assert!(h2.keyslots().iter().all(|k| k.id == 0));
-    assert!(!cryptsetup(&["open", "--test-passphrase", "--key-file", &ks, &img]).status.success());
+    assert!(
+        !cryptsetup(&["open", "--test-passphrase", "--key-file", &ks, &img])
+            .status
+            .success()
+    );
     cryptsetup_ok(&["open", "--test-passphrase", "--key-file", &kn, &img]);
-    assert!(matches!(h.remove_keyslot(&f, 0), Err(FormatError::LastKeyslot(0))));
+    assert!(matches!(
+        h.remove_keyslot(&f, 0),
+        Err(FormatError::LastKeyslot(0))
+    ));
     h.remove_token(&f, 0).unwrap();
     assert!(h.token(0).is_none());
     assert_eq!(cryptsetup_volume_key(&img, &kn), vk.expose_secret());
@@ -627,10 +845,32 @@ fn a_stale_in_memory_header_refuses_to_write() {
     let mut stale = h.clone();
     let k1 = key_file(dir.path(), "k1", "first");
     let k2 = key_file(dir.path(), "k2", "second");
-    cryptsetup_ok(&["luksAddKey", "--batch-mode", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
-        "--key-file", &k1, &p.display().to_string(), &k2]);
-    let e = stale.add_keyslot(&f, &vk, &pw("third"), &fast_pbkdf2()).err().unwrap();
-    assert!(matches!(e, FormatError::ConcurrentUpdate { expected: 1, found: 2 }), "{e:?}");
+    cryptsetup_ok(&[
+        "luksAddKey",
+        "--batch-mode",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--key-file",
+        &k1,
+        &p.display().to_string(),
+        &k2,
+    ]);
+    let e = stale
+        .add_keyslot(&f, &vk, &pw("third"), &fast_pbkdf2())
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            e,
+            FormatError::ConcurrentUpdate {
+                expected: 1,
+                found: 2
+            }
+        ),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -638,10 +878,19 @@ fn add_keyslot_needs_the_right_volume_key() {
     let dir = tempfile::tempdir().unwrap();
     let (_, f, mut h, _) = formatted(dir.path(), fast_pbkdf2(), "first");
     let wrong = VolumeKey::from_slice(&[0u8; 64]);
-    assert!(matches!(h.add_keyslot(&f, &wrong, &pw("x"), &fast_pbkdf2()), Err(FormatError::WrongVolumeKey)));
+    assert!(matches!(
+        h.add_keyslot(&f, &wrong, &pw("x"), &fast_pbkdf2()),
+        Err(FormatError::WrongVolumeKey)
+    ));
     // Below cryptsetup's creation minimums.
-    let weak = KdfParams::Pbkdf2 { hash: HashAlg::Sha256, iterations: 10 };
-    assert!(matches!(h.add_keyslot(&f, &wrong, &pw("x"), &weak), Err(FormatError::InvalidParams(_))));
+    let weak = KdfParams::Pbkdf2 {
+        hash: HashAlg::Sha256,
+        iterations: 10,
+    };
+    assert!(matches!(
+        h.add_keyslot(&f, &wrong, &pw("x"), &weak),
+        Err(FormatError::InvalidParams(_))
+    ));
 }
 
 #[test]
@@ -658,10 +907,24 @@ fn header_backup_and_restore_round_trip_and_interoperate_with_cryptsetup() {
     assert!(Luks2Header::read(&f).is_err());
     let r = header_restore(&f, &backup).unwrap();
     assert_eq!(r.uuid(), h.uuid());
-    assert_eq!(r.unlock(&f, &pw("pass"), &limits()).unwrap().0.expose_secret(), vk.expose_secret());
+    assert_eq!(
+        r.unlock(&f, &pw("pass"), &limits())
+            .unwrap()
+            .0
+            .expose_secret(),
+        vk.expose_secret()
+    );
     // cryptsetup accepts our backup file as a header too.
     let kf = key_file(dir.path(), "kf", "pass");
-    cryptsetup_ok(&["open", "--test-passphrase", "--header", &backup.display().to_string(), "--key-file", &kf, &img]);
+    cryptsetup_ok(&[
+        "open",
+        "--test-passphrase",
+        "--header",
+        &backup.display().to_string(),
+        "--key-file",
+        &kf,
+        &img,
+    ]);
     // A backup of another volume is refused.
     let dir2 = tempfile::tempdir().unwrap();
     let (_, f2, _, _) = formatted(dir2.path(), fast_pbkdf2(), "other");
@@ -672,34 +935,63 @@ fn header_backup_and_restore_round_trip_and_interoperate_with_cryptsetup() {
     // A file that is not a header is refused before anything is written.
     let junk = dir.path().join("junk");
     std::fs::write(&junk, vec![0u8; 65536]).unwrap();
-    assert!(matches!(header_restore(&f, &junk), Err(FormatError::BadBackup { .. })));
+    assert!(matches!(
+        header_restore(&f, &junk),
+        Err(FormatError::BadBackup { .. })
+    ));
 }
 
 #[test]
 fn format_refuses_bad_parameters_and_small_devices() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("small.img");
-    let f = OpenOptions::new().read(true).write(true).create_new(true).open(&p).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .unwrap();
     f.set_len(1 << 20).unwrap();
     let mut params = FormatParams::new(fast_pbkdf2());
     params.digest_iterations = 1000;
-    assert!(matches!(format(&f, &params, &pw("x")), Err(FormatError::DeviceTooSmall { .. })));
+    assert!(matches!(
+        format(&f, &params, &pw("x")),
+        Err(FormatError::DeviceTooSmall { .. })
+    ));
     let mut bad = params.clone();
     bad.sector_size = 1000;
-    assert!(matches!(format(&f, &bad, &pw("x")), Err(FormatError::InvalidParams(_))));
+    assert!(matches!(
+        format(&f, &bad, &pw("x")),
+        Err(FormatError::InvalidParams(_))
+    ));
     let mut bad = params.clone();
     bad.label = "x".repeat(48);
-    assert!(matches!(format(&f, &bad, &pw("x")), Err(FormatError::InvalidParams(_))));
+    assert!(matches!(
+        format(&f, &bad, &pw("x")),
+        Err(FormatError::InvalidParams(_))
+    ));
     let mut bad = params.clone();
-    bad.kdf = KdfParams::Argon2id { time: 1, memory_kib: 1024, cpus: 1 };
-    assert!(matches!(format(&f, &bad, &pw("x")), Err(FormatError::InvalidParams(_))));
+    bad.kdf = KdfParams::Argon2id {
+        time: 1,
+        memory_kib: 1024,
+        cpus: 1,
+    };
+    assert!(matches!(
+        format(&f, &bad, &pw("x")),
+        Err(FormatError::InvalidParams(_))
+    ));
 }
 
 #[test]
 fn format_with_a_small_keyslots_area_and_512_byte_sectors_opens_in_cryptsetup() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("b.img");
-    let f = OpenOptions::new().read(true).write(true).create_new(true).open(&p).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .unwrap();
     f.set_len(2 << 20).unwrap();
     let mut params = FormatParams::new(fast_pbkdf2());
     params.digest_iterations = 1000;
@@ -714,6 +1006,9 @@ fn format_with_a_small_keyslots_area_and_512_byte_sectors_opens_in_cryptsetup() 
     let img = p.display().to_string();
     let kf = key_file(dir.path(), "kf", "p");
     let dump = cryptsetup_ok(&["luksDump", &img]);
-    assert!(dump.contains("aaaaaaaa-2222-4333-8444-555555555555"), "{dump}");
+    assert!(
+        dump.contains("aaaaaaaa-2222-4333-8444-555555555555"),
+        "{dump}"
+    );
     assert_eq!(cryptsetup_volume_key(&img, &kf), vk.expose_secret());
 }

@@ -14,7 +14,7 @@ use super::error::{FormatError, HeaderCopy};
 use super::header::{self, device_size, read_exact_at, write_all_at, BinaryHeader, RawCopy};
 use super::keyslot;
 use super::layout::{
-    json_area_size, is_allowed_hdr_size, BIN_HEADER_SIZE, CHECKSUM_ALG, CSUM_LEN,
+    is_allowed_hdr_size, json_area_size, BIN_HEADER_SIZE, CHECKSUM_ALG, CSUM_LEN,
     DEFAULT_DATA_OFFSET, DEFAULT_HDR_SIZE, DEFAULT_KEYSLOTS_SIZE, KEYSLOTS_ALIGN, LABEL_LEN,
     MAX_KEYSLOTS, MAX_KEYSLOTS_SIZE, MAX_TOKENS, SALT_LEN, SUBSYSTEM_LEN,
 };
@@ -131,7 +131,7 @@ impl std::fmt::Debug for Luks2Header {
 }
 
 enum CopyState {
-    Valid(RawCopy, Metadata),
+    Valid(RawCopy, Box<Metadata>),
     /// Valid LUKS2 we refuse (requirements, reencryption, cipher...).
     Refused(RawCopy, FormatError),
     Invalid(FormatError),
@@ -166,13 +166,16 @@ impl Luks2Header {
     fn read_unlocked(file: &File) -> Result<(Luks2Header, RepairNeeded), FormatError> {
         let size = device_size(file)?;
         if size < BIN_HEADER_SIZE as u64 {
-            return Err(FormatError::DeviceTooSmall { size, needed: 2 * DEFAULT_HDR_SIZE });
+            return Err(FormatError::DeviceTooSmall {
+                size,
+                needed: 2 * DEFAULT_HDR_SIZE,
+            });
         }
         let (p, s) = header::read_both(file, size);
         let eval = |r: Result<RawCopy, FormatError>| match r {
             Err(e) => CopyState::Invalid(e),
             Ok(c) => match Metadata::parse_area(&c.json_area, c.bin.hdr_size, c.bin.copy) {
-                Ok(md) => CopyState::Valid(c, md),
+                Ok(md) => CopyState::Valid(c, Box::new(md)),
                 Err(e) if e.is_refusal() => CopyState::Refused(c, e),
                 Err(e) => CopyState::Invalid(e),
             },
@@ -183,7 +186,10 @@ impl Luks2Header {
                 let (CopyState::Invalid(pe), CopyState::Invalid(se)) = (p, s) else {
                     unreachable!("both copies have no seqid, so both are Invalid")
                 };
-                return Err(FormatError::NoValidHeader { primary: Box::new(pe), secondary: Box::new(se) });
+                return Err(FormatError::NoValidHeader {
+                    primary: Box::new(pe),
+                    secondary: Box::new(se),
+                });
             }
             (Some(_), None) => (p, RepairNeeded::Secondary),
             (None, Some(_)) => (s, RepairNeeded::Primary),
@@ -193,7 +199,7 @@ impl Luks2Header {
             _ => (p, RepairNeeded::None),
         };
         let (raw, md) = match chosen {
-            CopyState::Valid(raw, md) => (raw, md),
+            CopyState::Valid(raw, md) => (raw, *md),
             CopyState::Refused(_, e) | CopyState::Invalid(e) => return Err(e),
         };
         let text_len = raw.json_area.iter().position(|&b| b == 0).unwrap_or(0);
@@ -210,7 +216,11 @@ impl Luks2Header {
         };
         let meta_end = hdr.metadata_end();
         if meta_end > size {
-            return Err(FormatError::Truncated { what: "keyslots area".into(), end: meta_end, size });
+            return Err(FormatError::Truncated {
+                what: "keyslots area".into(),
+                end: meta_end,
+                size,
+            });
         }
         Ok((hdr, repair))
     }
@@ -236,12 +246,16 @@ impl Luks2Header {
             SegmentSize::Bytes(n) => {
                 let end = seg.offset.saturating_add(n);
                 if end > size {
-                    return Err(FormatError::Truncated { what: "data segment".into(), end, size });
+                    return Err(FormatError::Truncated {
+                        what: "data segment".into(),
+                        end,
+                        size,
+                    });
                 }
             }
             SegmentSize::Dynamic => {
                 let n = size - seg.offset; // offset < size checked above
-                if n % ss != 0 {
+                if !n.is_multiple_of(ss) {
                     return Err(FormatError::Unsupported(format!(
                         "data area of {n} bytes is not a multiple of the sector size {ss}"
                     )));
@@ -299,10 +313,12 @@ impl Luks2Header {
     pub fn data_segment(&self) -> DataSegment {
         let s = &self.metadata.segment;
         let key_size = self.metadata.segment_digest().and_then(|(_, d)| {
-            d.keyslots.iter().find_map(|k| match self.metadata.keyslots.get(k) {
-                Some(Keyslot::Luks2(ks)) => Some(ks.key_size),
-                _ => None,
-            })
+            d.keyslots
+                .iter()
+                .find_map(|k| match self.metadata.keyslots.get(k) {
+                    Some(Keyslot::Luks2(ks)) => Some(ks.key_size),
+                    _ => None,
+                })
         });
         DataSegment {
             offset: s.offset,
@@ -314,7 +330,11 @@ impl Luks2Header {
     }
 
     pub fn keyslots(&self) -> Vec<KeyslotInfo> {
-        let bound = self.metadata.segment_digest().map(|(_, d)| d.keyslots.clone()).unwrap_or_default();
+        let bound = self
+            .metadata
+            .segment_digest()
+            .map(|(_, d)| d.keyslots.clone())
+            .unwrap_or_default();
         self.metadata
             .keyslots
             .iter()
@@ -329,7 +349,9 @@ impl Luks2Header {
                     area_size: Some(k.area.size),
                     for_data: bound.contains(&id),
                 },
-                Keyslot::Other { type_name, area, .. } => KeyslotInfo {
+                Keyslot::Other {
+                    type_name, area, ..
+                } => KeyslotInfo {
                     id,
                     type_name: type_name.clone(),
                     priority: KeyslotPriority::Ignore,
@@ -418,7 +440,10 @@ impl Luks2Header {
         limits: &KdfLimits,
     ) -> Result<VolumeKey, FormatError> {
         let Some((_, digest)) = self.metadata.digest_of_keyslot(id) else {
-            return Err(FormatError::KeyslotUnusable { slot: id, reason: "no digest".into() });
+            return Err(FormatError::KeyslotUnusable {
+                slot: id,
+                reason: "no digest".into(),
+            });
         };
         let candidate = keyslot::open(file, size, id, k, passphrase, limits)?;
         if !digest::verify(digest, candidate.expose_secret()) {
@@ -443,7 +468,8 @@ impl Luks2Header {
         new_passphrase: &SecretBytes,
         kdf: &KdfParams,
     ) -> Result<u32, FormatError> {
-        kdf.check_creatable().map_err(|e| FormatError::InvalidParams(e.to_string()))?;
+        kdf.check_creatable()
+            .map_err(|e| FormatError::InvalidParams(e.to_string()))?;
         let _lock = lock(file, LockMode::Exclusive)?;
         self.check_unchanged(file)?;
         let Some((digest_id, _)) = self.metadata.segment_digest() else {
@@ -471,7 +497,11 @@ impl Luks2Header {
     pub fn remove_keyslot(&mut self, file: &File, slot: u32) -> Result<(), FormatError> {
         let _lock = lock(file, LockMode::Exclusive)?;
         self.check_unchanged(file)?;
-        let ks = self.metadata.keyslots.get(&slot).ok_or(FormatError::KeyslotNotFound(slot))?;
+        let ks = self
+            .metadata
+            .keyslots
+            .get(&slot)
+            .ok_or(FormatError::KeyslotNotFound(slot))?;
         if let Some((_, d)) = self.metadata.segment_digest() {
             if d.keyslots == [slot] {
                 return Err(FormatError::LastKeyslot(slot));
@@ -497,11 +527,16 @@ impl Luks2Header {
         kdf: &KdfParams,
         limits: &KdfLimits,
     ) -> Result<u32, FormatError> {
-        kdf.check_creatable().map_err(|e| FormatError::InvalidParams(e.to_string()))?;
+        kdf.check_creatable()
+            .map_err(|e| FormatError::InvalidParams(e.to_string()))?;
         let _lock = lock(file, LockMode::Exclusive)?;
         self.check_unchanged(file)?;
         let (key, slot) = self.unlock(file, old_passphrase, limits)?;
-        let old_area = self.metadata.keyslots.get(&slot).and_then(Keyslot::area_extent);
+        let old_area = self
+            .metadata
+            .keyslots
+            .get(&slot)
+            .and_then(Keyslot::area_extent);
         let key_size = u32::try_from(key.len()).unwrap_or(0);
         let offset = self.allocate_area(keyslot::area_size(key_size))?;
         let mut ks = keyslot::create(file, offset, &key, new_passphrase, kdf)?;
@@ -529,10 +564,17 @@ impl Luks2Header {
         }
         let _lock = lock(file, LockMode::Exclusive)?;
         self.check_unchanged(file)?;
-        if let Some(k) = token.keyslots().iter().find(|k| !self.metadata.keyslots.contains_key(k)) {
-            return Err(FormatError::InvalidToken(format!("keyslot {k} does not exist")));
+        if let Some(k) = token
+            .keyslots()
+            .iter()
+            .find(|k| !self.metadata.keyslots.contains_key(k))
+        {
+            return Err(FormatError::InvalidToken(format!(
+                "keyslot {k} does not exist"
+            )));
         }
-        let id = free_id(self.metadata.tokens.keys(), MAX_TOKENS).ok_or(FormatError::NoFreeToken(MAX_TOKENS))?;
+        let id = free_id(self.metadata.tokens.keys(), MAX_TOKENS)
+            .ok_or(FormatError::NoFreeToken(MAX_TOKENS))?;
         let mut md = self.metadata.clone();
         md.tokens.insert(id, token);
         self.commit(file, md)?;
@@ -544,7 +586,10 @@ impl Luks2Header {
         let _lock = lock(file, LockMode::Exclusive)?;
         self.check_unchanged(file)?;
         let mut md = self.metadata.clone();
-        let t = md.tokens.remove(&id).ok_or(FormatError::TokenNotFound(id))?;
+        let t = md
+            .tokens
+            .remove(&id)
+            .ok_or(FormatError::TokenNotFound(id))?;
         self.commit(file, md)?;
         Ok(t)
     }
@@ -580,7 +625,10 @@ impl Luks2Header {
     fn check_unchanged(&self, file: &File) -> Result<(), FormatError> {
         let (disk, _) = Self::read_unlocked(file)?;
         if disk.seqid != self.seqid {
-            return Err(FormatError::ConcurrentUpdate { expected: self.seqid, found: disk.seqid });
+            return Err(FormatError::ConcurrentUpdate {
+                expected: self.seqid,
+                found: disk.seqid,
+            });
         }
         Ok(())
     }
@@ -611,7 +659,10 @@ impl Luks2Header {
         let text = md.to_json();
         let max = json_area_size(self.hdr_size) - 1;
         if text.len() as u64 > max {
-            return Err(FormatError::JsonTooLarge { len: text.len(), max });
+            return Err(FormatError::JsonTooLarge {
+                len: text.len(),
+                max,
+            });
         }
         let mut next = self.clone();
         next.seqid = self
@@ -639,29 +690,42 @@ pub fn format(
 ) -> Result<(Luks2Header, VolumeKey), FormatError> {
     let bad = |m: String| Err(FormatError::InvalidParams(m));
     if !matches!(params.key_size, 32 | 64) {
-        return bad(format!("key_size {} (must be 32 or 64 bytes)", params.key_size));
+        return bad(format!(
+            "key_size {} (must be 32 or 64 bytes)",
+            params.key_size
+        ));
     }
     if !matches!(params.sector_size, 512 | 1024 | 2048 | 4096) {
         return bad(format!("sector_size {}", params.sector_size));
     }
     if !is_allowed_hdr_size(params.hdr_size) {
-        return bad(format!("hdr_size {} is not an allowed size", params.hdr_size));
+        return bad(format!(
+            "hdr_size {} is not an allowed size",
+            params.hdr_size
+        ));
     }
-    if params.keyslots_size % KEYSLOTS_ALIGN != 0
+    if !params.keyslots_size.is_multiple_of(KEYSLOTS_ALIGN)
         || params.keyslots_size > MAX_KEYSLOTS_SIZE
         || params.keyslots_size < keyslot::area_size(params.key_size)
     {
         return bad(format!("keyslots_size {}", params.keyslots_size));
     }
     let meta_end = 2 * params.hdr_size + params.keyslots_size;
-    if params.data_offset < meta_end || params.data_offset % u64::from(params.sector_size) != 0 {
+    if params.data_offset < meta_end
+        || !params
+            .data_offset
+            .is_multiple_of(u64::from(params.sector_size))
+    {
         return bad(format!(
             "data_offset {} (must be >= {meta_end} and a multiple of the sector size)",
             params.data_offset
         ));
     }
     if params.digest_iterations < 1000 {
-        return bad(format!("digest_iterations {} below 1000", params.digest_iterations));
+        return bad(format!(
+            "digest_iterations {} below 1000",
+            params.digest_iterations
+        ));
     }
     check_c_string("label", &params.label, LABEL_LEN)?;
     check_c_string("subsystem", &params.subsystem, SUBSYSTEM_LEN)?;
@@ -674,7 +738,10 @@ pub fn format(
         }
         None => random_uuid()?,
     };
-    params.kdf.check_creatable().map_err(|e| FormatError::InvalidParams(e.to_string()))?;
+    params
+        .kdf
+        .check_creatable()
+        .map_err(|e| FormatError::InvalidParams(e.to_string()))?;
 
     let _lock = lock(file, LockMode::Exclusive)?;
     let size = device_size(file)?;
@@ -682,7 +749,7 @@ pub fn format(
     if size < needed {
         return Err(FormatError::DeviceTooSmall { size, needed });
     }
-    if (size - params.data_offset) % u64::from(params.sector_size) != 0 {
+    if !(size - params.data_offset).is_multiple_of(u64::from(params.sector_size)) {
         return bad(format!(
             "data area of {} bytes is not a multiple of the sector size {}",
             size - params.data_offset,
@@ -706,7 +773,13 @@ pub fn format(
     drop(vk_bytes);
 
     let ks = keyslot::create(file, 2 * params.hdr_size, &vk, passphrase, &params.kdf)?;
-    let dig = digest::create(vk.expose_secret(), HashAlg::Sha256, params.digest_iterations, vec![0], vec![0])?;
+    let dig = digest::create(
+        vk.expose_secret(),
+        HashAlg::Sha256,
+        params.digest_iterations,
+        vec![0],
+        vec![0],
+    )?;
     let metadata = Metadata {
         keyslots: [(0, Keyslot::Luks2(ks))].into_iter().collect(),
         tokens: Default::default(),
@@ -754,23 +827,33 @@ pub fn header_backup(device: &File, path: &Path) -> Result<(), FormatError> {
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| FormatError::BadBackup { path: path.display().to_string(), reason: e.to_string() })?;
+        .map_err(|e| FormatError::BadBackup {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
     copy_range(device, &out, len)?;
-    out.sync_all().map_err(|e| FormatError::io("syncing the backup", 0, e))
+    out.sync_all()
+        .map_err(|e| FormatError::io("syncing the backup", 0, e))
 }
 
 /// Restores a backup made by [`header_backup`] (or cryptsetup's `luksHeaderBackup`) after
 /// validating it. If the device still has a readable header, the backup must have the same UUID
 /// and data offset.
 pub fn header_restore(device: &File, path: &Path) -> Result<Luks2Header, FormatError> {
-    let bad = |reason: String| FormatError::BadBackup { path: path.display().to_string(), reason };
+    let bad = |reason: String| FormatError::BadBackup {
+        path: path.display().to_string(),
+        reason,
+    };
     let backup = File::open(path).map_err(|e| bad(e.to_string()))?;
     let (b, _) = Luks2Header::read_unlocked(&backup).map_err(|e| bad(e.to_string()))?;
     let len = b.metadata_end();
     let _lock = lock(device, LockMode::Exclusive)?;
     if let Ok((cur, _)) = Luks2Header::read_unlocked(device) {
         if cur.uuid != b.uuid {
-            return Err(bad(format!("UUID {} differs from the device's {}", b.uuid, cur.uuid)));
+            return Err(bad(format!(
+                "UUID {} differs from the device's {}",
+                b.uuid, cur.uuid
+            )));
         }
         if cur.metadata.segment.offset != b.metadata.segment.offset {
             return Err(bad(format!(
@@ -784,7 +867,9 @@ pub fn header_restore(device: &File, path: &Path) -> Result<Luks2Header, FormatE
         return Err(FormatError::DeviceTooSmall { size, needed: len });
     }
     copy_range(&backup, device, len)?;
-    device.sync_all().map_err(|e| FormatError::io("syncing the restored header", 0, e))?;
+    device
+        .sync_all()
+        .map_err(|e| FormatError::io("syncing the restored header", 0, e))?;
     let (hdr, _) = Luks2Header::read_unlocked(device)?;
     Ok(hdr)
 }
@@ -813,7 +898,8 @@ fn wipe(file: &File, offset: u64, len: u64) -> Result<(), FormatError> {
         write_all_at(file, &buf[..n], offset + done, "wiping keyslot area")?;
         done += n as u64;
     }
-    file.sync_all().map_err(|e| FormatError::io("syncing wiped area", offset, e))
+    file.sync_all()
+        .map_err(|e| FormatError::io("syncing wiped area", offset, e))
 }
 
 fn free_id<'a>(used: impl Iterator<Item = &'a u32> + Clone, max: u32) -> Option<u32> {
@@ -844,7 +930,14 @@ fn random_uuid() -> Result<String, FormatError> {
     b[6] = (b[6] & 0x0f) | 0x40; // version 4
     b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    Ok(format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]))
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    ))
 }
 
 #[cfg(test)]
