@@ -74,7 +74,11 @@ pub(crate) fn open(
         &ks.kdf.salt,
         ks.area.key_size as usize,
     )
-    .map_err(|e| FormatError::Kdf(format!("keyslot {slot}: {e}")))?;
+    // Bad parameters (or memory we cannot get) make this slot unusable, not the search fatal.
+    .map_err(|e| FormatError::KeyslotUnusable {
+        slot,
+        reason: e.to_string(),
+    })?;
     let mut material = SecretBytes::zeroed(len);
     read_exact_at(
         file,

@@ -375,9 +375,10 @@ impl Metadata {
             .ok_or_else(|| FormatError::meta("config.keyslots_size", "overflows"))?;
         let mut extents: Vec<(u64, u64, u32)> = Vec::new();
         for (&id, ks) in &self.keyslots {
-            let Some((off, size)) = ks.area_extent() else {
-                continue;
-            };
+            // Unknown keyslot types are not validated (as in cryptsetup); allocation still
+            // avoids their areas.
+            let Keyslot::Luks2(k) = ks else { continue };
+            let (off, size) = (k.area.offset, k.area.size);
             let field = format!("keyslots.{id}.area");
             if size == 0 {
                 return Err(FormatError::meta(field, "size is zero"));

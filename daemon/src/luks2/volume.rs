@@ -445,6 +445,22 @@ impl Luks2Header {
                 reason: "no digest".into(),
             });
         };
+        // A key that does not open the data segment is not a volume key.
+        if !digest.segments.contains(&0) {
+            return Err(FormatError::KeyslotUnusable {
+                slot: id,
+                reason: "its key is not bound to the data segment".into(),
+            });
+        }
+        // The digest's PBKDF2 runs on every attempt: cap it like a keyslot KDF.
+        if digest.iterations > limits.max_pbkdf2_iterations {
+            return Err(FormatError::KdfLimit {
+                slot: id,
+                param: "digest iterations",
+                value: digest.iterations.into(),
+                cap: limits.max_pbkdf2_iterations.into(),
+            });
+        }
         let candidate = keyslot::open(file, size, id, k, passphrase, limits)?;
         if !digest::verify(digest, candidate.expose_secret()) {
             return Err(FormatError::WrongPassphrase);
@@ -454,9 +470,10 @@ impl Luks2Header {
 
     /// True if `key` is this volume's data key.
     pub fn verify_volume_key(&self, key: &VolumeKey) -> bool {
+        let cap = KdfLimits::default().max_pbkdf2_iterations;
         self.metadata
             .segment_digest()
-            .is_some_and(|(_, d)| digest::verify(d, key.expose_secret()))
+            .is_some_and(|(_, d)| d.iterations <= cap && digest::verify(d, key.expose_secret()))
     }
 
     /// Adds a keyslot for `new_passphrase` holding `existing` (which must be the volume key).
