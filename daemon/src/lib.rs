@@ -20,3 +20,4 @@ pub mod nbd;
 pub mod server;
 pub mod shutdown;
 pub mod sys;
+pub mod unlock;

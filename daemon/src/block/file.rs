@@ -60,6 +60,7 @@ impl FileDevice {
         }
         // lseek(SEEK_END) gives a block device's size as BLKGETSIZE64 would, without an ioctl.
         let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
+        claim(&file, opts.read_only).map_err(|e| e.at(Op::Open, 0, 0))?;
         let dsync = if opts.read_only { None } else { Some(open(libc::O_DSYNC).map_err(open_err)?) };
         let direct = if opts.direct { Some(open(libc::O_DIRECT).map_err(open_err)?) } else { None };
         Ok(FileDevice { file, dsync, direct, size, is_block_device, opts })
@@ -221,6 +222,35 @@ impl BlockDevice for FileDevice {
     }
 }
 
+/// The byte we lock to claim a backing store: far past any data, so it never collides with the
+/// byte-range locks qemu takes on images (bytes 100 and up), nor with cryptsetup's flock().
+const CLAIM_BYTE: i64 = i64::MAX - 1;
+
+/// Take an open-file-description lock on `CLAIM_BYTE`: exclusive when writable, shared when
+/// read-only, so two daemons can never serve one volume read-write at once. The lock goes
+/// away with the descriptor, also when the process is killed.
+fn claim(file: &File, read_only: bool) -> Result<(), Error> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let mut lock: libc::flock = empty_flock();
+    lock.l_type = if read_only { libc::F_RDLCK } else { libc::F_WRLCK } as i16;
+    lock.l_whence = libc::SEEK_SET as i16;
+    lock.l_start = CLAIM_BYTE;
+    lock.l_len = 1;
+    match fcntl(file.as_raw_fd(), FcntlArg::F_OFD_SETLK(&lock)) {
+        Ok(_) => Ok(()),
+        Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EACCES) => Err(Error {
+            kind: ErrorKind::InUse,
+            context: None,
+            source: None,
+        }),
+        Err(e) => Err(Error::from_io(e.into())),
+    }
+}
+
+fn empty_flock() -> libc::flock {
+    libc::flock { l_type: 0, l_whence: 0, l_start: 0, l_len: 0, l_pid: 0 }
+}
+
 fn punch(file: &File, mode: FallocateFlags, offset: u64, length: u64) -> Result<(), Error> {
     let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(length)) else {
         return Err(Error::new(ErrorKind::OutOfRange));
@@ -297,6 +327,13 @@ mod tests {
         assert!(!x[0].hole);
         assert!(x.iter().any(|e| e.hole), "{x:?}");
         assert_eq!(x.iter().map(|e| e.length).sum::<u64>(), 1 << 20);
+    }
+
+    #[test]
+    fn a_second_writable_open_of_the_same_file_is_refused_as_in_use() {
+        let (d, _dev) = temp_device(4096, FileOptions::default());
+        let again = FileDevice::open(&d.path.join("backing"), FileOptions::default());
+        assert_eq!(again.err().map(|e| e.kind), Some(ErrorKind::InUse));
     }
 
     #[test]

@@ -93,6 +93,8 @@ pub enum ErrorKind {
     Latched,
     /// Data failed an integrity check (decryption layer).
     Corrupt,
+    /// Another process is serving this backing store.
+    InUse,
 }
 
 /// Which operation failed, and where: enough for a log line to be useful.
@@ -158,6 +160,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Unsupported => "operation not supported",
             ErrorKind::Latched => "an earlier write or flush failed; refusing to promise durability",
             ErrorKind::Corrupt => "data failed an integrity check",
+            ErrorKind::InUse => "in use by another process (another nbdcryptd serves it)",
         })
     }
 }

@@ -33,5 +33,6 @@ pub fn from_block(err: &Error) -> NbdErrno {
         ErrorKind::Unsupported => NbdErrno::Inval,
         ErrorKind::Latched => NbdErrno::Io,
         ErrorKind::Corrupt => NbdErrno::Io,
+        ErrorKind::InUse => NbdErrno::Io,
     }
 }

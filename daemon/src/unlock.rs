@@ -1,0 +1,140 @@
+//! Turns a LUKS2 volume plus a secret into a servable encrypted device: read the header (fresh
+//! each time, so keyslots added by cryptsetup or nbdcryptctl while we run are seen), open a
+//! keyslot, and stack latch → crypt → backing file.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::block::crypt::{CryptDevice, Segment};
+use crate::block::latch::Latch;
+use crate::block::BlockDevice;
+use crate::crypto::kdf::KdfLimits;
+use crate::crypto::keys::SecretBytes;
+use crate::crypto::xts::SectorCipher;
+use crate::luks2::{FormatError, Luks2Header, SegmentSize};
+
+/// What status reports about a volume, none of it secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub path: PathBuf,
+    pub uuid: String,
+    pub label: String,
+    pub cipher: &'static str,
+    pub key_bits: u32,
+    pub sector_size: u32,
+    pub data_offset: u64,
+    /// Bytes exported to clients.
+    pub size: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UnlockError {
+    /// No keyslot opens with this secret. Deliberately says nothing about which slots exist.
+    #[error("no keyslot opens with this passphrase or key")]
+    WrongPassphrase,
+    #[error("{0}")]
+    Format(FormatError),
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("the volume's data area does not fit the device: {0}")]
+    Layout(String),
+}
+
+impl From<FormatError> for UnlockError {
+    fn from(e: FormatError) -> Self {
+        match e {
+            FormatError::WrongPassphrase => UnlockError::WrongPassphrase,
+            other => UnlockError::Format(other),
+        }
+    }
+}
+
+/// A LUKS2 volume whose backing store is open, ready to be unlocked any number of times.
+pub struct Volume {
+    path: PathBuf,
+    backing: Arc<dyn BlockDevice>,
+    allow_discards: bool,
+    limits: KdfLimits,
+}
+
+impl Volume {
+    /// Check the header once at start so a wrong path or a non-LUKS2 file fails early.
+    pub fn open(
+        path: &Path,
+        backing: Arc<dyn BlockDevice>,
+        allow_discards: bool,
+    ) -> Result<(Volume, VolumeInfo), UnlockError> {
+        let vol = Volume { path: path.to_owned(), backing, allow_discards, limits: KdfLimits::default() };
+        let (header, _) = vol.read_header()?;
+        let info = vol.info(&header)?;
+        Ok((vol, info))
+    }
+
+    fn read_header(&self) -> Result<(Luks2Header, File), UnlockError> {
+        let file = File::open(&self.path)
+            .map_err(|source| UnlockError::Io { path: self.path.clone(), source })?;
+        let (header, _repair) = Luks2Header::read(&file)?;
+        Ok((header, file))
+    }
+
+    fn info(&self, header: &Luks2Header) -> Result<VolumeInfo, UnlockError> {
+        let seg = self.segment(header)?;
+        let ds = header.data_segment();
+        Ok(VolumeInfo {
+            path: self.path.clone(),
+            uuid: header.uuid().to_owned(),
+            label: header.label().to_owned(),
+            cipher: "aes-xts-plain64",
+            key_bits: ds.key_size.unwrap_or(64) * 8,
+            sector_size: ds.sector_size,
+            data_offset: seg.offset,
+            size: seg.size,
+        })
+    }
+
+    fn segment(&self, header: &Luks2Header) -> Result<Segment, UnlockError> {
+        let ds = header.data_segment();
+        let device = self.backing.size();
+        let size = match ds.size {
+            SegmentSize::Bytes(n) => n,
+            SegmentSize::Dynamic => device.checked_sub(ds.offset).ok_or_else(|| {
+                UnlockError::Layout(format!("data offset {} is past the end ({device} bytes)", ds.offset))
+            })?,
+        };
+        let size = size - size % u64::from(ds.sector_size.max(512));
+        if ds.offset.checked_add(size).is_none_or(|end| end > device) || size == 0 {
+            return Err(UnlockError::Layout(format!(
+                "segment at {} of {size} bytes, device has {device} bytes",
+                ds.offset
+            )));
+        }
+        Ok(Segment { offset: ds.offset, size, iv_tweak: ds.iv_tweak })
+    }
+
+    /// Open a keyslot with `secret` (any slot, or only `slot`) and build the device to serve.
+    /// Runs the KDF: seconds of CPU, so callers keep it off the async reactor.
+    pub fn unlock(
+        &self,
+        secret: &SecretBytes,
+        slot: Option<u32>,
+    ) -> Result<(Arc<dyn BlockDevice>, u32), UnlockError> {
+        let (header, file) = self.read_header()?;
+        let (key, opened) = match slot {
+            Some(s) => (header.unlock_slot(&file, s, secret, &self.limits)?, s),
+            None => header.unlock(&file, secret, &self.limits)?,
+        };
+        let segment = self.segment(&header)?;
+        let cipher = SectorCipher::new(&key, header.data_segment().sector_size as usize)
+            .map_err(|e| UnlockError::Layout(e.to_string()))?;
+        let crypt = CryptDevice::new(self.backing.clone(), cipher, segment, self.allow_discards)
+            .map_err(|e| UnlockError::Layout(e.to_string()))?;
+        Ok((Arc::new(Latch::new(Arc::new(crypt))), opened))
+    }
+
+    /// Current facts from the header on disk.
+    pub fn current_info(&self) -> Result<VolumeInfo, UnlockError> {
+        let (header, _) = self.read_header()?;
+        self.info(&header)
+    }
+}
