@@ -1,0 +1,277 @@
+//! The control socket: a root-only Unix stream socket, a peer-credential check, one task per
+//! client, each line handed to the volume manager and its answer written back.
+//!
+//! Guarantees:
+//! - The socket is created with mode 0600 (umask 0177 around `bind`, so there is no window in
+//!   which others could connect), and a stale socket file is replaced, a live one never; a path
+//!   that is not a socket is never removed.
+//! - Only uid 0 and the daemon's own effective uid are served; others get `permission_denied`.
+//! - A request line is read into a fixed buffer of `MAX_LINE` bytes that is wiped after parsing
+//!   (it may hold a secret); a longer line is refused and that connection closed.
+//! - Logs name the peer (uid, pid) and the request kind, never the request's contents.
+//!
+//! This module knows sockets and lines; what a request does is `control::volume`'s business.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::control::proto::{ErrorKind, Request, RequestKind, Response, MAX_LINE};
+use crate::control::volume::{Origin, VolumeHandle};
+use crate::shutdown::Shutdown;
+
+/// Control connections served at once; more are told `busy` and closed.
+const MAX_CLIENTS: usize = 16;
+
+/// How long a connection may sit without sending a complete request.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long clients still connected at shutdown get to receive their answers.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// A bound control socket; bind it before reporting the daemon ready.
+pub struct ControlListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlListener {
+    /// Bind `path` with mode 0600, creating its directory (mode 0700) if missing.
+    pub async fn bind(path: &Path) -> io::Result<ControlListener> {
+        let listener = bind_private(path, 0o700).await?;
+        Ok(ControlListener { listener, path: path.to_owned() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Serve control requests until shutdown; then close the socket and remove its file.
+pub async fn run(listener: ControlListener, volume: VolumeHandle, mut shutdown: Shutdown) {
+    let ControlListener { listener, path } = listener;
+    let own_uid = nix::unistd::geteuid().as_raw();
+    let permits = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let mut tasks = JoinSet::new();
+    info!(path = %path.display(), "control socket listening");
+    loop {
+        tokio::select! {
+            _ = shutdown.triggered() => break,
+            Some(res) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = res {
+                    warn!(error = %e, "control connection task ended abnormally");
+                }
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let permit = permits.clone().try_acquire_owned().ok();
+                    let volume = volume.clone();
+                    tasks.spawn(async move {
+                        match permit {
+                            Some(_permit) => connection(stream, volume, own_uid).await,
+                            None => {
+                                warn!("too many control connections; refusing one");
+                                let busy = Response::error(ErrorKind::Busy, "too many control connections; try again");
+                                let mut stream = stream;
+                                let _ = stream.write_all(&busy.encode()).await;
+                            }
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!(error = %e, "control accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    let _ = std::fs::remove_file(&path);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+    debug!("control socket closed");
+}
+
+/// uid 0 and the daemon's own user may control it.
+fn peer_allowed(uid: u32, own_uid: u32) -> bool {
+    uid == 0 || uid == own_uid
+}
+
+async fn connection(mut stream: UnixStream, volume: VolumeHandle, own_uid: u32) {
+    let origin = match stream.peer_cred() {
+        Ok(c) => Origin { uid: c.uid(), pid: c.pid() },
+        Err(e) => {
+            warn!(error = %e, "control: cannot read peer credentials; closing");
+            return;
+        }
+    };
+    if !peer_allowed(origin.uid, own_uid) {
+        warn!(%origin, "control: refused a peer that is neither root nor the daemon's user");
+        let denied = Response::error(
+            ErrorKind::PermissionDenied,
+            "permission denied: only root (or the user nbdcryptd runs as) may control it",
+        );
+        let _ = stream.write_all(&denied.encode()).await;
+        return;
+    }
+    let mut buf = LineBuf::new();
+    loop {
+        let line = match tokio::time::timeout(IDLE_TIMEOUT, buf.read_line(&mut stream)).await {
+            Err(_) => {
+                debug!(%origin, "control: idle; closing");
+                return;
+            }
+            Ok(Err(e)) => {
+                debug!(%origin, error = %e, "control: read failed; closing");
+                return;
+            }
+            Ok(Ok(Line::Eof)) => return,
+            Ok(Ok(Line::TooLong)) => {
+                warn!(%origin, limit = MAX_LINE, "control: request line too long; closing");
+                let refused = Response::error(
+                    ErrorKind::BadRequest,
+                    format!("request longer than {MAX_LINE} bytes"),
+                );
+                let _ = stream.write_all(&refused.encode()).await;
+                return;
+            }
+            Ok(Ok(Line::Complete { len, eof })) => (len, eof),
+        };
+        let (len, eof) = line;
+        let parsed = Request::decode(buf.line(len));
+        buf.consume(len);
+        let response = match parsed {
+            Ok(request) => {
+                let kind = request.kind();
+                let response = volume.call(request, origin).await;
+                log_outcome(origin, kind, &response);
+                response
+            }
+            Err(e) => {
+                info!(%origin, reason = e.summary(), "control: bad request");
+                Response::error(ErrorKind::BadRequest, e.to_string())
+            }
+        };
+        if let Err(e) = stream.write_all(&response.encode()).await {
+            debug!(%origin, error = %e, "control: client went away before the answer");
+            return;
+        }
+        if eof {
+            return;
+        }
+    }
+}
+
+fn log_outcome(origin: Origin, kind: RequestKind, response: &Response) {
+    match (kind, response) {
+        (RequestKind::Status, Response::Ok(_)) => debug!(%origin, request = %kind, "control request: ok"),
+        (_, Response::Ok(s)) => info!(%origin, request = %kind, state = %s.state, "control request: ok"),
+        (_, Response::Error(e)) => info!(%origin, request = %kind, error = %e.kind, "control request refused"),
+    }
+}
+
+enum Line {
+    /// `len` bytes of line content, not counting the newline; `eof` if the peer ended the stream
+    /// without one.
+    Complete { len: usize, eof: bool },
+    TooLong,
+    Eof,
+}
+
+/// A fixed `MAX_LINE` buffer: allocated once, so reading never reallocates and leaves copies of
+/// a secret behind, and wiped when dropped.
+struct LineBuf {
+    buf: Zeroizing<Vec<u8>>,
+    filled: usize,
+    /// Bytes before this were scanned and hold no newline.
+    scanned: usize,
+}
+
+impl LineBuf {
+    fn new() -> Self {
+        LineBuf { buf: Zeroizing::new(vec![0; MAX_LINE]), filled: 0, scanned: 0 }
+    }
+
+    async fn read_line(&mut self, stream: &mut UnixStream) -> io::Result<Line> {
+        loop {
+            if let Some(i) = self.buf[self.scanned..self.filled].iter().position(|&b| b == b'\n') {
+                return Ok(Line::Complete { len: self.scanned + i, eof: false });
+            }
+            self.scanned = self.filled;
+            if self.filled == self.buf.len() {
+                return Ok(Line::TooLong);
+            }
+            let n = stream.read(&mut self.buf[self.filled..]).await?;
+            if n == 0 {
+                // A last request without its newline is still a request.
+                return Ok(if self.filled == 0 { Line::Eof } else { Line::Complete { len: self.filled, eof: true } });
+            }
+            self.filled += n;
+        }
+    }
+
+    fn line(&self, len: usize) -> &[u8] {
+        &self.buf[..len]
+    }
+
+    /// Wipe the line (and its newline) and move any bytes after it to the front.
+    fn consume(&mut self, len: usize) {
+        let end = (len + 1).min(self.filled);
+        self.buf[..end].zeroize();
+        self.buf.copy_within(end..self.filled, 0);
+        let rest = self.filled - end;
+        self.buf[rest..self.filled].zeroize();
+        self.filled = rest;
+        self.scanned = 0;
+    }
+}
+
+/// Bind a Unix socket only its owner can use, replacing a stale socket but never a live one, and
+/// never removing anything that is not a socket. A missing directory is created with `dir_mode`.
+pub(crate) async fn bind_private(path: &Path, dir_mode: u32) -> io::Result<UnixListener> {
+    let context = |e: io::Error, what: &str| io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()));
+    if let Some(parent) = path.parent() {
+        if !parent.as_os_str().is_empty() && !parent.exists() {
+            std::fs::create_dir_all(parent).map_err(|e| context(e, "cannot create the directory of"))?;
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(dir_mode))?;
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).await.is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} is in use by a running server", path.display()),
+                ));
+            }
+            std::fs::remove_file(path).map_err(|e| context(e, "cannot remove the stale socket"))?;
+        }
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket; not replacing it", path.display()),
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(context(e, "cannot inspect")),
+    }
+    // No group/other bits from the start, so there is no window in which others could connect.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound.map_err(|e| context(e, "cannot listen on"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
