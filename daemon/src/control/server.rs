@@ -275,3 +275,167 @@ pub(crate) async fn bind_private(path: &Path, dir_mode: u32) -> io::Result<UnixL
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::control::client::{self, ClientError};
+    use crate::control::proto::{ErrorReply, StatusReport, VolumeState};
+    use crate::control::volume::tests::{fake_unlocker, info, Probe, GOOD};
+    use crate::control::volume::VolumeManager;
+    use crate::crypto::keys::SecretBytes;
+    use crate::export::ExportTable;
+    use crate::shutdown::{self, ShutdownTrigger};
+
+    struct Daemon {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        trigger: ShutdownTrigger,
+        served: tokio::task::JoinHandle<()>,
+    }
+
+    async fn daemon() -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/control.sock");
+        let exports = ExportTable::new("vol".into(), String::new());
+        let (trigger, shutdown) = shutdown::channel();
+        let (volume, _task) =
+            VolumeManager::new(exports, info(), fake_unlocker(&Probe::default())).spawn(shutdown.clone());
+        let listener = ControlListener::bind(&path).await.unwrap();
+        let served = tokio::spawn(run(listener, volume, shutdown));
+        Daemon { _dir: dir, path, trigger, served }
+    }
+
+    /// The client blocks, so it runs off the test's reactor.
+    async fn call(path: &Path, request: Request) -> Result<Response, ClientError> {
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || client::call(&path, &request)).await.unwrap()
+    }
+
+    async fn raw(path: &Path, bytes: Vec<u8>) -> Vec<String> {
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+            // The server may close early (line too long): a failed write is part of the test.
+            let _ = s.write_all(&bytes);
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            BufReader::new(s).lines().map_while(Result::ok).collect()
+        })
+        .await
+        .unwrap()
+    }
+
+    fn ok(r: Result<Response, ClientError>) -> StatusReport {
+        match r.unwrap() {
+            Response::Ok(s) => s,
+            Response::Error(e) => panic!("expected ok, got {e:?}"),
+        }
+    }
+
+    fn err(r: Result<Response, ClientError>) -> ErrorReply {
+        match r.unwrap() {
+            Response::Error(e) => e,
+            Response::Ok(s) => panic!("expected an error, got {s:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn status_unlock_lock_round_trip_over_the_socket() {
+        let d = daemon().await;
+        let mode = std::fs::metadata(&d.path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "socket is owner-only");
+        let dir_mode = std::fs::metadata(d.path.parent().unwrap()).unwrap().permissions().mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
+
+        assert_eq!(ok(call(&d.path, Request::Status).await).state, VolumeState::Locked);
+        let wrong = Request::Unlock { secret: SecretBytes::from_slice(b"nope"), slot: None };
+        assert_eq!(err(call(&d.path, wrong).await).kind, ErrorKind::WrongPassphrase);
+        let good = Request::Unlock { secret: SecretBytes::from_slice(GOOD), slot: Some(0) };
+        let s = ok(call(&d.path, good).await);
+        assert_eq!(s.state, VolumeState::Unlocked);
+        assert_eq!(s.export_name, "vol");
+        assert_eq!(ok(call(&d.path, Request::Lock { force: false }).await).state, VolumeState::Locked);
+
+        d.trigger.trigger();
+        d.served.await.unwrap();
+        assert!(!d.path.exists(), "socket removed at shutdown");
+        match call(&d.path, Request::Status).await {
+            Err(e @ ClientError::NoSocket { .. }) => assert!(e.to_string().contains("is nbdcryptd running?")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_oversized_line_is_refused_and_the_server_keeps_serving() {
+        let d = daemon().await;
+        let lines = raw(&d.path, vec![b'x'; MAX_LINE + 4096]).await;
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        match Response::decode(lines[0].as_bytes()).unwrap() {
+            Response::Error(e) => {
+                assert_eq!(e.kind, ErrorKind::BadRequest);
+                assert!(e.message.contains("longer than"), "{}", e.message);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(ok(call(&d.path, Request::Status).await).state, VolumeState::Locked);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_lines_get_bad_request_and_the_connection_goes_on() {
+        let d = daemon().await;
+        let input = b"not json\n{\"v\":2,\"op\":\"status\"}\n{\"v\":1,\"op\":\"status\"}".to_vec();
+        let lines = raw(&d.path, input).await;
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        let kinds: Vec<_> = lines
+            .iter()
+            .map(|l| match Response::decode(l.as_bytes()).unwrap() {
+                Response::Error(e) => e.kind.to_string(),
+                Response::Ok(s) => s.state.to_string(),
+            })
+            .collect();
+        assert_eq!(kinds, ["bad_request", "bad_request", "locked"]);
+        assert!(lines[1].contains("version 2"), "{}", lines[1]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bind_replaces_a_stale_socket_but_not_a_live_one_or_a_file() {
+        let d = daemon().await;
+        let e = ControlListener::bind(&d.path).await.err().expect("live socket kept");
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        assert!(stale.exists());
+        ControlListener::bind(&stale).await.expect("stale socket replaced");
+
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"keep me").unwrap();
+        let e = ControlListener::bind(&file).await.err().expect("not a socket");
+        assert!(e.to_string().contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    }
+
+    #[test]
+    fn only_root_and_the_daemons_own_user_are_allowed() {
+        assert!(peer_allowed(0, 1000));
+        assert!(peer_allowed(1000, 1000));
+        assert!(!peer_allowed(1001, 1000));
+        assert!(peer_allowed(0, 0));
+        assert!(!peer_allowed(65534, 0));
+    }
+
+    #[test]
+    fn line_buffer_wipes_what_it_consumed() {
+        let mut b = LineBuf::new();
+        b.buf[..12].copy_from_slice(b"secret\nnext\n");
+        b.filled = 12;
+        b.consume(6);
+        assert_eq!(b.filled, 5);
+        assert_eq!(&b.buf[..5], b"next\n");
+        assert!(b.buf[5..12].iter().all(|&x| x == 0));
+    }
+}

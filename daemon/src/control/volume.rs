@@ -603,4 +603,358 @@ impl Limiter {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::block::{Caps, Extent, ZeroFlags};
+    use crate::shutdown::{self, ShutdownTrigger};
+
+    pub(crate) const GOOD: &[u8] = b"correct horse";
+    const ORIGIN: Origin = Origin { uid: 0, pid: Some(42) };
+
+    /// A small in-memory device that records flushes and whether it was dropped (where the
+    /// crypt layer would wipe its key).
+    pub(crate) struct MemDevice {
+        data: Mutex<Vec<u8>>,
+        flushes: Arc<AtomicUsize>,
+        dropped: Arc<AtomicBool>,
+    }
+
+    impl Drop for MemDevice {
+        fn drop(&mut self) {
+            self.dropped.store(true, Ordering::SeqCst);
+        }
+    }
+
+    impl BlockDevice for MemDevice {
+        fn size(&self) -> u64 {
+            self.data.lock().unwrap().len() as u64
+        }
+        fn caps(&self) -> Caps {
+            Caps {
+                read_only: false,
+                trim: false,
+                fast_zero: false,
+                min_block: 512,
+                preferred_block: 4096,
+                rotational: false,
+            }
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), block::Error> {
+            let d = self.data.lock().unwrap();
+            let o = offset as usize;
+            buf.copy_from_slice(&d[o..o + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&self, buf: &[u8], offset: u64, _fua: bool) -> Result<(), block::Error> {
+            let mut d = self.data.lock().unwrap();
+            let o = offset as usize;
+            d[o..o + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+        fn flush(&self) -> Result<(), block::Error> {
+            self.flushes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn trim(&self, _: u64, _: u64, _: bool) -> Result<(), block::Error> {
+            Err(block::Error::new(block::ErrorKind::Unsupported))
+        }
+        fn write_zeroes(&self, offset: u64, length: u64, _: ZeroFlags) -> Result<(), block::Error> {
+            let mut d = self.data.lock().unwrap();
+            d[offset as usize..(offset + length) as usize].fill(0);
+            Ok(())
+        }
+        fn cache(&self, _: u64, _: u64) -> Result<(), block::Error> {
+            Ok(())
+        }
+        fn extents(&self, _: u64, length: u64) -> Result<Vec<Extent>, block::Error> {
+            Ok(vec![Extent { length, hole: false, zero: false }])
+        }
+    }
+
+    /// What the fake unlocker did, for assertions.
+    #[derive(Clone, Default)]
+    pub(crate) struct Probe {
+        pub attempts: Arc<AtomicUsize>,
+        pub flushes: Arc<AtomicUsize>,
+        pub dropped: Arc<AtomicBool>,
+    }
+
+    /// Accepts `GOOD` (any slot but 7) and returns a 64 KiB MemDevice.
+    pub(crate) fn fake_unlocker(probe: &Probe) -> Unlocker {
+        let probe = probe.clone();
+        Box::new(move |secret: &SecretBytes, slot: Option<u32>| {
+            probe.attempts.fetch_add(1, Ordering::SeqCst);
+            if secret.expose_secret() != GOOD || slot == Some(7) {
+                return Err(UnlockError::WrongPassphrase);
+            }
+            probe.dropped.store(false, Ordering::SeqCst);
+            Ok(Arc::new(MemDevice {
+                data: Mutex::new(vec![0; 64 * 1024]),
+                flushes: probe.flushes.clone(),
+                dropped: probe.dropped.clone(),
+            }) as Arc<dyn BlockDevice>)
+        })
+    }
+
+    pub(crate) fn info() -> VolumeInfo {
+        VolumeInfo {
+            uuid: "8d5e4bb0-2b7e-4b8e-9d0a-4c1f4f4f0a11".into(),
+            cipher: "aes-xts-plain64".into(),
+            sector_size: 4096,
+            size: 64 * 1024,
+        }
+    }
+
+    struct Rig {
+        exports: Arc<ExportTable>,
+        volume: VolumeHandle,
+        probe: Probe,
+        trigger: ShutdownTrigger,
+        task: JoinHandle<Result<(), block::Error>>,
+    }
+
+    fn rig(policy: Policy) -> Rig {
+        let exports = ExportTable::new("vol".into(), String::new());
+        let probe = Probe::default();
+        let (trigger, shutdown) = shutdown::channel();
+        let (volume, task) = VolumeManager::new(exports.clone(), info(), fake_unlocker(&probe))
+            .with_policy(policy)
+            .spawn(shutdown);
+        Rig { exports, volume, probe, trigger, task }
+    }
+
+    fn quick() -> Policy {
+        Policy {
+            free_attempts: 3,
+            base_delay: Duration::from_millis(300),
+            max_delay: Duration::from_millis(1200),
+            drain_timeout: Duration::from_millis(200),
+        }
+    }
+
+    fn unlock(secret: &[u8]) -> Request {
+        Request::Unlock { secret: SecretBytes::from_slice(secret), slot: None }
+    }
+
+    fn ok(r: Response) -> StatusReport {
+        match r {
+            Response::Ok(s) => s,
+            Response::Error(e) => panic!("expected ok, got {e:?}"),
+        }
+    }
+
+    fn err(r: Response) -> ErrorReply {
+        match r {
+            Response::Error(e) => e,
+            Response::Ok(s) => panic!("expected an error, got {s:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn starts_locked_and_reports_the_volume() {
+        let r = rig(quick());
+        let s = ok(r.volume.call(Request::Status, ORIGIN).await);
+        assert_eq!(s.state, VolumeState::Locked);
+        assert_eq!(s.volume_uuid, info().uuid);
+        assert_eq!(s.cipher, "aes-xts-plain64");
+        assert_eq!(s.sector_size, 4096);
+        assert_eq!(s.export_name, "vol");
+        assert!(s.locked_reason.unwrap().contains("not unlocked since"));
+        assert!(r.exports.current().is_none());
+    }
+
+    #[tokio::test]
+    async fn unlock_publishes_an_encrypted_export() {
+        let r = rig(quick());
+        let s = ok(r.volume.call(unlock(GOOD), ORIGIN).await);
+        assert_eq!(s.state, VolumeState::Unlocked);
+        assert_eq!(s.size, 64 * 1024);
+        assert_eq!(s.locked_reason, None);
+        let export = r.exports.current().expect("published");
+        assert!(export.encrypted);
+        let e = err(r.volume.call(unlock(GOOD), ORIGIN).await);
+        assert_eq!(e.kind, ErrorKind::AlreadyUnlocked);
+    }
+
+    #[tokio::test]
+    async fn wrong_passphrase_stays_locked_without_naming_keyslots() {
+        let r = rig(quick());
+        let e = err(r.volume.call(unlock(b"hunter2"), ORIGIN).await);
+        assert_eq!(e.kind, ErrorKind::WrongPassphrase);
+        assert!(!e.message.contains("slot 0") && !e.message.contains("keyslots:"), "{}", e.message);
+        assert!(r.exports.current().is_none());
+        assert_eq!(ok(r.volume.call(Request::Status, ORIGIN).await).state, VolumeState::Locked);
+        // A wrong slot for the right passphrase reads the same.
+        let e = err(r.volume.call(Request::Unlock { secret: SecretBytes::from_slice(GOOD), slot: Some(7) }, ORIGIN).await);
+        assert_eq!(e.kind, ErrorKind::WrongPassphrase);
+    }
+
+    #[tokio::test]
+    async fn repeated_wrong_passphrases_are_rate_limited_with_growing_delays() {
+        let r = rig(quick());
+        for _ in 0..3 {
+            assert_eq!(err(r.volume.call(unlock(b"nope"), ORIGIN).await).kind, ErrorKind::WrongPassphrase);
+        }
+        // Third failure: the next attempt must wait, and the unlocker is not even asked.
+        let e = err(r.volume.call(unlock(GOOD), ORIGIN).await);
+        assert_eq!(e.kind, ErrorKind::RateLimited);
+        assert_eq!(e.retry_after_secs, Some(1));
+        assert_eq!(r.probe.attempts.load(Ordering::SeqCst), 3);
+
+        // After the delay one attempt is allowed; failing it doubles the delay.
+        tokio::time::sleep(Duration::from_millis(320)).await;
+        assert_eq!(err(r.volume.call(unlock(b"nope"), ORIGIN).await).kind, ErrorKind::WrongPassphrase);
+        tokio::time::sleep(Duration::from_millis(320)).await;
+        assert_eq!(err(r.volume.call(unlock(GOOD), ORIGIN).await).kind, ErrorKind::RateLimited);
+        tokio::time::sleep(Duration::from_millis(320)).await;
+
+        // Success resets the count.
+        ok(r.volume.call(unlock(GOOD), ORIGIN).await);
+        ok(r.volume.call(Request::Lock { force: false }, ORIGIN).await);
+        for _ in 0..3 {
+            assert_eq!(err(r.volume.call(unlock(b"nope"), ORIGIN).await).kind, ErrorKind::WrongPassphrase);
+        }
+    }
+
+    #[test]
+    fn limiter_delay_doubles_from_the_free_attempts_up_to_the_cap() {
+        let mut l = Limiter::new(Policy::default());
+        let t0 = Instant::now();
+        let mut waits = vec![];
+        for _ in 0..10 {
+            l.failure(t0);
+            waits.push(l.remaining(t0).map_or(0, |d| d.as_secs()));
+        }
+        assert_eq!(waits, [0, 0, 1, 2, 4, 8, 16, 30, 30, 30]);
+        l.success();
+        assert_eq!(l.remaining(t0), None);
+        assert_eq!(ceil_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(ceil_secs(Duration::from_millis(1)), 1);
+    }
+
+    #[tokio::test]
+    async fn lock_flushes_and_drops_the_device() {
+        let r = rig(quick());
+        ok(r.volume.call(unlock(GOOD), ORIGIN).await);
+        let s = ok(r.volume.call(Request::Lock { force: false }, ORIGIN).await);
+        assert_eq!(s.state, VolumeState::Locked);
+        assert!(s.locked_reason.unwrap().contains("uid 0 (pid 42)"));
+        assert!(r.exports.current().is_none());
+        assert_eq!(r.probe.flushes.load(Ordering::SeqCst), 1);
+        assert!(r.probe.dropped.load(Ordering::SeqCst), "device (and key) dropped");
+        assert_eq!(err(r.volume.call(Request::Lock { force: true }, ORIGIN).await).kind, ErrorKind::AlreadyLocked);
+    }
+
+    #[tokio::test]
+    async fn lock_is_refused_while_clients_are_attached() {
+        let r = rig(quick());
+        ok(r.volume.call(unlock(GOOD), ORIGIN).await);
+        let _session = r.exports.attach();
+        let e = err(r.volume.call(Request::Lock { force: false }, ORIGIN).await);
+        assert_eq!(e.kind, ErrorKind::Busy);
+        assert!(e.message.contains("1 client(s) attached") && e.message.contains("--force"), "{}", e.message);
+        let s = ok(r.volume.call(Request::Status, ORIGIN).await);
+        assert_eq!(s.state, VolumeState::Unlocked);
+        assert_eq!(s.clients, 1);
+        assert!(r.exports.current().is_some());
+    }
+
+    #[tokio::test]
+    async fn forced_lock_withdraws_waits_for_sessions_then_wipes() {
+        let r = rig(Policy { drain_timeout: Duration::from_secs(10), ..quick() });
+        ok(r.volume.call(unlock(GOOD), ORIGIN).await);
+        let session = r.exports.attach();
+        let mut withdrawn = r.exports.watch_withdrawal();
+        let exports = r.exports.clone();
+        // A session that finishes its requests and detaches once told.
+        let sess = tokio::spawn(async move {
+            withdrawn.changed().await.unwrap();
+            assert!(exports.current().is_none(), "withdrawn before the sessions are told");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(session);
+        });
+        let s = ok(r.volume.call(Request::Lock { force: true }, ORIGIN).await);
+        sess.await.unwrap();
+        assert_eq!(s.state, VolumeState::Locked);
+        assert_eq!(s.clients, 0);
+        assert!(s.locked_reason.unwrap().contains("forced"));
+        assert_eq!(r.probe.flushes.load(Ordering::SeqCst), 1);
+        assert!(r.probe.dropped.load(Ordering::SeqCst));
+        // And it can be unlocked again.
+        ok(r.volume.call(unlock(GOOD), ORIGIN).await);
+    }
+
+    #[tokio::test]
+    async fn forced_lock_answers_busy_after_the_timeout_and_finishes_later() {
+        let r = rig(quick()); // drain_timeout 200 ms
+        ok(r.volume.call(unlock(GOOD), ORIGIN).await);
+        let session = r.exports.attach();
+        let e = err(r.volume.call(Request::Lock { force: true }, ORIGIN).await);
+        assert_eq!(e.kind, ErrorKind::Busy);
+        assert!(e.message.contains("did not close"), "{}", e.message);
+        let s = ok(r.volume.call(Request::Status, ORIGIN).await);
+        assert_eq!(s.state, VolumeState::Locking);
+        assert!(r.exports.current().is_none());
+        assert!(!r.probe.dropped.load(Ordering::SeqCst));
+        // Unlock and lock wait for it.
+        assert_eq!(err(r.volume.call(unlock(GOOD), ORIGIN).await).kind, ErrorKind::Busy);
+        assert_eq!(err(r.volume.call(Request::Lock { force: true }, ORIGIN).await).kind, ErrorKind::Busy);
+        drop(session);
+        let mut state = VolumeState::Locking;
+        for _ in 0..100 {
+            state = ok(r.volume.call(Request::Status, ORIGIN).await).state;
+            if state == VolumeState::Locked {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(state, VolumeState::Locked);
+        assert!(r.probe.dropped.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn status_is_answered_while_an_unlock_runs() {
+        let exports = ExportTable::new("vol".into(), String::new());
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let unlocker: Unlocker = Box::new(move |_, _| {
+            // Stands in for seconds of key derivation.
+            let _ = release_rx.lock().unwrap().recv();
+            Err(UnlockError::Other("backing store unreadable".into()))
+        });
+        let (_trigger, shutdown) = shutdown::channel();
+        let (volume, _task) = VolumeManager::new(exports, info(), unlocker).spawn(shutdown);
+        let v = volume.clone();
+        let pending = tokio::spawn(async move { v.call(unlock(GOOD), ORIGIN).await });
+        let mut s = ok(volume.call(Request::Status, ORIGIN).await);
+        for _ in 0..100 {
+            if s.state == VolumeState::Unlocking {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            s = ok(volume.call(Request::Status, ORIGIN).await);
+        }
+        assert_eq!(s.state, VolumeState::Unlocking);
+        assert_eq!(err(volume.call(unlock(GOOD), ORIGIN).await).kind, ErrorKind::Busy);
+        release_tx.send(()).unwrap();
+        let e = err(pending.await.unwrap());
+        assert_eq!(e.kind, ErrorKind::Internal);
+        assert!(e.message.contains("backing store unreadable"));
+        assert_eq!(ok(volume.call(Request::Status, ORIGIN).await).state, VolumeState::Locked);
+    }
+
+    #[tokio::test]
+    async fn shutdown_flushes_and_drops_an_unlocked_device() {
+        let r = rig(quick());
+        ok(r.volume.call(unlock(GOOD), ORIGIN).await);
+        r.trigger.trigger();
+        r.task.await.unwrap().unwrap();
+        assert!(r.exports.current().is_none());
+        assert_eq!(r.probe.flushes.load(Ordering::SeqCst), 1);
+        assert!(r.probe.dropped.load(Ordering::SeqCst));
+        assert_eq!(err(r.volume.call(Request::Status, ORIGIN).await).kind, ErrorKind::Internal);
+    }
+}
