@@ -256,7 +256,6 @@ impl Task {
     }
 
     fn handle(&mut self, Command { request, origin, reply }: Command) {
-        let kind = request.kind();
         let refused = match request {
             Request::Status => {
                 let _ = reply.send(Response::Ok(self.report()));
@@ -265,11 +264,9 @@ impl Task {
             Request::Unlock { secret, slot } => self.unlock(secret, slot, origin, reply),
             Request::Lock { force } => self.lock(force, origin, reply),
         };
-        // `None`: the request started a slow step, which answers when it ends.
+        // `None`: the request started a slow step, which answers when it ends. (The control
+        // server logs every outcome; this task logs what it does.)
         if let Some((reply, response)) = refused {
-            if let Response::Error(e) = &response {
-                info!(%origin, request = %kind, error = %e.kind, "control request refused");
-            }
             let _ = reply.send(response);
         }
     }
