@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use nbdcrypt::block::{self, BlockDevice, Caps, Extent, ZeroFlags};
 use nbdcrypt::control::proto::{Request, Response};
-use nbdcrypt::control::{self, ControlListener, Origin, UnlockError, VolumeHandle, VolumeInfo, VolumeManager};
+use nbdcrypt::control::{self, ControlPlane, Origin, UnlockError, VolumeHandle, VolumeInfo};
 use nbdcrypt::crypto::keys::SecretBytes;
 use nbdcrypt::export::ExportTable;
 use nbdcrypt::shutdown::{self, ShutdownTrigger};
@@ -88,12 +88,10 @@ fn daemon() -> Daemon {
         }
     });
     let (trigger, sd) = shutdown::channel();
-    let volume = runtime.block_on(async {
-        let (volume, _task) = VolumeManager::new(exports.clone(), info, unlocker).spawn(sd.clone());
-        let listener = ControlListener::bind(&sock).await.unwrap();
-        tokio::spawn(control::server::run(listener, volume.clone(), sd));
-        volume
-    });
+    let plane = runtime
+        .block_on(ControlPlane::start(&sock, exports.clone(), info, unlocker, sd))
+        .unwrap();
+    let volume = plane.volume.clone();
     Daemon { _dir: dir, sock, exports, volume, runtime, trigger }
 }
 

@@ -672,4 +672,25 @@ mod tests {
         );
         assert!(Response::decode(both.as_bytes()).is_err());
     }
+
+    #[test]
+    fn decoding_never_panics_on_truncated_or_corrupted_lines() {
+        let unlock = Request::Unlock { secret: SecretBytes::from_slice(b"pass"), slot: Some(1) }.encode();
+        let ok = Response::Ok(status()).encode();
+        for line in [&unlock[..], &ok[..]] {
+            for cut in 0..line.len() {
+                let _ = Request::decode(&line[..cut]);
+                let _ = Response::decode(&line[..cut]);
+            }
+            // Every byte replaced by a few troublesome values, one position at a time.
+            for i in 0..line.len() {
+                for b in [0u8, b'"', b'\\', b'{', b'9', 0xff] {
+                    let mut bad = line.to_vec();
+                    bad[i] = b;
+                    let _ = Request::decode(&bad);
+                    let _ = Response::decode(&bad);
+                }
+            }
+        }
+    }
 }
