@@ -1,16 +1,89 @@
 //! nbdcryptctl: the operator's command line for nbdcrypt volumes.
 //!
-//! Offline commands work on a volume file or device directly; online commands talk to a running
-//! nbdcryptd over its control socket.
+//! Online commands (`online`) talk to a running nbdcryptd over its control socket; offline
+//! commands (`offline/`, to come: `format`, `add-key`, ...) work on a volume file or device
+//! directly. Each subcommand is a variant of `Command` whose arguments live beside its code.
+//! Every command returns `Result<(), Failure>`; `main` prints the failure and exits with its
+//! code (table in `exit`).
 
-use clap::Parser;
+mod exit;
+mod online;
+mod secret;
 
-/// Format, unlock, lock and inspect nbdcrypt volumes.
-#[derive(Parser)]
-#[command(version, about, long_about = None)]
-struct Cli {}
+use std::process::ExitCode;
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    Ok(())
+use clap::{Parser, Subcommand};
+
+const LONG_ABOUT: &str = "\
+Unlock, lock and inspect nbdcrypt volumes.
+
+nbdcryptd serves an encrypted LUKS2 volume over NBD. It starts locked: clients see no export
+until an operator unlocks it. The online commands talk to nbdcryptd over its control socket
+(root-only; default /run/nbdcrypt/control.sock, or $NBDCRYPT_CONTROL, or --control SOCK).";
+
+const AFTER_HELP: &str = "\
+Examples:
+  nbdcryptctl unlock                        # asks for the passphrase
+  nbdcryptctl status
+  nbdcryptctl lock --force                  # disconnect clients, flush, wipe the key
+
+";
+
+/// Unlock, lock and inspect nbdcrypt volumes.
+#[derive(Parser, Debug)]
+#[command(
+    name = "nbdcryptctl",
+    version,
+    about,
+    long_about = LONG_ABOUT,
+    after_help = concat_help(),
+    propagate_version = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Unlock the running daemon's volume with a passphrase or key file.
+    #[command(long_about = online::UNLOCK_ABOUT, after_help = with_exit_codes(online::UNLOCK_EXAMPLES))]
+    Unlock(online::UnlockArgs),
+    /// Lock the volume: withdraw the export, flush, wipe the key.
+    #[command(long_about = online::LOCK_ABOUT, after_help = with_exit_codes(online::LOCK_EXAMPLES))]
+    Lock(online::LockArgs),
+    /// Show lock state, volume, export, clients and I/O counters.
+    #[command(long_about = online::STATUS_ABOUT, after_help = with_exit_codes(online::STATUS_EXAMPLES))]
+    Status(online::StatusArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are "errors" too, printed to stdout.
+            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
+        }
+    };
+    let result = match cli.command {
+        Command::Unlock(args) => online::unlock(args),
+        Command::Lock(args) => online::lock(args),
+        Command::Status(args) => online::status(args),
+    };
+    match result {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(f) => {
+            eprintln!("nbdcryptctl: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn concat_help() -> String {
+    format!("{AFTER_HELP}{}", exit::EXIT_CODES)
+}
+
+fn with_exit_codes(examples: &str) -> String {
+    format!("{examples}\n\n{}", exit::EXIT_CODES)
 }

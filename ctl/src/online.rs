@@ -1,0 +1,269 @@
+//! Online commands: talk to a running nbdcryptd over its control socket (`unlock`, `lock`,
+//! `status`). Each sends one request and turns the answer into output and an exit code.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use nbdcrypt::control::client;
+use nbdcrypt::control::proto::{ErrorKind, ErrorReply, Request, Response, StatusReport, VolumeState};
+use nbdcrypt::control::DEFAULT_SOCKET;
+
+use crate::exit::{self, Failure};
+use crate::secret::{self, Source};
+
+/// `--control`, shared by every online command.
+#[derive(Args, Debug)]
+pub struct ControlArg {
+    /// The control socket of the nbdcryptd to talk to.
+    #[arg(long, value_name = "SOCK", env = "NBDCRYPT_CONTROL", default_value = DEFAULT_SOCKET)]
+    pub control: PathBuf,
+}
+
+pub const UNLOCK_ABOUT: &str = "\
+Unlock the volume of a running nbdcryptd, so clients can attach to its export.
+
+The passphrase is asked for on the terminal (not echoed) unless --key-file or --stdin says where
+to read the secret. nbdcryptd tries it against every keyslot (or only --slot N). Key derivation
+takes a few seconds by design.
+
+After three wrong passphrases in a row nbdcryptd makes each further attempt wait (1 s, 2 s, 4 s,
+... up to 30 s); the message says how long.";
+
+pub const UNLOCK_EXAMPLES: &str = "\
+Examples:
+  nbdcryptctl unlock                                   # ask for the passphrase
+  nbdcryptctl unlock --key-file /etc/nbdcrypt/vol.key  # the file's bytes are the key, as-is
+  ssh keyhost cat vol.key | nbdcryptctl unlock --key-file -   # key bytes from a pipe
+  printf '%s\\n' \"$PASS\" | nbdcryptctl unlock --stdin   # first line, newline dropped
+  nbdcryptctl unlock --control /run/nbdcrypt/b.sock --slot 1";
+
+#[derive(Args, Debug)]
+pub struct UnlockArgs {
+    #[command(flatten)]
+    pub control: ControlArg,
+
+    /// Read the key from FILE and use its bytes as-is, newlines included ("-": standard input).
+    #[arg(long, value_name = "FILE", conflicts_with = "stdin")]
+    pub key_file: Option<PathBuf>,
+
+    /// Read the passphrase from the first line of standard input (the newline is not part of it).
+    #[arg(long)]
+    pub stdin: bool,
+
+    /// Try only keyslot N (default: every keyslot).
+    #[arg(long, value_name = "N")]
+    pub slot: Option<u32>,
+}
+
+pub const LOCK_ABOUT: &str = "\
+Lock the volume: withdraw the export, flush, and wipe the key from nbdcryptd's memory.
+
+Without --force the lock is refused while clients are attached; disconnect them first (for the
+kernel client: umount, then nbd-client -d /dev/nbdX). With --force attached clients finish the
+requests they have in flight, are flushed and disconnected; if they have not closed within 10 s
+the command reports busy (exit 4) and the volume locks as soon as they do.";
+
+pub const LOCK_EXAMPLES: &str = "\
+Examples:
+  nbdcryptctl lock
+  nbdcryptctl lock --force     # disconnect attached clients first
+  nbdcryptctl status           # state: locking while clients are still closing";
+
+#[derive(Args, Debug)]
+pub struct LockArgs {
+    #[command(flatten)]
+    pub control: ControlArg,
+
+    /// Disconnect attached clients (after their in-flight requests) instead of refusing.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub const STATUS_ABOUT: &str = "\
+Show whether the volume is locked or unlocked, the volume's identity, the export, attached
+clients and I/O counters (since the last unlock).";
+
+pub const STATUS_EXAMPLES: &str = "\
+Examples:
+  nbdcryptctl status
+  nbdcryptctl status --json | jq -r .state      # locked | unlocking | unlocked | locking";
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub control: ControlArg,
+
+    /// Print the status as one JSON object (the control protocol's status report).
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn unlock(args: UnlockArgs) -> Result<(), Failure> {
+    let source = match (args.key_file, args.stdin) {
+        (Some(path), _) => Source::KeyFile(path),
+        (None, true) => Source::StdinLine,
+        (None, false) => {
+            // Before asking a person for a passphrase, make sure it can be used.
+            let s = match call(&args.control, &Request::Status)? {
+                Response::Ok(s) => s,
+                Response::Error(e) => return Err(refusal(e)),
+            };
+            if s.state == VolumeState::Unlocked {
+                eprintln!("nbdcryptctl: the volume is already unlocked; nothing to do");
+                return Ok(());
+            }
+            Source::Tty { prompt: format!("Passphrase for nbdcrypt volume {}: ", s.volume_uuid) }
+        }
+    };
+    let secret = secret::read(&source)?;
+    let request = Request::Unlock { secret, slot: args.slot };
+    let response = call(&args.control, &request);
+    drop(request); // wipes the secret
+    match response? {
+        Response::Ok(s) => {
+            println!(
+                "unlocked: export {:?}, {} ({}), {} clients attached",
+                s.export_name,
+                human_bytes(s.size),
+                s.cipher,
+                s.clients
+            );
+            Ok(())
+        }
+        Response::Error(e) if e.kind == ErrorKind::AlreadyUnlocked => {
+            eprintln!("nbdcryptctl: the volume is already unlocked; nothing to do");
+            Ok(())
+        }
+        Response::Error(e) => Err(refusal(e)),
+    }
+}
+
+pub fn lock(args: LockArgs) -> Result<(), Failure> {
+    match call(&args.control, &Request::Lock { force: args.force })? {
+        Response::Ok(_) => {
+            println!("locked: the export is withdrawn and the key wiped");
+            Ok(())
+        }
+        Response::Error(e) if e.kind == ErrorKind::AlreadyLocked => {
+            eprintln!("nbdcryptctl: the volume is already locked; nothing to do");
+            Ok(())
+        }
+        Response::Error(e) => Err(refusal(e)),
+    }
+}
+
+pub fn status(args: StatusArgs) -> Result<(), Failure> {
+    match call(&args.control, &Request::Status)? {
+        Response::Ok(s) if args.json => {
+            // A plain struct of strings and integers serializes without fail.
+            println!("{}", serde_json::to_string_pretty(&s).expect("status serializes"));
+            Ok(())
+        }
+        Response::Ok(s) => {
+            print!("{}", status_table(&s));
+            Ok(())
+        }
+        Response::Error(e) => Err(refusal(e)),
+    }
+}
+
+fn call(control: &ControlArg, request: &Request) -> Result<Response, Failure> {
+    client::call(&control.control, request).map_err(|e| Failure::error(e.to_string()))
+}
+
+/// The daemon's refusal as a message and an exit code. Every kind is listed, so a new one forces
+/// a decision here.
+fn refusal(e: ErrorReply) -> Failure {
+    let code = match e.kind {
+        ErrorKind::WrongPassphrase => exit::WRONG_SECRET,
+        ErrorKind::RateLimited | ErrorKind::Busy => exit::TRY_LATER,
+        ErrorKind::AlreadyUnlocked | ErrorKind::AlreadyLocked => exit::ERROR,
+        ErrorKind::BadRequest | ErrorKind::PermissionDenied | ErrorKind::Internal => exit::ERROR,
+        ErrorKind::Unknown => exit::ERROR,
+    };
+    Failure::new(code, e.message)
+}
+
+fn status_table(s: &StatusReport) -> String {
+    let mut rows: Vec<(&str, String)> = vec![
+        ("state", s.state.to_string()),
+        ("export", s.export_name.clone()),
+        ("volume uuid", s.volume_uuid.clone()),
+        ("cipher", s.cipher.clone()),
+        ("sector size", s.sector_size.to_string()),
+        ("size", format!("{} ({} bytes)", human_bytes(s.size), s.size)),
+        ("clients", s.clients.to_string()),
+        ("reads", format!("{} ({})", s.reads, human_bytes(s.bytes_read))),
+        ("writes", format!("{} ({})", s.writes, human_bytes(s.bytes_written))),
+        ("flushes", s.flushes.to_string()),
+        ("errors", s.errors.to_string()),
+    ];
+    if let Some(r) = &s.locked_reason {
+        rows.push(("reason", r.clone()));
+    }
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 2;
+    rows.iter().map(|(k, v)| format!("{k:<width$}{v}\n")).collect()
+}
+
+/// 1536 -> "1.5 KiB".
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_bytes_uses_binary_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(10 << 30), "10.0 GiB");
+    }
+
+    #[test]
+    fn status_table_is_aligned() {
+        let s = StatusReport {
+            state: VolumeState::Locked,
+            volume_uuid: "u".into(),
+            cipher: "aes-xts-plain64".into(),
+            sector_size: 4096,
+            size: 1 << 30,
+            export_name: "vol".into(),
+            clients: 0,
+            reads: 0,
+            writes: 0,
+            bytes_read: 0,
+            bytes_written: 0,
+            flushes: 0,
+            errors: 0,
+            locked_reason: Some("locked by uid 0".into()),
+        };
+        let t = status_table(&s);
+        assert!(t.starts_with("state        locked\n"), "{t}");
+        assert!(t.contains("size         1.0 GiB (1073741824 bytes)\n"), "{t}");
+        assert!(t.ends_with("reason       locked by uid 0\n"), "{t}");
+    }
+
+    #[test]
+    fn refusals_map_to_documented_exit_codes() {
+        let code = |kind| refusal(ErrorReply::new(kind, "m")).code;
+        assert_eq!(code(ErrorKind::WrongPassphrase), 3);
+        assert_eq!(code(ErrorKind::RateLimited), 4);
+        assert_eq!(code(ErrorKind::Busy), 4);
+        assert_eq!(code(ErrorKind::Internal), 1);
+        assert_eq!(code(ErrorKind::PermissionDenied), 1);
+    }
+}

@@ -1,0 +1,696 @@
+//! Control protocol v1: typed requests and responses, and their wire form.
+//!
+//! One JSON object per line over a Unix stream socket; the client sends one request line and
+//! reads one response line. Every message carries `"v": 1`. A server that sees another version
+//! answers `bad_request` naming both versions; a client that sees another version stops.
+//!
+//! ```text
+//! -> {"v":1,"op":"unlock","secret":"aHVudGVyMg==","slot":0}     secret: base64 (or an array of
+//! -> {"v":1,"op":"lock","force":false}                           byte values); slot optional
+//! -> {"v":1,"op":"status"}
+//! <- {"v":1,"status":{"state":"unlocked","volume_uuid":"…",…}}
+//! <- {"v":1,"error":{"kind":"rate_limited","message":"…","retry_after_secs":4}}
+//! ```
+//!
+//! Requests are strict: unknown fields, unknown ops and fields that do not belong to the op are
+//! refused, so a typo never silently changes meaning. Responses are additive: a client ignores
+//! fields it does not know, and keeps unknown error kinds and states as `Unknown`.
+//!
+//! Secrets: the unlock secret is decoded straight from the request line into `SecretBytes`
+//! (never a `String`); callers wipe the line afterwards. `Request` has a hand-written `Debug`
+//! that never shows the secret. (serde_json copies a string into a scratch buffer it does not
+//! wipe only when the string contains escapes, which base64 never needs.)
+//!
+//! This module knows bytes and types, not sockets: `control::server` and `control::client` move
+//! the lines.
+
+use std::fmt;
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+use serde::de::{self, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::crypto::keys::SecretBytes;
+
+/// The protocol version this build speaks, sent as `"v"` in every message.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The longest request or response line, newline included. Checked before anything is parsed.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// The longest unlock secret (passphrase or key file) accepted, in bytes. Its base64 form
+/// (43,692 bytes) fits in `MAX_LINE` with room to spare.
+pub const MAX_SECRET_LEN: usize = 32 * 1024;
+
+/// A control request.
+pub enum Request {
+    /// Try the secret against the keyslots (only `slot` if given) and publish the export.
+    Unlock { secret: SecretBytes, slot: Option<u32> },
+    /// Withdraw the export and wipe the key; `force` disconnects attached clients first.
+    Lock { force: bool },
+    Status,
+}
+
+/// What a request asks for, without its contents: for logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    Unlock,
+    Lock,
+    Status,
+}
+
+impl fmt::Display for RequestKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RequestKind::Unlock => "unlock",
+            RequestKind::Lock => "lock",
+            RequestKind::Status => "status",
+        })
+    }
+}
+
+impl fmt::Debug for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            // Not even the length: it says how long a passphrase is.
+            Request::Unlock { slot, .. } => f
+                .debug_struct("Unlock")
+                .field("secret", &"<redacted>")
+                .field("slot", slot)
+                .finish(),
+            Request::Lock { force } => f.debug_struct("Lock").field("force", force).finish(),
+            Request::Status => f.write_str("Status"),
+        }
+    }
+}
+
+/// A control response: every successful request answers with the volume's status after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    Ok(StatusReport),
+    Error(ErrorReply),
+}
+
+/// Lock state as the status shows it.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeState {
+    Locked,
+    /// A passphrase is being checked (key derivation takes seconds); still locked until it ends.
+    Unlocking,
+    Unlocked,
+    /// The export is withdrawn; waiting for attached clients to close before the key is wiped.
+    Locking,
+    /// A state a newer daemon knows and this build does not.
+    #[serde(other)]
+    Unknown,
+}
+
+impl fmt::Display for VolumeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            VolumeState::Locked => "locked",
+            VolumeState::Unlocking => "unlocking",
+            VolumeState::Unlocked => "unlocked",
+            VolumeState::Locking => "locking",
+            VolumeState::Unknown => "unknown",
+        })
+    }
+}
+
+/// The volume and its export as the daemon sees them now.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct StatusReport {
+    pub state: VolumeState,
+    pub volume_uuid: String,
+    /// As LUKS2 names it, e.g. `aes-xts-plain64`.
+    pub cipher: String,
+    pub sector_size: u32,
+    /// Bytes of plaintext the export offers.
+    pub size: u64,
+    pub export_name: String,
+    /// NBD sessions in the transmission phase.
+    pub clients: u64,
+    /// Counters since the last unlock (each unlock starts from zero).
+    pub reads: u64,
+    pub writes: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub flushes: u64,
+    pub errors: u64,
+    /// Why the volume is locked (or why a lock is pending); `None` while unlocked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_reason: Option<String>,
+}
+
+/// A refused or failed request.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ErrorReply {
+    pub kind: ErrorKind,
+    /// For a person: what went wrong and what to do.
+    pub message: String,
+    /// With `rate_limited` (and a lock still waiting for clients): seconds until trying again
+    /// makes sense.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u64>,
+}
+
+impl ErrorReply {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ErrorReply { kind, message: message.into(), retry_after_secs: None }
+    }
+}
+
+/// What class of failure an error is; clients pick exit codes from it.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// No keyslot opened with the secret. Says nothing about which keyslots exist.
+    WrongPassphrase,
+    /// Too many wrong secrets in a row; `retry_after_secs` says how long to wait.
+    RateLimited,
+    /// Clients are attached (lock without force), or another unlock/lock is in progress.
+    Busy,
+    AlreadyUnlocked,
+    AlreadyLocked,
+    /// The request was malformed, too long, or of another protocol version.
+    BadRequest,
+    /// The peer is neither root nor the daemon's own user.
+    PermissionDenied,
+    /// The daemon failed (I/O error opening the volume, a failed flush, a bug).
+    Internal,
+    /// A kind a newer daemon knows and this build does not.
+    #[serde(other)]
+    Unknown,
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ErrorKind::WrongPassphrase => "wrong_passphrase",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::Busy => "busy",
+            ErrorKind::AlreadyUnlocked => "already_unlocked",
+            ErrorKind::AlreadyLocked => "already_locked",
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::PermissionDenied => "permission_denied",
+            ErrorKind::Internal => "internal",
+            ErrorKind::Unknown => "unknown",
+        })
+    }
+}
+
+/// Why a line could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message longer than {limit} bytes")]
+    TooLong { limit: usize },
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("message has no protocol version (\"v\")")]
+    MissingVersion,
+    #[error("protocol version {got} is not supported; this build speaks version {PROTOCOL_VERSION}")]
+    UnsupportedVersion { got: u64 },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+impl DecodeError {
+    /// A summary that never contains message content, for logs.
+    pub fn summary(&self) -> &'static str {
+        match self {
+            DecodeError::TooLong { .. } => "too long",
+            DecodeError::Malformed(_) => "malformed",
+            DecodeError::MissingVersion => "no version",
+            DecodeError::UnsupportedVersion { .. } => "unsupported version",
+            DecodeError::Invalid(_) => "invalid",
+        }
+    }
+}
+
+impl Request {
+    pub fn kind(&self) -> RequestKind {
+        match self {
+            Request::Unlock { .. } => RequestKind::Unlock,
+            Request::Lock { .. } => RequestKind::Lock,
+            Request::Status => RequestKind::Status,
+        }
+    }
+
+    /// The wire line, newline included, in a buffer that is wiped when dropped.
+    pub fn encode(&self) -> Zeroizing<Vec<u8>> {
+        let (op, secret, slot, force) = match self {
+            Request::Unlock { secret, slot } => (Op::Unlock, Some(SecretOut(secret)), *slot, None),
+            Request::Lock { force } => (Op::Lock, None, None, Some(*force)),
+            Request::Status => (Op::Status, None, None, None),
+        };
+        let secret_len = secret.as_ref().map_or(0, |s| s.0.len());
+        // Sized up front so the vector never reallocates and leaves a copy of the secret behind.
+        let mut out = Zeroizing::new(Vec::with_capacity(base64_len(secret_len) + 128));
+        let wire = WireRequestOut { v: PROTOCOL_VERSION, op, secret, slot, force };
+        // Serializing these types into a Vec cannot fail: no maps with non-string keys, no I/O.
+        serde_json::to_writer(&mut *out, &wire).expect("request serializes");
+        out.push(b'\n');
+        out
+    }
+
+    /// Parse one line (with or without its newline). The caller wipes `line` afterwards.
+    pub fn decode(line: &[u8]) -> Result<Request, DecodeError> {
+        if line.len() > MAX_LINE {
+            return Err(DecodeError::TooLong { limit: MAX_LINE });
+        }
+        check_version(line)?;
+        let wire: WireRequest =
+            serde_json::from_slice(line).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        wire.into_request()
+    }
+}
+
+impl Response {
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
+        Response::Error(ErrorReply::new(kind, message))
+    }
+
+    /// The wire line, newline included.
+    pub fn encode(&self) -> Vec<u8> {
+        let wire = match self {
+            Response::Ok(s) => WireResponse { v: PROTOCOL_VERSION, status: Some(s.clone()), error: None },
+            Response::Error(e) => WireResponse { v: PROTOCOL_VERSION, status: None, error: Some(e.clone()) },
+        };
+        // Plain structs of strings and integers: serialization cannot fail.
+        let mut out = serde_json::to_vec(&wire).expect("response serializes");
+        out.push(b'\n');
+        out
+    }
+
+    pub fn decode(line: &[u8]) -> Result<Response, DecodeError> {
+        if line.len() > MAX_LINE {
+            return Err(DecodeError::TooLong { limit: MAX_LINE });
+        }
+        check_version(line)?;
+        let wire: WireResponse =
+            serde_json::from_slice(line).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        match (wire.status, wire.error) {
+            (Some(s), None) => Ok(Response::Ok(s)),
+            (None, Some(e)) => Ok(Response::Error(e)),
+            _ => Err(DecodeError::Malformed("a response has exactly one of status and error".into())),
+        }
+    }
+}
+
+/// Read `"v"` alone first, so a message of another version is reported as such rather than as
+/// whatever its unknown fields would break.
+fn check_version(line: &[u8]) -> Result<(), DecodeError> {
+    #[derive(Deserialize)]
+    struct Peek {
+        v: Option<u64>,
+    }
+    let peek: Peek =
+        serde_json::from_slice(line).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    match peek.v {
+        None => Err(DecodeError::MissingVersion),
+        Some(v) if v == u64::from(PROTOCOL_VERSION) => Ok(()),
+        Some(got) => Err(DecodeError::UnsupportedVersion { got }),
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum Op {
+    Unlock,
+    Lock,
+    Status,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireRequest {
+    #[allow(dead_code)] // checked by `check_version`; listed so it is not an unknown field
+    v: u64,
+    op: Op,
+    #[serde(default)]
+    secret: Option<SecretIn>,
+    #[serde(default)]
+    slot: Option<u32>,
+    #[serde(default)]
+    force: Option<bool>,
+}
+
+impl WireRequest {
+    fn into_request(self) -> Result<Request, DecodeError> {
+        let misplaced = |field: &str| {
+            Err(DecodeError::Invalid(format!("\"{field}\" does not belong to a {:?} request", self.op)))
+        };
+        match self.op {
+            Op::Unlock => {
+                if self.force.is_some() {
+                    return misplaced("force");
+                }
+                match self.secret {
+                    Some(SecretIn(secret)) => Ok(Request::Unlock { secret, slot: self.slot }),
+                    None => Err(DecodeError::Invalid("unlock needs \"secret\"".into())),
+                }
+            }
+            Op::Lock => {
+                if self.secret.is_some() {
+                    return misplaced("secret");
+                }
+                if self.slot.is_some() {
+                    return misplaced("slot");
+                }
+                Ok(Request::Lock { force: self.force.unwrap_or(false) })
+            }
+            Op::Status => {
+                if self.secret.is_some() {
+                    return misplaced("secret");
+                }
+                if self.slot.is_some() {
+                    return misplaced("slot");
+                }
+                if self.force.is_some() {
+                    return misplaced("force");
+                }
+                Ok(Request::Status)
+            }
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct WireRequestOut<'a> {
+    v: u32,
+    op: Op,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret: Option<SecretOut<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slot: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    force: Option<bool>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireResponse {
+    v: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    status: Option<StatusReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<ErrorReply>,
+}
+
+/// The secret as read from a request: base64 text or an array of byte values.
+struct SecretIn(SecretBytes);
+
+impl<'de> Deserialize<'de> for SecretIn {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(SecretVisitor).map(SecretIn)
+    }
+}
+
+struct SecretVisitor;
+
+impl<'de> Visitor<'de> for SecretVisitor {
+    type Value = SecretBytes;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the secret as base64 text or an array of bytes, at most {MAX_SECRET_LEN} bytes")
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<SecretBytes, E> {
+        let estimate = base64::decoded_len_estimate(text.len());
+        if estimate > MAX_SECRET_LEN + 2 {
+            return Err(E::custom(format_args!("secret longer than {MAX_SECRET_LEN} bytes")));
+        }
+        let mut scratch = SecretBytes::zeroed(estimate);
+        // The error names only a position and a byte class, never the text.
+        let n = BASE64
+            .decode_slice(text.as_bytes(), scratch.expose_secret_mut())
+            .map_err(|_| E::custom("secret is not valid base64 (standard alphabet, padded)"))?;
+        if n > MAX_SECRET_LEN {
+            return Err(E::custom(format_args!("secret longer than {MAX_SECRET_LEN} bytes")));
+        }
+        Ok(SecretBytes::from_slice(&scratch.expose_secret()[..n]))
+    }
+
+    fn visit_string<E: de::Error>(self, mut text: String) -> Result<SecretBytes, E> {
+        let secret = self.visit_str(&text);
+        text.zeroize();
+        secret
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<SecretBytes, A::Error> {
+        // Fixed-size scratch: a growing Vec would leave copies behind in freed memory.
+        let mut scratch = SecretBytes::zeroed(MAX_SECRET_LEN);
+        let mut n = 0;
+        while let Some(byte) = seq.next_element::<u8>()? {
+            let Some(slot) = scratch.expose_secret_mut().get_mut(n) else {
+                return Err(de::Error::custom(format_args!("secret longer than {MAX_SECRET_LEN} bytes")));
+            };
+            *slot = byte;
+            n += 1;
+        }
+        Ok(SecretBytes::from_slice(&scratch.expose_secret()[..n]))
+    }
+}
+
+struct SecretOut<'a>(&'a SecretBytes);
+
+impl Serialize for SecretOut<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let bytes = self.0.expose_secret();
+        let mut text = Zeroizing::new(vec![0u8; base64_len(bytes.len())]);
+        // The buffer is exactly base64_len long, which is what encode_slice needs.
+        let n = BASE64.encode_slice(bytes, &mut text[..]).expect("buffer sized for base64");
+        // Base64 output is ASCII.
+        let text = std::str::from_utf8(&text[..n]).expect("base64 is ASCII");
+        s.serialize_str(text)
+    }
+}
+
+/// Padded base64 length of `n` bytes.
+fn base64_len(n: usize) -> usize {
+    n.div_ceil(3) * 4
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status() -> StatusReport {
+        StatusReport {
+            state: VolumeState::Unlocked,
+            volume_uuid: "0b9a4b0e-5f4e-4f41-9a57-5d0c8a4a6b1e".into(),
+            cipher: "aes-xts-plain64".into(),
+            sector_size: 4096,
+            size: 1 << 30,
+            export_name: "nbdcrypt".into(),
+            clients: 2,
+            reads: 10,
+            writes: 20,
+            bytes_read: 40960,
+            bytes_written: 81920,
+            flushes: 3,
+            errors: 0,
+            locked_reason: None,
+        }
+    }
+
+    fn decode_str(s: &str) -> Result<Request, DecodeError> {
+        Request::decode(s.as_bytes())
+    }
+
+    #[test]
+    fn unlock_round_trips_with_every_byte_value() {
+        let bytes: Vec<u8> = (0..=255u8).chain(b"\n\"\\".iter().copied()).collect();
+        let req = Request::Unlock { secret: SecretBytes::from_slice(&bytes), slot: Some(3) };
+        let line = req.encode();
+        assert_eq!(line.last(), Some(&b'\n'));
+        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1, "one line");
+        match Request::decode(&line).unwrap() {
+            Request::Unlock { secret, slot } => {
+                assert_eq!(secret.expose_secret(), &bytes[..]);
+                assert_eq!(slot, Some(3));
+            }
+            other => panic!("decoded {other:?}"),
+        }
+    }
+
+    #[test]
+    fn lock_and_status_round_trip() {
+        for force in [false, true] {
+            let line = Request::Lock { force }.encode();
+            assert!(matches!(Request::decode(&line).unwrap(), Request::Lock { force: f } if f == force));
+        }
+        let line = Request::Status.encode();
+        assert_eq!(&line[..], b"{\"v\":1,\"op\":\"status\"}\n");
+        assert!(matches!(Request::decode(&line).unwrap(), Request::Status));
+    }
+
+    #[test]
+    fn lock_without_force_means_no_force() {
+        assert!(matches!(decode_str(r#"{"v":1,"op":"lock"}"#).unwrap(), Request::Lock { force: false }));
+    }
+
+    #[test]
+    fn unlock_accepts_the_secret_as_an_array_of_bytes() {
+        match decode_str(r#"{"v":1,"op":"unlock","secret":[104,105,0,255]}"#).unwrap() {
+            Request::Unlock { secret, slot: None } => assert_eq!(secret.expose_secret(), b"hi\0\xff"),
+            other => panic!("decoded {other:?}"),
+        }
+    }
+
+    #[test]
+    fn debug_never_shows_the_secret() {
+        let req = Request::Unlock { secret: SecretBytes::from_slice(b"hunter2"), slot: None };
+        let shown = format!("{req:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("aHVudGVyMg"), "{shown}");
+        assert!(shown.contains("redacted"));
+    }
+
+    #[test]
+    fn response_round_trips() {
+        let ok = Response::Ok(status());
+        assert_eq!(Response::decode(&ok.encode()).unwrap(), ok);
+        let locked = Response::Ok(StatusReport {
+            state: VolumeState::Locked,
+            locked_reason: Some("locked by uid 0".into()),
+            ..status()
+        });
+        assert_eq!(Response::decode(&locked.encode()).unwrap(), locked);
+        let err = Response::Error(ErrorReply {
+            kind: ErrorKind::RateLimited,
+            message: "wait".into(),
+            retry_after_secs: Some(8),
+        });
+        let line = err.encode();
+        assert!(std::str::from_utf8(&line).unwrap().contains(r#""kind":"rate_limited""#));
+        assert_eq!(Response::decode(&line).unwrap(), err);
+    }
+
+    #[test]
+    fn request_with_an_unknown_field_is_rejected() {
+        let e = decode_str(r#"{"v":1,"op":"status","verbose":true}"#).unwrap_err();
+        assert!(matches!(&e, DecodeError::Malformed(m) if m.contains("verbose")), "{e}");
+    }
+
+    #[test]
+    fn request_with_an_unknown_op_is_rejected() {
+        let e = decode_str(r#"{"v":1,"op":"format"}"#).unwrap_err();
+        assert!(matches!(e, DecodeError::Malformed(_)), "{e}");
+    }
+
+    #[test]
+    fn request_of_another_version_is_rejected_as_such_even_with_unknown_fields() {
+        let e = decode_str(r#"{"v":2,"op":"status","new_thing":1}"#).unwrap_err();
+        assert!(matches!(e, DecodeError::UnsupportedVersion { got: 2 }), "{e}");
+        assert!(e.to_string().contains("version 1"));
+    }
+
+    #[test]
+    fn request_without_a_version_is_rejected() {
+        assert!(matches!(decode_str(r#"{"op":"status"}"#).unwrap_err(), DecodeError::MissingVersion));
+    }
+
+    #[test]
+    fn fields_that_do_not_belong_to_the_op_are_rejected() {
+        for bad in [
+            r#"{"v":1,"op":"status","force":true}"#,
+            r#"{"v":1,"op":"lock","secret":"aGk="}"#,
+            r#"{"v":1,"op":"lock","slot":1}"#,
+            r#"{"v":1,"op":"unlock","secret":"aGk=","force":true}"#,
+            r#"{"v":1,"op":"unlock"}"#,
+        ] {
+            assert!(matches!(decode_str(bad), Err(DecodeError::Invalid(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bad_base64_is_rejected_without_echoing_it() {
+        let e = decode_str(r#"{"v":1,"op":"unlock","secret":"hunter2!"}"#).unwrap_err();
+        assert!(matches!(e, DecodeError::Malformed(_)));
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn not_json_and_not_an_object_are_malformed() {
+        for bad in ["", "hello", "[1,2]", "{\"v\":1", "{\"v\":\"1\",\"op\":\"status\"}"] {
+            assert!(matches!(decode_str(bad), Err(DecodeError::Malformed(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn oversized_line_is_rejected_before_parsing() {
+        let line = vec![b' '; MAX_LINE + 1];
+        assert!(matches!(Request::decode(&line), Err(DecodeError::TooLong { limit: MAX_LINE })));
+        assert!(matches!(Response::decode(&line), Err(DecodeError::TooLong { .. })));
+    }
+
+    #[test]
+    fn oversized_secret_is_rejected() {
+        let too_long = SecretBytes::zeroed(MAX_SECRET_LEN + 1);
+        let line = Request::Unlock { secret: too_long, slot: None }.encode();
+        assert!(line.len() <= MAX_LINE);
+        let e = Request::decode(&line).unwrap_err();
+        assert!(e.to_string().contains("longer than"), "{e}");
+        // The largest allowed secret fits in a line.
+        let max = Request::Unlock { secret: SecretBytes::zeroed(MAX_SECRET_LEN), slot: Some(31) }.encode();
+        assert!(max.len() <= MAX_LINE);
+        assert!(Request::decode(&max).is_ok());
+    }
+
+    #[test]
+    fn response_tolerates_unknown_fields_kinds_and_states() {
+        let line = br#"{"v":1,"error":{"kind":"quota_exceeded","message":"m","hint":"x"},"extra":1}"#;
+        match Response::decode(line).unwrap() {
+            Response::Error(e) => assert_eq!(e.kind, ErrorKind::Unknown),
+            other => panic!("{other:?}"),
+        }
+        let mut v = serde_json::to_value(status()).unwrap();
+        v["state"] = "suspended".into();
+        v["new_counter"] = 5.into();
+        let line = serde_json::to_vec(&serde_json::json!({"v": 1, "status": v})).unwrap();
+        match Response::decode(&line).unwrap() {
+            Response::Ok(s) => assert_eq!(s.state, VolumeState::Unknown),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn response_of_another_version_is_rejected() {
+        let e = Response::decode(br#"{"v":7,"status":{}}"#).unwrap_err();
+        assert!(matches!(e, DecodeError::UnsupportedVersion { got: 7 }));
+    }
+
+    #[test]
+    fn response_with_both_or_neither_is_malformed() {
+        assert!(Response::decode(br#"{"v":1}"#).is_err());
+        let both = format!(
+            r#"{{"v":1,"status":{},"error":{{"kind":"busy","message":"m"}}}}"#,
+            serde_json::to_string(&status()).unwrap()
+        );
+        assert!(Response::decode(both.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn decoding_never_panics_on_truncated_or_corrupted_lines() {
+        let unlock = Request::Unlock { secret: SecretBytes::from_slice(b"pass"), slot: Some(1) }.encode();
+        let ok = Response::Ok(status()).encode();
+        for line in [&unlock[..], &ok[..]] {
+            for cut in 0..line.len() {
+                let _ = Request::decode(&line[..cut]);
+                let _ = Response::decode(&line[..cut]);
+            }
+            // Every byte replaced by a few troublesome values, one position at a time.
+            for i in 0..line.len() {
+                for b in [0u8, b'"', b'\\', b'{', b'9', 0xff] {
+                    let mut bad = line.to_vec();
+                    bad[i] = b;
+                    let _ = Request::decode(&bad);
+                    let _ = Response::decode(&bad);
+                }
+            }
+        }
+    }
+}
