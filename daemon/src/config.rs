@@ -11,22 +11,29 @@ use crate::block::file::FileOptions;
 use crate::nbd::wire::MAX_PAYLOAD;
 use crate::server::ServerConfig;
 
-const ABOUT: &str = "Serve a block volume over NBD (Network Block Device).";
+const ABOUT: &str = "Serve an AES-XTS encrypted LUKS2 volume over NBD (Network Block Device).";
 
 const LONG_ABOUT: &str = "\
-Serve a block volume over NBD (Network Block Device).
+Serve an AES-XTS encrypted LUKS2 volume over NBD (Network Block Device).
 
 nbdcryptd listens on a Unix socket (root-only by default) and, when asked, on TCP. Clients such as
 nbd-client (the Linux kernel client), nbdfuse, qemu and fio attach to it; a filesystem and a
-database go on top.
+database go on top. The volume is a LUKS2 volume: stock cryptsetup opens it through a passphrase
+keyslot, and nbdcryptd serves volumes cryptsetup made (aes-xts-plain64).
 
-Modes:
+Modes (exactly one):
+  --volume PATH  serve the LUKS2 volume in PATH (file or block device). The daemon starts
+                 LOCKED and offers no export until `nbdcryptctl unlock` (or --unlock-key-file).
+  --demo [DIR]   try it out: creates DIR (default ./nbdcrypt-demo) with a random key file and a
+                 256 MiB LUKS2 volume file, serves it on DIR/nbd.sock, unlocks it, and prints
+                 how to attach it.
   --plain PATH   serve PATH UNENCRYPTED, byte for byte. For comparisons and benchmarks only;
                  every log line about the export says encrypted=false.
 
 Attach the export (name given by --name, default \"nbdcrypt\"):
   nbd-client -unix /run/nbdcrypt/nbdcryptd.sock /dev/nbd0 -N nbdcrypt -b 4096
-  nbdfuse /mnt/nbd/disk --socket-activation ... | nbdinfo 'nbd+unix:///nbdcrypt?socket=SOCK'
+  nbdfuse /mnt/nbd --unix /run/nbdcrypt/nbdcryptd.sock && losetup -f --show /mnt/nbd/nbd
+  nbdinfo 'nbd+unix:///nbdcrypt?socket=/run/nbdcrypt/nbdcryptd.sock'
 
 Durability: FLUSH is answered after fdatasync of the backing store; FUA writes are on stable
 storage before their reply. After a failed write or flush every later flush fails, so a
@@ -36,12 +43,30 @@ SIGTERM stops accepting clients, finishes requests in flight, flushes and exits 
 
 #[derive(Parser, Debug)]
 #[command(name = "nbdcryptd", version, about = ABOUT, long_about = LONG_ABOUT)]
+#[command(group = clap::ArgGroup::new("mode").required(true).multiple(false))]
 pub struct Args {
-    /// Serve PATH (file or block device) UNENCRYPTED; comparison mode.
-    #[arg(long, value_name = "PATH")]
-    pub plain: PathBuf,
+    /// Serve the LUKS2 volume in PATH (file or block device); starts locked.
+    #[arg(long, value_name = "PATH", group = "mode")]
+    pub volume: Option<PathBuf>,
 
-    /// Create PATH as a regular file of SIZE bytes (suffixes K, M, G, T) if it does not exist.
+    /// Demo: create (if absent), serve and unlock a volume in DIR, and print how to attach it.
+    #[arg(long, value_name = "DIR", group = "mode", num_args = 0..=1,
+          default_missing_value = "nbdcrypt-demo")]
+    pub demo: Option<PathBuf>,
+
+    /// Serve PATH (file or block device) UNENCRYPTED; comparison mode.
+    #[arg(long, value_name = "PATH", group = "mode")]
+    pub plain: Option<PathBuf>,
+
+    /// Unlock the volume at start with the contents of FILE (a systemd credential, say).
+    #[arg(long, value_name = "FILE")]
+    pub unlock_key_file: Option<PathBuf>,
+
+    /// Control socket for nbdcryptctl (unlock, lock, status).
+    #[arg(long, value_name = "SOCK", env = "NBDCRYPT_CONTROL", default_value = "/run/nbdcrypt/control.sock")]
+    pub control: PathBuf,
+
+    /// With --plain: create PATH as a file of SIZE bytes (suffixes K, M, G, T) if it is absent.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub create: Option<u64>,
 
@@ -73,7 +98,8 @@ pub struct Args {
     #[arg(long)]
     pub read_only: bool,
 
-    /// Honour TRIM by punching holes (file) or discarding (device).
+    /// Honour TRIM by punching holes (file) or discarding (device). On an encrypted volume this
+    /// shows an observer which blocks are unused (as dm-crypt's allow-discards does).
     #[arg(long)]
     pub allow_discards: bool,
 
@@ -106,10 +132,24 @@ pub struct Args {
     pub log_level: String,
 }
 
+/// What the daemon serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// A LUKS2 volume, locked until unlocked.
+    Volume,
+    /// Create-if-absent, unlock with the demo key, print attach commands.
+    Demo { dir: PathBuf },
+    /// Unencrypted comparison mode.
+    Plain,
+}
+
 /// Everything the daemon needs, checked.
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub mode: Mode,
     pub backing: PathBuf,
+    pub unlock_key_file: Option<PathBuf>,
+    pub control: PathBuf,
     pub file: FileOptions,
     pub export_name: String,
     pub description: String,
@@ -133,8 +173,31 @@ impl Config {
         if a.max_server_bytes < a.max_conn_bytes {
             return Err("--max-server-bytes must be at least --max-conn-bytes".into());
         }
+        let (mode, backing, unix, control, key) = match (a.volume, a.demo, a.plain) {
+            (Some(v), None, None) => (Mode::Volume, v, a.unix, a.control, a.unlock_key_file),
+            (None, None, Some(p)) => {
+                if a.unlock_key_file.is_some() {
+                    return Err("--unlock-key-file makes no sense with --plain".into());
+                }
+                (Mode::Plain, p, a.unix, a.control, None)
+            }
+            (None, Some(dir), None) => (
+                Mode::Demo { dir: dir.clone() },
+                dir.join("volume.img"),
+                dir.join("nbd.sock"),
+                dir.join("control.sock"),
+                Some(a.unlock_key_file.unwrap_or_else(|| dir.join("demo.key"))),
+            ),
+            _ => return Err("give exactly one of --volume, --demo, --plain".into()),
+        };
+        if a.create.is_some() && mode != Mode::Plain {
+            return Err("--create works with --plain only; use `nbdcryptctl format --size` for volumes".into());
+        }
         Ok(Config {
-            backing: a.plain,
+            mode,
+            backing,
+            unlock_key_file: key,
+            control,
             file: FileOptions {
                 read_only: a.read_only,
                 create_size: a.create,
@@ -144,7 +207,7 @@ impl Config {
             export_name: a.name,
             description: a.description,
             server: ServerConfig {
-                unix: Some(a.unix),
+                unix: Some(unix),
                 socket_mode: a.socket_mode,
                 tcp: a.tcp,
                 handshake_timeout: Duration::from_secs(a.handshake_timeout.max(1)),

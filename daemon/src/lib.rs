@@ -15,6 +15,7 @@ pub mod block;
 pub mod config;
 pub mod control;
 pub mod crypto;
+pub mod demo;
 pub mod export;
 pub mod luks2;
 pub mod nbd;

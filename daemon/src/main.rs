@@ -3,16 +3,22 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use anyhow::{anyhow, Context};
 use clap::Parser;
 use tracing::{error, info, warn};
 
 use nbdcrypt::block::file::FileDevice;
 use nbdcrypt::block::latch::Latch;
 use nbdcrypt::block::BlockDevice;
-use nbdcrypt::config::{Args, Config};
+use nbdcrypt::config::{Args, Config, Mode};
+use nbdcrypt::control::proto::{Request, Response};
+use nbdcrypt::control::{self, ControlPlane, Origin, Unlocker};
+use nbdcrypt::demo;
 use nbdcrypt::export::ExportTable;
 use nbdcrypt::server::{self, Listeners};
 use nbdcrypt::shutdown;
+use nbdcrypt::sys;
+use nbdcrypt::unlock::{UnlockError, Volume, VolumeInfo};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -24,6 +30,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Key material must never reach a core file.
+    if let Err(e) = sys::disable_core_dumps() {
+        warn!(error = %e, "could not disable core dumps");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -35,22 +45,23 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
-            eprintln!("nbdcryptd: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let device = FileDevice::open(&config.backing, config.file.clone()).map_err(|e| {
-        anyhow::anyhow!("cannot open {}: {e}", config.backing.display())
-    })?;
-    let device: Arc<dyn BlockDevice> = Arc::new(Latch::new(Arc::new(device)));
+    if let Mode::Demo { dir } = &config.mode {
+        let dir = dir.clone();
+        let files = tokio::task::spawn_blocking(move || demo::prepare(&dir)).await?.map_err(|e| anyhow!(e))?;
+        if files.created {
+            info!(volume = %files.volume.display(), "created the demo volume");
+        }
+    }
+    let backing = FileDevice::open(&config.backing, config.file.clone())
+        .map_err(|e| anyhow!("cannot open {}: {e}", config.backing.display()))?;
+    let backing: Arc<dyn BlockDevice> = Arc::new(backing);
     let exports = ExportTable::new(config.export_name.clone(), config.description.clone());
-    exports.publish(device.clone(), false);
-    warn!(path = %config.backing.display(), size = device.size(),
-          "serving UNENCRYPTED (plain comparison mode): data is stored in the clear");
-
     let listeners = Listeners::bind(&config.server).await?;
     let (trigger, shutdown) = shutdown::channel();
     tokio::spawn(async move {
@@ -58,16 +69,113 @@ async fn run(config: Config) -> anyhow::Result<()> {
         info!("signal received: shutting down");
         trigger.trigger();
     });
-    info!(unix = ?config.server.unix, tcp = ?config.server.tcp, export = %config.export_name,
-          "listening");
-    server::run(&config.server, listeners, exports.clone(), shutdown).await?;
 
-    let dev = device.clone();
-    tokio::task::spawn_blocking(move || dev.flush())
-        .await?
-        .map_err(|e| anyhow::anyhow!("final flush failed: {e}"))?;
+    if config.mode == Mode::Plain {
+        let device: Arc<dyn BlockDevice> = Arc::new(Latch::new(backing));
+        exports.publish(device.clone(), false);
+        warn!(path = %config.backing.display(), size = device.size(),
+              "serving UNENCRYPTED (plain comparison mode): data is stored in the clear");
+        info!(unix = ?config.server.unix, tcp = ?config.server.tcp, export = %config.export_name, "listening");
+        server::run(&config.server, listeners, exports, shutdown).await?;
+        tokio::task::spawn_blocking(move || device.flush())
+            .await?
+            .map_err(|e| anyhow!("final flush failed: {e}"))?;
+        info!("flushed; exiting");
+        return Ok(());
+    }
+
+    let (volume, info) = Volume::open(&config.backing, backing, config.file.allow_discards)
+        .with_context(|| format!("cannot serve {}", config.backing.display()))?;
+    info!(path = %info.path.display(), uuid = %info.uuid, cipher = info.cipher, key_bits = info.key_bits,
+          sector_size = info.sector_size, size = info.size, "LUKS2 volume opened; locked");
+    let control = ControlPlane::start(
+        &config.control,
+        exports.clone(),
+        control_info(&info),
+        unlocker(Arc::new(volume)),
+        shutdown.clone(),
+    )
+    .await?;
+    info!(unix = ?config.server.unix, tcp = ?config.server.tcp, control = %config.control.display(),
+          export = %config.export_name, "listening");
+
+    if let Some(key_file) = &config.unlock_key_file {
+        unlock_at_start(&control, key_file).await?;
+    }
+    if let Mode::Demo { dir } = &config.mode {
+        print_demo_banner(dir, &config, &info);
+    }
+    server::run(&config.server, listeners, exports, shutdown).await?;
+    control.finish().await.map_err(|e| anyhow!("final flush failed: {e}"))?;
     info!("flushed; exiting");
     Ok(())
+}
+
+fn control_info(info: &VolumeInfo) -> control::VolumeInfo {
+    control::VolumeInfo {
+        uuid: info.uuid.clone(),
+        cipher: info.cipher.to_owned(),
+        sector_size: info.sector_size,
+        size: info.size,
+    }
+}
+
+/// The one place the control plane reaches into LUKS2: a secret in, a device out.
+fn unlocker(volume: Arc<Volume>) -> Unlocker {
+    Box::new(move |secret, slot| match volume.unlock(secret, slot) {
+        Ok((device, opened)) => {
+            info!(keyslot = opened, "keyslot opened");
+            Ok(device)
+        }
+        Err(UnlockError::WrongPassphrase) => Err(control::UnlockError::WrongPassphrase),
+        Err(e) => Err(control::UnlockError::Other(e.to_string())),
+    })
+}
+
+async fn unlock_at_start(control: &ControlPlane, key_file: &std::path::Path) -> anyhow::Result<()> {
+    let path = key_file.to_owned();
+    let secret = tokio::task::spawn_blocking(move || demo::read_key_file(&path)).await?.map_err(|e| anyhow!(e))?;
+    let origin = Origin { uid: nix::unistd::geteuid().as_raw(), pid: Some(std::process::id() as i32) };
+    match control.volume.call(Request::Unlock { secret, slot: None }, origin).await {
+        Response::Ok(_) => {
+            info!(key_file = %key_file.display(), "unlocked with the key file");
+            Ok(())
+        }
+        // Stay up, locked: an operator can still unlock another way.
+        Response::Error(e) => {
+            error!(key_file = %key_file.display(), error = %e.message,
+                   "unlock with the key file failed; staying locked");
+            Ok(())
+        }
+    }
+}
+
+fn print_demo_banner(dir: &std::path::Path, config: &Config, info: &VolumeInfo) {
+    let abs = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+    let sock = abs(config.server.unix.as_deref().unwrap_or(std::path::Path::new("nbd.sock")));
+    let ctl = abs(&config.control);
+    let dir = abs(dir);
+    let (sock, ctl, dir) = (sock.display(), ctl.display(), dir.display());
+    let name = &config.export_name;
+    eprintln!(
+        "
+nbdcrypt demo: {vol} ({size} MiB, LUKS2 {cipher}, {ss}-byte sectors), unlocked with {dir}/demo.key
+
+  inspect     nbdinfo 'nbd+unix:///{name}?socket={sock}'
+  kernel      sudo nbd-client -unix {sock} /dev/nbd0 -N {name} -b 4096
+  no nbd.ko   mkdir -p {dir}/fuse && nbdfuse {dir}/fuse --unix {sock} &
+              sudo losetup -f --show {dir}/fuse/nbd     # then mkfs.ext4 / mount the loop device
+  status      nbdcryptctl --control {ctl} status
+  lock        nbdcryptctl --control {ctl} lock --force
+  recovery    sudo cryptsetup open --key-file {dir}/demo.key {vol} demo   # stock cryptsetup opens it
+
+Ctrl-C stops the daemon (in-flight requests finish, data is flushed).
+",
+        vol = info.path.display(),
+        size = info.size >> 20,
+        cipher = info.cipher,
+        ss = info.sector_size,
+    );
 }
 
 async fn wait_for_signal() {
@@ -84,10 +192,10 @@ async fn wait_for_signal() {
 }
 
 fn init_logging(level: &str) {
+    use std::io::IsTerminal;
     let filter = std::env::var("NBDCRYPT_LOG").unwrap_or_else(|_| level.to_owned());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
