@@ -165,8 +165,8 @@ nbdcrypt demo: {vol} ({size} MiB, LUKS2 {cipher}, {ss}-byte sectors), unlocked w
   kernel      sudo nbd-client -unix {sock} /dev/nbd0 -N {name} -b 4096
   no nbd.ko   mkdir -p {dir}/fuse && nbdfuse {dir}/fuse --unix {sock} &
               sudo losetup -f --show {dir}/fuse/nbd     # then mkfs.ext4 / mount the loop device
-  status      nbdcryptctl --control {ctl} status
-  lock        nbdcryptctl --control {ctl} lock --force
+  status      nbdcryptctl status --control {ctl}
+  lock        nbdcryptctl lock --force --control {ctl}
   recovery    sudo cryptsetup open --key-file {dir}/demo.key {vol} demo   # stock cryptsetup opens it
 
 Ctrl-C stops the daemon (in-flight requests finish, data is flushed).
