@@ -798,3 +798,19 @@ pub mod raw {
         c.read(7, 0, n).expect("READ from a second client");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// nbdinfo helpers
+
+pub use serde_json;
+
+/// `nbdinfo --json URI`, parsed; returns the first export object and the whole document.
+#[track_caller]
+pub fn nbdinfo_json(uri: &str) -> (serde_json::Value, serde_json::Value) {
+    let out = nbdinfo(&["--json", uri]).success();
+    let doc: serde_json::Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("nbdinfo --json output is not JSON ({e}):\n{}", out.stdout));
+    let export = doc["exports"][0].clone();
+    assert!(export.is_object(), "nbdinfo --json has no export:\n{}", out.stdout);
+    (export, doc)
+}
