@@ -381,6 +381,7 @@ pub fn nbdinfo(args: &[&str]) -> Out {
 const NBDSH_PRELUDE: &str = r#"
 import os, errno, sys
 URI = os.environ["NBD_URI"]
+IMAGE = os.environ.get("IMAGE")
 def expect_err(fn, errnum, what):
     try:
         fn()
@@ -395,8 +396,30 @@ def expect_err(fn, errnum, what):
 /// is not connected: call `h.connect_uri(URI)` (after `h.set_opt_mode(True)` if wanted).
 #[track_caller]
 pub fn nbdsh(uri: &str, script: &str) -> Out {
+    nbdsh_env(uri, &[], script)
+}
+
+/// [`nbdsh`] against a daemon: `URI` is its default export, `IMAGE` its backing file.
+#[track_caller]
+pub fn nbdsh_d(d: &Daemon, script: &str) -> Out {
+    let img = d.image.to_str().unwrap().to_owned();
+    nbdsh_env(&d.uri(), &[("IMAGE", &img)], script)
+}
+
+/// [`nbdsh`] with extra environment variables (read them with `os.environ`).
+#[track_caller]
+pub fn nbdsh_env(uri: &str, env: &[(&str, &str)], script: &str) -> Out {
     let code = format!("{NBDSH_PRELUDE}\n{}", dedent(script));
-    run(tool("nbdsh").env("NBD_URI", uri).arg("-c").arg(code), TOOL_TIMEOUT)
+    let mut c = tool("nbdsh");
+    c.env("NBD_URI", uri).arg("-c").arg(&code);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut out = run(&mut c, TOOL_TIMEOUT);
+    let numbered: Vec<String> =
+        code.lines().enumerate().map(|(i, l)| format!("{:4} {l}", i + 1)).collect();
+    out.what = format!("nbdsh (URI {uri}) script\n{}\n", numbered.join("\n"));
+    out
 }
 
 /// Remove the common leading whitespace of all non-empty lines (so scripts can be indented in
