@@ -1,1 +1,210 @@
-//! (to be written)
+//! Command line → `Config`. `Args` is what the user typed; `Config` is checked and resolved, and
+//! nothing past `main` sees `Args`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::block::file::FileOptions;
+use crate::nbd::wire::MAX_PAYLOAD;
+use crate::server::ServerConfig;
+
+const ABOUT: &str = "Serve a block volume over NBD (Network Block Device).";
+
+const LONG_ABOUT: &str = "\
+Serve a block volume over NBD (Network Block Device).
+
+nbdcryptd listens on a Unix socket (root-only by default) and, when asked, on TCP. Clients such as
+nbd-client (the Linux kernel client), nbdfuse, qemu and fio attach to it; a filesystem and a
+database go on top.
+
+Modes:
+  --plain PATH   serve PATH UNENCRYPTED, byte for byte. For comparisons and benchmarks only;
+                 every log line about the export says encrypted=false.
+
+Attach the export (name given by --name, default \"nbdcrypt\"):
+  nbd-client -unix /run/nbdcrypt/nbdcryptd.sock /dev/nbd0 -N nbdcrypt -b 4096
+  nbdfuse /mnt/nbd/disk --socket-activation ... | nbdinfo 'nbd+unix:///nbdcrypt?socket=SOCK'
+
+Durability: FLUSH is answered after fdatasync of the backing store; FUA writes are on stable
+storage before their reply. After a failed write or flush every later flush fails, so a
+database on top never sees a successful fsync over lost data.
+
+SIGTERM stops accepting clients, finishes requests in flight, flushes and exits 0.";
+
+#[derive(Parser, Debug)]
+#[command(name = "nbdcryptd", version, about = ABOUT, long_about = LONG_ABOUT)]
+pub struct Args {
+    /// Serve PATH (file or block device) UNENCRYPTED; comparison mode.
+    #[arg(long, value_name = "PATH")]
+    pub plain: PathBuf,
+
+    /// Create PATH as a regular file of SIZE bytes (suffixes K, M, G, T) if it does not exist.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub create: Option<u64>,
+
+    /// Unix socket to listen on.
+    #[arg(long, value_name = "SOCK", default_value = "/run/nbdcrypt/nbdcryptd.sock")]
+    pub unix: PathBuf,
+
+    /// Permissions of the Unix socket (octal). The default lets only its owner connect.
+    #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
+    pub socket_mode: u32,
+
+    /// Also listen on TCP at ADDR:PORT (needs --insecure-tcp until TLS is available).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub tcp: Option<SocketAddr>,
+
+    /// Allow plaintext NBD over TCP. Anyone on the network path can read and alter the data.
+    #[arg(long)]
+    pub insecure_tcp: bool,
+
+    /// Export name clients ask for; the empty name selects it too.
+    #[arg(long, value_name = "NAME", default_value = "nbdcrypt")]
+    pub name: String,
+
+    /// Free-text description shown by `nbdinfo`.
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    pub description: String,
+
+    /// Refuse writes, trims and zeroing (clients see a read-only disk).
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// Honour TRIM by punching holes (file) or discarding (device).
+    #[arg(long)]
+    pub allow_discards: bool,
+
+    /// Use O_DIRECT for page-aligned requests (bypass the host page cache).
+    #[arg(long)]
+    pub direct: bool,
+
+    /// Seconds a client may take to finish the handshake.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub handshake_timeout: u64,
+
+    /// Most clients connected at once.
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    pub max_connections: usize,
+
+    /// Request bytes one connection may have in flight (back-pressure beyond that).
+    #[arg(long, value_name = "BYTES", default_value = "64M", value_parser = parse_size)]
+    pub max_conn_bytes: u64,
+
+    /// Request bytes all connections together may have in flight.
+    #[arg(long, value_name = "BYTES", default_value = "1G", value_parser = parse_size)]
+    pub max_server_bytes: u64,
+
+    /// Log level (error, warn, info, debug, trace) or a tracing filter; NBDCRYPT_LOG overrides.
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// Everything the daemon needs, checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub backing: PathBuf,
+    pub file: FileOptions,
+    pub export_name: String,
+    pub description: String,
+    pub server: ServerConfig,
+}
+
+impl Config {
+    pub fn from_args(a: Args) -> Result<Config, String> {
+        if a.tcp.is_some() && !a.insecure_tcp {
+            return Err("--tcp sends volume data in the clear; TLS is not available yet, so it \
+                        needs --insecure-tcp as well"
+                .into());
+        }
+        if a.name.len() > 256 {
+            return Err("--name is longer than 256 bytes".into());
+        }
+        let min_conn = u64::from(MAX_PAYLOAD) + 4096;
+        if a.max_conn_bytes < min_conn {
+            return Err(format!("--max-conn-bytes must be at least {min_conn} (one 32 MiB request)"));
+        }
+        if a.max_server_bytes < a.max_conn_bytes {
+            return Err("--max-server-bytes must be at least --max-conn-bytes".into());
+        }
+        let clamp = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        Ok(Config {
+            backing: a.plain,
+            file: FileOptions {
+                read_only: a.read_only,
+                create_size: a.create,
+                allow_discards: a.allow_discards,
+                direct: a.direct,
+            },
+            export_name: a.name,
+            description: a.description,
+            server: ServerConfig {
+                unix: Some(a.unix),
+                socket_mode: a.socket_mode,
+                tcp: a.tcp,
+                handshake_timeout: Duration::from_secs(a.handshake_timeout.max(1)),
+                max_connections: a.max_connections.max(1),
+                max_connection_bytes: clamp(a.max_conn_bytes),
+                max_server_bytes: clamp(a.max_server_bytes),
+            },
+        })
+    }
+}
+
+/// "64M", "1G", "4096", "1.5G" → bytes (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        None => (s, 1u64),
+        Some((i, _)) => {
+            let unit = s[i..].to_ascii_uppercase();
+            let m = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("unknown size unit in {s:?} (use K, M, G or T)")),
+            };
+            (&s[..i], m)
+        }
+    };
+    if let Ok(n) = num.parse::<u64>() {
+        return n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"));
+    }
+    let f: f64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    if !(f >= 0.0 && f * (mult as f64) < u64::MAX as f64) {
+        return Err(format!("size {s:?} is out of range"));
+    }
+    Ok((f * mult as f64) as u64)
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal permission mode like 0600"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_accept_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("1.5k"), Ok(1536));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn modes_are_octal() {
+        assert_eq!(parse_mode("0600"), Ok(0o600));
+        assert!(parse_mode("999").is_err());
+    }
+}

@@ -1,1 +1,242 @@
-//! (to be written)
+//! Listeners and connections: accept, cap the number of clients, run the handshake under a
+//! deadline, then the transmission session. A failing connection is logged and dropped; it never
+//! takes the server down.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::export::ExportTable;
+use crate::nbd::handshake::negotiate;
+use crate::nbd::session::{self, Budget, End};
+use crate::nbd::ProtocolError;
+use crate::shutdown::Shutdown;
+
+/// Where and how to listen.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub unix: Option<PathBuf>,
+    pub socket_mode: u32,
+    pub tcp: Option<SocketAddr>,
+    pub handshake_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connection_bytes: u32,
+    pub max_server_bytes: u32,
+}
+
+/// Bound listeners, ready to serve; binding happens before the daemon reports itself ready.
+pub struct Listeners {
+    unix: Option<(UnixListener, PathBuf)>,
+    tcp: Option<TcpListener>,
+}
+
+impl Listeners {
+    pub async fn bind(cfg: &ServerConfig) -> io::Result<Listeners> {
+        let unix = match &cfg.unix {
+            Some(path) => Some((bind_unix(path, cfg.socket_mode).await?, path.clone())),
+            None => None,
+        };
+        let tcp = match cfg.tcp {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+            })?),
+            None => None,
+        };
+        Ok(Listeners { unix, tcp })
+    }
+}
+
+/// Context every connection task needs.
+#[derive(Clone)]
+struct Ctx {
+    exports: Arc<ExportTable>,
+    budget: Budget,
+    handshake_timeout: Duration,
+}
+
+/// Serve until shutdown, then wait for every connection to finish its in-flight requests.
+pub async fn run(
+    cfg: &ServerConfig,
+    listeners: Listeners,
+    exports: Arc<ExportTable>,
+    mut shutdown: Shutdown,
+) -> io::Result<()> {
+    let ctx = Ctx {
+        exports,
+        budget: Budget {
+            server: Arc::new(Semaphore::new(cfg.max_server_bytes as usize)),
+            per_connection: cfg.max_connection_bytes,
+        },
+        handshake_timeout: cfg.handshake_timeout,
+    };
+    let permits = Arc::new(Semaphore::new(cfg.max_connections));
+    let mut tasks = JoinSet::new();
+    let Listeners { unix, tcp } = listeners;
+
+    loop {
+        tokio::select! {
+            _ = shutdown.triggered() => break,
+            Some(res) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = res {
+                    warn!(error = %e, "connection task ended abnormally");
+                }
+            }
+            accepted = accept_unix(unix.as_ref().map(|(l, _)| l)) => match accepted {
+                Ok(stream) => {
+                    let peer = describe_unix_peer(&stream);
+                    let Some(permit) = take_permit(&permits, &peer) else { continue };
+                    let (ctx, sd) = (ctx.clone(), shutdown.clone());
+                    tasks.spawn(async move {
+                        connection(stream, peer, ctx, sd).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => accept_failed(e).await,
+            },
+            accepted = accept_tcp(tcp.as_ref()) => match accepted {
+                Ok((stream, addr)) => {
+                    let peer = format!("tcp {addr}");
+                    let Some(permit) = take_permit(&permits, &peer) else { continue };
+                    let _ = stream.set_nodelay(true);
+                    let (ctx, sd) = (ctx.clone(), shutdown.clone());
+                    tasks.spawn(async move {
+                        connection(stream, peer, ctx, sd).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => accept_failed(e).await,
+            },
+        }
+    }
+
+    info!(connections = tasks.len(), "shutting down: no new connections; finishing in-flight requests");
+    while let Some(res) = tasks.join_next().await {
+        if let Err(e) = res {
+            warn!(error = %e, "connection task ended abnormally");
+        }
+    }
+    if let Some((_, path)) = unix {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+async fn connection<S>(mut stream: S, peer: String, ctx: Ctx, shutdown: Shutdown)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    debug!(%peer, "connected");
+    let negotiated = tokio::time::timeout(
+        ctx.handshake_timeout,
+        negotiate(&mut stream, &ctx.exports, &shutdown),
+    )
+    .await;
+    let neg = match negotiated {
+        Err(_) => {
+            info!(%peer, "handshake timed out; closing");
+            return;
+        }
+        Ok(Err(ProtocolError::Aborted)) => {
+            debug!(%peer, "client ended the handshake");
+            return;
+        }
+        Ok(Err(ProtocolError::Io(e)))
+            if matches!(
+                e.kind(),
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            debug!(%peer, "client closed during the handshake");
+            return;
+        }
+        Ok(Err(e)) => {
+            info!(%peer, error = %e, "handshake failed; closing");
+            return;
+        }
+        Ok(Ok(neg)) => neg,
+    };
+    info!(%peer, export = %neg.export.name, structured = neg.structured_replies,
+          encrypted = neg.export.encrypted, "client attached");
+    let _attached = ctx.exports.attach();
+    let withdrawn = ctx.exports.watch_withdrawal();
+    let (r, w) = tokio::io::split(stream);
+    match session::serve(r, w, neg, ctx.budget, shutdown, withdrawn).await {
+        Ok(End::Disconnected) => info!(%peer, "client disconnected"),
+        Ok(End::Stopped) => info!(%peer, "session stopped by the server"),
+        Err(e) => warn!(%peer, error = %e, "connection closed on protocol error"),
+    }
+}
+
+fn take_permit(permits: &Arc<Semaphore>, peer: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    match permits.clone().try_acquire_owned() {
+        Ok(p) => Some(p),
+        Err(_) => {
+            warn!(%peer, "connection limit reached; refusing client");
+            None
+        }
+    }
+}
+
+async fn accept_unix(l: Option<&UnixListener>) -> io::Result<UnixStream> {
+    match l {
+        Some(l) => l.accept().await.map(|(s, _)| s),
+        None => std::future::pending().await,
+    }
+}
+
+async fn accept_tcp(l: Option<&TcpListener>) -> io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match l {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// EMFILE and friends: back off briefly instead of spinning.
+async fn accept_failed(e: io::Error) {
+    warn!(error = %e, "accept failed");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+fn describe_unix_peer(s: &UnixStream) -> String {
+    match s.peer_cred() {
+        Ok(c) => format!("unix uid={} pid={}", c.uid(), c.pid().unwrap_or(0)),
+        Err(_) => "unix (unknown peer)".to_owned(),
+    }
+}
+
+/// Bind a Unix socket that only its owner can use (unless `mode` says otherwise), replacing a
+/// stale socket file but never a live one.
+async fn bind_unix(path: &Path, mode: u32) -> io::Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        if !parent.as_os_str().is_empty() && !parent.exists() {
+            std::fs::create_dir_all(parent)?;
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))?;
+        }
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{} is in use by a running server", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    // Created with no group/other bits, so there is no window in which others could connect.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener =
+        bound.map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
