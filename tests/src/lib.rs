@@ -540,6 +540,16 @@ pub mod raw {
     pub const CMD_FLAG_FUA: u16 = 1 << 0;
     pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
     pub const CMD_FLAG_DF: u16 = 1 << 2;
+    pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+    pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+
+    pub const REPLY_FLAG_DONE: u16 = 1;
+    pub const CHUNK_NONE: u16 = 0;
+    pub const CHUNK_OFFSET_DATA: u16 = 1;
+    pub const CHUNK_OFFSET_HOLE: u16 = 2;
+    pub const CHUNK_BLOCK_STATUS: u16 = 5;
+    pub const CHUNK_ERROR: u16 = 0x8001;
+    pub const CHUNK_ERROR_OFFSET: u16 = 0x8002;
 
     pub const EPERM: u32 = 1;
     pub const EIO: u32 = 5;
@@ -758,6 +768,21 @@ pub mod raw {
                 ));
             }
             Ok((be32(&h[4..]), be64(&h[8..])))
+        }
+
+        /// Read one structured reply chunk: (flags, type, cookie, payload).
+        pub fn chunk(&mut self) -> io::Result<(u16, u16, u64, Vec<u8>)> {
+            let h = self.read_n(20)?;
+            if be32(&h) != STRUCTURED_REPLY_MAGIC {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("bad structured reply magic {:#x} (simple reply to a structured request?)", be32(&h)),
+                ));
+            }
+            let len = be32(&h[16..]) as usize;
+            assert!(len <= 33 * 1024 * 1024, "chunk of {len} bytes");
+            let payload = self.read_n(len)?;
+            Ok((be16(&h[4..]), be16(&h[6..]), be64(&h[8..]), payload))
         }
 
         /// WRITE and wait for its reply; returns the error value.
