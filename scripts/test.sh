@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 
 # tool -> Debian package
 declare -A PKG=(
-  [nbdinfo]=libnbd-bin [nbdsh]=libnbd-bin [nbdcopy]=libnbd-bin
-  [nbdkit]=nbdkit [nbdfuse]=nbdfuse [fio]=fio
+  [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdfuse]=libnbd-bin [nbdsh]=python3-libnbd
+  [nbdkit]=nbdkit [fio]=fio
   [qemu-io]=qemu-utils [qemu-img]=qemu-utils
   [cryptsetup]=cryptsetup-bin [jq]=jq [socat]=socat [cmp]=diffutils
 )
@@ -27,9 +27,10 @@ if command -v fio >/dev/null 2>&1 && ! fio --enghelp=nbd >/dev/null 2>&1; then
   missing+=(fio)
 fi
 
-if ((${#missing[@]})); then
+# TEST_SH_FORCE_APT=1 runs the install step even when everything is present.
+if ((${#missing[@]})) || [ -n "${TEST_SH_FORCE_APT:-}" ]; then
   # shellcheck disable=SC2207
-  pkgs=($(printf '%s\n' "${missing[@]}" python3-libnbd libnbd-bin | sort -u))
+  pkgs=($(printf '%s\n' "${missing[@]}" "${PKG[@]}" python3-libnbd | sort -u))
   echo "test.sh: installing ${pkgs[*]}" >&2
   SUDO=()
   [ "$(id -u)" -eq 0 ] || SUDO=(sudo)

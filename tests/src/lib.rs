@@ -28,21 +28,29 @@ pub const EXPORT: &str = "nbdcrypt";
 /// How long the daemon may take to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Path of the `nbdcryptd` binary under test.
+/// Path of the `nbdcryptd` binary under test: `$NBDCRYPTD`, else the target directory this test
+/// executable was built into (`target/debug/deps/..` -> `target/debug/nbdcryptd`, which also
+/// honours `CARGO_TARGET_DIR`), else `<workspace>/target/debug/nbdcryptd`.
 pub fn daemon_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("NBDCRYPTD") {
         let p = PathBuf::from(p);
         assert!(p.is_file(), "$NBDCRYPTD={} does not exist", p.display());
         return p;
     }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/nbdcryptd");
-    assert!(
-        p.is_file(),
+    let beside_tests = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("nbdcryptd")));
+    let in_workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/nbdcryptd");
+    for p in beside_tests.iter().chain([&in_workspace]) {
+        if p.is_file() {
+            return p.clone();
+        }
+    }
+    panic!(
         "nbdcryptd binary not found at {}: run `cargo build --workspace --bins` first \
          (./scripts/test.sh does), or set $NBDCRYPTD",
-        p.display()
+        beside_tests.as_ref().unwrap_or(&in_workspace).display()
     );
-    p
 }
 
 /// A running `nbdcryptd`, killed on drop.
@@ -248,7 +256,8 @@ pub fn tempdir() -> TempDir {
 /// Debian package that provides each tool (for the error message).
 fn package_of(tool: &str) -> &'static str {
     match tool {
-        "nbdinfo" | "nbdsh" | "nbdcopy" => "libnbd-bin (+ python3-libnbd for nbdsh)",
+        "nbdinfo" | "nbdcopy" | "nbdfuse" => "libnbd-bin",
+        "nbdsh" => "python3-libnbd",
         "qemu-io" | "qemu-img" => "qemu-utils",
         "fio" => "fio",
         "nbdkit" => "nbdkit",
