@@ -140,6 +140,38 @@ fn sigterm_with_an_idle_client_and_no_clients_exits_0_and_stops_accepting() {
 }
 
 #[test]
+fn sigterm_with_a_client_stuck_in_the_handshake_exits_0_promptly() {
+    // The default handshake timeout is 60 s; shutdown must not wait for it.
+    let mut d = Daemon::plain(4 * MIB, &[]);
+    let _greeted = Client::connect_no_flags(&d.sock);
+    let mut negotiating = Client::connect(&d.sock);
+    assert_eq!(negotiating.list(), vec![EXPORT.to_string()]);
+    let st = d.terminate(Duration::from_secs(15));
+    assert_eq!(st.code(), Some(0), "exit status: {st}\n{}", d.log());
+}
+
+#[test]
+fn an_option_sent_after_sigterm_gets_err_shutdown_or_a_close() {
+    let mut d = Daemon::plain(4 * MIB, &["--handshake-timeout", "30"]);
+    let mut c = Client::connect(&d.sock);
+    assert_eq!(c.list(), vec![EXPORT.to_string()]);
+    d.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = c.send_opt(OPT_LIST, &[]);
+    c.s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    match c.read_opt_reply() {
+        Ok(r) => assert_eq!(r.typ, 0x8000_0007, "option after SIGTERM: want ERR_SHUTDOWN, got {r:?}"),
+        Err(e) => assert!(
+            !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+            "no answer to an option 5 s after SIGTERM: {e}"
+        ),
+    }
+    drop(c);
+    let st = d.wait_exit(Duration::from_secs(15)).expect("exit after SIGTERM");
+    assert_eq!(st.code(), Some(0));
+}
+
+#[test]
 fn the_unix_socket_is_created_with_mode_0600() {
     let d = Daemon::plain(4 * MIB, &[]);
     let mode = std::fs::metadata(&d.sock).unwrap().permissions().mode() & 0o777;

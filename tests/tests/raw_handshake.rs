@@ -355,3 +355,69 @@ fn garbage_instead_of_client_flags_or_options_closes_that_connection_only() {
     assert!(c.closed_within(Duration::from_secs(5)));
     assert_server_serves(&d.sock);
 }
+
+#[test]
+fn set_meta_context_replaces_the_previous_selection_and_binds_to_the_export_name() {
+    let d = daemon();
+    let block_status_error = |c: &mut Client, cookie: u64| -> u32 {
+        c.request(0, CMD_BLOCK_STATUS, cookie, 0, 4096, &[]).unwrap();
+        let mut err = 0;
+        loop {
+            let (flags, typ, got, payload) = c.chunk().expect("BLOCK_STATUS reply");
+            assert_eq!(got, cookie);
+            if typ & 0x8000 != 0 {
+                err = be32(&payload);
+            }
+            if flags & REPLY_FLAG_DONE != 0 {
+                return err;
+            }
+        }
+    };
+
+    // A later SET with no queries replaces the earlier selection with nothing.
+    let mut c = Client::connect(&d.sock);
+    assert_eq!(c.structured_reply(), REP_ACK);
+    let (r, set) = c.option(OPT_SET_META_CONTEXT, &meta_payload(EXPORT, &["base:allocation"]));
+    assert_eq!((r.typ, set.len()), (REP_ACK, 1), "{set:?}");
+    let (r, set) = c.option(OPT_SET_META_CONTEXT, &meta_payload(EXPORT, &[]));
+    assert_eq!((r.typ, set.len()), (REP_ACK, 0), "SET with no queries selects nothing: {set:?}");
+    c.go(EXPORT);
+    assert_eq!(block_status_error(&mut c, 1), EINVAL, "selection was not replaced");
+
+    // A selection made for another export name does not carry over to GO.
+    let mut c = Client::connect(&d.sock);
+    assert_eq!(c.structured_reply(), REP_ACK);
+    let (r, _) = c.option(OPT_SET_META_CONTEXT, &meta_payload("other", &["base:allocation"]));
+    assert!(r.typ == REP_ACK || r.typ == REP_ERR_UNKNOWN, "{r:?}");
+    c.go(EXPORT);
+    assert_eq!(block_status_error(&mut c, 2), EINVAL, "meta context for another export applied");
+
+    // And the normal case works on the same server.
+    let mut c = Client::connect(&d.sock);
+    assert_eq!(c.structured_reply(), REP_ACK);
+    let (r, _) = c.option(OPT_SET_META_CONTEXT, &meta_payload(EXPORT, &["base:allocation"]));
+    assert_eq!(r.typ, REP_ACK);
+    c.go(EXPORT);
+    assert_eq!(block_status_error(&mut c, 3), 0);
+}
+
+#[test]
+fn structured_reply_twice_is_ack_or_err_invalid_and_not_a_disconnect() {
+    let d = daemon();
+    let mut c = Client::connect(&d.sock);
+    assert_eq!(c.structured_reply(), REP_ACK);
+    let again = c.structured_reply();
+    assert!(again == REP_ACK || again == REP_ERR_INVALID, "second STRUCTURED_REPLY: {again:#x}");
+    assert_eq!(c.list(), vec![EXPORT.to_string()]);
+}
+
+#[test]
+fn a_client_without_fixed_newstyle_can_still_use_export_name() {
+    let d = daemon();
+    let mut c = Client::connect_with(&d.sock, 0);
+    c.send_opt(OPT_EXPORT_NAME, EXPORT.as_bytes()).unwrap();
+    let r = c.read_n(134).expect("134 bytes after EXPORT_NAME (no NO_ZEROES)");
+    assert_eq!(be64(&r), SIZE);
+    assert!(r[10..].iter().all(|&b| b == 0));
+    assert_eq!(c.read(1, 0, 512).unwrap(), vec![0; 512]);
+}

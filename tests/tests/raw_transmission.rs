@@ -370,3 +370,91 @@ fn many_broken_clients_in_parallel_leave_good_clients_working() {
     }
     assert_server_serves(&d.sock);
 }
+
+#[test]
+fn payload_less_commands_longer_than_32_mib_are_served() {
+    let d = Daemon::plain(64 * MIB, &["--allow-discards"]);
+    let (mut c, e) = Client::connect_go(&d.sock);
+    assert_ne!(e.flags & TF_SEND_TRIM, 0);
+    let len = 48 << 20; // the kernel sends WRITE_ZEROES/TRIM up to 4 GiB - 512
+    assert_eq!(c.write(1, 8 * MIB, &[0xff; 65536], 0), 0);
+    assert_eq!(c.write(2, 40 * MIB, &[0xff; 65536], 0), 0);
+    c.request(0, CMD_WRITE_ZEROES, 3, 4 * MIB, len, &[]).unwrap();
+    assert_eq!(c.simple_reply().unwrap(), (0, 3), "48 MiB WRITE_ZEROES");
+    assert_eq!(c.read(4, 8 * MIB, 65536).unwrap(), vec![0; 65536]);
+    assert_eq!(c.read(5, 40 * MIB, 65536).unwrap(), vec![0; 65536]);
+    c.request(0, CMD_CACHE, 6, 0, len, &[]).unwrap();
+    assert_eq!(c.simple_reply().unwrap(), (0, 6), "48 MiB CACHE");
+    c.request(0, CMD_TRIM, 7, 0, len, &[]).unwrap();
+    assert_eq!(c.simple_reply().unwrap(), (0, 7), "48 MiB TRIM");
+    c.request(CMD_FLAG_NO_HOLE | CMD_FLAG_FUA, CMD_WRITE_ZEROES, 8, 0, len, &[]).unwrap();
+    assert_eq!(c.simple_reply().unwrap(), (0, 8), "48 MiB WRITE_ZEROES with NO_HOLE|FUA");
+    // DF is only for READ.
+    c.request(CMD_FLAG_DF, CMD_WRITE_ZEROES, 9, 0, 4096, &[]).unwrap();
+    assert_eq!(c.simple_reply().unwrap(), (EINVAL, 9));
+    assert_eq!(c.read(10, 0, 4096).unwrap(), vec![0; 4096]);
+}
+
+#[test]
+fn a_read_longer_than_32_mib_keeps_the_connection_in_sync() {
+    let d = Daemon::plain(64 * MIB, &[]);
+    let (mut c, _) = Client::connect_go(&d.sock);
+    let len = (32 << 20) + 4096;
+    c.request(0, CMD_READ, 1, 0, len, &[]).unwrap();
+    let (err, cookie) = c.simple_reply().expect("reply to a 32 MiB + 4 KiB READ");
+    assert_eq!(cookie, 1);
+    if err == 0 {
+        // Served anyway: then all of it must come.
+        assert_eq!(c.read_n(len as usize).unwrap(), vec![0; len as usize]);
+    } else {
+        assert!(err == EINVAL || err == 75 /* EOVERFLOW */, "error {err}");
+    }
+    assert_eq!(c.write(2, 0, &[4; 4096], 0), 0);
+    assert_eq!(c.read(3, 0, 4096).unwrap(), vec![4; 4096]);
+}
+
+/// Pipeline `n` writes of `len` bytes on one connection from a writer thread while the caller
+/// reads the replies; panics unless all succeed within the socket timeouts.
+fn pipeline_writes(sock: &std::path::Path, base: u64, n: u64, len: usize, fill: u8) {
+    let (c, _) = Client::connect_go(sock);
+    let mut w = Client { s: c.s.try_clone().unwrap(), server_flags: 0 };
+    let writer = std::thread::spawn(move || {
+        for i in 0..n {
+            w.request(0, CMD_WRITE, i, base + i * len as u64, len as u32, &vec![fill; len]).unwrap();
+        }
+    });
+    let mut r = c;
+    let mut seen = HashSet::new();
+    for _ in 0..n {
+        let (err, cookie) = r.simple_reply().expect("write reply (server stalled under a byte budget?)");
+        assert_eq!(err, 0);
+        assert!(seen.insert(cookie));
+    }
+    writer.join().unwrap();
+}
+
+#[test]
+fn writes_beyond_the_connection_byte_budget_are_delayed_not_deadlocked() {
+    let d = Daemon::plain(64 * MIB, &["--max-conn-bytes", "1M", "--max-server-bytes", "2M"]);
+    // A single request larger than the whole budget must still be served.
+    let (mut c, _) = Client::connect_go(&d.sock);
+    let big = random_bytes(12, 8 << 20);
+    assert_eq!(c.write(1, 0, &big, 0), 0, "8 MiB write with a 1 MiB connection budget");
+    assert!(c.read(2, 0, 8 << 20).unwrap() == big, "8 MiB read with a 1 MiB budget");
+    // Many pipelined writes on several connections at once.
+    let sock = d.sock.clone();
+    let threads: Vec<_> = (0..3u64)
+        .map(|t| {
+            let sock = sock.clone();
+            std::thread::spawn(move || pipeline_writes(&sock, 16 * MIB + t * 16 * MIB, 64, 256 * 1024, 0x30 + t as u8))
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("pipelined writer");
+    }
+    for t in 0..3u64 {
+        let off = 16 * MIB + t * 16 * MIB;
+        assert_eq!(read_at(&d.image, off, 4096), vec![0x30 + t as u8; 4096]);
+        assert_eq!(read_at(&d.image, off + 16 * MIB - 4096, 4096), vec![0x30 + t as u8; 4096]);
+    }
+}
