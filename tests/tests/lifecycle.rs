@@ -245,3 +245,77 @@ fn tcp_on_localhost_serves_the_export_only_with_insecure_tcp() {
     let out = run(&mut cmd, Duration::from_secs(20));
     assert!(!out.ok(), "plaintext TCP without --insecure-tcp must be refused\n{}", out.details());
 }
+
+/// A loop device over a file, detached on drop.
+struct Loop {
+    dev: String,
+}
+
+impl Loop {
+    fn attach(file: &std::path::Path) -> Loop {
+        let out = run(
+            std::process::Command::new("losetup").arg("--find").arg("--show").arg(file),
+            Duration::from_secs(20),
+        )
+        .success();
+        Loop { dev: out.stdout.trim().to_owned() }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+#[test]
+fn a_block_device_is_served_with_its_device_size() {
+    let dir = tempdir();
+    let file = dir.path().join("backing.img");
+    let data = random_bytes(21, 16 * MIB as usize);
+    std::fs::write(&file, &data).unwrap();
+    let lo = Loop::attach(&file);
+    let d = Daemon::start(&["--plain", &lo.dev, "--unix", "{dir}/s.sock"]);
+    let (mut c, e) = Client::connect_go(&d.sock);
+    assert_eq!(e.size, 16 * MIB, "size of a block device export (BLKGETSIZE64, not st_size)");
+    assert!(c.read(1, 0, 1 << 20).unwrap() == data[..1 << 20], "device content");
+    assert!(c.read(2, 15 * MIB, 1 << 20).unwrap() == data[15 << 20..], "device tail");
+    assert_eq!(c.write(3, 4096, &[0x66; 8192], CMD_FLAG_FUA), 0);
+    c.request(0, CMD_FLUSH, 4, 0, 0, &[]).unwrap();
+    assert_eq!(c.simple_reply().unwrap(), (0, 4));
+    c.request(0, CMD_WRITE_ZEROES, 5, MIB, 65536, &[]).unwrap();
+    assert_eq!(c.simple_reply().unwrap(), (0, 5), "WRITE_ZEROES on a block device");
+    assert_eq!(c.read(6, MIB, 65536).unwrap(), vec![0; 65536]);
+    assert_eq!(c.write(7, 16 * MIB - 4096, &[1; 8192], 0), ENOSPC, "write past the device end");
+    drop(c);
+    let mut d = d;
+    assert_eq!(d.terminate(Duration::from_secs(15)).code(), Some(0));
+    drop(lo);
+    assert_eq!(read_at(&file, 4096, 8192), vec![0x66; 8192], "FUA write reached the device");
+    assert_eq!(read_at(&file, MIB, 65536), vec![0; 65536]);
+}
+
+#[test]
+fn an_export_whose_size_is_not_a_multiple_of_512_serves_its_last_bytes() {
+    let size = MIB as usize + 3;
+    let data = random_bytes(22, size);
+    for extra in [&[][..], &["--direct"][..]] {
+        let d = Daemon::plain_with(&data, extra);
+        let (mut c, e) = Client::connect_go(&d.sock);
+        assert_eq!(e.size, size as u64, "{extra:?}");
+        assert_eq!(c.read(1, size as u64 - 3, 3).unwrap(), data[size - 3..].to_vec(), "{extra:?}");
+        assert_eq!(c.read(2, size as u64 - 4096, 4096).unwrap(), data[size - 4096..].to_vec(), "{extra:?}");
+        assert_eq!(c.read(3, size as u64 - 2, 4), Err(EINVAL), "{extra:?}");
+        assert_eq!(c.write(4, size as u64 - 5, b"ABCDE", 0), 0, "{extra:?}");
+        assert_eq!(c.write(5, size as u64 - 1, b"XY", 0), ENOSPC, "{extra:?}");
+        assert_eq!(c.read(6, size as u64 - 5, 5).unwrap(), b"ABCDE".to_vec(), "{extra:?}");
+        drop(c);
+        let out = run(tool("nbdcopy").arg(d.uri()).arg(d.dir().join("copy.bin")), TOOL_TIMEOUT).success();
+        drop(out);
+        let copy = std::fs::read(d.dir().join("copy.bin")).unwrap();
+        assert_eq!(copy.len(), size, "{extra:?}");
+        assert_eq!(&copy[size - 5..], b"ABCDE", "{extra:?}");
+        assert!(copy[..size - 5] == data[..size - 5], "{extra:?}");
+        assert_eq!(std::fs::metadata(&d.image).unwrap().len(), size as u64, "{extra:?}: file size changed");
+    }
+}

@@ -328,10 +328,7 @@ fn fua_and_flush_writes_are_visible_on_a_second_connection() {
     "#));
 }
 
-#[test]
-fn unaligned_writes_and_reads_round_trip_through_libnbd() {
-    let d = Daemon::plain(4 * MIB, &[]);
-    ok(nbdsh_d(&d, r#"
+const RANDOM_ROUND_TRIP: &str = r#"
         import random
         rnd = random.Random(5)
         h.connect_uri(URI)
@@ -351,5 +348,29 @@ fn unaligned_writes_and_reads_round_trip_through_libnbd() {
         h.flush()
         with open(IMAGE, "rb") as f:
             assert f.read() == bytes(shadow), "backing file differs from the shadow copy"
+    "#;
+
+#[test]
+fn unaligned_writes_and_reads_round_trip_through_libnbd() {
+    let d = Daemon::plain(4 * MIB, &[]);
+    ok(nbdsh_d(&d, RANDOM_ROUND_TRIP));
+}
+
+#[test]
+fn unaligned_writes_and_reads_round_trip_with_direct_io() {
+    // --direct uses O_DIRECT for page-aligned requests and the page cache for the rest; both
+    // paths hit the same pages here.
+    let d = Daemon::plain(4 * MIB, &["--direct"]);
+    ok(nbdsh_d(&d, RANDOM_ROUND_TRIP));
+    ok(nbdsh_d(&d, r#"
+        h.connect_uri(URI)
+        for i in range(64):
+            a = os.urandom(4096)
+            h.pwrite(a, i * 8192)                  # aligned: O_DIRECT
+            b = os.urandom(100)
+            h.pwrite(b, i * 8192 + 1000)           # unaligned, same page
+            want = a[:1000] + b + a[1100:]
+            assert h.pread(4096, i * 8192) == want, "page %d mixes direct and buffered data wrongly" % i
+        h.flush()
     "#));
 }
