@@ -48,4 +48,4 @@ cargo build --workspace --bins
 # Two cores: run test binaries' tests two at a time (default would be the same, but make it
 # explicit so a bigger machine does not start dozens of daemons and fio jobs at once).
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"
-exec cargo test --workspace "$@"
+exec cargo test --workspace --no-fail-fast "$@"

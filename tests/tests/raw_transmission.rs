@@ -413,14 +413,17 @@ fn a_read_longer_than_32_mib_keeps_the_connection_in_sync() {
     assert_eq!(c.read(3, 0, 4096).unwrap(), vec![4; 4096]);
 }
 
-/// Pipeline `n` writes of `len` bytes on one connection from a writer thread while the caller
-/// reads the replies; panics unless all succeed within the socket timeouts.
-fn pipeline_writes(sock: &std::path::Path, base: u64, n: u64, len: usize, fill: u8) {
+/// Pipeline `n` writes of `len` bytes (wrapping around a `region` at `base`) on one connection
+/// from a writer thread while this thread reads the replies; panics unless all succeed within
+/// the socket timeouts.
+fn pipeline_writes(sock: &std::path::Path, base: u64, region: u64, n: u64, len: usize, fill: u8) {
     let (c, _) = Client::connect_go(sock);
     let mut w = Client { s: c.s.try_clone().unwrap(), server_flags: 0 };
     let writer = std::thread::spawn(move || {
+        let buf = vec![fill; len];
         for i in 0..n {
-            w.request(0, CMD_WRITE, i, base + i * len as u64, len as u32, &vec![fill; len]).unwrap();
+            let off = base + (i * len as u64) % region;
+            w.request(0, CMD_WRITE, i, off, len as u32, &buf).unwrap();
         }
     });
     let mut r = c;
@@ -433,28 +436,80 @@ fn pipeline_writes(sock: &std::path::Path, base: u64, n: u64, len: usize, fill: 
     writer.join().unwrap();
 }
 
+/// The smallest budget the daemon accepts: one 32 MiB request plus its header.
+const MIN_BUDGET: &str = "33558528";
+
 #[test]
-fn writes_beyond_the_connection_byte_budget_are_delayed_not_deadlocked() {
-    let d = Daemon::plain(64 * MIB, &["--max-conn-bytes", "1M", "--max-server-bytes", "2M"]);
-    // A single request larger than the whole budget must still be served.
+fn byte_budgets_smaller_than_one_maximal_request_are_refused_at_startup() {
+    let dir = tempdir();
+    std::fs::File::create(dir.path().join("disk.img")).unwrap().set_len(MIB).unwrap();
+    for flag in ["--max-conn-bytes", "--max-server-bytes"] {
+        let mut cmd = std::process::Command::new(daemon_binary());
+        cmd.arg("--plain").arg(dir.path().join("disk.img"));
+        cmd.arg("--unix").arg(dir.path().join("s.sock")).args([flag, "1M"]);
+        let out = run(&mut cmd, Duration::from_secs(20));
+        assert!(!out.ok(), "{flag} 1M accepted, a 32 MiB request could never be served\n{}", out.details());
+    }
+}
+
+#[test]
+fn writes_beyond_the_byte_budgets_are_delayed_not_deadlocked() {
+    let d = Daemon::plain(64 * MIB, &["--max-conn-bytes", MIN_BUDGET, "--max-server-bytes", MIN_BUDGET]);
+    // Maximal requests, back to back, on one connection.
     let (mut c, _) = Client::connect_go(&d.sock);
-    let big = random_bytes(12, 8 << 20);
-    assert_eq!(c.write(1, 0, &big, 0), 0, "8 MiB write with a 1 MiB connection budget");
-    assert!(c.read(2, 0, 8 << 20).unwrap() == big, "8 MiB read with a 1 MiB budget");
-    // Many pipelined writes on several connections at once.
+    let big = random_bytes(12, 32 << 20);
+    assert_eq!(c.write(1, 0, &big, 0), 0, "32 MiB write at the budget limit");
+    assert!(c.read(2, 0, 32 << 20).unwrap() == big, "32 MiB read at the budget limit");
+    drop(c);
+    // Three connections each pipelining 64 MiB of 4 MiB writes share a 32 MiB server budget.
     let sock = d.sock.clone();
     let threads: Vec<_> = (0..3u64)
         .map(|t| {
             let sock = sock.clone();
-            std::thread::spawn(move || pipeline_writes(&sock, 16 * MIB + t * 16 * MIB, 64, 256 * 1024, 0x30 + t as u8))
+            std::thread::spawn(move || pipeline_writes(&sock, t * 16 * MIB, 16 * MIB, 16, 4 << 20, 0x30 + t as u8))
         })
         .collect();
     for t in threads {
         t.join().expect("pipelined writer");
     }
     for t in 0..3u64 {
-        let off = 16 * MIB + t * 16 * MIB;
+        let off = t * 16 * MIB;
         assert_eq!(read_at(&d.image, off, 4096), vec![0x30 + t as u8; 4096]);
         assert_eq!(read_at(&d.image, off + 16 * MIB - 4096, 4096), vec![0x30 + t as u8; 4096]);
     }
+}
+
+#[test]
+fn the_handshake_timeout_does_not_apply_after_go() {
+    let d = Daemon::plain(SIZE, &["--handshake-timeout", "1"]);
+    let (mut c, _) = Client::connect_go(&d.sock);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(c.write(1, 0, &[8; 4096], 0), 0, "idle transmission-phase client was dropped");
+    assert_eq!(c.read(2, 0, 4096).unwrap(), vec![8; 4096]);
+}
+
+#[test]
+fn reads_past_the_end_of_a_backing_file_truncated_underneath_never_return_stale_memory() {
+    // Someone truncates the backing file while it is served: reads of the vanished range must
+    // be zeroes or an error (EIO), never leftover buffer contents.
+    let d = daemon();
+    let (mut c, _) = Client::connect_go(&d.sock);
+    for i in 0..16u64 {
+        assert_eq!(c.write(i, i * 65536 + 4 * MIB, &[0xc3; 65536], 0), 0);
+        c.read(100 + i, i * 65536 + 4 * MIB, 65536).unwrap();
+    }
+    std::fs::OpenOptions::new().write(true).open(&d.image).unwrap().set_len(4 * MIB).unwrap();
+    for (i, (off, len)) in [(6 * MIB, 65536u32), (4 * MIB - 4096, 65536), (5 * MIB, 1 << 20)].into_iter().enumerate() {
+        match c.read(200 + i as u64, off, len) {
+            Ok(buf) => {
+                let tail = (4 * MIB).saturating_sub(off) as usize;
+                assert!(
+                    buf[tail.min(buf.len())..].iter().all(|&b| b == 0),
+                    "read at {off} past the truncated end returned non-zero bytes"
+                );
+            }
+            Err(e) => assert_eq!(e, EIO, "read at {off}: error {e}"),
+        }
+    }
+    assert_eq!(c.read(300, 0, 4096).unwrap(), vec![0; 4096]);
 }
