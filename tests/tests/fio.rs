@@ -11,7 +11,10 @@ fn fio(uri: &str, args: &[&str]) -> (Out, Value) {
     let out_dir = tempdir();
     let json = out_dir.path().join("fio.json");
     let mut c = tool("fio");
+    // fio drops verify state files in its working directory: keep them in the temp dir.
+    c.current_dir(out_dir.path());
     c.arg("--ioengine=nbd")
+        .arg("--verify_state_save=0")
         .arg(format!("--uri={uri}"))
         .arg("--output-format=json")
         .arg(format!("--output={}", json.display()))
