@@ -97,6 +97,10 @@ pub struct Args {
     #[arg(long, value_name = "BYTES", default_value = "1G", value_parser = parse_size)]
     pub max_server_bytes: u64,
 
+    /// Worker threads per connection: how many of its requests run at once.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub threads: usize,
+
     /// Log level (error, warn, info, debug, trace) or a tracing filter; NBDCRYPT_LOG overrides.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
@@ -129,7 +133,6 @@ impl Config {
         if a.max_server_bytes < a.max_conn_bytes {
             return Err("--max-server-bytes must be at least --max-conn-bytes".into());
         }
-        let clamp = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
         Ok(Config {
             backing: a.plain,
             file: FileOptions {
@@ -146,8 +149,9 @@ impl Config {
                 tcp: a.tcp,
                 handshake_timeout: Duration::from_secs(a.handshake_timeout.max(1)),
                 max_connections: a.max_connections.max(1),
-                max_connection_bytes: clamp(a.max_conn_bytes),
-                max_server_bytes: clamp(a.max_server_bytes),
+                max_connection_bytes: a.max_conn_bytes,
+                max_server_bytes: a.max_server_bytes,
+                threads: a.threads.clamp(1, 256),
             },
         })
     }

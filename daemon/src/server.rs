@@ -2,7 +2,7 @@
 //! deadline, then the transmission session. A failing connection is logged and dropped; it never
 //! takes the server down.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -12,12 +12,13 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
+use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::export::ExportTable;
 use crate::nbd::handshake::negotiate;
-use crate::nbd::session::{self, Budget, End};
+use crate::nbd::session::{self, Budget, ByteBudget, End, Stopper};
 use crate::nbd::ProtocolError;
 use crate::shutdown::Shutdown;
 
@@ -29,8 +30,10 @@ pub struct ServerConfig {
     pub tcp: Option<SocketAddr>,
     pub handshake_timeout: Duration,
     pub max_connections: usize,
-    pub max_connection_bytes: u32,
-    pub max_server_bytes: u32,
+    pub max_connection_bytes: u64,
+    pub max_server_bytes: u64,
+    /// Worker threads per connection (requests in flight per connection).
+    pub threads: usize,
 }
 
 /// Bound listeners, ready to serve; binding happens before the daemon reports itself ready.
@@ -73,8 +76,9 @@ pub async fn run(
     let ctx = Ctx {
         exports,
         budget: Budget {
-            server: Arc::new(Semaphore::new(cfg.max_server_bytes as usize)),
+            server: Arc::new(ByteBudget::new(cfg.max_server_bytes)),
             per_connection: cfg.max_connection_bytes,
+            threads: cfg.threads,
         },
         handshake_timeout: cfg.handshake_timeout,
     };
@@ -130,10 +134,7 @@ pub async fn run(
     Ok(())
 }
 
-async fn connection<S>(mut stream: S, peer: String, ctx: Ctx, shutdown: Shutdown)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+async fn connection<S: Socket>(mut stream: S, peer: String, ctx: Ctx, mut shutdown: Shutdown) {
     debug!(%peer, "connected");
     let negotiated = tokio::time::timeout(
         ctx.handshake_timeout,
@@ -164,15 +165,62 @@ where
         }
         Ok(Ok(neg)) => neg,
     };
+    let (reader, writer, stopper) = match stream.into_blocking() {
+        Ok(parts) => parts,
+        Err(e) => {
+            warn!(%peer, error = %e, "cannot hand the socket to the session");
+            return;
+        }
+    };
     info!(%peer, export = %neg.export.name, structured = neg.structured_replies,
           encrypted = neg.export.encrypted, "client attached");
     let _attached = ctx.exports.attach();
-    let withdrawn = ctx.exports.watch_withdrawal();
-    let (r, w) = tokio::io::split(stream);
-    match session::serve(r, w, neg, ctx.budget, shutdown, withdrawn).await {
-        Ok(End::Disconnected) => info!(%peer, "client disconnected"),
-        Ok(End::Stopped) => info!(%peer, "session stopped by the server"),
-        Err(e) => warn!(%peer, error = %e, "connection closed on protocol error"),
+    let mut withdrawn = ctx.exports.watch_withdrawal();
+    withdrawn.borrow_and_update();
+    let budget = ctx.budget.clone();
+    let session_stopper = stopper.clone();
+    let mut session =
+        tokio::task::spawn_blocking(move || session::serve(neg, reader, writer, budget, session_stopper));
+    let result = tokio::select! {
+        r = &mut session => r,
+        _ = shutdown.triggered() => { stopper.stop(); session.await }
+        _ = withdrawn.changed() => { stopper.stop(); session.await }
+    };
+    match result {
+        Ok(Ok(End::Disconnected)) => info!(%peer, "client disconnected"),
+        Ok(Ok(End::Stopped)) => info!(%peer, "session stopped by the server"),
+        Ok(Err(e)) => warn!(%peer, error = %e, "connection closed on protocol error"),
+        Err(e) => warn!(%peer, error = %e, "session ended abnormally"),
+    }
+}
+
+/// A stream the handshake runs on asynchronously and the session then serves with blocking I/O.
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Reader, writer, and a stopper that shuts the read side.
+    fn into_blocking(self) -> io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>, Stopper)>;
+}
+
+impl Socket for UnixStream {
+    fn into_blocking(self) -> io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>, Stopper)> {
+        let s = self.into_std()?;
+        s.set_nonblocking(false)?;
+        let (r, c) = (s.try_clone()?, s.try_clone()?);
+        let stop = Stopper::new(move || {
+            let _ = c.shutdown(std::net::Shutdown::Read);
+        });
+        Ok((Box::new(r), Box::new(s), stop))
+    }
+}
+
+impl Socket for TcpStream {
+    fn into_blocking(self) -> io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>, Stopper)> {
+        let s = self.into_std()?;
+        s.set_nonblocking(false)?;
+        let (r, c) = (s.try_clone()?, s.try_clone()?);
+        let stop = Stopper::new(move || {
+            let _ = c.shutdown(std::net::Shutdown::Read);
+        });
+        Ok((Box::new(r), Box::new(s), stop))
     }
 }
 
@@ -193,7 +241,7 @@ async fn accept_unix(l: Option<&UnixListener>) -> io::Result<UnixStream> {
     }
 }
 
-async fn accept_tcp(l: Option<&TcpListener>) -> io::Result<(tokio::net::TcpStream, SocketAddr)> {
+async fn accept_tcp(l: Option<&TcpListener>) -> io::Result<(TcpStream, SocketAddr)> {
     match l {
         Some(l) => l.accept().await,
         None => std::future::pending().await,

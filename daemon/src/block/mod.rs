@@ -10,6 +10,7 @@
 //! - Methods are blocking; callers run them off the async reactor.
 //! - There are no default methods for the data path: a layer states what it does.
 
+pub mod crypt;
 pub mod file;
 pub mod latch;
 

@@ -1,30 +1,33 @@
-//! The transmission phase: read a request, validate it once, run it on the block device off the
-//! reactor, and send exactly one reply, in whatever order requests complete.
+//! The transmission phase: read a request, validate it once, run it on the block device, and
+//! send exactly one reply, in whatever order requests complete.
 //!
-//! Three parts per connection:
-//! - the reader (this task) frames requests, validates them and takes byte-budget permits before
-//!   reading a payload, so a client that floods us is slowed by back-pressure, not buffered;
-//! - each accepted request runs as a blocking job and hands its encoded reply to the writer;
-//! - the writer task is the only one touching the socket's write half, so replies never
-//!   interleave, and it batches small replies into one write.
+//! Threads, as nbdkit's "parallel" model: each connection has a small pool of worker threads.
+//! A worker takes the read lock, frames one request (header, then payload), validates it and
+//! takes byte-budget permits, releases the read lock, runs the request on the device and writes
+//! the whole reply under the write lock. So the thread that reads a request also serves it: no
+//! hand-offs on the hot path, replies never interleave, requests complete out of order, and at
+//! most `threads` requests per connection are in flight. When the budgets are spent, the worker
+//! holding the read lock waits and the connection stops reading: back-pressure, not buffering.
+//!
+//! The handshake runs on the async reactor; the socket is handed here afterwards. A controller
+//! stops a session by setting `stop` and shutting the socket's read side (`Stopper`).
 
-use std::sync::Arc;
+use std::io::{self, BufReader, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
 use super::codec::{self, Command, RequestHeader};
 use super::errno::{self, NbdErrno};
-use super::handshake::{drain, Negotiated};
+use super::handshake::Negotiated;
 use super::wire::*;
 use super::ProtocolError;
 use crate::block::{Error as BlockError, ZeroFlags};
 use crate::export::{Export, IoStats};
-use crate::shutdown::Shutdown;
 
 /// Fixed cost charged per request on top of its payload, so many tiny requests are bounded too.
-const REQUEST_OVERHEAD: u32 = 4096;
+const REQUEST_OVERHEAD: u64 = 4096;
 /// Most descriptors in one BLOCK_STATUS reply (spec: SHOULD NOT exceed 2^20).
 const MAX_EXTENTS: usize = 1 << 16;
 
@@ -32,9 +35,45 @@ const MAX_EXTENTS: usize = 1 << 16;
 #[derive(Clone)]
 pub struct Budget {
     /// Shared by every connection of the server.
-    pub server: Arc<Semaphore>,
+    pub server: Arc<ByteBudget>,
     /// Bytes one connection may have in flight; at least MAX_PAYLOAD + REQUEST_OVERHEAD.
-    pub per_connection: u32,
+    pub per_connection: u64,
+    /// Worker threads per connection: the most requests one connection has in flight.
+    pub threads: usize,
+}
+
+/// A counting semaphore over bytes, for blocking threads.
+pub struct ByteBudget {
+    free: Mutex<u64>,
+    returned: Condvar,
+}
+
+impl ByteBudget {
+    pub fn new(bytes: u64) -> ByteBudget {
+        ByteBudget { free: Mutex::new(bytes), returned: Condvar::new() }
+    }
+
+    fn take(&self, n: u64) -> Grant<'_> {
+        let mut free = lock(&self.free);
+        while *free < n {
+            free = self.returned.wait(free).unwrap_or_else(|e| e.into_inner());
+        }
+        *free -= n;
+        Grant { budget: self, n }
+    }
+}
+
+/// Bytes taken from a budget, given back on drop.
+struct Grant<'a> {
+    budget: &'a ByteBudget,
+    n: u64,
+}
+
+impl Drop for Grant<'_> {
+    fn drop(&mut self) {
+        *lock(&self.budget.free) += self.n;
+        self.budget.returned.notify_all();
+    }
 }
 
 /// Why the session ended without a protocol error.
@@ -46,160 +85,285 @@ pub enum End {
     Stopped,
 }
 
-/// A reply on its way to the writer, with the budget it holds until it is on the socket.
-struct Reply {
-    bytes: Vec<u8>,
-    _permits: [OwnedSemaphorePermit; 2],
+/// Lets another thread end a session: in-flight requests finish, then the session returns.
+#[derive(Clone)]
+pub struct Stopper {
+    flag: Arc<AtomicBool>,
+    socket: Arc<dyn Fn() + Send + Sync>,
 }
 
-/// One validated request, ready to run.
+impl Stopper {
+    /// `shut_read` must make a blocked read on the session's socket return (shutdown(SHUT_RD)).
+    pub fn new(shut_read: impl Fn() + Send + Sync + 'static) -> Stopper {
+        Stopper { flag: Arc::new(AtomicBool::new(false)), socket: Arc::new(shut_read) }
+    }
+
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::Release);
+        (self.socket)();
+    }
+
+    fn stopped(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+}
+
+/// One validated request, ready to run; a WRITE's payload is in the worker's input buffer.
 struct Job {
     header: RequestHeader,
-    payload: Vec<u8>,
     structured: bool,
 }
 
-pub async fn serve<R, W>(
-    reader: R,
-    writer: W,
+/// Buffers kept in the worker bound to one request at a time, instead of malloc per request
+/// (fresh large allocations are fresh pages: page faults cost more than the I/O at 1 MiB).
+#[derive(Default)]
+struct Buffers {
+    input: Scratch,
+    output: Scratch,
+}
+
+#[derive(Default)]
+struct Scratch(Vec<u8>);
+
+/// Buffers above this size are released after use, so idle connections don't pin 32 MiB each.
+const KEEP_BUFFER: usize = 4 << 20;
+
+impl Scratch {
+    /// `n` bytes of the buffer; zero-filled only where it grows, and always fully overwritten
+    /// by its user (the device fills reads completely or fails).
+    fn get(&mut self, n: usize) -> &mut [u8] {
+        if self.0.len() < n {
+            self.0.resize(n, 0);
+        }
+        &mut self.0[..n]
+    }
+
+    fn trim(&mut self) {
+        if self.0.len() > KEEP_BUFFER {
+            self.0 = Vec::new();
+        }
+    }
+}
+
+/// A reply: either small and owned, or the first `n` bytes of the worker's output buffer.
+enum Out {
+    Owned(Vec<u8>),
+    Output(usize),
+}
+
+/// What the reader produced under the read lock.
+enum Next {
+    Run(Job),
+    /// Rejected during validation: the error reply to send.
+    Reply(Vec<u8>),
+}
+
+struct ReadSide {
+    reader: BufReader<Box<dyn Read + Send>>,
+    /// Set once the session has decided to end; later workers exit without reading.
+    done: bool,
+}
+
+struct Session<'a> {
+    neg: &'a Negotiated,
+    read: Mutex<ReadSide>,
+    write: Mutex<Box<dyn Write + Send>>,
+    conn_budget: ByteBudget,
+    server_budget: &'a ByteBudget,
+    stopper: &'a Stopper,
+    /// The first way the session ended; later ones are consequences.
+    outcome: Mutex<Option<Result<End, ProtocolError>>>,
+    /// The write side failed: the client is gone.
+    broken: AtomicBool,
+}
+
+/// Serve a negotiated connection until the client disconnects, the stopper fires or the peer
+/// breaks the protocol. Blocks the calling thread; runs `budget.threads` workers.
+pub fn serve(
     neg: Negotiated,
+    reader: Box<dyn Read + Send>,
+    writer: Box<dyn Write + Send>,
     budget: Budget,
-    mut shutdown: Shutdown,
-    mut withdrawn: watch::Receiver<u64>,
-) -> Result<End, ProtocolError>
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let mut reader = BufReader::with_capacity(256 * 1024, reader);
-    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer_task = tokio::spawn(write_replies(BufWriter::with_capacity(64 * 1024, writer), rx));
-    let conn_budget = Arc::new(Semaphore::new(budget.per_connection as usize));
-    withdrawn.borrow_and_update();
-
-    let outcome = loop {
-        let mut raw = [0u8; codec::REQUEST_HEADER_LEN];
-        tokio::select! {
-            biased;
-            _ = shutdown.triggered() => break Ok(End::Stopped),
-            _ = withdrawn.changed() => break Ok(End::Stopped),
-            _ = tx.closed() => break Ok(End::Disconnected),
-            r = read_header(&mut reader, &mut raw) => match r {
-                Ok(true) => {}
-                Ok(false) => break Ok(End::Disconnected),
-                Err(e) => break Err(e),
-            },
-        }
-        let header = match codec::decode_request(&raw) {
-            Ok(h) => h,
-            Err(magic) => break Err(ProtocolError::BadMagic(u64::from(magic))),
-        };
-        debug!(cookie = header.cookie, command = ?header.command, offset = header.offset,
-               length = header.length, flags = header.flags, "request");
-        if header.command == Command::Disc {
-            break Ok(End::Disconnected);
-        }
-        if header.command == Command::Write && header.length > MAX_PAYLOAD {
-            break Err(ProtocolError::PayloadTooLarge(header.length));
-        }
-
-        let cost = request_cost(&header);
-        let permits = match acquire(&budget.server, &conn_budget, cost).await {
-            Some(p) => p,
-            None => break Ok(End::Stopped),
-        };
-
-        let verdict = validate(&header, &neg);
-        let mut payload = Vec::new();
-        if header.command == Command::Write {
-            if verdict.is_ok() {
-                payload.reserve_exact(header.length as usize);
-                let n = (&mut reader).take(u64::from(header.length)).read_to_end(&mut payload).await?;
-                if n != header.length as usize {
-                    break Err(ProtocolError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    stopper: Stopper,
+) -> Result<End, ProtocolError> {
+    let session = Session {
+        neg: &neg,
+        read: Mutex::new(ReadSide { reader: BufReader::with_capacity(256 * 1024, reader), done: false }),
+        write: Mutex::new(writer),
+        conn_budget: ByteBudget::new(budget.per_connection),
+        server_budget: &budget.server,
+        stopper: &stopper,
+        outcome: Mutex::new(None),
+        broken: AtomicBool::new(false),
+    };
+    std::thread::scope(|scope| {
+        for i in 0..budget.threads.max(1) {
+            let session = &session;
+            let spawned = std::thread::Builder::new()
+                .name(format!("nbd-worker-{i}"))
+                .stack_size(512 * 1024)
+                .spawn_scoped(scope, move || session.work());
+            if let Err(e) = spawned {
+                // Fewer workers only means less parallelism; one is enough to make progress.
+                warn!(error = %e, "could not start a worker thread");
+                if i == 0 {
+                    session.finish(Err(ProtocolError::Io(e)));
                 }
-            } else {
-                // The payload is on the wire whatever we think of the request: skip it.
-                drain(&mut reader, u64::from(header.length)).await?;
+                break;
             }
         }
-        if let Err((code, why)) = verdict {
-            debug!(cookie = header.cookie, error = ?code, why, "request rejected");
-            IoStats::add(&neg.export.stats.errors, 1);
-            let bytes = error_reply(header.cookie, code.code(), why, neg.structured_replies);
-            let _ = tx.send(Reply { bytes, _permits: permits });
-            continue;
-        }
-
-        let job = Job { header, payload, structured: neg.structured_replies };
-        let export = neg.export.clone();
-        let tx = tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let bytes = execute(&export, job);
-            // The writer is gone only if the connection died; the reply has nowhere to go.
-            let _ = tx.send(Reply { bytes, _permits: permits });
-        });
-    };
-
-    // Let in-flight requests finish and their replies go out, then close.
-    drop(tx);
-    let written = writer_task.await;
-    if outcome.as_ref().map(|e| *e == End::Stopped).unwrap_or(false) {
-        let dev = neg.export.device.clone();
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || dev.flush()).await {
+    });
+    let outcome = lock(&session.outcome).take().unwrap_or(Ok(End::Disconnected));
+    if matches!(outcome, Ok(End::Stopped)) {
+        if let Err(e) = neg.export.device.flush() {
             warn!(error = %e, "flush at session end failed");
         }
     }
-    match written {
-        Ok(Err(e)) if outcome.is_ok() => Err(ProtocolError::Io(e)),
-        _ => outcome,
+    outcome
+}
+
+impl Session<'_> {
+    fn work(&self) {
+        let mut bufs = Buffers::default();
+        loop {
+            let (next, grants) = {
+                let mut rd = lock(&self.read);
+                if rd.done || self.broken.load(Ordering::Acquire) {
+                    return;
+                }
+                match self.next_request(&mut rd.reader, &mut bufs.input) {
+                    Ok(Some(x)) => x,
+                    Ok(None) => {
+                        rd.done = true;
+                        let end = if self.stopper.stopped() { End::Stopped } else { End::Disconnected };
+                        self.finish(Ok(end));
+                        return;
+                    }
+                    Err(e) => {
+                        rd.done = true;
+                        self.finish(Err(e));
+                        return;
+                    }
+                }
+            };
+            let out = match next {
+                Next::Run(job) => execute(&self.neg.export, job, &mut bufs),
+                Next::Reply(bytes) => Out::Owned(bytes),
+            };
+            match out {
+                Out::Owned(bytes) => self.send(&bytes),
+                Out::Output(n) => self.send(bufs.output.get(n)),
+            }
+            drop(grants);
+            bufs.input.trim();
+            bufs.output.trim();
+        }
+    }
+
+    fn finish(&self, outcome: Result<End, ProtocolError>) {
+        let mut o = lock(&self.outcome);
+        if o.is_none() {
+            *o = Some(outcome);
+        }
+    }
+
+    fn send(&self, bytes: &[u8]) {
+        let mut w = lock(&self.write);
+        if self.broken.load(Ordering::Acquire) {
+            return;
+        }
+        if let Err(e) = w.write_all(bytes).and_then(|()| w.flush()) {
+            self.broken.store(true, Ordering::Release);
+            self.finish(Err(ProtocolError::Io(e)));
+            // Wake the worker blocked in read so the session can end.
+            self.stopper.stop();
+        }
+    }
+
+    /// Frame and validate the next request. `None` when the stream ended cleanly (EOF between
+    /// requests, DISC, or a stop).
+    fn next_request<'b>(
+        &'b self,
+        r: &mut BufReader<Box<dyn Read + Send>>,
+        input: &mut Scratch,
+    ) -> Result<Option<(Next, [Grant<'b>; 2])>, ProtocolError> {
+        if self.stopper.stopped() {
+            return Ok(None);
+        }
+        let mut raw = [0u8; codec::REQUEST_HEADER_LEN];
+        match read_header(r, &mut raw) {
+            Ok(true) => {}
+            Ok(false) => return Ok(None),
+            // A stop shuts the read side; whatever the read saw then is not the peer's fault.
+            Err(_) if self.stopper.stopped() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let header = codec::decode_request(&raw).map_err(|m| ProtocolError::BadMagic(u64::from(m)))?;
+        debug!(cookie = header.cookie, command = ?header.command, offset = header.offset,
+               length = header.length, flags = header.flags, "request");
+        if header.command == Command::Disc {
+            return Ok(None);
+        }
+        if header.command == Command::Write && header.length > MAX_PAYLOAD {
+            return Err(ProtocolError::PayloadTooLarge(header.length));
+        }
+        let cost = request_cost(&header);
+        let grants = [self.conn_budget.take(cost), self.server_budget.take(cost)];
+
+        let verdict = validate(&header, self.neg);
+        if header.command == Command::Write {
+            if verdict.is_ok() {
+                r.read_exact(input.get(header.length as usize))?;
+            } else {
+                // The payload is on the wire whatever we think of the request: skip it.
+                let n = io::copy(&mut r.by_ref().take(u64::from(header.length)), &mut io::sink())?;
+                if n != u64::from(header.length) {
+                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+                }
+            }
+        }
+        match verdict {
+            Ok(()) => {
+                let job = Job { header, structured: self.neg.structured_replies };
+                Ok(Some((Next::Run(job), grants)))
+            }
+            Err((code, why)) => {
+                debug!(cookie = header.cookie, error = ?code, why, "request rejected");
+                IoStats::add(&self.neg.export.stats.errors, 1);
+                let bytes = error_reply(header.cookie, code.code(), why, self.neg.structured_replies);
+                Ok(Some((Next::Reply(bytes), grants)))
+            }
+        }
     }
 }
 
 /// Ok(false) on a clean EOF before the first byte of a header.
-async fn read_header<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    raw: &mut [u8; codec::REQUEST_HEADER_LEN],
-) -> Result<bool, ProtocolError> {
-    let n = reader.read(&mut raw[..]).await?;
-    if n == 0 {
-        return Ok(false);
+fn read_header(r: &mut impl Read, raw: &mut [u8; codec::REQUEST_HEADER_LEN]) -> io::Result<bool> {
+    let mut got = 0;
+    while got < raw.len() {
+        match r.read(&mut raw[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
-    reader.read_exact(&mut raw[n..]).await?;
     Ok(true)
 }
 
-fn request_cost(h: &RequestHeader) -> u32 {
+fn request_cost(h: &RequestHeader) -> u64 {
     let data = match h.command {
         Command::Read | Command::Write => h.length.min(MAX_PAYLOAD),
         _ => 0,
     };
-    data + REQUEST_OVERHEAD
+    u64::from(data) + REQUEST_OVERHEAD
 }
 
-async fn acquire(
-    server: &Arc<Semaphore>,
-    conn: &Arc<Semaphore>,
-    cost: u32,
-) -> Option<[OwnedSemaphorePermit; 2]> {
-    let c = conn.clone().acquire_many_owned(cost).await.ok()?;
-    let s = server.clone().acquire_many_owned(cost).await.ok()?;
-    Some([c, s])
-}
-
-async fn write_replies<W: AsyncWrite + Unpin>(
-    mut w: BufWriter<W>,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
-) -> std::io::Result<()> {
-    while let Some(reply) = rx.recv().await {
-        w.write_all(&reply.bytes).await?;
-        drop(reply);
-        while let Ok(reply) = rx.try_recv() {
-            w.write_all(&reply.bytes).await?;
-        }
-        w.flush().await?;
-    }
-    w.shutdown().await
+/// Locks survive a panicking holder: the data they guard stays consistent at every await-free
+/// step in this module.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 type Rejection = (NbdErrno, &'static str);
@@ -256,18 +420,18 @@ fn validate(h: &RequestHeader, neg: &Negotiated) -> Result<(), Rejection> {
 }
 
 /// Run a validated request on the device and encode its reply.
-fn execute(export: &Export, job: Job) -> Vec<u8> {
+fn execute(export: &Export, job: Job, bufs: &mut Buffers) -> Out {
     let h = job.header;
     let dev = &export.device;
     let stats = &export.stats;
     let fua = h.flags & CMD_FLAG_FUA != 0;
     let len = u64::from(h.length);
     let result = match h.command {
-        Command::Read => return read(export, &h, job.structured),
+        Command::Read => return read(export, &h, job.structured, &mut bufs.output),
         Command::Write => {
             IoStats::add(&stats.writes, 1);
             IoStats::add(&stats.bytes_written, len);
-            dev.write_at(&job.payload, h.offset, fua)
+            dev.write_at(bufs.input.get(h.length as usize), h.offset, fua)
         }
         Command::Flush => {
             IoStats::add(&stats.flushes, 1);
@@ -283,25 +447,26 @@ fn execute(export: &Export, job: Job) -> Vec<u8> {
             dev.write_zeroes(h.offset, len, flags)
         }
         Command::Cache => dev.cache(h.offset, len),
-        Command::BlockStatus => return block_status(export, &h),
+        Command::BlockStatus => return Out::Owned(block_status(export, &h)),
         // Filtered out by validate() and the reader; answered as invalid to stay total.
         Command::Disc | Command::Unknown(_) => {
-            return error_reply(h.cookie, NbdErrno::Inval.code(), "unexpected command", job.structured)
+            let msg = "unexpected command";
+            return Out::Owned(error_reply(h.cookie, NbdErrno::Inval.code(), msg, job.structured));
         }
     };
-    match result {
+    Out::Owned(match result {
         Ok(()) => codec::simple_reply(0, h.cookie).to_vec(),
         Err(e) => block_error_reply(export, &h, &e, job.structured),
-    }
+    })
 }
 
-fn read(export: &Export, h: &RequestHeader, structured: bool) -> Vec<u8> {
+fn read(export: &Export, h: &RequestHeader, structured: bool, output: &mut Scratch) -> Out {
     let prefix = if structured { codec::OFFSET_DATA_PREFIX_LEN } else { codec::SIMPLE_REPLY_LEN };
     if structured && h.length == 0 {
-        return codec::none_chunk(h.cookie).to_vec();
+        return Out::Owned(codec::none_chunk(h.cookie).to_vec());
     }
-    // Zero-filled, so a short backend read can never leak old heap contents.
-    let mut buf = vec![0u8; prefix + h.length as usize];
+    let total = prefix + h.length as usize;
+    let buf = output.get(total);
     match export.device.read_at(&mut buf[prefix..], h.offset) {
         Ok(()) => {
             IoStats::add(&export.stats.reads, 1);
@@ -311,9 +476,9 @@ fn read(export: &Export, h: &RequestHeader, structured: bool) -> Vec<u8> {
             } else {
                 buf[..prefix].copy_from_slice(&codec::simple_reply(0, h.cookie));
             }
-            buf
+            Out::Output(total)
         }
-        Err(e) => block_error_reply(export, h, &e, structured),
+        Err(e) => Out::Owned(block_error_reply(export, h, &e, structured)),
     }
 }
 

@@ -1,0 +1,442 @@
+//! The fused AES-XTS pass for x86-64 CPUs with AVX-512F/BW, VAES and VPCLMULQDQ.
+//!
+//! One pass over the data, 32 blocks (eight 512-bit registers, four blocks each) per step:
+//! - A sector's start tweak T0 = AES_K2(IV) is computed 16 sectors at a time (four registers).
+//! - Register `r` of a step holds the tweaks T0·x^(4r..4r+3); after the step every register is
+//!   multiplied by x^32 at once: a 32-bit shift in each 128-bit lane plus one carry-less
+//!   multiply of the bits that fell off by 0x87 (x^128 = x^7 + x^2 + x + 1).
+//! - `data ^ tweak ^ round_key_0` is one ternary-logic instruction; the closing tweak XOR is
+//!   folded into the last round key (`aesenclast(x, k ^ T) = aesenclast(x, k) ^ T`).
+//! - The source is prefetched 2 KiB ahead.
+//!
+//! Only `crypto::xts` uses this module; it owns length checks and the portable fallback. The
+//! `unsafe` here is for CPU intrinsics (calling `#[target_feature]` code, raw loads and stores),
+//! not for OS calls; each block names its invariant.
+#![allow(unsafe_code)]
+
+use core::arch::x86_64::*;
+
+use zeroize::Zeroize;
+
+use super::XtsError;
+
+/// Blocks per step: 8 registers × 4 lanes.
+const STEP_BYTES: usize = 512;
+
+/// Expanded key schedules. Only constructed after the CPU features were detected, which is
+/// the invariant every `unsafe` call into `#[target_feature]` code below relies on.
+pub(super) struct VaesXts {
+    /// Data key, encryption schedule (rounds + 1 keys used).
+    enc: [[u8; 16]; 15],
+    /// Data key, equivalent-inverse-cipher schedule for `aesdec`.
+    dec: [[u8; 16]; 15],
+    /// Tweak key, encryption schedule.
+    tweak: [[u8; 16]; 15],
+    /// 10 (AES-128) or 14 (AES-256).
+    rounds: usize,
+}
+
+impl Drop for VaesXts {
+    #[inline(never)]
+    fn drop(&mut self) {
+        self.enc.zeroize();
+        self.dec.zeroize();
+        self.tweak.zeroize();
+    }
+}
+
+/// Whether this CPU can run the fused pass.
+pub(super) fn cpu_supported() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("vaes")
+        && is_x86_feature_detected!("vpclmulqdq")
+        && is_x86_feature_detected!("aes")
+        && is_x86_feature_detected!("pclmulqdq")
+}
+
+impl VaesXts {
+    /// Expands both keys, or returns `None` if the CPU lacks the features or a key half is not
+    /// 16 or 32 bytes.
+    pub(super) fn new(key1: &[u8], key2: &[u8]) -> Option<VaesXts> {
+        if !cpu_supported() || key1.len() != key2.len() {
+            return None;
+        }
+        let rounds = match key1.len() {
+            16 => 10,
+            32 => 14,
+            _ => return None,
+        };
+        let mut keys = VaesXts {
+            enc: [[0; 16]; 15],
+            dec: [[0; 16]; 15],
+            tweak: [[0; 16]; 15],
+            rounds,
+        };
+        // SAFETY: `cpu_supported()` returned true above, so the `aes` and `sse2` features these
+        // functions are compiled for are present. Lengths were checked to match `rounds`.
+        unsafe {
+            expand_key(key1, &mut keys.enc);
+            expand_key(key2, &mut keys.tweak);
+            inverse_schedule(&keys.enc, &mut keys.dec, rounds);
+        }
+        Some(keys)
+    }
+
+    /// XTS over whole sectors. `src == None` means in place in `dst`. Rechecks the lengths it
+    /// relies on (the caller already did, so these errors never reach users).
+    pub(super) fn crypt(
+        &self,
+        encrypt: bool,
+        src: Option<&[u8]>,
+        dst: &mut [u8],
+        sector_size: usize,
+        first_iv: u64,
+        ivs_per_sector: u64,
+    ) -> Result<(), XtsError> {
+        if sector_size == 0 || !sector_size.is_multiple_of(STEP_BYTES) {
+            return Err(XtsError::SectorSize(sector_size));
+        }
+        if !dst.len().is_multiple_of(sector_size) {
+            return Err(XtsError::PartialSector {
+                len: dst.len(),
+                sector_size,
+            });
+        }
+        let src_ptr = match src {
+            Some(s) if s.len() != dst.len() => {
+                return Err(XtsError::LengthMismatch {
+                    src: s.len(),
+                    dst: dst.len(),
+                })
+            }
+            Some(s) => s.as_ptr(),
+            None => dst.as_ptr(),
+        };
+        let (len, dst_ptr) = (dst.len(), dst.as_mut_ptr());
+        let k = self;
+        // SAFETY: (1) `self` exists only if `cpu_supported()` was true, so every feature the
+        // callee is compiled for is present. (2) `src_ptr` and `dst_ptr` are valid for `len`
+        // bytes: both come from live slices of length `len` (checked equal above); they are
+        // either identical (in place) or non-overlapping (`&[u8]` and `&mut [u8]` cannot alias),
+        // and the callee reads each 512-byte step before writing it. (3) `len` is a multiple of
+        // `sector_size`, itself a non-zero multiple of 512, as checked above.
+        unsafe {
+            match (encrypt, self.rounds) {
+                (true, 10) => xts::<true, 10>(
+                    k,
+                    src_ptr,
+                    dst_ptr,
+                    len,
+                    sector_size,
+                    first_iv,
+                    ivs_per_sector,
+                ),
+                (true, _) => xts::<true, 14>(
+                    k,
+                    src_ptr,
+                    dst_ptr,
+                    len,
+                    sector_size,
+                    first_iv,
+                    ivs_per_sector,
+                ),
+                (false, 10) => xts::<false, 10>(
+                    k,
+                    src_ptr,
+                    dst_ptr,
+                    len,
+                    sector_size,
+                    first_iv,
+                    ivs_per_sector,
+                ),
+                (false, _) => xts::<false, 14>(
+                    k,
+                    src_ptr,
+                    dst_ptr,
+                    len,
+                    sector_size,
+                    first_iv,
+                    ivs_per_sector,
+                ),
+            }
+        }
+        Ok(())
+    }
+}
+
+macro_rules! expand128_step {
+    ($prev:expr, $rcon:literal) => {{
+        let t = _mm_shuffle_epi32::<0xff>(_mm_aeskeygenassist_si128::<$rcon>($prev));
+        let mut k = $prev;
+        k = _mm_xor_si128(k, _mm_slli_si128::<4>(k));
+        k = _mm_xor_si128(k, _mm_slli_si128::<4>(k));
+        k = _mm_xor_si128(k, _mm_slli_si128::<4>(k));
+        _mm_xor_si128(k, t)
+    }};
+}
+
+/// `prev2` is the round key two back, `t` the shuffled keygenassist word.
+#[target_feature(enable = "aes,sse2")]
+fn expand_mix(prev2: __m128i, t: __m128i) -> __m128i {
+    let mut k = prev2;
+    k = _mm_xor_si128(k, _mm_slli_si128::<4>(k));
+    k = _mm_xor_si128(k, _mm_slli_si128::<4>(k));
+    k = _mm_xor_si128(k, _mm_slli_si128::<4>(k));
+    _mm_xor_si128(k, t)
+}
+
+macro_rules! expand256_pair {
+    ($out:ident, $i:expr, $rcon:literal, $last:expr) => {{
+        let t = _mm_shuffle_epi32::<0xff>(_mm_aeskeygenassist_si128::<$rcon>($out[$i - 1]));
+        $out[$i] = expand_mix($out[$i - 2], t);
+        if !$last {
+            let t = _mm_shuffle_epi32::<0xaa>(_mm_aeskeygenassist_si128::<0x00>($out[$i]));
+            $out[$i + 1] = expand_mix($out[$i - 1], t);
+        }
+    }};
+}
+
+/// FIPS-197 key expansion with AES-NI for a 16- or 32-byte key into `out[..rounds + 1]`.
+///
+/// # Safety
+/// The CPU must support `aes` and `sse2`. `key.len()` must be 16 or 32 (else nothing is done).
+#[target_feature(enable = "aes,sse2")]
+unsafe fn expand_key(key: &[u8], out: &mut [[u8; 16]; 15]) {
+    let mut rk = [_mm_setzero_si128(); 15];
+    match key.len() {
+        16 => {
+            // SAFETY: `key` has 16 bytes; unaligned load.
+            rk[0] = unsafe { _mm_loadu_si128(key.as_ptr().cast()) };
+            rk[1] = expand128_step!(rk[0], 0x01);
+            rk[2] = expand128_step!(rk[1], 0x02);
+            rk[3] = expand128_step!(rk[2], 0x04);
+            rk[4] = expand128_step!(rk[3], 0x08);
+            rk[5] = expand128_step!(rk[4], 0x10);
+            rk[6] = expand128_step!(rk[5], 0x20);
+            rk[7] = expand128_step!(rk[6], 0x40);
+            rk[8] = expand128_step!(rk[7], 0x80);
+            rk[9] = expand128_step!(rk[8], 0x1b);
+            rk[10] = expand128_step!(rk[9], 0x36);
+        }
+        32 => {
+            // SAFETY: `key` has 32 bytes; two unaligned 16-byte loads inside it.
+            unsafe {
+                rk[0] = _mm_loadu_si128(key.as_ptr().cast());
+                rk[1] = _mm_loadu_si128(key.as_ptr().add(16).cast());
+            }
+            expand256_pair!(rk, 2, 0x01, false);
+            expand256_pair!(rk, 4, 0x02, false);
+            expand256_pair!(rk, 6, 0x04, false);
+            expand256_pair!(rk, 8, 0x08, false);
+            expand256_pair!(rk, 10, 0x10, false);
+            expand256_pair!(rk, 12, 0x20, false);
+            expand256_pair!(rk, 14, 0x40, true);
+        }
+        _ => return,
+    }
+    for (o, k) in out.iter_mut().zip(rk.iter()) {
+        // SAFETY: `o` is a 16-byte array; unaligned store.
+        unsafe { _mm_storeu_si128(o.as_mut_ptr().cast(), *k) };
+    }
+    // Round keys are secrets: wipe the stack copy (volatile writes via zeroize on the bytes).
+    wipe_m128(&mut rk);
+}
+
+/// Equivalent inverse cipher schedule: reversed keys, inner ones through InvMixColumns.
+///
+/// # Safety
+/// The CPU must support `aes` and `sse2`; `rounds` must be 10 or 14.
+#[target_feature(enable = "aes,sse2")]
+unsafe fn inverse_schedule(enc: &[[u8; 16]; 15], dec: &mut [[u8; 16]; 15], rounds: usize) {
+    if rounds != 10 && rounds != 14 {
+        return;
+    }
+    for i in 0..=rounds {
+        // SAFETY: every entry is a 16-byte array; unaligned load and store.
+        unsafe {
+            let k = _mm_loadu_si128(enc[rounds - i].as_ptr().cast());
+            let k = if i == 0 || i == rounds {
+                k
+            } else {
+                _mm_aesimc_si128(k)
+            };
+            _mm_storeu_si128(dec[i].as_mut_ptr().cast(), k);
+        }
+    }
+}
+
+fn wipe_m128(regs: &mut [__m128i]) {
+    for r in regs.iter_mut() {
+        // SAFETY: `r` is a valid, aligned `__m128i`; a volatile write of zero to it.
+        unsafe { core::ptr::write_volatile(r, _mm_setzero_si128()) };
+    }
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+}
+
+/// Broadcasts a 16-byte round key to all four lanes.
+#[target_feature(enable = "avx512f")]
+fn bcast(k: &[u8; 16]) -> __m512i {
+    // SAFETY: `k` is 16 readable bytes; unaligned load.
+    _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(k.as_ptr().cast()) })
+}
+
+/// Multiplies each 128-bit lane by x^K in GF(2^128) (0 < K < 57, `KC = 64 - K`).
+#[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
+fn mul_xk<const K: u32, const KC: u32>(t: __m512i, poly: __m512i) -> __m512i {
+    let shifted = _mm512_slli_epi64::<K>(t);
+    // The top K bits of each quadword, moved to the other quadword of the lane: the low
+    // quadword's carry goes into the high one; the high quadword's overflow past x^127 lands in
+    // the low position, where it is reduced by a carry-less multiply with 0x87.
+    let carries = _mm512_shuffle_epi32::<0x4e>(_mm512_srli_epi64::<KC>(t));
+    let into_high = _mm512_maskz_mov_epi64(0xaa, carries);
+    let reduced = _mm512_clmulepi64_epi128::<0x00>(carries, poly);
+    _mm512_ternarylogic_epi64::<0x96>(shifted, into_high, reduced)
+}
+
+/// Lanes [T, T·x, T·x², T·x³] from a register holding T in every lane.
+#[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
+fn spread(t: __m512i, poly: __m512i) -> __m512i {
+    let counts = _mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0);
+    let rev = _mm512_set_epi64(61, 61, 62, 62, 63, 63, 64, 64);
+    let shifted = _mm512_sllv_epi64(t, counts);
+    // A shift count of 64 yields 0, so lane 0 gets no carries.
+    let carries = _mm512_shuffle_epi32::<0x4e>(_mm512_srlv_epi64(t, rev));
+    let into_high = _mm512_maskz_mov_epi64(0xaa, carries);
+    let reduced = _mm512_clmulepi64_epi128::<0x00>(carries, poly);
+    _mm512_ternarylogic_epi64::<0x96>(shifted, into_high, reduced)
+}
+
+/// The fused XTS pass.
+///
+/// # Safety
+/// - The CPU supports every feature enabled below (guaranteed by a `VaesXts` existing).
+/// - `src` and `dst` are valid for reads resp. writes of `len` bytes, and are either equal or
+///   non-overlapping.
+/// - `len` is a multiple of `sector_size`, which is a non-zero multiple of 512.
+#[target_feature(enable = "avx512f,avx512bw,vaes,vpclmulqdq,aes,pclmulqdq,sse2")]
+unsafe fn xts<const ENC: bool, const ROUNDS: usize>(
+    keys: &VaesXts,
+    src: *const u8,
+    dst: *mut u8,
+    len: usize,
+    sector_size: usize,
+    first_iv: u64,
+    ivs_per_sector: u64,
+) {
+    let poly = _mm512_set_epi64(0, 0x87, 0, 0x87, 0, 0x87, 0, 0x87);
+    let data_keys = if ENC { &keys.enc } else { &keys.dec };
+    let mut rk = [_mm512_setzero_si512(); 15];
+    for (r, k) in rk.iter_mut().zip(data_keys.iter()).take(ROUNDS + 1) {
+        *r = bcast(k);
+    }
+    let sectors = len / sector_size;
+    let steps_per_sector = sector_size / STEP_BYTES;
+    // Start tweaks of up to 16 sectors, as 16 consecutive 16-byte blocks.
+    let mut starts = [0u8; 256];
+    let mut iv = first_iv;
+    let mut sector = 0;
+    while sector < sectors {
+        let batch = (sectors - sector).min(16);
+        start_tweaks::<ROUNDS>(&keys.tweak, iv, ivs_per_sector, &mut starts);
+        iv = iv.wrapping_add(ivs_per_sector.wrapping_mul(16));
+        for j in 0..batch {
+            // SAFETY: `j < 16`, so `starts[16 * j..16 * j + 16]` is inside the 256-byte array.
+            let t0 = unsafe { _mm_loadu_si128(starts.as_ptr().add(16 * j).cast()) };
+            let t = spread(_mm512_broadcast_i32x4(t0), poly);
+            let mut tw = [
+                t,
+                mul_xk::<4, 60>(t, poly),
+                mul_xk::<8, 56>(t, poly),
+                mul_xk::<12, 52>(t, poly),
+                mul_xk::<16, 48>(t, poly),
+                mul_xk::<20, 44>(t, poly),
+                mul_xk::<24, 40>(t, poly),
+                mul_xk::<28, 36>(t, poly),
+            ];
+            let base = (sector + j) * sector_size;
+            for step in 0..steps_per_sector {
+                let off = base + step * STEP_BYTES;
+                // SAFETY: `off + 512 <= sectors * sector_size == len`, so the step lies inside
+                // both buffers (caller's contract). The prefetch address may lie past the end;
+                // prefetching never faults, and `wrapping_add` keeps the pointer math defined.
+                unsafe {
+                    let s = src.add(off);
+                    let d = dst.add(off);
+                    _mm_prefetch::<_MM_HINT_T0>(s.wrapping_add(2048).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(s.wrapping_add(2048 + 256).cast());
+                    let mut x = [_mm512_setzero_si512(); 8];
+                    for (i, x) in x.iter_mut().enumerate() {
+                        let v = _mm512_loadu_si512(s.add(64 * i).cast());
+                        *x = _mm512_ternarylogic_epi64::<0x96>(v, tw[i], rk[0]);
+                    }
+                    for k in &rk[1..ROUNDS] {
+                        for x in x.iter_mut() {
+                            *x = if ENC {
+                                _mm512_aesenc_epi128(*x, *k)
+                            } else {
+                                _mm512_aesdec_epi128(*x, *k)
+                            };
+                        }
+                    }
+                    for (i, x) in x.iter().enumerate() {
+                        let last = _mm512_xor_si512(rk[ROUNDS], tw[i]);
+                        let y = if ENC {
+                            _mm512_aesenclast_epi128(*x, last)
+                        } else {
+                            _mm512_aesdeclast_epi128(*x, last)
+                        };
+                        _mm512_storeu_si512(d.add(64 * i).cast(), y);
+                    }
+                }
+                for t in tw.iter_mut() {
+                    *t = mul_xk::<32, 32>(*t, poly);
+                }
+            }
+        }
+        sector += batch;
+    }
+    // Start tweaks are derived from the tweak key; do not leave them on the stack. The round
+    // key registers' stack copy (`rk`) likewise.
+    starts.zeroize();
+    for r in rk.iter_mut() {
+        // SAFETY: `r` is a valid, aligned `__m512i` local; a volatile write of zero.
+        unsafe { core::ptr::write_volatile(r, _mm512_setzero_si512()) };
+    }
+}
+
+/// Encrypts the 16 IVs `iv, iv + step, ..., iv + 15·step` (plain64, little-endian, zero upper
+/// half) with the tweak key into `out`.
+#[target_feature(enable = "avx512f,avx512bw,vaes,sse2")]
+fn start_tweaks<const ROUNDS: usize>(
+    tweak_keys: &[[u8; 16]; 15],
+    iv: u64,
+    step: u64,
+    out: &mut [u8; 256],
+) {
+    let mut ivs = [0u64; 32];
+    let mut next = iv;
+    for pair in ivs.chunks_exact_mut(2) {
+        pair[0] = next;
+        next = next.wrapping_add(step);
+    }
+    let mut x = [_mm512_setzero_si512(); 4];
+    let k0 = bcast(&tweak_keys[0]);
+    for (i, x) in x.iter_mut().enumerate() {
+        // SAFETY: `ivs` has 32 u64 = 256 bytes; register `i` reads bytes 64i..64i+64.
+        let v = unsafe { _mm512_loadu_si512(ivs.as_ptr().add(8 * i).cast()) };
+        *x = _mm512_xor_si512(v, k0);
+    }
+    for k in &tweak_keys[1..ROUNDS] {
+        let k = bcast(k);
+        for x in x.iter_mut() {
+            *x = _mm512_aesenc_epi128(*x, k);
+        }
+    }
+    let last = bcast(&tweak_keys[ROUNDS]);
+    for (i, x) in x.iter().enumerate() {
+        let y = _mm512_aesenclast_epi128(*x, last);
+        // SAFETY: `out` has 256 bytes; register `i` writes bytes 64i..64i+64.
+        unsafe { _mm512_storeu_si512(out.as_mut_ptr().add(64 * i).cast(), y) };
+    }
+}
