@@ -120,7 +120,8 @@ fn a_huge_option_length_is_refused_without_waiting_for_the_data_and_others_are_s
     let d = daemon();
     let mut c = Client::connect(&d.sock);
     c.send_opt_header(OPT_GO, 100_000_000).unwrap();
-    c.send(&info_payload(EXPORT, &[])).unwrap();
+    // The server may already have closed: a failed send is fine.
+    let _ = c.send(&info_payload(EXPORT, &[]));
     // Either ERR_TOO_BIG (or ERR_INVALID) right away, or a hard disconnect: never a 100 MB buffer
     // that waits to be filled.
     c.s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
