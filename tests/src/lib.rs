@@ -1,1 +1,873 @@
 //! Test harness: starts the real binaries in a temporary directory.
+//!
+//! * [`Daemon`] runs `nbdcryptd` (from the workspace target dir, or `$NBDCRYPTD`) on a Unix
+//!   socket inside a [`tempfile::TempDir`], waits until the socket accepts, kills it on `Drop`
+//!   and prints its stderr when the test fails. A daemon that dies on its own during a test
+//!   fails that test.
+//! * [`tool`] / [`run`] run the external NBD clients (nbdinfo, nbdsh, nbdcopy, qemu-io,
+//!   qemu-img, fio) with a time limit. A missing tool fails the test: CI installs all of them
+//!   (`scripts/test.sh`), so absence is a bug, not a reason to skip.
+//! * [`raw`] is a tiny hand-written NBD client over `UnixStream` for the wire-level tests.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub use tempfile::TempDir;
+
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * 1024;
+
+/// The default export name of nbdcryptd.
+pub const EXPORT: &str = "nbdcrypt";
+
+/// How long the daemon may take to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Path of the `nbdcryptd` binary under test: `$NBDCRYPTD`, else the target directory this test
+/// executable was built into (`target/debug/deps/..` -> `target/debug/nbdcryptd`, which also
+/// honours `CARGO_TARGET_DIR`), else `<workspace>/target/debug/nbdcryptd`.
+pub fn daemon_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("NBDCRYPTD") {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "$NBDCRYPTD={} does not exist", p.display());
+        return p;
+    }
+    let beside_tests = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("nbdcryptd")));
+    let in_workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/nbdcryptd");
+    for p in beside_tests.iter().chain([&in_workspace]) {
+        if p.is_file() {
+            return p.clone();
+        }
+    }
+    panic!(
+        "nbdcryptd binary not found at {}: run `cargo build --workspace --bins` first \
+         (./scripts/test.sh does), or set $NBDCRYPTD",
+        beside_tests.as_ref().unwrap_or(&in_workspace).display()
+    );
+}
+
+/// A running `nbdcryptd`, killed on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    dir: TempDir,
+    /// The Unix socket it listens on.
+    pub sock: PathBuf,
+    /// The backing file (`--plain PATH`), if any.
+    pub image: PathBuf,
+    log: PathBuf,
+    args: Vec<OsString>,
+    /// Set once the test has deliberately stopped the daemon.
+    stopped: bool,
+}
+
+impl Daemon {
+    /// Serve a fresh sparse plain file of `size` bytes: `--plain DIR/disk.img --unix DIR/nbd.sock`
+    /// followed by `extra`.
+    pub fn plain(size: u64, extra: &[&str]) -> Daemon {
+        let dir = tempdir();
+        let image = dir.path().join("disk.img");
+        File::create(&image).unwrap().set_len(size).unwrap();
+        Self::plain_in(dir, extra)
+    }
+
+    /// Serve a plain file holding exactly `contents`.
+    pub fn plain_with(contents: &[u8], extra: &[&str]) -> Daemon {
+        let dir = tempdir();
+        let image = dir.path().join("disk.img");
+        std::fs::write(&image, contents).unwrap();
+        Self::plain_in(dir, extra)
+    }
+
+    /// Serve `dir/disk.img` (which the caller prepared) on `dir/nbd.sock`.
+    pub fn plain_in(dir: TempDir, extra: &[&str]) -> Daemon {
+        let image = dir.path().join("disk.img");
+        let sock = dir.path().join("nbd.sock");
+        let mut args: Vec<OsString> = vec![
+            "--plain".into(),
+            image.clone().into(),
+            "--unix".into(),
+            sock.clone().into(),
+        ];
+        args.extend(extra.iter().map(OsString::from));
+        Self::start_in(dir, args)
+    }
+
+    /// Start with a full argument list. `{dir}` inside an argument is replaced by the temporary
+    /// directory. The arguments must contain `--unix SOCK`.
+    pub fn start(args: &[&str]) -> Daemon {
+        let dir = tempdir();
+        let d = dir.path().to_str().unwrap().to_owned();
+        let args = args.iter().map(|a| OsString::from(a.replace("{dir}", &d))).collect();
+        Self::start_in(dir, args)
+    }
+
+    /// Start in `dir` with `args` (the socket is the value after `--unix`, the image the value
+    /// after `--plain`).
+    pub fn start_in(dir: TempDir, args: Vec<OsString>) -> Daemon {
+        let value_of = |flag: &str| {
+            args.iter()
+                .position(|a| a == flag)
+                .and_then(|i| args.get(i + 1))
+                .map(PathBuf::from)
+        };
+        let sock = value_of("--unix").expect("Daemon::start needs --unix SOCK");
+        let image = value_of("--plain").unwrap_or_default();
+        let log = dir.path().join("nbdcryptd.log");
+        let bin = daemon_binary();
+        let child = Command::new(&bin)
+            .args(&args)
+            .current_dir(dir.path())
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(File::create(dir.path().join("nbdcryptd.stdout")).unwrap())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+        let mut d = Daemon { child: Some(child), dir, sock, image, log, args, stopped: false };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.stopped = true;
+                panic!(
+                    "nbdcryptd {:?} exited with {st} before listening on {}\n{}",
+                    self.args,
+                    self.sock.display(),
+                    self.log_banner()
+                );
+            }
+            if UnixStream::connect(&self.sock).is_ok() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "nbdcryptd did not accept on {} within {START_TIMEOUT:?}\n{}",
+                    self.sock.display(),
+                    self.log_banner()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// `nbd+unix:///nbdcrypt?socket=SOCK`
+    pub fn uri(&self) -> String {
+        self.uri_for(EXPORT)
+    }
+
+    pub fn uri_for(&self, name: &str) -> String {
+        format!("nbd+unix:///{name}?socket={}", self.sock.display())
+    }
+
+    /// Everything the daemon wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn log_banner(&self) -> String {
+        format!("---- nbdcryptd stderr ----\n{}---- end of nbdcryptd stderr ----", self.log())
+    }
+
+    /// Panics (with the log) unless the process is still running.
+    pub fn assert_alive(&mut self) {
+        if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+            self.stopped = true;
+            panic!("nbdcryptd died during the test: {st}\n{}", self.log_banner());
+        }
+    }
+
+    /// Send a signal to the daemon.
+    pub fn signal(&self, sig: i32) {
+        let r = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(r, 0, "kill({}, {sig}) failed", self.pid());
+    }
+
+    /// Wait up to `timeout` for the process to exit; `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.stopped = true;
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then wait up to `timeout`; panics if it does not exit in time.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        self.stopped = true;
+        self.signal(libc::SIGTERM);
+        match self.wait_exit(timeout) {
+            Some(st) => st,
+            None => panic!("nbdcryptd did not exit within {timeout:?} of SIGTERM\n{}", self.log_banner()),
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        let died = match child.try_wait() {
+            Ok(Some(st)) => Some(st),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                None
+            }
+        };
+        if std::thread::panicking() {
+            eprintln!("{}", self.log_banner());
+        } else if let (Some(st), false) = (died, self.stopped) {
+            panic!("nbdcryptd died during the test: {st}\n{}", self.log_banner());
+        }
+    }
+}
+
+pub fn tempdir() -> TempDir {
+    tempfile::Builder::new().prefix("nbdcrypt-test.").tempdir().unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// External tools
+
+/// Debian package that provides each tool (for the error message).
+fn package_of(tool: &str) -> &'static str {
+    match tool {
+        "nbdinfo" | "nbdcopy" | "nbdfuse" => "libnbd-bin",
+        "nbdsh" => "python3-libnbd",
+        "qemu-io" | "qemu-img" => "qemu-utils",
+        "fio" => "fio",
+        "nbdkit" => "nbdkit",
+        "cmp" => "diffutils",
+        _ => "?",
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A `Command` for an external tool; fails the test if the tool is not installed.
+pub fn tool(name: &str) -> Command {
+    let p = which(name).unwrap_or_else(|| {
+        panic!(
+            "required tool `{name}` is not installed (Debian package {}); \
+             ./scripts/test.sh installs every tool the tests need",
+            package_of(name)
+        )
+    });
+    let mut c = Command::new(p);
+    if name == "nbdsh" {
+        // nbdsh is `python3 -m nbd`: make sure it finds Debian's python3 (which has the nbd
+        // module from python3-libnbd) before any other python3 on PATH (pyenv etc.).
+        let old = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![PathBuf::from("/usr/bin"), PathBuf::from("/bin")];
+        paths.extend(std::env::split_paths(&old));
+        c.env("PATH", std::env::join_paths(paths).unwrap());
+    }
+    c
+}
+
+/// Output of a finished command.
+pub struct Out {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub what: String,
+}
+
+impl Out {
+    pub fn ok(&self) -> bool {
+        self.status.success()
+    }
+
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    /// Panics with the command and its output unless it exited 0.
+    #[track_caller]
+    pub fn success(self) -> Out {
+        assert!(self.ok(), "{} failed: {}\n{}", self.what, self.status, self.details());
+        self
+    }
+
+    /// Panics unless the command exited with a non-zero status (not a signal or a timeout).
+    #[track_caller]
+    pub fn failure(self) -> Out {
+        assert!(
+            matches!(self.code(), Some(c) if c != 0),
+            "{} was expected to fail but exited {}\n{}",
+            self.what,
+            self.status,
+            self.details()
+        );
+        self
+    }
+
+    pub fn details(&self) -> String {
+        format!("---- stdout ----\n{}\n---- stderr ----\n{}", self.stdout, self.stderr)
+    }
+}
+
+/// Run `cmd` to completion, killing it after `timeout` (which fails the test).
+#[track_caller]
+pub fn run(cmd: &mut Command, timeout: Duration) -> Out {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = so.read_to_end(&mut v);
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = se.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stdout = String::from_utf8_lossy(&t_out.join().unwrap()).into_owned();
+            let stderr = String::from_utf8_lossy(&t_err.join().unwrap()).into_owned();
+            panic!("{what} did not finish within {timeout:?}\n---- stdout ----\n{stdout}\n---- stderr ----\n{stderr}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let stdout = String::from_utf8_lossy(&t_out.join().unwrap()).into_owned();
+    let stderr = String::from_utf8_lossy(&t_err.join().unwrap()).into_owned();
+    Out { status, stdout, stderr, what }
+}
+
+/// Default time limit for one external tool run.
+pub const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `nbdinfo ARGS...`
+#[track_caller]
+pub fn nbdinfo(args: &[&str]) -> Out {
+    run(tool("nbdinfo").args(args), TOOL_TIMEOUT)
+}
+
+/// Python prelude for [`nbdsh`] scripts: `URI`, `SOCK`, `SIZE`-agnostic helpers.
+const NBDSH_PRELUDE: &str = r#"
+import os, errno, sys
+URI = os.environ["NBD_URI"]
+IMAGE = os.environ.get("IMAGE")
+def expect_err(fn, errnum, what):
+    try:
+        fn()
+    except nbd.Error as e:
+        assert e.errnum == errnum, "%s: expected errno %d, got %r (%s)" % (what, errnum, e.errnum, e.string)
+        return e
+    raise AssertionError("%s: expected errno %d, but it succeeded" % (what, errnum))
+"#;
+
+/// Run a Python script under `nbdsh -c` (the handle `h` and module `nbd` are predefined, `URI`
+/// holds `uri`, `expect_err(fn, errno, what)` asserts an `nbd.Error` with that errno). The script
+/// is not connected: call `h.connect_uri(URI)` (after `h.set_opt_mode(True)` if wanted).
+#[track_caller]
+pub fn nbdsh(uri: &str, script: &str) -> Out {
+    nbdsh_env(uri, &[], script)
+}
+
+/// [`nbdsh`] against a daemon: `URI` is its default export, `IMAGE` its backing file.
+#[track_caller]
+pub fn nbdsh_d(d: &Daemon, script: &str) -> Out {
+    let img = d.image.to_str().unwrap().to_owned();
+    nbdsh_env(&d.uri(), &[("IMAGE", &img)], script)
+}
+
+/// [`nbdsh`] with extra environment variables (read them with `os.environ`).
+#[track_caller]
+pub fn nbdsh_env(uri: &str, env: &[(&str, &str)], script: &str) -> Out {
+    let code = format!("{NBDSH_PRELUDE}\n{}", dedent(script));
+    let mut c = tool("nbdsh");
+    c.env("NBD_URI", uri).arg("-c").arg(&code);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut out = run(&mut c, TOOL_TIMEOUT);
+    let numbered: Vec<String> =
+        code.lines().enumerate().map(|(i, l)| format!("{:4} {l}", i + 1)).collect();
+    out.what = format!("nbdsh (URI {uri}) script\n{}\n", numbered.join("\n"));
+    out
+}
+
+/// Remove the common leading whitespace of all non-empty lines (so scripts can be indented in
+/// Rust source).
+pub fn dedent(s: &str) -> String {
+    let indent = s
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.len() - l.trim_start().len())
+        .min()
+        .unwrap_or(0);
+    s.lines()
+        .map(|l| if l.len() >= indent { &l[indent..] } else { l.trim_start() })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data
+
+/// Deterministic pseudo-random bytes (xorshift64*), so failures are reproducible.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        v.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Read `len` bytes at `off` from a file.
+pub fn read_at(path: &Path, off: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path).unwrap();
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, off).unwrap();
+    buf
+}
+
+/// Index of the first differing byte, for readable assertion messages.
+pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    if a.len() != b.len() {
+        return Some(a.len().min(b.len()));
+    }
+    a.iter().zip(b).position(|(x, y)| x != y)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw protocol client
+
+/// A minimal NBD client written against the spec, for wire-level tests (no libnbd).
+pub mod raw {
+    use super::*;
+    use std::io;
+
+    pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+    pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+    pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+    pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+    pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+    pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+
+    pub const FLAG_FIXED_NEWSTYLE: u16 = 1;
+    pub const FLAG_NO_ZEROES: u16 = 2;
+    pub const C_FIXED_NEWSTYLE: u32 = 1;
+    pub const C_NO_ZEROES: u32 = 2;
+
+    pub const OPT_EXPORT_NAME: u32 = 1;
+    pub const OPT_ABORT: u32 = 2;
+    pub const OPT_LIST: u32 = 3;
+    pub const OPT_STARTTLS: u32 = 5;
+    pub const OPT_INFO: u32 = 6;
+    pub const OPT_GO: u32 = 7;
+    pub const OPT_STRUCTURED_REPLY: u32 = 8;
+    pub const OPT_LIST_META_CONTEXT: u32 = 9;
+    pub const OPT_SET_META_CONTEXT: u32 = 10;
+    pub const OPT_EXTENDED_HEADERS: u32 = 11;
+
+    pub const REP_ACK: u32 = 1;
+    pub const REP_SERVER: u32 = 2;
+    pub const REP_INFO: u32 = 3;
+    pub const REP_META_CONTEXT: u32 = 4;
+    pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
+    pub const REP_ERR_POLICY: u32 = 0x8000_0002;
+    pub const REP_ERR_INVALID: u32 = 0x8000_0003;
+    pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
+    pub const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
+
+    pub const INFO_EXPORT: u16 = 0;
+    pub const INFO_NAME: u16 = 1;
+    pub const INFO_DESCRIPTION: u16 = 2;
+    pub const INFO_BLOCK_SIZE: u16 = 3;
+
+    pub const TF_HAS_FLAGS: u16 = 1 << 0;
+    pub const TF_READ_ONLY: u16 = 1 << 1;
+    pub const TF_SEND_FLUSH: u16 = 1 << 2;
+    pub const TF_SEND_FUA: u16 = 1 << 3;
+    pub const TF_SEND_TRIM: u16 = 1 << 5;
+    pub const TF_SEND_WRITE_ZEROES: u16 = 1 << 6;
+    pub const TF_SEND_DF: u16 = 1 << 7;
+    pub const TF_CAN_MULTI_CONN: u16 = 1 << 8;
+    pub const TF_SEND_CACHE: u16 = 1 << 10;
+    pub const TF_SEND_FAST_ZERO: u16 = 1 << 11;
+
+    pub const CMD_READ: u16 = 0;
+    pub const CMD_WRITE: u16 = 1;
+    pub const CMD_DISC: u16 = 2;
+    pub const CMD_FLUSH: u16 = 3;
+    pub const CMD_TRIM: u16 = 4;
+    pub const CMD_CACHE: u16 = 5;
+    pub const CMD_WRITE_ZEROES: u16 = 6;
+    pub const CMD_BLOCK_STATUS: u16 = 7;
+
+    pub const CMD_FLAG_FUA: u16 = 1 << 0;
+    pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+    pub const CMD_FLAG_DF: u16 = 1 << 2;
+    pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+    pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+
+    pub const REPLY_FLAG_DONE: u16 = 1;
+    pub const CHUNK_NONE: u16 = 0;
+    pub const CHUNK_OFFSET_DATA: u16 = 1;
+    pub const CHUNK_OFFSET_HOLE: u16 = 2;
+    pub const CHUNK_BLOCK_STATUS: u16 = 5;
+    pub const CHUNK_ERROR: u16 = 0x8001;
+    pub const CHUNK_ERROR_OFFSET: u16 = 0x8002;
+
+    pub const EPERM: u32 = 1;
+    pub const EIO: u32 = 5;
+    pub const EINVAL: u32 = 22;
+    pub const ENOSPC: u32 = 28;
+
+    /// Per-read/write socket timeout, so no test can hang on a silent server.
+    pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+    #[derive(Debug, Clone)]
+    pub struct OptReply {
+        pub opt: u32,
+        pub typ: u32,
+        pub data: Vec<u8>,
+    }
+
+    impl OptReply {
+        pub fn is_error(&self) -> bool {
+            self.typ & 0x8000_0000 != 0
+        }
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Export {
+        pub size: u64,
+        pub flags: u16,
+    }
+
+    pub struct Client {
+        pub s: UnixStream,
+        /// Handshake flags the server sent in its greeting.
+        pub server_flags: u16,
+    }
+
+    pub fn be16(b: &[u8]) -> u16 {
+        u16::from_be_bytes(b[..2].try_into().unwrap())
+    }
+    pub fn be32(b: &[u8]) -> u32 {
+        u32::from_be_bytes(b[..4].try_into().unwrap())
+    }
+    pub fn be64(b: &[u8]) -> u64 {
+        u64::from_be_bytes(b[..8].try_into().unwrap())
+    }
+
+    /// INFO/GO option payload: name, and the info items requested.
+    pub fn info_payload(name: &str, infos: &[u16]) -> Vec<u8> {
+        let mut d = Vec::new();
+        d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+        for i in infos {
+            d.extend_from_slice(&i.to_be_bytes());
+        }
+        d
+    }
+
+    /// LIST/SET_META_CONTEXT payload.
+    pub fn meta_payload(name: &str, queries: &[&str]) -> Vec<u8> {
+        let mut d = Vec::new();
+        d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        d
+    }
+
+    impl Client {
+        /// Connect, read and check the greeting; do not answer it yet.
+        pub fn connect_no_flags(sock: &Path) -> Client {
+            let s = UnixStream::connect(sock)
+                .unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
+            s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+            let mut c = Client { s, server_flags: 0 };
+            let g = c.read_n(18).expect("reading the 18-byte greeting");
+            assert_eq!(be64(&g[0..]), NBDMAGIC, "greeting: bad NBDMAGIC");
+            assert_eq!(be64(&g[8..]), IHAVEOPT, "greeting: bad IHAVEOPT (oldstyle?)");
+            c.server_flags = be16(&g[16..]);
+            c
+        }
+
+        /// Connect and answer the greeting with `client_flags`.
+        pub fn connect_with(sock: &Path, client_flags: u32) -> Client {
+            let mut c = Self::connect_no_flags(sock);
+            c.send(&client_flags.to_be_bytes()).unwrap();
+            c
+        }
+
+        /// Connect as a fixed-newstyle client that also asks for NO_ZEROES.
+        pub fn connect(sock: &Path) -> Client {
+            Self::connect_with(sock, C_FIXED_NEWSTYLE | C_NO_ZEROES)
+        }
+
+        /// Connect and GO to the default export (simple replies only).
+        pub fn connect_go(sock: &Path) -> (Client, Export) {
+            let mut c = Self::connect(sock);
+            let e = c.go(super::EXPORT);
+            (c, e)
+        }
+
+        pub fn send(&mut self, b: &[u8]) -> io::Result<()> {
+            self.s.write_all(b)
+        }
+
+        pub fn read_n(&mut self, n: usize) -> io::Result<Vec<u8>> {
+            let mut v = vec![0u8; n];
+            self.s.read_exact(&mut v)?;
+            Ok(v)
+        }
+
+        pub fn send_opt_header(&mut self, opt: u32, len: u32) -> io::Result<()> {
+            let mut b = Vec::with_capacity(16);
+            b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+            b.extend_from_slice(&opt.to_be_bytes());
+            b.extend_from_slice(&len.to_be_bytes());
+            self.send(&b)
+        }
+
+        pub fn send_opt(&mut self, opt: u32, data: &[u8]) -> io::Result<()> {
+            let mut b = Vec::with_capacity(16 + data.len());
+            b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+            b.extend_from_slice(&opt.to_be_bytes());
+            b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            b.extend_from_slice(data);
+            self.send(&b)
+        }
+
+        /// Read one option reply and check its magic.
+        pub fn read_opt_reply(&mut self) -> io::Result<OptReply> {
+            let h = self.read_n(20)?;
+            if be64(&h) != OPT_REPLY_MAGIC {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("bad option reply magic {:#x}", be64(&h)),
+                ));
+            }
+            let len = be32(&h[16..]) as usize;
+            assert!(len <= 64 * 1024, "option reply of {len} bytes");
+            let data = self.read_n(len)?;
+            Ok(OptReply { opt: be32(&h[8..]), typ: be32(&h[12..]), data })
+        }
+
+        /// Read replies to `opt` until the final one (ACK or an error), which is returned last.
+        pub fn opt_replies(&mut self, opt: u32) -> Vec<OptReply> {
+            let mut v = Vec::new();
+            loop {
+                let r = self
+                    .read_opt_reply()
+                    .unwrap_or_else(|e| panic!("reading reply to option {opt} (after {v:?}): {e}"));
+                assert_eq!(r.opt, opt, "option reply echoes the wrong option: {r:?}");
+                let fin = r.typ == REP_ACK || r.is_error();
+                v.push(r);
+                if fin || v.len() > 1000 {
+                    return v;
+                }
+            }
+        }
+
+        /// Send `opt` with `data` and return the final reply (plus the earlier ones).
+        pub fn option(&mut self, opt: u32, data: &[u8]) -> (OptReply, Vec<OptReply>) {
+            self.send_opt(opt, data).unwrap();
+            let mut v = self.opt_replies(opt);
+            let last = v.pop().unwrap();
+            (last, v)
+        }
+
+        /// LIST; asserts ACK and returns the export names.
+        pub fn list(&mut self) -> Vec<String> {
+            let (last, servers) = self.option(OPT_LIST, &[]);
+            assert_eq!(last.typ, REP_ACK, "LIST final reply: {last:?}");
+            servers
+                .iter()
+                .map(|r| {
+                    assert_eq!(r.typ, REP_SERVER, "LIST reply: {r:?}");
+                    let l = be32(&r.data) as usize;
+                    String::from_utf8(r.data[4..4 + l].to_vec()).unwrap()
+                })
+                .collect()
+        }
+
+        /// STRUCTURED_REPLY; returns the final reply type.
+        pub fn structured_reply(&mut self) -> u32 {
+            self.option(OPT_STRUCTURED_REPLY, &[]).0.typ
+        }
+
+        /// GO with no info requests; asserts ACK and returns size/flags from INFO_EXPORT.
+        pub fn go(&mut self, name: &str) -> Export {
+            let (last, infos) = self.option(OPT_GO, &info_payload(name, &[]));
+            assert_eq!(last.typ, REP_ACK, "GO final reply: {last:?} (after {infos:?})");
+            export_from_infos(&infos).expect("GO succeeded without NBD_INFO_EXPORT")
+        }
+
+        /// Send a compact request.
+        pub fn request(&mut self, flags: u16, typ: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) -> io::Result<()> {
+            let mut b = Vec::with_capacity(28 + payload.len());
+            b.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+            b.extend_from_slice(&flags.to_be_bytes());
+            b.extend_from_slice(&typ.to_be_bytes());
+            b.extend_from_slice(&cookie.to_be_bytes());
+            b.extend_from_slice(&offset.to_be_bytes());
+            b.extend_from_slice(&len.to_be_bytes());
+            b.extend_from_slice(payload);
+            self.send(&b)
+        }
+
+        /// Read a simple reply header: (error, cookie).
+        pub fn simple_reply(&mut self) -> io::Result<(u32, u64)> {
+            let h = self.read_n(16)?;
+            if be32(&h) != SIMPLE_REPLY_MAGIC {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("bad simple reply magic {:#x}", be32(&h)),
+                ));
+            }
+            Ok((be32(&h[4..]), be64(&h[8..])))
+        }
+
+        /// Read one structured reply chunk: (flags, type, cookie, payload).
+        pub fn chunk(&mut self) -> io::Result<(u16, u16, u64, Vec<u8>)> {
+            let h = self.read_n(20)?;
+            if be32(&h) != STRUCTURED_REPLY_MAGIC {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("bad structured reply magic {:#x} (simple reply to a structured request?)", be32(&h)),
+                ));
+            }
+            let len = be32(&h[16..]) as usize;
+            assert!(len <= 33 * 1024 * 1024, "chunk of {len} bytes");
+            let payload = self.read_n(len)?;
+            Ok((be16(&h[4..]), be16(&h[6..]), be64(&h[8..]), payload))
+        }
+
+        /// WRITE and wait for its reply; returns the error value.
+        pub fn write(&mut self, cookie: u64, offset: u64, data: &[u8], flags: u16) -> u32 {
+            self.request(flags, CMD_WRITE, cookie, offset, data.len() as u32, data).unwrap();
+            let (err, c) = self.simple_reply().expect("reply to WRITE");
+            assert_eq!(c, cookie, "WRITE reply cookie");
+            err
+        }
+
+        /// READ and wait for its reply; Err(error) on a non-zero error.
+        pub fn read(&mut self, cookie: u64, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
+            self.request(0, CMD_READ, cookie, offset, len, &[]).unwrap();
+            let (err, c) = self.simple_reply().expect("reply to READ");
+            assert_eq!(c, cookie, "READ reply cookie");
+            if err != 0 {
+                return Err(err);
+            }
+            Ok(self.read_n(len as usize).expect("READ payload"))
+        }
+
+        /// True if the server closes the connection (EOF or reset) within `timeout`; any bytes
+        /// it sends before closing are discarded.
+        pub fn closed_within(&mut self, timeout: Duration) -> bool {
+            let deadline = Instant::now() + timeout;
+            let mut buf = [0u8; 4096];
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return false;
+                }
+                self.s.set_read_timeout(Some(left.min(Duration::from_millis(200)))).unwrap();
+                match self.s.read(&mut buf) {
+                    Ok(0) => return true,
+                    Ok(_) => continue,
+                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => continue,
+                    Err(_) => return true,
+                }
+            }
+        }
+    }
+
+    pub fn export_from_infos(infos: &[OptReply]) -> Option<Export> {
+        infos.iter().find_map(|r| {
+            (r.typ == REP_INFO && be16(&r.data) == INFO_EXPORT).then(|| {
+                assert_eq!(r.data.len(), 12, "INFO_EXPORT must be 12 bytes: {r:?}");
+                Export { size: be64(&r.data[2..]), flags: be16(&r.data[10..]) }
+            })
+        })
+    }
+
+    /// A second, independent client does a complete LIST + GO + READ: the server still serves
+    /// others.
+    #[track_caller]
+    pub fn assert_server_serves(sock: &Path) {
+        let mut c = Client::connect(sock);
+        let names = c.list();
+        assert!(names.iter().any(|n| n == super::EXPORT), "LIST from a second client: {names:?}");
+        let e = c.go(super::EXPORT);
+        let n = e.size.min(4096) as u32;
+        c.read(7, 0, n).expect("READ from a second client");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// nbdinfo helpers
+
+pub use serde_json;
+
+/// `nbdinfo --json URI`, parsed; returns the first export object and the whole document.
+#[track_caller]
+pub fn nbdinfo_json(uri: &str) -> (serde_json::Value, serde_json::Value) {
+    let out = nbdinfo(&["--json", uri]).success();
+    let doc: serde_json::Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("nbdinfo --json output is not JSON ({e}):\n{}", out.stdout));
+    let export = doc["exports"][0].clone();
+    assert!(export.is_object(), "nbdinfo --json has no export:\n{}", out.stdout);
+    (export, doc)
+}
