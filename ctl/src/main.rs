@@ -3,14 +3,34 @@
 //! Offline commands work on a volume file or device directly; online commands talk to a running
 //! nbdcryptd over its control socket.
 
-use clap::Parser;
+mod offline;
+mod secret_input;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
 
 /// Format, unlock, lock and inspect nbdcrypt volumes.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
-struct Cli {}
+#[command(version, about, long_about = None, after_help = offline::EXIT_CODES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    Ok(())
+#[derive(Subcommand)]
+enum Command {
+    #[command(flatten)]
+    Offline(offline::OfflineCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Offline(cmd) => offline::run(cmd),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("nbdcryptctl: {e:#}");
+        ExitCode::from(offline::EXIT_ERROR)
+    })
 }
