@@ -25,7 +25,18 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Usage errors exit 1 (as cryptsetup's): 2 means "wrong passphrase".
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                offline::EXIT_ERROR
+            } else {
+                0
+            });
+        }
+    };
     let result = match cli.command {
         Command::Offline(cmd) => offline::run(cmd),
     };

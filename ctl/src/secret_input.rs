@@ -164,7 +164,7 @@ struct EchoOff<'a> {
 
 impl Drop for EchoOff<'_> {
     fn drop(&mut self) {
-        let _ = termios::tcsetattr(self.tty.as_fd(), SetArg::TCSAFLUSH, &self.saved);
+        let _ = termios::tcsetattr(self.tty.as_fd(), SetArg::TCSANOW, &self.saved);
     }
 }
 
@@ -178,7 +178,7 @@ fn prompt_tty(prompt: &str) -> anyhow::Result<SecretBytes> {
         .and_then(|()| tty.flush())
         .context("cannot write to /dev/tty")?;
     let line = {
-        termios::tcsetattr(tty.as_fd(), SetArg::TCSAFLUSH, &quiet)
+        termios::tcsetattr(tty.as_fd(), SetArg::TCSANOW, &quiet)
             .context("cannot turn off echo on /dev/tty")?;
         let _guard = EchoOff { tty: &tty, saved };
         let mut reader = &tty;

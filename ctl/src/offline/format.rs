@@ -2,7 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context};
@@ -26,10 +26,10 @@ memory (and half the RAM), as cryptsetup does.";
 
 pub const EXAMPLES: &str = "\
 Examples:
-  nbdcryptctl format /srv/vol.img --size 20G          # create a 20 GiB file; asks the passphrase twice
-  nbdcryptctl format /dev/sdb --label backups         # a block device
-  nbdcryptctl format vol.img --size 1G --key-file key.bin --yes
-  head -c 64 /dev/urandom > key.bin                   # a random binary key file
+  nbdcryptctl format /srv/vol.img --size 20G    # creates a 20 GiB file, asks the passphrase twice
+  nbdcryptctl format /dev/sdb --label backups   # a block device
+  head -c 64 /dev/urandom > key.bin             # a random binary key file...
+  nbdcryptctl format vol.img --size 1G --key-file key.bin --yes    # ...used as-is
   nbdcryptctl format vol.img --sector-size 512 --key-size 256 --pbkdf pbkdf2 --iter-time 1000";
 
 #[derive(Args, Debug)]
@@ -115,7 +115,15 @@ pub fn run(a: FormatArgs) -> anyhow::Result<()> {
 
     // Open or create the target. A file we create is removed again if formatting fails.
     let created;
-    let file = match OpenOptions::new().read(true).write(true).open(path) {
+    // A block device is opened exclusively: the kernel refuses (EBUSY) if it is mounted or held
+    // by device-mapper, md, another exclusive opener...
+    let is_block = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+    let mut opts = OpenOptions::new();
+    opts.read(true).write(true);
+    if is_block {
+        opts.custom_flags(nix::fcntl::OFlag::O_EXCL.bits());
+    }
+    let file = match opts.open(path) {
         Ok(f) => {
             created = false;
             if let Some(want) = a.size {
@@ -159,6 +167,11 @@ pub fn run(a: FormatArgs) -> anyhow::Result<()> {
             }
             f
         }
+        Err(e) if is_block && e.raw_os_error() == Some(nix::libc::EBUSY) => bail!(
+            "cannot open {} exclusively: the device is in use (mounted, open in cryptsetup or \
+             device-mapper, or served by nbdcryptd)",
+            path.display()
+        ),
         Err(e) => bail!("cannot open {}: {}", path.display(), io_reason(&e)),
     };
     let vol = Volume {
