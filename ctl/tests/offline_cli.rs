@@ -220,6 +220,90 @@ fn format_opens_in_cryptsetup_and_volume_keys_agree() {
 }
 
 #[test]
+fn argon2_keyslots_open_in_cryptsetup() {
+    let d = Dir::new();
+    let k = d.key("k", b"pw");
+    // Benchmarked argon2id (small so the test stays fast).
+    let vol = d.s("id.img");
+    let o = ok(ctl(
+        &[
+            "format",
+            &vol,
+            "--size",
+            SIZE,
+            "--key-file",
+            &k,
+            "--iter-time",
+            "200",
+            "--pbkdf-memory",
+            "32768",
+        ],
+        b"",
+    ));
+    assert!(
+        stderr(&o).contains("benchmarking key derivation"),
+        "{}",
+        stderr(&o)
+    );
+    let dump = stdout(&ok(cs(&["luksDump", &vol])));
+    assert!(dump.contains("PBKDF:      argon2id"), "{dump}");
+    assert!(cs_opens(&vol, &k));
+
+    // Forced argon2i with explicit memory and threads, added by add-key.
+    let k2 = d.key("k2", b"pw2");
+    let o = ok(ctl(
+        &[
+            "add-key",
+            &vol,
+            "--key-file",
+            &k,
+            "--new-key-file",
+            &k2,
+            "--pbkdf",
+            "argon2i",
+            "--pbkdf-force-iterations",
+            "4",
+            "--pbkdf-memory",
+            "32768",
+            "--pbkdf-parallel",
+            "2",
+        ],
+        b"",
+    ));
+    assert!(
+        stdout(&o).contains("argon2i (time 4, memory 32768 KiB, 2 threads)"),
+        "{}",
+        stdout(&o)
+    );
+    let dump = stdout(&ok(cs(&["luksDump", &vol])));
+    assert!(dump.contains("PBKDF:      argon2i\n"), "{dump}");
+    assert!(cs_opens(&vol, &k2));
+
+    // Parameters cryptsetup would refuse are refused before anything is written.
+    let o = ctl(
+        &[
+            "add-key",
+            &vol,
+            "--key-file",
+            &k,
+            "--new-key-file",
+            &k2,
+            "--pbkdf-force-iterations",
+            "3",
+            "--pbkdf-memory",
+            "32768",
+        ],
+        b"",
+    );
+    code(&o, 1);
+    assert!(
+        stderr(&o).contains("argon2 time 3 below the minimum 4"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
 fn format_key_size_256_and_file_mode() {
     use std::os::unix::fs::PermissionsExt;
     let d = Dir::new();
@@ -598,9 +682,11 @@ fn header_backup_and_restore() {
     assert_eq!(stdout(&o).trim(), "keyslot 0 unlocked");
     assert!(cs_opens(&vol, &k));
 
-    // cryptsetup reads our backup too.
+    // cryptsetup and our dump read the backup too.
     let o = cs(&["luksDump", &backup]);
     code(&o, 0);
+    let o = ok(ctl(&["dump", &backup], b""));
+    assert!(stdout(&o).contains(&cs_uuid(&vol)), "{}", stdout(&o));
 }
 
 /// cryptsetup on a volume without any header exits 1 ("not a valid LUKS device").

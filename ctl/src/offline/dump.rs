@@ -5,7 +5,7 @@
 use std::io::{self, Write};
 use std::path::PathBuf;
 
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use clap::Args;
 use serde_json::{json, Value};
 
@@ -14,7 +14,7 @@ use nbdcrypt::luks2::{
 };
 
 use super::{confirmed, Volume};
-use crate::secret_input::{read_existing, Source};
+use crate::secret_input::{io_reason, read_existing, Source};
 
 pub const ABOUT: &str = "\
 Show the LUKS2 header of a volume (or of a detached header file or header backup): version,
@@ -58,12 +58,18 @@ pub fn run(a: DumpArgs) -> anyhow::Result<()> {
     let mut out = io::stdout().lock();
     if a.json {
         let v = to_json(&hdr);
-        serde_json::to_writer_pretty(&mut out, &v).context("cannot write to standard output")?;
-        writeln!(out).context("cannot write to standard output")?;
+        serde_json::to_writer_pretty(&mut out, &v)
+            .map_err(io::Error::from)
+            .and_then(|()| writeln!(out))
+            .map_err(stdout_error)?;
     } else {
-        write_text(&mut out, &vol, &hdr).context("cannot write to standard output")?;
+        write_text(&mut out, &vol, &hdr).map_err(stdout_error)?;
     }
     Ok(())
+}
+
+fn stdout_error(e: io::Error) -> anyhow::Error {
+    anyhow!("cannot write to standard output: {}", io_reason(&e))
 }
 
 fn priority_name(p: KeyslotPriority) -> &'static str {
@@ -293,6 +299,6 @@ fn dump_volume_key(vol: &Volume, a: &DumpArgs) -> anyhow::Result<()> {
         }
         out.flush()
     };
-    write(&mut out).map_err(|e| anyhow!("cannot write to standard output: {e}"))?;
+    write(&mut out).map_err(stdout_error)?;
     Ok(())
 }

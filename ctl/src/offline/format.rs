@@ -105,6 +105,7 @@ pub fn run(a: FormatArgs) -> anyhow::Result<()> {
     if label.len() > 47 || label.contains('\0') {
         bail!("--label must be at most 47 bytes");
     }
+    a.pbkdf.precheck()?;
     let path = &a.volume;
     let mut params_probe = FormatParams::new(nbdcrypt::luks2::KdfParams::Pbkdf2 {
         hash: nbdcrypt::luks2::HashAlg::Sha256,

@@ -68,6 +68,10 @@ pub fn backup(a: BackupArgs) -> anyhow::Result<()> {
         a.file.display(),
         bytes_human(hdr.metadata_end())
     );
+    eprintln!(
+        "keep it as safe as the volume: with it, every passphrase valid today opens the volume, \
+         even after it is removed"
+    );
     Ok(())
 }
 

@@ -159,6 +159,7 @@ pub fn add(a: AddKeyArgs) -> anyhow::Result<()> {
     let old_src = Source::from_arg(a.key_file.as_deref());
     let new_src = Source::from_arg(a.new_key_file.as_deref());
     check_distinct(&old_src, &new_src)?;
+    a.pbkdf.precheck()?;
     let vol = Volume::open(&a.volume, true)?;
     let mut hdr = vol.header(true)?;
     let p = vol.path.display();
@@ -243,6 +244,7 @@ pub fn change(a: ChangeKeyArgs) -> anyhow::Result<()> {
     let old_src = Source::from_arg(a.key_file.as_deref());
     let new_src = Source::from_arg(a.new_key_file.as_deref());
     check_distinct(&old_src, &new_src)?;
+    a.pbkdf.precheck()?;
     let vol = Volume::open(&a.volume, true)?;
     let mut hdr = vol.header(true)?;
     let p = vol.path.display();

@@ -305,9 +305,17 @@ fn default_argon2_memory_kib() -> u32 {
 }
 
 impl PbkdfArgs {
-    /// Resolves the options into keyslot KDF parameters, benchmarking (with progress on stderr)
-    /// unless `--pbkdf-force-iterations` is given. `key_len` is the volume key length in bytes.
-    pub fn resolve(&self, key_len: usize) -> anyhow::Result<KdfParams> {
+    /// Checks what can be checked before asking for any passphrase: ranges, and the whole KDF
+    /// when it is forced (no benchmark needed).
+    pub fn precheck(&self) -> anyhow::Result<()> {
+        if self.pbkdf_force_iterations.is_some() {
+            self.resolve(64).map(|_| ())
+        } else {
+            self.check_ranges()
+        }
+    }
+
+    fn check_ranges(&self) -> anyhow::Result<()> {
         if self.iter_time == 0 {
             bail!("--iter-time must be at least 1 ms");
         }
@@ -321,6 +329,13 @@ impl PbkdfArgs {
         {
             bail!("--pbkdf-memory and --pbkdf-parallel apply to argon2 only, not pbkdf2");
         }
+        Ok(())
+    }
+
+    /// Resolves the options into keyslot KDF parameters, benchmarking (with progress on stderr)
+    /// unless `--pbkdf-force-iterations` is given. `key_len` is the volume key length in bytes.
+    pub fn resolve(&self, key_len: usize) -> anyhow::Result<KdfParams> {
+        self.check_ranges()?;
         let target = Duration::from_millis(self.iter_time);
         let cpus = self.pbkdf_parallel.unwrap_or_else(|| {
             std::thread::available_parallelism()
