@@ -16,7 +16,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
-use nix::sys::termios::{self, LocalFlags, SetArg, Termios};
+use nix::sys::termios::{self, LocalFlags, SetArg, SpecialCharacterIndices, Termios};
 
 use nbdcrypt::crypto::keys::SecretBytes;
 
@@ -168,12 +168,18 @@ impl Drop for EchoOff<'_> {
     }
 }
 
+/// Prompts on `/dev/tty` and reads a line with echo off. The terminal is in non-canonical mode
+/// without signals while reading, so Ctrl-C cancels the prompt (instead of killing the process
+/// with echo still off) and the settings are always restored.
 fn prompt_tty(prompt: &str) -> anyhow::Result<SecretBytes> {
     let mut tty = open_tty()?;
     let saved = termios::tcgetattr(tty.as_fd()).context("cannot read the terminal settings")?;
     let mut quiet = saved.clone();
-    quiet.local_flags.remove(LocalFlags::ECHO);
-    quiet.local_flags.insert(LocalFlags::ECHONL);
+    quiet
+        .local_flags
+        .remove(LocalFlags::ECHO | LocalFlags::ICANON | LocalFlags::ISIG);
+    quiet.control_chars[SpecialCharacterIndices::VMIN as usize] = 1;
+    quiet.control_chars[SpecialCharacterIndices::VTIME as usize] = 0;
     tty.write_all(prompt.as_bytes())
         .and_then(|()| tty.flush())
         .context("cannot write to /dev/tty")?;
@@ -182,10 +188,53 @@ fn prompt_tty(prompt: &str) -> anyhow::Result<SecretBytes> {
             .context("cannot turn off echo on /dev/tty")?;
         let _guard = EchoOff { tty: &tty, saved };
         let mut reader = &tty;
-        read_line(&mut reader, MAX_PASSPHRASE)
+        read_tty_line(&mut reader, MAX_PASSPHRASE)
     };
+    let _ = tty.write_all(b"\n");
     line.context("cannot read the passphrase from /dev/tty")?
         .ok_or_else(|| anyhow!("no passphrase (end of input on /dev/tty)"))
+}
+
+/// A line typed on a terminal in non-canonical mode: Enter ends it, Backspace and Ctrl-U edit it,
+/// Ctrl-C cancels, Ctrl-D on an empty line is end of input (`None`).
+fn read_tty_line(r: &mut dyn Read, max: usize) -> io::Result<Option<SecretBytes>> {
+    let mut buf = SecretBytes::zeroed(max);
+    let mut n = 0;
+    let mut byte = [0u8; 1];
+    loop {
+        match r.read(&mut byte) {
+            Ok(0) if n == 0 => return Ok(None),
+            Ok(0) => break,
+            Ok(_) => match byte[0] {
+                b'\n' | b'\r' => break,
+                0x03 => return Err(io::Error::other("interrupted")),
+                0x04 if n == 0 => return Ok(None),
+                0x7f | 0x08 => {
+                    if n > 0 {
+                        n -= 1;
+                        buf.expose_secret_mut()[n] = 0;
+                    }
+                }
+                0x15 => {
+                    buf.expose_secret_mut()[..n].fill(0);
+                    n = 0;
+                }
+                b => {
+                    if n == max {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("passphrase longer than {max} bytes"),
+                        ));
+                    }
+                    buf.expose_secret_mut()[n] = b;
+                    n += 1;
+                }
+            },
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(SecretBytes::from_slice(&buf.expose_secret()[..n])))
 }
 
 /// Reads up to the first `\n` (dropped) one byte at a time, so nothing past the line is consumed
@@ -271,6 +320,17 @@ mod tests {
         );
         let mut input: &[u8] = b"abcd";
         assert!(read_line(&mut input, 3).is_err());
+    }
+
+    #[test]
+    fn tty_line_editing() {
+        let mut input: &[u8] = b"ab\x7fc\x15xyz\x08w\rrest";
+        let line = read_tty_line(&mut input, 64).unwrap().unwrap();
+        assert_eq!(line.expose_secret(), b"xyw");
+        let mut input: &[u8] = b"secret\x03\n";
+        assert!(read_tty_line(&mut input, 64).is_err());
+        let mut input: &[u8] = b"\x04";
+        assert!(read_tty_line(&mut input, 64).unwrap().is_none());
     }
 
     #[test]
