@@ -585,6 +585,42 @@ fn errors_name_the_path_and_reason() {
     code(&o, 1);
     assert!(stderr(&o).contains("is empty"), "{}", stderr(&o));
 
+    // A detached header: dump shows it, commands that need the data refuse it.
+    let hdr = d.s("det.hdr");
+    let data = d.s("det.img");
+    std::fs::File::create(&hdr)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    std::fs::File::create(&data)
+        .unwrap()
+        .set_len(20 << 20)
+        .unwrap();
+    ok(cs(&[
+        "luksFormat",
+        "--type",
+        "luks2",
+        "--batch-mode",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--key-file",
+        &k,
+        "--header",
+        &hdr,
+        &data,
+    ]));
+    let o = ctl(&["test-key", &hdr, "--key-file", &k], b"");
+    code(&o, 1);
+    assert!(
+        stderr(&o).contains("detached LUKS2 header"),
+        "{}",
+        stderr(&o)
+    );
+    let o = ok(ctl(&["dump", &hdr], b""));
+    assert!(stdout(&o).contains("offset: 0 [bytes]"), "{}", stdout(&o));
+
     // A LUKS1 volume is named as such.
     let l1 = d.s("l1.img");
     std::fs::File::create(&l1)
