@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 
 /// Format, unlock, lock and inspect nbdcrypt volumes.
 #[derive(Parser)]
-#[command(version, about, long_about = None, after_help = offline::EXIT_CODES)]
+#[command(version, about, long_about = None, after_help = offline::exit_codes())]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -10,6 +10,8 @@ use std::process::{Command, Output, Stdio};
 
 const FAST: [&str; 4] = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
 const SIZE: &str = "20M";
+/// Exit status for "no key available with this passphrase" (`offline::EXIT_NO_KEY`).
+const NO_KEY: i32 = 2;
 
 fn ctl(args: &[&str], stdin: &[u8]) -> Output {
     run(
@@ -407,7 +409,7 @@ fn keyslots_on_a_cryptsetup_volume() {
 
     // The passphrase of the slot being removed does not authorize its removal.
     let o = ctl(&["remove-key", &vol, "--slot", "1", "--key-file", &k2], b"");
-    code(&o, 2);
+    code(&o, NO_KEY);
     assert!(
         stderr(&o).contains("no key available with this passphrase"),
         "{}",
@@ -452,7 +454,7 @@ fn passphrases_as_lines_of_stdin() {
     assert_eq!(stdout(&o).trim(), "keyslot 1 unlocked");
     // --key-file - takes all of stdin, newline included.
     let o = ctl(&["test-key", &vol, "--key-file", "-"], b"two\n");
-    code(&o, 2);
+    code(&o, NO_KEY);
     ok(ctl(&["test-key", &vol, "--key-file", "-"], b"two"));
 }
 
@@ -531,7 +533,7 @@ fn wrong_passphrase_exits_2() {
             b"",
         ),
     ] {
-        code(&o, 2);
+        code(&o, NO_KEY);
         assert!(
             stderr(&o).contains("no key available with this passphrase"),
             "{}",
@@ -850,7 +852,7 @@ fn help_teaches_with_examples_and_exit_codes() {
             "{cmd}: {h}"
         );
         assert!(
-            h.contains("Exit status:") && h.contains("2  wrong passphrase"),
+            h.contains("Exit status:") && h.contains(&format!("{NO_KEY}  wrong passphrase")),
             "{cmd}: {h}"
         );
     }
