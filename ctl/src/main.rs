@@ -30,11 +30,7 @@ fn main() -> ExitCode {
         Err(e) => {
             // Usage errors exit 1 (as cryptsetup's): 2 means "wrong passphrase".
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() {
-                offline::EXIT_ERROR
-            } else {
-                0
-            });
+            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
         }
     };
     let result = match cli.command {
@@ -42,6 +38,6 @@ fn main() -> ExitCode {
     };
     result.unwrap_or_else(|e| {
         eprintln!("nbdcryptctl: {e:#}");
-        ExitCode::from(offline::EXIT_ERROR)
+        ExitCode::from(1)
     })
 }

@@ -29,8 +29,7 @@ use crate::secret_input::io_reason;
 
 /// Exit status 0: success.
 pub const EXIT_OK: u8 = 0;
-/// Exit status 1: any error (missing file, not LUKS2, permission denied, ...).
-pub const EXIT_ERROR: u8 = 1;
+// Exit status 1 (any other error) is `main`'s: `run` returns those errors.
 /// The passphrase or key file opened no keyslot (cryptsetup's code for this is 2, "no
 /// permission"). NOTE for the merge with the online commands: their table (`exit.rs` on main)
 /// uses 2 for usage errors and 3 for a wrong secret; changing this one constant (and `NO_KEY`
