@@ -57,6 +57,9 @@ enum Command {
     /// Show lock state, volume, export, clients and I/O counters.
     #[command(long_about = online::STATUS_ABOUT, after_help = with_exit_codes(online::STATUS_EXAMPLES))]
     Status(online::StatusArgs),
+    /// Wait until the volume is unlocked (for ordering services after unlock).
+    #[command(long_about = online::WAIT_ABOUT, after_help = with_exit_codes(online::WAIT_EXAMPLES))]
+    WaitUnlocked(online::WaitArgs),
     #[command(flatten)]
     Offline(offline::OfflineCommand),
 }
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
         Command::Unlock(args) => online::unlock(args),
         Command::Lock(args) => online::lock(args),
         Command::Status(args) => online::status(args),
+        Command::WaitUnlocked(args) => online::wait_unlocked(args),
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),

@@ -99,6 +99,43 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+pub const WAIT_ABOUT: &str = "\
+Wait until the daemon's volume is unlocked (by an operator or an automatic unlock), then exit 0.
+For ordering: systemd's nbdcrypt-attach@.service runs it before nbd-client. The daemon not
+running yet counts as locked. Exits 4 when the timeout passes first.";
+
+pub const WAIT_EXAMPLES: &str = "\
+Examples:
+  nbdcryptctl wait-unlocked --timeout 600 --control /run/nbdcrypt/db.control.sock && nbd-client ...";
+
+#[derive(Args, Debug)]
+pub struct WaitArgs {
+    #[command(flatten)]
+    pub control: ControlArg,
+
+    /// Give up after SECS seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub timeout: u64,
+}
+
+pub fn wait_unlocked(args: WaitArgs) -> Result<(), Failure> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.timeout);
+    loop {
+        if let Ok(Response::Ok(s)) = client::call(&args.control.control, &Request::Status) {
+            if s.state == VolumeState::Unlocked {
+                return Ok(());
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(Failure {
+                code: crate::exit::TRY_LATER,
+                message: format!("the volume was not unlocked within {} s", args.timeout),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
 pub fn unlock(args: UnlockArgs) -> Result<(), Failure> {
     let source = match (args.key_file, args.stdin) {
         (Some(path), _) => Source::KeyFile(path),

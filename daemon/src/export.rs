@@ -51,17 +51,21 @@ pub struct ExportTable {
     current: RwLock<Option<Arc<Export>>>,
     /// Bumped when the export is withdrawn (lock): sessions watching it finish and close.
     generation: watch::Sender<u64>,
+    /// Whether a device is published; for readiness/status reporting (systemd STATUS=).
+    published: watch::Sender<bool>,
     attached: AtomicUsize,
 }
 
 impl ExportTable {
     pub fn new(name: String, description: String) -> Arc<Self> {
         let (generation, _) = watch::channel(0);
+        let (published, _) = watch::channel(false);
         Arc::new(ExportTable {
             name,
             description,
             current: RwLock::new(None),
             generation,
+            published,
             attached: AtomicUsize::new(0),
         })
     }
@@ -100,6 +104,7 @@ impl ExportTable {
             stats: IoStats::default(),
         });
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(export.clone());
+        self.published.send_replace(true);
         export
     }
 
@@ -107,7 +112,13 @@ impl ExportTable {
     pub fn withdraw(&self) -> Option<Arc<Export>> {
         let old = self.current.write().unwrap_or_else(|e| e.into_inner()).take();
         self.generation.send_modify(|g| *g += 1);
+        self.published.send_replace(false);
         old
+    }
+
+    /// Follows lock state: true while a device is published.
+    pub fn watch_published(&self) -> watch::Receiver<bool> {
+        self.published.subscribe()
     }
 
     pub fn watch_withdrawal(&self) -> watch::Receiver<u64> {

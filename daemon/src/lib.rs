@@ -20,6 +20,7 @@ pub mod demo;
 pub mod export;
 pub mod luks2;
 pub mod nbd;
+pub mod notify;
 pub mod seal;
 pub mod server;
 pub mod shutdown;

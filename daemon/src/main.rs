@@ -13,6 +13,7 @@ use nbdcrypt::config::{Args, Config, Mode};
 use nbdcrypt::control::proto::{Request, Response};
 use nbdcrypt::control::{self, ControlPlane, Origin, Unlocker};
 use nbdcrypt::demo;
+use nbdcrypt::notify;
 use nbdcrypt::export::ExportTable;
 use nbdcrypt::server::{self, Listeners};
 use nbdcrypt::shutdown;
@@ -72,6 +73,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(async move {
         wait_for_signal().await;
         info!("signal received: shutting down");
+        notify::stopping();
         trigger.trigger();
     });
 
@@ -81,6 +83,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         warn!(path = %config.backing.display(), size = device.size(),
               "serving UNENCRYPTED (plain comparison mode): data is stored in the clear");
         info!(unix = ?config.server.unix, tcp = ?config.server.tcp, export = %config.export_name, "listening");
+        notify::ready("serving UNENCRYPTED (plain mode)");
         server::run(&config.server, listeners, exports, shutdown).await?;
         tokio::task::spawn_blocking(move || device.flush())
             .await?
@@ -107,6 +110,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(key_file) = &config.unlock_key_file {
         unlock_at_start(&control, key_file).await?;
     }
+    notify::follow_lock_state(exports.clone());
+    notify::ready(if exports.current().is_some() { "unlocked" } else { "locked" });
     if let Mode::Demo { dir } = &config.mode {
         print_demo_banner(dir, &config, &info);
     }

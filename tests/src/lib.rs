@@ -262,6 +262,8 @@ fn package_of(tool: &str) -> &'static str {
         "fio" => "fio",
         "nbdkit" => "nbdkit",
         "cmp" => "diffutils",
+        "systemd-analyze" => "systemd",
+        "cryptsetup" => "cryptsetup-bin",
         _ => "?",
     }
 }
