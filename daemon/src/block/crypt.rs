@@ -17,6 +17,8 @@ use crate::crypto::xts::SectorCipher;
 
 /// Largest buffer one zeroing or RMW step works on.
 const ZERO_CHUNK: u64 = 1 << 20;
+/// Alignment of ciphertext buffers (O_DIRECT).
+const PAGE: usize = 4096;
 /// Ciphertext buffers above this size are released after use.
 const KEEP_CIPHERTEXT: usize = 4 << 20;
 
@@ -102,10 +104,12 @@ impl CryptDevice {
                 Ok(b) => &mut **b,
                 Err(_) => &mut fresh,
             };
-            if buf.len() < plain.len() {
-                buf.resize(plain.len(), 0);
+            // Page-aligned, so a backend using O_DIRECT takes it as it is.
+            if buf.len() < plain.len() + PAGE {
+                buf.resize(plain.len() + PAGE, 0);
             }
-            let out = &mut buf[..plain.len()];
+            let skip = buf.as_ptr().align_offset(PAGE).min(PAGE);
+            let out = &mut buf[skip..skip + plain.len()];
             self.cipher
                 .encrypt_into(plain, out, self.iv(offset))
                 .map_err(|_| Self::crypto_err(Op::Write, offset, plain.len() as u64))?;

@@ -129,13 +129,23 @@ struct Scratch(Vec<u8>);
 const KEEP_BUFFER: usize = 4 << 20;
 
 impl Scratch {
-    /// `n` bytes of the buffer; zero-filled only where it grows, and always fully overwritten
-    /// by its user (the device fills reads completely or fails).
+    /// `n` bytes of the buffer, starting page-aligned (so O_DIRECT can use them); zero-filled
+    /// only where it grows, and always fully overwritten by its user (the device fills reads
+    /// completely or fails).
     fn get(&mut self, n: usize) -> &mut [u8] {
-        if self.0.len() < n {
-            self.0.resize(n, 0);
+        self.get_aligned(n, 0)
+    }
+
+    /// `n` bytes whose byte `lead` is page-aligned: a reply header of `lead` bytes followed by
+    /// data that the backend reads with O_DIRECT. Same `n` and `lead` give the same bytes.
+    fn get_aligned(&mut self, n: usize, lead: usize) -> &mut [u8] {
+        let need = n + PAGE;
+        if self.0.len() < need {
+            self.0.resize(need, 0);
         }
-        &mut self.0[..n]
+        let start = (self.0.as_ptr() as usize).wrapping_add(lead);
+        let skip = (PAGE - start % PAGE) % PAGE;
+        &mut self.0[skip..skip + n]
     }
 
     fn trim(&mut self) {
@@ -145,10 +155,13 @@ impl Scratch {
     }
 }
 
+/// Alignment of worker buffers: what O_DIRECT needs on every device we expect.
+const PAGE: usize = 4096;
+
 /// A reply: either small and owned, or the first `n` bytes of the worker's output buffer.
 enum Out {
     Owned(Vec<u8>),
-    Output(usize),
+    Output { len: usize, lead: usize },
 }
 
 /// What the reader produced under the read lock.
@@ -252,7 +265,7 @@ impl Session<'_> {
             };
             match out {
                 Out::Owned(bytes) => self.send(&bytes),
-                Out::Output(n) => self.send(bufs.output.get(n)),
+                Out::Output { len, lead } => self.send(bufs.output.get_aligned(len, lead)),
             }
             drop(grants);
             bufs.input.trim();
@@ -466,7 +479,7 @@ fn read(export: &Export, h: &RequestHeader, structured: bool, output: &mut Scrat
         return Out::Owned(codec::none_chunk(h.cookie).to_vec());
     }
     let total = prefix + h.length as usize;
-    let buf = output.get(total);
+    let buf = output.get_aligned(total, prefix);
     match export.device.read_at(&mut buf[prefix..], h.offset) {
         Ok(()) => {
             IoStats::add(&export.stats.reads, 1);
@@ -476,7 +489,7 @@ fn read(export: &Export, h: &RequestHeader, structured: bool, output: &mut Scrat
             } else {
                 buf[..prefix].copy_from_slice(&codec::simple_reply(0, h.cookie));
             }
-            Out::Output(total)
+            Out::Output { len: total, lead: prefix }
         }
         Err(e) => Out::Owned(block_error_reply(export, h, &e, structured)),
     }
