@@ -592,28 +592,7 @@ impl Pkcs11Provider {
     }
 
     fn err(&self, e: CkError) -> SealError {
-        let token = self.uri.token_description();
-        match &e {
-            CkError::Pkcs11(rv, _) => match rv {
-                RvError::PinIncorrect
-                | RvError::PinLenRange
-                | RvError::PinInvalid
-                | RvError::PinExpired
-                | RvError::PinLocked
-                | RvError::UserPinNotInitialized => SealError::LoginFailed {
-                    provider: PROVIDER,
-                    detail: format!("token {token}: {}", ck_detail(&e)),
-                },
-                RvError::TokenNotPresent | RvError::TokenNotRecognized => {
-                    SealError::KeyMissing { provider: PROVIDER, key: format!("token {token} ({})", ck_detail(&e)) }
-                }
-                RvError::DeviceRemoved | RvError::DeviceError | RvError::DeviceMemory => {
-                    SealError::Unreachable { provider: PROVIDER, detail: format!("token {token}: {}", ck_detail(&e)) }
-                }
-                _ => SealError::Other { provider: PROVIDER, detail: format!("token {token}: {}", ck_detail(&e)) },
-            },
-            _ => SealError::Other { provider: PROVIDER, detail: format!("token {token}: {}", ck_detail(&e)) },
-        }
+        map_error(&self.uri, e)
     }
 
     /// Runs `op` with a logged-in session and the key, under the module lock.
@@ -625,38 +604,62 @@ impl Pkcs11Provider {
         let ctx = &self.module.ctx;
         let _guard = self.module.lock.lock().unwrap_or_else(PoisonError::into_inner);
 
-        let slot = self.find_slot()?;
+        let (slot, info) = self.find_slot()?;
         let session = ctx.open_ro_session(slot).map_err(|e| self.err(e))?;
         let mut s = LoggedIn { session, logged_in: false };
-        let pin = RawAuthPin::new(Box::new(self.pin.expose_secret().to_vec()));
-        match s.session.login_with_raw(UserType::User, &pin) {
-            Ok(()) => s.logged_in = true,
-            // Logged in by someone else in this process: their login, not ours to end.
-            Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-            Err(e) => return Err(self.err(e)),
+        if info.login_required() {
+            self.check_pin_state(&info)?;
+            // A copy for cryptoki: heap, not locked, wiped when dropped (secrecy's SecretBox).
+            let pin = RawAuthPin::new(Box::new(self.pin.expose_secret().to_vec()));
+            match s.session.login_with_raw(UserType::User, &pin) {
+                Ok(()) => s.logged_in = true,
+                // Logged in by someone else in this process: their login, not ours to end.
+                Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+                Err(e) => return Err(self.err(e)),
+            }
         }
-        drop(pin);
 
         let key = self.find_key(&s.session, for_seal)?;
         op(&s.session, key)
     }
 
-    fn find_slot(&self) -> Result<Slot, SealError> {
+    /// Don't walk a real HSM into a locked PIN: an unattended unlock that is refused is retried
+    /// by the operator, a locked token needs the SO. (SoftHSM2 never locks.)
+    fn check_pin_state(&self, info: &TokenInfo) -> Result<(), SealError> {
+        let token = self.uri.token_description();
+        let refuse = |detail: String| Err(SealError::LoginFailed { provider: PROVIDER, detail });
+        if info.user_pin_locked() {
+            return refuse(format!("token {token}: the user PIN is locked (CKF_USER_PIN_LOCKED); the security officer must unblock it"));
+        }
+        if info.user_pin_final_try() {
+            return refuse(format!(
+                "token {token}: one PIN attempt left before the PIN locks (CKF_USER_PIN_FINAL_TRY); not trying \
+                 unattended. Log in once by hand with the right PIN (e.g. pkcs11-tool --login --test) to reset the counter"
+            ));
+        }
+        if !info.user_pin_initialized() {
+            return refuse(format!("token {token}: the user PIN is not initialized (CKF_USER_PIN_INITIALIZED unset)"));
+        }
+        Ok(())
+    }
+
+    fn find_slot(&self) -> Result<(Slot, TokenInfo), SealError> {
         let ctx = &self.module.ctx;
         let slots = ctx.get_slots_with_initialized_token().map_err(|e| self.err(e))?;
-        let found: Vec<Slot> = slots
+        let mut found: Vec<(Slot, TokenInfo)> = slots
             .into_iter()
-            .filter(|s| ctx.get_token_info(*s).map(|t| self.uri.matches_token(&t)).unwrap_or(false))
+            .filter_map(|s| ctx.get_token_info(s).ok().map(|t| (s, t)))
+            .filter(|(_, t)| self.uri.matches_token(t))
             .collect();
-        match found.as_slice() {
-            [slot] => Ok(*slot),
-            [] => Err(SealError::KeyMissing {
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            0 => Err(SealError::KeyMissing {
                 provider: PROVIDER,
                 key: format!("token {} (no such token in module {})", self.uri.token_description(), self.module_path.display()),
             }),
-            _ => Err(SealError::Other {
+            n => Err(SealError::Other {
                 provider: PROVIDER,
-                detail: format!("{} tokens match {}; add serial= to the URI", found.len(), self.uri.token_description()),
+                detail: format!("{n} tokens match {}; add serial= to the URI", self.uri.token_description()),
             }),
         }
     }
@@ -715,6 +718,30 @@ impl Pkcs11Provider {
             tracing::warn!(key = %self.uri, "unsealing with a PKCS#11 key that is {why}; rekey to a non-extractable key");
         }
         Ok(key)
+    }
+}
+
+/// Sorts a PKCS#11 failure by what the operator has to do (see [`SealError`]).
+fn map_error(uri: &Pkcs11Uri, e: CkError) -> SealError {
+    let token = uri.token_description();
+    let detail = format!("token {token}: {}", ck_detail(&e));
+    match &e {
+        CkError::Pkcs11(rv, _) => match rv {
+            RvError::PinIncorrect
+            | RvError::PinLenRange
+            | RvError::PinInvalid
+            | RvError::PinExpired
+            | RvError::PinLocked
+            | RvError::UserPinNotInitialized => SealError::LoginFailed { provider: PROVIDER, detail },
+            RvError::TokenNotPresent | RvError::TokenNotRecognized => {
+                SealError::KeyMissing { provider: PROVIDER, key: format!("token {token} ({})", ck_detail(&e)) }
+            }
+            RvError::DeviceRemoved | RvError::DeviceError | RvError::DeviceMemory => {
+                SealError::Unreachable { provider: PROVIDER, detail }
+            }
+            _ => SealError::Other { provider: PROVIDER, detail },
+        },
+        _ => SealError::Other { provider: PROVIDER, detail },
     }
 }
 
@@ -1023,6 +1050,23 @@ mod tests {
         for bad in ["env:", "cred:", "cred:a/b", "cred:..", "|cmd", "pin.txt", "file:rel"] {
             assert!(PinSource::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn errors_are_sorted_by_operator_action() {
+        use cryptoki::context::Function;
+        let uri = Pkcs11Uri::parse("pkcs11:token=hsm1;object=k").unwrap();
+        let map = |rv, f| map_error(&uri, CkError::Pkcs11(rv, f));
+        for rv in [RvError::PinIncorrect, RvError::PinLenRange, RvError::PinLocked, RvError::PinExpired] {
+            assert!(matches!(map(rv, Function::Login), SealError::LoginFailed { .. }), "{rv:?}");
+        }
+        let e = map(RvError::TokenNotPresent, Function::OpenSession);
+        assert!(matches!(e, SealError::KeyMissing { .. }) && e.to_string().contains("hsm1"), "{e}");
+        let e = map(RvError::DeviceRemoved, Function::Encrypt);
+        assert!(matches!(e, SealError::Unreachable { .. }) && e.is_transient(), "{e}");
+        let e = map(RvError::MechanismInvalid, Function::EncryptInit);
+        assert!(matches!(e, SealError::Other { .. }), "{e}");
+        assert!(e.to_string().contains("C_EncryptInit: CKR_MECHANISM_INVALID"), "{e}");
     }
 
     #[test]
