@@ -479,7 +479,8 @@ fn load_module(path: &Path) -> Result<Arc<Module>, SealError> {
         detail: format!("cannot {what} PKCS#11 module {}: {e}", path.display()),
     };
     // One entry per library file, whatever the spelling: the same library is one C_Initialize.
-    let key = std::fs::canonicalize(path).map_err(|e| unreachable("load", &e))?;
+    // (A bare name is left to dlopen's search path; its error then names what is missing.)
+    let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let mut map = modules().lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(m) = map.get(&key) {
         return Ok(m.clone());
