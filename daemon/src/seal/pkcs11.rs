@@ -522,7 +522,8 @@ pub fn resolve_module(operator: Option<&Path>, uri: &Pkcs11Uri) -> PathBuf {
 // The provider
 
 /// Seals with an AES key inside a PKCS#11 token. `Send + Sync`; operations on one module are
-/// serialized.
+/// serialized. Calls block (a login is ~2 ms on SoftHSM2, real HSMs can take far longer): from
+/// async code, run them in `tokio::task::spawn_blocking`.
 pub struct Pkcs11Provider {
     uri: Pkcs11Uri,
     module_path: PathBuf,
