@@ -13,6 +13,7 @@ declare -A PKG=(
   [qemu-io]=qemu-utils [qemu-img]=qemu-utils
   [cryptsetup]=cryptsetup-bin [jq]=jq [socat]=socat [cmp]=diffutils
   [systemd-analyze]=systemd
+  [softhsm2-util]=softhsm2 [pkcs11-tool]=opensc
 )
 
 missing=()

@@ -7,6 +7,8 @@
 //! (KMS encryption context / GCM additional data), so a token copied to another volume or
 //! keyslot does not open.
 
+pub mod pkcs11;
+
 use std::fmt;
 
 use crate::crypto::keys::SecretBytes;
