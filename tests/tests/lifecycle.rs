@@ -319,3 +319,37 @@ fn an_export_whose_size_is_not_a_multiple_of_512_serves_its_last_bytes() {
         assert_eq!(std::fs::metadata(&d.image).unwrap().len(), size as u64, "{extra:?}: file size changed");
     }
 }
+
+/// True if the server hangs up on a fresh connection (without a greeting) within 5 s.
+fn refused(sock: &std::path::Path) -> bool {
+    use std::io::Read;
+    let Ok(mut s) = UnixStream::connect(sock) else { return true };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 18];
+    match s.read(&mut buf) {
+        Ok(0) | Err(_) => true,
+        Ok(_) => false,
+    }
+}
+
+#[test]
+fn clients_beyond_max_connections_are_refused_until_a_slot_frees_up() {
+    let d = Daemon::plain(4 * MIB, &["--max-connections", "2"]);
+    std::thread::sleep(Duration::from_millis(500)); // let the harness's readiness probe go away
+    let (mut a, _) = Client::connect_go(&d.sock);
+    let (b, _) = Client::connect_go(&d.sock);
+    assert!(refused(&d.sock), "a third client was greeted with --max-connections 2");
+    assert_eq!(a.write(1, 0, &[1; 4096], 0), 0, "existing client affected by the refusal");
+    drop(b);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if !refused(&d.sock) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot not freed 5 s after a client disconnected");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(a);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_server_serves(&d.sock);
+}
