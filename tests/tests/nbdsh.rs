@@ -270,6 +270,7 @@ fn a_read_only_export_refuses_writes_zeroes_and_trims_with_eperm() {
         expect_err(lambda: h.pwrite(b"x" * 4096, 0), errno.EPERM, "write on read-only")
         expect_err(lambda: h.pwrite(b"x" * 4096, 0, nbd.CMD_FLAG_FUA), errno.EPERM, "FUA write on read-only")
         expect_err(lambda: h.zero(4096, 0), errno.EPERM, "zero on read-only")
+        expect_err(lambda: h.trim(4096, 0), errno.EPERM, "trim on read-only")
         # The stream is still in sync after the rejected payloads.
         assert h.pread(65536, 0) == want
     "#));
