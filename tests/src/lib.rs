@@ -2,8 +2,8 @@
 //!
 //! * [`Daemon`] runs `nbdcryptd` (from the workspace target dir, or `$NBDCRYPTD`) on a Unix
 //!   socket inside a [`tempfile::TempDir`], waits until the socket accepts, kills it on `Drop`
-//!   and prints its stderr when the test fails. A daemon that dies on its own during a test
-//!   fails that test.
+//!   and prints its stderr when the test fails. A daemon that dies on its own during a test, or
+//!   logs a panic of any of its threads, fails that test.
 //! * [`tool`] / [`run`] run the external NBD clients (nbdinfo, nbdsh, nbdcopy, qemu-io,
 //!   qemu-img, fio) with a time limit. A missing tool fails the test: CI installs all of them
 //!   (`scripts/test.sh`), so absence is a bug, not a reason to skip.
@@ -242,6 +242,9 @@ impl Drop for Daemon {
             eprintln!("{}", self.log_banner());
         } else if let (Some(st), false) = (died, self.stopped) {
             panic!("nbdcryptd died during the test: {st}\n{}", self.log_banner());
+        } else if self.log().contains("panicked at") {
+            // A panic in a connection or worker thread is a bug even if the process survived.
+            panic!("nbdcryptd panicked during the test\n{}", self.log_banner());
         }
     }
 }

@@ -353,3 +353,27 @@ fn clients_beyond_max_connections_are_refused_until_a_slot_frees_up() {
     std::thread::sleep(Duration::from_millis(300));
     assert_server_serves(&d.sock);
 }
+
+#[test]
+fn debug_logging_does_not_disturb_serving() {
+    let d = Daemon::plain(8 * MIB, &["--log-level", "debug", "--allow-discards"]);
+    let out = nbdsh_d(&d, r#"
+        h.add_meta_context("base:allocation")
+        h.connect_uri(URI)
+        h.pwrite(b"d" * 65536, 0, nbd.CMD_FLAG_FUA)
+        assert h.pread(65536, 0) == b"d" * 65536
+        h.zero(65536, 65536)
+        h.trim(65536, 131072)
+        h.cache(65536, 0)
+        h.flush()
+        h.block_status(8 * 1024 * 1024, 0, lambda *a: 0)
+        h.set_strict_mode(0)
+        try:
+            h.pread(4096, 8 * 1024 * 1024)
+        except nbd.Error:
+            pass
+        h.shutdown()
+    "#);
+    out.success();
+    assert!(d.log().to_lowercase().contains("debug"), "no debug lines with --log-level debug:\n{}", d.log());
+}
