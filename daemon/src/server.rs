@@ -136,11 +136,23 @@ pub async fn run(
 
 async fn connection<S: Socket>(mut stream: S, peer: String, ctx: Ctx, mut shutdown: Shutdown) {
     debug!(%peer, "connected");
-    let negotiated = tokio::time::timeout(
+    // Subscribe before the export is looked up, so a lock that lands between the lookup and
+    // the attach below is still seen.
+    let mut withdrawn = ctx.exports.watch_withdrawal();
+    withdrawn.borrow_and_update();
+    let handshake = tokio::time::timeout(
         ctx.handshake_timeout,
         negotiate(&mut stream, &ctx.exports, &shutdown),
-    )
-    .await;
+    );
+    let mut stop = shutdown.clone();
+    let negotiated = tokio::select! {
+        r = handshake => r,
+        // A client idling in the handshake must not hold up shutdown.
+        _ = stop.triggered() => {
+            debug!(%peer, "closing a connection still in its handshake: shutting down");
+            return;
+        }
+    };
     let neg = match negotiated {
         Err(_) => {
             info!(%peer, "handshake timed out; closing");
@@ -175,8 +187,10 @@ async fn connection<S: Socket>(mut stream: S, peer: String, ctx: Ctx, mut shutdo
     info!(%peer, export = %neg.export.name, structured = neg.structured_replies,
           encrypted = neg.export.encrypted, "client attached");
     let _attached = ctx.exports.attach();
-    let mut withdrawn = ctx.exports.watch_withdrawal();
-    withdrawn.borrow_and_update();
+    if !ctx.exports.current().is_some_and(|e| Arc::ptr_eq(&e, &neg.export)) {
+        info!(%peer, "volume was locked during the handshake; closing");
+        return;
+    }
     let budget = ctx.budget.clone();
     let session_stopper = stopper.clone();
     let mut session =
