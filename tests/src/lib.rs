@@ -99,6 +99,33 @@ impl Daemon {
         Self::start_in(dir, args)
     }
 
+    /// Serve a fresh LUKS2 volume that cryptsetup formats (aes-xts-plain64, `sector_size`-byte
+    /// sectors, a cheap PBKDF2 keyslot) in a `file_size`-byte file, unlocked at start with a
+    /// random key file: `--volume DIR/disk.img --unlock-key-file DIR/key --control
+    /// DIR/control.sock --unix DIR/nbd.sock` followed by `extra`.
+    pub fn luks(file_size: u64, sector_size: u32, extra: &[&str]) -> Daemon {
+        let dir = tempdir();
+        luks_format(dir.path(), file_size, sector_size);
+        Self::luks_in(dir, extra)
+    }
+
+    /// Serve the LUKS2 volume `dir/disk.img` with key `dir/key` (see [`luks_format`]).
+    pub fn luks_in(dir: TempDir, extra: &[&str]) -> Daemon {
+        let p = |n: &str| OsString::from(dir.path().join(n));
+        let mut args = vec![
+            "--volume".into(),
+            p("disk.img"),
+            "--unlock-key-file".into(),
+            p("key"),
+            "--control".into(),
+            p("control.sock"),
+            "--unix".into(),
+            p("nbd.sock"),
+        ];
+        args.extend(extra.iter().map(OsString::from));
+        Self::start_in(dir, args)
+    }
+
     /// Start with a full argument list. `{dir}` inside an argument is replaced by the temporary
     /// directory. The arguments must contain `--unix SOCK`.
     pub fn start(args: &[&str]) -> Daemon {
@@ -118,7 +145,7 @@ impl Daemon {
                 .map(PathBuf::from)
         };
         let sock = value_of("--unix").expect("Daemon::start needs --unix SOCK");
-        let image = value_of("--plain").unwrap_or_default();
+        let image = value_of("--plain").or_else(|| value_of("--volume")).unwrap_or_default();
         let log = dir.path().join("nbdcryptd.log");
         let bin = daemon_binary();
         let child = Command::new(&bin)
@@ -249,6 +276,23 @@ impl Drop for Daemon {
     }
 }
 
+/// `cryptsetup luksFormat` a LUKS2 volume into `dir/disk.img` (`file_size` bytes) with a random
+/// 32-byte key in `dir/key`.
+pub fn luks_format(dir: &Path, file_size: u64, sector_size: u32) {
+    let img = dir.join("disk.img");
+    let key = dir.join("key");
+    std::fs::write(&key, random_bytes(file_size ^ 0xc0ffee ^ u64::from(sector_size), 32)).unwrap();
+    File::create(&img).unwrap().set_len(file_size).unwrap();
+    let mut c = tool("cryptsetup");
+    c.args(["luksFormat", "--batch-mode", "--type", "luks2", "--cipher", "aes-xts-plain64"])
+        .args(["--key-size", "512", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"])
+        .arg(format!("--sector-size={sector_size}"))
+        .arg("--key-file")
+        .arg(&key)
+        .arg(&img);
+    run(&mut c, Duration::from_secs(60)).success();
+}
+
 pub fn tempdir() -> TempDir {
     tempfile::Builder::new().prefix("nbdcrypt-test.").tempdir().unwrap()
 }
@@ -265,13 +309,16 @@ fn package_of(tool: &str) -> &'static str {
         "fio" => "fio",
         "nbdkit" => "nbdkit",
         "cmp" => "diffutils",
+        "cryptsetup" => "cryptsetup-bin",
         _ => "?",
     }
 }
 
 fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    // cryptsetup lives in /usr/sbin, which a non-login PATH may lack.
     std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
         .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
