@@ -5,6 +5,8 @@
 # already present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# cryptsetup, losetup and umount live in sbin, which a non-login PATH may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
 
 # tool -> Debian package
 declare -A PKG=(
@@ -12,6 +14,7 @@ declare -A PKG=(
   [nbdkit]=nbdkit [fio]=fio
   [qemu-io]=qemu-utils [qemu-img]=qemu-utils
   [cryptsetup]=cryptsetup-bin [jq]=jq [socat]=socat [cmp]=diffutils
+  [losetup]=mount [umount]=mount
 )
 
 missing=()
