@@ -921,3 +921,162 @@ pub fn nbdinfo_json(uri: &str) -> (serde_json::Value, serde_json::Value) {
     assert!(export.is_object(), "nbdinfo --json has no export:\n{}", out.stdout);
     (export, doc)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Model-checked concurrent client
+
+/// Drive one connection the way the Linux kernel does (compact requests, simple replies, up to
+/// `depth` requests in flight, cookies = generation << 32 | tag) with `total` random READ /
+/// WRITE / WRITE_ZEROES / FLUSH requests, some with FUA, at unaligned offsets. Requests in flight
+/// never overlap, so a model of the export predicts every READ. Checks each reply's cookie,
+/// error and data, and returns the model (the export's expected content).
+///
+/// The session works on the region `base .. base + initial.len()` of the export; `initial` is
+/// that region's content at the start. Sessions on disjoint regions may run at the same time.
+pub fn kernel_style_session(sock: &Path, base: u64, initial: Vec<u8>, depth: usize, total: u64, seed: u64) -> Vec<u8> {
+    use raw::*;
+    use std::collections::HashMap;
+    use std::sync::{Arc, Condvar, Mutex};
+
+    const SLOT: u64 = 64 * 1024;
+    #[derive(Clone, Copy)]
+    enum Op {
+        Read,
+        Write(u64),
+        Zero,
+        Flush,
+    }
+    struct St {
+        model: Vec<u8>,
+        busy: Vec<bool>,
+        inflight: HashMap<u64, (Op, u64, u32, usize)>, // cookie -> (op, offset, len, slot)
+        done: u64,
+        failure: Option<String>,
+    }
+    let size = initial.len() as u64;
+    let slots = (size / SLOT) as usize;
+    assert!(slots >= depth, "region too small for {depth} non-overlapping requests");
+    let (mut c, e) = Client::connect_go(sock);
+    assert!(base + size <= e.size, "region outside the export");
+    let st = Arc::new((
+        Mutex::new(St { model: initial, busy: vec![false; slots], inflight: HashMap::new(), done: 0, failure: None }),
+        Condvar::new(),
+    ));
+    let mut rd = Client { s: c.s.try_clone().unwrap(), server_flags: 0 };
+    let st_r = st.clone();
+    let reader = std::thread::spawn(move || {
+        let (lock, cv) = &*st_r;
+        for _ in 0..total {
+            let r = rd.simple_reply();
+            let mut s = lock.lock().unwrap();
+            let (err, cookie) = match r {
+                Ok(x) => x,
+                Err(e) => {
+                    s.failure = Some(format!("reading a reply after {} replies: {e}", s.done));
+                    cv.notify_all();
+                    return;
+                }
+            };
+            let Some((op, off, len, slot)) = s.inflight.remove(&cookie) else {
+                s.failure = Some(format!("reply with unknown cookie {cookie:#x}"));
+                cv.notify_all();
+                return;
+            };
+            if err != 0 {
+                s.failure = Some(format!("request {cookie:#x} failed with error {err}"));
+                cv.notify_all();
+                return;
+            }
+            let (o, l) = (off.saturating_sub(base) as usize, len as usize); // FLUSH: offset 0
+            match op {
+                Op::Read => {
+                    drop(s);
+                    let data = rd.read_n(l);
+                    s = lock.lock().unwrap();
+                    match data {
+                        Ok(d) if d == s.model[o..o + l] => {}
+                        Ok(d) => {
+                            let at = first_difference(&d, &s.model[o..o + l]);
+                            s.failure = Some(format!("READ {cookie:#x} at {off} len {len} differs at {at:?}"));
+                        }
+                        Err(e) => s.failure = Some(format!("READ payload: {e}")),
+                    }
+                }
+                Op::Write(seed) => s.model[o..o + l].copy_from_slice(&random_bytes(seed, l)),
+                Op::Zero => s.model[o..o + l].fill(0),
+                Op::Flush => {}
+            }
+            if slot != usize::MAX {
+                s.busy[slot] = false;
+            }
+            s.done += 1;
+            cv.notify_all();
+            if s.failure.is_some() {
+                return;
+            }
+        }
+    });
+
+    let mut x = seed | 1;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let (lock, cv) = &*st;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for n in 0..total {
+        let pick = rnd();
+        let mut s = lock.lock().unwrap();
+        // Wait for room: fewer than `depth` in flight.
+        while s.failure.is_none() && s.inflight.len() >= depth {
+            assert!(Instant::now() < deadline, "session did not finish within 120 s");
+            s = cv.wait_timeout(s, Duration::from_millis(100)).unwrap().0;
+        }
+        if let Some(f) = &s.failure {
+            panic!("{f}");
+        }
+        let generation = n >> 8;
+        let cookie = (generation << 32) | (n & 0xff);
+        let kind = pick % 16;
+        let flags = if pick % 7 == 0 { CMD_FLAG_FUA } else { 0 };
+        if kind == 0 {
+            s.inflight.insert(cookie, (Op::Flush, 0, 0, usize::MAX));
+            drop(s);
+            c.request(0, CMD_FLUSH, cookie, 0, 0, &[]).unwrap();
+            continue;
+        }
+        let start = (pick >> 8) as usize % slots;
+        let slot = (0..slots).map(|i| (start + i) % slots).find(|&i| !s.busy[i]).expect("a free slot");
+        s.busy[slot] = true;
+        let len = 1 + (pick >> 24) % SLOT;
+        let off = base + slot as u64 * SLOT + (pick >> 40) % (SLOT - len + 1);
+        let len = len as u32;
+        match kind {
+            1..=6 => {
+                s.inflight.insert(cookie, (Op::Read, off, len, slot));
+                drop(s);
+                c.request(flags, CMD_READ, cookie, off, len, &[]).unwrap();
+            }
+            7..=13 => {
+                let wseed = pick ^ 0xabcdef;
+                s.inflight.insert(cookie, (Op::Write(wseed), off, len, slot));
+                drop(s);
+                c.request(flags, CMD_WRITE, cookie, off, len, &random_bytes(wseed, len as usize)).unwrap();
+            }
+            _ => {
+                s.inflight.insert(cookie, (Op::Zero, off, len, slot));
+                drop(s);
+                c.request(flags, CMD_WRITE_ZEROES, cookie, off, len, &[]).unwrap();
+            }
+        }
+    }
+    reader.join().expect("reply reader");
+    let s = lock.lock().unwrap();
+    if let Some(f) = &s.failure {
+        panic!("{f}");
+    }
+    assert_eq!(s.done, total, "replies received");
+    s.model.clone()
+}

@@ -513,3 +513,35 @@ fn reads_past_the_end_of_a_backing_file_truncated_underneath_never_return_stale_
     }
     assert_eq!(c.read(300, 0, 4096).unwrap(), vec![0; 4096]);
 }
+
+#[test]
+fn a_kernel_style_client_with_128_requests_in_flight_gets_consistent_replies() {
+    let initial = random_bytes(50, 16 * MIB as usize);
+    let d = Daemon::plain_with(&initial, &[]);
+    let model = kernel_style_session(&d.sock, 0, initial, 128, 4000, 77);
+    let (mut c, _) = Client::connect_go(&d.sock);
+    c.request(0, CMD_FLUSH, 1, 0, 0, &[]).unwrap();
+    assert_eq!(c.simple_reply().unwrap(), (0, 1));
+    let disk = std::fs::read(&d.image).unwrap();
+    assert!(disk == model, "backing file differs from the model at {:?}", first_difference(&disk, &model));
+}
+
+#[test]
+fn four_kernel_style_connections_on_disjoint_regions_stay_consistent() {
+    let region = 8 * MIB;
+    let d = Daemon::plain(4 * region, &[]);
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let sock = d.sock.clone();
+            std::thread::spawn(move || {
+                kernel_style_session(&sock, t * region, vec![0; region as usize], 64, 1500, 100 + t)
+            })
+        })
+        .collect();
+    let models: Vec<Vec<u8>> = threads.into_iter().map(|t| t.join().expect("session")).collect();
+    let disk = std::fs::read(&d.image).unwrap();
+    for (t, m) in models.iter().enumerate() {
+        let part = &disk[t * region as usize..(t + 1) * region as usize];
+        assert!(part == &m[..], "region {t} differs from its model at {:?}", first_difference(part, m));
+    }
+}
