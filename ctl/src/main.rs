@@ -7,8 +7,10 @@
 //! code (table in `exit`).
 
 mod exit;
+mod offline;
 mod online;
 mod secret;
+mod secret_input;
 
 use std::process::ExitCode;
 
@@ -55,6 +57,8 @@ enum Command {
     /// Show lock state, volume, export, clients and I/O counters.
     #[command(long_about = online::STATUS_ABOUT, after_help = with_exit_codes(online::STATUS_EXAMPLES))]
     Status(online::StatusArgs),
+    #[command(flatten)]
+    Offline(offline::OfflineCommand),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +71,12 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
+        Command::Offline(cmd) => {
+            return offline::run(cmd).unwrap_or_else(|e| {
+                eprintln!("nbdcryptctl: {e:#}");
+                ExitCode::from(exit::ERROR)
+            })
+        }
         Command::Unlock(args) => online::unlock(args),
         Command::Lock(args) => online::lock(args),
         Command::Status(args) => online::status(args),

@@ -19,6 +19,7 @@ pub mod demo;
 pub mod export;
 pub mod luks2;
 pub mod nbd;
+pub mod seal;
 pub mod server;
 pub mod shutdown;
 pub mod sys;

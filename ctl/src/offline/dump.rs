@@ -1,0 +1,304 @@
+//! `dump`: the LUKS2 header in the spirit of `cryptsetup luksDump`, as text or JSON. Never shows
+//! token contents (they may hold wrapped keys) or anything else secret, except the volume key
+//! with `--dump-volume-key` after a passphrase and an explicit confirmation.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use anyhow::anyhow;
+use clap::Args;
+use serde_json::{json, Value};
+
+use nbdcrypt::luks2::{
+    KdfLimits, KdfParams, KeyslotInfo, KeyslotPriority, Luks2Header, SegmentSize,
+};
+
+use super::{confirmed, Volume};
+use crate::secret_input::{io_reason, read_existing, Source};
+
+pub const ABOUT: &str = "\
+Show the LUKS2 header of a volume (or of a detached header file or header backup): version,
+UUID, label, epoch, the data segment, keyslots with their KDF cost, and tokens with the keyslots
+they serve. Token contents are never shown.
+
+--dump-volume-key prints the volume key in hex after asking for a passphrase and a typed YES:
+anyone with that key can decrypt the volume, whatever passphrases it has later.";
+
+pub const EXAMPLES: &str = "\
+Examples:
+  nbdcryptctl dump /srv/vol.img
+  nbdcryptctl dump vol.img --json | jq '.keyslots[].id'
+  nbdcryptctl dump vol.img --dump-volume-key --key-file key.bin --yes";
+
+#[derive(Args, Debug)]
+pub struct DumpArgs {
+    /// Volume file, block device, detached header or header backup.
+    #[arg(value_name = "VOLUME")]
+    pub volume: PathBuf,
+    /// Machine-readable JSON on standard output.
+    #[arg(long)]
+    pub json: bool,
+    /// Print the volume key in hex (needs a passphrase and confirmation). DANGEROUS.
+    #[arg(long)]
+    pub dump_volume_key: bool,
+    /// With --dump-volume-key: passphrase from this file (bytes as-is; `-` = standard input).
+    #[arg(long, value_name = "FILE", requires = "dump_volume_key")]
+    pub key_file: Option<PathBuf>,
+    /// With --dump-volume-key: do not ask for confirmation.
+    #[arg(long, requires = "dump_volume_key")]
+    pub yes: bool,
+}
+
+pub fn run(a: DumpArgs) -> anyhow::Result<()> {
+    let vol = Volume::open(&a.volume, false)?;
+    if a.dump_volume_key {
+        return dump_volume_key(&vol, &a);
+    }
+    let hdr = vol.header_metadata_only()?;
+    let mut out = io::stdout().lock();
+    if a.json {
+        let v = to_json(&hdr);
+        serde_json::to_writer_pretty(&mut out, &v)
+            .map_err(io::Error::from)
+            .and_then(|()| writeln!(out))
+            .map_err(stdout_error)?;
+    } else {
+        write_text(&mut out, &vol, &hdr).map_err(stdout_error)?;
+    }
+    Ok(())
+}
+
+fn stdout_error(e: io::Error) -> anyhow::Error {
+    anyhow!("cannot write to standard output: {}", io_reason(&e))
+}
+
+fn priority_name(p: KeyslotPriority) -> &'static str {
+    match p {
+        KeyslotPriority::Ignore => "ignore",
+        KeyslotPriority::Normal => "normal",
+        KeyslotPriority::Prefer => "prefer",
+    }
+}
+
+fn kdf_json(k: &Option<KdfParams>) -> Value {
+    match *k {
+        None => Value::Null,
+        Some(KdfParams::Pbkdf2 { hash, iterations }) => {
+            json!({"type": "pbkdf2", "hash": hash.name(), "iterations": iterations})
+        }
+        Some(
+            p @ (KdfParams::Argon2i {
+                time,
+                memory_kib,
+                cpus,
+            }
+            | KdfParams::Argon2id {
+                time,
+                memory_kib,
+                cpus,
+            }),
+        ) => json!({"type": p.type_name(), "time": time, "memory_kib": memory_kib, "cpus": cpus}),
+    }
+}
+
+fn keyslot_json(k: &KeyslotInfo) -> Value {
+    json!({
+        "id": k.id,
+        "type": k.type_name,
+        "priority": priority_name(k.priority),
+        "key_bits": k.key_size.map(|s| s * 8),
+        "kdf": kdf_json(&k.kdf),
+        "area_offset": k.area_offset,
+        "area_size": k.area_size,
+        "opens_data": k.for_data,
+    })
+}
+
+/// The dump as JSON: our own stable shape, not the raw header.
+pub fn to_json(hdr: &Luks2Header) -> Value {
+    let seg = hdr.data_segment();
+    let tokens: Vec<Value> = hdr
+        .tokens()
+        .map(|(id, t)| json!({"id": id, "type": t.type_name(), "keyslots": t.keyslots()}))
+        .collect();
+    json!({
+        "version": 2,
+        "uuid": hdr.uuid(),
+        "label": hdr.label(),
+        "subsystem": hdr.subsystem(),
+        "epoch": hdr.seqid(),
+        "metadata_area": hdr.hdr_size(),
+        "keyslots_area": hdr.metadata_end() - 2 * hdr.hdr_size(),
+        "flags": hdr.config_flags(),
+        "segment": {
+            "id": 0,
+            "type": "crypt",
+            "offset": seg.offset,
+            "size": match seg.size {
+                SegmentSize::Dynamic => json!("dynamic"),
+                SegmentSize::Bytes(n) => json!(n),
+            },
+            "cipher": "aes-xts-plain64",
+            "sector_size": seg.sector_size,
+            "key_bits": seg.key_size.map(|s| s * 8),
+            "iv_tweak": seg.iv_tweak,
+        },
+        "keyslots": hdr.keyslots().iter().map(keyslot_json).collect::<Vec<_>>(),
+        "tokens": tokens,
+    })
+}
+
+fn write_text(out: &mut dyn Write, vol: &Volume, hdr: &Luks2Header) -> io::Result<()> {
+    let or = |s: &str, none: &str| {
+        if s.is_empty() {
+            none.to_owned()
+        } else {
+            s.to_owned()
+        }
+    };
+    let flags = hdr.config_flags();
+    writeln!(out, "LUKS header information for {}", vol.path.display())?;
+    writeln!(out)?;
+    writeln!(out, "Version:       \t2")?;
+    writeln!(out, "Epoch:         \t{}", hdr.seqid())?;
+    writeln!(out, "Metadata area: \t{} [bytes]", hdr.hdr_size())?;
+    writeln!(
+        out,
+        "Keyslots area: \t{} [bytes]",
+        hdr.metadata_end() - 2 * hdr.hdr_size()
+    )?;
+    writeln!(out, "UUID:          \t{}", hdr.uuid())?;
+    writeln!(out, "Label:         \t{}", or(hdr.label(), "(no label)"))?;
+    writeln!(
+        out,
+        "Subsystem:     \t{}",
+        or(hdr.subsystem(), "(no subsystem)")
+    )?;
+    writeln!(
+        out,
+        "Flags:         \t{}",
+        if flags.is_empty() {
+            "(no flags)".to_owned()
+        } else {
+            flags.join(" ")
+        }
+    )?;
+    writeln!(out)?;
+    let seg = hdr.data_segment();
+    writeln!(out, "Data segments:")?;
+    writeln!(out, "  0: crypt")?;
+    writeln!(out, "\toffset: {} [bytes]", seg.offset)?;
+    match seg.size {
+        SegmentSize::Dynamic => writeln!(out, "\tlength: (whole device)")?,
+        SegmentSize::Bytes(n) => writeln!(out, "\tlength: {n} [bytes]")?,
+    }
+    writeln!(out, "\tcipher: aes-xts-plain64")?;
+    writeln!(out, "\tsector: {} [bytes]", seg.sector_size)?;
+    writeln!(out)?;
+    writeln!(out, "Keyslots:")?;
+    for k in hdr.keyslots() {
+        writeln!(out, "  {}: {}", k.id, k.type_name)?;
+        if let Some(bits) = k.key_size.map(|s| s * 8) {
+            writeln!(out, "\tKey:        {bits} bits")?;
+        }
+        writeln!(out, "\tPriority:   {}", priority_name(k.priority))?;
+        match k.kdf {
+            Some(KdfParams::Pbkdf2 { hash, iterations }) => {
+                writeln!(out, "\tPBKDF:      pbkdf2")?;
+                writeln!(out, "\tHash:       {hash}")?;
+                writeln!(out, "\tIterations: {iterations}")?;
+            }
+            Some(
+                p @ (KdfParams::Argon2i {
+                    time,
+                    memory_kib,
+                    cpus,
+                }
+                | KdfParams::Argon2id {
+                    time,
+                    memory_kib,
+                    cpus,
+                }),
+            ) => {
+                writeln!(out, "\tPBKDF:      {}", p.type_name())?;
+                writeln!(out, "\tTime cost:  {time}")?;
+                writeln!(out, "\tMemory:     {memory_kib}")?;
+                writeln!(out, "\tThreads:    {cpus}")?;
+            }
+            None => writeln!(
+                out,
+                "\tPBKDF:      (unsupported; this keyslot is never tried)"
+            )?,
+        }
+        if let (Some(o), Some(s)) = (k.area_offset, k.area_size) {
+            writeln!(out, "\tArea offset:{o} [bytes]")?;
+            writeln!(out, "\tArea length:{s} [bytes]")?;
+        }
+        if !k.for_data {
+            writeln!(
+                out,
+                "\tDigest:     (not bound to the data segment; never opens it)"
+            )?;
+        }
+    }
+    writeln!(out, "Tokens:")?;
+    for (id, t) in hdr.tokens() {
+        writeln!(out, "  {id}: {}", t.type_name())?;
+        for s in t.keyslots() {
+            writeln!(out, "\tKeyslot:    {s}")?;
+        }
+    }
+    Ok(())
+}
+
+fn dump_volume_key(vol: &Volume, a: &DumpArgs) -> anyhow::Result<()> {
+    let hdr = vol.header(false)?;
+    let p = vol.path.display();
+    eprintln!(
+        "WARNING: the volume key of {p} will be printed in hex.\n\
+         WARNING: anyone who sees it can decrypt the volume forever, even after every \
+         passphrase is changed.\n\
+         WARNING: do not paste it anywhere; clear your terminal scrollback afterwards."
+    );
+    let pass = read_existing(
+        &Source::from_arg(a.key_file.as_deref()),
+        &format!("Enter passphrase for {p}: "),
+    )?;
+    let (key, slot) = hdr
+        .unlock(&vol.file, &pass, &KdfLimits::default())
+        .map_err(|e| vol.explain(e))?;
+    drop(pass);
+    confirmed(
+        a.yes,
+        &format!("Keyslot {slot} opened. Print the volume key of {p} on standard output?"),
+    )?;
+    let mut out = io::stdout().lock();
+    let write = |out: &mut dyn Write| -> io::Result<()> {
+        if a.json {
+            write!(
+                out,
+                "{{\"uuid\": \"{}\", \"keyslot\": {slot}, \"key_bits\": {}, \"volume_key\": \"",
+                hdr.uuid(),
+                key.len() * 8
+            )?;
+        } else {
+            writeln!(out, "LUKS header information for {p}")?;
+            writeln!(out, "UUID:          \t{}", hdr.uuid())?;
+            writeln!(out, "Cipher:        \taes-xts-plain64")?;
+            writeln!(out, "Key bits:      \t{}", key.len() * 8)?;
+            write!(out, "Volume key:    \t")?;
+        }
+        // Byte by byte: the key never lands in an ordinary String.
+        for b in key.expose_secret() {
+            write!(out, "{b:02x}")?;
+        }
+        if a.json {
+            writeln!(out, "\"}}")?;
+        } else {
+            writeln!(out)?;
+        }
+        out.flush()
+    };
+    write(&mut out).map_err(stdout_error)?;
+    Ok(())
+}

@@ -1,0 +1,491 @@
+//! Offline commands: work directly on a volume file or block device through `nbdcrypt::luks2`,
+//! without a running daemon. Modelled on cryptsetup's `luksFormat`, `luksAddKey`,
+//! `luksKillSlot`, `luksChangeKey`, `luksDump`, `luksHeaderBackup/Restore` and
+//! `open --test-passphrase`.
+//!
+//! Each command lives in its own file (`format`, `keys`, `dump`, `header`); this file holds the
+//! clap enum, the dispatch and what they share: opening a volume, turning `FormatError`s into
+//! messages that name the path, the KDF options, and the exit codes.
+
+mod dump;
+mod format;
+mod header;
+mod keys;
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use clap::{Args, Subcommand, ValueEnum};
+
+use nbdcrypt::crypto::kdf::{benchmark_pbkdf2, MAX_ARGON2_CPUS_CREATE};
+use nbdcrypt::luks2::{
+    benchmark_argon2id, FormatError, HashAlg, KdfParams, Luks2Header, RepairNeeded,
+};
+
+use crate::secret_input::io_reason;
+
+/// Exit status 0: success.
+pub const EXIT_OK: u8 = 0;
+// Exit status 1 (any other error) is `main`'s: `run` returns those errors.
+/// The passphrase or key file opened no keyslot (cryptsetup's code for this is 2, "no
+/// permission"). NOTE for the merge with the online commands: their table (`exit.rs` on main)
+/// uses 2 for usage errors and 3 for a wrong secret; changing this one constant (and `NO_KEY`
+/// in `tests/offline_cli.rs`) moves the offline commands to that table, help texts included.
+pub const EXIT_NO_KEY: u8 = crate::exit::WRONG_SECRET;
+
+/// The exit-code table for `--help` texts.
+pub fn exit_codes() -> String {
+    let usage = if EXIT_NO_KEY == 2 {
+        ", bad arguments"
+    } else {
+        ""
+    };
+    let mut t = format!(
+        "Exit status:\n  0  success\n  1  error (missing file, not a LUKS2 volume, permission \
+         denied{usage}, ...)\n"
+    );
+    if EXIT_NO_KEY != 2 {
+        t.push_str("  2  usage error (bad flags or arguments)\n");
+    }
+    t.push_str(&format!(
+        "  {EXIT_NO_KEY}  wrong passphrase: no key available with this passphrase"
+    ));
+    t
+}
+
+/// What cryptsetup prints for a passphrase that opens nothing.
+pub const NO_KEY_MESSAGE: &str = "no key available with this passphrase";
+
+/// A command's examples followed by the exit-code table.
+fn help(examples: &str) -> String {
+    format!("{examples}\n\n{SECRET_HELP}\n\n{}", exit_codes())
+}
+
+const SECRET_HELP: &str = "\
+Passphrases: with --key-file F the file's bytes are used as-is (newlines included; `-` reads all
+of standard input). Without it, nbdcryptctl asks on the terminal (echo off; new passphrases
+twice), or, when standard input is not a terminal, reads one line of it (without the newline).";
+
+/// Commands that work on a volume file or block device directly (no daemon needed).
+#[derive(Subcommand, Debug)]
+pub enum OfflineCommand {
+    /// Create a new LUKS2 volume (aes-xts-plain64) on a file or block device.
+    #[command(long_about = format::ABOUT, after_help = help(format::EXAMPLES))]
+    Format(format::FormatArgs),
+    /// Add a passphrase in a new keyslot (needs an existing passphrase).
+    #[command(long_about = keys::ADD_ABOUT, after_help = help(keys::ADD_EXAMPLES))]
+    AddKey(keys::AddKeyArgs),
+    /// Wipe and remove a keyslot (needs the passphrase of another keyslot).
+    #[command(long_about = keys::REMOVE_ABOUT, after_help = help(keys::REMOVE_EXAMPLES))]
+    RemoveKey(keys::RemoveKeyArgs),
+    /// Change the passphrase of a keyslot, keeping its number.
+    #[command(long_about = keys::CHANGE_ABOUT, after_help = help(keys::CHANGE_EXAMPLES))]
+    ChangeKey(keys::ChangeKeyArgs),
+    /// Show the LUKS2 header: segment, keyslots, tokens (never secrets).
+    #[command(long_about = dump::ABOUT, after_help = help(dump::EXAMPLES))]
+    Dump(dump::DumpArgs),
+    /// Save the LUKS2 header and keyslots to a file.
+    #[command(long_about = header::BACKUP_ABOUT, after_help = help(header::BACKUP_EXAMPLES))]
+    HeaderBackup(header::BackupArgs),
+    /// Replace the LUKS2 header and keyslots with a backup.
+    #[command(long_about = header::RESTORE_ABOUT, after_help = help(header::RESTORE_EXAMPLES))]
+    HeaderRestore(header::RestoreArgs),
+    /// Check a passphrase: print the keyslot it opens (exit 0) or fail with exit 3.
+    #[command(long_about = keys::TEST_ABOUT, after_help = help(keys::TEST_EXAMPLES))]
+    TestKey(keys::TestKeyArgs),
+}
+
+/// Runs one offline command. A wrong passphrase is reported here (message on stderr, exit 3);
+/// every other failure is returned for `main` to print (exit 1).
+pub fn run(cmd: OfflineCommand) -> anyhow::Result<ExitCode> {
+    // Passphrases and volume keys are in memory: keep them out of core dumps.
+    let _ = nbdcrypt::sys::disable_core_dumps();
+    let result = match cmd {
+        OfflineCommand::Format(a) => format::run(a),
+        OfflineCommand::AddKey(a) => keys::add(a),
+        OfflineCommand::RemoveKey(a) => keys::remove(a),
+        OfflineCommand::ChangeKey(a) => keys::change(a),
+        OfflineCommand::Dump(a) => dump::run(a),
+        OfflineCommand::HeaderBackup(a) => header::backup(a),
+        OfflineCommand::HeaderRestore(a) => header::restore(a),
+        OfflineCommand::TestKey(a) => keys::test(a),
+    };
+    match result {
+        Ok(()) => Ok(ExitCode::from(EXIT_OK)),
+        Err(e) if e.downcast_ref::<NoKey>().is_some() => {
+            eprintln!("nbdcryptctl: {e}");
+            Ok(ExitCode::from(EXIT_NO_KEY))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The passphrase opened no keyslot: exit 3.
+#[derive(Debug)]
+pub(crate) struct NoKey(pub String);
+
+impl std::fmt::Display for NoKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NoKey {}
+
+// ---- opening a volume ---------------------------------------------------------------------------
+
+/// An open volume with the path it came from, for messages.
+pub(crate) struct Volume {
+    pub path: PathBuf,
+    pub file: File,
+}
+
+impl Volume {
+    /// Opens an existing volume file or block device, read-only or read-write.
+    pub fn open(path: &Path, write: bool) -> anyhow::Result<Volume> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(path)
+            .map_err(|e| anyhow!("cannot open {}: {}", path.display(), io_reason(&e)))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| anyhow!("cannot stat {}: {}", path.display(), io_reason(&e)))?;
+        if meta.is_dir() {
+            bail!(
+                "{} is a directory, not a volume file or block device",
+                path.display()
+            );
+        }
+        Ok(Volume {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    /// Reads the header of a volume whose data follows it. For commands that write, a stale or
+    /// damaged header copy is rewritten from the good one first (as cryptsetup does); read-only
+    /// commands only warn.
+    pub fn header(&self, write: bool) -> anyhow::Result<Luks2Header> {
+        let (hdr, repair) = Luks2Header::read(&self.file).map_err(|e| self.explain(e))?;
+        self.handle_repair(&hdr, repair, write)?;
+        Ok(hdr)
+    }
+
+    /// Like [`header`](Self::header), but also accepts a detached header file (for `dump`).
+    pub fn header_metadata_only(&self) -> anyhow::Result<Luks2Header> {
+        let (hdr, repair) =
+            Luks2Header::read_metadata_only(&self.file).map_err(|e| self.explain(e))?;
+        self.handle_repair(&hdr, repair, false)?;
+        Ok(hdr)
+    }
+
+    fn handle_repair(
+        &self,
+        hdr: &Luks2Header,
+        repair: RepairNeeded,
+        write: bool,
+    ) -> anyhow::Result<()> {
+        let which = match repair {
+            RepairNeeded::None => return Ok(()),
+            RepairNeeded::Primary => "primary",
+            RepairNeeded::Secondary => "secondary",
+        };
+        if write {
+            hdr.repair(&self.file, repair)
+                .map_err(|e| self.explain(e))?;
+            eprintln!(
+                "nbdcryptctl: {}: the {which} header copy was damaged or stale; rewrote it from the \
+                 other copy",
+                self.path.display()
+            );
+        } else {
+            eprintln!(
+                "nbdcryptctl: warning: {}: the {which} header copy is damaged or stale (the other \
+                 copy is used); any command that writes the header repairs it",
+                self.path.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Turns a library error into a message naming the path; a wrong passphrase becomes
+    /// [`NoKey`] (exit 3).
+    pub fn explain(&self, e: FormatError) -> anyhow::Error {
+        let p = self.path.display();
+        match e {
+            FormatError::WrongPassphrase => anyhow::Error::new(NoKey(NO_KEY_MESSAGE.into())),
+            FormatError::NoValidHeader {
+                ref primary,
+                ref secondary,
+            } => {
+                let magic = |e: &FormatError| matches!(e, FormatError::BadMagic { .. });
+                let version = |e: &FormatError| match e {
+                    FormatError::UnsupportedVersion { version, .. } => Some(*version),
+                    _ => None,
+                };
+                if let Some(v) = version(primary) {
+                    if v == 1 {
+                        anyhow!(
+                            "{p} is a LUKS1 volume; only LUKS2 is supported (convert it with \
+                             `cryptsetup convert --type luks2 {p}`)"
+                        )
+                    } else {
+                        anyhow!("{p}: unsupported LUKS version {v} (only LUKS2)")
+                    }
+                } else if magic(primary) && magic(secondary) {
+                    anyhow!("{p} is not a LUKS2 volume (no LUKS2 header found)")
+                } else {
+                    anyhow!(
+                        "{p}: no valid LUKS2 header copy (primary: {primary}; secondary: \
+                         {secondary}); restore a backup with `nbdcryptctl header-restore`"
+                    )
+                }
+            }
+            FormatError::DetachedHeader { reason } => anyhow!(
+                "{p} has a detached LUKS2 header ({reason}); nbdcryptctl needs the header and the \
+                 data on the same file or device"
+            ),
+            FormatError::Lock { source, .. } => {
+                anyhow!("{p}: cannot lock the header: {}", io_reason(&source))
+            }
+            FormatError::Io { op, offset, source } => {
+                anyhow!(
+                    "{p}: i/o error {op} at offset {offset}: {}",
+                    io_reason(&source)
+                )
+            }
+            other => anyhow!("{p}: {other}"),
+        }
+    }
+}
+
+// ---- key derivation options ---------------------------------------------------------------------
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PbkdfType {
+    Argon2id,
+    Argon2i,
+    Pbkdf2,
+}
+
+/// KDF of a new keyslot, as cryptsetup's options.
+#[derive(Args, Debug, Clone)]
+pub struct PbkdfArgs {
+    /// Key derivation function of the new keyslot.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "argon2id",
+        help_heading = "Key derivation"
+    )]
+    pub pbkdf: PbkdfType,
+    /// Argon2 memory cost in KiB (default: benchmarked, at most 1 GiB and half the RAM).
+    #[arg(long, value_name = "KiB", help_heading = "Key derivation")]
+    pub pbkdf_memory: Option<u32>,
+    /// Argon2 threads (lanes), 1..4 (default: min(4, CPUs)).
+    #[arg(long, value_name = "N", help_heading = "Key derivation")]
+    pub pbkdf_parallel: Option<u32>,
+    /// Time the KDF should take to open the keyslot, in milliseconds.
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 2000,
+        help_heading = "Key derivation"
+    )]
+    pub iter_time: u64,
+    /// Skip the benchmark: pbkdf2 iterations, or argon2 time cost (passes).
+    #[arg(long, value_name = "N", help_heading = "Key derivation")]
+    pub pbkdf_force_iterations: Option<u32>,
+}
+
+/// Default argon2 memory cap: 1 GiB, but at most half the RAM (as cryptsetup).
+fn default_argon2_memory_kib() -> u32 {
+    let cap = 1024 * 1024;
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse::<u64>().ok())
+    });
+    match total_kib {
+        Some(t) => u32::try_from((t / 2).min(cap))
+            .unwrap_or(cap as u32)
+            .max(32),
+        None => cap as u32,
+    }
+}
+
+impl PbkdfArgs {
+    /// Checks what can be checked before asking for any passphrase: ranges, and the whole KDF
+    /// when it is forced (no benchmark needed).
+    pub fn precheck(&self) -> anyhow::Result<()> {
+        if self.pbkdf_force_iterations.is_some() {
+            self.resolve(64).map(|_| ())
+        } else {
+            self.check_ranges()
+        }
+    }
+
+    fn check_ranges(&self) -> anyhow::Result<()> {
+        if self.iter_time == 0 {
+            bail!("--iter-time must be at least 1 ms");
+        }
+        if let Some(p) = self.pbkdf_parallel {
+            if !(1..=MAX_ARGON2_CPUS_CREATE).contains(&p) {
+                bail!("--pbkdf-parallel {p} is outside 1..={MAX_ARGON2_CPUS_CREATE}");
+            }
+        }
+        if self.pbkdf == PbkdfType::Pbkdf2
+            && (self.pbkdf_memory.is_some() || self.pbkdf_parallel.is_some())
+        {
+            bail!("--pbkdf-memory and --pbkdf-parallel apply to argon2 only, not pbkdf2");
+        }
+        Ok(())
+    }
+
+    /// Resolves the options into keyslot KDF parameters, benchmarking (with progress on stderr)
+    /// unless `--pbkdf-force-iterations` is given. `key_len` is the volume key length in bytes.
+    pub fn resolve(&self, key_len: usize) -> anyhow::Result<KdfParams> {
+        self.check_ranges()?;
+        let target = Duration::from_millis(self.iter_time);
+        let cpus = self.pbkdf_parallel.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| u32::try_from(n.get()).unwrap_or(1))
+                .unwrap_or(1)
+                .clamp(1, MAX_ARGON2_CPUS_CREATE)
+        });
+        let params = match (self.pbkdf, self.pbkdf_force_iterations) {
+            (PbkdfType::Pbkdf2, Some(n)) => KdfParams::Pbkdf2 {
+                hash: HashAlg::Sha256,
+                iterations: n,
+            },
+            (PbkdfType::Pbkdf2, None) => {
+                eprintln!(
+                    "benchmarking key derivation (pbkdf2-sha256, {} ms)…",
+                    self.iter_time
+                );
+                KdfParams::Pbkdf2 {
+                    hash: HashAlg::Sha256,
+                    iterations: benchmark_pbkdf2(HashAlg::Sha256, target, key_len),
+                }
+            }
+            (kind, Some(time)) => argon2(
+                kind,
+                time,
+                self.pbkdf_memory.unwrap_or_else(default_argon2_memory_kib),
+                cpus,
+            ),
+            (kind, None) => {
+                let max_mem = self.pbkdf_memory.unwrap_or_else(default_argon2_memory_kib);
+                eprintln!(
+                    "benchmarking key derivation ({}, up to {} MiB, {} ms)…",
+                    if kind == PbkdfType::Argon2i {
+                        "argon2i"
+                    } else {
+                        "argon2id"
+                    },
+                    max_mem / 1024,
+                    self.iter_time
+                );
+                let KdfParams::Argon2id {
+                    time, memory_kib, ..
+                } = benchmark_argon2id(target, max_mem)
+                    .map_err(|e| anyhow!("key derivation benchmark failed: {e}"))?
+                else {
+                    bail!("key derivation benchmark returned a non-argon2id result");
+                };
+                argon2(kind, time, memory_kib, cpus)
+            }
+        };
+        params
+            .check_creatable()
+            .map_err(|e| anyhow!("{e} (cryptsetup would refuse to open such a keyslot)"))?;
+        Ok(params)
+    }
+
+    /// PBKDF2-SHA256 iterations of the volume-key digest: benchmarked to 125 ms like
+    /// cryptsetup, or the minimum (1000) when the KDF is forced.
+    pub fn digest_iterations(&self) -> u32 {
+        if self.pbkdf_force_iterations.is_some() {
+            1000
+        } else {
+            benchmark_pbkdf2(HashAlg::Sha256, Duration::from_millis(125), 32)
+        }
+    }
+}
+
+fn argon2(kind: PbkdfType, time: u32, memory_kib: u32, cpus: u32) -> KdfParams {
+    if kind == PbkdfType::Argon2i {
+        KdfParams::Argon2i {
+            time,
+            memory_kib,
+            cpus,
+        }
+    } else {
+        KdfParams::Argon2id {
+            time,
+            memory_kib,
+            cpus,
+        }
+    }
+}
+
+/// One line describing a KDF, e.g. `argon2id (time 4, memory 1048576 KiB, 2 threads)`.
+pub(crate) fn describe_kdf(k: &KdfParams) -> String {
+    match *k {
+        KdfParams::Pbkdf2 { hash, iterations } => {
+            format!("pbkdf2 ({hash}, {iterations} iterations)")
+        }
+        KdfParams::Argon2i {
+            time,
+            memory_kib,
+            cpus,
+        }
+        | KdfParams::Argon2id {
+            time,
+            memory_kib,
+            cpus,
+        } => format!(
+            "{} (time {time}, memory {memory_kib} KiB, {cpus} thread{})",
+            k.type_name(),
+            if cpus == 1 { "" } else { "s" }
+        ),
+    }
+}
+
+/// `--yes` or a typed `YES` on the terminal; otherwise an error.
+pub(crate) fn confirmed(yes: bool, question: &str) -> anyhow::Result<()> {
+    if yes {
+        return Ok(());
+    }
+    if crate::secret_input::confirm(question)? {
+        Ok(())
+    } else {
+        bail!("not confirmed; nothing was changed")
+    }
+}
+
+/// `16777216 bytes (16 MiB)`.
+pub(crate) fn bytes_human(n: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
+    for (name, unit) in UNITS {
+        if n >= unit {
+            let v = n as f64 / unit as f64;
+            return if n.is_multiple_of(unit) {
+                format!("{n} bytes ({} {name})", n / unit)
+            } else {
+                format!("{n} bytes ({v:.1} {name})")
+            };
+        }
+    }
+    format!("{n} bytes")
+}

@@ -1,0 +1,79 @@
+//! Sealing a keyslot secret with a KMS or an HSM. Knows the providers, not LUKS2: the `token`
+//! module turns a sealed secret into LUKS2 token JSON and back.
+//!
+//! The systemd-cryptenroll pattern: a random 32-byte secret opens an ordinary LUKS2 keyslot
+//! (pbkdf2, low iterations: the secret has full entropy). The secret is stored only sealed by a
+//! provider, in a token bound to that keyslot; the seal is bound to the volume UUID and keyslot
+//! (KMS encryption context / GCM additional data), so a token copied to another volume or
+//! keyslot does not open.
+
+use std::fmt;
+
+use crate::crypto::keys::SecretBytes;
+
+/// What a sealed secret is bound to. Moving it elsewhere makes unsealing fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    pub volume_uuid: String,
+    pub keyslot: u32,
+}
+
+impl Binding {
+    /// Additional authenticated data for AEAD-based providers: stable, unambiguous bytes.
+    pub fn aad(&self) -> Vec<u8> {
+        format!("nbdcrypt-v1\0volume={}\0keyslot={}", self.volume_uuid, self.keyslot).into_bytes()
+    }
+}
+
+/// A secret as the provider returned it, plus the non-secret parameters needed to unseal it
+/// (key id, IV, ...), as JSON members to store in the token.
+#[derive(Clone, PartialEq)]
+pub struct Sealed {
+    pub ciphertext: Vec<u8>,
+    pub params: serde_json::Map<String, serde_json::Value>,
+}
+
+impl fmt::Debug for Sealed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Ciphertext is not secret, but it is noise in logs.
+        f.debug_struct("Sealed").field("ciphertext_len", &self.ciphertext.len()).field("params", &self.params).finish()
+    }
+}
+
+/// One KMS or HSM that can seal and unseal keyslot secrets.
+pub trait SealProvider: Send + Sync {
+    /// Token type written into the LUKS2 header, e.g. "nbdcrypt-aws-kms".
+    fn token_type(&self) -> &'static str;
+    /// Human-readable key reference for logs and the audit trail (KMS key id, PKCS#11 URI).
+    fn key_reference(&self) -> String;
+    fn seal(&self, secret: &SecretBytes, binding: &Binding) -> Result<Sealed, SealError>;
+    fn unseal(&self, sealed: &Sealed, binding: &Binding) -> Result<SecretBytes, SealError>;
+}
+
+/// Why sealing or unsealing failed, sorted by what the operator has to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    #[error("access denied by {provider}: {detail} (check the key policy / IAM permissions or the token's access rules)")]
+    AccessDenied { provider: &'static str, detail: String },
+    #[error("the sealed secret does not belong to this volume and keyslot (token copied from another volume?)")]
+    WrongBinding,
+    #[error("key {key} is disabled or pending deletion in {provider}; re-enable it or rekey to another key")]
+    KeyDisabled { provider: &'static str, key: String },
+    #[error("{provider} login failed: {detail} (check the PIN)")]
+    LoginFailed { provider: &'static str, detail: String },
+    #[error("key {key} not found in {provider}")]
+    KeyMissing { provider: &'static str, key: String },
+    #[error("{provider} unreachable: {detail}")]
+    Unreachable { provider: &'static str, detail: String },
+    #[error("malformed token: {0}")]
+    BadToken(String),
+    #[error("{provider}: {detail}")]
+    Other { provider: &'static str, detail: String },
+}
+
+impl SealError {
+    /// Worth retrying with backoff (network trouble), as opposed to a definite refusal.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SealError::Unreachable { .. })
+    }
+}
