@@ -38,8 +38,10 @@ if ((${#missing[@]})) || [ -n "${TEST_SH_FORCE_APT:-}" ]; then
   SUDO=()
   [ "$(id -u)" -eq 0 ] || SUDO=(sudo)
   export DEBIAN_FRONTEND=noninteractive
-  "${SUDO[@]}" apt-get update -q
-  "${SUDO[@]}" apt-get install -y -q --no-install-recommends "${pkgs[@]}"
+  # Wait (up to 10 min) rather than fail if another apt/dpkg run holds the lock.
+  APT=(apt-get -q -o DPkg::Lock::Timeout=600)
+  "${SUDO[@]}" "${APT[@]}" update
+  "${SUDO[@]}" "${APT[@]}" install -y --no-install-recommends "${pkgs[@]}"
 fi
 
 for t in "${!PKG[@]}"; do
