@@ -1080,3 +1080,34 @@ pub fn kernel_style_session(sock: &Path, base: u64, initial: Vec<u8>, depth: usi
     assert_eq!(s.done, total, "replies received");
     s.model.clone()
 }
+
+/// nbdsh script: every base:allocation extent flagged ZERO must read back as zeroes (a server
+/// that reports ciphertext holes as zero would make nbdcopy/qemu-img skip real data).
+pub const ZERO_EXTENTS_READ_AS_ZERO: &str = r#"
+    h.add_meta_context("base:allocation")
+    h.connect_uri(URI)
+    size = h.get_size()
+    extents = []
+    off = 0
+    while off < size:
+        got = []
+        def cb(ctx, o, entries, err):
+            got.extend(zip(entries[0::2], entries[1::2]))
+            return 0
+        h.block_status(min(size - off, 32 << 20), off, cb)
+        assert got, "no extents at %d" % off
+        for l, f in got:
+            l = min(l, size - off)
+            extents.append((off, l, f))
+            off += l
+            if off >= size:
+                break
+    zero_bytes = 0
+    for o, l, f in extents:
+        if f & nbd.STATE_ZERO:
+            for p in range(o, o + l, 1 << 20):
+                n = min(1 << 20, o + l - p)
+                assert h.pread(n, p) == bytes(n), "extent at %d (len %d, flags %d) is flagged ZERO but reads non-zero near %d" % (o, l, f, p)
+                zero_bytes += n
+    print("extents:", len(extents), "zero bytes:", zero_bytes)
+"#;

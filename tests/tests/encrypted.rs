@@ -246,3 +246,14 @@ fn a_kernel_style_client_with_128_requests_in_flight_stays_consistent_on_an_encr
     }
     assert!(back == model, "export differs from the model at {:?}", first_difference(&back, &model));
 }
+
+#[test]
+fn block_status_on_an_encrypted_export_never_claims_zeroes_that_read_as_noise() {
+    let d = Daemon::luks(FILE_SIZE, 4096, &[]);
+    // Some data, some zeroing; the rest of the file is holes (ciphertext holes read as noise).
+    let (mut c, _) = Client::connect_go(&d.sock);
+    assert_eq!(c.write(1, MIB, &[7; 65536], 0), 0);
+    c.request(0, CMD_WRITE_ZEROES, 2, 4 * MIB, 1 << 20, &[]).unwrap();
+    assert_eq!(c.simple_reply().unwrap(), (0, 2));
+    nbdsh_d(&d, ZERO_EXTENTS_READ_AS_ZERO).success();
+}

@@ -375,3 +375,17 @@ fn unaligned_writes_and_reads_round_trip_with_direct_io() {
         h.flush()
     "#));
 }
+
+#[test]
+fn block_status_zero_extents_of_a_plain_export_read_as_zero() {
+    let d = Daemon::plain(16 * MIB, &["--allow-discards"]);
+    ok(nbdsh_d(&d, r#"
+        h.connect_uri(URI)
+        h.pwrite(b"\x01" * (2 << 20), 1 << 20)
+        h.zero(1 << 20, 8 << 20)
+        h.trim(1 << 20, 2 << 20)
+        h.flush()
+    "#));
+    let script = format!("{ZERO_EXTENTS_READ_AS_ZERO}\n    assert zero_bytes > 0, \"a sparse plain file reported no zero extents\"\n");
+    ok(nbdsh_d(&d, &script));
+}
