@@ -14,7 +14,7 @@ declare -A PKG=(
   [nbdkit]=nbdkit [fio]=fio
   [qemu-io]=qemu-utils [qemu-img]=qemu-utils
   [cryptsetup]=cryptsetup-bin [jq]=jq [socat]=socat [cmp]=diffutils
-  [losetup]=mount [umount]=mount
+  [losetup]=mount [mount]=mount [umount]=mount
 )
 
 missing=()

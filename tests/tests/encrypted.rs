@@ -257,3 +257,24 @@ fn block_status_on_an_encrypted_export_never_claims_zeroes_that_read_as_noise() 
     assert_eq!(c.simple_reply().unwrap(), (0, 2));
     nbdsh_d(&d, ZERO_EXTENTS_READ_AS_ZERO).success();
 }
+
+#[test]
+fn a_second_daemon_cannot_serve_a_volume_that_is_already_served() {
+    let d = Daemon::luks(FILE_SIZE, 4096, &[]);
+    let dir = tempdir();
+    let mut cmd = std::process::Command::new(daemon_binary());
+    cmd.arg("--volume")
+        .arg(&d.image)
+        .arg("--unlock-key-file")
+        .arg(d.dir().join("key"))
+        .arg("--control")
+        .arg(dir.path().join("control.sock"))
+        .arg("--unix")
+        .arg(dir.path().join("nbd.sock"));
+    // If it wrongly starts, it would run until killed: bound it.
+    let out = run(cmd.env("NBDCRYPT_LOG", "info"), Duration::from_secs(30));
+    assert!(!out.ok(), "a second daemon started on the same volume\n{}", out.details());
+    // The first one is unaffected.
+    let (mut c, _) = Client::connect_go(&d.sock);
+    assert_eq!(c.write(1, 0, &[1; 4096], 0), 0);
+}

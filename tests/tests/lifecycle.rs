@@ -377,3 +377,70 @@ fn debug_logging_does_not_disturb_serving() {
     out.success();
     assert!(d.log().to_lowercase().contains("debug"), "no debug lines with --log-level debug:\n{}", d.log());
 }
+
+/// A small tmpfs mounted in a temp dir, unmounted on drop.
+struct SmallFs {
+    dir: TempDir,
+}
+
+impl SmallFs {
+    fn mount(size: &str) -> SmallFs {
+        let dir = tempdir();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "nbdcrypt-test"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "mount -t tmpfs failed (the tests run as root)");
+        SmallFs { dir }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+#[test]
+fn a_write_that_hits_a_full_filesystem_fails_and_every_later_flush_fails() {
+    // 32 MiB sparse backing file on a 4 MiB filesystem: writes fail once it is full.
+    let fs = SmallFs::mount("4m");
+    let img = fs.dir.path().join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(32 * MIB).unwrap();
+    let img_s = img.to_str().unwrap().to_owned();
+    let d = Daemon::start(&["--plain", &img_s, "--unix", "{dir}/s.sock"]);
+    let (mut c, _) = Client::connect_go(&d.sock);
+    let chunk = vec![0x5au8; MIB as usize];
+    let mut failed_at = None;
+    for i in 0..32u64 {
+        let err = c.write(i, i * MIB, &chunk, 0);
+        if err != 0 {
+            assert!(err == ENOSPC || err == EIO, "write on a full filesystem: error {err}");
+            failed_at = Some(i);
+            break;
+        }
+    }
+    let failed_at = failed_at.expect("32 MiB of writes 'succeeded' on a 4 MiB filesystem");
+    assert!(failed_at >= 1, "the first megabyte fit and should have succeeded");
+    // What was acknowledged is there.
+    for i in 0..failed_at {
+        assert!(c.read(100 + i, i * MIB, MIB as u32).unwrap() == chunk, "acknowledged MiB {i} lost");
+    }
+    // Fail-stop: the failed write makes every later flush fail, and FUA writes too.
+    for cookie in [200u64, 201] {
+        c.request(0, CMD_FLUSH, cookie, 0, 0, &[]).unwrap();
+        let (err, got) = c.simple_reply().unwrap();
+        assert_eq!(got, cookie);
+        assert_ne!(err, 0, "FLUSH succeeded after a write was lost");
+    }
+    assert_ne!(c.write(202, 0, &chunk[..4096], CMD_FLAG_FUA), 0, "FUA write succeeded after a lost write");
+    // A new connection sees the same latched state; reads still work.
+    let (mut c2, _) = Client::connect_go(&d.sock);
+    c2.request(0, CMD_FLUSH, 1, 0, 0, &[]).unwrap();
+    assert_ne!(c2.simple_reply().unwrap().0, 0, "FLUSH on a new connection succeeded");
+    assert!(c2.read(2, 0, 4096).unwrap() == chunk[..4096]);
+    drop((c, c2));
+    drop(d);
+    drop(fs);
+}
