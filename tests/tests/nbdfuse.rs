@@ -35,7 +35,10 @@ impl Fuse {
                     std::fs::read_to_string(d.dir().join("nbdfuse.log")).unwrap_or_default()
                 );
             }
-            assert!(Instant::now() < deadline, "nbdfuse did not mount within 10 s");
+            assert!(
+                Instant::now() < deadline,
+                "nbdfuse did not mount within 10 s"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         f
@@ -47,11 +50,17 @@ impl Fuse {
 
     /// Unmount and wait for nbdfuse to exit; panics if it does not.
     fn unmount(mut self) {
-        let st = Command::new("umount").arg(&self.mnt).status().expect("run umount");
+        let st = Command::new("umount")
+            .arg(&self.mnt)
+            .status()
+            .expect("run umount");
         assert!(st.success(), "umount {} failed", self.mnt.display());
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "nbdfuse still running 10 s after umount");
+            assert!(
+                Instant::now() < deadline,
+                "nbdfuse still running 10 s after umount"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -73,25 +82,43 @@ fn nbdfuse_exposes_the_export_as_a_file_that_reads_and_writes_through() {
     let d = Daemon::plain(size, &[]);
     let fuse = Fuse::mount(&d);
     let disk = fuse.disk();
-    assert_eq!(std::fs::metadata(&disk).unwrap().len(), size, "size of the FUSE file");
+    assert_eq!(
+        std::fs::metadata(&disk).unwrap().len(),
+        size,
+        "size of the FUSE file"
+    );
 
     let data = random_bytes(41, 4 * MIB as usize);
     {
-        let f = std::fs::OpenOptions::new().read(true).write(true).open(&disk).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk)
+            .unwrap();
         f.write_all_at(&data, MIB).unwrap();
         f.write_all_at(b"unaligned!", 7 * MIB + 13).unwrap();
         f.sync_all().unwrap();
         let mut back = vec![0u8; data.len()];
         f.read_exact_at(&mut back, MIB).unwrap();
-        assert!(back == data, "read back through FUSE differs at {:?}", first_difference(&back, &data));
+        assert!(
+            back == data,
+            "read back through FUSE differs at {:?}",
+            first_difference(&back, &data)
+        );
     }
     // Visible to another client and in the backing file.
-    let out = nbdsh_d(&d, r#"
+    let out = nbdsh_d(
+        &d,
+        r#"
         h.connect_uri(URI)
         assert h.pread(10, 7 * 1024 * 1024 + 13) == b"unaligned!"
-    "#);
+    "#,
+    );
     out.success();
-    assert!(read_at(&d.image, MIB, data.len()) == data, "backing file differs");
+    assert!(
+        read_at(&d.image, MIB, data.len()) == data,
+        "backing file differs"
+    );
     assert_eq!(read_at(&d.image, 7 * MIB + 13, 10), b"unaligned!".to_vec());
     fuse.unmount();
 }
