@@ -502,3 +502,44 @@ fn a_client_without_fixed_newstyle_can_still_use_export_name() {
     assert!(r[10..].iter().all(|&b| b == 0));
     assert_eq!(c.read(1, 0, 512).unwrap(), vec![0; 512]);
 }
+
+#[test]
+fn a_meta_context_query_overrunning_the_option_gets_err_invalid_and_the_stream_stays_in_sync() {
+    let d = daemon();
+    let mut c = Client::connect(&d.sock);
+    assert_eq!(c.structured_reply(), REP_ACK);
+    let mut q = meta_payload(EXPORT, &["base:allocation"]);
+    // The query claims 200 bytes but carries 15.
+    let at = q.len() - "base:allocation".len() - 4;
+    q[at..at + 4].copy_from_slice(&200u32.to_be_bytes());
+    for opt in [OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT] {
+        let (r, before) = c.option(opt, &q);
+        assert!(before.is_empty(), "option {opt}: {before:?}");
+        assert_eq!(r.typ, REP_ERR_INVALID, "option {opt}: {r:?}");
+    }
+    // A query count larger than the data.
+    let mut q = meta_payload(EXPORT, &[]);
+    let n = q.len() - 4;
+    q[n..].copy_from_slice(&3u32.to_be_bytes());
+    let (r, _) = c.option(OPT_LIST_META_CONTEXT, &q);
+    assert_eq!(r.typ, REP_ERR_INVALID, "{r:?}");
+    assert_eq!(c.list(), vec![EXPORT.to_string()]);
+    let (r, set) = c.option(
+        OPT_SET_META_CONTEXT,
+        &meta_payload(EXPORT, &["base:allocation"]),
+    );
+    assert_eq!((r.typ, set.len()), (REP_ACK, 1));
+    c.go(EXPORT);
+}
+
+#[test]
+fn a_thousand_options_in_a_row_are_all_answered() {
+    let d = daemon();
+    let mut c = Client::connect(&d.sock);
+    for i in 0..1000u32 {
+        let (r, _) = c.option(1000 + i, &i.to_be_bytes());
+        assert_eq!(r.typ, REP_ERR_UNSUP, "option {i}: {r:?}");
+    }
+    c.go(EXPORT);
+    c.read(1, 0, 512).unwrap();
+}
