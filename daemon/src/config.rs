@@ -43,8 +43,12 @@ SIGTERM stops accepting clients, finishes requests in flight, flushes and exits 
 
 #[derive(Parser, Debug)]
 #[command(name = "nbdcryptd", version, about = ABOUT, long_about = LONG_ABOUT)]
-#[command(group = clap::ArgGroup::new("mode").required(true).multiple(false))]
+#[command(group = clap::ArgGroup::new("mode").multiple(false))]
 pub struct Args {
+    /// Read settings from a TOML file (one volume per file); flags given here win.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Serve the LUKS2 volume in PATH (file or block device); starts locked.
     #[arg(long, value_name = "PATH", group = "mode")]
     pub volume: Option<PathBuf>,
@@ -141,6 +145,23 @@ pub enum Mode {
     Demo { dir: PathBuf },
     /// Unencrypted comparison mode.
     Plain,
+}
+
+impl Args {
+    /// Parse the command line, then fill in from `--config FILE` what it did not set.
+    pub fn parse_with_config_file() -> Result<Args, String> {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Args::command().get_matches();
+        let mut args = Args::from_arg_matches(&matches).map_err(|e| e.to_string())?;
+        if let Some(path) = args.config.clone() {
+            let (file, text) = crate::config_file::load(&path)?;
+            let from_cli = |id: &str| {
+                matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+            };
+            file.apply(&mut args, &path, &text, from_cli)?;
+        }
+        Ok(args)
+    }
 }
 
 /// Everything the daemon needs, checked.
@@ -248,7 +269,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((f * mult as f64) as u64)
 }
 
-fn parse_mode(s: &str) -> Result<u32, String> {
+pub fn parse_mode(s: &str) -> Result<u32, String> {
     u32::from_str_radix(s.trim_start_matches("0o"), 8)
         .ok()
         .filter(|m| *m <= 0o777)

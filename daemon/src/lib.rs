@@ -13,6 +13,7 @@
 
 pub mod block;
 pub mod config;
+pub mod config_file;
 pub mod control;
 pub mod crypto;
 pub mod demo;

@@ -4,7 +4,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
-use clap::Parser;
 use tracing::{error, info, warn};
 
 use nbdcrypt::block::file::FileDevice;
@@ -21,7 +20,13 @@ use nbdcrypt::sys;
 use nbdcrypt::unlock::{UnlockError, Volume, VolumeInfo};
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::parse_with_config_file() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("nbdcryptd: {e}");
+            return ExitCode::from(2);
+        }
+    };
     init_logging(&args.log_level);
     let config = match Config::from_args(args) {
         Ok(c) => c,

@@ -1,0 +1,165 @@
+//! The TOML configuration file (`nbdcryptd --config /etc/nbdcrypt/NAME.toml`), one volume per
+//! file. Keys are the long command-line flags without the dashes' prefix; flags given on the
+//! command line win over the file. Errors name the file, the line and the key.
+//!
+//! ```toml
+//! volume = "/srv/db.img"
+//! name = "db"
+//! unix = "/run/nbdcrypt/db.sock"
+//! control = "/run/nbdcrypt/db.control.sock"
+//! unlock-key-file = "/run/credentials/nbdcryptd@db.service/passphrase"
+//! allow-discards = false
+//! read-only = false
+//! max-conn-bytes = "64M"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::config::{parse_mode, parse_size, Args};
+
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    volume: Option<PathBuf>,
+    plain: Option<PathBuf>,
+    unlock_key_file: Option<PathBuf>,
+    control: Option<PathBuf>,
+    unix: Option<PathBuf>,
+    socket_mode: Option<Spanned<String>>,
+    tcp: Option<SocketAddr>,
+    insecure_tcp: Option<bool>,
+    name: Option<String>,
+    description: Option<String>,
+    read_only: Option<bool>,
+    allow_discards: Option<bool>,
+    direct: Option<bool>,
+    handshake_timeout: Option<u64>,
+    max_connections: Option<usize>,
+    max_conn_bytes: Option<Spanned<String>>,
+    max_server_bytes: Option<Spanned<String>>,
+    threads: Option<usize>,
+    log_level: Option<String>,
+}
+
+/// Read and check `path`.
+pub fn load(path: &Path) -> Result<(FileConfig, String), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let cfg: FileConfig = toml::from_str(&text).map_err(|e| {
+        // toml's message already names the line, column and key; put the file in front.
+        format!("{}: {}", path.display(), e.to_string().trim_end())
+    })?;
+    Ok((cfg, text))
+}
+
+impl FileConfig {
+    /// Fill `args` from the file wherever the command line did not set the flag.
+    /// `from_cli(id)` tells whether the user typed flag `id`.
+    pub fn apply(
+        self,
+        args: &mut Args,
+        path: &Path,
+        text: &str,
+        from_cli: impl Fn(&str) -> bool,
+    ) -> Result<(), String> {
+        let at = |s: &Spanned<String>, key: &str, e: String| {
+            let line = text[..s.span().start.min(text.len())].lines().count().max(1);
+            format!("{}: line {line}, key `{key}`: {e}", path.display())
+        };
+        let mode_on_cli = from_cli("volume") || from_cli("plain") || from_cli("demo");
+        if !mode_on_cli {
+            match (self.volume, self.plain) {
+                (Some(_), Some(_)) => {
+                    return Err(format!("{}: give `volume` or `plain`, not both", path.display()))
+                }
+                (v, p) => {
+                    args.volume = v;
+                    args.plain = p;
+                }
+            }
+        }
+        macro_rules! take {
+            ($field:ident, $id:literal) => {
+                if let Some(v) = self.$field {
+                    if !from_cli($id) {
+                        args.$field = v.into();
+                    }
+                }
+            };
+        }
+        take!(unlock_key_file, "unlock_key_file");
+        take!(control, "control");
+        take!(unix, "unix");
+        take!(tcp, "tcp");
+        take!(insecure_tcp, "insecure_tcp");
+        take!(name, "name");
+        take!(description, "description");
+        take!(read_only, "read_only");
+        take!(allow_discards, "allow_discards");
+        take!(direct, "direct");
+        take!(handshake_timeout, "handshake_timeout");
+        take!(max_connections, "max_connections");
+        take!(threads, "threads");
+        take!(log_level, "log_level");
+        if let Some(s) = &self.socket_mode {
+            if !from_cli("socket_mode") {
+                args.socket_mode = parse_mode(s.get_ref()).map_err(|e| at(s, "socket-mode", e))?;
+            }
+        }
+        if let Some(s) = &self.max_conn_bytes {
+            if !from_cli("max_conn_bytes") {
+                args.max_conn_bytes = parse_size(s.get_ref()).map_err(|e| at(s, "max-conn-bytes", e))?;
+            }
+        }
+        if let Some(s) = &self.max_server_bytes {
+            if !from_cli("max_server_bytes") {
+                args.max_server_bytes = parse_size(s.get_ref()).map_err(|e| at(s, "max-server-bytes", e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn apply(text: &str, argv: &[&str]) -> Result<Args, String> {
+        let mut args = Args::parse_from(std::iter::once("nbdcryptd").chain(argv.iter().copied()));
+        let cfg: FileConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        let typed: Vec<String> = argv.iter().filter_map(|a| a.strip_prefix("--")).map(|a| a.replace('-', "_")).collect();
+        cfg.apply(&mut args, Path::new("/etc/nbdcrypt/t.toml"), text, |id| typed.iter().any(|t| t == id))?;
+        Ok(args)
+    }
+
+    #[test]
+    fn file_values_fill_what_the_command_line_left_out() {
+        let a = apply("volume = \"/srv/v.img\"\nname = \"db\"\nallow-discards = true\nmax-conn-bytes = \"128M\"\n", &[]).unwrap();
+        assert_eq!(a.volume.as_deref(), Some(Path::new("/srv/v.img")));
+        assert_eq!(a.name, "db");
+        assert!(a.allow_discards);
+        assert_eq!(a.max_conn_bytes, 128 << 20);
+    }
+
+    #[test]
+    fn command_line_flags_win_over_the_file() {
+        let a = apply("volume = \"/srv/v.img\"\nname = \"db\"\n", &["--name", "other"]).unwrap();
+        assert_eq!(a.name, "other");
+    }
+
+    #[test]
+    fn a_bad_value_names_the_file_line_and_key() {
+        let e = apply("volume = \"/v\"\n\nmax-conn-bytes = \"12X\"\n", &[]).unwrap_err();
+        assert!(e.contains("/etc/nbdcrypt/t.toml") && e.contains("line 3") && e.contains("max-conn-bytes"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_line() {
+        let e = toml::from_str::<FileConfig>("volume = \"/v\"\nallow_discard = true\n").unwrap_err().to_string();
+        assert!(e.contains("allow_discard") && e.contains("line 2"), "{e}");
+    }
+}
