@@ -5,6 +5,8 @@
 # already present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# cryptsetup, losetup and umount live in sbin, which a non-login PATH may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
 
 # tool -> Debian package
 declare -A PKG=(
@@ -14,6 +16,7 @@ declare -A PKG=(
   [cryptsetup]=cryptsetup-bin [jq]=jq [socat]=socat [cmp]=diffutils
   [systemd-analyze]=systemd
   [softhsm2-util]=softhsm2 [pkcs11-tool]=opensc
+  [losetup]=mount [mount]=mount [umount]=mount
 )
 
 missing=()
@@ -37,8 +40,10 @@ if ((${#missing[@]})) || [ -n "${TEST_SH_FORCE_APT:-}" ]; then
   SUDO=()
   [ "$(id -u)" -eq 0 ] || SUDO=(sudo)
   export DEBIAN_FRONTEND=noninteractive
-  "${SUDO[@]}" apt-get update -q
-  "${SUDO[@]}" apt-get install -y -q --no-install-recommends "${pkgs[@]}"
+  # Wait (up to 10 min) rather than fail if another apt/dpkg run holds the lock.
+  APT=(apt-get -q -o DPkg::Lock::Timeout=600)
+  "${SUDO[@]}" "${APT[@]}" update
+  "${SUDO[@]}" "${APT[@]}" install -y --no-install-recommends "${pkgs[@]}"
 fi
 
 for t in "${!PKG[@]}"; do

@@ -2,8 +2,8 @@
 //!
 //! * [`Daemon`] runs `nbdcryptd` (from the workspace target dir, or `$NBDCRYPTD`) on a Unix
 //!   socket inside a [`tempfile::TempDir`], waits until the socket accepts, kills it on `Drop`
-//!   and prints its stderr when the test fails. A daemon that dies on its own during a test
-//!   fails that test.
+//!   and prints its stderr when the test fails. A daemon that dies on its own during a test, or
+//!   logs a panic of any of its threads, fails that test.
 //! * [`tool`] / [`run`] run the external NBD clients (nbdinfo, nbdsh, nbdcopy, qemu-io,
 //!   qemu-img, fio) with a time limit. A missing tool fails the test: CI installs all of them
 //!   (`scripts/test.sh`), so absence is a bug, not a reason to skip.
@@ -99,12 +99,42 @@ impl Daemon {
         Self::start_in(dir, args)
     }
 
+    /// Serve a fresh LUKS2 volume that cryptsetup formats (aes-xts-plain64, `sector_size`-byte
+    /// sectors, a cheap PBKDF2 keyslot) in a `file_size`-byte file, unlocked at start with a
+    /// random key file: `--volume DIR/disk.img --unlock-key-file DIR/key --control
+    /// DIR/control.sock --unix DIR/nbd.sock` followed by `extra`.
+    pub fn luks(file_size: u64, sector_size: u32, extra: &[&str]) -> Daemon {
+        let dir = tempdir();
+        luks_format(dir.path(), file_size, sector_size);
+        Self::luks_in(dir, extra)
+    }
+
+    /// Serve the LUKS2 volume `dir/disk.img` with key `dir/key` (see [`luks_format`]).
+    pub fn luks_in(dir: TempDir, extra: &[&str]) -> Daemon {
+        let p = |n: &str| OsString::from(dir.path().join(n));
+        let mut args = vec![
+            "--volume".into(),
+            p("disk.img"),
+            "--unlock-key-file".into(),
+            p("key"),
+            "--control".into(),
+            p("control.sock"),
+            "--unix".into(),
+            p("nbd.sock"),
+        ];
+        args.extend(extra.iter().map(OsString::from));
+        Self::start_in(dir, args)
+    }
+
     /// Start with a full argument list. `{dir}` inside an argument is replaced by the temporary
     /// directory. The arguments must contain `--unix SOCK`.
     pub fn start(args: &[&str]) -> Daemon {
         let dir = tempdir();
         let d = dir.path().to_str().unwrap().to_owned();
-        let args = args.iter().map(|a| OsString::from(a.replace("{dir}", &d))).collect();
+        let args = args
+            .iter()
+            .map(|a| OsString::from(a.replace("{dir}", &d)))
+            .collect();
         Self::start_in(dir, args)
     }
 
@@ -118,7 +148,9 @@ impl Daemon {
                 .map(PathBuf::from)
         };
         let sock = value_of("--unix").expect("Daemon::start needs --unix SOCK");
-        let image = value_of("--plain").unwrap_or_default();
+        let image = value_of("--plain")
+            .or_else(|| value_of("--volume"))
+            .unwrap_or_default();
         let log = dir.path().join("nbdcryptd.log");
         let bin = daemon_binary();
         let child = Command::new(&bin)
@@ -130,7 +162,15 @@ impl Daemon {
             .stderr(File::create(&log).unwrap())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
-        let mut d = Daemon { child: Some(child), dir, sock, image, log, args, stopped: false };
+        let mut d = Daemon {
+            child: Some(child),
+            dir,
+            sock,
+            image,
+            log,
+            args,
+            stopped: false,
+        };
         d.wait_ready();
         d
     }
@@ -184,14 +224,20 @@ impl Daemon {
     }
 
     fn log_banner(&self) -> String {
-        format!("---- nbdcryptd stderr ----\n{}---- end of nbdcryptd stderr ----", self.log())
+        format!(
+            "---- nbdcryptd stderr ----\n{}---- end of nbdcryptd stderr ----",
+            self.log()
+        )
     }
 
     /// Panics (with the log) unless the process is still running.
     pub fn assert_alive(&mut self) {
         if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
             self.stopped = true;
-            panic!("nbdcryptd died during the test: {st}\n{}", self.log_banner());
+            panic!(
+                "nbdcryptd died during the test: {st}\n{}",
+                self.log_banner()
+            );
         }
     }
 
@@ -222,14 +268,19 @@ impl Daemon {
         self.signal(libc::SIGTERM);
         match self.wait_exit(timeout) {
             Some(st) => st,
-            None => panic!("nbdcryptd did not exit within {timeout:?} of SIGTERM\n{}", self.log_banner()),
+            None => panic!(
+                "nbdcryptd did not exit within {timeout:?} of SIGTERM\n{}",
+                self.log_banner()
+            ),
         }
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         let died = match child.try_wait() {
             Ok(Some(st)) => Some(st),
             _ => {
@@ -241,13 +292,57 @@ impl Drop for Daemon {
         if std::thread::panicking() {
             eprintln!("{}", self.log_banner());
         } else if let (Some(st), false) = (died, self.stopped) {
-            panic!("nbdcryptd died during the test: {st}\n{}", self.log_banner());
+            panic!(
+                "nbdcryptd died during the test: {st}\n{}",
+                self.log_banner()
+            );
+        } else if self.log().contains("panicked at") {
+            // A panic in a connection or worker thread is a bug even if the process survived.
+            panic!("nbdcryptd panicked during the test\n{}", self.log_banner());
         }
     }
 }
 
+/// `cryptsetup luksFormat` a LUKS2 volume into `dir/disk.img` (`file_size` bytes) with a random
+/// 32-byte key in `dir/key`.
+pub fn luks_format(dir: &Path, file_size: u64, sector_size: u32) {
+    let img = dir.join("disk.img");
+    let key = dir.join("key");
+    std::fs::write(
+        &key,
+        random_bytes(file_size ^ 0xc0ffee ^ u64::from(sector_size), 32),
+    )
+    .unwrap();
+    File::create(&img).unwrap().set_len(file_size).unwrap();
+    let mut c = tool("cryptsetup");
+    c.args([
+        "luksFormat",
+        "--batch-mode",
+        "--type",
+        "luks2",
+        "--cipher",
+        "aes-xts-plain64",
+    ])
+    .args([
+        "--key-size",
+        "512",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+    ])
+    .arg(format!("--sector-size={sector_size}"))
+    .arg("--key-file")
+    .arg(&key)
+    .arg(&img);
+    run(&mut c, Duration::from_secs(60)).success();
+}
+
 pub fn tempdir() -> TempDir {
-    tempfile::Builder::new().prefix("nbdcrypt-test.").tempdir().unwrap()
+    tempfile::Builder::new()
+        .prefix("nbdcrypt-test.")
+        .tempdir()
+        .unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -269,8 +364,10 @@ fn package_of(tool: &str) -> &'static str {
 }
 
 fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    // cryptsetup lives in /usr/sbin, which a non-login PATH may lack.
     std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
         .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
@@ -316,7 +413,13 @@ impl Out {
     /// Panics with the command and its output unless it exited 0.
     #[track_caller]
     pub fn success(self) -> Out {
-        assert!(self.ok(), "{} failed: {}\n{}", self.what, self.status, self.details());
+        assert!(
+            self.ok(),
+            "{} failed: {}\n{}",
+            self.what,
+            self.status,
+            self.details()
+        );
         self
     }
 
@@ -334,7 +437,10 @@ impl Out {
     }
 
     pub fn details(&self) -> String {
-        format!("---- stdout ----\n{}\n---- stderr ----\n{}", self.stdout, self.stderr)
+        format!(
+            "---- stdout ----\n{}\n---- stderr ----\n{}",
+            self.stdout, self.stderr
+        )
     }
 }
 
@@ -376,7 +482,12 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Out {
     };
     let stdout = String::from_utf8_lossy(&t_out.join().unwrap()).into_owned();
     let stderr = String::from_utf8_lossy(&t_err.join().unwrap()).into_owned();
-    Out { status, stdout, stderr, what }
+    Out {
+        status,
+        stdout,
+        stderr,
+        what,
+    }
 }
 
 /// Default time limit for one external tool run.
@@ -427,8 +538,11 @@ pub fn nbdsh_env(uri: &str, env: &[(&str, &str)], script: &str) -> Out {
         c.env(k, v);
     }
     let mut out = run(&mut c, TOOL_TIMEOUT);
-    let numbered: Vec<String> =
-        code.lines().enumerate().map(|(i, l)| format!("{:4} {l}", i + 1)).collect();
+    let numbered: Vec<String> = code
+        .lines()
+        .enumerate()
+        .map(|(i, l)| format!("{:4} {l}", i + 1))
+        .collect();
     out.what = format!("nbdsh (URI {uri}) script\n{}\n", numbered.join("\n"));
     out
 }
@@ -443,7 +557,13 @@ pub fn dedent(s: &str) -> String {
         .min()
         .unwrap_or(0);
     s.lines()
-        .map(|l| if l.len() >= indent { &l[indent..] } else { l.trim_start() })
+        .map(|l| {
+            if l.len() >= indent {
+                &l[indent..]
+            } else {
+                l.trim_start()
+            }
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -640,7 +760,11 @@ pub mod raw {
             let mut c = Client { s, server_flags: 0 };
             let g = c.read_n(18).expect("reading the 18-byte greeting");
             assert_eq!(be64(&g[0..]), NBDMAGIC, "greeting: bad NBDMAGIC");
-            assert_eq!(be64(&g[8..]), IHAVEOPT, "greeting: bad IHAVEOPT (oldstyle?)");
+            assert_eq!(
+                be64(&g[8..]),
+                IHAVEOPT,
+                "greeting: bad IHAVEOPT (oldstyle?)"
+            );
             c.server_flags = be16(&g[16..]);
             c
         }
@@ -703,7 +827,11 @@ pub mod raw {
             let len = be32(&h[16..]) as usize;
             assert!(len <= 64 * 1024, "option reply of {len} bytes");
             let data = self.read_n(len)?;
-            Ok(OptReply { opt: be32(&h[8..]), typ: be32(&h[12..]), data })
+            Ok(OptReply {
+                opt: be32(&h[8..]),
+                typ: be32(&h[12..]),
+                data,
+            })
         }
 
         /// Read replies to `opt` until the final one (ACK or an error), which is returned last.
@@ -752,12 +880,23 @@ pub mod raw {
         /// GO with no info requests; asserts ACK and returns size/flags from INFO_EXPORT.
         pub fn go(&mut self, name: &str) -> Export {
             let (last, infos) = self.option(OPT_GO, &info_payload(name, &[]));
-            assert_eq!(last.typ, REP_ACK, "GO final reply: {last:?} (after {infos:?})");
+            assert_eq!(
+                last.typ, REP_ACK,
+                "GO final reply: {last:?} (after {infos:?})"
+            );
             export_from_infos(&infos).expect("GO succeeded without NBD_INFO_EXPORT")
         }
 
         /// Send a compact request.
-        pub fn request(&mut self, flags: u16, typ: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) -> io::Result<()> {
+        pub fn request(
+            &mut self,
+            flags: u16,
+            typ: u16,
+            cookie: u64,
+            offset: u64,
+            len: u32,
+            payload: &[u8],
+        ) -> io::Result<()> {
             let mut b = Vec::with_capacity(28 + payload.len());
             b.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
             b.extend_from_slice(&flags.to_be_bytes());
@@ -787,7 +926,10 @@ pub mod raw {
             if be32(&h) != STRUCTURED_REPLY_MAGIC {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("bad structured reply magic {:#x} (simple reply to a structured request?)", be32(&h)),
+                    format!(
+                        "bad structured reply magic {:#x} (simple reply to a structured request?)",
+                        be32(&h)
+                    ),
                 ));
             }
             let len = be32(&h[16..]) as usize;
@@ -798,7 +940,8 @@ pub mod raw {
 
         /// WRITE and wait for its reply; returns the error value.
         pub fn write(&mut self, cookie: u64, offset: u64, data: &[u8], flags: u16) -> u32 {
-            self.request(flags, CMD_WRITE, cookie, offset, data.len() as u32, data).unwrap();
+            self.request(flags, CMD_WRITE, cookie, offset, data.len() as u32, data)
+                .unwrap();
             let (err, c) = self.simple_reply().expect("reply to WRITE");
             assert_eq!(c, cookie, "WRITE reply cookie");
             err
@@ -825,11 +968,22 @@ pub mod raw {
                 if left.is_zero() {
                     return false;
                 }
-                self.s.set_read_timeout(Some(left.min(Duration::from_millis(200)))).unwrap();
+                self.s
+                    .set_read_timeout(Some(left.min(Duration::from_millis(200))))
+                    .unwrap();
                 match self.s.read(&mut buf) {
                     Ok(0) => return true,
                     Ok(_) => continue,
-                    Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => continue,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock
+                                | io::ErrorKind::TimedOut
+                                | io::ErrorKind::Interrupted
+                        ) =>
+                    {
+                        continue
+                    }
                     Err(_) => return true,
                 }
             }
@@ -840,7 +994,10 @@ pub mod raw {
         infos.iter().find_map(|r| {
             (r.typ == REP_INFO && be16(&r.data) == INFO_EXPORT).then(|| {
                 assert_eq!(r.data.len(), 12, "INFO_EXPORT must be 12 bytes: {r:?}");
-                Export { size: be64(&r.data[2..]), flags: be16(&r.data[10..]) }
+                Export {
+                    size: be64(&r.data[2..]),
+                    flags: be16(&r.data[10..]),
+                }
             })
         })
     }
@@ -851,7 +1008,10 @@ pub mod raw {
     pub fn assert_server_serves(sock: &Path) {
         let mut c = Client::connect(sock);
         let names = c.list();
-        assert!(names.iter().any(|n| n == super::EXPORT), "LIST from a second client: {names:?}");
+        assert!(
+            names.iter().any(|n| n == super::EXPORT),
+            "LIST from a second client: {names:?}"
+        );
         let e = c.go(super::EXPORT);
         let n = e.size.min(4096) as u32;
         c.read(7, 0, n).expect("READ from a second client");
@@ -870,6 +1030,237 @@ pub fn nbdinfo_json(uri: &str) -> (serde_json::Value, serde_json::Value) {
     let doc: serde_json::Value = serde_json::from_str(&out.stdout)
         .unwrap_or_else(|e| panic!("nbdinfo --json output is not JSON ({e}):\n{}", out.stdout));
     let export = doc["exports"][0].clone();
-    assert!(export.is_object(), "nbdinfo --json has no export:\n{}", out.stdout);
+    assert!(
+        export.is_object(),
+        "nbdinfo --json has no export:\n{}",
+        out.stdout
+    );
     (export, doc)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Model-checked concurrent client
+
+/// Drive one connection the way the Linux kernel does (compact requests, simple replies, up to
+/// `depth` requests in flight, cookies = generation << 32 | tag) with `total` random READ /
+/// WRITE / WRITE_ZEROES / FLUSH requests, some with FUA, at unaligned offsets. Requests in flight
+/// never overlap, so a model of the export predicts every READ. Checks each reply's cookie,
+/// error and data, and returns the model (the export's expected content).
+///
+/// The session works on the region `base .. base + initial.len()` of the export; `initial` is
+/// that region's content at the start. Sessions on disjoint regions may run at the same time.
+pub fn kernel_style_session(
+    sock: &Path,
+    base: u64,
+    initial: Vec<u8>,
+    depth: usize,
+    total: u64,
+    seed: u64,
+) -> Vec<u8> {
+    use raw::*;
+    use std::collections::HashMap;
+    use std::sync::{Arc, Condvar, Mutex};
+
+    const SLOT: u64 = 64 * 1024;
+    #[derive(Clone, Copy)]
+    enum Op {
+        Read,
+        Write(u64),
+        Zero,
+        Flush,
+    }
+    struct St {
+        model: Vec<u8>,
+        busy: Vec<bool>,
+        inflight: HashMap<u64, (Op, u64, u32, usize)>, // cookie -> (op, offset, len, slot)
+        done: u64,
+        failure: Option<String>,
+    }
+    let size = initial.len() as u64;
+    let slots = (size / SLOT) as usize;
+    assert!(
+        slots >= depth,
+        "region too small for {depth} non-overlapping requests"
+    );
+    let (mut c, e) = Client::connect_go(sock);
+    assert!(base + size <= e.size, "region outside the export");
+    let st = Arc::new((
+        Mutex::new(St {
+            model: initial,
+            busy: vec![false; slots],
+            inflight: HashMap::new(),
+            done: 0,
+            failure: None,
+        }),
+        Condvar::new(),
+    ));
+    let mut rd = Client {
+        s: c.s.try_clone().unwrap(),
+        server_flags: 0,
+    };
+    let st_r = st.clone();
+    let reader = std::thread::spawn(move || {
+        let (lock, cv) = &*st_r;
+        for _ in 0..total {
+            let r = rd.simple_reply();
+            let mut s = lock.lock().unwrap();
+            let (err, cookie) = match r {
+                Ok(x) => x,
+                Err(e) => {
+                    s.failure = Some(format!("reading a reply after {} replies: {e}", s.done));
+                    cv.notify_all();
+                    return;
+                }
+            };
+            let Some((op, off, len, slot)) = s.inflight.remove(&cookie) else {
+                s.failure = Some(format!("reply with unknown cookie {cookie:#x}"));
+                cv.notify_all();
+                return;
+            };
+            if err != 0 {
+                s.failure = Some(format!("request {cookie:#x} failed with error {err}"));
+                cv.notify_all();
+                return;
+            }
+            let (o, l) = (off.saturating_sub(base) as usize, len as usize); // FLUSH: offset 0
+            match op {
+                Op::Read => {
+                    drop(s);
+                    let data = rd.read_n(l);
+                    s = lock.lock().unwrap();
+                    match data {
+                        Ok(d) if d == s.model[o..o + l] => {}
+                        Ok(d) => {
+                            let at = first_difference(&d, &s.model[o..o + l]);
+                            s.failure = Some(format!(
+                                "READ {cookie:#x} at {off} len {len} differs at {at:?}"
+                            ));
+                        }
+                        Err(e) => s.failure = Some(format!("READ payload: {e}")),
+                    }
+                }
+                Op::Write(seed) => s.model[o..o + l].copy_from_slice(&random_bytes(seed, l)),
+                Op::Zero => s.model[o..o + l].fill(0),
+                Op::Flush => {}
+            }
+            if slot != usize::MAX {
+                s.busy[slot] = false;
+            }
+            s.done += 1;
+            cv.notify_all();
+            if s.failure.is_some() {
+                return;
+            }
+        }
+    });
+
+    let mut x = seed | 1;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let (lock, cv) = &*st;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for n in 0..total {
+        let pick = rnd();
+        let mut s = lock.lock().unwrap();
+        // Wait for room: fewer than `depth` in flight.
+        while s.failure.is_none() && s.inflight.len() >= depth {
+            assert!(
+                Instant::now() < deadline,
+                "session did not finish within 120 s"
+            );
+            s = cv.wait_timeout(s, Duration::from_millis(100)).unwrap().0;
+        }
+        if let Some(f) = &s.failure {
+            panic!("{f}");
+        }
+        let generation = n >> 8;
+        let cookie = (generation << 32) | (n & 0xff);
+        let kind = pick % 16;
+        let flags = if pick % 7 == 0 { CMD_FLAG_FUA } else { 0 };
+        if kind == 0 {
+            s.inflight.insert(cookie, (Op::Flush, 0, 0, usize::MAX));
+            drop(s);
+            c.request(0, CMD_FLUSH, cookie, 0, 0, &[]).unwrap();
+            continue;
+        }
+        let start = (pick >> 8) as usize % slots;
+        let slot = (0..slots)
+            .map(|i| (start + i) % slots)
+            .find(|&i| !s.busy[i])
+            .expect("a free slot");
+        s.busy[slot] = true;
+        let len = 1 + (pick >> 24) % SLOT;
+        let off = base + slot as u64 * SLOT + (pick >> 40) % (SLOT - len + 1);
+        let len = len as u32;
+        match kind {
+            1..=6 => {
+                s.inflight.insert(cookie, (Op::Read, off, len, slot));
+                drop(s);
+                c.request(flags, CMD_READ, cookie, off, len, &[]).unwrap();
+            }
+            7..=13 => {
+                let wseed = pick ^ 0xabcdef;
+                s.inflight
+                    .insert(cookie, (Op::Write(wseed), off, len, slot));
+                drop(s);
+                c.request(
+                    flags,
+                    CMD_WRITE,
+                    cookie,
+                    off,
+                    len,
+                    &random_bytes(wseed, len as usize),
+                )
+                .unwrap();
+            }
+            _ => {
+                s.inflight.insert(cookie, (Op::Zero, off, len, slot));
+                drop(s);
+                c.request(flags, CMD_WRITE_ZEROES, cookie, off, len, &[])
+                    .unwrap();
+            }
+        }
+    }
+    reader.join().expect("reply reader");
+    let s = lock.lock().unwrap();
+    if let Some(f) = &s.failure {
+        panic!("{f}");
+    }
+    assert_eq!(s.done, total, "replies received");
+    s.model.clone()
+}
+
+/// nbdsh script: every base:allocation extent flagged ZERO must read back as zeroes (a server
+/// that reports ciphertext holes as zero would make nbdcopy/qemu-img skip real data).
+pub const ZERO_EXTENTS_READ_AS_ZERO: &str = r#"
+    h.add_meta_context("base:allocation")
+    h.connect_uri(URI)
+    size = h.get_size()
+    extents = []
+    off = 0
+    while off < size:
+        got = []
+        def cb(ctx, o, entries, err):
+            got.extend(zip(entries[0::2], entries[1::2]))
+            return 0
+        h.block_status(min(size - off, 32 << 20), off, cb)
+        assert got, "no extents at %d" % off
+        for l, f in got:
+            l = min(l, size - off)
+            extents.append((off, l, f))
+            off += l
+            if off >= size:
+                break
+    zero_bytes = 0
+    for o, l, f in extents:
+        if f & nbd.STATE_ZERO:
+            for p in range(o, o + l, 1 << 20):
+                n = min(1 << 20, o + l - p)
+                assert h.pread(n, p) == bytes(n), "extent at %d (len %d, flags %d) is flagged ZERO but reads non-zero near %d" % (o, l, f, p)
+                zero_bytes += n
+    print("extents:", len(extents), "zero bytes:", zero_bytes)
+"#;

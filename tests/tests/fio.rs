@@ -29,13 +29,25 @@ fn fio(uri: &str, args: &[&str]) -> (Out, Value) {
 #[track_caller]
 fn assert_clean(out: Out, report: &Value, want_reads: bool) {
     let out = out.success();
-    let jobs = report["jobs"].as_array().unwrap_or_else(|| panic!("no fio JSON report\n{}", out.details()));
+    let jobs = report["jobs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no fio JSON report\n{}", out.details()));
     assert!(!jobs.is_empty());
     for j in jobs {
-        assert_eq!(j["error"], 0, "fio job {} reported an error: {j:#}", j["jobname"]);
-        assert!(j["write"]["io_bytes"].as_u64().unwrap_or(0) > 0, "job wrote nothing: {j:#}");
+        assert_eq!(
+            j["error"], 0,
+            "fio job {} reported an error: {j:#}",
+            j["jobname"]
+        );
+        assert!(
+            j["write"]["io_bytes"].as_u64().unwrap_or(0) > 0,
+            "job wrote nothing: {j:#}"
+        );
         if want_reads {
-            assert!(j["read"]["io_bytes"].as_u64().unwrap_or(0) > 0, "job read nothing: {j:#}");
+            assert!(
+                j["read"]["io_bytes"].as_u64().unwrap_or(0) > 0,
+                "job read nothing: {j:#}"
+            );
         }
     }
 }
@@ -89,7 +101,14 @@ fn fio_verify_detects_a_corrupted_backing_file() {
     // Proves the verification above is not vacuous: fio writes with checksums, we flip bytes
     // in the backing file, a verify-only pass must fail.
     let d = Daemon::plain(16 * MIB, &[]);
-    let job = ["--name=w", "--rw=write", "--bs=4k", "--iodepth=8", "--size=8M", "--verify=crc32c"];
+    let job = [
+        "--name=w",
+        "--rw=write",
+        "--bs=4k",
+        "--iodepth=8",
+        "--size=8M",
+        "--verify=crc32c",
+    ];
     let mut args = job.to_vec();
     args.push("--do_verify=0");
     let (out, report) = fio(&d.uri(), &args);
@@ -102,12 +121,19 @@ fn fio_verify_detects_a_corrupted_backing_file() {
 
     {
         use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new().write(true).open(&d.image).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&d.image)
+            .unwrap();
         f.write_all_at(b"CORRUPT!", 4096 * 100 + 100).unwrap();
     }
     let mut args = job.to_vec();
     args.push("--verify_only");
     let (out, report) = fio(&d.uri(), &args);
     let failed = !out.ok() || report["jobs"][0]["error"].as_u64().unwrap_or(0) != 0;
-    assert!(failed, "fio verify did not notice a corrupted block\n{}", out.details());
+    assert!(
+        failed,
+        "fio verify did not notice a corrupted block\n{}",
+        out.details()
+    );
 }

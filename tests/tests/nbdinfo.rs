@@ -4,11 +4,15 @@ use nbdcrypt_tests::*;
 use serde_json::Value;
 
 fn b(v: &Value, key: &str) -> bool {
-    v[key].as_bool().unwrap_or_else(|| panic!("nbdinfo --json lacks boolean {key}: {v:#}"))
+    v[key]
+        .as_bool()
+        .unwrap_or_else(|| panic!("nbdinfo --json lacks boolean {key}: {v:#}"))
 }
 
 fn n(v: &Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("nbdinfo --json lacks number {key}: {v:#}"))
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("nbdinfo --json lacks number {key}: {v:#}"))
 }
 
 #[test]
@@ -16,7 +20,10 @@ fn nbdinfo_json_reports_size_name_block_sizes_and_the_default_capabilities() {
     let d = Daemon::plain(64 * MIB, &[]);
     let (e, doc) = nbdinfo_json(&d.uri());
     assert_eq!(doc["protocol"], "newstyle-fixed", "{doc:#}");
-    assert_eq!(doc["structured"], true, "structured replies must be negotiated: {doc:#}");
+    assert_eq!(
+        doc["structured"], true,
+        "structured replies must be negotiated: {doc:#}"
+    );
     assert_eq!(e["export-name"], EXPORT, "{e:#}");
     assert_eq!(n(&e, "export-size"), 64 * MIB);
     assert_eq!(n(&e, "block_size_minimum"), 1);
@@ -29,8 +36,14 @@ fn nbdinfo_json_reports_size_name_block_sizes_and_the_default_capabilities() {
     assert!(b(&e, "can_fast_zero"), "SEND_FAST_ZERO on a plain file");
     assert!(b(&e, "can_cache"), "SEND_CACHE");
     assert!(b(&e, "can_df"), "SEND_DF after structured replies");
-    assert!(!b(&e, "can_trim"), "SEND_TRIM must be off without --allow-discards");
-    assert!(!b(&e, "is_read_only"), "READ_ONLY must be off without --read-only");
+    assert!(
+        !b(&e, "can_trim"),
+        "SEND_TRIM must be off without --allow-discards"
+    );
+    assert!(
+        !b(&e, "is_read_only"),
+        "READ_ONLY must be off without --read-only"
+    );
     let contexts = e["contexts"].as_array().cloned().unwrap_or_default();
     assert!(
         contexts.iter().any(|c| c == "base:allocation"),
@@ -59,7 +72,11 @@ fn can(uri: &str, what: &str) -> i32 {
     let out = nbdinfo(&["--can", what, uri]);
     match out.code() {
         Some(c @ (0 | 2)) => c,
-        _ => panic!("nbdinfo --can {what} failed: {}\n{}", out.status, out.details()),
+        _ => panic!(
+            "nbdinfo --can {what} failed: {}\n{}",
+            out.status,
+            out.details()
+        ),
     }
 }
 
@@ -67,11 +84,27 @@ fn can(uri: &str, what: &str) -> i32 {
 fn nbdinfo_can_exit_codes_follow_the_advertised_flags() {
     let d = Daemon::plain(16 * MIB, &[]);
     let uri = d.uri();
-    for what in ["multi-conn", "flush", "fua", "zero", "fast-zero", "cache", "df"] {
+    for what in [
+        "multi-conn",
+        "flush",
+        "fua",
+        "zero",
+        "fast-zero",
+        "cache",
+        "df",
+    ] {
         assert_eq!(can(&uri, what), 0, "nbdinfo --can {what} should be true");
     }
-    assert_eq!(can(&uri, "trim"), 2, "trim must be false without --allow-discards");
-    assert_eq!(can(&uri, "read-only"), 2, "read-only must be false without --read-only");
+    assert_eq!(
+        can(&uri, "trim"),
+        2,
+        "trim must be false without --allow-discards"
+    );
+    assert_eq!(
+        can(&uri, "read-only"),
+        2,
+        "read-only must be false without --read-only"
+    );
 }
 
 #[test]
@@ -122,7 +155,10 @@ fn an_unknown_export_name_is_refused() {
     // libnbd reports the server's NBD_REP_ERR_UNKNOWN as "unknown export" / "not found".
     let msg = out.stderr.to_lowercase();
     assert!(
-        msg.contains("unknown") || msg.contains("no export") || msg.contains("not found") || msg.contains("not available"),
+        msg.contains("unknown")
+            || msg.contains("no export")
+            || msg.contains("not found")
+            || msg.contains("not available"),
         "expected an unknown-export error, got:\n{}",
         out.details()
     );
@@ -139,7 +175,8 @@ fn nbdinfo_map_reports_a_data_region_and_holes_of_a_sparse_plain_file() {
         use std::os::unix::fs::FileExt;
         let f = std::fs::File::create(&img).unwrap();
         f.set_len(16 * MIB).unwrap();
-        f.write_all_at(&random_bytes(1, MIB as usize), 4 * MIB).unwrap();
+        f.write_all_at(&random_bytes(1, MIB as usize), 4 * MIB)
+            .unwrap();
         f.sync_all().unwrap();
     }
     let d = Daemon::plain_in(dir, &[]);
@@ -159,14 +196,32 @@ fn nbdinfo_map_reports_a_data_region_and_holes_of_a_sparse_plain_file() {
         assert!(len > 0, "zero-length extent: {extents:?}");
         pos += len;
     }
-    assert_eq!(pos, 16 * MIB, "extents do not cover the export: {extents:?}");
-    let type_at = |o: u64| extents.iter().find(|e| e.0 <= o && o < e.0 + e.1).unwrap().2;
+    assert_eq!(
+        pos,
+        16 * MIB,
+        "extents do not cover the export: {extents:?}"
+    );
+    let type_at = |o: u64| {
+        extents
+            .iter()
+            .find(|e| e.0 <= o && o < e.0 + e.1)
+            .unwrap()
+            .2
+    };
     // The written megabyte is data (no HOLE bit) throughout.
     for o in (4 * MIB..5 * MIB).step_by(64 * 1024) {
-        assert_eq!(type_at(o) & 1, 0, "offset {o} is written data, reported as hole: {extents:?}");
+        assert_eq!(
+            type_at(o) & 1,
+            0,
+            "offset {o} is written data, reported as hole: {extents:?}"
+        );
     }
     // The untouched start and end are holes that read as zero (HOLE|ZERO = 3).
     assert_eq!(type_at(0), 3, "offset 0 is a hole: {extents:?}");
     assert_eq!(type_at(10 * MIB), 3, "offset 10M is a hole: {extents:?}");
-    assert_eq!(type_at(16 * MIB - 1), 3, "the last byte is in a hole: {extents:?}");
+    assert_eq!(
+        type_at(16 * MIB - 1),
+        3,
+        "the last byte is in a hole: {extents:?}"
+    );
 }

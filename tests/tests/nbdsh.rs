@@ -15,7 +15,9 @@ fn ok(out: Out) {
 #[test]
 fn option_mode_lists_the_export_gets_info_lists_meta_contexts_and_goes() {
     let d = Daemon::plain(16 * MIB, &["--description", "nbdsh test"]);
-    ok(nbdsh_d(&d, r#"
+    ok(nbdsh_d(
+        &d,
+        r#"
         h.set_opt_mode(True)
         h.connect_uri(URI)
         assert h.aio_is_negotiating(), "opt mode must stop in negotiation"
@@ -51,13 +53,16 @@ fn option_mode_lists_the_export_gets_info_lists_meta_contexts_and_goes() {
         assert h.aio_is_ready()
         assert h.pread(4096, 0) == bytes(4096)
         h.shutdown()
-    "#));
+    "#,
+    ));
 }
 
 #[test]
 fn structured_reads_with_df_return_the_data_in_one_chunk() {
     let d = Daemon::plain(16 * MIB, &[]);
-    ok(nbdsh_d(&d, r#"
+    ok(nbdsh_d(
+        &d,
+        r#"
         h.connect_uri(URI)
         assert h.get_structured_replies_negotiated()
         assert h.can_df()
@@ -90,13 +95,16 @@ fn structured_reads_with_df_return_the_data_in_one_chunk() {
             pos = b
         assert pos == start + 262144, "chunks do not cover the read: %r" % chunks
         assert all(s in (nbd.READ_DATA, nbd.READ_HOLE) for o, n, s in chunks), chunks
-    "#));
+    "#,
+    ));
 }
 
 #[test]
 fn block_status_reports_data_and_holes_with_and_without_req_one() {
     let d = Daemon::plain(16 * MIB, &[]);
-    ok(nbdsh_d(&d, r#"
+    ok(nbdsh_d(
+        &d,
+        r#"
         M = 1024 * 1024
         h.add_meta_context("base:allocation")
         h.connect_uri(URI)
@@ -147,13 +155,16 @@ fn block_status_reports_data_and_holes_with_and_without_req_one() {
             h.block_status(4096, 16 * M, lambda *a: 0)
         expect_err(past_end, errno.EINVAL, "block status past the end")
         assert h.pread(4096, 0) == bytes(4096)
-    "#));
+    "#,
+    ));
 }
 
 #[test]
 fn write_zeroes_zeroes_the_range_with_fast_zero_and_with_no_hole() {
     let d = Daemon::plain(16 * MIB, &[]);
-    ok(nbdsh_d(&d, r#"
+    ok(nbdsh_d(
+        &d,
+        r#"
         M = 1024 * 1024
         h.connect_uri(URI)
         assert h.can_zero() and h.can_fast_zero()
@@ -191,13 +202,16 @@ fn write_zeroes_zeroes_the_range_with_fast_zero_and_with_no_hole() {
         h.set_strict_mode(0)
         expect_err(lambda: h.zero(8192, 16 * M - 4096), errno.ENOSPC, "zero crossing the end")
         assert h.pread(4096, 16 * M - 4096) == bytes(4096)
-    "#));
+    "#,
+    ));
 }
 
 #[test]
 fn trim_with_allow_discards_leaves_the_range_zero_or_a_hole() {
     let d = Daemon::plain(16 * MIB, &["--allow-discards"]);
-    ok(nbdsh_d(&d, r#"
+    ok(nbdsh_d(
+        &d,
+        r#"
         M = 1024 * 1024
         h.add_meta_context("base:allocation")
         h.connect_uri(URI)
@@ -219,13 +233,16 @@ fn trim_with_allow_discards_leaves_the_range_zero_or_a_hole() {
         h.trim(M, 3 * M, nbd.CMD_FLAG_FUA)
         h.set_strict_mode(0)
         expect_err(lambda: h.trim(8192, 16 * M - 4096), errno.EINVAL, "trim past the end")
-    "#));
+    "#,
+    ));
 }
 
 #[test]
 fn trim_without_allow_discards_is_refused_and_changes_nothing() {
     let d = Daemon::plain(16 * MIB, &[]);
-    ok(nbdsh_d(&d, r#"
+    ok(nbdsh_d(
+        &d,
+        r#"
         M = 1024 * 1024
         h.connect_uri(URI)
         assert not h.can_trim()
@@ -236,14 +253,17 @@ fn trim_without_allow_discards_is_refused_and_changes_nothing() {
         h.set_strict_mode(0)
         expect_err(lambda: h.trim(M, 0), errno.EINVAL, "server trim without SEND_TRIM")
         assert h.pread(M, 0) == b"\xee" * M, "unadvertised trim changed data"
-    "#));
+    "#,
+    ));
     assert_eq!(read_at(&d.image, 0, MIB as usize), vec![0xee; MIB as usize]);
 }
 
 #[test]
 fn cache_succeeds_in_range_and_is_einval_past_the_end() {
     let d = Daemon::plain(16 * MIB, &[]);
-    ok(nbdsh_d(&d, r#"
+    ok(nbdsh_d(
+        &d,
+        r#"
         M = 1024 * 1024
         h.connect_uri(URI)
         assert h.can_cache()
@@ -253,14 +273,17 @@ fn cache_succeeds_in_range_and_is_einval_past_the_end() {
         h.set_strict_mode(0)
         expect_err(lambda: h.cache(8192, 16 * M - 4096), errno.EINVAL, "cache past the end")
         assert h.pread(4096, 0) == bytes(4096)
-    "#));
+    "#,
+    ));
 }
 
 #[test]
 fn a_read_only_export_refuses_writes_zeroes_and_trims_with_eperm() {
     let data = random_bytes(11, 4 * MIB as usize);
     let d = Daemon::plain_with(&data, &["--read-only"]);
-    ok(nbdsh_d(&d, r#"
+    ok(nbdsh_d(
+        &d,
+        r#"
         h.connect_uri(URI)
         assert h.is_read_only()
         with open(IMAGE, "rb") as f:
@@ -270,9 +293,11 @@ fn a_read_only_export_refuses_writes_zeroes_and_trims_with_eperm() {
         expect_err(lambda: h.pwrite(b"x" * 4096, 0), errno.EPERM, "write on read-only")
         expect_err(lambda: h.pwrite(b"x" * 4096, 0, nbd.CMD_FLAG_FUA), errno.EPERM, "FUA write on read-only")
         expect_err(lambda: h.zero(4096, 0), errno.EPERM, "zero on read-only")
+        expect_err(lambda: h.trim(4096, 0), errno.EPERM, "trim on read-only")
         # The stream is still in sync after the rejected payloads.
         assert h.pread(65536, 0) == want
-    "#));
+    "#,
+    ));
     let disk = std::fs::read(&d.image).unwrap();
     assert!(disk == data, "read-only export modified its backing file");
 }
@@ -280,7 +305,9 @@ fn a_read_only_export_refuses_writes_zeroes_and_trims_with_eperm() {
 #[test]
 fn out_of_range_reads_are_einval_and_writes_enospc() {
     let d = Daemon::plain(16 * MIB, &[]);
-    ok(nbdsh_d(&d, r#"
+    ok(nbdsh_d(
+        &d,
+        r#"
         M = 1024 * 1024
         size = 16 * M
         h.connect_uri(URI)
@@ -297,14 +324,21 @@ fn out_of_range_reads_are_einval_and_writes_enospc() {
         assert h.pread(4096, size - 4096) == bytes(4096)
         h.pwrite(b"z" * 4096, size - 4096)
         assert h.pread(4096, size - 4096) == b"z" * 4096
-    "#));
-    assert_eq!(std::fs::metadata(&d.image).unwrap().len(), 16 * MIB, "backing file size changed");
+    "#,
+    ));
+    assert_eq!(
+        std::fs::metadata(&d.image).unwrap().len(),
+        16 * MIB,
+        "backing file size changed"
+    );
 }
 
 #[test]
 fn fua_and_flush_writes_are_visible_on_a_second_connection() {
     let d = Daemon::plain(16 * MIB, &[]);
-    ok(nbdsh_d(&d, r#"
+    ok(nbdsh_d(
+        &d,
+        r#"
         h.connect_uri(URI)
         h2 = nbd.NBD()
         h2.connect_uri(URI)
@@ -325,7 +359,8 @@ fn fua_and_flush_writes_are_visible_on_a_second_connection() {
                 assert f.read(65536) == data, "flushed write %d not in the backing file" % i
         h2.shutdown()
         h.shutdown()
-    "#));
+    "#,
+    ));
 }
 
 const RANDOM_ROUND_TRIP: &str = r#"
@@ -362,7 +397,9 @@ fn unaligned_writes_and_reads_round_trip_with_direct_io() {
     // paths hit the same pages here.
     let d = Daemon::plain(4 * MIB, &["--direct"]);
     ok(nbdsh_d(&d, RANDOM_ROUND_TRIP));
-    ok(nbdsh_d(&d, r#"
+    ok(nbdsh_d(
+        &d,
+        r#"
         h.connect_uri(URI)
         for i in range(64):
             a = os.urandom(4096)
@@ -372,5 +409,23 @@ fn unaligned_writes_and_reads_round_trip_with_direct_io() {
             want = a[:1000] + b + a[1100:]
             assert h.pread(4096, i * 8192) == want, "page %d mixes direct and buffered data wrongly" % i
         h.flush()
-    "#));
+    "#,
+    ));
+}
+
+#[test]
+fn block_status_zero_extents_of_a_plain_export_read_as_zero() {
+    let d = Daemon::plain(16 * MIB, &["--allow-discards"]);
+    ok(nbdsh_d(
+        &d,
+        r#"
+        h.connect_uri(URI)
+        h.pwrite(b"\x01" * (2 << 20), 1 << 20)
+        h.zero(1 << 20, 8 << 20)
+        h.trim(1 << 20, 2 << 20)
+        h.flush()
+    "#,
+    ));
+    let script = format!("{ZERO_EXTENTS_READ_AS_ZERO}\n    assert zero_bytes > 0, \"a sparse plain file reported no zero extents\"\n");
+    ok(nbdsh_d(&d, &script));
 }

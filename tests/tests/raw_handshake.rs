@@ -42,7 +42,10 @@ fn info_whose_name_length_overruns_the_option_gets_err_invalid_and_the_stream_st
     data.extend_from_slice(b"nbdcrypt");
     data.extend_from_slice(&0u16.to_be_bytes());
     let (r, before) = c.option(OPT_INFO, &data);
-    assert!(before.is_empty(), "no INFO replies before the error: {before:?}");
+    assert!(
+        before.is_empty(),
+        "no INFO replies before the error: {before:?}"
+    );
     assert_eq!(r.typ, REP_ERR_INVALID, "{r:?}");
     assert_eq!(c.list(), vec![EXPORT.to_string()]);
 }
@@ -69,7 +72,10 @@ fn list_with_data_gets_exactly_one_err_invalid_and_the_next_list_works() {
     let d = daemon();
     let mut c = Client::connect(&d.sock);
     let (r, before) = c.option(OPT_LIST, b"junk!");
-    assert!(before.is_empty(), "LIST with data must not list: {before:?}");
+    assert!(
+        before.is_empty(),
+        "LIST with data must not list: {before:?}"
+    );
     assert_eq!(r.typ, REP_ERR_INVALID, "{r:?}");
     // If the server had also sent the list and an ACK (nbd-server's bug), this LIST would read
     // the stale replies.
@@ -131,7 +137,10 @@ fn a_huge_option_length_is_refused_without_waiting_for_the_data_and_others_are_s
             "a 100 MB option must be refused, got {r:?}"
         ),
         Err(e) => assert!(
-            !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
             "server neither answered nor closed within 5 s after a 100 MB option header \
              (is it waiting for / allocating 100 MB?)"
         ),
@@ -175,7 +184,10 @@ fn export_name_for_an_unknown_export_closes_that_connection_only() {
     let d = daemon();
     let mut c = Client::connect(&d.sock);
     c.send_opt(OPT_EXPORT_NAME, b"no-such-export").unwrap();
-    assert!(c.closed_within(Duration::from_secs(5)), "unservable EXPORT_NAME must hard-disconnect");
+    assert!(
+        c.closed_within(Duration::from_secs(5)),
+        "unservable EXPORT_NAME must hard-disconnect"
+    );
     assert_server_serves(&d.sock);
 }
 
@@ -199,7 +211,10 @@ fn unknown_client_flags_drop_the_connection() {
     match c.read_opt_reply() {
         Ok(r) => panic!("server answered an option after unknown client flags: {r:?}"),
         Err(e) => assert!(
-            !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
             "server neither closed nor answered: {e}"
         ),
     }
@@ -217,14 +232,21 @@ fn go_answers_block_size_name_and_description_and_info_matches_go() {
     assert_eq!(r.typ, REP_ACK, "{r:?}");
 
     let by_type = |v: &[OptReply], t: u16| -> Option<Vec<u8>> {
-        v.iter().find(|r| r.typ == REP_INFO && be16(&r.data) == t).map(|r| r.data[2..].to_vec())
+        v.iter()
+            .find(|r| r.typ == REP_INFO && be16(&r.data) == t)
+            .map(|r| r.data[2..].to_vec())
     };
     for (what, replies) in [("INFO", &info_replies), ("GO", &go_replies)] {
         let e = export_from_infos(replies).unwrap_or_else(|| panic!("{what} without INFO_EXPORT"));
         assert_eq!(e.size, SIZE, "{what} size");
-        let bs = by_type(replies, INFO_BLOCK_SIZE).unwrap_or_else(|| panic!("{what} without INFO_BLOCK_SIZE"));
+        let bs = by_type(replies, INFO_BLOCK_SIZE)
+            .unwrap_or_else(|| panic!("{what} without INFO_BLOCK_SIZE"));
         assert_eq!(bs.len(), 12, "{what} INFO_BLOCK_SIZE length");
-        assert_eq!((be32(&bs), be32(&bs[4..]), be32(&bs[8..])), (1, 4096, 32 << 20), "{what} block sizes");
+        assert_eq!(
+            (be32(&bs), be32(&bs[4..]), be32(&bs[8..])),
+            (1, 4096, 32 << 20),
+            "{what} block sizes"
+        );
         if let Some(desc) = by_type(replies, INFO_DESCRIPTION) {
             assert_eq!(desc, b"raw test", "{what} description");
         } else {
@@ -234,8 +256,13 @@ fn go_answers_block_size_name_and_description_and_info_matches_go() {
             assert_eq!(name, b"vol0", "{what} name");
         }
     }
-    assert_eq!(export_from_infos(&info_replies), export_from_infos(&go_replies), "INFO and GO must agree");
-    c.read(1, SIZE - 512, 512).expect("read the last sector after GO");
+    assert_eq!(
+        export_from_infos(&info_replies),
+        export_from_infos(&go_replies),
+        "INFO and GO must agree"
+    );
+    c.read(1, SIZE - 512, 512)
+        .expect("read the last sector after GO");
 }
 
 #[test]
@@ -258,7 +285,10 @@ fn meta_context_options_need_structured_replies_and_then_offer_base_allocation()
     let q = meta_payload(EXPORT, &["base:allocation"]);
     let (r, before) = c.option(OPT_SET_META_CONTEXT, &q);
     assert!(before.is_empty(), "{before:?}");
-    assert_eq!(r.typ, REP_ERR_INVALID, "SET_META_CONTEXT before structured replies: {r:?}");
+    assert_eq!(
+        r.typ, REP_ERR_INVALID,
+        "SET_META_CONTEXT before structured replies: {r:?}"
+    );
 
     // STRUCTURED_REPLY with data is malformed.
     let (r, _) = c.option(OPT_STRUCTURED_REPLY, b"x");
@@ -267,8 +297,10 @@ fn meta_context_options_need_structured_replies_and_then_offer_base_allocation()
 
     let (r, listed) = c.option(OPT_LIST_META_CONTEXT, &meta_payload(EXPORT, &[]));
     assert_eq!(r.typ, REP_ACK, "{r:?}");
-    let names: Vec<String> =
-        listed.iter().map(|r| String::from_utf8_lossy(&r.data[4..]).into_owned()).collect();
+    let names: Vec<String> = listed
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.data[4..]).into_owned())
+        .collect();
     assert!(names.contains(&"base:allocation".to_string()), "{names:?}");
 
     // Unknown namespaces are ignored, base:allocation is selected with a usable id.
@@ -287,11 +319,17 @@ fn meta_context_options_need_structured_replies_and_then_offer_base_allocation()
     let (flags, typ, cookie, payload) = c.chunk().expect("BLOCK_STATUS chunk");
     assert_eq!((typ, cookie), (CHUNK_BLOCK_STATUS, 3), "{payload:?}");
     assert_eq!(be32(&payload), id, "context id of the status chunk");
-    assert!(payload.len() >= 12 && (payload.len() - 4) % 8 == 0, "{payload:?}");
+    assert!(
+        payload.len() >= 12 && (payload.len() - 4) % 8 == 0,
+        "{payload:?}"
+    );
     assert_ne!(be32(&payload[4..]), 0, "zero-length extent");
     if flags & REPLY_FLAG_DONE == 0 {
         let (flags, typ, cookie, _) = c.chunk().unwrap();
-        assert_eq!((flags & REPLY_FLAG_DONE, typ, cookie), (REPLY_FLAG_DONE, CHUNK_NONE, 3));
+        assert_eq!(
+            (flags & REPLY_FLAG_DONE, typ, cookie),
+            (REPLY_FLAG_DONE, CHUNK_NONE, 3)
+        );
     }
 }
 
@@ -304,7 +342,10 @@ fn block_status_without_a_selected_context_is_einval_in_a_structured_reply() {
     c.request(0, CMD_BLOCK_STATUS, 4, 0, 4096, &[]).unwrap();
     let (flags, typ, cookie, payload) = c.chunk().expect("structured error for BLOCK_STATUS");
     assert_eq!(cookie, 4);
-    assert!(typ == CHUNK_ERROR || typ == CHUNK_ERROR_OFFSET, "expected an error chunk, got {typ:#x}");
+    assert!(
+        typ == CHUNK_ERROR || typ == CHUNK_ERROR_OFFSET,
+        "expected an error chunk, got {typ:#x}"
+    );
     assert_eq!(be32(&payload), EINVAL);
     if flags & REPLY_FLAG_DONE == 0 {
         let (flags, _, _, _) = c.chunk().unwrap();
@@ -332,8 +373,14 @@ fn a_client_that_stalls_in_the_handshake_is_dropped_after_the_handshake_timeout(
     let d = Daemon::plain(SIZE, &["--handshake-timeout", "1"]);
     let mut idle = Client::connect(&d.sock);
     let mut silent = Client::connect_no_flags(&d.sock);
-    assert!(idle.closed_within(Duration::from_secs(6)), "idle client still connected after 6 s");
-    assert!(silent.closed_within(Duration::from_secs(3)), "silent client still connected");
+    assert!(
+        idle.closed_within(Duration::from_secs(6)),
+        "idle client still connected after 6 s"
+    );
+    assert!(
+        silent.closed_within(Duration::from_secs(3)),
+        "silent client still connected"
+    );
     assert_server_serves(&d.sock);
 }
 
@@ -342,11 +389,17 @@ fn garbage_instead_of_client_flags_or_options_closes_that_connection_only() {
     let d = daemon();
     let mut c = Client::connect_no_flags(&d.sock);
     let _ = c.send(&random_bytes(9, 4096));
-    assert!(c.closed_within(Duration::from_secs(5)), "garbage handshake must be dropped");
+    assert!(
+        c.closed_within(Duration::from_secs(5)),
+        "garbage handshake must be dropped"
+    );
 
     let mut c = Client::connect(&d.sock);
     let _ = c.send(&random_bytes(10, 4096));
-    assert!(c.closed_within(Duration::from_secs(5)), "garbage instead of an option must be dropped");
+    assert!(
+        c.closed_within(Duration::from_secs(5)),
+        "garbage instead of an option must be dropped"
+    );
 
     // EOF in the middle of an option.
     let mut c = Client::connect(&d.sock);
@@ -361,7 +414,8 @@ fn garbage_instead_of_client_flags_or_options_closes_that_connection_only() {
 fn set_meta_context_replaces_the_previous_selection_and_binds_to_the_export_name() {
     let d = daemon();
     let block_status_error = |c: &mut Client, cookie: u64| -> u32 {
-        c.request(0, CMD_BLOCK_STATUS, cookie, 0, 4096, &[]).unwrap();
+        c.request(0, CMD_BLOCK_STATUS, cookie, 0, 4096, &[])
+            .unwrap();
         let mut err = 0;
         loop {
             let (flags, typ, got, payload) = c.chunk().expect("BLOCK_STATUS reply");
@@ -378,25 +432,46 @@ fn set_meta_context_replaces_the_previous_selection_and_binds_to_the_export_name
     // A later SET with no queries replaces the earlier selection with nothing.
     let mut c = Client::connect(&d.sock);
     assert_eq!(c.structured_reply(), REP_ACK);
-    let (r, set) = c.option(OPT_SET_META_CONTEXT, &meta_payload(EXPORT, &["base:allocation"]));
+    let (r, set) = c.option(
+        OPT_SET_META_CONTEXT,
+        &meta_payload(EXPORT, &["base:allocation"]),
+    );
     assert_eq!((r.typ, set.len()), (REP_ACK, 1), "{set:?}");
     let (r, set) = c.option(OPT_SET_META_CONTEXT, &meta_payload(EXPORT, &[]));
-    assert_eq!((r.typ, set.len()), (REP_ACK, 0), "SET with no queries selects nothing: {set:?}");
+    assert_eq!(
+        (r.typ, set.len()),
+        (REP_ACK, 0),
+        "SET with no queries selects nothing: {set:?}"
+    );
     c.go(EXPORT);
-    assert_eq!(block_status_error(&mut c, 1), EINVAL, "selection was not replaced");
+    assert_eq!(
+        block_status_error(&mut c, 1),
+        EINVAL,
+        "selection was not replaced"
+    );
 
     // A selection made for another export name does not carry over to GO.
     let mut c = Client::connect(&d.sock);
     assert_eq!(c.structured_reply(), REP_ACK);
-    let (r, _) = c.option(OPT_SET_META_CONTEXT, &meta_payload("other", &["base:allocation"]));
+    let (r, _) = c.option(
+        OPT_SET_META_CONTEXT,
+        &meta_payload("other", &["base:allocation"]),
+    );
     assert!(r.typ == REP_ACK || r.typ == REP_ERR_UNKNOWN, "{r:?}");
     c.go(EXPORT);
-    assert_eq!(block_status_error(&mut c, 2), EINVAL, "meta context for another export applied");
+    assert_eq!(
+        block_status_error(&mut c, 2),
+        EINVAL,
+        "meta context for another export applied"
+    );
 
     // And the normal case works on the same server.
     let mut c = Client::connect(&d.sock);
     assert_eq!(c.structured_reply(), REP_ACK);
-    let (r, _) = c.option(OPT_SET_META_CONTEXT, &meta_payload(EXPORT, &["base:allocation"]));
+    let (r, _) = c.option(
+        OPT_SET_META_CONTEXT,
+        &meta_payload(EXPORT, &["base:allocation"]),
+    );
     assert_eq!(r.typ, REP_ACK);
     c.go(EXPORT);
     assert_eq!(block_status_error(&mut c, 3), 0);
@@ -408,7 +483,10 @@ fn structured_reply_twice_is_ack_or_err_invalid_and_not_a_disconnect() {
     let mut c = Client::connect(&d.sock);
     assert_eq!(c.structured_reply(), REP_ACK);
     let again = c.structured_reply();
-    assert!(again == REP_ACK || again == REP_ERR_INVALID, "second STRUCTURED_REPLY: {again:#x}");
+    assert!(
+        again == REP_ACK || again == REP_ERR_INVALID,
+        "second STRUCTURED_REPLY: {again:#x}"
+    );
     assert_eq!(c.list(), vec![EXPORT.to_string()]);
 }
 
@@ -417,8 +495,51 @@ fn a_client_without_fixed_newstyle_can_still_use_export_name() {
     let d = daemon();
     let mut c = Client::connect_with(&d.sock, 0);
     c.send_opt(OPT_EXPORT_NAME, EXPORT.as_bytes()).unwrap();
-    let r = c.read_n(134).expect("134 bytes after EXPORT_NAME (no NO_ZEROES)");
+    let r = c
+        .read_n(134)
+        .expect("134 bytes after EXPORT_NAME (no NO_ZEROES)");
     assert_eq!(be64(&r), SIZE);
     assert!(r[10..].iter().all(|&b| b == 0));
     assert_eq!(c.read(1, 0, 512).unwrap(), vec![0; 512]);
+}
+
+#[test]
+fn a_meta_context_query_overrunning_the_option_gets_err_invalid_and_the_stream_stays_in_sync() {
+    let d = daemon();
+    let mut c = Client::connect(&d.sock);
+    assert_eq!(c.structured_reply(), REP_ACK);
+    let mut q = meta_payload(EXPORT, &["base:allocation"]);
+    // The query claims 200 bytes but carries 15.
+    let at = q.len() - "base:allocation".len() - 4;
+    q[at..at + 4].copy_from_slice(&200u32.to_be_bytes());
+    for opt in [OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT] {
+        let (r, before) = c.option(opt, &q);
+        assert!(before.is_empty(), "option {opt}: {before:?}");
+        assert_eq!(r.typ, REP_ERR_INVALID, "option {opt}: {r:?}");
+    }
+    // A query count larger than the data.
+    let mut q = meta_payload(EXPORT, &[]);
+    let n = q.len() - 4;
+    q[n..].copy_from_slice(&3u32.to_be_bytes());
+    let (r, _) = c.option(OPT_LIST_META_CONTEXT, &q);
+    assert_eq!(r.typ, REP_ERR_INVALID, "{r:?}");
+    assert_eq!(c.list(), vec![EXPORT.to_string()]);
+    let (r, set) = c.option(
+        OPT_SET_META_CONTEXT,
+        &meta_payload(EXPORT, &["base:allocation"]),
+    );
+    assert_eq!((r.typ, set.len()), (REP_ACK, 1));
+    c.go(EXPORT);
+}
+
+#[test]
+fn a_thousand_options_in_a_row_are_all_answered() {
+    let d = daemon();
+    let mut c = Client::connect(&d.sock);
+    for i in 0..1000u32 {
+        let (r, _) = c.option(1000 + i, &i.to_be_bytes());
+        assert_eq!(r.typ, REP_ERR_UNSUP, "option {i}: {r:?}");
+    }
+    c.go(EXPORT);
+    c.read(1, 0, 512).unwrap();
 }
