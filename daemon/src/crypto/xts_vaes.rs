@@ -370,15 +370,7 @@ unsafe fn xts<const ENC: bool, const ROUNDS: usize>(
                         let v = _mm512_loadu_si512(s.add(64 * i).cast());
                         *x = _mm512_ternarylogic_epi64::<0x96>(v, tw[i], rk[0]);
                     }
-                    for k in &rk[1..ROUNDS] {
-                        for x in x.iter_mut() {
-                            *x = if ENC {
-                                _mm512_aesenc_epi128(*x, *k)
-                            } else {
-                                _mm512_aesdec_epi128(*x, *k)
-                            };
-                        }
-                    }
+                    middle_rounds::<ENC, ROUNDS>(&mut x, &rk);
                     for (i, x) in x.iter().enumerate() {
                         let last = _mm512_xor_si512(rk[ROUNDS], tw[i]);
                         let y = if ENC {
@@ -389,8 +381,10 @@ unsafe fn xts<const ENC: bool, const ROUNDS: usize>(
                         _mm512_storeu_si512(d.add(64 * i).cast(), y);
                     }
                 }
-                for t in tw.iter_mut() {
-                    *t = mul_xk::<32, 32>(*t, poly);
+                if step + 1 < steps_per_sector {
+                    for t in tw.iter_mut() {
+                        *t = mul_xk::<32, 32>(*t, poly);
+                    }
                 }
             }
         }
@@ -402,6 +396,121 @@ unsafe fn xts<const ENC: bool, const ROUNDS: usize>(
     for r in rk.iter_mut() {
         // SAFETY: `r` is a valid, aligned `__m512i` local; a volatile write of zero.
         unsafe { core::ptr::write_volatile(r, _mm512_setzero_si512()) };
+    }
+}
+
+/// Emits `$op` (vaesenc/vaesdec) for each key in turn over eight registers, round-major, so
+/// eight independent AES operations are always in flight (VAES: ~4 cycles latency, 2 per cycle).
+/// Written as inline assembly because LLVM, under the register pressure of AES-256 plus eight
+/// tweak registers, otherwise schedules each register's rounds back to back and spills.
+macro_rules! rounds_asm {
+    ($op:literal, $x:ident, $rk:ident, [$($k:ident = $i:literal),+]) => {
+        // SAFETY: register-only instructions (no memory, stack or flags); the enclosing function
+        // enables `vaes` and `avx512f`, and its callers run only after those were detected.
+        unsafe {
+            core::arch::asm!(
+                $(
+                    concat!($op, " {x0}, {x0}, {", stringify!($k), "}"),
+                    concat!($op, " {x1}, {x1}, {", stringify!($k), "}"),
+                    concat!($op, " {x2}, {x2}, {", stringify!($k), "}"),
+                    concat!($op, " {x3}, {x3}, {", stringify!($k), "}"),
+                    concat!($op, " {x4}, {x4}, {", stringify!($k), "}"),
+                    concat!($op, " {x5}, {x5}, {", stringify!($k), "}"),
+                    concat!($op, " {x6}, {x6}, {", stringify!($k), "}"),
+                    concat!($op, " {x7}, {x7}, {", stringify!($k), "}"),
+                )+
+                x0 = inout(zmm_reg) $x[0],
+                x1 = inout(zmm_reg) $x[1],
+                x2 = inout(zmm_reg) $x[2],
+                x3 = inout(zmm_reg) $x[3],
+                x4 = inout(zmm_reg) $x[4],
+                x5 = inout(zmm_reg) $x[5],
+                x6 = inout(zmm_reg) $x[6],
+                x7 = inout(zmm_reg) $x[7],
+                $($k = in(zmm_reg) $rk[$i],)+
+                options(pure, nomem, nostack, preserves_flags),
+            )
+        }
+    };
+}
+
+/// AES rounds 1..ROUNDS-1 (all but the first key addition and the last round) on 8 registers.
+#[target_feature(enable = "avx512f,vaes")]
+#[inline]
+fn middle_rounds<const ENC: bool, const ROUNDS: usize>(x: &mut [__m512i; 8], rk: &[__m512i; 15]) {
+    match (ENC, ROUNDS) {
+        (true, 10) => rounds_asm!(
+            "vaesenc",
+            x,
+            rk,
+            [
+                k1 = 1,
+                k2 = 2,
+                k3 = 3,
+                k4 = 4,
+                k5 = 5,
+                k6 = 6,
+                k7 = 7,
+                k8 = 8,
+                k9 = 9
+            ]
+        ),
+        (false, 10) => rounds_asm!(
+            "vaesdec",
+            x,
+            rk,
+            [
+                k1 = 1,
+                k2 = 2,
+                k3 = 3,
+                k4 = 4,
+                k5 = 5,
+                k6 = 6,
+                k7 = 7,
+                k8 = 8,
+                k9 = 9
+            ]
+        ),
+        (true, _) => rounds_asm!(
+            "vaesenc",
+            x,
+            rk,
+            [
+                k1 = 1,
+                k2 = 2,
+                k3 = 3,
+                k4 = 4,
+                k5 = 5,
+                k6 = 6,
+                k7 = 7,
+                k8 = 8,
+                k9 = 9,
+                k10 = 10,
+                k11 = 11,
+                k12 = 12,
+                k13 = 13
+            ]
+        ),
+        (false, _) => rounds_asm!(
+            "vaesdec",
+            x,
+            rk,
+            [
+                k1 = 1,
+                k2 = 2,
+                k3 = 3,
+                k4 = 4,
+                k5 = 5,
+                k6 = 6,
+                k7 = 7,
+                k8 = 8,
+                k9 = 9,
+                k10 = 10,
+                k11 = 11,
+                k12 = 12,
+                k13 = 13
+            ]
+        ),
     }
 }
 
