@@ -629,6 +629,12 @@ mod tests {
     }
 
     #[test]
+    fn sector_cipher_can_be_shared_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<SectorCipher>();
+    }
+
+    #[test]
     fn implementation_names_a_backend() {
         let c = cipher(&[1; 64], 512);
         assert!(["portable", "vaes512"].contains(&c.implementation()));

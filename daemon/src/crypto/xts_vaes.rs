@@ -19,31 +19,35 @@ use core::arch::x86_64::*;
 use zeroize::Zeroize;
 
 use super::XtsError;
+use crate::sys::LockedBuf;
 
 /// Blocks per step: 8 registers × 4 lanes.
 const STEP_BYTES: usize = 512;
 
-/// Expanded key schedules. Only constructed after the CPU features were detected, which is
-/// the invariant every `unsafe` call into `#[target_feature]` code below relies on.
+/// Expanded key schedules, in locked memory ([`LockedBuf`]: mlocked best effort, wiped on
+/// drop). Only constructed after the CPU features were detected, which is the invariant every
+/// `unsafe` call into `#[target_feature]` code below relies on.
 pub(super) struct VaesXts {
-    /// Data key, encryption schedule (rounds + 1 keys used).
-    enc: [[u8; 16]; 15],
-    /// Data key, equivalent-inverse-cipher schedule for `aesdec`.
-    dec: [[u8; 16]; 15],
-    /// Tweak key, encryption schedule.
-    tweak: [[u8; 16]; 15],
+    /// Three schedules of 15 round keys (16 bytes each), in [`Schedule`] order; AES-128 uses the
+    /// first 11 of each.
+    schedules: LockedBuf,
     /// 10 (AES-128) or 14 (AES-256).
     rounds: usize,
 }
 
-impl Drop for VaesXts {
-    #[inline(never)]
-    fn drop(&mut self) {
-        self.enc.zeroize();
-        self.dec.zeroize();
-        self.tweak.zeroize();
-    }
+/// Which schedule inside `VaesXts::schedules`.
+#[derive(Clone, Copy)]
+enum Schedule {
+    /// Data key, encryption.
+    Encrypt = 0,
+    /// Data key, equivalent inverse cipher (for `aesdec`).
+    Decrypt = 1,
+    /// Tweak key, encryption.
+    Tweak = 2,
 }
+
+type RoundKeys = [[u8; 16]; 15];
+const SCHEDULE_BYTES: usize = 15 * 16;
 
 /// Whether this CPU can run the fused pass.
 pub(super) fn cpu_supported() -> bool {
@@ -67,20 +71,38 @@ impl VaesXts {
             32 => 14,
             _ => return None,
         };
-        let mut keys = VaesXts {
-            enc: [[0; 16]; 15],
-            dec: [[0; 16]; 15],
-            tweak: [[0; 16]; 15],
-            rounds,
-        };
+        let mut enc: RoundKeys = [[0; 16]; 15];
+        let mut dec: RoundKeys = [[0; 16]; 15];
+        let mut tweak: RoundKeys = [[0; 16]; 15];
         // SAFETY: `cpu_supported()` returned true above, so the `aes` and `sse2` features these
         // functions are compiled for are present. Lengths were checked to match `rounds`.
         unsafe {
-            expand_key(key1, &mut keys.enc);
-            expand_key(key2, &mut keys.tweak);
-            inverse_schedule(&keys.enc, &mut keys.dec, rounds);
+            expand_key(key1, &mut enc);
+            expand_key(key2, &mut tweak);
+            inverse_schedule(&enc, &mut dec, rounds);
         }
+        let mut schedules = LockedBuf::zeroed(3 * SCHEDULE_BYTES);
+        for (out, sched) in schedules
+            .as_mut_slice()
+            .chunks_exact_mut(SCHEDULE_BYTES)
+            .zip([&enc, &dec, &tweak])
+        {
+            out.copy_from_slice(sched.as_flattened());
+        }
+        // The stack copies are secrets too.
+        enc.zeroize();
+        dec.zeroize();
+        tweak.zeroize();
+        let keys = VaesXts { schedules, rounds };
         Some(keys)
+    }
+
+    fn schedule(&self, which: Schedule) -> &RoundKeys {
+        let start = which as usize * SCHEDULE_BYTES;
+        let bytes = &self.schedules.as_slice()[start..start + SCHEDULE_BYTES];
+        let (keys, _) = bytes.as_chunks::<16>();
+        // Invariant: `schedules` is 3 * 240 bytes, so every 240-byte window is 15 round keys.
+        keys.try_into().expect("a schedule is 15 round keys")
     }
 
     /// XTS over whole sectors. `src == None` means in place in `dst`. Rechecks the lengths it
@@ -202,7 +224,7 @@ macro_rules! expand256_pair {
 /// # Safety
 /// The CPU must support `aes` and `sse2`. `key.len()` must be 16 or 32 (else nothing is done).
 #[target_feature(enable = "aes,sse2")]
-unsafe fn expand_key(key: &[u8], out: &mut [[u8; 16]; 15]) {
+unsafe fn expand_key(key: &[u8], out: &mut RoundKeys) {
     let mut rk = [_mm_setzero_si128(); 15];
     match key.len() {
         16 => {
@@ -248,7 +270,7 @@ unsafe fn expand_key(key: &[u8], out: &mut [[u8; 16]; 15]) {
 /// # Safety
 /// The CPU must support `aes` and `sse2`; `rounds` must be 10 or 14.
 #[target_feature(enable = "aes,sse2")]
-unsafe fn inverse_schedule(enc: &[[u8; 16]; 15], dec: &mut [[u8; 16]; 15], rounds: usize) {
+unsafe fn inverse_schedule(enc: &RoundKeys, dec: &mut RoundKeys, rounds: usize) {
     if rounds != 10 && rounds != 14 {
         return;
     }
@@ -335,7 +357,11 @@ unsafe fn xts<const ENC: bool, const ROUNDS: usize>(
     ivs_per_sector: u64,
 ) {
     let poly = _mm512_set_epi64(0, 0x87, 0, 0x87, 0, 0x87, 0, 0x87);
-    let data_keys = if ENC { &keys.enc } else { &keys.dec };
+    let data_keys = keys.schedule(if ENC {
+        Schedule::Encrypt
+    } else {
+        Schedule::Decrypt
+    });
     let mut rk = [_mm512_setzero_si512(); 15];
     for (r, k) in rk.iter_mut().zip(data_keys.iter()).take(ROUNDS + 1) {
         *r = bcast(k);
@@ -348,7 +374,12 @@ unsafe fn xts<const ENC: bool, const ROUNDS: usize>(
     let mut sector = 0;
     while sector < sectors {
         let batch = (sectors - sector).min(16);
-        start_tweaks::<ROUNDS>(&keys.tweak, iv, ivs_per_sector, &mut starts);
+        start_tweaks::<ROUNDS>(
+            keys.schedule(Schedule::Tweak),
+            iv,
+            ivs_per_sector,
+            &mut starts,
+        );
         iv = iv.wrapping_add(ivs_per_sector.wrapping_mul(16));
         for j in 0..batch {
             // SAFETY: `j < 16`, so `starts[16 * j..16 * j + 16]` is inside the 256-byte array.
@@ -537,7 +568,7 @@ fn middle_rounds<const ENC: bool, const ROUNDS: usize>(x: &mut [__m512i; 8], rk:
 /// half) with the tweak key into `out`.
 #[target_feature(enable = "avx512f,avx512bw,vaes,sse2")]
 fn start_tweaks<const ROUNDS: usize>(
-    tweak_keys: &[[u8; 16]; 15],
+    tweak_keys: &RoundKeys,
     iv: u64,
     step: u64,
     out: &mut [u8; 256],
