@@ -368,22 +368,29 @@ unsafe fn xts<const ENC: bool, const ROUNDS: usize>(
     }
     let sectors = len / sector_size;
     let steps_per_sector = sector_size / STEP_BYTES;
-    // Start tweaks of up to 16 sectors, as 16 consecutive 16-byte blocks.
-    let mut starts = [0u8; 256];
+    // Start tweaks of up to 16 sectors, as 16 consecutive 16-byte blocks. Two buffers: the
+    // next batch's tweaks are computed before the current batch is processed, so their AES
+    // latency overlaps with the current batch instead of stalling its first sector.
+    let mut starts = [[0u8; 256]; 2];
+    let tweak_keys = keys.schedule(Schedule::Tweak);
+    let offsets = iv_offsets(ivs_per_sector);
+    let batch_ivs = ivs_per_sector.wrapping_mul(16);
     let mut iv = first_iv;
+    let mut cur = 0;
+    if sectors > 0 {
+        start_tweaks::<ROUNDS>(tweak_keys, iv, &offsets, &mut starts[0]);
+    }
     let mut sector = 0;
     while sector < sectors {
         let batch = (sectors - sector).min(16);
-        start_tweaks::<ROUNDS>(
-            keys.schedule(Schedule::Tweak),
-            iv,
-            ivs_per_sector,
-            &mut starts,
-        );
-        iv = iv.wrapping_add(ivs_per_sector.wrapping_mul(16));
+        iv = iv.wrapping_add(batch_ivs);
+        if sector + batch < sectors {
+            start_tweaks::<ROUNDS>(tweak_keys, iv, &offsets, &mut starts[cur ^ 1]);
+        }
+        let starts_now = &starts[cur];
         for j in 0..batch {
             // SAFETY: `j < 16`, so `starts[16 * j..16 * j + 16]` is inside the 256-byte array.
-            let t0 = unsafe { _mm_loadu_si128(starts.as_ptr().add(16 * j).cast()) };
+            let t0 = unsafe { _mm_loadu_si128(starts_now.as_ptr().add(16 * j).cast()) };
             let t = spread(_mm512_broadcast_i32x4(t0), poly);
             let t4 = mul_xk::<4, 60>(t, poly);
             let mut tw = [
@@ -439,6 +446,7 @@ unsafe fn xts<const ENC: bool, const ROUNDS: usize>(
             }
         }
         sector += batch;
+        cur ^= 1;
     }
     // Start tweaks are derived from the tweak key; do not leave them on the stack. The round
     // key registers' stack copy (`rk`) likewise.
@@ -564,28 +572,42 @@ fn middle_rounds<const ENC: bool, const ROUNDS: usize>(x: &mut [__m512i; 8], rk:
     }
 }
 
-/// Encrypts the 16 IVs `iv, iv + step, ..., iv + 15·step` (plain64, little-endian, zero upper
-/// half) with the tweak key into `out`.
+/// The offsets `(4g + j) · step` of IV `4g + j` of a batch from the batch's first IV, in the low
+/// quadword of lane `j` of register `g` (high quadwords zero).
+#[target_feature(enable = "avx512f")]
+fn iv_offsets(step: u64) -> [__m512i; 4] {
+    let mut lanes = [0u64; 32];
+    let mut next = 0u64;
+    for pair in lanes.chunks_exact_mut(2) {
+        pair[0] = next;
+        next = next.wrapping_add(step);
+    }
+    let mut out = [_mm512_setzero_si512(); 4];
+    for (i, o) in out.iter_mut().enumerate() {
+        // SAFETY: `lanes` is 32 u64 = 256 bytes; register `i` reads bytes 64i..64i+64.
+        *o = unsafe { _mm512_loadu_si512(lanes.as_ptr().add(8 * i).cast()) };
+    }
+    out
+}
+
+/// Encrypts the 16 IVs `iv + offsets` (plain64: little-endian, zero upper half; additions wrap
+/// modulo 2^64 like the IVs themselves) with the tweak key into `out`.
 #[target_feature(enable = "avx512f,avx512bw,vaes,sse2")]
 fn start_tweaks<const ROUNDS: usize>(
     tweak_keys: &RoundKeys,
     iv: u64,
-    step: u64,
+    offsets: &[__m512i; 4],
     out: &mut [u8; 256],
 ) {
-    let mut ivs = [0u64; 32];
-    let mut next = iv;
-    for pair in ivs.chunks_exact_mut(2) {
-        pair[0] = next;
-        next = next.wrapping_add(step);
-    }
-    let mut x = [_mm512_setzero_si512(); 4];
+    // Bit-for-bit reinterpretation for the intrinsic; the additions are modulo 2^64 either way.
+    let base = _mm512_maskz_set1_epi64(0x55, i64::from_ne_bytes(iv.to_ne_bytes()));
     let k0 = bcast(&tweak_keys[0]);
-    for (i, x) in x.iter_mut().enumerate() {
-        // SAFETY: `ivs` has 32 u64 = 256 bytes; register `i` reads bytes 64i..64i+64.
-        let v = unsafe { _mm512_loadu_si512(ivs.as_ptr().add(8 * i).cast()) };
-        *x = _mm512_xor_si512(v, k0);
-    }
+    let mut x = [
+        _mm512_xor_si512(_mm512_add_epi64(base, offsets[0]), k0),
+        _mm512_xor_si512(_mm512_add_epi64(base, offsets[1]), k0),
+        _mm512_xor_si512(_mm512_add_epi64(base, offsets[2]), k0),
+        _mm512_xor_si512(_mm512_add_epi64(base, offsets[3]), k0),
+    ];
     for k in &tweak_keys[1..ROUNDS] {
         let k = bcast(k);
         for x in x.iter_mut() {
