@@ -54,6 +54,15 @@ fn bench_sector_size<M: Measurement>(c: &mut Criterion<M>, sector_size: usize) {
                 .expect("whole sectors")
         })
     });
+    let portable =
+        SectorCipher::new_portable(&VolumeKey::from_slice(&key), sector_size).expect("valid key");
+    group.bench_function("ours-encrypt (portable fallback)", |b| {
+        b.iter(|| {
+            portable
+                .encrypt_in_place(black_box(&mut buf), 8)
+                .expect("whole sectors")
+        })
+    });
     group.bench_function("aes-ecb-encrypt_blocks (ceiling)", |b| {
         b.iter(|| {
             let (blocks, _) = Array::<u8, U16>::slice_as_chunks_mut(black_box(&mut buf[..]));
