@@ -125,17 +125,20 @@ impl VaesXts {
                 sector_size,
             });
         }
+        let len = dst.len();
+        // Both pointers derive from this one `as_mut_ptr()` when in place, so writes through
+        // `dst_ptr` do not invalidate `src_ptr` (no shared reborrow of `dst` is taken after it).
+        let dst_ptr = dst.as_mut_ptr();
         let src_ptr = match src {
-            Some(s) if s.len() != dst.len() => {
+            Some(s) if s.len() != len => {
                 return Err(XtsError::LengthMismatch {
                     src: s.len(),
-                    dst: dst.len(),
+                    dst: len,
                 })
             }
             Some(s) => s.as_ptr(),
-            None => dst.as_ptr(),
+            None => dst_ptr.cast_const(),
         };
-        let (len, dst_ptr) = (dst.len(), dst.as_mut_ptr());
         let k = self;
         // SAFETY: (1) `self` exists only if `cpu_supported()` was true, so every feature the
         // callee is compiled for is present. (2) `src_ptr` and `dst_ptr` are valid for `len`
