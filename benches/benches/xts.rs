@@ -6,7 +6,8 @@
 //!
 //! Time is this thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`), as in
 //! `shared/docs/xts-performance.md`, because the build machine is shared and wall-clock figures
-//! swing with other people's compiles. Set `XTS_BENCH_WALL=1` for wall-clock time.
+//! swing with other people's compiles. Set `XTS_BENCH_WALL=1` for wall-clock time, or
+//! `XTS_BENCH_RATIO=1` for a quick interleaved median ratio of ours to the ceiling.
 //! Throughput is printed in decimal GB/s (10^9 bytes per second).
 
 use std::time::Duration;
@@ -81,8 +82,61 @@ fn run<M: Measurement>(mut c: Criterion<M>) {
     c.final_summary();
 }
 
+/// `XTS_BENCH_RATIO=1`: alternate ours and the ECB ceiling on the same buffer, 400 rounds of
+/// 8 buffer passes each, and print the median thread-CPU time of each as GB/s and as a ratio.
+/// Alternating puts both under the same background load, so the ratio is steadier on a shared
+/// machine than two separate criterion runs.
+fn median_ratio() {
+    const ROUNDS: usize = 400;
+    const PASSES: u32 = 8;
+    let key = key();
+    let ecb = Aes256::new_from_slice(&key[..32]).expect("32-byte key");
+    let mut buf = vec![0x5au8; BUF];
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for sector_size in [512, 4096] {
+        let ours = SectorCipher::new(&VolumeKey::from_slice(&key), sector_size).expect("key");
+        let (mut enc, mut dec, mut ceil) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            let t = thread_cpu_now();
+            for _ in 0..PASSES {
+                ours.encrypt_in_place(black_box(&mut buf), 8)
+                    .expect("whole sectors");
+            }
+            enc.push((thread_cpu_now() - t).as_secs_f64());
+            let t = thread_cpu_now();
+            for _ in 0..PASSES {
+                ours.decrypt_in_place(black_box(&mut buf), 8)
+                    .expect("whole sectors");
+            }
+            dec.push((thread_cpu_now() - t).as_secs_f64());
+            let t = thread_cpu_now();
+            for _ in 0..PASSES {
+                let (blocks, _) = Array::<u8, U16>::slice_as_chunks_mut(black_box(&mut buf[..]));
+                ecb.encrypt_blocks(blocks);
+            }
+            ceil.push((thread_cpu_now() - t).as_secs_f64());
+        }
+        let (enc, dec, ceil) = (median(&mut enc), median(&mut dec), median(&mut ceil));
+        let gbs = |secs: f64| f64::from(PASSES) * BUF as f64 / secs / 1e9;
+        println!(
+            "median of {ROUNDS}, {sector_size:>4} B sectors: ours enc {:.1} GB/s, dec {:.1} GB/s, \
+             ECB ceiling {:.1} GB/s; enc/ceiling {:.1} %, dec/ceiling {:.1} %",
+            gbs(enc),
+            gbs(dec),
+            gbs(ceil),
+            100.0 * ceil / enc,
+            100.0 * ceil / dec,
+        );
+    }
+}
+
 fn main() {
-    if std::env::var_os("XTS_BENCH_WALL").is_some() {
+    if std::env::var_os("XTS_BENCH_RATIO").is_some() {
+        median_ratio();
+    } else if std::env::var_os("XTS_BENCH_WALL").is_some() {
         run(Criterion::default()
             .with_measurement(WallTime)
             .configure_from_args());
