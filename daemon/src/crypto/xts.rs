@@ -99,6 +99,20 @@ impl SectorCipher {
     /// Builds the cipher for `key` (the two XTS halves: data key first, tweak key second) and
     /// `sector_size`. Never panics; a bad key length or sector size is an error.
     pub fn new(key: &VolumeKey, sector_size: usize) -> Result<SectorCipher, XtsError> {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+        let mut cipher = SectorCipher::new_portable(key, sector_size)?;
+        #[cfg(target_arch = "x86_64")]
+        {
+            let key = key.expose_secret();
+            let (key1, key2) = key.split_at(key.len() / 2);
+            cipher.vaes = vaes::VaesXts::new(key1, key2).map(Box::new);
+        }
+        Ok(cipher)
+    }
+
+    /// Like [`SectorCipher::new`] but always uses the portable `aes`-crate path, even on CPUs
+    /// with VAES: for benchmarks and for checking one implementation against the other.
+    pub fn new_portable(key: &VolumeKey, sector_size: usize) -> Result<SectorCipher, XtsError> {
         if !SECTOR_SIZES.contains(&sector_size) {
             return Err(XtsError::SectorSize(sector_size));
         }
@@ -127,7 +141,7 @@ impl SectorCipher {
             ivs_per_sector,
             portable,
             #[cfg(target_arch = "x86_64")]
-            vaes: vaes::VaesXts::new(key1, key2).map(Box::new),
+            vaes: None,
         })
     }
 
@@ -626,6 +640,30 @@ mod tests {
                 assert!(got == orig, "{b:?} decrypt, sector size {size}");
             }
         }
+    }
+
+    #[test]
+    fn new_portable_never_uses_the_fast_path_and_agrees_with_new() {
+        let key: Vec<u8> = (0..64).map(|i| i * 3).collect();
+        let fast = cipher(&key, 4096);
+        let slow = SectorCipher::new_portable(&VolumeKey::from_slice(&key), 4096).unwrap();
+        assert_eq!(slow.implementation(), "portable");
+        let mut a = vec![0u8; 5 * 4096];
+        fill(&mut a, 7);
+        let mut b = a.clone();
+        fast.encrypt_in_place(&mut a, 80).unwrap();
+        slow.encrypt_in_place(&mut b, 80).unwrap();
+        assert!(a == b);
+        assert_eq!(
+            SectorCipher::new_portable(&VolumeKey::from_slice(&[0; 20]), 512).unwrap_err(),
+            XtsError::KeyLength(20)
+        );
+    }
+
+    #[test]
+    fn sector_cipher_can_be_shared_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<SectorCipher>();
     }
 
     #[test]

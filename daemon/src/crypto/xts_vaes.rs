@@ -3,8 +3,8 @@
 //! One pass over the data, 32 blocks (eight 512-bit registers, four blocks each) per step:
 //! - A sector's start tweak T0 = AES_K2(IV) is computed 16 sectors at a time (four registers).
 //! - Register `r` of a step holds the tweaks T0·x^(4r..4r+3); after the step every register is
-//!   multiplied by x^32 at once: a 32-bit shift in each 128-bit lane plus one carry-less
-//!   multiply of the bits that fell off by 0x87 (x^128 = x^7 + x^2 + x + 1).
+//!   multiplied by x^32 at once: a 4-byte shift of each 128-bit lane plus one carry-less
+//!   multiply of the bytes that fell off by 0x87 (x^128 = x^7 + x^2 + x + 1).
 //! - `data ^ tweak ^ round_key_0` is one ternary-logic instruction; the closing tweak XOR is
 //!   folded into the last round key (`aesenclast(x, k ^ T) = aesenclast(x, k) ^ T`).
 //! - The source is prefetched 2 KiB ahead.
@@ -19,31 +19,35 @@ use core::arch::x86_64::*;
 use zeroize::Zeroize;
 
 use super::XtsError;
+use crate::sys::LockedBuf;
 
 /// Blocks per step: 8 registers × 4 lanes.
 const STEP_BYTES: usize = 512;
 
-/// Expanded key schedules. Only constructed after the CPU features were detected, which is
-/// the invariant every `unsafe` call into `#[target_feature]` code below relies on.
+/// Expanded key schedules, in locked memory ([`LockedBuf`]: mlocked best effort, wiped on
+/// drop). Only constructed after the CPU features were detected, which is the invariant every
+/// `unsafe` call into `#[target_feature]` code below relies on.
 pub(super) struct VaesXts {
-    /// Data key, encryption schedule (rounds + 1 keys used).
-    enc: [[u8; 16]; 15],
-    /// Data key, equivalent-inverse-cipher schedule for `aesdec`.
-    dec: [[u8; 16]; 15],
-    /// Tweak key, encryption schedule.
-    tweak: [[u8; 16]; 15],
+    /// Three schedules of 15 round keys (16 bytes each), in [`Schedule`] order; AES-128 uses the
+    /// first 11 of each.
+    schedules: LockedBuf,
     /// 10 (AES-128) or 14 (AES-256).
     rounds: usize,
 }
 
-impl Drop for VaesXts {
-    #[inline(never)]
-    fn drop(&mut self) {
-        self.enc.zeroize();
-        self.dec.zeroize();
-        self.tweak.zeroize();
-    }
+/// Which schedule inside `VaesXts::schedules`.
+#[derive(Clone, Copy)]
+enum Schedule {
+    /// Data key, encryption.
+    Encrypt = 0,
+    /// Data key, equivalent inverse cipher (for `aesdec`).
+    Decrypt = 1,
+    /// Tweak key, encryption.
+    Tweak = 2,
 }
+
+type RoundKeys = [[u8; 16]; 15];
+const SCHEDULE_BYTES: usize = 15 * 16;
 
 /// Whether this CPU can run the fused pass.
 pub(super) fn cpu_supported() -> bool {
@@ -67,20 +71,38 @@ impl VaesXts {
             32 => 14,
             _ => return None,
         };
-        let mut keys = VaesXts {
-            enc: [[0; 16]; 15],
-            dec: [[0; 16]; 15],
-            tweak: [[0; 16]; 15],
-            rounds,
-        };
+        let mut enc: RoundKeys = [[0; 16]; 15];
+        let mut dec: RoundKeys = [[0; 16]; 15];
+        let mut tweak: RoundKeys = [[0; 16]; 15];
         // SAFETY: `cpu_supported()` returned true above, so the `aes` and `sse2` features these
         // functions are compiled for are present. Lengths were checked to match `rounds`.
         unsafe {
-            expand_key(key1, &mut keys.enc);
-            expand_key(key2, &mut keys.tweak);
-            inverse_schedule(&keys.enc, &mut keys.dec, rounds);
+            expand_key(key1, &mut enc);
+            expand_key(key2, &mut tweak);
+            inverse_schedule(&enc, &mut dec, rounds);
         }
+        let mut schedules = LockedBuf::zeroed(3 * SCHEDULE_BYTES);
+        for (out, sched) in schedules
+            .as_mut_slice()
+            .chunks_exact_mut(SCHEDULE_BYTES)
+            .zip([&enc, &dec, &tweak])
+        {
+            out.copy_from_slice(sched.as_flattened());
+        }
+        // The stack copies are secrets too.
+        enc.zeroize();
+        dec.zeroize();
+        tweak.zeroize();
+        let keys = VaesXts { schedules, rounds };
         Some(keys)
+    }
+
+    fn schedule(&self, which: Schedule) -> &RoundKeys {
+        let start = which as usize * SCHEDULE_BYTES;
+        let bytes = &self.schedules.as_slice()[start..start + SCHEDULE_BYTES];
+        let (keys, _) = bytes.as_chunks::<16>();
+        // Invariant: `schedules` is 3 * 240 bytes, so every 240-byte window is 15 round keys.
+        keys.try_into().expect("a schedule is 15 round keys")
     }
 
     /// XTS over whole sectors. `src == None` means in place in `dst`. Rechecks the lengths it
@@ -103,17 +125,20 @@ impl VaesXts {
                 sector_size,
             });
         }
+        let len = dst.len();
+        // Both pointers derive from this one `as_mut_ptr()` when in place, so writes through
+        // `dst_ptr` do not invalidate `src_ptr` (no shared reborrow of `dst` is taken after it).
+        let dst_ptr = dst.as_mut_ptr();
         let src_ptr = match src {
-            Some(s) if s.len() != dst.len() => {
+            Some(s) if s.len() != len => {
                 return Err(XtsError::LengthMismatch {
                     src: s.len(),
-                    dst: dst.len(),
+                    dst: len,
                 })
             }
             Some(s) => s.as_ptr(),
-            None => dst.as_ptr(),
+            None => dst_ptr.cast_const(),
         };
-        let (len, dst_ptr) = (dst.len(), dst.as_mut_ptr());
         let k = self;
         // SAFETY: (1) `self` exists only if `cpu_supported()` was true, so every feature the
         // callee is compiled for is present. (2) `src_ptr` and `dst_ptr` are valid for `len`
@@ -202,7 +227,7 @@ macro_rules! expand256_pair {
 /// # Safety
 /// The CPU must support `aes` and `sse2`. `key.len()` must be 16 or 32 (else nothing is done).
 #[target_feature(enable = "aes,sse2")]
-unsafe fn expand_key(key: &[u8], out: &mut [[u8; 16]; 15]) {
+unsafe fn expand_key(key: &[u8], out: &mut RoundKeys) {
     let mut rk = [_mm_setzero_si128(); 15];
     match key.len() {
         16 => {
@@ -248,7 +273,7 @@ unsafe fn expand_key(key: &[u8], out: &mut [[u8; 16]; 15]) {
 /// # Safety
 /// The CPU must support `aes` and `sse2`; `rounds` must be 10 or 14.
 #[target_feature(enable = "aes,sse2")]
-unsafe fn inverse_schedule(enc: &[[u8; 16]; 15], dec: &mut [[u8; 16]; 15], rounds: usize) {
+unsafe fn inverse_schedule(enc: &RoundKeys, dec: &mut RoundKeys, rounds: usize) {
     if rounds != 10 && rounds != 14 {
         return;
     }
@@ -294,6 +319,16 @@ fn mul_xk<const K: u32, const KC: u32>(t: __m512i, poly: __m512i) -> __m512i {
     _mm512_ternarylogic_epi64::<0x96>(shifted, into_high, reduced)
 }
 
+/// Multiplies each 128-bit lane by x^(8·N) (1 <= N <= 8, `R = 16 - N`): a byte shift of the
+/// whole lane, plus the N bytes shifted out times 0x87 (at most 8·N + 7 bits, so no second
+/// reduction). Four instructions, one of them a carry-less multiply.
+#[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
+fn mul_x8n<const N: i32, const R: i32>(t: __m512i, poly: __m512i) -> __m512i {
+    let out = _mm512_bsrli_epi128::<R>(t);
+    let reduced = _mm512_clmulepi64_epi128::<0x00>(out, poly);
+    _mm512_xor_si512(_mm512_bslli_epi128::<N>(t), reduced)
+}
+
 /// Lanes [T, T·x, T·x², T·x³] from a register holding T in every lane.
 #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
 fn spread(t: __m512i, poly: __m512i) -> __m512i {
@@ -325,34 +360,51 @@ unsafe fn xts<const ENC: bool, const ROUNDS: usize>(
     ivs_per_sector: u64,
 ) {
     let poly = _mm512_set_epi64(0, 0x87, 0, 0x87, 0, 0x87, 0, 0x87);
-    let data_keys = if ENC { &keys.enc } else { &keys.dec };
+    let data_keys = keys.schedule(if ENC {
+        Schedule::Encrypt
+    } else {
+        Schedule::Decrypt
+    });
     let mut rk = [_mm512_setzero_si512(); 15];
     for (r, k) in rk.iter_mut().zip(data_keys.iter()).take(ROUNDS + 1) {
         *r = bcast(k);
     }
     let sectors = len / sector_size;
     let steps_per_sector = sector_size / STEP_BYTES;
-    // Start tweaks of up to 16 sectors, as 16 consecutive 16-byte blocks.
-    let mut starts = [0u8; 256];
+    // Start tweaks of up to 16 sectors, as 16 consecutive 16-byte blocks. Two buffers: the
+    // next batch's tweaks are computed before the current batch is processed, so their AES
+    // latency overlaps with the current batch instead of stalling its first sector.
+    let mut starts = [[0u8; 256]; 2];
+    let tweak_keys = keys.schedule(Schedule::Tweak);
+    let offsets = iv_offsets(ivs_per_sector);
+    let batch_ivs = ivs_per_sector.wrapping_mul(16);
     let mut iv = first_iv;
+    let mut cur = 0;
+    if sectors > 0 {
+        start_tweaks::<ROUNDS>(tweak_keys, iv, &offsets, &mut starts[0]);
+    }
     let mut sector = 0;
     while sector < sectors {
         let batch = (sectors - sector).min(16);
-        start_tweaks::<ROUNDS>(&keys.tweak, iv, ivs_per_sector, &mut starts);
-        iv = iv.wrapping_add(ivs_per_sector.wrapping_mul(16));
+        iv = iv.wrapping_add(batch_ivs);
+        if sector + batch < sectors {
+            start_tweaks::<ROUNDS>(tweak_keys, iv, &offsets, &mut starts[cur ^ 1]);
+        }
+        let starts_now = &starts[cur];
         for j in 0..batch {
             // SAFETY: `j < 16`, so `starts[16 * j..16 * j + 16]` is inside the 256-byte array.
-            let t0 = unsafe { _mm_loadu_si128(starts.as_ptr().add(16 * j).cast()) };
+            let t0 = unsafe { _mm_loadu_si128(starts_now.as_ptr().add(16 * j).cast()) };
             let t = spread(_mm512_broadcast_i32x4(t0), poly);
+            let t4 = mul_xk::<4, 60>(t, poly);
             let mut tw = [
                 t,
-                mul_xk::<4, 60>(t, poly),
-                mul_xk::<8, 56>(t, poly),
-                mul_xk::<12, 52>(t, poly),
-                mul_xk::<16, 48>(t, poly),
-                mul_xk::<20, 44>(t, poly),
-                mul_xk::<24, 40>(t, poly),
-                mul_xk::<28, 36>(t, poly),
+                t4,
+                mul_x8n::<1, 15>(t, poly),
+                mul_x8n::<1, 15>(t4, poly),
+                mul_x8n::<2, 14>(t, poly),
+                mul_x8n::<2, 14>(t4, poly),
+                mul_x8n::<3, 13>(t, poly),
+                mul_x8n::<3, 13>(t4, poly),
             ];
             let base = (sector + j) * sector_size;
             for step in 0..steps_per_sector {
@@ -370,15 +422,7 @@ unsafe fn xts<const ENC: bool, const ROUNDS: usize>(
                         let v = _mm512_loadu_si512(s.add(64 * i).cast());
                         *x = _mm512_ternarylogic_epi64::<0x96>(v, tw[i], rk[0]);
                     }
-                    for k in &rk[1..ROUNDS] {
-                        for x in x.iter_mut() {
-                            *x = if ENC {
-                                _mm512_aesenc_epi128(*x, *k)
-                            } else {
-                                _mm512_aesdec_epi128(*x, *k)
-                            };
-                        }
-                    }
+                    middle_rounds::<ENC, ROUNDS>(&mut x, &rk);
                     for (i, x) in x.iter().enumerate() {
                         let last = _mm512_xor_si512(rk[ROUNDS], tw[i]);
                         let y = if ENC {
@@ -389,12 +433,23 @@ unsafe fn xts<const ENC: bool, const ROUNDS: usize>(
                         _mm512_storeu_si512(d.add(64 * i).cast(), y);
                     }
                 }
-                for t in tw.iter_mut() {
-                    *t = mul_xk::<32, 32>(*t, poly);
+                if step + 1 < steps_per_sector {
+                    // Spelled out: as a loop over the array LLVM kept `tw` in memory.
+                    tw = [
+                        mul_x8n::<4, 12>(tw[0], poly),
+                        mul_x8n::<4, 12>(tw[1], poly),
+                        mul_x8n::<4, 12>(tw[2], poly),
+                        mul_x8n::<4, 12>(tw[3], poly),
+                        mul_x8n::<4, 12>(tw[4], poly),
+                        mul_x8n::<4, 12>(tw[5], poly),
+                        mul_x8n::<4, 12>(tw[6], poly),
+                        mul_x8n::<4, 12>(tw[7], poly),
+                    ];
                 }
             }
         }
         sector += batch;
+        cur ^= 1;
     }
     // Start tweaks are derived from the tweak key; do not leave them on the stack. The round
     // key registers' stack copy (`rk`) likewise.
@@ -405,28 +460,157 @@ unsafe fn xts<const ENC: bool, const ROUNDS: usize>(
     }
 }
 
-/// Encrypts the 16 IVs `iv, iv + step, ..., iv + 15·step` (plain64, little-endian, zero upper
-/// half) with the tweak key into `out`.
-#[target_feature(enable = "avx512f,avx512bw,vaes,sse2")]
-fn start_tweaks<const ROUNDS: usize>(
-    tweak_keys: &[[u8; 16]; 15],
-    iv: u64,
-    step: u64,
-    out: &mut [u8; 256],
-) {
-    let mut ivs = [0u64; 32];
-    let mut next = iv;
-    for pair in ivs.chunks_exact_mut(2) {
+/// Emits `$op` (vaesenc/vaesdec) for each key in turn over eight registers, round-major, so
+/// eight independent AES operations are always in flight (VAES: ~4 cycles latency, 2 per cycle).
+/// Written as inline assembly because LLVM, under the register pressure of AES-256 plus eight
+/// tweak registers, otherwise schedules each register's rounds back to back and spills.
+macro_rules! rounds_asm {
+    ($op:literal, $x:ident, $rk:ident, [$($k:ident = $i:literal),+]) => {
+        // SAFETY: register-only instructions (no memory, stack or flags); the enclosing function
+        // enables `vaes` and `avx512f`, and its callers run only after those were detected.
+        unsafe {
+            core::arch::asm!(
+                $(
+                    concat!($op, " {x0}, {x0}, {", stringify!($k), "}"),
+                    concat!($op, " {x1}, {x1}, {", stringify!($k), "}"),
+                    concat!($op, " {x2}, {x2}, {", stringify!($k), "}"),
+                    concat!($op, " {x3}, {x3}, {", stringify!($k), "}"),
+                    concat!($op, " {x4}, {x4}, {", stringify!($k), "}"),
+                    concat!($op, " {x5}, {x5}, {", stringify!($k), "}"),
+                    concat!($op, " {x6}, {x6}, {", stringify!($k), "}"),
+                    concat!($op, " {x7}, {x7}, {", stringify!($k), "}"),
+                )+
+                x0 = inout(zmm_reg) $x[0],
+                x1 = inout(zmm_reg) $x[1],
+                x2 = inout(zmm_reg) $x[2],
+                x3 = inout(zmm_reg) $x[3],
+                x4 = inout(zmm_reg) $x[4],
+                x5 = inout(zmm_reg) $x[5],
+                x6 = inout(zmm_reg) $x[6],
+                x7 = inout(zmm_reg) $x[7],
+                $($k = in(zmm_reg) $rk[$i],)+
+                options(pure, nomem, nostack, preserves_flags),
+            )
+        }
+    };
+}
+
+/// AES rounds 1..ROUNDS-1 (all but the first key addition and the last round) on 8 registers.
+#[target_feature(enable = "avx512f,vaes")]
+#[inline]
+fn middle_rounds<const ENC: bool, const ROUNDS: usize>(x: &mut [__m512i; 8], rk: &[__m512i; 15]) {
+    match (ENC, ROUNDS) {
+        (true, 10) => rounds_asm!(
+            "vaesenc",
+            x,
+            rk,
+            [
+                k1 = 1,
+                k2 = 2,
+                k3 = 3,
+                k4 = 4,
+                k5 = 5,
+                k6 = 6,
+                k7 = 7,
+                k8 = 8,
+                k9 = 9
+            ]
+        ),
+        (false, 10) => rounds_asm!(
+            "vaesdec",
+            x,
+            rk,
+            [
+                k1 = 1,
+                k2 = 2,
+                k3 = 3,
+                k4 = 4,
+                k5 = 5,
+                k6 = 6,
+                k7 = 7,
+                k8 = 8,
+                k9 = 9
+            ]
+        ),
+        (true, _) => rounds_asm!(
+            "vaesenc",
+            x,
+            rk,
+            [
+                k1 = 1,
+                k2 = 2,
+                k3 = 3,
+                k4 = 4,
+                k5 = 5,
+                k6 = 6,
+                k7 = 7,
+                k8 = 8,
+                k9 = 9,
+                k10 = 10,
+                k11 = 11,
+                k12 = 12,
+                k13 = 13
+            ]
+        ),
+        (false, _) => rounds_asm!(
+            "vaesdec",
+            x,
+            rk,
+            [
+                k1 = 1,
+                k2 = 2,
+                k3 = 3,
+                k4 = 4,
+                k5 = 5,
+                k6 = 6,
+                k7 = 7,
+                k8 = 8,
+                k9 = 9,
+                k10 = 10,
+                k11 = 11,
+                k12 = 12,
+                k13 = 13
+            ]
+        ),
+    }
+}
+
+/// The offsets `(4g + j) · step` of IV `4g + j` of a batch from the batch's first IV, in the low
+/// quadword of lane `j` of register `g` (high quadwords zero).
+#[target_feature(enable = "avx512f")]
+fn iv_offsets(step: u64) -> [__m512i; 4] {
+    let mut lanes = [0u64; 32];
+    let mut next = 0u64;
+    for pair in lanes.chunks_exact_mut(2) {
         pair[0] = next;
         next = next.wrapping_add(step);
     }
-    let mut x = [_mm512_setzero_si512(); 4];
-    let k0 = bcast(&tweak_keys[0]);
-    for (i, x) in x.iter_mut().enumerate() {
-        // SAFETY: `ivs` has 32 u64 = 256 bytes; register `i` reads bytes 64i..64i+64.
-        let v = unsafe { _mm512_loadu_si512(ivs.as_ptr().add(8 * i).cast()) };
-        *x = _mm512_xor_si512(v, k0);
+    let mut out = [_mm512_setzero_si512(); 4];
+    for (i, o) in out.iter_mut().enumerate() {
+        // SAFETY: `lanes` is 32 u64 = 256 bytes; register `i` reads bytes 64i..64i+64.
+        *o = unsafe { _mm512_loadu_si512(lanes.as_ptr().add(8 * i).cast()) };
     }
+    out
+}
+
+/// Encrypts the 16 IVs `iv + offsets` (plain64: little-endian, zero upper half; additions wrap
+/// modulo 2^64 like the IVs themselves) with the tweak key into `out`.
+#[target_feature(enable = "avx512f,avx512bw,vaes,sse2")]
+fn start_tweaks<const ROUNDS: usize>(
+    tweak_keys: &RoundKeys,
+    iv: u64,
+    offsets: &[__m512i; 4],
+    out: &mut [u8; 256],
+) {
+    // Bit-for-bit reinterpretation for the intrinsic; the additions are modulo 2^64 either way.
+    let base = _mm512_maskz_set1_epi64(0x55, i64::from_ne_bytes(iv.to_ne_bytes()));
+    let k0 = bcast(&tweak_keys[0]);
+    let mut x = [
+        _mm512_xor_si512(_mm512_add_epi64(base, offsets[0]), k0),
+        _mm512_xor_si512(_mm512_add_epi64(base, offsets[1]), k0),
+        _mm512_xor_si512(_mm512_add_epi64(base, offsets[2]), k0),
+        _mm512_xor_si512(_mm512_add_epi64(base, offsets[3]), k0),
+    ];
     for k in &tweak_keys[1..ROUNDS] {
         let k = bcast(k);
         for x in x.iter_mut() {
