@@ -11,7 +11,7 @@ declare -A PKG=(
   [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdfuse]=libnbd-bin [nbdsh]=python3-libnbd
   [nbdkit]=nbdkit [fio]=fio
   [qemu-io]=qemu-utils [qemu-img]=qemu-utils
-  [cryptsetup]=cryptsetup-bin [jq]=jq [socat]=socat [cmp]=diffutils
+  [cryptsetup]=cryptsetup-bin [jq]=jq [socat]=socat [cmp]=diffutils [gzip]=gzip
 )
 
 missing=()
@@ -22,6 +22,12 @@ done
 if ! /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1; then
   missing+=(python3-libnbd)
 fi
+# The encrypted-volume tests run shared/testdata/luks2/verify.py (the independent decryptor) with
+# Debian's python3: it needs `cryptography`, and `argon2` (argon2-cffi) for argon2 keyslots.
+PY_PKGS=(python3-cryptography python3-argon2)
+if ! /usr/bin/python3 -c 'import cryptography, argon2' >/dev/null 2>&1; then
+  missing+=("${PY_PKGS[@]}")
+fi
 # fio must have been built with its libnbd engine.
 if command -v fio >/dev/null 2>&1 && ! fio --enghelp=nbd >/dev/null 2>&1; then
   missing+=(fio)
@@ -30,7 +36,7 @@ fi
 # TEST_SH_FORCE_APT=1 runs the install step even when everything is present.
 if ((${#missing[@]})) || [ -n "${TEST_SH_FORCE_APT:-}" ]; then
   # shellcheck disable=SC2207
-  pkgs=($(printf '%s\n' "${missing[@]}" "${PKG[@]}" python3-libnbd | sort -u))
+  pkgs=($(printf '%s\n' "${missing[@]}" "${PKG[@]}" python3-libnbd "${PY_PKGS[@]}" | sort -u))
   echo "test.sh: installing ${pkgs[*]}" >&2
   SUDO=()
   [ "$(id -u)" -eq 0 ] || SUDO=(sudo)
