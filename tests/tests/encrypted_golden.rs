@@ -116,3 +116,25 @@ fn verify_py_agrees_with_the_vectors_so_the_golden_comparison_means_something() 
     let out = verify_py(&[img.as_os_str(), OsStr::new("--passphrase"), OsStr::new("tv-b-argon2i-passphrase")]).success();
     assert!(out.stdout.contains("RESULT: OK"), "{}", out.details());
 }
+
+#[test]
+fn the_detached_header_refusal_advises_only_flags_that_nbdcryptd_has() {
+    // The advice in an error message is an instruction to the operator: a flag it names must
+    // exist, or the operator is sent to a dead end.
+    let dir = tempdir();
+    let hdr = gunzip_vector("tv-c-detached-hdr.img", dir.path());
+    let out = refused_start(&hdr);
+    let help = run(std::process::Command::new(daemon_binary()).arg("--help"), Duration::from_secs(10)).success();
+    let flags: Vec<&str> = out
+        .stderr
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .collect();
+    for f in &flags {
+        assert!(
+            help.stdout.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-')).any(|w| w == *f),
+            "the refusal advises `{f}`, which `nbdcryptd --help` does not list\n{}",
+            out.details()
+        );
+    }
+}

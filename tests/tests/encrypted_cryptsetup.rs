@@ -1,0 +1,128 @@
+//! cryptsetup → nbdcryptd, fresh volumes: `cryptsetup luksFormat --type luks2` with each sector
+//! size and key-derivation function, a second passphrase from `luksAddKey`; data written through
+//! NBD survives lock/unlock and is exactly what the independent decryptor (`verify.py`, given the
+//! volume key cryptsetup dumps) finds on disk.
+
+use nbdcrypt_tests::*;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const DATA: u64 = 4 * MIB;
+const P1: &[u8] = b"first passphrase, slot 0";
+const P2: &[u8] = b"second passphrase: slot 1 \xc3\xa9\n(with a newline)";
+
+fn formatted(sector_size: u32, kdf: &str) -> (TempDir, PathBuf) {
+    let dir = tempdir();
+    let img = dir.path().join("volume.img");
+    luks_format(&img, DATA, sector_size, kdf, P1);
+    luks_add_key(&img, P1, P2, kdf);
+    (dir, img)
+}
+
+#[track_caller]
+fn expect_code(out: Out, code: i32, what: &str) {
+    assert_eq!(out.code(), Some(code), "{what}: expected exit {code}\n{}", out.details());
+}
+
+fn round_trip(sector_size: u32, kdf: &str, seed: u64) {
+    let (dir, img) = formatted(sector_size, kdf);
+    let mut d = Daemon::volume_in(dir, &img, &[]);
+
+    let s = d.status();
+    assert_eq!(s["state"], "locked", "{s:#}");
+    assert_eq!(s["volume_uuid"].as_str(), Some(luks_uuid(&img).as_str()), "{s:#}");
+
+    // The second passphrase is in slot 1 only.
+    expect_code(d.ctl_unlock_slot(P2, 0), 3, "unlock with slot 1's passphrase restricted to --slot 0");
+    assert_eq!(d.state(), "locked");
+    expect_code(d.unlock(P1), 0, "unlock with the luksFormat passphrase");
+    let s = d.status();
+    assert_eq!(s["sector_size"], sector_size, "{s:#}");
+    assert_eq!(s["size"], DATA, "export size = data segment size: {s:#}");
+
+    let data = random_bytes(seed, DATA as usize);
+    write_export(&d.uri(), d.dir(), &data);
+    assert_same_bytes(&read_export(&d.uri(), d.dir()), &data, "read back before the lock");
+
+    expect_code(d.ctl("lock", &[]), 0, "lock with no client");
+    d.wait_state("locked", Duration::from_secs(15));
+    nbdinfo(&[&d.uri()]).failure();
+    expect_code(d.ctl_unlock_slot(P2, 1), 0, "unlock with the luksAddKey passphrase (--slot 1)");
+    assert_same_bytes(&read_export(&d.uri(), d.dir()), &data, "read back after lock and unlock with the other passphrase");
+    expect_code(d.ctl("lock", &[]), 0, "second lock");
+    d.terminate(Duration::from_secs(15));
+
+    // Not our code: cryptsetup recovers the volume key, verify.py decrypts with it.
+    let key = luks_volume_key(&img, P2);
+    assert_eq!(key.len(), 128, "a 512-bit XTS key: {key}");
+    assert_same_bytes(&verify_py_plaintext(&img, &key), &data, "verify.py's decryption of the image");
+}
+
+trait SlotUnlock {
+    fn ctl_unlock_slot(&self, secret: &[u8], slot: u32) -> Out;
+}
+
+impl SlotUnlock for Daemon {
+    fn ctl_unlock_slot(&self, secret: &[u8], slot: u32) -> Out {
+        let f = self.dir().join(format!("slot{slot}.key"));
+        std::fs::write(&f, secret).unwrap();
+        self.ctl("unlock", &["--key-file", f.to_str().unwrap(), "--slot", &slot.to_string()])
+    }
+}
+
+#[test]
+fn luks_format_512_byte_sectors_pbkdf2_round_trips_and_verify_py_decrypts_what_was_written() {
+    round_trip(512, "pbkdf2", 1);
+}
+
+#[test]
+fn luks_format_4096_byte_sectors_pbkdf2_round_trips_and_verify_py_decrypts_what_was_written() {
+    round_trip(4096, "pbkdf2", 2);
+}
+
+#[test]
+fn luks_format_512_byte_sectors_argon2i_round_trips_and_verify_py_decrypts_what_was_written() {
+    round_trip(512, "argon2i", 3);
+}
+
+#[test]
+fn luks_format_4096_byte_sectors_argon2i_round_trips_and_verify_py_decrypts_what_was_written() {
+    round_trip(4096, "argon2i", 4);
+}
+
+#[test]
+fn luks_format_512_byte_sectors_argon2id_round_trips_and_verify_py_decrypts_what_was_written() {
+    round_trip(512, "argon2id", 5);
+}
+
+#[test]
+fn luks_format_4096_byte_sectors_argon2id_round_trips_and_verify_py_decrypts_what_was_written() {
+    round_trip(4096, "argon2id", 6);
+}
+
+fn kill_slot(img: &Path, slot: u32, authorised_by: &[u8]) {
+    let k = img.with_extension("killkey");
+    std::fs::write(&k, authorised_by).unwrap();
+    let mut c = cryptsetup();
+    c.args(["luksKillSlot", "--batch-mode", "--key-file"]).arg(&k).arg(img).arg(slot.to_string());
+    run(&mut c, TOOL_TIMEOUT).success();
+}
+
+#[test]
+fn a_slot_killed_by_cryptsetup_while_the_daemon_runs_locked_no_longer_unlocks_and_the_other_still_does() {
+    let (dir, img) = formatted(4096, "pbkdf2");
+    let d = Daemon::volume_in(dir, &img, &[]);
+    // Prove slot 0 worked while it existed.
+    expect_code(d.unlock(P1), 0, "unlock with slot 0 before the kill");
+    let data = random_bytes(77, DATA as usize);
+    write_export(&d.uri(), d.dir(), &data);
+    expect_code(d.ctl("lock", &[]), 0, "lock");
+    d.wait_state("locked", Duration::from_secs(15));
+
+    kill_slot(&img, 0, P2);
+
+    expect_code(d.unlock(P1), 3, "unlock with the passphrase of the killed slot 0");
+    assert_eq!(d.state(), "locked", "a killed slot's passphrase must leave the volume locked");
+    expect_code(d.unlock(P2), 0, "unlock with the passphrase of the remaining slot 1");
+    assert_same_bytes(&read_export(&d.uri(), d.dir()), &data, "data after unlocking through slot 1");
+}
