@@ -1,0 +1,143 @@
+//! Key hygiene, seen from outside: with debug logging on, the daemon's log never contains the
+//! passphrase (right or wrong) or the volume key in any common rendering, and the process cannot
+//! leave a core file (RLIMIT_CORE is 0).
+
+use nbdcrypt_tests::*;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const DATA: u64 = 4 * MIB;
+const PASS: &str = "hygiene-Passphrase-7f3c9e";
+const WRONG: &str = "hygiene-Wrong-Guess-51b2aa";
+
+fn hex_to_bytes(h: &str) -> Vec<u8> {
+    (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap()).collect()
+}
+
+/// Renderings of `secret` (the volume key) a careless log line could contain.
+fn renderings(key: &[u8]) -> Vec<String> {
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let mut v = vec![hex.clone(), hex.to_uppercase()];
+    // Each XTS half (data key, tweak key) on its own, and the first 8 bytes (a truncated dump).
+    v.push(hex[..64].to_owned());
+    v.push(hex[64..].to_owned());
+    v.push(hex[..16].to_owned());
+    v.push(hex[..16].to_uppercase());
+    // `{:?}` of a byte slice, and space-separated hex as luksDump prints it.
+    v.push(format!("{:?}", &key[..8]).trim_end_matches(']').to_owned());
+    v.push(key[..8].iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" "));
+    v.push(key[..8].iter().map(|b| format!("{b:#04x}")).collect::<Vec<_>>().join(", "));
+    v
+}
+
+#[track_caller]
+fn assert_log_clean(what: &str, log: &str, secrets: &[String]) {
+    for s in secrets {
+        assert!(!log.contains(s.as_str()), "{what} contains the secret rendering {s:?}:\n{log}");
+    }
+}
+
+/// `nbdcryptctl unlock --stdin` with `line` written to its standard input.
+fn unlock_stdin(d: &Daemon, line: &str) -> (Option<i32>, String) {
+    let mut child = Command::new(ctl_binary())
+        .args(["unlock", "--stdin", "--control"])
+        .arg(d.control())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(format!("{line}\n").as_bytes()).unwrap();
+    let deadline = Instant::now() + CTL_TIMEOUT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("nbdcryptctl unlock --stdin did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = child.wait_with_output().unwrap();
+    (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+fn max_core_limits(pid: i32) -> String {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap_or_else(|| panic!("no core line in /proc/{pid}/limits:\n{limits}"))
+        .to_owned()
+}
+
+#[track_caller]
+fn assert_no_core_dumps(pid: i32) {
+    let line = max_core_limits(pid);
+    let fields: Vec<&str> = line["Max core file size".len()..].split_whitespace().collect();
+    assert_eq!(&fields[..2], ["0", "0"], "soft and hard RLIMIT_CORE must be 0: {line:?}");
+}
+
+fn volume(dir: &Path) -> std::path::PathBuf {
+    let img = dir.join("volume.img");
+    luks_format(&img, DATA, 4096, "argon2id", PASS.as_bytes());
+    img
+}
+
+#[test]
+fn a_debug_log_of_unlock_io_and_lock_contains_neither_the_passphrase_nor_the_volume_key_and_core_dumps_are_off() {
+    let dir = tempdir();
+    let img = volume(dir.path());
+    let key = hex_to_bytes(&luks_volume_key(&img, PASS.as_bytes()));
+    assert_eq!(key.len(), 64);
+    let mut d = Daemon::volume_in(dir, &img, &["--log-level", "debug"]);
+    assert_no_core_dumps(d.pid());
+
+    assert_eq!(d.unlock(WRONG.as_bytes()).code(), Some(3), "wrong passphrase");
+    let out = d.unlock(PASS.as_bytes());
+    assert_eq!(out.code(), Some(0), "unlock\n{}", out.details());
+    assert_no_core_dumps(d.pid());
+    let data = random_bytes(99, DATA as usize);
+    write_export(&d.uri(), d.dir(), &data);
+    assert_same_bytes(&read_export(&d.uri(), d.dir()), &data, "read back");
+    assert_eq!(d.ctl("lock", &[]).code(), Some(0), "lock");
+    d.wait_state("locked", Duration::from_secs(10));
+
+    // The other input path: the passphrase as a line on nbdcryptctl's stdin.
+    let (code, err) = unlock_stdin(&d, PASS);
+    assert_eq!(code, Some(0), "unlock --stdin: {err}");
+    assert_same_bytes(&read_export(&d.uri(), d.dir()), &data, "read back after unlock --stdin");
+    assert_eq!(d.ctl("lock", &[]).code(), Some(0), "lock");
+    d.wait_state("locked", Duration::from_secs(10));
+    assert_no_core_dumps(d.pid());
+
+    let log = d.log();
+    assert!(log.contains("DEBUG"), "--log-level debug produced no debug lines; the test would prove little:\n{log}");
+    let mut secrets = renderings(&key);
+    secrets.push(PASS.to_owned());
+    secrets.push(WRONG.to_owned());
+    assert_log_clean("the daemon's stderr", &log, &secrets);
+    let stdout = std::fs::read_to_string(d.dir().join("nbdcryptd.stdout")).unwrap_or_default();
+    assert_log_clean("the daemon's stdout", &stdout, &secrets);
+    d.terminate(Duration::from_secs(15));
+    let log = d.log();
+    assert_log_clean("the daemon's stderr after shutdown", &log, &secrets);
+}
+
+#[test]
+fn a_daemon_unlocked_at_start_with_unlock_key_file_logs_neither_the_key_file_contents_nor_the_volume_key() {
+    let dir = tempdir();
+    let img = volume(dir.path());
+    let key = hex_to_bytes(&luks_volume_key(&img, PASS.as_bytes()));
+    let key_file = dir.path().join("unlock.key");
+    std::fs::write(&key_file, PASS).unwrap();
+    let d = Daemon::volume_in(dir, &img, &["--log-level", "trace", "--unlock-key-file", key_file.to_str().unwrap()]);
+    d.wait_state("unlocked", Duration::from_secs(20));
+    assert_no_core_dumps(d.pid());
+    let data = random_bytes(98, DATA as usize);
+    write_export(&d.uri(), d.dir(), &data);
+    assert_same_bytes(&read_export(&d.uri(), d.dir()), &data, "read back");
+    let mut secrets = renderings(&key);
+    secrets.push(PASS.to_owned());
+    assert_log_clean("the daemon's stderr (trace)", &d.log(), &secrets);
+}
