@@ -1,0 +1,233 @@
+//! The encrypted daemon as a process and a state machine: SIGTERM while unlocked, a second daemon
+//! on the same image, volumes it must refuse, --read-only, counters, the rate-limit reset, and
+//! clients caught between option negotiation and a lock.
+
+use nbdcrypt_tests::raw::*;
+use nbdcrypt_tests::*;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+const DATA: u64 = 4 * MIB;
+const PASS: &[u8] = b"lifecycle passphrase";
+
+fn formatted(sector_size: u32) -> (TempDir, PathBuf) {
+    let dir = tempdir();
+    let img = dir.path().join("volume.img");
+    luks_format(&img, DATA, sector_size, "pbkdf2", PASS);
+    (dir, img)
+}
+
+#[track_caller]
+fn expect_code(out: &Out, code: i32, what: &str) {
+    assert_eq!(out.code(), Some(code), "{what}: expected exit {code}\n{}", out.details());
+}
+
+#[test]
+fn sigterm_while_unlocked_flushes_exits_0_and_the_image_holds_every_write() {
+    let (dir, img) = formatted(4096);
+    let mut d = Daemon::volume_in(dir, &img, &[]);
+    expect_code(&d.unlock(PASS), 0, "unlock");
+    let data = random_bytes(41, DATA as usize);
+    write_export(&d.uri(), d.dir(), &data);
+    // A last unaligned write without FLUSH or FUA: shutdown must flush it.
+    nbdsh(&d.uri(), "h.connect_uri(URI)\nh.pwrite(b'\\x99' * 777, 12345)\nh.shutdown()").success();
+    let mut model = data;
+    model[12345..12345 + 777].fill(0x99);
+    let st = d.terminate(Duration::from_secs(20));
+    assert!(st.success(), "SIGTERM while unlocked: {st}\n{}", d.log());
+    assert_same_bytes(&verify_py_plaintext(&img, &luks_volume_key(&img, PASS)), &model, "verify.py after SIGTERM");
+    assert!(!d.control().exists() || std::os::unix::net::UnixStream::connect(d.control()).is_err(), "control socket still answers after exit");
+}
+
+#[test]
+fn a_second_daemon_on_the_same_image_is_refused_while_the_first_serves_it() {
+    let (dir, img) = formatted(4096);
+    let mut d = Daemon::volume_in(dir, &img, &[]);
+    expect_code(&d.unlock(PASS), 0, "unlock");
+    let other = tempdir();
+    let mut c = Command::new(daemon_binary());
+    c.arg("--volume")
+        .arg(&img)
+        .arg("--unix")
+        .arg(other.path().join("nbd.sock"))
+        .arg("--control")
+        .arg(other.path().join("control.sock"));
+    let out = run(&mut c, Duration::from_secs(20)).failure();
+    assert!(out.stderr.contains("in use"), "the refusal should say the image is in use\n{}", out.details());
+    // The first one is unharmed.
+    d.assert_alive();
+    assert_eq!(d.state(), "unlocked");
+    nbdinfo(&[&d.uri()]).success();
+}
+
+#[test]
+fn a_data_area_that_is_not_a_whole_number_of_sectors_is_refused_at_start_with_an_error_naming_the_sector_size() {
+    let (dir, img) = formatted(4096);
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.set_len(16 * MIB + DATA + 1000).unwrap();
+    let mut c = Command::new(daemon_binary());
+    c.arg("--volume")
+        .arg(&img)
+        .arg("--unix")
+        .arg(dir.path().join("nbd.sock"))
+        .arg("--control")
+        .arg(dir.path().join("control.sock"));
+    let out = run(&mut c, Duration::from_secs(20)).failure();
+    assert!(out.stderr.contains("sector size"), "{}", out.details());
+}
+
+#[test]
+fn a_plain_file_that_is_not_luks2_is_refused_at_start() {
+    let dir = tempdir();
+    let img = dir.path().join("junk.img");
+    std::fs::write(&img, random_bytes(42, 20 * MIB as usize)).unwrap();
+    let mut c = Command::new(daemon_binary());
+    c.arg("--volume")
+        .arg(&img)
+        .arg("--unix")
+        .arg(dir.path().join("nbd.sock"))
+        .arg("--control")
+        .arg(dir.path().join("control.sock"));
+    let out = run(&mut c, Duration::from_secs(20)).failure();
+    assert!(out.stderr.contains("LUKS2"), "{}", out.details());
+}
+
+#[test]
+fn read_only_refuses_writes_with_eperm_and_leaves_the_image_unchanged() {
+    let (dir, img) = formatted(512);
+    let before = std::fs::read(&img).unwrap();
+    let mut d = Daemon::volume_in(dir, &img, &["--read-only"]);
+    expect_code(&d.unlock(PASS), 0, "unlock");
+    nbdsh(
+        &d.uri(),
+        r#"
+        h.connect_uri(URI)
+        assert h.is_read_only()
+        h.set_strict_mode(0)
+        before = h.pread(4096, 0)
+        expect_err(lambda: h.pwrite(b"x" * 4096, 0), errno.EPERM, "write")
+        expect_err(lambda: h.pwrite(b"x" * 100, 1000), errno.EPERM, "unaligned write")
+        expect_err(lambda: h.zero(4096, 0), errno.EPERM, "write_zeroes")
+        assert h.pread(4096, 0) == before
+        h.shutdown()
+        "#,
+    )
+    .success();
+    expect_code(&d.ctl("lock", &[]), 0, "lock");
+    d.terminate(Duration::from_secs(15));
+    assert!(std::fs::read(&img).unwrap() == before, "a --read-only daemon changed the image");
+}
+
+#[test]
+fn writes_past_the_end_of_the_export_fail_and_the_image_does_not_grow() {
+    let (dir, img) = formatted(4096);
+    let len = std::fs::metadata(&img).unwrap().len();
+    let d = Daemon::volume_in(dir, &img, &[]);
+    expect_code(&d.unlock(PASS), 0, "unlock");
+    let (mut c, e) = Client::connect_go(&d.sock);
+    assert_eq!(e.size, DATA);
+    assert_ne!(c.write(1, DATA - 100, &[7u8; 200], 0), 0, "a write crossing the end must fail");
+    assert_ne!(c.write(2, DATA, &[7u8; 1], 0), 0, "a write at the end must fail");
+    assert!(c.read(3, DATA - 100, 200).is_err(), "a read crossing the end must fail");
+    assert_eq!(c.write(4, DATA - 4096, &[7u8; 4096], 0), 0, "the last sector is writable");
+    assert_eq!(c.read(5, DATA - 4096, 4096).unwrap(), vec![7u8; 4096]);
+    drop(c);
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), len, "the image grew");
+}
+
+#[test]
+fn status_counters_count_this_unlocks_io_and_start_from_zero_at_the_next_unlock() {
+    let (dir, img) = formatted(4096);
+    let d = Daemon::volume_in(dir, &img, &[]);
+    expect_code(&d.unlock(PASS), 0, "unlock");
+    let (mut c, _) = Client::connect_go(&d.sock);
+    for i in 0..5u64 {
+        assert_eq!(c.write(i, i * 8192, &[i as u8; 8192], 0), 0);
+    }
+    for i in 0..3u64 {
+        c.read(100 + i, 0, 1000).unwrap();
+    }
+    c.request(0, CMD_FLUSH, 200, 0, 0, &[]).unwrap();
+    assert_eq!(c.simple_reply().unwrap(), (0, 200));
+    let s = d.status();
+    assert_eq!(s["writes"], 5, "{s:#}");
+    assert_eq!(s["bytes_written"], 5 * 8192, "{s:#}");
+    assert_eq!(s["reads"], 3, "{s:#}");
+    assert_eq!(s["bytes_read"], 3000, "{s:#}");
+    assert!(s["flushes"].as_u64().unwrap() >= 1, "{s:#}");
+    assert_eq!(s["errors"], 0, "{s:#}");
+    drop(c);
+    expect_code(&d.ctl("lock", &["--force"]), 0, "lock");
+    d.wait_state("locked", Duration::from_secs(10));
+    expect_code(&d.unlock(PASS), 0, "unlock again");
+    let s = d.status();
+    for k in ["reads", "writes", "bytes_read", "bytes_written", "errors"] {
+        assert_eq!(s[k], 0, "{k} after a new unlock: {s:#}");
+    }
+}
+
+#[test]
+fn a_successful_unlock_resets_the_wrong_passphrase_count() {
+    let (dir, img) = formatted(4096);
+    let d = Daemon::volume_in(dir, &img, &[]);
+    for i in 0..2 {
+        expect_code(&d.unlock(b"nope"), 3, &format!("wrong passphrase {i}"));
+    }
+    expect_code(&d.unlock(PASS), 0, "right passphrase");
+    expect_code(&d.ctl("lock", &[]), 0, "lock");
+    d.wait_state("locked", Duration::from_secs(10));
+    // Two more wrong ones are again free (exit 3, not 4): the count restarted at the success.
+    for i in 0..2 {
+        expect_code(&d.unlock(b"nope"), 3, &format!("wrong passphrase {i} after a successful unlock"));
+    }
+    expect_code(&d.unlock(PASS), 0, "right passphrase again");
+}
+
+#[test]
+fn unlock_and_lock_are_idempotent_and_an_unknown_slot_does_not_unlock() {
+    let (dir, img) = formatted(4096);
+    let d = Daemon::volume_in(dir, &img, &[]);
+    expect_code(&d.ctl("lock", &[]), 0, "lock of a locked volume: nothing to do");
+    let f = d.dir().join("k");
+    std::fs::write(&f, PASS).unwrap();
+    let out = d.ctl("unlock", &["--key-file", f.to_str().unwrap(), "--slot", "7"]);
+    assert!(matches!(out.code(), Some(1) | Some(3)), "unlock --slot 7 of a volume with only slot 0: {:?}\n{}", out.code(), out.details());
+    assert_eq!(d.state(), "locked");
+    expect_code(&d.unlock(PASS), 0, "unlock");
+    expect_code(&d.unlock(PASS), 0, "unlock of an unlocked volume: nothing to do");
+    assert_eq!(d.state(), "unlocked");
+}
+
+#[test]
+fn a_client_that_got_info_before_a_lock_is_refused_at_go_with_locked() {
+    let (dir, img) = formatted(4096);
+    let d = Daemon::volume_in(dir, &img, &[]);
+    expect_code(&d.unlock(PASS), 0, "unlock");
+    let mut c = Client::connect(&d.sock);
+    let (last, infos) = c.option(OPT_INFO, &info_payload(EXPORT, &[]));
+    assert_eq!(last.typ, REP_ACK, "INFO while unlocked: {last:?}");
+    assert_eq!(export_from_infos(&infos).map(|e| e.size), Some(DATA));
+    // Still negotiating, so not attached: lock without --force goes through.
+    expect_code(&d.ctl("lock", &[]), 0, "lock with a client in negotiation only");
+    d.wait_state("locked", Duration::from_secs(10));
+    let (last, _) = c.option(OPT_GO, &info_payload(EXPORT, &[]));
+    assert_eq!(last.typ, REP_ERR_UNKNOWN, "GO after the lock: {last:?}");
+    assert!(String::from_utf8_lossy(&last.data).contains("locked"), "{last:?}");
+}
+
+#[test]
+fn a_client_attached_when_lock_force_runs_is_disconnected_and_cannot_read_afterwards() {
+    let (dir, img) = formatted(4096);
+    let d = Daemon::volume_in(dir, &img, &[]);
+    expect_code(&d.unlock(PASS), 0, "unlock");
+    let (mut c, _) = Client::connect_go(&d.sock);
+    c.read(1, 0, 4096).unwrap();
+    expect_code(&d.ctl("lock", &["--force"]), 0, "lock --force");
+    d.wait_state("locked", Duration::from_secs(10));
+    // The server closed the session; nothing more is served on it.
+    let sent = c.request(0, CMD_READ, 2, 0, 4096, &[]);
+    if sent.is_ok() {
+        assert!(c.simple_reply().is_err(), "a READ was answered on a session closed by lock --force");
+    }
+}
