@@ -1127,16 +1127,22 @@ pub fn cheap_kdf(kdf: &str) -> Vec<String> {
 /// `passphrase` (no trailing newline).
 #[track_caller]
 pub fn luks_format(path: &Path, data_size: u64, sector_size: u32, kdf: &str, passphrase: &[u8]) {
-    File::create(path).unwrap().set_len(16 * MIB + data_size).unwrap();
+    let ss = sector_size.to_string();
+    let mut args = vec!["--cipher", "aes-xts-plain64", "--key-size", "512", "--sector-size", &ss];
+    let kdf_args = cheap_kdf(kdf);
+    args.extend(kdf_args.iter().map(String::as_str));
+    luks_format_args(path, 16 * MIB + data_size, passphrase, &args);
+}
+
+/// `cryptsetup luksFormat --type luks2 --batch-mode ARGS... --key-file (passphrase) PATH` on a
+/// new sparse file of `file_size` bytes. `args` must choose the KDF (see [`cheap_kdf`]).
+#[track_caller]
+pub fn luks_format_args(path: &Path, file_size: u64, passphrase: &[u8], args: &[&str]) {
+    File::create(path).unwrap().set_len(file_size).unwrap();
     let key = path.with_extension(format!("fmtkey-{}", unique()));
     std::fs::write(&key, passphrase).unwrap();
     let mut c = cryptsetup();
-    c.args(["luksFormat", "--type", "luks2", "--batch-mode", "--cipher", "aes-xts-plain64"])
-        .args(["--key-size", "512", "--sector-size", &sector_size.to_string()])
-        .args(cheap_kdf(kdf))
-        .arg("--key-file")
-        .arg(&key)
-        .arg(path);
+    c.args(["luksFormat", "--type", "luks2", "--batch-mode"]).args(args).arg("--key-file").arg(&key).arg(path);
     run(&mut c, TOOL_TIMEOUT).success();
     let _ = std::fs::remove_file(&key);
 }

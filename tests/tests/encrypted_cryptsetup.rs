@@ -126,3 +126,114 @@ fn a_slot_killed_by_cryptsetup_while_the_daemon_runs_locked_no_longer_unlocks_an
     expect_code(d.unlock(P2), 0, "unlock with the passphrase of the remaining slot 1");
     assert_same_bytes(&read_export(&d.uri(), d.dir()), &data, "data after unlocking through slot 1");
 }
+
+/// Format with `args`, serve, unlock, write random data, lock, unlock, read back, and compare
+/// what verify.py decrypts with cryptsetup's volume key. Returns the export size.
+fn custom_round_trip(file_size: u64, args: &[&str], seed: u64) -> u64 {
+    let dir = tempdir();
+    let img = dir.path().join("volume.img");
+    let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    all.extend(cheap_kdf("pbkdf2"));
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    luks_format_args(&img, file_size, P1, &all);
+    let mut d = Daemon::volume_in(dir, &img, &[]);
+    expect_code(d.unlock(P1), 0, "unlock");
+    let size = d.status()["size"].as_u64().unwrap();
+    assert!(size > 0 && size < file_size, "export size {size} for a {file_size}-byte file");
+    let data = random_bytes(seed, size as usize);
+    write_export(&d.uri(), d.dir(), &data);
+    expect_code(d.ctl("lock", &[]), 0, "lock");
+    d.wait_state("locked", Duration::from_secs(10));
+    expect_code(d.unlock(P1), 0, "unlock again");
+    assert_same_bytes(&read_export(&d.uri(), d.dir()), &data, "read back after lock/unlock");
+    expect_code(d.ctl("lock", &[]), 0, "lock");
+    d.terminate(Duration::from_secs(15));
+    let key = luks_volume_key(&img, P1);
+    assert_same_bytes(&verify_py_plaintext(&img, &key), &data, "verify.py's decryption of the image");
+    size
+}
+
+#[test]
+fn an_aes_128_xts_volume_with_a_256_bit_key_round_trips_and_verify_py_decrypts_it() {
+    let size = custom_round_trip(20 * MIB, &["--cipher", "aes-xts-plain64", "--key-size", "256", "--sector-size", "4096"], 8);
+    assert_eq!(size, 4 * MIB);
+}
+
+#[test]
+fn a_non_default_layout_with_64k_metadata_1m_keyslots_and_a_2m_data_offset_round_trips() {
+    let size = custom_round_trip(
+        6 * MIB,
+        &["--luks2-metadata-size", "64k", "--luks2-keyslots-size", "1m", "--offset", "4096", "--sector-size", "512"],
+        9,
+    );
+    assert_eq!(size, 4 * MIB, "data starts at 2 MiB (--offset 4096 sectors of 512 bytes)");
+}
+
+fn refused(img: &Path) -> Out {
+    let dir = tempdir();
+    let mut c = std::process::Command::new(daemon_binary());
+    c.arg("--volume")
+        .arg(img)
+        .arg("--unix")
+        .arg(dir.path().join("nbd.sock"))
+        .arg("--control")
+        .arg(dir.path().join("control.sock"));
+    run(&mut c, Duration::from_secs(20)).failure()
+}
+
+#[test]
+fn a_cipher_other_than_aes_xts_plain64_is_refused_at_start_naming_the_cipher() {
+    for (cipher, bits) in [("aes-cbc-essiv:sha256", "256"), ("aes-xts-plain", "512")] {
+        let dir = tempdir();
+        let img = dir.path().join("volume.img");
+        let mut args = vec!["--cipher", cipher, "--key-size", bits];
+        let kdf = cheap_kdf("pbkdf2");
+        args.extend(kdf.iter().map(String::as_str));
+        luks_format_args(&img, 20 * MIB, P1, &args);
+        let out = refused(&img);
+        assert!(out.stderr.contains(cipher), "the refusal of {cipher} should name it\n{}", out.details());
+    }
+}
+
+#[test]
+fn a_volume_in_the_middle_of_cryptsetup_reencrypt_encrypt_is_refused_at_start() {
+    let dir = tempdir();
+    let img = dir.path().join("volume.img");
+    File::create(&img).unwrap().set_len(40 * MIB).unwrap();
+    let k = dir.path().join("k");
+    std::fs::write(&k, P1).unwrap();
+    let mut c = cryptsetup();
+    c.args(["reencrypt", "--encrypt", "--init-only", "--batch-mode", "--type", "luks2", "--reduce-device-size", "32M"])
+        .args(cheap_kdf("pbkdf2"))
+        .arg("--key-file")
+        .arg(&k)
+        .arg(&img);
+    run(&mut c, TOOL_TIMEOUT).success();
+    let out = refused(&img);
+    assert!(out.stderr.contains("reencrypt"), "the refusal should say the volume is being re-encrypted\n{}", out.details());
+}
+
+use std::fs::File;
+
+#[test]
+fn a_passphrase_added_by_cryptsetup_while_the_daemon_is_unlocked_opens_the_volume_after_a_lock() {
+    let (dir, img) = formatted(512, "pbkdf2");
+    let d = Daemon::volume_in(dir, &img, &[]);
+    expect_code(d.unlock(P1), 0, "unlock");
+    let data = random_bytes(10, DATA as usize);
+    write_export(&d.uri(), d.dir(), &data);
+    let p3: &[u8] = b"third passphrase, added while unlocked";
+    luks_add_key(&img, P1, p3, "argon2id");
+    // Serving continues undisturbed by the header update.
+    assert_same_bytes(&read_export(&d.uri(), d.dir()), &data, "read while cryptsetup updated the header");
+    expect_code(d.ctl("lock", &[]), 0, "lock");
+    d.wait_state("locked", Duration::from_secs(10));
+    expect_code(d.unlock(p3), 0, "unlock with the passphrase cryptsetup added meanwhile");
+    assert_same_bytes(&read_export(&d.uri(), d.dir()), &data, "read back");
+    // cryptsetup still opens the header after our daemon served it (we never damaged it).
+    let k = d.dir().join("p3");
+    std::fs::write(&k, p3).unwrap();
+    let mut c = cryptsetup();
+    c.args(["open", "--test-passphrase", "--key-file"]).arg(&k).arg(&img);
+    run(&mut c, TOOL_TIMEOUT).success();
+}
