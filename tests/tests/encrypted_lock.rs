@@ -409,3 +409,39 @@ fn status_json_reports_state_the_luks_uuid_sector_size_and_the_attached_client_c
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn while_an_unlock_derives_the_key_status_says_unlocking_and_lock_or_a_second_unlock_exit_4() {
+    // A deliberately slow keyslot (pbkdf2, 200k iterations) keeps the first unlock busy.
+    let dir = tempdir();
+    let img = dir.path().join("volume.img");
+    luks_format_args(&img, 16 * MIB + MIB, PASS, &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "200000"]);
+    let d = Arc::new(Daemon::volume_in(dir, &img, &[]));
+    let first = {
+        let d = d.clone();
+        std::thread::spawn(move || d.unlock(PASS))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = d.status();
+        if s["state"] == "unlocking" {
+            break;
+        }
+        assert!(s["state"] == "locked" && Instant::now() < deadline, "never saw state unlocking: {s:#}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let lock = d.ctl("lock", &[]);
+    let second = d.unlock(PASS);
+    let s = d.status();
+    nbdinfo(&[&d.uri()]).failure();
+    let first = first.join().unwrap();
+    expect_code(&first, 0, "the first unlock");
+    // Only meaningful if the two requests above really overlapped the first unlock.
+    if s["state"] == "unlocking" {
+        expect_code(&lock, 4, "lock while an unlock is in progress");
+        expect_code(&second, 4, "a second unlock while one is in progress");
+        assert!(second.stderr.contains("in progress"), "{}", second.details());
+    }
+    assert_eq!(d.state(), "unlocked");
+    nbdinfo(&[&d.uri()]).success();
+}
