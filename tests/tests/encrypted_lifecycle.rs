@@ -231,3 +231,73 @@ fn a_client_attached_when_lock_force_runs_is_disconnected_and_cannot_read_afterw
         assert!(c.simple_reply().is_err(), "a READ was answered on a session closed by lock --force");
     }
 }
+
+#[test]
+fn an_unlock_key_file_with_a_wrong_passphrase_leaves_the_daemon_serving_locked_and_ctl_unlock_still_works() {
+    let (dir, img) = formatted(4096);
+    let kf = dir.path().join("wrong.key");
+    std::fs::write(&kf, b"not the passphrase").unwrap();
+    let d = Daemon::volume_in(dir, &img, &["--unlock-key-file", kf.to_str().unwrap()]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !d.log().contains("staying locked") && !d.log().contains("wrong passphrase") {
+        assert!(std::time::Instant::now() < deadline, "the key-file unlock never finished:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.wait_state("locked", Duration::from_secs(5));
+    nbdinfo(&[&d.uri()]).failure();
+    expect_code(&d.unlock(PASS), 0, "unlock through nbdcryptctl after the key file failed");
+    nbdinfo(&[&d.uri()]).success();
+}
+
+#[test]
+fn a_missing_unlock_key_file_stops_the_daemon_with_an_error_naming_the_file() {
+    let (dir, img) = formatted(4096);
+    let missing = dir.path().join("no-such.key");
+    let mut c = Command::new(daemon_binary());
+    c.arg("--volume")
+        .arg(&img)
+        .arg("--unlock-key-file")
+        .arg(&missing)
+        .arg("--unix")
+        .arg(dir.path().join("nbd.sock"))
+        .arg("--control")
+        .arg(dir.path().join("control.sock"));
+    let out = run(&mut c, Duration::from_secs(20)).failure();
+    assert!(out.stderr.contains("no-such.key"), "{}", out.details());
+}
+
+#[test]
+fn sigterm_during_a_slow_unlock_and_sigterm_while_locked_both_exit_0() {
+    let dir = tempdir();
+    let img = dir.path().join("volume.img");
+    luks_format_args(&img, 17 * MIB, PASS, &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "200000"]);
+    let mut d = Daemon::volume_in(dir, &img, &[]);
+    let ctl = {
+        let control = d.control();
+        let kf = d.dir().join("k");
+        std::fs::write(&kf, PASS).unwrap();
+        std::thread::spawn(move || {
+            nbdcryptctl(&[
+                "unlock".as_ref(),
+                "--control".as_ref(),
+                control.as_os_str(),
+                "--key-file".as_ref(),
+                kf.as_os_str(),
+            ])
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while d.status()["state"] != "unlocking" {
+        assert!(std::time::Instant::now() < deadline, "never saw state unlocking: {:#}", d.status());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = d.terminate(Duration::from_secs(30));
+    assert!(st.success(), "SIGTERM during an unlock: {st}\n{}", d.log());
+    let out = ctl.join().unwrap();
+    assert!(out.code().is_some(), "nbdcryptctl was killed: {}", out.details());
+
+    let (dir, img) = formatted(512);
+    let mut d = Daemon::volume_in(dir, &img, &[]);
+    let st = d.terminate(Duration::from_secs(15));
+    assert!(st.success(), "SIGTERM while locked: {st}\n{}", d.log());
+}
