@@ -445,3 +445,75 @@ fn while_an_unlock_derives_the_key_status_says_unlocking_and_lock_or_a_second_un
     assert_eq!(d.state(), "unlocked");
     nbdinfo(&[&d.uri()]).success();
 }
+
+#[test]
+fn lock_force_with_a_queue_of_pipelined_writes_keeps_every_acknowledged_one_and_answers_or_drops_the_rest() {
+    // Up to 32 writes in flight on one connection when the forced lock arrives: each must be
+    // answered before the disconnect or not at all, and every one answered with success must be
+    // on disk (as the independent decryptor sees it) and read back after the next unlock.
+    const DATA: u64 = 16 * MIB;
+    const DEPTH: usize = 32;
+    let (mut d, img) = locked_volume(DATA, 512);
+    expect_code(&d.unlock(PASS), 0, "unlock");
+    let blocks = DATA as usize / BLOCK;
+    let block_data = |i: usize| random_bytes(0x2000 + i as u64, BLOCK);
+    let (c, _) = Client::connect_go(&d.sock);
+    let rd = c.s.try_clone().unwrap();
+    let acked: Arc<Mutex<Vec<usize>>> = Arc::new(Mutex::new(Vec::new()));
+    let (credit_tx, credit_rx) = std::sync::mpsc::sync_channel::<()>(DEPTH);
+    let writer = std::thread::spawn(move || {
+        let mut c = c;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut sent = 0;
+        for i in 0..blocks {
+            if Instant::now() > deadline || credit_tx.send(()).is_err() {
+                break;
+            }
+            if c.request(0, CMD_WRITE, i as u64, (i * BLOCK) as u64, BLOCK as u32, &block_data(i)).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    });
+    let reader = {
+        let acked = acked.clone();
+        std::thread::spawn(move || {
+            let mut c = Client { s: rd, server_flags: 0 };
+            let mut errors = 0;
+            while let Ok((err, cookie)) = c.simple_reply() {
+                let _ = credit_rx.try_recv();
+                if err == 0 {
+                    acked.lock().unwrap().push(cookie as usize);
+                } else {
+                    errors += 1;
+                }
+            }
+            drop(credit_rx);
+            errors
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while acked.lock().unwrap().len() < 300 {
+        assert!(Instant::now() < deadline, "writer made no progress");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let out = d.ctl("lock", &["--force"]);
+    assert!(matches!(out.code(), Some(0) | Some(4)), "lock --force: {:?}\n{}", out.code(), out.details());
+    let errors = reader.join().unwrap();
+    let sent = writer.join().unwrap();
+    d.assert_alive();
+    d.wait_state("locked", Duration::from_secs(20));
+    let acked = acked.lock().unwrap().clone();
+    assert!(sent < blocks, "the writer finished before the lock; nothing was tested");
+    eprintln!("sent {sent}, acknowledged {}, refused {errors}", acked.len());
+
+    let plain = verify_py_plaintext(&img, &luks_volume_key(&img, PASS));
+    let missing: Vec<usize> = acked.iter().copied().filter(|&i| plain[i * BLOCK..(i + 1) * BLOCK] != block_data(i)[..]).collect();
+    assert!(missing.is_empty(), "{} acknowledged blocks are not on disk after the forced lock: {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    expect_code(&d.unlock(PASS), 0, "unlock after the forced lock");
+    let got = read_export(&d.uri(), d.dir());
+    for &i in &acked {
+        assert!(got[i * BLOCK..(i + 1) * BLOCK] == block_data(i)[..], "acknowledged block {i} does not read back after unlock");
+    }
+}
