@@ -229,3 +229,28 @@ fn after_lock_neither_half_of_the_volume_key_nor_the_passphrase_is_left_anywhere
         report(2)
     );
 }
+
+#[test]
+fn neither_a_wrong_passphrase_nor_the_unlock_key_file_contents_stay_in_the_daemons_memory() {
+    let dir = tempdir();
+    let img = volume(dir.path());
+    let key_file = dir.path().join("unlock.key");
+    std::fs::write(&key_file, PASS).unwrap();
+    let d = Daemon::volume_in(dir, &img, &["--unlock-key-file", key_file.to_str().unwrap()]);
+    d.wait_state("unlocked", Duration::from_secs(20));
+    expect_lock(&d);
+    assert_eq!(d.unlock(WRONG.as_bytes()).code(), Some(3), "wrong passphrase");
+    let (code, err) = unlock_stdin(&d, &format!("{WRONG}-via-stdin"));
+    assert_eq!(code, Some(3), "wrong passphrase on stdin: {err}");
+    let stdin_wrong = format!("{WRONG}-via-stdin");
+    let hits = scan_memory(d.pid(), &[PASS.as_bytes(), WRONG.as_bytes(), stdin_wrong.as_bytes()]);
+    for (what, h) in ["the key file's passphrase", "a wrong passphrase (key file)", "a wrong passphrase (stdin)"].iter().zip(&hits) {
+        assert!(h.is_empty(), "{what} is still in the daemon's memory: {} copies: {}", h.len(), h.join("; "));
+    }
+}
+
+fn expect_lock(d: &Daemon) {
+    let out = d.ctl("lock", &[]);
+    assert_eq!(out.code(), Some(0), "lock\n{}", out.details());
+    d.wait_state("locked", Duration::from_secs(10));
+}
