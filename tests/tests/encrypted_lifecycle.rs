@@ -301,3 +301,59 @@ fn sigterm_during_a_slow_unlock_and_sigterm_while_locked_both_exit_0() {
     let st = d.terminate(Duration::from_secs(15));
     assert!(st.success(), "SIGTERM while locked: {st}\n{}", d.log());
 }
+
+fn hash_prefix(path: &std::path::Path, len: usize) -> Vec<u8> {
+    read_at(path, 0, len)
+}
+
+#[test]
+fn serving_unlocking_writing_and_locking_never_writes_the_luks2_header_or_keyslots_area() {
+    let (dir, img) = formatted(4096);
+    let before = hash_prefix(&img, 16 * MIB as usize);
+    let mut d = Daemon::volume_in(dir, &img, &[]);
+    expect_code(&d.unlock(b"wrong"), 3, "wrong passphrase");
+    expect_code(&d.unlock(PASS), 0, "unlock");
+    write_export(&d.uri(), d.dir(), &random_bytes(43, DATA as usize));
+    expect_code(&d.ctl("lock", &["--force"]), 0, "lock");
+    d.terminate(Duration::from_secs(15));
+    assert!(hash_prefix(&img, 16 * MIB as usize) == before, "the first 16 MiB (header, keyslots) changed");
+}
+
+#[test]
+fn a_damaged_primary_header_is_served_through_the_secondary_copy_and_two_damaged_copies_are_refused() {
+    let (dir, img) = formatted(4096);
+    // The intact bytes, so a corruption is always a change from them (cryptsetup may repair a
+    // copy in between).
+    let intact: Vec<(u64, u8)> = [4096 + 20, 16384 + 4096 + 20].iter().map(|&o| (o, read_at(&img, o, 1)[0])).collect();
+    let corrupt = |off: u64| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        let orig = intact.iter().find(|(o, _)| *o == off).unwrap().1;
+        f.write_all_at(&[orig ^ 0x20], off).unwrap();
+    };
+    // A byte of the primary copy's JSON area (its checksum no longer matches).
+    corrupt(4096 + 20);
+    {
+        let mut d = Daemon::volume_in(tempdir(), &img, &[]);
+        expect_code(&d.unlock(PASS), 0, "unlock with a damaged primary header");
+        let data = random_bytes(44, DATA as usize);
+        write_export(&d.uri(), d.dir(), &data);
+        expect_code(&d.ctl("lock", &[]), 0, "lock");
+        d.terminate(Duration::from_secs(15));
+        assert_same_bytes(&verify_py_plaintext(&img, &luks_volume_key(&img, PASS)), &data, "verify.py");
+    }
+    // Damage both copies now.
+    corrupt(4096 + 20);
+    corrupt(16384 + 4096 + 20);
+    let dir2 = tempdir();
+    let mut c = Command::new(daemon_binary());
+    c.arg("--volume")
+        .arg(&img)
+        .arg("--unix")
+        .arg(dir2.path().join("nbd.sock"))
+        .arg("--control")
+        .arg(dir2.path().join("control.sock"));
+    let out = run(&mut c, Duration::from_secs(20)).failure();
+    assert!(out.stderr.contains("header"), "{}", out.details());
+    drop(dir);
+}
