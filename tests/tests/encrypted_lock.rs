@@ -517,3 +517,34 @@ fn lock_force_with_a_queue_of_pipelined_writes_keeps_every_acknowledged_one_and_
         assert!(got[i * BLOCK..(i + 1) * BLOCK] == block_data(i)[..], "acknowledged block {i} does not read back after unlock");
     }
 }
+
+/// The number of seconds in "... in N s" of a message.
+fn seconds_in(msg: &str) -> Option<u64> {
+    let i = msg.rfind(" in ")?;
+    msg[i + 4..].split_whitespace().next()?.parse().ok()
+}
+
+#[test]
+fn the_wait_after_wrong_passphrases_doubles_1_then_2_then_4_seconds() {
+    let (d, _img) = locked_volume(MIB, 4096);
+    let mut waits = Vec::new();
+    for i in 0..5 {
+        let out = d.unlock(format!("wrong {i}").as_bytes());
+        expect_code(&out, 3, &format!("wrong passphrase {i} (after waiting out the limit)"));
+        if i < 2 {
+            assert!(seconds_in(&out.stderr).is_none(), "no wait after only {} failures: {}", i + 1, out.stderr);
+            continue;
+        }
+        let wait = seconds_in(&out.stderr).unwrap_or_else(|| panic!("failure {} should say when to retry: {}", i + 1, out.stderr));
+        // Trying at once is refused with exit 4 and the same advice.
+        let early = d.unlock(PASS);
+        expect_code(&early, 4, "an attempt inside the wait (even with the right passphrase)");
+        assert!(seconds_in(&early.stderr).is_some_and(|s| s <= wait), "{}", early.stderr);
+        waits.push(wait);
+        if i < 4 {
+            std::thread::sleep(Duration::from_millis(wait * 1000 + 150));
+        }
+    }
+    assert_eq!(waits, [1, 2, 4], "waits after failures 3, 4, 5");
+    assert_eq!(d.state(), "locked");
+}
