@@ -12,6 +12,7 @@ declare -A PKG=(
   [nbdkit]=nbdkit [fio]=fio
   [qemu-io]=qemu-utils [qemu-img]=qemu-utils
   [cryptsetup]=cryptsetup-bin [jq]=jq [socat]=socat [cmp]=diffutils [gzip]=gzip
+  [mkfs.ext4]=e2fsprogs [e2fsck]=e2fsprogs [debugfs]=e2fsprogs
 )
 
 missing=()

@@ -264,6 +264,7 @@ fn package_of(tool: &str) -> &'static str {
         "cmp" => "diffutils",
         "cryptsetup" => "cryptsetup-bin",
         "gzip" => "gzip",
+        "mkfs.ext4" | "e2fsck" | "debugfs" => "e2fsprogs",
         _ => "?",
     }
 }
