@@ -548,3 +548,72 @@ fn the_wait_after_wrong_passphrases_doubles_1_then_2_then_4_seconds() {
     assert_eq!(waits, [1, 2, 4], "waits after failures 3, 4, 5");
     assert_eq!(d.state(), "locked");
 }
+
+#[test]
+fn lock_force_does_not_wait_for_a_client_stalled_mid_request_and_its_half_sent_write_is_not_applied() {
+    let (d, img) = locked_volume(MIB, 4096);
+    expect_code(&d.unlock(PASS), 0, "unlock");
+    let key = luks_volume_key(&img, PASS);
+    // A WRITE whose header and first half of payload arrive, the rest never: not a complete
+    // request, so nothing to finish; the forced lock must not hang on it.
+    let (mut c, _) = Client::connect_go(&d.sock);
+    c.read(1, 0, 4096).expect("READ before the stall");
+    let before = read_export(&d.uri(), d.dir());
+    let payload = random_bytes(55, 8192);
+    let mut req = Vec::new();
+    req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    req.extend_from_slice(&0u16.to_be_bytes());
+    req.extend_from_slice(&CMD_WRITE.to_be_bytes());
+    req.extend_from_slice(&77u64.to_be_bytes());
+    req.extend_from_slice(&8192u64.to_be_bytes());
+    req.extend_from_slice(&8192u32.to_be_bytes());
+    c.send(&req).unwrap();
+    c.send(&payload[..4096]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+
+    let out = d.ctl("lock", &["--force"]);
+    assert!(matches!(out.code(), Some(0) | Some(4)), "lock --force: {:?}\n{}", out.code(), out.details());
+    d.wait_state("locked", Duration::from_secs(20));
+    assert!(c.closed_within(Duration::from_secs(10)), "the stalled client was not disconnected by the forced lock");
+    // Sending the rest now reaches nobody.
+    let _ = c.send(&payload[4096..]);
+    assert!(c.simple_reply().is_err(), "a reply came for a write finished after the forced lock");
+
+    let plain = verify_py_plaintext(&img, &key);
+    assert_same_bytes(&plain, &before, "the image after a half-sent write and a forced lock");
+    expect_code(&d.unlock(PASS), 0, "unlock");
+    assert_same_bytes(&read_export(&d.uri(), d.dir()), &before, "the export after unlocking again");
+}
+
+#[test]
+fn lock_force_with_a_client_that_does_not_read_its_replies_ends_locked_and_the_daemon_stays_responsive() {
+    // Replies to 8 big READs fill the socket buffer while the client reads nothing: the requests
+    // cannot finish. The forced lock either cuts the client off or reports busy (exit 4, state
+    // `locking`) after its 10 s drain; either way the daemon keeps answering the control socket,
+    // refuses new clients, and is locked once the client goes away.
+    let (d, _img) = locked_volume(4 * MIB, 4096);
+    expect_code(&d.unlock(PASS), 0, "unlock");
+    let (mut c, _) = Client::connect_go(&d.sock);
+    for i in 0..8u64 {
+        c.request(0, CMD_READ, i, 0, 4 * MIB as u32, &[]).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let out = d.ctl("lock", &["--force"]);
+    assert!(matches!(out.code(), Some(0) | Some(4)), "lock --force: {:?}\n{}", out.code(), out.details());
+    assert!(t0.elapsed() < Duration::from_secs(25), "lock --force took {:?}", t0.elapsed());
+    let s = d.status();
+    assert!(s["state"] == "locked" || s["state"] == "locking", "{s:#}");
+    if out.code() == Some(4) {
+        assert_eq!(s["state"], "locking", "busy means still locking: {s:#}");
+        assert!(out.stderr.contains("status"), "exit 4 should point at `nbdcryptctl status`\n{}", out.details());
+        let mut other = Client::connect(&d.sock);
+        let (last, _) = other.option(OPT_GO, &info_payload(EXPORT, &[]));
+        assert!(last.is_error(), "GO while locking: {last:?}");
+        expect_code(&d.unlock(PASS), 4, "unlock while locking");
+    }
+    drop(c);
+    d.wait_state("locked", Duration::from_secs(20));
+    expect_code(&d.unlock(PASS), 0, "unlock after the client left");
+    nbdinfo(&[&d.uri()]).success();
+}
