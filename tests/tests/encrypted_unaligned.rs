@@ -12,13 +12,17 @@ const PASS: &[u8] = b"unaligned-io passphrase";
 
 /// A fresh 4096-byte-sector volume, served and unlocked, filled with known random data.
 fn unlocked_4096(seed: u64) -> (Daemon, PathBuf, Vec<u8>) {
+    unlocked_with(4096, seed)
+}
+
+fn unlocked_with(sector_size: u32, seed: u64) -> (Daemon, PathBuf, Vec<u8>) {
     let dir = tempdir();
     let img = dir.path().join("volume.img");
-    luks_format(&img, DATA, 4096, "pbkdf2", PASS);
+    luks_format(&img, DATA, sector_size, "pbkdf2", PASS);
     let d = Daemon::volume_in(dir, &img, &[]);
     let out = d.unlock(PASS);
     assert!(out.ok(), "unlock\n{}", out.details());
-    assert_eq!(d.status()["sector_size"], 4096);
+    assert_eq!(d.status()["sector_size"], sector_size);
     let base = random_bytes(seed, DATA as usize);
     write_export(&d.uri(), d.dir(), &base);
     (d, img, base)
@@ -56,7 +60,16 @@ fn assert_image_decrypts_to(d: &Daemon, img: &std::path::Path, want: &[u8]) {
 
 #[test]
 fn qemu_io_unaligned_writes_on_4096_byte_sectors_read_back_and_leave_neighbouring_bytes_unchanged() {
-    let (d, img, base) = unlocked_4096(11);
+    qemu_io_unaligned(4096, 11);
+}
+
+#[test]
+fn qemu_io_unaligned_writes_on_512_byte_sectors_read_back_and_leave_neighbouring_bytes_unchanged() {
+    qemu_io_unaligned(512, 14);
+}
+
+fn qemu_io_unaligned(sector_size: u32, seed: u64) {
+    let (d, img, base) = unlocked_with(sector_size, seed);
     let uri = d.uri();
     let writes: &[(u8, u64, u64)] = &[
         (0x5a, 1000, 3333),    // inside sector 0
