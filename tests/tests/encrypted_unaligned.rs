@@ -1,5 +1,5 @@
-//! Unaligned I/O on an encrypted volume with 4096-byte sectors: every write that does not cover
-//! whole sectors is a read-modify-write of the sectors it touches. qemu-io and two concurrent
+//! Unaligned I/O on encrypted volumes (mostly 4096-byte sectors, qemu-io on 512 too): every write
+//! that does not cover whole sectors is a read-modify-write of the sectors it touches. qemu-io and two concurrent
 //! nbdsh connections write pieces that share sectors; the neighbours must be unchanged and the
 //! final content must equal the model, both through NBD and as verify.py decrypts the image.
 
