@@ -1247,3 +1247,27 @@ pub fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
         );
     }
 }
+
+impl Daemon {
+    /// Wait (up to 10 s) until `status` counts `n` attached clients. A client that has just
+    /// closed its socket is counted until the daemon has noticed.
+    #[track_caller]
+    pub fn wait_clients(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.status();
+            if s["clients"] == n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "status did not reach {n} clients within 10 s: {s:#}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `nbdcryptctl lock` (without --force) once the clients that just disconnected are gone.
+    #[track_caller]
+    pub fn lock_idle(&self) -> Out {
+        self.wait_clients(0);
+        self.ctl("lock", &[])
+    }
+}

@@ -44,12 +44,12 @@ fn round_trip(sector_size: u32, kdf: &str, seed: u64) {
     write_export(&d.uri(), d.dir(), &data);
     assert_same_bytes(&read_export(&d.uri(), d.dir()), &data, "read back before the lock");
 
-    expect_code(d.ctl("lock", &[]), 0, "lock with no client");
+    expect_code(d.lock_idle(), 0, "lock with no client");
     d.wait_state("locked", Duration::from_secs(15));
     nbdinfo(&[&d.uri()]).failure();
     expect_code(d.ctl_unlock_slot(P2, 1), 0, "unlock with the luksAddKey passphrase (--slot 1)");
     assert_same_bytes(&read_export(&d.uri(), d.dir()), &data, "read back after lock and unlock with the other passphrase");
-    expect_code(d.ctl("lock", &[]), 0, "second lock");
+    expect_code(d.lock_idle(), 0, "second lock");
     d.terminate(Duration::from_secs(15));
 
     // Not our code: cryptsetup recovers the volume key, verify.py decrypts with it.
@@ -116,7 +116,7 @@ fn a_slot_killed_by_cryptsetup_while_the_daemon_runs_locked_no_longer_unlocks_an
     expect_code(d.unlock(P1), 0, "unlock with slot 0 before the kill");
     let data = random_bytes(77, DATA as usize);
     write_export(&d.uri(), d.dir(), &data);
-    expect_code(d.ctl("lock", &[]), 0, "lock");
+    expect_code(d.lock_idle(), 0, "lock");
     d.wait_state("locked", Duration::from_secs(15));
 
     kill_slot(&img, 0, P2);
@@ -142,11 +142,11 @@ fn custom_round_trip(file_size: u64, args: &[&str], seed: u64) -> u64 {
     assert!(size > 0 && size < file_size, "export size {size} for a {file_size}-byte file");
     let data = random_bytes(seed, size as usize);
     write_export(&d.uri(), d.dir(), &data);
-    expect_code(d.ctl("lock", &[]), 0, "lock");
+    expect_code(d.lock_idle(), 0, "lock");
     d.wait_state("locked", Duration::from_secs(10));
     expect_code(d.unlock(P1), 0, "unlock again");
     assert_same_bytes(&read_export(&d.uri(), d.dir()), &data, "read back after lock/unlock");
-    expect_code(d.ctl("lock", &[]), 0, "lock");
+    expect_code(d.lock_idle(), 0, "lock");
     d.terminate(Duration::from_secs(15));
     let key = luks_volume_key(&img, P1);
     assert_same_bytes(&verify_py_plaintext(&img, &key), &data, "verify.py's decryption of the image");
@@ -226,7 +226,7 @@ fn a_passphrase_added_by_cryptsetup_while_the_daemon_is_unlocked_opens_the_volum
     luks_add_key(&img, P1, p3, "argon2id");
     // Serving continues undisturbed by the header update.
     assert_same_bytes(&read_export(&d.uri(), d.dir()), &data, "read while cryptsetup updated the header");
-    expect_code(d.ctl("lock", &[]), 0, "lock");
+    expect_code(d.lock_idle(), 0, "lock");
     d.wait_state("locked", Duration::from_secs(10));
     expect_code(d.unlock(p3), 0, "unlock with the passphrase cryptsetup added meanwhile");
     assert_same_bytes(&read_export(&d.uri(), d.dir()), &data, "read back");

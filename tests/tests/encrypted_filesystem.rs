@@ -125,7 +125,7 @@ fn an_ext4_filesystem_made_through_nbdfuse_checks_clean_through_nbd_and_in_verif
     e2fsck(&copy).success();
 
     // And so does the independent decryptor, reading the image file after the lock.
-    let out = d.ctl("lock", &[]);
+    let out = d.lock_idle();
     assert_eq!(out.code(), Some(0), "lock\n{}", out.details());
     d.wait_state("locked", Duration::from_secs(10));
     let plain = d.dir().join("plain.img");

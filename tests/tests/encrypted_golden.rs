@@ -43,7 +43,7 @@ fn vector_a_4096_byte_sectors_reads_back_the_pattern_after_unlock_with_the_pbkdf
     let d = Daemon::volume_in(dir, &img, &[]);
     // keyslot 0 (pbkdf2-sha256); the unknown `example-kms` token must not get in the way.
     unlock_and_expect_pattern(&d, "tv-a-pbkdf2-passphrase", 4096);
-    let out = d.ctl("lock", &[]);
+    let out = d.lock_idle();
     assert_eq!(out.code(), Some(0), "lock with no client attached\n{}", out.details());
     d.wait_state("locked", Duration::from_secs(15));
     // keyslot 1 (argon2id, the slot the unknown token points at).

@@ -100,14 +100,14 @@ fn a_debug_log_of_unlock_io_and_lock_contains_neither_the_passphrase_nor_the_vol
     let data = random_bytes(99, DATA as usize);
     write_export(&d.uri(), d.dir(), &data);
     assert_same_bytes(&read_export(&d.uri(), d.dir()), &data, "read back");
-    assert_eq!(d.ctl("lock", &[]).code(), Some(0), "lock");
+    assert_eq!(d.lock_idle().code(), Some(0), "lock");
     d.wait_state("locked", Duration::from_secs(10));
 
     // The other input path: the passphrase as a line on nbdcryptctl's stdin.
     let (code, err) = unlock_stdin(&d, PASS);
     assert_eq!(code, Some(0), "unlock --stdin: {err}");
     assert_same_bytes(&read_export(&d.uri(), d.dir()), &data, "read back after unlock --stdin");
-    assert_eq!(d.ctl("lock", &[]).code(), Some(0), "lock");
+    assert_eq!(d.lock_idle().code(), Some(0), "lock");
     d.wait_state("locked", Duration::from_secs(10));
     assert_no_core_dumps(d.pid());
 
@@ -215,7 +215,7 @@ fn after_lock_neither_half_of_the_volume_key_nor_the_passphrase_is_left_anywhere
     assert!(!unlocked[0].is_empty(), "calibration: the memory scan does not even find the volume UUID {uuid}");
     assert!(unlocked[1].is_empty(), "the passphrase is still in memory after the unlock finished:\n{}", unlocked[1].join("\n"));
 
-    let out = d.ctl("lock", &[]);
+    let out = d.lock_idle();
     assert_eq!(out.code(), Some(0), "lock\n{}", out.details());
     d.wait_state("locked", Duration::from_secs(10));
     let after = scan_memory(pid, &[k1, k2, PASS.as_bytes()]);
@@ -251,7 +251,7 @@ fn neither_a_wrong_passphrase_nor_the_unlock_key_file_contents_stay_in_the_daemo
 }
 
 fn expect_lock(d: &Daemon) {
-    let out = d.ctl("lock", &[]);
+    let out = d.lock_idle();
     assert_eq!(out.code(), Some(0), "lock\n{}", out.details());
     d.wait_state("locked", Duration::from_secs(10));
 }

@@ -114,7 +114,7 @@ fn read_only_refuses_writes_with_eperm_and_leaves_the_image_unchanged() {
         "#,
     )
     .success();
-    expect_code(&d.ctl("lock", &[]), 0, "lock");
+    expect_code(&d.lock_idle(), 0, "lock");
     d.terminate(Duration::from_secs(15));
     assert!(std::fs::read(&img).unwrap() == before, "a --read-only daemon changed the image");
 }
@@ -175,7 +175,7 @@ fn a_successful_unlock_resets_the_wrong_passphrase_count() {
         expect_code(&d.unlock(b"nope"), 3, &format!("wrong passphrase {i}"));
     }
     expect_code(&d.unlock(PASS), 0, "right passphrase");
-    expect_code(&d.ctl("lock", &[]), 0, "lock");
+    expect_code(&d.lock_idle(), 0, "lock");
     d.wait_state("locked", Duration::from_secs(10));
     // Two more wrong ones are again free (exit 3, not 4): the count restarted at the success.
     for i in 0..2 {
@@ -188,7 +188,7 @@ fn a_successful_unlock_resets_the_wrong_passphrase_count() {
 fn unlock_and_lock_are_idempotent_and_an_unknown_slot_does_not_unlock() {
     let (dir, img) = formatted(4096);
     let d = Daemon::volume_in(dir, &img, &[]);
-    expect_code(&d.ctl("lock", &[]), 0, "lock of a locked volume: nothing to do");
+    expect_code(&d.lock_idle(), 0, "lock of a locked volume: nothing to do");
     let f = d.dir().join("k");
     std::fs::write(&f, PASS).unwrap();
     let out = d.ctl("unlock", &["--key-file", f.to_str().unwrap(), "--slot", "7"]);
@@ -209,7 +209,7 @@ fn a_client_that_got_info_before_a_lock_is_refused_at_go_with_locked() {
     assert_eq!(last.typ, REP_ACK, "INFO while unlocked: {last:?}");
     assert_eq!(export_from_infos(&infos).map(|e| e.size), Some(DATA));
     // Still negotiating, so not attached: lock without --force goes through.
-    expect_code(&d.ctl("lock", &[]), 0, "lock with a client in negotiation only");
+    expect_code(&d.lock_idle(), 0, "lock with a client in negotiation only");
     d.wait_state("locked", Duration::from_secs(10));
     let (last, _) = c.option(OPT_GO, &info_payload(EXPORT, &[]));
     assert_eq!(last.typ, REP_ERR_UNKNOWN, "GO after the lock: {last:?}");
@@ -338,7 +338,7 @@ fn a_damaged_primary_header_is_served_through_the_secondary_copy_and_two_damaged
         expect_code(&d.unlock(PASS), 0, "unlock with a damaged primary header");
         let data = random_bytes(44, DATA as usize);
         write_export(&d.uri(), d.dir(), &data);
-        expect_code(&d.ctl("lock", &[]), 0, "lock");
+        expect_code(&d.lock_idle(), 0, "lock");
         d.terminate(Duration::from_secs(15));
         assert_same_bytes(&verify_py_plaintext(&img, &luks_volume_key(&img, PASS)), &data, "verify.py");
     }

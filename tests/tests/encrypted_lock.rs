@@ -219,6 +219,7 @@ fn lock_without_force_is_refused_with_exit_4_while_an_nbdsh_client_is_attached_a
     ));
     wait_for_file(&ready, Duration::from_secs(30), &mut bg);
 
+    d.wait_clients(1); // status counts the attached nbdsh client
     let s = d.status();
     assert_eq!(s["state"], "unlocked", "{s:#}");
     assert_eq!(s["clients"], 1, "status must count the attached nbdsh client: {s:#}");
@@ -240,7 +241,7 @@ fn lock_without_force_is_refused_with_exit_4_while_an_nbdsh_client_is_attached_a
         assert!(Instant::now() < deadline, "client count did not drop to 0: {:#}", d.status());
         std::thread::sleep(Duration::from_millis(50));
     }
-    expect_code(&d.ctl("lock", &[]), 0, "lock after the client left");
+    expect_code(&d.lock_idle(), 0, "lock after the client left");
     d.wait_state("locked", Duration::from_secs(10));
     // And what the client wrote is on disk, as the independent decryptor sees it.
     let plain = verify_py_plaintext(&img, &luks_volume_key(&img, PASS));
@@ -396,6 +397,7 @@ fn status_json_reports_state_the_luks_uuid_sector_size_and_the_attached_client_c
     let (mut c1, _) = Client::connect_go(&d.sock);
     let (c2, _) = Client::connect_go(&d.sock);
     c1.read(1, 0, 512).unwrap();
+    d.wait_clients(2); // two raw clients in transmission
     let s = d.status();
     assert_eq!(s["state"], "unlocked", "{s:#}");
     assert_eq!(s["volume_uuid"].as_str(), Some(uuid.as_str()), "{s:#}");

@@ -51,7 +51,7 @@ fn assert_qemu_io_ok(out: Out) {
 /// Lock, then check the image with cryptsetup's volume key and verify.py (not our decryption).
 #[track_caller]
 fn assert_image_decrypts_to(d: &Daemon, img: &std::path::Path, want: &[u8]) {
-    let out = d.ctl("lock", &[]);
+    let out = d.lock_idle();
     assert_eq!(out.code(), Some(0), "lock\n{}", out.details());
     d.wait_state("locked", Duration::from_secs(15));
     let key = luks_volume_key(img, PASS);

@@ -24,7 +24,7 @@ fn unlocked(sector_size: u32, extra: &[&str], seed: u64) -> (Daemon, PathBuf, Ve
 }
 
 fn locked_plaintext(d: &Daemon, img: &std::path::Path) -> Vec<u8> {
-    let out = d.ctl("lock", &[]);
+    let out = d.lock_idle();
     assert_eq!(out.code(), Some(0), "lock\n{}", out.details());
     d.wait_state("locked", Duration::from_secs(10));
     verify_py_plaintext(img, &luks_volume_key(img, PASS))
