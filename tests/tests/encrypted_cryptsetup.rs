@@ -237,3 +237,49 @@ fn a_passphrase_added_by_cryptsetup_while_the_daemon_is_unlocked_opens_the_volum
     c.args(["open", "--test-passphrase", "--key-file"]).arg(&k).arg(&img);
     run(&mut c, TOOL_TIMEOUT).success();
 }
+
+#[test]
+fn an_unbound_keyslot_never_unlocks_and_a_priority_ignore_slot_only_with_slot_like_cryptsetup() {
+    let (dir, img) = formatted(4096, "pbkdf2");
+    let unbound: &[u8] = b"unbound keyslot passphrase";
+    let ignored: &[u8] = b"ignored keyslot passphrase";
+    // Slot 2: an unbound keyslot (its key is not the volume key).
+    let k = dir.path().join("unbound.key");
+    std::fs::write(&k, unbound).unwrap();
+    let mut c = cryptsetup();
+    c.args(["luksAddKey", "--batch-mode", "--unbound", "--key-size", "512", "--key-slot", "2"])
+        .args(cheap_kdf("pbkdf2"))
+        .arg(&img)
+        .arg(&k);
+    run(&mut c, TOOL_TIMEOUT).success();
+    // Slot 3: a normal keyslot with priority "ignore" (used only when asked for by number).
+    let k_old = dir.path().join("p1.key");
+    std::fs::write(&k_old, P1).unwrap();
+    let k_ign = dir.path().join("ignored.key");
+    std::fs::write(&k_ign, ignored).unwrap();
+    let mut c = cryptsetup();
+    c.args(["luksAddKey", "--batch-mode", "--key-slot", "3"]).args(cheap_kdf("pbkdf2")).arg("--key-file").arg(&k_old).arg(&img).arg(&k_ign);
+    run(&mut c, TOOL_TIMEOUT).success();
+    let mut c = cryptsetup();
+    c.args(["config", "--priority", "ignore", "--key-slot", "3"]).arg(&img);
+    run(&mut c, TOOL_TIMEOUT).success();
+
+    let d = Daemon::volume_in(dir, &img, &[]);
+    expect_code(d.unlock(unbound), 3, "the unbound keyslot's passphrase");
+    let out = d.ctl_unlock_slot(unbound, 2);
+    assert!(matches!(out.code(), Some(1) | Some(3)), "unbound keyslot with --slot 2: {:?}\n{}", out.code(), out.details());
+    assert_eq!(d.state(), "locked");
+    expect_code(d.unlock(ignored), 3, "a priority-ignore keyslot without --slot (cryptsetup skips it too)");
+    assert_eq!(d.state(), "locked");
+    // Up to three wrong attempts so far: the rate limit may ask for a short wait first.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let out = d.ctl_unlock_slot(ignored, 3);
+        if out.code() != Some(4) || std::time::Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    expect_code(out, 0, "the priority-ignore keyslot named with --slot 3");
+    assert_eq!(d.state(), "unlocked");
+}
