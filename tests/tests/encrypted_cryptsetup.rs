@@ -283,3 +283,44 @@ fn an_unbound_keyslot_never_unlocks_and_a_priority_ignore_slot_only_with_slot_li
     expect_code(out, 0, "the priority-ignore keyslot named with --slot 3");
     assert_eq!(d.state(), "unlocked");
 }
+
+#[test]
+fn cryptsetup_offline_reencryption_to_a_new_key_and_4096_byte_sectors_of_data_written_through_us_reads_back() {
+    // cryptsetup decrypts what we wrote (512-byte sectors, old key) and re-encrypts it (4096-byte
+    // sectors, new key) in userspace; we must then serve exactly the same plaintext.
+    let dir = tempdir();
+    let img = dir.path().join("volume.img");
+    luks_format(&img, DATA, 512, "pbkdf2", P1); // one keyslot: reencrypt takes a key file then
+    let data = random_bytes(12, DATA as usize);
+    {
+        let mut d = Daemon::volume_in(tempdir(), &img, &[]);
+        expect_code(d.unlock(P1), 0, "unlock");
+        write_export(&d.uri(), d.dir(), &data);
+        expect_code(d.lock_idle(), 0, "lock");
+        d.terminate(Duration::from_secs(15));
+    }
+    let old_key = luks_volume_key(&img, P1);
+    let k = dir.path().join("p1.key");
+    std::fs::write(&k, P1).unwrap();
+    let mut c = cryptsetup();
+    c.args(["reencrypt", "--batch-mode", "--force-offline-reencrypt", "--sector-size", "4096"])
+        .args(cheap_kdf("pbkdf2"))
+        .arg("--key-file")
+        .arg(&k)
+        .arg(&img);
+    run(&mut c, TOOL_TIMEOUT).success();
+    let new_key = luks_volume_key(&img, P1);
+    assert_ne!(old_key, new_key, "cryptsetup reencrypt did not change the volume key");
+
+    let d = Daemon::volume_in(dir, &img, &[]);
+    expect_code(d.unlock(P1), 0, "unlock after cryptsetup reencrypt");
+    let s = d.status();
+    assert_eq!(s["sector_size"], 4096, "{s:#}");
+    assert_same_bytes(&read_export(&d.uri(), d.dir()), &data, "our data after cryptsetup re-encrypted it");
+    // And writes under the new key are what verify.py finds.
+    let data2 = random_bytes(13, DATA as usize);
+    write_export(&d.uri(), d.dir(), &data2);
+    expect_code(d.lock_idle(), 0, "lock");
+    d.wait_state("locked", Duration::from_secs(10));
+    assert_same_bytes(&verify_py_plaintext(&img, &new_key), &data2, "verify.py with the new key");
+}
