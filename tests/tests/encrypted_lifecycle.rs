@@ -357,3 +357,41 @@ fn a_damaged_primary_header_is_served_through_the_secondary_copy_and_two_damaged
     assert!(out.stderr.contains("header"), "{}", out.details());
     drop(dir);
 }
+
+#[test]
+fn a_luks1_volume_is_refused_at_start_and_serves_once_cryptsetup_converted_it_to_luks2() {
+    let dir = tempdir();
+    let img = dir.path().join("luks1.img");
+    std::fs::File::create(&img).unwrap().set_len(6 * MIB).unwrap();
+    let k = dir.path().join("k");
+    std::fs::write(&k, PASS).unwrap();
+    // LUKS1 with the old defaults some volumes still carry: sha1 for PBKDF2 and the digest.
+    let mut c = cryptsetup();
+    c.args(["luksFormat", "--type", "luks1", "--batch-mode", "--hash", "sha1", "--pbkdf-force-iterations", "1000"])
+        .arg("--key-file")
+        .arg(&k)
+        .arg(&img);
+    run(&mut c, TOOL_TIMEOUT).success();
+    let mut c = Command::new(daemon_binary());
+    c.arg("--volume")
+        .arg(&img)
+        .arg("--unix")
+        .arg(dir.path().join("nbd.sock"))
+        .arg("--control")
+        .arg(dir.path().join("control.sock"));
+    let out = run(&mut c, Duration::from_secs(20)).failure();
+    assert!(out.stderr.contains("version 1") || out.stderr.contains("LUKS1"), "the refusal should say it is LUKS1\n{}", out.details());
+
+    let mut c = cryptsetup();
+    c.args(["convert", "--batch-mode", "--type", "luks2"]).arg(&img);
+    run(&mut c, TOOL_TIMEOUT).success();
+    let d = Daemon::volume_in(dir, &img, &[]);
+    expect_code(&d.unlock(PASS), 0, "unlock of the converted volume");
+    let size = d.status()["size"].as_u64().unwrap();
+    assert_eq!(size, 4 * MIB, "LUKS1 puts the data at 2 MiB");
+    let data = random_bytes(45, size as usize);
+    write_export(&d.uri(), d.dir(), &data);
+    expect_code(&d.lock_idle(), 0, "lock");
+    d.wait_state("locked", Duration::from_secs(10));
+    assert_same_bytes(&verify_py_plaintext(&img, &luks_volume_key(&img, PASS)), &data, "verify.py");
+}
