@@ -395,3 +395,42 @@ fn a_luks1_volume_is_refused_at_start_and_serves_once_cryptsetup_converted_it_to
     d.wait_state("locked", Duration::from_secs(10));
     assert_same_bytes(&verify_py_plaintext(&img, &luks_volume_key(&img, PASS)), &data, "verify.py");
 }
+
+/// Resize the backing file of a locked daemon to hold `data` bytes of data, then unlock.
+fn resized_while_locked(data: u64) -> (Daemon, PathBuf) {
+    let (dir, img) = formatted(4096);
+    let d = Daemon::volume_in(dir, &img, &[]);
+    expect_code(&d.unlock(PASS), 0, "first unlock");
+    assert_eq!(d.status()["size"], DATA);
+    expect_code(&d.lock_idle(), 0, "lock");
+    d.wait_state("locked", Duration::from_secs(10));
+    // The data segment's size is "dynamic": the rest of the device, as measured at activation.
+    std::fs::OpenOptions::new().write(true).open(&img).unwrap().set_len(16 * MIB + data).unwrap();
+    expect_code(&d.unlock(PASS), 0, "unlock after the resize");
+    (d, img)
+}
+
+#[test]
+fn an_unlock_after_the_backing_file_grew_while_locked_serves_the_new_size() {
+    // `cryptsetup open` measures a dynamic segment when it activates; our unlock is that moment
+    // (it re-reads the header too: a slot killed while locked stops working).
+    let (d, _img) = resized_while_locked(DATA + 2 * MIB);
+    let s = d.status();
+    let (export, _) = nbdinfo_json(&d.uri());
+    assert_eq!(
+        (s["size"].as_u64(), export["export-size"].as_u64()),
+        (Some(DATA + 2 * MIB), Some(DATA + 2 * MIB)),
+        "status / NBD size after the file grew by 2 MiB while locked (size at start: {DATA})"
+    );
+}
+
+#[test]
+fn an_unlock_after_the_backing_file_shrank_while_locked_never_serves_bytes_beyond_its_end() {
+    let (d, _img) = resized_while_locked(DATA - 2 * MIB);
+    let (export, _) = nbdinfo_json(&d.uri());
+    let size = export["export-size"].as_u64().unwrap();
+    assert!(size <= DATA - 2 * MIB, "the export is {size} bytes, but the file now holds only {} bytes of data", DATA - 2 * MIB);
+    // Every advertised byte is readable.
+    let got = read_export(&d.uri(), d.dir());
+    assert_eq!(got.len() as u64, size);
+}
