@@ -324,3 +324,42 @@ fn cryptsetup_offline_reencryption_to_a_new_key_and_4096_byte_sectors_of_data_wr
     d.wait_state("locked", Duration::from_secs(10));
     assert_same_bytes(&verify_py_plaintext(&img, &new_key), &data2, "verify.py with the new key");
 }
+
+#[test]
+fn binary_key_files_with_nul_bytes_and_a_trailing_newline_unlock_as_cryptsetup_reads_them() {
+    // cryptsetup --key-file takes the file's bytes as-is; so does `nbdcryptctl unlock --key-file`.
+    let dir = tempdir();
+    let img = dir.path().join("volume.img");
+    let mut binary = random_bytes(14, 4096);
+    binary[100] = 0;
+    binary[4095] = b'\n';
+    luks_format(&img, DATA, 4096, "pbkdf2", &binary);
+    let with_newline: &[u8] = b"passphrase with a trailing newline\n";
+    luks_add_key(&img, &binary, with_newline, "pbkdf2");
+    let d = Daemon::volume_in(dir, &img, &[]);
+    expect_code(d.unlock(&binary[..4095]), 3, "the binary key without its last byte");
+    expect_code(d.unlock(&binary), 0, "the 4 KiB binary key file");
+    expect_code(d.lock_idle(), 0, "lock");
+    d.wait_state("locked", Duration::from_secs(10));
+    expect_code(d.unlock(with_newline), 0, "a key file whose last byte is a newline");
+}
+
+#[test]
+fn a_1_mib_key_file_that_cryptsetup_accepts_unlocks_through_nbdcryptctl_as_through_unlock_key_file() {
+    // cryptsetup reads key files up to 8 MiB by default; a volume made with a 1 MiB one must be
+    // usable with nbdcrypt's normal unlock path, not only with --unlock-key-file.
+    let dir = tempdir();
+    let img = dir.path().join("volume.img");
+    let big = random_bytes(15, MIB as usize);
+    luks_format(&img, DATA, 4096, "pbkdf2", &big);
+    let kf = dir.path().join("big.key");
+    std::fs::write(&kf, &big).unwrap();
+    {
+        let d = Daemon::volume_in(tempdir(), &img, &["--unlock-key-file", kf.to_str().unwrap()]);
+        d.wait_state("unlocked", Duration::from_secs(20));
+    }
+    let d = Daemon::volume_in(dir, &img, &[]);
+    let out = d.ctl("unlock", &["--key-file", kf.to_str().unwrap()]);
+    expect_code(out, 0, "nbdcryptctl unlock --key-file with the 1 MiB key file");
+    assert_eq!(d.state(), "unlocked");
+}
