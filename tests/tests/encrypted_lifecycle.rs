@@ -434,3 +434,26 @@ fn an_unlock_after_the_backing_file_shrank_while_locked_never_serves_bytes_beyon
     let got = read_export(&d.uri(), d.dir());
     assert_eq!(got.len() as u64, size);
 }
+
+#[test]
+fn twenty_unlock_io_lock_cycles_leak_no_file_descriptors_and_keep_the_data() {
+    let (dir, img) = formatted(4096);
+    let d = Daemon::volume_in(dir, &img, &[]);
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", d.pid())).unwrap().count();
+    let before = fds();
+    let data = random_bytes(46, DATA as usize);
+    for i in 0..20 {
+        expect_code(&d.unlock(PASS), 0, &format!("unlock {i}"));
+        if i == 0 {
+            write_export(&d.uri(), d.dir(), &data);
+        } else if i % 5 == 0 {
+            assert_same_bytes(&read_export(&d.uri(), d.dir()), &data, &format!("cycle {i}"));
+        } else {
+            nbdinfo(&[&d.uri()]).success();
+        }
+        expect_code(&d.lock_idle(), 0, &format!("lock {i}"));
+        d.wait_state("locked", Duration::from_secs(10));
+    }
+    let after = fds();
+    assert!(after <= before + 2, "open file descriptors grew from {before} to {after} over 20 cycles");
+}
