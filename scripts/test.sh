@@ -17,6 +17,8 @@ declare -A PKG=(
   [systemd-analyze]=systemd
   [softhsm2-util]=softhsm2 [pkcs11-tool]=opensc
   [losetup]=mount [mount]=mount [umount]=mount
+  [gzip]=gzip
+  [mkfs.ext4]=e2fsprogs [e2fsck]=e2fsprogs [debugfs]=e2fsprogs
 )
 
 missing=()
@@ -27,6 +29,12 @@ done
 if ! /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1; then
   missing+=(python3-libnbd)
 fi
+# The encrypted-volume tests run shared/testdata/luks2/verify.py (the independent decryptor) with
+# Debian's python3: it needs `cryptography`, and `argon2` (argon2-cffi) for argon2 keyslots.
+PY_PKGS=(python3-cryptography python3-argon2)
+if ! /usr/bin/python3 -c 'import cryptography, argon2' >/dev/null 2>&1; then
+  missing+=("${PY_PKGS[@]}")
+fi
 # fio must have been built with its libnbd engine.
 if command -v fio >/dev/null 2>&1 && ! fio --enghelp=nbd >/dev/null 2>&1; then
   missing+=(fio)
@@ -35,7 +43,7 @@ fi
 # TEST_SH_FORCE_APT=1 runs the install step even when everything is present.
 if ((${#missing[@]})) || [ -n "${TEST_SH_FORCE_APT:-}" ]; then
   # shellcheck disable=SC2207
-  pkgs=($(printf '%s\n' "${missing[@]}" "${PKG[@]}" python3-libnbd | sort -u))
+  pkgs=($(printf '%s\n' "${missing[@]}" "${PKG[@]}" python3-libnbd "${PY_PKGS[@]}" | sort -u))
   echo "test.sh: installing ${pkgs[*]}" >&2
   SUDO=()
   [ "$(id -u)" -eq 0 ] || SUDO=(sudo)

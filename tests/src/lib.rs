@@ -105,7 +105,7 @@ impl Daemon {
     /// DIR/control.sock --unix DIR/nbd.sock` followed by `extra`.
     pub fn luks(file_size: u64, sector_size: u32, extra: &[&str]) -> Daemon {
         let dir = tempdir();
-        luks_format(dir.path(), file_size, sector_size);
+        luks_format_keyfile(dir.path(), file_size, sector_size);
         Self::luks_in(dir, extra)
     }
 
@@ -305,7 +305,7 @@ impl Drop for Daemon {
 
 /// `cryptsetup luksFormat` a LUKS2 volume into `dir/disk.img` (`file_size` bytes) with a random
 /// 32-byte key in `dir/key`.
-pub fn luks_format(dir: &Path, file_size: u64, sector_size: u32) {
+pub fn luks_format_keyfile(dir: &Path, file_size: u64, sector_size: u32) {
     let img = dir.join("disk.img");
     let key = dir.join("key");
     std::fs::write(
@@ -359,6 +359,8 @@ fn package_of(tool: &str) -> &'static str {
         "cmp" => "diffutils",
         "systemd-analyze" => "systemd",
         "cryptsetup" => "cryptsetup-bin",
+        "gzip" => "gzip",
+        "mkfs.ext4" | "e2fsck" | "debugfs" => "e2fsprogs",
         _ => "?",
     }
 }
@@ -1264,3 +1266,398 @@ pub const ZERO_EXTENTS_READ_AS_ZERO: &str = r#"
                 zero_bytes += n
     print("extents:", len(extents), "zero bytes:", zero_bytes)
 "#;
+// Encrypted volumes: `--volume`, the control socket, nbdcryptctl, cryptsetup and verify.py
+
+/// Path of the `nbdcryptctl` binary: `$NBDCRYPTCTL`, else beside `nbdcryptd` (see
+/// [`daemon_binary`]).
+pub fn ctl_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("NBDCRYPTCTL") {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "$NBDCRYPTCTL={} does not exist", p.display());
+        return p;
+    }
+    let p = daemon_binary().with_file_name("nbdcryptctl");
+    assert!(
+        p.is_file(),
+        "nbdcryptctl binary not found at {}: run `cargo build --workspace --bins` first \
+         (./scripts/test.sh does), or set $NBDCRYPTCTL",
+        p.display()
+    );
+    p
+}
+
+/// Time limit for one nbdcryptctl run (an unlock runs a KDF; the tests use tiny costs).
+pub const CTL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `nbdcryptctl ARGS...` with a time limit.
+#[track_caller]
+pub fn nbdcryptctl(args: &[&OsStr]) -> Out {
+    run(Command::new(ctl_binary()).args(args).env_remove("NBDCRYPT_CONTROL"), CTL_TIMEOUT)
+}
+
+use std::ffi::OsStr;
+
+impl Daemon {
+    /// Serve the LUKS2 volume `path`: `--volume PATH --unix DIR/nbd.sock --control
+    /// DIR/control.sock` followed by `extra` (`{dir}` in `extra` is the temporary directory).
+    /// The daemon starts locked; this waits until both sockets accept.
+    pub fn volume(path: &Path, extra: &[&str]) -> Daemon {
+        Self::volume_in(tempdir(), path, extra)
+    }
+
+    /// [`Daemon::volume`] with the temporary directory given (so key files can be put in it
+    /// before the start).
+    pub fn volume_in(dir: TempDir, path: &Path, extra: &[&str]) -> Daemon {
+        let d = dir.path().to_str().unwrap().to_owned();
+        let mut args: Vec<OsString> = vec![
+            "--volume".into(),
+            path.into(),
+            "--unix".into(),
+            dir.path().join("nbd.sock").into(),
+            "--control".into(),
+            dir.path().join("control.sock").into(),
+        ];
+        args.extend(extra.iter().map(|a| OsString::from(a.replace("{dir}", &d))));
+        let mut daemon = Self::start_in(dir, args);
+        daemon.image = path.to_path_buf();
+        daemon.wait_control();
+        daemon
+    }
+
+    fn wait_control(&mut self) {
+        let control = self.control();
+        let deadline = Instant::now() + START_TIMEOUT;
+        while UnixStream::connect(&control).is_err() {
+            self.assert_alive();
+            assert!(
+                Instant::now() < deadline,
+                "the control socket {} did not accept within {START_TIMEOUT:?}\n{}",
+                control.display(),
+                self.log_banner()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The control socket (the value after `--control`).
+    pub fn control(&self) -> PathBuf {
+        self.args
+            .iter()
+            .position(|a| a == "--control")
+            .and_then(|i| self.args.get(i + 1))
+            .map(PathBuf::from)
+            .expect("this daemon has no --control")
+    }
+
+    /// `nbdcryptctl SUBCOMMAND --control SOCK ARGS...`
+    #[track_caller]
+    pub fn ctl(&self, subcommand: &str, args: &[&str]) -> Out {
+        let control = self.control();
+        let mut v: Vec<&OsStr> = vec![OsStr::new(subcommand), OsStr::new("--control"), control.as_os_str()];
+        v.extend(args.iter().map(OsStr::new));
+        nbdcryptctl(&v)
+    }
+
+    /// `nbdcryptctl unlock --key-file F` where F (in the temp dir) holds exactly `secret`.
+    #[track_caller]
+    pub fn unlock(&self, secret: &[u8]) -> Out {
+        let f = self.dir().join(format!("unlock-{}.key", unique()));
+        std::fs::write(&f, secret).unwrap();
+        let out = self.ctl("unlock", &["--key-file", f.to_str().unwrap()]);
+        let _ = std::fs::remove_file(&f);
+        out
+    }
+
+    /// `nbdcryptctl status --json`, parsed.
+    #[track_caller]
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.ctl("status", &["--json"]).success();
+        serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("status --json is not JSON ({e}):\n{}", out.stdout))
+    }
+
+    /// The `state` of `status --json` (locked, unlocking, unlocked, locking).
+    #[track_caller]
+    pub fn state(&self) -> String {
+        self.status()["state"].as_str().expect("status has a string `state`").to_owned()
+    }
+
+    /// Poll `status` until the state is `want`; panics with the last status after `timeout`.
+    #[track_caller]
+    pub fn wait_state(&self, want: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status();
+            if s["state"] == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "state did not become {want} within {timeout:?}: {s:#}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A process-wide counter for unique file names.
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The directory of the cryptsetup-made test vectors (`shared/testdata/luks2`):
+/// `CARGO_MANIFEST_DIR/../../shared/testdata/luks2` (CI clones `shared/` beside the repository),
+/// else `/work/shared/testdata/luks2`. Fails the test if neither exists.
+pub fn luks2_testdata() -> PathBuf {
+    let beside = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/luks2");
+    let fixed = PathBuf::from("/work/shared/testdata/luks2");
+    for p in [&beside, &fixed] {
+        if p.join("verify.py").is_file() {
+            return p.clone();
+        }
+    }
+    panic!(
+        "LUKS2 test vectors not found: neither {} nor {} holds verify.py; clone the `shared` \
+         repository beside this one (CI does)",
+        beside.display(),
+        fixed.display()
+    );
+}
+
+/// Uncompress test vector `name` (e.g. `tv-a-ss4096.img`, from `name.gz`) into `dir`; returns
+/// the path of the copy.
+pub fn gunzip_vector(name: &str, dir: &Path) -> PathBuf {
+    let src = luks2_testdata().join(format!("{name}.gz"));
+    assert!(src.is_file(), "test vector {} is missing", src.display());
+    let dst = dir.join(name);
+    let o = tool("gzip")
+        .arg("-dc")
+        .arg(&src)
+        .output()
+        .unwrap_or_else(|e| panic!("gzip -dc {}: {e}", src.display()));
+    assert!(o.status.success(), "gzip -dc {} failed: {}", src.display(), String::from_utf8_lossy(&o.stderr));
+    let data = o.stdout;
+    std::fs::write(&dst, data).unwrap();
+    dst
+}
+
+/// Debian's python3 (`/usr/bin/python3`), which has `cryptography` and `argon2` from apt; another
+/// python3 earlier on PATH (pyenv) may lack them.
+pub fn python3() -> Command {
+    let p = Path::new("/usr/bin/python3");
+    assert!(p.is_file(), "/usr/bin/python3 is missing (Debian package python3)");
+    Command::new(p)
+}
+
+/// `/usr/bin/python3 verify.py ARGS...`
+#[track_caller]
+pub fn verify_py(args: &[&OsStr]) -> Out {
+    let script = luks2_testdata().join("verify.py");
+    run(python3().arg(script).args(args), TOOL_TIMEOUT)
+}
+
+/// `verify.py pattern N`: the known plaintext of the test vectors.
+#[track_caller]
+pub fn vector_pattern(n: u64) -> Vec<u8> {
+    let script = luks2_testdata().join("verify.py");
+    let o = python3()
+        .arg(script)
+        .args(["pattern", &n.to_string()])
+        .output()
+        .expect("running verify.py pattern");
+    assert!(o.status.success(), "verify.py pattern {n} failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.stdout.len() as u64, n, "verify.py pattern {n} length");
+    o.stdout
+}
+
+/// Decrypt the data segment of `image` with `volume_key_hex` using verify.py (not our code).
+#[track_caller]
+pub fn verify_py_plaintext(image: &Path, volume_key_hex: &str) -> Vec<u8> {
+    let out_file = image.with_extension(format!("plain-{}", unique()));
+    verify_py(&[
+        image.as_os_str(),
+        OsStr::new("--volume-key"),
+        OsStr::new(volume_key_hex),
+        OsStr::new("--no-pattern"),
+        OsStr::new("--dump-plaintext"),
+        out_file.as_os_str(),
+    ])
+    .success();
+    let v = std::fs::read(&out_file).unwrap();
+    let _ = std::fs::remove_file(&out_file);
+    v
+}
+
+/// `cryptsetup ARGS...` (cryptsetup lives in /usr/sbin or /sbin, which may not be on PATH).
+pub fn cryptsetup() -> Command {
+    if which("cryptsetup").is_some() {
+        return tool("cryptsetup");
+    }
+    for p in ["/usr/sbin/cryptsetup", "/sbin/cryptsetup"] {
+        if Path::new(p).is_file() {
+            return Command::new(p);
+        }
+    }
+    tool("cryptsetup") // fails with the package name
+}
+
+/// Key-derivation settings for `cryptsetup luksFormat` / `luksAddKey`, cheap enough for tests.
+pub fn cheap_kdf(kdf: &str) -> Vec<String> {
+    let mut v = vec!["--pbkdf".to_owned(), kdf.to_owned()];
+    match kdf {
+        "pbkdf2" => v.extend(["--pbkdf-force-iterations", "1000"].map(String::from)),
+        _ => v.extend(
+            ["--pbkdf-memory", "32768", "--pbkdf-force-iterations", "4", "--pbkdf-parallel", "1"]
+                .map(String::from),
+        ),
+    }
+    v
+}
+
+/// `cryptsetup luksFormat --type luks2` a new file `path` of `data_size` bytes of data (plus
+/// cryptsetup's default 16 MiB of metadata) with `sector_size`, `kdf` and the passphrase
+/// `passphrase` (no trailing newline).
+#[track_caller]
+pub fn luks_format(path: &Path, data_size: u64, sector_size: u32, kdf: &str, passphrase: &[u8]) {
+    let ss = sector_size.to_string();
+    let mut args = vec!["--cipher", "aes-xts-plain64", "--key-size", "512", "--sector-size", &ss];
+    let kdf_args = cheap_kdf(kdf);
+    args.extend(kdf_args.iter().map(String::as_str));
+    luks_format_args(path, 16 * MIB + data_size, passphrase, &args);
+}
+
+/// `cryptsetup luksFormat --type luks2 --batch-mode ARGS... --key-file (passphrase) PATH` on a
+/// new sparse file of `file_size` bytes. `args` must choose the KDF (see [`cheap_kdf`]).
+#[track_caller]
+pub fn luks_format_args(path: &Path, file_size: u64, passphrase: &[u8], args: &[&str]) {
+    File::create(path).unwrap().set_len(file_size).unwrap();
+    let key = path.with_extension(format!("fmtkey-{}", unique()));
+    std::fs::write(&key, passphrase).unwrap();
+    let mut c = cryptsetup();
+    c.args(["luksFormat", "--type", "luks2", "--batch-mode"]).args(args).arg("--key-file").arg(&key).arg(path);
+    run(&mut c, TOOL_TIMEOUT).success();
+    let _ = std::fs::remove_file(&key);
+}
+
+/// `cryptsetup luksAddKey`: add `new` (with `kdf`), authorised by `existing`.
+#[track_caller]
+pub fn luks_add_key(path: &Path, existing: &[u8], new: &[u8], kdf: &str) {
+    let k_old = path.with_extension(format!("oldkey-{}", unique()));
+    let k_new = path.with_extension(format!("newkey-{}", unique()));
+    std::fs::write(&k_old, existing).unwrap();
+    std::fs::write(&k_new, new).unwrap();
+    let mut c = cryptsetup();
+    c.args(["luksAddKey", "--batch-mode"])
+        .args(cheap_kdf(kdf))
+        .arg("--key-file")
+        .arg(&k_old)
+        .arg(path)
+        .arg(&k_new);
+    run(&mut c, TOOL_TIMEOUT).success();
+    let _ = std::fs::remove_file(&k_old);
+    let _ = std::fs::remove_file(&k_new);
+}
+
+/// The volume key as lowercase hex, from `cryptsetup luksDump --dump-volume-key`.
+#[track_caller]
+pub fn luks_volume_key(path: &Path, passphrase: &[u8]) -> String {
+    let k = path.with_extension(format!("dumpkey-{}", unique()));
+    std::fs::write(&k, passphrase).unwrap();
+    let mut c = cryptsetup();
+    c.args(["luksDump", "--dump-volume-key", "--batch-mode", "--key-file"]).arg(&k).arg(path);
+    let out = run(&mut c, TOOL_TIMEOUT).success();
+    let _ = std::fs::remove_file(&k);
+    // "MK dump:\t08 c1 ... \n\t\t98 76 ..." : hex byte tokens from the MK dump line on.
+    let mut hex = String::new();
+    let mut in_dump = false;
+    for line in out.stdout.lines() {
+        let rest = if let Some(r) = line.strip_prefix("MK dump:") {
+            in_dump = true;
+            r
+        } else if in_dump {
+            line
+        } else {
+            continue;
+        };
+        let toks: Vec<&str> = rest.split_whitespace().collect();
+        if toks.is_empty() || !toks.iter().all(|t| t.len() == 2 && t.chars().all(|c| c.is_ascii_hexdigit())) {
+            break;
+        }
+        toks.iter().for_each(|t| hex.push_str(&t.to_ascii_lowercase()));
+    }
+    assert!(!hex.is_empty(), "no `MK dump:` in cryptsetup luksDump output\n{}", out.details());
+    hex
+}
+
+/// `cryptsetup luksUUID`.
+#[track_caller]
+pub fn luks_uuid(path: &Path) -> String {
+    let mut c = cryptsetup();
+    c.arg("luksUUID").arg(path);
+    run(&mut c, TOOL_TIMEOUT).success().stdout.trim().to_owned()
+}
+
+/// `nbdcopy SRC DST` (files or URIs) with a time limit.
+#[track_caller]
+pub fn nbdcopy(src: &OsStr, dst: &OsStr) -> Out {
+    run(tool("nbdcopy").arg(src).arg(dst), TOOL_TIMEOUT)
+}
+
+/// Read the whole export `uri` into memory with nbdcopy (through a file in `dir`).
+#[track_caller]
+pub fn read_export(uri: &str, dir: &Path) -> Vec<u8> {
+    let f = dir.join(format!("export-{}.bin", unique()));
+    nbdcopy(OsStr::new(uri), f.as_os_str()).success();
+    let v = std::fs::read(&f).unwrap();
+    let _ = std::fs::remove_file(&f);
+    v
+}
+
+/// Write `data` (which must be exactly the export's size) to the export with nbdcopy.
+#[track_caller]
+pub fn write_export(uri: &str, dir: &Path, data: &[u8]) {
+    let f = dir.join(format!("source-{}.bin", unique()));
+    std::fs::write(&f, data).unwrap();
+    nbdcopy(f.as_os_str(), OsStr::new(uri)).success();
+    let _ = std::fs::remove_file(&f);
+}
+
+/// Panics with the first differing offset unless `got == want`.
+#[track_caller]
+pub fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
+    if let Some(i) = first_difference(got, want) {
+        panic!(
+            "{what}: differs at byte {i} (sector-512 {}, sector-4096 {}); lengths {} and {}; \
+             got {:02x?}, want {:02x?}",
+            i / 512,
+            i / 4096,
+            got.len(),
+            want.len(),
+            &got[i..got.len().min(i + 16)],
+            &want[i..want.len().min(i + 16)]
+        );
+    }
+}
+
+impl Daemon {
+    /// Wait (up to 10 s) until `status` counts `n` attached clients. A client that has just
+    /// closed its socket is counted until the daemon has noticed.
+    #[track_caller]
+    pub fn wait_clients(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.status();
+            if s["clients"] == n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "status did not reach {n} clients within 10 s: {s:#}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `nbdcryptctl lock` (without --force) once the clients that just disconnected are gone.
+    #[track_caller]
+    pub fn lock_idle(&self) -> Out {
+        self.wait_clients(0);
+        self.ctl("lock", &[])
+    }
+}

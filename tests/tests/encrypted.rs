@@ -300,7 +300,7 @@ fn fio_verification_passes_on_an_encrypted_export_with_mixed_block_sizes() {
 #[test]
 fn a_locked_volume_offers_no_export_but_keeps_answering() {
     let dir = tempdir();
-    luks_format(dir.path(), FILE_SIZE, 4096);
+    luks_format_keyfile(dir.path(), FILE_SIZE, 4096);
     let p = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
     let args = [
         "--volume",
