@@ -224,6 +224,7 @@ impl Config {
                 create_size: a.create,
                 allow_discards: a.allow_discards,
                 direct: a.direct,
+                unclaimed: false,
             },
             export_name: a.name,
             description: a.description,

@@ -64,9 +64,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
             info!(volume = %files.volume.display(), "created the demo volume");
         }
     }
-    let backing = FileDevice::open(&config.backing, config.file.clone())
-        .map_err(|e| anyhow!("cannot open {}: {e}", config.backing.display()))?;
-    let backing: Arc<dyn BlockDevice> = Arc::new(backing);
     let exports = ExportTable::new(config.export_name.clone(), config.description.clone());
     let listeners = Listeners::bind(&config.server).await?;
     let (trigger, shutdown) = shutdown::channel();
@@ -78,7 +75,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     });
 
     if config.mode == Mode::Plain {
-        let device: Arc<dyn BlockDevice> = Arc::new(Latch::new(backing));
+        let backing = FileDevice::open(&config.backing, config.file.clone())
+            .map_err(|e| anyhow!("cannot open {}: {e}", config.backing.display()))?;
+        let device: Arc<dyn BlockDevice> = Arc::new(Latch::new(Arc::new(backing)));
         exports.publish(device.clone(), false);
         warn!(path = %config.backing.display(), size = device.size(),
               "serving UNENCRYPTED (plain comparison mode): data is stored in the clear");
@@ -92,7 +91,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let (volume, info) = Volume::open(&config.backing, backing, config.file.allow_discards)
+    let (volume, info) = Volume::open(&config.backing, config.file.clone())
         .with_context(|| format!("cannot serve {}", config.backing.display()))?;
     info!(path = %info.path.display(), uuid = %info.uuid, cipher = info.cipher, key_bits = info.key_bits,
           sector_size = info.sector_size, size = info.size, "LUKS2 volume opened; locked");
@@ -132,14 +131,20 @@ fn control_info(info: &VolumeInfo) -> control::VolumeInfo {
 
 /// The one place the control plane reaches into LUKS2: a secret in, a device out.
 fn unlocker(volume: Arc<Volume>) -> Unlocker {
-    Box::new(move |secret, slot| match volume.unlock(secret, slot) {
-        Ok((device, opened)) => {
-            info!(keyslot = opened, "keyslot opened");
-            Ok(device)
-        }
-        Err(UnlockError::WrongPassphrase) => Err(control::UnlockError::WrongPassphrase),
-        Err(e) => Err(control::UnlockError::Other(e.to_string())),
+    Box::new(move |secret, slot| {
+        let result = volume.unlock(secret, slot);
+        // Key derivation and expansion left temporaries on this thread's stack.
+        nbdcrypt::sys::scrub_stack();
+        result
+    }
+    .map(|(device, opened)| {
+        info!(keyslot = opened, "keyslot opened");
+        device
     })
+    .map_err(|e| match e {
+        UnlockError::WrongPassphrase => control::UnlockError::WrongPassphrase,
+        e => control::UnlockError::Other(e.to_string()),
+    }))
 }
 
 async fn unlock_at_start(control: &ControlPlane, key_file: &std::path::Path) -> anyhow::Result<()> {

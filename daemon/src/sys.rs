@@ -258,3 +258,85 @@ mod tests {
         assert!(page_size().is_power_of_two());
     }
 }
+
+/// A value in locked, page-aligned memory of its own, for long-lived key material that is not a
+/// byte string (an expanded AES key schedule). Dropping it drops the value in place, then wipes,
+/// unlocks and frees the pages (`LockedBuf`).
+pub struct LockedBox<T> {
+    /// At least `size_of::<T>()` bytes, page-aligned; holds one initialised `T`.
+    buf: LockedBuf,
+    _owns: std::marker::PhantomData<T>,
+}
+
+// SAFETY: `LockedBox<T>` owns its `T` exclusively, like `Box<T>`.
+unsafe impl<T: Send> Send for LockedBox<T> {}
+// SAFETY: `&LockedBox<T>` only gives `&T`, like `&Box<T>`.
+unsafe impl<T: Sync> Sync for LockedBox<T> {}
+
+impl<T> LockedBox<T> {
+    pub fn new(value: T) -> LockedBox<T> {
+        // Invariant: no type we store asks for more than page alignment (4 KiB); a 64-byte
+        // aligned key schedule is the most we have.
+        assert!(std::mem::align_of::<T>() <= page_size(), "LockedBox: alignment above a page");
+        let mut buf = LockedBuf::zeroed(std::mem::size_of::<T>().max(1));
+        let slot = buf.as_mut_slice().as_mut_ptr().cast::<T>();
+        // SAFETY: `slot` is page-aligned (so aligned for `T`, checked above), valid for writes
+        // of `size_of::<T>()` bytes (the buffer is at least that long) and exclusively ours; it
+        // holds no `T` yet, so nothing is overwritten without being dropped.
+        unsafe { std::ptr::write(slot, value) };
+        LockedBox { buf, _owns: std::marker::PhantomData }
+    }
+}
+
+impl<T> std::ops::Deref for LockedBox<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        // SAFETY: the buffer holds an initialised `T` from `new` until `drop`, aligned as
+        // checked in `new`; `&self` keeps it alive and unmutated for the borrow.
+        unsafe { &*self.buf.as_slice().as_ptr().cast::<T>() }
+    }
+}
+
+impl<T> Drop for LockedBox<T> {
+    fn drop(&mut self) {
+        let slot = self.buf.as_mut_slice().as_mut_ptr().cast::<T>();
+        // SAFETY: the `T` written in `new` is still there and is dropped exactly once, here;
+        // afterwards the buffer's own drop only wipes and frees bytes.
+        unsafe { std::ptr::drop_in_place(slot) };
+    }
+}
+
+/// Overwrite the stack below the caller's frame: key derivation, AF merge and key expansion
+/// leave temporaries there (spilled arrays, HMAC pads) that are not ours to zeroize. Call it on
+/// the thread that unlocked, right after the key material has moved into locked memory.
+#[inline(never)]
+pub fn scrub_stack() {
+    let mut area = [0u8; 256 * 1024];
+    zeroize::Zeroize::zeroize(&mut area[..]);
+    std::hint::black_box(&area);
+}
+
+#[cfg(test)]
+mod locked_box_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    static DROPS: AtomicUsize = AtomicUsize::new(0);
+
+    struct Counted([u64; 100]);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            DROPS.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_locked_box_holds_its_value_page_aligned_and_drops_it_once() {
+        let b = LockedBox::new(Counted([7; 100]));
+        assert_eq!(b.0[99], 7);
+        assert_eq!((&*b as *const Counted as usize) % page_size(), 0);
+        drop(b);
+        assert_eq!(DROPS.load(Ordering::SeqCst), 1);
+    }
+}

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::block::crypt::{CryptDevice, Segment};
 use crate::block::latch::Latch;
+use crate::block::file::{claim_path, FileDevice, FileOptions};
 use crate::block::BlockDevice;
 use crate::crypto::kdf::KdfLimits;
 use crate::crypto::keys::SecretBytes;
@@ -39,6 +40,8 @@ pub enum UnlockError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("the volume's data area does not fit the device: {0}")]
     Layout(String),
+    #[error("cannot open the volume: {0}")]
+    Backing(String),
 }
 
 impl From<FormatError> for UnlockError {
@@ -50,25 +53,32 @@ impl From<FormatError> for UnlockError {
     }
 }
 
-/// A LUKS2 volume whose backing store is open, ready to be unlocked any number of times.
+/// A LUKS2 volume claimed by this process, ready to be unlocked any number of times. The backing
+/// store is opened afresh at each unlock, so a volume resized while locked is served at its new
+/// size.
 pub struct Volume {
     path: PathBuf,
-    backing: Arc<dyn BlockDevice>,
-    allow_discards: bool,
+    file_options: FileOptions,
+    /// Held for the daemon's life: no second daemon serves this volume.
+    _claim: File,
     limits: KdfLimits,
 }
 
 impl Volume {
     /// Check the header once at start so a wrong path or a non-LUKS2 file fails early.
-    pub fn open(
-        path: &Path,
-        backing: Arc<dyn BlockDevice>,
-        allow_discards: bool,
-    ) -> Result<(Volume, VolumeInfo), UnlockError> {
-        let vol = Volume { path: path.to_owned(), backing, allow_discards, limits: KdfLimits::default() };
+    pub fn open(path: &Path, file_options: FileOptions) -> Result<(Volume, VolumeInfo), UnlockError> {
+        let claim = claim_path(path, file_options.read_only).map_err(|e| UnlockError::Backing(e.to_string()))?;
+        let file_options = FileOptions { unclaimed: true, create_size: None, ..file_options };
+        let vol = Volume { path: path.to_owned(), file_options, _claim: claim, limits: KdfLimits::default() };
         let (header, _) = vol.read_header()?;
-        let info = vol.info(&header)?;
+        let info = vol.info(&header, &*vol.open_backing()?)?;
         Ok((vol, info))
+    }
+
+    fn open_backing(&self) -> Result<Arc<dyn BlockDevice>, UnlockError> {
+        let dev = FileDevice::open(&self.path, self.file_options.clone())
+            .map_err(|e| UnlockError::Backing(e.to_string()))?;
+        Ok(Arc::new(dev))
     }
 
     fn read_header(&self) -> Result<(Luks2Header, File), UnlockError> {
@@ -78,8 +88,8 @@ impl Volume {
         Ok((header, file))
     }
 
-    fn info(&self, header: &Luks2Header) -> Result<VolumeInfo, UnlockError> {
-        let seg = self.segment(header)?;
+    fn info(&self, header: &Luks2Header, backing: &dyn BlockDevice) -> Result<VolumeInfo, UnlockError> {
+        let seg = self.segment(header, backing)?;
         let ds = header.data_segment();
         Ok(VolumeInfo {
             path: self.path.clone(),
@@ -93,9 +103,9 @@ impl Volume {
         })
     }
 
-    fn segment(&self, header: &Luks2Header) -> Result<Segment, UnlockError> {
+    fn segment(&self, header: &Luks2Header, backing: &dyn BlockDevice) -> Result<Segment, UnlockError> {
         let ds = header.data_segment();
-        let device = self.backing.size();
+        let device = backing.size();
         let size = match ds.size {
             SegmentSize::Bytes(n) => n,
             SegmentSize::Dynamic => device.checked_sub(ds.offset).ok_or_else(|| {
@@ -124,10 +134,12 @@ impl Volume {
             Some(s) => (header.unlock_slot(&file, s, secret, &self.limits)?, s),
             None => header.unlock(&file, secret, &self.limits)?,
         };
-        let segment = self.segment(&header)?;
+        let backing = self.open_backing()?;
+        let segment = self.segment(&header, &*backing)?;
         let cipher = SectorCipher::new(&key, header.data_segment().sector_size as usize)
             .map_err(|e| UnlockError::Layout(e.to_string()))?;
-        let crypt = CryptDevice::new(self.backing.clone(), cipher, segment, self.allow_discards)
+        let allow_discards = self.file_options.allow_discards;
+        let crypt = CryptDevice::new(backing, cipher, segment, allow_discards)
             .map_err(|e| UnlockError::Layout(e.to_string()))?;
         Ok((Arc::new(Latch::new(Arc::new(crypt))), opened))
     }
@@ -135,6 +147,6 @@ impl Volume {
     /// Current facts from the header on disk.
     pub fn current_info(&self) -> Result<VolumeInfo, UnlockError> {
         let (header, _) = self.read_header()?;
-        self.info(&header)
+        self.info(&header, &*self.open_backing()?)
     }
 }

@@ -14,6 +14,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use super::{BlockDevice, Caps, Error, ErrorKind, Extent, Op, ZeroFlags};
 use crate::crypto::xts::SectorCipher;
+use crate::sys::LockedBox;
 
 /// Largest buffer one zeroing or RMW step works on.
 const ZERO_CHUNK: u64 = 1 << 20;
@@ -41,7 +42,8 @@ pub struct Segment {
 
 pub struct CryptDevice {
     inner: Arc<dyn BlockDevice>,
-    cipher: SectorCipher,
+    /// The expanded key schedule: in locked memory, wiped when the device drops (lock).
+    cipher: LockedBox<SectorCipher>,
     segment: Segment,
     sector: u64,
     allow_discards: bool,
@@ -61,6 +63,7 @@ impl CryptDevice {
         if !fits || segment.size % sector != 0 || segment.offset % 512 != 0 {
             return Err(Error::new(ErrorKind::OutOfRange).at(Op::Open, segment.offset, segment.size));
         }
+        let cipher = LockedBox::new(cipher);
         Ok(CryptDevice { inner, cipher, segment, sector, allow_discards, locks: RangeLocks::default() })
     }
 

@@ -22,6 +22,8 @@ pub struct FileOptions {
     pub allow_discards: bool,
     /// Bypass the page cache for aligned I/O.
     pub direct: bool,
+    /// Don't take the exclusive claim: the caller holds one from `claim_path` already.
+    pub unclaimed: bool,
 }
 
 pub struct FileDevice {
@@ -60,7 +62,9 @@ impl FileDevice {
         }
         // lseek(SEEK_END) gives a block device's size as BLKGETSIZE64 would, without an ioctl.
         let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
-        claim(&file, opts.read_only).map_err(|e| e.at(Op::Open, 0, 0))?;
+        if !opts.unclaimed {
+            claim(&file, opts.read_only).map_err(|e| e.at(Op::Open, 0, 0))?;
+        }
         let dsync = if opts.read_only { None } else { Some(open(libc::O_DSYNC).map_err(open_err)?) };
         let direct = if opts.direct { Some(open(libc::O_DIRECT).map_err(open_err)?) } else { None };
         Ok(FileDevice { file, dsync, direct, size, is_block_device, opts })
@@ -220,6 +224,18 @@ impl BlockDevice for FileDevice {
         }
         Ok(out)
     }
+}
+
+/// Claim `path` for this process for as long as the returned file stays open (see `claim`).
+pub fn claim_path(path: &Path, read_only: bool) -> Result<File, Error> {
+    // A write lock needs a descriptor open for writing.
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|e| Error::from_io(e).at(Op::Open, 0, 0))?;
+    claim(&file, read_only).map_err(|e| e.at(Op::Open, 0, 0))?;
+    Ok(file)
 }
 
 /// The byte we lock to claim a backing store: far past any data, so it never collides with the

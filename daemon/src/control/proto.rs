@@ -38,11 +38,11 @@ use crate::crypto::keys::SecretBytes;
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// The longest request or response line, newline included. Checked before anything is parsed.
-pub const MAX_LINE: usize = 64 * 1024;
+pub const MAX_LINE: usize = 12 * 1024 * 1024;
 
-/// The longest unlock secret (passphrase or key file) accepted, in bytes. Its base64 form
-/// (43,692 bytes) fits in `MAX_LINE` with room to spare.
-pub const MAX_SECRET_LEN: usize = 32 * 1024;
+/// The longest unlock secret (passphrase or key file) accepted, in bytes: cryptsetup's default
+/// key-file limit (8 MiB). Its base64 form (about 11.2 MiB) fits in `MAX_LINE`.
+pub const MAX_SECRET_LEN: usize = 8 * 1024 * 1024;
 
 /// A control request.
 pub enum Request {

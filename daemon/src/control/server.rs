@@ -190,8 +190,12 @@ enum Line {
     Eof,
 }
 
-/// A fixed `MAX_LINE` buffer: allocated once, so reading never reallocates and leaves copies of
-/// a secret behind, and wiped when dropped.
+/// A line buffer that starts small and doubles up to `MAX_LINE` (a key file can be megabytes,
+/// a status request is a few bytes). Growing copies into a new buffer and wipes the old one,
+/// so no copy of a secret is left behind; the buffer is wiped when dropped.
+/// First size of a connection's line buffer.
+const INITIAL_LINE: usize = 64 * 1024;
+
 struct LineBuf {
     buf: Zeroizing<Vec<u8>>,
     filled: usize,
@@ -201,7 +205,7 @@ struct LineBuf {
 
 impl LineBuf {
     fn new() -> Self {
-        LineBuf { buf: Zeroizing::new(vec![0; MAX_LINE]), filled: 0, scanned: 0 }
+        LineBuf { buf: Zeroizing::new(vec![0; INITIAL_LINE.min(MAX_LINE)]), filled: 0, scanned: 0 }
     }
 
     async fn read_line(&mut self, stream: &mut UnixStream) -> io::Result<Line> {
@@ -211,7 +215,13 @@ impl LineBuf {
             }
             self.scanned = self.filled;
             if self.filled == self.buf.len() {
-                return Ok(Line::TooLong);
+                if self.buf.len() >= MAX_LINE {
+                    return Ok(Line::TooLong);
+                }
+                let mut bigger = Zeroizing::new(vec![0; (self.buf.len() * 2).min(MAX_LINE)]);
+                bigger[..self.filled].copy_from_slice(&self.buf[..self.filled]);
+                // The old buffer is wiped as it drops.
+                self.buf = bigger;
             }
             let n = stream.read(&mut self.buf[self.filled..]).await?;
             if n == 0 {

@@ -104,7 +104,7 @@ pub enum FormatError {
     UnsupportedCipher { field: String, cipher: String },
     #[error("unsupported LUKS2 feature: {0}")]
     Unsupported(String),
-    #[error("header is detached from its data ({reason}); pass the data device with `--header`")]
+    #[error("header is detached from its data ({reason}); nbdcrypt serves only volumes whose header and data share one file or device (cryptsetup can move a detached header back: see `cryptsetup reencrypt --help`)")]
     DetachedHeader { reason: String },
 
     // ---- secrets --------------------------------------------------------------------------------
