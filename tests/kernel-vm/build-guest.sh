@@ -19,6 +19,9 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OUT=${1:-$HERE/../../target/kernel-vm}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+# Several tests may call this at once: one builds, the others wait and then find it up to date.
+exec 9> "$OUT"/.lock
+flock 9
 
 die() { echo "build-guest.sh: $*" >&2; exit 1; }
 
@@ -28,7 +31,7 @@ need() { # need TOOL PACKAGE
 }
 need apt-get apt; need apt-cache apt; need dpkg dpkg
 need cpio cpio; need socat socat; need mke2fs e2fsprogs; need modprobe kmod; need depmod kmod
-need xz xz-utils; need ldd libc-bin
+need xz xz-utils; need ldd libc-bin; need flock util-linux
 BUSYBOX=/bin/busybox
 [ -x "$BUSYBOX" ] && "$BUSYBOX" --list | grep -x fstrim >/dev/null \
   && case "$(ldd "$BUSYBOX" 2>&1 || true)" in *"not a dynamic"*) true;; *) false;; esac \
