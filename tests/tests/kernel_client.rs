@@ -87,6 +87,10 @@ fn kernel_client_run(discards: bool) {
         // booting, which can take long under TCG on a loaded machine.
         "--handshake-timeout".into(),
         "300".into(),
+        // One debug line per request (header fields only, never payloads): the host side checks
+        // what the kernel sent.
+        "--log-level".into(),
+        "info,nbdcrypt::nbd::session=debug".into(),
     ];
     if discards {
         args.push("--allow-discards".into());
@@ -109,7 +113,7 @@ fn kernel_client_run(discards: bool) {
     );
     let console_path = d.dir().join("console.log");
     let boot = Instant::now();
-    let (status, console) = run_guest(&qemu, &guest, &sock, &append, &console_path, &mut d);
+    let (status, qemu_pid, console) = run_guest(&qemu, &guest, &sock, &append, &console_path, &mut d);
     let guest_secs = boot.elapsed().as_secs_f64();
     println!("---- guest console ({}) ----\n{}---- end of console ----", console_path.display(), console);
 
@@ -131,14 +135,35 @@ fn kernel_client_run(discards: bool) {
     wait_for_log(&d, "client disconnected", Duration::from_secs(10));
     let log = d.log();
     let attached: Vec<&str> = log.lines().filter(|l| l.contains("client attached")).collect();
+    let disconnected = log.lines().filter(|l| l.contains("client disconnected")).count();
     assert!(
-        attached.iter().any(|l| l.contains("encrypted=true") && l.contains(&format!("export={EXPORT}"))),
-        "no `client attached ... encrypted=true` line in the daemon log\n{}",
+        attached.len() == 1 && disconnected == 1,
+        "expected one kernel session (attached + disconnected), got {} attached, {disconnected} disconnected\n{}",
+        attached.len(),
         banner(&d, &console)
     );
-    for bad in ["WARN", "ERROR", "protocol error", "abnormally", "handshake failed", "timed out"] {
+    for want in ["encrypted=true".to_owned(), format!("export={EXPORT}"), format!("pid={qemu_pid}")] {
+        assert!(attached[0].contains(&want), "attach line lacks {want}: {}\n{}", attached[0], banner(&d, &console));
+    }
+    for bad in ["WARN", "ERROR", "protocol error", "abnormally", "handshake failed", "timed out", "request rejected"] {
         assert!(!log.contains(bad), "daemon log contains {bad:?}\n{}", banner(&d, &console));
     }
+    let reqs = requests(&log);
+    let count = |c: &str| reqs.iter().filter(|r| r.0 == c).count();
+    assert_eq!(reqs.last().map(|r| r.0.as_str()), Some("Disc"), "the kernel's last request was not NBD_CMD_DISC");
+    assert!(count("Read") > 0 && count("Write") > 0, "no reads or writes logged\n{}", banner(&d, &console));
+    assert!(count("Flush") > 0, "the kernel never sent FLUSH (sync, umount, journal commits)\n{}", banner(&d, &console));
+    assert_eq!(count("Trim") > 0, discards, "TRIM requests: {} with discards={discards}", count("Trim"));
+    let mut mix: Vec<String> = ["Read", "Write", "Flush", "Trim", "WriteZeroes", "Cache", "BlockStatus", "Disc"]
+        .iter()
+        .filter(|c| count(c) > 0)
+        .map(|c| {
+            let max = reqs.iter().filter(|r| r.0 == *c).map(|r| r.1).max().unwrap_or(0);
+            format!("{c}={} (max {} KiB)", count(c), max / 1024)
+        })
+        .collect();
+    mix.push(format!("FUA writes={}", reqs.iter().filter(|r| r.0 == "Write" && r.2 & 1 != 0).count()));
+    println!("requests from the kernel: {}", mix.join(", "));
     d.assert_alive();
 
     // 3. The volume file holds ciphertext only: neither the file contents nor the ext4 label.
@@ -248,7 +273,7 @@ fn run_guest(
     append: &str,
     console_path: &Path,
     d: &mut Daemon,
-) -> (std::process::ExitStatus, String) {
+) -> (std::process::ExitStatus, u32, String) {
     let chardev = format!("socket,id=nbd,path={}", sock.display());
     let mut cmd = Command::new(qemu);
     cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-M", "pc", "-m", "256", "-smp", "1"])
@@ -309,7 +334,7 @@ fn run_guest(
     }
     let _ = writeln!(file, "qemu exited {status} after {:.1}s", start.elapsed().as_secs_f64());
     let c = console.lock().unwrap().clone();
-    (status, c)
+    (status, child.0.id(), c)
 }
 
 fn banner(d: &Daemon, console: &str) -> String {
@@ -342,6 +367,21 @@ fn require(name: &str, package: &str) -> PathBuf {
                  ./scripts/test.sh installs every tool the tests need"
             )
         })
+}
+
+/// (command, length, flags) of each request the daemon logged at debug level, in order.
+fn requests(log: &str) -> Vec<(String, u64, u64)> {
+    let field = |l: &str, k: &str| -> Option<String> {
+        let i = l.find(&format!(" {k}="))? + k.len() + 2;
+        Some(l[i..].split(' ').next()?.to_owned())
+    };
+    log.lines()
+        .filter(|l| l.contains("nbd::session: request cookie="))
+        .filter_map(|l| {
+            let num = |k| field(l, k).and_then(|v| v.parse().ok()).unwrap_or(0);
+            Some((field(l, "command")?, num("length"), num("flags")))
+        })
+        .collect()
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
