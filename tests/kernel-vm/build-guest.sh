@@ -17,11 +17,6 @@ export PATH=$PATH:/usr/sbin:/sbin
 export LC_ALL=C
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OUT=${1:-$HERE/../../target/kernel-vm}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-# Several tests may call this at once: one builds, the others wait and then find it up to date.
-exec 9> "$OUT"/.lock
-flock 9
 
 die() { echo "build-guest.sh: $*" >&2; exit 1; }
 
@@ -36,6 +31,12 @@ BUSYBOX=/bin/busybox
 [ -x "$BUSYBOX" ] && "$BUSYBOX" --list | grep -x fstrim >/dev/null \
   && case "$(ldd "$BUSYBOX" 2>&1 || true)" in *"not a dynamic"*) true;; *) false;; esac \
   || die "missing prerequisite: a static $BUSYBOX with fstrim (Debian package busybox-static)"
+
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+# Several tests may call this at once: one builds, the others wait and then find it up to date.
+exec 9> "$OUT"/.lock
+flock 9
 
 # --- which kernel ------------------------------------------------------------------------------
 # The version the recipe (docs/kernel-client-vm.md) was measured with; else the newest plain
@@ -135,15 +136,18 @@ depmod -b "$K" "$MODVER"
 for m in virtio_pci virtio_console nbd ext4; do
   modprobe -d "$K" -S "$MODVER" -C /dev/null --show-depends "$m" | while read -r kind path _; do
     [ "$kind" = insmod ] || continue          # "builtin X" needs nothing
-    b=$(basename "$path")
+    b=$(basename "$path" .xz)                 # newer Debian kernels ship .ko.xz
     [ -e "$R/modules/$b" ] && continue
-    cp "$path" "$R/modules/$b"
+    case "$path" in
+      *.ko) cp "$path" "$R/modules/$b" ;;
+      *.ko.xz) xz -dc "$path" > "$R/modules/$b" ;;
+      *) die "module $path: busybox insmod needs plain or .xz modules" ;;
+    esac
     case "$b" in nbd.ko*) args="nbds_max=1 max_part=0";; *) args="";; esac
     echo "/modules/$b $args" >> "$R"/modules.order
   done
 done
 grep -q '/nbd\.ko' "$R"/modules.order || die "no nbd module in $KDEB"
-case "$(cat "$R"/modules.order)" in *.ko.xz*|*.ko.zst*) die "compressed modules: busybox insmod cannot load them";; esac
 
 install -m 0755 "$HERE"/init "$R"/init
 (cd "$R" && find . -print0 | sort -z | cpio --null -o -H newc --quiet) > "$OUT"/initramfs.cpio.tmp
