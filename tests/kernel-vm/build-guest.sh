@@ -95,12 +95,26 @@ NBDC=""
 for c in "$N"/sbin/nbd-client "$N"/usr/sbin/nbd-client; do [ -x "$c" ] && NBDC=$c && break; done
 [ -n "$NBDC" ] || die "$NDEB has no sbin/nbd-client"
 
-# Debian's bzImage carries an XZ-compressed kernel. qemu boots the plain ELF through its PVH
-# note, which skips SeaBIOS's bzImage loader and the in-guest decompression (seconds under TCG).
-off=$( (grep -obUaP '\xfd7zXZ\x00' "$K/boot/vmlinuz-$MODVER" || true) | head -1 | cut -d: -f1)
-[ -n "$off" ] || die "vmlinuz-$MODVER is not XZ-compressed; cannot extract vmlinux"
-{ tail -c +$((off + 1)) "$K/boot/vmlinuz-$MODVER" || true; } | xz -dc --single-stream > "$OUT"/vmlinux.tmp
-[ "$(head -c 4 "$OUT"/vmlinux.tmp | od -An -c | tr -d ' ')" = '177ELF' ] || die "extracted vmlinux is not an ELF file"
+# Debian's bzImage carries a compressed kernel (XZ up to 6.1, zstd in 6.12). qemu boots the plain
+# ELF through its PVH note, which skips SeaBIOS's bzImage loader and the in-guest decompression
+# (seconds under TCG). If it cannot be extracted, boot the bzImage itself (slower).
+VMLINUZ=$K/boot/vmlinuz-$MODVER
+at() { (grep -obUaP "$1" "$VMLINUZ" || true) | head -1 | cut -d: -f1; }
+is_elf() { [ "$(head -c 4 "$1" | od -An -c | tr -d ' ')" = '177ELF' ]; }
+rm -f "$OUT"/vmlinux.tmp
+if off=$(at '\xfd7zXZ\x00') && [ -n "$off" ]; then
+  { tail -c +$((off + 1)) "$VMLINUZ" || true; } | xz -dc --single-stream > "$OUT"/vmlinux.tmp || true
+elif off=$(at '\x28\xb5\x2f\xfd') && [ -n "$off" ] && command -v zstd >/dev/null; then
+  # zstd stops at the end of the frame but complains about the bytes after it
+  { tail -c +$((off + 1)) "$VMLINUZ" || true; } | zstd -dcq 2>/dev/null > "$OUT"/vmlinux.tmp || true
+fi
+if [ -s "$OUT"/vmlinux.tmp ] && is_elf "$OUT"/vmlinux.tmp; then
+  KIND="vmlinux (PVH)"
+else
+  echo "build-guest.sh: cannot extract an ELF vmlinux from $VMLINUZ; booting the bzImage (slower)" >&2
+  cp "$VMLINUZ" "$OUT"/vmlinux.tmp
+  KIND="bzImage"
+fi
 
 # --- root file system --------------------------------------------------------------------------
 R=$OUT/rootfs
@@ -154,5 +168,5 @@ install -m 0755 "$HERE"/init "$R"/init
 mv "$OUT"/vmlinux.tmp "$OUT"/vmlinux
 mv "$OUT"/initramfs.cpio.tmp "$OUT"/initramfs.cpio
 echo "$STAMP" > "$OUT"/stamp
-echo "build-guest.sh: built kernel $MODVER, initramfs $(du -h "$OUT"/initramfs.cpio | cut -f1), modules: $(sed 's|/modules/||; s| .*||' "$R"/modules.order | tr '\n' ' ')" >&2
+echo "build-guest.sh: built kernel $MODVER as $KIND, initramfs $(du -h "$OUT"/initramfs.cpio | cut -f1), modules: $(sed 's|/modules/||; s| .*||' "$R"/modules.order | tr '\n' ' ')" >&2
 echo "vmlinux=$OUT/vmlinux"; echo "initramfs=$OUT/initramfs.cpio"
