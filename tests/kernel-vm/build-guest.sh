@@ -60,8 +60,11 @@ fetch() { # fetch PACKAGE -> path of its .deb in $OUT/debs
   f=$(ls "$OUT"/debs/"$1"_*.deb 2>/dev/null | head -1 || true)
   if [ -z "$f" ]; then
     echo "build-guest.sh: apt-get download $1" >&2
-    (cd "$OUT"/debs && apt-get download -q -o APT::Sandbox::User=root "$1" >&2) \
+    # Into a scratch dir first, so an interrupted download never lands in the cache.
+    rm -rf "$OUT"/debs/.part && mkdir "$OUT"/debs/.part
+    (cd "$OUT"/debs/.part && apt-get download -q -o APT::Sandbox::User=root "$1" >&2) \
       || die "apt-get download $1 failed (network? apt lists? try apt-get update)"
+    mv "$OUT"/debs/.part/*.deb "$OUT"/debs/ && rmdir "$OUT"/debs/.part
     f=$(ls "$OUT"/debs/"$1"_*.deb 2>/dev/null | head -1 || true)
     [ -n "$f" ] || die "apt-get download $1 left no .deb in $OUT/debs"
   fi
@@ -87,8 +90,8 @@ rm -f "$OUT"/stamp
 # --- unpack ------------------------------------------------------------------------------------
 K=$OUT/kernel; N=$OUT/nbd-client
 rm -rf "$K" "$N"; mkdir -p "$K" "$N"
-dpkg -x "$KDEB" "$K"
-dpkg -x "$NDEB" "$N"
+dpkg -x "$KDEB" "$K" || die "cannot unpack $KDEB (delete it to download it again)"
+dpkg -x "$NDEB" "$N" || die "cannot unpack $NDEB (delete it to download it again)"
 MODVER=$(cd "$K"/lib/modules && ls)
 [ -f "$K/boot/vmlinuz-$MODVER" ] || die "$KDEB has no boot/vmlinuz-$MODVER"
 NBDC=""
