@@ -19,6 +19,9 @@ declare -A PKG=(
   [losetup]=mount [mount]=mount [umount]=mount
   [gzip]=gzip
   [mkfs.ext4]=e2fsprogs [e2fsck]=e2fsprogs [debugfs]=e2fsprogs
+  # tests/tests/kernel_client.rs: a qemu guest running the kernel's NBD client
+  [qemu-system-x86_64]=qemu-system-x86 [cpio]=cpio [mke2fs]=e2fsprogs [modprobe]=kmod
+  [depmod]=kmod [xz]=xz-utils [flock]=util-linux
 )
 
 missing=()
@@ -40,10 +43,16 @@ if command -v fio >/dev/null 2>&1 && ! fio --enghelp=nbd >/dev/null 2>&1; then
   missing+=(fio)
 fi
 
+# The guest's initramfs needs a statically linked busybox (package busybox, if installed, is not).
+case "$(ldd /bin/busybox 2>&1 || true)" in
+  *"not a dynamic"*) ;;
+  *) missing+=(busybox-static) ;;
+esac
+
 # TEST_SH_FORCE_APT=1 runs the install step even when everything is present.
 if ((${#missing[@]})) || [ -n "${TEST_SH_FORCE_APT:-}" ]; then
   # shellcheck disable=SC2207
-  pkgs=($(printf '%s\n' "${missing[@]}" "${PKG[@]}" python3-libnbd "${PY_PKGS[@]}" | sort -u))
+  pkgs=($(printf '%s\n' "${missing[@]}" "${PKG[@]}" python3-libnbd busybox-static "${PY_PKGS[@]}" | sort -u))
   echo "test.sh: installing ${pkgs[*]}" >&2
   SUDO=()
   [ "$(id -u)" -eq 0 ] || SUDO=(sudo)
@@ -60,6 +69,18 @@ done
 
 # The black-box tests run the real binaries from target/debug.
 cargo build --workspace --bins
+
+# The kernel-client test's guest (Debian kernel + nbd-client .debs via apt-get download, cached
+# in target/kernel-vm). Stale apt lists are the usual reason a download fails: update and retry.
+guest=(tests/kernel-vm/build-guest.sh "${CARGO_TARGET_DIR:-target}/kernel-vm")
+if ! "${guest[@]}" >/dev/null; then
+  echo "test.sh: build-guest.sh failed; apt-get update and retry" >&2
+  SUDO=()
+  [ "$(id -u)" -eq 0 ] || SUDO=(sudo)
+  "${SUDO[@]}" apt-get update -q
+  "${guest[@]}" >/dev/null
+fi
+
 # Two cores: run test binaries' tests two at a time (default would be the same, but make it
 # explicit so a bigger machine does not start dozens of daemons and fio jobs at once).
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"
