@@ -63,8 +63,10 @@ pub enum XtsError {
 
 /// AES-XTS over whole sectors with one volume key. Cheap to share (`&self` methods, `Sync`).
 ///
-/// Expanded key schedules are wiped on drop (the `aes` crate's `zeroize` feature, and our own
-/// `Drop` for the VAES schedules). `Debug` shows the sector size only.
+/// Expanded key schedules are wiped on drop: the `aes` crate's (its `zeroize` feature) and the
+/// VAES path's, which also live in locked memory (`sys::LockedBuf`). The `aes` crate's
+/// schedules are not mlocked: they sit wherever the `SectorCipher` is. `Debug` shows the sector
+/// size only.
 pub struct SectorCipher {
     sector_size: usize,
     /// `sector_size / 512`: how far the IV advances per sector.
@@ -134,8 +136,9 @@ impl SectorCipher {
                 tweak: Aes256Enc::new_from_slice(key2).map_err(bad_len)?,
             }
         };
-        // Invariant: sector_size is one of SECTOR_SIZES, so the quotient is 1..=8.
-        let ivs_per_sector = (sector_size / IV_UNIT) as u64;
+        // sector_size is one of SECTOR_SIZES, so this is 1..=8 and the conversion cannot fail.
+        let ivs_per_sector =
+            u64::try_from(sector_size / IV_UNIT).map_err(|_| XtsError::SectorSize(sector_size))?;
         Ok(SectorCipher {
             sector_size,
             ivs_per_sector,
