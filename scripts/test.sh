@@ -12,6 +12,8 @@ declare -A PKG=(
   [nbdkit]=nbdkit [fio]=fio
   [qemu-io]=qemu-utils [qemu-img]=qemu-utils
   [cryptsetup]=cryptsetup-bin [jq]=jq [socat]=socat [cmp]=diffutils
+  # ctl/tests/kms.rs makes a venv with moto's KMS server (pip, PyPI) on first use.
+  [python3]=python3-venv
 )
 
 missing=()
