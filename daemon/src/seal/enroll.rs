@@ -179,6 +179,9 @@ impl EnrollError {
 struct CrashPoint {
     done: u32,
     limit: u32,
+    /// Test hook: called with the write count after each header write.
+    #[cfg(test)]
+    after_write: Option<Box<dyn FnMut(u32)>>,
 }
 
 impl CrashPoint {
@@ -186,12 +189,18 @@ impl CrashPoint {
         CrashPoint {
             done: 0,
             limit: u32::MAX,
+            #[cfg(test)]
+            after_write: None,
         }
     }
 
     /// Call after each header write.
     fn wrote(&mut self) -> Result<(), EnrollError> {
         self.done += 1;
+        #[cfg(test)]
+        if let Some(f) = self.after_write.as_mut() {
+            f(self.done);
+        }
         if self.done >= self.limit {
             Err(EnrollError::SimulatedCrash(self.done))
         } else {

@@ -319,7 +319,7 @@ fn rekey_is_crash_safe_after_every_header_write() {
         std::fs::copy(&template, &p).unwrap();
         let f = open_rw(&p);
         let mut h = reread(&f);
-        let mut crash = CrashPoint { done: 0, limit: k };
+        let mut crash = CrashPoint { done: 0, limit: k, after_write: None };
         let r = rekey_inner(&f, &mut h, a.token_id, &vk, &FakeKms::new("key-b"), &mut crash);
         match r {
             Err(EnrollError::SimulatedCrash(n)) => assert_eq!(n, k),
@@ -355,4 +355,58 @@ fn rekey_is_crash_safe_after_every_header_write() {
         assert_eq!((n_tokens, n_slots), expect, "k={k}");
     }
     assert!(completed, "with 5 allowed writes the rekey must complete");
+}
+
+/// A crash in the middle of a header commit: the primary copy written but not the secondary,
+/// or the primary torn (garbage) with the secondary still old. Built from the on-disk images
+/// after k-1 and k complete writes of a rekey; each must open with the old or the new token.
+#[test]
+fn rekey_survives_a_crash_inside_a_header_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (template, f, mut h, vk) = volume(dir.path(), "template.img");
+    let a = enroll(&f, &mut h, &vk, &FakeKms::new("key-a")).unwrap();
+    let hdr_size = h.hdr_size() as usize;
+    drop(f);
+    // images[k]: the volume after k header writes of one rekey run (k = 0..=4).
+    let p = dir.path().join("run.img");
+    std::fs::copy(&template, &p).unwrap();
+    let images = std::rc::Rc::new(std::cell::RefCell::new(vec![std::fs::read(&p).unwrap()]));
+    {
+        let f = open_rw(&p);
+        let mut h = reread(&f);
+        let (snap, path) = (images.clone(), p.clone());
+        let mut crash = CrashPoint {
+            done: 0,
+            limit: u32::MAX,
+            after_write: Some(Box::new(move |_| {
+                snap.borrow_mut().push(std::fs::read(&path).unwrap())
+            })),
+        };
+        rekey_inner(&f, &mut h, a.token_id, &vk, &FakeKms::new("key-b"), &mut crash).unwrap();
+    }
+    let images = images.borrow().clone();
+    assert_eq!(images.len(), 5);
+    let both = resolver(&["key-a", "key-b"]);
+    for k in 1..=4usize {
+        let (before, after) = (&images[k - 1], &images[k]);
+        // Primary of step k on disk, secondary still from step k-1.
+        let mut half = after.clone();
+        half[hdr_size..2 * hdr_size].copy_from_slice(&before[hdr_size..2 * hdr_size]);
+        // Primary torn mid-write, secondary from step k-1; keyslot areas as of step k.
+        let mut torn = after.clone();
+        torn[hdr_size..2 * hdr_size].copy_from_slice(&before[hdr_size..2 * hdr_size]);
+        for b in &mut torn[64..hdr_size / 2] {
+            *b = 0xa5;
+        }
+        for (name, img) in [("half", half), ("torn", torn)] {
+            let p = dir.path().join(format!("{name}{k}.img"));
+            std::fs::write(&p, &img).unwrap();
+            let f = open_rw(&p);
+            let (disk, _) = Luks2Header::read(&f).unwrap_or_else(|e| panic!("{name} k={k}: {e}"));
+            let (key, _, _) = unlock_with_tokens(&f, &disk, &both)
+                .unwrap_or_else(|e| panic!("{name} k={k}: no token opens: {e}"));
+            assert_eq!(key.expose_secret(), vk.expose_secret());
+            assert!(passphrase_opens(&f, &disk, &vk), "{name} k={k}");
+        }
+    }
 }
