@@ -38,6 +38,11 @@ PY_PKGS=(python3-cryptography python3-argon2)
 if ! /usr/bin/python3 -c 'import cryptography, argon2' >/dev/null 2>&1; then
   missing+=("${PY_PKGS[@]}")
 fi
+# ctl/tests/kms.rs makes a venv with moto's KMS server (pip, PyPI) on first use: whichever
+# python3 is first on PATH needs venv and ensurepip (Debian's python3 gets them from python3-venv).
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  missing+=(python3-venv)
+fi
 # fio must have been built with its libnbd engine.
 if command -v fio >/dev/null 2>&1 && ! fio --enghelp=nbd >/dev/null 2>&1; then
   missing+=(fio)

@@ -11,6 +11,7 @@
 //! control protocol from this library.
 #![deny(unsafe_code)]
 
+pub mod audit;
 pub mod block;
 pub mod config;
 pub mod config_file;

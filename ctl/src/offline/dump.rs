@@ -119,7 +119,15 @@ pub fn to_json(hdr: &Luks2Header) -> Value {
     let seg = hdr.data_segment();
     let tokens: Vec<Value> = hdr
         .tokens()
-        .map(|(id, t)| json!({"id": id, "type": t.type_name(), "keyslots": t.keyslots()}))
+        .map(|(id, t)| {
+            let mut j = json!({"id": id, "type": t.type_name(), "keyslots": t.keyslots()});
+            // Our tokens: the provider and key reference (never the sealed blob).
+            if let Ok(Some(p)) = nbdcrypt::seal::token::parse(t) {
+                j["provider"] = json!(p.kind.name());
+                j["key"] = json!(p.key_reference());
+            }
+            j
+        })
         .collect();
     json!({
         "version": 2,
@@ -246,6 +254,12 @@ fn write_text(out: &mut dyn Write, vol: &Volume, hdr: &Luks2Header) -> io::Resul
         writeln!(out, "  {id}: {}", t.type_name())?;
         for s in t.keyslots() {
             writeln!(out, "\tKeyslot:    {s}")?;
+        }
+        if let Ok(Some(p)) = nbdcrypt::seal::token::parse(t) {
+            writeln!(out, "\tProvider:   {}", p.kind.name())?;
+            if let Some(k) = p.key_reference() {
+                writeln!(out, "\tKey:        {k}")?;
+            }
         }
     }
     Ok(())

@@ -8,6 +8,7 @@
 //! messages that name the path, the KDF options, and the exit codes.
 
 mod dump;
+mod enroll;
 mod format;
 mod header;
 mod keys;
@@ -96,6 +97,18 @@ pub enum OfflineCommand {
     /// Check a passphrase: print the keyslot it opens (exit 0) or fail with exit 3.
     #[command(long_about = keys::TEST_ABOUT, after_help = help(keys::TEST_EXAMPLES))]
     TestKey(keys::TestKeyArgs),
+    /// Add a keyslot unlocked by AWS KMS (a sealed secret in a LUKS2 token).
+    #[command(long_about = enroll::ENROLL_ABOUT, after_help = help(enroll::ENROLL_EXAMPLES))]
+    Enroll(enroll::EnrollArgs),
+    /// Remove a KMS enrolment: its token, then its keyslot.
+    #[command(long_about = enroll::UNENROLL_ABOUT, after_help = help(enroll::UNENROLL_EXAMPLES))]
+    Unenroll(enroll::UnenrollArgs),
+    /// Re-seal a KMS enrolment under a new (or the same) KMS key, crash-safely.
+    #[command(long_about = enroll::REKEY_ABOUT, after_help = help(enroll::REKEY_EXAMPLES))]
+    Rekey(enroll::RekeyArgs),
+    /// Check the KMS tokens: unseal, open the keyslot, print it (exit 0) or why not (exit 1).
+    #[command(long_about = enroll::TEST_TOKEN_ABOUT, after_help = help(enroll::TEST_TOKEN_EXAMPLES))]
+    TestToken(enroll::TestTokenArgs),
 }
 
 /// Runs one offline command. A wrong passphrase is reported here (message on stderr, exit 3);
@@ -112,6 +125,10 @@ pub fn run(cmd: OfflineCommand) -> anyhow::Result<ExitCode> {
         OfflineCommand::HeaderBackup(a) => header::backup(a),
         OfflineCommand::HeaderRestore(a) => header::restore(a),
         OfflineCommand::TestKey(a) => keys::test(a),
+        OfflineCommand::Enroll(a) => enroll::enroll(a),
+        OfflineCommand::Unenroll(a) => enroll::unenroll(a),
+        OfflineCommand::Rekey(a) => enroll::rekey(a),
+        OfflineCommand::TestToken(a) => enroll::test_token(a),
     };
     match result {
         Ok(()) => Ok(ExitCode::from(EXIT_OK)),

@@ -1,0 +1,433 @@
+//! Token commands: `enroll`, `unenroll`, `rekey`, `test-token`: keyslots whose secret is sealed
+//! by AWS KMS (systemd-cryptenroll style: a random secret opens a keyslot, only its sealed form
+//! is stored, in a LUKS2 token bound to the volume UUID and keyslot).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context};
+use clap::{ArgGroup, Args};
+
+use nbdcrypt::audit::{AuditEvent, AuditEventKind, AuditLog};
+use nbdcrypt::crypto::keys::VolumeKey;
+use nbdcrypt::luks2::{KdfLimits, Luks2Header};
+use nbdcrypt::seal::enroll::{
+    self as seal_enroll, EnrollError, Enrolled, UnenrollTarget,
+};
+use nbdcrypt::seal::kms::KmsProvider;
+use nbdcrypt::seal::token::{self, ProviderKind};
+use nbdcrypt::seal::{resolve_provider, SealProvider};
+
+use super::Volume;
+use crate::secret_input::{read_existing, Source};
+
+pub const ENROLL_ABOUT: &str = "\
+Add a keyslot that AWS KMS unlocks. A random 32-byte secret opens a new keyslot (PBKDF2-SHA256,
+1000 iterations; its passphrase is the secret's base64, as systemd-cryptenroll does); the secret
+is stored only encrypted by the KMS key, in a LUKS2 token bound to this volume's UUID and the
+keyslot (KMS encryption context), so a copied token opens nothing. An existing passphrase or key
+file unlocks the volume key first. Credentials come from the standard AWS chain (environment,
+profile, instance role); the region from --region or the standard chain. Prints the keyslot and
+the token id. Keep a passphrase keyslot as a recovery key.";
+
+pub const ENROLL_EXAMPLES: &str = "\
+Examples:
+  nbdcryptctl enroll /srv/vol.img --kms alias/nbdcrypt-vol1            # asks the passphrase
+  nbdcryptctl enroll vol.img --kms arn:aws:kms:eu-west-1:111122223333:key/1234abcd-... \\
+      --key-file recovery.key --audit-log /var/log/nbdcrypt-audit.log
+  nbdcryptctl enroll vol.img --kms alias/vol --region eu-west-1 \\
+      --kms-endpoint https://vpce-0abc.kms.eu-west-1.vpce.amazonaws.com --key-file k";
+
+pub const UNENROLL_ABOUT: &str = "\
+Remove a KMS enrolment: its token first, then its keyslot (wiped). Needs no secret. Refuses to
+remove the last keyslot that opens the volume, and never touches other tools' tokens
+(systemd-*, clevis, ...).";
+
+pub const UNENROLL_EXAMPLES: &str = "\
+Examples:
+  nbdcryptctl unenroll /srv/vol.img --slot 1
+  nbdcryptctl unenroll vol.img --token 0 --audit-log /var/log/nbdcrypt-audit.log";
+
+pub const REKEY_ABOUT: &str = "\
+Re-seal a KMS enrolment with a fresh secret, under a new KMS key (--kms) or the same one. Crash
+safe: the new keyslot and token are written and verified (unsealed through KMS, keyslot opened)
+before the old token and keyslot are removed; an interruption leaves a volume that opens with the
+old or the new token. The volume key comes from unsealing the old token, or from --key-file / a
+passphrase prompt with --passphrase. --region and --kms-endpoint default to the old token's.";
+
+pub const REKEY_EXAMPLES: &str = "\
+Examples:
+  nbdcryptctl rekey /srv/vol.img --slot 1 --kms alias/nbdcrypt-2027      # move to a new key
+  nbdcryptctl rekey vol.img --slot 1                                    # fresh secret, same key
+  nbdcryptctl rekey vol.img --all-tokens --kms alias/new --key-file recovery.key";
+
+pub const TEST_TOKEN_ABOUT: &str = "\
+Unlock the volume key through the KMS tokens without changing anything: tries each nbdcrypt token
+in keyslot priority order (or only --token N), prints the keyslot that opened and exits 0, or
+prints why each token failed (key disabled, access denied, token copied from another volume, KMS
+unreachable) and exits 1.";
+
+pub const TEST_TOKEN_EXAMPLES: &str = "\
+Examples:
+  nbdcryptctl test-token /srv/vol.img
+  nbdcryptctl test-token vol.img --token 2 --audit-log /var/log/nbdcrypt-audit.log";
+
+/// Where the AWS KMS key is.
+#[derive(Args, Debug, Clone)]
+pub struct KmsLocation {
+    /// AWS region of the KMS key (default: AWS_REGION / the profile's region).
+    #[arg(long, value_name = "REGION", help_heading = "AWS KMS")]
+    pub region: Option<String>,
+    /// KMS endpoint URL (VPC endpoint, test server); stored in the token.
+    #[arg(long, value_name = "URL", help_heading = "AWS KMS")]
+    pub kms_endpoint: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct EnrollArgs {
+    /// Volume file or block device.
+    #[arg(value_name = "VOLUME")]
+    pub volume: PathBuf,
+    /// The KMS key that seals the secret: key id, key ARN, alias/NAME or alias ARN.
+    #[arg(long, value_name = "KEY_ID|ALIAS", help_heading = "AWS KMS")]
+    pub kms: String,
+    #[command(flatten)]
+    pub location: KmsLocation,
+    /// Existing passphrase from this file (bytes as-is; `-` = standard input).
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Append a JSON line per key event to this file.
+    #[arg(long, value_name = "PATH")]
+    pub audit_log: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("which").required(true).args(["slot", "token"])))]
+pub struct UnenrollArgs {
+    /// Volume file or block device.
+    #[arg(value_name = "VOLUME")]
+    pub volume: PathBuf,
+    /// The keyslot of the enrolment to remove.
+    #[arg(long, value_name = "N")]
+    pub slot: Option<u32>,
+    /// The token of the enrolment to remove.
+    #[arg(long, value_name = "N")]
+    pub token: Option<u32>,
+    /// Append a JSON line per key event to this file.
+    #[arg(long, value_name = "PATH")]
+    pub audit_log: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("which").required(true).args(["slot", "all_tokens"])))]
+pub struct RekeyArgs {
+    /// Volume file or block device.
+    #[arg(value_name = "VOLUME")]
+    pub volume: PathBuf,
+    /// The keyslot of the enrolment to rekey.
+    #[arg(long, value_name = "N")]
+    pub slot: Option<u32>,
+    /// Rekey every nbdcrypt token of the volume.
+    #[arg(long)]
+    pub all_tokens: bool,
+    /// The new KMS key (default: the token's current key).
+    #[arg(long, value_name = "KEY_ID|ALIAS", help_heading = "AWS KMS")]
+    pub kms: Option<String>,
+    #[command(flatten)]
+    pub location: KmsLocation,
+    /// Get the volume key from this passphrase file instead of the old token (bytes as-is;
+    /// `-` = standard input).
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Ask for a passphrase instead of unsealing the old token.
+    #[arg(long, conflicts_with = "key_file")]
+    pub passphrase: bool,
+    /// Append a JSON line per key event to this file.
+    #[arg(long, value_name = "PATH")]
+    pub audit_log: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct TestTokenArgs {
+    /// Volume file or block device.
+    #[arg(value_name = "VOLUME")]
+    pub volume: PathBuf,
+    /// Only try this token.
+    #[arg(long, value_name = "N")]
+    pub token: Option<u32>,
+    /// Append a JSON line per key event to this file.
+    #[arg(long, value_name = "PATH")]
+    pub audit_log: Option<PathBuf>,
+}
+
+/// The optional audit log of a command: opened before anything is changed, so a bad path
+/// fails the command up front.
+struct Audit(Option<AuditLog>);
+
+impl Audit {
+    fn open(path: Option<&Path>) -> anyhow::Result<Audit> {
+        match path {
+            None => Ok(Audit(None)),
+            Some(p) => AuditLog::open(p)
+                .map(|l| Audit(Some(l)))
+                .with_context(|| format!("cannot open the audit log {}", p.display())),
+        }
+    }
+
+    fn record(&self, e: AuditEvent) {
+        if let Some(log) = &self.0 {
+            if let Err(err) = log.record(&e.this_process()) {
+                eprintln!("nbdcryptctl: warning: cannot write the audit log: {err}");
+            }
+        }
+    }
+}
+
+fn explain(vol: &Volume, e: EnrollError) -> anyhow::Error {
+    match e {
+        EnrollError::Format(f) => vol.explain(f),
+        other => anyhow!("{}: {other}", vol.path.display()),
+    }
+}
+
+fn resolver(t: &serde_json::Map<String, serde_json::Value>) -> Result<Box<dyn SealProvider>, nbdcrypt::seal::SealError> {
+    resolve_provider(t)
+}
+
+/// The key reference stored in token `id` (the ARN for KMS).
+fn token_key(hdr: &Luks2Header, id: u32) -> Option<String> {
+    hdr.token(id)
+        .and_then(|t| token::parse(t).ok().flatten())
+        .and_then(|p| p.key_reference().map(str::to_owned))
+}
+
+fn unlock_by_passphrase(vol: &Volume, hdr: &Luks2Header, key_file: Option<&Path>) -> anyhow::Result<VolumeKey> {
+    let pass = read_existing(
+        &Source::from_arg(key_file),
+        &format!("Enter any existing passphrase for {}: ", vol.path.display()),
+    )?;
+    let (key, slot) = hdr
+        .unlock(&vol.file, &pass, &KdfLimits::default())
+        .map_err(|e| vol.explain(e))?;
+    eprintln!("keyslot {slot} unlocked");
+    Ok(key)
+}
+
+pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
+    let audit = Audit::open(a.audit_log.as_deref())?;
+    let vol = Volume::open(&a.volume, true)?;
+    let mut hdr = vol.header(true)?;
+    let key = unlock_by_passphrase(&vol, &hdr, a.key_file.as_deref())?;
+    let provider = KmsProvider::new(
+        a.kms.clone(),
+        a.location.region.clone(),
+        a.location.kms_endpoint.clone(),
+    )?;
+    let event = AuditEvent::new(AuditEventKind::Enrol)
+        .volume(hdr.uuid())
+        .provider(ProviderKind::AwsKms.name(), Some(&a.kms));
+    match seal_enroll::enroll(&vol.file, &mut hdr, &key, &provider) {
+        Ok(Enrolled { keyslot, token_id }) => {
+            let arn = token_key(&hdr, token_id).unwrap_or_else(|| a.kms.clone());
+            audit.record(
+                event
+                    .keyslot(keyslot)
+                    .provider(ProviderKind::AwsKms.name(), Some(&arn))
+                    .detail("token", token_id),
+            );
+            println!("enrolled keyslot {keyslot} (token {token_id}, aws-kms key {arn})");
+            Ok(())
+        }
+        Err(e) => {
+            let e = explain(&vol, e);
+            audit.record(event.failed(format!("{e:#}")));
+            Err(e)
+        }
+    }
+}
+
+pub fn unenroll(a: UnenrollArgs) -> anyhow::Result<()> {
+    let audit = Audit::open(a.audit_log.as_deref())?;
+    let vol = Volume::open(&a.volume, true)?;
+    let mut hdr = vol.header(true)?;
+    let target = match (a.slot, a.token) {
+        (Some(s), _) => UnenrollTarget::Keyslot(s),
+        (None, Some(t)) => UnenrollTarget::Token(t),
+        (None, None) => bail!("name the enrolment with --slot N or --token N"),
+    };
+    let event = AuditEvent::new(AuditEventKind::Unenrol).volume(hdr.uuid());
+    match seal_enroll::unenroll(&vol.file, &mut hdr, target) {
+        Ok(u) => {
+            let mut ev = event.detail("token", u.token_id);
+            if let Some(k) = u.keyslot {
+                ev = ev.keyslot(k);
+            }
+            let kind = ProviderKind::from_token_type(&u.token_type)
+                .map(ProviderKind::name)
+                .unwrap_or("unknown");
+            audit.record(ev.provider(kind, u.key.as_deref()));
+            match u.keyslot {
+                Some(k) => println!("removed token {} and keyslot {k}", u.token_id),
+                None => println!("removed token {} (it had no keyslot)", u.token_id),
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let e = explain(&vol, e);
+            audit.record(event.failed(format!("{e:#}")));
+            Err(e)
+        }
+    }
+}
+
+pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
+    let audit = Audit::open(a.audit_log.as_deref())?;
+    let vol = Volume::open(&a.volume, true)?;
+    let mut hdr = vol.header(true)?;
+    let p = vol.path.display().to_string();
+    // The tokens to rekey, decided up front.
+    let ours: Vec<(u32, u32)> = hdr
+        .tokens()
+        .filter(|(_, t)| token::is_ours(t.type_name()))
+        .filter_map(|(id, t)| t.keyslots().first().map(|k| (id, *k)))
+        .collect();
+    let targets: Vec<(u32, u32)> = match a.slot {
+        Some(s) => {
+            let v: Vec<_> = ours.iter().copied().filter(|(_, k)| *k == s).collect();
+            match v.len() {
+                0 => bail!("{p}: keyslot {s} has no nbdcrypt token"),
+                1 => v,
+                n => bail!("{p}: keyslot {s} is served by {n} nbdcrypt tokens"),
+            }
+        }
+        None => {
+            if ours.is_empty() {
+                bail!("{p}: the volume has no nbdcrypt token");
+            }
+            ours
+        }
+    };
+    // The volume key: from a passphrase, or by unsealing (the first of) the old tokens.
+    let key = if a.key_file.is_some() || a.passphrase {
+        unlock_by_passphrase(&vol, &hdr, a.key_file.as_deref())?
+    } else {
+        let mut last = None;
+        let mut found = None;
+        for (id, _) in &targets {
+            match seal_enroll::unlock_with_token(&vol.file, &hdr, *id, &resolver) {
+                Ok((k, slot)) => {
+                    eprintln!("keyslot {slot} unlocked by token {id}");
+                    found = Some(k);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        match (found, last) {
+            (Some(k), _) => k,
+            (None, Some(e)) => {
+                return Err(explain(&vol, e).context(
+                    "cannot unseal the old token (pass --key-file or --passphrase to use a \
+                     passphrase instead)",
+                ))
+            }
+            (None, None) => bail!("{p}: no token to rekey"),
+        }
+    };
+    for (id, _) in targets {
+        let old_json = hdr
+            .token(id)
+            .map(|t| t.json().clone())
+            .ok_or_else(|| anyhow!("{p}: token {id} vanished"))?;
+        let old = token::parse_json(&old_json)
+            .map_err(|e| anyhow!("{p}: token {id}: {e}"))?
+            .ok_or_else(|| anyhow!("{p}: token {id} is not an nbdcrypt token"))?;
+        let old_key = old.key_reference().map(str::to_owned);
+        let param = |k: &str| old.sealed.params.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+        let new_provider: Box<dyn SealProvider> = match &a.kms {
+            Some(k) => Box::new(KmsProvider::new(
+                k.clone(),
+                a.location.region.clone().or_else(|| param("kms-region")),
+                a.location.kms_endpoint.clone().or_else(|| param("kms-endpoint")),
+            )?),
+            None if a.location.region.is_some() || a.location.kms_endpoint.is_some() => {
+                let k = old_key
+                    .clone()
+                    .ok_or_else(|| anyhow!("{p}: token {id} names no key; pass --kms"))?;
+                Box::new(KmsProvider::new(
+                    k,
+                    a.location.region.clone().or_else(|| param("kms-region")),
+                    a.location.kms_endpoint.clone().or_else(|| param("kms-endpoint")),
+                )?)
+            }
+            None => resolve_provider(&old_json).map_err(|e| anyhow!("{p}: token {id}: {e}"))?,
+        };
+        let event = AuditEvent::new(AuditEventKind::Rekey)
+            .volume(hdr.uuid())
+            .detail("old_token", id)
+            .detail("old_keyslot", old.keyslot)
+            .detail("old_key", old_key.clone().unwrap_or_default());
+        match seal_enroll::rekey(&vol.file, &mut hdr, id, &key, &*new_provider) {
+            Ok(r) => {
+                let new_key = token_key(&hdr, r.new.token_id)
+                    .unwrap_or_else(|| new_provider.key_reference());
+                audit.record(
+                    event
+                        .keyslot(r.new.keyslot)
+                        .provider(ProviderKind::AwsKms.name(), Some(&new_key))
+                        .detail("token", r.new.token_id),
+                );
+                println!(
+                    "rekeyed token {id} (keyslot {}) -> token {} (keyslot {}, aws-kms key {new_key})",
+                    r.old.keyslot, r.new.token_id, r.new.keyslot
+                );
+            }
+            Err(e) => {
+                let e = explain(&vol, e);
+                audit.record(
+                    event
+                        .provider(ProviderKind::AwsKms.name(), Some(&new_provider.key_reference()))
+                        .failed(format!("{e:#}")),
+                );
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn test_token(a: TestTokenArgs) -> anyhow::Result<()> {
+    let audit = Audit::open(a.audit_log.as_deref())?;
+    let vol = Volume::open(&a.volume, false)?;
+    let hdr = vol.header(false)?;
+    let event = AuditEvent::new(AuditEventKind::UnlockOk)
+        .volume(hdr.uuid())
+        .detail("check", true);
+    let result = match a.token {
+        Some(id) => seal_enroll::unlock_with_token(&vol.file, &hdr, id, &resolver)
+            .map(|(k, slot)| (k, slot, id)),
+        None => seal_enroll::unlock_with_tokens(&vol.file, &hdr, &resolver),
+    };
+    match result {
+        Ok((_key, slot, id)) => {
+            let key = token_key(&hdr, id);
+            audit.record(
+                event
+                    .keyslot(slot)
+                    .provider(ProviderKind::AwsKms.name(), key.as_deref())
+                    .detail("token", id),
+            );
+            match key {
+                Some(k) => println!("keyslot {slot} unlocked by token {id} (aws-kms key {k})"),
+                None => println!("keyslot {slot} unlocked by token {id}"),
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let e = explain(&vol, e);
+            let mut ev = event.failed(format!("{e:#}"));
+            ev.kind = AuditEventKind::UnlockFailed;
+            audit.record(ev);
+            Err(e)
+        }
+    }
+}

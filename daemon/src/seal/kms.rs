@@ -1,0 +1,452 @@
+//! AWS KMS as a seal provider: `Encrypt`/`Decrypt` of the 32-byte keyslot secret under a
+//! symmetric KMS key, with the encryption context
+//! `{"nbdcrypt:volume": <uuid>, "nbdcrypt:keyslot": "<n>"}` binding the ciphertext to its volume
+//! and keyslot (KMS authenticates the context; a copied token fails with
+//! `InvalidCiphertextException`, reported as [`SealError::WrongBinding`]).
+//!
+//! **Threading.** [`SealProvider`] is synchronous. Each `KmsProvider` owns a small
+//! current-thread tokio runtime, and every call runs `Runtime::block_on` on a short-lived
+//! scoped thread of its own. So a call is safe from anywhere: a plain thread, a
+//! `spawn_blocking` task (how the daemon calls providers), even an async task (it blocks that
+//! worker for the duration of the call, so don't). The runtime and the SDK client (connection
+//! pool, credentials cache) live as long as the provider.
+//!
+//! **Configuration.** The standard AWS chains (environment, profile files, web identity, ECS,
+//! IMDS) supply credentials, and the region unless one is given. An explicit endpoint
+//! (`--kms-endpoint`, e.g. a VPC endpoint or a test server) overrides `AWS_ENDPOINT_URL_KMS`.
+//! The region actually used and the explicit endpoint are stored in the token, with the key ARN
+//! returned by `Encrypt` (an alias is resolved once, at enrolment: re-pointing the alias later
+//! does not change which key unseals).
+//!
+//! **Time bounds.** Connect 2 s, each attempt 5 s, the whole operation (3 attempts with the
+//! SDK's standard backoff) 10 s; a call never takes much longer than [`OPERATION_TIMEOUT`] per
+//! request, and `unseal` makes two (`DescribeKey`, `Decrypt`).
+//!
+//! **Key state.** `unseal` asks `DescribeKey` first: a disabled key or one pending deletion is
+//! reported as [`SealError::KeyDisabled`] with its state, a deleted one as `KeyMissing`, before
+//! `Decrypt` is attempted (real KMS would refuse Decrypt with `DisabledException` /
+//! `KMSInvalidStateException`, which are mapped the same way; test servers may not enforce key
+//! state). A principal allowed `kms:Decrypt` but not `kms:DescribeKey` still unseals: a refused
+//! `DescribeKey` is skipped.
+//!
+//! **Secrets.** The plaintext is handed to the SDK as a `Blob` (an ordinary heap copy the SDK
+//! owns and drops unwiped) and returned the same way; we copy it into [`SecretBytes`] at once.
+//! It is never logged: the SDK redacts `Plaintext` in `Debug`, and our errors carry only codes
+//! and messages from KMS.
+
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::BehaviorVersion;
+use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::KeyState;
+use serde_json::{Map, Value};
+
+use super::token::AWS_KMS_TOKEN_TYPE;
+use super::{Binding, SealError, SealProvider, Sealed};
+use crate::crypto::keys::SecretBytes;
+
+const PROVIDER: &str = "aws-kms";
+
+/// TCP (and TLS) connect timeout.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// One HTTP attempt.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// One operation, retries included.
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts per operation (the first plus retries), with the SDK's standard jittered backoff.
+pub const MAX_ATTEMPTS: u32 = 3;
+
+/// Token members written by this provider.
+pub const PARAM_KEY_ID: &str = "kms-key-id";
+pub const PARAM_REGION: &str = "kms-region";
+pub const PARAM_ENDPOINT: &str = "kms-endpoint";
+pub const PARAM_CONTEXT: &str = "kms-encryption-context";
+
+/// Encryption-context keys.
+pub const CONTEXT_VOLUME: &str = "nbdcrypt:volume";
+pub const CONTEXT_KEYSLOT: &str = "nbdcrypt:keyslot";
+
+/// Seals with one AWS KMS key.
+pub struct KmsProvider {
+    /// Key id, key ARN, alias name (`alias/…`) or alias ARN.
+    pub key_id: String,
+    /// `None`: the standard region chain (`AWS_REGION`, profile, IMDS).
+    pub region: Option<String>,
+    /// `None`: the SDK's endpoint resolution (`AWS_ENDPOINT_URL_KMS`, then the regional one).
+    pub endpoint: Option<String>,
+    /// Test hook: fixed dummy credentials instead of the credential chain.
+    test_credentials: bool,
+    rt: tokio::runtime::Runtime,
+    client: tokio::sync::OnceCell<(aws_sdk_kms::Client, Option<String>)>,
+}
+
+impl std::fmt::Debug for KmsProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KmsProvider")
+            .field("key_id", &self.key_id)
+            .field("region", &self.region)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KmsProvider {
+    pub fn new(
+        key_id: impl Into<String>,
+        region: Option<String>,
+        endpoint: Option<String>,
+    ) -> Result<KmsProvider, SealError> {
+        let key_id = key_id.into();
+        if key_id.trim().is_empty() {
+            return Err(other("empty KMS key id"));
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name("nbdcrypt-kms")
+            .build()
+            .map_err(|e| other(format!("cannot start the KMS client runtime: {e}")))?;
+        Ok(KmsProvider {
+            key_id,
+            region: region.filter(|r| !r.is_empty()),
+            endpoint: endpoint.filter(|e| !e.is_empty()),
+            test_credentials: false,
+            rt,
+            client: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    /// Uses the fixed credentials `test`/`test` instead of the credential chain (for test
+    /// servers such as moto; never reaches the instance metadata service).
+    #[doc(hidden)]
+    pub fn with_test_credentials(mut self) -> Self {
+        self.test_credentials = true;
+        self
+    }
+
+    /// The provider that unseals a token: key ARN, region and endpoint from its parameters.
+    pub fn from_token_params(params: &Map<String, Value>) -> Result<KmsProvider, SealError> {
+        let s = |k: &str| -> Result<Option<String>, SealError> {
+            match params.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(_) => Err(SealError::BadToken(format!("{k:?} is not a string"))),
+            }
+        };
+        let key = s(PARAM_KEY_ID)?
+            .ok_or_else(|| SealError::BadToken(format!("no {PARAM_KEY_ID:?} in the token")))?;
+        KmsProvider::new(key, s(PARAM_REGION)?, s(PARAM_ENDPOINT)?)
+    }
+
+    /// Runs `f` on the provider's runtime from a scoped thread of its own (see the module doc).
+    fn block_on<T: Send>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, SealError>> + Send,
+    ) -> Result<T, SealError> {
+        std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .name("nbdcrypt-kms".into())
+                .spawn_scoped(s, || self.rt.block_on(f))
+                .map_err(|e| other(format!("cannot start the KMS client thread: {e}")))?
+                .join()
+                .unwrap_or_else(|_| Err(other("the KMS client thread panicked")))
+        })
+    }
+
+    /// The SDK client and the region it uses, built on first use.
+    async fn client(&self) -> Result<&(aws_sdk_kms::Client, Option<String>), SealError> {
+        self.client
+            .get_or_try_init(|| async {
+                let http = aws_smithy_http_client::Builder::new()
+                    .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                        aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+                    ))
+                    .build_https();
+                let mut loader = aws_config::defaults(BehaviorVersion::latest())
+                    .http_client(http)
+                    .timeout_config(
+                        TimeoutConfig::builder()
+                            .connect_timeout(CONNECT_TIMEOUT)
+                            .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+                            .operation_timeout(OPERATION_TIMEOUT)
+                            .build(),
+                    )
+                    .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS));
+                if let Some(r) = &self.region {
+                    loader = loader.region(aws_config::Region::new(r.clone()));
+                }
+                if let Some(e) = &self.endpoint {
+                    loader = loader.endpoint_url(e.clone());
+                }
+                if self.test_credentials {
+                    loader = loader.credentials_provider(aws_sdk_kms::config::Credentials::new(
+                        "test", "test", None, None, "nbdcrypt-test",
+                    ));
+                }
+                // Region lookup through IMDS is bounded by the SDK's own IMDS timeouts.
+                let conf = tokio::time::timeout(OPERATION_TIMEOUT, loader.load())
+                    .await
+                    .map_err(|_| unreachable_err("timed out loading the AWS configuration"))?;
+                let region = conf.region().map(|r| r.to_string());
+                if region.is_none() {
+                    return Err(other(
+                        "no AWS region: pass --region or set AWS_REGION (or a profile region)",
+                    ));
+                }
+                Ok((aws_sdk_kms::Client::new(&conf), region))
+            })
+            .await
+    }
+
+    fn context(binding: &Binding) -> [(&'static str, String); 2] {
+        [
+            (CONTEXT_VOLUME, binding.volume_uuid.clone()),
+            (CONTEXT_KEYSLOT, binding.keyslot.to_string()),
+        ]
+    }
+
+    /// `DescribeKey`: Ok(()) if the key is usable or we may not ask.
+    async fn check_key_state(&self, client: &aws_sdk_kms::Client, key: &str) -> Result<(), SealError> {
+        match client.describe_key().key_id(key).send().await {
+            Ok(out) => {
+                let Some(m) = out.key_metadata() else { return Ok(()) };
+                match m.key_state() {
+                    None | Some(KeyState::Enabled) => Ok(()),
+                    Some(state) => Err(SealError::KeyDisabled {
+                        provider: PROVIDER,
+                        key: format!("{key} (state {})", state.as_str()),
+                    }),
+                }
+            }
+            Err(e) => match map_sdk_error(e, key) {
+                // Decrypt decides: a key policy may allow Decrypt without DescribeKey.
+                SealError::AccessDenied { .. } => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+}
+
+impl SealProvider for KmsProvider {
+    fn token_type(&self) -> &'static str {
+        AWS_KMS_TOKEN_TYPE
+    }
+
+    fn key_reference(&self) -> String {
+        self.key_id.clone()
+    }
+
+    fn seal(&self, secret: &SecretBytes, binding: &Binding) -> Result<Sealed, SealError> {
+        self.block_on(async {
+            let (client, region) = self.client().await?;
+            self.check_key_state(client, &self.key_id).await?;
+            let mut req = client
+                .encrypt()
+                .key_id(&self.key_id)
+                .plaintext(Blob::new(secret.expose_secret().to_vec()));
+            for (k, v) in Self::context(binding) {
+                req = req.encryption_context(k, v);
+            }
+            let out = req.send().await.map_err(|e| map_sdk_error(e, &self.key_id))?;
+            let ciphertext = out
+                .ciphertext_blob()
+                .map(|b| b.as_ref().to_vec())
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| other("Encrypt returned no ciphertext"))?;
+            // The ARN of the key that encrypted: aliases resolved once, here.
+            let key_arn = out.key_id().unwrap_or(&self.key_id).to_owned();
+            let mut params = Map::new();
+            params.insert(PARAM_KEY_ID.into(), key_arn.into());
+            if let Some(r) = region {
+                params.insert(PARAM_REGION.into(), r.clone().into());
+            }
+            if let Some(e) = &self.endpoint {
+                params.insert(PARAM_ENDPOINT.into(), e.clone().into());
+            }
+            let ctx: Map<String, Value> = Self::context(binding)
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), Value::String(v)))
+                .collect();
+            params.insert(PARAM_CONTEXT.into(), Value::Object(ctx));
+            Ok(Sealed { ciphertext, params })
+        })
+    }
+
+    fn unseal(&self, sealed: &Sealed, binding: &Binding) -> Result<SecretBytes, SealError> {
+        // The token's own key id wins over the provider's (they are equal when the provider
+        // was built from the token).
+        let key = match sealed.params.get(PARAM_KEY_ID) {
+            Some(Value::String(k)) => k.clone(),
+            Some(_) => return Err(SealError::BadToken(format!("{PARAM_KEY_ID:?} is not a string"))),
+            None => self.key_id.clone(),
+        };
+        self.block_on(async {
+            let (client, _) = self.client().await?;
+            self.check_key_state(client, &key).await?;
+            let mut req = client
+                .decrypt()
+                .key_id(&key)
+                .ciphertext_blob(Blob::new(sealed.ciphertext.clone()));
+            for (k, v) in Self::context(binding) {
+                req = req.encryption_context(k, v);
+            }
+            let out = req.send().await.map_err(|e| map_sdk_error(e, &key))?;
+            let plain = out
+                .plaintext()
+                .map(|p| SecretBytes::from_slice(p.as_ref()))
+                .ok_or_else(|| other("Decrypt returned no plaintext"))?;
+            drop(out);
+            if plain.len() != super::enroll::SECRET_LEN {
+                return Err(SealError::WrongBinding);
+            }
+            Ok(plain)
+        })
+    }
+}
+
+fn other(detail: impl Into<String>) -> SealError {
+    SealError::Other {
+        provider: PROVIDER,
+        detail: detail.into(),
+    }
+}
+
+fn unreachable_err(detail: impl Into<String>) -> SealError {
+    SealError::Unreachable {
+        provider: PROVIDER,
+        detail: detail.into(),
+    }
+}
+
+/// Maps an SDK error to what the operator must do about it.
+fn map_sdk_error<E, R>(e: SdkError<E, R>, key: &str) -> SealError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match &e {
+        SdkError::ServiceError(se) => {
+            let err = se.err();
+            map_service_code(err.code(), err.message(), key)
+        }
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
+            unreachable_err(format!("{}", DisplayErrorContext(&e)))
+        }
+        // A response we could not read (proxy page, truncated body): treat as transient.
+        SdkError::ResponseError(_) => unreachable_err(format!("{}", DisplayErrorContext(&e))),
+        _ => other(format!("{}", DisplayErrorContext(&e))),
+    }
+}
+
+/// Maps a KMS error code (and message) to a [`SealError`].
+pub(crate) fn map_service_code(code: Option<&str>, message: Option<&str>, key: &str) -> SealError {
+    let detail = match (code, message) {
+        (Some(c), Some(m)) if !m.is_empty() => format!("{c}: {m}"),
+        (Some(c), _) => c.to_owned(),
+        (None, Some(m)) => m.to_owned(),
+        (None, None) => "unknown error".to_owned(),
+    };
+    match code.unwrap_or("") {
+        "AccessDeniedException" | "UnrecognizedClientException" | "InvalidSignatureException"
+        | "ExpiredTokenException" | "InvalidClientTokenId" | "AccessDenied" => {
+            SealError::AccessDenied {
+                provider: PROVIDER,
+                detail,
+            }
+        }
+        "InvalidCiphertextException" | "IncorrectKeyException" => SealError::WrongBinding,
+        "DisabledException" | "KMSInvalidStateException" => SealError::KeyDisabled {
+            provider: PROVIDER,
+            key: key.to_owned(),
+        },
+        "NotFoundException" => SealError::KeyMissing {
+            provider: PROVIDER,
+            key: key.to_owned(),
+        },
+        "KeyUnavailableException" | "DependencyTimeoutException" | "KMSInternalException"
+        | "ThrottlingException" | "LimitExceededException" | "ServiceUnavailable"
+        | "InternalFailure" | "RequestTimeout" => unreachable_err(detail),
+        _ => other(detail),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_codes_map_to_operator_actions() {
+        let m = |c: &str| map_service_code(Some(c), Some("msg"), "alias/k");
+        assert!(matches!(m("AccessDeniedException"), SealError::AccessDenied { .. }));
+        assert!(matches!(m("InvalidCiphertextException"), SealError::WrongBinding));
+        assert!(matches!(m("IncorrectKeyException"), SealError::WrongBinding));
+        assert!(matches!(m("DisabledException"), SealError::KeyDisabled { .. }));
+        assert!(matches!(m("KMSInvalidStateException"), SealError::KeyDisabled { .. }));
+        assert!(matches!(m("NotFoundException"), SealError::KeyMissing { .. }));
+        assert!(m("KeyUnavailableException").is_transient());
+        assert!(m("ThrottlingException").is_transient());
+        assert!(matches!(m("ValidationException"), SealError::Other { .. }));
+        assert!(matches!(
+            map_service_code(None, None, "k"),
+            SealError::Other { .. }
+        ));
+        let e = m("KMSInvalidStateException").to_string();
+        assert!(e.contains("alias/k") && e.contains("disabled"), "{e}");
+    }
+
+    #[test]
+    fn provider_from_token_params() {
+        let mut p = Map::new();
+        assert!(matches!(
+            KmsProvider::from_token_params(&p),
+            Err(SealError::BadToken(_))
+        ));
+        p.insert(PARAM_KEY_ID.into(), "arn:aws:kms:eu-west-1:1:key/x".into());
+        p.insert(PARAM_REGION.into(), "eu-west-1".into());
+        let k = KmsProvider::from_token_params(&p).unwrap();
+        assert_eq!(k.key_reference(), "arn:aws:kms:eu-west-1:1:key/x");
+        assert_eq!(k.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(k.endpoint, None);
+        p.insert(PARAM_ENDPOINT.into(), 5.into());
+        assert!(matches!(
+            KmsProvider::from_token_params(&p),
+            Err(SealError::BadToken(_))
+        ));
+    }
+
+    /// A dead endpoint: Unreachable, within the operation timeout, from inside a tokio runtime
+    /// too (no "runtime within a runtime" panic).
+    #[test]
+    fn unreachable_endpoint_is_transient_and_bounded() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let p = KmsProvider::new(
+            "alias/none",
+            Some("us-east-1".into()),
+            Some(format!("http://127.0.0.1:{port}")),
+        )
+        .unwrap()
+        .with_test_credentials();
+        let binding = Binding {
+            volume_uuid: "u".into(),
+            keyslot: 1,
+        };
+        let sealed = Sealed {
+            ciphertext: vec![1; 16],
+            params: Map::new(),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let start = std::time::Instant::now();
+        let r = rt.block_on(async { p.unseal(&sealed, &binding) });
+        assert!(start.elapsed() < OPERATION_TIMEOUT * 2, "{:?}", start.elapsed());
+        match r {
+            Err(e @ SealError::Unreachable { .. }) => assert!(e.is_transient()),
+            Err(e) => panic!("expected Unreachable, got {e}"),
+            Ok(_) => panic!("expected Unreachable, got a secret"),
+        }
+    }
+}
