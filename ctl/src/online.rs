@@ -36,7 +36,8 @@ Examples:
   nbdcryptctl unlock --key-file /etc/nbdcrypt/vol.key  # the file's bytes are the key, as-is
   ssh keyhost cat vol.key | nbdcryptctl unlock --key-file -   # key bytes from a pipe
   printf '%s\\n' \"$PASS\" | nbdcryptctl unlock --stdin   # first line, newline dropped
-  nbdcryptctl unlock --control /run/nbdcrypt/b.sock --slot 1";
+  nbdcryptctl unlock --control /run/nbdcrypt/b.sock --slot 1
+  nbdcryptctl unlock --token                           # KMS/HSM tokens (nbdcryptctl enroll)";
 
 #[derive(Args, Debug)]
 pub struct UnlockArgs {
@@ -52,8 +53,13 @@ pub struct UnlockArgs {
     pub stdin: bool,
 
     /// Try only keyslot N (default: every keyslot).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", conflicts_with = "token")]
     pub slot: Option<u32>,
+
+    /// Unlock with the volume's KMS/HSM tokens instead of a passphrase: the daemon unseals them
+    /// (see `nbdcryptctl enroll`).
+    #[arg(long, conflicts_with_all = ["key_file", "stdin"])]
+    pub token: bool,
 }
 
 pub const LOCK_ABOUT: &str = "\
@@ -137,6 +143,19 @@ pub fn wait_unlocked(args: WaitArgs) -> Result<(), Failure> {
 }
 
 pub fn unlock(args: UnlockArgs) -> Result<(), Failure> {
+    if args.token {
+        return match call(&args.control, &Request::UnlockToken)? {
+            Response::Ok(s) => {
+                println!("unlocked by token: export {:?}, {} ({})", s.export_name, human_bytes(s.size), s.cipher);
+                Ok(())
+            }
+            Response::Error(e) if e.kind == ErrorKind::AlreadyUnlocked => {
+                eprintln!("nbdcryptctl: the volume is already unlocked; nothing to do");
+                Ok(())
+            }
+            Response::Error(e) => Err(refusal(e)),
+        };
+    }
     let source = match (args.key_file, args.stdin) {
         (Some(path), _) => Source::KeyFile(path),
         (None, true) => Source::StdinLine,
@@ -217,6 +236,8 @@ fn refusal(e: ErrorReply) -> Failure {
         ErrorKind::RateLimited | ErrorKind::Busy => exit::TRY_LATER,
         ErrorKind::AlreadyUnlocked | ErrorKind::AlreadyLocked => exit::ERROR,
         ErrorKind::BadRequest | ErrorKind::PermissionDenied | ErrorKind::Internal => exit::ERROR,
+        ErrorKind::TokenFailed => exit::ERROR,
+        ErrorKind::ProviderUnreachable => exit::TRY_LATER,
         ErrorKind::Unknown => exit::ERROR,
     };
     Failure::new(code, e.message)

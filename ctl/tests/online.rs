@@ -80,7 +80,10 @@ fn daemon() -> Daemon {
         sector_size: 4096,
         size: 1 << 20,
     };
-    let unlocker: control::Unlocker = Box::new(|secret: &SecretBytes, _slot| {
+    let unlocker: control::Unlocker = Box::new(|with: control::UnlockWith| {
+        let control::UnlockWith::Secret { secret, .. } = with else {
+            return Err(control::UnlockError::Tokens { message: "no tokens".into(), transient: false });
+        };
         if secret.expose_secret() == PASS || secret.expose_secret() == KEY {
             Ok(Arc::new(Mem(Mutex::new(vec![0; 1 << 20]))) as Arc<dyn BlockDevice>)
         } else {
@@ -89,7 +92,7 @@ fn daemon() -> Daemon {
     });
     let (trigger, sd) = shutdown::channel();
     let plane = runtime
-        .block_on(ControlPlane::start(&sock, exports.clone(), info, unlocker, sd))
+        .block_on(ControlPlane::start(&sock, exports.clone(), info, unlocker, Arc::new(nbdcrypt::audit::AuditLog::tracing()), sd))
         .unwrap();
     let volume = plane.volume.clone();
     Daemon { _dir: dir, sock, exports, volume, runtime, trigger }

@@ -66,6 +66,23 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub unlock_key_file: Option<PathBuf>,
 
+    /// At start, unlock with the volume's KMS/HSM tokens (bounded retries with backoff while a
+    /// provider is unreachable; the daemon stays up, locked, if they all fail).
+    #[arg(long)]
+    pub auto_unlock: bool,
+
+    /// PKCS#11 module for HSM tokens (default: SoftHSM2's). Never taken from the volume header.
+    #[arg(long, value_name = "PATH")]
+    pub pkcs11_module: Option<PathBuf>,
+
+    /// Where the HSM user PIN comes from: file:/path, env:VAR or cred:NAME (a systemd credential).
+    #[arg(long, value_name = "SOURCE")]
+    pub pkcs11_pin: Option<String>,
+
+    /// Append key events (unlock, lock) as JSON lines to FILE; default: the log (journald).
+    #[arg(long, value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
+
     /// Control socket for nbdcryptctl (unlock, lock, status).
     #[arg(long, value_name = "SOCK", env = "NBDCRYPT_CONTROL", default_value = "/run/nbdcrypt/control.sock")]
     pub control: PathBuf,
@@ -170,6 +187,9 @@ pub struct Config {
     pub mode: Mode,
     pub backing: PathBuf,
     pub unlock_key_file: Option<PathBuf>,
+    pub auto_unlock: bool,
+    pub pkcs11: crate::seal::Pkcs11Settings,
+    pub audit_log: Option<PathBuf>,
     pub control: PathBuf,
     pub file: FileOptions,
     pub export_name: String,
@@ -214,10 +234,20 @@ impl Config {
         if a.create.is_some() && mode != Mode::Plain {
             return Err("--create works with --plain only; use `nbdcryptctl format --size` for volumes".into());
         }
+        let pin = match &a.pkcs11_pin {
+            Some(p) => Some(crate::seal::pkcs11::PinSource::parse(p).map_err(|e| format!("--pkcs11-pin: {e}"))?),
+            None => None,
+        };
+        if a.auto_unlock && mode == Mode::Plain {
+            return Err("--auto-unlock makes no sense with --plain".into());
+        }
         Ok(Config {
             mode,
             backing,
             unlock_key_file: key,
+            auto_unlock: a.auto_unlock,
+            pkcs11: crate::seal::Pkcs11Settings { module: a.pkcs11_module, pin },
+            audit_log: a.audit_log,
             control,
             file: FileOptions {
                 read_only: a.read_only,

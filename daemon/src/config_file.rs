@@ -27,6 +27,10 @@ pub struct FileConfig {
     volume: Option<PathBuf>,
     plain: Option<PathBuf>,
     unlock_key_file: Option<PathBuf>,
+    auto_unlock: Option<bool>,
+    pkcs11_module: Option<PathBuf>,
+    pkcs11_pin: Option<String>,
+    audit_log: Option<PathBuf>,
     control: Option<PathBuf>,
     unix: Option<PathBuf>,
     socket_mode: Option<Spanned<String>>,
@@ -91,6 +95,10 @@ impl FileConfig {
             };
         }
         take!(unlock_key_file, "unlock_key_file");
+        take!(auto_unlock, "auto_unlock");
+        take!(pkcs11_module, "pkcs11_module");
+        take!(pkcs11_pin, "pkcs11_pin");
+        take!(audit_log, "audit_log");
         take!(control, "control");
         take!(unix, "unix");
         take!(tcp, "tcp");

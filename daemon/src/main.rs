@@ -10,8 +10,10 @@ use nbdcrypt::block::file::FileDevice;
 use nbdcrypt::block::latch::Latch;
 use nbdcrypt::block::BlockDevice;
 use nbdcrypt::config::{Args, Config, Mode};
-use nbdcrypt::control::proto::{Request, Response};
-use nbdcrypt::control::{self, ControlPlane, Origin, Unlocker};
+use nbdcrypt::audit::AuditLog;
+use nbdcrypt::control::proto::{ErrorKind, Request, Response};
+use nbdcrypt::control::{self, ControlPlane, Origin, UnlockWith, Unlocker};
+use nbdcrypt::seal::Pkcs11Settings;
 use nbdcrypt::demo;
 use nbdcrypt::notify;
 use nbdcrypt::export::ExportTable;
@@ -95,11 +97,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot serve {}", config.backing.display()))?;
     info!(path = %info.path.display(), uuid = %info.uuid, cipher = info.cipher, key_bits = info.key_bits,
           sector_size = info.sector_size, size = info.size, "LUKS2 volume opened; locked");
+    let audit = Arc::new(match &config.audit_log {
+        Some(path) => AuditLog::open(path).with_context(|| format!("cannot open the audit log {}", path.display()))?,
+        None => AuditLog::tracing(),
+    });
     let control = ControlPlane::start(
         &config.control,
         exports.clone(),
         control_info(&info),
-        unlocker(Arc::new(volume)),
+        unlocker(Arc::new(volume), config.pkcs11.clone()),
+        audit,
         shutdown.clone(),
     )
     .await?;
@@ -108,6 +115,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     if let Some(key_file) = &config.unlock_key_file {
         unlock_at_start(&control, key_file).await?;
+    }
+    if config.auto_unlock && exports.current().is_none() {
+        spawn_auto_unlock(control.volume.clone(), shutdown.clone());
     }
     notify::follow_lock_state(exports.clone());
     notify::ready(if exports.current().is_some() { "unlocked" } else { "locked" });
@@ -129,22 +139,59 @@ fn control_info(info: &VolumeInfo) -> control::VolumeInfo {
     }
 }
 
-/// The one place the control plane reaches into LUKS2: a secret in, a device out.
-fn unlocker(volume: Arc<Volume>) -> Unlocker {
-    Box::new(move |secret, slot| {
-        let result = volume.unlock(secret, slot);
+/// The one place the control plane reaches into LUKS2 and the seal providers.
+fn unlocker(volume: Arc<Volume>, pkcs11: Pkcs11Settings) -> Unlocker {
+    Box::new(move |with: UnlockWith| {
+        let result = match with {
+            UnlockWith::Secret { secret, slot } => volume.unlock(&secret, slot),
+            UnlockWith::Tokens => volume.unlock_with_tokens(&pkcs11),
+        };
         // Key derivation and expansion left temporaries on this thread's stack.
         nbdcrypt::sys::scrub_stack();
-        result
-    }
-    .map(|(device, opened)| {
-        info!(keyslot = opened, "keyslot opened");
-        device
+        match result {
+            Ok((device, opened)) => {
+                info!(keyslot = opened, "keyslot opened");
+                Ok(device)
+            }
+            Err(UnlockError::WrongPassphrase) => Err(control::UnlockError::WrongPassphrase),
+            Err(UnlockError::Tokens { message, transient }) => {
+                Err(control::UnlockError::Tokens { message, transient })
+            }
+            Err(e) => Err(control::UnlockError::Other(e.to_string())),
+        }
     })
-    .map_err(|e| match e {
-        UnlockError::WrongPassphrase => control::UnlockError::WrongPassphrase,
-        e => control::UnlockError::Other(e.to_string()),
-    }))
+}
+
+/// `--auto-unlock`: try the tokens now, and again with growing pauses while a provider is
+/// unreachable. The control socket is up throughout, so an operator can unlock another way.
+fn spawn_auto_unlock(volume: nbdcrypt::control::VolumeHandle, mut shutdown: nbdcrypt::shutdown::Shutdown) {
+    const DELAYS: [u64; 6] = [1, 2, 4, 8, 16, 30];
+    let origin = Origin { uid: nix::unistd::geteuid().as_raw(), pid: Some(std::process::id() as i32) };
+    tokio::spawn(async move {
+        for (attempt, delay) in std::iter::once(0).chain(DELAYS).enumerate() {
+            if delay > 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(delay)) => {}
+                    _ = shutdown.triggered() => return,
+                }
+            }
+            match volume.call(Request::UnlockToken, origin.clone()).await {
+                Response::Ok(_) => {
+                    info!(attempt, "auto-unlock: unlocked by token");
+                    return;
+                }
+                Response::Error(e) if e.kind == ErrorKind::ProviderUnreachable || e.kind == ErrorKind::Busy => {
+                    warn!(attempt, error = %e.message, "auto-unlock: will retry");
+                }
+                Response::Error(e) if e.kind == ErrorKind::AlreadyUnlocked => return,
+                Response::Error(e) => {
+                    error!(error = %e.message, "auto-unlock failed; staying locked (unlock with nbdcryptctl)");
+                    return;
+                }
+            }
+        }
+        error!("auto-unlock gave up: the KMS/HSM stayed unreachable; staying locked (unlock with nbdcryptctl)");
+    });
 }
 
 async fn unlock_at_start(control: &ControlPlane, key_file: &std::path::Path) -> anyhow::Result<()> {

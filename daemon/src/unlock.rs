@@ -11,7 +11,9 @@ use crate::block::latch::Latch;
 use crate::block::file::{claim_path, FileDevice, FileOptions};
 use crate::block::BlockDevice;
 use crate::crypto::kdf::KdfLimits;
-use crate::crypto::keys::SecretBytes;
+use crate::crypto::keys::{SecretBytes, VolumeKey};
+use crate::seal::enroll::{self, EnrollError, TokenFailureReason};
+use crate::seal::{resolve_provider_with, Pkcs11Settings};
 use crate::crypto::xts::SectorCipher;
 use crate::luks2::{FormatError, Luks2Header, SegmentSize};
 
@@ -42,6 +44,9 @@ pub enum UnlockError {
     Layout(String),
     #[error("cannot open the volume: {0}")]
     Backing(String),
+    /// No KMS/HSM token opened the volume; `transient` when a provider was unreachable.
+    #[error("{message}")]
+    Tokens { message: String, transient: bool },
 }
 
 impl From<FormatError> for UnlockError {
@@ -134,14 +139,42 @@ impl Volume {
             Some(s) => (header.unlock_slot(&file, s, secret, &self.limits)?, s),
             None => header.unlock(&file, secret, &self.limits)?,
         };
+        Ok((self.device_for(&header, &key)?, opened))
+    }
+
+    /// Unseal the header's KMS/HSM tokens (priority order) and build the device to serve.
+    /// Calls the providers over the network: seconds at worst, so off the reactor.
+    pub fn unlock_with_tokens(
+        &self,
+        pkcs11: &Pkcs11Settings,
+    ) -> Result<(Arc<dyn BlockDevice>, u32), UnlockError> {
+        let (header, file) = self.read_header()?;
+        let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolve_provider_with(json, pkcs11);
+        let (key, slot, token) = match enroll::unlock_with_tokens(&file, &header, &resolve) {
+            Ok(opened) => opened,
+            Err(e) => {
+                let transient = match &e {
+                    EnrollError::TokensFailed(f) => f.iter().any(|x| {
+                        matches!(&x.reason, TokenFailureReason::Seal(s) if s.is_transient())
+                    }),
+                    other => other.seal_error().is_some_and(|s| s.is_transient()),
+                };
+                return Err(UnlockError::Tokens { message: e.to_string(), transient });
+            }
+        };
+        tracing::info!(token, keyslot = slot, "token unsealed");
+        Ok((self.device_for(&header, &key)?, slot))
+    }
+
+    fn device_for(&self, header: &Luks2Header, key: &VolumeKey) -> Result<Arc<dyn BlockDevice>, UnlockError> {
         let backing = self.open_backing()?;
-        let segment = self.segment(&header, &*backing)?;
-        let cipher = SectorCipher::new(&key, header.data_segment().sector_size as usize)
+        let segment = self.segment(header, &*backing)?;
+        let cipher = SectorCipher::new(key, header.data_segment().sector_size as usize)
             .map_err(|e| UnlockError::Layout(e.to_string()))?;
         let allow_discards = self.file_options.allow_discards;
         let crypt = CryptDevice::new(backing, cipher, segment, allow_discards)
             .map_err(|e| UnlockError::Layout(e.to_string()))?;
-        Ok((Arc::new(Latch::new(Arc::new(crypt))), opened))
+        Ok(Arc::new(Latch::new(Arc::new(crypt))))
     }
 
     /// Current facts from the header on disk.

@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! -> {"v":1,"op":"unlock","secret":"aHVudGVyMg==","slot":0}     secret: base64 (or an array of
+//! -> {"v":1,"op":"unlock_token"}
 //! -> {"v":1,"op":"lock","force":false}                           byte values); slot optional
 //! -> {"v":1,"op":"status"}
 //! <- {"v":1,"status":{"state":"unlocked","volume_uuid":"…",…}}
@@ -48,6 +49,8 @@ pub const MAX_SECRET_LEN: usize = 8 * 1024 * 1024;
 pub enum Request {
     /// Try the secret against the keyslots (only `slot` if given) and publish the export.
     Unlock { secret: SecretBytes, slot: Option<u32> },
+    /// Unlock with the KMS/HSM tokens in the header (the daemon unseals them).
+    UnlockToken,
     /// Withdraw the export and wipe the key; `force` disconnects attached clients first.
     Lock { force: bool },
     Status,
@@ -57,6 +60,7 @@ pub enum Request {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestKind {
     Unlock,
+    UnlockToken,
     Lock,
     Status,
 }
@@ -65,6 +69,7 @@ impl fmt::Display for RequestKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             RequestKind::Unlock => "unlock",
+            RequestKind::UnlockToken => "unlock-token",
             RequestKind::Lock => "lock",
             RequestKind::Status => "status",
         })
@@ -80,6 +85,7 @@ impl fmt::Debug for Request {
                 .field("secret", &"<redacted>")
                 .field("slot", slot)
                 .finish(),
+            Request::UnlockToken => f.write_str("UnlockToken"),
             Request::Lock { force } => f.debug_struct("Lock").field("force", force).finish(),
             Request::Status => f.write_str("Status"),
         }
@@ -181,6 +187,10 @@ pub enum ErrorKind {
     PermissionDenied,
     /// The daemon failed (I/O error opening the volume, a failed flush, a bug).
     Internal,
+    /// No KMS/HSM token opened the volume (refused, wrong binding, no token).
+    TokenFailed,
+    /// A KMS/HSM was unreachable: worth retrying later; other unlock methods still work.
+    ProviderUnreachable,
     /// A kind a newer daemon knows and this build does not.
     #[serde(other)]
     Unknown,
@@ -197,6 +207,8 @@ impl fmt::Display for ErrorKind {
             ErrorKind::BadRequest => "bad_request",
             ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::Internal => "internal",
+            ErrorKind::TokenFailed => "token_failed",
+            ErrorKind::ProviderUnreachable => "provider_unreachable",
             ErrorKind::Unknown => "unknown",
         })
     }
@@ -234,6 +246,7 @@ impl Request {
     pub fn kind(&self) -> RequestKind {
         match self {
             Request::Unlock { .. } => RequestKind::Unlock,
+            Request::UnlockToken => RequestKind::UnlockToken,
             Request::Lock { .. } => RequestKind::Lock,
             Request::Status => RequestKind::Status,
         }
@@ -243,6 +256,7 @@ impl Request {
     pub fn encode(&self) -> Zeroizing<Vec<u8>> {
         let (op, secret, slot, force) = match self {
             Request::Unlock { secret, slot } => (Op::Unlock, Some(SecretOut(secret)), *slot, None),
+            Request::UnlockToken => (Op::UnlockToken, None, None, None),
             Request::Lock { force } => (Op::Lock, None, None, Some(*force)),
             Request::Status => (Op::Status, None, None, None),
         };
@@ -320,6 +334,7 @@ fn check_version(line: &[u8]) -> Result<(), DecodeError> {
 #[serde(rename_all = "snake_case")]
 enum Op {
     Unlock,
+    UnlockToken,
     Lock,
     Status,
 }
@@ -352,6 +367,18 @@ impl WireRequest {
                     Some(SecretIn(secret)) => Ok(Request::Unlock { secret, slot: self.slot }),
                     None => Err(DecodeError::Invalid("unlock needs \"secret\"".into())),
                 }
+            }
+            Op::UnlockToken => {
+                if self.secret.is_some() {
+                    return misplaced("secret");
+                }
+                if self.slot.is_some() {
+                    return misplaced("slot");
+                }
+                if self.force.is_some() {
+                    return misplaced("force");
+                }
+                Ok(Request::UnlockToken)
             }
             Op::Lock => {
                 if self.secret.is_some() {

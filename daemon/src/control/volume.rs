@@ -34,21 +34,32 @@ use tracing::{error, info, warn};
 
 use crate::block::{self, BlockDevice};
 use crate::control::proto::{ErrorKind, ErrorReply, Request, Response, StatusReport, VolumeState};
+use crate::audit::{AuditEvent, AuditEventKind, AuditLog};
 use crate::crypto::keys::SecretBytes;
 use crate::export::{Export, ExportTable};
 use crate::shutdown::Shutdown;
 
-/// Opens the volume with a secret: tries the keyslot `slot` (or every keyslot) and builds the
-/// crypt device over the backing store. Runs on a blocking thread.
-pub type Unlocker = Box<
-    dyn Fn(&SecretBytes, Option<u32>) -> Result<Arc<dyn BlockDevice>, UnlockError> + Send + Sync,
->;
+/// Opens the volume: with a secret (keyslot `slot`, or every keyslot), or with the KMS/HSM
+/// tokens in the header; builds the crypt device over the backing store. Runs on a blocking
+/// thread.
+pub type Unlocker =
+    Box<dyn Fn(UnlockWith) -> Result<Arc<dyn BlockDevice>, UnlockError> + Send + Sync>;
+
+/// What an unlock uses. The secret moves to the unlocker's thread and is wiped there.
+pub enum UnlockWith {
+    Secret { secret: SecretBytes, slot: Option<u32> },
+    /// The header's sealed-keyslot tokens, tried in priority order.
+    Tokens,
+}
 
 /// Why an unlocker did not return a device.
 #[derive(Debug)]
 pub enum UnlockError {
     /// No keyslot (of those tried) opened with the secret. Counts toward the rate limit.
     WrongPassphrase,
+    /// No token opened the volume (each failure named); does not count toward the rate limit:
+    /// nothing was guessed. `transient` when a provider was unreachable (worth retrying).
+    Tokens { message: String, transient: bool },
     /// Anything else (I/O error, damaged header); does not count toward the rate limit. The text
     /// is shown to the operator, so it must not contain secret-derived values.
     Other(String),
@@ -58,6 +69,7 @@ impl fmt::Display for UnlockError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             UnlockError::WrongPassphrase => f.write_str("wrong passphrase or key file"),
+            UnlockError::Tokens { message, .. } => f.write_str(message),
             UnlockError::Other(m) => f.write_str(m),
         }
     }
@@ -120,6 +132,7 @@ pub struct VolumeManager {
     info: VolumeInfo,
     unlocker: Arc<Unlocker>,
     policy: Policy,
+    audit: Arc<AuditLog>,
 }
 
 /// Sends requests to the manager's task. Cheap to clone; one per control connection.
@@ -130,7 +143,19 @@ pub struct VolumeHandle {
 
 impl VolumeManager {
     pub fn new(exports: Arc<ExportTable>, info: VolumeInfo, unlocker: Unlocker) -> Self {
-        VolumeManager { exports, info, unlocker: Arc::new(unlocker), policy: Policy::default() }
+        VolumeManager {
+            exports,
+            info,
+            unlocker: Arc::new(unlocker),
+            policy: Policy::default(),
+            audit: Arc::new(AuditLog::tracing()),
+        }
+    }
+
+    /// Where unlock and lock events are recorded (default: the log).
+    pub fn with_audit(mut self, audit: Arc<AuditLog>) -> Self {
+        self.audit = audit;
+        self
     }
 
     pub fn with_policy(mut self, policy: Policy) -> Self {
@@ -149,6 +174,7 @@ impl VolumeManager {
             info: self.info,
             unlocker: self.unlocker,
             policy: self.policy,
+            audit: self.audit,
             rx,
             vol: Vol::Locked { reason: "not unlocked since nbdcryptd started".into() },
             pending: Pending::None,
@@ -199,6 +225,8 @@ enum Pending {
         task: JoinHandle<Result<Arc<dyn BlockDevice>, UnlockError>>,
         reply: oneshot::Sender<Response>,
         origin: Origin,
+        /// "passphrase" or "token", for the audit log.
+        method: &'static str,
     },
     Drain {
         /// Taken when the deadline passes and the requester has been told `busy`.
@@ -225,6 +253,7 @@ enum Event {
 }
 
 struct Task {
+    audit: Arc<AuditLog>,
     exports: Arc<ExportTable>,
     info: VolumeInfo,
     unlocker: Arc<Unlocker>,
@@ -261,7 +290,10 @@ impl Task {
                 let _ = reply.send(Response::Ok(self.report()));
                 return;
             }
-            Request::Unlock { secret, slot } => self.unlock(secret, slot, origin, reply),
+            Request::Unlock { secret, slot } => {
+                self.unlock(UnlockWith::Secret { secret, slot }, origin, reply)
+            }
+            Request::UnlockToken => self.unlock(UnlockWith::Tokens, origin, reply),
             Request::Lock { force } => self.lock(force, origin, reply),
         };
         // `None`: the request started a slow step, which answers when it ends. (The control
@@ -272,13 +304,7 @@ impl Task {
     }
 
     /// Start an unlock, or hand back the reply with the reason why not.
-    fn unlock(
-        &mut self,
-        secret: SecretBytes,
-        slot: Option<u32>,
-        origin: Origin,
-        reply: Reply,
-    ) -> Option<(Reply, Response)> {
+    fn unlock(&mut self, with: UnlockWith, origin: Origin, reply: Reply) -> Option<(Reply, Response)> {
         if let Some(busy) = self.busy() {
             return Some((reply, busy));
         }
@@ -290,7 +316,8 @@ impl Task {
             // Locking always has a pending step, so `busy()` answered above.
             Vol::Locking { .. } | Vol::Locked { .. } => {}
         }
-        if let Some(wait) = self.limiter.remaining(Instant::now()) {
+        let by_secret = matches!(with, UnlockWith::Secret { .. });
+        if let (true, Some(wait)) = (by_secret, self.limiter.remaining(Instant::now())) {
             let secs = ceil_secs(wait);
             let r = Response::Error(ErrorReply {
                 kind: ErrorKind::RateLimited,
@@ -299,11 +326,17 @@ impl Task {
             });
             return Some((reply, r));
         }
-        info!(%origin, slot = ?slot, "unlock: checking the secret against the keyslots");
+        match &with {
+            UnlockWith::Secret { slot, .. } => {
+                info!(%origin, slot = ?slot, "unlock: checking the secret against the keyslots")
+            }
+            UnlockWith::Tokens => info!(%origin, "unlock: trying the KMS/HSM tokens"),
+        }
+        let method = if by_secret { "passphrase" } else { "token" };
         let unlocker = self.unlocker.clone();
-        // The secret moves to the blocking thread and is wiped when the closure drops it.
-        let task = tokio::task::spawn_blocking(move || unlocker(&secret, slot));
-        self.pending = Pending::Unlock { task, reply, origin };
+        // The secret moves to the blocking thread and is wiped when the unlocker drops it.
+        let task = tokio::task::spawn_blocking(move || unlocker(with));
+        self.pending = Pending::Unlock { task, reply, origin, method };
         None
     }
 
@@ -359,14 +392,34 @@ impl Task {
         Some(Response::Error(ErrorReply { kind: ErrorKind::Busy, message, retry_after_secs: Some(1) }))
     }
 
+    fn record(&self, event: &AuditEvent) {
+        if let Err(e) = self.audit.record(event) {
+            error!(error = %e, "cannot write the audit log");
+        }
+    }
+
     fn unlock_done(
         &mut self,
         res: Result<Result<Arc<dyn BlockDevice>, UnlockError>, tokio::task::JoinError>,
     ) {
-        let Pending::Unlock { reply, origin, .. } = std::mem::replace(&mut self.pending, Pending::None)
+        let Pending::Unlock { reply, origin, method, .. } =
+            std::mem::replace(&mut self.pending, Pending::None)
         else {
             return;
         };
+        let mut event = AuditEvent::new(match &res {
+            Ok(Ok(_)) => AuditEventKind::UnlockOk,
+            _ => AuditEventKind::UnlockFailed,
+        })
+        .volume(&self.info.uuid)
+        .detail("method", method)
+        .peer(origin.uid, origin.pid.unwrap_or(0));
+        match &res {
+            Ok(Err(e)) => event = event.failed(e),
+            Err(e) => event = event.failed(e),
+            Ok(Ok(_)) => {}
+        }
+        self.record(&event);
         let response = match res {
             Ok(Ok(device)) => {
                 self.limiter.success();
@@ -384,6 +437,15 @@ impl Task {
                     message.push_str(&format!("; the next attempt is possible in {} s", ceil_secs(wait)));
                 }
                 Response::error(ErrorKind::WrongPassphrase, message)
+            }
+            Ok(Err(UnlockError::Tokens { message, transient })) => {
+                warn!(%origin, error = %message, transient, "unlock by token failed");
+                // `status` shows why the volume is still locked.
+                if let Vol::Locked { reason } = &mut self.vol {
+                    *reason = format!("unlock by token failed: {message}");
+                }
+                let kind = if transient { ErrorKind::ProviderUnreachable } else { ErrorKind::TokenFailed };
+                Response::error(kind, format!("no token opened the volume: {message}"))
             }
             Ok(Err(UnlockError::Other(m))) => {
                 error!(%origin, error = %m, "unlock failed");
@@ -450,6 +512,14 @@ impl Task {
         };
         self.drop_device(reason);
         info!(%origin, "locked; key dropped");
+        let mut event = AuditEvent::new(AuditEventKind::Lock)
+            .volume(&self.info.uuid)
+            .detail("forced", forced)
+            .peer(origin.uid, origin.pid.unwrap_or(0));
+        if let Some(e) = &failure {
+            event = event.failed(e);
+        }
+        self.record(&event);
         let response = match failure {
             None => Response::Ok(self.report()),
             Some(e) => Response::error(
@@ -682,7 +752,10 @@ pub(crate) mod tests {
     /// Accepts `GOOD` (any slot but 7) and returns a 64 KiB MemDevice.
     pub(crate) fn fake_unlocker(probe: &Probe) -> Unlocker {
         let probe = probe.clone();
-        Box::new(move |secret: &SecretBytes, slot: Option<u32>| {
+        Box::new(move |with: UnlockWith| {
+            let UnlockWith::Secret { secret, slot } = with else {
+                return Err(UnlockError::Tokens { message: "no tokens".into(), transient: false });
+            };
             probe.attempts.fetch_add(1, Ordering::SeqCst);
             if secret.expose_secret() != GOOD || slot == Some(7) {
                 return Err(UnlockError::WrongPassphrase);
@@ -917,7 +990,7 @@ pub(crate) mod tests {
         let exports = ExportTable::new("vol".into(), String::new());
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let release_rx = Mutex::new(release_rx);
-        let unlocker: Unlocker = Box::new(move |_, _| {
+        let unlocker: Unlocker = Box::new(move |_| {
             // Stands in for seconds of key derivation.
             let _ = release_rx.lock().unwrap().recv();
             Err(UnlockError::Other("backing store unreadable".into()))

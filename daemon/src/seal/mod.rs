@@ -109,13 +109,45 @@ pub fn resolve_provider(token_json: &Map<String, Value>) -> Result<Box<dyn SealP
     }
 }
 
-/// PKCS#11 hook: replace the body with
-/// `pkcs11::Pkcs11Provider::from_token_params(params, pin_source).map(|p| Box::new(p) as _)`
-/// once that provider is in the tree.
+/// What a PKCS#11 token needs besides what its LUKS2 token stores: the module to load (never
+/// taken from the header, which anyone can write) and where the user PIN comes from.
+#[derive(Debug, Clone, Default)]
+pub struct Pkcs11Settings {
+    /// Default: `pkcs11::DEFAULT_MODULE` (SoftHSM2).
+    pub module: Option<std::path::PathBuf>,
+    pub pin: Option<pkcs11::PinSource>,
+}
+
+/// Build the PKCS#11 provider for a token of ours.
+pub fn resolve_pkcs11_with(
+    params: &Map<String, Value>,
+    settings: &Pkcs11Settings,
+) -> Result<Box<dyn SealProvider>, SealError> {
+    let Some(pin_source) = &settings.pin else {
+        return Err(SealError::LoginFailed {
+            provider: "pkcs11",
+            detail: "no PIN configured: give --pkcs11-pin-file (or a systemd credential)".into(),
+        });
+    };
+    let pin = pin_source.read()?;
+    let module = settings.module.clone().unwrap_or_else(|| std::path::PathBuf::from(pkcs11::DEFAULT_MODULE));
+    Ok(Box::new(pkcs11::Pkcs11Provider::from_token_params(params, module, pin)?))
+}
+
+/// PKCS#11 without settings: a clear error naming what is missing.
 pub fn resolve_pkcs11(params: &Map<String, Value>) -> Result<Box<dyn SealProvider>, SealError> {
-    let _ = params;
-    Err(SealError::Other {
-        provider: "pkcs11",
-        detail: "pkcs11 provider not built in".into(),
-    })
+    resolve_pkcs11_with(params, &Pkcs11Settings::default())
+}
+
+/// [`resolve_provider`] with the PKCS#11 module and PIN the operator configured.
+pub fn resolve_provider_with(
+    token_json: &Map<String, Value>,
+    pkcs11: &Pkcs11Settings,
+) -> Result<Box<dyn SealProvider>, SealError> {
+    match token::parse_json(token_json)? {
+        Some(parsed) if parsed.kind == token::ProviderKind::Pkcs11 => {
+            resolve_pkcs11_with(&parsed.sealed.params, pkcs11)
+        }
+        _ => resolve_provider(token_json),
+    }
 }
