@@ -12,6 +12,7 @@ declare -A PKG=(
   [nbdkit]=nbdkit [fio]=fio
   [qemu-io]=qemu-utils [qemu-img]=qemu-utils
   [cryptsetup]=cryptsetup-bin [jq]=jq [socat]=socat [cmp]=diffutils
+  [sqlite3]=sqlite3 [pg_ctlcluster]=postgresql [pgbench]=postgresql-contrib
 )
 
 missing=()

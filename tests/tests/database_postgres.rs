@@ -21,12 +21,10 @@ mod db_stack;
 use db_stack::*;
 use nbdcrypt_tests::*;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// The tests of this file share the machine's two cores: run them one at a time so the TPS the
@@ -300,83 +298,6 @@ fn postgres_pgbench_smoke_on_an_encrypted_volume() {
     println!("smoke test took {:.1?}", t0.elapsed());
 }
 
-/// The committing client: one psql session in autocommit, one INSERT per transaction with
-/// increasing ids. psql prints the RETURNING row only after PQexec returned, that is after the
-/// server sent ReadyForQuery, which follows the flushed commit record (synchronous_commit=on).
-/// Only then is the id appended to the client-side log.
-struct Committer {
-    psql: Child,
-    thread: Option<std::thread::JoinHandle<Result<Vec<i64>, String>>>,
-    acked: Arc<AtomicUsize>,
-}
-
-impl Committer {
-    fn start(pg: &Pg, trial: usize, first_id: i64, log: &Path) -> Committer {
-        let mut psql = pg
-            .psql_cmd()
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(File::create(log.with_extension("psql-stderr")).unwrap())
-            .spawn()
-            .expect("spawn psql");
-        let mut stdin = psql.stdin.take().unwrap();
-        let stdout = BufReader::new(psql.stdout.take().unwrap());
-        let acked = Arc::new(AtomicUsize::new(0));
-        let counter = acked.clone();
-        let mut log = File::create(log).unwrap();
-        let thread = std::thread::spawn(move || {
-            let mut ids = Vec::new();
-            let mut lines = stdout.lines();
-            for id in first_id.. {
-                let stmt = format!(
-                    "INSERT INTO t (id, trial, pad) VALUES ({id}, {trial}, repeat('p', 200)) RETURNING id;\n"
-                );
-                if stdin.write_all(stmt.as_bytes()).and_then(|()| stdin.flush()).is_err() {
-                    break;
-                }
-                let line = match lines.next() {
-                    Some(Ok(l)) => l,
-                    _ => break, // psql exited: the server is gone
-                };
-                match line.trim().parse::<i64>() {
-                    Ok(got) if got == id => {}
-                    _ => return Err(format!("psql answered {line:?} to the insert of id {id}")),
-                }
-                // COMMIT returned: now, and only now, the id counts as acknowledged.
-                writeln!(log, "{id}").unwrap();
-                ids.push(id);
-                counter.fetch_add(1, Ordering::SeqCst);
-            }
-            Ok(ids)
-        });
-        Committer { psql, thread: Some(thread), acked }
-    }
-
-    fn acked(&self) -> usize {
-        self.acked.load(Ordering::SeqCst)
-    }
-
-    /// Kill psql (the server is already gone) and return the acknowledged ids.
-    fn finish(mut self) -> Vec<i64> {
-        let _ = self.psql.kill();
-        let _ = self.psql.wait();
-        let t = self.thread.take().unwrap();
-        let deadline = Instant::now() + SHORT;
-        while !t.is_finished() {
-            assert!(Instant::now() < deadline, "committer thread did not end after psql was killed");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        t.join().unwrap().unwrap_or_else(|e| panic!("committer: {e}"))
-    }
-}
-
-impl Drop for Committer {
-    fn drop(&mut self) {
-        let _ = self.psql.kill();
-        let _ = self.psql.wait();
-    }
-}
-
 /// A child process killed on drop (pgbench background load).
 struct KillOnDrop(Child);
 impl Drop for KillOnDrop {
@@ -386,42 +307,11 @@ impl Drop for KillOnDrop {
     }
 }
 
-struct TrialRow {
-    trial: usize,
-    kill_ms: u64,
-    acked: usize,
-    acked_at_kill: usize,
-    found: usize,
-    missing: Vec<i64>,
-    fsck: String,
-    fsck_ok: bool,
-    amcheck: String,
-    amcheck_ok: bool,
-}
-
-fn print_table(rows: &[TrialRow]) {
-    println!();
-    println!("{:>5} {:>8} {:>9} {:>8} {:>7}  {:<28} {}", "trial", "kill@ms", "acked", "found", "missing", "fsck", "amcheck");
-    for r in rows {
-        println!(
-            "{:>5} {:>8} {:>9} {:>8} {:>7}  {:<28} {}",
-            r.trial,
-            r.kill_ms,
-            r.acked,
-            r.found,
-            r.missing.len(),
-            r.fsck.lines().next().unwrap_or(""),
-            r.amcheck.lines().next().unwrap_or("")
-        );
-    }
-    println!();
-}
-
 #[test]
 fn postgres_crash_trials_lose_no_acknowledged_commit() {
     let _serial = serial();
     preflight();
-    let trials: usize = std::env::var("NBDCRYPT_CRASH_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let trials = trial_count(10);
     let mut rng = Rng::new(seed());
     let t0 = Instant::now();
 
@@ -452,7 +342,14 @@ fn postgres_crash_trials_lose_no_acknowledged_commit() {
                 .expect("spawn pgbench"),
         );
         let log = logs.join(format!("trial-{trial}.committed"));
-        let client = Committer::start(&pg, trial, first_id, &log);
+        // The committing client: one psql session in autocommit, one INSERT per transaction.
+        // psql prints the RETURNING row only after PQexec returned, i.e. after the server sent
+        // ReadyForQuery, which follows the flushed commit record (synchronous_commit=on).
+        let mut psql = pg.psql_cmd();
+        psql.stderr(File::create(log.with_extension("psql-stderr")).unwrap());
+        let client = Committer::start(psql, "", &[], first_id, &log, move |id| {
+            format!("INSERT INTO t (id, trial, pad) VALUES ({id}, {trial}, repeat('p', 200)) RETURNING id;\n")
+        });
         std::thread::sleep(Duration::from_millis(kill_ms));
 
         // The crash.
@@ -468,7 +365,8 @@ fn postgres_crash_trials_lose_no_acknowledged_commit() {
             assert!(wait_gone(&stuck, SHORT), "postgres processes {stuck:?} survive SIGKILL and a FUSE abort");
         }
         drop(noise);
-        let acked = client.finish();
+        let fuse = stack.fuse.as_mut().unwrap();
+        let acked = client.finish(|| fuse.kill());
         stack.crash_teardown();
 
         // Recovery: same volume file, a new daemon unlocked again, attached again.
@@ -492,35 +390,21 @@ fn postgres_crash_trials_lose_no_acknowledged_commit() {
             missing,
             fsck,
             fsck_ok,
-            amcheck,
-            amcheck_ok,
+            check: amcheck,
+            check_ok: amcheck_ok,
         };
         println!(
             "trial {trial}: kill after {kill_ms} ms; {} commits acknowledged ({} before the kill), {} found, {} missing; fsck: {}; amcheck: {}",
-            row.acked, row.acked_at_kill, row.found, row.missing.len(), row.fsck, row.amcheck
+            row.acked, row.acked_at_kill, row.found, row.missing.len(), row.fsck, row.check
         );
         assert!(row.acked > 0, "trial {trial}: no commit was acknowledged before the kill; the trial proves nothing");
         rows.push(row);
     }
 
-    print_table(&rows);
+    print_table(&rows, "pg_amcheck");
     let total: usize = rows.iter().map(|r| r.acked).sum();
     println!("{trials} crash trials, {total} acknowledged commits, run time {:.1?}", t0.elapsed());
-
-    let bad: Vec<String> = rows
-        .iter()
-        .filter(|r| !r.missing.is_empty() || !r.fsck_ok || !r.amcheck_ok)
-        .map(|r| {
-            format!(
-                "trial {}: missing ids {:?}; fsck: {}; amcheck: {}",
-                r.trial,
-                &r.missing[..r.missing.len().min(20)],
-                r.fsck,
-                r.amcheck
-            )
-        })
-        .collect();
-    assert!(bad.is_empty(), "durability violations:\n{}", bad.join("\n"));
+    assert_trials(&rows);
 
     pg.stop();
     drop(pg);

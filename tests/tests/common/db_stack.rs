@@ -25,6 +25,9 @@
 
 use nbdcrypt_tests::*;
 use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -431,4 +434,164 @@ impl Stack {
             assert!(st.success(), "nbdcryptd exited {st} on SIGTERM\n{}", d.log());
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The committing client
+
+/// Drives a database shell (psql, sqlite3) over its stdin/stdout, one transaction at a time:
+/// sends `stmt(id)` for id = first, first+1, …, and waits for the shell to print `id` on a line
+/// of its own, which it does only once the transaction's COMMIT returned. Only then is the id
+/// appended to the client-side log `log` and counted as acknowledged. Ends when the shell
+/// exits or prints anything else (an error: the storage went away).
+pub struct Committer {
+    child: Child,
+    thread: Option<std::thread::JoinHandle<Result<Vec<i64>, String>>>,
+    acked: Arc<AtomicUsize>,
+}
+
+impl Committer {
+    /// `preamble` is sent first; the shell must answer it with exactly the lines `expect`.
+    pub fn start(
+        mut cmd: Command,
+        preamble: &str,
+        expect: &[&str],
+        first_id: i64,
+        log: &Path,
+        stmt: impl Fn(i64) -> String + Send + 'static,
+    ) -> Committer {
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("spawn the database shell");
+        let mut stdin = child.stdin.take().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        stdin.write_all(preamble.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        for want in expect {
+            let got = lines.next().map(|l| l.unwrap_or_default()).unwrap_or_default();
+            assert_eq!(got.trim(), *want, "database shell's answer to {preamble:?}");
+        }
+        let acked = Arc::new(AtomicUsize::new(0));
+        let counter = acked.clone();
+        let mut log = File::create(log).unwrap();
+        let thread = std::thread::spawn(move || {
+            let mut ids = Vec::new();
+            for id in first_id.. {
+                if stdin.write_all(stmt(id).as_bytes()).and_then(|()| stdin.flush()).is_err() {
+                    break;
+                }
+                let line = match lines.next() {
+                    Some(Ok(l)) => l,
+                    _ => break, // the shell exited: the database went away
+                };
+                match line.trim().parse::<i64>() {
+                    Ok(got) if got == id => {}
+                    Ok(_) => return Err(format!("the shell answered {line:?} to the insert of id {id}")),
+                    Err(_) => break, // an error message
+                }
+                // COMMIT returned: now, and only now, the id counts as acknowledged.
+                writeln!(log, "{id}").unwrap();
+                ids.push(id);
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(ids)
+        });
+        Committer { child, thread: Some(thread), acked }
+    }
+
+    pub fn acked(&self) -> usize {
+        self.acked.load(Ordering::SeqCst)
+    }
+
+    /// Kill the shell (its database is gone or going) and return the acknowledged ids. If the
+    /// shell is still stuck (in I/O) after 10 s, `unstick` runs (abort the FUSE connection).
+    pub fn finish(mut self, unstick: impl FnOnce()) -> Vec<i64> {
+        let _ = self.child.kill();
+        let t = self.thread.take().unwrap();
+        let mut unstick = Some(unstick);
+        let start = Instant::now();
+        while !(t.is_finished() && self.child.try_wait().ok().flatten().is_some()) {
+            if start.elapsed() > Duration::from_secs(10) {
+                if let Some(f) = unstick.take() {
+                    f();
+                }
+            }
+            assert!(start.elapsed() < SHORT + Duration::from_secs(10), "the database shell did not end after SIGKILL and a FUSE abort");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        t.join().unwrap().unwrap_or_else(|e| panic!("committer: {e}"))
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One crash trial's outcome.
+pub struct TrialRow {
+    pub trial: usize,
+    pub kill_ms: u64,
+    pub acked: usize,
+    pub acked_at_kill: usize,
+    pub found: usize,
+    pub missing: Vec<i64>,
+    pub fsck: String,
+    pub fsck_ok: bool,
+    pub check: String,
+    pub check_ok: bool,
+}
+
+impl TrialRow {
+    pub fn ok(&self) -> bool {
+        self.missing.is_empty() && self.fsck_ok && self.check_ok
+    }
+}
+
+/// Print the trial table; `check` names the database's own consistency check column.
+pub fn print_table(rows: &[TrialRow], check: &str) {
+    println!();
+    println!(
+        "{:>5} {:>8} {:>10} {:>10} {:>8} {:>7}  {:<26} {}",
+        "trial", "kill@ms", "acked@kill", "acked", "found", "missing", "fsck", check
+    );
+    for r in rows {
+        println!(
+            "{:>5} {:>8} {:>10} {:>10} {:>8} {:>7}  {:<26} {}",
+            r.trial,
+            r.kill_ms,
+            r.acked_at_kill,
+            r.acked,
+            r.found,
+            r.missing.len(),
+            r.fsck.lines().next().unwrap_or(""),
+            r.check.lines().next().unwrap_or("")
+        );
+    }
+    println!();
+}
+
+/// Fail with every violation if any trial lost an acknowledged commit or left an inconsistency.
+pub fn assert_trials(rows: &[TrialRow]) {
+    let bad: Vec<String> = rows
+        .iter()
+        .filter(|r| !r.ok())
+        .map(|r| {
+            format!(
+                "trial {}: {} of {} acknowledged ids missing (first {:?}); fsck: {}; check: {}",
+                r.trial,
+                r.missing.len(),
+                r.acked,
+                &r.missing[..r.missing.len().min(20)],
+                r.fsck,
+                r.check
+            )
+        })
+        .collect();
+    assert!(bad.is_empty(), "durability violations:\n{}", bad.join("\n"));
+}
+
+/// Trials to run: $NBDCRYPT_CRASH_TRIALS or `default`.
+pub fn trial_count(default: usize) -> usize {
+    std::env::var("NBDCRYPT_CRASH_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
