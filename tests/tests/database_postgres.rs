@@ -280,12 +280,29 @@ fn postgres_pgbench_smoke_on_an_encrypted_volume() {
     assert_eq!(pg.psql("show full_page_writes"), "on");
 
     sh(pg.pgbench().args(["-i", "-s", "2", "-q", "postgres"]), LONG);
+    let (_, flushes_before) = stack.io_counters();
     let out = sh(pg.pgbench().args(["-c", "4", "-j", "2", "-T", "15", "postgres"]), LONG);
+    let (_, flushes_after) = stack.io_counters();
     let tps = parse_tps(&out.stdout);
-    let txs = out.stdout.lines().find(|l| l.contains("number of transactions actually processed")).unwrap_or("");
-    println!("pgbench -c 4 -T 15 (scale 2) on nbdcrypt (encrypted, {}): tps = {tps:.1}; {}", 
-        daemon_binary().display(), txs.trim());
+    let txs: u64 = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|n| n.split('/').next()?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no transaction count in pgbench output:\n{}", out.stdout));
+    let flushes = flushes_after - flushes_before;
+    println!(
+        "pgbench -c 4 -T 15 (scale 2) on nbdcrypt (encrypted, {}): tps = {tps:.1}; {txs} transactions; {flushes} NBD FLUSHes reached nbdcryptd",
+        daemon_binary().display()
+    );
     assert!(tps > 0.0);
+    // Every commit waits for an fdatasync of the WAL; with 4 clients one WAL flush covers at
+    // most 4 commits (group commit). If fsync stopped anywhere above the daemon (a caching
+    // layer that lies), the daemon would see far fewer FLUSH commands.
+    assert!(
+        flushes * 4 >= txs,
+        "only {flushes} NBD FLUSHes for {txs} synchronous commits: some layer above nbdcryptd absorbs fsync"
+    );
     let (am, am_ok) = pg.amcheck();
     assert!(am_ok, "{am}");
 
@@ -347,13 +364,16 @@ fn postgres_crash_trials_lose_no_acknowledged_commit() {
         // ReadyForQuery, which follows the flushed commit record (synchronous_commit=on).
         let mut psql = pg.psql_cmd();
         psql.stderr(File::create(log.with_extension("psql-stderr")).unwrap());
+        let (_, flushes_at_start) = stack.io_counters();
         let client = Committer::start(psql, "", &[], first_id, &log, move |id| {
             format!("INSERT INTO t (id, trial, pad) VALUES ({id}, {trial}, repeat('p', 200)) RETURNING id;\n")
         });
         std::thread::sleep(Duration::from_millis(kill_ms));
 
         // The crash.
+        // Acks first, then the counter: every ack counted here had its FLUSH counted below.
         let acked_at_kill = client.acked();
+        let flushes = stack.io_counters().1 - flushes_at_start;
         stack.kill_daemon();
 
         // Tear down: postgres is stuck on (or failing) I/O; kill it and its children, then
@@ -386,6 +406,7 @@ fn postgres_crash_trials_lose_no_acknowledged_commit() {
             kill_ms,
             acked: acked.len(),
             acked_at_kill,
+            flushes,
             found: found.len(),
             missing,
             fsck,
@@ -394,7 +415,7 @@ fn postgres_crash_trials_lose_no_acknowledged_commit() {
             check_ok: amcheck_ok,
         };
         println!(
-            "trial {trial}: kill after {kill_ms} ms; {} commits acknowledged ({} before the kill), {} found, {} missing; fsck: {}; amcheck: {}",
+            "trial {trial}: kill after {kill_ms} ms; {flushes} FLUSHes; {} commits acknowledged ({} before the kill), {} found, {} missing; fsck: {}; amcheck: {}",
             row.acked, row.acked_at_kill, row.found, row.missing.len(), row.fsck, row.check
         );
         assert!(row.acked > 0, "trial {trial}: no commit was acknowledged before the kill; the trial proves nothing");

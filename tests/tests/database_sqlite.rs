@@ -71,6 +71,7 @@ fn sqlite_wal_crash_trials_lose_no_acknowledged_commit() {
         // statement, and so the autocommit, completes.)
         let mut shell = sqlite3();
         shell.args(["-batch"]).arg(&db).stderr(std::fs::File::create(log.with_extension("sqlite3-stderr")).unwrap());
+        let (_, flushes_at_start) = stack.io_counters();
         let client = Committer::start(
             shell,
             ".bail on\nPRAGMA journal_mode;\nPRAGMA synchronous=FULL;\nPRAGMA synchronous;\n",
@@ -81,7 +82,9 @@ fn sqlite_wal_crash_trials_lose_no_acknowledged_commit() {
         );
         std::thread::sleep(Duration::from_millis(kill_ms));
 
+        // Acks first, then the counter: every ack counted here had its FLUSH counted below.
         let acked_at_kill = client.acked();
+        let flushes = stack.io_counters().1 - flushes_at_start;
         stack.kill_daemon();
         // Kill the client; abort the FUSE connection if it is stuck in I/O.
         let fuse = stack.fuse.as_mut().unwrap();
@@ -103,6 +106,7 @@ fn sqlite_wal_crash_trials_lose_no_acknowledged_commit() {
             kill_ms,
             acked: acked.len(),
             acked_at_kill,
+            flushes,
             found: found.len(),
             missing,
             fsck,
@@ -111,7 +115,7 @@ fn sqlite_wal_crash_trials_lose_no_acknowledged_commit() {
             check: integrity,
         };
         println!(
-            "trial {trial}: kill after {kill_ms} ms; {} commits acknowledged ({} before the kill), {} found, {} missing; fsck: {}; integrity_check: {}",
+            "trial {trial}: kill after {kill_ms} ms; {flushes} FLUSHes; {} commits acknowledged ({} before the kill), {} found, {} missing; fsck: {}; integrity_check: {}",
             row.acked, row.acked_at_kill, row.found, row.missing.len(), row.fsck, row.check
         );
         assert!(row.acked > 0, "trial {trial}: no commit was acknowledged before the kill; the trial proves nothing");

@@ -401,6 +401,17 @@ impl Stack {
         self.mount = Some(m);
     }
 
+    /// The daemon's I/O counters (`nbdcryptctl status --json`): (writes, flushes).
+    pub fn io_counters(&self) -> (u64, u64) {
+        let d = self.daemon.as_ref().unwrap();
+        let out = sh(
+            Command::new(ctl_binary()).args(["status", "--json", "--control"]).arg(d.dir().join("control.sock")),
+            SHORT,
+        );
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        (v["writes"].as_u64().unwrap(), v["flushes"].as_u64().unwrap())
+    }
+
     /// `kill -9` nbdcryptd: the crash under test.
     pub fn kill_daemon(&mut self) {
         let d = self.daemon.as_mut().unwrap();
@@ -534,6 +545,8 @@ pub struct TrialRow {
     pub kill_ms: u64,
     pub acked: usize,
     pub acked_at_kill: usize,
+    /// NBD FLUSH commands the daemon served in this trial before the kill.
+    pub flushes: u64,
     pub found: usize,
     pub missing: Vec<i64>,
     pub fsck: String,
@@ -543,8 +556,11 @@ pub struct TrialRow {
 }
 
 impl TrialRow {
+    /// No acknowledged id missing, fsck and the database's check clean, and at least one FLUSH
+    /// per acknowledged commit (each commit waited for its own fsync, which must have reached
+    /// the daemon; fewer would mean a layer above it absorbs fsync).
     pub fn ok(&self) -> bool {
-        self.missing.is_empty() && self.fsck_ok && self.check_ok
+        self.missing.is_empty() && self.fsck_ok && self.check_ok && self.flushes >= self.acked_at_kill as u64
     }
 }
 
@@ -552,14 +568,15 @@ impl TrialRow {
 pub fn print_table(rows: &[TrialRow], check: &str) {
     println!();
     println!(
-        "{:>5} {:>8} {:>10} {:>10} {:>8} {:>7}  {:<26} {}",
-        "trial", "kill@ms", "acked@kill", "acked", "found", "missing", "fsck", check
+        "{:>5} {:>8} {:>8} {:>10} {:>8} {:>8} {:>7}  {:<26} {}",
+        "trial", "kill@ms", "flushes", "acked@kill", "acked", "found", "missing", "fsck", check
     );
     for r in rows {
         println!(
-            "{:>5} {:>8} {:>10} {:>10} {:>8} {:>7}  {:<26} {}",
+            "{:>5} {:>8} {:>8} {:>10} {:>8} {:>8} {:>7}  {:<26} {}",
             r.trial,
             r.kill_ms,
+            r.flushes,
             r.acked_at_kill,
             r.acked,
             r.found,
@@ -578,11 +595,13 @@ pub fn assert_trials(rows: &[TrialRow]) {
         .filter(|r| !r.ok())
         .map(|r| {
             format!(
-                "trial {}: {} of {} acknowledged ids missing (first {:?}); fsck: {}; check: {}",
+                "trial {}: {} of {} acknowledged ids missing (first {:?}); {} FLUSHes for {} acks; fsck: {}; check: {}",
                 r.trial,
                 r.missing.len(),
                 r.acked,
                 &r.missing[..r.missing.len().min(20)],
+                r.flushes,
+                r.acked_at_kill,
                 r.fsck,
                 r.check
             )
