@@ -14,6 +14,7 @@
 mod db_stack;
 
 use db_stack::*;
+use nbdcrypt_tests::{run, tempdir};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -27,6 +28,28 @@ fn sqlite3() -> Command {
 fn sql(db: &Path, script: &str) -> String {
     sh(sqlite3().args(["-batch", "-bail"]).arg(db).arg(script), LONG).stdout.trim().to_owned()
 }
+
+/// One sqlite3 session committing rows of `trial` from `first_id` on (see [`Committer`]).
+///
+/// synchronous is per connection, so it is set in this session. Each INSERT is its own
+/// (autocommit) transaction; `.bail on` stops the shell at the first error, and the following
+/// `SELECT id` prints only after the INSERT statement finished, i.e. after its commit (WAL
+/// append + fsync of the WAL, synchronous=FULL) returned. (Not INSERT … RETURNING: SQLite hands
+/// out RETURNING rows before the statement, and so the autocommit, completes.)
+fn start_client(db: &Path, trial: usize, first_id: i64, log: &Path) -> Committer {
+    let mut shell = sqlite3();
+    shell.args(["-batch"]).arg(db).stderr(std::fs::File::create(log.with_extension("sqlite3-stderr")).unwrap());
+    Committer::start(
+        shell,
+        ".bail on\nPRAGMA journal_mode;\nPRAGMA synchronous=FULL;\nPRAGMA synchronous;\n",
+        &["wal", "2"],
+        first_id,
+        log,
+        move |id| format!("INSERT INTO t (id, trial, pad) VALUES ({id}, {trial}, randomblob(300));\nSELECT {id};\n"),
+    )
+}
+
+const SCHEMA: &str = "PRAGMA journal_mode=WAL; CREATE TABLE t (id INTEGER PRIMARY KEY, trial INTEGER NOT NULL, pad BLOB NOT NULL);";
 
 #[test]
 fn sqlite_wal_crash_trials_lose_no_acknowledged_commit() {
@@ -53,7 +76,7 @@ fn sqlite_wal_crash_trials_lose_no_acknowledged_commit() {
     stack.mount();
     let db = stack.data_mnt.join("trials.db");
     assert_eq!(
-        sql(&db, "PRAGMA journal_mode=WAL; CREATE TABLE t (id INTEGER PRIMARY KEY, trial INTEGER NOT NULL, pad BLOB NOT NULL);"),
+        sql(&db, SCHEMA),
         "wal"
     );
 
@@ -63,23 +86,8 @@ fn sqlite_wal_crash_trials_lose_no_acknowledged_commit() {
         let kill_ms = rng.range(1000, 6001);
         let log = logs.join(format!("trial-{trial}.committed"));
 
-        // One sqlite3 session; synchronous is per connection, so it is set in this session.
-        // Each INSERT is its own (autocommit) transaction; `.bail on` stops the shell at the
-        // first error, and the following `SELECT id` prints only after the INSERT statement
-        // finished, i.e. after its commit (WAL append + fsync of the WAL, synchronous=FULL)
-        // returned. (Not INSERT … RETURNING: SQLite hands out RETURNING rows before the
-        // statement, and so the autocommit, completes.)
-        let mut shell = sqlite3();
-        shell.args(["-batch"]).arg(&db).stderr(std::fs::File::create(log.with_extension("sqlite3-stderr")).unwrap());
         let (_, flushes_at_start) = stack.io_counters();
-        let client = Committer::start(
-            shell,
-            ".bail on\nPRAGMA journal_mode;\nPRAGMA synchronous=FULL;\nPRAGMA synchronous;\n",
-            &["wal", "2"],
-            first_id,
-            &log,
-            move |id| format!("INSERT INTO t (id, trial, pad) VALUES ({id}, {trial}, randomblob(300));\nSELECT {id};\n"),
-        );
+        let client = start_client(&db, trial, first_id, &log);
         std::thread::sleep(Duration::from_millis(kill_ms));
 
         // Acks first, then the counter: every ack counted here had its FLUSH counted below.
@@ -130,5 +138,57 @@ fn sqlite_wal_crash_trials_lose_no_acknowledged_commit() {
     let dev = stack.dev().to_owned();
     stack.mount.take().unwrap().unmount();
     fsck_clean(&dev);
+    stack.shutdown();
+}
+
+/// Negative control: the same trial over `nbdkit file` behind nbdkit's cache filter with
+/// `cache=unsafe`, a server that answers FLUSH without persisting anything. Killing it must
+/// lose acknowledged commits, and the trial must notice: if this test ever passes trivially
+/// (nothing missing), the crash trials above have stopped being able to see lost writes (for
+/// example a cache somewhere in the stack that survives the server).
+#[test]
+fn sqlite_crash_trial_catches_a_server_that_ignores_flush() {
+    need("nbdkit", "nbdkit");
+    need("sqlite3", "sqlite3");
+    let dir = tempdir();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let image = dir.path().join("plain.img");
+    std::fs::File::create(&image).unwrap().set_len(256 << 20).unwrap();
+
+    // Set up over an honest nbdkit file, then serve through the lying cache.
+    let mut stack = Stack::attach_nbdkit(dir.path(), &image, &[], &[]);
+    mkfs(stack.dev());
+    stack.mount();
+    let db = stack.data_mnt.join("trials.db");
+    assert_eq!(sql(&db, SCHEMA), "wal");
+    stack.shutdown();
+    let mut stack = Stack::attach_nbdkit(dir.path(), &image, &["--filter=cache"], &["cache=unsafe"]);
+    stack.mount();
+
+    let log = dir.path().join("control.committed");
+    let client = start_client(&db, 1, 1, &log);
+    std::thread::sleep(Duration::from_millis(2000));
+    stack.kill_daemon();
+    let fuse = stack.fuse.as_mut().unwrap();
+    let acked = client.finish(|| fuse.kill());
+    stack.crash_teardown();
+
+    let mut stack = Stack::attach_nbdkit(dir.path(), &image, &[], &[]);
+    let (fsck, _) = fsck_after_crash(stack.dev());
+    stack.mount();
+    let found = run(sqlite3().args(["-batch"]).arg(&db).arg("SELECT count(*) FROM t WHERE trial = 1;"), LONG);
+    let found: usize = found.stdout.trim().parse().unwrap_or(0);
+    println!(
+        "negative control (nbdkit cache=unsafe): {} commits acknowledged, {found} found, {} missing; fsck: {fsck}",
+        acked.len(),
+        acked.len().saturating_sub(found)
+    );
+    assert!(acked.len() > 10, "the control acknowledged only {} commits", acked.len());
+    assert!(
+        found < acked.len(),
+        "a server that ignores FLUSH lost nothing ({found} of {} acknowledged rows found): \
+         the crash trials cannot see lost writes",
+        acked.len()
+    );
     stack.shutdown();
 }

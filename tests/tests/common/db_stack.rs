@@ -376,8 +376,56 @@ pub struct Stack {
     pub lo: Option<LoopDev>,
     pub fuse: Option<Fuse>,
     pub daemon: Option<Daemon>,
+    /// Instead of nbdcryptd: nbdkit (the negative control).
+    pub nbdkit: Option<NbdKit>,
     pub fuse_mnt: PathBuf,
     pub data_mnt: PathBuf,
+}
+
+/// `nbdkit -f -U SOCK [FILTERS] file IMAGE [PARAMS]`; Drop: kill, reap, remove the socket
+/// (nbdkit leaves it behind).
+pub struct NbdKit {
+    child: Child,
+    pub sock: PathBuf,
+}
+
+impl NbdKit {
+    pub fn start(dir: &Path, image: &Path, filters: &[&str], params: &[&str]) -> NbdKit {
+        let sock = dir.join("nbdkit.sock");
+        let _ = std::fs::remove_file(&sock);
+        let child = cmd("nbdkit", "nbdkit")
+            .arg("-f")
+            .arg("-U")
+            .arg(&sock)
+            .args(filters)
+            .arg("file")
+            .arg(image)
+            .args(params)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(dir.join("nbdkit.log")).unwrap())
+            .spawn()
+            .expect("spawn nbdkit");
+        let mut k = NbdKit { child, sock };
+        let uri = format!("nbd+unix:///?socket={}", k.sock.display());
+        let deadline = Instant::now() + SHORT;
+        while !run(tool("nbdinfo").arg("--size").arg(&uri), SHORT).ok() {
+            if let Some(st) = k.child.try_wait().unwrap() {
+                panic!("nbdkit exited {st}: {}", std::fs::read_to_string(dir.join("nbdkit.log")).unwrap_or_default());
+            }
+            assert!(Instant::now() < deadline, "nbdkit not serving within {SHORT:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        k
+    }
+}
+
+impl Drop for NbdKit {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
+    }
 }
 
 impl Stack {
@@ -388,7 +436,22 @@ impl Stack {
         let data_mnt = vol.subdir("data");
         let fuse = Fuse::attach(&daemon.sock, &fuse_mnt, &vol.path().join("nbdfuse.log"));
         let lo = LoopDev::attach(&fuse.file());
-        Stack { mount: None, lo: Some(lo), fuse: Some(fuse), daemon: Some(daemon), fuse_mnt, data_mnt }
+        Stack { mount: None, lo: Some(lo), fuse: Some(fuse), daemon: Some(daemon), nbdkit: None, fuse_mnt, data_mnt }
+    }
+
+    /// The same stack over `nbdkit file IMAGE` (plain) in `dir`, with extra filters/params.
+    pub fn attach_nbdkit(dir: &Path, image: &Path, filters: &[&str], params: &[&str]) -> Stack {
+        let sub = |n: &str| {
+            let p = dir.join(n);
+            std::fs::create_dir_all(&p).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            p
+        };
+        let (fuse_mnt, data_mnt) = (sub("fuse"), sub("data"));
+        let kit = NbdKit::start(dir, image, filters, params);
+        let fuse = Fuse::attach(&kit.sock, &fuse_mnt, &dir.join("nbdfuse.log"));
+        let lo = LoopDev::attach(&fuse.file());
+        Stack { mount: None, lo: Some(lo), fuse: Some(fuse), daemon: None, nbdkit: Some(kit), fuse_mnt, data_mnt }
     }
 
     pub fn dev(&self) -> &str {
@@ -414,6 +477,11 @@ impl Stack {
 
     /// `kill -9` nbdcryptd: the crash under test.
     pub fn kill_daemon(&mut self) {
+        if let Some(k) = self.nbdkit.as_mut() {
+            let _ = k.child.kill();
+            let _ = k.child.wait();
+            return;
+        }
         let d = self.daemon.as_mut().unwrap();
         d.signal(libc::SIGKILL);
         assert!(d.wait_exit(SHORT).is_some(), "nbdcryptd survived SIGKILL");
@@ -431,6 +499,7 @@ impl Stack {
             drop(f);
         }
         drop(self.daemon.take());
+        drop(self.nbdkit.take());
     }
 
     /// Orderly stop: unmount, detach, disconnect, SIGTERM the daemon (must exit 0).
@@ -444,6 +513,7 @@ impl Stack {
             let st = d.terminate(SHORT);
             assert!(st.success(), "nbdcryptd exited {st} on SIGTERM\n{}", d.log());
         }
+        drop(self.nbdkit.take());
     }
 }
 
