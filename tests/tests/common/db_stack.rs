@@ -19,7 +19,7 @@
 //! PostgreSQL's fdatasync reach the loop device as cache flushes, which it turns into fsync of
 //! MNT/nbd, which nbdfuse turns into NBD FLUSH. `-C 1`: one NBD connection, so the FLUSH
 //! travels on the same connection as the writes it covers (nbdcryptd advertises CAN_MULTI_CONN
-//! too, but one connection keeps the trial about the daemon, not about multi-conn).
+//! too; `NBDCRYPT_NBDFUSE_CONNECTIONS=4` runs the same trials over four connections).
 
 #![allow(dead_code)]
 
@@ -219,11 +219,18 @@ fn is_mountpoint(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// NBD connections per nbdfuse: 1, or $NBDCRYPT_NBDFUSE_CONNECTIONS (e.g. 4, to run the trials
+/// with multi-conn: writes and FLUSHes spread over several connections, which nbdcryptd's
+/// CAN_MULTI_CONN promises to handle as one).
+pub fn fuse_connections() -> u32 {
+    std::env::var("NBDCRYPT_NBDFUSE_CONNECTIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(1)
+}
+
 impl Fuse {
     pub fn attach(sock: &Path, mnt: &Path, log: &Path) -> Fuse {
         std::fs::create_dir_all(mnt).unwrap();
         let child = cmd("nbdfuse", "libnbd-bin")
-            .args(["-C", "1"])
+            .args(["-C", &fuse_connections().to_string()])
             .arg(mnt)
             .arg("--unix")
             .arg(sock)
