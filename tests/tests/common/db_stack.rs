@@ -20,6 +20,9 @@
 //! MNT/nbd, which nbdfuse turns into NBD FLUSH. `-C 1`: one NBD connection, so the FLUSH
 //! travels on the same connection as the writes it covers (nbdcryptd advertises CAN_MULTI_CONN
 //! too; `NBDCRYPT_NBDFUSE_CONNECTIONS=4` runs the same trials over four connections).
+//! The tests also check this end to end: the daemon's FLUSH counter must grow by at least one
+//! per acknowledged commit, and a server that ignores FLUSH (nbdkit `cache=unsafe`, the
+//! negative control in database_sqlite.rs) must make the trial report lost commits.
 
 #![allow(dead_code)]
 
