@@ -22,6 +22,7 @@ declare -A PKG=(
   # tests/tests/kernel_client.rs: a qemu guest running the kernel's NBD client
   [qemu-system-x86_64]=qemu-system-x86 [cpio]=cpio [mke2fs]=e2fsprogs [modprobe]=kmod
   [depmod]=kmod [xz]=xz-utils [flock]=util-linux
+  [sqlite3]=sqlite3 [pg_ctlcluster]=postgresql [pgbench]=postgresql-contrib
 )
 
 missing=()
