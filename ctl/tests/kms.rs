@@ -344,6 +344,8 @@ fn a_stopped_server_is_unreachable_quickly_and_the_passphrase_still_works() {
     let took = start.elapsed();
     assert!(took < Duration::from_secs(20), "took {took:?}");
     assert!(err(&o).contains("unreachable"), "{}", err(&o));
+    assert!(err(&o).contains("onnection refused"), "{}", err(&o));
+    assert!(!err(&o).contains("DispatchFailure {"), "{}", err(&o));
     eprintln!("unreachable reported after {took:?}");
     let o = ok(ctl(&["test-key", &s.vol, "--key-file", &s.key]));
     assert!(out(&o).contains("keyslot 0 unlocked"));

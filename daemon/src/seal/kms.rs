@@ -39,7 +39,7 @@ use std::time::Duration;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
-use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::KeyState;
 use serde_json::{Map, Value};
@@ -324,20 +324,38 @@ fn unreachable_err(detail: impl Into<String>) -> SealError {
 fn map_sdk_error<E, R>(e: SdkError<E, R>, key: &str) -> SealError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
+    R: std::fmt::Debug + 'static,
 {
     match &e {
         SdkError::ServiceError(se) => {
             let err = se.err();
             map_service_code(err.code(), err.message(), key)
         }
-        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
-            unreachable_err(format!("{}", DisplayErrorContext(&e)))
-        }
+        // A mistake in the client's own configuration: retrying will not help.
+        SdkError::DispatchFailure(d) if d.is_user() => other(error_chain(&e)),
+        // Connect refused / reset, DNS, TLS, timeouts, and failures to load credentials (the
+        // credential chain itself may be a network service): transient.
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => unreachable_err(error_chain(&e)),
         // A response we could not read (proxy page, truncated body): treat as transient.
-        SdkError::ResponseError(_) => unreachable_err(format!("{}", DisplayErrorContext(&e))),
-        _ => other(format!("{}", DisplayErrorContext(&e))),
+        SdkError::ResponseError(_) => unreachable_err(error_chain(&e)),
+        _ => other(error_chain(&e)),
     }
+}
+
+/// "dispatch failure: io error: Connection refused (os error 111)": the Display texts of the
+/// error and its sources, without the SDK's Debug dumps of requests and responses.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !t.is_empty() && !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        cur = c.source();
+    }
+    text
 }
 
 /// Maps a KMS error code (and message) to a [`SealError`].
@@ -444,7 +462,13 @@ mod tests {
         let r = rt.block_on(async { p.unseal(&sealed, &binding) });
         assert!(start.elapsed() < OPERATION_TIMEOUT * 2, "{:?}", start.elapsed());
         match r {
-            Err(e @ SealError::Unreachable { .. }) => assert!(e.is_transient()),
+            Err(e @ SealError::Unreachable { .. }) => {
+                assert!(e.is_transient());
+                let text = e.to_string();
+                // The cause, without the SDK's Debug dumps.
+                assert!(text.contains("onnection refused"), "{text}");
+                assert!(!text.contains("DispatchFailure {") && text.len() < 300, "{text}");
+            }
             Err(e) => panic!("expected Unreachable, got {e}"),
             Ok(_) => panic!("expected Unreachable, got a secret"),
         }
