@@ -325,6 +325,8 @@ fn a_disabled_key_is_reported_as_disabled() {
     assert_eq!(last[1]["event"], "unlock_failed");
     assert_eq!(last[1]["result"], "failed");
     assert!(last[1]["error"].as_str().unwrap().contains("disabled"));
+    assert_eq!(last[1]["keyslot"], 1);
+    assert!(last[1]["key"].as_str().unwrap().ends_with(&key));
     assert_eq!(last[2]["event"], "enrol");
     assert_eq!(last[2]["result"], "failed");
     // An unknown key: KeyMissing.

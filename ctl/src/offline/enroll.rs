@@ -423,10 +423,22 @@ pub fn test_token(a: TestTokenArgs) -> anyhow::Result<()> {
             Ok(())
         }
         Err(e) => {
-            let e = explain(&vol, e);
-            let mut ev = event.failed(format!("{e:#}"));
+            let mut ev = event;
             ev.kind = AuditEventKind::UnlockFailed;
-            audit.record(ev);
+            // One token tried: name its keyslot and key in the event.
+            if let EnrollError::TokensFailed(f) = &e {
+                if let [one] = f.as_slice() {
+                    if let Some(k) = one.keyslot {
+                        ev = ev.keyslot(k);
+                    }
+                    let kind = ProviderKind::from_token_type(&one.token_type)
+                        .map(ProviderKind::name)
+                        .unwrap_or("unknown");
+                    ev = ev.provider(kind, one.key.as_deref()).detail("token", one.token_id);
+                }
+            }
+            let e = explain(&vol, e);
+            audit.record(ev.failed(format!("{e:#}")));
             Err(e)
         }
     }
