@@ -449,3 +449,21 @@ fn latency_report() {
         median(unlock)
     );
 }
+
+#[test]
+fn token_commands_teach_with_examples() {
+    for cmd in ["enroll", "unenroll", "rekey", "test-token"] {
+        let o = ok(ctl(&[cmd, "--help"]));
+        let h = out(&o);
+        assert!(
+            h.contains("Examples:") && h.contains(&format!("nbdcryptctl {cmd} ")),
+            "{cmd}: {h}"
+        );
+        assert!(h.contains("Exit status:"), "{cmd}: {h}");
+        assert!(h.contains("--audit-log"), "{cmd}: {h}");
+    }
+    let h = out(&ok(ctl(&["enroll", "--help"])));
+    assert!(h.contains("--kms <KEY_ID|ALIAS>") && h.contains("--region") && h.contains("--kms-endpoint"));
+    let h = out(&ok(ctl(&["rekey", "--help"])));
+    assert!(h.contains("--all-tokens") && h.contains("--slot"));
+}
