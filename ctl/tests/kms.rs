@@ -64,7 +64,14 @@ fn fails(o: Output) -> Output {
 
 fn cs_opens(vol: &str, key_file: &str) -> bool {
     Command::new("cryptsetup")
-        .args(["open", "--test-passphrase", "--disable-external-tokens", "--key-file", key_file, vol])
+        .args([
+            "open",
+            "--test-passphrase",
+            "--disable-external-tokens",
+            "--key-file",
+            key_file,
+            vol,
+        ])
         .stdin(Stdio::null())
         .output()
         .expect("cryptsetup")
@@ -97,8 +104,16 @@ impl Setup {
 
     fn enroll(&self, moto: &Moto, kms: &str, audit: Option<&str>) -> Output {
         let mut args = vec![
-            "enroll", &self.vol, "--kms", kms, "--region", REGION, "--kms-endpoint",
-            &moto.endpoint, "--key-file", &self.key,
+            "enroll",
+            &self.vol,
+            "--kms",
+            kms,
+            "--region",
+            REGION,
+            "--kms-endpoint",
+            &moto.endpoint,
+            "--key-file",
+            &self.key,
         ];
         if let Some(a) = audit {
             args.extend(["--audit-log", a]);
@@ -129,7 +144,14 @@ impl Setup {
 
     /// The volume key as `dump --dump-volume-key` prints it (hex).
     fn volume_key_hex(&self) -> String {
-        let o = ok(ctl(&["dump", &self.vol, "--dump-volume-key", "--key-file", &self.key, "--yes"]));
+        let o = ok(ctl(&[
+            "dump",
+            &self.vol,
+            "--dump-volume-key",
+            "--key-file",
+            &self.key,
+            "--yes",
+        ]));
         let text = out(&o);
         let line = text
             .lines()
@@ -163,11 +185,17 @@ fn assert_absent(text: &str, bytes: &[u8], what: &str) {
     }
     for chunk in hex.as_bytes().chunks(12).filter(|c| c.len() == 12) {
         let c = std::str::from_utf8(chunk).unwrap();
-        assert!(!lower.contains(c), "part of the {what} (hex) found in the log");
+        assert!(
+            !lower.contains(c),
+            "part of the {what} (hex) found in the log"
+        );
     }
     for chunk in b64.as_bytes().chunks(12).filter(|c| c.len() == 12) {
         let c = std::str::from_utf8(chunk).unwrap();
-        assert!(!text.contains(c), "part of the {what} (base64) found in the log");
+        assert!(
+            !text.contains(c),
+            "part of the {what} (base64) found in the log"
+        );
     }
 }
 
@@ -181,7 +209,11 @@ fn enrol_test_token_rekey_unenrol_with_audit_log() {
 
     // Enrol by alias.
     let o = ok(s.enroll(&moto, "alias/vol-a", Some(&audit)));
-    assert!(out(&o).contains("enrolled keyslot 1 (token 0"), "{}", out(&o));
+    assert!(
+        out(&o).contains("enrolled keyslot 1 (token 0"),
+        "{}",
+        out(&o)
+    );
     let toks = s.tokens();
     assert_eq!(toks.len(), 1);
     let t = &toks[0].1;
@@ -189,18 +221,28 @@ fn enrol_test_token_rekey_unenrol_with_audit_log() {
     assert_eq!(t["keyslots"], serde_json::json!(["1"]));
     assert_eq!(t["nbdcrypt_version"], 1);
     let arn = t["kms-key-id"].as_str().unwrap();
-    assert!(arn.starts_with("arn:aws:kms:us-east-1:") && arn.ends_with(&key_a), "{arn}");
+    assert!(
+        arn.starts_with("arn:aws:kms:us-east-1:") && arn.ends_with(&key_a),
+        "{arn}"
+    );
     assert_eq!(t["kms-region"], REGION);
     assert_eq!(t["kms-endpoint"], moto.endpoint.as_str());
     let dump = out(&ok(ctl(&["dump", &s.vol])));
-    assert!(dump.contains("Provider:   aws-kms") && dump.contains(arn), "{dump}");
+    assert!(
+        dump.contains("Provider:   aws-kms") && dump.contains(arn),
+        "{dump}"
+    );
     let dump: Value = serde_json::from_str(&out(&ok(ctl(&["dump", &s.vol, "--json"])))).unwrap();
     assert_eq!(dump["tokens"][0]["provider"], "aws-kms");
     assert_eq!(dump["tokens"][0]["key"], arn);
 
     // test-token opens keyslot 1; the passphrase still opens in cryptsetup.
     let o = ok(s.test_token(Some(&audit)));
-    assert!(out(&o).contains("keyslot 1 unlocked by token 0"), "{}", out(&o));
+    assert!(
+        out(&o).contains("keyslot 1 unlocked by token 0"),
+        "{}",
+        out(&o)
+    );
     assert!(cs_opens(&s.vol, &s.key));
 
     // The sealed secret really is the keyslot's passphrase (base64, systemd style): cryptsetup
@@ -217,25 +259,64 @@ fn enrol_test_token_rekey_unenrol_with_audit_log() {
     assert!(cs_opens(&s.vol, &token_pass));
 
     // Rekey under key B: the old key is gone from the header, both ways still open.
-    let o = ok(ctl(&["rekey", &s.vol, "--slot", "1", "--kms", &key_b, "--audit-log", &audit]));
-    assert!(out(&o).contains("rekeyed token 0 (keyslot 1)"), "{}", out(&o));
+    let o = ok(ctl(&[
+        "rekey",
+        &s.vol,
+        "--slot",
+        "1",
+        "--kms",
+        &key_b,
+        "--audit-log",
+        &audit,
+    ]));
+    assert!(
+        out(&o).contains("rekeyed token 0 (keyslot 1)"),
+        "{}",
+        out(&o)
+    );
     let toks = s.tokens();
     assert_eq!(toks.len(), 1);
     let text = serde_json::to_string(&toks[0].1).unwrap();
-    assert!(!text.contains(&key_a), "old key id still in the token: {text}");
+    assert!(
+        !text.contains(&key_a),
+        "old key id still in the token: {text}"
+    );
     assert!(toks[0].1["kms-key-id"].as_str().unwrap().ends_with(&key_b));
     let new_slot: u32 = toks[0].1["keyslots"][0].as_str().unwrap().parse().unwrap();
     assert_ne!(new_slot, 1);
-    assert!(!s.keyslots().contains(&1), "the old keyslot must be removed");
-    assert!(!cs_opens(&s.vol, &token_pass), "the old secret must not open anything");
+    assert!(
+        !s.keyslots().contains(&1),
+        "the old keyslot must be removed"
+    );
+    assert!(
+        !cs_opens(&s.vol, &token_pass),
+        "the old secret must not open anything"
+    );
     let o = ok(s.test_token(Some(&audit)));
-    assert!(out(&o).contains(&format!("keyslot {new_slot} unlocked")), "{}", out(&o));
+    assert!(
+        out(&o).contains(&format!("keyslot {new_slot} unlocked")),
+        "{}",
+        out(&o)
+    );
     assert!(cs_opens(&s.vol, &s.key));
 
     // Rekey again with the same key (fresh secret), then unenrol.
-    ok(ctl(&["rekey", &s.vol, "--all-tokens", "--audit-log", &audit]));
+    ok(ctl(&[
+        "rekey",
+        &s.vol,
+        "--all-tokens",
+        "--audit-log",
+        &audit,
+    ]));
     let slot = s.tokens()[0].1["keyslots"][0].as_str().unwrap().to_owned();
-    let o = ok(ctl(&["unenroll", &s.vol, "--slot", &slot, "--audit-log", &audit]));
+    let o = ok(ctl(&[
+        "unenroll",
+        &s.vol,
+        "--slot",
+        &slot,
+        "--audit-log",
+        &audit,
+    ]));
     assert!(out(&o).contains(&format!("keyslot {slot}")), "{}", out(&o));
     assert!(s.tokens().is_empty());
     assert_eq!(s.keyslots(), vec![0]);
@@ -245,11 +326,24 @@ fn enrol_test_token_rekey_unenrol_with_audit_log() {
 
     // The audit log: the expected events, one JSON object per line, no secrets.
     let log = std::fs::read_to_string(&audit).unwrap();
-    let events: Vec<Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let names: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    let events: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
     assert_eq!(
         names,
-        ["enrol", "unlock_ok", "rekey", "unlock_ok", "rekey", "unenrol"],
+        [
+            "enrol",
+            "unlock_ok",
+            "rekey",
+            "unlock_ok",
+            "rekey",
+            "unenrol"
+        ],
         "{log}"
     );
     for e in &events {
@@ -280,15 +374,27 @@ fn a_token_copied_to_another_volume_is_refused() {
     // B: a keyslot 1 of its own, then A's token bound to it (edited through the library).
     let newkey = b.path("new.key");
     std::fs::write(&newkey, b"b slot 1").unwrap();
-    let mut args = vec!["add-key", &b.vol, "--key-file", &b.key, "--new-key-file", &newkey];
+    let mut args = vec![
+        "add-key",
+        &b.vol,
+        "--key-file",
+        &b.key,
+        "--new-key-file",
+        &newkey,
+    ];
     args.extend(FAST);
     ok(ctl(&args));
     let mut tok = a.tokens()[0].1.clone();
     tok.insert("keyslots".into(), serde_json::json!(["1"]));
     {
-        let f = std::fs::OpenOptions::new().read(true).write(true).open(&b.vol).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&b.vol)
+            .unwrap();
         let (mut h, _) = nbdcrypt::luks2::Luks2Header::read(&f).unwrap();
-        h.add_token(&f, nbdcrypt::luks2::Token::from_json(tok).unwrap()).unwrap();
+        h.add_token(&f, nbdcrypt::luks2::Token::from_json(tok).unwrap())
+            .unwrap();
     }
     let o = fails(b.test_token(None));
     assert!(
@@ -313,7 +419,10 @@ fn a_disabled_key_is_reported_as_disabled() {
     moto.disable_key(&key);
     let o = fails(s.test_token(Some(&audit)));
     let e = err(&o);
-    assert!(e.contains("is disabled or pending deletion") && e.contains(&key), "{e}");
+    assert!(
+        e.contains("is disabled or pending deletion") && e.contains(&key),
+        "{e}"
+    );
     assert!(e.contains("state Disabled"), "{e}");
     // Enrolling with a disabled key fails before anything is written.
     let o = fails(s.enroll(&moto, &key, Some(&audit)));
@@ -321,10 +430,15 @@ fn a_disabled_key_is_reported_as_disabled() {
     assert_eq!(s.tokens().len(), 1);
     assert_eq!(s.keyslots(), vec![0, 1]);
     let log = std::fs::read_to_string(&audit).unwrap();
-    let last: Vec<Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let last: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(last[1]["event"], "unlock_failed");
     assert_eq!(last[1]["result"], "failed");
     assert!(last[1]["error"].as_str().unwrap().contains("disabled"));
+    assert_eq!(last[1]["keyslot"], 1);
+    assert!(last[1]["key"].as_str().unwrap().ends_with(&key));
     assert_eq!(last[2]["event"], "enrol");
     assert_eq!(last[2]["result"], "failed");
     // An unknown key: KeyMissing.
@@ -344,6 +458,8 @@ fn a_stopped_server_is_unreachable_quickly_and_the_passphrase_still_works() {
     let took = start.elapsed();
     assert!(took < Duration::from_secs(20), "took {took:?}");
     assert!(err(&o).contains("unreachable"), "{}", err(&o));
+    assert!(err(&o).contains("onnection refused"), "{}", err(&o));
+    assert!(!err(&o).contains("DispatchFailure {"), "{}", err(&o));
     eprintln!("unreachable reported after {took:?}");
     let o = ok(ctl(&["test-key", &s.vol, "--key-file", &s.key]));
     assert!(out(&o).contains("keyslot 0 unlocked"));
@@ -393,10 +509,17 @@ fn latency_report() {
     }
     // In-process: provider calls on a warm client, and the library's enrol/unlock.
     use nbdcrypt::seal::{enroll as e, kms::KmsProvider, Binding, SealProvider};
-    let p = KmsProvider::new(key.clone(), Some(REGION.into()), Some(moto.endpoint.clone()))
-        .unwrap()
-        .with_test_credentials();
-    let b = Binding { volume_uuid: "u".into(), keyslot: 1 };
+    let p = KmsProvider::new(
+        key.clone(),
+        Some(REGION.into()),
+        Some(moto.endpoint.clone()),
+    )
+    .unwrap()
+    .with_test_credentials();
+    let b = Binding {
+        volume_uuid: "u".into(),
+        keyslot: 1,
+    };
     let secret = nbdcrypt::crypto::keys::SecretBytes::from_slice(&[7u8; 32]);
     let sealed = p.seal(&secret, &b).unwrap();
     let (mut ps, mut pu, mut le, mut lu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -408,10 +531,18 @@ fn latency_report() {
         p.unseal(&sealed, &b).unwrap();
         pu.push(t.elapsed().as_secs_f64() * 1000.0);
         let s = Setup::new();
-        let f = std::fs::OpenOptions::new().read(true).write(true).open(&s.vol).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&s.vol)
+            .unwrap();
         let (mut h, _) = nbdcrypt::luks2::Luks2Header::read(&f).unwrap();
         let (vk, _) = h
-            .unlock(&f, &nbdcrypt::crypto::keys::SecretBytes::from_slice(PASS), &Default::default())
+            .unlock(
+                &f,
+                &nbdcrypt::crypto::keys::SecretBytes::from_slice(PASS),
+                &Default::default(),
+            )
             .unwrap();
         let t = Instant::now();
         e::enroll(&f, &mut h, &vk, &p).unwrap();
@@ -444,4 +575,26 @@ fn latency_report() {
         median(enrol),
         median(unlock)
     );
+}
+
+#[test]
+fn token_commands_teach_with_examples() {
+    for cmd in ["enroll", "unenroll", "rekey", "test-token"] {
+        let o = ok(ctl(&[cmd, "--help"]));
+        let h = out(&o);
+        assert!(
+            h.contains("Examples:") && h.contains(&format!("nbdcryptctl {cmd} ")),
+            "{cmd}: {h}"
+        );
+        assert!(h.contains("Exit status:"), "{cmd}: {h}");
+        assert!(h.contains("--audit-log"), "{cmd}: {h}");
+    }
+    let h = out(&ok(ctl(&["enroll", "--help"])));
+    assert!(
+        h.contains("--kms <KEY_ID|ALIAS>")
+            && h.contains("--region")
+            && h.contains("--kms-endpoint")
+    );
+    let h = out(&ok(ctl(&["rekey", "--help"])));
+    assert!(h.contains("--all-tokens") && h.contains("--slot"));
 }

@@ -286,7 +286,9 @@ mod tests {
         use crate::crypto::keys::VolumeKey;
         use crate::seal::SealError;
         // A key whose bytes we know, passing through the code paths that produce events.
-        let key_bytes: Vec<u8> = (0u8..64).map(|i| i.wrapping_mul(37).wrapping_add(11)).collect();
+        let key_bytes: Vec<u8> = (0u8..64)
+            .map(|i| i.wrapping_mul(37).wrapping_add(11))
+            .collect();
         let key = VolumeKey::from_slice(&key_bytes);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
@@ -319,7 +321,10 @@ mod tests {
         let b64 = base64::engine::general_purpose::STANDARD.encode(&key_bytes);
         let lower = text.to_lowercase();
         for needle in [&hex[..16], &hex[16..48], &b64[..16], &b64[20..40]] {
-            assert!(!lower.contains(&needle.to_lowercase()), "{needle} in {text}");
+            assert!(
+                !lower.contains(&needle.to_lowercase()),
+                "{needle} in {text}"
+            );
         }
         // Mode 0600: the log names keys and volumes.
         use std::os::unix::fs::PermissionsExt;

@@ -10,9 +10,7 @@ use clap::{ArgGroup, Args};
 use nbdcrypt::audit::{AuditEvent, AuditEventKind, AuditLog};
 use nbdcrypt::crypto::keys::VolumeKey;
 use nbdcrypt::luks2::{KdfLimits, Luks2Header};
-use nbdcrypt::seal::enroll::{
-    self as seal_enroll, EnrollError, Enrolled, UnenrollTarget,
-};
+use nbdcrypt::seal::enroll::{self as seal_enroll, EnrollError, Enrolled, UnenrollTarget};
 use nbdcrypt::seal::kms::KmsProvider;
 use nbdcrypt::seal::token::{self, ProviderKind};
 use nbdcrypt::seal::{resolve_provider, SealProvider};
@@ -189,10 +187,6 @@ fn explain(vol: &Volume, e: EnrollError) -> anyhow::Error {
     }
 }
 
-fn resolver(t: &serde_json::Map<String, serde_json::Value>) -> Result<Box<dyn SealProvider>, nbdcrypt::seal::SealError> {
-    resolve_provider(t)
-}
-
 /// The key reference stored in token `id` (the ARN for KMS).
 fn token_key(hdr: &Luks2Header, id: u32) -> Option<String> {
     hdr.token(id)
@@ -200,7 +194,11 @@ fn token_key(hdr: &Luks2Header, id: u32) -> Option<String> {
         .and_then(|p| p.key_reference().map(str::to_owned))
 }
 
-fn unlock_by_passphrase(vol: &Volume, hdr: &Luks2Header, key_file: Option<&Path>) -> anyhow::Result<VolumeKey> {
+fn unlock_by_passphrase(
+    vol: &Volume,
+    hdr: &Luks2Header,
+    key_file: Option<&Path>,
+) -> anyhow::Result<VolumeKey> {
     let pass = read_existing(
         &Source::from_arg(key_file),
         &format!("Enter any existing passphrase for {}: ", vol.path.display()),
@@ -313,7 +311,7 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
         let mut last = None;
         let mut found = None;
         for (id, _) in &targets {
-            match seal_enroll::unlock_with_token(&vol.file, &hdr, *id, &resolver) {
+            match seal_enroll::unlock_with_token(&vol.file, &hdr, *id, &resolve_provider) {
                 Ok((k, slot)) => {
                     eprintln!("keyslot {slot} unlocked by token {id}");
                     found = Some(k);
@@ -342,12 +340,21 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow!("{p}: token {id}: {e}"))?
             .ok_or_else(|| anyhow!("{p}: token {id} is not an nbdcrypt token"))?;
         let old_key = old.key_reference().map(str::to_owned);
-        let param = |k: &str| old.sealed.params.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+        let param = |k: &str| {
+            old.sealed
+                .params
+                .get(k)
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        };
         let new_provider: Box<dyn SealProvider> = match &a.kms {
             Some(k) => Box::new(KmsProvider::new(
                 k.clone(),
                 a.location.region.clone().or_else(|| param("kms-region")),
-                a.location.kms_endpoint.clone().or_else(|| param("kms-endpoint")),
+                a.location
+                    .kms_endpoint
+                    .clone()
+                    .or_else(|| param("kms-endpoint")),
             )?),
             None if a.location.region.is_some() || a.location.kms_endpoint.is_some() => {
                 let k = old_key
@@ -356,7 +363,10 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
                 Box::new(KmsProvider::new(
                     k,
                     a.location.region.clone().or_else(|| param("kms-region")),
-                    a.location.kms_endpoint.clone().or_else(|| param("kms-endpoint")),
+                    a.location
+                        .kms_endpoint
+                        .clone()
+                        .or_else(|| param("kms-endpoint")),
                 )?)
             }
             None => resolve_provider(&old_json).map_err(|e| anyhow!("{p}: token {id}: {e}"))?,
@@ -368,8 +378,8 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
             .detail("old_key", old_key.clone().unwrap_or_default());
         match seal_enroll::rekey(&vol.file, &mut hdr, id, &key, &*new_provider) {
             Ok(r) => {
-                let new_key = token_key(&hdr, r.new.token_id)
-                    .unwrap_or_else(|| new_provider.key_reference());
+                let new_key =
+                    token_key(&hdr, r.new.token_id).unwrap_or_else(|| new_provider.key_reference());
                 audit.record(
                     event
                         .keyslot(r.new.keyslot)
@@ -385,7 +395,10 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
                 let e = explain(&vol, e);
                 audit.record(
                     event
-                        .provider(ProviderKind::AwsKms.name(), Some(&new_provider.key_reference()))
+                        .provider(
+                            ProviderKind::AwsKms.name(),
+                            Some(&new_provider.key_reference()),
+                        )
                         .failed(format!("{e:#}")),
                 );
                 return Err(e);
@@ -403,9 +416,9 @@ pub fn test_token(a: TestTokenArgs) -> anyhow::Result<()> {
         .volume(hdr.uuid())
         .detail("check", true);
     let result = match a.token {
-        Some(id) => seal_enroll::unlock_with_token(&vol.file, &hdr, id, &resolver)
+        Some(id) => seal_enroll::unlock_with_token(&vol.file, &hdr, id, &resolve_provider)
             .map(|(k, slot)| (k, slot, id)),
-        None => seal_enroll::unlock_with_tokens(&vol.file, &hdr, &resolver),
+        None => seal_enroll::unlock_with_tokens(&vol.file, &hdr, &resolve_provider),
     };
     match result {
         Ok((_key, slot, id)) => {
@@ -423,10 +436,24 @@ pub fn test_token(a: TestTokenArgs) -> anyhow::Result<()> {
             Ok(())
         }
         Err(e) => {
-            let e = explain(&vol, e);
-            let mut ev = event.failed(format!("{e:#}"));
+            let mut ev = event;
             ev.kind = AuditEventKind::UnlockFailed;
-            audit.record(ev);
+            // One token tried: name its keyslot and key in the event.
+            if let EnrollError::TokensFailed(f) = &e {
+                if let [one] = f.as_slice() {
+                    if let Some(k) = one.keyslot {
+                        ev = ev.keyslot(k);
+                    }
+                    let kind = ProviderKind::from_token_type(&one.token_type)
+                        .map(ProviderKind::name)
+                        .unwrap_or("unknown");
+                    ev = ev
+                        .provider(kind, one.key.as_deref())
+                        .detail("token", one.token_id);
+                }
+            }
+            let e = explain(&vol, e);
+            audit.record(ev.failed(format!("{e:#}")));
             Err(e)
         }
     }

@@ -1,8 +1,8 @@
 //! A real AWS KMS stand-in for tests: moto's server from PyPI, on a free loopback port.
 //!
-//! The Python venv is made once, lazily, under `<workspace>/target/moto-venv` (`python3 -m venv`
-//! + `pip install 'moto[server]'`, about a minute and 300 MB), guarded by a file lock so
-//! parallel test binaries share it. Needs `python3` with the `venv` module (Debian:
+//! The Python venv is made once, lazily, under `<workspace>/target/moto-venv` with
+//! `python3 -m venv` and `pip install 'moto[server]'` (about a minute and 300 MB), guarded by a
+//! file lock so parallel test binaries share it. Needs `python3` with the `venv` module (Debian:
 //! `python3-venv`) and PyPI. A missing tool is a test failure, never a skip.
 //!
 //! Each [`Moto`] is its own server process (state is in memory), stopped on drop. Keys are
@@ -64,7 +64,10 @@ pub fn venv() -> PathBuf {
     if ready.exists() {
         return venv;
     }
-    eprintln!("moto: creating {} (python3 -m venv; pip install 'moto[server]')", venv.display());
+    eprintln!(
+        "moto: creating {} (python3 -m venv; pip install 'moto[server]')",
+        venv.display()
+    );
     let st = Command::new("python3")
         .args(["-m", "venv"])
         .arg(&venv)
@@ -76,7 +79,12 @@ pub fn venv() -> PathBuf {
         venv.display()
     );
     let st = Command::new(venv.join("bin/pip"))
-        .args(["install", "-q", "--disable-pip-version-check", "moto[server]"])
+        .args([
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "moto[server]",
+        ])
         .status()
         .expect("run pip");
     assert!(st.success(), "pip install 'moto[server]' failed");
@@ -129,7 +137,10 @@ impl Moto {
                     panic!("moto_server exited ({st}):\n{text}");
                 }
             }
-            assert!(Instant::now() < deadline, "moto_server did not come up in 60 s:\n{text}");
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not come up in 60 s:\n{text}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -156,7 +167,10 @@ impl Moto {
             "boto3 failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8(out.stdout).expect("utf-8").trim().to_owned()
+        String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_owned()
     }
 
     /// A new symmetric key; returns its key id. With `alias`, also `alias/<alias>` for it.
@@ -207,7 +221,9 @@ impl Moto {
              print(statistics.median(e) * 1000, statistics.median(d) * 1000)",
             &[key_id, &n.to_string()],
         );
-        let mut it = out.split_whitespace().map(|x| x.parse::<f64>().expect("float"));
+        let mut it = out
+            .split_whitespace()
+            .map(|x| x.parse::<f64>().expect("float"));
         (it.next().expect("enc"), it.next().expect("dec"))
     }
 
@@ -234,8 +250,7 @@ fn http_ok(port: &str) -> bool {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    if s
-        .write_all(b"GET /moto-api/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+    if s.write_all(b"GET /moto-api/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
         .is_err()
     {
         return false;

@@ -121,7 +121,11 @@ pub enum EnrollError {
     #[error("keyslot {0} has no nbdcrypt token (remove a passphrase keyslot with `remove-key`)")]
     NoTokenForKeyslot(u32),
     #[error("keyslot {slot} is served by {count} nbdcrypt tokens ({ids}); name one with --token")]
-    SeveralTokens { slot: u32, count: usize, ids: String },
+    SeveralTokens {
+        slot: u32,
+        count: usize,
+        ids: String,
+    },
     #[error("token {0} is bound to several keyslots; nbdcrypt tokens serve exactly one")]
     TokenOnSeveralKeyslots(u32),
     #[error(
@@ -264,7 +268,9 @@ fn enroll_inner(
     crash.wrote()?;
     let rollback = |header: &mut Luks2Header, e: EnrollError| -> EnrollError {
         if let Err(r) = header.remove_keyslot(file, slot) {
-            tracing::warn!("could not remove the unused keyslot {slot} after a failed enrolment: {r}");
+            tracing::warn!(
+                "could not remove the unused keyslot {slot} after a failed enrolment: {r}"
+            );
         }
         e
     };
@@ -412,7 +418,8 @@ pub fn unlock_with_token(
         }
         Err(e) => Err(e),
     };
-    try_token(file, header, token_id, t, parsed, resolver).map_err(|f| EnrollError::TokensFailed(vec![f]))
+    try_token(file, header, token_id, t, parsed, resolver)
+        .map_err(|f| EnrollError::TokensFailed(vec![f]))
 }
 
 fn try_token(
@@ -460,7 +467,9 @@ fn open_with(
     // Our keyslots use 1000 PBKDF2 iterations; the default limits are far above that.
     match header.unlock_slot(file, parsed.keyslot, &pass, &KdfLimits::default()) {
         Ok(key) => Ok((key, parsed.keyslot)),
-        Err(FormatError::WrongPassphrase) => Err(TokenFailureReason::SecretRejected(parsed.keyslot)),
+        Err(FormatError::WrongPassphrase) => {
+            Err(TokenFailureReason::SecretRejected(parsed.keyslot))
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -538,11 +547,9 @@ fn rekey_inner(
     }
     let old_slot = match t.keyslots() {
         [k] => *k,
-        [] => {
-            return Err(EnrollError::Seal(SealError::BadToken(format!(
-                "token {token_id} is bound to no keyslot; remove it with `unenroll --token {token_id}`"
-            ))))
-        }
+        [] => return Err(EnrollError::Seal(SealError::BadToken(format!(
+            "token {token_id} is bound to no keyslot; remove it with `unenroll --token {token_id}`"
+        )))),
         _ => return Err(EnrollError::TokenOnSeveralKeyslots(token_id)),
     };
     if !header.verify_volume_key(volume_key) {
@@ -561,7 +568,8 @@ fn rekey_inner(
             Ok(None) => return Err("it is not an nbdcrypt token".into()),
             Err(e) => return Err(e.to_string()),
         };
-        let (key, slot) = open_with(file, &disk, &parsed, new_provider).map_err(|e| e.to_string())?;
+        let (key, slot) =
+            open_with(file, &disk, &parsed, new_provider).map_err(|e| e.to_string())?;
         if slot != new.keyslot {
             return Err(format!("opened keyslot {slot}, expected {}", new.keyslot));
         }

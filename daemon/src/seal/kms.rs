@@ -16,7 +16,9 @@
 //! (`--kms-endpoint`, e.g. a VPC endpoint or a test server) overrides `AWS_ENDPOINT_URL_KMS`.
 //! The region actually used and the explicit endpoint are stored in the token, with the key ARN
 //! returned by `Encrypt` (an alias is resolved once, at enrolment: re-pointing the alias later
-//! does not change which key unseals).
+//! does not change which key unseals). The encryption context is stored too, for operators and
+//! CloudTrail searches only: `unseal` always rebuilds it from the volume and keyslot it is asked
+//! to open, never from the token.
 //!
 //! **Time bounds.** Connect 2 s, each attempt 5 s, the whole operation (3 attempts with the
 //! SDK's standard backoff) 10 s; a call never takes much longer than [`OPERATION_TIMEOUT`] per
@@ -39,7 +41,7 @@ use std::time::Duration;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
-use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::KeyState;
 use serde_json::{Map, Value};
@@ -182,7 +184,11 @@ impl KmsProvider {
                 }
                 if self.test_credentials {
                     loader = loader.credentials_provider(aws_sdk_kms::config::Credentials::new(
-                        "test", "test", None, None, "nbdcrypt-test",
+                        "test",
+                        "test",
+                        None,
+                        None,
+                        "nbdcrypt-test",
                     ));
                 }
                 // Region lookup through IMDS is bounded by the SDK's own IMDS timeouts.
@@ -208,10 +214,16 @@ impl KmsProvider {
     }
 
     /// `DescribeKey`: Ok(()) if the key is usable or we may not ask.
-    async fn check_key_state(&self, client: &aws_sdk_kms::Client, key: &str) -> Result<(), SealError> {
+    async fn check_key_state(
+        &self,
+        client: &aws_sdk_kms::Client,
+        key: &str,
+    ) -> Result<(), SealError> {
         match client.describe_key().key_id(key).send().await {
             Ok(out) => {
-                let Some(m) = out.key_metadata() else { return Ok(()) };
+                let Some(m) = out.key_metadata() else {
+                    return Ok(());
+                };
                 match m.key_state() {
                     None | Some(KeyState::Enabled) => Ok(()),
                     Some(state) => Err(SealError::KeyDisabled {
@@ -249,7 +261,10 @@ impl SealProvider for KmsProvider {
             for (k, v) in Self::context(binding) {
                 req = req.encryption_context(k, v);
             }
-            let out = req.send().await.map_err(|e| map_sdk_error(e, &self.key_id))?;
+            let out = req
+                .send()
+                .await
+                .map_err(|e| map_sdk_error(e, &self.key_id))?;
             let ciphertext = out
                 .ciphertext_blob()
                 .map(|b| b.as_ref().to_vec())
@@ -279,7 +294,11 @@ impl SealProvider for KmsProvider {
         // was built from the token).
         let key = match sealed.params.get(PARAM_KEY_ID) {
             Some(Value::String(k)) => k.clone(),
-            Some(_) => return Err(SealError::BadToken(format!("{PARAM_KEY_ID:?} is not a string"))),
+            Some(_) => {
+                return Err(SealError::BadToken(format!(
+                    "{PARAM_KEY_ID:?} is not a string"
+                )))
+            }
             None => self.key_id.clone(),
         };
         self.block_on(async {
@@ -324,20 +343,40 @@ fn unreachable_err(detail: impl Into<String>) -> SealError {
 fn map_sdk_error<E, R>(e: SdkError<E, R>, key: &str) -> SealError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
+    R: std::fmt::Debug + 'static,
 {
     match &e {
         SdkError::ServiceError(se) => {
             let err = se.err();
             map_service_code(err.code(), err.message(), key)
         }
+        // A mistake in the client's own configuration: retrying will not help.
+        SdkError::DispatchFailure(d) if d.is_user() => other(error_chain(&e)),
+        // Connect refused / reset, DNS, TLS, timeouts, and failures to load credentials (the
+        // credential chain itself may be a network service): transient.
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
-            unreachable_err(format!("{}", DisplayErrorContext(&e)))
+            unreachable_err(error_chain(&e))
         }
         // A response we could not read (proxy page, truncated body): treat as transient.
-        SdkError::ResponseError(_) => unreachable_err(format!("{}", DisplayErrorContext(&e))),
-        _ => other(format!("{}", DisplayErrorContext(&e))),
+        SdkError::ResponseError(_) => unreachable_err(error_chain(&e)),
+        _ => other(error_chain(&e)),
     }
+}
+
+/// "dispatch failure: io error: Connection refused (os error 111)": the Display texts of the
+/// error and its sources, without the SDK's Debug dumps of requests and responses.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !t.is_empty() && !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        cur = c.source();
+    }
+    text
 }
 
 /// Maps a KMS error code (and message) to a [`SealError`].
@@ -349,13 +388,15 @@ pub(crate) fn map_service_code(code: Option<&str>, message: Option<&str>, key: &
         (None, None) => "unknown error".to_owned(),
     };
     match code.unwrap_or("") {
-        "AccessDeniedException" | "UnrecognizedClientException" | "InvalidSignatureException"
-        | "ExpiredTokenException" | "InvalidClientTokenId" | "AccessDenied" => {
-            SealError::AccessDenied {
-                provider: PROVIDER,
-                detail,
-            }
-        }
+        "AccessDeniedException"
+        | "UnrecognizedClientException"
+        | "InvalidSignatureException"
+        | "ExpiredTokenException"
+        | "InvalidClientTokenId"
+        | "AccessDenied" => SealError::AccessDenied {
+            provider: PROVIDER,
+            detail,
+        },
         "InvalidCiphertextException" | "IncorrectKeyException" => SealError::WrongBinding,
         "DisabledException" | "KMSInvalidStateException" => SealError::KeyDisabled {
             provider: PROVIDER,
@@ -365,9 +406,14 @@ pub(crate) fn map_service_code(code: Option<&str>, message: Option<&str>, key: &
             provider: PROVIDER,
             key: key.to_owned(),
         },
-        "KeyUnavailableException" | "DependencyTimeoutException" | "KMSInternalException"
-        | "ThrottlingException" | "LimitExceededException" | "ServiceUnavailable"
-        | "InternalFailure" | "RequestTimeout" => unreachable_err(detail),
+        "KeyUnavailableException"
+        | "DependencyTimeoutException"
+        | "KMSInternalException"
+        | "ThrottlingException"
+        | "LimitExceededException"
+        | "ServiceUnavailable"
+        | "InternalFailure"
+        | "RequestTimeout" => unreachable_err(detail),
         _ => other(detail),
     }
 }
@@ -379,12 +425,30 @@ mod tests {
     #[test]
     fn service_codes_map_to_operator_actions() {
         let m = |c: &str| map_service_code(Some(c), Some("msg"), "alias/k");
-        assert!(matches!(m("AccessDeniedException"), SealError::AccessDenied { .. }));
-        assert!(matches!(m("InvalidCiphertextException"), SealError::WrongBinding));
-        assert!(matches!(m("IncorrectKeyException"), SealError::WrongBinding));
-        assert!(matches!(m("DisabledException"), SealError::KeyDisabled { .. }));
-        assert!(matches!(m("KMSInvalidStateException"), SealError::KeyDisabled { .. }));
-        assert!(matches!(m("NotFoundException"), SealError::KeyMissing { .. }));
+        assert!(matches!(
+            m("AccessDeniedException"),
+            SealError::AccessDenied { .. }
+        ));
+        assert!(matches!(
+            m("InvalidCiphertextException"),
+            SealError::WrongBinding
+        ));
+        assert!(matches!(
+            m("IncorrectKeyException"),
+            SealError::WrongBinding
+        ));
+        assert!(matches!(
+            m("DisabledException"),
+            SealError::KeyDisabled { .. }
+        ));
+        assert!(matches!(
+            m("KMSInvalidStateException"),
+            SealError::KeyDisabled { .. }
+        ));
+        assert!(matches!(
+            m("NotFoundException"),
+            SealError::KeyMissing { .. }
+        ));
         assert!(m("KeyUnavailableException").is_transient());
         assert!(m("ThrottlingException").is_transient());
         assert!(matches!(m("ValidationException"), SealError::Other { .. }));
@@ -439,12 +503,28 @@ mod tests {
             ciphertext: vec![1; 16],
             params: Map::new(),
         };
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let start = std::time::Instant::now();
         let r = rt.block_on(async { p.unseal(&sealed, &binding) });
-        assert!(start.elapsed() < OPERATION_TIMEOUT * 2, "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() < OPERATION_TIMEOUT * 2,
+            "{:?}",
+            start.elapsed()
+        );
         match r {
-            Err(e @ SealError::Unreachable { .. }) => assert!(e.is_transient()),
+            Err(e @ SealError::Unreachable { .. }) => {
+                assert!(e.is_transient());
+                let text = e.to_string();
+                // The cause, without the SDK's Debug dumps.
+                assert!(text.contains("onnection refused"), "{text}");
+                assert!(
+                    !text.contains("DispatchFailure {") && text.len() < 300,
+                    "{text}"
+                );
+            }
             Err(e) => panic!("expected Unreachable, got {e}"),
             Ok(_) => panic!("expected Unreachable, got a secret"),
         }

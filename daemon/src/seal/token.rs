@@ -35,7 +35,8 @@ pub const AWS_KMS_TOKEN_TYPE: &str = "nbdcrypt-aws-kms";
 pub const PKCS11_TOKEN_TYPE: &str = "nbdcrypt-pkcs11";
 
 /// Members the token format owns; provider parameters must not use these names.
-pub const RESERVED_MEMBERS: [&str; 5] = ["type", "keyslots", "nbdcrypt_version", "created", "sealed"];
+pub const RESERVED_MEMBERS: [&str; 5] =
+    ["type", "keyslots", "nbdcrypt_version", "created", "sealed"];
 
 /// Which provider sealed a token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,7 +153,11 @@ pub fn parse_json(o: &Map<String, Value>) -> Result<Option<ParsedToken>, SealErr
         None => return bad(format!("{type_name} token has no \"nbdcrypt_version\"")),
         Some(v) => match v.as_u64() {
             Some(n) if n >= 1 => n,
-            _ => return bad(format!("\"nbdcrypt_version\" {v} is not a positive integer")),
+            _ => {
+                return bad(format!(
+                    "\"nbdcrypt_version\" {v} is not a positive integer"
+                ))
+            }
         },
     };
     if version > TOKEN_VERSION {
@@ -215,7 +220,10 @@ mod tests {
 
     fn sealed() -> Sealed {
         let mut params = Map::new();
-        params.insert("kms-key-id".into(), "arn:aws:kms:eu-west-1:1:key/abc".into());
+        params.insert(
+            "kms-key-id".into(),
+            "arn:aws:kms:eu-west-1:1:key/abc".into(),
+        );
         params.insert("kms-region".into(), "eu-west-1".into());
         Sealed {
             ciphertext: vec![1, 2, 3, 250],
@@ -273,8 +281,14 @@ mod tests {
             o
         };
         let cases: Vec<(Map<String, Value>, &str)> = vec![
-            (with("nbdcrypt_version", json!(2)), "newer than this nbdcrypt"),
-            (with("nbdcrypt_version", json!("1")), "not a positive integer"),
+            (
+                with("nbdcrypt_version", json!(2)),
+                "newer than this nbdcrypt",
+            ),
+            (
+                with("nbdcrypt_version", json!("1")),
+                "not a positive integer",
+            ),
             (without("nbdcrypt_version"), "no \"nbdcrypt_version\""),
             (with("keyslots", json!([])), "bound to no keyslot"),
             (with("keyslots", json!(["1", "2"])), "exactly one"),

@@ -90,7 +90,9 @@ impl SealProvider for FakeKms {
 }
 
 /// A resolver that knows the named fake keys.
-fn resolver(names: &[&str]) -> impl Fn(&Map<String, Value>) -> Result<Box<dyn SealProvider>, SealError> {
+fn resolver(
+    names: &[&str],
+) -> impl Fn(&Map<String, Value>) -> Result<Box<dyn SealProvider>, SealError> {
     let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
     move |t: &Map<String, Value>| {
         let id = t.get("kms-key-id").and_then(Value::as_str).unwrap_or("");
@@ -151,7 +153,13 @@ fn enrol_then_unlock_by_token() {
     let dir = tempfile::tempdir().unwrap();
     let (_p, f, mut h, vk) = volume(dir.path(), "a.img");
     let e = enroll(&f, &mut h, &vk, &FakeKms::new("key-a")).unwrap();
-    assert_eq!(e, Enrolled { keyslot: 1, token_id: 0 });
+    assert_eq!(
+        e,
+        Enrolled {
+            keyslot: 1,
+            token_id: 0
+        }
+    );
 
     let h = reread(&f);
     let t = h.token(0).unwrap().json().clone();
@@ -181,8 +189,14 @@ fn enrol_then_unlock_by_token() {
     // Without the provider: a clear failure naming the token, slot and key.
     let err = expect_err(unlock_with_tokens(&f, &h, &resolver(&[])));
     let msg = err.to_string();
-    assert!(msg.contains("token 0") && msg.contains("keyslot 1") && msg.contains("key-a"), "{msg}");
-    assert!(matches!(err.seal_error(), Some(SealError::KeyMissing { .. })));
+    assert!(
+        msg.contains("token 0") && msg.contains("keyslot 1") && msg.contains("key-a"),
+        "{msg}"
+    );
+    assert!(matches!(
+        err.seal_error(),
+        Some(SealError::KeyMissing { .. })
+    ));
 }
 
 #[test]
@@ -192,24 +206,44 @@ fn a_token_copied_to_another_volume_is_wrong_binding() {
     let (_pb, fb, mut hb, vkb) = volume(dir.path(), "b.img");
     enroll(&fa, &mut ha, &vka, &FakeKms::new("key-a")).unwrap();
     // B gets a keyslot 1 of its own, and A's token bound to it.
-    hb.add_keyslot(&fb, &vkb, &SecretBytes::from_slice(b"other"), &TOKEN_KEYSLOT_KDF)
-        .unwrap();
+    hb.add_keyslot(
+        &fb,
+        &vkb,
+        &SecretBytes::from_slice(b"other"),
+        &TOKEN_KEYSLOT_KDF,
+    )
+    .unwrap();
     let mut copied = ha.token(0).unwrap().json().clone();
     copied.insert("keyslots".into(), json!(["1"]));
-    hb.add_token(&fb, Token::from_json(copied).unwrap()).unwrap();
+    hb.add_token(&fb, Token::from_json(copied).unwrap())
+        .unwrap();
     let err = expect_err(unlock_with_tokens(&fb, &hb, &resolver(&["key-a"])));
-    assert!(matches!(err.seal_error(), Some(SealError::WrongBinding)), "{err}");
-    assert!(err.to_string().contains("does not belong to this volume"), "{err}");
+    assert!(
+        matches!(err.seal_error(), Some(SealError::WrongBinding)),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("does not belong to this volume"),
+        "{err}"
+    );
 
     // Same volume, token moved to another keyslot: also refused.
-    ha.add_keyslot(&fa, &vka, &SecretBytes::from_slice(b"x"), &TOKEN_KEYSLOT_KDF)
-        .unwrap();
+    ha.add_keyslot(
+        &fa,
+        &vka,
+        &SecretBytes::from_slice(b"x"),
+        &TOKEN_KEYSLOT_KDF,
+    )
+    .unwrap();
     let mut moved = ha.token(0).unwrap().json().clone();
     moved.insert("keyslots".into(), json!(["2"]));
     ha.remove_token(&fa, 0).unwrap();
     ha.add_token(&fa, Token::from_json(moved).unwrap()).unwrap();
     let err = expect_err(unlock_with_tokens(&fa, &ha, &resolver(&["key-a"])));
-    assert!(matches!(err.seal_error(), Some(SealError::WrongBinding)), "{err}");
+    assert!(
+        matches!(err.seal_error(), Some(SealError::WrongBinding)),
+        "{err}"
+    );
 }
 
 #[test]
@@ -218,7 +252,10 @@ fn other_tools_tokens_are_left_alone() {
     let (_p, f, mut h, vk) = volume(dir.path(), "a.img");
     let foreign = json!({"type": "systemd-tpm2", "keyslots": ["0"], "tpm2-blob": "AAAA"});
     let fid = h
-        .add_token(&f, Token::from_json(foreign.as_object().unwrap().clone()).unwrap())
+        .add_token(
+            &f,
+            Token::from_json(foreign.as_object().unwrap().clone()).unwrap(),
+        )
         .unwrap();
     assert!(matches!(
         unlock_with_tokens(&f, &h, &resolver(&["key-a"])),
@@ -253,16 +290,25 @@ fn unenrol_removes_token_then_keyslot_and_keeps_the_last_keyslot() {
     assert_eq!(u.keyslot, Some(2));
     let disk = reread(&f);
     assert_eq!(disk.tokens().count(), 0);
-    assert_eq!(disk.keyslots().iter().map(|k| k.id).collect::<Vec<_>>(), vec![0]);
+    assert_eq!(
+        disk.keyslots().iter().map(|k| k.id).collect::<Vec<_>>(),
+        vec![0]
+    );
     assert!(passphrase_opens(&f, &disk, &vk));
 
     // Only a token keyslot left: unenrolling it would lose the data.
     let c = enroll(&f, &mut h, &vk, &FakeKms::new("key-c")).unwrap();
     h.remove_keyslot(&f, 0).unwrap();
     let err = unenroll(&f, &mut h, UnenrollTarget::Token(c.token_id)).unwrap_err();
-    assert!(matches!(err, EnrollError::LastKeyslot(k) if k == c.keyslot), "{err}");
+    assert!(
+        matches!(err, EnrollError::LastKeyslot(k) if k == c.keyslot),
+        "{err}"
+    );
     let disk = reread(&f);
-    assert!(disk.token(c.token_id).is_some(), "the token must survive a refused unenrol");
+    assert!(
+        disk.token(c.token_id).is_some(),
+        "the token must survive a refused unenrol"
+    );
     assert!(unlock_with_tokens(&f, &disk, &resolver(&["key-c"])).is_ok());
 }
 
@@ -319,8 +365,19 @@ fn rekey_is_crash_safe_after_every_header_write() {
         std::fs::copy(&template, &p).unwrap();
         let f = open_rw(&p);
         let mut h = reread(&f);
-        let mut crash = CrashPoint { done: 0, limit: k, after_write: None };
-        let r = rekey_inner(&f, &mut h, a.token_id, &vk, &FakeKms::new("key-b"), &mut crash);
+        let mut crash = CrashPoint {
+            done: 0,
+            limit: k,
+            after_write: None,
+        };
+        let r = rekey_inner(
+            &f,
+            &mut h,
+            a.token_id,
+            &vk,
+            &FakeKms::new("key-b"),
+            &mut crash,
+        );
         match r {
             Err(EnrollError::SimulatedCrash(n)) => assert_eq!(n, k),
             Ok(_) => completed = true,
@@ -347,10 +404,10 @@ fn rekey_is_crash_safe_after_every_header_write() {
         let n_tokens = disk.tokens().count();
         let n_slots = disk.keyslots().len();
         let expect = match k {
-            1 => (1, 3),     // orphan new keyslot, old token+slot intact
-            2 => (2, 3),     // both enrolments
-            3 => (1, 3),     // old token gone, old keyslot left (unopenable)
-            _ => (1, 2),     // done
+            1 => (1, 3), // orphan new keyslot, old token+slot intact
+            2 => (2, 3), // both enrolments
+            3 => (1, 3), // old token gone, old keyslot left (unopenable)
+            _ => (1, 2), // done
         };
         assert_eq!((n_tokens, n_slots), expect, "k={k}");
     }
@@ -382,7 +439,15 @@ fn rekey_survives_a_crash_inside_a_header_commit() {
                 snap.borrow_mut().push(std::fs::read(&path).unwrap())
             })),
         };
-        rekey_inner(&f, &mut h, a.token_id, &vk, &FakeKms::new("key-b"), &mut crash).unwrap();
+        rekey_inner(
+            &f,
+            &mut h,
+            a.token_id,
+            &vk,
+            &FakeKms::new("key-b"),
+            &mut crash,
+        )
+        .unwrap();
     }
     let images = images.borrow().clone();
     assert_eq!(images.len(), 5);
