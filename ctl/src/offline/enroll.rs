@@ -13,7 +13,8 @@ use nbdcrypt::luks2::{KdfLimits, Luks2Header};
 use nbdcrypt::seal::enroll::{self as seal_enroll, EnrollError, Enrolled, UnenrollTarget};
 use nbdcrypt::seal::kms::KmsProvider;
 use nbdcrypt::seal::token::{self, ProviderKind};
-use nbdcrypt::seal::{resolve_provider, SealProvider};
+use nbdcrypt::seal::pkcs11::{resolve_module, PinSource, Pkcs11Provider, Pkcs11Uri};
+use nbdcrypt::seal::{resolve_provider_with, Pkcs11Settings, SealProvider};
 
 use super::Volume;
 use crate::secret_input::{read_existing, Source};
@@ -80,16 +81,59 @@ pub struct KmsLocation {
     pub kms_endpoint: Option<String>,
 }
 
+/// The PKCS#11 HSM: the key (an RFC 7512 URI), its user PIN and the module to load.
+#[derive(Args, Debug, Clone)]
+pub struct Pkcs11Args {
+    /// PIN source for HSM tokens: file:/path, env:VAR or cred:NAME (systemd credential).
+    #[arg(long, value_name = "SOURCE", help_heading = "PKCS#11 HSM")]
+    pub pkcs11_pin: Option<String>,
+    /// PKCS#11 module (default: the URI's module-path, else SoftHSM2's).
+    #[arg(long, value_name = "PATH", help_heading = "PKCS#11 HSM")]
+    pub pkcs11_module: Option<PathBuf>,
+}
+
+impl Pkcs11Args {
+    /// Settings for unsealing existing PKCS#11 tokens (the module never comes from the header).
+    fn settings(&self) -> anyhow::Result<Pkcs11Settings> {
+        let pin = match &self.pkcs11_pin {
+            Some(p) => Some(PinSource::parse(p).map_err(|e| anyhow!("--pkcs11-pin: {e}"))?),
+            None => None,
+        };
+        Ok(Pkcs11Settings { module: self.pkcs11_module.clone(), pin })
+    }
+
+    /// A provider sealing under the key `uri` names.
+    fn provider(&self, uri: &str) -> anyhow::Result<Pkcs11Provider> {
+        let (uri, inline_pin) =
+            Pkcs11Uri::parse_with_pin_value(uri).map_err(|e| anyhow!("--pkcs11: {e}"))?;
+        let pin = match (inline_pin, &self.pkcs11_pin, &uri.pin_source) {
+            (Some(pin), _, _) => pin,
+            (None, Some(p), _) => PinSource::parse(p).map_err(|e| anyhow!("--pkcs11-pin: {e}"))?.read()?,
+            (None, None, Some(src)) => src.read()?,
+            (None, None, None) => bail!("--pkcs11 needs a PIN: --pkcs11-pin file:/path (or env:VAR, cred:NAME)"),
+        };
+        let module = resolve_module(self.pkcs11_module.as_deref(), &uri);
+        Ok(Pkcs11Provider::new(uri, module, pin)?)
+    }
+}
+
 #[derive(Args, Debug)]
+#[command(group(ArgGroup::new("provider").required(true).args(["kms", "pkcs11"])))]
 pub struct EnrollArgs {
     /// Volume file or block device.
     #[arg(value_name = "VOLUME")]
     pub volume: PathBuf,
     /// The KMS key that seals the secret: key id, key ARN, alias/NAME or alias ARN.
     #[arg(long, value_name = "KEY_ID|ALIAS", help_heading = "AWS KMS")]
-    pub kms: String,
+    pub kms: Option<String>,
     #[command(flatten)]
     pub location: KmsLocation,
+    /// The HSM key that seals the secret: a non-extractable AES key, as an RFC 7512 URI
+    /// (pkcs11:token=LABEL;object=LABEL or ;id=%01).
+    #[arg(long, value_name = "URI", help_heading = "PKCS#11 HSM")]
+    pub pkcs11: Option<String>,
+    #[command(flatten)]
+    pub hsm: Pkcs11Args,
     /// Existing passphrase from this file (bytes as-is; `-` = standard input).
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
@@ -128,10 +172,15 @@ pub struct RekeyArgs {
     #[arg(long)]
     pub all_tokens: bool,
     /// The new KMS key (default: the token's current key).
-    #[arg(long, value_name = "KEY_ID|ALIAS", help_heading = "AWS KMS")]
+    #[arg(long, value_name = "KEY_ID|ALIAS", help_heading = "AWS KMS", conflicts_with = "pkcs11")]
     pub kms: Option<String>,
     #[command(flatten)]
     pub location: KmsLocation,
+    /// Move to this HSM key (RFC 7512 URI) instead of re-sealing under the current one.
+    #[arg(long, value_name = "URI", help_heading = "PKCS#11 HSM")]
+    pub pkcs11: Option<String>,
+    #[command(flatten)]
+    pub hsm: Pkcs11Args,
     /// Get the volume key from this passphrase file instead of the old token (bytes as-is;
     /// `-` = standard input).
     #[arg(long, value_name = "FILE")]
@@ -152,6 +201,8 @@ pub struct TestTokenArgs {
     /// Only try this token.
     #[arg(long, value_name = "N")]
     pub token: Option<u32>,
+    #[command(flatten)]
+    pub hsm: Pkcs11Args,
     /// Append a JSON line per key event to this file.
     #[arg(long, value_name = "PATH")]
     pub audit_log: Option<PathBuf>,
@@ -214,25 +265,29 @@ pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
     let audit = Audit::open(a.audit_log.as_deref())?;
     let vol = Volume::open(&a.volume, true)?;
     let mut hdr = vol.header(true)?;
+    let (provider, kind): (Box<dyn SealProvider>, ProviderKind) = match (&a.kms, &a.pkcs11) {
+        (Some(kms), _) => (
+            Box::new(KmsProvider::new(kms.clone(), a.location.region.clone(), a.location.kms_endpoint.clone())?),
+            ProviderKind::AwsKms,
+        ),
+        (None, Some(uri)) => (Box::new(a.hsm.provider(uri)?), ProviderKind::Pkcs11),
+        (None, None) => bail!("give --kms KEY or --pkcs11 URI"),
+    };
     let key = unlock_by_passphrase(&vol, &hdr, a.key_file.as_deref())?;
-    let provider = KmsProvider::new(
-        a.kms.clone(),
-        a.location.region.clone(),
-        a.location.kms_endpoint.clone(),
-    )?;
+    let requested = provider.key_reference();
     let event = AuditEvent::new(AuditEventKind::Enrol)
         .volume(hdr.uuid())
-        .provider(ProviderKind::AwsKms.name(), Some(&a.kms));
-    match seal_enroll::enroll(&vol.file, &mut hdr, &key, &provider) {
+        .provider(kind.name(), Some(&requested));
+    match seal_enroll::enroll(&vol.file, &mut hdr, &key, &*provider) {
         Ok(Enrolled { keyslot, token_id }) => {
-            let arn = token_key(&hdr, token_id).unwrap_or_else(|| a.kms.clone());
+            let arn = token_key(&hdr, token_id).unwrap_or(requested);
             audit.record(
                 event
                     .keyslot(keyslot)
-                    .provider(ProviderKind::AwsKms.name(), Some(&arn))
+                    .provider(kind.name(), Some(&arn))
                     .detail("token", token_id),
             );
-            println!("enrolled keyslot {keyslot} (token {token_id}, aws-kms key {arn})");
+            println!("enrolled keyslot {keyslot} (token {token_id}, {} key {arn})", kind.name());
             Ok(())
         }
         Err(e) => {
@@ -279,6 +334,8 @@ pub fn unenroll(a: UnenrollArgs) -> anyhow::Result<()> {
 
 pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
     let audit = Audit::open(a.audit_log.as_deref())?;
+    let settings = a.hsm.settings()?;
+    let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolve_provider_with(json, &settings);
     let vol = Volume::open(&a.volume, true)?;
     let mut hdr = vol.header(true)?;
     let p = vol.path.display().to_string();
@@ -311,7 +368,7 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
         let mut last = None;
         let mut found = None;
         for (id, _) in &targets {
-            match seal_enroll::unlock_with_token(&vol.file, &hdr, *id, &resolve_provider) {
+            match seal_enroll::unlock_with_token(&vol.file, &hdr, *id, &resolve) {
                 Ok((k, slot)) => {
                     eprintln!("keyslot {slot} unlocked by token {id}");
                     found = Some(k);
@@ -348,6 +405,7 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
                 .map(str::to_owned)
         };
         let new_provider: Box<dyn SealProvider> = match &a.kms {
+            None if a.pkcs11.is_some() => Box::new(a.hsm.provider(a.pkcs11.as_deref().unwrap_or_default())?),
             Some(k) => Box::new(KmsProvider::new(
                 k.clone(),
                 a.location.region.clone().or_else(|| param("kms-region")),
@@ -369,7 +427,11 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
                         .or_else(|| param("kms-endpoint")),
                 )?)
             }
-            None => resolve_provider(&old_json).map_err(|e| anyhow!("{p}: token {id}: {e}"))?,
+            None => resolve(&old_json).map_err(|e| anyhow!("{p}: token {id}: {e}"))?,
+        };
+        let new_kind = match new_provider.token_type() {
+            t if t == ProviderKind::Pkcs11.token_type() => ProviderKind::Pkcs11,
+            _ => ProviderKind::AwsKms,
         };
         let event = AuditEvent::new(AuditEventKind::Rekey)
             .volume(hdr.uuid())
@@ -383,22 +445,22 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
                 audit.record(
                     event
                         .keyslot(r.new.keyslot)
-                        .provider(ProviderKind::AwsKms.name(), Some(&new_key))
+                        .provider(new_kind.name(), Some(&new_key))
                         .detail("token", r.new.token_id),
                 );
                 println!(
-                    "rekeyed token {id} (keyslot {}) -> token {} (keyslot {}, aws-kms key {new_key})",
-                    r.old.keyslot, r.new.token_id, r.new.keyslot
+                    "rekeyed token {id} (keyslot {}) -> token {} (keyslot {}, {} key {new_key})",
+                    r.old.keyslot,
+                    r.new.token_id,
+                    r.new.keyslot,
+                    new_kind.name()
                 );
             }
             Err(e) => {
                 let e = explain(&vol, e);
                 audit.record(
                     event
-                        .provider(
-                            ProviderKind::AwsKms.name(),
-                            Some(&new_provider.key_reference()),
-                        )
+                        .provider(new_kind.name(), Some(&new_provider.key_reference()))
                         .failed(format!("{e:#}")),
                 );
                 return Err(e);
@@ -415,22 +477,24 @@ pub fn test_token(a: TestTokenArgs) -> anyhow::Result<()> {
     let event = AuditEvent::new(AuditEventKind::UnlockOk)
         .volume(hdr.uuid())
         .detail("check", true);
+    let settings = a.hsm.settings()?;
+    let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolve_provider_with(json, &settings);
     let result = match a.token {
-        Some(id) => seal_enroll::unlock_with_token(&vol.file, &hdr, id, &resolve_provider)
+        Some(id) => seal_enroll::unlock_with_token(&vol.file, &hdr, id, &resolve)
             .map(|(k, slot)| (k, slot, id)),
-        None => seal_enroll::unlock_with_tokens(&vol.file, &hdr, &resolve_provider),
+        None => seal_enroll::unlock_with_tokens(&vol.file, &hdr, &resolve),
     };
     match result {
         Ok((_key, slot, id)) => {
             let key = token_key(&hdr, id);
-            audit.record(
-                event
-                    .keyslot(slot)
-                    .provider(ProviderKind::AwsKms.name(), key.as_deref())
-                    .detail("token", id),
-            );
+            let kind = hdr
+                .token(id)
+                .and_then(|t| ProviderKind::from_token_type(t.type_name()))
+                .map(ProviderKind::name)
+                .unwrap_or("unknown");
+            audit.record(event.keyslot(slot).provider(kind, key.as_deref()).detail("token", id));
             match key {
-                Some(k) => println!("keyslot {slot} unlocked by token {id} (aws-kms key {k})"),
+                Some(k) => println!("keyslot {slot} unlocked by token {id} ({kind} key {k})"),
                 None => println!("keyslot {slot} unlocked by token {id}"),
             }
             Ok(())

@@ -1,0 +1,195 @@
+//! Keyslots sealed by a PKCS#11 HSM (a real SoftHSM2 token in a throwaway directory): enrol,
+//! test-token, the daemon's auto-unlock, rekey to a new HSM key, and the errors an operator
+//! meets (wrong PIN, missing key) — with cryptsetup still opening the recovery passphrase.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const TOKEN: &str = "nbdcrypt-test";
+const PIN: &str = "1234";
+const PASS: &[u8] = b"recovery passphrase";
+const FAST: [&str; 4] = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+
+struct Hsm {
+    dir: tempfile::TempDir,
+    conf: PathBuf,
+}
+
+fn require(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(found, "`{tool}` is missing: apt-get install -y {package} (./scripts/test.sh does)");
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(o.status.success(), "{cmd:?}: {}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+impl Hsm {
+    /// A token with two non-extractable AES-256 keys, "kek1" and "kek2", and a volume with the
+    /// recovery passphrase in keyslot 0.
+    fn new() -> Hsm {
+        require("softhsm2-util", "softhsm2");
+        require("pkcs11-tool", "opensc");
+        assert!(Path::new(MODULE).exists(), "{MODULE} missing: apt-get install -y softhsm2");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("tokens")).unwrap();
+        let conf = dir.path().join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                dir.path().join("tokens").display()
+            ),
+        )
+        .unwrap();
+        run_ok(Command::new("softhsm2-util").env("SOFTHSM2_CONF", &conf).args([
+            "--init-token", "--free", "--label", TOKEN, "--so-pin", "87654321", "--pin", PIN,
+        ]));
+        for (label, id) in [("kek1", "01"), ("kek2", "02")] {
+            run_ok(Command::new("pkcs11-tool").env("SOFTHSM2_CONF", &conf).args([
+                "--module", MODULE, "--token-label", TOKEN, "--login", "--pin", PIN, "--keygen",
+                "--key-type", "AES:32", "--label", label, "--id", id, "--usage-decrypt",
+                "--usage-wrap", "--sensitive", "--private",
+            ]));
+        }
+        std::fs::write(dir.path().join("pin"), format!("{PIN}\n")).unwrap();
+        std::fs::write(dir.path().join("wrong-pin"), "9999\n").unwrap();
+        std::fs::write(dir.path().join("recovery.key"), PASS).unwrap();
+        let h = Hsm { dir, conf };
+        let mut args = vec!["format".to_owned(), h.vol(), "--size".into(), "24M".into(), "--key-file".into(), h.path("recovery.key")];
+        args.extend(FAST.iter().map(|s| s.to_string()));
+        assert_ok(&h.ctl(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+        h
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).to_str().unwrap().to_owned()
+    }
+
+    fn vol(&self) -> String {
+        self.path("vol.img")
+    }
+
+    fn pin(&self) -> String {
+        format!("file:{}", self.path("pin"))
+    }
+
+    fn uri(label: &str) -> String {
+        format!("pkcs11:token={TOKEN};object={label};type=secret-key")
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_nbdcryptctl"))
+            .env("SOFTHSM2_CONF", &self.conf)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run nbdcryptctl")
+    }
+
+    fn enroll(&self, label: &str) -> Output {
+        let (vol, key, pin) = (self.vol(), self.path("recovery.key"), self.pin());
+        self.ctl(&["enroll", &vol, "--pkcs11", &Self::uri(label), "--pkcs11-pin", &pin, "--key-file", &key])
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn assert_ok(o: &Output) {
+    assert!(o.status.success(), "exit {:?}: {}", o.status.code(), text(o));
+}
+
+fn cryptsetup_opens(vol: &str, key: &str) -> bool {
+    Command::new("cryptsetup")
+        .args(["open", "--test-passphrase", "--key-file", key, vol])
+        .status()
+        .expect("cryptsetup (cryptsetup-bin)")
+        .success()
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn an_hsm_sealed_keyslot_enrols_tests_auto_unlocks_the_daemon_and_rekeys_to_a_new_key() {
+    let h = Hsm::new();
+    let o = h.enroll("kek1");
+    assert_ok(&o);
+    assert!(text(&o).contains("pkcs11"), "{}", text(&o));
+    let (vol, pin) = (h.vol(), h.pin());
+    let o = h.ctl(&["test-token", &vol, "--pkcs11-pin", &pin]);
+    assert_ok(&o);
+    assert!(text(&o).contains("object=kek1"), "{}", text(&o));
+    assert!(cryptsetup_opens(&vol, &h.path("recovery.key")), "cryptsetup no longer opens the passphrase slot");
+
+    // The daemon unseals the token by itself at start.
+    let daemon = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/nbdcryptd");
+    assert!(daemon.exists(), "{}: run cargo build --workspace --bins first", daemon.display());
+    let control = h.path("control.sock");
+    let d = Daemon(
+        Command::new(&daemon)
+            .env("SOFTHSM2_CONF", &h.conf)
+            .args(["--volume", &vol, "--unix", &h.path("nbd.sock"), "--control", &control])
+            .args(["--auto-unlock", "--pkcs11-pin", &pin, "--pkcs11-module", MODULE])
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(h.path("daemon.log")).unwrap())
+            .spawn()
+            .expect("start nbdcryptd"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = h.ctl(&["status", "--json", "--control", &control]);
+        if o.status.success() && text(&o).contains("\"unlocked\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not unlocked: {}\n{}", text(&o), std::fs::read_to_string(h.path("daemon.log")).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(d);
+
+    // Rotate to the second HSM key: the token now names kek2, and it still opens.
+    let slot = text(&h.ctl(&["test-token", &vol, "--pkcs11-pin", &pin]))
+        .split("keyslot ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse::<u32>().ok())
+        .expect("keyslot number in test-token output");
+    let o = h.ctl(&["rekey", &vol, "--slot", &slot.to_string(), "--pkcs11", &Hsm::uri("kek2"), "--pkcs11-pin", &pin]);
+    assert_ok(&o);
+    let o = h.ctl(&["test-token", &vol, "--pkcs11-pin", &pin]);
+    assert_ok(&o);
+    assert!(text(&o).contains("object=kek2") && !text(&o).contains("object=kek1"), "{}", text(&o));
+    assert!(cryptsetup_opens(&vol, &h.path("recovery.key")));
+}
+
+#[test]
+fn a_wrong_pin_and_a_missing_key_are_reported_as_such() {
+    let h = Hsm::new();
+    let o = h.enroll("no-such-key");
+    assert!(!o.status.success());
+    assert!(text(&o).contains("no-such-key") && text(&o).contains("not found"), "{}", text(&o));
+
+    assert_ok(&h.enroll("kek1"));
+    let (vol, wrong) = (h.vol(), format!("file:{}", h.path("wrong-pin")));
+    let o = h.ctl(&["test-token", &vol, "--pkcs11-pin", &wrong]);
+    assert!(!o.status.success());
+    assert!(text(&o).to_lowercase().contains("login failed"), "{}", text(&o));
+    assert!(!text(&o).contains("9999"), "the PIN must never be printed: {}", text(&o));
+    let o = h.ctl(&["test-token", &vol]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--pkcs11-pin"), "says what is missing: {}", text(&o));
+}
