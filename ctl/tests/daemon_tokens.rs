@@ -194,3 +194,31 @@ fn with_the_kms_down_the_daemon_stays_locked_says_why_and_a_passphrase_still_unl
     let o = ctl(&["unlock", "--token", "--control", &d.control()]);
     assert!(o.status.success(), "already unlocked is not an error");
 }
+
+#[test]
+fn a_rekey_while_the_daemon_serves_the_volume_leaves_a_token_the_daemon_unlocks_with() {
+    let moto = Moto::start();
+    let d = Served::start(Served::prepare(&moto), &["--auto-unlock"]);
+    d.wait_for(30, "auto-unlock", |s| state(s) == "unlocked");
+    let vol = Served::vol(d.dir.path());
+
+    // Rotate to a new KMS key while clients could be attached: only the header changes.
+    let new_key = moto.create_key(None);
+    let slot = {
+        let f = std::fs::File::open(&vol).unwrap();
+        let (h, _) = nbdcrypt::luks2::Luks2Header::read(&f).unwrap();
+        let (_, t) = h.tokens().next().expect("a token");
+        *t.keyslots().first().unwrap()
+    };
+    ok(ctl(&["rekey", &vol, "--slot", &slot.to_string(), "--kms", &new_key, "--kms-endpoint", &moto.endpoint, "--region", REGION]));
+    assert_eq!(state(&d.status()), "unlocked", "serving goes on during a rekey");
+
+    ok(ctl(&["lock", "--control", &d.control()]));
+    let o = ok(ctl(&["unlock", "--token", "--control", &d.control()]));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("unlocked by token"));
+    let f = std::fs::File::open(&vol).unwrap();
+    let (h, _) = nbdcrypt::luks2::Luks2Header::read(&f).unwrap();
+    let tokens: Vec<String> = h.tokens().map(|(_, t)| serde_json::to_string(t.json()).unwrap()).collect();
+    assert_eq!(tokens.len(), 1, "{tokens:?}");
+    assert!(tokens[0].contains(&new_key), "the token names the new key: {tokens:?}");
+}
