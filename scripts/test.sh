@@ -66,6 +66,14 @@ if ((${#missing[@]})) || [ -n "${TEST_SH_FORCE_APT:-}" ]; then
   # Wait (up to 10 min) rather than fail if another apt/dpkg run holds the lock.
   APT=(apt-get -q -o DPkg::Lock::Timeout=600)
   "${SUDO[@]}" "${APT[@]}" update
+  # The machine image ships qemu-utils 10.x from bookworm-backports without that apt source, and
+  # Debian's qemu-system-x86 (7.2) cannot sit beside it: install both at the one version apt can
+  # provide, downgrading qemu-utils if needed (the tests pass with either version).
+  if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    qver=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+    "${SUDO[@]}" "${APT[@]}" install -y --no-install-recommends --allow-downgrades \
+      "qemu-system-x86=$qver" "qemu-utils=$qver"
+  fi
   "${SUDO[@]}" "${APT[@]}" install -y --no-install-recommends "${pkgs[@]}"
 fi
 
