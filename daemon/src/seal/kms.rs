@@ -81,7 +81,9 @@ pub struct KmsProvider {
     pub endpoint: Option<String>,
     /// Test hook: fixed dummy credentials instead of the credential chain.
     test_credentials: bool,
-    rt: tokio::runtime::Runtime,
+    /// Always `Some` until dropped; an `Option` so `Drop` can shut it down without blocking
+    /// (dropping a runtime inside an async context would panic).
+    rt: Option<tokio::runtime::Runtime>,
     client: tokio::sync::OnceCell<(aws_sdk_kms::Client, Option<String>)>,
 }
 
@@ -115,7 +117,7 @@ impl KmsProvider {
             region: region.filter(|r| !r.is_empty()),
             endpoint: endpoint.filter(|e| !e.is_empty()),
             test_credentials: false,
-            rt,
+            rt: Some(rt),
             client: tokio::sync::OnceCell::new(),
         })
     }
@@ -150,7 +152,10 @@ impl KmsProvider {
         std::thread::scope(|s| {
             std::thread::Builder::new()
                 .name("nbdcrypt-kms".into())
-                .spawn_scoped(s, || self.rt.block_on(f))
+                .spawn_scoped(s, || match &self.rt {
+                    Some(rt) => rt.block_on(f),
+                    None => Err(other("the KMS client runtime is shut down")),
+                })
                 .map_err(|e| other(format!("cannot start the KMS client thread: {e}")))?
                 .join()
                 .unwrap_or_else(|_| Err(other("the KMS client thread panicked")))
@@ -237,6 +242,16 @@ impl KmsProvider {
                 SealError::AccessDenied { .. } => Ok(()),
                 other => Err(other),
             },
+        }
+    }
+}
+
+impl Drop for KmsProvider {
+    fn drop(&mut self) {
+        // Safe from any context, async included: nothing waits for the runtime's tasks (idle
+        // pooled connections, a DNS lookup in flight), they are dropped or finish on their own.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
         }
     }
 }
@@ -478,6 +493,34 @@ mod tests {
             KmsProvider::from_token_params(&p),
             Err(SealError::BadToken(_))
         ));
+    }
+
+    /// The daemon may drop a provider from async code: that must not panic.
+    #[test]
+    fn a_used_provider_can_be_dropped_inside_an_async_context() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let p = KmsProvider::new(
+            "alias/none",
+            Some("us-east-1".into()),
+            Some(format!("http://127.0.0.1:{port}")),
+        )
+        .unwrap()
+        .with_test_credentials();
+        let secret = SecretBytes::from_slice(&[1; 32]);
+        let b = Binding {
+            volume_uuid: "u".into(),
+            keyslot: 1,
+        };
+        assert!(p.seal(&secret, &b).is_err());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move { drop(p) });
     }
 
     /// A dead endpoint: Unreachable, within the operation timeout, from inside a tokio runtime
