@@ -41,6 +41,9 @@ pub struct BackupArgs {
     /// Backup file to create (must not exist).
     #[arg(long, value_name = "FILE")]
     pub file: PathBuf,
+    /// Append a JSON line for this key event to this file (nbdcrypt audit log).
+    #[arg(long, value_name = "PATH")]
+    pub audit_log: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -54,6 +57,9 @@ pub struct RestoreArgs {
     /// Do not ask for confirmation.
     #[arg(long)]
     pub yes: bool,
+    /// Append a JSON line for this key event to this file (nbdcrypt audit log).
+    #[arg(long, value_name = "PATH")]
+    pub audit_log: Option<PathBuf>,
 }
 
 pub fn backup(a: BackupArgs) -> anyhow::Result<()> {

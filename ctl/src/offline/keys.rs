@@ -67,6 +67,9 @@ pub struct AddKeyArgs {
     pub new_key_file: Option<PathBuf>,
     #[command(flatten)]
     pub pbkdf: PbkdfArgs,
+    /// Append a JSON line for this key event to this file (nbdcrypt audit log).
+    #[arg(long, value_name = "PATH")]
+    pub audit_log: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -83,6 +86,9 @@ pub struct RemoveKeyArgs {
     /// Remove without asking for another keyslot's passphrase.
     #[arg(long)]
     pub force: bool,
+    /// Append a JSON line for this key event to this file (nbdcrypt audit log).
+    #[arg(long, value_name = "PATH")]
+    pub audit_log: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -101,6 +107,9 @@ pub struct ChangeKeyArgs {
     pub new_key_file: Option<PathBuf>,
     #[command(flatten)]
     pub pbkdf: PbkdfArgs,
+    /// Append a JSON line for this key event to this file (nbdcrypt audit log).
+    #[arg(long, value_name = "PATH")]
+    pub audit_log: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -155,7 +164,7 @@ pub fn test(a: TestKeyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn add(a: AddKeyArgs) -> anyhow::Result<()> {
+pub fn add(a: AddKeyArgs) -> anyhow::Result<Option<u32>> {
     let old_src = Source::from_arg(a.key_file.as_deref());
     let new_src = Source::from_arg(a.new_key_file.as_deref());
     check_distinct(&old_src, &new_src)?;
@@ -176,10 +185,10 @@ pub fn add(a: AddKeyArgs) -> anyhow::Result<()> {
         .add_keyslot(&vol.file, &key, &new, &kdf)
         .map_err(|e| vol.explain(e))?;
     println!("added keyslot {slot}: {}", describe_kdf(&kdf));
-    Ok(())
+    Ok(Some(slot))
 }
 
-pub fn remove(a: RemoveKeyArgs) -> anyhow::Result<()> {
+pub fn remove(a: RemoveKeyArgs) -> anyhow::Result<Option<u32>> {
     let vol = Volume::open(&a.volume, true)?;
     let mut hdr = vol.header(true)?;
     let p = vol.path.display();
@@ -237,10 +246,10 @@ pub fn remove(a: RemoveKeyArgs) -> anyhow::Result<()> {
     hdr.remove_keyslot(&vol.file, a.slot)
         .map_err(|e| vol.explain(e))?;
     println!("removed keyslot {}", a.slot);
-    Ok(())
+    Ok(Some(a.slot))
 }
 
-pub fn change(a: ChangeKeyArgs) -> anyhow::Result<()> {
+pub fn change(a: ChangeKeyArgs) -> anyhow::Result<Option<u32>> {
     let old_src = Source::from_arg(a.key_file.as_deref());
     let new_src = Source::from_arg(a.new_key_file.as_deref());
     check_distinct(&old_src, &new_src)?;
@@ -278,5 +287,5 @@ pub fn change(a: ChangeKeyArgs) -> anyhow::Result<()> {
         "changed the passphrase of keyslot {slot}: {}",
         describe_kdf(&kdf)
     );
-    Ok(())
+    Ok(Some(slot))
 }

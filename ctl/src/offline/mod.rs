@@ -21,6 +21,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail};
 use clap::{Args, Subcommand, ValueEnum};
 
+use nbdcrypt::audit::{AuditEvent, AuditEventKind, AuditLog};
 use nbdcrypt::crypto::kdf::{benchmark_pbkdf2, MAX_ARGON2_CPUS_CREATE};
 use nbdcrypt::luks2::{
     benchmark_argon2id, FormatError, HashAlg, KdfParams, Luks2Header, RepairNeeded,
@@ -113,17 +114,65 @@ pub enum OfflineCommand {
 
 /// Runs one offline command. A wrong passphrase is reported here (message on stderr, exit 3);
 /// every other failure is returned for `main` to print (exit 1).
+/// Run a key-changing command and record it in `--audit-log` (opened first, so a bad path fails
+/// before anything changes): volume UUID, keyslot, this process, and the error if it failed.
+fn audited(
+    log: Option<&Path>,
+    kind: AuditEventKind,
+    volume: &Path,
+    body: impl FnOnce() -> anyhow::Result<Option<u32>>,
+) -> anyhow::Result<()> {
+    let log = match log {
+        Some(p) => Some(AuditLog::open(p).map_err(|e| anyhow!("cannot open the audit log {}: {e}", p.display()))?),
+        None => None,
+    };
+    let result = body();
+    if let Some(log) = log {
+        let mut event = AuditEvent::new(kind).this_process();
+        if let Ok(f) = File::open(volume) {
+            if let Ok((h, _)) = Luks2Header::read_metadata_only(&f) {
+                event = event.volume(h.uuid());
+            }
+        }
+        match &result {
+            Ok(Some(slot)) => event = event.keyslot(*slot),
+            Ok(None) => {}
+            Err(e) => event = event.failed(format!("{e:#}")),
+        }
+        if let Err(e) = log.record(&event) {
+            eprintln!("nbdcryptctl: warning: cannot write the audit log: {e}");
+        }
+    }
+    result.map(|_| ())
+}
+
 pub fn run(cmd: OfflineCommand) -> anyhow::Result<ExitCode> {
     // Passphrases and volume keys are in memory: keep them out of core dumps.
     let _ = nbdcrypt::sys::disable_core_dumps();
     let result = match cmd {
         OfflineCommand::Format(a) => format::run(a),
-        OfflineCommand::AddKey(a) => keys::add(a),
-        OfflineCommand::RemoveKey(a) => keys::remove(a),
-        OfflineCommand::ChangeKey(a) => keys::change(a),
+        OfflineCommand::AddKey(a) => {
+            let (log, vol) = (a.audit_log.clone(), a.volume.clone());
+            audited(log.as_deref(), AuditEventKind::AddKey, &vol, || keys::add(a))
+        }
+        OfflineCommand::RemoveKey(a) => {
+            let (log, vol) = (a.audit_log.clone(), a.volume.clone());
+            audited(log.as_deref(), AuditEventKind::RemoveKey, &vol, || keys::remove(a))
+        }
+        OfflineCommand::ChangeKey(a) => {
+            // A changed passphrase is a keyslot replaced: recorded as add_key of that slot.
+            let (log, vol) = (a.audit_log.clone(), a.volume.clone());
+            audited(log.as_deref(), AuditEventKind::AddKey, &vol, || keys::change(a))
+        }
         OfflineCommand::Dump(a) => dump::run(a),
-        OfflineCommand::HeaderBackup(a) => header::backup(a),
-        OfflineCommand::HeaderRestore(a) => header::restore(a),
+        OfflineCommand::HeaderBackup(a) => {
+            let (log, vol) = (a.audit_log.clone(), a.volume.clone());
+            audited(log.as_deref(), AuditEventKind::HeaderBackup, &vol, || header::backup(a).map(|()| None))
+        }
+        OfflineCommand::HeaderRestore(a) => {
+            let (log, vol) = (a.audit_log.clone(), a.volume.clone());
+            audited(log.as_deref(), AuditEventKind::HeaderRestore, &vol, || header::restore(a).map(|()| None))
+        }
         OfflineCommand::TestKey(a) => keys::test(a),
         OfflineCommand::Enroll(a) => enroll::enroll(a),
         OfflineCommand::Unenroll(a) => enroll::unenroll(a),
