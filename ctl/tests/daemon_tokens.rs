@@ -222,3 +222,31 @@ fn a_rekey_while_the_daemon_serves_the_volume_leaves_a_token_the_daemon_unlocks_
     assert_eq!(tokens.len(), 1, "{tokens:?}");
     assert!(tokens[0].contains(&new_key), "the token names the new key: {tokens:?}");
 }
+
+#[test]
+fn rekey_through_the_control_socket_reseals_with_the_daemons_credentials_and_is_audited() {
+    let moto = Moto::start();
+    let d = Served::start(Served::prepare(&moto), &["--auto-unlock"]);
+    d.wait_for(30, "auto-unlock", |s| state(s) == "unlocked");
+    let vol = Served::vol(d.dir.path());
+    let token_json = || {
+        let f = std::fs::File::open(&vol).unwrap();
+        let (h, _) = nbdcrypt::luks2::Luks2Header::read(&f).unwrap();
+        h.tokens().map(|(id, t)| (id, serde_json::to_string(t.json()).unwrap())).collect::<Vec<_>>()
+    };
+    let before = token_json();
+    assert_eq!(before.len(), 1);
+
+    // No volume path, no KMS settings: the daemon does it with what it has.
+    let o = ok(ctl(&["rekey", "--all-tokens", "--control", &d.control()]));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("rekeyed"));
+    let after = token_json();
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_ne!(after[0], before[0], "a fresh secret means a new sealed blob");
+    assert_eq!(state(&d.status()), "unlocked", "serving goes on");
+
+    ok(ctl(&["lock", "--control", &d.control()]));
+    ok(ctl(&["unlock", "--token", "--control", &d.control()]));
+    let audit = std::fs::read_to_string(d.path("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"rekey\""), "{audit}");
+}

@@ -92,7 +92,7 @@ fn daemon() -> Daemon {
     });
     let (trigger, sd) = shutdown::channel();
     let plane = runtime
-        .block_on(ControlPlane::start(&sock, exports.clone(), info, unlocker, Arc::new(nbdcrypt::audit::AuditLog::tracing()), sd))
+        .block_on(ControlPlane::start(&sock, exports.clone(), info, unlocker, None, Arc::new(nbdcrypt::audit::AuditLog::tracing()), sd))
         .unwrap();
     let volume = plane.volume.clone();
     Daemon { _dir: dir, sock, exports, volume, runtime, trigger }

@@ -101,11 +101,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Some(path) => AuditLog::open(path).with_context(|| format!("cannot open the audit log {}", path.display()))?,
         None => AuditLog::tracing(),
     });
+    let volume = Arc::new(volume);
+    let rekeyer: nbdcrypt::control::Rekeyer = {
+        let (volume, pkcs11) = (volume.clone(), config.pkcs11.clone());
+        Box::new(move |slot| volume.rekey_tokens(slot, &pkcs11))
+    };
     let control = ControlPlane::start(
         &config.control,
         exports.clone(),
         control_info(&info),
-        unlocker(Arc::new(volume), config.pkcs11.clone()),
+        unlocker(volume, config.pkcs11.clone()),
+        Some(rekeyer),
         audit,
         shutdown.clone(),
     )

@@ -166,6 +166,47 @@ impl Volume {
         Ok((self.device_for(&header, &key)?, slot))
     }
 
+    /// Re-seal the token of keyslot `slot` (every nbdcrypt token when `None`) with a fresh
+    /// secret under the same KMS/HSM key: crash-safe (new keyslot and token verified before the
+    /// old ones go), header only, under the header lock. The volume key comes from unsealing
+    /// the old token, so no passphrase is needed. Returns a one-line summary.
+    pub fn rekey_tokens(&self, slot: Option<u32>, pkcs11: &Pkcs11Settings) -> Result<String, String> {
+        let p = self.path.display();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .map_err(|e| format!("cannot open {p} for writing: {e}"))?;
+        let (mut header, _) = Luks2Header::read(&file).map_err(|e| format!("{p}: {e}"))?;
+        let targets: Vec<u32> = header
+            .tokens()
+            .filter(|(_, t)| crate::seal::token::is_ours(t.type_name()))
+            .filter(|(_, t)| slot.is_none_or(|s| t.keyslots().first() == Some(&s)))
+            .map(|(id, _)| id)
+            .collect();
+        if targets.is_empty() {
+            return Err(match slot {
+                Some(s) => format!("{p}: keyslot {s} has no nbdcrypt token"),
+                None => format!("{p}: the volume has no nbdcrypt token"),
+            });
+        }
+        let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolve_provider_with(json, pkcs11);
+        let mut done = Vec::new();
+        for id in targets {
+            let (key, _) = enroll::unlock_with_token(&file, &header, id, &resolve)
+                .map_err(|e| format!("token {id}: {e}"))?;
+            let json = header.token(id).map(|t| t.json().clone()).ok_or_else(|| format!("token {id} vanished"))?;
+            let provider = resolve(&json).map_err(|e| format!("token {id}: {e}"))?;
+            let r = enroll::rekey(&file, &mut header, id, &key, &*provider)
+                .map_err(|e| format!("token {id}: {e}"))?;
+            done.push(format!(
+                "token {id} (keyslot {}) -> token {} (keyslot {})",
+                r.old.keyslot, r.new.token_id, r.new.keyslot
+            ));
+        }
+        Ok(done.join("; "))
+    }
+
     fn device_for(&self, header: &Luks2Header, key: &VolumeKey) -> Result<Arc<dyn BlockDevice>, UnlockError> {
         let backing = self.open_backing()?;
         let segment = self.segment(header, &*backing)?;

@@ -8,6 +8,7 @@ use anyhow::{anyhow, bail, Context};
 use clap::{ArgGroup, Args};
 
 use nbdcrypt::audit::{AuditEvent, AuditEventKind, AuditLog};
+use nbdcrypt::control::proto::{Request, Response};
 use nbdcrypt::crypto::keys::VolumeKey;
 use nbdcrypt::luks2::{KdfLimits, Luks2Header};
 use nbdcrypt::seal::enroll::{self as seal_enroll, EnrollError, Enrolled, UnenrollTarget};
@@ -162,9 +163,13 @@ pub struct UnenrollArgs {
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("which").required(true).args(["slot", "all_tokens"])))]
 pub struct RekeyArgs {
-    /// Volume file or block device.
-    #[arg(value_name = "VOLUME")]
-    pub volume: PathBuf,
+    /// Volume file or block device (or --control to have a running nbdcryptd do it).
+    #[arg(value_name = "VOLUME", required_unless_present = "control")]
+    pub volume: Option<PathBuf>,
+    /// Ask the running nbdcryptd behind this control socket to re-seal its volume's tokens under
+    /// the same keys (its KMS credentials and HSM PIN are used; nothing else is needed here).
+    #[arg(long, value_name = "SOCK", conflicts_with_all = ["volume", "kms", "pkcs11", "key_file", "passphrase"])]
+    pub control: Option<PathBuf>,
     /// The keyslot of the enrolment to rekey.
     #[arg(long, value_name = "N")]
     pub slot: Option<u32>,
@@ -333,10 +338,21 @@ pub fn unenroll(a: UnenrollArgs) -> anyhow::Result<()> {
 }
 
 pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
+    if let Some(sock) = &a.control {
+        let slot = if a.all_tokens { None } else { a.slot };
+        return match nbdcrypt::control::client::call(sock, &Request::Rekey { slot })? {
+            Response::Ok(s) => {
+                println!("rekeyed the tokens of volume {} (nbdcryptd behind {})", s.volume_uuid, sock.display());
+                Ok(())
+            }
+            Response::Error(e) => Err(anyhow!("{}", e.message)),
+        };
+    }
+    let Some(volume) = a.volume.clone() else { bail!("give VOLUME or --control SOCK") };
     let audit = Audit::open(a.audit_log.as_deref())?;
     let settings = a.hsm.settings()?;
     let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolve_provider_with(json, &settings);
-    let vol = Volume::open(&a.volume, true)?;
+    let vol = Volume::open(&volume, true)?;
     let mut hdr = vol.header(true)?;
     let p = vol.path.display().to_string();
     // The tokens to rekey, decided up front.

@@ -13,7 +13,7 @@
 //! Wiring it into the daemon (after the NBD listeners are bound, before reporting ready):
 //!
 //! ```ignore
-//! let control = ControlPlane::start(&control_path, exports.clone(), info, unlocker, audit, shutdown.clone()).await?;
+//! let control = ControlPlane::start(&control_path, exports.clone(), info, unlocker, rekeyer, audit, shutdown.clone()).await?;
 //! server::run(&config.server, listeners, exports.clone(), shutdown).await?;
 //! control.finish().await?; // after shutdown: final flush of an unlocked volume, key wiped
 //! ```
@@ -34,7 +34,9 @@ use crate::export::ExportTable;
 use crate::shutdown::Shutdown;
 
 pub use server::ControlListener;
-pub use volume::{Origin, Policy, UnlockError, UnlockWith, Unlocker, VolumeHandle, VolumeInfo, VolumeManager};
+pub use volume::{
+    Origin, Policy, Rekeyer, UnlockError, UnlockWith, Unlocker, VolumeHandle, VolumeInfo, VolumeManager,
+};
 
 /// Where nbdcryptd listens for control requests unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/nbdcrypt/control.sock";
@@ -58,12 +60,16 @@ impl ControlPlane {
         exports: Arc<ExportTable>,
         info: VolumeInfo,
         unlocker: Unlocker,
+        rekeyer: Option<Rekeyer>,
         audit: Arc<crate::audit::AuditLog>,
         shutdown: Shutdown,
     ) -> io::Result<ControlPlane> {
         let listener = ControlListener::bind(socket).await?;
-        let (volume, volume_task) =
-            VolumeManager::new(exports, info, unlocker).with_audit(audit).spawn(shutdown.clone());
+        let mut manager = VolumeManager::new(exports, info, unlocker).with_audit(audit);
+        if let Some(r) = rekeyer {
+            manager = manager.with_rekeyer(r);
+        }
+        let (volume, volume_task) = manager.spawn(shutdown.clone());
         let server_task = tokio::spawn(server::run(listener, volume.clone(), shutdown));
         Ok(ControlPlane { volume, volume_task, server_task })
     }

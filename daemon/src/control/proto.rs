@@ -7,6 +7,7 @@
 //! ```text
 //! -> {"v":1,"op":"unlock","secret":"aHVudGVyMg==","slot":0}     secret: base64 (or an array of
 //! -> {"v":1,"op":"unlock_token"}
+//! -> {"v":1,"op":"rekey","slot":1}                             slot optional: every token
 //! -> {"v":1,"op":"lock","force":false}                           byte values); slot optional
 //! -> {"v":1,"op":"status"}
 //! <- {"v":1,"status":{"state":"unlocked","volume_uuid":"…",…}}
@@ -51,6 +52,9 @@ pub enum Request {
     Unlock { secret: SecretBytes, slot: Option<u32> },
     /// Unlock with the KMS/HSM tokens in the header (the daemon unseals them).
     UnlockToken,
+    /// Re-seal the token of keyslot `slot` (every token when `None`) with a fresh secret under
+    /// the same KMS/HSM key; the data and the lock state are untouched.
+    Rekey { slot: Option<u32> },
     /// Withdraw the export and wipe the key; `force` disconnects attached clients first.
     Lock { force: bool },
     Status,
@@ -61,6 +65,7 @@ pub enum Request {
 pub enum RequestKind {
     Unlock,
     UnlockToken,
+    Rekey,
     Lock,
     Status,
 }
@@ -70,6 +75,7 @@ impl fmt::Display for RequestKind {
         f.write_str(match self {
             RequestKind::Unlock => "unlock",
             RequestKind::UnlockToken => "unlock-token",
+            RequestKind::Rekey => "rekey",
             RequestKind::Lock => "lock",
             RequestKind::Status => "status",
         })
@@ -86,6 +92,7 @@ impl fmt::Debug for Request {
                 .field("slot", slot)
                 .finish(),
             Request::UnlockToken => f.write_str("UnlockToken"),
+            Request::Rekey { slot } => f.debug_struct("Rekey").field("slot", slot).finish(),
             Request::Lock { force } => f.debug_struct("Lock").field("force", force).finish(),
             Request::Status => f.write_str("Status"),
         }
@@ -247,6 +254,7 @@ impl Request {
         match self {
             Request::Unlock { .. } => RequestKind::Unlock,
             Request::UnlockToken => RequestKind::UnlockToken,
+            Request::Rekey { .. } => RequestKind::Rekey,
             Request::Lock { .. } => RequestKind::Lock,
             Request::Status => RequestKind::Status,
         }
@@ -257,6 +265,7 @@ impl Request {
         let (op, secret, slot, force) = match self {
             Request::Unlock { secret, slot } => (Op::Unlock, Some(SecretOut(secret)), *slot, None),
             Request::UnlockToken => (Op::UnlockToken, None, None, None),
+            Request::Rekey { slot } => (Op::Rekey, None, *slot, None),
             Request::Lock { force } => (Op::Lock, None, None, Some(*force)),
             Request::Status => (Op::Status, None, None, None),
         };
@@ -335,6 +344,7 @@ fn check_version(line: &[u8]) -> Result<(), DecodeError> {
 enum Op {
     Unlock,
     UnlockToken,
+    Rekey,
     Lock,
     Status,
 }
@@ -379,6 +389,15 @@ impl WireRequest {
                     return misplaced("force");
                 }
                 Ok(Request::UnlockToken)
+            }
+            Op::Rekey => {
+                if self.secret.is_some() {
+                    return misplaced("secret");
+                }
+                if self.force.is_some() {
+                    return misplaced("force");
+                }
+                Ok(Request::Rekey { slot: self.slot })
             }
             Op::Lock => {
                 if self.secret.is_some() {

@@ -45,6 +45,10 @@ use crate::shutdown::Shutdown;
 pub type Unlocker =
     Box<dyn Fn(UnlockWith) -> Result<Arc<dyn BlockDevice>, UnlockError> + Send + Sync>;
 
+/// Re-seals token keyslots (`None`: all) with fresh secrets; returns a summary for the
+/// operator, or why not. Runs on a blocking thread; takes the header lock as cryptsetup does.
+pub type Rekeyer = Box<dyn Fn(Option<u32>) -> Result<String, String> + Send + Sync>;
+
 /// What an unlock uses. The secret moves to the unlocker's thread and is wiped there.
 pub enum UnlockWith {
     Secret { secret: SecretBytes, slot: Option<u32> },
@@ -133,6 +137,7 @@ pub struct VolumeManager {
     unlocker: Arc<Unlocker>,
     policy: Policy,
     audit: Arc<AuditLog>,
+    rekeyer: Option<Arc<Rekeyer>>,
 }
 
 /// Sends requests to the manager's task. Cheap to clone; one per control connection.
@@ -149,7 +154,14 @@ impl VolumeManager {
             unlocker: Arc::new(unlocker),
             policy: Policy::default(),
             audit: Arc::new(AuditLog::tracing()),
+            rekeyer: None,
         }
+    }
+
+    /// What `rekey` requests run (without one they are refused).
+    pub fn with_rekeyer(mut self, rekeyer: Rekeyer) -> Self {
+        self.rekeyer = Some(Arc::new(rekeyer));
+        self
     }
 
     /// Where unlock and lock events are recorded (default: the log).
@@ -175,6 +187,7 @@ impl VolumeManager {
             unlocker: self.unlocker,
             policy: self.policy,
             audit: self.audit,
+            rekeyer: self.rekeyer,
             rx,
             vol: Vol::Locked { reason: "not unlocked since nbdcryptd started".into() },
             pending: Pending::None,
@@ -254,6 +267,7 @@ enum Event {
 
 struct Task {
     audit: Arc<AuditLog>,
+    rekeyer: Option<Arc<Rekeyer>>,
     exports: Arc<ExportTable>,
     info: VolumeInfo,
     unlocker: Arc<Unlocker>,
@@ -294,6 +308,7 @@ impl Task {
                 self.unlock(UnlockWith::Secret { secret, slot }, origin, reply)
             }
             Request::UnlockToken => self.unlock(UnlockWith::Tokens, origin, reply),
+            Request::Rekey { slot } => self.rekey(slot, origin, reply),
             Request::Lock { force } => self.lock(force, origin, reply),
         };
         // `None`: the request started a slow step, which answers when it ends. (The control
@@ -390,6 +405,46 @@ impl Task {
             Pending::Close { .. } => "a lock is in progress: flushing the volume".to_owned(),
         };
         Some(Response::Error(ErrorReply { kind: ErrorKind::Busy, message, retry_after_secs: Some(1) }))
+    }
+
+    /// Rekeying touches only the header: it runs beside whatever the volume is doing, and
+    /// answers when done. Concurrent header updates are serialised by the header lock.
+    fn rekey(&mut self, slot: Option<u32>, origin: Origin, reply: Reply) -> Option<(Reply, Response)> {
+        let Some(rekeyer) = self.rekeyer.clone() else {
+            return Some((reply, Response::error(ErrorKind::BadRequest, "this daemon cannot rekey")));
+        };
+        info!(%origin, slot = ?slot, "rekey: re-sealing token keyslots");
+        let (audit, uuid) = (self.audit.clone(), self.info.uuid.clone());
+        let report = self.report();
+        tokio::spawn(async move {
+            let done = tokio::task::spawn_blocking(move || rekeyer(slot)).await;
+            let mut event = AuditEvent::new(AuditEventKind::Rekey)
+                .volume(&uuid)
+                .peer(origin.uid, origin.pid.unwrap_or(0));
+            if let Some(s) = slot {
+                event = event.keyslot(s);
+            }
+            let response = match done {
+                Ok(Ok(summary)) => {
+                    info!(%origin, %summary, "rekey done");
+                    Response::Ok(report)
+                }
+                Ok(Err(e)) => {
+                    warn!(%origin, error = %e, "rekey failed");
+                    event = event.failed(&e);
+                    Response::error(ErrorKind::TokenFailed, e)
+                }
+                Err(e) => {
+                    event = event.failed(&e);
+                    Response::error(ErrorKind::Internal, "rekey failed unexpectedly; see the daemon log")
+                }
+            };
+            if let Err(e) = audit.record(&event) {
+                error!(error = %e, "cannot write the audit log");
+            }
+            let _ = reply.send(response);
+        });
+        None
     }
 
     fn record(&self, event: &AuditEvent) {
