@@ -122,8 +122,11 @@ where
                     continue;
                 }
                 let mut out = Vec::new();
-                let server = codec::rep_server(exports.name(), exports.description());
-                codec::option_reply(&mut out, opt.option, REP_SERVER, &server);
+                // A locked volume offers no export (INFO/GO then say it is locked).
+                if exports.current().is_some() {
+                    let server = codec::rep_server(exports.name(), exports.description());
+                    codec::option_reply(&mut out, opt.option, REP_SERVER, &server);
+                }
                 codec::option_reply(&mut out, opt.option, REP_ACK, &[]);
                 send(stream, &out).await?;
             }
