@@ -136,6 +136,19 @@ fn an_hsm_sealed_keyslot_enrols_tests_auto_unlocks_the_daemon_and_rekeys_to_a_ne
     assert!(text(&o).contains("object=kek1"), "{}", text(&o));
     assert!(cryptsetup_opens(&vol, &h.path("recovery.key")), "cryptsetup no longer opens the passphrase slot");
 
+    // cryptsetup adds, then kills, another keyslot: our token slot keeps opening throughout.
+    std::fs::write(h.path("other.key"), "another passphrase").unwrap();
+    let cs = |args: &[&str]| {
+        let o = Command::new("cryptsetup").args(args).output().expect("cryptsetup");
+        assert!(o.status.success(), "cryptsetup {args:?}: {}", text(&o));
+    };
+    let (recovery, other) = (h.path("recovery.key"), h.path("other.key"));
+    cs(&["luksAddKey", "--batch-mode", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+         "--key-slot", "7", "--key-file", &recovery, &vol, &other]);
+    assert_ok(&h.ctl(&["test-token", &vol, "--pin-file", &h.path("pin")]));
+    cs(&["luksKillSlot", "--batch-mode", "--key-file", &recovery, &vol, "7"]);
+    assert_ok(&h.ctl(&["test-token", &vol, "--pkcs11-pin", &pin]));
+
     // The daemon unseals the token by itself at start.
     let daemon = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/nbdcryptd");
     assert!(daemon.exists(), "{}: run cargo build --workspace --bins first", daemon.display());

@@ -85,8 +85,9 @@ pub struct KmsLocation {
 /// The PKCS#11 HSM: the key (an RFC 7512 URI), its user PIN and the module to load.
 #[derive(Args, Debug, Clone)]
 pub struct Pkcs11Args {
-    /// PIN source for HSM tokens: file:/path, env:VAR or cred:NAME (systemd credential).
-    #[arg(long, value_name = "SOURCE", help_heading = "PKCS#11 HSM")]
+    /// PIN source for HSM tokens: file:/path (or just /path), env:VAR or cred:NAME (systemd
+    /// credential). `--pin-file /path` is the same.
+    #[arg(long, value_name = "SOURCE", help_heading = "PKCS#11 HSM", visible_alias = "pin-file")]
     pub pkcs11_pin: Option<String>,
     /// PKCS#11 module (default: the URI's module-path, else SoftHSM2's).
     #[arg(long, value_name = "PATH", help_heading = "PKCS#11 HSM")]
