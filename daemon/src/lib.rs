@@ -25,5 +25,6 @@ pub mod notify;
 pub mod seal;
 pub mod server;
 pub mod shutdown;
+pub mod socket;
 pub mod sys;
 pub mod unlock;

@@ -275,30 +275,10 @@ fn describe_unix_peer(s: &UnixStream) -> String {
     }
 }
 
-/// Bind a Unix socket that only its owner can use (unless `mode` says otherwise), replacing a
-/// stale socket file but never a live one.
+/// The NBD socket: bound root-only like the control socket, then opened to `mode` (0600 unless
+/// the operator asked for more). Its directory is traversable so such a mode can take effect.
 async fn bind_unix(path: &Path, mode: u32) -> io::Result<UnixListener> {
-    if let Some(parent) = path.parent() {
-        if !parent.as_os_str().is_empty() && !parent.exists() {
-            std::fs::create_dir_all(parent)?;
-            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))?;
-        }
-    }
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!("{} is in use by a running server", path.display()),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    // Created with no group/other bits, so there is no window in which others could connect.
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let bound = UnixListener::bind(path);
-    nix::sys::stat::umask(old);
-    let listener =
-        bound.map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display())))?;
+    let listener = crate::socket::bind_private(path, 0o755).await?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
 }

@@ -13,7 +13,6 @@
 //! This module knows sockets and lines; what a request does is `control::volume`'s business.
 
 use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,7 +46,7 @@ pub struct ControlListener {
 impl ControlListener {
     /// Bind `path` with mode 0600, creating its directory (mode 0700) if missing.
     pub async fn bind(path: &Path) -> io::Result<ControlListener> {
-        let listener = bind_private(path, 0o700).await?;
+        let listener = crate::socket::bind_private(path, 0o700).await?;
         Ok(ControlListener { listener, path: path.to_owned() })
     }
 
@@ -248,43 +247,6 @@ impl LineBuf {
     }
 }
 
-/// Bind a Unix socket only its owner can use, replacing a stale socket but never a live one, and
-/// never removing anything that is not a socket. A missing directory is created with `dir_mode`.
-pub(crate) async fn bind_private(path: &Path, dir_mode: u32) -> io::Result<UnixListener> {
-    let context = |e: io::Error, what: &str| io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()));
-    if let Some(parent) = path.parent() {
-        if !parent.as_os_str().is_empty() && !parent.exists() {
-            std::fs::create_dir_all(parent).map_err(|e| context(e, "cannot create the directory of"))?;
-            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(dir_mode))?;
-        }
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            if UnixStream::connect(path).await.is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!("{} is in use by a running server", path.display()),
-                ));
-            }
-            std::fs::remove_file(path).map_err(|e| context(e, "cannot remove the stale socket"))?;
-        }
-        Ok(_) => {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket; not replacing it", path.display()),
-            ))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(context(e, "cannot inspect")),
-    }
-    // No group/other bits from the start, so there is no window in which others could connect.
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let bound = UnixListener::bind(path);
-    nix::sys::stat::umask(old);
-    let listener = bound.map_err(|e| context(e, "cannot listen on"))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
-}
 
 #[cfg(test)]
 mod tests {
