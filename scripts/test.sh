@@ -23,6 +23,11 @@ declare -A PKG=(
   [qemu-system-x86_64]=qemu-system-x86 [cpio]=cpio [mke2fs]=e2fsprogs [modprobe]=kmod
   [depmod]=kmod [xz]=xz-utils [flock]=util-linux
   [sqlite3]=sqlite3 [pg_ctlcluster]=postgresql [pgbench]=postgresql-contrib
+  # the systemd attach unit's ExecStart (systemd-analyze verify checks that it exists)
+  [nbd-client]=nbd-client
+  # a bare Debian (debootstrap minbase) lacks these; CI's image has them
+  [cc]=build-essential [pkg-config]=pkg-config [git]=git [curl]=curl [ps]=procps [python3]=python3
+  [file]=file [update-ca-certificates]=ca-certificates [fsck.ext4]=e2fsprogs
 )
 
 missing=()
