@@ -14,12 +14,15 @@
 //! **Configuration.** The standard AWS chains (environment, profile files, web identity, ECS,
 //! IMDS) supply credentials, and the region unless one is given. An explicit endpoint
 //! (`--kms-endpoint`, e.g. a VPC endpoint or a test server) overrides `AWS_ENDPOINT_URL_KMS`.
-//! The region actually used and the explicit endpoint are stored in the token, with the key ARN
-//! returned by `Encrypt` (an alias is resolved once, at enrolment: re-pointing the alias later
-//! does not change which key unseals). The encryption context is stored too, for operators and
-//! CloudTrail searches only: `unseal` always rebuilds it from the volume and keyslot it is asked
-//! to open, never from the token.
-//!
+//! Sealing stores in the token the region used, the explicit endpoint and the key ARN returned by
+//! `Encrypt` (an alias is resolved once, at enrolment: re-pointing the alias later does not
+//! change which key unseals), plus the encryption context. All of these are informational:
+//! the header is writable by whoever holds the disk, so unsealing takes the endpoint and region
+//! from the operator's [`KmsSettings`] ([`KmsProvider::for_token`]), accepts only a key among
+//! its allowed keys, and refuses — before any network request — a token whose endpoint or
+//! region differs from the configured ones (the error names both). `unseal` always rebuilds the
+//! encryption context from the volume and keyslot it is asked to open, never from the token.
+
 //! **Time bounds.** Connect 2 s, each attempt 5 s, the whole operation (3 attempts with the
 //! SDK's standard backoff) 10 s; a call never takes much longer than [`OPERATION_TIMEOUT`] per
 //! request, and `unseal` makes two (`DescribeKey`, `Decrypt`).
