@@ -435,6 +435,15 @@ fn a_swapped_header_is_refused_by_a_pinned_daemon_and_the_volume_stays_locked() 
 
     let kms = ["--kms-endpoint", &moto.endpoint, "--kms-region", REGION, "--kms-allow-key", &key];
 
+    // nbdcryptctl test-token: the token opens the attacker's header; with the daemon's config
+    // (and so its pin) that is a failure, as in the daemon.
+    let mut args = vec!["test-token", victim.vol.as_str()];
+    args.extend(kms);
+    ok(ctl(&args));
+    args.extend(["--config", conf.to_str().unwrap()]);
+    let o = fails(ctl(&args));
+    assert!(text(&o).contains("does not match the pinned volume-key-digest"), "{}", text(&o));
+
     // Negative control: without the pin the daemon unlocks the swapped header (the attack).
     {
         let mut args = vec!["--volume", victim.vol.as_str(), "--auto-unlock"];

@@ -39,6 +39,11 @@ Durability: FLUSH is answered after fdatasync of the backing store; FUA writes a
 storage before their reply. After a failed write or flush every later flush fails, so a
 database on top never sees a successful fsync over lost data.
 
+Keys: where KMS keys come from is the operator's, never the volume header's (--kms-endpoint,
+--kms-region, --kms-allow-key); a token naming anything else is refused before any request.
+Pin the volume (--volume-uuid, --volume-key-digest: `nbdcryptctl pin VOLUME`) and a header
+replaced by whoever can write the disk is refused at start or at unlock, and stays locked.
+
 SIGTERM stops accepting clients, finishes requests in flight, flushes and exits 0.";
 
 #[derive(Parser, Debug)]

@@ -77,6 +77,11 @@ impl FileConfig {
         self.volume.as_deref()
     }
 
+    /// The volume pin of this file alone (`volume-uuid`, `volume-key-digest`).
+    pub fn volume_pin(&self) -> Result<crate::seal::pin::VolumePin, String> {
+        crate::seal::pin::VolumePin::parse(self.volume_uuid.as_deref(), self.volume_key_digest.as_deref())
+    }
+
     /// The seal settings of this file alone (for `nbdcryptctl --config`, which trusts the same
     /// KMS and HSM as the daemon configured by the file).
     pub fn seal_settings(&self) -> Result<crate::seal::SealSettings, String> {

@@ -98,6 +98,18 @@ pub struct KmsLocation {
     pub config: Option<PathBuf>,
 }
 
+/// The volume pin of `--config FILE`, if any: commands that recover the volume key check it, as
+/// the daemon would.
+fn config_pin(loc: &KmsLocation) -> anyhow::Result<VolumePin> {
+    match &loc.config {
+        Some(path) => {
+            let (file, _) = nbdcrypt::config_file::load(path).map_err(|e| anyhow!(e))?;
+            file.volume_pin().map_err(|e| anyhow!("{}: {e}", path.display()))
+        }
+        None => Ok(VolumePin::default()),
+    }
+}
+
 /// The operator's provider settings: `--config FILE` (the daemon's TOML), then the flags.
 fn seal_settings(loc: &KmsLocation, hsm: &Pkcs11Args) -> anyhow::Result<SealSettings> {
     let mut s = match &loc.config {
@@ -442,6 +454,7 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
     let Some(volume) = a.volume.clone() else { bail!("give VOLUME or --control SOCK") };
     let audit = Audit::open(a.audit_log.as_deref())?;
     let settings = seal_settings(&a.location, &a.hsm)?;
+    let pin = config_pin(&a.location)?;
     let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, &settings);
     let vol = Volume::open(&volume, true)?;
     let mut hdr = vol.header(true)?;
@@ -495,6 +508,7 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
             (None, None) => bail!("{p}: no token to rekey"),
         }
     };
+    pin.check(&hdr, &key).map_err(|e| anyhow!("{p}: {e}"))?;
     for (id, _) in targets {
         let old_json = hdr
             .token(id)
@@ -564,12 +578,23 @@ pub fn test_token(a: TestTokenArgs) -> anyhow::Result<()> {
         .volume(hdr.uuid())
         .detail("check", true);
     let settings = seal_settings(&a.location, &a.hsm)?;
+    let pin = config_pin(&a.location)?;
     let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, &settings);
     let result = match a.token {
         Some(id) => seal_enroll::unlock_with_token(&vol.file, &hdr, id, &resolve)
             .map(|(k, slot)| (k, slot, id)),
         None => seal_enroll::unlock_with_tokens(&vol.file, &hdr, &resolve),
     };
+    // A token that opens a header other than the pinned one is a failure, as in the daemon.
+    if let Ok((key, _, _)) = &result {
+        if let Err(e) = pin.check(&hdr, key) {
+            let e = anyhow!("{}: {e}", vol.path.display());
+            let mut ev = event;
+            ev.kind = AuditEventKind::UnlockFailed;
+            audit.record(ev.failed(format!("{e:#}")));
+            return Err(e);
+        }
+    }
     match result {
         Ok((_key, slot, id)) => {
             let key = token_key(&hdr, id);
