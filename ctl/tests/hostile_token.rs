@@ -538,3 +538,29 @@ fn a_pin_on_the_command_line_is_refused_without_echoing_it() {
     // The header's tokens are never touched by any of this.
     assert_eq!(v.header().tokens().count(), 0);
 }
+
+#[test]
+fn pin_teaches_with_examples_and_enroll_offers_the_pin() {
+    let o = ok(ctl(&["pin", "--help"]));
+    let h = text(&o);
+    assert!(h.contains("Examples:") && h.contains("nbdcryptctl pin ") && h.contains("Exit status:"), "{h}");
+    assert!(h.contains("volume-key-digest") && h.contains("--write"), "{h}");
+    // enroll prints the lines for the daemon's config: the allowed key and the pin.
+    let moto = Moto::start();
+    let key = moto.create_key(None);
+    let v = Vol::new(b"victim passphrase");
+    let o = ok(ctl(&[
+        "enroll", &v.vol, "--kms", &key, "--kms-region", REGION, "--kms-endpoint", &moto.endpoint, "--key-file", &v.key,
+    ]));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let uuid = v.header().uuid().to_owned();
+    assert!(out.contains(&format!("volume-uuid = \"{uuid}\"")) && out.contains("volume-key-digest = \"pbkdf2:"), "{out}");
+    assert!(out.contains("kms-allow-key = [\"arn:aws:kms:") && out.contains(&key), "{out}");
+    assert!(out.contains(&format!("kms-endpoint = \"{}\"", moto.endpoint)), "{out}");
+    // Those lines are a working daemon config: the daemon unlocks by token with them alone.
+    let conf = v.path("d.toml");
+    let lines: String = out.lines().filter(|l| !l.starts_with('#') && l.contains(" = ")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&conf, format!("volume = \"{}\"\nauto-unlock = true\n{lines}", v.vol)).unwrap();
+    let d = Daemon::start(v.dir.path(), "fromenroll", &["--config", conf.to_str().unwrap()]);
+    d.wait_for(30, "auto-unlock with the printed config", |s| state(s) == "unlocked");
+}
