@@ -135,7 +135,8 @@ impl Drop for Served {
 
 /// The daemon flags trusting `moto` and the keys `keys` (the operator's KMS configuration).
 fn kms_flags(moto: &Moto, keys: &[&str]) -> Vec<String> {
-    let mut v = vec!["--kms-endpoint".to_owned(), moto.endpoint.clone(), "--kms-region".into(), REGION.into()];
+    let mut v = vec!["--kms-endpoint".to_owned(), moto.endpoint.clone()];
+    v.extend(["--kms-region".to_owned(), REGION.to_owned()]);
     for k in keys {
         v.extend(["--kms-allow-key".to_owned(), k.to_string()]);
     }

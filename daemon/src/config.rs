@@ -278,7 +278,8 @@ impl Config {
             allowed_keys: a.kms_allow_key,
         };
         kms.validate()?;
-        let pin = crate::seal::pin::VolumePin::parse(a.volume_uuid.as_deref(), a.volume_key_digest.as_deref())?;
+        let pin =
+            crate::seal::pin::VolumePin::parse(a.volume_uuid.as_deref(), a.volume_key_digest.as_deref())?;
         if !pin.is_empty() && mode != Mode::Volume {
             return Err("--volume-uuid / --volume-key-digest pin a --volume; they make no sense here".into());
         }

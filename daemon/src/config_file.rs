@@ -92,7 +92,10 @@ impl FileConfig {
         };
         kms.validate()?;
         let pin = match &self.pkcs11_pin {
-            Some(p) => Some(crate::seal::pkcs11::PinSource::parse(p).map_err(|e| format!("pkcs11-pin: {e}"))?),
+            Some(p) => {
+                let source = crate::seal::pkcs11::PinSource::parse(p);
+                Some(source.map_err(|e| format!("pkcs11-pin: {e}"))?)
+            }
             None => None,
         };
         Ok(crate::seal::SealSettings {
@@ -226,7 +229,8 @@ mod tests {
         assert_eq!(c.seal.kms.region.as_deref(), Some("us-east-1"));
         assert_eq!(c.seal.kms.allowed_keys, ["arn:aws:kms:us-east-1:1:key/a", "b"]);
         assert_eq!(c.pin.uuid.as_deref(), Some("0b7e3a4c-1d2e-4f5a-8b9c-0d1e2f3a4b5c"));
-        let e = apply("volume = \"/v\"\nkms-allow-key = [\"alias/x\"]\n", &[]).and_then(crate::config::Config::from_args);
+        let e = apply("volume = \"/v\"\nkms-allow-key = [\"alias/x\"]\n", &[])
+            .and_then(crate::config::Config::from_args);
         assert!(e.unwrap_err().contains("alias"));
     }
 

@@ -341,7 +341,11 @@ pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
     let mut hdr = vol.header(true)?;
     let (provider, kind): (Box<dyn SealProvider>, ProviderKind) = match (&a.kms, &a.pkcs11) {
         (Some(kms), _) => (
-            Box::new(KmsProvider::new(kms.clone(), settings.kms.region.clone(), settings.kms.endpoint.clone())?),
+            Box::new(KmsProvider::new(
+                kms.clone(),
+                settings.kms.region.clone(),
+                settings.kms.endpoint.clone(),
+            )?),
             ProviderKind::AwsKms,
         ),
         (None, Some(uri)) => (Box::new(a.hsm.provider(uri)?), ProviderKind::Pkcs11),

@@ -60,15 +60,21 @@ pub fn run(a: PinArgs) -> anyhow::Result<()> {
     let hdr = vol.header(false)?;
     let mut pin = VolumePin::of_header(&hdr);
     if pin.key_digest.is_none() {
-        bail!("{}: the header has no digest of the volume key", vol.path.display());
+        bail!(
+            "{}: the header has no digest of the volume key",
+            vol.path.display()
+        );
     }
     if a.key_file.is_some() || a.verify {
         let pass = read_existing(
             &Source::from_arg(a.key_file.as_deref()),
             &format!("Enter any passphrase of {}: ", vol.path.display()),
         )?;
-        let (key, slot) = hdr.unlock(&vol.file, &pass, &KdfLimits::default()).map_err(|e| vol.explain(e))?;
-        pin.check_key(&key).map_err(|e| anyhow!("{}: {e}", vol.path.display()))?;
+        let (key, slot) = hdr
+            .unlock(&vol.file, &pass, &KdfLimits::default())
+            .map_err(|e| vol.explain(e))?;
+        pin.check_key(&key)
+            .map_err(|e| anyhow!("{}: {e}", vol.path.display()))?;
         eprintln!("keyslot {slot} opened: the digest names the volume key it holds");
     }
     if a.uuid_only {
@@ -83,7 +89,12 @@ pub fn run(a: PinArgs) -> anyhow::Result<()> {
         }
         Some(file) => {
             write_config(file, &vol.path, &lines)?;
-            println!("pinned {} (UUID {}) in {}", vol.path.display(), hdr.uuid(), file.display());
+            println!(
+                "pinned {} (UUID {}) in {}",
+                vol.path.display(),
+                hdr.uuid(),
+                file.display()
+            );
             Ok(())
         }
     }
@@ -99,7 +110,9 @@ fn is_pin_line(line: &str) -> bool {
 fn write_config(file: &Path, volume: &Path, lines: &str) -> anyhow::Result<()> {
     let (old, mode) = match std::fs::read_to_string(file) {
         Ok(t) => {
-            let mode = std::fs::metadata(file).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o600);
+            let mode = std::fs::metadata(file)
+                .map(|m| m.permissions().mode() & 0o7777)
+                .unwrap_or(0o600);
             (Some(t), mode)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, 0o600),
@@ -115,14 +128,25 @@ fn write_config(file: &Path, volume: &Path, lines: &str) -> anyhow::Result<()> {
         }
         None => {
             let abs = std::fs::canonicalize(volume).unwrap_or_else(|_| volume.to_owned());
-            let path = abs.to_str().ok_or_else(|| anyhow!("{} is not UTF-8", abs.display()))?;
+            let path = abs
+                .to_str()
+                .ok_or_else(|| anyhow!("{} is not UTF-8", abs.display()))?;
             text.push_str(&format!("volume = {}\n", super::enroll::toml_str(path)));
         }
     }
     text.push_str(lines);
-    let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = file.file_name().ok_or_else(|| anyhow!("{} names no file", file.display()))?;
-    let tmp = dir.join(format!(".{}.nbdcrypt-pin.{}", name.to_string_lossy(), std::process::id()));
+    let dir = file
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = file
+        .file_name()
+        .ok_or_else(|| anyhow!("{} names no file", file.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.nbdcrypt-pin.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = (|| -> anyhow::Result<()> {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -132,17 +156,24 @@ fn write_config(file: &Path, volume: &Path, lines: &str) -> anyhow::Result<()> {
             .with_context(|| format!("cannot create {}", tmp.display()))?;
         f.write_all(text.as_bytes())?;
         f.sync_all()?;
-        let (cfg, _) = nbdcrypt::config_file::load(&tmp).map_err(|e| anyhow!("the result would not load: {e}"))?;
+        let (cfg, _) = nbdcrypt::config_file::load(&tmp)
+            .map_err(|e| anyhow!("the result would not load: {e}"))?;
         if let Some(v) = cfg.volume() {
             let same = match (std::fs::canonicalize(v), std::fs::canonicalize(volume)) {
                 (Ok(a), Ok(b)) => a == b,
                 _ => v == volume,
             };
             if !same {
-                bail!("{} serves {}, not {}: refusing to pin another volume there", file.display(), v.display(), volume.display());
+                bail!(
+                    "{} serves {}, not {}: refusing to pin another volume there",
+                    file.display(),
+                    v.display(),
+                    volume.display()
+                );
             }
         }
-        std::fs::rename(&tmp, file).with_context(|| format!("cannot replace {}", file.display()))?;
+        std::fs::rename(&tmp, file)
+            .with_context(|| format!("cannot replace {}", file.display()))?;
         if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
         }

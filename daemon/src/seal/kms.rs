@@ -141,7 +141,12 @@ impl KmsProvider {
     /// request, a token whose key is not allowed or whose (informational) endpoint or region
     /// differs from the configured one; the error names both values.
     pub fn for_token(params: &Map<String, Value>, settings: &KmsSettings) -> Result<KmsProvider, SealError> {
-        let key = check_token(params, settings.endpoint.as_deref(), settings.region.as_deref(), Some(&settings.allowed_keys))?;
+        let key = check_token(
+            params,
+            settings.endpoint.as_deref(),
+            settings.region.as_deref(),
+            Some(&settings.allowed_keys),
+        )?;
         let mut p = KmsProvider::new(key, settings.region.clone(), settings.endpoint.clone())?;
         p.allowed = Some(settings.allowed_keys.clone());
         Ok(p)
@@ -370,7 +375,8 @@ pub fn key_allowed(token_key: &str, allowed: &[String]) -> bool {
         }
     };
     allowed.iter().any(|a| {
-        a == token_key || ((!a.starts_with("arn:") || !token_key.starts_with("arn:")) && id(a) == id(token_key))
+        let both_arns = a.starts_with("arn:") && token_key.starts_with("arn:");
+        a == token_key || (!both_arns && id(a) == id(token_key))
     })
 }
 
@@ -393,7 +399,8 @@ fn check_token(
             Some(_) => Err(SealError::BadToken(format!("{k:?} is not a string"))),
         }
     };
-    let key = s(PARAM_KEY_ID)?.ok_or_else(|| SealError::BadToken(format!("no {PARAM_KEY_ID:?} in the token")))?;
+    let key = s(PARAM_KEY_ID)?
+        .ok_or_else(|| SealError::BadToken(format!("no {PARAM_KEY_ID:?} in the token")))?;
     if let Some(allowed) = allowed {
         if allowed.is_empty() {
             return Err(SealError::NotConfigured {
@@ -608,7 +615,8 @@ mod tests {
         };
         // Nothing configured: says which flag / key to set.
         let e = text(&settings(&[], None, None), &p);
-        assert!(e.contains("not configured") && e.contains("--kms-allow-key") && e.contains("kms-allow-key = "), "{e}");
+        assert!(e.contains("not configured") && e.contains("--kms-allow-key"), "{e}");
+        assert!(e.contains("kms-allow-key = "), "{e}");
         // Another key.
         let e = text(&settings(&["arn:aws:kms:eu-west-1:111122223333:key/other"], None, None), &p);
         assert!(e.contains(ARN) && e.contains("key/other") && e.contains("refused"), "{e}");

@@ -128,7 +128,9 @@ impl KmsSettings {
             }
         }
         if let Some(r) = &self.region {
-            let ok = !r.is_empty() && r.len() <= 64 && r.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-');
+            let ok = !r.is_empty()
+                && r.len() <= 64
+                && r.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-');
             if !ok {
                 return Err(format!("kms-region {r:?} is not an AWS region name"));
             }

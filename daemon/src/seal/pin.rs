@@ -67,7 +67,9 @@ impl KeyDigest {
             return Err(format!("{KEY_DIGEST}: {want}"));
         };
         if *kind != "pbkdf2" {
-            return Err(format!("{KEY_DIGEST}: digest type {kind:?} is not supported; {want}"));
+            return Err(format!(
+                "{KEY_DIGEST}: digest type {kind:?} is not supported; {want}"
+            ));
         }
         let hash = HashAlg::from_name(hash)
             .ok_or_else(|| format!("{KEY_DIGEST}: hash {hash:?} is not sha1, sha256 or sha512"))?;
@@ -76,7 +78,10 @@ impl KeyDigest {
             .ok()
             .filter(|n| (1..=MAX_PIN_ITERATIONS).contains(n))
             .ok_or_else(|| {
-                format!("{KEY_DIGEST}: iterations {iterations:?} is not a number from 1 to {MAX_PIN_ITERATIONS}")
+                format!(
+                    "{KEY_DIGEST}: iterations {iterations:?} is not a number from 1 to \
+                     {MAX_PIN_ITERATIONS}"
+                )
             })?;
         let salt = B64
             .decode(salt)
@@ -85,7 +90,10 @@ impl KeyDigest {
             .decode(digest)
             .map_err(|e| format!("{KEY_DIGEST}: the digest is not standard base64: {e}"))?;
         if salt.is_empty() || salt.len() > 64 {
-            return Err(format!("{KEY_DIGEST}: a salt of {} bytes makes no sense", salt.len()));
+            return Err(format!(
+                "{KEY_DIGEST}: a salt of {} bytes makes no sense",
+                salt.len()
+            ));
         }
         if !(16..=hash.output_len()).contains(&digest.len()) {
             return Err(format!(
@@ -93,28 +101,45 @@ impl KeyDigest {
                 digest.len()
             ));
         }
-        Ok(KeyDigest { hash, iterations, salt, digest })
+        Ok(KeyDigest {
+            hash,
+            iterations,
+            salt,
+            digest,
+        })
     }
 
     /// The header's digest of its volume key.
     pub fn of_header(header: &Luks2Header) -> Option<KeyDigest> {
-        header.volume_key_digest().map(|(hash, iterations, salt, digest)| KeyDigest {
-            hash,
-            iterations,
-            salt: salt.to_vec(),
-            digest: digest.to_vec(),
-        })
+        header
+            .volume_key_digest()
+            .map(|(hash, iterations, salt, digest)| KeyDigest {
+                hash,
+                iterations,
+                salt: salt.to_vec(),
+                digest: digest.to_vec(),
+            })
     }
 
     /// True if `key` is the key this digest was made of (constant-time comparison).
     pub fn matches(&self, key: &VolumeKey) -> bool {
         let mut out = SecretBytes::zeroed(self.digest.len());
-        if pbkdf2_into(self.hash, key.expose_secret(), &self.salt, self.iterations, out.expose_secret_mut())
-            .is_err()
+        if pbkdf2_into(
+            self.hash,
+            key.expose_secret(),
+            &self.salt,
+            self.iterations,
+            out.expose_secret_mut(),
+        )
+        .is_err()
         {
             return false;
         }
-        let diff = out.expose_secret().iter().zip(&self.digest).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        let diff = out
+            .expose_secret()
+            .iter()
+            .zip(&self.digest)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
         diff == 0
     }
 }
@@ -162,15 +187,19 @@ impl VolumePin {
 
     /// The pin of a header as it is now (what `nbdcryptctl pin` prints).
     pub fn of_header(header: &Luks2Header) -> VolumePin {
-        VolumePin { uuid: Some(header.uuid().to_ascii_lowercase()), key_digest: KeyDigest::of_header(header) }
+        VolumePin {
+            uuid: Some(header.uuid().to_ascii_lowercase()),
+            key_digest: KeyDigest::of_header(header),
+        }
     }
 
     /// The header names the pinned volume (UUID; the digest is checked on the key itself).
     pub fn check_uuid(&self, found: &str) -> Result<(), PinError> {
         match &self.uuid {
-            Some(p) if !p.eq_ignore_ascii_case(found.trim()) => {
-                Err(PinError::Uuid { pinned: p.clone(), found: found.to_owned() })
-            }
+            Some(p) if !p.eq_ignore_ascii_case(found.trim()) => Err(PinError::Uuid {
+                pinned: p.clone(),
+                found: found.to_owned(),
+            }),
             _ => Ok(()),
         }
     }
@@ -178,7 +207,9 @@ impl VolumePin {
     /// The recovered volume key is the pinned one.
     pub fn check_key(&self, key: &VolumeKey) -> Result<(), PinError> {
         match &self.key_digest {
-            Some(d) if !d.matches(key) => Err(PinError::KeyDigest { pinned: d.to_string() }),
+            Some(d) if !d.matches(key) => Err(PinError::KeyDigest {
+                pinned: d.to_string(),
+            }),
             _ => Ok(()),
         }
     }
@@ -219,7 +250,12 @@ mod tests {
         let salt = vec![9u8; 32];
         let mut digest = vec![0u8; 32];
         pbkdf2_into(HashAlg::Sha256, key, &salt, 1000, &mut digest).unwrap();
-        KeyDigest { hash: HashAlg::Sha256, iterations: 1000, salt, digest }
+        KeyDigest {
+            hash: HashAlg::Sha256,
+            iterations: 1000,
+            salt,
+            digest,
+        }
     }
 
     #[test]
@@ -228,10 +264,19 @@ mod tests {
         let text = d.to_string();
         assert!(text.starts_with("pbkdf2:sha256:1000:"), "{text}");
         assert_eq!(KeyDigest::parse(&text).unwrap(), d);
-        let pin = VolumePin { uuid: None, key_digest: Some(d) };
+        let pin = VolumePin {
+            uuid: None,
+            key_digest: Some(d),
+        };
         assert!(pin.check_key(&VolumeKey::from_slice(&[7u8; 64])).is_ok());
-        let e = pin.check_key(&VolumeKey::from_slice(&[8u8; 64])).unwrap_err().to_string();
-        assert!(e.contains("does not match the pinned volume-key-digest") && e.contains(&text), "{e}");
+        let e = pin
+            .check_key(&VolumeKey::from_slice(&[8u8; 64]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("does not match the pinned volume-key-digest") && e.contains(&text),
+            "{e}"
+        );
     }
 
     #[test]
@@ -248,16 +293,24 @@ mod tests {
             let e = KeyDigest::parse(bad).unwrap_err();
             assert!(e.starts_with(KEY_DIGEST), "{bad}: {e}");
         }
-        assert!(VolumePin::parse(Some("not-a-uuid"), None).unwrap_err().contains(KEY_UUID));
+        assert!(VolumePin::parse(Some("not-a-uuid"), None)
+            .unwrap_err()
+            .contains(KEY_UUID));
     }
 
     #[test]
     fn a_uuid_mismatch_names_both_values() {
         let pin = VolumePin::parse(Some("0BADC0DE-0000-4000-8000-000000000001"), None).unwrap();
-        assert!(pin.check_uuid("0badc0de-0000-4000-8000-000000000001").is_ok());
-        let e = pin.check_uuid("11111111-2222-4333-8444-555555555555").unwrap_err().to_string();
+        assert!(pin
+            .check_uuid("0badc0de-0000-4000-8000-000000000001")
+            .is_ok());
+        let e = pin
+            .check_uuid("11111111-2222-4333-8444-555555555555")
+            .unwrap_err()
+            .to_string();
         assert!(
-            e.contains("0badc0de-0000-4000-8000-000000000001") && e.contains("11111111-2222-4333-8444-555555555555"),
+            e.contains("0badc0de-0000-4000-8000-000000000001")
+                && e.contains("11111111-2222-4333-8444-555555555555"),
             "{e}"
         );
         assert!(VolumePin::default().check_uuid("anything").is_ok());
