@@ -22,7 +22,7 @@
 //! its allowed keys, and refuses — before any network request — a token whose endpoint or
 //! region differs from the configured ones (the error names both). `unseal` always rebuilds the
 //! encryption context from the volume and keyslot it is asked to open, never from the token.
-
+//!
 //! **Time bounds.** Connect 2 s, each attempt 5 s, the whole operation (3 attempts with the
 //! SDK's standard backoff) 10 s; a call never takes much longer than [`OPERATION_TIMEOUT`] per
 //! request, and `unseal` makes two (`DescribeKey`, `Decrypt`).
