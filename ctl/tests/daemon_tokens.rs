@@ -49,7 +49,8 @@ impl Served {
         dir.join("vol.img").to_str().unwrap().to_owned()
     }
 
-    fn prepare(moto: &Moto) -> tempfile::TempDir {
+    /// A volume enrolled with a new moto key; returns the directory and the key id.
+    fn prepare(moto: &Moto) -> (tempfile::TempDir, String) {
         let dir = tempfile::tempdir().unwrap();
         let vol = Self::vol(dir.path());
         let key = dir.path().join("recovery.key");
@@ -60,7 +61,7 @@ impl Served {
         ok(ctl(&args));
         let kms = moto.create_key(None);
         ok(ctl(&["enroll", &vol, "--kms", &kms, "--region", REGION, "--kms-endpoint", &moto.endpoint, "--key-file", key]));
-        dir
+        (dir, kms)
     }
 
     fn start(dir: tempfile::TempDir, extra: &[&str]) -> Served {
@@ -132,6 +133,20 @@ impl Drop for Served {
     }
 }
 
+/// The daemon flags trusting `moto` and the keys `keys` (the operator's KMS configuration).
+fn kms_flags(moto: &Moto, keys: &[&str]) -> Vec<String> {
+    let mut v = vec!["--kms-endpoint".to_owned(), moto.endpoint.clone()];
+    v.extend(["--kms-region".to_owned(), REGION.to_owned()]);
+    for k in keys {
+        v.extend(["--kms-allow-key".to_owned(), k.to_string()]);
+    }
+    v
+}
+
+fn flags(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 fn state(s: &serde_json::Value) -> &str {
     s["state"].as_str().unwrap_or("")
 }
@@ -139,7 +154,10 @@ fn state(s: &serde_json::Value) -> &str {
 #[test]
 fn auto_unlock_and_unlock_token_open_the_volume_through_the_kms_and_are_audited() {
     let moto = Moto::start();
-    let d = Served::start(Served::prepare(&moto), &["--auto-unlock"]);
+    let (dir, key) = Served::prepare(&moto);
+    let mut args = kms_flags(&moto, &[&key]);
+    args.push("--auto-unlock".into());
+    let d = Served::start(dir, &flags(&args));
     d.wait_for(30, "auto-unlock", |s| state(s) == "unlocked");
 
     // The export really serves the decrypted volume: data written reads back.
@@ -169,9 +187,11 @@ fn auto_unlock_and_unlock_token_open_the_volume_through_the_kms_and_are_audited(
 #[test]
 fn with_the_kms_down_the_daemon_stays_locked_says_why_and_a_passphrase_still_unlocks() {
     let mut moto = Moto::start();
-    let dir = Served::prepare(&moto);
+    let (dir, key) = Served::prepare(&moto);
+    let mut args = kms_flags(&moto, &[&key]);
+    args.push("--auto-unlock".into());
     moto.stop();
-    let d = Served::start(dir, &["--auto-unlock"]);
+    let d = Served::start(dir, &flags(&args));
     let s = d.wait_for(30, "a token failure in the status", |s| {
         state(s) == "locked" && s["locked_reason"].as_str().is_some_and(|r| r.contains("token"))
     });
@@ -198,19 +218,26 @@ fn with_the_kms_down_the_daemon_stays_locked_says_why_and_a_passphrase_still_unl
 #[test]
 fn a_rekey_while_the_daemon_serves_the_volume_leaves_a_token_the_daemon_unlocks_with() {
     let moto = Moto::start();
-    let d = Served::start(Served::prepare(&moto), &["--auto-unlock"]);
+    let (dir, key) = Served::prepare(&moto);
+    // The operator allows the key to rotate to before the rotation.
+    let new_key = moto.create_key(None);
+    let mut args = kms_flags(&moto, &[&key, &new_key]);
+    args.push("--auto-unlock".into());
+    let d = Served::start(dir, &flags(&args));
     d.wait_for(30, "auto-unlock", |s| state(s) == "unlocked");
     let vol = Served::vol(d.dir.path());
 
     // Rotate to a new KMS key while clients could be attached: only the header changes.
-    let new_key = moto.create_key(None);
     let slot = {
         let f = std::fs::File::open(&vol).unwrap();
         let (h, _) = nbdcrypt::luks2::Luks2Header::read(&f).unwrap();
         let (_, t) = h.tokens().next().expect("a token");
         *t.keyslots().first().unwrap()
     };
-    ok(ctl(&["rekey", &vol, "--slot", &slot.to_string(), "--kms", &new_key, "--kms-endpoint", &moto.endpoint, "--region", REGION]));
+    ok(ctl(&[
+        "rekey", &vol, "--slot", &slot.to_string(), "--kms", &new_key, "--kms-endpoint", &moto.endpoint,
+        "--region", REGION, "--kms-allow-key", &key,
+    ]));
     assert_eq!(state(&d.status()), "unlocked", "serving goes on during a rekey");
 
     ok(ctl(&["lock", "--control", &d.control()]));
@@ -226,7 +253,10 @@ fn a_rekey_while_the_daemon_serves_the_volume_leaves_a_token_the_daemon_unlocks_
 #[test]
 fn rekey_through_the_control_socket_reseals_with_the_daemons_credentials_and_is_audited() {
     let moto = Moto::start();
-    let d = Served::start(Served::prepare(&moto), &["--auto-unlock"]);
+    let (dir, key) = Served::prepare(&moto);
+    let mut args = kms_flags(&moto, &[&key]);
+    args.push("--auto-unlock".into());
+    let d = Served::start(dir, &flags(&args));
     d.wait_for(30, "auto-unlock", |s| state(s) == "unlocked");
     let vol = Served::vol(d.dir.path());
     let token_json = || {

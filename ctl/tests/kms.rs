@@ -3,7 +3,9 @@
 //! for secrets.
 //!
 //! Every `nbdcryptctl` runs with dummy AWS credentials and `--kms-endpoint` pointing at the
-//! test's own moto server; nothing leaves the machine.
+//! test's own moto server; nothing leaves the machine. Unsealing names the allowed keys with
+//! `--kms-allow-key` (the token's own endpoint and key are never trusted: see
+//! `hostile_token.rs`).
 
 mod moto;
 
@@ -121,8 +123,12 @@ impl Setup {
         ctl(&args)
     }
 
-    fn test_token(&self, audit: Option<&str>) -> Output {
-        let mut args = vec!["test-token", &self.vol];
+    /// `test-token` trusting `moto` and the keys `allow`.
+    fn test_token(&self, moto: &Moto, allow: &[&str], audit: Option<&str>) -> Output {
+        let mut args = vec!["test-token", &self.vol, "--kms-endpoint", &moto.endpoint];
+        for k in allow {
+            args.extend(["--kms-allow-key", k]);
+        }
         if let Some(a) = audit {
             args.extend(["--audit-log", a]);
         }
@@ -237,7 +243,7 @@ fn enrol_test_token_rekey_unenrol_with_audit_log() {
     assert_eq!(dump["tokens"][0]["key"], arn);
 
     // test-token opens keyslot 1; the passphrase still opens in cryptsetup.
-    let o = ok(s.test_token(Some(&audit)));
+    let o = ok(s.test_token(&moto, &[&key_a], Some(&audit)));
     assert!(
         out(&o).contains("keyslot 1 unlocked by token 0"),
         "{}",
@@ -266,6 +272,10 @@ fn enrol_test_token_rekey_unenrol_with_audit_log() {
         "1",
         "--kms",
         &key_b,
+        "--kms-endpoint",
+        &moto.endpoint,
+        "--kms-allow-key",
+        &key_a,
         "--audit-log",
         &audit,
     ]));
@@ -292,7 +302,7 @@ fn enrol_test_token_rekey_unenrol_with_audit_log() {
         !cs_opens(&s.vol, &token_pass),
         "the old secret must not open anything"
     );
-    let o = ok(s.test_token(Some(&audit)));
+    let o = ok(s.test_token(&moto, &[&key_b], Some(&audit)));
     assert!(
         out(&o).contains(&format!("keyslot {new_slot} unlocked")),
         "{}",
@@ -305,6 +315,10 @@ fn enrol_test_token_rekey_unenrol_with_audit_log() {
         "rekey",
         &s.vol,
         "--all-tokens",
+        "--kms-endpoint",
+        &moto.endpoint,
+        "--kms-allow-key",
+        &key_b,
         "--audit-log",
         &audit,
     ]));
@@ -321,7 +335,7 @@ fn enrol_test_token_rekey_unenrol_with_audit_log() {
     assert!(s.tokens().is_empty());
     assert_eq!(s.keyslots(), vec![0]);
     assert!(cs_opens(&s.vol, &s.key));
-    let o = fails(s.test_token(None));
+    let o = fails(s.test_token(&moto, &[&key_b], None));
     assert!(err(&o).contains("no usable nbdcrypt token"), "{}", err(&o));
 
     // The audit log: the expected events, one JSON object per line, no secrets.
@@ -367,7 +381,7 @@ fn enrol_test_token_rekey_unenrol_with_audit_log() {
 #[test]
 fn a_token_copied_to_another_volume_is_refused() {
     let moto = Moto::start();
-    moto.create_key(Some("vol"));
+    let key = moto.create_key(Some("vol"));
     let a = Setup::new();
     let b = Setup::new();
     ok(a.enroll(&moto, "alias/vol", None));
@@ -396,14 +410,14 @@ fn a_token_copied_to_another_volume_is_refused() {
         h.add_token(&f, nbdcrypt::luks2::Token::from_json(tok).unwrap())
             .unwrap();
     }
-    let o = fails(b.test_token(None));
+    let o = fails(b.test_token(&moto, &[&key], None));
     assert!(
         err(&o).contains("does not belong to this volume and keyslot"),
         "{}",
         err(&o)
     );
     // A is unaffected; B's passphrases still open.
-    ok(a.test_token(None));
+    ok(a.test_token(&moto, &[&key], None));
     assert!(cs_opens(&b.vol, &b.key));
     assert!(cs_opens(&b.vol, &newkey));
 }
@@ -415,9 +429,9 @@ fn a_disabled_key_is_reported_as_disabled() {
     let s = Setup::new();
     let audit = s.path("audit.log");
     ok(s.enroll(&moto, &key, Some(&audit)));
-    ok(s.test_token(None));
+    ok(s.test_token(&moto, &[&key], None));
     moto.disable_key(&key);
-    let o = fails(s.test_token(Some(&audit)));
+    let o = fails(s.test_token(&moto, &[&key], Some(&audit)));
     let e = err(&o);
     assert!(
         e.contains("is disabled or pending deletion") && e.contains(&key),
@@ -454,7 +468,7 @@ fn a_stopped_server_is_unreachable_quickly_and_the_passphrase_still_works() {
     ok(s.enroll(&moto, &key, None));
     moto.stop();
     let start = Instant::now();
-    let o = fails(s.test_token(None));
+    let o = fails(s.test_token(&moto, &[&key], None));
     let took = start.elapsed();
     assert!(took < Duration::from_secs(20), "took {took:?}");
     assert!(err(&o).contains("unreachable"), "{}", err(&o));
@@ -477,7 +491,7 @@ fn unenrol_refuses_the_last_keyslot_and_foreign_tokens() {
     let o = fails(ctl(&["unenroll", &s.vol, "--token", "0"]));
     assert!(err(&o).contains("last keyslot"), "{}", err(&o));
     assert_eq!(s.tokens().len(), 1);
-    ok(s.test_token(None));
+    ok(s.test_token(&moto, &[&key], None));
     let o = fails(ctl(&["unenroll", &s.vol, "--slot", "7"]));
     assert!(err(&o).contains("no nbdcrypt token"), "{}", err(&o));
     let o = fails(ctl(&["unenroll", &s.vol]));
@@ -504,7 +518,7 @@ fn latency_report() {
         ok(s.enroll(&moto, &key, None));
         enrol.push(t.elapsed().as_secs_f64() * 1000.0);
         let t = Instant::now();
-        ok(s.test_token(None));
+        ok(s.test_token(&moto, &[&key], None));
         unlock.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     // In-process: provider calls on a warm client, and the library's enrol/unlock.

@@ -39,6 +39,11 @@ Durability: FLUSH is answered after fdatasync of the backing store; FUA writes a
 storage before their reply. After a failed write or flush every later flush fails, so a
 database on top never sees a successful fsync over lost data.
 
+Keys: where KMS keys come from is the operator's, never the volume header's (--kms-endpoint,
+--kms-region, --kms-allow-key); a token naming anything else is refused before any request.
+Pin the volume (--volume-uuid, --volume-key-digest: `nbdcryptctl pin VOLUME`) and a header
+replaced by whoever can write the disk is refused at start or at unlock, and stays locked.
+
 SIGTERM stops accepting clients, finishes requests in flight, flushes and exits 0.";
 
 #[derive(Parser, Debug)]
@@ -78,6 +83,29 @@ pub struct Args {
     /// Where the HSM user PIN comes from: file:/path, env:VAR or cred:NAME (a systemd credential).
     #[arg(long, value_name = "SOURCE")]
     pub pkcs11_pin: Option<String>,
+
+    /// KMS endpoint URL for KMS tokens (a VPC endpoint, a test server); default: the AWS one
+    /// for the region. Never taken from the volume header: a token naming another is refused.
+    #[arg(long, value_name = "URL")]
+    pub kms_endpoint: Option<String>,
+
+    /// AWS region for KMS tokens (default: AWS_REGION / the profile's).
+    #[arg(long, value_name = "REGION")]
+    pub kms_region: Option<String>,
+
+    /// A KMS key (key ARN or key id) whose tokens may unlock this volume; repeat for several.
+    /// Without one, KMS tokens are refused before any request.
+    #[arg(long = "kms-allow-key", value_name = "ARN")]
+    pub kms_allow_key: Vec<String>,
+
+    /// Pin the volume: refuse to start on a volume with another LUKS2 UUID (`nbdcryptctl pin`).
+    #[arg(long, value_name = "UUID")]
+    pub volume_uuid: Option<String>,
+
+    /// Pin the volume key: refuse any unlock whose volume key does not match this LUKS2 digest
+    /// (pbkdf2:HASH:ITERATIONS:SALT:DIGEST, printed by `nbdcryptctl pin`).
+    #[arg(long, value_name = "DIGEST")]
+    pub volume_key_digest: Option<String>,
 
     /// Append key events (unlock, lock) as JSON lines to FILE; default: the log (journald).
     #[arg(long, value_name = "FILE")]
@@ -188,7 +216,10 @@ pub struct Config {
     pub backing: PathBuf,
     pub unlock_key_file: Option<PathBuf>,
     pub auto_unlock: bool,
-    pub pkcs11: crate::seal::Pkcs11Settings,
+    /// KMS and PKCS#11 settings: where keys may come from (never the header).
+    pub seal: crate::seal::SealSettings,
+    /// Which volume may be unlocked (UUID, volume-key digest); empty: any.
+    pub pin: crate::seal::pin::VolumePin,
     pub audit_log: Option<PathBuf>,
     pub control: PathBuf,
     pub file: FileOptions,
@@ -234,19 +265,34 @@ impl Config {
         if a.create.is_some() && mode != Mode::Plain {
             return Err("--create works with --plain only; use `nbdcryptctl format --size` for volumes".into());
         }
-        let pin = match &a.pkcs11_pin {
+        let pkcs11_pin = match &a.pkcs11_pin {
             Some(p) => Some(crate::seal::pkcs11::PinSource::parse(p).map_err(|e| format!("--pkcs11-pin: {e}"))?),
             None => None,
         };
         if a.auto_unlock && mode == Mode::Plain {
             return Err("--auto-unlock makes no sense with --plain".into());
         }
+        let kms = crate::seal::KmsSettings {
+            endpoint: a.kms_endpoint.filter(|e| !e.is_empty()),
+            region: a.kms_region.filter(|r| !r.is_empty()),
+            allowed_keys: a.kms_allow_key,
+        };
+        kms.validate()?;
+        let pin =
+            crate::seal::pin::VolumePin::parse(a.volume_uuid.as_deref(), a.volume_key_digest.as_deref())?;
+        if !pin.is_empty() && mode != Mode::Volume {
+            return Err("--volume-uuid / --volume-key-digest pin a --volume; they make no sense here".into());
+        }
         Ok(Config {
             mode,
             backing,
             unlock_key_file: key,
             auto_unlock: a.auto_unlock,
-            pkcs11: crate::seal::Pkcs11Settings { module: a.pkcs11_module, pin },
+            seal: crate::seal::SealSettings {
+                kms,
+                pkcs11: crate::seal::Pkcs11Settings { module: a.pkcs11_module, pin: pkcs11_pin },
+            },
+            pin,
             audit_log: a.audit_log,
             control,
             file: FileOptions {

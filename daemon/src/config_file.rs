@@ -11,6 +11,13 @@
 //! allow-discards = false
 //! read-only = false
 //! max-conn-bytes = "64M"
+//! # Where KMS keys may come from (never from the volume header):
+//! kms-endpoint = "https://vpce-0abc.kms.eu-west-1.vpce.amazonaws.com"
+//! kms-region = "eu-west-1"
+//! kms-allow-key = ["arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"]
+//! # The volume this daemon may unlock (`nbdcryptctl pin /srv/db.img`):
+//! volume-uuid = "0b7e3a4c-1d2e-4f5a-8b9c-0d1e2f3a4b5c"
+//! volume-key-digest = "pbkdf2:sha256:1000:SALT_BASE64:DIGEST_BASE64"
 //! ```
 
 use std::net::SocketAddr;
@@ -30,6 +37,11 @@ pub struct FileConfig {
     auto_unlock: Option<bool>,
     pkcs11_module: Option<PathBuf>,
     pkcs11_pin: Option<String>,
+    kms_endpoint: Option<String>,
+    kms_region: Option<String>,
+    kms_allow_key: Option<Vec<String>>,
+    volume_uuid: Option<String>,
+    volume_key_digest: Option<String>,
     audit_log: Option<PathBuf>,
     control: Option<PathBuf>,
     unix: Option<PathBuf>,
@@ -60,6 +72,39 @@ pub fn load(path: &Path) -> Result<(FileConfig, String), String> {
 }
 
 impl FileConfig {
+    /// The `volume` the file serves, if it names one.
+    pub fn volume(&self) -> Option<&Path> {
+        self.volume.as_deref()
+    }
+
+    /// The volume pin of this file alone (`volume-uuid`, `volume-key-digest`).
+    pub fn volume_pin(&self) -> Result<crate::seal::pin::VolumePin, String> {
+        crate::seal::pin::VolumePin::parse(self.volume_uuid.as_deref(), self.volume_key_digest.as_deref())
+    }
+
+    /// The seal settings of this file alone (for `nbdcryptctl --config`, which trusts the same
+    /// KMS and HSM as the daemon configured by the file).
+    pub fn seal_settings(&self) -> Result<crate::seal::SealSettings, String> {
+        let kms = crate::seal::KmsSettings {
+            endpoint: self.kms_endpoint.clone().filter(|e| !e.is_empty()),
+            region: self.kms_region.clone().filter(|r| !r.is_empty()),
+            allowed_keys: self.kms_allow_key.clone().unwrap_or_default(),
+        };
+        kms.validate()?;
+        let pin = match &self.pkcs11_pin {
+            Some(p) => {
+                let source = crate::seal::pkcs11::PinSource::parse(p);
+                Some(source.map_err(|e| format!("pkcs11-pin: {e}"))?)
+            }
+            None => None,
+        };
+        Ok(crate::seal::SealSettings {
+            kms,
+            pkcs11: crate::seal::Pkcs11Settings { module: self.pkcs11_module.clone(), pin },
+        })
+    }
+
+
     /// Fill `args` from the file wherever the command line did not set the flag.
     /// `from_cli(id)` tells whether the user typed flag `id`.
     pub fn apply(
@@ -98,6 +143,11 @@ impl FileConfig {
         take!(auto_unlock, "auto_unlock");
         take!(pkcs11_module, "pkcs11_module");
         take!(pkcs11_pin, "pkcs11_pin");
+        take!(kms_endpoint, "kms_endpoint");
+        take!(kms_region, "kms_region");
+        take!(kms_allow_key, "kms_allow_key");
+        take!(volume_uuid, "volume_uuid");
+        take!(volume_key_digest, "volume_key_digest");
         take!(audit_log, "audit_log");
         take!(control, "control");
         take!(unix, "unix");
@@ -163,6 +213,25 @@ mod tests {
     fn a_bad_value_names_the_file_line_and_key() {
         let e = apply("volume = \"/v\"\n\nmax-conn-bytes = \"12X\"\n", &[]).unwrap_err();
         assert!(e.contains("/etc/nbdcrypt/t.toml") && e.contains("line 3") && e.contains("max-conn-bytes"), "{e}");
+    }
+
+    #[test]
+    fn kms_settings_and_the_volume_pin_come_from_the_file() {
+        let a = apply(
+            "volume = \"/v\"\nkms-endpoint = \"http://127.0.0.1:4566\"\nkms-region = \"us-east-1\"\n\
+             kms-allow-key = [\"arn:aws:kms:us-east-1:1:key/a\", \"b\"]\n\
+             volume-uuid = \"0b7e3a4c-1d2e-4f5a-8b9c-0d1e2f3a4b5c\"\n",
+            &[],
+        )
+        .unwrap();
+        let c = crate::config::Config::from_args(a).unwrap();
+        assert_eq!(c.seal.kms.endpoint.as_deref(), Some("http://127.0.0.1:4566"));
+        assert_eq!(c.seal.kms.region.as_deref(), Some("us-east-1"));
+        assert_eq!(c.seal.kms.allowed_keys, ["arn:aws:kms:us-east-1:1:key/a", "b"]);
+        assert_eq!(c.pin.uuid.as_deref(), Some("0b7e3a4c-1d2e-4f5a-8b9c-0d1e2f3a4b5c"));
+        let e = apply("volume = \"/v\"\nkms-allow-key = [\"alias/x\"]\n", &[])
+            .and_then(crate::config::Config::from_args);
+        assert!(e.unwrap_err().contains("alias"));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use nbdcrypt::config::{Args, Config, Mode};
 use nbdcrypt::audit::AuditLog;
 use nbdcrypt::control::proto::{ErrorKind, Request, Response};
 use nbdcrypt::control::{self, ControlPlane, Origin, UnlockWith, Unlocker};
-use nbdcrypt::seal::Pkcs11Settings;
+use nbdcrypt::seal::SealSettings;
 use nbdcrypt::demo;
 use nbdcrypt::notify;
 use nbdcrypt::export::ExportTable;
@@ -95,6 +95,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let (volume, info) = Volume::open(&config.backing, config.file.clone())
         .with_context(|| format!("cannot serve {}", config.backing.display()))?;
+    let volume = volume
+        .pinned(config.pin.clone())
+        .with_context(|| format!("cannot serve {}", config.backing.display()))?;
+    if config.pin.key_digest.is_some() {
+        info!("volume pinned: every unlock checks the volume key against the configured digest");
+    }
     info!(path = %info.path.display(), uuid = %info.uuid, cipher = info.cipher, key_bits = info.key_bits,
           sector_size = info.sector_size, size = info.size, "LUKS2 volume opened; locked");
     let audit = Arc::new(match &config.audit_log {
@@ -103,14 +109,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     });
     let volume = Arc::new(volume);
     let rekeyer: nbdcrypt::control::Rekeyer = {
-        let (volume, pkcs11) = (volume.clone(), config.pkcs11.clone());
-        Box::new(move |slot| volume.rekey_tokens(slot, &pkcs11))
+        let (volume, seal) = (volume.clone(), config.seal.clone());
+        Box::new(move |slot| volume.rekey_tokens(slot, &seal))
     };
     let control = ControlPlane::start(
         &config.control,
         exports.clone(),
         control_info(&info),
-        unlocker(volume, config.pkcs11.clone()),
+        unlocker(volume, config.seal.clone()),
         Some(rekeyer),
         audit,
         shutdown.clone(),
@@ -146,11 +152,11 @@ fn control_info(info: &VolumeInfo) -> control::VolumeInfo {
 }
 
 /// The one place the control plane reaches into LUKS2 and the seal providers.
-fn unlocker(volume: Arc<Volume>, pkcs11: Pkcs11Settings) -> Unlocker {
+fn unlocker(volume: Arc<Volume>, seal: SealSettings) -> Unlocker {
     Box::new(move |with: UnlockWith| {
         let result = match with {
             UnlockWith::Secret { secret, slot } => volume.unlock(&secret, slot),
-            UnlockWith::Tokens => volume.unlock_with_tokens(&pkcs11),
+            UnlockWith::Tokens => volume.unlock_with_tokens(&seal),
         };
         // Key derivation and expansion left temporaries on this thread's stack.
         nbdcrypt::sys::scrub_stack();
@@ -162,6 +168,10 @@ fn unlocker(volume: Arc<Volume>, pkcs11: Pkcs11Settings) -> Unlocker {
             Err(UnlockError::WrongPassphrase) => Err(control::UnlockError::WrongPassphrase),
             Err(UnlockError::Tokens { message, transient }) => {
                 Err(control::UnlockError::Tokens { message, transient })
+            }
+            Err(UnlockError::Pin(e)) => {
+                error!(error = %e, "unlock refused by the volume pin; staying locked");
+                Err(control::UnlockError::Refused(e.to_string()))
             }
             Err(e) => Err(control::UnlockError::Other(e.to_string())),
         }

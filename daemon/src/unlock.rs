@@ -13,7 +13,8 @@ use crate::block::BlockDevice;
 use crate::crypto::kdf::KdfLimits;
 use crate::crypto::keys::{SecretBytes, VolumeKey};
 use crate::seal::enroll::{self, EnrollError, TokenFailureReason};
-use crate::seal::{resolve_provider_with, Pkcs11Settings};
+use crate::seal::pin::VolumePin;
+use crate::seal::{resolve_provider, SealSettings};
 use crate::crypto::xts::SectorCipher;
 use crate::luks2::{FormatError, Luks2Header, SegmentSize};
 
@@ -47,6 +48,9 @@ pub enum UnlockError {
     /// No KMS/HSM token opened the volume; `transient` when a provider was unreachable.
     #[error("{message}")]
     Tokens { message: String, transient: bool },
+    /// The volume is not the one the configuration pins (UUID, or the volume key's digest).
+    #[error(transparent)]
+    Pin(#[from] crate::seal::pin::PinError),
 }
 
 impl From<FormatError> for UnlockError {
@@ -67,6 +71,8 @@ pub struct Volume {
     /// Held for the daemon's life: no second daemon serves this volume.
     _claim: File,
     limits: KdfLimits,
+    /// Which volume may be unlocked; checked at every unlock (see [`Volume::pinned`]).
+    pin: VolumePin,
 }
 
 impl Volume {
@@ -74,10 +80,19 @@ impl Volume {
     pub fn open(path: &Path, file_options: FileOptions) -> Result<(Volume, VolumeInfo), UnlockError> {
         let claim = claim_path(path, file_options.read_only).map_err(|e| UnlockError::Backing(e.to_string()))?;
         let file_options = FileOptions { unclaimed: true, create_size: None, ..file_options };
-        let vol = Volume { path: path.to_owned(), file_options, _claim: claim, limits: KdfLimits::default() };
+        let vol = Volume { path: path.to_owned(), file_options, _claim: claim, limits: KdfLimits::default(), pin: VolumePin::default() };
         let (header, _) = vol.read_header()?;
         let info = vol.info(&header, &*vol.open_backing()?)?;
         Ok((vol, info))
+    }
+
+    /// Pins the volume: refuses now if the header names another UUID, and from then on refuses
+    /// every unlock whose header or volume key is not the pinned one.
+    pub fn pinned(mut self, pin: VolumePin) -> Result<Volume, UnlockError> {
+        let (header, _) = self.read_header()?;
+        pin.check_uuid(header.uuid())?;
+        self.pin = pin;
+        Ok(self)
     }
 
     fn open_backing(&self) -> Result<Arc<dyn BlockDevice>, UnlockError> {
@@ -146,10 +161,12 @@ impl Volume {
     /// Calls the providers over the network: seconds at worst, so off the reactor.
     pub fn unlock_with_tokens(
         &self,
-        pkcs11: &Pkcs11Settings,
+        settings: &SealSettings,
     ) -> Result<(Arc<dyn BlockDevice>, u32), UnlockError> {
         let (header, file) = self.read_header()?;
-        let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolve_provider_with(json, pkcs11);
+        // A header naming another volume is refused before any provider is asked.
+        self.pin.check_uuid(header.uuid())?;
+        let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, settings);
         let (key, slot, token) = match enroll::unlock_with_tokens(&file, &header, &resolve) {
             Ok(opened) => opened,
             Err(e) => {
@@ -170,7 +187,7 @@ impl Volume {
     /// secret under the same KMS/HSM key: crash-safe (new keyslot and token verified before the
     /// old ones go), header only, under the header lock. The volume key comes from unsealing
     /// the old token, so no passphrase is needed. Returns a one-line summary.
-    pub fn rekey_tokens(&self, slot: Option<u32>, pkcs11: &Pkcs11Settings) -> Result<String, String> {
+    pub fn rekey_tokens(&self, slot: Option<u32>, settings: &SealSettings) -> Result<String, String> {
         let p = self.path.display();
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -190,11 +207,13 @@ impl Volume {
                 None => format!("{p}: the volume has no nbdcrypt token"),
             });
         }
-        let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolve_provider_with(json, pkcs11);
+        self.pin.check_uuid(header.uuid()).map_err(|e| format!("{p}: {e}"))?;
+        let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, settings);
         let mut done = Vec::new();
         for id in targets {
             let (key, _) = enroll::unlock_with_token(&file, &header, id, &resolve)
                 .map_err(|e| format!("token {id}: {e}"))?;
+            self.pin.check_key(&key).map_err(|e| format!("{p}: {e}"))?;
             let json = header.token(id).map(|t| t.json().clone()).ok_or_else(|| format!("token {id} vanished"))?;
             let provider = resolve(&json).map_err(|e| format!("token {id}: {e}"))?;
             let r = enroll::rekey(&file, &mut header, id, &key, &*provider)
@@ -207,7 +226,9 @@ impl Volume {
         Ok(done.join("; "))
     }
 
+    /// Every unlock ends here: the pin is checked on the key actually recovered.
     fn device_for(&self, header: &Luks2Header, key: &VolumeKey) -> Result<Arc<dyn BlockDevice>, UnlockError> {
+        self.pin.check(header, key)?;
         let backing = self.open_backing()?;
         let segment = self.segment(header, &*backing)?;
         let cipher = SectorCipher::new(key, header.data_segment().sector_size as usize)

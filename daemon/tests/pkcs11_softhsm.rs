@@ -379,6 +379,38 @@ hsm_test! {
 }
 
 hsm_test! {
+    /// The header is the attacker's: a stored URI's `pin-source` (and `module-path`) is never
+    /// used. The token names a PIN file holding a wrong PIN; the operator's settings win.
+    fn stored_pin_source_is_not_read_on_unseal() {
+        let dir = child_dir();
+        let wrong = dir.join("attacker-pin");
+        std::fs::write(&wrong, "9999").unwrap();
+        let good = dir.join("operator-pin");
+        std::fs::write(&good, PIN).unwrap();
+        let stored = uri(&format!(
+            "pkcs11:token={TOKEN};object={KEK}?module-path=/nonexistent/evil.so&pin-source=file:{}",
+            wrong.display()
+        ));
+        let p = Pkcs11Provider::new(stored, module(), SecretBytes::from_slice(PIN.as_bytes())).unwrap();
+        let sealed = p.seal(&secret(), &binding()).unwrap();
+        assert!(sealed.params["pkcs11-uri"].as_str().unwrap().contains("pin-source"));
+        let token = nbdcrypt::seal::token::build(TOKEN_TYPE, 1, &sealed, "t").unwrap();
+        let settings = nbdcrypt::seal::SealSettings {
+            pkcs11: nbdcrypt::seal::Pkcs11Settings {
+                module: Some(module()),
+                pin: Some(PinSource::File(good)),
+            },
+            ..Default::default()
+        };
+        let back = nbdcrypt::seal::resolve_provider(token.json(), &settings).unwrap();
+        assert_eq!(back.unseal(&sealed, &binding()).unwrap().expose_secret(), secret().expose_secret());
+        // No PIN configured: refused, naming the option, even though the token names a source.
+        let e = err(nbdcrypt::seal::resolve_provider(token.json(), &Default::default()).map(|_| ()));
+        assert!(e.to_string().contains("--pkcs11-pin"), "{e}");
+    }
+}
+
+hsm_test! {
     fn concurrent_seal_unseal_from_threads() {
         let p = std::sync::Arc::new(provider());
         let other = std::sync::Arc::new(provider_for(KEK2, PIN));

@@ -15,7 +15,8 @@ use nbdcrypt::seal::enroll::{self as seal_enroll, EnrollError, Enrolled, Unenrol
 use nbdcrypt::seal::kms::KmsProvider;
 use nbdcrypt::seal::token::{self, ProviderKind};
 use nbdcrypt::seal::pkcs11::{resolve_module, PinSource, Pkcs11Provider, Pkcs11Uri};
-use nbdcrypt::seal::{resolve_provider_with, Pkcs11Settings, SealProvider};
+use nbdcrypt::seal::pin::VolumePin;
+use nbdcrypt::seal::{resolve_provider, Pkcs11Settings, SealProvider, SealSettings};
 
 use super::Volume;
 use crate::secret_input::{read_existing, Source};
@@ -26,8 +27,10 @@ Add a keyslot that AWS KMS unlocks. A random 32-byte secret opens a new keyslot 
 is stored only encrypted by the KMS key, in a LUKS2 token bound to this volume's UUID and the
 keyslot (KMS encryption context), so a copied token opens nothing. An existing passphrase or key
 file unlocks the volume key first. Credentials come from the standard AWS chain (environment,
-profile, instance role); the region from --region or the standard chain. Prints the keyslot and
-the token id. Keep a passphrase keyslot as a recovery key.";
+profile, instance role); the region from --kms-region or the standard chain. Prints the keyslot
+and the token id, then the lines for nbdcryptd's config: the key to allow (kms-allow-key) and
+the volume pin (volume-uuid, volume-key-digest) that makes the daemon refuse a replaced header.
+Keep a passphrase keyslot as a recovery key.";
 
 pub const ENROLL_EXAMPLES: &str = "\
 Examples:
@@ -52,34 +55,88 @@ Re-seal a KMS enrolment with a fresh secret, under a new KMS key (--kms) or the 
 safe: the new keyslot and token are written and verified (unsealed through KMS, keyslot opened)
 before the old token and keyslot are removed; an interruption leaves a volume that opens with the
 old or the new token. The volume key comes from unsealing the old token, or from --key-file / a
-passphrase prompt with --passphrase. --region and --kms-endpoint default to the old token's.";
+passphrase prompt with --passphrase. The KMS endpoint and region come from --kms-endpoint,
+--kms-region or --config, never from the old token; unsealing the old token needs its key in
+--kms-allow-key (or the config's kms-allow-key), as does re-sealing under the same key.";
 
 pub const REKEY_EXAMPLES: &str = "\
 Examples:
-  nbdcryptctl rekey /srv/vol.img --slot 1 --kms alias/nbdcrypt-2027      # move to a new key
-  nbdcryptctl rekey vol.img --slot 1                                    # fresh secret, same key
+  nbdcryptctl rekey /srv/vol.img --slot 1 --config /etc/nbdcrypt/vol.toml --kms alias/nbdcrypt-2027
+  nbdcryptctl rekey vol.img --slot 1 --kms-allow-key arn:aws:kms:eu-west-1:111122223333:key/1234abcd-...
   nbdcryptctl rekey vol.img --all-tokens --kms alias/new --key-file recovery.key";
 
 pub const TEST_TOKEN_ABOUT: &str = "\
 Unlock the volume key through the KMS tokens without changing anything: tries each nbdcrypt token
 in keyslot priority order (or only --token N), prints the keyslot that opened and exits 0, or
 prints why each token failed (key disabled, access denied, token copied from another volume, KMS
-unreachable) and exits 1.";
+unreachable) and exits 1. KMS tokens are unsealed only through the endpoint and keys the operator
+configured (--kms-endpoint, --kms-region, --kms-allow-key, or --config with nbdcryptd's file): a
+token naming anything else is refused before any request.";
 
 pub const TEST_TOKEN_EXAMPLES: &str = "\
 Examples:
-  nbdcryptctl test-token /srv/vol.img
-  nbdcryptctl test-token vol.img --token 2 --audit-log /var/log/nbdcrypt-audit.log";
+  nbdcryptctl test-token /srv/vol.img --config /etc/nbdcrypt/vol.toml
+  nbdcryptctl test-token vol.img --kms-allow-key arn:aws:kms:eu-west-1:111122223333:key/1234abcd-... \\
+      --token 2 --audit-log /var/log/nbdcrypt-audit.log";
 
-/// Where the AWS KMS key is.
+/// The AWS KMS this host trusts. Never taken from a token: the header is writable by whoever
+/// holds the disk, so a token naming another endpoint, region or key is refused.
 #[derive(Args, Debug, Clone)]
 pub struct KmsLocation {
     /// AWS region of the KMS key (default: AWS_REGION / the profile's region).
-    #[arg(long, value_name = "REGION", help_heading = "AWS KMS")]
+    #[arg(long = "kms-region", visible_alias = "region", value_name = "REGION", help_heading = "AWS KMS")]
     pub region: Option<String>,
-    /// KMS endpoint URL (VPC endpoint, test server); stored in the token.
+    /// KMS endpoint URL (VPC endpoint, test server). Tokens naming another are refused.
     #[arg(long, value_name = "URL", help_heading = "AWS KMS")]
     pub kms_endpoint: Option<String>,
+    /// A KMS key (key ARN or key id) whose tokens may be unsealed; repeat for several.
+    #[arg(long = "kms-allow-key", value_name = "ARN", help_heading = "AWS KMS")]
+    pub kms_allow_key: Vec<String>,
+    /// Take kms-endpoint, kms-region, kms-allow-key, pkcs11-module and pkcs11-pin from this
+    /// nbdcryptd config file (flags given here win).
+    #[arg(long, value_name = "FILE", help_heading = "AWS KMS")]
+    pub config: Option<PathBuf>,
+}
+
+/// The volume pin of `--config FILE`, if any: commands that recover the volume key check it, as
+/// the daemon would.
+fn config_pin(loc: &KmsLocation) -> anyhow::Result<VolumePin> {
+    match &loc.config {
+        Some(path) => {
+            let (file, _) = nbdcrypt::config_file::load(path).map_err(|e| anyhow!(e))?;
+            file.volume_pin().map_err(|e| anyhow!("{}: {e}", path.display()))
+        }
+        None => Ok(VolumePin::default()),
+    }
+}
+
+/// The operator's provider settings: `--config FILE` (the daemon's TOML), then the flags.
+fn seal_settings(loc: &KmsLocation, hsm: &Pkcs11Args) -> anyhow::Result<SealSettings> {
+    let mut s = match &loc.config {
+        Some(path) => {
+            let (file, _) = nbdcrypt::config_file::load(path).map_err(|e| anyhow!(e))?;
+            file.seal_settings().map_err(|e| anyhow!("{}: {e}", path.display()))?
+        }
+        None => SealSettings::default(),
+    };
+    if let Some(e) = &loc.kms_endpoint {
+        s.kms.endpoint = Some(e.clone());
+    }
+    if let Some(r) = &loc.region {
+        s.kms.region = Some(r.clone());
+    }
+    if !loc.kms_allow_key.is_empty() {
+        s.kms.allowed_keys = loc.kms_allow_key.clone();
+    }
+    s.kms.validate().map_err(|e| anyhow!("--{e}"))?;
+    let p = hsm.settings()?;
+    if p.pin.is_some() {
+        s.pkcs11.pin = p.pin;
+    }
+    if p.module.is_some() {
+        s.pkcs11.module = p.module;
+    }
+    Ok(s)
 }
 
 /// The PKCS#11 HSM: the key (an RFC 7512 URI), its user PIN and the module to load.
@@ -104,15 +161,23 @@ impl Pkcs11Args {
         Ok(Pkcs11Settings { module: self.pkcs11_module.clone(), pin })
     }
 
-    /// A provider sealing under the key `uri` names.
+    /// A provider sealing under the key `uri` names. The PIN comes from `--pkcs11-pin` or the
+    /// URI's `pin-source=` (both typed by the operator), never from the command line itself.
     fn provider(&self, uri: &str) -> anyhow::Result<Pkcs11Provider> {
         let (uri, inline_pin) =
             Pkcs11Uri::parse_with_pin_value(uri).map_err(|e| anyhow!("--pkcs11: {e}"))?;
-        let pin = match (inline_pin, &self.pkcs11_pin, &uri.pin_source) {
-            (Some(pin), _, _) => pin,
-            (None, Some(p), _) => PinSource::parse(p).map_err(|e| anyhow!("--pkcs11-pin: {e}"))?.read()?,
-            (None, None, Some(src)) => src.read()?,
-            (None, None, None) => bail!("--pkcs11 needs a PIN: --pkcs11-pin file:/path (or env:VAR, cred:NAME)"),
+        if inline_pin.is_some() {
+            drop(inline_pin);
+            bail!(
+                "--pkcs11: the URI carries pin-value=: a PIN on the command line is readable by \
+                 every local user (ps, /proc) and lands in shell history. Remove pin-value= and \
+                 give --pkcs11-pin file:/path/to/pin or --pkcs11-pin cred:NAME (a systemd credential)"
+            );
+        }
+        let pin = match (&self.pkcs11_pin, &uri.pin_source) {
+            (Some(p), _) => PinSource::parse(p).map_err(|e| anyhow!("--pkcs11-pin: {e}"))?.read()?,
+            (None, Some(src)) => src.read()?,
+            (None, None) => bail!("--pkcs11 needs a PIN: --pkcs11-pin file:/path (or cred:NAME)"),
         };
         let module = resolve_module(self.pkcs11_module.as_deref(), &uri);
         Ok(Pkcs11Provider::new(uri, module, pin)?)
@@ -208,6 +273,8 @@ pub struct TestTokenArgs {
     #[arg(long, value_name = "N")]
     pub token: Option<u32>,
     #[command(flatten)]
+    pub location: KmsLocation,
+    #[command(flatten)]
     pub hsm: Pkcs11Args,
     /// Append a JSON line per key event to this file.
     #[arg(long, value_name = "PATH")]
@@ -269,11 +336,16 @@ fn unlock_by_passphrase(
 
 pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
     let audit = Audit::open(a.audit_log.as_deref())?;
+    let settings = seal_settings(&a.location, &a.hsm)?;
     let vol = Volume::open(&a.volume, true)?;
     let mut hdr = vol.header(true)?;
     let (provider, kind): (Box<dyn SealProvider>, ProviderKind) = match (&a.kms, &a.pkcs11) {
         (Some(kms), _) => (
-            Box::new(KmsProvider::new(kms.clone(), a.location.region.clone(), a.location.kms_endpoint.clone())?),
+            Box::new(KmsProvider::new(
+                kms.clone(),
+                settings.kms.region.clone(),
+                settings.kms.endpoint.clone(),
+            )?),
             ProviderKind::AwsKms,
         ),
         (None, Some(uri)) => (Box::new(a.hsm.provider(uri)?), ProviderKind::Pkcs11),
@@ -294,6 +366,7 @@ pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
                     .detail("token", token_id),
             );
             println!("enrolled keyslot {keyslot} (token {token_id}, {} key {arn})", kind.name());
+            print_daemon_config(&vol, &hdr, kind, &arn, &settings);
             Ok(())
         }
         Err(e) => {
@@ -302,6 +375,39 @@ pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
             Err(e)
         }
     }
+}
+
+/// After an enrolment: the lines nbdcryptd's config needs to use this token, and to pin this
+/// volume (its key was just verified by the passphrase, so the digest printed is the real one).
+fn print_daemon_config(vol: &Volume, hdr: &Luks2Header, kind: ProviderKind, key: &str, s: &SealSettings) {
+    println!();
+    println!("# For nbdcryptd's --config file (a volume pin makes it refuse a replaced header;");
+    println!("# `nbdcryptctl pin {} --write FILE` writes the pin lines):", vol.path.display());
+    if kind == ProviderKind::AwsKms {
+        println!("kms-allow-key = [{}]", toml_str(key));
+        if let Some(e) = &s.kms.endpoint {
+            println!("kms-endpoint = {}", toml_str(e));
+        }
+        if let Some(r) = &s.kms.region {
+            println!("kms-region = {}", toml_str(r));
+        }
+    }
+    print!("{}", VolumePin::of_header(hdr).toml_lines());
+}
+
+/// A TOML basic string.
+pub(super) fn toml_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 pub fn unenroll(a: UnenrollArgs) -> anyhow::Result<()> {
@@ -351,8 +457,9 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
     }
     let Some(volume) = a.volume.clone() else { bail!("give VOLUME or --control SOCK") };
     let audit = Audit::open(a.audit_log.as_deref())?;
-    let settings = a.hsm.settings()?;
-    let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolve_provider_with(json, &settings);
+    let settings = seal_settings(&a.location, &a.hsm)?;
+    let pin = config_pin(&a.location)?;
+    let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, &settings);
     let vol = Volume::open(&volume, true)?;
     let mut hdr = vol.header(true)?;
     let p = vol.path.display().to_string();
@@ -405,6 +512,7 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
             (None, None) => bail!("{p}: no token to rekey"),
         }
     };
+    pin.check(&hdr, &key).map_err(|e| anyhow!("{p}: {e}"))?;
     for (id, _) in targets {
         let old_json = hdr
             .token(id)
@@ -414,37 +522,16 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow!("{p}: token {id}: {e}"))?
             .ok_or_else(|| anyhow!("{p}: token {id} is not an nbdcrypt token"))?;
         let old_key = old.key_reference().map(str::to_owned);
-        let param = |k: &str| {
-            old.sealed
-                .params
-                .get(k)
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
-        };
-        let new_provider: Box<dyn SealProvider> = match &a.kms {
-            None if a.pkcs11.is_some() => Box::new(a.hsm.provider(a.pkcs11.as_deref().unwrap_or_default())?),
-            Some(k) => Box::new(KmsProvider::new(
+        // The new provider: the key named here, or the old token's key if the configuration
+        // allows it; endpoint and region always from the configuration, never the old token.
+        let new_provider: Box<dyn SealProvider> = match (&a.kms, &a.pkcs11) {
+            (None, Some(uri)) => Box::new(a.hsm.provider(uri)?),
+            (Some(k), _) => Box::new(KmsProvider::new(
                 k.clone(),
-                a.location.region.clone().or_else(|| param("kms-region")),
-                a.location
-                    .kms_endpoint
-                    .clone()
-                    .or_else(|| param("kms-endpoint")),
+                settings.kms.region.clone(),
+                settings.kms.endpoint.clone(),
             )?),
-            None if a.location.region.is_some() || a.location.kms_endpoint.is_some() => {
-                let k = old_key
-                    .clone()
-                    .ok_or_else(|| anyhow!("{p}: token {id} names no key; pass --kms"))?;
-                Box::new(KmsProvider::new(
-                    k,
-                    a.location.region.clone().or_else(|| param("kms-region")),
-                    a.location
-                        .kms_endpoint
-                        .clone()
-                        .or_else(|| param("kms-endpoint")),
-                )?)
-            }
-            None => resolve(&old_json).map_err(|e| anyhow!("{p}: token {id}: {e}"))?,
+            (None, None) => resolve(&old_json).map_err(|e| anyhow!("{p}: token {id}: {e}"))?,
         };
         let new_kind = match new_provider.token_type() {
             t if t == ProviderKind::Pkcs11.token_type() => ProviderKind::Pkcs11,
@@ -494,13 +581,24 @@ pub fn test_token(a: TestTokenArgs) -> anyhow::Result<()> {
     let event = AuditEvent::new(AuditEventKind::UnlockOk)
         .volume(hdr.uuid())
         .detail("check", true);
-    let settings = a.hsm.settings()?;
-    let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolve_provider_with(json, &settings);
+    let settings = seal_settings(&a.location, &a.hsm)?;
+    let pin = config_pin(&a.location)?;
+    let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, &settings);
     let result = match a.token {
         Some(id) => seal_enroll::unlock_with_token(&vol.file, &hdr, id, &resolve)
             .map(|(k, slot)| (k, slot, id)),
         None => seal_enroll::unlock_with_tokens(&vol.file, &hdr, &resolve),
     };
+    // A token that opens a header other than the pinned one is a failure, as in the daemon.
+    if let Ok((key, _, _)) = &result {
+        if let Err(e) = pin.check(&hdr, key) {
+            let e = anyhow!("{}: {e}", vol.path.display());
+            let mut ev = event;
+            ev.kind = AuditEventKind::UnlockFailed;
+            audit.record(ev.failed(format!("{e:#}")));
+            return Err(e);
+        }
+    }
     match result {
         Ok((_key, slot, id)) => {
             let key = token_key(&hdr, id);

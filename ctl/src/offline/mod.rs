@@ -12,6 +12,7 @@ mod enroll;
 mod format;
 mod header;
 mod keys;
+mod pin;
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -110,6 +111,9 @@ pub enum OfflineCommand {
     /// Check the KMS tokens: unseal, open the keyslot, print it (exit 0) or why not (exit 1).
     #[command(long_about = enroll::TEST_TOKEN_ABOUT, after_help = help(enroll::TEST_TOKEN_EXAMPLES))]
     TestToken(enroll::TestTokenArgs),
+    /// Print or write the config lines that pin the volume (UUID, volume-key digest) in nbdcryptd.
+    #[command(long_about = pin::ABOUT, after_help = help(pin::EXAMPLES))]
+    Pin(pin::PinArgs),
 }
 
 /// Runs one offline command. A wrong passphrase is reported here (message on stderr, exit 3);
@@ -178,6 +182,7 @@ pub fn run(cmd: OfflineCommand) -> anyhow::Result<ExitCode> {
         OfflineCommand::Unenroll(a) => enroll::unenroll(a),
         OfflineCommand::Rekey(a) => enroll::rekey(a),
         OfflineCommand::TestToken(a) => enroll::test_token(a),
+        OfflineCommand::Pin(a) => pin::run(a),
     };
     match result {
         Ok(()) => Ok(ExitCode::from(EXIT_OK)),

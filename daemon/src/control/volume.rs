@@ -64,6 +64,9 @@ pub enum UnlockError {
     /// No token opened the volume (each failure named); does not count toward the rate limit:
     /// nothing was guessed. `transient` when a provider was unreachable (worth retrying).
     Tokens { message: String, transient: bool },
+    /// The configuration's volume pin refused what was opened (another volume, another volume
+    /// key: a replaced header). The volume stays locked; no rate limit (nothing was guessed).
+    Refused(String),
     /// Anything else (I/O error, damaged header); does not count toward the rate limit. The text
     /// is shown to the operator, so it must not contain secret-derived values.
     Other(String),
@@ -74,7 +77,7 @@ impl fmt::Display for UnlockError {
         match self {
             UnlockError::WrongPassphrase => f.write_str("wrong passphrase or key file"),
             UnlockError::Tokens { message, .. } => f.write_str(message),
-            UnlockError::Other(m) => f.write_str(m),
+            UnlockError::Refused(m) | UnlockError::Other(m) => f.write_str(m),
         }
     }
 }
@@ -501,6 +504,14 @@ impl Task {
                 }
                 let kind = if transient { ErrorKind::ProviderUnreachable } else { ErrorKind::TokenFailed };
                 Response::error(kind, format!("no token opened the volume: {message}"))
+            }
+            Ok(Err(UnlockError::Refused(m))) => {
+                error!(%origin, error = %m, "unlock refused by the volume pin; staying locked");
+                if let Vol::Locked { reason } = &mut self.vol {
+                    *reason = format!("unlock refused: {m}");
+                }
+                // Not a wrong passphrase, not a provider's refusal: the disk is not the pinned one.
+                Response::error(ErrorKind::Internal, format!("unlock refused: {m}"))
             }
             Ok(Err(UnlockError::Other(m))) => {
                 error!(%origin, error = %m, "unlock failed");

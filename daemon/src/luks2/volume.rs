@@ -468,6 +468,14 @@ impl Luks2Header {
         Ok(VolumeKey::from_slice(candidate.expose_secret()))
     }
 
+    /// The PBKDF2 digest that identifies the volume key (hash, iterations, salt, digest): public
+    /// facts, as in the header. For pinning a volume (`nbdcrypt::seal::pin`).
+    pub fn volume_key_digest(&self) -> Option<(HashAlg, u32, &[u8], &[u8])> {
+        self.metadata
+            .segment_digest()
+            .map(|(_, d)| (d.hash, d.iterations, d.salt.as_slice(), d.digest.as_slice()))
+    }
+
     /// True if `key` is this volume's data key.
     pub fn verify_volume_key(&self, key: &VolumeKey) -> bool {
         let cap = KdfLimits::default().max_pbkdf2_iterations;

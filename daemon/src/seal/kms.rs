@@ -14,11 +14,14 @@
 //! **Configuration.** The standard AWS chains (environment, profile files, web identity, ECS,
 //! IMDS) supply credentials, and the region unless one is given. An explicit endpoint
 //! (`--kms-endpoint`, e.g. a VPC endpoint or a test server) overrides `AWS_ENDPOINT_URL_KMS`.
-//! The region actually used and the explicit endpoint are stored in the token, with the key ARN
-//! returned by `Encrypt` (an alias is resolved once, at enrolment: re-pointing the alias later
-//! does not change which key unseals). The encryption context is stored too, for operators and
-//! CloudTrail searches only: `unseal` always rebuilds it from the volume and keyslot it is asked
-//! to open, never from the token.
+//! Sealing stores in the token the region used, the explicit endpoint and the key ARN returned by
+//! `Encrypt` (an alias is resolved once, at enrolment: re-pointing the alias later does not
+//! change which key unseals), plus the encryption context. All of these are informational:
+//! the header is writable by whoever holds the disk, so unsealing takes the endpoint and region
+//! from the operator's [`KmsSettings`] ([`KmsProvider::for_token`]), accepts only a key among
+//! its allowed keys, and refuses — before any network request — a token whose endpoint or
+//! region differs from the configured ones (the error names both). `unseal` always rebuilds the
+//! encryption context from the volume and keyslot it is asked to open, never from the token.
 //!
 //! **Time bounds.** Connect 2 s, each attempt 5 s, the whole operation (3 attempts with the
 //! SDK's standard backoff) 10 s; a call never takes much longer than [`OPERATION_TIMEOUT`] per
@@ -47,7 +50,7 @@ use aws_sdk_kms::types::KeyState;
 use serde_json::{Map, Value};
 
 use super::token::AWS_KMS_TOKEN_TYPE;
-use super::{Binding, SealError, SealProvider, Sealed};
+use super::{Binding, KmsSettings, SealError, SealProvider, Sealed};
 use crate::crypto::keys::SecretBytes;
 
 const PROVIDER: &str = "aws-kms";
@@ -81,6 +84,8 @@ pub struct KmsProvider {
     pub endpoint: Option<String>,
     /// Test hook: fixed dummy credentials instead of the credential chain.
     test_credentials: bool,
+    /// Keys a token may name when unsealing (`Some` when built by [`KmsProvider::for_token`]).
+    allowed: Option<Vec<String>>,
     /// Always `Some` until dropped; an `Option` so `Drop` can shut it down without blocking
     /// (dropping a runtime inside an async context would panic).
     rt: Option<tokio::runtime::Runtime>,
@@ -117,6 +122,7 @@ impl KmsProvider {
             region: region.filter(|r| !r.is_empty()),
             endpoint: endpoint.filter(|e| !e.is_empty()),
             test_credentials: false,
+            allowed: None,
             rt: Some(rt),
             client: tokio::sync::OnceCell::new(),
         })
@@ -130,18 +136,20 @@ impl KmsProvider {
         self
     }
 
-    /// The provider that unseals a token: key ARN, region and endpoint from its parameters.
-    pub fn from_token_params(params: &Map<String, Value>) -> Result<KmsProvider, SealError> {
-        let s = |k: &str| -> Result<Option<String>, SealError> {
-            match params.get(k) {
-                None | Some(Value::Null) => Ok(None),
-                Some(Value::String(s)) => Ok(Some(s.clone())),
-                Some(_) => Err(SealError::BadToken(format!("{k:?} is not a string"))),
-            }
-        };
-        let key = s(PARAM_KEY_ID)?
-            .ok_or_else(|| SealError::BadToken(format!("no {PARAM_KEY_ID:?} in the token")))?;
-        KmsProvider::new(key, s(PARAM_REGION)?, s(PARAM_ENDPOINT)?)
+    /// The provider that unseals a token: endpoint and region from the operator's `settings`,
+    /// the key from the token only if `settings` allows it. Refuses, before any network
+    /// request, a token whose key is not allowed or whose (informational) endpoint or region
+    /// differs from the configured one; the error names both values.
+    pub fn for_token(params: &Map<String, Value>, settings: &KmsSettings) -> Result<KmsProvider, SealError> {
+        let key = check_token(
+            params,
+            settings.endpoint.as_deref(),
+            settings.region.as_deref(),
+            Some(&settings.allowed_keys),
+        )?;
+        let mut p = KmsProvider::new(key, settings.region.clone(), settings.endpoint.clone())?;
+        p.allowed = Some(settings.allowed_keys.clone());
+        Ok(p)
     }
 
     /// Runs `f` on the provider's runtime from a scoped thread of its own (see the module doc).
@@ -305,19 +313,36 @@ impl SealProvider for KmsProvider {
     }
 
     fn unseal(&self, sealed: &Sealed, binding: &Binding) -> Result<SecretBytes, SealError> {
-        // The token's own key id wins over the provider's (they are equal when the provider
-        // was built from the token).
-        let key = match sealed.params.get(PARAM_KEY_ID) {
-            Some(Value::String(k)) => k.clone(),
-            Some(_) => {
-                return Err(SealError::BadToken(format!(
-                    "{PARAM_KEY_ID:?} is not a string"
-                )))
-            }
-            None => self.key_id.clone(),
+        // The token's key, endpoint and region are checked against the operator's before
+        // anything is sent. The token's key id wins over the provider's (they are equal when
+        // the provider was built from the token; after an enrolment the provider may hold the
+        // alias the token's ARN was resolved from).
+        let key = check_token(
+            &sealed.params,
+            self.endpoint.as_deref(),
+            self.region.as_deref(),
+            self.allowed.as_deref(),
+        )
+        .or_else(|e| match (&e, sealed.params.get(PARAM_KEY_ID)) {
+            (SealError::BadToken(_), None) if self.allowed.is_none() => Ok(self.key_id.clone()),
+            _ => Err(e),
+        })?;
+        let token_region = match sealed.params.get(PARAM_REGION) {
+            Some(Value::String(r)) => Some(r.clone()),
+            _ => None,
         };
         self.block_on(async {
-            let (client, _) = self.client().await?;
+            let (client, region) = self.client().await?;
+            // The region the chain chose (none configured) must be the token's too.
+            if let (Some(t), Some(r)) = (&token_region, region) {
+                if t != r {
+                    return Err(untrusted(format!(
+                        "the token names KMS region {t:?} but the region in use is {r:?} (from \
+                         AWS_REGION / the profile); configure --kms-region {t} if that key is \
+                         really yours"
+                    )));
+                }
+            }
             self.check_key_state(client, &key).await?;
             let mut req = client
                 .decrypt()
@@ -338,6 +363,86 @@ impl SealProvider for KmsProvider {
             Ok(plain)
         })
     }
+}
+
+/// Does the configuration allow the token's key? Both ARNs: equal. A bare key id on either
+/// side: the ARN's key id equals it (the endpoint check makes sure whom we ask).
+pub fn key_allowed(token_key: &str, allowed: &[String]) -> bool {
+    let id = |k: &str| -> String {
+        match k.rsplit_once(":key/") {
+            Some((_, id)) if k.starts_with("arn:") => id.to_owned(),
+            _ => k.to_owned(),
+        }
+    };
+    allowed.iter().any(|a| {
+        let both_arns = a.starts_with("arn:") && token_key.starts_with("arn:");
+        a == token_key || (!both_arns && id(a) == id(token_key))
+    })
+}
+
+fn same_endpoint(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/').eq_ignore_ascii_case(b.trim_end_matches('/'))
+}
+
+/// The operator's settings against a token's informational copies; returns the key to use.
+/// `allowed`: `None` for a provider the operator built for one key (enrol, rekey target).
+fn check_token(
+    params: &Map<String, Value>,
+    endpoint: Option<&str>,
+    region: Option<&str>,
+    allowed: Option<&[String]>,
+) -> Result<String, SealError> {
+    let s = |k: &str| -> Result<Option<&str>, SealError> {
+        match params.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.as_str())),
+            Some(_) => Err(SealError::BadToken(format!("{k:?} is not a string"))),
+        }
+    };
+    let key = s(PARAM_KEY_ID)?
+        .ok_or_else(|| SealError::BadToken(format!("no {PARAM_KEY_ID:?} in the token")))?;
+    if let Some(allowed) = allowed {
+        if allowed.is_empty() {
+            return Err(SealError::NotConfigured {
+                provider: PROVIDER,
+                detail: format!(
+                    "the token names KMS key {key} but no KMS key is allowed; name the keys this \
+                     host may use: nbdcryptd --kms-allow-key ARN (TOML: kms-allow-key = [\"ARN\"]), \
+                     nbdcryptctl --kms-allow-key ARN or --config FILE (with --kms-endpoint / \
+                     kms-endpoint for a non-AWS endpoint)"
+                ),
+            });
+        }
+        if !key_allowed(key, allowed) {
+            return Err(untrusted(format!(
+                "the token names KMS key {key}, which is not among the allowed keys ({}); \
+                 add it to --kms-allow-key (TOML: kms-allow-key) only if it is yours",
+                allowed.join(", ")
+            )));
+        }
+    }
+    if let Some(t) = s(PARAM_ENDPOINT)? {
+        if !endpoint.is_some_and(|c| same_endpoint(c, t)) {
+            return Err(untrusted(format!(
+                "the token names KMS endpoint {t:?} but the configured endpoint is {}; the \
+                 endpoint comes from --kms-endpoint (TOML: kms-endpoint), never from the header",
+                endpoint.map(|e| format!("{e:?}")).unwrap_or_else(|| "none (the AWS default)".into())
+            )));
+        }
+    }
+    if let (Some(t), Some(c)) = (s(PARAM_REGION)?, region) {
+        if t != c {
+            return Err(untrusted(format!(
+                "the token names KMS region {t:?} but the configured region is {c:?} \
+                 (--kms-region, TOML: kms-region)"
+            )));
+        }
+    }
+    Ok(key.to_owned())
+}
+
+fn untrusted(detail: String) -> SealError {
+    SealError::Untrusted { provider: PROVIDER, detail }
 }
 
 fn other(detail: impl Into<String>) -> SealError {
@@ -475,24 +580,74 @@ mod tests {
         assert!(e.contains("alias/k") && e.contains("disabled"), "{e}");
     }
 
+    fn settings(allowed: &[&str], endpoint: Option<&str>, region: Option<&str>) -> KmsSettings {
+        KmsSettings {
+            endpoint: endpoint.map(str::to_owned),
+            region: region.map(str::to_owned),
+            allowed_keys: allowed.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
     #[test]
-    fn provider_from_token_params() {
+    fn provider_for_token_takes_location_from_the_settings() {
+        const ARN: &str = "arn:aws:kms:eu-west-1:1:key/x";
         let mut p = Map::new();
-        assert!(matches!(
-            KmsProvider::from_token_params(&p),
-            Err(SealError::BadToken(_))
-        ));
-        p.insert(PARAM_KEY_ID.into(), "arn:aws:kms:eu-west-1:1:key/x".into());
+        let s = settings(&[ARN], Some("https://kms.example"), Some("eu-west-1"));
+        assert!(matches!(KmsProvider::for_token(&p, &s), Err(SealError::BadToken(_))));
+        p.insert(PARAM_KEY_ID.into(), ARN.into());
         p.insert(PARAM_REGION.into(), "eu-west-1".into());
-        let k = KmsProvider::from_token_params(&p).unwrap();
-        assert_eq!(k.key_reference(), "arn:aws:kms:eu-west-1:1:key/x");
+        let k = KmsProvider::for_token(&p, &s).unwrap();
+        assert_eq!(k.key_reference(), ARN);
         assert_eq!(k.region.as_deref(), Some("eu-west-1"));
-        assert_eq!(k.endpoint, None);
+        assert_eq!(k.endpoint.as_deref(), Some("https://kms.example"), "from the settings");
         p.insert(PARAM_ENDPOINT.into(), 5.into());
-        assert!(matches!(
-            KmsProvider::from_token_params(&p),
-            Err(SealError::BadToken(_))
-        ));
+        assert!(matches!(KmsProvider::for_token(&p, &s), Err(SealError::BadToken(_))));
+    }
+
+    #[test]
+    fn a_token_disagreeing_with_the_settings_is_refused_naming_both_values() {
+        const ARN: &str = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+        let mut p = Map::new();
+        p.insert(PARAM_KEY_ID.into(), ARN.into());
+        let text = |s: &KmsSettings, p: &Map<String, Value>| match KmsProvider::for_token(p, s) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        };
+        // Nothing configured: says which flag / key to set.
+        let e = text(&settings(&[], None, None), &p);
+        assert!(e.contains("not configured") && e.contains("--kms-allow-key"), "{e}");
+        assert!(e.contains("kms-allow-key = "), "{e}");
+        // Another key.
+        let e = text(&settings(&["arn:aws:kms:eu-west-1:111122223333:key/other"], None, None), &p);
+        assert!(e.contains(ARN) && e.contains("key/other") && e.contains("refused"), "{e}");
+        // The key by its bare id is fine; by the ARN too.
+        assert_eq!(text(&settings(&["1234abcd-12ab-34cd-56ef-1234567890ab"], None, None), &p), "");
+        assert_eq!(text(&settings(&[ARN], None, None), &p), "");
+        // An endpoint the operator did not configure (or another one).
+        p.insert(PARAM_ENDPOINT.into(), "http://127.0.0.1:9".into());
+        let e = text(&settings(&[ARN], None, None), &p);
+        assert!(e.contains("http://127.0.0.1:9") && e.contains("none (the AWS default)"), "{e}");
+        let e = text(&settings(&[ARN], Some("https://vpce.example/"), None), &p);
+        assert!(e.contains("http://127.0.0.1:9") && e.contains("https://vpce.example/"), "{e}");
+        assert_eq!(text(&settings(&[ARN], Some("http://127.0.0.1:9/"), None), &p), "");
+        // Another region.
+        p.insert(PARAM_REGION.into(), "eu-west-1".into());
+        let e = text(&settings(&[ARN], Some("http://127.0.0.1:9"), Some("us-east-1")), &p);
+        assert!(e.contains("eu-west-1") && e.contains("us-east-1"), "{e}");
+    }
+
+    #[test]
+    fn allowed_keys_match_arn_to_arn_exactly_and_ids_to_their_arn() {
+        let arn = "arn:aws:kms:us-east-1:1:key/abc";
+        assert!(key_allowed(arn, &["abc".into()]));
+        assert!(key_allowed("abc", &[arn.into()]));
+        assert!(!key_allowed(arn, &["arn:aws:kms:us-east-1:2:key/abc".into()]));
+        assert!(!key_allowed(arn, &["ab".into()]));
+        assert!(!key_allowed(arn, &[]));
+        assert!(settings(&["alias/x"], None, None).validate().is_err());
+        assert!(settings(&["arn:aws:kms:us-east-1:1:alias/x"], None, None).validate().is_err());
+        assert!(settings(&[arn], Some("ftp://x"), None).validate().is_err());
+        assert!(settings(&[arn], Some("https://x"), Some("us-east-1")).validate().is_ok());
     }
 
     /// The daemon may drop a provider from async code: that must not panic.

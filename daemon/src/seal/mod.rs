@@ -17,6 +17,7 @@ use crate::crypto::keys::SecretBytes;
 
 pub mod enroll;
 pub mod kms;
+pub mod pin;
 pub mod token;
 
 /// What a sealed secret is bound to. Moving it elsewhere makes unsealing fail.
@@ -77,6 +78,13 @@ pub enum SealError {
     BadToken(String),
     #[error("{provider}: {detail}")]
     Other { provider: &'static str, detail: String },
+    /// The operator configured nothing for this provider: says which flag / TOML key to set.
+    #[error("{provider} is not configured: {detail}")]
+    NotConfigured { provider: &'static str, detail: String },
+    /// The token asks for something the operator's configuration does not allow (another key,
+    /// endpoint or region). Nothing was sent anywhere.
+    #[error("token refused before any {provider} request: {detail}")]
+    Untrusted { provider: &'static str, detail: String },
 }
 
 impl SealError {
@@ -86,15 +94,75 @@ impl SealError {
     }
 }
 
-/// Builds the provider that can unseal a token, from the token's JSON (the whole object, as in
-/// the header). For the daemon's auto-unlock and `nbdcryptctl`: pass this as the resolver of
+/// Everything the operator configured about the seal providers: where keys may go and come
+/// from. The LUKS2 header, which anyone holding the disk can rewrite, never supplies any of it:
+/// a token's copies of endpoint, region, key and module are informational, and must agree.
+///
+/// One struct for every provider, passed whole, so a provider registry can grow here.
+#[derive(Debug, Clone, Default)]
+pub struct SealSettings {
+    pub kms: KmsSettings,
+    pub pkcs11: Pkcs11Settings,
+}
+
+/// The AWS KMS the operator trusts (daemon: `--kms-endpoint`, `--kms-region`,
+/// `--kms-allow-key` or the TOML keys of the same names; nbdcryptctl: the same flags, or
+/// `--config` with the daemon's file).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KmsSettings {
+    /// KMS endpoint URL. `None`: the SDK's (`AWS_ENDPOINT_URL_KMS`, else the regional AWS one).
+    pub endpoint: Option<String>,
+    /// `None`: the standard region chain (`AWS_REGION`, profile).
+    pub region: Option<String>,
+    /// Key ARNs or key ids a token may name. Empty: no KMS token is unsealed.
+    pub allowed_keys: Vec<String>,
+}
+
+impl KmsSettings {
+    /// Checks the configured values: endpoint an http(s) URL, allowed keys ARNs or ids (not
+    /// aliases, which whoever controls them can re-point).
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(e) = &self.endpoint {
+            if !(e.starts_with("https://") || e.starts_with("http://")) || e.len() > 2048 {
+                return Err(format!("kms-endpoint {e:?} is not an http(s) URL"));
+            }
+        }
+        if let Some(r) = &self.region {
+            let ok = !r.is_empty()
+                && r.len() <= 64
+                && r.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-');
+            if !ok {
+                return Err(format!("kms-region {r:?} is not an AWS region name"));
+            }
+        }
+        for k in &self.allowed_keys {
+            if k.starts_with("alias/") || k.contains(":alias/") {
+                return Err(format!(
+                    "kms-allow-key {k:?}: an alias can be re-pointed to another key by whoever \
+                     controls it; give the key ARN or key id (`aws kms describe-key --key-id {k}`)"
+                ));
+            }
+            if k.trim().is_empty() || k.len() > 2048 {
+                return Err(format!("kms-allow-key {k:?} is not a key ARN or key id"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Builds the provider that unseals one of our tokens (the whole token object, as in the
+/// header), from the operator's `settings`; pass this as the resolver of
 /// [`enroll::unlock_with_tokens`].
 ///
-/// - `nbdcrypt-aws-kms`: [`kms::KmsProvider`] with the key ARN, region and endpoint stored in
-///   the token (credentials from the standard AWS chain of the calling process).
-/// - `nbdcrypt-pkcs11`: [`resolve_pkcs11`] (the PKCS#11 provider's hook).
+/// - `nbdcrypt-aws-kms`: [`kms::KmsProvider::for_token`]: the configured endpoint and region,
+///   and only if the token's key is one of the allowed keys and its informational endpoint and
+///   region agree with the configuration — checked before any network request.
+/// - `nbdcrypt-pkcs11`: the configured module and PIN source (never the stored URI's).
 /// - anything else: `BadToken` (not ours; callers skip such tokens before asking).
-pub fn resolve_provider(token_json: &Map<String, Value>) -> Result<Box<dyn SealProvider>, SealError> {
+pub fn resolve_provider(
+    token_json: &Map<String, Value>,
+    settings: &SealSettings,
+) -> Result<Box<dyn SealProvider>, SealError> {
     let parsed = token::parse_json(token_json)?.ok_or_else(|| {
         SealError::BadToken(format!(
             "token type {} is not an nbdcrypt token",
@@ -103,9 +171,9 @@ pub fn resolve_provider(token_json: &Map<String, Value>) -> Result<Box<dyn SealP
     })?;
     match parsed.kind {
         token::ProviderKind::AwsKms => {
-            Ok(Box::new(kms::KmsProvider::from_token_params(&parsed.sealed.params)?))
+            Ok(Box::new(kms::KmsProvider::for_token(&parsed.sealed.params, &settings.kms)?))
         }
-        token::ProviderKind::Pkcs11 => resolve_pkcs11(&parsed.sealed.params),
+        token::ProviderKind::Pkcs11 => resolve_pkcs11_with(&parsed.sealed.params, &settings.pkcs11),
     }
 }
 
@@ -126,28 +194,10 @@ pub fn resolve_pkcs11_with(
     let Some(pin_source) = &settings.pin else {
         return Err(SealError::LoginFailed {
             provider: "pkcs11",
-            detail: "no PIN configured: give --pkcs11-pin-file (or a systemd credential)".into(),
+            detail: "no PIN configured: give --pkcs11-pin file:/path or cred:NAME (TOML: pkcs11-pin)".into(),
         });
     };
     let pin = pin_source.read()?;
     let module = settings.module.clone().unwrap_or_else(|| std::path::PathBuf::from(pkcs11::DEFAULT_MODULE));
     Ok(Box::new(pkcs11::Pkcs11Provider::from_token_params(params, module, pin)?))
-}
-
-/// PKCS#11 without settings: a clear error naming what is missing.
-pub fn resolve_pkcs11(params: &Map<String, Value>) -> Result<Box<dyn SealProvider>, SealError> {
-    resolve_pkcs11_with(params, &Pkcs11Settings::default())
-}
-
-/// [`resolve_provider`] with the PKCS#11 module and PIN the operator configured.
-pub fn resolve_provider_with(
-    token_json: &Map<String, Value>,
-    pkcs11: &Pkcs11Settings,
-) -> Result<Box<dyn SealProvider>, SealError> {
-    match token::parse_json(token_json)? {
-        Some(parsed) if parsed.kind == token::ProviderKind::Pkcs11 => {
-            resolve_pkcs11_with(&parsed.sealed.params, pkcs11)
-        }
-        _ => resolve_provider(token_json),
-    }
 }

@@ -403,7 +403,12 @@ impl PinSource {
         } else if s.starts_with('|') {
             Err(UriError("pin-source=|command is not supported; use file:, env: or cred:".into()))
         } else {
-            Err(UriError(format!("pin-source {s:?}: expected file:/path, /path, env:NAME or cred:NAME")))
+            // The value is not echoed: an operator may have typed the PIN itself here.
+            Err(UriError(
+                "PIN source: expected file:/path, /path, env:NAME or cred:NAME; a PIN itself is never \
+                 accepted on the command line or in a URI (put it in a file or a systemd credential)"
+                    .into(),
+            ))
         }
     }
 
