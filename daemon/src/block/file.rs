@@ -72,9 +72,9 @@ impl FileDevice {
 
     fn aligned_for_direct(&self, offset: u64, len: usize, addr: usize) -> bool {
         self.direct.is_some()
-            && offset % DIRECT_ALIGN == 0
-            && len as u64 % DIRECT_ALIGN == 0
-            && addr as u64 % DIRECT_ALIGN == 0
+            && offset.is_multiple_of(DIRECT_ALIGN)
+            && (len as u64).is_multiple_of(DIRECT_ALIGN)
+            && (addr as u64).is_multiple_of(DIRECT_ALIGN)
     }
 
     /// Zero a range by writing zero buffers: the slow path when fallocate cannot do it.
