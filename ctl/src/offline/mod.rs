@@ -403,7 +403,7 @@ pub(crate) fn claim(file: &File, path: &Path) -> anyhow::Result<()> {
     };
     bail!(
         "{p} is in use by a running nbdcryptd: {who}; refusing to {command} it offline, which would \
-         change the header under the daemon. To change it: {how}"
+         change the header under the daemon.\nTo change it: {how}"
     )
 }
 

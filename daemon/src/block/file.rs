@@ -322,22 +322,28 @@ pub fn try_claim(file: &File, read_only: bool) -> io::Result<Result<(), Claimed>
 }
 
 /// The processes holding an OFD lock on `CLAIM_BYTE` of the file `file` is open on: each
-/// /proc/PID/fd/N on the same device and inode whose fdinfo lists that lock. Best effort: only
-/// processes we may inspect are found.
+/// /proc/PID/fdinfo/N that lists that lock (the kernel shows an OFD lock in the fdinfo of every
+/// descriptor of its open file description). Only fdinfo is read, never the files themselves, so
+/// a hung FUSE mount cannot block the scan. Best effort: only processes we may inspect are found.
 pub fn claim_holders(file: &File) -> Vec<ClaimHolder> {
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = file.metadata() else { return Vec::new() };
-    let (dev, ino) = (meta.dev(), meta.ino());
-    let lock_tail = format!(":{ino} {CLAIM_BYTE} ");
+    let dev = meta.dev();
+    // As /proc/locks and fdinfo print it: MAJOR:MINOR:INODE START END.
+    let lock = format!(
+        "{:02x}:{:02x}:{} {CLAIM_BYTE} ",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev),
+        meta.ino()
+    );
     let mut out = Vec::new();
     let Ok(procs) = std::fs::read_dir("/proc") else { return out };
     for p in procs.flatten() {
         let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else { continue };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else { continue };
         let holds = fds.flatten().any(|fd| {
-            let same = std::fs::metadata(fd.path()).is_ok_and(|m| m.dev() == dev && m.ino() == ino);
-            same && std::fs::read_to_string(p.path().join("fdinfo").join(fd.file_name())).is_ok_and(|info| {
-                info.lines().any(|l| l.starts_with("lock:") && l.contains("OFDLCK") && l.contains(&lock_tail))
+            std::fs::read_to_string(fd.path()).is_ok_and(|info| {
+                info.lines().any(|l| l.starts_with("lock:") && l.contains("OFDLCK") && l.contains(&lock))
             })
         });
         if holds {
