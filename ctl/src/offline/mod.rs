@@ -657,3 +657,19 @@ pub(crate) fn bytes_human(n: u64) -> String {
     }
     format!("{n} bytes")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn printable_neutralises_terminal_controls_and_keeps_text() {
+        assert_eq!(printable("plain label ü"), "plain label ü");
+        assert_eq!(printable("a\x1b[2Jb\nc\r\td"), "a\\e[2Jb\\nc\\r\\td");
+        assert_eq!(printable("\u{9b}31m\x07\u{7f}"), "\\u{9b}31m\\u{7}\\u{7f}");
+        // Bidi overrides and zero-width characters could make text read differently.
+        assert_eq!(printable("x\u{202e}y\u{200b}"), "x\\u{202e}y\\u{200b}");
+        // Backslashes are doubled, so an escape in the output always means a control character.
+        assert_eq!(printable("\\e"), "\\\\e");
+    }
+}
