@@ -125,6 +125,8 @@ fn a_daemon_started_while_an_offline_command_runs_is_refused() {
     )
     .failure();
     assert!(out.stderr.contains("in use"), "{}", out.details());
+    let holder = format!("held by pid {} (", add.id());
+    assert!(out.stderr.contains(&holder) && out.stderr.contains("add-key"), "names the holder: {}", out.details());
     // The offline command finishes its work undisturbed.
     let mut stdin = add.stdin.take().unwrap();
     stdin.write_all(PASS).unwrap();

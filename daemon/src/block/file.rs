@@ -248,7 +248,18 @@ const CLAIM_BYTE: i64 = i64::MAX - 1;
 fn claim(file: &File, read_only: bool) -> Result<(), Error> {
     match set_claim(file, read_only) {
         Ok(()) => Ok(()),
-        Err(e) if is_conflict(&e) => Err(Error { kind: ErrorKind::InUse, context: None, source: None }),
+        Err(e) if is_conflict(&e) => {
+            // Say who, as far as /proc tells: a daemon, or an nbdcryptctl changing the header.
+            let who: Vec<String> = claim_holders(file)
+                .iter()
+                .map(|h| {
+                    let cmd: String = h.cmdline.join(" ").chars().map(|c| if c.is_control() { '?' } else { c }).collect();
+                    format!("pid {} ({cmd})", h.pid)
+                })
+                .collect();
+            let source = (!who.is_empty()).then(|| io::Error::other(format!("held by {}", who.join(", "))));
+            Err(Error { kind: ErrorKind::InUse, context: None, source })
+        }
         Err(e) => Err(Error::from_io(e)),
     }
 }
