@@ -61,9 +61,14 @@ pub const MAX_PIN: usize = 256;
 pub enum Error {
     Io(io::Error),
     /// More than the cap.
-    TooLong { kind: Kind, cap: usize },
+    TooLong {
+        kind: Kind,
+        cap: usize,
+    },
     /// Not a regular file or a pipe.
-    NotAFile { what: &'static str },
+    NotAFile {
+        what: &'static str,
+    },
 }
 
 impl fmt::Display for Error {
@@ -92,7 +97,9 @@ impl From<Error> for io::Error {
         match e {
             Error::Io(e) => e,
             e @ Error::TooLong { .. } => io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
-            e @ Error::NotAFile { .. } => io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
+            e @ Error::NotAFile { .. } => {
+                io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
+            }
         }
     }
 }
@@ -131,7 +138,10 @@ pub fn read_file(path: &Path, kind: Kind) -> Result<SecretBytes, Error> {
     let size_hint = if t.is_file() {
         let len = meta.len();
         if len > kind.cap() as u64 {
-            return Err(Error::TooLong { kind, cap: kind.cap() });
+            return Err(Error::TooLong {
+                kind,
+                cap: kind.cap(),
+            });
         }
         // One byte more than the file, to see EOF (or growth) without another buffer.
         Some(len as usize + 1)
@@ -187,7 +197,11 @@ pub fn read_line(r: &mut dyn Read, kind: Kind) -> Result<Option<SecretBytes>, Er
 /// Read to EOF into locked buffers: start at `size_hint` (a regular file's length + 1) or a page,
 /// double by copying into a new locked buffer (the old one is wiped on drop), fail at one byte
 /// past the cap.
-fn read_stream(r: &mut dyn Read, kind: Kind, size_hint: Option<usize>) -> Result<SecretBytes, Error> {
+fn read_stream(
+    r: &mut dyn Read,
+    kind: Kind,
+    size_hint: Option<usize>,
+) -> Result<SecretBytes, Error> {
     let cap = kind.cap();
     let limit = cap + 1;
     let mut buf = SecretBytes::zeroed(size_hint.unwrap_or(4096).clamp(1, limit));
@@ -254,7 +268,11 @@ mod tests {
     impl Read for Dribble<'_> {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
             if self.data.is_empty() {
-                return if self.fail_at_end { Err(io::Error::other("device gone")) } else { Ok(0) };
+                return if self.fail_at_end {
+                    Err(io::Error::other("device gone"))
+                } else {
+                    Ok(0)
+                };
             }
             let k = buf.len().min(self.data.len()).min(1000);
             buf[..k].copy_from_slice(&self.data[..k]);
@@ -268,13 +286,33 @@ mod tests {
         for kind in [Kind::KeyFile, Kind::Passphrase, Kind::Pin] {
             let cap = kind.cap();
             let data: Vec<u8> = (0..cap + 1).map(|i| (i % 251) as u8).collect();
-            let at_cap = read_to_end(&mut Dribble { data: &data[..cap], fail_at_end: false }, kind).unwrap();
+            let at_cap = read_to_end(
+                &mut Dribble {
+                    data: &data[..cap],
+                    fail_at_end: false,
+                },
+                kind,
+            )
+            .unwrap();
             assert_eq!(at_cap.expose_secret(), &data[..cap]);
-            let e = refused(read_to_end(&mut Dribble { data: &data, fail_at_end: false }, kind));
-            assert!(matches!(e, Error::TooLong { cap: c, .. } if c == cap), "{e}");
+            let e = refused(read_to_end(
+                &mut Dribble {
+                    data: &data,
+                    fail_at_end: false,
+                },
+                kind,
+            ));
+            assert!(
+                matches!(e, Error::TooLong { cap: c, .. } if c == cap),
+                "{e}"
+            );
             assert!(e.to_string().contains(&cap.to_string()), "{e}");
         }
-        assert_eq!(Kind::KeyFile.cap(), 8 * 1024 * 1024, "cryptsetup's default key file limit");
+        assert_eq!(
+            Kind::KeyFile.cap(),
+            8 * 1024 * 1024,
+            "cryptsetup's default key file limit"
+        );
     }
 
     #[test]
@@ -283,7 +321,11 @@ mod tests {
         assert_eq!(read_file(&pin, Kind::Pin).unwrap().len(), MAX_PIN);
         let big = temp("pin-too-long", &[b'7'; MAX_PIN + 1]);
         let e = refused(read_file(&big, Kind::Pin));
-        assert!(e.to_string().contains("longer than 256 bytes, the limit for a PIN"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("longer than 256 bytes, the limit for a PIN"),
+            "{e}"
+        );
         let empty = temp("empty", b"");
         assert!(read_file(&empty, Kind::KeyFile).unwrap().is_empty());
     }
@@ -291,35 +333,77 @@ mod tests {
     #[test]
     fn key_files_keep_every_byte_across_buffer_growth() {
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
-        let s = read_to_end(&mut Dribble { data: &data, fail_at_end: false }, Kind::KeyFile).unwrap();
+        let s = read_to_end(
+            &mut Dribble {
+                data: &data,
+                fail_at_end: false,
+            },
+            Kind::KeyFile,
+        )
+        .unwrap();
         assert_eq!(s.expose_secret(), &data[..]);
         let f = temp("key", &data);
-        assert_eq!(read_file(&f, Kind::KeyFile).unwrap().expose_secret(), &data[..]);
+        assert_eq!(
+            read_file(&f, Kind::KeyFile).unwrap().expose_secret(),
+            &data[..]
+        );
     }
 
     #[test]
     fn a_failed_or_oversized_read_returns_no_partial_secret() {
         // An error part-way gives an error, never the bytes read so far.
-        let r = read_to_end(&mut Dribble { data: b"partial secret", fail_at_end: true }, Kind::KeyFile);
+        let r = read_to_end(
+            &mut Dribble {
+                data: b"partial secret",
+                fail_at_end: true,
+            },
+            Kind::KeyFile,
+        );
         assert!(matches!(r, Err(Error::Io(ref e)) if e.to_string() == "device gone"));
-        let r = read_line(&mut Dribble { data: b"partial", fail_at_end: true }, Kind::Passphrase);
+        let r = read_line(
+            &mut Dribble {
+                data: b"partial",
+                fail_at_end: true,
+            },
+            Kind::Passphrase,
+        );
         assert!(r.is_err());
         let long = vec![b'x'; MAX_PASSPHRASE + 1];
-        assert!(matches!(read_line(&mut &long[..], Kind::Passphrase), Err(Error::TooLong { .. })));
+        assert!(matches!(
+            read_line(&mut &long[..], Kind::Passphrase),
+            Err(Error::TooLong { .. })
+        ));
     }
 
     #[test]
     fn lines_stop_at_the_newline_and_leave_the_rest() {
         let mut input: &[u8] = b"first\nsecond";
-        assert_eq!(read_line(&mut input, Kind::Passphrase).unwrap().unwrap().expose_secret(), b"first");
+        assert_eq!(
+            read_line(&mut input, Kind::Passphrase)
+                .unwrap()
+                .unwrap()
+                .expose_secret(),
+            b"first"
+        );
         assert_eq!(input, b"second");
-        assert_eq!(read_line(&mut input, Kind::Passphrase).unwrap().unwrap().expose_secret(), b"second");
+        assert_eq!(
+            read_line(&mut input, Kind::Passphrase)
+                .unwrap()
+                .unwrap()
+                .expose_secret(),
+            b"second"
+        );
         assert!(read_line(&mut input, Kind::Passphrase).unwrap().is_none());
     }
 
     #[test]
     fn pin_files_lose_one_trailing_newline() {
-        for (bytes, want) in [(&b"1234\n"[..], &b"1234"[..]), (b"1234\r\n", b"1234"), (b"12 34", b"12 34"), (b"1\n\n", b"1\n")] {
+        for (bytes, want) in [
+            (&b"1234\n"[..], &b"1234"[..]),
+            (b"1234\r\n", b"1234"),
+            (b"12 34", b"12 34"),
+            (b"1\n\n", b"1\n"),
+        ] {
             let p = temp("pin", bytes);
             assert_eq!(read_pin_file(&p).unwrap().expose_secret(), want);
         }
@@ -327,7 +411,11 @@ mod tests {
 
     #[test]
     fn devices_and_directories_are_refused_without_hanging_and_pipes_are_read() {
-        for (path, what) in [("/dev/null", "character device"), ("/dev/zero", "character device"), ("/", "directory")] {
+        for (path, what) in [
+            ("/dev/null", "character device"),
+            ("/dev/zero", "character device"),
+            ("/", "directory"),
+        ] {
             let e = refused(read_file(Path::new(path), Kind::KeyFile));
             assert!(e.to_string().contains(what), "{path}: {e}");
         }
@@ -336,14 +424,23 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let fifo = dir.join("fifo");
         let _ = std::fs::remove_file(&fifo);
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR).unwrap();
+        nix::unistd::mkfifo(
+            &fifo,
+            nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+        )
+        .unwrap();
         assert!(read_file(&fifo, Kind::KeyFile).unwrap().is_empty());
         // A pipe, like `--key-file <(command)` (/dev/fd/63): read to its end.
         let (r, w) = nix::unistd::pipe().unwrap();
         nix::unistd::write(&w, b"from a pipe").unwrap();
         drop(w);
         let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&r));
-        assert_eq!(read_file(Path::new(&path), Kind::KeyFile).unwrap().expose_secret(), b"from a pipe");
+        assert_eq!(
+            read_file(Path::new(&path), Kind::KeyFile)
+                .unwrap()
+                .expose_secret(),
+            b"from a pipe"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -45,15 +45,43 @@ fn every_offline_command_that_writes_is_refused_while_the_daemon_serves_the_volu
     let before = std::fs::read(&img).unwrap();
     let control = d.control();
     let (img, key, new_key, backup) = (s(&img), s(&key), s(&new_key), s(&backup));
-    let endpoint = ["--region", "us-east-1", "--kms-endpoint", "http://127.0.0.1:9"];
+    let endpoint = [
+        "--region",
+        "us-east-1",
+        "--kms-endpoint",
+        "http://127.0.0.1:9",
+    ];
     let mut commands: Vec<Vec<&str>> = vec![
         [&["format", img, "--yes", "--key-file", new_key][..], &FAST].concat(),
-        [&["add-key", img, "--key-file", key, "--new-key-file", new_key][..], &FAST].concat(),
+        [
+            &["add-key", img, "--key-file", key, "--new-key-file", new_key][..],
+            &FAST,
+        ]
+        .concat(),
         vec!["remove-key", img, "--slot", "0", "--force"],
-        [&["change-key", img, "--key-file", key, "--new-key-file", new_key][..], &FAST].concat(),
-        [&["enroll", img, "--kms", "alias/x", "--key-file", key][..], &endpoint].concat(),
+        [
+            &[
+                "change-key",
+                img,
+                "--key-file",
+                key,
+                "--new-key-file",
+                new_key,
+            ][..],
+            &FAST,
+        ]
+        .concat(),
+        [
+            &["enroll", img, "--kms", "alias/x", "--key-file", key][..],
+            &endpoint,
+        ]
+        .concat(),
         vec!["unenroll", img, "--slot", "0"],
-        [&["rekey", img, "--slot", "0", "--kms", "alias/x"][..], &endpoint].concat(),
+        [
+            &["rekey", img, "--slot", "0", "--kms", "alias/x"][..],
+            &endpoint,
+        ]
+        .concat(),
         vec!["header-restore", img, "--file", backup, "--yes"],
     ];
     let pid = d.pid().to_string();
@@ -63,15 +91,24 @@ fn every_offline_command_that_writes_is_refused_while_the_daemon_serves_the_volu
         assert_eq!(out.code(), Some(1), "{what}\n{}", out.details());
         let e = &out.stderr;
         assert!(e.contains("in use by a running nbdcryptd"), "{what}: {e}");
-        assert!(e.contains(&format!("pid {pid} (")), "{what} names the daemon's pid {pid}: {e}");
-        assert!(e.contains("nbdcryptd --volume") && e.contains(img), "{what} shows its command line: {e}");
+        assert!(
+            e.contains(&format!("pid {pid} (")),
+            "{what} names the daemon's pid {pid}: {e}"
+        );
+        assert!(
+            e.contains("nbdcryptd --volume") && e.contains(img),
+            "{what} shows its command line: {e}"
+        );
         if args[0] == "rekey" {
             let online = format!("nbdcryptctl rekey --control {}", control.display());
             assert!(e.contains(&online), "{what} names the online way: {e}");
         } else {
             assert!(e.contains("stop the daemon first"), "{what}: {e}");
         }
-        assert!(std::fs::read(img).unwrap() == before, "{what} changed the volume");
+        assert!(
+            std::fs::read(img).unwrap() == before,
+            "{what} changed the volume"
+        );
     }
 
     // Reading is fine.
@@ -82,15 +119,25 @@ fn every_offline_command_that_writes_is_refused_while_the_daemon_serves_the_volu
     ctl(&["test-key", img, "--key-file", key]).success();
     let second = format!("{backup}.2");
     ctl(&["header-backup", img, "--file", &second]).success();
-    assert_eq!(std::fs::read(backup).unwrap(), std::fs::read(&second).unwrap());
+    assert_eq!(
+        std::fs::read(backup).unwrap(),
+        std::fs::read(&second).unwrap()
+    );
     assert_eq!(d.state(), "unlocked", "the daemon serves on");
 
     // Negative control: the refusals were the daemon's doing. Stopped, the same command works.
     let mut d = d;
     d.terminate(Duration::from_secs(10));
-    let args = [&["add-key", img, "--key-file", key, "--new-key-file", new_key][..], &FAST].concat();
+    let args = [
+        &["add-key", img, "--key-file", key, "--new-key-file", new_key][..],
+        &FAST,
+    ]
+    .concat();
     ctl(&args).success();
-    assert!(std::fs::read(img).unwrap() != before, "add-key wrote the header");
+    assert!(
+        std::fs::read(img).unwrap() != before,
+        "add-key wrote the header"
+    );
 }
 
 #[test]
@@ -99,7 +146,12 @@ fn a_daemon_started_while_an_offline_command_runs_is_refused() {
     let img = volume(dir.path());
     // add-key claims the volume, then waits for its passphrase on standard input.
     let mut add = Command::new(ctl_binary())
-        .args(["add-key", s(&img), "--new-key-file", s(&dir.path().join("new.key"))])
+        .args([
+            "add-key",
+            s(&img),
+            "--new-key-file",
+            s(&dir.path().join("new.key")),
+        ])
         .args(FAST)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -112,21 +164,35 @@ fn a_daemon_started_while_an_offline_command_runs_is_refused() {
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     while !claimed(&img) {
-        assert!(Instant::now() < deadline, "add-key never claimed the volume");
+        assert!(
+            Instant::now() < deadline,
+            "add-key never claimed the volume"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let sock = dir.path().join("nbd.sock");
     let control = dir.path().join("control.sock");
     let out = run(
         Command::new(daemon_binary())
-            .args(["--volume", s(&img), "--unix", s(&sock), "--control", s(&control)])
+            .args([
+                "--volume",
+                s(&img),
+                "--unix",
+                s(&sock),
+                "--control",
+                s(&control),
+            ])
             .stdin(Stdio::null()),
         Duration::from_secs(20),
     )
     .failure();
     assert!(out.stderr.contains("in use"), "{}", out.details());
     let holder = format!("held by pid {} (", add.id());
-    assert!(out.stderr.contains(&holder) && out.stderr.contains("add-key"), "names the holder: {}", out.details());
+    assert!(
+        out.stderr.contains(&holder) && out.stderr.contains("add-key"),
+        "names the holder: {}",
+        out.details()
+    );
     // The offline command finishes its work undisturbed.
     let mut stdin = add.stdin.take().unwrap();
     stdin.write_all(PASS).unwrap();
@@ -134,7 +200,10 @@ fn a_daemon_started_while_an_offline_command_runs_is_refused() {
     let o = add.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let d = Daemon::volume_in(dir, &img, &[]);
-    assert!(d.unlock(b"another passphrase").ok(), "the key add-key added opens the served volume");
+    assert!(
+        d.unlock(b"another passphrase").ok(),
+        "the key add-key added opens the served volume"
+    );
 }
 
 /// Whether someone holds nbdcrypt's claim on the file: an OFD write lock on the claim byte
@@ -144,7 +213,9 @@ fn nbdcrypt_probe(f: &std::fs::File) -> bool {
     let ino = f.metadata().unwrap().ino();
     let locks = std::fs::read_to_string("/proc/locks").unwrap();
     let tail = format!(":{ino} {} ", i64::MAX - 1);
-    locks.lines().any(|l| l.contains("OFDLCK") && l.contains("WRITE") && l.contains(&tail))
+    locks
+        .lines()
+        .any(|l| l.contains("OFDLCK") && l.contains("WRITE") && l.contains(&tail))
 }
 
 #[test]
@@ -171,10 +242,17 @@ fn a_file_renamed_over_the_volume_path_is_never_served() {
     {
         let (mut c, _) = raw::Client::connect_go(&d.sock);
         let served = c.read(2, MIB, original.len() as u32).expect("READ");
-        assert_same_bytes(&served, &original, "after the swap, the claimed volume is served");
+        assert_same_bytes(
+            &served,
+            &original,
+            "after the swap, the claimed volume is served",
+        );
         // A write after the swap lands in the claimed volume too, never in the swapped-in file.
         assert_eq!(c.write(3, 0, &original, 0), 0, "WRITE");
     }
     d.lock_idle().success();
-    assert!(std::fs::read(&img).unwrap() == other_bytes, "the swapped-in image was not touched");
+    assert!(
+        std::fs::read(&img).unwrap() == other_bytes,
+        "the swapped-in image was not touched"
+    );
 }

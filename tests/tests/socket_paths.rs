@@ -13,7 +13,12 @@ fn start_fails(dir: &Path, sock: &Path, args: &[&str]) -> Out {
     let img = dir.join("disk.img");
     std::fs::File::create(&img).unwrap().set_len(MIB).unwrap();
     run(
-        Command::new(daemon_binary()).arg("--plain").arg(&img).arg("--unix").arg(sock).args(args),
+        Command::new(daemon_binary())
+            .arg("--plain")
+            .arg(&img)
+            .arg("--unix")
+            .arg(sock)
+            .args(args),
         Duration::from_secs(20),
     )
     .failure()
@@ -34,8 +39,15 @@ fn a_symlink_at_the_socket_path_is_refused_and_its_target_left_alone() {
     let out = start_fails(dir.path(), &link, &["--socket-mode", "0666"]);
     assert!(out.stderr.contains("symbolic link"), "{}", out.details());
     assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
-    assert_eq!(mode_of(&victim), 0o600, "the target was chmod'ed through the link");
-    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert_eq!(
+        mode_of(&victim),
+        0o600,
+        "the target was chmod'ed through the link"
+    );
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
 }
 
 #[test]
@@ -45,8 +57,15 @@ fn a_directory_others_can_write_without_the_sticky_bit_is_refused() {
     std::fs::create_dir(&open).unwrap();
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
     let out = start_fails(dir.path(), &open.join("nbd.sock"), &[]);
-    assert!(out.stderr.contains("writable by other users"), "{}", out.details());
-    assert!(std::fs::read_dir(&open).unwrap().next().is_none(), "nothing was created there");
+    assert!(
+        out.stderr.contains("writable by other users"),
+        "{}",
+        out.details()
+    );
+    assert!(
+        std::fs::read_dir(&open).unwrap().next().is_none(),
+        "nothing was created there"
+    );
 }
 
 #[test]
@@ -56,5 +75,9 @@ fn socket_mode_is_the_mode_of_the_bound_socket() {
     assert!(meta.file_type().is_socket());
     assert_eq!(mode_of(&d.sock), 0o660);
     let d2 = Daemon::plain(MIB, &[]);
-    assert_eq!(mode_of(&d2.sock), 0o600, "the default lets only the owner connect");
+    assert_eq!(
+        mode_of(&d2.sock),
+        0o600,
+        "the default lets only the owner connect"
+    );
 }
