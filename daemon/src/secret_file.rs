@@ -75,7 +75,9 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Io(e) => write!(f, "{e}"),
-            Error::TooLong { kind, cap } => write!(f, "longer than {cap} bytes, the limit for a {}", kind.name()),
+            Error::TooLong { kind, cap } => {
+                write!(f, "longer than {cap} bytes, the limit for a {}", kind.name())
+            }
             Error::NotAFile { what } => write!(
                 f,
                 "is {what}, not a regular file or a pipe (reading it could block forever or never end)"

@@ -26,7 +26,8 @@ pub async fn bind_private(path: &Path, dir_mode: u32) -> io::Result<UnixListener
 /// live one, and never anything that is not a socket. A missing directory is created with
 /// `dir_mode`; an existing one must be safe (see the module docs).
 pub async fn bind(path: &Path, dir_mode: u32, mode: u32) -> io::Result<UnixListener> {
-    let context = |e: io::Error, what: &str| io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()));
+    let context =
+        |e: io::Error, what: &str| io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()));
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -75,7 +76,10 @@ pub async fn bind(path: &Path, dir_mode: u32, mode: u32) -> io::Result<UnixListe
         Ok(meta) if meta.file_type().is_symlink() => {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
-                format!("{} is a symbolic link; not following it (give the socket's real path)", path.display()),
+                format!(
+                    "{} is a symbolic link; not following it (give the socket's real path)",
+                    path.display()
+                ),
             ))
         }
         Ok(_) => {
@@ -115,7 +119,9 @@ pub fn remove_ours(path: &Path) {
 /// The socket's directory must be ours or root's, and not writable by others unless sticky.
 fn check_directory(dir: &Path, path: &Path) -> io::Result<()> {
     let meta = std::fs::metadata(dir)
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot inspect the directory of {}: {e}", path.display())))?;
+        .map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot inspect the directory of {}: {e}", path.display()))
+        })?;
     if !meta.is_dir() {
         return Err(io::Error::new(
             io::ErrorKind::NotADirectory,

@@ -253,7 +253,8 @@ fn claim(file: &File, read_only: bool) -> Result<(), Error> {
             let who: Vec<String> = claim_holders(file)
                 .iter()
                 .map(|h| {
-                    let cmd: String = h.cmdline.join(" ").chars().map(|c| if c.is_control() { '?' } else { c }).collect();
+                    let cmd: String =
+                        h.cmdline.join(" ").chars().map(|c| if c.is_control() { '?' } else { c }).collect();
                     format!("pid {} ({cmd})", h.pid)
                 })
                 .collect();
