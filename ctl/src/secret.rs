@@ -1,18 +1,19 @@
 //! Reading an unlock secret: from the terminal without echo, a line of standard input, or a key
-//! file taken byte for byte. Every byte lands in `SecretBytes` (wiped on drop) through a buffer
-//! allocated once at full size, so no reallocation leaves a copy behind.
+//! file taken byte for byte. Every read goes through the library's capped secret reader
+//! (`nbdcrypt::secret_file`): straight into `SecretBytes` (wiped on drop), never through a growing
+//! `Vec`, refused past its cap rather than truncated.
 //!
 //! Shared by the online `unlock` and the offline commands that need a passphrase.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use nix::sys::termios::{self, LocalFlags, SetArg, Termios};
 
-use nbdcrypt::control::proto::MAX_SECRET_LEN;
 use nbdcrypt::crypto::keys::SecretBytes;
+use nbdcrypt::secret_file::{self, Kind};
 
 use crate::exit::Failure;
 
@@ -29,16 +30,15 @@ pub enum Source {
 pub fn read(source: &Source) -> Result<SecretBytes, Failure> {
     let secret = match source {
         Source::Tty { prompt } => read_tty(prompt)?,
-        Source::StdinLine => read_capped(&mut io::stdin().lock(), true)
-            .map_err(|e| Failure::error(format!("cannot read the passphrase from standard input: {e}")))?,
-        Source::KeyFile(path) if path == Path::new("-") => read_capped(&mut io::stdin().lock(), false)
-            .map_err(|e| Failure::error(format!("cannot read the key from standard input: {e}")))?,
-        Source::KeyFile(path) => {
-            let mut f = File::open(path)
-                .map_err(|e| Failure::error(format!("cannot open key file {}: {e}", path.display())))?;
-            read_capped(&mut f, false)
-                .map_err(|e| Failure::error(format!("cannot read key file {}: {e}", path.display())))?
+        Source::StdinLine => secret_file::read_line(&mut raw_stdin()?, Kind::Passphrase)
+            .map_err(|e| Failure::error(format!("cannot read the passphrase from standard input: {e}")))?
+            .unwrap_or_else(|| SecretBytes::zeroed(0)),
+        Source::KeyFile(path) if path == Path::new("-") => {
+            secret_file::read_to_end(&mut raw_stdin()?, Kind::KeyFile)
+                .map_err(|e| Failure::error(format!("cannot read the key from standard input: {e}")))?
         }
+        Source::KeyFile(path) => secret_file::read_file(path, Kind::KeyFile)
+            .map_err(|e| Failure::error(format!("cannot read key file {}: {e}", path.display())))?,
     };
     if secret.is_empty() {
         return Err(Failure::error(match source {
@@ -49,33 +49,14 @@ pub fn read(source: &Source) -> Result<SecretBytes, Failure> {
     Ok(secret)
 }
 
-/// Read to EOF (or through the first newline if `line`, which is dropped) into a buffer that
-/// never grows; fail past `MAX_SECRET_LEN` bytes.
-fn read_capped(r: &mut dyn Read, line: bool) -> io::Result<SecretBytes> {
-    let mut buf = SecretBytes::zeroed(MAX_SECRET_LEN + 1);
-    let mut n = 0;
-    loop {
-        if n == buf.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("longer than {MAX_SECRET_LEN} bytes"),
-            ));
-        }
-        let got = match r.read(&mut buf.expose_secret_mut()[n..]) {
-            Ok(0) => break,
-            Ok(got) => got,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        if line {
-            if let Some(i) = buf.expose_secret()[n..n + got].iter().position(|&b| b == b'\n') {
-                n += i;
-                break;
-            }
-        }
-        n += got;
-    }
-    Ok(SecretBytes::from_slice(&buf.expose_secret()[..n]))
+/// Standard input without std's buffer (which would keep a copy of the secret in ordinary
+/// memory): a duplicate of fd 0.
+fn raw_stdin() -> Result<File, Failure> {
+    io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(File::from)
+        .map_err(|e| Failure::error(format!("cannot duplicate standard input: {e}")))
 }
 
 /// Puts the terminal's settings back however `read_tty` ends.
@@ -105,35 +86,9 @@ fn read_tty(prompt: &str) -> Result<SecretBytes, Failure> {
     let guard = EchoOff { tty: &tty, saved };
     (&tty).write_all(prompt.as_bytes()).map_err(no_tty)?;
     let _ = (&tty).flush();
-    let secret = read_capped(&mut &tty, true)
+    let secret = secret_file::read_line(&mut &tty, Kind::Passphrase)
+        .map(|line| line.unwrap_or_else(|| SecretBytes::zeroed(0)))
         .map_err(|e| Failure::error(format!("cannot read the passphrase: {e}")));
     drop(guard);
     secret
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_line_ends_at_its_newline_and_keeps_other_bytes() {
-        let s = read_capped(&mut &b"pass word\r\nrest"[..], true).unwrap();
-        assert_eq!(s.expose_secret(), b"pass word\r");
-        let s = read_capped(&mut &b"no newline"[..], true).unwrap();
-        assert_eq!(s.expose_secret(), b"no newline");
-    }
-
-    #[test]
-    fn a_key_file_is_taken_as_is() {
-        let s = read_capped(&mut &b"\x00key\nwith newlines\n"[..], false).unwrap();
-        assert_eq!(s.expose_secret(), b"\x00key\nwith newlines\n");
-    }
-
-    #[test]
-    fn an_oversized_secret_is_refused() {
-        let big = vec![b'a'; MAX_SECRET_LEN + 1];
-        assert!(read_capped(&mut &big[..], false).is_err());
-        let max = vec![b'a'; MAX_SECRET_LEN];
-        assert_eq!(read_capped(&mut &max[..], false).unwrap().len(), MAX_SECRET_LEN);
-    }
 }

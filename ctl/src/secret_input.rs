@@ -7,8 +7,10 @@
 //! - no key file, standard input is not a terminal: one line of standard input without its
 //!   newline (a second secret, e.g. the new passphrase of `add-key`, is the next line).
 //!
-//! Every byte lands in [`SecretBytes`]: buffers grow by copying into a new locked buffer and
-//! dropping (wiping) the old one, so no reallocation leaves a copy behind.
+//! Files and standard input are read by the library's capped secret reader
+//! ([`nbdcrypt::secret_file`]): every byte lands in [`SecretBytes`], buffers grow by copying into a
+//! new locked buffer and dropping (wiping) the old one, so no reallocation leaves a copy behind,
+//! and a secret past its cap is refused, never truncated.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IsTerminal, Read, Write};
@@ -19,11 +21,10 @@ use anyhow::{anyhow, bail, Context};
 use nix::sys::termios::{self, LocalFlags, SetArg, SpecialCharacterIndices, Termios};
 
 use nbdcrypt::crypto::keys::SecretBytes;
+use nbdcrypt::secret_file::{self, Kind};
 
-/// cryptsetup's default `--keyfile-size` limit (8 MiB).
-pub const MAX_KEY_FILE: usize = 8 << 20;
 /// cryptsetup's limit for an interactive passphrase (512 characters).
-pub const MAX_PASSPHRASE: usize = 512;
+pub const MAX_PASSPHRASE: usize = secret_file::MAX_PASSPHRASE;
 
 /// Where a secret comes from, decided once from the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,13 +73,13 @@ pub fn read_new(source: &Source, prompt: &str) -> anyhow::Result<SecretBytes> {
 fn read(source: &Source, prompt: &str, confirm: bool) -> anyhow::Result<SecretBytes> {
     let secret = match source {
         Source::KeyFile(p) if p == Path::new("-") => {
-            read_all(&mut raw_stdin()?).context("cannot read the key from standard input")?
+            secret_file::read_to_end(&mut raw_stdin()?, Kind::KeyFile)
+                .map_err(|e| anyhow!("cannot read the key from standard input: {e}"))?
         }
-        Source::KeyFile(p) => {
-            let mut f = File::open(p)
-                .map_err(|e| anyhow!("cannot open key file {}: {}", p.display(), io_reason(&e)))?;
-            read_all(&mut f).with_context(|| format!("cannot read key file {}", p.display()))?
-        }
+        Source::KeyFile(p) => secret_file::read_file(p, Kind::KeyFile).map_err(|e| match e {
+            secret_file::Error::Io(e) => anyhow!("cannot open key file {}: {}", p.display(), io_reason(&e)),
+            e => anyhow!("cannot read key file {}: {e}", p.display()),
+        })?,
         Source::Interactive if io::stdin().is_terminal() => {
             let first = prompt_tty(prompt)?;
             if confirm {
@@ -89,8 +90,8 @@ fn read(source: &Source, prompt: &str, confirm: bool) -> anyhow::Result<SecretBy
             }
             first
         }
-        Source::Interactive => read_line(&mut raw_stdin()?, MAX_PASSPHRASE)
-            .context("cannot read the passphrase from standard input")?
+        Source::Interactive => secret_file::read_line(&mut raw_stdin()?, Kind::Passphrase)
+            .map_err(|e| anyhow!("cannot read the passphrase from standard input: {e}"))?
             .ok_or_else(|| anyhow!("no passphrase on standard input (end of input)"))?,
     };
     if secret.is_empty() {
@@ -115,8 +116,8 @@ pub fn confirm(question: &str) -> anyhow::Result<bool> {
     )
     .and_then(|()| tty.flush())
     .context("cannot write to /dev/tty")?;
-    let answer = read_line(&mut tty, 64)
-        .context("cannot read the answer from /dev/tty")?
+    let answer = secret_file::read_line(&mut tty, Kind::Passphrase)
+        .map_err(|e| anyhow!("cannot read the answer from /dev/tty: {e}"))?
         .ok_or_else(|| anyhow!("no answer (end of input)"))?;
     Ok(answer.expose_secret() == b"YES")
 }
@@ -237,90 +238,9 @@ fn read_tty_line(r: &mut dyn Read, max: usize) -> io::Result<Option<SecretBytes>
     Ok(Some(SecretBytes::from_slice(&buf.expose_secret()[..n])))
 }
 
-/// Reads up to the first `\n` (dropped) one byte at a time, so nothing past the line is consumed
-/// from an unbuffered source. `None` at end of input before any byte.
-fn read_line(r: &mut dyn Read, max: usize) -> io::Result<Option<SecretBytes>> {
-    let mut buf = SecretBytes::zeroed(max);
-    let mut n = 0;
-    let mut byte = [0u8; 1];
-    loop {
-        match r.read(&mut byte) {
-            Ok(0) if n == 0 => return Ok(None),
-            Ok(0) => break,
-            Ok(_) if byte[0] == b'\n' => break,
-            Ok(_) => {
-                if n == max {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("passphrase longer than {max} bytes"),
-                    ));
-                }
-                buf.expose_secret_mut()[n] = byte[0];
-                n += 1;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(Some(SecretBytes::from_slice(&buf.expose_secret()[..n])))
-}
-
-/// Reads to the end, at most [`MAX_KEY_FILE`] bytes.
-fn read_all(r: &mut dyn Read) -> io::Result<SecretBytes> {
-    let mut buf = SecretBytes::zeroed(4096);
-    let mut n = 0;
-    loop {
-        if n == buf.len() {
-            if n > MAX_KEY_FILE {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("longer than {MAX_KEY_FILE} bytes"),
-                ));
-            }
-            let mut bigger = SecretBytes::zeroed(n * 2);
-            bigger.expose_secret_mut()[..n].copy_from_slice(buf.expose_secret());
-            buf = bigger; // the old buffer is wiped on drop
-        }
-        match r.read(&mut buf.expose_secret_mut()[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    if n > MAX_KEY_FILE {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("longer than {MAX_KEY_FILE} bytes"),
-        ));
-    }
-    Ok(SecretBytes::from_slice(&buf.expose_secret()[..n]))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn line_stops_at_newline_and_keeps_the_rest() {
-        let mut input: &[u8] = b"first\nsecond\n";
-        let a = read_line(&mut input, 64).unwrap().unwrap();
-        let b = read_line(&mut input, 64).unwrap().unwrap();
-        assert_eq!(a.expose_secret(), b"first");
-        assert_eq!(b.expose_secret(), b"second");
-        assert!(read_line(&mut input, 64).unwrap().is_none());
-    }
-
-    #[test]
-    fn line_without_newline_and_too_long() {
-        let mut input: &[u8] = b"abc";
-        assert_eq!(
-            read_line(&mut input, 3).unwrap().unwrap().expose_secret(),
-            b"abc"
-        );
-        let mut input: &[u8] = b"abcd";
-        assert!(read_line(&mut input, 3).is_err());
-    }
 
     #[test]
     fn tty_line_editing() {
@@ -331,14 +251,5 @@ mod tests {
         assert!(read_tty_line(&mut input, 64).is_err());
         let mut input: &[u8] = b"\x04";
         assert!(read_tty_line(&mut input, 64).unwrap().is_none());
-    }
-
-    #[test]
-    fn read_all_keeps_every_byte_across_growth() {
-        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
-        let mut input: &[u8] = &data;
-        assert_eq!(read_all(&mut input).unwrap().expose_secret(), &data[..]);
-        let mut input: &[u8] = b"a\nb\n";
-        assert_eq!(read_all(&mut input).unwrap().expose_secret(), b"a\nb\n");
     }
 }

@@ -216,7 +216,7 @@ fn with_the_kms_down_the_daemon_stays_locked_says_why_and_a_passphrase_still_unl
 }
 
 #[test]
-fn a_rekey_while_the_daemon_serves_the_volume_leaves_a_token_the_daemon_unlocks_with() {
+fn an_offline_rekey_to_a_new_key_waits_for_the_daemon_to_stop_and_leaves_a_token_it_unlocks_with() {
     let moto = Moto::start();
     let (dir, key) = Served::prepare(&moto);
     // The operator allows the key to rotate to before the rotation.
@@ -234,11 +234,26 @@ fn a_rekey_while_the_daemon_serves_the_volume_leaves_a_token_the_daemon_unlocks_
         let (_, t) = h.tokens().next().expect("a token");
         *t.keyslots().first().unwrap()
     };
-    ok(ctl(&[
+    // Offline, a new key needs the daemon stopped: while it serves, the rekey is refused (the
+    // same key could be re-sealed through it, `rekey --control`).
+    let rekey = [
         "rekey", &vol, "--slot", &slot.to_string(), "--kms", &new_key, "--kms-endpoint", &moto.endpoint,
         "--region", REGION, "--kms-allow-key", &key,
-    ]));
-    assert_eq!(state(&d.status()), "unlocked", "serving goes on during a rekey");
+    ];
+    let o = ctl(&rekey);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("rekey --control"), "{o:?}");
+    assert_eq!(state(&d.status()), "unlocked", "serving goes on");
+    let dir = {
+        let mut d = d;
+        let _ = d.child.kill();
+        let _ = d.child.wait();
+        std::mem::replace(&mut d.dir, tempfile::tempdir().unwrap())
+    };
+    ok(ctl(&rekey));
+    // Served::start waits for the control socket to appear: remove the killed daemon's.
+    let _ = std::fs::remove_file(dir.path().join("control.sock"));
+    let d = Served::start(dir, &flags(&args));
+    d.wait_for(30, "auto-unlock with the new key", |s| state(s) == "unlocked");
 
     ok(ctl(&["lock", "--control", &d.control()]));
     let o = ok(ctl(&["unlock", "--token", "--control", &d.control()]));

@@ -4,7 +4,7 @@
 //! DIR/volume.img 256 MiB sparse LUKS2 volume, aes-xts-plain64, 4096-byte sectors
 //! Existing files are reused, so data written in one demo run is there in the next.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -68,11 +68,8 @@ pub fn prepare(dir: &Path) -> Result<DemoFiles, String> {
 
 /// A key file's bytes, used as they are (cryptsetup's --key-file semantics).
 pub fn read_key_file(path: &Path) -> Result<SecretBytes, String> {
-    let mut f = File::open(path).map_err(|e| format!("cannot open key file {}: {e}", path.display()))?;
-    let mut buf = Vec::new();
-    std::io::Read::read_to_end(&mut f, &mut buf)
-        .map_err(|e| format!("cannot read key file {}: {e}", path.display()))?;
-    Ok(SecretBytes::from_vec(buf))
+    crate::secret_file::read_file(path, crate::secret_file::Kind::KeyFile)
+        .map_err(|e| format!("cannot read key file {}: {e}", path.display()))
 }
 
 /// Hex digits of a secret, straight into wiped memory.

@@ -23,6 +23,7 @@ pub mod luks2;
 pub mod nbd;
 pub mod notify;
 pub mod seal;
+pub mod secret_file;
 pub mod server;
 pub mod shutdown;
 pub mod socket;

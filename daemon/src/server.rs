@@ -4,7 +4,6 @@
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -129,7 +128,7 @@ pub async fn run(
         }
     }
     if let Some((_, path)) = unix {
-        let _ = std::fs::remove_file(path);
+        crate::socket::remove_ours(&path);
     }
     Ok(())
 }
@@ -278,7 +277,5 @@ fn describe_unix_peer(s: &UnixStream) -> String {
 /// The NBD socket: bound root-only like the control socket, then opened to `mode` (0600 unless
 /// the operator asked for more). Its directory is traversable so such a mode can take effect.
 async fn bind_unix(path: &Path, mode: u32) -> io::Result<UnixListener> {
-    let listener = crate::socket::bind_private(path, 0o755).await?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(listener)
+    crate::socket::bind(path, 0o755, mode).await
 }

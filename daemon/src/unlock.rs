@@ -64,12 +64,14 @@ impl From<FormatError> for UnlockError {
 
 /// A LUKS2 volume claimed by this process, ready to be unlocked any number of times. The backing
 /// store is opened afresh at each unlock, so a volume resized while locked is served at its new
-/// size.
+/// size; but always through the claimed descriptor (`/proc/self/fd/N`), never by name, so a file
+/// renamed over the path after start is never read, written or served.
 pub struct Volume {
     path: PathBuf,
     file_options: FileOptions,
-    /// Held for the daemon's life: no second daemon serves this volume.
-    _claim: File,
+    /// Held for the daemon's life: no second daemon serves this volume. Every later open of the
+    /// volume goes through it.
+    claim: File,
     limits: KdfLimits,
     /// Which volume may be unlocked; checked at every unlock (see [`Volume::pinned`]).
     pin: VolumePin,
@@ -80,7 +82,7 @@ impl Volume {
     pub fn open(path: &Path, file_options: FileOptions) -> Result<(Volume, VolumeInfo), UnlockError> {
         let claim = claim_path(path, file_options.read_only).map_err(|e| UnlockError::Backing(e.to_string()))?;
         let file_options = FileOptions { unclaimed: true, create_size: None, ..file_options };
-        let vol = Volume { path: path.to_owned(), file_options, _claim: claim, limits: KdfLimits::default(), pin: VolumePin::default() };
+        let vol = Volume { path: path.to_owned(), file_options, claim, limits: KdfLimits::default(), pin: VolumePin::default() };
         let (header, _) = vol.read_header()?;
         let info = vol.info(&header, &*vol.open_backing()?)?;
         Ok((vol, info))
@@ -95,14 +97,21 @@ impl Volume {
         Ok(self)
     }
 
+    /// The claimed file, by descriptor: a new open file description of the same inode (so the
+    /// backend can still have its own O_DIRECT / O_DSYNC descriptors), whatever the path now names.
+    fn claimed_path(&self) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}", self.claim.as_raw_fd()))
+    }
+
     fn open_backing(&self) -> Result<Arc<dyn BlockDevice>, UnlockError> {
-        let dev = FileDevice::open(&self.path, self.file_options.clone())
-            .map_err(|e| UnlockError::Backing(e.to_string()))?;
+        let dev = FileDevice::open(&self.claimed_path(), self.file_options.clone())
+            .map_err(|e| UnlockError::Backing(format!("{}: {e}", self.path.display())))?;
         Ok(Arc::new(dev))
     }
 
     fn read_header(&self) -> Result<(Luks2Header, File), UnlockError> {
-        let file = File::open(&self.path)
+        let file = File::open(self.claimed_path())
             .map_err(|source| UnlockError::Io { path: self.path.clone(), source })?;
         let (header, _repair) = Luks2Header::read(&file)?;
         Ok((header, file))
@@ -192,7 +201,7 @@ impl Volume {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open(&self.path)
+            .open(self.claimed_path())
             .map_err(|e| format!("cannot open {p} for writing: {e}"))?;
         let (mut header, _) = Luks2Header::read(&file).map_err(|e| format!("{p}: {e}"))?;
         let targets: Vec<u32> = header

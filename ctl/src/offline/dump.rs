@@ -13,7 +13,7 @@ use nbdcrypt::luks2::{
     KdfLimits, KdfParams, KeyslotInfo, KeyslotPriority, Luks2Header, SegmentSize,
 };
 
-use super::{confirmed, Volume};
+use super::{confirmed, printable as esc, Volume};
 use crate::secret_input::{io_reason, read_existing, Source};
 
 pub const ABOUT: &str = "\
@@ -156,16 +156,19 @@ pub fn to_json(hdr: &Luks2Header) -> Value {
     })
 }
 
+/// The human dump. Every string that comes from the header (which whoever holds the disk can
+/// write) goes through `esc`: terminal escapes, newlines and other control characters are shown
+/// as `\e`, `\n`, `\u{..}`, so a crafted label cannot rewrite the screen or fake extra lines.
 fn write_text(out: &mut dyn Write, vol: &Volume, hdr: &Luks2Header) -> io::Result<()> {
     let or = |s: &str, none: &str| {
         if s.is_empty() {
             none.to_owned()
         } else {
-            s.to_owned()
+            esc(s)
         }
     };
     let flags = hdr.config_flags();
-    writeln!(out, "LUKS header information for {}", vol.path.display())?;
+    writeln!(out, "LUKS header information for {}", esc(&vol.path.to_string_lossy()))?;
     writeln!(out)?;
     writeln!(out, "Version:       \t2")?;
     writeln!(out, "Epoch:         \t{}", hdr.seqid())?;
@@ -175,7 +178,7 @@ fn write_text(out: &mut dyn Write, vol: &Volume, hdr: &Luks2Header) -> io::Resul
         "Keyslots area: \t{} [bytes]",
         hdr.metadata_end() - 2 * hdr.hdr_size()
     )?;
-    writeln!(out, "UUID:          \t{}", hdr.uuid())?;
+    writeln!(out, "UUID:          \t{}", esc(hdr.uuid()))?;
     writeln!(out, "Label:         \t{}", or(hdr.label(), "(no label)"))?;
     writeln!(
         out,
@@ -188,7 +191,7 @@ fn write_text(out: &mut dyn Write, vol: &Volume, hdr: &Luks2Header) -> io::Resul
         if flags.is_empty() {
             "(no flags)".to_owned()
         } else {
-            flags.join(" ")
+            esc(&flags.join(" "))
         }
     )?;
     writeln!(out)?;
@@ -205,7 +208,7 @@ fn write_text(out: &mut dyn Write, vol: &Volume, hdr: &Luks2Header) -> io::Resul
     writeln!(out)?;
     writeln!(out, "Keyslots:")?;
     for k in hdr.keyslots() {
-        writeln!(out, "  {}: {}", k.id, k.type_name)?;
+        writeln!(out, "  {}: {}", k.id, esc(&k.type_name))?;
         if let Some(bits) = k.key_size.map(|s| s * 8) {
             writeln!(out, "\tKey:        {bits} bits")?;
         }
@@ -251,14 +254,14 @@ fn write_text(out: &mut dyn Write, vol: &Volume, hdr: &Luks2Header) -> io::Resul
     }
     writeln!(out, "Tokens:")?;
     for (id, t) in hdr.tokens() {
-        writeln!(out, "  {id}: {}", t.type_name())?;
+        writeln!(out, "  {id}: {}", esc(t.type_name()))?;
         for s in t.keyslots() {
             writeln!(out, "\tKeyslot:    {s}")?;
         }
         if let Ok(Some(p)) = nbdcrypt::seal::token::parse(t) {
             writeln!(out, "\tProvider:   {}", p.kind.name())?;
             if let Some(k) = p.key_reference() {
-                writeln!(out, "\tKey:        {k}")?;
+                writeln!(out, "\tKey:        {}", esc(k))?;
             }
         }
     }
@@ -291,13 +294,13 @@ fn dump_volume_key(vol: &Volume, a: &DumpArgs) -> anyhow::Result<()> {
         if a.json {
             write!(
                 out,
-                "{{\"uuid\": \"{}\", \"keyslot\": {slot}, \"key_bits\": {}, \"volume_key\": \"",
-                hdr.uuid(),
+                "{{\"uuid\": {}, \"keyslot\": {slot}, \"key_bits\": {}, \"volume_key\": \"",
+                Value::from(hdr.uuid()),
                 key.len() * 8
             )?;
         } else {
-            writeln!(out, "LUKS header information for {p}")?;
-            writeln!(out, "UUID:          \t{}", hdr.uuid())?;
+            writeln!(out, "LUKS header information for {}", esc(&p.to_string()))?;
+            writeln!(out, "UUID:          \t{}", esc(hdr.uuid()))?;
             writeln!(out, "Cipher:        \taes-xts-plain64")?;
             writeln!(out, "Key bits:      \t{}", key.len() * 8)?;
             write!(out, "Volume key:    \t")?;

@@ -175,6 +175,13 @@ pub fn run(a: FormatArgs) -> anyhow::Result<()> {
         ),
         Err(e) => bail!("cannot open {}: {}", path.display(), io_reason(&e)),
     };
+    // Never format a volume a daemon serves; hold the claim while formatting.
+    if let Err(e) = super::claim(&file, path) {
+        if created {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(e);
+    }
     let vol = Volume {
         path: path.clone(),
         file,

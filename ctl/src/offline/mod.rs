@@ -153,6 +153,7 @@ fn audited(
 pub fn run(cmd: OfflineCommand) -> anyhow::Result<ExitCode> {
     // Passphrases and volume keys are in memory: keep them out of core dumps.
     let _ = nbdcrypt::sys::disable_core_dumps();
+    let _ = COMMAND.set(cmd.name());
     let result = match cmd {
         OfflineCommand::Format(a) => format::run(a),
         OfflineCommand::AddKey(a) => {
@@ -194,6 +195,30 @@ pub fn run(cmd: OfflineCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
+impl OfflineCommand {
+    /// The command's name on the command line, for messages.
+    fn name(&self) -> &'static str {
+        match self {
+            OfflineCommand::Format(_) => "format",
+            OfflineCommand::AddKey(_) => "add-key",
+            OfflineCommand::RemoveKey(_) => "remove-key",
+            OfflineCommand::ChangeKey(_) => "change-key",
+            OfflineCommand::Dump(_) => "dump",
+            OfflineCommand::HeaderBackup(_) => "header-backup",
+            OfflineCommand::HeaderRestore(_) => "header-restore",
+            OfflineCommand::TestKey(_) => "test-key",
+            OfflineCommand::Enroll(_) => "enroll",
+            OfflineCommand::Unenroll(_) => "unenroll",
+            OfflineCommand::Rekey(_) => "rekey",
+            OfflineCommand::TestToken(_) => "test-token",
+            OfflineCommand::Pin(_) => "pin",
+        }
+    }
+}
+
+/// The offline command this process runs (set once by `run`), for the message of a refused claim.
+static COMMAND: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
 /// The passphrase opened no keyslot: exit 3.
 #[derive(Debug)]
 pub(crate) struct NoKey(pub String);
@@ -230,6 +255,9 @@ impl Volume {
                 "{} is a directory, not a volume file or block device",
                 path.display()
             );
+        }
+        if write {
+            claim(&file, path)?;
         }
         Ok(Volume {
             path: path.to_path_buf(),
@@ -332,6 +360,81 @@ impl Volume {
             other => anyhow!("{p}: {other}"),
         }
     }
+}
+
+/// Takes the daemon's claim on the volume (the same OFD lock nbdcryptd holds while it serves it)
+/// for as long as `file` stays open, or refuses: a command that writes the header of a served
+/// volume would leave the daemon writing under a key the header no longer holds. Holding the
+/// claim (not just probing it) also keeps a daemon that starts meanwhile from serving the volume.
+pub(crate) fn claim(file: &File, path: &Path) -> anyhow::Result<()> {
+    let p = path.display();
+    let claimed = match nbdcrypt::block::file::try_claim(file, false) {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(claimed)) => claimed,
+        Err(e) => bail!("{p}: cannot claim the volume for this command: {}", io_reason(&e)),
+    };
+    let command = COMMAND.get().copied().unwrap_or("this command");
+    let who = if claimed.holders.is_empty() {
+        "another process (not ours to inspect: an nbdcryptd of another user?)".to_owned()
+    } else {
+        let each: Vec<String> = claimed
+            .holders
+            .iter()
+            .map(|h| format!("pid {} ({})", h.pid, printable(&h.cmdline.join(" "))))
+            .collect();
+        each.join(", ")
+    };
+    let control = claimed.holders.iter().find_map(|h| {
+        let mut args = h.cmdline.iter();
+        while let Some(a) = args.next() {
+            if a == "--control" {
+                return args.next().map(|s| printable(s));
+            }
+            if let Some(v) = a.strip_prefix("--control=") {
+                return Some(printable(v));
+            }
+        }
+        None
+    });
+    let control = control.unwrap_or_else(|| "SOCK".to_owned());
+    let how = match command {
+        "rekey" => format!(
+            "re-seal the tokens through the daemon with `nbdcryptctl rekey --control {control}` \
+             (same KMS/HSM key), or stop the daemon first to rekey to a new key"
+        ),
+        _ => format!(
+            "there is no online `{command}`: stop the daemon first (`nbdcryptctl lock --control \
+             {control}` is not enough: a locked daemon still holds the volume), then run it again"
+        ),
+    };
+    bail!(
+        "{p} is in use by a running nbdcryptd: {who}; refusing to {command} it offline, which would \
+         change the header under the daemon.\nTo change it: {how}"
+    )
+}
+
+/// `s` with terminal control characters and other non-printing characters escaped (`\e`, `\n`,
+/// `\u{9b}`...) and backslashes doubled, so text from a header or another process cannot move
+/// the cursor, recolour or retitle the terminal, or fake extra lines.
+pub(crate) fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\x1b' => out.push_str("\\e"),
+            c if c.is_control() || is_invisible(c) => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Format characters that reorder or hide text (bidi overrides, zero-width marks, ...).
+fn is_invisible(c: char) -> bool {
+    matches!(u32::from(c), 0x200b..=0x200f | 0x202a..=0x202e | 0x2060..=0x2069 | 0xfeff)
 }
 
 // ---- key derivation options ---------------------------------------------------------------------
@@ -559,4 +662,20 @@ pub(crate) fn bytes_human(n: u64) -> String {
         }
     }
     format!("{n} bytes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn printable_neutralises_terminal_controls_and_keeps_text() {
+        assert_eq!(printable("plain label ü"), "plain label ü");
+        assert_eq!(printable("a\x1b[2Jb\nc\r\td"), "a\\e[2Jb\\nc\\r\\td");
+        assert_eq!(printable("\u{9b}31m\x07\u{7f}"), "\\u{9b}31m\\u{7}\\u{7f}");
+        // Bidi overrides and zero-width characters could make text read differently.
+        assert_eq!(printable("x\u{202e}y\u{200b}"), "x\\u{202e}y\\u{200b}");
+        // Backslashes are doubled, so an escape in the output always means a control character.
+        assert_eq!(printable("\\e"), "\\\\e");
+    }
 }

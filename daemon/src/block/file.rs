@@ -72,9 +72,9 @@ impl FileDevice {
 
     fn aligned_for_direct(&self, offset: u64, len: usize, addr: usize) -> bool {
         self.direct.is_some()
-            && offset % DIRECT_ALIGN == 0
-            && len as u64 % DIRECT_ALIGN == 0
-            && addr as u64 % DIRECT_ALIGN == 0
+            && offset.is_multiple_of(DIRECT_ALIGN)
+            && (len as u64).is_multiple_of(DIRECT_ALIGN)
+            && (addr as u64).is_multiple_of(DIRECT_ALIGN)
     }
 
     /// Zero a range by writing zero buffers: the slow path when fallocate cannot do it.
@@ -246,21 +246,129 @@ const CLAIM_BYTE: i64 = i64::MAX - 1;
 /// read-only, so two daemons can never serve one volume read-write at once. The lock goes
 /// away with the descriptor, also when the process is killed.
 fn claim(file: &File, read_only: bool) -> Result<(), Error> {
+    match set_claim(file, read_only) {
+        Ok(()) => Ok(()),
+        Err(e) if is_conflict(&e) => {
+            // Say who, as far as /proc tells: a daemon, or an nbdcryptctl changing the header.
+            let who: Vec<String> = claim_holders(file)
+                .iter()
+                .map(|h| {
+                    let cmd: String =
+                        h.cmdline.join(" ").chars().map(|c| if c.is_control() { '?' } else { c }).collect();
+                    format!("pid {} ({cmd})", h.pid)
+                })
+                .collect();
+            let source = (!who.is_empty()).then(|| io::Error::other(format!("held by {}", who.join(", "))));
+            Err(Error { kind: ErrorKind::InUse, context: None, source })
+        }
+        Err(e) => Err(Error::from_io(e)),
+    }
+}
+
+fn set_claim(file: &File, read_only: bool) -> io::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg};
+    let lock = claim_flock(if read_only { libc::F_RDLCK } else { libc::F_WRLCK });
+    fcntl(file.as_raw_fd(), FcntlArg::F_OFD_SETLK(&lock)).map(|_| ()).map_err(io::Error::from)
+}
+
+fn is_conflict(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES))
+}
+
+fn claim_flock(kind: i32) -> libc::flock {
     let mut lock: libc::flock = empty_flock();
-    lock.l_type = if read_only { libc::F_RDLCK } else { libc::F_WRLCK } as i16;
+    lock.l_type = kind as i16;
     lock.l_whence = libc::SEEK_SET as i16;
     lock.l_start = CLAIM_BYTE;
     lock.l_len = 1;
-    match fcntl(file.as_raw_fd(), FcntlArg::F_OFD_SETLK(&lock)) {
-        Ok(_) => Ok(()),
-        Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EACCES) => Err(Error {
-            kind: ErrorKind::InUse,
-            context: None,
-            source: None,
-        }),
-        Err(e) => Err(Error::from_io(e.into())),
+    lock
+}
+
+/// A process found holding the claim on a backing store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimHolder {
+    pub pid: u32,
+    /// Its command line, one string per argument (lossy UTF-8, as /proc/PID/cmdline has it).
+    pub cmdline: Vec<String>,
+}
+
+/// Someone else's claim on a backing store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    /// Exclusive (a read-write server) rather than shared (read-only servers).
+    pub exclusive: bool,
+    /// The processes holding it, as far as /proc tells (OFD locks report no pid): empty when
+    /// they belong to another user and we may not look.
+    pub holders: Vec<ClaimHolder>,
+}
+
+/// Is this backing store claimed through another open file description, and by whom? Asks the
+/// kernel (F_OFD_GETLK) whether an exclusive claim through `file` would conflict; changes nothing.
+/// The answer can be stale as soon as it is returned: to act on it, use [`try_claim`].
+pub fn probe_claim(file: &File) -> io::Result<Option<Claimed>> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let mut lock = claim_flock(libc::F_WRLCK);
+    fcntl(file.as_raw_fd(), FcntlArg::F_OFD_GETLK(&mut lock)).map_err(io::Error::from)?;
+    if i32::from(lock.l_type) == libc::F_UNLCK {
+        return Ok(None);
     }
+    Ok(Some(Claimed { exclusive: i32::from(lock.l_type) == libc::F_WRLCK, holders: claim_holders(file) }))
+}
+
+/// Claim the backing store open as `file` (the same lock the daemon takes), held until every
+/// descriptor of this open file description is closed. `Ok(Err(claimed))` names who holds it.
+/// Race-free: a daemon that starts afterwards finds it claimed and refuses to serve.
+pub fn try_claim(file: &File, read_only: bool) -> io::Result<Result<(), Claimed>> {
+    for _ in 0..3 {
+        match set_claim(file, read_only) {
+            Ok(()) => return Ok(Ok(())),
+            Err(e) if is_conflict(&e) => {}
+            Err(e) => return Err(e),
+        }
+        // Released between the two calls: try again.
+        if let Some(claimed) = probe_claim(file)? {
+            return Ok(Err(claimed));
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::WouldBlock, "the claim keeps changing hands"))
+}
+
+/// The processes holding an OFD lock on `CLAIM_BYTE` of the file `file` is open on: each
+/// /proc/PID/fdinfo/N that lists that lock (the kernel shows an OFD lock in the fdinfo of every
+/// descriptor of its open file description). Only fdinfo is read, never the files themselves, so
+/// a hung FUSE mount cannot block the scan. Best effort: only processes we may inspect are found.
+pub fn claim_holders(file: &File) -> Vec<ClaimHolder> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = file.metadata() else { return Vec::new() };
+    let dev = meta.dev();
+    // As /proc/locks and fdinfo print it: MAJOR:MINOR:INODE START END.
+    let lock = format!(
+        "{:02x}:{:02x}:{} {CLAIM_BYTE} ",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev),
+        meta.ino()
+    );
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else { return out };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else { continue };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_to_string(fd.path()).is_ok_and(|info| {
+                info.lines().any(|l| l.starts_with("lock:") && l.contains("OFDLCK") && l.contains(&lock))
+            })
+        });
+        if holds {
+            let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            let cmdline = cmdline
+                .split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            out.push(ClaimHolder { pid, cmdline });
+        }
+    }
+    out
 }
 
 fn empty_flock() -> libc::flock {
@@ -357,5 +465,25 @@ mod tests {
         let (_d, dev) = temp_device(4096, FileOptions::default());
         let mut buf = [0u8; 10];
         assert!(dev.read_at(&mut buf, 4090).is_err());
+    }
+
+    #[test]
+    fn probe_names_the_claiming_process_and_try_claim_refuses_while_it_holds() {
+        let (d, dev) = temp_device(4096, FileOptions::default());
+        let path = d.path.join("backing");
+        let other = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let claimed = probe_claim(&other).unwrap().expect("claimed by the open device");
+        assert!(claimed.exclusive);
+        assert!(claimed.holders.iter().any(|h| h.pid == std::process::id()), "{claimed:?}");
+        assert!(try_claim(&other, false).unwrap().is_err());
+        assert!(try_claim(&other, true).unwrap().is_err(), "a shared claim conflicts too");
+        drop(dev);
+        assert_eq!(probe_claim(&other).unwrap(), None);
+        // Taken through `other`, the claim now keeps a server out, until `other` is closed.
+        try_claim(&other, false).unwrap().unwrap();
+        let refused = FileDevice::open(&path, FileOptions::default());
+        assert_eq!(refused.err().map(|e| e.kind), Some(ErrorKind::InUse));
+        drop(other);
+        FileDevice::open(&path, FileOptions::default()).unwrap();
     }
 }

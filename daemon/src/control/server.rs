@@ -94,7 +94,7 @@ pub async fn run(listener: ControlListener, volume: VolumeHandle, mut shutdown: 
         }
     }
     drop(listener);
-    let _ = std::fs::remove_file(&path);
+    crate::socket::remove_ours(&path);
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while tasks.join_next().await.is_some() {}
     })

@@ -20,7 +20,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io::Read;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -445,23 +444,7 @@ impl fmt::Display for PinSource {
 }
 
 fn read_pin_file(path: &Path) -> std::io::Result<SecretBytes> {
-    let mut file = std::fs::File::open(path)?;
-    let mut buf = Vec::with_capacity(256);
-    let res = file.read_to_end(&mut buf);
-    if let Err(e) = res {
-        buf.zeroize();
-        return Err(e);
-    }
-    let mut len = buf.len();
-    if buf[..len].ends_with(b"\n") {
-        len -= 1;
-        if buf[..len].ends_with(b"\r") {
-            len -= 1;
-        }
-    }
-    let pin = SecretBytes::from_slice(&buf[..len]);
-    buf.zeroize();
-    Ok(pin)
+    crate::secret_file::read_pin_file(path).map_err(std::io::Error::from)
 }
 
 // ---------------------------------------------------------------------------------------------
