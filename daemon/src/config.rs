@@ -80,7 +80,7 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub pkcs11_module: Option<PathBuf>,
 
-    /// Where the HSM user PIN comes from: file:/path, env:VAR or cred:NAME (a systemd credential).
+    /// Where the HSM user PIN comes from: file:/path or cred:NAME (a systemd credential).
     #[arg(long, value_name = "SOURCE")]
     pub pkcs11_pin: Option<String>,
 

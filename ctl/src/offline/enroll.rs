@@ -142,7 +142,7 @@ fn seal_settings(loc: &KmsLocation, hsm: &Pkcs11Args) -> anyhow::Result<SealSett
 /// The PKCS#11 HSM: the key (an RFC 7512 URI), its user PIN and the module to load.
 #[derive(Args, Debug, Clone)]
 pub struct Pkcs11Args {
-    /// PIN source for HSM tokens: file:/path (or just /path), env:VAR or cred:NAME (systemd
+    /// PIN source for HSM tokens: file:/path (or just /path) or cred:NAME (systemd
     /// credential). `--pin-file /path` is the same.
     #[arg(long, value_name = "SOURCE", help_heading = "PKCS#11 HSM", visible_alias = "pin-file")]
     pub pkcs11_pin: Option<String>,

@@ -97,7 +97,7 @@ impl Pkcs11Uri {
             pin.zeroize();
             return Err(UriError(
                 "pin-value is not accepted in a URI that is stored in the LUKS2 header or logged; \
-                 use pin-source=file:/path, env:NAME or cred:NAME (or the PIN options)"
+                 use pin-source=file:/path or cred:NAME (or the PIN options)"
                     .into(),
             ));
         }
@@ -362,13 +362,13 @@ fn encode_all(bytes: &[u8]) -> String {
 // PINs
 
 /// Where the token user PIN comes from. Syntax (also the `pin-source=` URI attribute):
-/// `file:/path` or `/path` (a file; one trailing newline is stripped), `env:NAME` (an environment
-/// variable), `cred:NAME` (a systemd credential, `$CREDENTIALS_DIRECTORY/NAME`; one trailing
-/// newline is stripped). Running a command (`|cmd`) is not supported.
+/// `file:/path` or `/path` (a file; one trailing newline is stripped), `cred:NAME` (a systemd
+/// credential, `$CREDENTIALS_DIRECTORY/NAME`; one trailing newline is stripped). Not supported:
+/// running a command (`|cmd`), and `env:NAME` — a PIN in the environment is readable through
+/// `/proc/PID/environ` and inherited by every child process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PinSource {
     File(PathBuf),
-    Env(String),
     Credential(String),
 }
 
@@ -389,22 +389,24 @@ impl PinSource {
             file(p)
         } else if s.starts_with('/') {
             file(s)
-        } else if let Some(name) = s.strip_prefix("env:") {
-            if name.is_empty() || name.contains('=') || name.contains('\0') {
-                return Err(UriError(format!("bad environment variable name {name:?}")));
-            }
-            Ok(PinSource::Env(name.to_string()))
+        } else if s.starts_with("env:") {
+            Err(UriError(
+                "PIN source env:NAME is not accepted: a PIN in the environment is readable through \
+                 /proc/PID/environ and inherited by child processes; use file:/path (mode 0600) or \
+                 cred:NAME (a systemd credential)"
+                    .into(),
+            ))
         } else if let Some(name) = s.strip_prefix("cred:") {
             if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
                 return Err(UriError(format!("bad systemd credential name {name:?}")));
             }
             Ok(PinSource::Credential(name.to_string()))
         } else if s.starts_with('|') {
-            Err(UriError("pin-source=|command is not supported; use file:, env: or cred:".into()))
+            Err(UriError("pin-source=|command is not supported; use file: or cred:".into()))
         } else {
             // The value is not echoed: an operator may have typed the PIN itself here.
             Err(UriError(
-                "PIN source: expected file:/path, /path, env:NAME or cred:NAME; a PIN itself is never \
+                "PIN source: expected file:/path, /path or cred:NAME; a PIN itself is never \
                  accepted on the command line or in a URI (put it in a file or a systemd credential)"
                     .into(),
             ))
@@ -416,10 +418,6 @@ impl PinSource {
         let fail = |detail: String| SealError::LoginFailed { provider: PROVIDER, detail };
         match self {
             PinSource::File(path) => read_pin_file(path).map_err(|e| fail(format!("cannot read the PIN file {}: {e}", path.display()))),
-            PinSource::Env(name) => match std::env::var_os(name) {
-                Some(v) => Ok(SecretBytes::from_vec(v.into_vec())),
-                None => Err(fail(format!("environment variable {name} (PIN) is not set"))),
-            },
             PinSource::Credential(name) => {
                 let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
                     fail(format!(
@@ -437,7 +435,6 @@ impl fmt::Display for PinSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PinSource::File(p) => write!(f, "file:{}", p.display()),
-            PinSource::Env(n) => write!(f, "env:{n}"),
             PinSource::Credential(n) => write!(f, "cred:{n}"),
         }
     }
@@ -888,8 +885,7 @@ mod tests {
         .unwrap();
         assert_eq!(u.module_path.as_deref(), Some(Path::new("/usr/lib/softhsm/libsofthsm2.so")));
         assert_eq!(u.pin_source, Some(PinSource::File("/etc/nbdcrypt/pin".into())));
-        let u = Pkcs11Uri::parse("pkcs11:token=t;object=k?pin-source=env:HSM_PIN").unwrap();
-        assert_eq!(u.pin_source, Some(PinSource::Env("HSM_PIN".into())));
+        assert!(Pkcs11Uri::parse("pkcs11:token=t;object=k?pin-source=env:HSM_PIN").is_err());
         let u = Pkcs11Uri::parse("pkcs11:token=t;object=k?pin-source=cred:hsm-pin").unwrap();
         assert_eq!(u.pin_source, Some(PinSource::Credential("hsm-pin".into())));
         let u = Pkcs11Uri::parse("pkcs11:token=t;object=k?pin-source=%2Frun%2Fpin").unwrap();
@@ -964,7 +960,7 @@ mod tests {
         assert!(s.starts_with("pkcs11:token=My%20Token%3B%20v%3D2;"), "{s}");
         assert!(s.contains("id=%00%01%FE"), "{s}");
         assert_eq!(Pkcs11Uri::parse(&s).unwrap(), u);
-        for p in [PinSource::Env("X".into()), PinSource::Credential("pin".into())] {
+        for p in [PinSource::Credential("pin".into())] {
             let u = Pkcs11Uri { pin_source: Some(p), ..u.clone() };
             assert_eq!(Pkcs11Uri::parse(&u.to_string()).unwrap(), u);
         }
@@ -1030,14 +1026,13 @@ mod tests {
             ("file:///a/b", PinSource::File("/a/b".into())),
             ("file://localhost/a/b", PinSource::File("/a/b".into())),
             ("/a/b", PinSource::File("/a/b".into())),
-            ("env:PIN", PinSource::Env("PIN".into())),
             ("cred:pin", PinSource::Credential("pin".into())),
         ] {
             let p = PinSource::parse(s).unwrap();
             assert_eq!(p, want, "{s}");
             assert_eq!(PinSource::parse(&p.to_string()).unwrap(), p);
         }
-        for bad in ["env:", "cred:", "cred:a/b", "cred:..", "|cmd", "pin.txt", "file:rel"] {
+        for bad in ["env:", "env:PIN", "cred:", "cred:a/b", "cred:..", "|cmd", "pin.txt", "file:rel"] {
             assert!(PinSource::parse(bad).is_err(), "{bad}");
         }
     }
