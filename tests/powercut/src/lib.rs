@@ -382,6 +382,38 @@ impl Core {
         Ok(())
     }
 
+    /// O_DSYNC semantics: makes only the sectors of `[off, off+len)` (and the size, if the write
+    /// extended the file) durable; other pending writes of the file stay pending.
+    fn sync_range(&mut self, ino: u64, off: u64, len: u64) -> Result<(), i32> {
+        let Some(p) = self.pending.get(&ino) else { return Ok(()) };
+        let rel = self.rel(ino)?;
+        let f = OpenOptions::new().write(true).open(self.full(&rel)).map_err(|e| errno(&e))?;
+        let e = |e: io::Error| errno(&e);
+        let cur = f.metadata().map_err(e)?.len();
+        if p.valid < cur {
+            // A pending truncate: keep it simple and make the whole file durable.
+            return self.sync_file(ino);
+        }
+        let (first, end) = (off / SECTOR, (off + len).div_ceil(SECTOR));
+        let size = p.size;
+        for (&s, data) in p.sectors.range(first..end) {
+            let n = (size - s * SECTOR).min(SECTOR) as usize;
+            f.write_all_at(&data[..n], s * SECTOR).map_err(e)?;
+        }
+        let new_len = cur.max((off + len).min(size));
+        if new_len != cur {
+            f.set_len(new_len).map_err(e)?;
+        }
+        f.sync_data().map_err(e)?;
+        let p = self.pending.get_mut(&ino).expect("checked above");
+        p.sectors.retain(|&s, _| s < first || s >= end);
+        p.valid = new_len;
+        if p.sectors.is_empty() && p.size == new_len {
+            self.pending.remove(&ino);
+        }
+        Ok(())
+    }
+
     // ---- namespace ----------------------------------------------------------------------------
 
     fn stash_path(&mut self) -> PathBuf {
@@ -1047,13 +1079,14 @@ impl Filesystem for PowerCutFs {
             let h = c.handle(fh)?;
             let sync = h.sync || flags & (libc::O_SYNC | libc::O_DSYNC) != 0;
             let file = h.file.as_ref().ok_or(libc::EBADF)?.try_clone().map_err(|e| errno(&e))?;
-            c.write_pending(ino, &file, offset.max(0) as u64, data)?;
+            let off = offset.max(0) as u64;
+            c.write_pending(ino, &file, off, data)?;
             c.count();
             if sync {
                 // The write and its sync are one operation to the caller: a cut armed for this
                 // count fires before the sync (the write returns EIO, nothing durable).
                 c.live()?;
-                c.sync_file(ino)?;
+                c.sync_range(ino, off, data.len() as u64)?;
             }
             Ok(data.len() as u32)
         })();

@@ -107,15 +107,18 @@ fn writes_through_o_dsync_and_o_sync_descriptors_survive_a_cut() {
     for flag in [libc::O_DSYNC, libc::O_SYNC] {
         let e = Env::new();
         e.durable_file("f", &[0u8; 4096]);
+        // Negative control on the same file: a plain descriptor's writes, before and after the
+        // O_DSYNC one, are lost: O_DSYNC makes that write durable, not the whole file.
+        let plain = OpenOptions::new().write(true).open(e.p("f")).unwrap();
+        plain.write_all_at(b"volatile", 2000).unwrap();
         let f = OpenOptions::new().write(true).custom_flags(flag).open(e.p("f")).unwrap();
         f.write_all_at(b"durable", 100).unwrap();
-        // Negative control on the same file: a plain descriptor's write is lost.
-        let plain = OpenOptions::new().write(true).open(e.p("f")).unwrap();
         plain.write_all_at(b"volatile", 3000).unwrap();
         e.cut(None);
         let got = read(&e.p("f"));
         assert_eq!(&got[100..107], b"durable");
         assert_eq!(&got[3000..3008], &[0u8; 8]);
+        assert_eq!(&got[2000..2008], &[0u8; 8]);
     }
 }
 
