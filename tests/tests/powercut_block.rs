@@ -16,7 +16,7 @@
 //! `NBDCRYPT_POWERCUT_TRIALS=N` runs N trials per test (default 3, 2 for the negative control);
 //! `NBDCRYPT_POWERCUT_SEED=S` repeats a run. Needs /dev/fuse, root, cryptsetup.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use nbdcrypt_tests::powercut_rig::{nosync_daemon_binary, seed, trial_count, Rig, Rng};
 use nbdcrypt_tests::raw::{Client, CMD_FLAG_FUA, CMD_FLUSH, CMD_WRITE};
-use nbdcrypt_tests::{daemon_binary, luks_format_keyfile, random_bytes, tempdir, Daemon, MIB};
+use nbdcrypt_tests::{daemon_binary, luks_format_keyfile, nbdcryptctl, random_bytes, tempdir, Daemon, MIB};
 
 const FILE_SIZE: u64 = 64 * MIB;
 const CONNS: usize = 4;
@@ -84,12 +84,18 @@ fn daemon_args(volume: &Path, key: &Path, dir: &Path) -> Vec<OsString> {
 }
 
 fn wait_unlocked(d: &Daemon) {
+    // The control socket may exist before it accepts: poll status until it says unlocked.
+    let sock = d.dir().join("control.sock");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !d.dir().join("control.sock").exists() {
-        assert!(Instant::now() < deadline, "no control socket\n{}", d.log());
-        std::thread::sleep(Duration::from_millis(20));
+    loop {
+        let out = nbdcryptctl(&[OsStr::new("status"), OsStr::new("--control"), sock.as_os_str(), OsStr::new("--json")]);
+        let state = serde_json::from_str::<serde_json::Value>(&out.stdout).ok().map(|v| v["state"].clone());
+        if out.ok() && state.is_some_and(|s| s == "unlocked") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the volume was not unlocked within 30 s: {}\n{}", out.details(), d.log());
+        std::thread::sleep(Duration::from_millis(30));
     }
-    d.wait_state("unlocked", Duration::from_secs(30));
 }
 
 /// One connection's load until the daemon stops answering or the trial ends.

@@ -121,6 +121,8 @@ struct Core {
     cuts: u64,
     armed: Option<(u64, Option<u64>)>,
     control_reply: Vec<u8>,
+    /// The kind of each counted operation (`op_log[i]` is operation `i + 1`).
+    op_log: Vec<&'static str>,
 }
 
 fn errno(e: &io::Error) -> i32 {
@@ -162,6 +164,7 @@ impl Core {
             cuts: 0,
             armed: None,
             control_reply: Vec::new(),
+            op_log: Vec::new(),
         };
         c.paths.insert(ROOT_INO, PathBuf::new());
         c.inos.insert(PathBuf::new(), ROOT_INO);
@@ -245,8 +248,11 @@ impl Core {
         Ok(a)
     }
 
-    fn count(&mut self) {
+    fn count(&mut self, kind: &'static str) {
         self.ops += 1;
+        if self.op_log.len() < 1 << 20 {
+            self.op_log.push(kind);
+        }
         if let Some((at, tear)) = self.armed {
             if self.ops >= at {
                 self.cut(tear);
@@ -636,6 +642,12 @@ impl Control {
     pub fn status(&self) -> Status {
         self.lock().status()
     }
+    /// The kinds of the counted operations after the first `from` (`write`, `fsync`,
+    /// `fsyncdir`, `truncate`, `create`, `mkdir`, `symlink`, `rename`, `unlink`): operation
+    /// `from + 1 + i` is `result[i]`. Logged for the first 2^20 operations.
+    pub fn op_kinds(&self, from: u64) -> Vec<&'static str> {
+        self.lock().op_log.iter().skip(from as usize).copied().collect()
+    }
 }
 
 impl PowerCutFs {
@@ -792,7 +804,7 @@ impl Filesystem for PowerCutFs {
             }
             if let Some(s) = size {
                 c.truncate(ino, s)?;
-                c.count();
+                c.count("truncate");
                 c.live()?;
             }
             c.attr(ino)
@@ -840,7 +852,7 @@ impl Filesystem for PowerCutFs {
             c.journal.push(Undo::Created { path: rel.clone() });
             let ino = c.ino_of(&rel);
             let a = c.attr(ino)?;
-            c.count();
+            c.count("create");
             Ok(a)
         })();
         match r {
@@ -871,7 +883,7 @@ impl Filesystem for PowerCutFs {
             .map_err(|e| errno(&e))?;
             let ino = c.ino_of(&rel);
             let a = c.attr(ino)?;
-            c.count();
+            c.count("mkdir");
             Ok(a)
         })();
         match r {
@@ -904,7 +916,7 @@ impl Filesystem for PowerCutFs {
             c.journal.push(Undo::Created { path: rel.clone() });
             let ino = c.ino_of(&rel);
             let a = c.attr(ino)?;
-            c.count();
+            c.count("symlink");
             Ok(a)
         })();
         match r {
@@ -958,7 +970,7 @@ impl Filesystem for PowerCutFs {
             }
             c.move_paths(&from, &to);
             c.journal.push(Undo::Renamed { from, to, replaced });
-            c.count();
+            c.count("rename");
             Ok(())
         })();
         match r {
@@ -1006,7 +1018,7 @@ impl Filesystem for PowerCutFs {
                 .map_err(|e| errno(&e))?;
             if flags & libc::O_TRUNC != 0 && acc != libc::O_RDONLY {
                 c.truncate(ino, 0)?;
-                c.count();
+                c.count("truncate");
                 c.live()?;
             }
             let fh = c.next_fh;
@@ -1081,7 +1093,7 @@ impl Filesystem for PowerCutFs {
             let file = h.file.as_ref().ok_or(libc::EBADF)?.try_clone().map_err(|e| errno(&e))?;
             let off = offset.max(0) as u64;
             c.write_pending(ino, &file, off, data)?;
-            c.count();
+            c.count("write");
             if sync {
                 // The write and its sync are one operation to the caller: a cut armed for this
                 // count fires before the sync (the write returns EIO, nothing durable).
@@ -1118,7 +1130,7 @@ impl Filesystem for PowerCutFs {
         let r = (|| {
             c.handle(fh)?;
             c.sync_file(ino)?;
-            c.count();
+            c.count("fsync");
             Ok(())
         })();
         match r {
@@ -1201,7 +1213,7 @@ impl Filesystem for PowerCutFs {
             c.handle(fh)?;
             let rel = c.rel(ino)?;
             c.commit_dir(&rel).map_err(|e| errno(&e))?;
-            c.count();
+            c.count("fsyncdir");
             Ok(())
         })();
         match r {
@@ -1259,7 +1271,7 @@ impl Filesystem for PowerCutFs {
             c.next_fh += 1;
             let sync = flags & (libc::O_SYNC | libc::O_DSYNC) != 0;
             c.handles.insert(fh, Handle { file: Some(file), sync });
-            c.count();
+            c.count("create");
             Ok((a, fh))
         })();
         match r {
@@ -1300,7 +1312,7 @@ impl PowerCutFs {
             c.rename_backing(&rel, &stash).map_err(|e| errno(&e))?;
             c.move_paths(&rel, &stash);
             c.journal.push(Undo::Removed { path: rel, stash });
-            c.count();
+            c.count("unlink");
             Ok(())
         })();
         match r {
