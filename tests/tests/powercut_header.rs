@@ -1,15 +1,22 @@
 //! LUKS2 header updates across a power cut. The volume file lies on the power-cut filesystem
 //! (tests/powercut). Each update (`nbdcryptctl add-key`, `remove-key`, `change-key`,
-//! `header-restore`) runs once uncut to count its write/sync operations (the filesystem's op
+//! `header-restore`, and with a SoftHSM2 token `enroll` and `rekey`) runs once uncut to count its write/sync operations (the filesystem's op
 //! counter), then again from the same starting image with the power cut right after its k-th
-//! operation, for the cut points k (every one with `NBDCRYPT_POWERCUT_ALL_POINTS=1` or
-//! `NBDCRYPT_POWERCUT_TRIALS` set; by default every sync and metadata operation, the write just
-//! before each, and a spread of the other writes), each cut clean and torn (a random subset of
-//! the pending 512-byte sectors reaches the disk). Afterwards the volume must open with the old
+//! operation, for every cut point k of updates of up to 48 operations (header-restore has ~145:
+//! by default every sync, the write before it and a spread of the others), each cut clean and,
+//! at every other write and around every sync, torn (a random subset of the pending 512-byte
+//! sectors reaches the disk). `NBDCRYPT_POWERCUT_ALL_POINTS=1` (or `NBDCRYPT_POWERCUT_TRIALS`)
+//! cuts at every point, clean and torn. Afterwards the volume must open with the old
 //! or the new keys, both with `nbdcryptctl test-key` and with stock `cryptsetup open
-//! --test-passphrase`, and the two must agree on every key.
+//! --test-passphrase`, and the two must agree on every key; for rekey some token (old or new)
+//! opens it at every point.
 //!
-//! Needs /dev/fuse, root, cryptsetup.
+//! Finding: header-restore writes both header copies and the keyslots area and syncs once, as
+//! `cryptsetup luksHeaderRestore` does, so a torn cut during it can leave no valid header copy.
+//! The test accepts that only together with its recovery: the backup is intact and restoring it
+//! again gives the restored state.
+//!
+//! Needs /dev/fuse, root, cryptsetup, softhsm2 + opensc (pkcs11-tool).
 
 use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
@@ -17,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nbdcrypt_tests::powercut_rig::{Rig, Rng};
-use nbdcrypt_tests::{luks_format_keyfile, nbdcryptctl, random_bytes, run, tool, MIB};
+use nbdcrypt_tests::{ctl_binary, luks_format_keyfile, random_bytes, run, tool, Out, CTL_TIMEOUT, MIB};
 
 const FILE_SIZE: u64 = 20 * MIB;
 const FAST_KDF: [&str; 4] = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
@@ -26,6 +33,70 @@ struct Keys {
     k0: PathBuf,
     k1: PathBuf,
     k2: PathBuf,
+    /// SOFTHSM2_CONF of the test's SoftHSM2 token (HSM cases only) and the PIN file.
+    hsm: Option<(PathBuf, PathBuf)>,
+}
+
+const HSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const HSM_TOKEN: &str = "nbdcrypt-powercut";
+
+/// `nbdcryptctl ARGS` (with the test's SoftHSM2 configuration, if any).
+fn ctl(k: &Keys, args: &[&OsStr]) -> Out {
+    let mut c = std::process::Command::new(ctl_binary());
+    c.args(args).env_remove("NBDCRYPT_CONTROL");
+    if let Some((conf, _)) = &k.hsm {
+        c.env("SOFTHSM2_CONF", conf);
+    }
+    run(&mut c, CTL_TIMEOUT)
+}
+
+fn hsm_uri(label: &str) -> String {
+    format!("pkcs11:token={HSM_TOKEN};object={label};type=secret-key")
+}
+
+/// A SoftHSM2 token in `dir` with two AES-256 keys, kek1 and kek2 (as ctl/tests/hsm.rs).
+fn softhsm(dir: &Path) -> (PathBuf, PathBuf) {
+    assert!(Path::new(HSM_MODULE).exists(), "{HSM_MODULE} missing: apt-get install -y softhsm2 opensc");
+    let tokens = dir.join("tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    let conf = dir.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", tokens.display()),
+    )
+    .unwrap();
+    let mut c = tool("softhsm2-util");
+    c.env("SOFTHSM2_CONF", &conf)
+        .args(["--init-token", "--free", "--label", HSM_TOKEN, "--so-pin", "87654321", "--pin", "1234"]);
+    run(&mut c, Duration::from_secs(60)).success();
+    for (label, id) in [("kek1", "01"), ("kek2", "02")] {
+        let mut c = tool("pkcs11-tool");
+        c.env("SOFTHSM2_CONF", &conf).args([
+            "--module", HSM_MODULE, "--token-label", HSM_TOKEN, "--login", "--pin", "1234", "--keygen",
+            "--key-type", "AES:32", "--label", label, "--id", id, "--usage-decrypt", "--usage-wrap",
+            "--sensitive", "--private",
+        ]);
+        run(&mut c, Duration::from_secs(60)).success();
+    }
+    let pin = dir.join("pin");
+    std::fs::write(&pin, "1234\n").unwrap();
+    (conf, pin)
+}
+
+fn pin_arg(k: &Keys) -> OsString {
+    let mut a = OsString::from("file:");
+    a.push(&k.hsm.as_ref().expect("an HSM case").1);
+    a
+}
+
+/// Does a token of `img` open it (`test-token`), and which HSM keys does its output name?
+fn token_opens(k: &Keys, img: &Path, what: &str) -> (bool, String) {
+    let pin = pin_arg(k);
+    let out = ctl(k, &[OsStr::new("test-token"), img.as_os_str(), OsStr::new("--pkcs11-pin"), &pin]);
+    assert!(out.ok() || out.code() == Some(1), "{what}: test-token: {}", out.details());
+    let text = format!("{}{}", out.stdout, out.stderr);
+    let keks: Vec<&str> = ["kek1", "kek2"].into_iter().filter(|k| text.contains(&format!("object={k}"))).collect();
+    (out.ok(), keks.join("+"))
 }
 
 fn cryptsetup_add_key(img: &Path, existing: &Path, new: &Path) {
@@ -40,8 +111,8 @@ fn cryptsetup_add_key(img: &Path, existing: &Path, new: &Path) {
 
 /// Does `key` open `img`, per nbdcryptctl and per cryptsetup (run on a copy: cryptsetup may
 /// repair a header copy, which would change what the next check sees)?
-fn opens(img: &Path, key: &Path, scratch: &Path, what: &str) -> (bool, bool) {
-    let ctl = nbdcryptctl(&[
+fn opens(k: &Keys, img: &Path, key: &Path, scratch: &Path, what: &str) -> (bool, bool) {
+    let ctl = ctl(k, &[
         OsStr::new("test-key"),
         img.as_os_str(),
         OsStr::new("--key-file"),
@@ -63,8 +134,8 @@ fn opens(img: &Path, key: &Path, scratch: &Path, what: &str) -> (bool, bool) {
 }
 
 /// True if nbdcryptctl finds a valid LUKS2 header copy (`dump` succeeds).
-fn header_valid(img: &Path) -> bool {
-    nbdcryptctl(&[OsStr::new("dump"), img.as_os_str()]).ok()
+fn header_valid(k: &Keys, img: &Path) -> bool {
+    ctl(k, &[OsStr::new("dump"), img.as_os_str()]).ok()
 }
 
 struct Case {
@@ -82,6 +153,9 @@ struct Case {
     after_closed: &'static [usize],
     /// A torn cut may leave no valid header copy; running the update again must then repair it.
     torn_may_break: bool,
+    /// HSM cases: `Some((after, always))`: after the uncut update a token sealed by exactly the
+    /// HSM key `after` opens; with `always`, some token (old or new) opens at every cut point.
+    token: Option<(&'static str, bool)>,
 }
 
 fn key<'a>(k: &'a Keys, i: usize) -> &'a Path {
@@ -114,6 +188,7 @@ fn cases() -> Vec<Case> {
             after_open: &[0, 1],
             after_closed: &[],
             torn_may_break: false,
+            token: None,
         },
         Case {
             name: "remove-key",
@@ -133,6 +208,7 @@ fn cases() -> Vec<Case> {
             after_open: &[0],
             after_closed: &[1],
             torn_may_break: false,
+            token: None,
         },
         Case {
             name: "change-key",
@@ -154,13 +230,14 @@ fn cases() -> Vec<Case> {
             after_open: &[0, 2],
             after_closed: &[1],
             torn_may_break: false,
+            token: None,
         },
         Case {
             name: "header-restore",
             // The backup (outside the mount) has key 0 only; key 1 is added after it.
             prepare: |b, k, outside| {
                 let img = b.join("disk.img");
-                let out = nbdcryptctl(&[
+                let out = ctl(k, &[
                     OsStr::new("header-backup"),
                     img.as_os_str(),
                     OsStr::new("--file"),
@@ -187,6 +264,74 @@ fn cases() -> Vec<Case> {
             // once (as cryptsetup luksHeaderRestore does): a torn cut can garble both copies.
             // The backup is still there, and restoring again repairs the volume.
             torn_may_break: true,
+            token: None,
+        },
+        Case {
+            name: "enroll",
+            prepare: |_, _, _| {},
+            args: |k, vol| {
+                vec![
+                    "enroll".into(),
+                    vol.into(),
+                    "--pkcs11".into(),
+                    hsm_uri("kek1").into(),
+                    "--pkcs11-pin".into(),
+                    pin_arg(k),
+                    "--key-file".into(),
+                    k.k0.clone().into(),
+                ]
+            },
+            always: &[0],
+            either: &[],
+            after_open: &[0],
+            after_closed: &[],
+            torn_may_break: false,
+            // Before the enrolment commits, no token at all: checked only after the update.
+            token: Some(("kek1", false)),
+        },
+        Case {
+            name: "rekey",
+            prepare: |b, k, _| {
+                let img = b.join("disk.img");
+                let pin = pin_arg(k);
+                ctl(k, &[
+                    OsStr::new("enroll"),
+                    img.as_os_str(),
+                    OsStr::new("--pkcs11"),
+                    OsStr::new(&hsm_uri("kek1")),
+                    OsStr::new("--pkcs11-pin"),
+                    &pin,
+                    OsStr::new("--key-file"),
+                    k.k0.as_os_str(),
+                ])
+                .success();
+            },
+            args: |k, vol| {
+                let pin = pin_arg(k);
+                let out = ctl(k, &[OsStr::new("test-token"), vol.as_os_str(), OsStr::new("--pkcs11-pin"), &pin]);
+                let slot = format!("{}{}", out.success().stdout, "")
+                    .split("keyslot ")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .and_then(|n| n.trim_end_matches(|c: char| !c.is_ascii_digit()).parse::<u32>().ok())
+                    .expect("keyslot number in test-token output");
+                vec![
+                    "rekey".into(),
+                    vol.into(),
+                    "--slot".into(),
+                    slot.to_string().into(),
+                    "--pkcs11".into(),
+                    hsm_uri("kek2").into(),
+                    "--pkcs11-pin".into(),
+                    pin,
+                ]
+            },
+            always: &[0],
+            either: &[],
+            after_open: &[0],
+            after_closed: &[],
+            torn_may_break: false,
+            token: Some(("kek2", true)),
         },
     ]
 }
@@ -226,7 +371,8 @@ fn cut_points(kinds: &[&str]) -> Vec<u64> {
 fn run_case(case: &Case) {
     let rig = Rig::new(|_| {});
     let outside = rig.dir.path().to_path_buf();
-    let keys = Keys { k0: rig.backing.join("key"), k1: outside.join("k1"), k2: outside.join("k2") };
+    let hsm = case.token.map(|_| softhsm(&outside.join("hsm")));
+    let keys = Keys { k0: rig.backing.join("key"), k1: outside.join("k1"), k2: outside.join("k2"), hsm };
     std::fs::write(&keys.k1, random_bytes(101, 40)).unwrap();
     std::fs::write(&keys.k2, random_bytes(102, 24)).unwrap();
     // Prepare on the backing directory directly (durable as is), then keep a copy to start
@@ -249,9 +395,20 @@ fn run_case(case: &Case) {
         let img = rig.backing.join("disk.img");
         let mut open = [false; 3];
         for &i in &used {
-            let (ctl, cs) = opens(&img, key(&keys, i), &outside, what);
+            let (ctl, cs) = opens(&keys, &img, key(&keys, i), &outside, what);
             assert_eq!(ctl, cs, "{}: {what}: nbdcryptctl and cryptsetup disagree on key {i}", case.name);
             open[i] = ctl;
+        }
+        let mut token = String::new();
+        if let Some((want, always)) = case.token {
+            let (ok, keks) = token_opens(&keys, &img, what);
+            if always || after {
+                assert!(ok, "{}: {what}: no token opens the volume", case.name);
+            }
+            if after {
+                assert_eq!(keks, want, "{}: {what}: the token is sealed by {keks}, not {want}", case.name);
+            }
+            token = if ok { format!(" token:{keks}") } else { " token:none".into() };
         }
         for &i in case.always {
             assert!(open[i], "{}: {what}: key {i} no longer opens the volume", case.name);
@@ -272,13 +429,13 @@ fn run_case(case: &Case) {
                 assert!(!open[i], "{}: {what}: key {i} still opens after the update", case.name);
             }
         }
-        open
+        format!("{open:?}{token}")
     };
 
     // Uncut: count the operations and check the new state.
     reset();
     let from = rig.fs().status().ops;
-    nbdcryptctl(&args).success();
+    ctl(&keys, &args).success();
     let kinds = rig.fs().control().op_kinds(from);
     let n = kinds.len() as u64;
     assert!(n > 0, "{}: the update wrote nothing through the mount", case.name);
@@ -288,27 +445,35 @@ fn run_case(case: &Case) {
     check("uncut, then a cut", true);
     let syncs = kinds.iter().filter(|k| **k == "fsync").count();
     let points = cut_points(&kinds);
-    eprintln!("{}: {n} operations ({syncs} fsync), {} cut points x (clean, torn)", case.name, points.len());
+    eprintln!("{}: {n} operations ({syncs} fsync), {} cut points, clean and (most) torn", case.name, points.len());
 
     let mut rng = Rng::new(0x5eed ^ n);
     let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
     for &k in &points {
-        for tear in [None, Some(rng.next())] {
+        // Torn as well: every point with NBDCRYPT_POWERCUT_ALL_POINTS; by default every other
+        // write, and every point at or just before a sync or metadata operation.
+        let i = k as usize - 1;
+        let torn_here = all_points()
+            || k % 2 == 1
+            || kinds[i] != "write"
+            || kinds.get(i + 1).is_some_and(|n| *n != "write");
+        let tear_seed = rng.next();
+        for tear in [None, torn_here.then_some(tear_seed)].into_iter().collect::<BTreeSet<_>>() {
             reset();
             rig.fs().arm(k, tear);
-            let out = nbdcryptctl(&args);
+            let out = ctl(&keys, &args);
             let st = rig.fs().status();
             assert!(!st.powered, "{}: cut at {k} of {n} did not fire (exit {:?})", case.name, out.code());
             rig.fs().power_on();
             let what = format!("cut after op {k}/{n} ({}){}", kinds[k as usize - 1], if tear.is_some() { " torn" } else { "" });
-            if case.torn_may_break && tear.is_some() && !header_valid(&rig.backing.join("disk.img")) {
+            if case.torn_may_break && tear.is_some() && !header_valid(&keys, &rig.backing.join("disk.img")) {
                 *outcomes.entry("no valid header copy".into()).or_default() += 1;
-                nbdcryptctl(&args).success();
+                ctl(&keys, &args).success();
                 check(&format!("{what}, then the update again"), true);
                 continue;
             }
             let open = check(&what, false);
-            *outcomes.entry(format!("{open:?}")).or_default() += 1;
+            *outcomes.entry(open).or_default() += 1;
         }
     }
     eprintln!("{}: keys [k0, k1, k2] opening after the cuts: {outcomes:?}", case.name);
@@ -332,4 +497,14 @@ fn change_key_survives_a_power_cut_at_every_write_and_sync() {
 #[test]
 fn header_restore_survives_a_power_cut_at_every_write_and_sync() {
     run_case(&cases()[3]);
+}
+
+#[test]
+fn enroll_with_an_hsm_survives_a_power_cut_at_every_write_and_sync() {
+    run_case(&cases()[4]);
+}
+
+#[test]
+fn rekey_to_another_hsm_key_survives_a_power_cut_at_every_write_and_sync() {
+    run_case(&cases()[5]);
 }
