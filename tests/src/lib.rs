@@ -1691,6 +1691,7 @@ pub mod powercut_rig {
 
     /// xorshift64*.
     pub struct Rng(u64);
+    #[allow(clippy::should_implement_trait)]
     impl Rng {
         pub fn new(seed: u64) -> Rng {
             Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
@@ -1707,7 +1708,7 @@ pub mod powercut_rig {
         }
         /// True with probability 1/n.
         pub fn one_in(&mut self, n: u64) -> bool {
-            self.next() % n == 0
+            self.next().is_multiple_of(n)
         }
     }
 

@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use nbdcrypt_tests::powercut_rig::{nosync_daemon_binary, seed, trial_count, Rig, Rng};
 use nbdcrypt_tests::raw::{Client, CMD_FLAG_FUA, CMD_FLUSH, CMD_WRITE};
-use nbdcrypt_tests::{daemon_binary, luks_format_keyfile, nbdcryptctl, random_bytes, tempdir, Daemon, MIB};
+use nbdcrypt_tests::{
+    daemon_binary, luks_format_keyfile, nbdcryptctl, random_bytes, tempdir, Daemon, MIB,
+};
 
 const FILE_SIZE: u64 = 64 * MIB;
 const CONNS: usize = 4;
@@ -56,7 +58,12 @@ struct Acks {
 impl Acks {
     fn durable(&self) -> Vec<Record> {
         let mut v = self.fua.clone();
-        v.extend(self.completed.iter().filter(|(n, _)| *n <= self.flushed_upto).map(|(_, r)| r.clone()));
+        v.extend(
+            self.completed
+                .iter()
+                .filter(|(n, _)| *n <= self.flushed_upto)
+                .map(|(_, r)| r.clone()),
+        );
         v
     }
 }
@@ -88,12 +95,24 @@ fn wait_unlocked(d: &Daemon) {
     let sock = d.dir().join("control.sock");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let out = nbdcryptctl(&[OsStr::new("status"), OsStr::new("--control"), sock.as_os_str(), OsStr::new("--json")]);
-        let state = serde_json::from_str::<serde_json::Value>(&out.stdout).ok().map(|v| v["state"].clone());
+        let out = nbdcryptctl(&[
+            OsStr::new("status"),
+            OsStr::new("--control"),
+            sock.as_os_str(),
+            OsStr::new("--json"),
+        ]);
+        let state = serde_json::from_str::<serde_json::Value>(&out.stdout)
+            .ok()
+            .map(|v| v["state"].clone());
         if out.ok() && state.is_some_and(|s| s == "unlocked") {
             return;
         }
-        assert!(Instant::now() < deadline, "the volume was not unlocked within 30 s: {}\n{}", out.details(), d.log());
+        assert!(
+            Instant::now() < deadline,
+            "the volume was not unlocked within 30 s: {}\n{}",
+            out.details(),
+            d.log()
+        );
         std::thread::sleep(Duration::from_millis(30));
     }
 }
@@ -110,18 +129,33 @@ fn writer(sock: PathBuf, sh: Arc<Shared>, conn: u64) {
             if (slot + 1) * BIG > BIG_AREA {
                 break;
             }
-            Record { off: slot * BIG, data: random_bytes(sh.trial_seed ^ slot << 1, BIG as usize) }
+            Record {
+                off: slot * BIG,
+                data: random_bytes(sh.trial_seed ^ slot << 1, BIG as usize),
+            }
         } else {
             let slot = sh.small_slot.fetch_add(1, Ordering::Relaxed);
             if (slot + 1) * SMALL > SMALL_AREA {
                 break;
             }
             let data = random_bytes(sh.trial_seed ^ (slot << 1 | 1), SMALL as usize);
-            Record { off: BIG_AREA + slot * SMALL, data }
+            Record {
+                off: BIG_AREA + slot * SMALL,
+                data,
+            }
         };
         let fua = rng.one_in(8);
         let flags = if fua { CMD_FLAG_FUA } else { 0 };
-        if c.request(flags, CMD_WRITE, cookie, rec.off, rec.data.len() as u32, &rec.data).is_err() {
+        if c.request(
+            flags,
+            CMD_WRITE,
+            cookie,
+            rec.off,
+            rec.data.len() as u32,
+            &rec.data,
+        )
+        .is_err()
+        {
             return;
         }
         match c.simple_reply() {
@@ -194,7 +228,10 @@ fn trial(rig: &Rig, bin: &Path, trial_seed: u64, tear: bool) -> Outcome {
     let pending_at_cut = rig.fs().status().pending_bytes;
     rig.fs().cut(tear.then_some(trial_seed));
     d.signal(libc::SIGKILL);
-    assert!(d.wait_exit(Duration::from_secs(20)).is_some(), "nbdcryptd survived SIGKILL");
+    assert!(
+        d.wait_exit(Duration::from_secs(20)).is_some(),
+        "nbdcryptd survived SIGKILL"
+    );
     sh.stop.store(true, Ordering::Relaxed);
     for t in threads {
         t.join().expect("writer thread panicked");
@@ -229,7 +266,13 @@ fn trial(rig: &Rig, bin: &Path, trial_seed: u64, tear: bool) -> Outcome {
     }
 }
 
-fn run_trials(name: &str, sector_size: u32, bin: &Path, trials: usize, tear_every_other: bool) -> Vec<Outcome> {
+fn run_trials(
+    name: &str,
+    sector_size: u32,
+    bin: &Path,
+    trials: usize,
+    tear_every_other: bool,
+) -> Vec<Outcome> {
     let rig = Rig::new(|b| luks_format_keyfile(b, FILE_SIZE, sector_size));
     let base = seed();
     let mut v = Vec::new();
@@ -258,12 +301,18 @@ fn run_trials(name: &str, sector_size: u32, bin: &Path, trials: usize, tear_ever
 fn assert_no_loss(name: &str, v: &[Outcome]) {
     let lost: usize = v.iter().map(|o| o.lost).sum();
     let durable: usize = v.iter().map(|o| o.durable).sum();
-    assert!(durable > 0, "{name}: no write was acknowledged as durable: the trials tested nothing");
+    assert!(
+        durable > 0,
+        "{name}: no write was acknowledged as durable: the trials tested nothing"
+    );
     assert!(
         v.iter().any(|o| o.pending_at_cut > 0),
         "{name}: no cut found unsynced data to throw away: the trials tested nothing"
     );
-    assert_eq!(lost, 0, "{name}: {lost} of {durable} acknowledged-durable records lost across power cuts");
+    assert_eq!(
+        lost, 0,
+        "{name}: {lost} of {durable} acknowledged-durable records lost across power cuts"
+    );
 }
 
 #[test]
@@ -287,5 +336,9 @@ fn negative_control_a_daemon_that_skips_fdatasync_loses_acknowledged_records() {
     let lost: usize = v.iter().map(|o| o.lost).sum();
     let durable: usize = v.iter().map(|o| o.durable).sum();
     assert!(durable > 0, "negative control acknowledged nothing");
-    assert!(lost > 0, "negative control: a daemon without fdatasync lost nothing of {durable} records: the trials cannot see a loss");
+    assert!(
+        lost > 0,
+        "negative control: a daemon without fdatasync lost nothing of {durable} records: \
+         the trials cannot see a loss"
+    );
 }

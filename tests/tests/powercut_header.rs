@@ -1,6 +1,7 @@
 //! LUKS2 header updates across a power cut. The volume file lies on the power-cut filesystem
 //! (tests/powercut). Each update (`nbdcryptctl add-key`, `remove-key`, `change-key`,
-//! `header-restore`, and with a SoftHSM2 token `enroll` and `rekey`) runs once uncut to count its write/sync operations (the filesystem's op
+//! `header-restore`, and with a SoftHSM2 token `enroll` and `rekey`) runs once uncut to count its
+//! write/sync operations (the filesystem's op
 //! counter), then again from the same starting image with the power cut right after its k-th
 //! operation, for every cut point k of updates of up to 48 operations (header-restore has ~145:
 //! by default every sync, the write before it and a spread of the others), each cut clean and,
@@ -24,7 +25,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nbdcrypt_tests::powercut_rig::{Rig, Rng};
-use nbdcrypt_tests::{ctl_binary, luks_format_keyfile, random_bytes, run, tool, Out, CTL_TIMEOUT, MIB};
+use nbdcrypt_tests::{
+    ctl_binary, luks_format_keyfile, random_bytes, run, tool, Out, CTL_TIMEOUT, MIB,
+};
 
 const FILE_SIZE: u64 = 20 * MIB;
 const FAST_KDF: [&str; 4] = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
@@ -56,25 +59,54 @@ fn hsm_uri(label: &str) -> String {
 
 /// A SoftHSM2 token in `dir` with two AES-256 keys, kek1 and kek2 (as ctl/tests/hsm.rs).
 fn softhsm(dir: &Path) -> (PathBuf, PathBuf) {
-    assert!(Path::new(HSM_MODULE).exists(), "{HSM_MODULE} missing: apt-get install -y softhsm2 opensc");
+    assert!(
+        Path::new(HSM_MODULE).exists(),
+        "{HSM_MODULE} missing: apt-get install -y softhsm2 opensc"
+    );
     let tokens = dir.join("tokens");
     std::fs::create_dir_all(&tokens).unwrap();
     let conf = dir.join("softhsm2.conf");
     std::fs::write(
         &conf,
-        format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", tokens.display()),
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
     )
     .unwrap();
     let mut c = tool("softhsm2-util");
-    c.env("SOFTHSM2_CONF", &conf)
-        .args(["--init-token", "--free", "--label", HSM_TOKEN, "--so-pin", "87654321", "--pin", "1234"]);
+    c.env("SOFTHSM2_CONF", &conf).args([
+        "--init-token",
+        "--free",
+        "--label",
+        HSM_TOKEN,
+        "--so-pin",
+        "87654321",
+        "--pin",
+        "1234",
+    ]);
     run(&mut c, Duration::from_secs(60)).success();
     for (label, id) in [("kek1", "01"), ("kek2", "02")] {
         let mut c = tool("pkcs11-tool");
         c.env("SOFTHSM2_CONF", &conf).args([
-            "--module", HSM_MODULE, "--token-label", HSM_TOKEN, "--login", "--pin", "1234", "--keygen",
-            "--key-type", "AES:32", "--label", label, "--id", id, "--usage-decrypt", "--usage-wrap",
-            "--sensitive", "--private",
+            "--module",
+            HSM_MODULE,
+            "--token-label",
+            HSM_TOKEN,
+            "--login",
+            "--pin",
+            "1234",
+            "--keygen",
+            "--key-type",
+            "AES:32",
+            "--label",
+            label,
+            "--id",
+            id,
+            "--usage-decrypt",
+            "--usage-wrap",
+            "--sensitive",
+            "--private",
         ]);
         run(&mut c, Duration::from_secs(60)).success();
     }
@@ -92,32 +124,57 @@ fn pin_arg(k: &Keys) -> OsString {
 /// Does a token of `img` open it (`test-token`), and which HSM keys does its output name?
 fn token_opens(k: &Keys, img: &Path, what: &str) -> (bool, String) {
     let pin = pin_arg(k);
-    let out = ctl(k, &[OsStr::new("test-token"), img.as_os_str(), OsStr::new("--pkcs11-pin"), &pin]);
-    assert!(out.ok() || out.code() == Some(1), "{what}: test-token: {}", out.details());
+    let out = ctl(
+        k,
+        &[
+            OsStr::new("test-token"),
+            img.as_os_str(),
+            OsStr::new("--pkcs11-pin"),
+            &pin,
+        ],
+    );
+    assert!(
+        out.ok() || out.code() == Some(1),
+        "{what}: test-token: {}",
+        out.details()
+    );
     let text = format!("{}{}", out.stdout, out.stderr);
-    let keks: Vec<&str> = ["kek1", "kek2"].into_iter().filter(|k| text.contains(&format!("object={k}"))).collect();
+    let keks: Vec<&str> = ["kek1", "kek2"]
+        .into_iter()
+        .filter(|k| text.contains(&format!("object={k}")))
+        .collect();
     (out.ok(), keks.join("+"))
 }
 
 fn cryptsetup_add_key(img: &Path, existing: &Path, new: &Path) {
     let mut c = tool("cryptsetup");
-    c.args(["luksAddKey", "--batch-mode", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"])
-        .arg("--key-file")
-        .arg(existing)
-        .arg(img)
-        .arg(new);
+    c.args([
+        "luksAddKey",
+        "--batch-mode",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+    ])
+    .arg("--key-file")
+    .arg(existing)
+    .arg(img)
+    .arg(new);
     run(&mut c, Duration::from_secs(60)).success();
 }
 
 /// Does `key` open `img`, per nbdcryptctl and per cryptsetup (run on a copy: cryptsetup may
 /// repair a header copy, which would change what the next check sees)?
 fn opens(k: &Keys, img: &Path, key: &Path, scratch: &Path, what: &str) -> (bool, bool) {
-    let ctl = ctl(k, &[
-        OsStr::new("test-key"),
-        img.as_os_str(),
-        OsStr::new("--key-file"),
-        key.as_os_str(),
-    ]);
+    let ctl = ctl(
+        k,
+        &[
+            OsStr::new("test-key"),
+            img.as_os_str(),
+            OsStr::new("--key-file"),
+            key.as_os_str(),
+        ],
+    );
     assert!(
         ctl.ok() || ctl.code() == Some(3),
         "{what}: test-key neither opened nor rejected the key: {}",
@@ -126,7 +183,9 @@ fn opens(k: &Keys, img: &Path, key: &Path, scratch: &Path, what: &str) -> (bool,
     let copy = scratch.join("check.img");
     std::fs::copy(img, &copy).unwrap();
     let mut c = tool("cryptsetup");
-    c.args(["open", "--test-passphrase", "--key-file"]).arg(key).arg(&copy);
+    c.args(["open", "--test-passphrase", "--key-file"])
+        .arg(key)
+        .arg(&copy);
     let cs = run(&mut c, Duration::from_secs(60));
     // cryptsetup: 0 opened, 2 no key matched; anything else (e.g. 1: not a LUKS device) counts
     // as not opening, and is caught by the "always" keys.
@@ -158,7 +217,7 @@ struct Case {
     token: Option<(&'static str, bool)>,
 }
 
-fn key<'a>(k: &'a Keys, i: usize) -> &'a Path {
+fn key(k: &Keys, i: usize) -> &Path {
     [&k.k0, &k.k1, &k.k2][i]
 }
 
@@ -237,12 +296,15 @@ fn cases() -> Vec<Case> {
             // The backup (outside the mount) has key 0 only; key 1 is added after it.
             prepare: |b, k, outside| {
                 let img = b.join("disk.img");
-                let out = ctl(k, &[
-                    OsStr::new("header-backup"),
-                    img.as_os_str(),
-                    OsStr::new("--file"),
-                    outside.join("backup.hdr").as_os_str(),
-                ]);
+                let out = ctl(
+                    k,
+                    &[
+                        OsStr::new("header-backup"),
+                        img.as_os_str(),
+                        OsStr::new("--file"),
+                        outside.join("backup.hdr").as_os_str(),
+                    ],
+                );
                 out.success();
                 cryptsetup_add_key(&img, &k.k0, &k.k1);
             },
@@ -294,26 +356,41 @@ fn cases() -> Vec<Case> {
             prepare: |b, k, _| {
                 let img = b.join("disk.img");
                 let pin = pin_arg(k);
-                ctl(k, &[
-                    OsStr::new("enroll"),
-                    img.as_os_str(),
-                    OsStr::new("--pkcs11"),
-                    OsStr::new(&hsm_uri("kek1")),
-                    OsStr::new("--pkcs11-pin"),
-                    &pin,
-                    OsStr::new("--key-file"),
-                    k.k0.as_os_str(),
-                ])
+                ctl(
+                    k,
+                    &[
+                        OsStr::new("enroll"),
+                        img.as_os_str(),
+                        OsStr::new("--pkcs11"),
+                        OsStr::new(&hsm_uri("kek1")),
+                        OsStr::new("--pkcs11-pin"),
+                        &pin,
+                        OsStr::new("--key-file"),
+                        k.k0.as_os_str(),
+                    ],
+                )
                 .success();
             },
             args: |k, vol| {
                 let pin = pin_arg(k);
-                let out = ctl(k, &[OsStr::new("test-token"), vol.as_os_str(), OsStr::new("--pkcs11-pin"), &pin]);
+                let out = ctl(
+                    k,
+                    &[
+                        OsStr::new("test-token"),
+                        vol.as_os_str(),
+                        OsStr::new("--pkcs11-pin"),
+                        &pin,
+                    ],
+                );
                 let slot = format!("{}{}", out.success().stdout, "")
                     .split("keyslot ")
                     .nth(1)
                     .and_then(|r| r.split_whitespace().next())
-                    .and_then(|n| n.trim_end_matches(|c: char| !c.is_ascii_digit()).parse::<u32>().ok())
+                    .and_then(|n| {
+                        n.trim_end_matches(|c: char| !c.is_ascii_digit())
+                            .parse::<u32>()
+                            .ok()
+                    })
                     .expect("keyslot number in test-token output");
                 vec![
                     "rekey".into(),
@@ -372,7 +449,12 @@ fn run_case(case: &Case) {
     let rig = Rig::new(|_| {});
     let outside = rig.dir.path().to_path_buf();
     let hsm = case.token.map(|_| softhsm(&outside.join("hsm")));
-    let keys = Keys { k0: rig.backing.join("key"), k1: outside.join("k1"), k2: outside.join("k2"), hsm };
+    let keys = Keys {
+        k0: rig.backing.join("key"),
+        k1: outside.join("k1"),
+        k2: outside.join("k2"),
+        hsm,
+    };
     std::fs::write(&keys.k1, random_bytes(101, 40)).unwrap();
     std::fs::write(&keys.k2, random_bytes(102, 24)).unwrap();
     // Prepare on the backing directory directly (durable as is), then keep a copy to start
@@ -389,14 +471,20 @@ fn run_case(case: &Case) {
         rig.fs().power_on();
         std::fs::copy(&initial, rig.backing.join("disk.img")).unwrap();
     };
-    let used: BTreeSet<usize> =
-        [case.always, case.either, case.after_open, case.after_closed].concat().into_iter().collect();
+    let used: BTreeSet<usize> = [case.always, case.either, case.after_open, case.after_closed]
+        .concat()
+        .into_iter()
+        .collect();
     let check = |what: &str, after: bool| {
         let img = rig.backing.join("disk.img");
         let mut open = [false; 3];
         for &i in &used {
             let (ctl, cs) = opens(&keys, &img, key(&keys, i), &outside, what);
-            assert_eq!(ctl, cs, "{}: {what}: nbdcryptctl and cryptsetup disagree on key {i}", case.name);
+            assert_eq!(
+                ctl, cs,
+                "{}: {what}: nbdcryptctl and cryptsetup disagree on key {i}",
+                case.name
+            );
             open[i] = ctl;
         }
         let mut token = String::new();
@@ -406,12 +494,24 @@ fn run_case(case: &Case) {
                 assert!(ok, "{}: {what}: no token opens the volume", case.name);
             }
             if after {
-                assert_eq!(keks, want, "{}: {what}: the token is sealed by {keks}, not {want}", case.name);
+                assert_eq!(
+                    keks, want,
+                    "{}: {what}: the token is sealed by {keks}, not {want}",
+                    case.name
+                );
             }
-            token = if ok { format!(" token:{keks}") } else { " token:none".into() };
+            token = if ok {
+                format!(" token:{keks}")
+            } else {
+                " token:none".into()
+            };
         }
         for &i in case.always {
-            assert!(open[i], "{}: {what}: key {i} no longer opens the volume", case.name);
+            assert!(
+                open[i],
+                "{}: {what}: key {i} no longer opens the volume",
+                case.name
+            );
         }
         if !case.either.is_empty() {
             assert!(
@@ -423,10 +523,18 @@ fn run_case(case: &Case) {
         }
         if after {
             for &i in case.after_open {
-                assert!(open[i], "{}: {what}: key {i} does not open after the update", case.name);
+                assert!(
+                    open[i],
+                    "{}: {what}: key {i} does not open after the update",
+                    case.name
+                );
             }
             for &i in case.after_closed {
-                assert!(!open[i], "{}: {what}: key {i} still opens after the update", case.name);
+                assert!(
+                    !open[i],
+                    "{}: {what}: key {i} still opens after the update",
+                    case.name
+                );
             }
         }
         format!("{open:?}{token}")
@@ -438,14 +546,22 @@ fn run_case(case: &Case) {
     ctl(&keys, &args).success();
     let kinds = rig.fs().control().op_kinds(from);
     let n = kinds.len() as u64;
-    assert!(n > 0, "{}: the update wrote nothing through the mount", case.name);
+    assert!(
+        n > 0,
+        "{}: the update wrote nothing through the mount",
+        case.name
+    );
     // Durable without the cut? Cut now: nothing of the update may depend on unsynced state.
     rig.fs().cut(None);
     rig.fs().power_on();
     check("uncut, then a cut", true);
     let syncs = kinds.iter().filter(|k| **k == "fsync").count();
     let points = cut_points(&kinds);
-    eprintln!("{}: {n} operations ({syncs} fsync), {} cut points, clean and (most) torn", case.name, points.len());
+    eprintln!(
+        "{}: {n} operations ({syncs} fsync), {} cut points, clean and (most) torn",
+        case.name,
+        points.len()
+    );
 
     let mut rng = Rng::new(0x5eed ^ n);
     let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
@@ -458,15 +574,30 @@ fn run_case(case: &Case) {
             || kinds[i] != "write"
             || kinds.get(i + 1).is_some_and(|n| *n != "write");
         let tear_seed = rng.next();
-        for tear in [None, torn_here.then_some(tear_seed)].into_iter().collect::<BTreeSet<_>>() {
+        for tear in [None, torn_here.then_some(tear_seed)]
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+        {
             reset();
             rig.fs().arm(k, tear);
             let out = ctl(&keys, &args);
             let st = rig.fs().status();
-            assert!(!st.powered, "{}: cut at {k} of {n} did not fire (exit {:?})", case.name, out.code());
+            assert!(
+                !st.powered,
+                "{}: cut at {k} of {n} did not fire (exit {:?})",
+                case.name,
+                out.code()
+            );
             rig.fs().power_on();
-            let what = format!("cut after op {k}/{n} ({}){}", kinds[k as usize - 1], if tear.is_some() { " torn" } else { "" });
-            if case.torn_may_break && tear.is_some() && !header_valid(&keys, &rig.backing.join("disk.img")) {
+            let what = format!(
+                "cut after op {k}/{n} ({}){}",
+                kinds[k as usize - 1],
+                if tear.is_some() { " torn" } else { "" }
+            );
+            if case.torn_may_break
+                && tear.is_some()
+                && !header_valid(&keys, &rig.backing.join("disk.img"))
+            {
                 *outcomes.entry("no valid header copy".into()).or_default() += 1;
                 ctl(&keys, &args).success();
                 check(&format!("{what}, then the update again"), true);
@@ -476,7 +607,10 @@ fn run_case(case: &Case) {
             *outcomes.entry(open).or_default() += 1;
         }
     }
-    eprintln!("{}: keys [k0, k1, k2] opening after the cuts: {outcomes:?}", case.name);
+    eprintln!(
+        "{}: keys [k0, k1, k2] opening after the cuts: {outcomes:?}",
+        case.name
+    );
 }
 
 #[test]

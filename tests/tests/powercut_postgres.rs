@@ -14,12 +14,11 @@
 //! Needs root, /dev/fuse, PostgreSQL, libnbd-bin (nbdfuse), e2fsprogs.
 
 #[path = "common/db_stack.rs"]
-#[allow(dead_code)]
 mod db_stack;
 
 use db_stack::{
-    children_of, fsck_after_crash, need, print_table, sh, wait_gone, alive, mkfs, Committer, Fuse, LoopDev, Rng, Stack,
-    TrialRow, Volume, LONG, SHORT,
+    alive, children_of, fsck_after_crash, mkfs, need, print_table, sh, wait_gone, Committer, Fuse,
+    LoopDev, Rng, Stack, TrialRow, Volume, LONG, SHORT,
 };
 use nbdcrypt_tests::powercut_rig::{nosync_daemon_binary, seed, trial_count};
 use nbdcrypt_tests::*;
@@ -74,17 +73,30 @@ fn preflight() {
     ] {
         need(t, p);
     }
-    for b in ["initdb", "postgres", "pg_isready", "psql", "pgbench", "pg_amcheck"] {
+    for b in [
+        "initdb",
+        "postgres",
+        "pg_isready",
+        "psql",
+        "pgbench",
+        "pg_amcheck",
+    ] {
         pg_bin(b);
     }
-    assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing: nbdfuse cannot mount");
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: nbdfuse cannot mount"
+    );
 }
 
 /// uid and gid of the `postgres` user (created by Debian's postgresql-common).
 fn postgres_user() -> (u32, u32) {
     let name = std::ffi::CString::new("postgres").unwrap();
     let pw = unsafe { libc::getpwnam(name.as_ptr()) };
-    assert!(!pw.is_null(), "user `postgres` does not exist (Debian package postgresql-common creates it)");
+    assert!(
+        !pw.is_null(),
+        "user `postgres` does not exist (Debian package postgresql-common creates it)"
+    );
     unsafe { ((*pw).pw_uid, (*pw).pw_gid) }
 }
 
@@ -107,16 +119,34 @@ impl Pg {
         std::os::unix::fs::chown(&run_dir, Some(uid), Some(gid)).unwrap();
         std::fs::create_dir_all(data).unwrap();
         std::os::unix::fs::chown(data, Some(uid), Some(gid)).unwrap();
-        let pg = Pg { data: data.to_owned(), log: run_dir.join("postgres.log"), run_dir, uid, gid, postmaster: None };
+        let pg = Pg {
+            data: data.to_owned(),
+            log: run_dir.join("postgres.log"),
+            run_dir,
+            uid,
+            gid,
+            postmaster: None,
+        };
         let mut c = pg.as_postgres(&pg_bin("initdb"));
-        c.arg("-D").arg(data).args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-instructions"]);
+        c.arg("-D").arg(data).args([
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-instructions",
+        ]);
         sh(&mut c, LONG);
         pg
     }
 
     fn as_postgres(&self, prog: &Path) -> Command {
         let mut c = Command::new(prog);
-        c.uid(self.uid).gid(self.gid).current_dir("/").env("LC_ALL", "C");
+        c.uid(self.uid)
+            .gid(self.gid)
+            .current_dir("/")
+            .env("LC_ALL", "C");
         c
     }
 
@@ -131,7 +161,11 @@ impl Pg {
     fn start(&mut self) {
         assert!(self.postmaster.is_none());
         let sock = format!("unix_socket_directories={}", self.run_dir.display());
-        let log = File::options().create(true).append(true).open(&self.log).unwrap();
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let mut c = self.as_postgres(&pg_bin("postgres"));
         c.arg("-D").arg(&self.data);
         for setting in [
@@ -149,22 +183,34 @@ impl Pg {
         ] {
             c.arg("-c").arg(setting);
         }
-        c.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        c.stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
         self.postmaster = Some(c.spawn().expect("spawn postgres"));
         let deadline = Instant::now() + LONG;
         loop {
             if let Some(st) = self.postmaster.as_mut().unwrap().try_wait().unwrap() {
                 self.postmaster = None;
-                panic!("postgres exited with {st} during startup\n---- server log ----\n{}", self.server_log());
+                panic!(
+                    "postgres exited with {st} during startup\n---- server log ----\n{}",
+                    self.server_log()
+                );
             }
             let out = run(
-                Command::new(pg_bin("pg_isready")).arg("-h").arg(&self.run_dir).args(["-U", "postgres", "-t", "2"]),
+                Command::new(pg_bin("pg_isready"))
+                    .arg("-h")
+                    .arg(&self.run_dir)
+                    .args(["-U", "postgres", "-t", "2"]),
                 SHORT,
             );
             if out.ok() {
                 return;
             }
-            assert!(Instant::now() < deadline, "postgres not ready within {LONG:?}\n{}", self.server_log());
+            assert!(
+                Instant::now() < deadline,
+                "postgres not ready within {LONG:?}\n{}",
+                self.server_log()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -185,7 +231,10 @@ impl Pg {
 
     #[track_caller]
     fn psql(&self, sql: &str) -> String {
-        sh(self.psql_cmd().arg("-c").arg(sql), LONG).stdout.trim().to_owned()
+        sh(self.psql_cmd().arg("-c").arg(sql), LONG)
+            .stdout
+            .trim()
+            .to_owned()
     }
 
     fn pgbench(&self) -> Command {
@@ -200,13 +249,22 @@ impl Pg {
             Command::new(pg_bin("pg_amcheck"))
                 .arg("-h")
                 .arg(&self.run_dir)
-                .args(["-U", "postgres", "--all", "--install-missing", "--heapallindexed"]),
+                .args([
+                    "-U",
+                    "postgres",
+                    "--all",
+                    "--install-missing",
+                    "--heapallindexed",
+                ]),
             LONG,
         );
         if out.ok() && out.stdout.trim().is_empty() {
             ("ok".into(), true)
         } else {
-            (format!("pg_amcheck exit {:?}:\n{}", out.code(), out.details()), false)
+            (
+                format!("pg_amcheck exit {:?}:\n{}", out.code(), out.details()),
+                false,
+            )
         }
     }
 
@@ -221,16 +279,25 @@ impl Pg {
             }
             if Instant::now() > deadline {
                 self.postmaster = Some(pm);
-                panic!("postgres did not stop within {LONG:?}\n{}", self.server_log());
+                panic!(
+                    "postgres did not stop within {LONG:?}\n{}",
+                    self.server_log()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        assert!(st.success(), "postgres exited {st} on fast shutdown\n{}", self.server_log());
+        assert!(
+            st.success(),
+            "postgres exited {st} on fast shutdown\n{}",
+            self.server_log()
+        );
     }
 
     /// `kill -9` the postmaster and all its children; returns those still alive after `timeout`.
     fn kill9(&mut self, timeout: Duration) -> Vec<i32> {
-        let Some(mut pm) = self.postmaster.take() else { return vec![] };
+        let Some(mut pm) = self.postmaster.take() else {
+            return vec![];
+        };
         let root = pm.id() as i32;
         let mut pids = children_of(root);
         unsafe { libc::kill(root, libc::SIGKILL) };
@@ -251,11 +318,13 @@ impl Drop for Pg {
             eprintln!("warning: postgres processes still alive after SIGKILL");
         }
         if std::thread::panicking() {
-            eprintln!("---- postgres log (tail) ----\n{}\n---- end ----", self.server_log());
+            eprintln!(
+                "---- postgres log (tail) ----\n{}\n---- end ----",
+                self.server_log()
+            );
         }
     }
 }
-
 
 /// A child process killed on drop (pgbench background load).
 struct KillOnDrop(Child);
@@ -265,7 +334,6 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
-
 
 // ---- the power-cut trials --------------------------------------------------------------------
 
@@ -281,7 +349,8 @@ impl CutVolume {
         let backing = vol.subdir("powercut-backing");
         let mnt = vol.subdir("powercut-mnt");
         std::fs::rename(&vol.image, backing.join("volume.img")).unwrap();
-        let fs = powercut::mount(&backing, &mnt).expect("mount the power-cut filesystem (root, /dev/fuse)");
+        let fs = powercut::mount(&backing, &mnt)
+            .expect("mount the power-cut filesystem (root, /dev/fuse)");
         vol.image = mnt.join("volume.img");
         CutVolume { vol, fs: Some(fs) }
     }
@@ -318,14 +387,27 @@ fn attach(vol: &Volume, bin: &Path) -> Stack {
         if out.ok() {
             break;
         }
-        assert!(Instant::now() < deadline, "export not offered after unlock\n{}\n{}", out.details(), d.log());
+        assert!(
+            Instant::now() < deadline,
+            "export not offered after unlock\n{}\n{}",
+            out.details(),
+            d.log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let fuse_mnt = vol.subdir("fuse");
     let data_mnt = vol.subdir("data");
     let fuse = Fuse::attach(&d.sock, &fuse_mnt, &vol.path().join("nbdfuse.log"));
     let lo = LoopDev::attach(&fuse.file());
-    Stack { mount: None, lo: Some(lo), fuse: Some(fuse), daemon: Some(d), nbdkit: None, fuse_mnt, data_mnt }
+    Stack {
+        mount: None,
+        lo: Some(lo),
+        fuse: Some(fuse),
+        daemon: Some(d),
+        nbdkit: None,
+        fuse_mnt,
+        data_mnt,
+    }
 }
 
 /// Runs `trials` power-cut trials with `bin` serving the load; recovery always by the real
@@ -359,7 +441,10 @@ fn trials(name: &str, bin: &Path, trials: usize) -> Vec<TrialRow> {
         let mut stack = attach(vol, bin);
         stack.mount();
         pg.start();
-        let first_id: i64 = pg.psql("SELECT coalesce(max(id), 0) + 1 FROM t").parse().unwrap();
+        let first_id: i64 = pg
+            .psql("SELECT coalesce(max(id), 0) + 1 FROM t")
+            .parse()
+            .unwrap();
         let cut_ms = rng.range(1000, 5001);
         let tear = (trial % 2 == 0).then(|| rng.next());
         let noise = KillOnDrop(
@@ -390,7 +475,10 @@ fn trials(name: &str, bin: &Path, trials: usize) -> Vec<TrialRow> {
         let stuck = pg.kill9(Duration::from_secs(10));
         if !stuck.is_empty() {
             stack.fuse.as_mut().unwrap().kill();
-            assert!(wait_gone(&stuck, SHORT), "postgres processes {stuck:?} survive SIGKILL and a FUSE abort");
+            assert!(
+                wait_gone(&stuck, SHORT),
+                "postgres processes {stuck:?} survive SIGKILL and a FUSE abort"
+            );
         }
         drop(noise);
         let fuse = stack.fuse.as_mut().unwrap();
@@ -412,9 +500,17 @@ fn trials(name: &str, bin: &Path, trials: usize) -> Vec<TrialRow> {
                 .collect();
             (amcheck, ok, found)
         } else {
-            ("crash recovery failed".to_string(), false, Default::default())
+            (
+                "crash recovery failed".to_string(),
+                false,
+                Default::default(),
+            )
         };
-        let missing: Vec<i64> = acked.iter().copied().filter(|id| !found.contains(id)).collect();
+        let missing: Vec<i64> = acked
+            .iter()
+            .copied()
+            .filter(|id| !found.contains(id))
+            .collect();
         let row = TrialRow {
             trial,
             kill_ms: cut_ms,
@@ -429,11 +525,16 @@ fn trials(name: &str, bin: &Path, trials: usize) -> Vec<TrialRow> {
             check_ok,
         };
         println!(
-            "{name} trial {trial}: cut after {cut_ms} ms{} with {pending} bytes pending; {flushes} FLUSHes; {} commits acknowledged ({} before the cut), {} found, {} missing; fsck: {}; amcheck: {}",
+            "{name} trial {trial}: cut after {cut_ms} ms{} with {pending} bytes pending; \
+             {flushes} FLUSHes; {} commits acknowledged ({} before the cut), {} found, {} missing; \
+             fsck: {}; amcheck: {}",
             if tear.is_some() { " (torn)" } else { "" },
             row.acked, row.acked_at_kill, row.found, row.missing.len(), row.fsck, row.check
         );
-        assert!(row.acked > 0, "{name} trial {trial}: no commit was acknowledged before the cut; the trial proves nothing");
+        assert!(
+            row.acked > 0,
+            "{name} trial {trial}: no commit was acknowledged before the cut; the trial proves nothing"
+        );
         rows.push(row);
         if started.is_ok() {
             pg.stop();
@@ -444,7 +545,11 @@ fn trials(name: &str, bin: &Path, trials: usize) -> Vec<TrialRow> {
         stack.shutdown();
     }
     print_table(&rows, "pg_amcheck");
-    println!("{name}: {} trials, run time {:.1?}", rows.len(), t0.elapsed());
+    println!(
+        "{name}: {} trials, run time {:.1?}",
+        rows.len(),
+        t0.elapsed()
+    );
     rows
 }
 
@@ -458,6 +563,11 @@ fn postgres_loses_no_acknowledged_commit_across_power_cuts() {
 fn negative_control_postgres_on_a_daemon_without_fdatasync_loses_commits_across_a_power_cut() {
     let bin = nosync_daemon_binary();
     let rows = trials("nosync", &bin, trial_count(1).clamp(1, 3));
-    let lost = rows.iter().any(|r| !r.missing.is_empty() || !r.check_ok || !r.fsck_ok);
-    assert!(lost, "negative control: PostgreSQL on a daemon without fdatasync lost nothing across a power cut");
+    let lost = rows
+        .iter()
+        .any(|r| !r.missing.is_empty() || !r.check_ok || !r.fsck_ok);
+    assert!(
+        lost,
+        "negative control: PostgreSQL on a daemon without fdatasync lost nothing across a power cut"
+    );
 }

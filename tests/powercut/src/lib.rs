@@ -69,7 +69,11 @@ enum Undo {
     /// `path` was moved to `stash` (unlink/rmdir): undone by moving it back.
     Removed { path: PathBuf, stash: PathBuf },
     /// `from` was renamed to `to`; what `to` held before went to `replaced`.
-    Renamed { from: PathBuf, to: PathBuf, replaced: Option<PathBuf> },
+    Renamed {
+        from: PathBuf,
+        to: PathBuf,
+        replaced: Option<PathBuf>,
+    },
 }
 
 impl Undo {
@@ -128,7 +132,6 @@ struct Core {
 fn errno(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
 }
-
 
 /// xorshift64*: tear patterns reproducible from a seed.
 struct Rng(u64);
@@ -279,7 +282,14 @@ impl Core {
         if !self.pending.contains_key(&ino) {
             let rel = self.rel(ino)?;
             let len = fs::metadata(self.full(&rel)).map_err(|e| errno(&e))?.len();
-            self.pending.insert(ino, Pending { sectors: BTreeMap::new(), size: len, valid: len });
+            self.pending.insert(
+                ino,
+                Pending {
+                    sectors: BTreeMap::new(),
+                    size: len,
+                    valid: len,
+                },
+            );
         }
         Ok(self.pending.get_mut(&ino).expect("inserted above"))
     }
@@ -332,11 +342,16 @@ impl Core {
             let to = (s_off + SECTOR).min(end);
             let mut sector: Sector = Box::new([0u8; SECTOR as usize]);
             if to - from < SECTOR {
-                self.read_logical(ino, file, s_off, &mut sector[..]).map_err(|e| errno(&e))?;
+                self.read_logical(ino, file, s_off, &mut sector[..])
+                    .map_err(|e| errno(&e))?;
             }
             sector[(from - s_off) as usize..(to - s_off) as usize]
                 .copy_from_slice(&data[(from - off) as usize..(to - off) as usize]);
-            self.pending.get_mut(&ino).expect("made above").sectors.insert(s, sector);
+            self.pending
+                .get_mut(&ino)
+                .expect("made above")
+                .sectors
+                .insert(s, sector);
             s += 1;
         }
         let p = self.pending.get_mut(&ino).expect("made above");
@@ -349,10 +364,11 @@ impl Core {
         let file = File::open(self.full(&rel)).map_err(|e| errno(&e))?;
         self.pending_mut(ino)?;
         let mut edge = None;
-        if size % SECTOR != 0 {
+        if !size.is_multiple_of(SECTOR) {
             let s = size / SECTOR;
             let mut sector: Sector = Box::new([0u8; SECTOR as usize]);
-            self.read_logical(ino, &file, s * SECTOR, &mut sector[..]).map_err(|e| errno(&e))?;
+            self.read_logical(ino, &file, s * SECTOR, &mut sector[..])
+                .map_err(|e| errno(&e))?;
             sector[(size % SECTOR) as usize..].fill(0);
             edge = Some((s, sector));
         }
@@ -370,9 +386,14 @@ impl Core {
 
     /// Writes the file's pending state to the backing file and syncs it.
     fn sync_file(&mut self, ino: u64) -> Result<(), i32> {
-        let Some(p) = self.pending.get(&ino) else { return Ok(()) };
+        let Some(p) = self.pending.get(&ino) else {
+            return Ok(());
+        };
         let rel = self.rel(ino)?;
-        let f = OpenOptions::new().write(true).open(self.full(&rel)).map_err(|e| errno(&e))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(self.full(&rel))
+            .map_err(|e| errno(&e))?;
         let e = |e: io::Error| errno(&e);
         let cur = f.metadata().map_err(e)?.len();
         if p.valid < cur {
@@ -391,9 +412,14 @@ impl Core {
     /// O_DSYNC semantics: makes only the sectors of `[off, off+len)` (and the size, if the write
     /// extended the file) durable; other pending writes of the file stay pending.
     fn sync_range(&mut self, ino: u64, off: u64, len: u64) -> Result<(), i32> {
-        let Some(p) = self.pending.get(&ino) else { return Ok(()) };
+        let Some(p) = self.pending.get(&ino) else {
+            return Ok(());
+        };
         let rel = self.rel(ino)?;
-        let f = OpenOptions::new().write(true).open(self.full(&rel)).map_err(|e| errno(&e))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(self.full(&rel))
+            .map_err(|e| errno(&e))?;
         let e = |e: io::Error| errno(&e);
         let cur = f.metadata().map_err(e)?.len();
         if p.valid < cur {
@@ -429,7 +455,9 @@ impl Core {
 
     /// Commits the journal up to its last entry touching directory `dir`.
     fn commit_dir(&mut self, dir: &Path) -> io::Result<()> {
-        let Some(last) = self.journal.iter().rposition(|u| u.touches(dir)) else { return Ok(()) };
+        let Some(last) = self.journal.iter().rposition(|u| u.touches(dir)) else {
+            return Ok(());
+        };
         for u in self.journal.drain(..=last).collect::<Vec<_>>() {
             let gone = match u {
                 Undo::Removed { stash, .. } => Some(stash),
@@ -458,7 +486,10 @@ impl Core {
             Err(_) => Ok(()),
         };
         if let Err(e) = r {
-            eprintln!("powercut: cannot undo the creation of {}: {e}", full.display());
+            eprintln!(
+                "powercut: cannot undo the creation of {}: {e}",
+                full.display()
+            );
         }
     }
 
@@ -476,10 +507,14 @@ impl Core {
             let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
             let pending = std::mem::take(&mut self.pending);
             for (ino, p) in pending {
-                let Some(rel) = self.paths.get(&ino) else { continue };
-                let Ok(f) = OpenOptions::new().write(true).open(self.full(rel)) else { continue };
+                let Some(rel) = self.paths.get(&ino) else {
+                    continue;
+                };
+                let Ok(f) = OpenOptions::new().write(true).open(self.full(rel)) else {
+                    continue;
+                };
                 for (&s, data) in &p.sectors {
-                    if rng.next() % 2 == 0 {
+                    if rng.next().is_multiple_of(2) {
                         let _ = f.write_all_at(&data[..], s * SECTOR);
                     }
                 }
@@ -493,9 +528,13 @@ impl Core {
                     Ok(())
                 }
                 Undo::Removed { path, stash } => self.rename_backing(stash, path),
-                Undo::Renamed { from, to, replaced } => self.rename_backing(to, from).and_then(|()| {
-                    replaced.as_ref().map_or(Ok(()), |r| self.rename_backing(r, to))
-                }),
+                Undo::Renamed { from, to, replaced } => {
+                    self.rename_backing(to, from).and_then(|()| {
+                        replaced
+                            .as_ref()
+                            .map_or(Ok(()), |r| self.rename_backing(r, to))
+                    })
+                }
             };
             if let Err(e) = r {
                 eprintln!("powercut: cannot undo {u:?}: {e}");
@@ -646,7 +685,12 @@ impl Control {
     /// `fsyncdir`, `truncate`, `create`, `mkdir`, `symlink`, `rename`, `unlink`): operation
     /// `from + 1 + i` is `result[i]`. Logged for the first 2^20 operations.
     pub fn op_kinds(&self, from: u64) -> Vec<&'static str> {
-        self.lock().op_log.iter().skip(from as usize).copied().collect()
+        self.lock()
+            .op_log
+            .iter()
+            .skip(from as usize)
+            .copied()
+            .collect()
     }
 }
 
@@ -722,7 +766,11 @@ impl Drop for Mounted {
 pub fn mount(backing: &Path, mountpoint: &Path) -> io::Result<Mounted> {
     let (fs, control) = PowerCutFs::new(backing)?;
     let session = fuser::spawn_mount2(fs, mountpoint, &mount_options())?;
-    Ok(Mounted { session: Some(session), control, mountpoint: mountpoint.to_path_buf() })
+    Ok(Mounted {
+        session: Some(session),
+        control,
+        mountpoint: mountpoint.to_path_buf(),
+    })
 }
 
 fn time_arg(t: Option<TimeOrNow>) -> nix::sys::time::TimeSpec {
@@ -730,7 +778,9 @@ fn time_arg(t: Option<TimeOrNow>) -> nix::sys::time::TimeSpec {
     match t {
         None => TimeSpec::UTIME_OMIT,
         Some(TimeOrNow::Now) => TimeSpec::UTIME_NOW,
-        Some(TimeOrNow::SpecificTime(t)) => TimeSpec::from(t.duration_since(UNIX_EPOCH).unwrap_or_default()),
+        Some(TimeOrNow::SpecificTime(t)) => {
+            TimeSpec::from(t.duration_since(UNIX_EPOCH).unwrap_or_default())
+        }
     }
 }
 
@@ -755,7 +805,11 @@ impl Filesystem for PowerCutFs {
 
     fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
         let c = self.lock();
-        let r = if ino == CONTROL_INO || ino == ROOT_INO { c.attr(ino) } else { c.live().and(c.attr(ino)) };
+        let r = if ino == CONTROL_INO || ino == ROOT_INO {
+            c.attr(ino)
+        } else {
+            c.live().and(c.attr(ino))
+        };
         match r {
             Ok(a) => reply.attr(&TTL, &a),
             Err(e) => reply.error(e),
@@ -793,14 +847,23 @@ impl Filesystem for PowerCutFs {
                     .map_err(|e| errno(&e))?;
             }
             if uid.is_some() || gid.is_some() {
-                let (u, g) = (uid.map(nix::unistd::Uid::from_raw), gid.map(nix::unistd::Gid::from_raw));
+                let (u, g) = (
+                    uid.map(nix::unistd::Uid::from_raw),
+                    gid.map(nix::unistd::Gid::from_raw),
+                );
                 nix::unistd::fchownat(None, &full, u, g, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
                     .map_err(|e| e as i32)?;
             }
             if atime.is_some() || mtime.is_some() {
                 let (a, m) = (time_arg(atime), time_arg(mtime));
-                nix::sys::stat::utimensat(None, &full, &a, &m, nix::sys::stat::UtimensatFlags::FollowSymlink)
-                    .map_err(|e| e as i32)?;
+                nix::sys::stat::utimensat(
+                    None,
+                    &full,
+                    &a,
+                    &m,
+                    nix::sys::stat::UtimensatFlags::FollowSymlink,
+                )
+                .map_err(|e| e as i32)?;
             }
             if let Some(s) = size {
                 c.truncate(ino, s)?;
@@ -817,9 +880,10 @@ impl Filesystem for PowerCutFs {
 
     fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
         let c = self.lock();
-        let r = c.live().and_then(|()| c.rel(ino)).and_then(|rel| {
-            fs::read_link(c.full(&rel)).map_err(|e| errno(&e))
-        });
+        let r = c
+            .live()
+            .and_then(|()| c.rel(ino))
+            .and_then(|rel| fs::read_link(c.full(&rel)).map_err(|e| errno(&e)));
         match r {
             Ok(t) => reply.data(t.as_os_str().as_bytes()),
             Err(e) => reply.error(e),
@@ -949,11 +1013,22 @@ impl Filesystem for PowerCutFs {
                 if flags & libc::RENAME_NOREPLACE != 0 {
                     return Err(libc::EEXIST);
                 }
-                let from_dir = fs::symlink_metadata(c.full(&from)).map_err(|e| errno(&e))?.is_dir();
+                let from_dir = fs::symlink_metadata(c.full(&from))
+                    .map_err(|e| errno(&e))?
+                    .is_dir();
                 if md.is_dir() != from_dir {
-                    return Err(if md.is_dir() { libc::EISDIR } else { libc::ENOTDIR });
+                    return Err(if md.is_dir() {
+                        libc::EISDIR
+                    } else {
+                        libc::ENOTDIR
+                    });
                 }
-                if md.is_dir() && fs::read_dir(c.full(&to)).map_err(|e| errno(&e))?.next().is_some() {
+                if md.is_dir()
+                    && fs::read_dir(c.full(&to))
+                        .map_err(|e| errno(&e))?
+                        .next()
+                        .is_some()
+                {
                     return Err(libc::ENOTEMPTY);
                 }
                 let stash = c.stash_path();
@@ -1024,7 +1099,13 @@ impl Filesystem for PowerCutFs {
             let fh = c.next_fh;
             c.next_fh += 1;
             let sync = flags & (libc::O_SYNC | libc::O_DSYNC) != 0;
-            c.handles.insert(fh, Handle { file: Some(file), sync });
+            c.handles.insert(
+                fh,
+                Handle {
+                    file: Some(file),
+                    sync,
+                },
+            );
             Ok(fh)
         })();
         match r {
@@ -1058,7 +1139,8 @@ impl Filesystem for PowerCutFs {
             let len = c.attr(ino)?.size;
             let n = (size as u64).min(len.saturating_sub(off)) as usize;
             let mut buf = vec![0u8; n];
-            c.read_logical(ino, file, off, &mut buf).map_err(|e| errno(&e))?;
+            c.read_logical(ino, file, off, &mut buf)
+                .map_err(|e| errno(&e))?;
             Ok(buf)
         })();
         match r {
@@ -1090,7 +1172,12 @@ impl Filesystem for PowerCutFs {
         let r = (|| {
             let h = c.handle(fh)?;
             let sync = h.sync || flags & (libc::O_SYNC | libc::O_DSYNC) != 0;
-            let file = h.file.as_ref().ok_or(libc::EBADF)?.try_clone().map_err(|e| errno(&e))?;
+            let file = h
+                .file
+                .as_ref()
+                .ok_or(libc::EBADF)?
+                .try_clone()
+                .map_err(|e| errno(&e))?;
             let off = offset.max(0) as u64;
             c.write_pending(ino, &file, off, data)?;
             c.count("write");
@@ -1148,7 +1235,13 @@ impl Filesystem for PowerCutFs {
             c.rel(ino)?;
             let fh = c.next_fh;
             c.next_fh += 1;
-            c.handles.insert(fh, Handle { file: None, sync: false });
+            c.handles.insert(
+                fh,
+                Handle {
+                    file: None,
+                    sync: false,
+                },
+            );
             Ok(fh)
         })();
         match r {
@@ -1185,13 +1278,23 @@ impl Filesystem for PowerCutFs {
             names.sort();
             for (n, dir) in names {
                 let i = c.ino_of(&rel.join(&n));
-                entries.push((i, if dir { FileType::Directory } else { FileType::RegularFile }, n));
+                entries.push((
+                    i,
+                    if dir {
+                        FileType::Directory
+                    } else {
+                        FileType::RegularFile
+                    },
+                    n,
+                ));
             }
             Ok(entries)
         })();
         match r {
             Ok(entries) => {
-                for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset.max(0) as usize) {
+                for (i, (ino, kind, name)) in
+                    entries.into_iter().enumerate().skip(offset.max(0) as usize)
+                {
                     if reply.add(ino, (i + 1) as i64, kind, name) {
                         break;
                     }
@@ -1202,12 +1305,26 @@ impl Filesystem for PowerCutFs {
         }
     }
 
-    fn releasedir(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, _flags: i32, reply: ReplyEmpty) {
+    fn releasedir(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _flags: i32,
+        reply: ReplyEmpty,
+    ) {
         self.lock().handles.remove(&fh);
         reply.ok();
     }
 
-    fn fsyncdir(&mut self, _req: &Request<'_>, ino: u64, fh: u64, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        fh: u64,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         let mut c = self.lock();
         let r = (|| {
             c.handle(fh)?;
@@ -1270,7 +1387,13 @@ impl Filesystem for PowerCutFs {
             let fh = c.next_fh;
             c.next_fh += 1;
             let sync = flags & (libc::O_SYNC | libc::O_DSYNC) != 0;
-            c.handles.insert(fh, Handle { file: Some(file), sync });
+            c.handles.insert(
+                fh,
+                Handle {
+                    file: Some(file),
+                    sync,
+                },
+            );
             c.count("create");
             Ok((a, fh))
         })();
@@ -1305,7 +1428,12 @@ impl PowerCutFs {
             if dir != md.is_dir() {
                 return Err(if dir { libc::ENOTDIR } else { libc::EISDIR });
             }
-            if dir && fs::read_dir(c.full(&rel)).map_err(|e| errno(&e))?.next().is_some() {
+            if dir
+                && fs::read_dir(c.full(&rel))
+                    .map_err(|e| errno(&e))?
+                    .next()
+                    .is_some()
+            {
                 return Err(libc::ENOTEMPTY);
             }
             let stash = c.stash_path();

@@ -11,13 +11,21 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if args.len() != 3 || args[1].starts_with('-') {
-        eprintln!("usage: powercut-fs BACKING MOUNTPOINT\n\n{}", include_str!("usage.txt"));
+        eprintln!(
+            "usage: powercut-fs BACKING MOUNTPOINT\n\n{}",
+            include_str!("usage.txt")
+        );
         return ExitCode::from(2);
     }
     let (backing, mountpoint) = (PathBuf::from(&args[1]), PathBuf::from(&args[2]));
     // Block the signals in every thread (the FUSE thread inherits the mask); this one waits.
     let mut set = SigSet::empty();
-    for s in [Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGINT, Signal::SIGTERM] {
+    for s in [
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGINT,
+        Signal::SIGTERM,
+    ] {
         set.add(s);
     }
     if let Err(e) = set.thread_block() {
@@ -36,7 +44,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    eprintln!("powercut-fs: {} mounted on {}", backing.display(), mountpoint.display());
+    eprintln!(
+        "powercut-fs: {} mounted on {}",
+        backing.display(),
+        mountpoint.display()
+    );
     loop {
         match set.wait() {
             Ok(Signal::SIGUSR1) => {

@@ -19,8 +19,13 @@ impl Env {
         let mnt = tmp.path().join("mnt");
         fs::create_dir(&backing).unwrap();
         fs::create_dir(&mnt).unwrap();
-        let fs = powercut::mount(&backing, &mnt).expect("mount powercut (needs /dev/fuse and root)");
-        Env { _tmp: tmp, backing, fs: Some(fs) }
+        let fs =
+            powercut::mount(&backing, &mnt).expect("mount powercut (needs /dev/fuse and root)");
+        Env {
+            _tmp: tmp,
+            backing,
+            fs: Some(fs),
+        }
     }
     fn fs(&self) -> &powercut::Mounted {
         self.fs.as_ref().unwrap()
@@ -59,7 +64,9 @@ fn read(p: &Path) -> Vec<u8> {
 }
 
 fn pattern(tag: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| tag.wrapping_add((i / 512) as u8).wrapping_mul(31) ^ (i as u8)).collect()
+    (0..len)
+        .map(|i| tag.wrapping_add((i / 512) as u8).wrapping_mul(31) ^ (i as u8))
+        .collect()
 }
 
 #[test]
@@ -78,7 +85,11 @@ fn a_writer_that_skips_fsync_loses_its_writes_across_a_cut() {
     assert_eq!(read(&e.backing.join("f")), old);
     assert!(e.fs().status().pending_bytes > 0);
     e.cut(None);
-    assert_eq!(read(&e.p("f")), old, "unsynced writes must be gone after the cut");
+    assert_eq!(
+        read(&e.p("f")),
+        old,
+        "unsynced writes must be gone after the cut"
+    );
 }
 
 #[test]
@@ -111,7 +122,11 @@ fn writes_through_o_dsync_and_o_sync_descriptors_survive_a_cut() {
         // O_DSYNC one, are lost: O_DSYNC makes that write durable, not the whole file.
         let plain = OpenOptions::new().write(true).open(e.p("f")).unwrap();
         plain.write_all_at(b"volatile", 2000).unwrap();
-        let f = OpenOptions::new().write(true).custom_flags(flag).open(e.p("f")).unwrap();
+        let f = OpenOptions::new()
+            .write(true)
+            .custom_flags(flag)
+            .open(e.p("f"))
+            .unwrap();
         f.write_all_at(b"durable", 100).unwrap();
         plain.write_all_at(b"volatile", 3000).unwrap();
         e.cut(None);
@@ -146,7 +161,10 @@ fn a_torn_cut_keeps_only_a_subset_of_the_pending_sectors_each_whole() {
                 assert_eq!(got[r.clone()], old[r], "sector {s} is neither old nor new");
             }
         }
-        assert!(kept > 0 && kept < N, "seed {seed}: kept {kept} of {N} sectors");
+        assert!(
+            kept > 0 && kept < N,
+            "seed {seed}: kept {kept} of {N} sectors"
+        );
     }
 }
 
@@ -185,7 +203,10 @@ fn namespace_changes_need_the_directorys_fsync() {
     assert_eq!(read(&e.p("new")), b"data");
     assert_eq!(read(&e.p("b")), b"A");
     assert!(!e.p("a").exists() && !e.p("keep").exists());
-    let names: Vec<_> = fs::read_dir(e.fs().mountpoint()).unwrap().map(|d| d.unwrap().file_name()).collect();
+    let names: Vec<_> = fs::read_dir(e.fs().mountpoint())
+        .unwrap()
+        .map(|d| d.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 2, "{names:?}");
 }
 
@@ -199,7 +220,10 @@ fn truncate_is_durable_only_after_fsync() {
     f.set_len(3000).unwrap();
     let got = read(&e.p("f"));
     assert_eq!(&got[..700], &old[..700]);
-    assert!(got[700..].iter().all(|&b| b == 0), "bytes cut off by a truncate read back as zero");
+    assert!(
+        got[700..].iter().all(|&b| b == 0),
+        "bytes cut off by a truncate read back as zero"
+    );
     e.cut(None);
     assert_eq!(read(&e.p("f")), old);
     let f = OpenOptions::new().write(true).open(e.p("f")).unwrap();
@@ -218,10 +242,16 @@ fn an_armed_cut_fires_after_the_kth_counted_operation_and_old_descriptors_stay_d
     f.write_all_at(b"1", 0).unwrap(); // op 1
     f.sync_data().unwrap(); // op 2: durable
     f.write_all_at(b"2", 512).unwrap(); // op 3: pending, then the cut
-    assert!(f.write_all_at(b"3", 1024).is_err(), "writes after the cut fail");
+    assert!(
+        f.write_all_at(b"3", 1024).is_err(),
+        "writes after the cut fail"
+    );
     assert!(!e.fs().status().powered);
     e.fs().power_on();
-    assert!(f.write_all_at(b"4", 1024).is_err(), "a descriptor from before the cut stays dead");
+    assert!(
+        f.write_all_at(b"4", 1024).is_err(),
+        "a descriptor from before the cut stays dead"
+    );
     let got = read(&e.p("f"));
     assert_eq!((got[0], got[512], got[1024]), (b'1', 0, 0));
 }
