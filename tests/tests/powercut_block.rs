@@ -225,8 +225,8 @@ fn trial(rig: &Rig, bin: &Path, trial_seed: u64, tear: bool) -> Outcome {
     let mut rng = Rng::new(trial_seed);
     let cut_ms = rng.range(150, 1500);
     std::thread::sleep(Duration::from_millis(cut_ms));
-    let pending_at_cut = rig.fs().status().pending_bytes;
     rig.fs().cut(tear.then_some(trial_seed));
+    let pending_at_cut = rig.fs().status().pending_at_last_cut;
     d.signal(libc::SIGKILL);
     assert!(
         d.wait_exit(Duration::from_secs(20)).is_some(),

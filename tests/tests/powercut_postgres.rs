@@ -466,8 +466,17 @@ fn trials(name: &str, bin: &Path, trials: usize) -> Vec<TrialRow> {
         std::thread::sleep(Duration::from_millis(cut_ms));
 
         // The power cut: the disk loses what was not durable, the daemon dies with the machine.
-        let pending = cv.fs().status().pending_bytes;
-        cv.fs().cut(tear);
+        // Armed a few operations ahead, the cut lands right after a write or sync of the
+        // daemon's (not in a quiet moment where everything happens to be flushed).
+        cv.fs().arm(rng.range(1, 64), tear);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cv.fs().status().powered && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if cv.fs().status().powered {
+            cv.fs().cut(tear);
+        }
+        let pending = cv.fs().status().pending_at_last_cut;
         let acked_at_kill = client.acked();
         let flushes = stack.io_counters().1 - flushes_at_start;
         stack.kill_daemon();

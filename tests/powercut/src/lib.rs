@@ -107,6 +107,8 @@ pub struct Status {
     pub cuts: u64,
     /// The op count at which an armed cut fires.
     pub armed_at: Option<u64>,
+    /// Pending sector bytes the last cut found (and dropped, or tore).
+    pub pending_at_last_cut: u64,
 }
 
 struct Core {
@@ -127,6 +129,7 @@ struct Core {
     control_reply: Vec<u8>,
     /// The kind of each counted operation (`op_log[i]` is operation `i + 1`).
     op_log: Vec<&'static str>,
+    pending_at_last_cut: u64,
 }
 
 fn errno(e: &io::Error) -> i32 {
@@ -168,6 +171,7 @@ impl Core {
             armed: None,
             control_reply: Vec::new(),
             op_log: Vec::new(),
+            pending_at_last_cut: 0,
         };
         c.paths.insert(ROOT_INO, PathBuf::new());
         c.inos.insert(PathBuf::new(), ROOT_INO);
@@ -182,6 +186,7 @@ impl Core {
             pending_meta: self.journal.len(),
             cuts: self.cuts,
             armed_at: self.armed.map(|(k, _)| k),
+            pending_at_last_cut: self.pending_at_last_cut,
         }
     }
 
@@ -502,6 +507,7 @@ impl Core {
     /// Loses everything not durable; with `tear`, first writes a random subset of the pending
     /// sectors (chosen by the seed) to their backing files. Then the power stays off.
     pub fn cut(&mut self, tear: Option<u64>) {
+        self.pending_at_last_cut = self.pending.values().map(Pending::bytes).sum();
         self.armed = None;
         if let Some(seed) = tear {
             let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
