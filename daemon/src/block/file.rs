@@ -44,6 +44,8 @@ const DIRECT_ALIGN: u64 = 4096;
 
 /// The durability calls. The `test-skip-fdatasync` feature (power-cut negative control only, see
 /// tests/tests/powercut_block.rs) turns them into no-ops so the trials can show they see a loss.
+#[cfg(all(feature = "test-skip-fdatasync", not(debug_assertions)))]
+compile_error!("test-skip-fdatasync drops durability: a test-only feature, never in an optimized build");
 #[cfg(not(feature = "test-skip-fdatasync"))]
 const DSYNC: i32 = libc::O_DSYNC;
 #[cfg(feature = "test-skip-fdatasync")]
