@@ -141,6 +141,11 @@ impl Daemon {
     /// Start in `dir` with `args` (the socket is the value after `--unix`, the image the value
     /// after `--plain`).
     pub fn start_in(dir: TempDir, args: Vec<OsString>) -> Daemon {
+        Self::start_bin_in(&daemon_binary(), dir, args)
+    }
+
+    /// [`Daemon::start_in`] with another `nbdcryptd` binary (e.g. a test-only build variant).
+    pub fn start_bin_in(bin: &Path, dir: TempDir, args: Vec<OsString>) -> Daemon {
         let value_of = |flag: &str| {
             args.iter()
                 .position(|a| a == flag)
@@ -152,8 +157,7 @@ impl Daemon {
             .or_else(|| value_of("--volume"))
             .unwrap_or_default();
         let log = dir.path().join("nbdcryptd.log");
-        let bin = daemon_binary();
-        let child = Command::new(&bin)
+        let child = Command::new(bin)
             .args(&args)
             .current_dir(dir.path())
             .env("RUST_BACKTRACE", "1")
@@ -1659,5 +1663,131 @@ impl Daemon {
     pub fn lock_idle(&self) -> Out {
         self.wait_clients(0);
         self.ctl("lock", &[])
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Power-cut trials (tests/powercut_*.rs): a volume on the power-cut filesystem (tests/powercut).
+
+pub mod powercut_rig {
+    use super::*;
+    use std::sync::OnceLock;
+
+    pub use powercut::{Mounted, Status};
+
+    /// `$NBDCRYPT_POWERCUT_TRIALS` or `default`.
+    pub fn trial_count(default: usize) -> usize {
+        std::env::var("NBDCRYPT_POWERCUT_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+    }
+
+    /// Seed from `$NBDCRYPT_POWERCUT_SEED` or the clock; printed so a run can be repeated.
+    pub fn seed() -> u64 {
+        let s = std::env::var("NBDCRYPT_POWERCUT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+        });
+        eprintln!("power-cut seed: NBDCRYPT_POWERCUT_SEED={s}");
+        s
+    }
+
+    /// xorshift64*.
+    pub struct Rng(u64);
+    #[allow(clippy::should_implement_trait)]
+    impl Rng {
+        pub fn new(seed: u64) -> Rng {
+            Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        }
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        /// Uniform in `lo..hi`.
+        pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+            lo + self.next() % (hi - lo)
+        }
+        /// True with probability 1/n.
+        pub fn one_in(&mut self, n: u64) -> bool {
+            self.next().is_multiple_of(n)
+        }
+    }
+
+    /// A temporary directory `backing/` (the durable disk) mounted through the power-cut
+    /// filesystem at `mnt/`. Unmounted on drop.
+    pub struct Rig {
+        pub fs: Option<Mounted>,
+        pub backing: PathBuf,
+        pub mnt: PathBuf,
+        pub dir: TempDir,
+    }
+
+    impl Rig {
+        /// Mounts over an empty `backing/`; `prepare` may fill it first (it is durable as is).
+        pub fn new(prepare: impl FnOnce(&Path)) -> Rig {
+            let dir = tempdir();
+            let backing = dir.path().join("backing");
+            let mnt = dir.path().join("mnt");
+            std::fs::create_dir(&backing).unwrap();
+            std::fs::create_dir(&mnt).unwrap();
+            prepare(&backing);
+            let fs = powercut::mount(&backing, &mnt).unwrap_or_else(|e| {
+                panic!("mounting the power-cut filesystem: {e} (needs /dev/fuse and root)")
+            });
+            Rig { fs: Some(fs), backing, mnt, dir }
+        }
+        pub fn fs(&self) -> &Mounted {
+            self.fs.as_ref().unwrap()
+        }
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            if let Some(fs) = self.fs.take() {
+                fs.unmount();
+            }
+        }
+    }
+
+    fn target_dir() -> PathBuf {
+        // target/debug/deps/THIS-EXE -> target
+        let exe = std::env::current_exe().unwrap();
+        exe.parent().and_then(Path::parent).and_then(Path::parent).unwrap().to_path_buf()
+    }
+
+    /// `nbdcryptd` built with the test-only `test-skip-fdatasync` feature, in its own target dir
+    /// (`target/powercut-nosync`, seeded with hard links to this build's dependencies so only the
+    /// nbdcrypt crate compiles). Built once per test process.
+    pub fn nosync_daemon_binary() -> PathBuf {
+        static BIN: OnceLock<PathBuf> = OnceLock::new();
+        BIN.get_or_init(|| {
+            let main = target_dir().join("debug");
+            let alt = target_dir().join("powercut-nosync");
+            let alt_debug = alt.join("debug");
+            if !alt_debug.join("deps").exists() {
+                std::fs::create_dir_all(&alt_debug).unwrap();
+                for d in ["deps", "build", ".fingerprint"] {
+                    if main.join(d).exists() {
+                        // Hard links: new artifacts get new names, nothing is rewritten in place.
+                        let st = Command::new("cp").arg("-al").arg(main.join(d)).arg(&alt_debug).status();
+                        if !matches!(st, Ok(s) if s.success()) {
+                            eprintln!("warning: cannot seed {} from {}: a full build follows", alt.display(), main.display());
+                        }
+                    }
+                }
+            }
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+            let mut c = Command::new(cargo);
+            c.args(["build", "--quiet", "-p", "nbdcrypt", "--bin", "nbdcryptd"])
+                .args(["--features", "test-skip-fdatasync", "--manifest-path"])
+                .arg(&manifest)
+                .arg("--target-dir")
+                .arg(&alt);
+            run(&mut c, Duration::from_secs(1800)).success();
+            let bin = alt_debug.join("nbdcryptd");
+            assert!(bin.is_file(), "{} was not built", bin.display());
+            bin
+        })
+        .clone()
     }
 }

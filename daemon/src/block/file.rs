@@ -42,6 +42,23 @@ pub struct FileDevice {
 /// every device we expect.
 const DIRECT_ALIGN: u64 = 4096;
 
+/// The durability calls. The `test-skip-fdatasync` feature (power-cut negative control only, see
+/// tests/tests/powercut_block.rs) turns them into no-ops so the trials can show they see a loss.
+#[cfg(all(feature = "test-skip-fdatasync", not(debug_assertions)))]
+compile_error!("test-skip-fdatasync drops durability: a test-only feature, never in an optimized build");
+#[cfg(not(feature = "test-skip-fdatasync"))]
+const DSYNC: i32 = libc::O_DSYNC;
+#[cfg(feature = "test-skip-fdatasync")]
+const DSYNC: i32 = 0;
+#[cfg(not(feature = "test-skip-fdatasync"))]
+fn sync_data(f: &File) -> io::Result<()> {
+    f.sync_data()
+}
+#[cfg(feature = "test-skip-fdatasync")]
+fn sync_data(_: &File) -> io::Result<()> {
+    Ok(())
+}
+
 impl FileDevice {
     pub fn open(path: &Path, opts: FileOptions) -> Result<FileDevice, Error> {
         let open_err = |e: io::Error| Error::from_io(e).at(Op::Open, 0, 0);
@@ -65,7 +82,7 @@ impl FileDevice {
         if !opts.unclaimed {
             claim(&file, opts.read_only).map_err(|e| e.at(Op::Open, 0, 0))?;
         }
-        let dsync = if opts.read_only { None } else { Some(open(libc::O_DSYNC).map_err(open_err)?) };
+        let dsync = if opts.read_only { None } else { Some(open(DSYNC).map_err(open_err)?) };
         let direct = if opts.direct { Some(open(libc::O_DIRECT).map_err(open_err)?) } else { None };
         Ok(FileDevice { file, dsync, direct, size, is_block_device, opts })
     }
@@ -124,7 +141,7 @@ impl BlockDevice for FileDevice {
             (Some(d), _) if self.aligned_for_direct(offset, buf.len(), buf.as_ptr() as usize) => {
                 d.write_all_at(buf, offset).map_err(err)?;
                 if fua {
-                    d.sync_data().map_err(err)?;
+                    sync_data(d).map_err(err)?;
                 }
             }
             (_, Some(dsync)) if fua => dsync.write_all_at(buf, offset).map_err(err)?,
@@ -134,7 +151,7 @@ impl BlockDevice for FileDevice {
     }
 
     fn flush(&self) -> Result<(), Error> {
-        self.file.sync_data().map_err(|e| Error::from_io(e).at(Op::Flush, 0, 0))
+        sync_data(&self.file).map_err(|e| Error::from_io(e).at(Op::Flush, 0, 0))
     }
 
     fn trim(&self, offset: u64, length: u64, fua: bool) -> Result<(), Error> {
