@@ -71,6 +71,11 @@ pub struct Args {
     #[arg(long)]
     pub auto_unlock: bool,
 
+    /// Run keyslot KDFs above the default caps (argon2 > 1 GiB or 16 GiB-passes, PBKDF2 > 20M
+    /// iterations). Only for a volume whose header you trust.
+    #[arg(long)]
+    pub allow_expensive_kdf: bool,
+
     /// PKCS#11 module for HSM tokens (default: SoftHSM2's). Never taken from the volume header.
     #[arg(long, value_name = "PATH")]
     pub pkcs11_module: Option<PathBuf>,
@@ -188,6 +193,7 @@ pub struct Config {
     pub backing: PathBuf,
     pub unlock_key_file: Option<PathBuf>,
     pub auto_unlock: bool,
+    pub allow_expensive_kdf: bool,
     pub pkcs11: crate::seal::Pkcs11Settings,
     pub audit_log: Option<PathBuf>,
     pub control: PathBuf,
@@ -246,6 +252,7 @@ impl Config {
             backing,
             unlock_key_file: key,
             auto_unlock: a.auto_unlock,
+            allow_expensive_kdf: a.allow_expensive_kdf,
             pkcs11: crate::seal::Pkcs11Settings { module: a.pkcs11_module, pin },
             audit_log: a.audit_log,
             control,

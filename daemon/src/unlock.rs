@@ -80,6 +80,12 @@ impl Volume {
         Ok((vol, info))
     }
 
+    /// KDF caps for every unlock of this volume (`--allow-expensive-kdf` lifts them).
+    pub fn with_kdf_limits(mut self, limits: KdfLimits) -> Volume {
+        self.limits = limits;
+        self
+    }
+
     fn open_backing(&self) -> Result<Arc<dyn BlockDevice>, UnlockError> {
         let dev = FileDevice::open(&self.path, self.file_options.clone())
             .map_err(|e| UnlockError::Backing(e.to_string()))?;
