@@ -1023,14 +1023,19 @@ fn obj_member<'a>(
     as_obj(member(o, key, path)?, &join(path, key))
 }
 
+/// A non-empty string member (cryptsetup's `json_contains_string` also refuses "").
 fn str_member<'a>(
     o: &'a Map<String, Value>,
     key: &str,
     path: &str,
 ) -> Result<&'a str, FormatError> {
-    member(o, key, path)?
+    let s = member(o, key, path)?
         .as_str()
-        .ok_or_else(|| FormatError::meta(join(path, key), "must be a string"))
+        .ok_or_else(|| FormatError::meta(join(path, key), "must be a string"))?;
+    if s.is_empty() {
+        return Err(FormatError::meta(join(path, key), "is empty"));
+    }
+    Ok(s)
 }
 
 fn expect_str(
