@@ -413,3 +413,65 @@ fn remove_key_never_wipes_the_area_a_crafted_foreign_keyslot_names() {
         "the foreign area was written"
     );
 }
+
+// ---- KDF caps: a stranger's image cannot buy minutes of CPU or gigabytes of memory -----------
+
+#[test]
+fn an_expensive_kdf_is_refused_at_once_naming_the_cost_and_the_flag() {
+    let dir = tempdir();
+    let key = dir.path().join("p0.key");
+    std::fs::write(&key, P0).unwrap();
+    let k = key.to_str().unwrap();
+    let cases: [(&str, &str, serde_json::Value, &str); 3] = [
+        ("pbkdf2", "iterations", serde_json::json!(4_000_000_000u32), "4000000000"),
+        ("argon2id", "memory", serde_json::json!(4_194_304), "4194304"),
+        ("argon2id", "time", serde_json::json!(100_000), "100000"),
+    ];
+    for (kdf, member, value, shown) in cases {
+        let img = base_image(dir.path(), &format!("{kdf}-{member}"), kdf, 4096);
+        // Both keyslots: no cheap slot to fall back on.
+        rewrite_json(&img, |j| {
+            for s in ["0", "1"] {
+                j["keyslots"][s]["kdf"][member] = value.clone();
+            }
+        });
+        let t = Instant::now();
+        let out = nbdcryptctl(&[
+            OsStr::new("test-key"),
+            img.as_os_str(),
+            OsStr::new("--key-file"),
+            key.as_os_str(),
+        ])
+        .failure();
+        assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+        assert!(
+            out.stderr.contains(shown) && out.stderr.contains("--allow-expensive-kdf"),
+            "{kdf} {member}: {}",
+            out.details()
+        );
+        // The daemon refuses the same way at unlock, and stays up, locked.
+        let mut d = Daemon::volume_in(tempdir(), &img, &[]);
+        let out = d.ctl("unlock", &["--key-file", k]).failure();
+        assert!(
+            (out.stderr.contains(shown) || out.stdout.contains(shown))
+                && (out.stderr.contains("--allow-expensive-kdf")
+                    || out.stdout.contains("--allow-expensive-kdf")),
+            "daemon, {kdf} {member}: {}",
+            out.details()
+        );
+        d.assert_alive();
+    }
+    // The flag is accepted by every command that derives (and changes nothing on a cheap
+    // header); the daemon takes it too.
+    let img = base_image(dir.path(), "cheap", "pbkdf2", 4096);
+    let i = img.to_str().unwrap();
+    for args in [
+        vec!["test-key", i, "--key-file", k, "--allow-expensive-kdf"],
+        vec!["remove-key", i, "--slot", "1", "--key-file", k, "--allow-expensive-kdf"],
+    ] {
+        let v: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        nbdcryptctl(&v).success();
+    }
+    let d = Daemon::volume_in(tempdir(), &img, &["--allow-expensive-kdf"]);
+    d.ctl("unlock", &["--key-file", k]).success();
+}
