@@ -64,6 +64,17 @@ pub struct KdfLimitArgs {
     pub allow_expensive_kdf: bool,
 }
 
+/// Warns when a keyslot we are about to write could not be opened under the default caps.
+fn warn_if_expensive(kdf: &nbdcrypt::luks2::KdfParams) {
+    if let Err(l) = KdfLimits::default().check(kdf) {
+        eprintln!(
+            "warning: this keyslot's {} = {} is above the default unlock limit {}; opening it \
+             will need --allow-expensive-kdf (nbdcryptd and nbdcryptctl)",
+            l.param, l.value, l.cap
+        );
+    }
+}
+
 impl KdfLimitArgs {
     pub fn limits(self) -> KdfLimits {
         if self.allow_expensive_kdf {
@@ -209,6 +220,7 @@ pub fn add(a: AddKeyArgs) -> anyhow::Result<Option<u32>> {
     eprintln!("keyslot {opened} unlocked");
     let new = read_new(&new_src, "Enter new passphrase for key slot: ")?;
     let kdf = a.pbkdf.resolve(key.len())?;
+    warn_if_expensive(&kdf);
     let slot = hdr
         .add_keyslot(&vol.file, &key, &new, &kdf)
         .map_err(|e| vol.explain(e))?;
@@ -305,6 +317,7 @@ pub fn change(a: ChangeKeyArgs) -> anyhow::Result<Option<u32>> {
     eprintln!("keyslot {opened} unlocked");
     let new = read_new(&new_src, "Enter new passphrase: ")?;
     let kdf = a.pbkdf.resolve(key.len())?;
+    warn_if_expensive(&kdf);
     drop(key);
     let slot = hdr
         .change_passphrase(&vol.file, &old, &new, &kdf, &limits)
