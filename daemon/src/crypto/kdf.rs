@@ -264,6 +264,27 @@ impl KdfLimits {
         }
     }
 
+    /// [`KdfLimits::check`] for a derivation of `out_len` bytes: PBKDF2 runs its iterations once
+    /// per hash-sized output block, so `iterations x blocks` is capped at twice
+    /// `max_pbkdf2_iterations` (a 512-bit key from sha256 at the full iteration cap; sha1 asked
+    /// for 64 bytes gets half the iterations).
+    pub fn check_output(&self, params: &KdfParams, out_len: usize) -> Result<(), LimitExceeded> {
+        self.check(params)?;
+        if let KdfParams::Pbkdf2 { hash, iterations } = *params {
+            let blocks = out_len.div_ceil(hash.output_len()).max(1) as u64;
+            let work = u64::from(iterations) * blocks;
+            let cap = u64::from(self.max_pbkdf2_iterations).saturating_mul(2);
+            if work > cap {
+                return Err(LimitExceeded {
+                    param: "pbkdf2 iterations x output blocks",
+                    value: work,
+                    cap,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Cost of one derivation in thousandths of a maximal one (rounded up; at least 1).
     pub fn cost_permille(&self, params: &KdfParams) -> u64 {
         let frac = |value: u64, cap: u64| -> u64 {
@@ -600,6 +621,18 @@ mod tests {
             cpus: 4,
         })
         .unwrap();
+        let sha1 = KdfParams::Pbkdf2 {
+            hash: HashAlg::Sha1,
+            iterations: 15_000_000,
+        };
+        d.check(&sha1).unwrap();
+        let e = d.check_output(&sha1, 64).unwrap_err();
+        assert_eq!((e.param, e.value), ("pbkdf2 iterations x output blocks", 60_000_000));
+        let sha256 = KdfParams::Pbkdf2 {
+            hash: HashAlg::Sha256,
+            iterations: 20_000_000,
+        };
+        d.check_output(&sha256, 64).unwrap();
         assert_eq!(
             d.cost_permille(&KdfParams::Pbkdf2 {
                 hash: HashAlg::Sha256,

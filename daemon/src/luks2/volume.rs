@@ -404,7 +404,7 @@ impl Luks2Header {
         for (id, k) in order {
             let cost = match k.usable() {
                 Ok((params, _))
-                    if limits.check(&params).is_ok()
+                    if limits.check_output(&params, k.area.key_size as usize).is_ok()
                         && digest.iterations <= limits.max_pbkdf2_iterations =>
                 {
                     limits
@@ -483,6 +483,18 @@ impl Luks2Header {
                 param: "digest iterations",
                 value: digest.iterations.into(),
                 cap: limits.max_pbkdf2_iterations.into(),
+            });
+        }
+        let digest_kdf = KdfParams::Pbkdf2 {
+            hash: digest.hash,
+            iterations: digest.iterations,
+        };
+        if let Err(l) = limits.check_output(&digest_kdf, digest.digest.len()) {
+            return Err(FormatError::KdfLimit {
+                slot: id,
+                param: "digest iterations x output blocks",
+                value: l.value,
+                cap: l.cap,
             });
         }
         let candidate = keyslot::open(file, size, id, k, passphrase, limits)?;
