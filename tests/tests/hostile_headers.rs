@@ -220,7 +220,7 @@ fn mangled_headers_are_refused_exactly_when_cryptsetup_refuses_them() {
         ),
     ];
     // One thread per base image (2 cores): the cases of one base run in order on its image.
-    let results: Vec<(Vec<String>, Vec<String>, Vec<bool>, usize)> = std::thread::scope(|sc| {
+    let results: Vec<BaseResult> = std::thread::scope(|sc| {
         let handles: Vec<_> = bases
             .iter()
             .map(|(base, img)| {
@@ -263,14 +263,11 @@ fn mangled_headers_are_refused_exactly_when_cryptsetup_refuses_them() {
     assert!(took < Duration::from_secs(240), "took {took:?}");
 }
 
+type BaseResult = (Vec<String>, Vec<String>, Vec<bool>, usize);
+
 /// Runs every case of one base image: (report lines, unexplained differences, ALLOWED entries
 /// used, number of cases).
-fn run_base(
-    base: &str,
-    img: &Path,
-    key: &Path,
-    dir: &Path,
-) -> (Vec<String>, Vec<String>, Vec<bool>, usize) {
+fn run_base(base: &str, img: &Path, key: &Path, dir: &Path) -> BaseResult {
     let mut report = Vec::new();
     let mut unexplained = Vec::new();
     let mut used = vec![false; ALLOWED.len()];
@@ -423,8 +420,18 @@ fn an_expensive_kdf_is_refused_at_once_naming_the_cost_and_the_flag() {
     std::fs::write(&key, P0).unwrap();
     let k = key.to_str().unwrap();
     let cases: [(&str, &str, serde_json::Value, &str); 3] = [
-        ("pbkdf2", "iterations", serde_json::json!(4_000_000_000u32), "4000000000"),
-        ("argon2id", "memory", serde_json::json!(4_194_304), "4194304"),
+        (
+            "pbkdf2",
+            "iterations",
+            serde_json::json!(4_000_000_000u32),
+            "4000000000",
+        ),
+        (
+            "argon2id",
+            "memory",
+            serde_json::json!(4_194_304),
+            "4194304",
+        ),
         ("argon2id", "time", serde_json::json!(100_000), "100000"),
     ];
     for (kdf, member, value, shown) in cases {
@@ -443,7 +450,11 @@ fn an_expensive_kdf_is_refused_at_once_naming_the_cost_and_the_flag() {
             key.as_os_str(),
         ])
         .failure();
-        assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            t.elapsed()
+        );
         assert!(
             out.stderr.contains(shown) && out.stderr.contains("--allow-expensive-kdf"),
             "{kdf} {member}: {}",
@@ -467,7 +478,15 @@ fn an_expensive_kdf_is_refused_at_once_naming_the_cost_and_the_flag() {
     let i = img.to_str().unwrap();
     for args in [
         vec!["test-key", i, "--key-file", k, "--allow-expensive-kdf"],
-        vec!["remove-key", i, "--slot", "1", "--key-file", k, "--allow-expensive-kdf"],
+        vec![
+            "remove-key",
+            i,
+            "--slot",
+            "1",
+            "--key-file",
+            k,
+            "--allow-expensive-kdf",
+        ],
     ] {
         let v: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
         nbdcryptctl(&v).success();

@@ -670,7 +670,7 @@ pub fn cases(base_json: &Value) -> Vec<Case> {
     });
     out.push(Case {
         name: "truncated-text".into(),
-        json: text[..text.len() / 2].as_bytes().to_vec(),
+        json: text.as_bytes()[..text.len() / 2].to_vec(),
     });
     out.push(Case {
         name: "not-an-object".into(),
