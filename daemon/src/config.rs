@@ -76,6 +76,11 @@ pub struct Args {
     #[arg(long)]
     pub auto_unlock: bool,
 
+    /// Run keyslot KDFs above the default caps (argon2 > 1 GiB or 16 GiB-passes, PBKDF2 > 20M
+    /// iterations). Only for a volume whose header you trust.
+    #[arg(long)]
+    pub allow_expensive_kdf: bool,
+
     /// PKCS#11 module for HSM tokens (default: SoftHSM2's). Never taken from the volume header.
     #[arg(long, value_name = "PATH")]
     pub pkcs11_module: Option<PathBuf>,
@@ -220,6 +225,7 @@ pub struct Config {
     pub seal: crate::seal::SealSettings,
     /// Which volume may be unlocked (UUID, volume-key digest); empty: any.
     pub pin: crate::seal::pin::VolumePin,
+    pub allow_expensive_kdf: bool,
     pub audit_log: Option<PathBuf>,
     pub control: PathBuf,
     pub file: FileOptions,
@@ -293,6 +299,7 @@ impl Config {
                 pkcs11: crate::seal::Pkcs11Settings { module: a.pkcs11_module, pin: pkcs11_pin },
             },
             pin,
+            allow_expensive_kdf: a.allow_expensive_kdf,
             audit_log: a.audit_log,
             control,
             file: FileOptions {

@@ -107,7 +107,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Some(path) => AuditLog::open(path).with_context(|| format!("cannot open the audit log {}", path.display()))?,
         None => AuditLog::tracing(),
     });
-    let volume = Arc::new(volume);
+    let volume = Arc::new(if config.allow_expensive_kdf {
+        volume.with_kdf_limits(nbdcrypt::crypto::kdf::KdfLimits::allow_expensive())
+    } else {
+        volume
+    });
     let rekeyer: nbdcrypt::control::Rekeyer = {
         let (volume, seal) = (volume.clone(), config.seal.clone());
         Box::new(move |slot| volume.rekey_tokens(slot, &seal))

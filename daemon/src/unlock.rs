@@ -104,6 +104,12 @@ impl Volume {
         PathBuf::from(format!("/proc/self/fd/{}", self.claim.as_raw_fd()))
     }
 
+    /// KDF caps for every unlock of this volume (`--allow-expensive-kdf` lifts them).
+    pub fn with_kdf_limits(mut self, limits: KdfLimits) -> Volume {
+        self.limits = limits;
+        self
+    }
+
     fn open_backing(&self) -> Result<Arc<dyn BlockDevice>, UnlockError> {
         let dev = FileDevice::open(&self.claimed_path(), self.file_options.clone())
             .map_err(|e| UnlockError::Backing(format!("{}: {e}", self.path.display())))?;

@@ -10,7 +10,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use nbdcrypt::luks2::{
-    KdfLimits, KdfParams, KeyslotInfo, KeyslotPriority, Luks2Header, SegmentSize,
+    KdfParams, KeyslotInfo, KeyslotPriority, Luks2Header, SegmentSize,
 };
 
 use super::{confirmed, printable as esc, Volume};
@@ -47,6 +47,8 @@ pub struct DumpArgs {
     /// With --dump-volume-key: do not ask for confirmation.
     #[arg(long, requires = "dump_volume_key")]
     pub yes: bool,
+    #[command(flatten)]
+    pub kdf_limits: super::keys::KdfLimitArgs,
 }
 
 pub fn run(a: DumpArgs) -> anyhow::Result<()> {
@@ -236,6 +238,11 @@ fn write_text(out: &mut dyn Write, vol: &Volume, hdr: &Luks2Header) -> io::Resul
                 writeln!(out, "\tMemory:     {memory_kib}")?;
                 writeln!(out, "\tThreads:    {cpus}")?;
             }
+            None if k.type_name != "luks2" => writeln!(
+                out,
+                "\tType:       not implemented by nbdcrypt: kept as is, never tried, wiped or \
+                 rewritten"
+            )?,
             None => writeln!(
                 out,
                 "\tPBKDF:      (unsupported; this keyslot is never tried)"
@@ -282,7 +289,7 @@ fn dump_volume_key(vol: &Volume, a: &DumpArgs) -> anyhow::Result<()> {
         &format!("Enter passphrase for {p}: "),
     )?;
     let (key, slot) = hdr
-        .unlock(&vol.file, &pass, &KdfLimits::default())
+        .unlock(&vol.file, &pass, &a.kdf_limits.limits())
         .map_err(|e| vol.explain(e))?;
     drop(pass);
     confirmed(

@@ -207,6 +207,8 @@ pub struct EnrollArgs {
     /// Append a JSON line per key event to this file.
     #[arg(long, value_name = "PATH")]
     pub audit_log: Option<PathBuf>,
+    #[command(flatten)]
+    pub kdf_limits: super::keys::KdfLimitArgs,
 }
 
 #[derive(Args, Debug)]
@@ -262,6 +264,8 @@ pub struct RekeyArgs {
     /// Append a JSON line per key event to this file.
     #[arg(long, value_name = "PATH")]
     pub audit_log: Option<PathBuf>,
+    #[command(flatten)]
+    pub kdf_limits: super::keys::KdfLimitArgs,
 }
 
 #[derive(Args, Debug)]
@@ -322,13 +326,14 @@ fn unlock_by_passphrase(
     vol: &Volume,
     hdr: &Luks2Header,
     key_file: Option<&Path>,
+    limits: KdfLimits,
 ) -> anyhow::Result<VolumeKey> {
     let pass = read_existing(
         &Source::from_arg(key_file),
         &format!("Enter any existing passphrase for {}: ", vol.path.display()),
     )?;
     let (key, slot) = hdr
-        .unlock(&vol.file, &pass, &KdfLimits::default())
+        .unlock(&vol.file, &pass, &limits)
         .map_err(|e| vol.explain(e))?;
     eprintln!("keyslot {slot} unlocked");
     Ok(key)
@@ -351,7 +356,7 @@ pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
         (None, Some(uri)) => (Box::new(a.hsm.provider(uri)?), ProviderKind::Pkcs11),
         (None, None) => bail!("give --kms KEY or --pkcs11 URI"),
     };
-    let key = unlock_by_passphrase(&vol, &hdr, a.key_file.as_deref())?;
+    let key = unlock_by_passphrase(&vol, &hdr, a.key_file.as_deref(), a.kdf_limits.limits())?;
     let requested = provider.key_reference();
     let event = AuditEvent::new(AuditEventKind::Enrol)
         .volume(hdr.uuid())
@@ -487,7 +492,7 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
     };
     // The volume key: from a passphrase, or by unsealing (the first of) the old tokens.
     let key = if a.key_file.is_some() || a.passphrase {
-        unlock_by_passphrase(&vol, &hdr, a.key_file.as_deref())?
+        unlock_by_passphrase(&vol, &hdr, a.key_file.as_deref(), a.kdf_limits.limits())?
     } else {
         let mut last = None;
         let mut found = None;

@@ -54,6 +54,37 @@ Examples:
   nbdcryptctl test-key vol.img --key-file key.bin && echo ok
   echo -n secret | nbdcryptctl test-key vol.img --key-file - --slot 1";
 
+/// `--allow-expensive-kdf`: lift the KDF caps for a header you trust.
+#[derive(Args, Debug, Clone, Copy, Default)]
+pub struct KdfLimitArgs {
+    /// Run keyslot KDFs that exceed the default caps (argon2 above 1 GiB or 16 GiB-passes,
+    /// PBKDF2 above 20 million iterations, more than about 4 such derivations in all). Only for
+    /// a header you trust: a crafted one can cost minutes of CPU or gigabytes of memory.
+    #[arg(long)]
+    pub allow_expensive_kdf: bool,
+}
+
+/// Warns when a keyslot we are about to write could not be opened under the default caps.
+fn warn_if_expensive(kdf: &nbdcrypt::luks2::KdfParams) {
+    if let Err(l) = KdfLimits::default().check(kdf) {
+        eprintln!(
+            "warning: this keyslot's {} = {} is above the default unlock limit {}; opening it \
+             will need --allow-expensive-kdf (nbdcryptd and nbdcryptctl)",
+            l.param, l.value, l.cap
+        );
+    }
+}
+
+impl KdfLimitArgs {
+    pub fn limits(self) -> KdfLimits {
+        if self.allow_expensive_kdf {
+            KdfLimits::allow_expensive()
+        } else {
+            KdfLimits::default()
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct AddKeyArgs {
     /// Volume file or block device.
@@ -70,6 +101,8 @@ pub struct AddKeyArgs {
     /// Append a JSON line for this key event to this file (nbdcrypt audit log).
     #[arg(long, value_name = "PATH")]
     pub audit_log: Option<PathBuf>,
+    #[command(flatten)]
+    pub kdf_limits: KdfLimitArgs,
 }
 
 #[derive(Args, Debug)]
@@ -89,6 +122,8 @@ pub struct RemoveKeyArgs {
     /// Append a JSON line for this key event to this file (nbdcrypt audit log).
     #[arg(long, value_name = "PATH")]
     pub audit_log: Option<PathBuf>,
+    #[command(flatten)]
+    pub kdf_limits: KdfLimitArgs,
 }
 
 #[derive(Args, Debug)]
@@ -110,6 +145,8 @@ pub struct ChangeKeyArgs {
     /// Append a JSON line for this key event to this file (nbdcrypt audit log).
     #[arg(long, value_name = "PATH")]
     pub audit_log: Option<PathBuf>,
+    #[command(flatten)]
+    pub kdf_limits: KdfLimitArgs,
 }
 
 #[derive(Args, Debug)]
@@ -123,6 +160,8 @@ pub struct TestKeyArgs {
     /// Only try this keyslot.
     #[arg(long, value_name = "N")]
     pub slot: Option<u32>,
+    #[command(flatten)]
+    pub kdf_limits: KdfLimitArgs,
 }
 
 /// Unlocks with every data keyslot (or only `slot`); a wrong passphrase becomes `NoKey`.
@@ -131,8 +170,8 @@ fn unlock(
     hdr: &Luks2Header,
     pass: &nbdcrypt::crypto::keys::SecretBytes,
     slot: Option<u32>,
+    limits: KdfLimits,
 ) -> anyhow::Result<(VolumeKey, u32)> {
-    let limits = KdfLimits::default();
     match slot {
         None => hdr
             .unlock(&vol.file, pass, &limits)
@@ -159,7 +198,7 @@ pub fn test(a: TestKeyArgs) -> anyhow::Result<()> {
         &Source::from_arg(a.key_file.as_deref()),
         &format!("Enter passphrase for {}: ", vol.path.display()),
     )?;
-    let (_key, slot) = unlock(&vol, &hdr, &pass, a.slot)?;
+    let (_key, slot) = unlock(&vol, &hdr, &pass, a.slot, a.kdf_limits.limits())?;
     println!("keyslot {slot} unlocked");
     Ok(())
 }
@@ -176,11 +215,12 @@ pub fn add(a: AddKeyArgs) -> anyhow::Result<Option<u32>> {
         &old_src,
         &format!("Enter any existing passphrase for {p}: "),
     )?;
-    let (key, opened) = unlock(&vol, &hdr, &old, None)?;
+    let (key, opened) = unlock(&vol, &hdr, &old, None, a.kdf_limits.limits())?;
     drop(old);
     eprintln!("keyslot {opened} unlocked");
     let new = read_new(&new_src, "Enter new passphrase for key slot: ")?;
     let kdf = a.pbkdf.resolve(key.len())?;
+    warn_if_expensive(&kdf);
     let slot = hdr
         .add_keyslot(&vol.file, &key, &new, &kdf)
         .map_err(|e| vol.explain(e))?;
@@ -216,7 +256,7 @@ pub fn remove(a: RemoveKeyArgs) -> anyhow::Result<Option<u32>> {
                 a.slot
             ),
         )?;
-        let limits = KdfLimits::default();
+        let limits = a.kdf_limits.limits();
         let mut opened = None;
         let mut other_err = None;
         for id in &others {
@@ -267,7 +307,8 @@ pub fn change(a: ChangeKeyArgs) -> anyhow::Result<Option<u32>> {
         &format!("Enter passphrase to be changed for {p}: "),
     )?;
     // Check the old passphrase before asking for the new one.
-    let (key, opened) = unlock(&vol, &hdr, &old, None)?;
+    let limits = a.kdf_limits.limits();
+    let (key, opened) = unlock(&vol, &hdr, &old, None, limits)?;
     if let Some(s) = a.slot {
         if s != opened {
             bail!("{p}: the passphrase opens keyslot {opened}, not keyslot {s}");
@@ -276,9 +317,10 @@ pub fn change(a: ChangeKeyArgs) -> anyhow::Result<Option<u32>> {
     eprintln!("keyslot {opened} unlocked");
     let new = read_new(&new_src, "Enter new passphrase: ")?;
     let kdf = a.pbkdf.resolve(key.len())?;
+    warn_if_expensive(&kdf);
     drop(key);
     let slot = hdr
-        .change_passphrase(&vol.file, &old, &new, &kdf, &KdfLimits::default())
+        .change_passphrase(&vol.file, &old, &new, &kdf, &limits)
         .map_err(|e| vol.explain(e))?;
     if slot != opened {
         return Err(anyhow!("{p}: changed keyslot {slot} (expected {opened})"));

@@ -158,26 +158,46 @@ pub const MAX_ARGON2_MEMORY_KIB: u32 = 4 * 1024 * 1024;
 pub const MAX_ARGON2_CPUS_CREATE: u32 = 4;
 
 /// Caps applied before running a KDF whose parameters came from disk.
+///
+/// The defaults bound what a stranger's image can cost one unlock: at most 1 GiB of argon2
+/// memory, `memory x time` at most 16 GiB-passes per keyslot (cryptsetup's 2 s benchmark stays
+/// well below both), 20 million PBKDF2 iterations per keyslot or digest (about 4.5 s on a
+/// 4.4 M it/s CPU), and the keyslots tried by one unlock together at most
+/// [`KdfLimits::max_total_permille`] / 1000 "full-cap" derivations. The operator lifts them with
+/// `--allow-expensive-kdf` ([`KdfLimits::allow_expensive`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KdfLimits {
-    /// Argon2 memory per derivation, KiB. Default 4 GiB (the format's own maximum).
+    /// Argon2 memory per derivation, KiB. Default 1 GiB (cryptsetup's default maximum).
     pub max_argon2_memory_kib: u32,
-    /// Argon2 passes. Default 1000 (cryptsetup's benchmark lands around 4-20).
+    /// Argon2 passes. Default 1000 (the memory x time product below is the real bound).
     pub max_argon2_time: u32,
+    /// Argon2 `memory_kib * time` (KiB-passes, i.e. 1 KiB blocks processed). Default 16 GiB.
+    pub max_argon2_cost: u64,
     /// Argon2 lanes. Default 16 (cryptsetup creates at most 4).
     pub max_argon2_cpus: u32,
-    /// PBKDF2 iterations. Default 50 million (a 2 s cryptsetup benchmark on a fast CPU is a few
-    /// million).
+    /// PBKDF2 iterations (keyslot KDF and volume-key digest). Default 20 million.
     pub max_pbkdf2_iterations: u32,
+    /// Work of all derivations one unlock may run, in thousandths of a derivation at the caps
+    /// above (a keyslot costs `max(memory*time/max_argon2_cost, iterations/max_pbkdf2)` plus
+    /// its digest). Default 4000: a wrong passphrase against a hostile header costs at most
+    /// about four maximal derivations, however many keyslots it has.
+    pub max_total_permille: u64,
 }
+
+/// Default caps (see [`KdfLimits`]).
+pub const DEFAULT_MAX_ARGON2_MEMORY_KIB: u32 = 1024 * 1024;
+pub const DEFAULT_MAX_ARGON2_COST: u64 = 16 * 1024 * 1024;
+pub const DEFAULT_MAX_PBKDF2_ITERATIONS: u32 = 20_000_000;
 
 impl Default for KdfLimits {
     fn default() -> Self {
         KdfLimits {
-            max_argon2_memory_kib: MAX_ARGON2_MEMORY_KIB,
+            max_argon2_memory_kib: DEFAULT_MAX_ARGON2_MEMORY_KIB,
             max_argon2_time: 1000,
+            max_argon2_cost: DEFAULT_MAX_ARGON2_COST,
             max_argon2_cpus: 16,
-            max_pbkdf2_iterations: 50_000_000,
+            max_pbkdf2_iterations: DEFAULT_MAX_PBKDF2_ITERATIONS,
+            max_total_permille: 4000,
         }
     }
 }
@@ -191,22 +211,33 @@ pub struct LimitExceeded {
 }
 
 impl KdfLimits {
+    /// What `--allow-expensive-kdf` means: only the format's own bounds (4 GiB of argon2
+    /// memory) remain.
+    pub fn allow_expensive() -> KdfLimits {
+        KdfLimits {
+            max_argon2_memory_kib: MAX_ARGON2_MEMORY_KIB,
+            max_argon2_time: u32::MAX,
+            max_argon2_cost: u64::MAX,
+            max_argon2_cpus: u32::MAX,
+            max_pbkdf2_iterations: u32::MAX,
+            max_total_permille: u64::MAX,
+        }
+    }
+
     pub fn check(&self, params: &KdfParams) -> Result<(), LimitExceeded> {
-        let over = |param, value: u32, cap: u32| {
+        let over = |param, value: u64, cap: u64| {
             if value > cap {
-                Err(LimitExceeded {
-                    param,
-                    value: value.into(),
-                    cap: cap.into(),
-                })
+                Err(LimitExceeded { param, value, cap })
             } else {
                 Ok(())
             }
         };
         match *params {
-            KdfParams::Pbkdf2 { iterations, .. } => {
-                over("iterations", iterations, self.max_pbkdf2_iterations)
-            }
+            KdfParams::Pbkdf2 { iterations, .. } => over(
+                "pbkdf2 iterations",
+                iterations.into(),
+                self.max_pbkdf2_iterations.into(),
+            ),
             KdfParams::Argon2i {
                 time,
                 memory_kib,
@@ -217,11 +248,75 @@ impl KdfLimits {
                 memory_kib,
                 cpus,
             } => {
-                over("memory", memory_kib, self.max_argon2_memory_kib)?;
-                over("time", time, self.max_argon2_time)?;
-                over("cpus", cpus, self.max_argon2_cpus)
+                over(
+                    "argon2 memory (KiB)",
+                    memory_kib.into(),
+                    self.max_argon2_memory_kib.into(),
+                )?;
+                over("argon2 time", time.into(), self.max_argon2_time.into())?;
+                over(
+                    "argon2 memory x time (KiB-passes)",
+                    u64::from(memory_kib) * u64::from(time),
+                    self.max_argon2_cost,
+                )?;
+                over("argon2 cpus", cpus.into(), self.max_argon2_cpus.into())
             }
         }
+    }
+
+    /// [`KdfLimits::check`] for a derivation of `out_len` bytes: PBKDF2 runs its iterations once
+    /// per hash-sized output block, so `iterations x blocks` is capped at twice
+    /// `max_pbkdf2_iterations` (a 512-bit key from sha256 at the full iteration cap; sha1 asked
+    /// for 64 bytes gets half the iterations).
+    pub fn check_output(&self, params: &KdfParams, out_len: usize) -> Result<(), LimitExceeded> {
+        self.check(params)?;
+        if let KdfParams::Pbkdf2 { hash, iterations } = *params {
+            let blocks = out_len.div_ceil(hash.output_len()).max(1) as u64;
+            let work = u64::from(iterations) * blocks;
+            let cap = u64::from(self.max_pbkdf2_iterations).saturating_mul(2);
+            if work > cap {
+                return Err(LimitExceeded {
+                    param: "pbkdf2 iterations x output blocks",
+                    value: work,
+                    cap,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Cost of one derivation in thousandths of a maximal one (rounded up; at least 1).
+    pub fn cost_permille(&self, params: &KdfParams) -> u64 {
+        let frac = |value: u64, cap: u64| -> u64 {
+            if cap == 0 {
+                return u64::MAX;
+            }
+            // u128: value * 1000 cannot overflow.
+            let p = (u128::from(value) * 1000).div_ceil(u128::from(cap));
+            u64::try_from(p).unwrap_or(u64::MAX).max(1)
+        };
+        match *params {
+            KdfParams::Pbkdf2 { iterations, .. } => {
+                frac(iterations.into(), self.max_pbkdf2_iterations.into())
+            }
+            KdfParams::Argon2i {
+                time, memory_kib, ..
+            }
+            | KdfParams::Argon2id {
+                time, memory_kib, ..
+            } => frac(
+                u64::from(memory_kib) * u64::from(time),
+                self.max_argon2_cost,
+            ),
+        }
+    }
+
+    /// Cost of a PBKDF2 digest check with `iterations`, as [`KdfLimits::cost_permille`].
+    pub fn pbkdf2_cost_permille(&self, iterations: u32) -> u64 {
+        self.cost_permille(&KdfParams::Pbkdf2 {
+            hash: HashAlg::Sha256,
+            iterations,
+        })
     }
 }
 
@@ -472,7 +567,7 @@ mod tests {
         assert_eq!(
             e,
             LimitExceeded {
-                param: "memory",
+                param: "argon2 memory (KiB)",
                 value: 2048,
                 cap: 1024
             }
@@ -483,7 +578,76 @@ mod tests {
                 iterations: u32::MAX,
             })
             .unwrap_err();
-        assert_eq!(e.param, "iterations");
+        assert_eq!(e.param, "pbkdf2 iterations");
+    }
+
+    #[test]
+    fn default_caps_stop_a_hostile_cost_but_pass_cryptsetup_defaults() {
+        let d = KdfLimits::default();
+        // cryptsetup's 2 s defaults on a fast machine: 1 GiB, 4..8 passes, 4 lanes.
+        for time in [4, 8] {
+            d.check(&KdfParams::Argon2id {
+                time,
+                memory_kib: 1024 * 1024,
+                cpus: 4,
+            })
+            .unwrap();
+        }
+        d.check(&KdfParams::Pbkdf2 {
+            hash: HashAlg::Sha256,
+            iterations: 9_000_000,
+        })
+        .unwrap();
+        // Tiny memory, huge time: the product catches it.
+        let e = d
+            .check(&KdfParams::Argon2id {
+                time: 1000,
+                memory_kib: 64 * 1024,
+                cpus: 1,
+            })
+            .unwrap_err();
+        assert_eq!(e.param, "argon2 memory x time (KiB-passes)");
+        assert!(d
+            .check(&KdfParams::Argon2id {
+                time: 4,
+                memory_kib: 4 * 1024 * 1024,
+                cpus: 4
+            })
+            .is_err());
+        let x = KdfLimits::allow_expensive();
+        x.check(&KdfParams::Argon2id {
+            time: 1000,
+            memory_kib: 4 * 1024 * 1024,
+            cpus: 4,
+        })
+        .unwrap();
+        let sha1 = KdfParams::Pbkdf2 {
+            hash: HashAlg::Sha1,
+            iterations: 15_000_000,
+        };
+        d.check(&sha1).unwrap();
+        let e = d.check_output(&sha1, 64).unwrap_err();
+        assert_eq!((e.param, e.value), ("pbkdf2 iterations x output blocks", 60_000_000));
+        let sha256 = KdfParams::Pbkdf2 {
+            hash: HashAlg::Sha256,
+            iterations: 20_000_000,
+        };
+        d.check_output(&sha256, 64).unwrap();
+        assert_eq!(
+            d.cost_permille(&KdfParams::Pbkdf2 {
+                hash: HashAlg::Sha256,
+                iterations: 1000
+            }),
+            1
+        );
+        assert_eq!(
+            d.cost_permille(&KdfParams::Argon2id {
+                time: 16,
+                memory_kib: 1024 * 1024,
+                cpus: 4
+            }),
+            1000
+        );
     }
 
     #[test]

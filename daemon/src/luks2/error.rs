@@ -114,7 +114,11 @@ pub enum FormatError {
     KeyslotNotFound(u32),
     #[error("keyslot {slot} cannot be opened: {reason}")]
     KeyslotUnusable { slot: u32, reason: String },
-    #[error("keyslot {slot}: kdf {param} = {value} exceeds the limit {cap}")]
+    #[error(
+        "keyslot {slot}: the header asks for {param} = {value}, above the limit {cap} (a header \
+         from someone else could cost minutes of CPU or gigabytes of memory); if you trust this \
+         volume, retry with --allow-expensive-kdf"
+    )]
     KdfLimit {
         slot: u32,
         param: &'static str,
@@ -143,6 +147,18 @@ pub enum FormatError {
     InvalidToken(String),
     #[error("invalid format parameters: {0}")]
     InvalidParams(String),
+    #[error(
+        "keyslot {slot} has type {type_name:?}, which nbdcrypt keeps but never wipes or \
+         rewrites; remove it with `cryptsetup luksKillSlot` if you trust this header"
+    )]
+    ForeignKeyslot { slot: u32, type_name: String },
+    #[error("refusing to wipe {what} [{offset}, +{len}): {reason}")]
+    UnsafeWipe {
+        what: String,
+        offset: u64,
+        len: u64,
+        reason: String,
+    },
     #[error("header backup {path}: {reason}")]
     BadBackup { path: String, reason: String },
 }

@@ -42,12 +42,14 @@ pub(crate) fn open(
     let (params, af_hash) = ks
         .usable()
         .map_err(|reason| FormatError::KeyslotUnusable { slot, reason })?;
-    limits.check(&params).map_err(|l| FormatError::KdfLimit {
-        slot,
-        param: l.param,
-        value: l.value,
-        cap: l.cap,
-    })?;
+    limits
+        .check_output(&params, ks.area.key_size as usize)
+        .map_err(|l| FormatError::KdfLimit {
+            slot,
+            param: l.param,
+            value: l.value,
+            cap: l.cap,
+        })?;
     let len = material_len(ks.key_size);
     if len > ks.area.size {
         return Err(FormatError::KeyslotUnusable {

@@ -587,7 +587,7 @@ fn kdf_caps_are_enforced_and_named_when_opening_foreign_headers() {
     match &e {
         FormatError::KdfLimit {
             slot: 1,
-            param: "memory",
+            param: "argon2 memory (KiB)",
             value: 64,
             cap: 32,
         } => {}
@@ -1106,4 +1106,93 @@ fn reading_randomly_corrupted_headers_never_panics() {
         }
         let _ = Luks2Header::read(&f);
     }
+}
+
+// ---- hostile headers: foreign keyslot types ----------------------------------------------------
+
+fn file_sha256(f: &File) -> Vec<u8> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    loop {
+        let n = f.read_at(&mut buf, off).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    h.finalize().to_vec()
+}
+
+#[test]
+fn the_issue_8_keyslot_over_the_data_area_is_refused_at_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = tv_a(dir.path());
+    edit_json_both(&f, |v| {
+        v["keyslots"]["5"] = serde_json::json!({"type": "foo",
+            "area": {"offset": "16777216", "size": "1073741824"}});
+    });
+    let e = Luks2Header::read_metadata_only(&f).unwrap_err();
+    assert!(e.to_string().contains("keyslots.5"), "{e}");
+    // With a key_size and an area type it is still outside the keyslots area.
+    edit_json_both(&f, |v| {
+        v["keyslots"]["5"] = serde_json::json!({"type": "foo", "key_size": 64,
+            "area": {"type": "raw", "offset": "16777216", "size": "1073741824"}});
+    });
+    let e = Luks2Header::read_metadata_only(&f).unwrap_err();
+    assert!(
+        e.to_string().contains("keyslots.5.area") && e.to_string().contains("outside"),
+        "{e}"
+    );
+}
+
+#[test]
+fn remove_keyslot_never_wipes_or_drops_a_foreign_keyslot() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = tv_a(dir.path());
+    // A valid foreign keyslot in free space inside the keyslots area.
+    edit_json_both(&f, |v| {
+        v["keyslots"]["5"] = serde_json::json!({"type": "foo", "key_size": 64,
+            "area": {"type": "raw", "offset": "8388608", "size": "4096"}});
+    });
+    let before = file_sha256(&f);
+    let (mut h, _) = Luks2Header::read(&f).unwrap();
+    let info = h.keyslots().into_iter().find(|k| k.id == 5).unwrap();
+    assert_eq!(info.type_name, "foo");
+    assert_eq!(info.area_offset, Some(8_388_608));
+    match h.remove_keyslot(&f, 5).unwrap_err() {
+        FormatError::ForeignKeyslot { slot: 5, type_name } => assert_eq!(type_name, "foo"),
+        e => panic!("{e:?}"),
+    }
+    assert_eq!(file_sha256(&f), before, "the volume changed");
+    // Our own keyslot changes keep the foreign one, and never place an area over it.
+    h.remove_keyslot(&f, 1).unwrap();
+    let (h, _) = Luks2Header::read(&f).unwrap();
+    assert!(h.keyslots().iter().any(|k| k.id == 5 && k.type_name == "foo"));
+}
+
+#[test]
+fn one_unlock_stops_when_the_keyslots_together_exceed_the_work_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, f, mut h, vk) = formatted(dir.path(), fast_pbkdf2(), "zero");
+    h.add_keyslot(&f, &vk, &pw("one"), &fast_pbkdf2()).unwrap();
+    h.add_keyslot(&f, &vk, &pw("two"), &fast_pbkdf2()).unwrap();
+    // Each slot: 1000 iterations + a 1000-iteration digest = 1000 permille of a 2000 cap.
+    let tight = KdfLimits {
+        max_pbkdf2_iterations: 2000,
+        max_total_permille: 2500,
+        ..KdfLimits::default()
+    };
+    match h.unlock(&f, &pw("wrong"), &tight).err().unwrap() {
+        FormatError::KdfLimit { slot: 2, value: 3000, cap: 2500, param } => {
+            assert!(param.contains("all keyslots tried"), "{param}")
+        }
+        e => panic!("{e:?}"),
+    }
+    // Within the budget the right passphrase still opens; with the default limits, every slot.
+    assert_eq!(h.unlock(&f, &pw("one"), &tight).unwrap().1, 1);
+    assert_eq!(h.unlock(&f, &pw("two"), &limits()).unwrap().1, 2);
+    let e = h.unlock(&f, &pw("two"), &tight).err().unwrap();
+    assert!(e.to_string().contains("--allow-expensive-kdf"), "{e}");
 }

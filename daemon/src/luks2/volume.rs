@@ -357,8 +357,8 @@ impl Luks2Header {
                     priority: KeyslotPriority::Ignore,
                     kdf: None,
                     key_size: None,
-                    area_offset: area.map(|a| a.0),
-                    area_size: area.map(|a| a.1),
+                    area_offset: Some(area.0),
+                    area_size: Some(area.1),
                     for_data: false,
                 },
             })
@@ -398,7 +398,31 @@ impl Luks2Header {
             }
         }
         let mut limit_hit = None;
+        // Work already spent, in thousandths of a maximal derivation: many cheap-looking
+        // keyslots must not add up to minutes.
+        let mut spent: u64 = 0;
         for (id, k) in order {
+            let cost = match k.usable() {
+                Ok((params, _))
+                    if limits.check_output(&params, k.area.key_size as usize).is_ok()
+                        && digest.iterations <= limits.max_pbkdf2_iterations =>
+                {
+                    limits
+                    .cost_permille(&params)
+                        .saturating_add(limits.pbkdf2_cost_permille(digest.iterations))
+                }
+                _ => 0, // refused by open_slot before any work
+            };
+            if spent.saturating_add(cost) > limits.max_total_permille {
+                limit_hit.get_or_insert(FormatError::KdfLimit {
+                    slot: id,
+                    param: "kdf work of all keyslots tried (thousandths of a maximal derivation)",
+                    value: spent.saturating_add(cost),
+                    cap: limits.max_total_permille,
+                });
+                continue;
+            }
+            spent = spent.saturating_add(cost);
             match self.open_slot(file, size, id, k, passphrase, limits) {
                 Ok(key) => return Ok((key, id)),
                 Err(FormatError::WrongPassphrase) | Err(FormatError::KeyslotUnusable { .. }) => {}
@@ -459,6 +483,18 @@ impl Luks2Header {
                 param: "digest iterations",
                 value: digest.iterations.into(),
                 cap: limits.max_pbkdf2_iterations.into(),
+            });
+        }
+        let digest_kdf = KdfParams::Pbkdf2 {
+            hash: digest.hash,
+            iterations: digest.iterations,
+        };
+        if let Err(l) = limits.check_output(&digest_kdf, digest.digest.len()) {
+            return Err(FormatError::KdfLimit {
+                slot: id,
+                param: "digest iterations x output blocks",
+                value: l.value,
+                cap: l.cap,
             });
         }
         let candidate = keyslot::open(file, size, id, k, passphrase, limits)?;
@@ -527,17 +563,25 @@ impl Luks2Header {
             .keyslots
             .get(&slot)
             .ok_or(FormatError::KeyslotNotFound(slot))?;
+        if let Keyslot::Other { type_name, .. } = ks {
+            return Err(FormatError::ForeignKeyslot {
+                slot,
+                type_name: type_name.clone(),
+            });
+        }
         if let Some((_, d)) = self.metadata.segment_digest() {
             if d.keyslots == [slot] {
                 return Err(FormatError::LastKeyslot(slot));
             }
         }
-        if let Some((off, size)) = ks.area_extent() {
-            wipe(file, off, size)?;
-        }
         let mut md = self.metadata.clone();
         md.keyslots.remove(&slot);
         md.unlink_keyslot(slot);
+        // Wipe first (as cryptsetup does): a crash leaves a dead slot, never live key material
+        // nobody references. The area is checked against the metadata without this slot.
+        if let Some((off, size)) = ks.area_extent() {
+            wipe_keyslot_area(file, &md, self.hdr_size, slot, off, size)?;
+        }
         self.commit(file, md)
     }
 
@@ -557,11 +601,10 @@ impl Luks2Header {
         let _lock = lock(file, LockMode::Exclusive)?;
         self.check_unchanged(file)?;
         let (key, slot) = self.unlock(file, old_passphrase, limits)?;
-        let old_area = self
-            .metadata
-            .keyslots
-            .get(&slot)
-            .and_then(Keyslot::area_extent);
+        let old_area = match self.metadata.keyslots.get(&slot) {
+            Some(Keyslot::Luks2(k)) => Some((k.area.offset, k.area.size)),
+            _ => None, // unlock only opens luks2 slots
+        };
         let key_size = u32::try_from(key.len()).unwrap_or(0);
         let offset = self.allocate_area(keyslot::area_size(key_size))?;
         let mut ks = keyslot::create(file, offset, &key, new_passphrase, kdf)?;
@@ -573,7 +616,8 @@ impl Luks2Header {
         md.keyslots.insert(slot, Keyslot::Luks2(ks));
         self.commit(file, md)?;
         if let Some((off, size)) = old_area {
-            wipe(file, off, size)?;
+            // Checked against the new metadata: the old area must now belong to no keyslot.
+            wipe_keyslot_area(file, &self.metadata, self.hdr_size, slot, off, size)?;
         }
         Ok(slot)
     }
@@ -790,7 +834,8 @@ pub fn format(
         write_all_at(file, &zero[..n as usize], off, "wiping the metadata area")?;
         off += n;
     }
-    wipe(file, 2 * params.hdr_size, params.keyslots_size)?;
+    // The whole keyslots area of a device we are formatting (parameters checked above).
+    fill_random_range(file, 2 * params.hdr_size, params.keyslots_size)?;
 
     let mut vk_bytes = SecretBytes::zeroed(params.key_size as usize);
     super::fill_random(vk_bytes.expose_secret_mut())?;
@@ -913,8 +958,58 @@ fn copy_range(from: &File, to: &File, len: u64) -> Result<(), FormatError> {
     Ok(())
 }
 
-/// Overwrites `[offset, offset+len)` with random bytes and fsyncs.
-fn wipe(file: &File, offset: u64, len: u64) -> Result<(), FormatError> {
+/// Wipes the former area `[offset, offset+len)` of keyslot `slot` after proving it safe against
+/// `md`, the metadata that no longer contains that area (a keyslot still naming it counts as an
+/// overlap): it must lie inside the keyslots area
+/// (after both JSON areas, before the end of `config.keyslots_size`), before the data segment,
+/// and overlap no keyslot `md` still has (whatever its type). Anything else is refused: a
+/// header names the area, and the header is the attacker's.
+fn wipe_keyslot_area(
+    file: &File,
+    md: &Metadata,
+    hdr_size: u64,
+    slot: u32,
+    offset: u64,
+    len: u64,
+) -> Result<(), FormatError> {
+    let refuse = |reason: String| FormatError::UnsafeWipe {
+        what: format!("keyslot {slot}'s area"),
+        offset,
+        len,
+        reason,
+    };
+    if len == 0 {
+        return Err(refuse("the area is empty".into()));
+    }
+    let end = offset
+        .checked_add(len)
+        .ok_or_else(|| refuse("offset + size overflows".into()))?;
+    let start = 2 * hdr_size;
+    let area_end = start.saturating_add(md.config.keyslots_size);
+    if offset < start || end > area_end {
+        return Err(refuse(format!(
+            "not inside the keyslots area [{start}, {area_end})"
+        )));
+    }
+    if md.segment.offset != 0 && end > md.segment.offset {
+        return Err(refuse(format!(
+            "reaches into the data segment at {}",
+            md.segment.offset
+        )));
+    }
+    for (id, ks) in &md.keyslots {
+        if let Some((o, s)) = ks.area_extent() {
+            if offset < o.saturating_add(s) && o < end {
+                return Err(refuse(format!("overlaps keyslot {id}'s area [{o}, +{s})")));
+            }
+        }
+    }
+    fill_random_range(file, offset, len)
+}
+
+/// Overwrites `[offset, offset+len)` with random bytes and fsyncs. Callers prove the range safe:
+/// [`format`] (the keyslots area of the device it formats) and [`wipe_keyslot_area`].
+fn fill_random_range(file: &File, offset: u64, len: u64) -> Result<(), FormatError> {
     let mut buf = vec![0u8; 1 << 20];
     let mut done = 0u64;
     while done < len {
@@ -968,6 +1063,54 @@ fn random_uuid() -> Result<String, FormatError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn the_area_wipe_refuses_anything_not_proven_a_free_keyslot_area() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v.img");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&p)
+            .unwrap();
+        f.set_len(DEFAULT_DATA_OFFSET + (1 << 20)).unwrap();
+        let mut params = FormatParams::new(KdfParams::Pbkdf2 {
+            hash: HashAlg::Sha256,
+            iterations: 1000,
+        });
+        params.digest_iterations = 1000;
+        let (h, _) = format(&f, &params, &SecretBytes::from_slice(b"pw")).unwrap();
+        let data = vec![0x5au8; 1 << 20];
+        f.write_all_at(&data, DEFAULT_DATA_OFFSET).unwrap();
+        let md = &h.metadata;
+        let (s0_off, s0_len) = md.keyslots[&0].area_extent().unwrap();
+        let hs = h.hdr_size;
+        for (off, len, why) in [
+            (DEFAULT_DATA_OFFSET, 1 << 30, "not inside the keyslots area"),
+            (DEFAULT_DATA_OFFSET - 4096, 8192, "not inside the keyslots area"),
+            (0, 4096, "not inside the keyslots area"),
+            (s0_off, s0_len, "overlaps keyslot 0"),
+            (s0_off + s0_len - 512, 4096, "overlaps keyslot 0"),
+            (u64::MAX - 10, 4096, "overflows"),
+            (1 << 20, 0, "empty"),
+        ] {
+            let e = wipe_keyslot_area(&f, md, hs, 7, off, len).unwrap_err();
+            assert!(
+                matches!(e, FormatError::UnsafeWipe { .. }) && e.to_string().contains(why),
+                "{off}+{len}: {e}"
+            );
+        }
+        // The slot being wiped must no longer own the area in the metadata.
+        let e = wipe_keyslot_area(&f, md, hs, 0, s0_off, s0_len).unwrap_err();
+        assert!(e.to_string().contains("overlaps keyslot 0"), "{e}");
+        let mut back = vec![0u8; 1 << 20];
+        f.read_exact_at(&mut back, DEFAULT_DATA_OFFSET).unwrap();
+        assert_eq!(back, data, "a refused wipe wrote to the data segment");
+        // A free area inside the keyslots area is wiped.
+        wipe_keyslot_area(&f, md, hs, 7, 1 << 20, 4096).unwrap();
+    }
 
     #[test]
     fn random_uuids_are_lowercase_v4() {
