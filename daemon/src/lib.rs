@@ -9,7 +9,6 @@
 //!
 //! `nbdcryptctl` reuses the on-disk format (`luks2`), the sector crypto (`crypto`) and the
 //! control protocol from this library.
-#![deny(unsafe_code)]
 
 pub mod audit;
 pub mod block;
@@ -27,5 +26,9 @@ pub mod secret_file;
 pub mod server;
 pub mod shutdown;
 pub mod socket;
+// `unsafe_code` is denied workspace-wide; `sys` is one of the two fenced modules allowed it. Its
+// invariants: each block wraps one system or allocator call and states its SAFETY argument (see
+// the module docs and every `// SAFETY:` comment in sys.rs).
+#[allow(unsafe_code)]
 pub mod sys;
 pub mod unlock;
