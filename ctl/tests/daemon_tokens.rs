@@ -161,7 +161,7 @@ fn auto_unlock_and_unlock_token_open_the_volume_through_the_kms_and_are_audited(
     d.wait_for(30, "auto-unlock", |s| state(s) == "unlocked");
 
     // The export really serves the decrypted volume: data written reads back.
-    let data: Vec<u8> = (0..1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..1024 * 1024u32).map(|i| ((i.wrapping_mul(2_654_435_761) >> 13) & 0xff) as u8).collect();
     let src = d.path("data.bin");
     std::fs::write(&src, &data).unwrap();
     let o = Command::new("nbdcopy").arg(&src).arg(d.uri()).output().expect("nbdcopy (libnbd-bin)");

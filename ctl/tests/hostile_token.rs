@@ -521,7 +521,7 @@ fn a_token_naming_a_fake_kms_gets_no_request_from_the_daemon_or_nbdcryptctl() {
 
 /// Copies the header and keyslot area (everything before the data segment) of `from` over `to`.
 fn swap_header(from: &Vol, to: &Vol) {
-    let offset = from.header().data_segment().offset as usize;
+    let offset = usize::try_from(from.header().data_segment().offset).unwrap();
     let bytes = std::fs::read(&from.vol).unwrap();
     let f = std::fs::OpenOptions::new()
         .write(true)

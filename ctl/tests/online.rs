@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use nbdcrypt::block::{self, BlockDevice, Caps, Extent, ZeroFlags};
 use nbdcrypt::control::proto::{Request, Response};
 use nbdcrypt::control::{self, ControlPlane, Origin, UnlockError, VolumeHandle, VolumeInfo};
-use nbdcrypt::crypto::keys::SecretBytes;
 use nbdcrypt::export::ExportTable;
 use nbdcrypt::shutdown::{self, ShutdownTrigger};
 
@@ -27,12 +26,12 @@ impl BlockDevice for Mem {
         Caps { read_only: false, trim: false, fast_zero: false, min_block: 512, preferred_block: 4096, rotational: false }
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), block::Error> {
-        let o = offset as usize;
+        let o = usize::try_from(offset).unwrap();
         buf.copy_from_slice(&self.0.lock().unwrap()[o..o + buf.len()]);
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64, _: bool) -> Result<(), block::Error> {
-        let o = offset as usize;
+        let o = usize::try_from(offset).unwrap();
         self.0.lock().unwrap()[o..o + buf.len()].copy_from_slice(buf);
         Ok(())
     }

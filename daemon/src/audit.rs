@@ -111,7 +111,7 @@ impl AuditEvent {
 
     /// The calling process as the peer (for `nbdcryptctl`'s offline commands).
     pub fn this_process(self) -> Self {
-        self.peer(nix::unistd::getuid().as_raw(), std::process::id() as i32)
+        self.peer(nix::unistd::getuid().as_raw(), nix::unistd::getpid().as_raw())
     }
 
     pub fn detail(mut self, name: &str, value: impl Into<Value>) -> Self {
@@ -219,6 +219,7 @@ pub fn rfc3339_now() -> String {
 
 /// Seconds since the epoch as RFC 3339 UTC (proleptic Gregorian; H. Hinnant's civil_from_days).
 pub fn rfc3339(secs: u64) -> String {
+    #[allow(clippy::cast_possible_wrap)] // lossless: u64::MAX / 86_400 < i64::MAX
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     let z = days + 719_468;

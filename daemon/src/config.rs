@@ -350,6 +350,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     if !(f >= 0.0 && f * (mult as f64) < u64::MAX as f64) {
         return Err(format!("size {s:?} is out of range"));
     }
+    // In range (checked above); `as` drops the fraction, which is what a byte count wants.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     Ok((f * mult as f64) as u64)
 }
 

@@ -186,7 +186,7 @@ fn unlocker(volume: Arc<Volume>, seal: SealSettings) -> Unlocker {
 /// unreachable. The control socket is up throughout, so an operator can unlock another way.
 fn spawn_auto_unlock(volume: nbdcrypt::control::VolumeHandle, mut shutdown: nbdcrypt::shutdown::Shutdown) {
     const DELAYS: [u64; 6] = [1, 2, 4, 8, 16, 30];
-    let origin = Origin { uid: nix::unistd::geteuid().as_raw(), pid: Some(std::process::id() as i32) };
+    let origin = Origin { uid: nix::unistd::geteuid().as_raw(), pid: Some(nix::unistd::getpid().as_raw()) };
     tokio::spawn(async move {
         for (attempt, delay) in std::iter::once(0).chain(DELAYS).enumerate() {
             if delay > 0 {
@@ -195,7 +195,7 @@ fn spawn_auto_unlock(volume: nbdcrypt::control::VolumeHandle, mut shutdown: nbdc
                     _ = shutdown.triggered() => return,
                 }
             }
-            match volume.call(Request::UnlockToken, origin.clone()).await {
+            match volume.call(Request::UnlockToken, origin).await {
                 Response::Ok(_) => {
                     info!(attempt, "auto-unlock: unlocked by token");
                     return;
@@ -217,7 +217,7 @@ fn spawn_auto_unlock(volume: nbdcrypt::control::VolumeHandle, mut shutdown: nbdc
 async fn unlock_at_start(control: &ControlPlane, key_file: &std::path::Path) -> anyhow::Result<()> {
     let path = key_file.to_owned();
     let secret = tokio::task::spawn_blocking(move || demo::read_key_file(&path)).await?.map_err(|e| anyhow!(e))?;
-    let origin = Origin { uid: nix::unistd::geteuid().as_raw(), pid: Some(std::process::id() as i32) };
+    let origin = Origin { uid: nix::unistd::geteuid().as_raw(), pid: Some(nix::unistd::getpid().as_raw()) };
     match control.volume.call(Request::Unlock { secret, slot: None }, origin).await {
         Response::Ok(_) => {
             info!(key_file = %key_file.display(), "unlocked with the key file");

@@ -138,15 +138,15 @@ pub fn read_file(path: &Path, kind: Kind) -> Result<SecretBytes, Error> {
         set_blocking(&file)?;
     }
     let size_hint = if t.is_file() {
-        let len = meta.len();
-        if len > kind.cap() as u64 {
+        let len = usize::try_from(meta.len()).unwrap_or(usize::MAX);
+        if len > kind.cap() {
             return Err(Error::TooLong {
                 kind,
                 cap: kind.cap(),
             });
         }
         // One byte more than the file, to see EOF (or growth) without another buffer.
-        Some(len as usize + 1)
+        Some(len + 1)
     } else {
         None
     };

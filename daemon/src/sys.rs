@@ -5,7 +5,9 @@
 //! never sees what is stored in the memory it locks and logs nothing about it.
 //!
 //! (`crypto::xts`'s VAES path has its own `unsafe` for CPU intrinsics; that is not OS-level.)
-#![allow(unsafe_code)]
+//!
+//! `unsafe_code` is denied workspace-wide and allowed here only, by the `#[allow]` on this
+//! module's declaration in lib.rs; every block carries a `// SAFETY:` comment.
 
 use std::alloc::{self, Layout};
 use std::ffi::c_void;

@@ -247,8 +247,9 @@ impl Daemon {
 
     /// Send a signal to the daemon.
     pub fn signal(&self, sig: i32) {
-        let r = unsafe { libc::kill(self.pid(), sig) };
-        assert_eq!(r, 0, "kill({}, {sig}) failed", self.pid());
+        let signal = nix::sys::signal::Signal::try_from(sig).expect("not a signal number");
+        let r = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal);
+        assert!(r.is_ok(), "kill({}, {sig}) failed: {r:?}", self.pid());
     }
 
     /// Wait up to `timeout` for the process to exit; `None` if it is still running.

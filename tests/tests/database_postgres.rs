@@ -20,6 +20,8 @@ mod db_stack;
 
 use db_stack::*;
 use nbdcrypt_tests::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -82,10 +84,10 @@ fn preflight() {
 
 /// uid and gid of the `postgres` user (created by Debian's postgresql-common).
 fn postgres_user() -> (u32, u32) {
-    let name = std::ffi::CString::new("postgres").unwrap();
-    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
-    assert!(!pw.is_null(), "user `postgres` does not exist (Debian package postgresql-common creates it)");
-    unsafe { ((*pw).pw_uid, (*pw).pw_gid) }
+    let user = nix::unistd::User::from_name("postgres")
+        .expect("getpwnam(postgres) failed")
+        .expect("user `postgres` does not exist (Debian package postgresql-common creates it)");
+    (user.uid.as_raw(), user.gid.as_raw())
 }
 
 /// A PostgreSQL cluster whose data directory is on the test volume; the socket directory and
@@ -213,7 +215,7 @@ impl Pg {
     /// Fast shutdown (SIGINT); must exit 0.
     fn stop(&mut self) {
         let mut pm = self.postmaster.take().expect("postgres not running");
-        unsafe { libc::kill(pm.id() as i32, libc::SIGINT) };
+        let _ = kill(Pid::from_raw(pm.id() as i32), Signal::SIGINT);
         let deadline = Instant::now() + LONG;
         let st = loop {
             if let Some(st) = pm.try_wait().unwrap() {
@@ -233,11 +235,11 @@ impl Pg {
         let Some(mut pm) = self.postmaster.take() else { return vec![] };
         let root = pm.id() as i32;
         let mut pids = children_of(root);
-        unsafe { libc::kill(root, libc::SIGKILL) };
+        let _ = kill(Pid::from_raw(root), Signal::SIGKILL);
         // Children forked in the meantime: collect again (orphans keep their pids).
         pids.extend(children_of(root));
         for &p in &pids {
-            unsafe { libc::kill(p, libc::SIGKILL) };
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
         }
         let _ = pm.wait();
         wait_gone(&pids, timeout);

@@ -9,6 +9,9 @@
 //! made and disabled through boto3 from the same venv; credentials are dummies and every
 //! address is 127.0.0.1.
 
+// Shared by several test crates, each of which uses only some of the helpers.
+#![allow(dead_code)]
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::TcpStream;

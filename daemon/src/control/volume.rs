@@ -777,13 +777,13 @@ pub(crate) mod tests {
         }
         fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), block::Error> {
             let d = self.data.lock().unwrap();
-            let o = offset as usize;
+            let o = usize::try_from(offset).unwrap();
             buf.copy_from_slice(&d[o..o + buf.len()]);
             Ok(())
         }
         fn write_at(&self, buf: &[u8], offset: u64, _fua: bool) -> Result<(), block::Error> {
             let mut d = self.data.lock().unwrap();
-            let o = offset as usize;
+            let o = usize::try_from(offset).unwrap();
             d[o..o + buf.len()].copy_from_slice(buf);
             Ok(())
         }
@@ -796,7 +796,7 @@ pub(crate) mod tests {
         }
         fn write_zeroes(&self, offset: u64, length: u64, _: ZeroFlags) -> Result<(), block::Error> {
             let mut d = self.data.lock().unwrap();
-            d[offset as usize..(offset + length) as usize].fill(0);
+            d[usize::try_from(offset).unwrap()..usize::try_from(offset + length).unwrap()].fill(0);
             Ok(())
         }
         fn cache(&self, _: u64, _: u64) -> Result<(), block::Error> {

@@ -11,8 +11,8 @@
 //!
 //! Only `crypto::xts` uses this module; it owns length checks and the portable fallback. The
 //! `unsafe` here is for CPU intrinsics (calling `#[target_feature]` code, raw loads and stores),
-//! not for OS calls; each block names its invariant.
-#![allow(unsafe_code)]
+//! not for OS calls; each block names its invariant. `unsafe_code` is denied workspace-wide and
+//! allowed here only, by the `#[allow]` on this module's declaration in xts.rs.
 
 use core::arch::x86_64::*;
 

@@ -345,7 +345,7 @@ async fn send<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> Result<(),
 pub(crate) async fn drain<S: AsyncRead + Unpin>(stream: &mut S, mut n: u64) -> std::io::Result<()> {
     let mut buf = [0u8; 8192];
     while n > 0 {
-        let want = n.min(buf.len() as u64) as usize;
+        let want = usize::try_from(n).map_or(buf.len(), |n| n.min(buf.len()));
         stream.read_exact(&mut buf[..want]).await?;
         n -= want as u64;
     }

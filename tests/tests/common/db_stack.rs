@@ -328,6 +328,7 @@ pub struct Mount {
 }
 
 impl Mount {
+    #[allow(clippy::self_named_constructors)] // reads as what it does at call sites: `Mount::mount(dev, dir)`
     pub fn mount(dev: &str, dir: &Path) -> Mount {
         std::fs::create_dir_all(dir).unwrap();
         // Defaults: data=ordered, barriers on; errors=remount-ro is ext4's default behaviour.

@@ -422,7 +422,7 @@ fn rekey_survives_a_crash_inside_a_header_commit() {
     let dir = tempfile::tempdir().unwrap();
     let (template, f, mut h, vk) = volume(dir.path(), "template.img");
     let a = enroll(&f, &mut h, &vk, &FakeKms::new("key-a")).unwrap();
-    let hdr_size = h.hdr_size() as usize;
+    let hdr_size = usize::try_from(h.hdr_size()).unwrap();
     drop(f);
     // images[k]: the volume after k header writes of one rekey run (k = 0..=4).
     let p = dir.path().join("run.img");
