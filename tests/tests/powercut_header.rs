@@ -12,10 +12,11 @@
 //! --test-passphrase`, and the two must agree on every key; for rekey some token (old or new)
 //! opens it at every point.
 //!
-//! Finding: header-restore writes both header copies and the keyslots area and syncs once, as
-//! `cryptsetup luksHeaderRestore` does, so a torn cut during it can leave no valid header copy.
-//! The test accepts that only together with its recovery: the backup is intact and restoring it
-//! again gives the restored state.
+//! Finding (fixed): header-restore used to write both header copies and the keyslots area and
+//! sync once, as `cryptsetup luksHeaderRestore` does, so a torn cut during it left no valid
+//! header copy at 113 of 145 points. It now writes the keyslots area, syncs, then the header at a
+//! higher seqid, secondary copy first, each synced: some complete copy survives every cut, and
+//! this test no longer accepts a broken header from any update.
 //!
 //! Needs /dev/fuse, root, cryptsetup, softhsm2 + opensc (pkcs11-tool).
 
@@ -322,10 +323,8 @@ fn cases() -> Vec<Case> {
             either: &[],
             after_open: &[0],
             after_closed: &[1],
-            // header-restore copies both header copies and the keyslots in one go and syncs
-            // once (as cryptsetup luksHeaderRestore does): a torn cut can garble both copies.
-            // The backup is still there, and restoring again repairs the volume.
-            torn_may_break: true,
+            // Ordered writes (keyslots, secondary, primary; each synced): never broken.
+            torn_may_break: false,
             token: None,
         },
         Case {

@@ -901,7 +901,7 @@ pub fn header_backup(device: &File, path: &Path) -> Result<(), FormatError> {
             path: path.display().to_string(),
             reason: e.to_string(),
         })?;
-    copy_range(device, &out, len)?;
+    copy_range(device, &out, 0, len)?;
     out.sync_all()
         .map_err(|e| FormatError::io("syncing the backup", 0, e))
 }
@@ -918,7 +918,8 @@ pub fn header_restore(device: &File, path: &Path) -> Result<Luks2Header, FormatE
     let (b, _) = Luks2Header::read_unlocked(&backup).map_err(|e| bad(e.to_string()))?;
     let len = b.metadata_end();
     let _lock = lock(device, LockMode::Exclusive)?;
-    if let Ok((cur, _)) = Luks2Header::read_unlocked(device) {
+    let current = Luks2Header::read_unlocked(device).ok().map(|(cur, _)| cur);
+    if let Some(cur) = &current {
         if cur.uuid != b.uuid {
             return Err(bad(format!(
                 "UUID {} differs from the device's {}",
@@ -936,19 +937,37 @@ pub fn header_restore(device: &File, path: &Path) -> Result<Luks2Header, FormatE
     if len > size {
         return Err(FormatError::DeviceTooSmall { size, needed: len });
     }
-    copy_range(&backup, device, len)?;
+    // Ordered against a torn power cut, which keeps any subset of unsynced sectors (cryptsetup's
+    // luksHeaderRestore writes everything, then syncs once, and a torn cut there can leave no
+    // valid copy). First the keyslots area, synced; then the backup's header as a seqid above
+    // both the device's and the backup's, secondary copy first, each copy synced by
+    // `write_copy`. Until the new secondary is durable the old primary is intact; from then on
+    // the new secondary outranks it; so some complete copy survives at every point.
+    let keyslots_start = 2 * b.hdr_size;
+    copy_range(&backup, device, keyslots_start, len)?;
     device
         .sync_all()
-        .map_err(|e| FormatError::io("syncing the restored header", 0, e))?;
+        .map_err(|e| FormatError::io("syncing the restored keyslots area", keyslots_start, e))?;
+    let mut restored = b.clone();
+    restored.seqid = current
+        .map_or(b.seqid, |cur| cur.seqid.max(b.seqid))
+        .checked_add(1)
+        .ok_or_else(|| FormatError::meta("seqid", "overflows"))?;
+    for copy in [HeaderCopy::Secondary, HeaderCopy::Primary] {
+        let bin = restored.binary_header(copy)?;
+        header::write_copy(device, &bin, &restored.json_text)?;
+    }
     let (hdr, _) = Luks2Header::read_unlocked(device)?;
     Ok(hdr)
 }
 
 // ---- helpers ------------------------------------------------------------------------------------
 
-fn copy_range(from: &File, to: &File, len: u64) -> Result<(), FormatError> {
+/// Copies bytes `[start, end)` of `from` to the same offsets of `to`.
+fn copy_range(from: &File, to: &File, start: u64, end: u64) -> Result<(), FormatError> {
+    let len = end;
     let mut buf = vec![0u8; 1 << 20];
-    let mut off = 0u64;
+    let mut off = start;
     while off < len {
         let n = usize::try_from((len - off).min(buf.len() as u64)).unwrap_or(buf.len());
         read_exact_at(from, &mut buf[..n], off, "reading header for copy")?;
