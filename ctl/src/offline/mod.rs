@@ -478,7 +478,7 @@ pub struct PbkdfArgs {
 
 /// Default argon2 memory cap: 1 GiB, but at most half the RAM (as cryptsetup).
 fn default_argon2_memory_kib() -> u32 {
-    let cap = 1024 * 1024;
+    const CAP: u32 = 1024 * 1024;
     let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
         s.lines()
             .find(|l| l.starts_with("MemTotal:"))
@@ -486,10 +486,8 @@ fn default_argon2_memory_kib() -> u32 {
             .and_then(|n| n.parse::<u64>().ok())
     });
     match total_kib {
-        Some(t) => u32::try_from((t / 2).min(cap))
-            .unwrap_or(cap as u32)
-            .max(32),
-        None => cap as u32,
+        Some(t) => u32::try_from(t / 2).unwrap_or(CAP).clamp(32, CAP),
+        None => CAP,
     }
 }
 

@@ -98,7 +98,7 @@ impl FileDevice {
     fn write_zero_buffers(&self, mut offset: u64, mut len: u64) -> Result<(), Error> {
         let zeroes = vec![0u8; 1 << 20];
         while len > 0 {
-            let n = len.min(zeroes.len() as u64) as usize;
+            let n = usize::try_from(len).map_or(zeroes.len(), |len| len.min(zeroes.len()));
             self.file
                 .write_all_at(&zeroes[..n], offset)
                 .map_err(|e| Error::from_io(e).at(Op::Zero, offset, n as u64))?;
@@ -294,8 +294,12 @@ fn is_conflict(e: &io::Error) -> bool {
 
 fn claim_flock(kind: i32) -> libc::flock {
     let mut lock: libc::flock = empty_flock();
-    lock.l_type = kind as i16;
-    lock.l_whence = libc::SEEK_SET as i16;
+    // `kind` is F_RDLCK, F_WRLCK or F_UNLCK and SEEK_SET is 0: libc types them `c_int`, the
+    // fields `c_short`; the values fit.
+    #[allow(clippy::cast_possible_truncation)]
+    let (l_type, l_whence) = (kind as i16, libc::SEEK_SET as i16);
+    lock.l_type = l_type;
+    lock.l_whence = l_whence;
     lock.l_start = CLAIM_BYTE;
     lock.l_len = 1;
     lock

@@ -456,12 +456,12 @@ pub fn benchmark_argon2id(target: Duration, max_memory_kib: u32) -> Result<KdfPa
         let t = (budget / f64::from(max_mem))
             .floor()
             .min(f64::from(u32::MAX / 2));
-        (t as u32, max_mem) // float in [4, u32::MAX/2]: the cast cannot truncate
+        (f64_to_u32(t), max_mem) // float in [4, u32::MAX/2]: the cast cannot truncate
     } else {
         let m = (budget / min_time)
             .floor()
             .max(f64::from(MIN_ARGON2_MEMORY_KIB.max(8 * cpus)));
-        (MIN_ARGON2_TIME, (m.min(f64::from(max_mem))) as u32) // m <= max_mem (a u32)
+        (MIN_ARGON2_TIME, f64_to_u32(m.min(f64::from(max_mem)))) // m <= max_mem (a u32)
     };
     Ok(KdfParams::Argon2id {
         time,
@@ -480,7 +480,14 @@ pub fn benchmark_pbkdf2(hash: HashAlg, target: Duration, out_len: usize) -> u32 
     let _ = pbkdf2_into(hash, b"benchmark", &[0u8; 32], probe, &mut out);
     let per_iter = (start.elapsed().as_secs_f64() / f64::from(probe)).max(1e-12);
     let n = (target.as_secs_f64() / per_iter).min(f64::from(u32::MAX));
-    (n as u32).max(MIN_PBKDF2_ITERATIONS) // n in [0, u32::MAX]
+    f64_to_u32(n).max(MIN_PBKDF2_ITERATIONS) // n in [0, u32::MAX]
+}
+
+/// A float the caller clamped into `u32`'s range, fraction dropped. (`as` saturates and maps NaN
+/// to 0, so even an unclamped value cannot wrap.)
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+fn f64_to_u32(x: f64) -> u32 {
+    x as u32
 }
 
 #[cfg(test)]

@@ -174,13 +174,16 @@ enum Direction {
 /// aes-xts-plain64 over whole 512-byte units, IV = unit index from the start of `buf`.
 fn xts_area(key: &[u8], buf: &mut [u8], dir: Direction) -> Result<(), String> {
     // xts-mode panics on a sector shorter than one block; our buffers are 512-byte multiples.
-    if buf.is_empty() || !buf.len().is_multiple_of(KEYSLOT_SECTOR as usize) {
+    // 512 fits any usize.
+    #[allow(clippy::cast_possible_truncation)]
+    const SECTOR: usize = KEYSLOT_SECTOR as usize;
+    if buf.is_empty() || !buf.len().is_multiple_of(SECTOR) {
         return Err(format!(
             "keyslot material of {} bytes is not whole sectors",
             buf.len()
         ));
     }
-    let sector = KEYSLOT_SECTOR as usize;
+    let sector = SECTOR;
     match key.len() {
         32 => {
             let (k1, k2) = key.split_at(16);

@@ -830,9 +830,9 @@ pub fn format(
     let zero = vec![0u8; 1 << 20];
     let mut off = 0;
     while off < 2 * params.hdr_size {
-        let n = (2 * params.hdr_size - off).min(zero.len() as u64);
-        write_all_at(file, &zero[..n as usize], off, "wiping the metadata area")?;
-        off += n;
+        let n = usize::try_from(2 * params.hdr_size - off).map_or(zero.len(), |left| left.min(zero.len()));
+        write_all_at(file, &zero[..n], off, "wiping the metadata area")?;
+        off += n as u64;
     }
     // The whole keyslots area of a device we are formatting (parameters checked above).
     fill_random_range(file, 2 * params.hdr_size, params.keyslots_size)?;

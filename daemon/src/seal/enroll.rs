@@ -422,6 +422,8 @@ pub fn unlock_with_token(
         .map_err(|f| EnrollError::TokensFailed(vec![f]))
 }
 
+// A failure is reported once per token tried, off the I/O path: its size does not matter.
+#[allow(clippy::result_large_err)]
 fn try_token(
     file: &File,
     header: &Luks2Header,
