@@ -24,16 +24,15 @@
 //! in flight — its payload or reply buffer with the page-alignment slack, the scratch the
 //! device layers allocate for it (the crypt layer's ciphertext chunk and read-modify-write
 //! buffer), a BLOCK_STATUS reply's descriptors — plus a fixed overhead; the charge is given
-//! back once its reply has left the process. Idle buffers kept for reuse are bounded apart:
-//! each worker keeps at most one input and one output buffer of at most `KEEP_BUFFER` bytes,
-//! and the outbox's pool at most `threads` more.
+//! back once its reply has left the process. Idle buffers kept for reuse between requests are
+//! bounded apart: at most `KEEP_BUFFER` bytes each and `RETAIN` bytes per connection in all.
 //!
 //! The handshake runs on the async reactor; the socket is handed here afterwards. A controller
 //! stops a session by setting `stop` and shutting the socket's read side (`Stopper`).
 
 use std::collections::VecDeque;
 use std::io::{self, BufReader, IoSlice, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use tracing::{debug, warn};
@@ -157,12 +156,15 @@ struct Buffers {
     output: Scratch,
 }
 
+/// A reusable buffer. `kept` is what it counts toward the connection's `retained` bytes.
 #[derive(Default)]
-struct Scratch(Vec<u8>);
+struct Scratch(Vec<u8>, usize);
 
 /// Buffers above this size are released after use, so idle connections don't pin 32 MiB each.
 /// Large enough for 1 MiB requests (their buffers are what page faults would cost most on).
 pub const KEEP_BUFFER: usize = (1 << 20) + 2 * PAGE;
+/// Bytes of idle buffers one connection keeps for reuse, all workers and the pool together.
+pub const RETAIN: usize = 8 << 20;
 
 impl Scratch {
     /// `n` bytes of the buffer, starting page-aligned (so O_DIRECT can use them); zero-filled
@@ -189,10 +191,28 @@ impl Scratch {
         skip..skip + n
     }
 
-    fn trim(&mut self) {
-        if self.0.len() > KEEP_BUFFER {
+    /// After a request: keep the buffer for the next one if it is small enough and the
+    /// connection's kept buffers stay within RETAIN, else free it.
+    fn trim(&mut self, retained: &AtomicUsize) {
+        retained.fetch_sub(std::mem::take(&mut self.1), Ordering::AcqRel);
+        let n = self.0.len();
+        if n == 0 {
+            return;
+        }
+        let fits = n <= KEEP_BUFFER && retained.fetch_add(n, Ordering::AcqRel) + n <= RETAIN;
+        if fits {
+            self.1 = n;
+        } else {
+            if n <= KEEP_BUFFER {
+                retained.fetch_sub(n, Ordering::AcqRel);
+            }
             self.0 = Vec::new();
         }
+    }
+
+    /// Leaves the connection's kept buffers (it goes with a reply, charged to its budget).
+    fn release(&mut self, retained: &AtomicUsize) {
+        retained.fetch_sub(std::mem::take(&mut self.1), Ordering::AcqRel);
     }
 }
 
@@ -278,6 +298,8 @@ struct Session<'a> {
     outcome: Mutex<Option<Result<End, ProtocolError>>>,
     /// The write side failed: the client is gone.
     broken: AtomicBool,
+    /// Bytes of idle buffers kept for reuse (at most RETAIN).
+    retained: AtomicUsize,
 }
 
 /// Serve a negotiated connection until the client disconnects, the stopper fires or the peer
@@ -306,6 +328,7 @@ pub fn serve(
         stopper: &stopper,
         outcome: Mutex::new(None),
         broken: AtomicBool::new(false),
+        retained: AtomicUsize::new(0),
     };
     std::thread::scope(|scope| {
         let session = &session;
@@ -383,6 +406,7 @@ impl<'a> Session<'a> {
                 Out::Owned(bytes) => Body::Owned(bytes),
                 Out::Output { len, lead } => {
                     let range = bufs.output.aligned_range(len, lead);
+                    bufs.output.release(&self.retained);
                     Body::Output { buf: std::mem::take(&mut bufs.output), range }
                 }
             };
@@ -392,13 +416,13 @@ impl<'a> Session<'a> {
                 Some(Body::Owned(_)) => {}
                 // Queued with the reply: take a buffer the writer has finished with, if any.
                 None => {
-                    if bufs.output.0.is_empty() {
+                    if bufs.output.0.is_empty() && bufs.output.1 == 0 {
                         bufs.output = lock(&self.out.pool).pop().unwrap_or_default();
                     }
                 }
             }
-            bufs.input.trim();
-            bufs.output.trim();
+            bufs.input.trim(&self.retained);
+            bufs.output.trim(&self.retained);
         }
     }
 
@@ -514,12 +538,12 @@ impl<'a> Session<'a> {
 
     /// Keep a finished output buffer for a worker to reuse, within the pool's bounds.
     fn recycle(&self, mut buf: Scratch) {
-        buf.trim();
-        if buf.0.is_empty() {
+        let mut pool = lock(&self.out.pool);
+        if pool.len() >= self.out.pool_cap {
             return;
         }
-        let mut pool = lock(&self.out.pool);
-        if pool.len() < self.out.pool_cap {
+        buf.trim(&self.retained);
+        if !buf.0.is_empty() {
             pool.push(buf);
         }
     }
