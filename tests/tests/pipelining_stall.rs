@@ -236,7 +236,7 @@ const TOTAL: u64 = 8 * 1024;
 /// it checks.
 fn depth(writes: Writes) -> usize {
     match writes {
-        Writes::Burst => 4000,
+        Writes::Burst => 1000,
         Writes::One => 1,
     }
 }
