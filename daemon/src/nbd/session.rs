@@ -445,16 +445,15 @@ impl<'a> Session<'a> {
             st.busy = true;
         }
         let tried = lock(&self.write).try_write(r.body.bytes());
+        if matches!(tried, Ok(n) if n == r.body.bytes().len()) {
+            // Still owning the socket: send what others queued meanwhile, as long as the
+            // socket takes it without blocking (saves waking the writer thread).
+            self.drain_nonblocking();
+            return Some(r.body);
+        }
         let mut st = lock(&self.out.state);
         st.busy = false;
         match tried {
-            Ok(n) if n == r.body.bytes().len() => {
-                if !st.queue.is_empty() {
-                    self.out.ready.notify_one();
-                }
-                drop(st);
-                Some(r.body)
-            }
             Ok(n) => {
                 r.sent = n;
                 // The rest must go before any other reply: to the front, for the writer.
@@ -475,6 +474,54 @@ impl<'a> Session<'a> {
                 self.broke(e);
                 Some(r.body)
             }
+        }
+    }
+
+    /// Called by a worker that owns the socket (`busy`): send queued replies without blocking,
+    /// at most BATCH of them, then give the socket up, waking the writer thread if replies are
+    /// left (or one was only partly sent: it goes back to the front).
+    fn drain_nonblocking(&self) {
+        for _ in 0..BATCH {
+            let mut r = {
+                let mut st = lock(&self.out.state);
+                match st.queue.pop_front() {
+                    Some(r) => r,
+                    None => {
+                        st.busy = false;
+                        return;
+                    }
+                }
+            };
+            let tried = if self.broken.load(Ordering::Acquire) {
+                Ok(r.body.bytes().len() - r.sent)
+            } else {
+                lock(&self.write).try_write(&r.body.bytes()[r.sent..])
+            };
+            match tried {
+                Ok(n) if r.sent + n == r.body.bytes().len() => {
+                    if let Body::Output { buf, .. } = r.body {
+                        self.recycle(buf);
+                    }
+                }
+                Ok(n) => {
+                    r.sent += n;
+                    lock(&self.out.state).queue.push_front(r);
+                    break;
+                }
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
+                    lock(&self.out.state).queue.push_front(r);
+                    break;
+                }
+                Err(e) => {
+                    self.broke(e);
+                    break;
+                }
+            }
+        }
+        let mut st = lock(&self.out.state);
+        st.busy = false;
+        if !st.queue.is_empty() {
+            self.out.ready.notify_one();
         }
     }
 
