@@ -16,11 +16,11 @@ const CONN_BUDGET: u64 = 40 * MIB;
 const SERVER_BUDGET: u64 = 96 * MIB;
 const THREADS: u64 = 16;
 /// What the daemon may hold beyond its byte budgets, as documented in the README: per
-/// connection the 256 KiB request reader and at most 8 MiB of idle buffers kept for reuse, per
+/// connection the 256 KiB request reader and at most 16 MiB of idle buffers kept for reuse, per
 /// worker thread the crypt layer's 260 KiB ciphertext chunk; plus 32 MiB for thread stacks and
 /// what the allocator keeps of freed memory (glibc's per-thread arenas; measured 10-30 MiB).
 fn documented_extra(connections: u64) -> u64 {
-    let per_conn = 256 * KIB + 8 * MIB + THREADS * (256 + 4) * KIB;
+    let per_conn = 256 * KIB + 16 * MIB + THREADS * (256 + 4) * KIB;
     connections * per_conn + 32 * MIB
 }
 

@@ -164,7 +164,7 @@ struct Scratch(Vec<u8>, usize);
 /// Large enough for 1 MiB requests (their buffers are what page faults would cost most on).
 pub const KEEP_BUFFER: usize = (1 << 20) + 2 * PAGE;
 /// Bytes of idle buffers one connection keeps for reuse, all workers and the pool together.
-pub const RETAIN: usize = 8 << 20;
+pub const RETAIN: usize = 16 << 20;
 
 impl Scratch {
     /// `n` bytes of the buffer, starting page-aligned (so O_DIRECT can use them); zero-filled
