@@ -213,8 +213,11 @@ async fn connection<S: Socket>(mut stream: S, peer: String, ctx: Ctx, mut shutdo
 /// A stream the handshake runs on asynchronously and the session then serves with blocking I/O.
 trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Reader, writer, and a stopper that shuts the read side.
-    fn into_blocking(self) -> io::Result<(Box<dyn Read + Send>, Box<dyn ReplySink>, Stopper)>;
+    fn into_blocking(self) -> io::Result<Blocking>;
 }
+
+/// The session's reader, writer and stopper.
+type Blocking = (Box<dyn Read + Send>, Box<dyn ReplySink>, Stopper);
 
 /// The session's write side: blocking writes, plus a non-blocking try for the fast path.
 struct SocketSink<S>(S);
@@ -241,7 +244,7 @@ impl<S: Write + AsRawFd + Send> ReplySink for SocketSink<S> {
 }
 
 impl Socket for UnixStream {
-    fn into_blocking(self) -> io::Result<(Box<dyn Read + Send>, Box<dyn ReplySink>, Stopper)> {
+    fn into_blocking(self) -> io::Result<Blocking> {
         let s = self.into_std()?;
         s.set_nonblocking(false)?;
         let (r, c) = (s.try_clone()?, s.try_clone()?);
@@ -253,7 +256,7 @@ impl Socket for UnixStream {
 }
 
 impl Socket for TcpStream {
-    fn into_blocking(self) -> io::Result<(Box<dyn Read + Send>, Box<dyn ReplySink>, Stopper)> {
+    fn into_blocking(self) -> io::Result<Blocking> {
         let s = self.into_std()?;
         s.set_nonblocking(false)?;
         let (r, c) = (s.try_clone()?, s.try_clone()?);
