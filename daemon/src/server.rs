@@ -4,10 +4,12 @@
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::sys::socket::MsgFlags;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
@@ -17,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::export::ExportTable;
 use crate::nbd::handshake::negotiate;
-use crate::nbd::session::{self, Budget, ByteBudget, End, Stopper};
+use crate::nbd::session::{self, Budget, ByteBudget, End, ReplySink, Stopper};
 use crate::nbd::ProtocolError;
 use crate::shutdown::Shutdown;
 
@@ -210,30 +212,57 @@ async fn connection<S: Socket>(mut stream: S, peer: String, ctx: Ctx, mut shutdo
 /// A stream the handshake runs on asynchronously and the session then serves with blocking I/O.
 trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Reader, writer, and a stopper that shuts the read side.
-    fn into_blocking(self) -> io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>, Stopper)>;
+    fn into_blocking(self) -> io::Result<Blocking>;
+}
+
+/// The session's reader, writer and stopper.
+type Blocking = (Box<dyn Read + Send>, Box<dyn ReplySink>, Stopper);
+
+/// The session's write side: blocking writes, plus a non-blocking try for the fast path.
+struct SocketSink<S>(S);
+
+impl<S: Write + AsRawFd + Send> Write for SocketSink<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.0.write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl<S: Write + AsRawFd + Send> ReplySink for SocketSink<S> {
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+        nix::sys::socket::send(self.0.as_raw_fd(), buf, flags).map_err(io::Error::from)
+    }
 }
 
 impl Socket for UnixStream {
-    fn into_blocking(self) -> io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>, Stopper)> {
+    fn into_blocking(self) -> io::Result<Blocking> {
         let s = self.into_std()?;
         s.set_nonblocking(false)?;
         let (r, c) = (s.try_clone()?, s.try_clone()?);
         let stop = Stopper::new(move || {
             let _ = c.shutdown(std::net::Shutdown::Read);
         });
-        Ok((Box::new(r), Box::new(s), stop))
+        Ok((Box::new(r), Box::new(SocketSink(s)), stop))
     }
 }
 
 impl Socket for TcpStream {
-    fn into_blocking(self) -> io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>, Stopper)> {
+    fn into_blocking(self) -> io::Result<Blocking> {
         let s = self.into_std()?;
         s.set_nonblocking(false)?;
         let (r, c) = (s.try_clone()?, s.try_clone()?);
         let stop = Stopper::new(move || {
             let _ = c.shutdown(std::net::Shutdown::Read);
         });
-        Ok((Box::new(r), Box::new(s), stop))
+        Ok((Box::new(r), Box::new(SocketSink(s)), stop))
     }
 }
 

@@ -81,6 +81,10 @@ impl BlockDevice for Latch {
     fn extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>, Error> {
         self.inner.extents(offset, length)
     }
+
+    fn scratch_bytes(&self, op: Op, offset: u64, length: u64) -> u64 {
+        self.inner.scratch_bytes(op, offset, length)
+    }
 }
 
 #[cfg(test)]

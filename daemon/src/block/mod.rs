@@ -70,6 +70,15 @@ pub trait BlockDevice: Send + Sync {
     fn cache(&self, offset: u64, length: u64) -> Result<(), Error>;
     /// Allocation map from `offset`, covering at least one byte and at most `length`.
     fn extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>, Error>;
+
+    /// Bytes of memory this layer (and the layers below it) allocate to serve one `op` of
+    /// `length` bytes at `offset`, beyond the caller's own buffer: what a request really holds,
+    /// so the server's memory budgets can charge it before the request runs. Not data path;
+    /// layers that allocate nothing per request keep the default.
+    fn scratch_bytes(&self, op: Op, offset: u64, length: u64) -> u64 {
+        let _ = (op, offset, length);
+        0
+    }
 }
 
 /// The stable part of a block error, the one thing callers match on (see `nbd::errno`).

@@ -3,17 +3,36 @@
 //!
 //! Threads, as nbdkit's "parallel" model: each connection has a small pool of worker threads.
 //! A worker takes the read lock, frames one request (header, then payload), validates it and
-//! takes byte-budget permits, releases the read lock, runs the request on the device and writes
-//! the whole reply under the write lock. So the thread that reads a request also serves it: no
-//! hand-offs on the hot path, replies never interleave, requests complete out of order, and at
-//! most `threads` requests per connection are in flight. When the budgets are spent, the worker
-//! holding the read lock waits and the connection stops reading: back-pressure, not buffering.
+//! takes byte-budget permits, releases the read lock, runs the request on the device and hands
+//! the reply to the connection's outbox. So the thread that reads a request also serves it: no
+//! hand-offs on the hot path, and requests complete out of order.
+//!
+//! Reading never waits on writing. A reply goes straight to the socket when nobody else is
+//! writing and the socket takes it whole without blocking (the common case); otherwise it is
+//! queued, with the budget it holds, for the connection's writer thread, which sends queued
+//! replies in batches with blocking vectored writes, and the worker goes back to reading. If
+//! workers wrote their replies themselves with blocking writes, a client that reads replies
+//! only when its own writes would block (the NBD reference `nbd-tester-client`, any
+//! single-threaded poll loop) deadlocks with us until its poll times out: every worker blocks
+//! on a reply the client is not reading yet, nobody reads the next request, so the client's
+//! socket never becomes writable and it sits out its whole wait (issue 14). Now the
+//! connection keeps reading requests while replies are backed up, until the byte budgets are
+//! spent: then the worker holding the read lock waits and the connection stops reading —
+//! back-pressure, bounded by what the client asked for, not by the socket.
+//!
+//! Memory: every request is charged, before any I/O, the bytes it will really hold while it is
+//! in flight — its payload or reply buffer with the page-alignment slack, the scratch the
+//! device layers allocate for it (the crypt layer's ciphertext chunk and read-modify-write
+//! buffer), a BLOCK_STATUS reply's descriptors — plus a fixed overhead; the charge is given
+//! back once its reply has left the process. Idle buffers kept for reuse between requests are
+//! bounded apart: at most `KEEP_BUFFER` bytes each and `RETAIN` bytes per connection in all.
 //!
 //! The handshake runs on the async reactor; the socket is handed here afterwards. A controller
 //! stops a session by setting `stop` and shutting the socket's read side (`Stopper`).
 
-use std::io::{self, BufReader, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::VecDeque;
+use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use tracing::{debug, warn};
@@ -23,13 +42,20 @@ use super::errno::{self, NbdErrno};
 use super::handshake::Negotiated;
 use super::wire::*;
 use super::ProtocolError;
-use crate::block::{Error as BlockError, ZeroFlags};
+use crate::block::{Error as BlockError, Op, ZeroFlags};
 use crate::export::{Export, IoStats};
 
-/// Fixed cost charged per request on top of its payload, so many tiny requests are bounded too.
-const REQUEST_OVERHEAD: u64 = 4096;
-/// Most descriptors in one BLOCK_STATUS reply (spec: SHOULD NOT exceed 2^20).
-const MAX_EXTENTS: usize = 1 << 16;
+/// Fixed cost charged per request on top of its buffers, so many tiny requests are bounded too:
+/// covers its queue entry, small reply allocation and allocator overhead (a few hundred bytes).
+const REQUEST_OVERHEAD: u64 = 1024;
+/// Most descriptors in one BLOCK_STATUS reply (spec: SHOULD NOT exceed 2^20; the file backend
+/// reports at most 1024 extents per call anyway).
+const MAX_EXTENTS: usize = 1024;
+/// Bytes a BLOCK_STATUS request holds at most: the device's extent list and the reply.
+const BLOCK_STATUS_COST: u64 =
+    (MAX_EXTENTS * (std::mem::size_of::<crate::block::Extent>() + 8) + codec::CHUNK_HEADER_LEN + 4) as u64;
+/// Replies one vectored write of the writer thread carries at most.
+const BATCH: usize = 64;
 
 /// Memory limits for requests in flight.
 #[derive(Clone)]
@@ -44,16 +70,21 @@ pub struct Budget {
 
 /// A counting semaphore over bytes, for blocking threads.
 pub struct ByteBudget {
+    capacity: u64,
     free: Mutex<u64>,
     returned: Condvar,
 }
 
 impl ByteBudget {
     pub fn new(bytes: u64) -> ByteBudget {
-        ByteBudget { free: Mutex::new(bytes), returned: Condvar::new() }
+        ByteBudget { capacity: bytes, free: Mutex::new(bytes), returned: Condvar::new() }
     }
 
+    /// Take `n` bytes, waiting until they are free. A request that costs more than the whole
+    /// budget (a 32 MiB request's alignment slack and scratch on top of a minimal budget)
+    /// takes all of it: it runs alone instead of never.
     fn take(&self, n: u64) -> Grant<'_> {
+        let n = n.min(self.capacity);
         let mut free = lock(&self.free);
         while *free < n {
             free = self.returned.wait(free).unwrap_or_else(|e| e.into_inner());
@@ -62,6 +93,9 @@ impl ByteBudget {
         Grant { budget: self, n }
     }
 }
+
+/// The byte budgets a request holds until its reply has been sent.
+type Grants<'a> = [Grant<'a>; 2];
 
 /// Bytes taken from a budget, given back on drop.
 struct Grant<'a> {
@@ -122,11 +156,15 @@ struct Buffers {
     output: Scratch,
 }
 
+/// A reusable buffer. `kept` is what it counts toward the connection's `retained` bytes.
 #[derive(Default)]
-struct Scratch(Vec<u8>);
+struct Scratch(Vec<u8>, usize);
 
 /// Buffers above this size are released after use, so idle connections don't pin 32 MiB each.
-const KEEP_BUFFER: usize = 4 << 20;
+/// Large enough for 1 MiB requests (their buffers are what page faults would cost most on).
+pub const KEEP_BUFFER: usize = (1 << 20) + 2 * PAGE;
+/// Bytes of idle buffers one connection keeps for reuse, all workers and the pool together.
+pub const RETAIN: usize = 16 << 20;
 
 impl Scratch {
     /// `n` bytes of the buffer, starting page-aligned (so O_DIRECT can use them); zero-filled
@@ -139,19 +177,42 @@ impl Scratch {
     /// `n` bytes whose byte `lead` is page-aligned: a reply header of `lead` bytes followed by
     /// data that the backend reads with O_DIRECT. Same `n` and `lead` give the same bytes.
     fn get_aligned(&mut self, n: usize, lead: usize) -> &mut [u8] {
+        let r = self.aligned_range(n, lead);
+        &mut self.0[r]
+    }
+
+    fn aligned_range(&mut self, n: usize, lead: usize) -> std::ops::Range<usize> {
         let need = n + PAGE;
         if self.0.len() < need {
             self.0.resize(need, 0);
         }
         let start = (self.0.as_ptr() as usize).wrapping_add(lead);
         let skip = (PAGE - start % PAGE) % PAGE;
-        &mut self.0[skip..skip + n]
+        skip..skip + n
     }
 
-    fn trim(&mut self) {
-        if self.0.len() > KEEP_BUFFER {
+    /// After a request: keep the buffer for the next one if it is small enough and the
+    /// connection's kept buffers stay within RETAIN, else free it.
+    fn trim(&mut self, retained: &AtomicUsize) {
+        retained.fetch_sub(std::mem::take(&mut self.1), Ordering::AcqRel);
+        let n = self.0.len();
+        if n == 0 {
+            return;
+        }
+        let fits = n <= KEEP_BUFFER && retained.fetch_add(n, Ordering::AcqRel) + n <= RETAIN;
+        if fits {
+            self.1 = n;
+        } else {
+            if n <= KEEP_BUFFER {
+                retained.fetch_sub(n, Ordering::AcqRel);
+            }
             self.0 = Vec::new();
         }
+    }
+
+    /// Leaves the connection's kept buffers (it goes with a reply, charged to its budget).
+    fn release(&mut self, retained: &AtomicUsize) {
+        retained.fetch_sub(std::mem::take(&mut self.1), Ordering::AcqRel);
     }
 }
 
@@ -171,6 +232,54 @@ enum Next {
     Reply(Vec<u8>),
 }
 
+/// A reply on its way to the socket, holding its request's budget until it has been sent.
+struct Reply<'a> {
+    body: Body,
+    /// Bytes already on the socket.
+    sent: usize,
+    _grants: Grants<'a>,
+}
+
+enum Body {
+    Owned(Vec<u8>),
+    /// `range` of a worker's output buffer (a READ's reply: header and data).
+    Output { buf: Scratch, range: std::ops::Range<usize> },
+}
+
+impl Body {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Body::Owned(v) => v,
+            Body::Output { buf, range } => &buf.0[range.clone()],
+        }
+    }
+}
+
+/// Replies waiting for the socket. Whoever sets `busy` owns the socket until it clears it, so
+/// replies never interleave.
+struct Outbox<'a> {
+    state: Mutex<OutState<'a>>,
+    /// Wakes the writer thread: replies queued while nobody owns the socket, or the end.
+    ready: Condvar,
+    /// Output buffers the writer has finished with, for workers to reuse (at most `threads`).
+    pool: Mutex<Vec<Scratch>>,
+    pool_cap: usize,
+}
+
+struct OutState<'a> {
+    queue: VecDeque<Reply<'a>>,
+    busy: bool,
+    /// Every worker has exited: the writer sends what is queued and ends.
+    closed: bool,
+}
+
+/// The write side of the session's socket.
+pub trait ReplySink: Write + Send {
+    /// Write as much of `buf` as the socket takes right now, without blocking: `Ok(n)`, or
+    /// `WouldBlock` when it takes nothing (send with MSG_DONTWAIT).
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize>;
+}
+
 struct ReadSide {
     reader: BufReader<Box<dyn Read + Send>>,
     /// Set once the session has decided to end; later workers exit without reading.
@@ -180,14 +289,17 @@ struct ReadSide {
 struct Session<'a> {
     neg: &'a Negotiated,
     read: Mutex<ReadSide>,
-    write: Mutex<Box<dyn Write + Send>>,
-    conn_budget: ByteBudget,
+    write: Mutex<Box<dyn ReplySink>>,
+    out: Outbox<'a>,
+    conn_budget: &'a ByteBudget,
     server_budget: &'a ByteBudget,
     stopper: &'a Stopper,
     /// The first way the session ended; later ones are consequences.
     outcome: Mutex<Option<Result<End, ProtocolError>>>,
     /// The write side failed: the client is gone.
     broken: AtomicBool,
+    /// Bytes of idle buffers kept for reuse (at most RETAIN).
+    retained: AtomicUsize,
 }
 
 /// Serve a negotiated connection until the client disconnects, the stopper fires or the peer
@@ -195,36 +307,63 @@ struct Session<'a> {
 pub fn serve(
     neg: Negotiated,
     reader: Box<dyn Read + Send>,
-    writer: Box<dyn Write + Send>,
+    writer: Box<dyn ReplySink>,
     budget: Budget,
     stopper: Stopper,
 ) -> Result<End, ProtocolError> {
+    let threads = budget.threads.max(1);
+    let conn_budget = ByteBudget::new(budget.per_connection);
     let session = Session {
         neg: &neg,
         read: Mutex::new(ReadSide { reader: BufReader::with_capacity(256 * 1024, reader), done: false }),
         write: Mutex::new(writer),
-        conn_budget: ByteBudget::new(budget.per_connection),
+        out: Outbox {
+            state: Mutex::new(OutState { queue: VecDeque::new(), busy: false, closed: false }),
+            ready: Condvar::new(),
+            pool: Mutex::new(Vec::new()),
+            pool_cap: threads,
+        },
+        conn_budget: &conn_budget,
         server_budget: &budget.server,
         stopper: &stopper,
         outcome: Mutex::new(None),
         broken: AtomicBool::new(false),
+        retained: AtomicUsize::new(0),
     };
     std::thread::scope(|scope| {
-        for i in 0..budget.threads.max(1) {
-            let session = &session;
+        let session = &session;
+        let writer = std::thread::Builder::new()
+            .name("nbd-writer".to_owned())
+            .stack_size(256 * 1024)
+            .spawn_scoped(scope, move || session.write_loop());
+        if let Err(e) = writer {
+            warn!(error = %e, "could not start the writer thread");
+            session.finish(Err(ProtocolError::Io(e)));
+            return;
+        }
+        let mut workers = Vec::new();
+        for i in 0..threads {
             let spawned = std::thread::Builder::new()
                 .name(format!("nbd-worker-{i}"))
                 .stack_size(512 * 1024)
                 .spawn_scoped(scope, move || session.work());
-            if let Err(e) = spawned {
-                // Fewer workers only means less parallelism; one is enough to make progress.
-                warn!(error = %e, "could not start a worker thread");
-                if i == 0 {
-                    session.finish(Err(ProtocolError::Io(e)));
+            match spawned {
+                Ok(h) => workers.push(h),
+                Err(e) => {
+                    // Fewer workers only means less parallelism; one is enough to make progress.
+                    warn!(error = %e, "could not start a worker thread");
+                    if i == 0 {
+                        session.finish(Err(ProtocolError::Io(e)));
+                    }
+                    break;
                 }
-                break;
             }
         }
+        for h in workers {
+            let _ = h.join();
+        }
+        lock(&session.out.state).closed = true;
+        session.out.ready.notify_all();
     });
     let outcome = lock(&session.outcome).take().unwrap_or(Ok(End::Disconnected));
     if matches!(outcome, Ok(End::Stopped)) {
@@ -235,7 +374,7 @@ pub fn serve(
     outcome
 }
 
-impl Session<'_> {
+impl<'a> Session<'a> {
     fn work(&self) {
         let mut bufs = Buffers::default();
         loop {
@@ -263,14 +402,205 @@ impl Session<'_> {
                 Next::Run(job) => execute(&self.neg.export, job, &mut bufs),
                 Next::Reply(bytes) => Out::Owned(bytes),
             };
-            match out {
-                Out::Owned(bytes) => self.send(&bytes),
-                Out::Output { len, lead } => self.send(bufs.output.get_aligned(len, lead)),
+            let body = match out {
+                Out::Owned(bytes) => Body::Owned(bytes),
+                Out::Output { len, lead } => {
+                    let range = bufs.output.aligned_range(len, lead);
+                    bufs.output.release(&self.retained);
+                    Body::Output { buf: std::mem::take(&mut bufs.output), range }
+                }
+            };
+            match self.deliver(Reply { body, sent: 0, _grants: grants }) {
+                // Sent at once: the buffer stays with this worker.
+                Some(Body::Output { buf, .. }) => bufs.output = buf,
+                Some(Body::Owned(_)) => {}
+                // Queued with the reply: take a buffer the writer has finished with, if any.
+                None => {
+                    if bufs.output.0.is_empty() && bufs.output.1 == 0 {
+                        bufs.output = lock(&self.out.pool).pop().unwrap_or_default();
+                    }
+                }
             }
-            drop(grants);
-            bufs.input.trim();
-            bufs.output.trim();
+            bufs.input.trim(&self.retained);
+            bufs.output.trim(&self.retained);
         }
+    }
+
+    /// Send `r` now if nobody else is writing and the socket takes all of it without blocking;
+    /// otherwise queue it for the writer thread. Returns the body when it was sent (or dropped
+    /// because the client is gone) here, `None` when it was queued.
+    fn deliver(&self, mut r: Reply<'a>) -> Option<Body> {
+        if self.broken.load(Ordering::Acquire) {
+            return Some(r.body);
+        }
+        {
+            let mut st = lock(&self.out.state);
+            if st.busy || !st.queue.is_empty() {
+                st.queue.push_back(r);
+                if !st.busy {
+                    self.out.ready.notify_one();
+                }
+                return None;
+            }
+            st.busy = true;
+        }
+        let tried = lock(&self.write).try_write(r.body.bytes());
+        if matches!(tried, Ok(n) if n == r.body.bytes().len()) {
+            // Still owning the socket: send what others queued meanwhile, as long as the
+            // socket takes it without blocking (saves waking the writer thread).
+            self.drain_nonblocking();
+            return Some(r.body);
+        }
+        let mut st = lock(&self.out.state);
+        st.busy = false;
+        match tried {
+            Ok(n) => {
+                r.sent = n;
+                // The rest must go before any other reply: to the front, for the writer.
+                st.queue.push_front(r);
+                self.out.ready.notify_one();
+                None
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
+                st.queue.push_front(r);
+                self.out.ready.notify_one();
+                None
+            }
+            Err(e) => {
+                if !st.queue.is_empty() {
+                    self.out.ready.notify_one();
+                }
+                drop(st);
+                self.broke(e);
+                Some(r.body)
+            }
+        }
+    }
+
+    /// Called by a worker that owns the socket (`busy`): send queued replies without blocking,
+    /// at most BATCH of them, then give the socket up, waking the writer thread if replies are
+    /// left (or one was only partly sent: it goes back to the front).
+    fn drain_nonblocking(&self) {
+        for _ in 0..BATCH {
+            let mut r = {
+                let mut st = lock(&self.out.state);
+                match st.queue.pop_front() {
+                    Some(r) => r,
+                    None => {
+                        st.busy = false;
+                        return;
+                    }
+                }
+            };
+            let tried = if self.broken.load(Ordering::Acquire) {
+                Ok(r.body.bytes().len() - r.sent)
+            } else {
+                lock(&self.write).try_write(&r.body.bytes()[r.sent..])
+            };
+            match tried {
+                Ok(n) if r.sent + n == r.body.bytes().len() => {
+                    if let Body::Output { buf, .. } = r.body {
+                        self.recycle(buf);
+                    }
+                }
+                Ok(n) => {
+                    r.sent += n;
+                    lock(&self.out.state).queue.push_front(r);
+                    break;
+                }
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
+                    lock(&self.out.state).queue.push_front(r);
+                    break;
+                }
+                Err(e) => {
+                    self.broke(e);
+                    break;
+                }
+            }
+        }
+        let mut st = lock(&self.out.state);
+        st.busy = false;
+        if !st.queue.is_empty() {
+            self.out.ready.notify_one();
+        }
+    }
+
+    /// The writer thread: send queued replies in batches until every worker has exited and the
+    /// queue is empty. Once the client is gone, queued replies are dropped (freeing budget).
+    fn write_loop(&self) {
+        let mut batch: Vec<Reply<'a>> = Vec::with_capacity(BATCH);
+        loop {
+            {
+                let mut st = lock(&self.out.state);
+                while st.busy || st.queue.is_empty() {
+                    if st.closed && st.queue.is_empty() && !st.busy {
+                        return;
+                    }
+                    st = self.out.ready.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+                st.busy = true;
+                let n = st.queue.len().min(BATCH);
+                batch.extend(st.queue.drain(..n));
+            }
+            if !self.broken.load(Ordering::Acquire) {
+                if let Err(e) = self.write_batch(&mut batch) {
+                    self.broke(e);
+                }
+            }
+            for r in batch.drain(..) {
+                if let Body::Output { buf, .. } = r.body {
+                    self.recycle(buf);
+                }
+            }
+            lock(&self.out.state).busy = false;
+        }
+    }
+
+    /// Write every reply of `batch` whole, in order, with blocking vectored writes.
+    fn write_batch(&self, batch: &mut [Reply<'a>]) -> io::Result<()> {
+        let mut w = lock(&self.write);
+        let mut first = 0;
+        while first < batch.len() {
+            let slices: Vec<IoSlice<'_>> =
+                batch[first..].iter().map(|r| IoSlice::new(&r.body.bytes()[r.sent..])).collect();
+            let mut n = match w.write_vectored(&slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            while n > 0 && first < batch.len() {
+                let r = &mut batch[first];
+                let left = r.body.bytes().len() - r.sent;
+                let step = left.min(n);
+                r.sent += step;
+                n -= step;
+                if r.sent == r.body.bytes().len() {
+                    first += 1;
+                }
+            }
+        }
+        w.flush()
+    }
+
+    /// Keep a finished output buffer for a worker to reuse, within the pool's bounds.
+    fn recycle(&self, mut buf: Scratch) {
+        let mut pool = lock(&self.out.pool);
+        if pool.len() >= self.out.pool_cap {
+            return;
+        }
+        buf.trim(&self.retained);
+        if !buf.0.is_empty() {
+            pool.push(buf);
+        }
+    }
+
+    /// The write side failed: the client is gone. End the session.
+    fn broke(&self, e: io::Error) {
+        self.broken.store(true, Ordering::Release);
+        self.finish(Err(ProtocolError::Io(e)));
+        // Wake the worker blocked in read so the session can end.
+        self.stopper.stop();
     }
 
     fn finish(&self, outcome: Result<End, ProtocolError>) {
@@ -280,26 +610,13 @@ impl Session<'_> {
         }
     }
 
-    fn send(&self, bytes: &[u8]) {
-        let mut w = lock(&self.write);
-        if self.broken.load(Ordering::Acquire) {
-            return;
-        }
-        if let Err(e) = w.write_all(bytes).and_then(|()| w.flush()) {
-            self.broken.store(true, Ordering::Release);
-            self.finish(Err(ProtocolError::Io(e)));
-            // Wake the worker blocked in read so the session can end.
-            self.stopper.stop();
-        }
-    }
-
     /// Frame and validate the next request. `None` when the stream ended cleanly (EOF between
     /// requests, DISC, or a stop).
-    fn next_request<'b>(
-        &'b self,
+    fn next_request(
+        &self,
         r: &mut BufReader<Box<dyn Read + Send>>,
         input: &mut Scratch,
-    ) -> Result<Option<(Next, [Grant<'b>; 2])>, ProtocolError> {
+    ) -> Result<Option<(Next, Grants<'a>)>, ProtocolError> {
         if self.stopper.stopped() {
             return Ok(None);
         }
@@ -320,7 +637,7 @@ impl Session<'_> {
         if header.command == Command::Write && header.length > MAX_PAYLOAD {
             return Err(ProtocolError::PayloadTooLarge(header.length));
         }
-        let cost = request_cost(&header);
+        let cost = request_cost(&header, self.neg);
         let grants = [self.conn_budget.take(cost), self.server_budget.take(cost)];
 
         let verdict = validate(&header, self.neg);
@@ -365,12 +682,25 @@ fn read_header(r: &mut impl Read, raw: &mut [u8; codec::REQUEST_HEADER_LEN]) -> 
     Ok(true)
 }
 
-fn request_cost(h: &RequestHeader) -> u64 {
-    let data = match h.command {
-        Command::Read | Command::Write => h.length.min(MAX_PAYLOAD),
+/// The bytes a request holds while it is in flight, charged before it is read further: the
+/// payload buffer (WRITE) or the reply buffer (READ) with its page-alignment slack, whatever
+/// the device layers allocate to serve it, and a fixed overhead. Lengths the request may not
+/// have (a READ over 32 MiB, a WRITE past the end) are clamped: such a request is rejected
+/// before any buffer is allocated for it.
+fn request_cost(h: &RequestHeader, neg: &Negotiated) -> u64 {
+    let len = u64::from(h.length.min(MAX_PAYLOAD));
+    let dev = &neg.export.device;
+    let page = PAGE as u64;
+    let extra = match h.command {
+        Command::Read => {
+            len + codec::OFFSET_DATA_PREFIX_LEN as u64 + page + dev.scratch_bytes(Op::Read, h.offset, len)
+        }
+        Command::Write => len + page + dev.scratch_bytes(Op::Write, h.offset, len),
+        Command::WriteZeroes => dev.scratch_bytes(Op::Zero, h.offset, u64::from(h.length)),
+        Command::BlockStatus => BLOCK_STATUS_COST,
         _ => 0,
     };
-    u64::from(data) + REQUEST_OVERHEAD
+    extra + REQUEST_OVERHEAD
 }
 
 /// Locks survive a panicking holder: the data they guard stays consistent at every await-free
