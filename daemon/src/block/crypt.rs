@@ -63,7 +63,7 @@ impl CryptDevice {
     ) -> Result<CryptDevice, Error> {
         let sector = cipher.sector_size() as u64;
         let fits = segment.offset.checked_add(segment.size).is_some_and(|end| end <= inner.size());
-        if !fits || segment.size % sector != 0 || segment.offset % 512 != 0 {
+        if !fits || !segment.size.is_multiple_of(sector) || !segment.offset.is_multiple_of(512) {
             return Err(Error::new(ErrorKind::OutOfRange).at(Op::Open, segment.offset, segment.size));
         }
         let cipher = LockedBox::new(cipher);
@@ -84,7 +84,12 @@ impl CryptDevice {
     }
 
     fn is_aligned(&self, offset: u64, len: u64) -> bool {
-        offset % self.sector == 0 && len % self.sector == 0
+        offset.is_multiple_of(self.sector) && len.is_multiple_of(self.sector)
+    }
+
+    /// A length inside one request's buffers (the request plus at most two sectors) as `usize`.
+    fn mem_len(n: u64, op: Op, offset: u64) -> Result<usize, Error> {
+        usize::try_from(n).map_err(|_| Error::new(ErrorKind::OutOfRange).at(op, offset, n))
     }
 
     fn crypto_err(op: Op, offset: u64, len: u64) -> Error {
@@ -148,10 +153,10 @@ impl CryptDevice {
     fn read_modify_write(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), Error> {
         let start = self.align_down(offset);
         let end = self.align_up(offset + data.len() as u64);
-        let mut plain = vec![0u8; (end - start) as usize];
-        let head = (offset - start) as usize;
+        let mut plain = vec![0u8; Self::mem_len(end - start, Op::Write, offset)?];
+        let head = Self::mem_len(offset - start, Op::Write, offset)?;
         // Only the first and last sectors hold bytes we keep; the middle is overwritten anyway.
-        let sector = self.sector as usize;
+        let sector = self.cipher.sector_size();
         self.read_sectors(&mut plain[..sector], start)?;
         if end - start > self.sector {
             let last = plain.len() - sector;
@@ -169,6 +174,8 @@ impl BlockDevice for CryptDevice {
 
     fn caps(&self) -> Caps {
         let inner = self.inner.caps();
+        // A LUKS2 sector size (512..=4096, checked by `SectorCipher::new`): always fits.
+        let preferred_block = u32::try_from(self.sector).unwrap_or(4096);
         Caps {
             read_only: inner.read_only,
             trim: self.allow_discards && inner.trim,
@@ -176,7 +183,7 @@ impl BlockDevice for CryptDevice {
             fast_zero: false,
             // Unaligned requests are served by read-modify-write, so any alignment works.
             min_block: 1,
-            preferred_block: self.sector as u32,
+            preferred_block,
             rotational: inner.rotational,
         }
     }
@@ -191,9 +198,9 @@ impl BlockDevice for CryptDevice {
         }
         let start = self.align_down(offset);
         let end = self.align_up(offset + len);
-        let mut plain = vec![0u8; (end - start) as usize];
+        let mut plain = vec![0u8; Self::mem_len(end - start, Op::Read, offset)?];
         self.read_sectors(&mut plain, start)?;
-        let head = (offset - start) as usize;
+        let head = Self::mem_len(offset - start, Op::Read, offset)?;
         buf.copy_from_slice(&plain[head..head + buf.len()]);
         Ok(())
     }
@@ -241,13 +248,13 @@ impl BlockDevice for CryptDevice {
         if offset.checked_add(length).is_none_or(|end| end > self.segment.size) {
             return Err(Error::new(ErrorKind::NoSpace).at(Op::Zero, offset, length));
         }
-        let zeroes = vec![0u8; ZERO_CHUNK.min(length) as usize];
+        let zeroes = vec![0u8; Self::mem_len(ZERO_CHUNK.min(length), Op::Zero, offset)?];
         let mut pos = offset;
         let end = offset + length;
         while pos < end {
             // Chunks after the first start sector-aligned, so only the edges need RMW.
             let step_end = (self.align_down(pos) + ZERO_CHUNK).min(end);
-            let n = (step_end - pos) as usize;
+            let n = Self::mem_len(step_end - pos, Op::Zero, pos)?;
             self.write_at(&zeroes[..n], pos, false)?;
             pos = step_end;
         }

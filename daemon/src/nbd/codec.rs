@@ -119,13 +119,20 @@ pub fn offset_data_prefix(cookie: u64, offset: u64, data_len: u32) -> [u8; OFFSE
     b
 }
 
+/// A length field for a payload the server built. Every such payload is bounded far below 4 GiB
+/// (strings by `MAX_STRING`, extents by the session's `MAX_EXTENTS`, messages to 1024 bytes);
+/// saturating rather than panicking means a broken bound can never crash the daemon.
+fn wire_len(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 /// A final ERROR chunk with a human-readable message (truncated to a sane length).
 pub fn error_chunk(out: &mut Vec<u8>, cookie: u64, error: u32, message: &str) {
     let msg = truncate_utf8(message, 1024).as_bytes();
     let len = 6 + msg.len();
-    out.extend_from_slice(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, len as u32));
+    out.extend_from_slice(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, wire_len(len)));
     out.extend_from_slice(&error.to_be_bytes());
-    out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    out.extend_from_slice(&u16::try_from(msg.len()).unwrap_or(u16::MAX).to_be_bytes());
     out.extend_from_slice(msg);
 }
 
@@ -137,7 +144,7 @@ pub fn none_chunk(cookie: u64) -> [u8; CHUNK_HEADER_LEN] {
 /// A final BLOCK_STATUS chunk for one context: (length, flags) descriptors.
 pub fn block_status_chunk(out: &mut Vec<u8>, cookie: u64, context: u32, extents: &[(u32, u32)]) {
     let len = 4 + 8 * extents.len();
-    out.extend_from_slice(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, len as u32));
+    out.extend_from_slice(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, wire_len(len)));
     out.extend_from_slice(&context.to_be_bytes());
     for (length, flags) in extents {
         out.extend_from_slice(&length.to_be_bytes());
@@ -175,7 +182,7 @@ pub fn option_reply(out: &mut Vec<u8>, option: u32, reply: u32, data: &[u8]) {
     out.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
     out.extend_from_slice(&option.to_be_bytes());
     out.extend_from_slice(&reply.to_be_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(&wire_len(data.len()).to_be_bytes());
     out.extend_from_slice(data);
 }
 
@@ -247,7 +254,7 @@ pub fn info_block_size(min: u32, preferred: u32, max: u32) -> Vec<u8> {
 
 pub fn rep_server(name: &str, description: &str) -> Vec<u8> {
     let mut b = Vec::with_capacity(4 + name.len() + description.len());
-    b.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    b.extend_from_slice(&wire_len(name.len()).to_be_bytes());
     b.extend_from_slice(name.as_bytes());
     b.extend_from_slice(description.as_bytes());
     b

@@ -839,8 +839,8 @@ fn block_status(export: &Export, h: &RequestHeader) -> Vec<u8> {
         }
         let take = x.length.min(len - covered);
         let flags = if x.hole { STATE_HOLE } else { 0 } | if x.zero { STATE_ZERO } else { 0 };
-        // take <= len <= u32::MAX.
-        descriptors.push((take as u32, flags));
+        // take <= len = h.length, a u32.
+        descriptors.push((u32::try_from(take).unwrap_or(h.length), flags));
         covered += take;
         if h.flags & CMD_FLAG_REQ_ONE != 0 {
             break;
