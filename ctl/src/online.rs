@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use clap::Args;
 
 use nbdcrypt::control::client;
-use nbdcrypt::control::proto::{ErrorKind, ErrorReply, Request, Response, StatusReport, VolumeState};
+use nbdcrypt::control::proto::{
+    ErrorKind, ErrorReply, Request, Response, StatusReport, VolumeState,
+};
 use nbdcrypt::control::DEFAULT_SOCKET;
 
 use crate::exit::{self, Failure};
@@ -146,7 +148,12 @@ pub fn unlock(args: UnlockArgs) -> Result<(), Failure> {
     if args.token {
         return match call(&args.control, &Request::UnlockToken)? {
             Response::Ok(s) => {
-                println!("unlocked by token: export {:?}, {} ({})", s.export_name, human_bytes(s.size), s.cipher);
+                println!(
+                    "unlocked by token: export {:?}, {} ({})",
+                    s.export_name,
+                    human_bytes(s.size),
+                    s.cipher
+                );
                 Ok(())
             }
             Response::Error(e) if e.kind == ErrorKind::AlreadyUnlocked => {
@@ -169,11 +176,16 @@ pub fn unlock(args: UnlockArgs) -> Result<(), Failure> {
                 eprintln!("nbdcryptctl: the volume is already unlocked; nothing to do");
                 return Ok(());
             }
-            Source::Tty { prompt: format!("Passphrase for nbdcrypt volume {}: ", s.volume_uuid) }
+            Source::Tty {
+                prompt: format!("Passphrase for nbdcrypt volume {}: ", s.volume_uuid),
+            }
         }
     };
     let secret = secret::read(&source)?;
-    let request = Request::Unlock { secret, slot: args.slot };
+    let request = Request::Unlock {
+        secret,
+        slot: args.slot,
+    };
     let response = call(&args.control, &request);
     drop(request); // wipes the secret
     match response? {
@@ -213,7 +225,10 @@ pub fn status(args: StatusArgs) -> Result<(), Failure> {
     match call(&args.control, &Request::Status)? {
         Response::Ok(s) if args.json => {
             // A plain struct of strings and integers serializes without fail.
-            println!("{}", serde_json::to_string_pretty(&s).expect("status serializes"));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&s).expect("status serializes")
+            );
             Ok(())
         }
         Response::Ok(s) => {
@@ -250,10 +265,19 @@ fn status_table(s: &StatusReport) -> String {
         ("volume uuid", s.volume_uuid.clone()),
         ("cipher", s.cipher.clone()),
         ("sector size", s.sector_size.to_string()),
-        ("size", format!("{} ({} bytes)", human_bytes(s.size), s.size)),
+        (
+            "size",
+            format!("{} ({} bytes)", human_bytes(s.size), s.size),
+        ),
         ("clients", s.clients.to_string()),
-        ("reads", format!("{} ({})", s.reads, human_bytes(s.bytes_read))),
-        ("writes", format!("{} ({})", s.writes, human_bytes(s.bytes_written))),
+        (
+            "reads",
+            format!("{} ({})", s.reads, human_bytes(s.bytes_read)),
+        ),
+        (
+            "writes",
+            format!("{} ({})", s.writes, human_bytes(s.bytes_written)),
+        ),
         ("flushes", s.flushes.to_string()),
         ("errors", s.errors.to_string()),
     ];
@@ -261,7 +285,9 @@ fn status_table(s: &StatusReport) -> String {
         rows.push(("reason", r.clone()));
     }
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 2;
-    rows.iter().map(|(k, v)| format!("{k:<width$}{v}\n")).collect()
+    rows.iter()
+        .map(|(k, v)| format!("{k:<width$}{v}\n"))
+        .collect()
 }
 
 /// 1536 -> "1.5 KiB".
@@ -311,7 +337,10 @@ mod tests {
         };
         let t = status_table(&s);
         assert!(t.starts_with("state        locked\n"), "{t}");
-        assert!(t.contains("size         1.0 GiB (1073741824 bytes)\n"), "{t}");
+        assert!(
+            t.contains("size         1.0 GiB (1073741824 bytes)\n"),
+            "{t}"
+        );
         assert!(t.ends_with("reason       locked by uid 0\n"), "{t}");
     }
 

@@ -31,11 +31,16 @@ pub fn read(source: &Source) -> Result<SecretBytes, Failure> {
     let secret = match source {
         Source::Tty { prompt } => read_tty(prompt)?,
         Source::StdinLine => secret_file::read_line(&mut raw_stdin()?, Kind::Passphrase)
-            .map_err(|e| Failure::error(format!("cannot read the passphrase from standard input: {e}")))?
+            .map_err(|e| {
+                Failure::error(format!(
+                    "cannot read the passphrase from standard input: {e}"
+                ))
+            })?
             .unwrap_or_else(|| SecretBytes::zeroed(0)),
         Source::KeyFile(path) if path == Path::new("-") => {
-            secret_file::read_to_end(&mut raw_stdin()?, Kind::KeyFile)
-                .map_err(|e| Failure::error(format!("cannot read the key from standard input: {e}")))?
+            secret_file::read_to_end(&mut raw_stdin()?, Kind::KeyFile).map_err(|e| {
+                Failure::error(format!("cannot read the key from standard input: {e}"))
+            })?
         }
         Source::KeyFile(path) => secret_file::read_file(path, Kind::KeyFile)
             .map_err(|e| Failure::error(format!("cannot read key file {}: {e}", path.display())))?,
@@ -77,11 +82,17 @@ fn read_tty(prompt: &str) -> Result<SecretBytes, Failure> {
             "no terminal to ask for the passphrase on ({e}); use --key-file FILE or --stdin"
         ))
     };
-    let tty = OpenOptions::new().read(true).write(true).open("/dev/tty").map_err(no_tty)?;
+    let tty = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .map_err(no_tty)?;
     let saved = termios::tcgetattr(tty.as_fd()).map_err(|e| no_tty(e.into()))?;
     let mut quiet = saved.clone();
     quiet.local_flags.remove(LocalFlags::ECHO);
-    quiet.local_flags.insert(LocalFlags::ECHONL | LocalFlags::ICANON);
+    quiet
+        .local_flags
+        .insert(LocalFlags::ECHONL | LocalFlags::ICANON);
     termios::tcsetattr(tty.as_fd(), SetArg::TCSAFLUSH, &quiet).map_err(|e| no_tty(e.into()))?;
     let guard = EchoOff { tty: &tty, saved };
     (&tty).write_all(prompt.as_bytes()).map_err(no_tty)?;

@@ -77,7 +77,9 @@ fn read(source: &Source, prompt: &str, confirm: bool) -> anyhow::Result<SecretBy
                 .map_err(|e| anyhow!("cannot read the key from standard input: {e}"))?
         }
         Source::KeyFile(p) => secret_file::read_file(p, Kind::KeyFile).map_err(|e| match e {
-            secret_file::Error::Io(e) => anyhow!("cannot open key file {}: {}", p.display(), io_reason(&e)),
+            secret_file::Error::Io(e) => {
+                anyhow!("cannot open key file {}: {}", p.display(), io_reason(&e))
+            }
             e => anyhow!("cannot read key file {}: {e}", p.display()),
         })?,
         Source::Interactive if io::stdin().is_terminal() => {

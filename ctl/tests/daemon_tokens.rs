@@ -34,7 +34,11 @@ fn ok(o: Output) -> Output {
 
 fn daemon_binary() -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/nbdcryptd");
-    assert!(p.exists(), "{} missing: run cargo build --workspace --bins first", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run cargo build --workspace --bins first",
+        p.display()
+    );
     p
 }
 
@@ -60,7 +64,18 @@ impl Served {
         args.extend(FAST);
         ok(ctl(&args));
         let kms = moto.create_key(None);
-        ok(ctl(&["enroll", &vol, "--kms", &kms, "--region", REGION, "--kms-endpoint", &moto.endpoint, "--key-file", key]));
+        ok(ctl(&[
+            "enroll",
+            &vol,
+            "--kms",
+            &kms,
+            "--region",
+            REGION,
+            "--kms-endpoint",
+            &moto.endpoint,
+            "--key-file",
+            key,
+        ]));
         (dir, kms)
     }
 
@@ -85,7 +100,11 @@ impl Served {
         let s = Served { dir, child };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !s.path("control.sock").exists() {
-            assert!(Instant::now() < deadline, "daemon did not start:\n{}", s.log());
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start:\n{}",
+                s.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         s
@@ -109,20 +128,32 @@ impl Served {
     }
 
     /// Poll until `pred(status)` holds, up to `secs`.
-    fn wait_for(&self, secs: u64, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    fn wait_for(
+        &self,
+        secs: u64,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             let s = self.status();
             if pred(&s) {
                 return s;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; last status {s}\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last status {s}\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
 
     fn uri(&self) -> String {
-        format!("nbd+unix:///nbdcrypt?socket={}", self.path("nbd.sock").display())
+        format!(
+            "nbd+unix:///nbdcrypt?socket={}",
+            self.path("nbd.sock").display()
+        )
     }
 }
 
@@ -161,10 +192,16 @@ fn auto_unlock_and_unlock_token_open_the_volume_through_the_kms_and_are_audited(
     d.wait_for(30, "auto-unlock", |s| state(s) == "unlocked");
 
     // The export really serves the decrypted volume: data written reads back.
-    let data: Vec<u8> = (0..1024 * 1024u32).map(|i| ((i.wrapping_mul(2_654_435_761) >> 13) & 0xff) as u8).collect();
+    let data: Vec<u8> = (0..1024 * 1024u32)
+        .map(|i| ((i.wrapping_mul(2_654_435_761) >> 13) & 0xff) as u8)
+        .collect();
     let src = d.path("data.bin");
     std::fs::write(&src, &data).unwrap();
-    let o = Command::new("nbdcopy").arg(&src).arg(d.uri()).output().expect("nbdcopy (libnbd-bin)");
+    let o = Command::new("nbdcopy")
+        .arg(&src)
+        .arg(d.uri())
+        .output()
+        .expect("nbdcopy (libnbd-bin)");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     ok(ctl(&["lock", "--control", &d.control()]));
@@ -172,15 +209,28 @@ fn auto_unlock_and_unlock_token_open_the_volume_through_the_kms_and_are_audited(
     let o = ok(ctl(&["unlock", "--token", "--control", &d.control()]));
     assert!(String::from_utf8_lossy(&o.stdout).contains("unlocked by token"));
     let back = d.path("back.bin");
-    let o = Command::new("nbdcopy").arg(d.uri()).arg(&back).output().unwrap();
+    let o = Command::new("nbdcopy")
+        .arg(d.uri())
+        .arg(&back)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(std::fs::read(&back).unwrap()[..data.len()] == data[..], "data differs after a token unlock");
+    assert!(
+        std::fs::read(&back).unwrap()[..data.len()] == data[..],
+        "data differs after a token unlock"
+    );
 
     let audit = std::fs::read_to_string(d.path("audit.jsonl")).unwrap();
-    let events: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let events: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let kinds: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
     assert_eq!(kinds, ["unlock_ok", "lock", "unlock_ok"], "{audit}");
-    assert!(audit.contains("\"token\""), "the audit log names the method: {audit}");
+    assert!(
+        audit.contains("\"token\""),
+        "the audit log names the method: {audit}"
+    );
     assert!(!audit.contains(std::str::from_utf8(PASS).unwrap()));
 }
 
@@ -193,21 +243,41 @@ fn with_the_kms_down_the_daemon_stays_locked_says_why_and_a_passphrase_still_unl
     moto.stop();
     let d = Served::start(dir, &flags(&args));
     let s = d.wait_for(30, "a token failure in the status", |s| {
-        state(s) == "locked" && s["locked_reason"].as_str().is_some_and(|r| r.contains("token"))
+        state(s) == "locked"
+            && s["locked_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("token"))
     });
     let reason = s["locked_reason"].as_str().unwrap().to_lowercase();
-    assert!(reason.contains("unreachable"), "reason should say the KMS is unreachable: {reason}");
+    assert!(
+        reason.contains("unreachable"),
+        "reason should say the KMS is unreachable: {reason}"
+    );
 
     // The operator's way in: the recovery passphrase (retry while an auto-unlock attempt runs).
     let key = d.path("recovery.key");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let o = ctl(&["unlock", "--key-file", key.to_str().unwrap(), "--control", &d.control()]);
+        let o = ctl(&[
+            "unlock",
+            "--key-file",
+            key.to_str().unwrap(),
+            "--control",
+            &d.control(),
+        ]);
         if o.status.success() {
             break;
         }
-        assert_eq!(o.status.code(), Some(4), "only 'busy' is acceptable: {}", String::from_utf8_lossy(&o.stderr));
-        assert!(Instant::now() < deadline, "the passphrase never got through");
+        assert_eq!(
+            o.status.code(),
+            Some(4),
+            "only 'busy' is acceptable: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the passphrase never got through"
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     assert_eq!(state(&d.status()), "unlocked");
@@ -237,11 +307,24 @@ fn an_offline_rekey_to_a_new_key_waits_for_the_daemon_to_stop_and_leaves_a_token
     // Offline, a new key needs the daemon stopped: while it serves, the rekey is refused (the
     // same key could be re-sealed through it, `rekey --control`).
     let rekey = [
-        "rekey", &vol, "--slot", &slot.to_string(), "--kms", &new_key, "--kms-endpoint", &moto.endpoint,
-        "--region", REGION, "--kms-allow-key", &key,
+        "rekey",
+        &vol,
+        "--slot",
+        &slot.to_string(),
+        "--kms",
+        &new_key,
+        "--kms-endpoint",
+        &moto.endpoint,
+        "--region",
+        REGION,
+        "--kms-allow-key",
+        &key,
     ];
     let o = ctl(&rekey);
-    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("rekey --control"), "{o:?}");
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("rekey --control"),
+        "{o:?}"
+    );
     assert_eq!(state(&d.status()), "unlocked", "serving goes on");
     let dir = {
         let mut d = d;
@@ -253,16 +336,24 @@ fn an_offline_rekey_to_a_new_key_waits_for_the_daemon_to_stop_and_leaves_a_token
     // Served::start waits for the control socket to appear: remove the killed daemon's.
     let _ = std::fs::remove_file(dir.path().join("control.sock"));
     let d = Served::start(dir, &flags(&args));
-    d.wait_for(30, "auto-unlock with the new key", |s| state(s) == "unlocked");
+    d.wait_for(30, "auto-unlock with the new key", |s| {
+        state(s) == "unlocked"
+    });
 
     ok(ctl(&["lock", "--control", &d.control()]));
     let o = ok(ctl(&["unlock", "--token", "--control", &d.control()]));
     assert!(String::from_utf8_lossy(&o.stdout).contains("unlocked by token"));
     let f = std::fs::File::open(&vol).unwrap();
     let (h, _) = nbdcrypt::luks2::Luks2Header::read(&f).unwrap();
-    let tokens: Vec<String> = h.tokens().map(|(_, t)| serde_json::to_string(t.json()).unwrap()).collect();
+    let tokens: Vec<String> = h
+        .tokens()
+        .map(|(_, t)| serde_json::to_string(t.json()).unwrap())
+        .collect();
     assert_eq!(tokens.len(), 1, "{tokens:?}");
-    assert!(tokens[0].contains(&new_key), "the token names the new key: {tokens:?}");
+    assert!(
+        tokens[0].contains(&new_key),
+        "the token names the new key: {tokens:?}"
+    );
 }
 
 #[test]
@@ -277,7 +368,9 @@ fn rekey_through_the_control_socket_reseals_with_the_daemons_credentials_and_is_
     let token_json = || {
         let f = std::fs::File::open(&vol).unwrap();
         let (h, _) = nbdcrypt::luks2::Luks2Header::read(&f).unwrap();
-        h.tokens().map(|(id, t)| (id, serde_json::to_string(t.json()).unwrap())).collect::<Vec<_>>()
+        h.tokens()
+            .map(|(id, t)| (id, serde_json::to_string(t.json()).unwrap()))
+            .collect::<Vec<_>>()
     };
     let before = token_json();
     assert_eq!(before.len(), 1);
@@ -287,7 +380,10 @@ fn rekey_through_the_control_socket_reseals_with_the_daemons_credentials_and_is_
     assert!(String::from_utf8_lossy(&o.stdout).contains("rekeyed"));
     let after = token_json();
     assert_eq!(after.len(), 1, "{after:?}");
-    assert_ne!(after[0], before[0], "a fresh secret means a new sealed blob");
+    assert_ne!(
+        after[0], before[0],
+        "a fresh secret means a new sealed blob"
+    );
     assert_eq!(state(&d.status()), "unlocked", "serving goes on");
 
     ok(ctl(&["lock", "--control", &d.control()]));

@@ -21,12 +21,20 @@ fn require(tool: &str, package: &str) {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
         .unwrap_or(false);
-    assert!(found, "`{tool}` is missing: apt-get install -y {package} (./scripts/test.sh does)");
+    assert!(
+        found,
+        "`{tool}` is missing: apt-get install -y {package} (./scripts/test.sh does)"
+    );
 }
 
 fn run_ok(cmd: &mut Command) -> Output {
     let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(o.status.success(), "{cmd:?}: {}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{cmd:?}: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     o
 }
 
@@ -36,7 +44,10 @@ impl Hsm {
     fn new() -> Hsm {
         require("softhsm2-util", "softhsm2");
         require("pkcs11-tool", "opensc");
-        assert!(Path::new(MODULE).exists(), "{MODULE} missing: apt-get install -y softhsm2");
+        assert!(
+            Path::new(MODULE).exists(),
+            "{MODULE} missing: apt-get install -y softhsm2"
+        );
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("tokens")).unwrap();
         let conf = dir.path().join("softhsm2.conf");
@@ -48,21 +59,58 @@ impl Hsm {
             ),
         )
         .unwrap();
-        run_ok(Command::new("softhsm2-util").env("SOFTHSM2_CONF", &conf).args([
-            "--init-token", "--free", "--label", TOKEN, "--so-pin", "87654321", "--pin", PIN,
-        ]));
+        run_ok(
+            Command::new("softhsm2-util")
+                .env("SOFTHSM2_CONF", &conf)
+                .args([
+                    "--init-token",
+                    "--free",
+                    "--label",
+                    TOKEN,
+                    "--so-pin",
+                    "87654321",
+                    "--pin",
+                    PIN,
+                ]),
+        );
         for (label, id) in [("kek1", "01"), ("kek2", "02")] {
-            run_ok(Command::new("pkcs11-tool").env("SOFTHSM2_CONF", &conf).args([
-                "--module", MODULE, "--token-label", TOKEN, "--login", "--pin", PIN, "--keygen",
-                "--key-type", "AES:32", "--label", label, "--id", id, "--usage-decrypt",
-                "--usage-wrap", "--sensitive", "--private",
-            ]));
+            run_ok(
+                Command::new("pkcs11-tool")
+                    .env("SOFTHSM2_CONF", &conf)
+                    .args([
+                        "--module",
+                        MODULE,
+                        "--token-label",
+                        TOKEN,
+                        "--login",
+                        "--pin",
+                        PIN,
+                        "--keygen",
+                        "--key-type",
+                        "AES:32",
+                        "--label",
+                        label,
+                        "--id",
+                        id,
+                        "--usage-decrypt",
+                        "--usage-wrap",
+                        "--sensitive",
+                        "--private",
+                    ]),
+            );
         }
         std::fs::write(dir.path().join("pin"), format!("{PIN}\n")).unwrap();
         std::fs::write(dir.path().join("wrong-pin"), "9999\n").unwrap();
         std::fs::write(dir.path().join("recovery.key"), PASS).unwrap();
         let h = Hsm { dir, conf };
-        let mut args = vec!["format".to_owned(), h.vol(), "--size".into(), "24M".into(), "--key-file".into(), h.path("recovery.key")];
+        let mut args = vec![
+            "format".to_owned(),
+            h.vol(),
+            "--size".into(),
+            "24M".into(),
+            "--key-file".into(),
+            h.path("recovery.key"),
+        ];
         args.extend(FAST.iter().map(|s| s.to_string()));
         assert_ok(&h.ctl(&args.iter().map(String::as_str).collect::<Vec<_>>()));
         h
@@ -95,16 +143,34 @@ impl Hsm {
 
     fn enroll(&self, label: &str) -> Output {
         let (vol, key, pin) = (self.vol(), self.path("recovery.key"), self.pin());
-        self.ctl(&["enroll", &vol, "--pkcs11", &Self::uri(label), "--pkcs11-pin", &pin, "--key-file", &key])
+        self.ctl(&[
+            "enroll",
+            &vol,
+            "--pkcs11",
+            &Self::uri(label),
+            "--pkcs11-pin",
+            &pin,
+            "--key-file",
+            &key,
+        ])
     }
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn assert_ok(o: &Output) {
-    assert!(o.status.success(), "exit {:?}: {}", o.status.code(), text(o));
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status.code(),
+        text(o)
+    );
 }
 
 fn cryptsetup_opens(vol: &str, key: &str) -> bool {
@@ -134,30 +200,72 @@ fn an_hsm_sealed_keyslot_enrols_tests_auto_unlocks_the_daemon_and_rekeys_to_a_ne
     let o = h.ctl(&["test-token", &vol, "--pkcs11-pin", &pin]);
     assert_ok(&o);
     assert!(text(&o).contains("object=kek1"), "{}", text(&o));
-    assert!(cryptsetup_opens(&vol, &h.path("recovery.key")), "cryptsetup no longer opens the passphrase slot");
+    assert!(
+        cryptsetup_opens(&vol, &h.path("recovery.key")),
+        "cryptsetup no longer opens the passphrase slot"
+    );
 
     // cryptsetup adds, then kills, another keyslot: our token slot keeps opening throughout.
     std::fs::write(h.path("other.key"), "another passphrase").unwrap();
     let cs = |args: &[&str]| {
-        let o = Command::new("cryptsetup").args(args).output().expect("cryptsetup");
+        let o = Command::new("cryptsetup")
+            .args(args)
+            .output()
+            .expect("cryptsetup");
         assert!(o.status.success(), "cryptsetup {args:?}: {}", text(&o));
     };
     let (recovery, other) = (h.path("recovery.key"), h.path("other.key"));
-    cs(&["luksAddKey", "--batch-mode", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
-         "--key-slot", "7", "--key-file", &recovery, &vol, &other]);
+    cs(&[
+        "luksAddKey",
+        "--batch-mode",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--key-slot",
+        "7",
+        "--key-file",
+        &recovery,
+        &vol,
+        &other,
+    ]);
     assert_ok(&h.ctl(&["test-token", &vol, "--pin-file", &h.path("pin")]));
-    cs(&["luksKillSlot", "--batch-mode", "--key-file", &recovery, &vol, "7"]);
+    cs(&[
+        "luksKillSlot",
+        "--batch-mode",
+        "--key-file",
+        &recovery,
+        &vol,
+        "7",
+    ]);
     assert_ok(&h.ctl(&["test-token", &vol, "--pkcs11-pin", &pin]));
 
     // The daemon unseals the token by itself at start.
     let daemon = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/nbdcryptd");
-    assert!(daemon.exists(), "{}: run cargo build --workspace --bins first", daemon.display());
+    assert!(
+        daemon.exists(),
+        "{}: run cargo build --workspace --bins first",
+        daemon.display()
+    );
     let control = h.path("control.sock");
     let d = Daemon(
         Command::new(&daemon)
             .env("SOFTHSM2_CONF", &h.conf)
-            .args(["--volume", &vol, "--unix", &h.path("nbd.sock"), "--control", &control])
-            .args(["--auto-unlock", "--pkcs11-pin", &pin, "--pkcs11-module", MODULE])
+            .args([
+                "--volume",
+                &vol,
+                "--unix",
+                &h.path("nbd.sock"),
+                "--control",
+                &control,
+            ])
+            .args([
+                "--auto-unlock",
+                "--pkcs11-pin",
+                &pin,
+                "--pkcs11-module",
+                MODULE,
+            ])
             .stdin(Stdio::null())
             .stderr(std::fs::File::create(h.path("daemon.log")).unwrap())
             .spawn()
@@ -169,7 +277,12 @@ fn an_hsm_sealed_keyslot_enrols_tests_auto_unlocks_the_daemon_and_rekeys_to_a_ne
         if o.status.success() && text(&o).contains("\"unlocked\"") {
             break;
         }
-        assert!(Instant::now() < deadline, "not unlocked: {}\n{}", text(&o), std::fs::read_to_string(h.path("daemon.log")).unwrap_or_default());
+        assert!(
+            Instant::now() < deadline,
+            "not unlocked: {}\n{}",
+            text(&o),
+            std::fs::read_to_string(h.path("daemon.log")).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     drop(d);
@@ -181,11 +294,24 @@ fn an_hsm_sealed_keyslot_enrols_tests_auto_unlocks_the_daemon_and_rekeys_to_a_ne
         .and_then(|r| r.split_whitespace().next())
         .and_then(|n| n.parse::<u32>().ok())
         .expect("keyslot number in test-token output");
-    let o = h.ctl(&["rekey", &vol, "--slot", &slot.to_string(), "--pkcs11", &Hsm::uri("kek2"), "--pkcs11-pin", &pin]);
+    let o = h.ctl(&[
+        "rekey",
+        &vol,
+        "--slot",
+        &slot.to_string(),
+        "--pkcs11",
+        &Hsm::uri("kek2"),
+        "--pkcs11-pin",
+        &pin,
+    ]);
     assert_ok(&o);
     let o = h.ctl(&["test-token", &vol, "--pkcs11-pin", &pin]);
     assert_ok(&o);
-    assert!(text(&o).contains("object=kek2") && !text(&o).contains("object=kek1"), "{}", text(&o));
+    assert!(
+        text(&o).contains("object=kek2") && !text(&o).contains("object=kek1"),
+        "{}",
+        text(&o)
+    );
     assert!(cryptsetup_opens(&vol, &h.path("recovery.key")));
 }
 
@@ -194,15 +320,31 @@ fn a_wrong_pin_and_a_missing_key_are_reported_as_such() {
     let h = Hsm::new();
     let o = h.enroll("no-such-key");
     assert!(!o.status.success());
-    assert!(text(&o).contains("no-such-key") && text(&o).contains("not found"), "{}", text(&o));
+    assert!(
+        text(&o).contains("no-such-key") && text(&o).contains("not found"),
+        "{}",
+        text(&o)
+    );
 
     assert_ok(&h.enroll("kek1"));
     let (vol, wrong) = (h.vol(), format!("file:{}", h.path("wrong-pin")));
     let o = h.ctl(&["test-token", &vol, "--pkcs11-pin", &wrong]);
     assert!(!o.status.success());
-    assert!(text(&o).to_lowercase().contains("login failed"), "{}", text(&o));
-    assert!(!text(&o).contains("9999"), "the PIN must never be printed: {}", text(&o));
+    assert!(
+        text(&o).to_lowercase().contains("login failed"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        !text(&o).contains("9999"),
+        "the PIN must never be printed: {}",
+        text(&o)
+    );
     let o = h.ctl(&["test-token", &vol]);
     assert!(!o.status.success());
-    assert!(text(&o).contains("--pkcs11-pin"), "says what is missing: {}", text(&o));
+    assert!(
+        text(&o).contains("--pkcs11-pin"),
+        "says what is missing: {}",
+        text(&o)
+    );
 }

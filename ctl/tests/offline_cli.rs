@@ -819,29 +819,70 @@ fn dump_escapes_terminal_controls_and_newlines_from_the_header() {
     let d = Dir::new();
     let k = d.key("k", b"pw");
     let vol = d.s("esc.img");
-    std::fs::File::create(&vol).unwrap().set_len(20 << 20).unwrap();
+    std::fs::File::create(&vol)
+        .unwrap()
+        .set_len(20 << 20)
+        .unwrap();
     // Whoever holds the disk writes the header: a label that turns the terminal red and fakes a
     // line, a subsystem that retitles the window, a token type that clears the screen.
     let label = "L\x1b[31mred\nFake: line";
     let subsystem = "S\x1b]0;title\x07";
     ok(cs(&[
-        "luksFormat", "--type", "luks2", "--batch-mode", "--pbkdf", "pbkdf2",
-        "--pbkdf-force-iterations", "1000", "--key-file", &k, "--label", label,
-        "--subsystem", subsystem, &vol,
+        "luksFormat",
+        "--type",
+        "luks2",
+        "--batch-mode",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--key-file",
+        &k,
+        "--label",
+        label,
+        "--subsystem",
+        subsystem,
+        &vol,
     ]));
     let tok = d.path("token.json");
-    std::fs::write(&tok, br#"{"type":"x\u001b[2Jclear\nKeyslot: 9\u009b1m","keyslots":["0"]}"#).unwrap();
-    ok(cs(&["token", "import", "--json-file", tok.to_str().unwrap(), &vol]));
+    std::fs::write(
+        &tok,
+        br#"{"type":"x\u001b[2Jclear\nKeyslot: 9\u009b1m","keyslots":["0"]}"#,
+    )
+    .unwrap();
+    ok(cs(&[
+        "token",
+        "import",
+        "--json-file",
+        tok.to_str().unwrap(),
+        &vol,
+    ]));
 
     let text = stdout(&ok(ctl(&["dump", &vol], b"")));
     assert!(
-        !text.chars().any(|c| c.is_control() && c != '\n' && c != '\t'),
+        !text
+            .chars()
+            .any(|c| c.is_control() && c != '\n' && c != '\t'),
         "a control character reached the terminal:\n{text:?}"
     );
-    assert!(text.contains("Label:         \tL\\e[31mred\\nFake: line\n"), "{text}");
-    assert!(text.contains("Subsystem:     \tS\\e]0;title\\u{7}\n"), "{text}");
-    assert!(text.contains("  0: x\\e[2Jclear\\nKeyslot: 9\\u{9b}1m\n"), "{text}");
-    assert!(!text.lines().any(|l| l.starts_with("Fake:") || l.trim() == "Keyslot: 9"), "{text}");
+    assert!(
+        text.contains("Label:         \tL\\e[31mred\\nFake: line\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Subsystem:     \tS\\e]0;title\\u{7}\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  0: x\\e[2Jclear\\nKeyslot: 9\\u{9b}1m\n"),
+        "{text}"
+    );
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("Fake:") || l.trim() == "Keyslot: 9"),
+        "{text}"
+    );
 
     // JSON: valid, and the strings exactly as the header has them.
     let o = ok(ctl(&["dump", &vol, "--json"], b""));

@@ -23,7 +23,14 @@ impl BlockDevice for Mem {
         self.0.lock().unwrap().len() as u64
     }
     fn caps(&self) -> Caps {
-        Caps { read_only: false, trim: false, fast_zero: false, min_block: 512, preferred_block: 4096, rotational: false }
+        Caps {
+            read_only: false,
+            trim: false,
+            fast_zero: false,
+            min_block: 512,
+            preferred_block: 4096,
+            rotational: false,
+        }
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), block::Error> {
         let o = usize::try_from(offset).unwrap();
@@ -48,7 +55,11 @@ impl BlockDevice for Mem {
         Ok(())
     }
     fn extents(&self, _: u64, length: u64) -> Result<Vec<Extent>, block::Error> {
-        Ok(vec![Extent { length, hole: false, zero: false }])
+        Ok(vec![Extent {
+            length,
+            hole: false,
+            zero: false,
+        }])
     }
 }
 
@@ -71,7 +82,11 @@ impl Drop for Daemon {
 fn daemon() -> Daemon {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("control.sock");
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
     let exports = ExportTable::new("vol".into(), String::new());
     let info = VolumeInfo {
         uuid: "3f1c2a9e-7d1b-4c55-8e0f-2b6a9d4c1e77".into(),
@@ -81,7 +96,10 @@ fn daemon() -> Daemon {
     };
     let unlocker: control::Unlocker = Box::new(|with: control::UnlockWith| {
         let control::UnlockWith::Secret { secret, .. } = with else {
-            return Err(control::UnlockError::Tokens { message: "no tokens".into(), transient: false });
+            return Err(control::UnlockError::Tokens {
+                message: "no tokens".into(),
+                transient: false,
+            });
         };
         if secret.expose_secret() == PASS || secret.expose_secret() == KEY {
             Ok(Arc::new(Mem(Mutex::new(vec![0; 1 << 20]))) as Arc<dyn BlockDevice>)
@@ -91,10 +109,25 @@ fn daemon() -> Daemon {
     });
     let (trigger, sd) = shutdown::channel();
     let plane = runtime
-        .block_on(ControlPlane::start(&sock, exports.clone(), info, unlocker, None, Arc::new(nbdcrypt::audit::AuditLog::tracing()), sd))
+        .block_on(ControlPlane::start(
+            &sock,
+            exports.clone(),
+            info,
+            unlocker,
+            None,
+            Arc::new(nbdcrypt::audit::AuditLog::tracing()),
+            sd,
+        ))
         .unwrap();
     let volume = plane.volume.clone();
-    Daemon { _dir: dir, sock, exports, volume, runtime, trigger }
+    Daemon {
+        _dir: dir,
+        sock,
+        exports,
+        volume,
+        runtime,
+        trigger,
+    }
 }
 
 fn ctl(sock: &Path, args: &[&str], stdin: &[u8]) -> Output {
@@ -115,7 +148,11 @@ fn code(o: &Output) -> i32 {
 }
 
 fn text(o: &Output) -> String {
-    format!("stdout: {}\nstderr: {}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 #[test]
@@ -171,7 +208,11 @@ fn key_files_are_used_byte_for_byte_from_a_file_or_stdin() {
     let d = daemon();
     let key = d._dir.path().join("vol.key");
     std::fs::write(&key, KEY).unwrap();
-    let o = ctl(&d.sock, &["unlock", "--key-file", key.to_str().unwrap(), "--slot", "0"], b"");
+    let o = ctl(
+        &d.sock,
+        &["unlock", "--key-file", key.to_str().unwrap(), "--slot", "0"],
+        b"",
+    );
     assert_eq!(code(&o), 0, "{}", text(&o));
     let o = ctl(&d.sock, &["lock"], b"");
     assert_eq!(code(&o), 0, "{}", text(&o));
@@ -196,14 +237,22 @@ fn errors_say_what_to_do() {
     let missing = dir.path().join("none.sock");
     let o = ctl(&missing, &["status"], b"");
     assert_eq!(code(&o), 1);
-    assert!(text(&o).contains("is nbdcryptd running? no control socket at"), "{}", text(&o));
+    assert!(
+        text(&o).contains("is nbdcryptd running? no control socket at"),
+        "{}",
+        text(&o)
+    );
     let o = ctl(&missing, &["lock", "--bogus"], b"");
     assert_eq!(code(&o), 2, "{}", text(&o));
     let o = ctl(&missing, &["unlock", "--stdin", "--key-file", "x"], b"");
     assert_eq!(code(&o), 2, "{}", text(&o));
     // --control wins over the environment.
     let d = daemon();
-    let o = ctl(&missing, &["status", "--control", d.sock.to_str().unwrap()], b"");
+    let o = ctl(
+        &missing,
+        &["status", "--control", d.sock.to_str().unwrap()],
+        b"",
+    );
     assert_eq!(code(&o), 0, "{}", text(&o));
 }
 

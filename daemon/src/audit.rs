@@ -111,7 +111,10 @@ impl AuditEvent {
 
     /// The calling process as the peer (for `nbdcryptctl`'s offline commands).
     pub fn this_process(self) -> Self {
-        self.peer(nix::unistd::getuid().as_raw(), nix::unistd::getpid().as_raw())
+        self.peer(
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getpid().as_raw(),
+        )
     }
 
     pub fn detail(mut self, name: &str, value: impl Into<Value>) -> Self {

@@ -117,7 +117,12 @@ pub struct Args {
     pub audit_log: Option<PathBuf>,
 
     /// Control socket for nbdcryptctl (unlock, lock, status).
-    #[arg(long, value_name = "SOCK", env = "NBDCRYPT_CONTROL", default_value = "/run/nbdcrypt/control.sock")]
+    #[arg(
+        long,
+        value_name = "SOCK",
+        env = "NBDCRYPT_CONTROL",
+        default_value = "/run/nbdcrypt/control.sock"
+    )]
     pub control: PathBuf,
 
     /// With --plain: create PATH as a file of SIZE bytes (suffixes K, M, G, T) if it is absent.
@@ -125,7 +130,11 @@ pub struct Args {
     pub create: Option<u64>,
 
     /// Unix socket to listen on.
-    #[arg(long, value_name = "SOCK", default_value = "/run/nbdcrypt/nbdcryptd.sock")]
+    #[arg(
+        long,
+        value_name = "SOCK",
+        default_value = "/run/nbdcrypt/nbdcryptd.sock"
+    )]
     pub unix: PathBuf,
 
     /// Permissions of the Unix socket (octal). The default lets only its owner connect.
@@ -205,9 +214,8 @@ impl Args {
         let mut args = Args::from_arg_matches(&matches).map_err(|e| e.to_string())?;
         if let Some(path) = args.config.clone() {
             let (file, text) = crate::config_file::load(&path)?;
-            let from_cli = |id: &str| {
-                matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
-            };
+            let from_cli =
+                |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
             file.apply(&mut args, &path, &text, from_cli)?;
         }
         Ok(args)
@@ -237,16 +245,20 @@ pub struct Config {
 impl Config {
     pub fn from_args(a: Args) -> Result<Config, String> {
         if a.tcp.is_some() && !a.insecure_tcp {
-            return Err("--tcp sends volume data in the clear; TLS is not available yet, so it \
+            return Err(
+                "--tcp sends volume data in the clear; TLS is not available yet, so it \
                         needs --insecure-tcp as well"
-                .into());
+                    .into(),
+            );
         }
         if a.name.len() > 256 {
             return Err("--name is longer than 256 bytes".into());
         }
         let min_conn = u64::from(MAX_PAYLOAD) + 4096;
         if a.max_conn_bytes < min_conn {
-            return Err(format!("--max-conn-bytes must be at least {min_conn} (one 32 MiB request)"));
+            return Err(format!(
+                "--max-conn-bytes must be at least {min_conn} (one 32 MiB request)"
+            ));
         }
         if a.max_server_bytes < a.max_conn_bytes {
             return Err("--max-server-bytes must be at least --max-conn-bytes".into());
@@ -269,10 +281,16 @@ impl Config {
             _ => return Err("give exactly one of --volume, --demo, --plain".into()),
         };
         if a.create.is_some() && mode != Mode::Plain {
-            return Err("--create works with --plain only; use `nbdcryptctl format --size` for volumes".into());
+            return Err(
+                "--create works with --plain only; use `nbdcryptctl format --size` for volumes"
+                    .into(),
+            );
         }
         let pkcs11_pin = match &a.pkcs11_pin {
-            Some(p) => Some(crate::seal::pkcs11::PinSource::parse(p).map_err(|e| format!("--pkcs11-pin: {e}"))?),
+            Some(p) => Some(
+                crate::seal::pkcs11::PinSource::parse(p)
+                    .map_err(|e| format!("--pkcs11-pin: {e}"))?,
+            ),
             None => None,
         };
         if a.auto_unlock && mode == Mode::Plain {
@@ -284,10 +302,15 @@ impl Config {
             allowed_keys: a.kms_allow_key,
         };
         kms.validate()?;
-        let pin =
-            crate::seal::pin::VolumePin::parse(a.volume_uuid.as_deref(), a.volume_key_digest.as_deref())?;
+        let pin = crate::seal::pin::VolumePin::parse(
+            a.volume_uuid.as_deref(),
+            a.volume_key_digest.as_deref(),
+        )?;
         if !pin.is_empty() && mode != Mode::Volume {
-            return Err("--volume-uuid / --volume-key-digest pin a --volume; they make no sense here".into());
+            return Err(
+                "--volume-uuid / --volume-key-digest pin a --volume; they make no sense here"
+                    .into(),
+            );
         }
         Ok(Config {
             mode,
@@ -296,7 +319,10 @@ impl Config {
             auto_unlock: a.auto_unlock,
             seal: crate::seal::SealSettings {
                 kms,
-                pkcs11: crate::seal::Pkcs11Settings { module: a.pkcs11_module, pin: pkcs11_pin },
+                pkcs11: crate::seal::Pkcs11Settings {
+                    module: a.pkcs11_module,
+                    pin: pkcs11_pin,
+                },
             },
             pin,
             allow_expensive_kdf: a.allow_expensive_kdf,
@@ -344,7 +370,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         }
     };
     if let Ok(n) = num.parse::<u64>() {
-        return n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"));
+        return n
+            .checked_mul(mult)
+            .ok_or_else(|| format!("size {s:?} is too large"));
     }
     let f: f64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
     if !(f >= 0.0 && f * (mult as f64) < u64::MAX as f64) {

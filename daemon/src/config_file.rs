@@ -79,7 +79,10 @@ impl FileConfig {
 
     /// The volume pin of this file alone (`volume-uuid`, `volume-key-digest`).
     pub fn volume_pin(&self) -> Result<crate::seal::pin::VolumePin, String> {
-        crate::seal::pin::VolumePin::parse(self.volume_uuid.as_deref(), self.volume_key_digest.as_deref())
+        crate::seal::pin::VolumePin::parse(
+            self.volume_uuid.as_deref(),
+            self.volume_key_digest.as_deref(),
+        )
     }
 
     /// The seal settings of this file alone (for `nbdcryptctl --config`, which trusts the same
@@ -100,10 +103,12 @@ impl FileConfig {
         };
         Ok(crate::seal::SealSettings {
             kms,
-            pkcs11: crate::seal::Pkcs11Settings { module: self.pkcs11_module.clone(), pin },
+            pkcs11: crate::seal::Pkcs11Settings {
+                module: self.pkcs11_module.clone(),
+                pin,
+            },
         })
     }
-
 
     /// Fill `args` from the file wherever the command line did not set the flag.
     /// `from_cli(id)` tells whether the user typed flag `id`.
@@ -115,14 +120,20 @@ impl FileConfig {
         from_cli: impl Fn(&str) -> bool,
     ) -> Result<(), String> {
         let at = |s: &Spanned<String>, key: &str, e: String| {
-            let line = text[..s.span().start.min(text.len())].lines().count().max(1);
+            let line = text[..s.span().start.min(text.len())]
+                .lines()
+                .count()
+                .max(1);
             format!("{}: line {line}, key `{key}`: {e}", path.display())
         };
         let mode_on_cli = from_cli("volume") || from_cli("plain") || from_cli("demo");
         if !mode_on_cli {
             match (self.volume, self.plain) {
                 (Some(_), Some(_)) => {
-                    return Err(format!("{}: give `volume` or `plain`, not both", path.display()))
+                    return Err(format!(
+                        "{}: give `volume` or `plain`, not both",
+                        path.display()
+                    ))
                 }
                 (v, p) => {
                     args.volume = v;
@@ -169,12 +180,14 @@ impl FileConfig {
         }
         if let Some(s) = &self.max_conn_bytes {
             if !from_cli("max_conn_bytes") {
-                args.max_conn_bytes = parse_size(s.get_ref()).map_err(|e| at(s, "max-conn-bytes", e))?;
+                args.max_conn_bytes =
+                    parse_size(s.get_ref()).map_err(|e| at(s, "max-conn-bytes", e))?;
             }
         }
         if let Some(s) = &self.max_server_bytes {
             if !from_cli("max_server_bytes") {
-                args.max_server_bytes = parse_size(s.get_ref()).map_err(|e| at(s, "max-server-bytes", e))?;
+                args.max_server_bytes =
+                    parse_size(s.get_ref()).map_err(|e| at(s, "max-server-bytes", e))?;
             }
         }
         Ok(())
@@ -189,8 +202,14 @@ mod tests {
     fn apply(text: &str, argv: &[&str]) -> Result<Args, String> {
         let mut args = Args::parse_from(std::iter::once("nbdcryptd").chain(argv.iter().copied()));
         let cfg: FileConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-        let typed: Vec<String> = argv.iter().filter_map(|a| a.strip_prefix("--")).map(|a| a.replace('-', "_")).collect();
-        cfg.apply(&mut args, Path::new("/etc/nbdcrypt/t.toml"), text, |id| typed.iter().any(|t| t == id))?;
+        let typed: Vec<String> = argv
+            .iter()
+            .filter_map(|a| a.strip_prefix("--"))
+            .map(|a| a.replace('-', "_"))
+            .collect();
+        cfg.apply(&mut args, Path::new("/etc/nbdcrypt/t.toml"), text, |id| {
+            typed.iter().any(|t| t == id)
+        })?;
         Ok(args)
     }
 
@@ -205,14 +224,23 @@ mod tests {
 
     #[test]
     fn command_line_flags_win_over_the_file() {
-        let a = apply("volume = \"/srv/v.img\"\nname = \"db\"\n", &["--name", "other"]).unwrap();
+        let a = apply(
+            "volume = \"/srv/v.img\"\nname = \"db\"\n",
+            &["--name", "other"],
+        )
+        .unwrap();
         assert_eq!(a.name, "other");
     }
 
     #[test]
     fn a_bad_value_names_the_file_line_and_key() {
         let e = apply("volume = \"/v\"\n\nmax-conn-bytes = \"12X\"\n", &[]).unwrap_err();
-        assert!(e.contains("/etc/nbdcrypt/t.toml") && e.contains("line 3") && e.contains("max-conn-bytes"), "{e}");
+        assert!(
+            e.contains("/etc/nbdcrypt/t.toml")
+                && e.contains("line 3")
+                && e.contains("max-conn-bytes"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -225,10 +253,19 @@ mod tests {
         )
         .unwrap();
         let c = crate::config::Config::from_args(a).unwrap();
-        assert_eq!(c.seal.kms.endpoint.as_deref(), Some("http://127.0.0.1:4566"));
+        assert_eq!(
+            c.seal.kms.endpoint.as_deref(),
+            Some("http://127.0.0.1:4566")
+        );
         assert_eq!(c.seal.kms.region.as_deref(), Some("us-east-1"));
-        assert_eq!(c.seal.kms.allowed_keys, ["arn:aws:kms:us-east-1:1:key/a", "b"]);
-        assert_eq!(c.pin.uuid.as_deref(), Some("0b7e3a4c-1d2e-4f5a-8b9c-0d1e2f3a4b5c"));
+        assert_eq!(
+            c.seal.kms.allowed_keys,
+            ["arn:aws:kms:us-east-1:1:key/a", "b"]
+        );
+        assert_eq!(
+            c.pin.uuid.as_deref(),
+            Some("0b7e3a4c-1d2e-4f5a-8b9c-0d1e2f3a4b5c")
+        );
         let e = apply("volume = \"/v\"\nkms-allow-key = [\"alias/x\"]\n", &[])
             .and_then(crate::config::Config::from_args);
         assert!(e.unwrap_err().contains("alias"));
@@ -236,7 +273,9 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_refused_with_their_line() {
-        let e = toml::from_str::<FileConfig>("volume = \"/v\"\nallow_discard = true\n").unwrap_err().to_string();
+        let e = toml::from_str::<FileConfig>("volume = \"/v\"\nallow_discard = true\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("allow_discard") && e.contains("line 2"), "{e}");
     }
 }

@@ -25,7 +25,8 @@ pub struct DemoFiles {
 
 /// Create what is missing in `dir`.
 pub fn prepare(dir: &Path) -> Result<DemoFiles, String> {
-    let ctx = |what: &str, p: &Path, e: &dyn std::fmt::Display| format!("{what} {}: {e}", p.display());
+    let ctx =
+        |what: &str, p: &Path, e: &dyn std::fmt::Display| format!("{what} {}: {e}", p.display());
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -42,7 +43,8 @@ pub fn prepare(dir: &Path) -> Result<DemoFiles, String> {
             .mode(0o600)
             .open(&key)
             .map_err(|e| ctx("cannot create", &key, &e))?;
-        f.write_all(hex.expose_secret()).map_err(|e| ctx("cannot write", &key, &e))?;
+        f.write_all(hex.expose_secret())
+            .map_err(|e| ctx("cannot write", &key, &e))?;
     }
     let volume = dir.join("volume.img");
     let created = !volume.exists();
@@ -55,15 +57,24 @@ pub fn prepare(dir: &Path) -> Result<DemoFiles, String> {
             .mode(0o600)
             .open(&volume)
             .map_err(|e| ctx("cannot create", &volume, &e))?;
-        f.set_len(VOLUME_SIZE).map_err(|e| ctx("cannot size", &volume, &e))?;
+        f.set_len(VOLUME_SIZE)
+            .map_err(|e| ctx("cannot size", &volume, &e))?;
         // The key file is 256 random bits, so a light KDF costs an attacker nothing extra.
-        let kdf = KdfParams::Argon2id { time: 4, memory_kib: 64 * 1024, cpus: 2 };
+        let kdf = KdfParams::Argon2id {
+            time: 4,
+            memory_kib: 64 * 1024,
+            cpus: 2,
+        };
         let mut params = FormatParams::new(kdf);
         params.label = "nbdcrypt-demo".into();
         luks2::format(&f, &params, &secret).map_err(|e| ctx("cannot format", &volume, &e))?;
         f.sync_all().map_err(|e| ctx("cannot sync", &volume, &e))?;
     }
-    Ok(DemoFiles { key, volume, created })
+    Ok(DemoFiles {
+        key,
+        volume,
+        created,
+    })
 }
 
 /// A key file's bytes, used as they are (cryptsetup's --key-file semantics).

@@ -91,7 +91,10 @@ impl ExportTable {
 
     pub fn current(&self) -> Option<Arc<Export>> {
         // A poisoned lock only means a panic elsewhere mid-swap; the Option is still whole.
-        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Offer `device` (unlock).
@@ -110,7 +113,11 @@ impl ExportTable {
 
     /// Stop offering the device (lock) and tell attached sessions to finish and close.
     pub fn withdraw(&self) -> Option<Arc<Export>> {
-        let old = self.current.write().unwrap_or_else(|e| e.into_inner()).take();
+        let old = self
+            .current
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         self.generation.send_modify(|g| *g += 1);
         self.published.send_replace(false);
         old

@@ -14,7 +14,11 @@
 // they are exempt; the library itself is still checked, in its non-test build.
 #![cfg_attr(
     test,
-    allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap, clippy::cast_sign_loss)
+    allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        clippy::cast_sign_loss
+    )
 )]
 
 pub mod audit;

@@ -6,17 +6,17 @@ use std::sync::Arc;
 use anyhow::{anyhow, Context};
 use tracing::{error, info, warn};
 
+use nbdcrypt::audit::AuditLog;
 use nbdcrypt::block::file::FileDevice;
 use nbdcrypt::block::latch::Latch;
 use nbdcrypt::block::BlockDevice;
 use nbdcrypt::config::{Args, Config, Mode};
-use nbdcrypt::audit::AuditLog;
 use nbdcrypt::control::proto::{ErrorKind, Request, Response};
 use nbdcrypt::control::{self, ControlPlane, Origin, UnlockWith, Unlocker};
-use nbdcrypt::seal::SealSettings;
 use nbdcrypt::demo;
-use nbdcrypt::notify;
 use nbdcrypt::export::ExportTable;
+use nbdcrypt::notify;
+use nbdcrypt::seal::SealSettings;
 use nbdcrypt::server::{self, Listeners};
 use nbdcrypt::shutdown;
 use nbdcrypt::sys;
@@ -42,7 +42,10 @@ fn main() -> ExitCode {
     if let Err(e) = sys::disable_core_dumps() {
         warn!(error = %e, "could not disable core dumps");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("nbdcryptd: cannot start the runtime: {e}");
@@ -61,7 +64,9 @@ fn main() -> ExitCode {
 async fn run(config: Config) -> anyhow::Result<()> {
     if let Mode::Demo { dir } = &config.mode {
         let dir = dir.clone();
-        let files = tokio::task::spawn_blocking(move || demo::prepare(&dir)).await?.map_err(|e| anyhow!(e))?;
+        let files = tokio::task::spawn_blocking(move || demo::prepare(&dir))
+            .await?
+            .map_err(|e| anyhow!(e))?;
         if files.created {
             info!(volume = %files.volume.display(), "created the demo volume");
         }
@@ -104,7 +109,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     info!(path = %info.path.display(), uuid = %info.uuid, cipher = info.cipher, key_bits = info.key_bits,
           sector_size = info.sector_size, size = info.size, "LUKS2 volume opened; locked");
     let audit = Arc::new(match &config.audit_log {
-        Some(path) => AuditLog::open(path).with_context(|| format!("cannot open the audit log {}", path.display()))?,
+        Some(path) => AuditLog::open(path)
+            .with_context(|| format!("cannot open the audit log {}", path.display()))?,
         None => AuditLog::tracing(),
     });
     let volume = Arc::new(if config.allow_expensive_kdf {
@@ -136,12 +142,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
         spawn_auto_unlock(control.volume.clone(), shutdown.clone());
     }
     notify::follow_lock_state(exports.clone());
-    notify::ready(if exports.current().is_some() { "unlocked" } else { "locked" });
+    notify::ready(if exports.current().is_some() {
+        "unlocked"
+    } else {
+        "locked"
+    });
     if let Mode::Demo { dir } = &config.mode {
         print_demo_banner(dir, &config, &info);
     }
     server::run(&config.server, listeners, exports, shutdown).await?;
-    control.finish().await.map_err(|e| anyhow!("final flush failed: {e}"))?;
+    control
+        .finish()
+        .await
+        .map_err(|e| anyhow!("final flush failed: {e}"))?;
     info!("flushed; exiting");
     Ok(())
 }
@@ -184,9 +197,15 @@ fn unlocker(volume: Arc<Volume>, seal: SealSettings) -> Unlocker {
 
 /// `--auto-unlock`: try the tokens now, and again with growing pauses while a provider is
 /// unreachable. The control socket is up throughout, so an operator can unlock another way.
-fn spawn_auto_unlock(volume: nbdcrypt::control::VolumeHandle, mut shutdown: nbdcrypt::shutdown::Shutdown) {
+fn spawn_auto_unlock(
+    volume: nbdcrypt::control::VolumeHandle,
+    mut shutdown: nbdcrypt::shutdown::Shutdown,
+) {
     const DELAYS: [u64; 6] = [1, 2, 4, 8, 16, 30];
-    let origin = Origin { uid: nix::unistd::geteuid().as_raw(), pid: Some(nix::unistd::getpid().as_raw()) };
+    let origin = Origin {
+        uid: nix::unistd::geteuid().as_raw(),
+        pid: Some(nix::unistd::getpid().as_raw()),
+    };
     tokio::spawn(async move {
         for (attempt, delay) in std::iter::once(0).chain(DELAYS).enumerate() {
             if delay > 0 {
@@ -200,7 +219,9 @@ fn spawn_auto_unlock(volume: nbdcrypt::control::VolumeHandle, mut shutdown: nbdc
                     info!(attempt, "auto-unlock: unlocked by token");
                     return;
                 }
-                Response::Error(e) if e.kind == ErrorKind::ProviderUnreachable || e.kind == ErrorKind::Busy => {
+                Response::Error(e)
+                    if e.kind == ErrorKind::ProviderUnreachable || e.kind == ErrorKind::Busy =>
+                {
                     warn!(attempt, error = %e.message, "auto-unlock: will retry");
                 }
                 Response::Error(e) if e.kind == ErrorKind::AlreadyUnlocked => return,
@@ -216,9 +237,18 @@ fn spawn_auto_unlock(volume: nbdcrypt::control::VolumeHandle, mut shutdown: nbdc
 
 async fn unlock_at_start(control: &ControlPlane, key_file: &std::path::Path) -> anyhow::Result<()> {
     let path = key_file.to_owned();
-    let secret = tokio::task::spawn_blocking(move || demo::read_key_file(&path)).await?.map_err(|e| anyhow!(e))?;
-    let origin = Origin { uid: nix::unistd::geteuid().as_raw(), pid: Some(nix::unistd::getpid().as_raw()) };
-    match control.volume.call(Request::Unlock { secret, slot: None }, origin).await {
+    let secret = tokio::task::spawn_blocking(move || demo::read_key_file(&path))
+        .await?
+        .map_err(|e| anyhow!(e))?;
+    let origin = Origin {
+        uid: nix::unistd::geteuid().as_raw(),
+        pid: Some(nix::unistd::getpid().as_raw()),
+    };
+    match control
+        .volume
+        .call(Request::Unlock { secret, slot: None }, origin)
+        .await
+    {
         Response::Ok(_) => {
             info!(key_file = %key_file.display(), "unlocked with the key file");
             Ok(())
@@ -234,7 +264,11 @@ async fn unlock_at_start(control: &ControlPlane, key_file: &std::path::Path) -> 
 
 fn print_demo_banner(dir: &std::path::Path, config: &Config, info: &VolumeInfo) {
     let abs = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
-    let sock = abs(config.server.unix.as_deref().unwrap_or(std::path::Path::new("nbd.sock")));
+    let sock = abs(config
+        .server
+        .unix
+        .as_deref()
+        .unwrap_or(std::path::Path::new("nbd.sock")));
     let ctl = abs(&config.control);
     let dir = abs(dir);
     let (sock, ctl, dir) = (sock.display(), ctl.display(), dir.display());
@@ -262,8 +296,10 @@ Ctrl-C stops the daemon (in-flight requests finish, data is flushed).
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the daemon can still be stopped by SIGKILL; never exit early.
         return std::future::pending().await;
     };

@@ -14,7 +14,10 @@ pub fn ready(status: &str) {
 }
 
 pub fn stopping() {
-    send(&[NotifyState::Stopping, NotifyState::Status("stopping: finishing requests in flight")]);
+    send(&[
+        NotifyState::Stopping,
+        NotifyState::Status("stopping: finishing requests in flight"),
+    ]);
 }
 
 /// Keep STATUS= in step with lock state, so `systemctl status` shows locked/unlocked.
@@ -26,7 +29,10 @@ pub fn follow_lock_state(exports: Arc<ExportTable>) {
             let status = if unlocked {
                 format!("unlocked: serving export {:?}", exports.name())
             } else {
-                format!("locked: unlock with `nbdcryptctl unlock` (export {:?})", exports.name())
+                format!(
+                    "locked: unlock with `nbdcryptctl unlock` (export {:?})",
+                    exports.name()
+                )
             };
             send(&[NotifyState::Status(&status)]);
             if rx.changed().await.is_err() {

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use nix::sys::socket::MsgFlags;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
-use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -49,12 +49,13 @@ impl Listeners {
             Some(path) => Some((bind_unix(path, cfg.socket_mode).await?, path.clone())),
             None => None,
         };
-        let tcp = match cfg.tcp {
-            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
-            })?),
-            None => None,
-        };
+        let tcp =
+            match cfg.tcp {
+                Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+                })?),
+                None => None,
+            };
         Ok(Listeners { unix, tcp })
     }
 }
@@ -123,7 +124,10 @@ pub async fn run(
         }
     }
 
-    info!(connections = tasks.len(), "shutting down: no new connections; finishing in-flight requests");
+    info!(
+        connections = tasks.len(),
+        "shutting down: no new connections; finishing in-flight requests"
+    );
     while let Some(res) = tasks.join_next().await {
         if let Err(e) = res {
             warn!(error = %e, "connection task ended abnormally");
@@ -166,7 +170,9 @@ async fn connection<S: Socket>(mut stream: S, peer: String, ctx: Ctx, mut shutdo
         Ok(Err(ProtocolError::Io(e)))
             if matches!(
                 e.kind(),
-                io::ErrorKind::UnexpectedEof | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionReset
             ) =>
         {
             debug!(%peer, "client closed during the handshake");
@@ -188,14 +194,19 @@ async fn connection<S: Socket>(mut stream: S, peer: String, ctx: Ctx, mut shutdo
     info!(%peer, export = %neg.export.name, structured = neg.structured_replies,
           encrypted = neg.export.encrypted, "client attached");
     let _attached = ctx.exports.attach();
-    if !ctx.exports.current().is_some_and(|e| Arc::ptr_eq(&e, &neg.export)) {
+    if !ctx
+        .exports
+        .current()
+        .is_some_and(|e| Arc::ptr_eq(&e, &neg.export))
+    {
         info!(%peer, "volume was locked during the handshake; closing");
         return;
     }
     let budget = ctx.budget.clone();
     let session_stopper = stopper.clone();
-    let mut session =
-        tokio::task::spawn_blocking(move || session::serve(neg, reader, writer, budget, session_stopper));
+    let mut session = tokio::task::spawn_blocking(move || {
+        session::serve(neg, reader, writer, budget, session_stopper)
+    });
     let result = tokio::select! {
         r = &mut session => r,
         _ = shutdown.triggered() => { stopper.stop(); session.await }

@@ -26,8 +26,9 @@ pub async fn bind_private(path: &Path, dir_mode: u32) -> io::Result<UnixListener
 /// live one, and never anything that is not a socket. A missing directory is created with
 /// `dir_mode`; an existing one must be safe (see the module docs).
 pub async fn bind(path: &Path, dir_mode: u32, mode: u32) -> io::Result<UnixListener> {
-    let context =
-        |e: io::Error, what: &str| io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()));
+    let context = |e: io::Error, what: &str| {
+        io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+    };
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -85,7 +86,10 @@ pub async fn bind(path: &Path, dir_mode: u32, mode: u32) -> io::Result<UnixListe
         Ok(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket; not replacing it", path.display()),
+                format!(
+                    "{} exists and is not a socket; not replacing it",
+                    path.display()
+                ),
             ))
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -96,7 +100,9 @@ pub async fn bind(path: &Path, dir_mode: u32, mode: u32) -> io::Result<UnixListe
     // The umask is per process: one bind at a time sets and restores it.
     static UMASK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let bound = {
-        let _one = UMASK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _one = UMASK
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(!mode & 0o777));
         let bound = UnixListener::bind(path);
         nix::sys::stat::umask(old);
@@ -118,10 +124,12 @@ pub fn remove_ours(path: &Path) {
 
 /// The socket's directory must be ours or root's, and not writable by others unless sticky.
 fn check_directory(dir: &Path, path: &Path) -> io::Result<()> {
-    let meta = std::fs::metadata(dir)
-        .map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot inspect the directory of {}: {e}", path.display()))
-        })?;
+    let meta = std::fs::metadata(dir).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot inspect the directory of {}: {e}", path.display()),
+        )
+    })?;
     if !meta.is_dir() {
         return Err(io::Error::new(
             io::ErrorKind::NotADirectory,
@@ -138,7 +146,10 @@ fn check_directory(dir: &Path, path: &Path) -> io::Result<()> {
         let why = if unsafe_owner {
             format!("belongs to another user (uid {})", meta.uid())
         } else {
-            format!("is writable by other users without the sticky bit (mode {:o})", mode & 0o7777)
+            format!(
+                "is writable by other users without the sticky bit (mode {:o})",
+                mode & 0o7777
+            )
         };
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
@@ -161,7 +172,8 @@ mod tests {
 
     impl Dir {
         fn new(name: &str) -> Dir {
-            let dir = std::env::temp_dir().join(format!("nbdcrypt-socket-{name}-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("nbdcrypt-socket-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
@@ -191,7 +203,10 @@ mod tests {
         let sock = dir.0.join("s.sock");
         drop(bind_private(&sock, 0o700).await.unwrap());
         let live = bind_private(&sock, 0o700).await.unwrap();
-        assert_eq!(bind_private(&sock, 0o700).await.unwrap_err().kind(), io::ErrorKind::AddrInUse);
+        assert_eq!(
+            bind_private(&sock, 0o700).await.unwrap_err().kind(),
+            io::ErrorKind::AddrInUse
+        );
         drop(live);
     }
 
@@ -210,11 +225,20 @@ mod tests {
             std::os::unix::fs::symlink(pointee, &link).unwrap();
             let e = bind(&link, 0o700, 0o666).await.unwrap_err();
             assert!(e.to_string().contains("symbolic link"), "{e}");
-            assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
-            assert!(std::fs::symlink_metadata(pointee).is_ok(), "the link's target was removed");
+            assert!(std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink());
+            assert!(
+                std::fs::symlink_metadata(pointee).is_ok(),
+                "the link's target was removed"
+            );
             assert_eq!(mode_of(pointee), 0o600, "the link's target was chmod'ed");
             remove_ours(&link);
-            assert!(std::fs::symlink_metadata(&link).is_ok(), "remove_ours removed a symlink");
+            assert!(
+                std::fs::symlink_metadata(&link).is_ok(),
+                "remove_ours removed a symlink"
+            );
         }
         assert_eq!(std::fs::read(&file).unwrap(), b"data");
     }
@@ -244,7 +268,10 @@ mod tests {
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
         let e = bind_private(&open.join("s.sock"), 0o700).await.unwrap_err();
         assert!(e.to_string().contains("writable by other users"), "{e}");
-        assert!(std::fs::symlink_metadata(open.join("s.sock")).is_err(), "nothing was created");
+        assert!(
+            std::fs::symlink_metadata(open.join("s.sock")).is_err(),
+            "nothing was created"
+        );
         // Sticky, like /tmp: others cannot remove or rename our entries there.
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
         drop(bind_private(&open.join("s.sock"), 0o700).await.unwrap());
@@ -264,12 +291,17 @@ mod tests {
         assert!(e.to_string().contains("another user (uid 65534)"), "{e}");
         assert!(std::fs::symlink_metadata(&sock).is_ok());
         remove_ours(&sock);
-        assert!(std::fs::symlink_metadata(&sock).is_ok(), "remove_ours removed another user's socket");
+        assert!(
+            std::fs::symlink_metadata(&sock).is_ok(),
+            "remove_ours removed another user's socket"
+        );
         // A directory owned by another user.
         let theirs = dir.0.join("theirs");
         std::fs::create_dir(&theirs).unwrap();
         nix::unistd::chown(&theirs, nobody, None).unwrap();
-        let e = bind_private(&theirs.join("s.sock"), 0o700).await.unwrap_err();
+        let e = bind_private(&theirs.join("s.sock"), 0o700)
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("belongs to another user"), "{e}");
     }
 }

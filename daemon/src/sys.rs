@@ -279,14 +279,20 @@ impl<T> LockedBox<T> {
     pub fn new(value: T) -> LockedBox<T> {
         // Invariant: no type we store asks for more than page alignment (4 KiB); a 64-byte
         // aligned key schedule is the most we have.
-        assert!(std::mem::align_of::<T>() <= page_size(), "LockedBox: alignment above a page");
+        assert!(
+            std::mem::align_of::<T>() <= page_size(),
+            "LockedBox: alignment above a page"
+        );
         let mut buf = LockedBuf::zeroed(std::mem::size_of::<T>().max(1));
         let slot = buf.as_mut_slice().as_mut_ptr().cast::<T>();
         // SAFETY: `slot` is page-aligned (so aligned for `T`, checked above), valid for writes
         // of `size_of::<T>()` bytes (the buffer is at least that long) and exclusively ours; it
         // holds no `T` yet, so nothing is overwritten without being dropped.
         unsafe { std::ptr::write(slot, value) };
-        LockedBox { buf, _owns: std::marker::PhantomData }
+        LockedBox {
+            buf,
+            _owns: std::marker::PhantomData,
+        }
     }
 }
 

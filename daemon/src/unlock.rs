@@ -7,16 +7,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::block::crypt::{CryptDevice, Segment};
-use crate::block::latch::Latch;
 use crate::block::file::{claim_path, FileDevice, FileOptions};
+use crate::block::latch::Latch;
 use crate::block::BlockDevice;
 use crate::crypto::kdf::KdfLimits;
 use crate::crypto::keys::{SecretBytes, VolumeKey};
+use crate::crypto::xts::SectorCipher;
+use crate::luks2::{FormatError, Luks2Header, SegmentSize};
 use crate::seal::enroll::{self, EnrollError, TokenFailureReason};
 use crate::seal::pin::VolumePin;
 use crate::seal::{resolve_provider, SealSettings};
-use crate::crypto::xts::SectorCipher;
-use crate::luks2::{FormatError, Luks2Header, SegmentSize};
 
 /// What status reports about a volume, none of it secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,7 +40,10 @@ pub enum UnlockError {
     #[error("{0}")]
     Format(FormatError),
     #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the volume's data area does not fit the device: {0}")]
     Layout(String),
     #[error("cannot open the volume: {0}")]
@@ -79,10 +82,24 @@ pub struct Volume {
 
 impl Volume {
     /// Check the header once at start so a wrong path or a non-LUKS2 file fails early.
-    pub fn open(path: &Path, file_options: FileOptions) -> Result<(Volume, VolumeInfo), UnlockError> {
-        let claim = claim_path(path, file_options.read_only).map_err(|e| UnlockError::Backing(e.to_string()))?;
-        let file_options = FileOptions { unclaimed: true, create_size: None, ..file_options };
-        let vol = Volume { path: path.to_owned(), file_options, claim, limits: KdfLimits::default(), pin: VolumePin::default() };
+    pub fn open(
+        path: &Path,
+        file_options: FileOptions,
+    ) -> Result<(Volume, VolumeInfo), UnlockError> {
+        let claim = claim_path(path, file_options.read_only)
+            .map_err(|e| UnlockError::Backing(e.to_string()))?;
+        let file_options = FileOptions {
+            unclaimed: true,
+            create_size: None,
+            ..file_options
+        };
+        let vol = Volume {
+            path: path.to_owned(),
+            file_options,
+            claim,
+            limits: KdfLimits::default(),
+            pin: VolumePin::default(),
+        };
         let (header, _) = vol.read_header()?;
         let info = vol.info(&header, &*vol.open_backing()?)?;
         Ok((vol, info))
@@ -117,13 +134,19 @@ impl Volume {
     }
 
     fn read_header(&self) -> Result<(Luks2Header, File), UnlockError> {
-        let file = File::open(self.claimed_path())
-            .map_err(|source| UnlockError::Io { path: self.path.clone(), source })?;
+        let file = File::open(self.claimed_path()).map_err(|source| UnlockError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
         let (header, _repair) = Luks2Header::read(&file)?;
         Ok((header, file))
     }
 
-    fn info(&self, header: &Luks2Header, backing: &dyn BlockDevice) -> Result<VolumeInfo, UnlockError> {
+    fn info(
+        &self,
+        header: &Luks2Header,
+        backing: &dyn BlockDevice,
+    ) -> Result<VolumeInfo, UnlockError> {
         let seg = self.segment(header, backing)?;
         let ds = header.data_segment();
         Ok(VolumeInfo {
@@ -138,13 +161,20 @@ impl Volume {
         })
     }
 
-    fn segment(&self, header: &Luks2Header, backing: &dyn BlockDevice) -> Result<Segment, UnlockError> {
+    fn segment(
+        &self,
+        header: &Luks2Header,
+        backing: &dyn BlockDevice,
+    ) -> Result<Segment, UnlockError> {
         let ds = header.data_segment();
         let device = backing.size();
         let size = match ds.size {
             SegmentSize::Bytes(n) => n,
             SegmentSize::Dynamic => device.checked_sub(ds.offset).ok_or_else(|| {
-                UnlockError::Layout(format!("data offset {} is past the end ({device} bytes)", ds.offset))
+                UnlockError::Layout(format!(
+                    "data offset {} is past the end ({device} bytes)",
+                    ds.offset
+                ))
             })?,
         };
         let size = size - size % u64::from(ds.sector_size.max(512));
@@ -154,7 +184,11 @@ impl Volume {
                 ds.offset
             )));
         }
-        Ok(Segment { offset: ds.offset, size, iv_tweak: ds.iv_tweak })
+        Ok(Segment {
+            offset: ds.offset,
+            size,
+            iv_tweak: ds.iv_tweak,
+        })
     }
 
     /// Open a keyslot with `secret` (any slot, or only `slot`) and build the device to serve.
@@ -181,17 +215,21 @@ impl Volume {
         let (header, file) = self.read_header()?;
         // A header naming another volume is refused before any provider is asked.
         self.pin.check_uuid(header.uuid())?;
-        let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, settings);
+        let resolve =
+            |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, settings);
         let (key, slot, token) = match enroll::unlock_with_tokens(&file, &header, &resolve) {
             Ok(opened) => opened,
             Err(e) => {
                 let transient = match &e {
-                    EnrollError::TokensFailed(f) => f.iter().any(|x| {
-                        matches!(&x.reason, TokenFailureReason::Seal(s) if s.is_transient())
-                    }),
+                    EnrollError::TokensFailed(f) => f.iter().any(
+                        |x| matches!(&x.reason, TokenFailureReason::Seal(s) if s.is_transient()),
+                    ),
                     other => other.seal_error().is_some_and(|s| s.is_transient()),
                 };
-                return Err(UnlockError::Tokens { message: e.to_string(), transient });
+                return Err(UnlockError::Tokens {
+                    message: e.to_string(),
+                    transient,
+                });
             }
         };
         tracing::info!(token, keyslot = slot, "token unsealed");
@@ -202,7 +240,11 @@ impl Volume {
     /// secret under the same KMS/HSM key: crash-safe (new keyslot and token verified before the
     /// old ones go), header only, under the header lock. The volume key comes from unsealing
     /// the old token, so no passphrase is needed. Returns a one-line summary.
-    pub fn rekey_tokens(&self, slot: Option<u32>, settings: &SealSettings) -> Result<String, String> {
+    pub fn rekey_tokens(
+        &self,
+        slot: Option<u32>,
+        settings: &SealSettings,
+    ) -> Result<String, String> {
         let p = self.path.display();
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -222,14 +264,20 @@ impl Volume {
                 None => format!("{p}: the volume has no nbdcrypt token"),
             });
         }
-        self.pin.check_uuid(header.uuid()).map_err(|e| format!("{p}: {e}"))?;
-        let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, settings);
+        self.pin
+            .check_uuid(header.uuid())
+            .map_err(|e| format!("{p}: {e}"))?;
+        let resolve =
+            |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, settings);
         let mut done = Vec::new();
         for id in targets {
             let (key, _) = enroll::unlock_with_token(&file, &header, id, &resolve)
                 .map_err(|e| format!("token {id}: {e}"))?;
             self.pin.check_key(&key).map_err(|e| format!("{p}: {e}"))?;
-            let json = header.token(id).map(|t| t.json().clone()).ok_or_else(|| format!("token {id} vanished"))?;
+            let json = header
+                .token(id)
+                .map(|t| t.json().clone())
+                .ok_or_else(|| format!("token {id} vanished"))?;
             let provider = resolve(&json).map_err(|e| format!("token {id}: {e}"))?;
             let r = enroll::rekey(&file, &mut header, id, &key, &*provider)
                 .map_err(|e| format!("token {id}: {e}"))?;
@@ -242,7 +290,11 @@ impl Volume {
     }
 
     /// Every unlock ends here: the pin is checked on the key actually recovered.
-    fn device_for(&self, header: &Luks2Header, key: &VolumeKey) -> Result<Arc<dyn BlockDevice>, UnlockError> {
+    fn device_for(
+        &self,
+        header: &Luks2Header,
+        key: &VolumeKey,
+    ) -> Result<Arc<dyn BlockDevice>, UnlockError> {
         self.pin.check(header, key)?;
         let backing = self.open_backing()?;
         let segment = self.segment(header, &*backing)?;

@@ -50,11 +50,17 @@ fn require_tools() {
 }
 
 fn which(tool: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(tool)).find(|p| p.is_file())
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| p.is_file())
 }
 
 fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\n{}\n{}",
@@ -79,13 +85,47 @@ fn make_token(dir: &Path) -> PathBuf {
     .unwrap();
     run(Command::new("softhsm2-util")
         .env("SOFTHSM2_CONF", &conf)
-        .args(["--init-token", "--free", "--label", TOKEN, "--so-pin", SO_PIN, "--pin", PIN]));
-    for (label, id, extra) in [(KEK, "01", None), (KEK2, "02", None), (EXTRACTABLE, "03", Some("--extractable"))] {
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            TOKEN,
+            "--so-pin",
+            SO_PIN,
+            "--pin",
+            PIN,
+        ]));
+    for (label, id, extra) in [
+        (KEK, "01", None),
+        (KEK2, "02", None),
+        (EXTRACTABLE, "03", Some("--extractable")),
+    ] {
         let mut cmd = Command::new("pkcs11-tool");
         cmd.env("SOFTHSM2_CONF", &conf)
-            .args(["--module", DEFAULT_MODULE, "--token-label", TOKEN, "--login", "--pin", PIN])
-            .args(["--keygen", "--key-type", "AES:32", "--label", label, "--id", id])
-            .args(["--usage-decrypt", "--usage-wrap", "--sensitive", "--private"])
+            .args([
+                "--module",
+                DEFAULT_MODULE,
+                "--token-label",
+                TOKEN,
+                "--login",
+                "--pin",
+                PIN,
+            ])
+            .args([
+                "--keygen",
+                "--key-type",
+                "AES:32",
+                "--label",
+                label,
+                "--id",
+                id,
+            ])
+            .args([
+                "--usage-decrypt",
+                "--usage-wrap",
+                "--sensitive",
+                "--private",
+            ])
             .args(extra);
         run(&mut cmd);
     }
@@ -112,8 +152,14 @@ fn isolated(name: &str, body: impl FnOnce()) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     print!("{stdout}");
     eprint!("{stderr}");
-    assert!(out.status.success(), "test {name} failed in its SoftHSM2 child process");
-    assert!(stdout.contains("1 passed"), "test {name} did not run in the child process");
+    assert!(
+        out.status.success(),
+        "test {name} failed in its SoftHSM2 child process"
+    );
+    assert!(
+        stdout.contains("1 passed"),
+        "test {name} did not run in the child process"
+    );
 }
 
 macro_rules! hsm_test {
@@ -144,7 +190,9 @@ fn uri(s: &str) -> Pkcs11Uri {
 
 fn provider_for(object: &str, pin: &str) -> Pkcs11Provider {
     Pkcs11Provider::new(
-        uri(&format!("pkcs11:token={TOKEN};object={object};type=secret-key")),
+        uri(&format!(
+            "pkcs11:token={TOKEN};object={object};type=secret-key"
+        )),
         module(),
         SecretBytes::from_slice(pin.as_bytes()),
     )
@@ -156,7 +204,10 @@ fn provider() -> Pkcs11Provider {
 }
 
 fn binding() -> Binding {
-    Binding { volume_uuid: "2f4c5e3a-9d1b-4c8e-a7f0-123456789abc".into(), keyslot: 1 }
+    Binding {
+        volume_uuid: "2f4c5e3a-9d1b-4c8e-a7f0-123456789abc".into(),
+        keyslot: 1,
+    }
 }
 
 fn secret() -> SecretBytes {
@@ -467,7 +518,11 @@ fn token_state() -> (Option<u64>, bool) {
     use cryptoki::session::SessionState;
     let p11 = Pkcs11::new(DEFAULT_MODULE).unwrap();
     match p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::CryptokiAlreadyInitialized, _)) => {}
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(
+            cryptoki::error::RvError::CryptokiAlreadyInitialized,
+            _,
+        )) => {}
         Err(e) => panic!("{e}"),
     }
     let slot = p11
@@ -478,7 +533,10 @@ fn token_state() -> (Option<u64>, bool) {
         .unwrap();
     let sessions = p11.get_token_info(slot).unwrap().session_count();
     let s = p11.open_ro_session(slot).unwrap();
-    let logged_in = !matches!(s.get_session_info().unwrap().session_state(), SessionState::RoPublic);
+    let logged_in = !matches!(
+        s.get_session_info().unwrap().session_state(),
+        SessionState::RoPublic
+    );
     (sessions, logged_in)
 }
 

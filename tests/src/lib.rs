@@ -1297,7 +1297,12 @@ pub const CTL_TIMEOUT: Duration = Duration::from_secs(60);
 /// `nbdcryptctl ARGS...` with a time limit.
 #[track_caller]
 pub fn nbdcryptctl(args: &[&OsStr]) -> Out {
-    run(Command::new(ctl_binary()).args(args).env_remove("NBDCRYPT_CONTROL"), CTL_TIMEOUT)
+    run(
+        Command::new(ctl_binary())
+            .args(args)
+            .env_remove("NBDCRYPT_CONTROL"),
+        CTL_TIMEOUT,
+    )
 }
 
 use std::ffi::OsStr;
@@ -1358,7 +1363,11 @@ impl Daemon {
     #[track_caller]
     pub fn ctl(&self, subcommand: &str, args: &[&str]) -> Out {
         let control = self.control();
-        let mut v: Vec<&OsStr> = vec![OsStr::new(subcommand), OsStr::new("--control"), control.as_os_str()];
+        let mut v: Vec<&OsStr> = vec![
+            OsStr::new(subcommand),
+            OsStr::new("--control"),
+            control.as_os_str(),
+        ];
         v.extend(args.iter().map(OsStr::new));
         nbdcryptctl(&v)
     }
@@ -1384,7 +1393,10 @@ impl Daemon {
     /// The `state` of `status --json` (locked, unlocking, unlocked, locking).
     #[track_caller]
     pub fn state(&self) -> String {
-        self.status()["state"].as_str().expect("status has a string `state`").to_owned()
+        self.status()["state"]
+            .as_str()
+            .expect("status has a string `state`")
+            .to_owned()
     }
 
     /// Poll `status` until the state is `want`; panics with the last status after `timeout`.
@@ -1396,7 +1408,10 @@ impl Daemon {
             if s["state"] == want {
                 return;
             }
-            assert!(Instant::now() < deadline, "state did not become {want} within {timeout:?}: {s:#}");
+            assert!(
+                Instant::now() < deadline,
+                "state did not become {want} within {timeout:?}: {s:#}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -1439,7 +1454,12 @@ pub fn gunzip_vector(name: &str, dir: &Path) -> PathBuf {
         .arg(&src)
         .output()
         .unwrap_or_else(|e| panic!("gzip -dc {}: {e}", src.display()));
-    assert!(o.status.success(), "gzip -dc {} failed: {}", src.display(), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "gzip -dc {} failed: {}",
+        src.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
     let data = o.stdout;
     std::fs::write(&dst, data).unwrap();
     dst
@@ -1449,7 +1469,10 @@ pub fn gunzip_vector(name: &str, dir: &Path) -> PathBuf {
 /// python3 earlier on PATH (pyenv) may lack them.
 pub fn python3() -> Command {
     let p = Path::new("/usr/bin/python3");
-    assert!(p.is_file(), "/usr/bin/python3 is missing (Debian package python3)");
+    assert!(
+        p.is_file(),
+        "/usr/bin/python3 is missing (Debian package python3)"
+    );
     Command::new(p)
 }
 
@@ -1469,7 +1492,11 @@ pub fn vector_pattern(n: u64) -> Vec<u8> {
         .args(["pattern", &n.to_string()])
         .output()
         .expect("running verify.py pattern");
-    assert!(o.status.success(), "verify.py pattern {n} failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "verify.py pattern {n} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert_eq!(o.stdout.len() as u64, n, "verify.py pattern {n} length");
     o.stdout
 }
@@ -1511,8 +1538,15 @@ pub fn cheap_kdf(kdf: &str) -> Vec<String> {
     match kdf {
         "pbkdf2" => v.extend(["--pbkdf-force-iterations", "1000"].map(String::from)),
         _ => v.extend(
-            ["--pbkdf-memory", "32768", "--pbkdf-force-iterations", "4", "--pbkdf-parallel", "1"]
-                .map(String::from),
+            [
+                "--pbkdf-memory",
+                "32768",
+                "--pbkdf-force-iterations",
+                "4",
+                "--pbkdf-parallel",
+                "1",
+            ]
+            .map(String::from),
         ),
     }
     v
@@ -1524,7 +1558,14 @@ pub fn cheap_kdf(kdf: &str) -> Vec<String> {
 #[track_caller]
 pub fn luks_format(path: &Path, data_size: u64, sector_size: u32, kdf: &str, passphrase: &[u8]) {
     let ss = sector_size.to_string();
-    let mut args = vec!["--cipher", "aes-xts-plain64", "--key-size", "512", "--sector-size", &ss];
+    let mut args = vec![
+        "--cipher",
+        "aes-xts-plain64",
+        "--key-size",
+        "512",
+        "--sector-size",
+        &ss,
+    ];
     let kdf_args = cheap_kdf(kdf);
     args.extend(kdf_args.iter().map(String::as_str));
     luks_format_args(path, 16 * MIB + data_size, passphrase, &args);
@@ -1538,7 +1579,11 @@ pub fn luks_format_args(path: &Path, file_size: u64, passphrase: &[u8], args: &[
     let key = path.with_extension(format!("fmtkey-{}", unique()));
     std::fs::write(&key, passphrase).unwrap();
     let mut c = cryptsetup();
-    c.args(["luksFormat", "--type", "luks2", "--batch-mode"]).args(args).arg("--key-file").arg(&key).arg(path);
+    c.args(["luksFormat", "--type", "luks2", "--batch-mode"])
+        .args(args)
+        .arg("--key-file")
+        .arg(&key)
+        .arg(path);
     run(&mut c, TOOL_TIMEOUT).success();
     let _ = std::fs::remove_file(&key);
 }
@@ -1568,7 +1613,14 @@ pub fn luks_volume_key(path: &Path, passphrase: &[u8]) -> String {
     let k = path.with_extension(format!("dumpkey-{}", unique()));
     std::fs::write(&k, passphrase).unwrap();
     let mut c = cryptsetup();
-    c.args(["luksDump", "--dump-volume-key", "--batch-mode", "--key-file"]).arg(&k).arg(path);
+    c.args([
+        "luksDump",
+        "--dump-volume-key",
+        "--batch-mode",
+        "--key-file",
+    ])
+    .arg(&k)
+    .arg(path);
     let out = run(&mut c, TOOL_TIMEOUT).success();
     let _ = std::fs::remove_file(&k);
     // "MK dump:\t08 c1 ... \n\t\t98 76 ..." : hex byte tokens from the MK dump line on.
@@ -1584,12 +1636,21 @@ pub fn luks_volume_key(path: &Path, passphrase: &[u8]) -> String {
             continue;
         };
         let toks: Vec<&str> = rest.split_whitespace().collect();
-        if toks.is_empty() || !toks.iter().all(|t| t.len() == 2 && t.chars().all(|c| c.is_ascii_hexdigit())) {
+        if toks.is_empty()
+            || !toks
+                .iter()
+                .all(|t| t.len() == 2 && t.chars().all(|c| c.is_ascii_hexdigit()))
+        {
             break;
         }
-        toks.iter().for_each(|t| hex.push_str(&t.to_ascii_lowercase()));
+        toks.iter()
+            .for_each(|t| hex.push_str(&t.to_ascii_lowercase()));
     }
-    assert!(!hex.is_empty(), "no `MK dump:` in cryptsetup luksDump output\n{}", out.details());
+    assert!(
+        !hex.is_empty(),
+        "no `MK dump:` in cryptsetup luksDump output\n{}",
+        out.details()
+    );
     hex
 }
 
@@ -1654,7 +1715,10 @@ impl Daemon {
             if s["clients"] == n {
                 return;
             }
-            assert!(Instant::now() < deadline, "status did not reach {n} clients within 10 s: {s:#}");
+            assert!(
+                Instant::now() < deadline,
+                "status did not reach {n} clients within 10 s: {s:#}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -1678,14 +1742,23 @@ pub mod powercut_rig {
 
     /// `$NBDCRYPT_POWERCUT_TRIALS` or `default`.
     pub fn trial_count(default: usize) -> usize {
-        std::env::var("NBDCRYPT_POWERCUT_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+        std::env::var("NBDCRYPT_POWERCUT_TRIALS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
     }
 
     /// Seed from `$NBDCRYPT_POWERCUT_SEED` or the clock; printed so a run can be repeated.
     pub fn seed() -> u64 {
-        let s = std::env::var("NBDCRYPT_POWERCUT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-        });
+        let s = std::env::var("NBDCRYPT_POWERCUT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
         eprintln!("power-cut seed: NBDCRYPT_POWERCUT_SEED={s}");
         s
     }
@@ -1734,7 +1807,12 @@ pub mod powercut_rig {
             let fs = powercut::mount(&backing, &mnt).unwrap_or_else(|e| {
                 panic!("mounting the power-cut filesystem: {e} (needs /dev/fuse and root)")
             });
-            Rig { fs: Some(fs), backing, mnt, dir }
+            Rig {
+                fs: Some(fs),
+                backing,
+                mnt,
+                dir,
+            }
         }
         pub fn fs(&self) -> &Mounted {
             self.fs.as_ref().unwrap()
@@ -1752,7 +1830,11 @@ pub mod powercut_rig {
     fn target_dir() -> PathBuf {
         // target/debug/deps/THIS-EXE -> target
         let exe = std::env::current_exe().unwrap();
-        exe.parent().and_then(Path::parent).and_then(Path::parent).unwrap().to_path_buf()
+        exe.parent()
+            .and_then(Path::parent)
+            .and_then(Path::parent)
+            .unwrap()
+            .to_path_buf()
     }
 
     /// `nbdcryptd` built with the test-only `test-skip-fdatasync` feature, in its own target dir
@@ -1769,9 +1851,17 @@ pub mod powercut_rig {
                 for d in ["deps", "build", ".fingerprint"] {
                     if main.join(d).exists() {
                         // Hard links: new artifacts get new names, nothing is rewritten in place.
-                        let st = Command::new("cp").arg("-al").arg(main.join(d)).arg(&alt_debug).status();
+                        let st = Command::new("cp")
+                            .arg("-al")
+                            .arg(main.join(d))
+                            .arg(&alt_debug)
+                            .status();
                         if !matches!(st, Ok(s) if s.success()) {
-                            eprintln!("warning: cannot seed {} from {}: a full build follows", alt.display(), main.display());
+                            eprintln!(
+                                "warning: cannot seed {} from {}: a full build follows",
+                                alt.display(),
+                                main.display()
+                            );
                         }
                     }
                 }

@@ -76,10 +76,20 @@ fn preflight() {
     ] {
         need(t, p);
     }
-    for b in ["initdb", "postgres", "pg_isready", "psql", "pgbench", "pg_amcheck"] {
+    for b in [
+        "initdb",
+        "postgres",
+        "pg_isready",
+        "psql",
+        "pgbench",
+        "pg_amcheck",
+    ] {
         pg_bin(b);
     }
-    assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing: nbdfuse cannot mount");
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: nbdfuse cannot mount"
+    );
 }
 
 /// uid and gid of the `postgres` user (created by Debian's postgresql-common).
@@ -109,16 +119,34 @@ impl Pg {
         std::os::unix::fs::chown(&run_dir, Some(uid), Some(gid)).unwrap();
         std::fs::create_dir_all(data).unwrap();
         std::os::unix::fs::chown(data, Some(uid), Some(gid)).unwrap();
-        let pg = Pg { data: data.to_owned(), log: run_dir.join("postgres.log"), run_dir, uid, gid, postmaster: None };
+        let pg = Pg {
+            data: data.to_owned(),
+            log: run_dir.join("postgres.log"),
+            run_dir,
+            uid,
+            gid,
+            postmaster: None,
+        };
         let mut c = pg.as_postgres(&pg_bin("initdb"));
-        c.arg("-D").arg(data).args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-instructions"]);
+        c.arg("-D").arg(data).args([
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-instructions",
+        ]);
         sh(&mut c, LONG);
         pg
     }
 
     fn as_postgres(&self, prog: &Path) -> Command {
         let mut c = Command::new(prog);
-        c.uid(self.uid).gid(self.gid).current_dir("/").env("LC_ALL", "C");
+        c.uid(self.uid)
+            .gid(self.gid)
+            .current_dir("/")
+            .env("LC_ALL", "C");
         c
     }
 
@@ -133,7 +161,11 @@ impl Pg {
     fn start(&mut self) {
         assert!(self.postmaster.is_none());
         let sock = format!("unix_socket_directories={}", self.run_dir.display());
-        let log = File::options().create(true).append(true).open(&self.log).unwrap();
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let mut c = self.as_postgres(&pg_bin("postgres"));
         c.arg("-D").arg(&self.data);
         for setting in [
@@ -151,22 +183,34 @@ impl Pg {
         ] {
             c.arg("-c").arg(setting);
         }
-        c.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        c.stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
         self.postmaster = Some(c.spawn().expect("spawn postgres"));
         let deadline = Instant::now() + LONG;
         loop {
             if let Some(st) = self.postmaster.as_mut().unwrap().try_wait().unwrap() {
                 self.postmaster = None;
-                panic!("postgres exited with {st} during startup\n---- server log ----\n{}", self.server_log());
+                panic!(
+                    "postgres exited with {st} during startup\n---- server log ----\n{}",
+                    self.server_log()
+                );
             }
             let out = run(
-                Command::new(pg_bin("pg_isready")).arg("-h").arg(&self.run_dir).args(["-U", "postgres", "-t", "2"]),
+                Command::new(pg_bin("pg_isready"))
+                    .arg("-h")
+                    .arg(&self.run_dir)
+                    .args(["-U", "postgres", "-t", "2"]),
                 SHORT,
             );
             if out.ok() {
                 return;
             }
-            assert!(Instant::now() < deadline, "postgres not ready within {LONG:?}\n{}", self.server_log());
+            assert!(
+                Instant::now() < deadline,
+                "postgres not ready within {LONG:?}\n{}",
+                self.server_log()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -187,7 +231,10 @@ impl Pg {
 
     #[track_caller]
     fn psql(&self, sql: &str) -> String {
-        sh(self.psql_cmd().arg("-c").arg(sql), LONG).stdout.trim().to_owned()
+        sh(self.psql_cmd().arg("-c").arg(sql), LONG)
+            .stdout
+            .trim()
+            .to_owned()
     }
 
     fn pgbench(&self) -> Command {
@@ -202,13 +249,22 @@ impl Pg {
             Command::new(pg_bin("pg_amcheck"))
                 .arg("-h")
                 .arg(&self.run_dir)
-                .args(["-U", "postgres", "--all", "--install-missing", "--heapallindexed"]),
+                .args([
+                    "-U",
+                    "postgres",
+                    "--all",
+                    "--install-missing",
+                    "--heapallindexed",
+                ]),
             LONG,
         );
         if out.ok() && out.stdout.trim().is_empty() {
             ("ok".into(), true)
         } else {
-            (format!("pg_amcheck exit {:?}:\n{}", out.code(), out.details()), false)
+            (
+                format!("pg_amcheck exit {:?}:\n{}", out.code(), out.details()),
+                false,
+            )
         }
     }
 
@@ -223,16 +279,25 @@ impl Pg {
             }
             if Instant::now() > deadline {
                 self.postmaster = Some(pm);
-                panic!("postgres did not stop within {LONG:?}\n{}", self.server_log());
+                panic!(
+                    "postgres did not stop within {LONG:?}\n{}",
+                    self.server_log()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        assert!(st.success(), "postgres exited {st} on fast shutdown\n{}", self.server_log());
+        assert!(
+            st.success(),
+            "postgres exited {st} on fast shutdown\n{}",
+            self.server_log()
+        );
     }
 
     /// `kill -9` the postmaster and all its children; returns those still alive after `timeout`.
     fn kill9(&mut self, timeout: Duration) -> Vec<i32> {
-        let Some(mut pm) = self.postmaster.take() else { return vec![] };
+        let Some(mut pm) = self.postmaster.take() else {
+            return vec![];
+        };
         let root = pm.id() as i32;
         let mut pids = children_of(root);
         let _ = kill(Pid::from_raw(root), Signal::SIGKILL);
@@ -253,7 +318,10 @@ impl Drop for Pg {
             eprintln!("warning: postgres processes still alive after SIGKILL");
         }
         if std::thread::panicking() {
-            eprintln!("---- postgres log (tail) ----\n{}\n---- end ----", self.server_log());
+            eprintln!(
+                "---- postgres log (tail) ----\n{}\n---- end ----",
+                self.server_log()
+            );
         }
     }
 }
@@ -283,7 +351,11 @@ fn postgres_pgbench_smoke_on_an_encrypted_volume() {
 
     sh(pg.pgbench().args(["-i", "-s", "2", "-q", "postgres"]), LONG);
     let (_, flushes_before) = stack.io_counters();
-    let out = sh(pg.pgbench().args(["-c", "4", "-j", "2", "-T", "15", "postgres"]), LONG);
+    let out = sh(
+        pg.pgbench()
+            .args(["-c", "4", "-j", "2", "-T", "15", "postgres"]),
+        LONG,
+    );
     let (_, flushes_after) = stack.io_counters();
     let tps = parse_tps(&out.stdout);
     let txs: u64 = out
@@ -346,7 +418,10 @@ fn postgres_crash_trials_lose_no_acknowledged_commit() {
 
     let mut rows = Vec::new();
     for trial in 1..=trials {
-        let first_id: i64 = pg.psql("SELECT coalesce(max(id), 0) + 1 FROM t").parse().unwrap();
+        let first_id: i64 = pg
+            .psql("SELECT coalesce(max(id), 0) + 1 FROM t")
+            .parse()
+            .unwrap();
         let kill_ms = rng.range(1000, 6001);
 
         // Background load: pgbench updates dirty data pages, so checkpoints and full-page
@@ -384,7 +459,10 @@ fn postgres_crash_trials_lose_no_acknowledged_commit() {
         let stuck = pg.kill9(Duration::from_secs(10));
         if !stuck.is_empty() {
             stack.fuse.as_mut().unwrap().kill();
-            assert!(wait_gone(&stuck, SHORT), "postgres processes {stuck:?} survive SIGKILL and a FUSE abort");
+            assert!(
+                wait_gone(&stuck, SHORT),
+                "postgres processes {stuck:?} survive SIGKILL and a FUSE abort"
+            );
         }
         drop(noise);
         let fuse = stack.fuse.as_mut().unwrap();
@@ -402,7 +480,11 @@ fn postgres_crash_trials_lose_no_acknowledged_commit() {
             .lines()
             .map(|l| l.trim().parse().unwrap())
             .collect();
-        let missing: Vec<i64> = acked.iter().copied().filter(|id| !found.contains(id)).collect();
+        let missing: Vec<i64> = acked
+            .iter()
+            .copied()
+            .filter(|id| !found.contains(id))
+            .collect();
         let row = TrialRow {
             trial,
             kill_ms,
@@ -420,13 +502,19 @@ fn postgres_crash_trials_lose_no_acknowledged_commit() {
             "trial {trial}: kill after {kill_ms} ms; {flushes} FLUSHes; {} commits acknowledged ({} before the kill), {} found, {} missing; fsck: {}; amcheck: {}",
             row.acked, row.acked_at_kill, row.found, row.missing.len(), row.fsck, row.check
         );
-        assert!(row.acked > 0, "trial {trial}: no commit was acknowledged before the kill; the trial proves nothing");
+        assert!(
+            row.acked > 0,
+            "trial {trial}: no commit was acknowledged before the kill; the trial proves nothing"
+        );
         rows.push(row);
     }
 
     print_table(&rows, "pg_amcheck");
     let total: usize = rows.iter().map(|r| r.acked).sum();
-    println!("{trials} crash trials, {total} acknowledged commits, run time {:.1?}", t0.elapsed());
+    println!(
+        "{trials} crash trials, {total} acknowledged commits, run time {:.1?}",
+        t0.elapsed()
+    );
     assert_trials(&rows);
 
     pg.stop();

@@ -26,7 +26,13 @@ fn sqlite3() -> Command {
 /// Run SQL on `db` with a fresh sqlite3 (`-bail`); its stdout, trimmed.
 #[track_caller]
 fn sql(db: &Path, script: &str) -> String {
-    sh(sqlite3().args(["-batch", "-bail"]).arg(db).arg(script), LONG).stdout.trim().to_owned()
+    sh(
+        sqlite3().args(["-batch", "-bail"]).arg(db).arg(script),
+        LONG,
+    )
+    .stdout
+    .trim()
+    .to_owned()
 }
 
 /// One sqlite3 session committing rows of `trial` from `first_id` on (see [`Committer`]).
@@ -38,14 +44,19 @@ fn sql(db: &Path, script: &str) -> String {
 /// out RETURNING rows before the statement, and so the autocommit, completes.)
 fn start_client(db: &Path, trial: usize, first_id: i64, log: &Path) -> Committer {
     let mut shell = sqlite3();
-    shell.args(["-batch"]).arg(db).stderr(std::fs::File::create(log.with_extension("sqlite3-stderr")).unwrap());
+    shell
+        .args(["-batch"])
+        .arg(db)
+        .stderr(std::fs::File::create(log.with_extension("sqlite3-stderr")).unwrap());
     Committer::start(
         shell,
         ".bail on\nPRAGMA journal_mode;\nPRAGMA synchronous=FULL;\nPRAGMA synchronous;\n",
         &["wal", "2"],
         first_id,
         log,
-        move |id| format!("INSERT INTO t (id, trial, pad) VALUES ({id}, {trial}, randomblob(300));\nSELECT {id};\n"),
+        move |id| {
+            format!("INSERT INTO t (id, trial, pad) VALUES ({id}, {trial}, randomblob(300));\nSELECT {id};\n")
+        },
     )
 }
 
@@ -75,14 +86,13 @@ fn sqlite_wal_crash_trials_lose_no_acknowledged_commit() {
     mkfs(stack.dev());
     stack.mount();
     let db = stack.data_mnt.join("trials.db");
-    assert_eq!(
-        sql(&db, SCHEMA),
-        "wal"
-    );
+    assert_eq!(sql(&db, SCHEMA), "wal");
 
     let mut rows = Vec::new();
     for trial in 1..=trials {
-        let first_id: i64 = sql(&db, "SELECT coalesce(max(id), 0) + 1 FROM t;").parse().unwrap();
+        let first_id: i64 = sql(&db, "SELECT coalesce(max(id), 0) + 1 FROM t;")
+            .parse()
+            .unwrap();
         let kill_ms = rng.range(1000, 6001);
         let log = logs.join(format!("trial-{trial}.committed"));
 
@@ -104,11 +114,16 @@ fn sqlite_wal_crash_trials_lose_no_acknowledged_commit() {
         let (fsck, fsck_ok) = fsck_after_crash(stack.dev());
         stack.mount();
         let integrity = sql(&db, "PRAGMA integrity_check;");
-        let found: std::collections::HashSet<i64> = sql(&db, &format!("SELECT id FROM t WHERE trial = {trial};"))
-            .lines()
-            .map(|l| l.trim().parse().unwrap())
+        let found: std::collections::HashSet<i64> =
+            sql(&db, &format!("SELECT id FROM t WHERE trial = {trial};"))
+                .lines()
+                .map(|l| l.trim().parse().unwrap())
+                .collect();
+        let missing: Vec<i64> = acked
+            .iter()
+            .copied()
+            .filter(|id| !found.contains(id))
             .collect();
-        let missing: Vec<i64> = acked.iter().copied().filter(|id| !found.contains(id)).collect();
         let row = TrialRow {
             trial,
             kill_ms,
@@ -126,13 +141,19 @@ fn sqlite_wal_crash_trials_lose_no_acknowledged_commit() {
             "trial {trial}: kill after {kill_ms} ms; {flushes} FLUSHes; {} commits acknowledged ({} before the kill), {} found, {} missing; fsck: {}; integrity_check: {}",
             row.acked, row.acked_at_kill, row.found, row.missing.len(), row.fsck, row.check
         );
-        assert!(row.acked > 0, "trial {trial}: no commit was acknowledged before the kill; the trial proves nothing");
+        assert!(
+            row.acked > 0,
+            "trial {trial}: no commit was acknowledged before the kill; the trial proves nothing"
+        );
         rows.push(row);
     }
 
     print_table(&rows, "integrity_check");
     let total: usize = rows.iter().map(|r| r.acked).sum();
-    println!("{trials} SQLite crash trials, {total} acknowledged commits, run time {:.1?}", t0.elapsed());
+    println!(
+        "{trials} SQLite crash trials, {total} acknowledged commits, run time {:.1?}",
+        t0.elapsed()
+    );
     assert_trials(&rows);
 
     let dev = stack.dev().to_owned();
@@ -151,9 +172,16 @@ fn sqlite_crash_trial_catches_a_server_that_ignores_flush() {
     need("nbdkit", "nbdkit");
     need("sqlite3", "sqlite3");
     let dir = tempdir();
-    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let image = dir.path().join("plain.img");
-    std::fs::File::create(&image).unwrap().set_len(256 << 20).unwrap();
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
 
     // Set up over an honest nbdkit file, then serve through the lying cache.
     let mut stack = Stack::attach_nbdkit(dir.path(), &image, &[], &[]);
@@ -162,7 +190,8 @@ fn sqlite_crash_trial_catches_a_server_that_ignores_flush() {
     let db = stack.data_mnt.join("trials.db");
     assert_eq!(sql(&db, SCHEMA), "wal");
     stack.shutdown();
-    let mut stack = Stack::attach_nbdkit(dir.path(), &image, &["--filter=cache"], &["cache=unsafe"]);
+    let mut stack =
+        Stack::attach_nbdkit(dir.path(), &image, &["--filter=cache"], &["cache=unsafe"]);
     stack.mount();
 
     let log = dir.path().join("control.committed");
@@ -176,14 +205,24 @@ fn sqlite_crash_trial_catches_a_server_that_ignores_flush() {
     let mut stack = Stack::attach_nbdkit(dir.path(), &image, &[], &[]);
     let (fsck, _) = fsck_after_crash(stack.dev());
     stack.mount();
-    let found = run(sqlite3().args(["-batch"]).arg(&db).arg("SELECT count(*) FROM t WHERE trial = 1;"), LONG);
+    let found = run(
+        sqlite3()
+            .args(["-batch"])
+            .arg(&db)
+            .arg("SELECT count(*) FROM t WHERE trial = 1;"),
+        LONG,
+    );
     let found: usize = found.stdout.trim().parse().unwrap_or(0);
     println!(
         "negative control (nbdkit cache=unsafe): {} commits acknowledged, {found} found, {} missing; fsck: {fsck}",
         acked.len(),
         acked.len().saturating_sub(found)
     );
-    assert!(acked.len() > 10, "the control acknowledged only {} commits", acked.len());
+    assert!(
+        acked.len() > 10,
+        "the control acknowledged only {} commits",
+        acked.len()
+    );
     assert!(
         found < acked.len(),
         "a server that ignores FLUSH lost nothing ({found} of {} acknowledged rows found): \

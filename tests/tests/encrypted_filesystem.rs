@@ -33,14 +33,23 @@ impl Fuse {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn nbdfuse");
-        let mut f = Fuse { child: Some(child), mnt: mnt.to_path_buf() };
+        let mut f = Fuse {
+            child: Some(child),
+            mnt: mnt.to_path_buf(),
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !pidfile.exists() {
             if let Some(st) = f.child.as_mut().unwrap().try_wait().unwrap() {
                 let o = f.child.take().unwrap().wait_with_output().unwrap();
-                panic!("nbdfuse exited ({st}) before mounting: {}", String::from_utf8_lossy(&o.stderr));
+                panic!(
+                    "nbdfuse exited ({st}) before mounting: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
             }
-            assert!(Instant::now() < deadline, "nbdfuse did not mount within 20 s");
+            assert!(
+                Instant::now() < deadline,
+                "nbdfuse did not mount within 20 s"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         f
@@ -52,7 +61,11 @@ impl Fuse {
 
     /// Unmount and wait for nbdfuse to exit (it flushes the export on the way out).
     fn unmount(mut self) {
-        run(Command::new("umount").arg(&self.mnt), Duration::from_secs(30)).success();
+        run(
+            Command::new("umount").arg(&self.mnt),
+            Duration::from_secs(30),
+        )
+        .success();
         let mut child = self.child.take().unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         while child.try_wait().unwrap().is_none() {
@@ -94,7 +107,8 @@ fn debugfs_cat(image: &Path, file: &str) -> Vec<u8> {
 }
 
 #[test]
-fn an_ext4_filesystem_made_through_nbdfuse_checks_clean_through_nbd_and_in_verify_py_s_decryption_of_the_image() {
+fn an_ext4_filesystem_made_through_nbdfuse_checks_clean_through_nbd_and_in_verify_py_s_decryption_of_the_image(
+) {
     let dir = tempdir();
     let img = dir.path().join("volume.img");
     luks_format(&img, 32 * MIB, 4096, "pbkdf2", PASS);
@@ -113,10 +127,16 @@ fn an_ext4_filesystem_made_through_nbdfuse_checks_clean_through_nbd_and_in_verif
     let dev = fuse.file();
     assert_eq!(std::fs::metadata(&dev).unwrap().len(), 32 * MIB);
     let mut mkfs = tool("mkfs.ext4");
-    mkfs.args(["-q", "-F", "-E", "nodiscard", "-b", "4096", "-d"]).arg(&src).arg(&dev);
+    mkfs.args(["-q", "-F", "-E", "nodiscard", "-b", "4096", "-d"])
+        .arg(&src)
+        .arg(&dev);
     run(&mut mkfs, TOOL_TIMEOUT).success();
     e2fsck(&dev).success();
-    assert_eq!(debugfs_cat(&dev, "big.bin"), big, "big.bin read back through nbdfuse");
+    assert_eq!(
+        debugfs_cat(&dev, "big.bin"),
+        big,
+        "big.bin read back through nbdfuse"
+    );
     fuse.unmount();
 
     // A fresh NBD connection (nbdcopy) sees the same filesystem.
@@ -129,8 +149,20 @@ fn an_ext4_filesystem_made_through_nbdfuse_checks_clean_through_nbd_and_in_verif
     assert_eq!(out.code(), Some(0), "lock\n{}", out.details());
     d.wait_state("locked", Duration::from_secs(10));
     let plain = d.dir().join("plain.img");
-    std::fs::write(&plain, verify_py_plaintext(&img, &luks_volume_key(&img, PASS))).unwrap();
+    std::fs::write(
+        &plain,
+        verify_py_plaintext(&img, &luks_volume_key(&img, PASS)),
+    )
+    .unwrap();
     e2fsck(&plain).success();
-    assert_eq!(debugfs_cat(&plain, "big.bin"), big, "big.bin in verify.py's plaintext");
-    assert_eq!(debugfs_cat(&plain, "small.txt"), small, "small.txt in verify.py's plaintext");
+    assert_eq!(
+        debugfs_cat(&plain, "big.bin"),
+        big,
+        "big.bin in verify.py's plaintext"
+    );
+    assert_eq!(
+        debugfs_cat(&plain, "small.txt"),
+        small,
+        "small.txt in verify.py's plaintext"
+    );
 }

@@ -49,11 +49,19 @@ fn fio_sub_sector_random_writes_on_4096_byte_sectors_with_crc32c_verification_pa
         ],
     );
     let out = out.success();
-    let jobs = report["jobs"].as_array().unwrap_or_else(|| panic!("no fio JSON report\n{}", out.details()));
+    let jobs = report["jobs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no fio JSON report\n{}", out.details()));
     for j in jobs {
         assert_eq!(j["error"], 0, "fio job reported an error: {j:#}");
-        assert!(j["write"]["io_bytes"].as_u64().unwrap_or(0) > 0, "job wrote nothing: {j:#}");
-        assert!(j["read"]["io_bytes"].as_u64().unwrap_or(0) > 0, "job verified nothing: {j:#}");
+        assert!(
+            j["write"]["io_bytes"].as_u64().unwrap_or(0) > 0,
+            "job wrote nothing: {j:#}"
+        );
+        assert!(
+            j["read"]["io_bytes"].as_u64().unwrap_or(0) > 0,
+            "job verified nothing: {j:#}"
+        );
     }
     let s = d.status();
     assert_eq!(s["errors"], 0, "{s:#}");

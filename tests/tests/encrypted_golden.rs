@@ -10,10 +10,19 @@ use std::time::Duration;
 /// whole export out with nbdcopy and compare it with the vector's plaintext pattern.
 #[track_caller]
 fn unlock_and_expect_pattern(d: &Daemon, passphrase: &str, sector_size: u64) {
-    assert_eq!(d.state(), "locked", "the daemon must start (and stay) locked before an unlock");
+    assert_eq!(
+        d.state(),
+        "locked",
+        "the daemon must start (and stay) locked before an unlock"
+    );
     nbdinfo(&[&d.uri()]).failure();
     let out = d.unlock(passphrase.as_bytes());
-    assert_eq!(out.code(), Some(0), "unlock with {passphrase:?}\n{}", out.details());
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "unlock with {passphrase:?}\n{}",
+        out.details()
+    );
     let s = d.status();
     assert_eq!(s["state"], "unlocked", "{s:#}");
     assert_eq!(s["sector_size"], sector_size, "{s:#}");
@@ -27,11 +36,19 @@ fn unlock_and_expect_pattern(d: &Daemon, passphrase: &str, sector_size: u64) {
     );
     let got = read_export(&d.uri(), d.dir());
     assert_eq!(got.len() as u64, size);
-    assert_same_bytes(&got, &vector_pattern(size), &format!("export of {} after unlock with {passphrase:?}", d.image.display()));
+    assert_same_bytes(
+        &got,
+        &vector_pattern(size),
+        &format!(
+            "export of {} after unlock with {passphrase:?}",
+            d.image.display()
+        ),
+    );
 }
 
 #[test]
-fn vector_a_4096_byte_sectors_reads_back_the_pattern_after_unlock_with_the_pbkdf2_and_then_the_argon2id_passphrase() {
+fn vector_a_4096_byte_sectors_reads_back_the_pattern_after_unlock_with_the_pbkdf2_and_then_the_argon2id_passphrase(
+) {
     let dir = tempdir();
     let img = gunzip_vector("tv-a-ss4096.img", dir.path());
     // The vector really carries a token of a type nobody implements (on a copy: cryptsetup may
@@ -39,16 +56,28 @@ fn vector_a_4096_byte_sectors_reads_back_the_pattern_after_unlock_with_the_pbkdf
     let copy = dir.path().join("copy-for-luksdump.img");
     std::fs::copy(&img, &copy).unwrap();
     let dump = run(cryptsetup().arg("luksDump").arg(&copy), TOOL_TIMEOUT).success();
-    assert!(dump.stdout.contains("example-kms"), "tv-a has no example-kms token?\n{}", dump.stdout);
+    assert!(
+        dump.stdout.contains("example-kms"),
+        "tv-a has no example-kms token?\n{}",
+        dump.stdout
+    );
     let d = Daemon::volume_in(dir, &img, &[]);
     // keyslot 0 (pbkdf2-sha256); the unknown `example-kms` token must not get in the way.
     unlock_and_expect_pattern(&d, "tv-a-pbkdf2-passphrase", 4096);
     let out = d.lock_idle();
-    assert_eq!(out.code(), Some(0), "lock with no client attached\n{}", out.details());
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "lock with no client attached\n{}",
+        out.details()
+    );
     d.wait_state("locked", Duration::from_secs(15));
     // keyslot 1 (argon2id, the slot the unknown token points at).
     unlock_and_expect_pattern(&d, "tv-a-argon2id-passphrase", 4096);
-    assert_eq!(d.status()["volume_uuid"], "11111111-2222-4333-8444-555555555555");
+    assert_eq!(
+        d.status()["volume_uuid"],
+        "11111111-2222-4333-8444-555555555555"
+    );
 }
 
 #[test]
@@ -57,7 +86,10 @@ fn vector_b_512_byte_sectors_argon2i_with_two_lanes_reads_back_the_pattern() {
     let img = gunzip_vector("tv-b-ss512.img", dir.path());
     let d = Daemon::volume_in(dir, &img, &[]);
     unlock_and_expect_pattern(&d, "tv-b-argon2i-passphrase", 512);
-    assert_eq!(d.status()["volume_uuid"], "22222222-3333-4444-8555-666666666666");
+    assert_eq!(
+        d.status()["volume_uuid"],
+        "22222222-3333-4444-8555-666666666666"
+    );
 }
 
 #[test]
@@ -70,7 +102,10 @@ fn vector_b_read_only_export_reads_the_pattern_and_leaves_the_image_byte_for_byt
         unlock_and_expect_pattern(&d, "tv-b-argon2i-passphrase", 512);
         d.terminate(Duration::from_secs(15));
     }
-    assert!(std::fs::read(&img).unwrap() == before, "serving read-only changed the image file");
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "serving read-only changed the image file"
+    );
 }
 
 /// Run nbdcryptd on `volume` and expect it to refuse to start (a time limit guards against a
@@ -102,7 +137,8 @@ fn the_detached_header_of_vector_c_is_refused_at_start_with_an_error_about_the_h
 }
 
 #[test]
-fn the_data_file_of_vector_c_has_no_header_and_is_refused_at_start_with_an_error_about_the_header() {
+fn the_data_file_of_vector_c_has_no_header_and_is_refused_at_start_with_an_error_about_the_header()
+{
     let dir = tempdir();
     let data = gunzip_vector("tv-c-detached-data.img", dir.path());
     let out = refused_start(&data);
@@ -119,7 +155,12 @@ fn verify_py_agrees_with_the_vectors_so_the_golden_comparison_means_something() 
     // broken test environment, not the daemon, would be blamed).
     let dir = tempdir();
     let img = gunzip_vector("tv-b-ss512.img", dir.path());
-    let out = verify_py(&[img.as_os_str(), OsStr::new("--passphrase"), OsStr::new("tv-b-argon2i-passphrase")]).success();
+    let out = verify_py(&[
+        img.as_os_str(),
+        OsStr::new("--passphrase"),
+        OsStr::new("tv-b-argon2i-passphrase"),
+    ])
+    .success();
     assert!(out.stdout.contains("RESULT: OK"), "{}", out.details());
 }
 
@@ -130,7 +171,11 @@ fn the_detached_header_refusal_advises_only_flags_that_nbdcryptd_has() {
     let dir = tempdir();
     let hdr = gunzip_vector("tv-c-detached-hdr.img", dir.path());
     let out = refused_start(&hdr);
-    let help = run(std::process::Command::new(daemon_binary()).arg("--help"), Duration::from_secs(10)).success();
+    let help = run(
+        std::process::Command::new(daemon_binary()).arg("--help"),
+        Duration::from_secs(10),
+    )
+    .success();
     let flags: Vec<&str> = out
         .stderr
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
@@ -138,7 +183,9 @@ fn the_detached_header_refusal_advises_only_flags_that_nbdcryptd_has() {
         .collect();
     for f in &flags {
         assert!(
-            help.stdout.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-')).any(|w| w == *f),
+            help.stdout
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+                .any(|w| w == *f),
             "the refusal advises `{f}`, which `nbdcryptd --help` does not list\n{}",
             out.details()
         );

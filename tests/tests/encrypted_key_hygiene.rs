@@ -13,7 +13,10 @@ const PASS: &str = "hygiene-Passphrase-7f3c9e";
 const WRONG: &str = "hygiene-Wrong-Guess-51b2aa";
 
 fn hex_to_bytes(h: &str) -> Vec<u8> {
-    (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap()).collect()
+    (0..h.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 /// Renderings of `secret` (the volume key) a careless log line could contain.
@@ -27,15 +30,30 @@ fn renderings(key: &[u8]) -> Vec<String> {
     v.push(hex[..16].to_uppercase());
     // `{:?}` of a byte slice, and space-separated hex as luksDump prints it.
     v.push(format!("{:?}", &key[..8]).trim_end_matches(']').to_owned());
-    v.push(key[..8].iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" "));
-    v.push(key[..8].iter().map(|b| format!("{b:#04x}")).collect::<Vec<_>>().join(", "));
+    v.push(
+        key[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    v.push(
+        key[..8]
+            .iter()
+            .map(|b| format!("{b:#04x}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
     v
 }
 
 #[track_caller]
 fn assert_log_clean(what: &str, log: &str, secrets: &[String]) {
     for s in secrets {
-        assert!(!log.contains(s.as_str()), "{what} contains the secret rendering {s:?}:\n{log}");
+        assert!(
+            !log.contains(s.as_str()),
+            "{what} contains the secret rendering {s:?}:\n{log}"
+        );
     }
 }
 
@@ -49,7 +67,12 @@ fn unlock_stdin(d: &Daemon, line: &str) -> (Option<i32>, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(format!("{line}\n").as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{line}\n").as_bytes())
+        .unwrap();
     let deadline = Instant::now() + CTL_TIMEOUT;
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
@@ -59,7 +82,10 @@ fn unlock_stdin(d: &Daemon, line: &str) -> (Option<i32>, String) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let o = child.wait_with_output().unwrap();
-    (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 fn max_core_limits(pid: i32) -> String {
@@ -74,8 +100,14 @@ fn max_core_limits(pid: i32) -> String {
 #[track_caller]
 fn assert_no_core_dumps(pid: i32) {
     let line = max_core_limits(pid);
-    let fields: Vec<&str> = line["Max core file size".len()..].split_whitespace().collect();
-    assert_eq!(&fields[..2], ["0", "0"], "soft and hard RLIMIT_CORE must be 0: {line:?}");
+    let fields: Vec<&str> = line["Max core file size".len()..]
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        &fields[..2],
+        ["0", "0"],
+        "soft and hard RLIMIT_CORE must be 0: {line:?}"
+    );
 }
 
 fn volume(dir: &Path) -> std::path::PathBuf {
@@ -85,7 +117,8 @@ fn volume(dir: &Path) -> std::path::PathBuf {
 }
 
 #[test]
-fn a_debug_log_of_unlock_io_and_lock_contains_neither_the_passphrase_nor_the_volume_key_and_core_dumps_are_off() {
+fn a_debug_log_of_unlock_io_and_lock_contains_neither_the_passphrase_nor_the_volume_key_and_core_dumps_are_off(
+) {
     let dir = tempdir();
     let img = volume(dir.path());
     let key = hex_to_bytes(&luks_volume_key(&img, PASS.as_bytes()));
@@ -93,7 +126,11 @@ fn a_debug_log_of_unlock_io_and_lock_contains_neither_the_passphrase_nor_the_vol
     let mut d = Daemon::volume_in(dir, &img, &["--log-level", "debug"]);
     assert_no_core_dumps(d.pid());
 
-    assert_eq!(d.unlock(WRONG.as_bytes()).code(), Some(3), "wrong passphrase");
+    assert_eq!(
+        d.unlock(WRONG.as_bytes()).code(),
+        Some(3),
+        "wrong passphrase"
+    );
     let out = d.unlock(PASS.as_bytes());
     assert_eq!(out.code(), Some(0), "unlock\n{}", out.details());
     assert_no_core_dumps(d.pid());
@@ -106,13 +143,20 @@ fn a_debug_log_of_unlock_io_and_lock_contains_neither_the_passphrase_nor_the_vol
     // The other input path: the passphrase as a line on nbdcryptctl's stdin.
     let (code, err) = unlock_stdin(&d, PASS);
     assert_eq!(code, Some(0), "unlock --stdin: {err}");
-    assert_same_bytes(&read_export(&d.uri(), d.dir()), &data, "read back after unlock --stdin");
+    assert_same_bytes(
+        &read_export(&d.uri(), d.dir()),
+        &data,
+        "read back after unlock --stdin",
+    );
     assert_eq!(d.lock_idle().code(), Some(0), "lock");
     d.wait_state("locked", Duration::from_secs(10));
     assert_no_core_dumps(d.pid());
 
     let log = d.log();
-    assert!(log.contains("DEBUG"), "--log-level debug produced no debug lines; the test would prove little:\n{log}");
+    assert!(
+        log.contains("DEBUG"),
+        "--log-level debug produced no debug lines; the test would prove little:\n{log}"
+    );
     let mut secrets = renderings(&key);
     secrets.push(PASS.to_owned());
     secrets.push(WRONG.to_owned());
@@ -125,13 +169,23 @@ fn a_debug_log_of_unlock_io_and_lock_contains_neither_the_passphrase_nor_the_vol
 }
 
 #[test]
-fn a_daemon_unlocked_at_start_with_unlock_key_file_logs_neither_the_key_file_contents_nor_the_volume_key() {
+fn a_daemon_unlocked_at_start_with_unlock_key_file_logs_neither_the_key_file_contents_nor_the_volume_key(
+) {
     let dir = tempdir();
     let img = volume(dir.path());
     let key = hex_to_bytes(&luks_volume_key(&img, PASS.as_bytes()));
     let key_file = dir.path().join("unlock.key");
     std::fs::write(&key_file, PASS).unwrap();
-    let d = Daemon::volume_in(dir, &img, &["--log-level", "trace", "--unlock-key-file", key_file.to_str().unwrap()]);
+    let d = Daemon::volume_in(
+        dir,
+        &img,
+        &[
+            "--log-level",
+            "trace",
+            "--unlock-key-file",
+            key_file.to_str().unwrap(),
+        ],
+    );
     d.wait_state("unlocked", Duration::from_secs(20));
     assert_no_core_dumps(d.pid());
     let data = random_bytes(98, DATA as usize);
@@ -181,15 +235,27 @@ for h in hits:
     }
     let out = run(&mut c, Duration::from_secs(60)).success();
     let lines: Vec<&str> = out.stdout.lines().collect();
-    assert_eq!(lines.len(), needles.len(), "memory scan output:\n{}", out.details());
+    assert_eq!(
+        lines.len(),
+        needles.len(),
+        "memory scan output:\n{}",
+        out.details()
+    );
     lines
         .iter()
-        .map(|l| if l.is_empty() { Vec::new() } else { l.split('|').map(str::to_owned).collect() })
+        .map(|l| {
+            if l.is_empty() {
+                Vec::new()
+            } else {
+                l.split('|').map(str::to_owned).collect()
+            }
+        })
         .collect()
 }
 
 #[test]
-fn after_lock_neither_half_of_the_volume_key_nor_the_passphrase_is_left_anywhere_in_the_daemons_memory() {
+fn after_lock_neither_half_of_the_volume_key_nor_the_passphrase_is_left_anywhere_in_the_daemons_memory(
+) {
     // `nbdcryptctl lock` promises to "wipe the key from nbdcryptd's memory". Read the daemon's
     // memory from outside: after the lock no copy of either 32-byte XTS half (which is also the
     // first two AES-256 round keys) may remain, on the heap or on any thread's stack.
@@ -202,7 +268,10 @@ fn after_lock_neither_half_of_the_volume_key_nor_the_passphrase_is_left_anywhere
     let pid = d.pid();
 
     let before = scan_memory(pid, &[k1, k2]);
-    assert!(before.iter().all(Vec::is_empty), "the key is in memory before any unlock?! {before:?}");
+    assert!(
+        before.iter().all(Vec::is_empty),
+        "the key is in memory before any unlock?! {before:?}"
+    );
 
     assert_eq!(d.unlock(PASS.as_bytes()).code(), Some(0), "unlock");
     let data = random_bytes(97, DATA as usize);
@@ -212,14 +281,32 @@ fn after_lock_neither_half_of_the_volume_key_nor_the_passphrase_is_left_anywhere
     // `status`), or an empty result after the lock would prove nothing.
     let uuid = luks_uuid(&img);
     let unlocked = scan_memory(pid, &[uuid.as_bytes(), PASS.as_bytes()]);
-    assert!(!unlocked[0].is_empty(), "calibration: the memory scan does not even find the volume UUID {uuid}");
-    assert!(unlocked[1].is_empty(), "the passphrase is still in memory after the unlock finished:\n{}", unlocked[1].join("\n"));
+    assert!(
+        !unlocked[0].is_empty(),
+        "calibration: the memory scan does not even find the volume UUID {uuid}"
+    );
+    assert!(
+        unlocked[1].is_empty(),
+        "the passphrase is still in memory after the unlock finished:\n{}",
+        unlocked[1].join("\n")
+    );
 
     let out = d.lock_idle();
     assert_eq!(out.code(), Some(0), "lock\n{}", out.details());
     d.wait_state("locked", Duration::from_secs(10));
     let after = scan_memory(pid, &[k1, k2, PASS.as_bytes()]);
-    let report = |i: usize| format!("{} copies: {}", after[i].len(), after[i].iter().take(6).cloned().collect::<Vec<_>>().join("; "));
+    let report = |i: usize| {
+        format!(
+            "{} copies: {}",
+            after[i].len(),
+            after[i]
+                .iter()
+                .take(6)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    };
     assert!(
         after.iter().all(Vec::is_empty),
         "after `lock` (\"the key wiped\") the daemon's memory still holds\n  XTS key 1 (bytes 0..32): {}\n  XTS key 2 (bytes 32..64): {}\n  passphrase: {}",
@@ -235,18 +322,49 @@ fn neither_a_wrong_passphrase_nor_the_unlock_key_file_contents_stay_in_the_daemo
     let img = volume(dir.path());
     let key_file = dir.path().join("unlock.key");
     std::fs::write(&key_file, PASS).unwrap();
-    let d = Daemon::volume_in(dir, &img, &["--unlock-key-file", key_file.to_str().unwrap()]);
+    let d = Daemon::volume_in(
+        dir,
+        &img,
+        &["--unlock-key-file", key_file.to_str().unwrap()],
+    );
     d.wait_state("unlocked", Duration::from_secs(20));
     expect_lock(&d);
-    assert_eq!(d.unlock(WRONG.as_bytes()).code(), Some(3), "wrong passphrase");
+    assert_eq!(
+        d.unlock(WRONG.as_bytes()).code(),
+        Some(3),
+        "wrong passphrase"
+    );
     let (code, err) = unlock_stdin(&d, &format!("{WRONG}-via-stdin"));
     assert_eq!(code, Some(3), "wrong passphrase on stdin: {err}");
     let stdin_wrong = format!("{WRONG}-via-stdin");
     let uuid = luks_uuid(&img);
-    let mut hits = scan_memory(d.pid(), &[uuid.as_bytes(), PASS.as_bytes(), WRONG.as_bytes(), stdin_wrong.as_bytes()]);
-    assert!(!hits.remove(0).is_empty(), "calibration: the memory scan does not even find the volume UUID {uuid}");
-    for (what, h) in ["the key file's passphrase", "a wrong passphrase (key file)", "a wrong passphrase (stdin)"].iter().zip(&hits) {
-        assert!(h.is_empty(), "{what} is still in the daemon's memory: {} copies: {}", h.len(), h.join("; "));
+    let mut hits = scan_memory(
+        d.pid(),
+        &[
+            uuid.as_bytes(),
+            PASS.as_bytes(),
+            WRONG.as_bytes(),
+            stdin_wrong.as_bytes(),
+        ],
+    );
+    assert!(
+        !hits.remove(0).is_empty(),
+        "calibration: the memory scan does not even find the volume UUID {uuid}"
+    );
+    for (what, h) in [
+        "the key file's passphrase",
+        "a wrong passphrase (key file)",
+        "a wrong passphrase (stdin)",
+    ]
+    .iter()
+    .zip(&hits)
+    {
+        assert!(
+            h.is_empty(),
+            "{what} is still in the daemon's memory: {} copies: {}",
+            h.len(),
+            h.join("; ")
+        );
     }
 }
 

@@ -20,7 +20,12 @@ fn formatted(sector_size: u32) -> (TempDir, PathBuf) {
 
 #[track_caller]
 fn expect_code(out: &Out, code: i32, what: &str) {
-    assert_eq!(out.code(), Some(code), "{what}: expected exit {code}\n{}", out.details());
+    assert_eq!(
+        out.code(),
+        Some(code),
+        "{what}: expected exit {code}\n{}",
+        out.details()
+    );
 }
 
 #[test]
@@ -31,13 +36,24 @@ fn sigterm_while_unlocked_flushes_exits_0_and_the_image_holds_every_write() {
     let data = random_bytes(41, DATA as usize);
     write_export(&d.uri(), d.dir(), &data);
     // A last unaligned write without FLUSH or FUA: shutdown must flush it.
-    nbdsh(&d.uri(), "h.connect_uri(URI)\nh.pwrite(b'\\x99' * 777, 12345)\nh.shutdown()").success();
+    nbdsh(
+        &d.uri(),
+        "h.connect_uri(URI)\nh.pwrite(b'\\x99' * 777, 12345)\nh.shutdown()",
+    )
+    .success();
     let mut model = data;
     model[12345..12345 + 777].fill(0x99);
     let st = d.terminate(Duration::from_secs(20));
     assert!(st.success(), "SIGTERM while unlocked: {st}\n{}", d.log());
-    assert_same_bytes(&verify_py_plaintext(&img, &luks_volume_key(&img, PASS)), &model, "verify.py after SIGTERM");
-    assert!(!d.control().exists() || std::os::unix::net::UnixStream::connect(d.control()).is_err(), "control socket still answers after exit");
+    assert_same_bytes(
+        &verify_py_plaintext(&img, &luks_volume_key(&img, PASS)),
+        &model,
+        "verify.py after SIGTERM",
+    );
+    assert!(
+        !d.control().exists() || std::os::unix::net::UnixStream::connect(d.control()).is_err(),
+        "control socket still answers after exit"
+    );
 }
 
 #[test]
@@ -54,7 +70,11 @@ fn a_second_daemon_on_the_same_image_is_refused_while_the_first_serves_it() {
         .arg("--control")
         .arg(other.path().join("control.sock"));
     let out = run(&mut c, Duration::from_secs(20)).failure();
-    assert!(out.stderr.contains("in use"), "the refusal should say the image is in use\n{}", out.details());
+    assert!(
+        out.stderr.contains("in use"),
+        "the refusal should say the image is in use\n{}",
+        out.details()
+    );
     // The first one is unharmed.
     d.assert_alive();
     assert_eq!(d.state(), "unlocked");
@@ -62,7 +82,8 @@ fn a_second_daemon_on_the_same_image_is_refused_while_the_first_serves_it() {
 }
 
 #[test]
-fn a_data_area_that_is_not_a_whole_number_of_sectors_is_refused_at_start_with_an_error_naming_the_sector_size() {
+fn a_data_area_that_is_not_a_whole_number_of_sectors_is_refused_at_start_with_an_error_naming_the_sector_size(
+) {
     let (dir, img) = formatted(4096);
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
     f.set_len(16 * MIB + DATA + 1000).unwrap();
@@ -116,7 +137,10 @@ fn read_only_refuses_writes_with_eperm_and_leaves_the_image_unchanged() {
     .success();
     expect_code(&d.lock_idle(), 0, "lock");
     d.terminate(Duration::from_secs(15));
-    assert!(std::fs::read(&img).unwrap() == before, "a --read-only daemon changed the image");
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "a --read-only daemon changed the image"
+    );
 }
 
 #[test]
@@ -127,13 +151,32 @@ fn writes_past_the_end_of_the_export_fail_and_the_image_does_not_grow() {
     expect_code(&d.unlock(PASS), 0, "unlock");
     let (mut c, e) = Client::connect_go(&d.sock);
     assert_eq!(e.size, DATA);
-    assert_ne!(c.write(1, DATA - 100, &[7u8; 200], 0), 0, "a write crossing the end must fail");
-    assert_ne!(c.write(2, DATA, &[7u8; 1], 0), 0, "a write at the end must fail");
-    assert!(c.read(3, DATA - 100, 200).is_err(), "a read crossing the end must fail");
-    assert_eq!(c.write(4, DATA - 4096, &[7u8; 4096], 0), 0, "the last sector is writable");
+    assert_ne!(
+        c.write(1, DATA - 100, &[7u8; 200], 0),
+        0,
+        "a write crossing the end must fail"
+    );
+    assert_ne!(
+        c.write(2, DATA, &[7u8; 1], 0),
+        0,
+        "a write at the end must fail"
+    );
+    assert!(
+        c.read(3, DATA - 100, 200).is_err(),
+        "a read crossing the end must fail"
+    );
+    assert_eq!(
+        c.write(4, DATA - 4096, &[7u8; 4096], 0),
+        0,
+        "the last sector is writable"
+    );
     assert_eq!(c.read(5, DATA - 4096, 4096).unwrap(), vec![7u8; 4096]);
     drop(c);
-    assert_eq!(std::fs::metadata(&img).unwrap().len(), len, "the image grew");
+    assert_eq!(
+        std::fs::metadata(&img).unwrap().len(),
+        len,
+        "the image grew"
+    );
 }
 
 #[test]
@@ -179,7 +222,11 @@ fn a_successful_unlock_resets_the_wrong_passphrase_count() {
     d.wait_state("locked", Duration::from_secs(10));
     // Two more wrong ones are again free (exit 3, not 4): the count restarted at the success.
     for i in 0..2 {
-        expect_code(&d.unlock(b"nope"), 3, &format!("wrong passphrase {i} after a successful unlock"));
+        expect_code(
+            &d.unlock(b"nope"),
+            3,
+            &format!("wrong passphrase {i} after a successful unlock"),
+        );
     }
     expect_code(&d.unlock(PASS), 0, "right passphrase again");
 }
@@ -191,11 +238,23 @@ fn unlock_and_lock_are_idempotent_and_an_unknown_slot_does_not_unlock() {
     expect_code(&d.lock_idle(), 0, "lock of a locked volume: nothing to do");
     let f = d.dir().join("k");
     std::fs::write(&f, PASS).unwrap();
-    let out = d.ctl("unlock", &["--key-file", f.to_str().unwrap(), "--slot", "7"]);
-    assert!(matches!(out.code(), Some(1) | Some(3)), "unlock --slot 7 of a volume with only slot 0: {:?}\n{}", out.code(), out.details());
+    let out = d.ctl(
+        "unlock",
+        &["--key-file", f.to_str().unwrap(), "--slot", "7"],
+    );
+    assert!(
+        matches!(out.code(), Some(1) | Some(3)),
+        "unlock --slot 7 of a volume with only slot 0: {:?}\n{}",
+        out.code(),
+        out.details()
+    );
     assert_eq!(d.state(), "locked");
     expect_code(&d.unlock(PASS), 0, "unlock");
-    expect_code(&d.unlock(PASS), 0, "unlock of an unlocked volume: nothing to do");
+    expect_code(
+        &d.unlock(PASS),
+        0,
+        "unlock of an unlocked volume: nothing to do",
+    );
     assert_eq!(d.state(), "unlocked");
 }
 
@@ -213,7 +272,10 @@ fn a_client_that_got_info_before_a_lock_is_refused_at_go_with_locked() {
     d.wait_state("locked", Duration::from_secs(10));
     let (last, _) = c.option(OPT_GO, &info_payload(EXPORT, &[]));
     assert_eq!(last.typ, REP_ERR_UNKNOWN, "GO after the lock: {last:?}");
-    assert!(String::from_utf8_lossy(&last.data).contains("locked"), "{last:?}");
+    assert!(
+        String::from_utf8_lossy(&last.data).contains("locked"),
+        "{last:?}"
+    );
 }
 
 #[test]
@@ -228,24 +290,36 @@ fn a_client_attached_when_lock_force_runs_is_disconnected_and_cannot_read_afterw
     // The server closed the session; nothing more is served on it.
     let sent = c.request(0, CMD_READ, 2, 0, 4096, &[]);
     if sent.is_ok() {
-        assert!(c.simple_reply().is_err(), "a READ was answered on a session closed by lock --force");
+        assert!(
+            c.simple_reply().is_err(),
+            "a READ was answered on a session closed by lock --force"
+        );
     }
 }
 
 #[test]
-fn an_unlock_key_file_with_a_wrong_passphrase_leaves_the_daemon_serving_locked_and_ctl_unlock_still_works() {
+fn an_unlock_key_file_with_a_wrong_passphrase_leaves_the_daemon_serving_locked_and_ctl_unlock_still_works(
+) {
     let (dir, img) = formatted(4096);
     let kf = dir.path().join("wrong.key");
     std::fs::write(&kf, b"not the passphrase").unwrap();
     let d = Daemon::volume_in(dir, &img, &["--unlock-key-file", kf.to_str().unwrap()]);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !d.log().contains("staying locked") && !d.log().contains("wrong passphrase") {
-        assert!(std::time::Instant::now() < deadline, "the key-file unlock never finished:\n{}", d.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the key-file unlock never finished:\n{}",
+            d.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     d.wait_state("locked", Duration::from_secs(5));
     nbdinfo(&[&d.uri()]).failure();
-    expect_code(&d.unlock(PASS), 0, "unlock through nbdcryptctl after the key file failed");
+    expect_code(
+        &d.unlock(PASS),
+        0,
+        "unlock through nbdcryptctl after the key file failed",
+    );
     nbdinfo(&[&d.uri()]).success();
 }
 
@@ -270,7 +344,12 @@ fn a_missing_unlock_key_file_stops_the_daemon_with_an_error_naming_the_file() {
 fn sigterm_during_a_slow_unlock_and_sigterm_while_locked_both_exit_0() {
     let dir = tempdir();
     let img = dir.path().join("volume.img");
-    luks_format_args(&img, 17 * MIB, PASS, &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "200000"]);
+    luks_format_args(
+        &img,
+        17 * MIB,
+        PASS,
+        &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "200000"],
+    );
     let mut d = Daemon::volume_in(dir, &img, &[]);
     let ctl = {
         let control = d.control();
@@ -288,13 +367,21 @@ fn sigterm_during_a_slow_unlock_and_sigterm_while_locked_both_exit_0() {
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while d.status()["state"] != "unlocking" {
-        assert!(std::time::Instant::now() < deadline, "never saw state unlocking: {:#}", d.status());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never saw state unlocking: {:#}",
+            d.status()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let st = d.terminate(Duration::from_secs(30));
     assert!(st.success(), "SIGTERM during an unlock: {st}\n{}", d.log());
     let out = ctl.join().unwrap();
-    assert!(out.code().is_some(), "nbdcryptctl was killed: {}", out.details());
+    assert!(
+        out.code().is_some(),
+        "nbdcryptctl was killed: {}",
+        out.details()
+    );
 
     let (dir, img) = formatted(512);
     let mut d = Daemon::volume_in(dir, &img, &[]);
@@ -316,15 +403,22 @@ fn serving_unlocking_writing_and_locking_never_writes_the_luks2_header_or_keyslo
     write_export(&d.uri(), d.dir(), &random_bytes(43, DATA as usize));
     expect_code(&d.ctl("lock", &["--force"]), 0, "lock");
     d.terminate(Duration::from_secs(15));
-    assert!(hash_prefix(&img, 16 * MIB as usize) == before, "the first 16 MiB (header, keyslots) changed");
+    assert!(
+        hash_prefix(&img, 16 * MIB as usize) == before,
+        "the first 16 MiB (header, keyslots) changed"
+    );
 }
 
 #[test]
-fn a_damaged_primary_header_is_served_through_the_secondary_copy_and_two_damaged_copies_are_refused() {
+fn a_damaged_primary_header_is_served_through_the_secondary_copy_and_two_damaged_copies_are_refused(
+) {
     let (dir, img) = formatted(4096);
     // The intact bytes, so a corruption is always a change from them (cryptsetup may repair a
     // copy in between).
-    let intact: Vec<(u64, u8)> = [4096 + 20, 16384 + 4096 + 20].iter().map(|&o| (o, read_at(&img, o, 1)[0])).collect();
+    let intact: Vec<(u64, u8)> = [4096 + 20, 16384 + 4096 + 20]
+        .iter()
+        .map(|&o| (o, read_at(&img, o, 1)[0]))
+        .collect();
     let corrupt = |off: u64| {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
@@ -340,7 +434,11 @@ fn a_damaged_primary_header_is_served_through_the_secondary_copy_and_two_damaged
         write_export(&d.uri(), d.dir(), &data);
         expect_code(&d.lock_idle(), 0, "lock");
         d.terminate(Duration::from_secs(15));
-        assert_same_bytes(&verify_py_plaintext(&img, &luks_volume_key(&img, PASS)), &data, "verify.py");
+        assert_same_bytes(
+            &verify_py_plaintext(&img, &luks_volume_key(&img, PASS)),
+            &data,
+            "verify.py",
+        );
     }
     // Damage both copies now.
     corrupt(4096 + 20);
@@ -362,15 +460,27 @@ fn a_damaged_primary_header_is_served_through_the_secondary_copy_and_two_damaged
 fn a_luks1_volume_is_refused_at_start_and_serves_once_cryptsetup_converted_it_to_luks2() {
     let dir = tempdir();
     let img = dir.path().join("luks1.img");
-    std::fs::File::create(&img).unwrap().set_len(6 * MIB).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(6 * MIB)
+        .unwrap();
     let k = dir.path().join("k");
     std::fs::write(&k, PASS).unwrap();
     // LUKS1 with the old defaults some volumes still carry: sha1 for PBKDF2 and the digest.
     let mut c = cryptsetup();
-    c.args(["luksFormat", "--type", "luks1", "--batch-mode", "--hash", "sha1", "--pbkdf-force-iterations", "1000"])
-        .arg("--key-file")
-        .arg(&k)
-        .arg(&img);
+    c.args([
+        "luksFormat",
+        "--type",
+        "luks1",
+        "--batch-mode",
+        "--hash",
+        "sha1",
+        "--pbkdf-force-iterations",
+        "1000",
+    ])
+    .arg("--key-file")
+    .arg(&k)
+    .arg(&img);
     run(&mut c, TOOL_TIMEOUT).success();
     let mut c = Command::new(daemon_binary());
     c.arg("--volume")
@@ -380,10 +490,15 @@ fn a_luks1_volume_is_refused_at_start_and_serves_once_cryptsetup_converted_it_to
         .arg("--control")
         .arg(dir.path().join("control.sock"));
     let out = run(&mut c, Duration::from_secs(20)).failure();
-    assert!(out.stderr.contains("version 1") || out.stderr.contains("LUKS1"), "the refusal should say it is LUKS1\n{}", out.details());
+    assert!(
+        out.stderr.contains("version 1") || out.stderr.contains("LUKS1"),
+        "the refusal should say it is LUKS1\n{}",
+        out.details()
+    );
 
     let mut c = cryptsetup();
-    c.args(["convert", "--batch-mode", "--type", "luks2"]).arg(&img);
+    c.args(["convert", "--batch-mode", "--type", "luks2"])
+        .arg(&img);
     run(&mut c, TOOL_TIMEOUT).success();
     let d = Daemon::volume_in(dir, &img, &[]);
     expect_code(&d.unlock(PASS), 0, "unlock of the converted volume");
@@ -393,7 +508,11 @@ fn a_luks1_volume_is_refused_at_start_and_serves_once_cryptsetup_converted_it_to
     write_export(&d.uri(), d.dir(), &data);
     expect_code(&d.lock_idle(), 0, "lock");
     d.wait_state("locked", Duration::from_secs(10));
-    assert_same_bytes(&verify_py_plaintext(&img, &luks_volume_key(&img, PASS)), &data, "verify.py");
+    assert_same_bytes(
+        &verify_py_plaintext(&img, &luks_volume_key(&img, PASS)),
+        &data,
+        "verify.py",
+    );
 }
 
 /// Resize the backing file of a locked daemon to hold `data` bytes of data, then unlock.
@@ -405,7 +524,12 @@ fn resized_while_locked(data: u64) -> (Daemon, PathBuf) {
     expect_code(&d.lock_idle(), 0, "lock");
     d.wait_state("locked", Duration::from_secs(10));
     // The data segment's size is "dynamic": the rest of the device, as measured at activation.
-    std::fs::OpenOptions::new().write(true).open(&img).unwrap().set_len(16 * MIB + data).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(16 * MIB + data)
+        .unwrap();
     expect_code(&d.unlock(PASS), 0, "unlock after the resize");
     (d, img)
 }
@@ -429,7 +553,11 @@ fn an_unlock_after_the_backing_file_shrank_while_locked_never_serves_bytes_beyon
     let (d, _img) = resized_while_locked(DATA - 2 * MIB);
     let (export, _) = nbdinfo_json(&d.uri());
     let size = export["export-size"].as_u64().unwrap();
-    assert!(size <= DATA - 2 * MIB, "the export is {size} bytes, but the file now holds only {} bytes of data", DATA - 2 * MIB);
+    assert!(
+        size <= DATA - 2 * MIB,
+        "the export is {size} bytes, but the file now holds only {} bytes of data",
+        DATA - 2 * MIB
+    );
     // Every advertised byte is readable.
     let got = read_export(&d.uri(), d.dir());
     assert_eq!(got.len() as u64, size);
@@ -439,7 +567,11 @@ fn an_unlock_after_the_backing_file_shrank_while_locked_never_serves_bytes_beyon
 fn twenty_unlock_io_lock_cycles_leak_no_file_descriptors_and_keep_the_data() {
     let (dir, img) = formatted(4096);
     let d = Daemon::volume_in(dir, &img, &[]);
-    let fds = || std::fs::read_dir(format!("/proc/{}/fd", d.pid())).unwrap().count();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+            .unwrap()
+            .count()
+    };
     let before = fds();
     let data = random_bytes(46, DATA as usize);
     for i in 0..20 {
@@ -447,7 +579,11 @@ fn twenty_unlock_io_lock_cycles_leak_no_file_descriptors_and_keep_the_data() {
         if i == 0 {
             write_export(&d.uri(), d.dir(), &data);
         } else if i % 5 == 0 {
-            assert_same_bytes(&read_export(&d.uri(), d.dir()), &data, &format!("cycle {i}"));
+            assert_same_bytes(
+                &read_export(&d.uri(), d.dir()),
+                &data,
+                &format!("cycle {i}"),
+            );
         } else {
             nbdinfo(&[&d.uri()]).success();
         }
@@ -455,5 +591,8 @@ fn twenty_unlock_io_lock_cycles_leak_no_file_descriptors_and_keep_the_data() {
         d.wait_state("locked", Duration::from_secs(10));
     }
     let after = fds();
-    assert!(after <= before + 2, "open file descriptors grew from {before} to {after} over 20 cycles");
+    assert!(
+        after <= before + 2,
+        "open file descriptors grew from {before} to {after} over 20 cycles"
+    );
 }

@@ -25,7 +25,12 @@ fn locked_volume(data: u64, sector_size: u32) -> (Daemon, PathBuf) {
 
 #[track_caller]
 fn expect_code(out: &Out, code: i32, what: &str) {
-    assert_eq!(out.code(), Some(code), "{what}: expected exit {code}\n{}", out.details());
+    assert_eq!(
+        out.code(),
+        Some(code),
+        "{what}: expected exit {code}\n{}",
+        out.details()
+    );
 }
 
 /// A child process killed (and reaped) on drop.
@@ -75,10 +80,17 @@ fn wait_for_file(p: &Path, timeout: Duration, bg: &mut Bg) {
         if let Some(c) = bg.0.as_mut() {
             if c.try_wait().unwrap().is_some() {
                 let (st, so, se) = bg.finish(Duration::from_secs(1));
-                panic!("background client exited ({st}) before creating {}\n{so}\n{se}", p.display());
+                panic!(
+                    "background client exited ({st}) before creating {}\n{so}\n{se}",
+                    p.display()
+                );
             }
         }
-        assert!(Instant::now() < deadline, "{} did not appear within {timeout:?}", p.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear within {timeout:?}",
+            p.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -99,7 +111,10 @@ fn a_locked_daemon_offers_no_export_and_its_info_and_go_errors_say_locked() {
                 "option {opt} for export {name:?} while locked: expected ERR_UNKNOWN, got {last:?}"
             );
             let text = String::from_utf8_lossy(&last.data).to_lowercase();
-            assert!(text.contains("locked"), "option {opt} for {name:?}: error text {text:?} does not say locked");
+            assert!(
+                text.contains("locked"),
+                "option {opt} for {name:?}: error text {text:?} does not say locked"
+            );
         }
     }
     // The refusal is an option error, not a hang-up: after unlocking, the same connection can GO.
@@ -107,7 +122,8 @@ fn a_locked_daemon_offers_no_export_and_its_info_and_go_errors_say_locked() {
     expect_code(&out, 0, "unlock");
     let e = c.go(EXPORT);
     assert_eq!(e.size, MIB);
-    c.read(1, 0, 4096).expect("READ after GO on the connection that was refused while locked");
+    c.read(1, 0, 4096)
+        .expect("READ after GO on the connection that was refused while locked");
 }
 
 #[test]
@@ -137,7 +153,8 @@ fn nbdsh_opt_info_on_a_locked_export_fails_and_succeeds_once_unlocked() {
 }
 
 #[test]
-fn a_wrong_passphrase_exits_3_and_keeps_the_volume_locked_and_repeated_ones_are_rate_limited_with_exit_4() {
+fn a_wrong_passphrase_exits_3_and_keeps_the_volume_locked_and_repeated_ones_are_rate_limited_with_exit_4(
+) {
     let (d, _img) = locked_volume(MIB, 4096);
     let start = Instant::now();
     let mut codes = Vec::new();
@@ -151,15 +168,31 @@ fn a_wrong_passphrase_exits_3_and_keeps_the_volume_locked_and_repeated_ones_are_
                 assert!(out.stderr.contains("wrong passphrase"), "{}", out.details());
             }
             Some(4) => {
-                assert!(out.stderr.to_lowercase().contains("try again"), "exit 4 must say when to retry\n{}", out.details());
+                assert!(
+                    out.stderr.to_lowercase().contains("try again"),
+                    "exit 4 must say when to retry\n{}",
+                    out.details()
+                );
                 break;
             }
-            _ => panic!("unlock with a wrong passphrase: exit {:?}\n{}", out.code(), out.details()),
+            _ => panic!(
+                "unlock with a wrong passphrase: exit {:?}\n{}",
+                out.code(),
+                out.details()
+            ),
         }
         assert_eq!(d.state(), "locked", "after wrong passphrase {i}");
     }
-    assert_eq!(codes[..3], [Some(3), Some(3), Some(3)], "the first three wrong passphrases: {codes:?}");
-    assert_eq!(codes.last(), Some(&Some(4)), "repeated wrong passphrases were never rate limited: {codes:?}");
+    assert_eq!(
+        codes[..3],
+        [Some(3), Some(3), Some(3)],
+        "the first three wrong passphrases: {codes:?}"
+    );
+    assert_eq!(
+        codes.last(),
+        Some(&Some(4)),
+        "repeated wrong passphrases were never rate limited: {codes:?}"
+    );
     assert_eq!(d.state(), "locked");
     nbdinfo(&[&d.uri()]).failure();
     // The limit is temporary: the right passphrase gets through within a few seconds.
@@ -169,15 +202,23 @@ fn a_wrong_passphrase_exits_3_and_keeps_the_volume_locked_and_repeated_ones_are_
         match out.code() {
             Some(0) => break,
             Some(4) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(250)),
-            _ => panic!("unlock with the right passphrase after the rate limit\n{}", out.details()),
+            _ => panic!(
+                "unlock with the right passphrase after the rate limit\n{}",
+                out.details()
+            ),
         }
     }
     assert_eq!(d.state(), "unlocked");
-    assert!(start.elapsed() < Duration::from_secs(30), "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        start.elapsed()
+    );
 }
 
 #[test]
-fn lock_without_force_is_refused_with_exit_4_while_an_nbdsh_client_is_attached_and_the_client_keeps_working() {
+fn lock_without_force_is_refused_with_exit_4_while_an_nbdsh_client_is_attached_and_the_client_keeps_working(
+) {
     let (d, img) = locked_volume(MIB, 4096);
     expect_code(&d.unlock(PASS), 0, "unlock");
     let ready = d.dir().join("client.ready");
@@ -221,23 +262,41 @@ fn lock_without_force_is_refused_with_exit_4_while_an_nbdsh_client_is_attached_a
     d.wait_clients(1); // status counts the attached nbdsh client
     let s = d.status();
     assert_eq!(s["state"], "unlocked", "{s:#}");
-    assert_eq!(s["clients"], 1, "status must count the attached nbdsh client: {s:#}");
+    assert_eq!(
+        s["clients"], 1,
+        "status must count the attached nbdsh client: {s:#}"
+    );
 
     let out = d.ctl("lock", &[]);
     expect_code(&out, 4, "lock without --force while a client is attached");
-    assert!(out.stderr.contains("attached"), "the refusal should say clients are attached\n{}", out.details());
-    assert_eq!(d.state(), "unlocked", "a refused lock must leave the volume unlocked");
+    assert!(
+        out.stderr.contains("attached"),
+        "the refusal should say clients are attached\n{}",
+        out.details()
+    );
+    assert_eq!(
+        d.state(),
+        "unlocked",
+        "a refused lock must leave the volume unlocked"
+    );
     // Others can still attach.
     nbdinfo(&[&d.uri()]).success();
 
     std::fs::write(&go, b"").unwrap();
     let (st, so, se) = bg.finish(Duration::from_secs(40));
-    assert!(st.success() && so.contains("client ok"), "the attached client stopped working after the refused lock: {st}\n{so}\n{se}");
+    assert!(
+        st.success() && so.contains("client ok"),
+        "the attached client stopped working after the refused lock: {st}\n{so}\n{se}"
+    );
 
     // Once it has gone, lock works without --force.
     let deadline = Instant::now() + Duration::from_secs(10);
     while d.status()["clients"] != 0 {
-        assert!(Instant::now() < deadline, "client count did not drop to 0: {:#}", d.status());
+        assert!(
+            Instant::now() < deadline,
+            "client count did not drop to 0: {:#}",
+            d.status()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     expect_code(&d.lock_idle(), 0, "lock after the client left");
@@ -249,7 +308,8 @@ fn lock_without_force_is_refused_with_exit_4_while_an_nbdsh_client_is_attached_a
 }
 
 #[test]
-fn lock_force_during_an_nbdcopy_write_stream_keeps_the_daemon_up_locks_and_leaves_every_block_old_or_new() {
+fn lock_force_during_an_nbdcopy_write_stream_keeps_the_daemon_up_locks_and_leaves_every_block_old_or_new(
+) {
     const DATA: u64 = 32 * MIB;
     let (mut d, _img) = locked_volume(DATA, 4096);
     expect_code(&d.unlock(PASS), 0, "unlock");
@@ -284,8 +344,15 @@ fn lock_force_during_an_nbdcopy_write_stream_keeps_the_daemon_up_locks_and_leave
         })
     };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while (d.status()["bytes_written"].as_u64().unwrap_or(0) as usize) < written_before + 4 * MIB as usize {
-        assert!(Instant::now() < deadline, "the stream did not get going: fed {} bytes; {:#}", fed.load(Ordering::Relaxed), d.status());
+    while (d.status()["bytes_written"].as_u64().unwrap_or(0) as usize)
+        < written_before + 4 * MIB as usize
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the stream did not get going: fed {} bytes; {:#}",
+            fed.load(Ordering::Relaxed),
+            d.status()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = d.ctl("lock", &["--force"]);
@@ -302,24 +369,43 @@ fn lock_force_during_an_nbdcopy_write_stream_keeps_the_daemon_up_locks_and_leave
     d.wait_state("locked", Duration::from_secs(20));
     let s = d.status();
     assert_eq!(s["clients"], 0, "{s:#}");
-    assert!(fed_at_lock >= 4 * MIB as usize, "the lock came before 4 MiB of the stream were fed");
+    assert!(
+        fed_at_lock >= 4 * MIB as usize,
+        "the lock came before 4 MiB of the stream were fed"
+    );
     nbdinfo(&[&d.uri()]).failure();
 
     expect_code(&d.unlock(PASS), 0, "unlock after the forced lock");
     let got = read_export(&d.uri(), d.dir());
     assert_eq!(got.len(), DATA as usize);
     let mut n_new = 0;
-    for (i, ((g, o), n)) in got.chunks(BLOCK).zip(old.chunks(BLOCK)).zip(new.chunks(BLOCK)).enumerate() {
+    for (i, ((g, o), n)) in got
+        .chunks(BLOCK)
+        .zip(old.chunks(BLOCK))
+        .zip(new.chunks(BLOCK))
+        .enumerate()
+    {
         if g == n {
             n_new += 1;
         } else {
-            assert!(g == o, "block {i} (offset {}) is neither the old nor the new data: torn or garbage", i * BLOCK);
+            assert!(
+                g == o,
+                "block {i} (offset {}) is neither the old nor the new data: torn or garbage",
+                i * BLOCK
+            );
         }
     }
     if st.success() {
-        assert_eq!(n_new, got.len() / BLOCK, "nbdcopy reported success, so all of its data must be there\n{so}\n{se}");
+        assert_eq!(
+            n_new,
+            got.len() / BLOCK,
+            "nbdcopy reported success, so all of its data must be there\n{so}\n{se}"
+        );
     }
-    eprintln!("nbdcopy: {st}; {n_new} of {} blocks new; fed {fed_at_lock} bytes at the lock", got.len() / BLOCK);
+    eprintln!(
+        "nbdcopy: {st}; {n_new} of {} blocks new; fed {fed_at_lock} bytes at the lock",
+        got.len() / BLOCK
+    );
 }
 
 #[test]
@@ -339,7 +425,16 @@ fn lock_force_keeps_every_write_acknowledged_before_it() {
                 if Instant::now() > deadline {
                     break;
                 }
-                if c.request(0, CMD_WRITE, i as u64, (i * BLOCK) as u64, BLOCK as u32, &block_data(i)).is_err() {
+                if c.request(
+                    0,
+                    CMD_WRITE,
+                    i as u64,
+                    (i * BLOCK) as u64,
+                    BLOCK as u32,
+                    &block_data(i),
+                )
+                .is_err()
+                {
                     break;
                 }
                 match c.simple_reply() {
@@ -360,23 +455,37 @@ fn lock_force_keeps_every_write_acknowledged_before_it() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let out = d.ctl("lock", &["--force"]);
-    assert!(matches!(out.code(), Some(0) | Some(4)), "lock --force: {:?}\n{}", out.code(), out.details());
+    assert!(
+        matches!(out.code(), Some(0) | Some(4)),
+        "lock --force: {:?}\n{}",
+        out.code(),
+        out.details()
+    );
     writer.join().unwrap();
     d.assert_alive();
     d.wait_state("locked", Duration::from_secs(20));
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() < blocks, "the writer finished before the lock; nothing was tested");
+    assert!(
+        acked.len() < blocks,
+        "the writer finished before the lock; nothing was tested"
+    );
 
     // The independent decryptor sees every acknowledged block on disk...
     let plain = verify_py_plaintext(&img, &luks_volume_key(&img, PASS));
     for &i in &acked {
-        assert!(plain[i * BLOCK..(i + 1) * BLOCK] == block_data(i)[..], "acknowledged block {i} is not on disk after the forced lock");
+        assert!(
+            plain[i * BLOCK..(i + 1) * BLOCK] == block_data(i)[..],
+            "acknowledged block {i} is not on disk after the forced lock"
+        );
     }
     // ...and so does NBD after unlocking again.
     expect_code(&d.unlock(PASS), 0, "unlock after the forced lock");
     let got = read_export(&d.uri(), d.dir());
     for &i in &acked {
-        assert!(got[i * BLOCK..(i + 1) * BLOCK] == block_data(i)[..], "acknowledged block {i} does not read back after unlock");
+        assert!(
+            got[i * BLOCK..(i + 1) * BLOCK] == block_data(i)[..],
+            "acknowledged block {i} does not read back after unlock"
+        );
     }
 }
 
@@ -406,7 +515,11 @@ fn status_json_reports_state_the_luks_uuid_sector_size_and_the_attached_client_c
     drop(c2);
     let deadline = Instant::now() + Duration::from_secs(10);
     while d.status()["clients"] != 0 {
-        assert!(Instant::now() < deadline, "clients did not drop to 0: {:#}", d.status());
+        assert!(
+            Instant::now() < deadline,
+            "clients did not drop to 0: {:#}",
+            d.status()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -416,7 +529,12 @@ fn while_an_unlock_derives_the_key_status_says_unlocking_and_lock_or_a_second_un
     // A deliberately slow keyslot (pbkdf2, 200k iterations) keeps the first unlock busy.
     let dir = tempdir();
     let img = dir.path().join("volume.img");
-    luks_format_args(&img, 16 * MIB + MIB, PASS, &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "200000"]);
+    luks_format_args(
+        &img,
+        16 * MIB + MIB,
+        PASS,
+        &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "200000"],
+    );
     let d = Arc::new(Daemon::volume_in(dir, &img, &[]));
     let first = {
         let d = d.clone();
@@ -428,7 +546,10 @@ fn while_an_unlock_derives_the_key_status_says_unlocking_and_lock_or_a_second_un
         if s["state"] == "unlocking" {
             break;
         }
-        assert!(s["state"] == "locked" && Instant::now() < deadline, "never saw state unlocking: {s:#}");
+        assert!(
+            s["state"] == "locked" && Instant::now() < deadline,
+            "never saw state unlocking: {s:#}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let lock = d.ctl("lock", &[]);
@@ -441,14 +562,19 @@ fn while_an_unlock_derives_the_key_status_says_unlocking_and_lock_or_a_second_un
     if s["state"] == "unlocking" {
         expect_code(&lock, 4, "lock while an unlock is in progress");
         expect_code(&second, 4, "a second unlock while one is in progress");
-        assert!(second.stderr.contains("in progress"), "{}", second.details());
+        assert!(
+            second.stderr.contains("in progress"),
+            "{}",
+            second.details()
+        );
     }
     assert_eq!(d.state(), "unlocked");
     nbdinfo(&[&d.uri()]).success();
 }
 
 #[test]
-fn lock_force_with_a_queue_of_pipelined_writes_keeps_every_acknowledged_one_and_answers_or_drops_the_rest() {
+fn lock_force_with_a_queue_of_pipelined_writes_keeps_every_acknowledged_one_and_answers_or_drops_the_rest(
+) {
     // Up to 32 writes in flight on one connection when the forced lock arrives: each must be
     // answered before the disconnect or not at all, and every one answered with success must be
     // on disk (as the independent decryptor sees it) and read back after the next unlock.
@@ -470,7 +596,16 @@ fn lock_force_with_a_queue_of_pipelined_writes_keeps_every_acknowledged_one_and_
             if Instant::now() > deadline || credit_tx.send(()).is_err() {
                 break;
             }
-            if c.request(0, CMD_WRITE, i as u64, (i * BLOCK) as u64, BLOCK as u32, &block_data(i)).is_err() {
+            if c.request(
+                0,
+                CMD_WRITE,
+                i as u64,
+                (i * BLOCK) as u64,
+                BLOCK as u32,
+                &block_data(i),
+            )
+            .is_err()
+            {
                 break;
             }
             sent += 1;
@@ -480,7 +615,10 @@ fn lock_force_with_a_queue_of_pipelined_writes_keeps_every_acknowledged_one_and_
     let reader = {
         let acked = acked.clone();
         std::thread::spawn(move || {
-            let mut c = Client { s: rd, server_flags: 0 };
+            let mut c = Client {
+                s: rd,
+                server_flags: 0,
+            };
             let mut errors = 0;
             while let Ok((err, cookie)) = c.simple_reply() {
                 let _ = credit_rx.try_recv();
@@ -500,22 +638,45 @@ fn lock_force_with_a_queue_of_pipelined_writes_keeps_every_acknowledged_one_and_
         std::thread::sleep(Duration::from_millis(2));
     }
     let out = d.ctl("lock", &["--force"]);
-    assert!(matches!(out.code(), Some(0) | Some(4)), "lock --force: {:?}\n{}", out.code(), out.details());
+    assert!(
+        matches!(out.code(), Some(0) | Some(4)),
+        "lock --force: {:?}\n{}",
+        out.code(),
+        out.details()
+    );
     let errors = reader.join().unwrap();
     let sent = writer.join().unwrap();
     d.assert_alive();
     d.wait_state("locked", Duration::from_secs(20));
     let acked = acked.lock().unwrap().clone();
-    assert!(sent < blocks, "the writer finished before the lock; nothing was tested");
-    eprintln!("sent {sent}, acknowledged {}, refused {errors}", acked.len());
+    assert!(
+        sent < blocks,
+        "the writer finished before the lock; nothing was tested"
+    );
+    eprintln!(
+        "sent {sent}, acknowledged {}, refused {errors}",
+        acked.len()
+    );
 
     let plain = verify_py_plaintext(&img, &luks_volume_key(&img, PASS));
-    let missing: Vec<usize> = acked.iter().copied().filter(|&i| plain[i * BLOCK..(i + 1) * BLOCK] != block_data(i)[..]).collect();
-    assert!(missing.is_empty(), "{} acknowledged blocks are not on disk after the forced lock: {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    let missing: Vec<usize> = acked
+        .iter()
+        .copied()
+        .filter(|&i| plain[i * BLOCK..(i + 1) * BLOCK] != block_data(i)[..])
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged blocks are not on disk after the forced lock: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
     expect_code(&d.unlock(PASS), 0, "unlock after the forced lock");
     let got = read_export(&d.uri(), d.dir());
     for &i in &acked {
-        assert!(got[i * BLOCK..(i + 1) * BLOCK] == block_data(i)[..], "acknowledged block {i} does not read back after unlock");
+        assert!(
+            got[i * BLOCK..(i + 1) * BLOCK] == block_data(i)[..],
+            "acknowledged block {i} does not read back after unlock"
+        );
     }
 }
 
@@ -531,16 +692,35 @@ fn the_wait_after_wrong_passphrases_doubles_1_then_2_then_4_seconds() {
     let mut waits = Vec::new();
     for i in 0..5 {
         let out = d.unlock(format!("wrong {i}").as_bytes());
-        expect_code(&out, 3, &format!("wrong passphrase {i} (after waiting out the limit)"));
+        expect_code(
+            &out,
+            3,
+            &format!("wrong passphrase {i} (after waiting out the limit)"),
+        );
         if i < 2 {
-            assert!(seconds_in(&out.stderr).is_none(), "no wait after only {} failures: {}", i + 1, out.stderr);
+            assert!(
+                seconds_in(&out.stderr).is_none(),
+                "no wait after only {} failures: {}",
+                i + 1,
+                out.stderr
+            );
             continue;
         }
-        let wait = seconds_in(&out.stderr).unwrap_or_else(|| panic!("failure {} should say when to retry: {}", i + 1, out.stderr));
+        let wait = seconds_in(&out.stderr).unwrap_or_else(|| {
+            panic!("failure {} should say when to retry: {}", i + 1, out.stderr)
+        });
         // Trying at once is refused with exit 4 and the same advice.
         let early = d.unlock(PASS);
-        expect_code(&early, 4, "an attempt inside the wait (even with the right passphrase)");
-        assert!(seconds_in(&early.stderr).is_some_and(|s| s <= wait), "{}", early.stderr);
+        expect_code(
+            &early,
+            4,
+            "an attempt inside the wait (even with the right passphrase)",
+        );
+        assert!(
+            seconds_in(&early.stderr).is_some_and(|s| s <= wait),
+            "{}",
+            early.stderr
+        );
         waits.push(wait);
         if i < 4 {
             std::thread::sleep(Duration::from_millis(wait * 1000 + 150));
@@ -551,7 +731,8 @@ fn the_wait_after_wrong_passphrases_doubles_1_then_2_then_4_seconds() {
 }
 
 #[test]
-fn lock_force_does_not_wait_for_a_client_stalled_mid_request_and_its_half_sent_write_is_not_applied() {
+fn lock_force_does_not_wait_for_a_client_stalled_mid_request_and_its_half_sent_write_is_not_applied(
+) {
     let (d, img) = locked_volume(MIB, 4096);
     expect_code(&d.unlock(PASS), 0, "unlock");
     let key = luks_volume_key(&img, PASS);
@@ -573,21 +754,41 @@ fn lock_force_does_not_wait_for_a_client_stalled_mid_request_and_its_half_sent_w
     std::thread::sleep(Duration::from_millis(200));
 
     let out = d.ctl("lock", &["--force"]);
-    assert!(matches!(out.code(), Some(0) | Some(4)), "lock --force: {:?}\n{}", out.code(), out.details());
+    assert!(
+        matches!(out.code(), Some(0) | Some(4)),
+        "lock --force: {:?}\n{}",
+        out.code(),
+        out.details()
+    );
     d.wait_state("locked", Duration::from_secs(20));
-    assert!(c.closed_within(Duration::from_secs(10)), "the stalled client was not disconnected by the forced lock");
+    assert!(
+        c.closed_within(Duration::from_secs(10)),
+        "the stalled client was not disconnected by the forced lock"
+    );
     // Sending the rest now reaches nobody.
     let _ = c.send(&payload[4096..]);
-    assert!(c.simple_reply().is_err(), "a reply came for a write finished after the forced lock");
+    assert!(
+        c.simple_reply().is_err(),
+        "a reply came for a write finished after the forced lock"
+    );
 
     let plain = verify_py_plaintext(&img, &key);
-    assert_same_bytes(&plain, &before, "the image after a half-sent write and a forced lock");
+    assert_same_bytes(
+        &plain,
+        &before,
+        "the image after a half-sent write and a forced lock",
+    );
     expect_code(&d.unlock(PASS), 0, "unlock");
-    assert_same_bytes(&read_export(&d.uri(), d.dir()), &before, "the export after unlocking again");
+    assert_same_bytes(
+        &read_export(&d.uri(), d.dir()),
+        &before,
+        "the export after unlocking again",
+    );
 }
 
 #[test]
-fn lock_force_with_a_client_that_does_not_read_its_replies_ends_locked_and_the_daemon_stays_responsive() {
+fn lock_force_with_a_client_that_does_not_read_its_replies_ends_locked_and_the_daemon_stays_responsive(
+) {
     // Replies to 8 big READs fill the socket buffer while the client reads nothing: the requests
     // cannot finish. The forced lock either cuts the client off or reports busy (exit 4, state
     // `locking`) after its 10 s drain; either way the daemon keeps answering the control socket,
@@ -601,13 +802,26 @@ fn lock_force_with_a_client_that_does_not_read_its_replies_ends_locked_and_the_d
     std::thread::sleep(Duration::from_millis(300));
     let t0 = Instant::now();
     let out = d.ctl("lock", &["--force"]);
-    assert!(matches!(out.code(), Some(0) | Some(4)), "lock --force: {:?}\n{}", out.code(), out.details());
-    assert!(t0.elapsed() < Duration::from_secs(25), "lock --force took {:?}", t0.elapsed());
+    assert!(
+        matches!(out.code(), Some(0) | Some(4)),
+        "lock --force: {:?}\n{}",
+        out.code(),
+        out.details()
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(25),
+        "lock --force took {:?}",
+        t0.elapsed()
+    );
     let s = d.status();
     assert!(s["state"] == "locked" || s["state"] == "locking", "{s:#}");
     if out.code() == Some(4) {
         assert_eq!(s["state"], "locking", "busy means still locking: {s:#}");
-        assert!(out.stderr.contains("status"), "exit 4 should point at `nbdcryptctl status`\n{}", out.details());
+        assert!(
+            out.stderr.contains("status"),
+            "exit 4 should point at `nbdcryptctl status`\n{}",
+            out.details()
+        );
         let mut other = Client::connect(&d.sock);
         let (last, _) = other.option(OPT_GO, &info_payload(EXPORT, &[]));
         assert!(last.is_error(), "GO while locking: {last:?}");
@@ -624,10 +838,16 @@ fn while_locked_list_offers_no_export_and_export_name_closes_the_connection() {
     let (d, _img) = locked_volume(MIB, 4096);
     let mut c = Client::connect(&d.sock);
     // A locked volume offers no export: LIST answers, with nothing in it.
-    assert!(c.list().is_empty(), "LIST named an export while the volume is locked");
+    assert!(
+        c.list().is_empty(),
+        "LIST named an export while the volume is locked"
+    );
     // NBD_OPT_EXPORT_NAME has no error reply: the server can only hang up.
     c.send_opt(OPT_EXPORT_NAME, EXPORT.as_bytes()).unwrap();
-    assert!(c.closed_within(Duration::from_secs(10)), "EXPORT_NAME of a locked export did not close the connection");
+    assert!(
+        c.closed_within(Duration::from_secs(10)),
+        "EXPORT_NAME of a locked export did not close the connection"
+    );
     expect_code(&d.unlock(PASS), 0, "unlock");
     let mut c = Client::connect(&d.sock);
     assert!(c.list().iter().any(|n| n == EXPORT), "LIST after unlock");

@@ -55,11 +55,16 @@ fn assert_image_decrypts_to(d: &Daemon, img: &std::path::Path, want: &[u8]) {
     assert_eq!(out.code(), Some(0), "lock\n{}", out.details());
     d.wait_state("locked", Duration::from_secs(15));
     let key = luks_volume_key(img, PASS);
-    assert_same_bytes(&verify_py_plaintext(img, &key), want, "verify.py's decryption of the image");
+    assert_same_bytes(
+        &verify_py_plaintext(img, &key),
+        want,
+        "verify.py's decryption of the image",
+    );
 }
 
 #[test]
-fn qemu_io_unaligned_writes_on_4096_byte_sectors_read_back_and_leave_neighbouring_bytes_unchanged() {
+fn qemu_io_unaligned_writes_on_4096_byte_sectors_read_back_and_leave_neighbouring_bytes_unchanged()
+{
     qemu_io_unaligned(4096, 11);
 }
 
@@ -72,12 +77,12 @@ fn qemu_io_unaligned(sector_size: u32, seed: u64) {
     let (d, img, base) = unlocked_with(sector_size, seed);
     let uri = d.uri();
     let writes: &[(u8, u64, u64)] = &[
-        (0x5a, 1000, 3333),    // inside sector 0
-        (0xa5, 4000, 200),     // straddles the boundary of sectors 0 and 1
-        (0x11, 12287, 2),      // last byte of sector 2, first of sector 3
-        (0x77, 20000, 10000),  // partial first sector, whole middle sector, partial last
-        (0xee, DATA - 5, 5),   // tail of the last sector
-        (0x42, 0, 1),          // the very first byte
+        (0x5a, 1000, 3333),   // inside sector 0
+        (0xa5, 4000, 200),    // straddles the boundary of sectors 0 and 1
+        (0x11, 12287, 2),     // last byte of sector 2, first of sector 3
+        (0x77, 20000, 10000), // partial first sector, whole middle sector, partial last
+        (0xee, DATA - 5, 5),  // tail of the last sector
+        (0x42, 0, 1),         // the very first byte
     ];
     let mut model = base.clone();
     let mut cmds = Vec::new();
@@ -89,14 +94,22 @@ fn qemu_io_unaligned(sector_size: u32, seed: u64) {
     let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
     assert_qemu_io_ok(qemu_io(&uri, &cmds));
     // A new connection (another qemu-io process) sees the writes.
-    assert_qemu_io_ok(qemu_io(&uri, &["read -P 0x5a 1000 3000", "read -P 0x77 20000 10000"]));
+    assert_qemu_io_ok(qemu_io(
+        &uri,
+        &["read -P 0x5a 1000 3000", "read -P 0x77 20000 10000"],
+    ));
     // Every other byte, including the rest of each touched sector, is unchanged.
-    assert_same_bytes(&read_export(&uri, d.dir()), &model, "export after qemu-io's unaligned writes");
+    assert_same_bytes(
+        &read_export(&uri, d.dir()),
+        &model,
+        "export after qemu-io's unaligned writes",
+    );
     assert_image_decrypts_to(&d, &img, &model);
 }
 
 #[test]
-fn two_nbdsh_connections_writing_interleaved_1000_byte_pieces_that_share_sectors_end_with_the_model_content() {
+fn two_nbdsh_connections_writing_interleaved_1000_byte_pieces_that_share_sectors_end_with_the_model_content(
+) {
     let (d, img, base) = unlocked_4096(12);
     let dir = d.dir().to_path_buf();
     let base_file = dir.join("base.bin");
@@ -104,7 +117,10 @@ fn two_nbdsh_connections_writing_interleaved_1000_byte_pieces_that_share_sectors
     std::fs::write(&base_file, &base).unwrap();
     let out = nbdsh_env(
         &d.uri(),
-        &[("BASE", base_file.to_str().unwrap()), ("MODEL", model_file.to_str().unwrap())],
+        &[
+            ("BASE", base_file.to_str().unwrap()),
+            ("MODEL", model_file.to_str().unwrap()),
+        ],
         r#"
         import random, time
         model = bytearray(open(os.environ["BASE"], "rb").read())
@@ -164,12 +180,17 @@ fn two_nbdsh_connections_writing_interleaved_1000_byte_pieces_that_share_sectors
     let model = std::fs::read(&model_file).unwrap();
     assert_eq!(model.len() as u64, DATA);
     assert_ne!(model, base, "the script wrote nothing");
-    assert_same_bytes(&read_export(&d.uri(), d.dir()), &model, "export after the interleaved writes (nbdcopy)");
+    assert_same_bytes(
+        &read_export(&d.uri(), d.dir()),
+        &model,
+        "export after the interleaved writes (nbdcopy)",
+    );
     assert_image_decrypts_to(&d, &img, &model);
 }
 
 #[test]
-fn an_unaligned_write_racing_a_whole_sector_write_from_another_connection_never_brings_back_old_data() {
+fn an_unaligned_write_racing_a_whole_sector_write_from_another_connection_never_brings_back_old_data(
+) {
     // Connection A rewrites whole 4096-byte sectors while connection B patches 100 bytes inside
     // each of them. Whichever lands last, every byte outside B's patch must be A's new data: a
     // read-modify-write that read the sector before A's write and wrote it back after would

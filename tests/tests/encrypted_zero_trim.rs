@@ -77,11 +77,24 @@ h.shutdown()
     );
     nbdsh(&d.uri(), &script).success();
     let mut model = base.clone();
-    for (off, n) in [(65536usize, 65536usize), (200000, 1000), (1048576 + 17, 3333), (2097152, 4096 * 3)] {
+    for (off, n) in [
+        (65536usize, 65536usize),
+        (200000, 1000),
+        (1048576 + 17, 3333),
+        (2097152, 4096 * 3),
+    ] {
         model[off..off + n].fill(0);
     }
-    assert_same_bytes(&read_export(&d.uri(), d.dir()), &model, "export after WRITE_ZEROES (nbdcopy)");
-    assert_same_bytes(&locked_plaintext(&d, &img), &model, "verify.py's decryption after WRITE_ZEROES");
+    assert_same_bytes(
+        &read_export(&d.uri(), d.dir()),
+        &model,
+        "export after WRITE_ZEROES (nbdcopy)",
+    );
+    assert_same_bytes(
+        &locked_plaintext(&d, &img),
+        &model,
+        "verify.py's decryption after WRITE_ZEROES",
+    );
 }
 
 #[test]
@@ -95,7 +108,8 @@ fn write_zeroes_with_allow_discards_still_stores_encrypted_zeros_on_512_byte_sec
 }
 
 #[test]
-fn with_allow_discards_trim_punches_a_hole_in_the_backing_file_keeps_the_neighbours_and_block_status_stays_truthful() {
+fn with_allow_discards_trim_punches_a_hole_in_the_backing_file_keeps_the_neighbours_and_block_status_stays_truthful(
+) {
     let (d, img, base) = unlocked(4096, &["--allow-discards"], 33);
     std::fs::File::open(&img).unwrap().sync_all().unwrap();
     let blocks_before = std::fs::metadata(&img).unwrap().blocks();
@@ -121,16 +135,33 @@ h.shutdown()
         "TRIM of 1 MiB with --allow-discards did not deallocate the backing file: {blocks_before} -> {blocks_after} 512-byte blocks"
     );
     let got = read_export(&d.uri(), d.dir());
-    assert_same_bytes(&got[..1048576], &base[..1048576], "data before the trimmed range");
-    assert_same_bytes(&got[2097152..], &base[2097152..], "data after the trimmed range");
-    assert_eq!(got[1048576 + 100..1048576 + 5100], [0x5a; 5000][..], "rewritten part of the trimmed range");
+    assert_same_bytes(
+        &got[..1048576],
+        &base[..1048576],
+        "data before the trimmed range",
+    );
+    assert_same_bytes(
+        &got[2097152..],
+        &base[2097152..],
+        "data after the trimmed range",
+    );
+    assert_eq!(
+        got[1048576 + 100..1048576 + 5100],
+        [0x5a; 5000][..],
+        "rewritten part of the trimmed range"
+    );
 }
 
 #[test]
 fn without_allow_discards_trim_is_not_offered_and_a_raw_trim_changes_nothing() {
     let (d, img, base) = unlocked(4096, &[], 34);
     let (mut c, e) = Client::connect_go(&d.sock);
-    assert_eq!(e.flags & TF_SEND_TRIM, 0, "TRIM advertised without --allow-discards: flags {:#x}", e.flags);
+    assert_eq!(
+        e.flags & TF_SEND_TRIM,
+        0,
+        "TRIM advertised without --allow-discards: flags {:#x}",
+        e.flags
+    );
     c.request(0, CMD_TRIM, 9, 0, 65536, &[]).unwrap();
     let (err, cookie) = c.simple_reply().expect("reply to an unadvertised TRIM");
     assert_eq!(cookie, 9);
@@ -139,7 +170,11 @@ fn without_allow_discards_trim_is_not_offered_and_a_raw_trim_changes_nothing() {
     let got = c.read(10, 0, 65536).expect("READ after TRIM");
     assert_same_bytes(&got, &base[..65536], "data after an unadvertised TRIM");
     drop(c);
-    assert_same_bytes(&locked_plaintext(&d, &img), &base, "verify.py's decryption after the TRIM attempt");
+    assert_same_bytes(
+        &locked_plaintext(&d, &img),
+        &base,
+        "verify.py's decryption after the TRIM attempt",
+    );
 }
 
 #[test]
@@ -165,6 +200,13 @@ h.shutdown()
     nbdsh_env(&d.uri(), &[("OUT", out_file.to_str().unwrap())], &script).success();
     let direct = std::fs::read(&out_file).unwrap();
     // nbdcopy uses block status to skip zero ranges: it must still copy what a plain read sees.
-    assert_same_bytes(&read_export(&d.uri(), d.dir()), &direct, "nbdcopy vs pread of a fresh volume");
-    assert!(direct.iter().any(|&b| b != 0), "a never-written encrypted volume should read as ciphertext garbage, not zeros");
+    assert_same_bytes(
+        &read_export(&d.uri(), d.dir()),
+        &direct,
+        "nbdcopy vs pread of a fresh volume",
+    );
+    assert!(
+        direct.iter().any(|&b| b != 0),
+        "a never-written encrypted volume should read as ciphertext garbage, not zeros"
+    );
 }

@@ -57,18 +57,30 @@ fn kernel_client_run(discards: bool) {
     let vol = dir.path().join("volume.img");
     let key = dir.path().join("volume.key");
     let mut raw_key = [0u8; 32];
-    File::open("/dev/urandom").unwrap().read_exact(&mut raw_key).unwrap();
+    File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut raw_key)
+        .unwrap();
     std::fs::write(&key, hex(&raw_key)).unwrap();
     let ctl = daemon_binary().with_file_name("nbdcryptctl");
-    assert!(ctl.is_file(), "{} not found: run `cargo build --workspace --bins`", ctl.display());
+    assert!(
+        ctl.is_file(),
+        "{} not found: run `cargo build --workspace --bins`",
+        ctl.display()
+    );
     run(
-        Command::new(&ctl).arg("format").arg(&vol).args(["--size", VOLUME_FILE_SIZE, "--key-file"]).arg(&key).args([
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "1000",
-            "--yes",
-        ]),
+        Command::new(&ctl)
+            .arg("format")
+            .arg(&vol)
+            .args(["--size", VOLUME_FILE_SIZE, "--key-file"])
+            .arg(&key)
+            .args([
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+                "--yes",
+            ]),
         TOOL_TIMEOUT,
     )
     .success();
@@ -102,7 +114,10 @@ fn kernel_client_run(discards: bool) {
     let marker = format!(
         "nbdcrypt-kvm-plaintext-{}-{}",
         std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
     );
     // no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer check can miss
     // ticks and panic ("IO-APIC + timer doesn't work!"); the check is pointless in a VM.
@@ -113,9 +128,14 @@ fn kernel_client_run(discards: bool) {
     );
     let console_path = d.dir().join("console.log");
     let boot = Instant::now();
-    let (status, qemu_pid, console) = run_guest(&qemu, &guest, &sock, &append, &console_path, &mut d);
+    let (status, qemu_pid, console) =
+        run_guest(&qemu, &guest, &sock, &append, &console_path, &mut d);
     let guest_secs = boot.elapsed().as_secs_f64();
-    println!("---- guest console ({}) ----\n{}---- end of console ----", console_path.display(), console);
+    println!(
+        "---- guest console ({}) ----\n{}---- end of console ----",
+        console_path.display(),
+        console
+    );
 
     // 1. The guest's verdict.
     if let Some(l) = console.lines().find(|l| l.contains("Kernel panic")) {
@@ -129,40 +149,107 @@ fn kernel_client_run(discards: bool) {
         "guest did not print NBDTEST: ALL OK (qemu {status})\n{}",
         banner(&d, &console)
     );
-    assert!(status.success(), "qemu exited {status} after ALL OK\n{}", banner(&d, &console));
+    assert!(
+        status.success(),
+        "qemu exited {status} after ALL OK\n{}",
+        banner(&d, &console)
+    );
 
     // 2. The daemon saw the kernel attach and disconnect cleanly, and is still serving.
     wait_for_log(&d, "client disconnected", Duration::from_secs(10));
     let log = d.log();
-    let attached: Vec<&str> = log.lines().filter(|l| l.contains("client attached")).collect();
-    let disconnected = log.lines().filter(|l| l.contains("client disconnected")).count();
+    let attached: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("client attached"))
+        .collect();
+    let disconnected = log
+        .lines()
+        .filter(|l| l.contains("client disconnected"))
+        .count();
     assert!(
         attached.len() == 1 && disconnected == 1,
         "expected one kernel session (attached + disconnected), got {} attached, {disconnected} disconnected\n{}",
         attached.len(),
         banner(&d, &console)
     );
-    for want in ["encrypted=true".to_owned(), format!("export={EXPORT}"), format!("pid={qemu_pid}")] {
-        assert!(attached[0].contains(&want), "attach line lacks {want}: {}\n{}", attached[0], banner(&d, &console));
+    for want in [
+        "encrypted=true".to_owned(),
+        format!("export={EXPORT}"),
+        format!("pid={qemu_pid}"),
+    ] {
+        assert!(
+            attached[0].contains(&want),
+            "attach line lacks {want}: {}\n{}",
+            attached[0],
+            banner(&d, &console)
+        );
     }
-    for bad in ["WARN", "ERROR", "protocol error", "abnormally", "handshake failed", "timed out", "request rejected"] {
-        assert!(!log.contains(bad), "daemon log contains {bad:?}\n{}", banner(&d, &console));
+    for bad in [
+        "WARN",
+        "ERROR",
+        "protocol error",
+        "abnormally",
+        "handshake failed",
+        "timed out",
+        "request rejected",
+    ] {
+        assert!(
+            !log.contains(bad),
+            "daemon log contains {bad:?}\n{}",
+            banner(&d, &console)
+        );
     }
     let reqs = requests(&log);
     let count = |c: &str| reqs.iter().filter(|r| r.0 == c).count();
-    assert_eq!(reqs.last().map(|r| r.0.as_str()), Some("Disc"), "the kernel's last request was not NBD_CMD_DISC");
-    assert!(count("Read") > 0 && count("Write") > 0, "no reads or writes logged\n{}", banner(&d, &console));
-    assert!(count("Flush") > 0, "the kernel never sent FLUSH (sync, umount, journal commits)\n{}", banner(&d, &console));
-    assert_eq!(count("Trim") > 0, discards, "TRIM requests: {} with discards={discards}", count("Trim"));
-    let mut mix: Vec<String> = ["Read", "Write", "Flush", "Trim", "WriteZeroes", "Cache", "BlockStatus", "Disc"]
-        .iter()
-        .filter(|c| count(c) > 0)
-        .map(|c| {
-            let max = reqs.iter().filter(|r| r.0 == *c).map(|r| r.1).max().unwrap_or(0);
-            format!("{c}={} (max {} KiB)", count(c), max / 1024)
-        })
-        .collect();
-    mix.push(format!("FUA writes={}", reqs.iter().filter(|r| r.0 == "Write" && r.2 & 1 != 0).count()));
+    assert_eq!(
+        reqs.last().map(|r| r.0.as_str()),
+        Some("Disc"),
+        "the kernel's last request was not NBD_CMD_DISC"
+    );
+    assert!(
+        count("Read") > 0 && count("Write") > 0,
+        "no reads or writes logged\n{}",
+        banner(&d, &console)
+    );
+    assert!(
+        count("Flush") > 0,
+        "the kernel never sent FLUSH (sync, umount, journal commits)\n{}",
+        banner(&d, &console)
+    );
+    assert_eq!(
+        count("Trim") > 0,
+        discards,
+        "TRIM requests: {} with discards={discards}",
+        count("Trim")
+    );
+    let mut mix: Vec<String> = [
+        "Read",
+        "Write",
+        "Flush",
+        "Trim",
+        "WriteZeroes",
+        "Cache",
+        "BlockStatus",
+        "Disc",
+    ]
+    .iter()
+    .filter(|c| count(c) > 0)
+    .map(|c| {
+        let max = reqs
+            .iter()
+            .filter(|r| r.0 == *c)
+            .map(|r| r.1)
+            .max()
+            .unwrap_or(0);
+        format!("{c}={} (max {} KiB)", count(c), max / 1024)
+    })
+    .collect();
+    mix.push(format!(
+        "FUA writes={}",
+        reqs.iter()
+            .filter(|r| r.0 == "Write" && r.2 & 1 != 0)
+            .count()
+    ));
     println!("requests from the kernel: {}", mix.join(", "));
     d.assert_alive();
 
@@ -181,14 +268,26 @@ fn kernel_client_run(discards: bool) {
     let plain = d.dir().join("export.img");
     run(tool("nbdcopy").arg(d.uri()).arg(&plain), TOOL_TIMEOUT).success();
     let data = std::fs::read(&plain).unwrap();
-    assert_eq!(data.len() as u64, EXPORT_SIZE, "nbdcopy read {} bytes", data.len());
+    assert_eq!(
+        data.len() as u64,
+        EXPORT_SIZE,
+        "nbdcopy read {} bytes",
+        data.len()
+    );
     assert_eq!(
         &data[1080..1082],
         &[0x53, 0xEF],
         "no ext4 superblock magic 0xEF53 at offset 1080 of the decrypted export"
     );
-    assert_eq!(&data[1024 + 0x78..1024 + 0x78 + FS_LABEL.len()], FS_LABEL.as_bytes(), "ext4 label");
-    assert!(find(&data, marker.as_bytes()).is_some(), "the decrypted export does not contain marker.txt's contents");
+    assert_eq!(
+        &data[1024 + 0x78..1024 + 0x78 + FS_LABEL.len()],
+        FS_LABEL.as_bytes(),
+        "ext4 label"
+    );
+    assert!(
+        find(&data, marker.as_bytes()).is_some(),
+        "the decrypted export does not contain marker.txt's contents"
+    );
     std::fs::remove_file(&plain).unwrap();
     d.assert_alive();
 
@@ -201,7 +300,10 @@ fn kernel_client_run(discards: bool) {
         meta.len() / MIB,
         allocated / MIB
     );
-    for l in console.lines().filter(|l| l.contains("NBDTEST: queue:") || l.contains("fstrim")) {
+    for l in console
+        .lines()
+        .filter(|l| l.contains("NBDTEST: queue:") || l.contains("fstrim"))
+    {
         println!("{l}");
     }
 }
@@ -230,7 +332,10 @@ fn target_dir() -> PathBuf {
 fn build_guest() -> Guest {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernel-vm/build-guest.sh");
     let out_dir = target_dir().join("kernel-vm");
-    let out = run(Command::new("bash").arg(&script).arg(&out_dir), BUILD_TIMEOUT);
+    let out = run(
+        Command::new("bash").arg(&script).arg(&out_dir),
+        BUILD_TIMEOUT,
+    );
     assert!(
         out.ok(),
         "{} failed ({}): cannot build the guest kernel + initramfs. Its message names the missing \
@@ -247,8 +352,14 @@ fn build_guest() -> Guest {
             .map(PathBuf::from)
             .unwrap_or_else(|| panic!("build-guest.sh printed no {k}\n{}", out.details()))
     };
-    let g = Guest { vmlinux: get("vmlinux="), initramfs: get("initramfs=") };
-    assert!(g.vmlinux.is_file() && g.initramfs.is_file(), "build-guest.sh outputs missing");
+    let g = Guest {
+        vmlinux: get("vmlinux="),
+        initramfs: get("initramfs="),
+    };
+    assert!(
+        g.vmlinux.is_file() && g.initramfs.is_file(),
+        "build-guest.sh outputs missing"
+    );
     g
 }
 
@@ -276,20 +387,46 @@ fn run_guest(
 ) -> (std::process::ExitStatus, u32, String) {
     let chardev = format!("socket,id=nbd,path={}", sock.display());
     let mut cmd = Command::new(qemu);
-    cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-M", "pc", "-m", "256", "-smp", "1"])
-        .args(["-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio"])
-        .args(["-device", "virtio-serial-pci"])
-        .arg("-kernel")
-        .arg(&g.vmlinux)
-        .arg("-initrd")
-        .arg(&g.initramfs)
-        .args(["-append", append])
-        .args(["-chardev", &chardev, "-device", "virtserialport,chardev=nbd,name=nbd"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "-accel",
+        "tcg,thread=multi",
+        "-cpu",
+        "max",
+        "-M",
+        "pc",
+        "-m",
+        "256",
+        "-smp",
+        "1",
+    ])
+    .args([
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+    ])
+    .args(["-device", "virtio-serial-pci"])
+    .arg("-kernel")
+    .arg(&g.vmlinux)
+    .arg("-initrd")
+    .arg(&g.initramfs)
+    .args(["-append", append])
+    .args([
+        "-chardev",
+        &chardev,
+        "-device",
+        "virtserialport,chardev=nbd,name=nbd",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let start = Instant::now();
-    let mut child = KillOnDrop(cmd.spawn().unwrap_or_else(|e| panic!("cannot run {}: {e}", qemu.display())));
+    let mut child = KillOnDrop(
+        cmd.spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", qemu.display())),
+    );
     let console = Arc::new(Mutex::new(String::new()));
     let mut file = File::create(console_path).unwrap();
     let readers: Vec<_> = [
@@ -324,7 +461,10 @@ fn run_guest(
             let _ = child.0.kill();
             let _ = child.0.wait();
             let c = console.lock().unwrap().clone();
-            panic!("the guest did not power off within {QEMU_TIMEOUT:?}\n{}", banner(d, &c));
+            panic!(
+                "the guest did not power off within {QEMU_TIMEOUT:?}\n{}",
+                banner(d, &c)
+            );
         }
         d.assert_alive();
         std::thread::sleep(Duration::from_millis(100));
@@ -332,7 +472,11 @@ fn run_guest(
     for r in readers {
         let _ = r.join();
     }
-    let _ = writeln!(file, "qemu exited {status} after {:.1}s", start.elapsed().as_secs_f64());
+    let _ = writeln!(
+        file,
+        "qemu exited {status} after {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
     let c = console.lock().unwrap().clone();
     (status, child.0.id(), c)
 }
@@ -360,7 +504,11 @@ fn wait_for_log(d: &Daemon, what: &str, timeout: Duration) {
 /// Path of an external program, or a test failure naming its Debian package.
 fn require(name: &str, package: &str) -> PathBuf {
     std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|p| p.is_file()))
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        })
         .unwrap_or_else(|| {
             panic!(
                 "required tool `{name}` is not installed (Debian package {package}); \
@@ -388,7 +536,10 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     let (first, rest) = needle.split_first()?;
     let mut i = 0;
     while i + needle.len() <= hay.len() {
-        match hay[i..hay.len() - rest.len()].iter().position(|b| b == first) {
+        match hay[i..hay.len() - rest.len()]
+            .iter()
+            .position(|b| b == first)
+        {
             None => return None,
             Some(p) => {
                 let at = i + p;

@@ -18,7 +18,16 @@ const NOBODY: &str = "65534";
 /// `setpriv` as uid/gid 65534 with no supplementary groups and no capabilities.
 fn as_nobody(program: &Path) -> Command {
     let mut c = tool("setpriv");
-    c.args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups", "--inh-caps=-all", "--"]).arg(program);
+    c.args([
+        "--reuid",
+        NOBODY,
+        "--regid",
+        NOBODY,
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--",
+    ])
+    .arg(program);
     c
 }
 
@@ -39,7 +48,10 @@ fn open_up(path: &Path) {
 #[test]
 fn an_unprivileged_user_can_neither_control_nor_attach_nor_read_the_daemons_memory() {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let euid = status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|l| l.split_whitespace().nth(1));
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1));
     assert_eq!(euid, Some("0"), "this test needs root (CI runs as root)");
     let dir = tempdir();
     let img = dir.path().join("volume.img");
@@ -57,7 +69,11 @@ fn an_unprivileged_user_can_neither_control_nor_attach_nor_read_the_daemons_memo
 
     // The control socket: mode 0600, owned by root.
     let out = run(
-        as_nobody(&ctl).args(["unlock", "--key-file"]).arg(&key).arg("--control").arg(&control),
+        as_nobody(&ctl)
+            .args(["unlock", "--key-file"])
+            .arg(&key)
+            .arg("--control")
+            .arg(&control),
         Duration::from_secs(30),
     );
     assert!(!out.ok(), "nobody unlocked the daemon:\n{}", out.details());
@@ -66,9 +82,16 @@ fn an_unprivileged_user_can_neither_control_nor_attach_nor_read_the_daemons_memo
         "the refusal should say permission denied:\n{}",
         out.details()
     );
-    let out = run(as_nobody(&ctl).args(["status", "--control"]).arg(&control), Duration::from_secs(30));
+    let out = run(
+        as_nobody(&ctl).args(["status", "--control"]).arg(&control),
+        Duration::from_secs(30),
+    );
     assert!(!out.ok(), "nobody read the status:\n{}", out.details());
-    assert_eq!(d.state(), "locked", "positive control: root reads the status, and nobody's unlock failed");
+    assert_eq!(
+        d.state(),
+        "locked",
+        "positive control: root reads the status, and nobody's unlock failed"
+    );
 
     // Unlock as root; the NBD socket (mode 0600) still keeps nobody out.
     d.unlock(PASS).success();
@@ -77,9 +100,16 @@ fn an_unprivileged_user_can_neither_control_nor_attach_nor_read_the_daemons_memo
     let uri = format!("nbd+unix:///nbdcrypt?socket={}", nbd_sock.display());
     let nbdinfo = path_of("nbdinfo");
     let out = run(as_nobody(&nbdinfo).arg(&uri), Duration::from_secs(30));
-    assert!(!out.ok(), "nobody attached to the export:\n{}", out.details());
+    assert!(
+        !out.ok(),
+        "nobody attached to the export:\n{}",
+        out.details()
+    );
     let out = nbdinfo_ok(&uri);
-    assert!(out.contains("size"), "positive control: root attaches:\n{out}");
+    assert!(
+        out.contains("size"),
+        "positive control: root attaches:\n{out}"
+    );
 
     // The daemon's memory, environment and fds: not dumpable, so /proc/PID/* is root's.
     let pid = d.pid().to_string();
@@ -89,13 +119,24 @@ fn an_unprivileged_user_can_neither_control_nor_attach_nor_read_the_daemons_memo
         let out = run(as_nobody(&cat).arg(&p), Duration::from_secs(10));
         assert!(!out.ok(), "nobody read {p}:\n{}", out.details());
     }
-    let out = run(as_nobody(&path_of("ls")).arg(format!("/proc/{pid}/fd")), Duration::from_secs(10));
-    assert!(!out.ok(), "nobody listed the daemon's descriptors:\n{}", out.details());
+    let out = run(
+        as_nobody(&path_of("ls")).arg(format!("/proc/{pid}/fd")),
+        Duration::from_secs(10),
+    );
+    assert!(
+        !out.ok(),
+        "nobody listed the daemon's descriptors:\n{}",
+        out.details()
+    );
 }
 
 fn path_of(tool_name: &str) -> std::path::PathBuf {
     std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(tool_name)).find(|p| p.is_file()))
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(tool_name))
+                .find(|p| p.is_file())
+        })
         .unwrap_or_else(|| panic!("{tool_name} not found on PATH"))
 }
 
@@ -114,7 +155,17 @@ fn with_socket_mode_0666_the_same_unprivileged_user_attaches() {
     let d = Daemon::volume_in(dir, &img, &["--socket-mode", "0666"]);
     open_up(d.dir());
     d.unlock(PASS).success();
-    let uri = format!("nbd+unix:///nbdcrypt?socket={}", d.dir().join("nbd.sock").display());
-    let out = run(as_nobody(&path_of("nbdinfo")).arg(&uri), Duration::from_secs(30));
-    assert!(out.ok(), "nobody should attach to a 0666 socket:\n{}", out.details());
+    let uri = format!(
+        "nbd+unix:///nbdcrypt?socket={}",
+        d.dir().join("nbd.sock").display()
+    );
+    let out = run(
+        as_nobody(&path_of("nbdinfo")).arg(&uri),
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.ok(),
+        "nobody should attach to a 0666 socket:\n{}",
+        out.details()
+    );
 }

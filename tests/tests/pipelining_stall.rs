@@ -10,10 +10,10 @@
 
 use nbdcrypt_tests::raw::*;
 use nbdcrypt_tests::*;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use nix::poll::{PollFd, PollFlags, PollTimeout};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};

@@ -541,7 +541,12 @@ fn trials(name: &str, bin: &Path, trials: usize) -> Vec<TrialRow> {
              {flushes} FLUSHes; {} commits acknowledged ({} before the cut), {} found, {} missing; \
              fsck: {}; amcheck: {}",
             if tear.is_some() { " (torn)" } else { "" },
-            row.acked, row.acked_at_kill, row.found, row.missing.len(), row.fsck, row.check
+            row.acked,
+            row.acked_at_kill,
+            row.found,
+            row.missing.len(),
+            row.fsck,
+            row.check
         );
         assert!(
             row.acked > 0,

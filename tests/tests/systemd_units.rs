@@ -13,7 +13,11 @@ fn repo() -> PathBuf {
 fn install_units(dir: &Path) -> Vec<PathBuf> {
     let bin = daemon_binary();
     let ctl = bin.with_file_name("nbdcryptctl");
-    assert!(ctl.exists(), "{} missing: run cargo build --workspace --bins first", ctl.display());
+    assert!(
+        ctl.exists(),
+        "{} missing: run cargo build --workspace --bins first",
+        ctl.display()
+    );
     let mut out = Vec::new();
     for entry in std::fs::read_dir(repo().join("systemd")).unwrap() {
         let path = entry.unwrap().path();
@@ -41,14 +45,30 @@ fn install_units(dir: &Path) -> Vec<PathBuf> {
 fn every_unit_passes_systemd_analyze_verify_without_warnings() {
     let dir = tempdir();
     let units = install_units(dir.path());
-    assert!(units.len() >= 5, "expected the daemon, attach, rekey service+timer and mount units: {units:?}");
+    assert!(
+        units.len() >= 5,
+        "expected the daemon, attach, rekey service+timer and mount units: {units:?}"
+    );
     for unit in &units {
-        let out = run(tool("systemd-analyze").arg("verify").arg("--man=no").arg(unit), TOOL_TIMEOUT);
+        let out = run(
+            tool("systemd-analyze")
+                .arg("verify")
+                .arg("--man=no")
+                .arg(unit),
+            TOOL_TIMEOUT,
+        );
         assert!(out.ok(), "{}: {}", unit.display(), out.details());
         let name = unit.file_name().unwrap().to_string_lossy().into_owned();
-        let complaints: Vec<&str> =
-            out.stderr.lines().chain(out.stdout.lines()).filter(|l| l.contains(&name)).collect();
-        assert!(complaints.is_empty(), "systemd-analyze complained about {name}: {complaints:#?}");
+        let complaints: Vec<&str> = out
+            .stderr
+            .lines()
+            .chain(out.stdout.lines())
+            .filter(|l| l.contains(&name))
+            .collect();
+        assert!(
+            complaints.is_empty(),
+            "systemd-analyze complained about {name}: {complaints:#?}"
+        );
     }
 }
 
@@ -57,7 +77,12 @@ fn the_daemon_unit_is_hardened_to_an_exposure_below_3() {
     let dir = tempdir();
     install_units(dir.path());
     let unit = dir.path().join("nbdcryptd@db.service");
-    let out = run(tool("systemd-analyze").args(["security", "--offline=true"]).arg(&unit), TOOL_TIMEOUT);
+    let out = run(
+        tool("systemd-analyze")
+            .args(["security", "--offline=true"])
+            .arg(&unit),
+        TOOL_TIMEOUT,
+    );
     let text = format!("{}{}", out.stdout, out.stderr);
     let score: f64 = text
         .lines()
@@ -79,5 +104,9 @@ fn the_example_config_is_accepted_by_the_daemon() {
         TOOL_TIMEOUT,
     );
     assert!(!out.ok());
-    assert!(out.stderr.contains("/var/lib/nbdcrypt/db.img"), "{}", out.details());
+    assert!(
+        out.stderr.contains("/var/lib/nbdcrypt/db.img"),
+        "{}",
+        out.details()
+    );
 }

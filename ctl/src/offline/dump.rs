@@ -9,9 +9,7 @@ use anyhow::anyhow;
 use clap::Args;
 use serde_json::{json, Value};
 
-use nbdcrypt::luks2::{
-    KdfParams, KeyslotInfo, KeyslotPriority, Luks2Header, SegmentSize,
-};
+use nbdcrypt::luks2::{KdfParams, KeyslotInfo, KeyslotPriority, Luks2Header, SegmentSize};
 
 use super::{confirmed, printable as esc, Volume};
 use crate::secret_input::{io_reason, read_existing, Source};
@@ -170,7 +168,11 @@ fn write_text(out: &mut dyn Write, vol: &Volume, hdr: &Luks2Header) -> io::Resul
         }
     };
     let flags = hdr.config_flags();
-    writeln!(out, "LUKS header information for {}", esc(&vol.path.to_string_lossy()))?;
+    writeln!(
+        out,
+        "LUKS header information for {}",
+        esc(&vol.path.to_string_lossy())
+    )?;
     writeln!(out)?;
     writeln!(out, "Version:       \t2")?;
     writeln!(out, "Epoch:         \t{}", hdr.seqid())?;

@@ -13,9 +13,9 @@ use nbdcrypt::crypto::keys::VolumeKey;
 use nbdcrypt::luks2::{KdfLimits, Luks2Header};
 use nbdcrypt::seal::enroll::{self as seal_enroll, EnrollError, Enrolled, UnenrollTarget};
 use nbdcrypt::seal::kms::KmsProvider;
-use nbdcrypt::seal::token::{self, ProviderKind};
-use nbdcrypt::seal::pkcs11::{resolve_module, PinSource, Pkcs11Provider, Pkcs11Uri};
 use nbdcrypt::seal::pin::VolumePin;
+use nbdcrypt::seal::pkcs11::{resolve_module, PinSource, Pkcs11Provider, Pkcs11Uri};
+use nbdcrypt::seal::token::{self, ProviderKind};
 use nbdcrypt::seal::{resolve_provider, Pkcs11Settings, SealProvider, SealSettings};
 
 use super::Volume;
@@ -84,7 +84,12 @@ Examples:
 #[derive(Args, Debug, Clone)]
 pub struct KmsLocation {
     /// AWS region of the KMS key (default: AWS_REGION / the profile's region).
-    #[arg(long = "kms-region", visible_alias = "region", value_name = "REGION", help_heading = "AWS KMS")]
+    #[arg(
+        long = "kms-region",
+        visible_alias = "region",
+        value_name = "REGION",
+        help_heading = "AWS KMS"
+    )]
     pub region: Option<String>,
     /// KMS endpoint URL (VPC endpoint, test server). Tokens naming another are refused.
     #[arg(long, value_name = "URL", help_heading = "AWS KMS")]
@@ -104,7 +109,8 @@ fn config_pin(loc: &KmsLocation) -> anyhow::Result<VolumePin> {
     match &loc.config {
         Some(path) => {
             let (file, _) = nbdcrypt::config_file::load(path).map_err(|e| anyhow!(e))?;
-            file.volume_pin().map_err(|e| anyhow!("{}: {e}", path.display()))
+            file.volume_pin()
+                .map_err(|e| anyhow!("{}: {e}", path.display()))
         }
         None => Ok(VolumePin::default()),
     }
@@ -115,7 +121,8 @@ fn seal_settings(loc: &KmsLocation, hsm: &Pkcs11Args) -> anyhow::Result<SealSett
     let mut s = match &loc.config {
         Some(path) => {
             let (file, _) = nbdcrypt::config_file::load(path).map_err(|e| anyhow!(e))?;
-            file.seal_settings().map_err(|e| anyhow!("{}: {e}", path.display()))?
+            file.seal_settings()
+                .map_err(|e| anyhow!("{}: {e}", path.display()))?
         }
         None => SealSettings::default(),
     };
@@ -144,7 +151,12 @@ fn seal_settings(loc: &KmsLocation, hsm: &Pkcs11Args) -> anyhow::Result<SealSett
 pub struct Pkcs11Args {
     /// PIN source for HSM tokens: file:/path (or just /path) or cred:NAME (systemd
     /// credential). `--pin-file /path` is the same.
-    #[arg(long, value_name = "SOURCE", help_heading = "PKCS#11 HSM", visible_alias = "pin-file")]
+    #[arg(
+        long,
+        value_name = "SOURCE",
+        help_heading = "PKCS#11 HSM",
+        visible_alias = "pin-file"
+    )]
     pub pkcs11_pin: Option<String>,
     /// PKCS#11 module (default: the URI's module-path, else SoftHSM2's).
     #[arg(long, value_name = "PATH", help_heading = "PKCS#11 HSM")]
@@ -158,7 +170,10 @@ impl Pkcs11Args {
             Some(p) => Some(PinSource::parse(p).map_err(|e| anyhow!("--pkcs11-pin: {e}"))?),
             None => None,
         };
-        Ok(Pkcs11Settings { module: self.pkcs11_module.clone(), pin })
+        Ok(Pkcs11Settings {
+            module: self.pkcs11_module.clone(),
+            pin,
+        })
     }
 
     /// A provider sealing under the key `uri` names. The PIN comes from `--pkcs11-pin` or the
@@ -175,7 +190,9 @@ impl Pkcs11Args {
             );
         }
         let pin = match (&self.pkcs11_pin, &uri.pin_source) {
-            (Some(p), _) => PinSource::parse(p).map_err(|e| anyhow!("--pkcs11-pin: {e}"))?.read()?,
+            (Some(p), _) => PinSource::parse(p)
+                .map_err(|e| anyhow!("--pkcs11-pin: {e}"))?
+                .read()?,
             (None, Some(src)) => src.read()?,
             (None, None) => bail!("--pkcs11 needs a PIN: --pkcs11-pin file:/path (or cred:NAME)"),
         };
@@ -245,7 +262,12 @@ pub struct RekeyArgs {
     #[arg(long)]
     pub all_tokens: bool,
     /// The new KMS key (default: the token's current key).
-    #[arg(long, value_name = "KEY_ID|ALIAS", help_heading = "AWS KMS", conflicts_with = "pkcs11")]
+    #[arg(
+        long,
+        value_name = "KEY_ID|ALIAS",
+        help_heading = "AWS KMS",
+        conflicts_with = "pkcs11"
+    )]
     pub kms: Option<String>,
     #[command(flatten)]
     pub location: KmsLocation,
@@ -370,7 +392,10 @@ pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
                     .provider(kind.name(), Some(&arn))
                     .detail("token", token_id),
             );
-            println!("enrolled keyslot {keyslot} (token {token_id}, {} key {arn})", kind.name());
+            println!(
+                "enrolled keyslot {keyslot} (token {token_id}, {} key {arn})",
+                kind.name()
+            );
             print_daemon_config(&vol, &hdr, kind, &arn, &settings);
             Ok(())
         }
@@ -384,10 +409,19 @@ pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
 
 /// After an enrolment: the lines nbdcryptd's config needs to use this token, and to pin this
 /// volume (its key was just verified by the passphrase, so the digest printed is the real one).
-fn print_daemon_config(vol: &Volume, hdr: &Luks2Header, kind: ProviderKind, key: &str, s: &SealSettings) {
+fn print_daemon_config(
+    vol: &Volume,
+    hdr: &Luks2Header,
+    kind: ProviderKind,
+    key: &str,
+    s: &SealSettings,
+) {
     println!();
     println!("# For nbdcryptd's --config file (a volume pin makes it refuse a replaced header;");
-    println!("# `nbdcryptctl pin {} --write FILE` writes the pin lines):", vol.path.display());
+    println!(
+        "# `nbdcryptctl pin {} --write FILE` writes the pin lines):",
+        vol.path.display()
+    );
     if kind == ProviderKind::AwsKms {
         println!("kms-allow-key = [{}]", toml_str(key));
         if let Some(e) = &s.kms.endpoint {
@@ -407,7 +441,9 @@ pub(super) fn toml_str(s: &str) -> String {
         match c {
             '"' => out.push_str("\\\""),
             '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                out.push_str(&format!("\\u{:04x}", c as u32))
+            }
             c => out.push(c),
         }
     }
@@ -454,17 +490,24 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
         let slot = if a.all_tokens { None } else { a.slot };
         return match nbdcrypt::control::client::call(sock, &Request::Rekey { slot })? {
             Response::Ok(s) => {
-                println!("rekeyed the tokens of volume {} (nbdcryptd behind {})", s.volume_uuid, sock.display());
+                println!(
+                    "rekeyed the tokens of volume {} (nbdcryptd behind {})",
+                    s.volume_uuid,
+                    sock.display()
+                );
                 Ok(())
             }
             Response::Error(e) => Err(anyhow!("{}", e.message)),
         };
     }
-    let Some(volume) = a.volume.clone() else { bail!("give VOLUME or --control SOCK") };
+    let Some(volume) = a.volume.clone() else {
+        bail!("give VOLUME or --control SOCK")
+    };
     let audit = Audit::open(a.audit_log.as_deref())?;
     let settings = seal_settings(&a.location, &a.hsm)?;
     let pin = config_pin(&a.location)?;
-    let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, &settings);
+    let resolve =
+        |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, &settings);
     let vol = Volume::open(&volume, true)?;
     let mut hdr = vol.header(true)?;
     let p = vol.path.display().to_string();
@@ -588,7 +631,8 @@ pub fn test_token(a: TestTokenArgs) -> anyhow::Result<()> {
         .detail("check", true);
     let settings = seal_settings(&a.location, &a.hsm)?;
     let pin = config_pin(&a.location)?;
-    let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, &settings);
+    let resolve =
+        |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, &settings);
     let result = match a.token {
         Some(id) => seal_enroll::unlock_with_token(&vol.file, &hdr, id, &resolve)
             .map(|(k, slot)| (k, slot, id)),
@@ -612,7 +656,12 @@ pub fn test_token(a: TestTokenArgs) -> anyhow::Result<()> {
                 .and_then(|t| ProviderKind::from_token_type(t.type_name()))
                 .map(ProviderKind::name)
                 .unwrap_or("unknown");
-            audit.record(event.keyslot(slot).provider(kind, key.as_deref()).detail("token", id));
+            audit.record(
+                event
+                    .keyslot(slot)
+                    .provider(kind, key.as_deref())
+                    .detail("token", id),
+            );
             match key {
                 Some(k) => println!("keyslot {slot} unlocked by token {id} ({kind} key {k})"),
                 None => println!("keyslot {slot} unlocked by token {id}"),

@@ -127,7 +127,10 @@ fn audited(
     body: impl FnOnce() -> anyhow::Result<Option<u32>>,
 ) -> anyhow::Result<()> {
     let log = match log {
-        Some(p) => Some(AuditLog::open(p).map_err(|e| anyhow!("cannot open the audit log {}: {e}", p.display()))?),
+        Some(p) => Some(
+            AuditLog::open(p)
+                .map_err(|e| anyhow!("cannot open the audit log {}: {e}", p.display()))?,
+        ),
         None => None,
     };
     let result = body();
@@ -158,25 +161,35 @@ pub fn run(cmd: OfflineCommand) -> anyhow::Result<ExitCode> {
         OfflineCommand::Format(a) => format::run(a),
         OfflineCommand::AddKey(a) => {
             let (log, vol) = (a.audit_log.clone(), a.volume.clone());
-            audited(log.as_deref(), AuditEventKind::AddKey, &vol, || keys::add(a))
+            audited(log.as_deref(), AuditEventKind::AddKey, &vol, || {
+                keys::add(a)
+            })
         }
         OfflineCommand::RemoveKey(a) => {
             let (log, vol) = (a.audit_log.clone(), a.volume.clone());
-            audited(log.as_deref(), AuditEventKind::RemoveKey, &vol, || keys::remove(a))
+            audited(log.as_deref(), AuditEventKind::RemoveKey, &vol, || {
+                keys::remove(a)
+            })
         }
         OfflineCommand::ChangeKey(a) => {
             // A changed passphrase is a keyslot replaced: recorded as add_key of that slot.
             let (log, vol) = (a.audit_log.clone(), a.volume.clone());
-            audited(log.as_deref(), AuditEventKind::AddKey, &vol, || keys::change(a))
+            audited(log.as_deref(), AuditEventKind::AddKey, &vol, || {
+                keys::change(a)
+            })
         }
         OfflineCommand::Dump(a) => dump::run(a),
         OfflineCommand::HeaderBackup(a) => {
             let (log, vol) = (a.audit_log.clone(), a.volume.clone());
-            audited(log.as_deref(), AuditEventKind::HeaderBackup, &vol, || header::backup(a).map(|()| None))
+            audited(log.as_deref(), AuditEventKind::HeaderBackup, &vol, || {
+                header::backup(a).map(|()| None)
+            })
         }
         OfflineCommand::HeaderRestore(a) => {
             let (log, vol) = (a.audit_log.clone(), a.volume.clone());
-            audited(log.as_deref(), AuditEventKind::HeaderRestore, &vol, || header::restore(a).map(|()| None))
+            audited(log.as_deref(), AuditEventKind::HeaderRestore, &vol, || {
+                header::restore(a).map(|()| None)
+            })
         }
         OfflineCommand::TestKey(a) => keys::test(a),
         OfflineCommand::Enroll(a) => enroll::enroll(a),
@@ -371,7 +384,10 @@ pub(crate) fn claim(file: &File, path: &Path) -> anyhow::Result<()> {
     let claimed = match nbdcrypt::block::file::try_claim(file, false) {
         Ok(Ok(())) => return Ok(()),
         Ok(Err(claimed)) => claimed,
-        Err(e) => bail!("{p}: cannot claim the volume for this command: {}", io_reason(&e)),
+        Err(e) => bail!(
+            "{p}: cannot claim the volume for this command: {}",
+            io_reason(&e)
+        ),
     };
     let command = COMMAND.get().copied().unwrap_or("this command");
     let who = if claimed.holders.is_empty() {
@@ -425,7 +441,9 @@ pub(crate) fn printable(s: &str) -> String {
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
             '\x1b' => out.push_str("\\e"),
-            c if c.is_control() || is_invisible(c) => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c if c.is_control() || is_invisible(c) => {
+                out.push_str(&format!("\\u{{{:x}}}", u32::from(c)))
+            }
             c => out.push(c),
         }
     }

@@ -62,12 +62,26 @@ impl CryptDevice {
         allow_discards: bool,
     ) -> Result<CryptDevice, Error> {
         let sector = cipher.sector_size() as u64;
-        let fits = segment.offset.checked_add(segment.size).is_some_and(|end| end <= inner.size());
+        let fits = segment
+            .offset
+            .checked_add(segment.size)
+            .is_some_and(|end| end <= inner.size());
         if !fits || !segment.size.is_multiple_of(sector) || !segment.offset.is_multiple_of(512) {
-            return Err(Error::new(ErrorKind::OutOfRange).at(Op::Open, segment.offset, segment.size));
+            return Err(Error::new(ErrorKind::OutOfRange).at(
+                Op::Open,
+                segment.offset,
+                segment.size,
+            ));
         }
         let cipher = LockedBox::new(cipher);
-        Ok(CryptDevice { inner, cipher, segment, sector, allow_discards, locks: RangeLocks::default() })
+        Ok(CryptDevice {
+            inner,
+            cipher,
+            segment,
+            sector,
+            allow_discards,
+            locks: RangeLocks::default(),
+        })
     }
 
     /// IV of the sector starting at plaintext byte `offset` (a multiple of the sector size).
@@ -138,7 +152,8 @@ impl CryptDevice {
                 self.cipher
                     .encrypt_into(piece, out, self.iv(off))
                     .map_err(|_| Self::crypto_err(Op::Write, off, piece.len() as u64))?;
-                self.inner.write_at(out, self.segment.offset + off, fua && single)?;
+                self.inner
+                    .write_at(out, self.segment.offset + off, fua && single)?;
                 at += piece.len();
             }
             if fua && !single {
@@ -190,7 +205,10 @@ impl BlockDevice for CryptDevice {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
         let len = buf.len() as u64;
-        if offset.checked_add(len).is_none_or(|end| end > self.segment.size) {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.segment.size)
+        {
             return Err(Error::new(ErrorKind::OutOfRange).at(Op::Read, offset, len));
         }
         if self.is_aligned(offset, len) {
@@ -207,7 +225,10 @@ impl BlockDevice for CryptDevice {
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), Error> {
         let len = buf.len() as u64;
-        if offset.checked_add(len).is_none_or(|end| end > self.segment.size) {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.segment.size)
+        {
             return Err(Error::new(ErrorKind::NoSpace).at(Op::Write, offset, len));
         }
         if len == 0 {
@@ -236,7 +257,8 @@ impl BlockDevice for CryptDevice {
         let end = self.align_down(offset.saturating_add(length));
         if end > start {
             let _guard = self.locks.lock(start, end);
-            self.inner.trim(self.segment.offset + start, end - start, fua)?;
+            self.inner
+                .trim(self.segment.offset + start, end - start, fua)?;
         }
         Ok(())
     }
@@ -245,7 +267,10 @@ impl BlockDevice for CryptDevice {
         if flags.fast_only {
             return Err(Error::new(ErrorKind::NotFast).at(Op::Zero, offset, length));
         }
-        if offset.checked_add(length).is_none_or(|end| end > self.segment.size) {
+        if offset
+            .checked_add(length)
+            .is_none_or(|end| end > self.segment.size)
+        {
             return Err(Error::new(ErrorKind::NoSpace).at(Op::Zero, offset, length));
         }
         let zeroes = vec![0u8; Self::mem_len(ZERO_CHUNK.min(length), Op::Zero, offset)?];
@@ -270,7 +295,11 @@ impl BlockDevice for CryptDevice {
 
     fn extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>, Error> {
         let length = length.min(self.segment.size.saturating_sub(offset)).max(1);
-        Ok(vec![Extent { length, hole: false, zero: false }])
+        Ok(vec![Extent {
+            length,
+            hole: false,
+            zero: false,
+        }])
     }
 
     /// What one request allocates here: the covering sectors of an unaligned request (read or
@@ -280,7 +309,13 @@ impl BlockDevice for CryptDevice {
             let start = self.align_down(off);
             self.align_up(off.saturating_add(len)).saturating_sub(start)
         };
-        let unaligned = |off: u64, len: u64| if self.is_aligned(off, len) { 0 } else { covering(off, len) };
+        let unaligned = |off: u64, len: u64| {
+            if self.is_aligned(off, len) {
+                0
+            } else {
+                covering(off, len)
+            }
+        };
         let cipher = |len: u64| len.min(CHUNK as u64) + PAGE as u64;
         let own = match op {
             Op::Read => unaligned(offset, length),
@@ -292,7 +327,9 @@ impl BlockDevice for CryptDevice {
             }
             _ => 0,
         };
-        own + self.inner.scratch_bytes(op, self.segment.offset + offset, length)
+        own + self
+            .inner
+            .scratch_bytes(op, self.segment.offset + offset, length)
     }
 }
 
@@ -316,7 +353,10 @@ impl RangeLocks {
             held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
         }
         held.push((start, end));
-        RangeGuard { locks: self, range: (start, end) }
+        RangeGuard {
+            locks: self,
+            range: (start, end),
+        }
     }
 }
 
@@ -345,7 +385,14 @@ mod tests {
             self.0.lock().unwrap().len() as u64
         }
         fn caps(&self) -> Caps {
-            Caps { read_only: false, trim: true, fast_zero: true, min_block: 1, preferred_block: 4096, rotational: false }
+            Caps {
+                read_only: false,
+                trim: true,
+                fast_zero: true,
+                min_block: 1,
+                preferred_block: 4096,
+                rotational: false,
+            }
         }
         fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
             let m = self.0.lock().unwrap();
@@ -372,7 +419,11 @@ mod tests {
             Ok(())
         }
         fn extents(&self, _: u64, length: u64) -> Result<Vec<Extent>, Error> {
-            Ok(vec![Extent { length, hole: false, zero: false }])
+            Ok(vec![Extent {
+                length,
+                hole: false,
+                zero: false,
+            }])
         }
     }
 
@@ -385,7 +436,11 @@ mod tests {
     fn device(sector: usize, size: u64) -> (Arc<Mem>, CryptDevice) {
         let mem = Arc::new(Mem(Mutex::new(vec![0u8; (DATA_OFFSET + size) as usize])));
         let cipher = SectorCipher::new(&key(), sector).unwrap();
-        let seg = Segment { offset: DATA_OFFSET, size, iv_tweak: 0 };
+        let seg = Segment {
+            offset: DATA_OFFSET,
+            size,
+            iv_tweak: 0,
+        };
         let dev = CryptDevice::new(mem.clone(), cipher, seg, false).unwrap();
         (mem, dev)
     }
@@ -411,7 +466,10 @@ mod tests {
         dev.write_at(&plain, 8192, false).unwrap();
         // Independent check: the backing holds exactly what SectorCipher gives for IV 16 (= 8192/512).
         let mut expect = plain.clone();
-        SectorCipher::new(&key(), 4096).unwrap().encrypt_in_place(&mut expect, 16).unwrap();
+        SectorCipher::new(&key(), 4096)
+            .unwrap()
+            .encrypt_in_place(&mut expect, 16)
+            .unwrap();
         let m = mem.0.lock().unwrap();
         let at = (DATA_OFFSET + 8192) as usize;
         assert_eq!(&m[at..at + expect.len()], &expect[..]);
@@ -426,15 +484,24 @@ mod tests {
         let plain: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
         dev.write_at(&plain, 8192, true).unwrap();
         let mut expect = plain.clone();
-        SectorCipher::new(&key(), 512).unwrap().encrypt_in_place(&mut expect, 16).unwrap();
+        SectorCipher::new(&key(), 512)
+            .unwrap()
+            .encrypt_in_place(&mut expect, 16)
+            .unwrap();
         {
             let m = mem.0.lock().unwrap();
             let at = (DATA_OFFSET + 8192) as usize;
-            assert!(m[at..at + len] == expect[..], "ciphertext differs from one whole-buffer pass");
+            assert!(
+                m[at..at + len] == expect[..],
+                "ciphertext differs from one whole-buffer pass"
+            );
         }
         let mut back = vec![0u8; len];
         dev.read_at(&mut back, 8192).unwrap();
-        assert!(back == plain, "multi-chunk read did not decrypt to what was written");
+        assert!(
+            back == plain,
+            "multi-chunk read did not decrypt to what was written"
+        );
     }
 
     #[test]
@@ -444,7 +511,10 @@ mod tests {
         assert_eq!(dev.scratch_bytes(Op::Read, 0, 1 << 20), 0);
         assert_eq!(dev.scratch_bytes(Op::Read, 100, 4096), 8192);
         assert_eq!(dev.scratch_bytes(Op::Write, 0, 4096), 4096 + page);
-        assert_eq!(dev.scratch_bytes(Op::Write, 0, 3 << 20), CHUNK as u64 + page);
+        assert_eq!(
+            dev.scratch_bytes(Op::Write, 0, 3 << 20),
+            CHUNK as u64 + page
+        );
         assert_eq!(dev.scratch_bytes(Op::Write, 1, 4096), 8192 + page + 8192);
     }
 
@@ -463,7 +533,11 @@ mod tests {
                 if round % 3 == 0 {
                     let mut got = vec![0u8; len as usize];
                     dev.read_at(&mut got, off).unwrap();
-                    assert_eq!(got, model[off as usize..(off + len) as usize], "read {off}+{len}");
+                    assert_eq!(
+                        got,
+                        model[off as usize..(off + len) as usize],
+                        "read {off}+{len}"
+                    );
                 } else if round % 7 == 0 {
                     dev.write_zeroes(off, len, ZeroFlags::default()).unwrap();
                     model[off as usize..(off + len) as usize].fill(0);
@@ -475,7 +549,10 @@ mod tests {
             }
             let mut all = vec![0u8; size as usize];
             dev.read_at(&mut all, 0).unwrap();
-            assert!(all == model, "final contents differ for sector size {sector}");
+            assert!(
+                all == model,
+                "final contents differ for sector size {sector}"
+            );
         }
     }
 
@@ -511,7 +588,10 @@ mod tests {
             for t in 0..4u64 {
                 let at = (k * 4000 + t * 1000) as usize;
                 let want = (t as u8 + 1).wrapping_mul(20);
-                assert!(all[at..at + 1000].iter().all(|&b| b == want), "thread {t} block {k} lost");
+                assert!(
+                    all[at..at + 1000].iter().all(|&b| b == want),
+                    "thread {t} block {k} lost"
+                );
             }
             k += 1;
         }
@@ -520,16 +600,26 @@ mod tests {
     #[test]
     fn requests_past_the_end_are_refused() {
         let (_mem, dev) = device(512, 4096);
-        assert_eq!(dev.write_at(&[1; 10], 4090, false).unwrap_err().kind, ErrorKind::NoSpace);
+        assert_eq!(
+            dev.write_at(&[1; 10], 4090, false).unwrap_err().kind,
+            ErrorKind::NoSpace
+        );
         let mut b = [0u8; 10];
-        assert_eq!(dev.read_at(&mut b, 4090).unwrap_err().kind, ErrorKind::OutOfRange);
+        assert_eq!(
+            dev.read_at(&mut b, 4090).unwrap_err().kind,
+            ErrorKind::OutOfRange
+        );
     }
 
     #[test]
     fn a_segment_that_does_not_fit_the_backing_is_refused() {
         let mem = Arc::new(Mem(Mutex::new(vec![0u8; 8192])));
         let cipher = SectorCipher::new(&key(), 4096).unwrap();
-        let seg = Segment { offset: 4096, size: 8192, iv_tweak: 0 };
+        let seg = Segment {
+            offset: 4096,
+            size: 8192,
+            iv_tweak: 0,
+        };
         assert!(CryptDevice::new(mem, cipher, seg, false).is_err());
     }
 
@@ -537,8 +627,14 @@ mod tests {
     fn fast_zero_is_refused_without_touching_data() {
         let (_mem, dev) = device(512, 4096);
         dev.write_at(&[7u8; 4096], 0, false).unwrap();
-        let flags = ZeroFlags { fast_only: true, ..ZeroFlags::default() };
-        assert_eq!(dev.write_zeroes(0, 4096, flags).unwrap_err().kind, ErrorKind::NotFast);
+        let flags = ZeroFlags {
+            fast_only: true,
+            ..ZeroFlags::default()
+        };
+        assert_eq!(
+            dev.write_zeroes(0, 4096, flags).unwrap_err().kind,
+            ErrorKind::NotFast
+        );
         let mut b = [0u8; 4096];
         dev.read_at(&mut b, 0).unwrap();
         assert!(b.iter().all(|&x| x == 7));

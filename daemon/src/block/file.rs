@@ -45,7 +45,9 @@ const DIRECT_ALIGN: u64 = 4096;
 /// The durability calls. The `test-skip-fdatasync` feature (power-cut negative control only, see
 /// tests/tests/powercut_block.rs) turns them into no-ops so the trials can show they see a loss.
 #[cfg(all(feature = "test-skip-fdatasync", not(debug_assertions)))]
-compile_error!("test-skip-fdatasync drops durability: a test-only feature, never in an optimized build");
+compile_error!(
+    "test-skip-fdatasync drops durability: a test-only feature, never in an optimized build"
+);
 #[cfg(not(feature = "test-skip-fdatasync"))]
 const DSYNC: i32 = libc::O_DSYNC;
 #[cfg(feature = "test-skip-fdatasync")]
@@ -64,12 +66,20 @@ impl FileDevice {
         let open_err = |e: io::Error| Error::from_io(e).at(Op::Open, 0, 0);
         if let Some(size) = opts.create_size {
             if !path.exists() {
-                let f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
+                let f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path);
                 f.and_then(|f| f.set_len(size)).map_err(open_err)?;
             }
         }
         let open = |custom: i32| {
-            OpenOptions::new().read(true).write(!opts.read_only).custom_flags(custom).open(path)
+            OpenOptions::new()
+                .read(true)
+                .write(!opts.read_only)
+                .custom_flags(custom)
+                .open(path)
         };
         let mut file = open(0).map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
@@ -82,9 +92,24 @@ impl FileDevice {
         if !opts.unclaimed {
             claim(&file, opts.read_only).map_err(|e| e.at(Op::Open, 0, 0))?;
         }
-        let dsync = if opts.read_only { None } else { Some(open(DSYNC).map_err(open_err)?) };
-        let direct = if opts.direct { Some(open(libc::O_DIRECT).map_err(open_err)?) } else { None };
-        Ok(FileDevice { file, dsync, direct, size, is_block_device, opts })
+        let dsync = if opts.read_only {
+            None
+        } else {
+            Some(open(DSYNC).map_err(open_err)?)
+        };
+        let direct = if opts.direct {
+            Some(open(libc::O_DIRECT).map_err(open_err)?)
+        } else {
+            None
+        };
+        Ok(FileDevice {
+            file,
+            dsync,
+            direct,
+            size,
+            is_block_device,
+            opts,
+        })
     }
 
     fn aligned_for_direct(&self, offset: u64, len: usize, addr: usize) -> bool {
@@ -131,7 +156,8 @@ impl BlockDevice for FileDevice {
             Some(d) if self.aligned_for_direct(offset, len, buf.as_ptr() as usize) => d,
             _ => &self.file,
         };
-        file.read_exact_at(buf, offset).map_err(|e| Error::from_io(e).at(Op::Read, offset, len as u64))
+        file.read_exact_at(buf, offset)
+            .map_err(|e| Error::from_io(e).at(Op::Read, offset, len as u64))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), Error> {
@@ -175,10 +201,16 @@ impl BlockDevice for FileDevice {
         let result = match punch(&self.file, zero_range, offset, length) {
             Err(e) if e.kind == ErrorKind::Unsupported && !self.is_block_device => {
                 // tmpfs and some others lack ZERO_RANGE: punch, then re-allocate if asked to.
-                let hole = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+                let hole =
+                    FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
                 punch(&self.file, hole, offset, length).and_then(|()| {
                     if flags.no_hole {
-                        punch(&self.file, FallocateFlags::FALLOC_FL_KEEP_SIZE, offset, length)
+                        punch(
+                            &self.file,
+                            FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                            offset,
+                            length,
+                        )
                     } else {
                         Ok(())
                     }
@@ -207,14 +239,23 @@ impl BlockDevice for FileDevice {
             return Err(Error::new(ErrorKind::OutOfRange).at(Op::Cache, offset, length));
         };
         // Advice only: a failure changes nothing the client can observe.
-        let _ = posix_fadvise(self.file.as_raw_fd(), off, len, PosixFadviseAdvice::POSIX_FADV_WILLNEED);
+        let _ = posix_fadvise(
+            self.file.as_raw_fd(),
+            off,
+            len,
+            PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+        );
         Ok(())
     }
 
     fn extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>, Error> {
         let end = offset.saturating_add(length).min(self.size);
         if self.is_block_device || offset >= end {
-            return Ok(vec![Extent { length: end.saturating_sub(offset).max(1), hole: false, zero: false }]);
+            return Ok(vec![Extent {
+                length: end.saturating_sub(offset).max(1),
+                hole: false,
+                zero: false,
+            }]);
         }
         let mut out = Vec::new();
         let mut pos = offset;
@@ -230,13 +271,21 @@ impl BlockDevice for FileDevice {
             };
             let data_start = seek(Whence::SeekData)?;
             if data_start > pos {
-                out.push(Extent { length: data_start - pos, hole: true, zero: true });
+                out.push(Extent {
+                    length: data_start - pos,
+                    hole: true,
+                    zero: true,
+                });
                 pos = data_start;
                 continue;
             }
             let hole_start = seek(Whence::SeekHole)?;
             let data_end = hole_start.max(pos + 1);
-            out.push(Extent { length: data_end - pos, hole: false, zero: false });
+            out.push(Extent {
+                length: data_end - pos,
+                hole: false,
+                zero: false,
+            });
             pos = data_end;
         }
         Ok(out)
@@ -270,13 +319,22 @@ fn claim(file: &File, read_only: bool) -> Result<(), Error> {
             let who: Vec<String> = claim_holders(file)
                 .iter()
                 .map(|h| {
-                    let cmd: String =
-                        h.cmdline.join(" ").chars().map(|c| if c.is_control() { '?' } else { c }).collect();
+                    let cmd: String = h
+                        .cmdline
+                        .join(" ")
+                        .chars()
+                        .map(|c| if c.is_control() { '?' } else { c })
+                        .collect();
                     format!("pid {} ({cmd})", h.pid)
                 })
                 .collect();
-            let source = (!who.is_empty()).then(|| io::Error::other(format!("held by {}", who.join(", "))));
-            Err(Error { kind: ErrorKind::InUse, context: None, source })
+            let source =
+                (!who.is_empty()).then(|| io::Error::other(format!("held by {}", who.join(", "))));
+            Err(Error {
+                kind: ErrorKind::InUse,
+                context: None,
+                source,
+            })
         }
         Err(e) => Err(Error::from_io(e)),
     }
@@ -284,8 +342,14 @@ fn claim(file: &File, read_only: bool) -> Result<(), Error> {
 
 fn set_claim(file: &File, read_only: bool) -> io::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg};
-    let lock = claim_flock(if read_only { libc::F_RDLCK } else { libc::F_WRLCK });
-    fcntl(file.as_raw_fd(), FcntlArg::F_OFD_SETLK(&lock)).map(|_| ()).map_err(io::Error::from)
+    let lock = claim_flock(if read_only {
+        libc::F_RDLCK
+    } else {
+        libc::F_WRLCK
+    });
+    fcntl(file.as_raw_fd(), FcntlArg::F_OFD_SETLK(&lock))
+        .map(|_| ())
+        .map_err(io::Error::from)
 }
 
 fn is_conflict(e: &io::Error) -> bool {
@@ -333,7 +397,10 @@ pub fn probe_claim(file: &File) -> io::Result<Option<Claimed>> {
     if i32::from(lock.l_type) == libc::F_UNLCK {
         return Ok(None);
     }
-    Ok(Some(Claimed { exclusive: i32::from(lock.l_type) == libc::F_WRLCK, holders: claim_holders(file) }))
+    Ok(Some(Claimed {
+        exclusive: i32::from(lock.l_type) == libc::F_WRLCK,
+        holders: claim_holders(file),
+    }))
 }
 
 /// Claim the backing store open as `file` (the same lock the daemon takes), held until every
@@ -351,7 +418,10 @@ pub fn try_claim(file: &File, read_only: bool) -> io::Result<Result<(), Claimed>
             return Ok(Err(claimed));
         }
     }
-    Err(io::Error::new(io::ErrorKind::WouldBlock, "the claim keeps changing hands"))
+    Err(io::Error::new(
+        io::ErrorKind::WouldBlock,
+        "the claim keeps changing hands",
+    ))
 }
 
 /// The processes holding an OFD lock on `CLAIM_BYTE` of the file `file` is open on: each
@@ -360,7 +430,9 @@ pub fn try_claim(file: &File, read_only: bool) -> io::Result<Result<(), Claimed>
 /// a hung FUSE mount cannot block the scan. Best effort: only processes we may inspect are found.
 pub fn claim_holders(file: &File) -> Vec<ClaimHolder> {
     use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = file.metadata() else { return Vec::new() };
+    let Ok(meta) = file.metadata() else {
+        return Vec::new();
+    };
     let dev = meta.dev();
     // As /proc/locks and fdinfo print it: MAJOR:MINOR:INODE START END.
     let lock = format!(
@@ -370,13 +442,20 @@ pub fn claim_holders(file: &File) -> Vec<ClaimHolder> {
         meta.ino()
     );
     let mut out = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else { return out };
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else { continue };
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else {
+            continue;
+        };
         let holds = fds.flatten().any(|fd| {
             std::fs::read_to_string(fd.path()).is_ok_and(|info| {
-                info.lines().any(|l| l.starts_with("lock:") && l.contains("OFDLCK") && l.contains(&lock))
+                info.lines()
+                    .any(|l| l.starts_with("lock:") && l.contains("OFDLCK") && l.contains(&lock))
             })
         });
         if holds {
@@ -393,7 +472,13 @@ pub fn claim_holders(file: &File) -> Vec<ClaimHolder> {
 }
 
 fn empty_flock() -> libc::flock {
-    libc::flock { l_type: 0, l_whence: 0, l_start: 0, l_len: 0, l_pid: 0 }
+    libc::flock {
+        l_type: 0,
+        l_whence: 0,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    }
 }
 
 fn punch(file: &File, mode: FallocateFlags, offset: u64, length: u64) -> Result<(), Error> {
@@ -413,7 +498,14 @@ mod tests {
     fn temp_device(size: u64, opts: FileOptions) -> (tempdir::Dir, FileDevice) {
         let dir = tempdir::Dir::new();
         let path = dir.path.join("backing");
-        let dev = FileDevice::open(&path, FileOptions { create_size: Some(size), ..opts }).unwrap();
+        let dev = FileDevice::open(
+            &path,
+            FileOptions {
+                create_size: Some(size),
+                ..opts
+            },
+        )
+        .unwrap();
         (dir, dev)
     }
 
@@ -456,7 +548,15 @@ mod tests {
     fn write_zeroes_makes_a_written_range_read_as_zero() {
         let (_d, dev) = temp_device(1 << 20, FileOptions::default());
         dev.write_at(&[0xaa; 8192], 0, false).unwrap();
-        dev.write_zeroes(100, 5000, ZeroFlags { no_hole: true, ..ZeroFlags::default() }).unwrap();
+        dev.write_zeroes(
+            100,
+            5000,
+            ZeroFlags {
+                no_hole: true,
+                ..ZeroFlags::default()
+            },
+        )
+        .unwrap();
         let mut buf = vec![0u8; 8192];
         dev.read_at(&mut buf, 0).unwrap();
         assert!(buf[..100].iter().all(|&b| b == 0xaa));
@@ -492,12 +592,24 @@ mod tests {
     fn probe_names_the_claiming_process_and_try_claim_refuses_while_it_holds() {
         let (d, dev) = temp_device(4096, FileOptions::default());
         let path = d.path.join("backing");
-        let other = OpenOptions::new().read(true).write(true).open(&path).unwrap();
-        let claimed = probe_claim(&other).unwrap().expect("claimed by the open device");
+        let other = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let claimed = probe_claim(&other)
+            .unwrap()
+            .expect("claimed by the open device");
         assert!(claimed.exclusive);
-        assert!(claimed.holders.iter().any(|h| h.pid == std::process::id()), "{claimed:?}");
+        assert!(
+            claimed.holders.iter().any(|h| h.pid == std::process::id()),
+            "{claimed:?}"
+        );
         assert!(try_claim(&other, false).unwrap().is_err());
-        assert!(try_claim(&other, true).unwrap().is_err(), "a shared claim conflicts too");
+        assert!(
+            try_claim(&other, true).unwrap().is_err(),
+            "a shared claim conflicts too"
+        );
         drop(dev);
         assert_eq!(probe_claim(&other).unwrap(), None);
         // Taken through `other`, the claim now keeps a server out, until `other` is closed.

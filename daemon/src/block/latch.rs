@@ -16,7 +16,10 @@ pub struct Latch {
 
 impl Latch {
     pub fn new(inner: Arc<dyn BlockDevice>) -> Latch {
-        Latch { inner, failed: AtomicBool::new(false) }
+        Latch {
+            inner,
+            failed: AtomicBool::new(false),
+        }
     }
 
     pub fn has_failed(&self) -> bool {
@@ -26,8 +29,10 @@ impl Latch {
     fn note<T>(&self, r: Result<T, Error>) -> Result<T, Error> {
         if let Err(e) = &r {
             // Range and permission refusals lose nothing; only storage failures latch.
-            if matches!(e.kind, ErrorKind::Io | ErrorKind::NoSpace | ErrorKind::Corrupt)
-                && !self.failed.swap(true, Ordering::AcqRel)
+            if matches!(
+                e.kind,
+                ErrorKind::Io | ErrorKind::NoSpace | ErrorKind::Corrupt
+            ) && !self.failed.swap(true, Ordering::AcqRel)
             {
                 error!(error = %e, "storage write failed: every later flush will fail until restart");
             }
@@ -103,7 +108,14 @@ mod tests {
             1 << 20
         }
         fn caps(&self) -> Caps {
-            Caps { read_only: false, trim: false, fast_zero: false, min_block: 1, preferred_block: 4096, rotational: false }
+            Caps {
+                read_only: false,
+                trim: false,
+                fast_zero: false,
+                min_block: 1,
+                preferred_block: 4096,
+                rotational: false,
+            }
         }
         fn read_at(&self, _: &mut [u8], _: u64) -> Result<(), Error> {
             Ok(())
@@ -129,13 +141,20 @@ mod tests {
             Ok(())
         }
         fn extents(&self, _: u64, l: u64) -> Result<Vec<Extent>, Error> {
-            Ok(vec![Extent { length: l, hole: false, zero: false }])
+            Ok(vec![Extent {
+                length: l,
+                hole: false,
+                zero: false,
+            }])
         }
     }
 
     #[test]
     fn a_failed_write_makes_every_later_flush_fail() {
-        let flaky = Arc::new(Flaky { fail_writes: AtomicBool::new(false), flushes: AtomicU32::new(0) });
+        let flaky = Arc::new(Flaky {
+            fail_writes: AtomicBool::new(false),
+            flushes: AtomicU32::new(0),
+        });
         let latch = Latch::new(flaky.clone());
         latch.write_at(b"x", 0, false).unwrap();
         latch.flush().unwrap();
@@ -146,6 +165,10 @@ mod tests {
         let e = latch.flush().unwrap_err();
         assert_eq!(e.kind, ErrorKind::Latched);
         assert_eq!(latch.flush().unwrap_err().kind, ErrorKind::Latched);
-        assert_eq!(flaky.flushes.load(Ordering::Relaxed), 1, "latched flushes must not reach the device");
+        assert_eq!(
+            flaky.flushes.load(Ordering::Relaxed),
+            1,
+            "latched flushes must not reach the device"
+        );
     }
 }

@@ -136,7 +136,11 @@ pub struct Error {
 
 impl Error {
     pub fn new(kind: ErrorKind) -> Self {
-        Error { kind, context: None, source: None }
+        Error {
+            kind,
+            context: None,
+            source: None,
+        }
     }
 
     pub fn at(mut self, op: Op, offset: u64, length: u64) -> Self {
@@ -153,7 +157,11 @@ impl Error {
             Some(libc::EINVAL) => ErrorKind::Io,
             _ => ErrorKind::Io,
         };
-        Error { kind, context: None, source: Some(source) }
+        Error {
+            kind,
+            context: None,
+            source: Some(source),
+        }
     }
 }
 
@@ -167,7 +175,9 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Misaligned => "request not aligned to the sector size",
             ErrorKind::NotFast => "zeroing would not be fast",
             ErrorKind::Unsupported => "operation not supported",
-            ErrorKind::Latched => "an earlier write or flush failed; refusing to promise durability",
+            ErrorKind::Latched => {
+                "an earlier write or flush failed; refusing to promise durability"
+            }
             ErrorKind::Corrupt => "data failed an integrity check",
             ErrorKind::InUse => "in use by another process (another nbdcryptd serves it)",
         })
@@ -178,7 +188,11 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.kind)?;
         if let Some(c) = &self.context {
-            write!(f, " ({:?} at offset {} length {})", c.op, c.offset, c.length)?;
+            write!(
+                f,
+                " ({:?} at offset {} length {})",
+                c.op, c.offset, c.length
+            )?;
         }
         if let Some(s) = &self.source {
             write!(f, ": {s}")?;

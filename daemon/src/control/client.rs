@@ -38,15 +38,28 @@ pub fn call(path: &Path, request: &Request) -> Result<Response, ClientError> {
     call_with_timeout(path, request, DEFAULT_TIMEOUT)
 }
 
-pub fn call_with_timeout(path: &Path, request: &Request, timeout: Duration) -> Result<Response, ClientError> {
+pub fn call_with_timeout(
+    path: &Path,
+    request: &Request,
+    timeout: Duration,
+) -> Result<Response, ClientError> {
     let io_err = |source: io::Error| match source.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout(timeout),
-        io::ErrorKind::PermissionDenied => ClientError::PermissionDenied { path: path.to_owned() },
-        _ => ClientError::Io { path: path.to_owned(), source },
+        io::ErrorKind::PermissionDenied => ClientError::PermissionDenied {
+            path: path.to_owned(),
+        },
+        _ => ClientError::Io {
+            path: path.to_owned(),
+            source,
+        },
     };
     let mut stream = UnixStream::connect(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => ClientError::NoSocket { path: path.to_owned() },
-        io::ErrorKind::ConnectionRefused => ClientError::NotListening { path: path.to_owned() },
+        io::ErrorKind::NotFound => ClientError::NoSocket {
+            path: path.to_owned(),
+        },
+        io::ErrorKind::ConnectionRefused => ClientError::NotListening {
+            path: path.to_owned(),
+        },
         _ => io_err(e),
     })?;
     stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
@@ -67,9 +80,13 @@ pub fn call_with_timeout(path: &Path, request: &Request, timeout: Duration) -> R
     match read_response(&stream) {
         Ok(Some(r)) => Ok(r),
         Ok(None) => Err(ClientError::Closed),
-        Err(ReadError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => Err(ClientError::Closed),
+        Err(ReadError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
+            Err(ClientError::Closed)
+        }
         Err(ReadError::Io(e)) => Err(io_err(e)),
-        Err(ReadError::Decode(e @ DecodeError::UnsupportedVersion { .. })) => Err(ClientError::Version(e)),
+        Err(ReadError::Decode(e @ DecodeError::UnsupportedVersion { .. })) => {
+            Err(ClientError::Version(e))
+        }
         Err(ReadError::Decode(e)) => Err(ClientError::Protocol(e)),
     }
 }

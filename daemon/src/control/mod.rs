@@ -35,7 +35,8 @@ use crate::shutdown::Shutdown;
 
 pub use server::ControlListener;
 pub use volume::{
-    Origin, Policy, Rekeyer, UnlockError, UnlockWith, Unlocker, VolumeHandle, VolumeInfo, VolumeManager,
+    Origin, Policy, Rekeyer, UnlockError, UnlockWith, Unlocker, VolumeHandle, VolumeInfo,
+    VolumeManager,
 };
 
 /// Where nbdcryptd listens for control requests unless told otherwise.
@@ -71,7 +72,11 @@ impl ControlPlane {
         }
         let (volume, volume_task) = manager.spawn(shutdown.clone());
         let server_task = tokio::spawn(server::run(listener, volume.clone(), shutdown));
-        Ok(ControlPlane { volume, volume_task, server_task })
+        Ok(ControlPlane {
+            volume,
+            volume_task,
+            server_task,
+        })
     }
 
     /// Wait, after shutdown was triggered, for the control socket to close and for the volume

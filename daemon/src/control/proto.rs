@@ -49,14 +49,21 @@ pub const MAX_SECRET_LEN: usize = 8 * 1024 * 1024;
 /// A control request.
 pub enum Request {
     /// Try the secret against the keyslots (only `slot` if given) and publish the export.
-    Unlock { secret: SecretBytes, slot: Option<u32> },
+    Unlock {
+        secret: SecretBytes,
+        slot: Option<u32>,
+    },
     /// Unlock with the KMS/HSM tokens in the header (the daemon unseals them).
     UnlockToken,
     /// Re-seal the token of keyslot `slot` (every token when `None`) with a fresh secret under
     /// the same KMS/HSM key; the data and the lock state are untouched.
-    Rekey { slot: Option<u32> },
+    Rekey {
+        slot: Option<u32>,
+    },
     /// Withdraw the export and wipe the key; `force` disconnects attached clients first.
-    Lock { force: bool },
+    Lock {
+        force: bool,
+    },
     Status,
 }
 
@@ -172,7 +179,11 @@ pub struct ErrorReply {
 
 impl ErrorReply {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        ErrorReply { kind, message: message.into(), retry_after_secs: None }
+        ErrorReply {
+            kind,
+            message: message.into(),
+            retry_after_secs: None,
+        }
     }
 }
 
@@ -230,7 +241,9 @@ pub enum DecodeError {
     Malformed(String),
     #[error("message has no protocol version (\"v\")")]
     MissingVersion,
-    #[error("protocol version {got} is not supported; this build speaks version {PROTOCOL_VERSION}")]
+    #[error(
+        "protocol version {got} is not supported; this build speaks version {PROTOCOL_VERSION}"
+    )]
     UnsupportedVersion { got: u64 },
     #[error("invalid request: {0}")]
     Invalid(String),
@@ -272,7 +285,13 @@ impl Request {
         let secret_len = secret.as_ref().map_or(0, |s| s.0.len());
         // Sized up front so the vector never reallocates and leaves a copy of the secret behind.
         let mut out = Zeroizing::new(Vec::with_capacity(base64_len(secret_len) + 128));
-        let wire = WireRequestOut { v: PROTOCOL_VERSION, op, secret, slot, force };
+        let wire = WireRequestOut {
+            v: PROTOCOL_VERSION,
+            op,
+            secret,
+            slot,
+            force,
+        };
         // Serializing these types into a Vec cannot fail: no maps with non-string keys, no I/O.
         serde_json::to_writer(&mut *out, &wire).expect("request serializes");
         out.push(b'\n');
@@ -299,8 +318,16 @@ impl Response {
     /// The wire line, newline included.
     pub fn encode(&self) -> Vec<u8> {
         let wire = match self {
-            Response::Ok(s) => WireResponse { v: PROTOCOL_VERSION, status: Some(s.clone()), error: None },
-            Response::Error(e) => WireResponse { v: PROTOCOL_VERSION, status: None, error: Some(e.clone()) },
+            Response::Ok(s) => WireResponse {
+                v: PROTOCOL_VERSION,
+                status: Some(s.clone()),
+                error: None,
+            },
+            Response::Error(e) => WireResponse {
+                v: PROTOCOL_VERSION,
+                status: None,
+                error: Some(e.clone()),
+            },
         };
         // Plain structs of strings and integers: serialization cannot fail.
         let mut out = serde_json::to_vec(&wire).expect("response serializes");
@@ -318,7 +345,9 @@ impl Response {
         match (wire.status, wire.error) {
             (Some(s), None) => Ok(Response::Ok(s)),
             (None, Some(e)) => Ok(Response::Error(e)),
-            _ => Err(DecodeError::Malformed("a response has exactly one of status and error".into())),
+            _ => Err(DecodeError::Malformed(
+                "a response has exactly one of status and error".into(),
+            )),
         }
     }
 }
@@ -366,7 +395,10 @@ struct WireRequest {
 impl WireRequest {
     fn into_request(self) -> Result<Request, DecodeError> {
         let misplaced = |field: &str| {
-            Err(DecodeError::Invalid(format!("\"{field}\" does not belong to a {:?} request", self.op)))
+            Err(DecodeError::Invalid(format!(
+                "\"{field}\" does not belong to a {:?} request",
+                self.op
+            )))
         };
         match self.op {
             Op::Unlock => {
@@ -374,7 +406,10 @@ impl WireRequest {
                     return misplaced("force");
                 }
                 match self.secret {
-                    Some(SecretIn(secret)) => Ok(Request::Unlock { secret, slot: self.slot }),
+                    Some(SecretIn(secret)) => Ok(Request::Unlock {
+                        secret,
+                        slot: self.slot,
+                    }),
                     None => Err(DecodeError::Invalid("unlock needs \"secret\"".into())),
                 }
             }
@@ -406,7 +441,9 @@ impl WireRequest {
                 if self.slot.is_some() {
                     return misplaced("slot");
                 }
-                Ok(Request::Lock { force: self.force.unwrap_or(false) })
+                Ok(Request::Lock {
+                    force: self.force.unwrap_or(false),
+                })
             }
             Op::Status => {
                 if self.secret.is_some() {
@@ -460,13 +497,18 @@ impl<'de> Visitor<'de> for SecretVisitor {
     type Value = SecretBytes;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "the secret as base64 text or an array of bytes, at most {MAX_SECRET_LEN} bytes")
+        write!(
+            f,
+            "the secret as base64 text or an array of bytes, at most {MAX_SECRET_LEN} bytes"
+        )
     }
 
     fn visit_str<E: de::Error>(self, text: &str) -> Result<SecretBytes, E> {
         let estimate = base64::decoded_len_estimate(text.len());
         if estimate > MAX_SECRET_LEN + 2 {
-            return Err(E::custom(format_args!("secret longer than {MAX_SECRET_LEN} bytes")));
+            return Err(E::custom(format_args!(
+                "secret longer than {MAX_SECRET_LEN} bytes"
+            )));
         }
         let mut scratch = SecretBytes::zeroed(estimate);
         // The error names only a position and a byte class, never the text.
@@ -474,7 +516,9 @@ impl<'de> Visitor<'de> for SecretVisitor {
             .decode_slice(text.as_bytes(), scratch.expose_secret_mut())
             .map_err(|_| E::custom("secret is not valid base64 (standard alphabet, padded)"))?;
         if n > MAX_SECRET_LEN {
-            return Err(E::custom(format_args!("secret longer than {MAX_SECRET_LEN} bytes")));
+            return Err(E::custom(format_args!(
+                "secret longer than {MAX_SECRET_LEN} bytes"
+            )));
         }
         Ok(SecretBytes::from_slice(&scratch.expose_secret()[..n]))
     }
@@ -491,7 +535,9 @@ impl<'de> Visitor<'de> for SecretVisitor {
         let mut n = 0;
         while let Some(byte) = seq.next_element::<u8>()? {
             let Some(slot) = scratch.expose_secret_mut().get_mut(n) else {
-                return Err(de::Error::custom(format_args!("secret longer than {MAX_SECRET_LEN} bytes")));
+                return Err(de::Error::custom(format_args!(
+                    "secret longer than {MAX_SECRET_LEN} bytes"
+                )));
             };
             *slot = byte;
             n += 1;
@@ -507,7 +553,9 @@ impl Serialize for SecretOut<'_> {
         let bytes = self.0.expose_secret();
         let mut text = Zeroizing::new(vec![0u8; base64_len(bytes.len())]);
         // The buffer is exactly base64_len long, which is what encode_slice needs.
-        let n = BASE64.encode_slice(bytes, &mut text[..]).expect("buffer sized for base64");
+        let n = BASE64
+            .encode_slice(bytes, &mut text[..])
+            .expect("buffer sized for base64");
         // Base64 output is ASCII.
         let text = std::str::from_utf8(&text[..n]).expect("base64 is ASCII");
         s.serialize_str(text)
@@ -549,7 +597,10 @@ mod tests {
     #[test]
     fn unlock_round_trips_with_every_byte_value() {
         let bytes: Vec<u8> = (0..=255u8).chain(b"\n\"\\".iter().copied()).collect();
-        let req = Request::Unlock { secret: SecretBytes::from_slice(&bytes), slot: Some(3) };
+        let req = Request::Unlock {
+            secret: SecretBytes::from_slice(&bytes),
+            slot: Some(3),
+        };
         let line = req.encode();
         assert_eq!(line.last(), Some(&b'\n'));
         assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1, "one line");
@@ -566,7 +617,9 @@ mod tests {
     fn lock_and_status_round_trip() {
         for force in [false, true] {
             let line = Request::Lock { force }.encode();
-            assert!(matches!(Request::decode(&line).unwrap(), Request::Lock { force: f } if f == force));
+            assert!(
+                matches!(Request::decode(&line).unwrap(), Request::Lock { force: f } if f == force)
+            );
         }
         let line = Request::Status.encode();
         assert_eq!(&line[..], b"{\"v\":1,\"op\":\"status\"}\n");
@@ -575,20 +628,28 @@ mod tests {
 
     #[test]
     fn lock_without_force_means_no_force() {
-        assert!(matches!(decode_str(r#"{"v":1,"op":"lock"}"#).unwrap(), Request::Lock { force: false }));
+        assert!(matches!(
+            decode_str(r#"{"v":1,"op":"lock"}"#).unwrap(),
+            Request::Lock { force: false }
+        ));
     }
 
     #[test]
     fn unlock_accepts_the_secret_as_an_array_of_bytes() {
         match decode_str(r#"{"v":1,"op":"unlock","secret":[104,105,0,255]}"#).unwrap() {
-            Request::Unlock { secret, slot: None } => assert_eq!(secret.expose_secret(), b"hi\0\xff"),
+            Request::Unlock { secret, slot: None } => {
+                assert_eq!(secret.expose_secret(), b"hi\0\xff")
+            }
             other => panic!("decoded {other:?}"),
         }
     }
 
     #[test]
     fn debug_never_shows_the_secret() {
-        let req = Request::Unlock { secret: SecretBytes::from_slice(b"hunter2"), slot: None };
+        let req = Request::Unlock {
+            secret: SecretBytes::from_slice(b"hunter2"),
+            slot: None,
+        };
         let shown = format!("{req:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(!shown.contains("aHVudGVyMg"), "{shown}");
@@ -611,14 +672,19 @@ mod tests {
             retry_after_secs: Some(8),
         });
         let line = err.encode();
-        assert!(std::str::from_utf8(&line).unwrap().contains(r#""kind":"rate_limited""#));
+        assert!(std::str::from_utf8(&line)
+            .unwrap()
+            .contains(r#""kind":"rate_limited""#));
         assert_eq!(Response::decode(&line).unwrap(), err);
     }
 
     #[test]
     fn request_with_an_unknown_field_is_rejected() {
         let e = decode_str(r#"{"v":1,"op":"status","verbose":true}"#).unwrap_err();
-        assert!(matches!(&e, DecodeError::Malformed(m) if m.contains("verbose")), "{e}");
+        assert!(
+            matches!(&e, DecodeError::Malformed(m) if m.contains("verbose")),
+            "{e}"
+        );
     }
 
     #[test]
@@ -630,13 +696,19 @@ mod tests {
     #[test]
     fn request_of_another_version_is_rejected_as_such_even_with_unknown_fields() {
         let e = decode_str(r#"{"v":2,"op":"status","new_thing":1}"#).unwrap_err();
-        assert!(matches!(e, DecodeError::UnsupportedVersion { got: 2 }), "{e}");
+        assert!(
+            matches!(e, DecodeError::UnsupportedVersion { got: 2 }),
+            "{e}"
+        );
         assert!(e.to_string().contains("version 1"));
     }
 
     #[test]
     fn request_without_a_version_is_rejected() {
-        assert!(matches!(decode_str(r#"{"op":"status"}"#).unwrap_err(), DecodeError::MissingVersion));
+        assert!(matches!(
+            decode_str(r#"{"op":"status"}"#).unwrap_err(),
+            DecodeError::MissingVersion
+        ));
     }
 
     #[test]
@@ -648,7 +720,10 @@ mod tests {
             r#"{"v":1,"op":"unlock","secret":"aGk=","force":true}"#,
             r#"{"v":1,"op":"unlock"}"#,
         ] {
-            assert!(matches!(decode_str(bad), Err(DecodeError::Invalid(_))), "{bad}");
+            assert!(
+                matches!(decode_str(bad), Err(DecodeError::Invalid(_))),
+                "{bad}"
+            );
         }
     }
 
@@ -661,34 +736,58 @@ mod tests {
 
     #[test]
     fn not_json_and_not_an_object_are_malformed() {
-        for bad in ["", "hello", "[1,2]", "{\"v\":1", "{\"v\":\"1\",\"op\":\"status\"}"] {
-            assert!(matches!(decode_str(bad), Err(DecodeError::Malformed(_))), "{bad:?}");
+        for bad in [
+            "",
+            "hello",
+            "[1,2]",
+            "{\"v\":1",
+            "{\"v\":\"1\",\"op\":\"status\"}",
+        ] {
+            assert!(
+                matches!(decode_str(bad), Err(DecodeError::Malformed(_))),
+                "{bad:?}"
+            );
         }
     }
 
     #[test]
     fn oversized_line_is_rejected_before_parsing() {
         let line = vec![b' '; MAX_LINE + 1];
-        assert!(matches!(Request::decode(&line), Err(DecodeError::TooLong { limit: MAX_LINE })));
-        assert!(matches!(Response::decode(&line), Err(DecodeError::TooLong { .. })));
+        assert!(matches!(
+            Request::decode(&line),
+            Err(DecodeError::TooLong { limit: MAX_LINE })
+        ));
+        assert!(matches!(
+            Response::decode(&line),
+            Err(DecodeError::TooLong { .. })
+        ));
     }
 
     #[test]
     fn oversized_secret_is_rejected() {
         let too_long = SecretBytes::zeroed(MAX_SECRET_LEN + 1);
-        let line = Request::Unlock { secret: too_long, slot: None }.encode();
+        let line = Request::Unlock {
+            secret: too_long,
+            slot: None,
+        }
+        .encode();
         assert!(line.len() <= MAX_LINE);
         let e = Request::decode(&line).unwrap_err();
         assert!(e.to_string().contains("longer than"), "{e}");
         // The largest allowed secret fits in a line.
-        let max = Request::Unlock { secret: SecretBytes::zeroed(MAX_SECRET_LEN), slot: Some(31) }.encode();
+        let max = Request::Unlock {
+            secret: SecretBytes::zeroed(MAX_SECRET_LEN),
+            slot: Some(31),
+        }
+        .encode();
         assert!(max.len() <= MAX_LINE);
         assert!(Request::decode(&max).is_ok());
     }
 
     #[test]
     fn response_tolerates_unknown_fields_kinds_and_states() {
-        let line = br#"{"v":1,"error":{"kind":"quota_exceeded","message":"m","hint":"x"},"extra":1}"#;
+        let line =
+            br#"{"v":1,"error":{"kind":"quota_exceeded","message":"m","hint":"x"},"extra":1}"#;
         match Response::decode(line).unwrap() {
             Response::Error(e) => assert_eq!(e.kind, ErrorKind::Unknown),
             other => panic!("{other:?}"),
@@ -721,7 +820,11 @@ mod tests {
 
     #[test]
     fn decoding_never_panics_on_truncated_or_corrupted_lines() {
-        let unlock = Request::Unlock { secret: SecretBytes::from_slice(b"pass"), slot: Some(1) }.encode();
+        let unlock = Request::Unlock {
+            secret: SecretBytes::from_slice(b"pass"),
+            slot: Some(1),
+        }
+        .encode();
         let ok = Response::Ok(status()).encode();
         for line in [&unlock[..], &ok[..]] {
             for cut in 0..line.len() {

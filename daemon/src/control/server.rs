@@ -47,7 +47,10 @@ impl ControlListener {
     /// Bind `path` with mode 0600, creating its directory (mode 0700) if missing.
     pub async fn bind(path: &Path) -> io::Result<ControlListener> {
         let listener = crate::socket::bind_private(path, 0o700).await?;
-        Ok(ControlListener { listener, path: path.to_owned() })
+        Ok(ControlListener {
+            listener,
+            path: path.to_owned(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -110,7 +113,10 @@ fn peer_allowed(uid: u32, own_uid: u32) -> bool {
 
 async fn connection(mut stream: UnixStream, volume: VolumeHandle, own_uid: u32) {
     let origin = match stream.peer_cred() {
-        Ok(c) => Origin { uid: c.uid(), pid: c.pid() },
+        Ok(c) => Origin {
+            uid: c.uid(),
+            pid: c.pid(),
+        },
         Err(e) => {
             warn!(error = %e, "control: cannot read peer credentials; closing");
             return;
@@ -175,16 +181,25 @@ async fn connection(mut stream: UnixStream, volume: VolumeHandle, own_uid: u32) 
 
 fn log_outcome(origin: Origin, kind: RequestKind, response: &Response) {
     match (kind, response) {
-        (RequestKind::Status, Response::Ok(_)) => debug!(%origin, request = %kind, "control request: ok"),
-        (_, Response::Ok(s)) => info!(%origin, request = %kind, state = %s.state, "control request: ok"),
-        (_, Response::Error(e)) => info!(%origin, request = %kind, error = %e.kind, "control request refused"),
+        (RequestKind::Status, Response::Ok(_)) => {
+            debug!(%origin, request = %kind, "control request: ok")
+        }
+        (_, Response::Ok(s)) => {
+            info!(%origin, request = %kind, state = %s.state, "control request: ok")
+        }
+        (_, Response::Error(e)) => {
+            info!(%origin, request = %kind, error = %e.kind, "control request refused")
+        }
     }
 }
 
 enum Line {
     /// `len` bytes of line content, not counting the newline; `eof` if the peer ended the stream
     /// without one.
-    Complete { len: usize, eof: bool },
+    Complete {
+        len: usize,
+        eof: bool,
+    },
     TooLong,
     Eof,
 }
@@ -204,13 +219,23 @@ struct LineBuf {
 
 impl LineBuf {
     fn new() -> Self {
-        LineBuf { buf: Zeroizing::new(vec![0; INITIAL_LINE.min(MAX_LINE)]), filled: 0, scanned: 0 }
+        LineBuf {
+            buf: Zeroizing::new(vec![0; INITIAL_LINE.min(MAX_LINE)]),
+            filled: 0,
+            scanned: 0,
+        }
     }
 
     async fn read_line(&mut self, stream: &mut UnixStream) -> io::Result<Line> {
         loop {
-            if let Some(i) = self.buf[self.scanned..self.filled].iter().position(|&b| b == b'\n') {
-                return Ok(Line::Complete { len: self.scanned + i, eof: false });
+            if let Some(i) = self.buf[self.scanned..self.filled]
+                .iter()
+                .position(|&b| b == b'\n')
+            {
+                return Ok(Line::Complete {
+                    len: self.scanned + i,
+                    eof: false,
+                });
             }
             self.scanned = self.filled;
             if self.filled == self.buf.len() {
@@ -225,7 +250,14 @@ impl LineBuf {
             let n = stream.read(&mut self.buf[self.filled..]).await?;
             if n == 0 {
                 // A last request without its newline is still a request.
-                return Ok(if self.filled == 0 { Line::Eof } else { Line::Complete { len: self.filled, eof: true } });
+                return Ok(if self.filled == 0 {
+                    Line::Eof
+                } else {
+                    Line::Complete {
+                        len: self.filled,
+                        eof: true,
+                    }
+                });
             }
             self.filled += n;
         }
@@ -246,7 +278,6 @@ impl LineBuf {
         self.scanned = 0;
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -274,17 +305,24 @@ mod tests {
         let path = dir.path().join("run/control.sock");
         let exports = ExportTable::new("vol".into(), String::new());
         let (trigger, shutdown) = shutdown::channel();
-        let (volume, _task) =
-            VolumeManager::new(exports, info(), fake_unlocker(&Probe::default())).spawn(shutdown.clone());
+        let (volume, _task) = VolumeManager::new(exports, info(), fake_unlocker(&Probe::default()))
+            .spawn(shutdown.clone());
         let listener = ControlListener::bind(&path).await.unwrap();
         let served = tokio::spawn(run(listener, volume, shutdown));
-        Daemon { _dir: dir, path, trigger, served }
+        Daemon {
+            _dir: dir,
+            path,
+            trigger,
+            served,
+        }
     }
 
     /// The client blocks, so it runs off the test's reactor.
     async fn call(path: &Path, request: Request) -> Result<Response, ClientError> {
         let path = path.to_owned();
-        tokio::task::spawn_blocking(move || client::call(&path, &request)).await.unwrap()
+        tokio::task::spawn_blocking(move || client::call(&path, &request))
+            .await
+            .unwrap()
     }
 
     async fn raw(path: &Path, bytes: Vec<u8>) -> Vec<String> {
@@ -319,23 +357,43 @@ mod tests {
         let d = daemon().await;
         let mode = std::fs::metadata(&d.path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "socket is owner-only");
-        let dir_mode = std::fs::metadata(d.path.parent().unwrap()).unwrap().permissions().mode();
+        let dir_mode = std::fs::metadata(d.path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(dir_mode & 0o777, 0o700);
 
-        assert_eq!(ok(call(&d.path, Request::Status).await).state, VolumeState::Locked);
-        let wrong = Request::Unlock { secret: SecretBytes::from_slice(b"nope"), slot: None };
-        assert_eq!(err(call(&d.path, wrong).await).kind, ErrorKind::WrongPassphrase);
-        let good = Request::Unlock { secret: SecretBytes::from_slice(GOOD), slot: Some(0) };
+        assert_eq!(
+            ok(call(&d.path, Request::Status).await).state,
+            VolumeState::Locked
+        );
+        let wrong = Request::Unlock {
+            secret: SecretBytes::from_slice(b"nope"),
+            slot: None,
+        };
+        assert_eq!(
+            err(call(&d.path, wrong).await).kind,
+            ErrorKind::WrongPassphrase
+        );
+        let good = Request::Unlock {
+            secret: SecretBytes::from_slice(GOOD),
+            slot: Some(0),
+        };
         let s = ok(call(&d.path, good).await);
         assert_eq!(s.state, VolumeState::Unlocked);
         assert_eq!(s.export_name, "vol");
-        assert_eq!(ok(call(&d.path, Request::Lock { force: false }).await).state, VolumeState::Locked);
+        assert_eq!(
+            ok(call(&d.path, Request::Lock { force: false }).await).state,
+            VolumeState::Locked
+        );
 
         d.trigger.trigger();
         d.served.await.unwrap();
         assert!(!d.path.exists(), "socket removed at shutdown");
         match call(&d.path, Request::Status).await {
-            Err(e @ ClientError::NoSocket { .. }) => assert!(e.to_string().contains("is nbdcryptd running?")),
+            Err(e @ ClientError::NoSocket { .. }) => {
+                assert!(e.to_string().contains("is nbdcryptd running?"))
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -352,7 +410,10 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(ok(call(&d.path, Request::Status).await).state, VolumeState::Locked);
+        assert_eq!(
+            ok(call(&d.path, Request::Status).await).state,
+            VolumeState::Locked
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -375,18 +436,26 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bind_replaces_a_stale_socket_but_not_a_live_one_or_a_file() {
         let d = daemon().await;
-        let e = ControlListener::bind(&d.path).await.err().expect("live socket kept");
+        let e = ControlListener::bind(&d.path)
+            .await
+            .err()
+            .expect("live socket kept");
         assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
 
         let dir = tempfile::tempdir().unwrap();
         let stale = dir.path().join("stale.sock");
         drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
         assert!(stale.exists());
-        ControlListener::bind(&stale).await.expect("stale socket replaced");
+        ControlListener::bind(&stale)
+            .await
+            .expect("stale socket replaced");
 
         let file = dir.path().join("file");
         std::fs::write(&file, b"keep me").unwrap();
-        let e = ControlListener::bind(&file).await.err().expect("not a socket");
+        let e = ControlListener::bind(&file)
+            .await
+            .err()
+            .expect("not a socket");
         assert!(e.to_string().contains("not a socket"), "{e}");
         assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
     }

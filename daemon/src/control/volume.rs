@@ -32,9 +32,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use crate::audit::{AuditEvent, AuditEventKind, AuditLog};
 use crate::block::{self, BlockDevice};
 use crate::control::proto::{ErrorKind, ErrorReply, Request, Response, StatusReport, VolumeState};
-use crate::audit::{AuditEvent, AuditEventKind, AuditLog};
 use crate::crypto::keys::SecretBytes;
 use crate::export::{Export, ExportTable};
 use crate::shutdown::Shutdown;
@@ -51,7 +51,10 @@ pub type Rekeyer = Box<dyn Fn(Option<u32>) -> Result<String, String> + Send + Sy
 
 /// What an unlock uses. The secret moves to the unlocker's thread and is wiped there.
 pub enum UnlockWith {
-    Secret { secret: SecretBytes, slot: Option<u32> },
+    Secret {
+        secret: SecretBytes,
+        slot: Option<u32>,
+    },
     /// The header's sealed-keyslot tokens, tried in priority order.
     Tokens,
 }
@@ -192,7 +195,9 @@ impl VolumeManager {
             audit: self.audit,
             rekeyer: self.rekeyer,
             rx,
-            vol: Vol::Locked { reason: "not unlocked since nbdcryptd started".into() },
+            vol: Vol::Locked {
+                reason: "not unlocked since nbdcryptd started".into(),
+            },
             pending: Pending::None,
         };
         (VolumeHandle { tx }, tokio::spawn(task.run(shutdown)))
@@ -203,7 +208,16 @@ impl VolumeHandle {
     /// Ask the manager; always answers (an `internal` error if the daemon is shutting down).
     pub async fn call(&self, request: Request, origin: Origin) -> Response {
         let (reply, answer) = oneshot::channel();
-        if self.tx.send(Command { request, origin, reply }).await.is_err() {
+        if self
+            .tx
+            .send(Command {
+                request,
+                origin,
+                reply,
+            })
+            .await
+            .is_err()
+        {
             return shutting_down();
         }
         answer.await.unwrap_or_else(|_| shutting_down())
@@ -227,11 +241,19 @@ type Reply = oneshot::Sender<Response>;
 
 /// Lock state proper. "Unlocking" is `Locked` with `Pending::Unlock`.
 enum Vol {
-    Locked { reason: String },
-    Unlocked { device: Arc<dyn BlockDevice>, export: Arc<Export> },
+    Locked {
+        reason: String,
+    },
+    Unlocked {
+        device: Arc<dyn BlockDevice>,
+        export: Arc<Export>,
+    },
     /// Withdrawn; waiting for clients to close (`Pending::Drain`) or for the final flush
     /// (`Pending::Close`). The export is kept for its counters.
-    Locking { device: Arc<dyn BlockDevice>, export: Arc<Export> },
+    Locking {
+        device: Arc<dyn BlockDevice>,
+        export: Arc<Export>,
+    },
 }
 
 /// The slow step in progress, if any.
@@ -301,7 +323,14 @@ impl Task {
         self.finish().await
     }
 
-    fn handle(&mut self, Command { request, origin, reply }: Command) {
+    fn handle(
+        &mut self,
+        Command {
+            request,
+            origin,
+            reply,
+        }: Command,
+    ) {
         let refused = match request {
             Request::Status => {
                 let _ = reply.send(Response::Ok(self.report()));
@@ -322,13 +351,19 @@ impl Task {
     }
 
     /// Start an unlock, or hand back the reply with the reason why not.
-    fn unlock(&mut self, with: UnlockWith, origin: Origin, reply: Reply) -> Option<(Reply, Response)> {
+    fn unlock(
+        &mut self,
+        with: UnlockWith,
+        origin: Origin,
+        reply: Reply,
+    ) -> Option<(Reply, Response)> {
         if let Some(busy) = self.busy() {
             return Some((reply, busy));
         }
         match &self.vol {
             Vol::Unlocked { .. } => {
-                let r = Response::error(ErrorKind::AlreadyUnlocked, "the volume is already unlocked");
+                let r =
+                    Response::error(ErrorKind::AlreadyUnlocked, "the volume is already unlocked");
                 return Some((reply, r));
             }
             // Locking always has a pending step, so `busy()` answered above.
@@ -354,7 +389,12 @@ impl Task {
         let unlocker = self.unlocker.clone();
         // The secret moves to the blocking thread and is wiped when the unlocker drops it.
         let task = tokio::task::spawn_blocking(move || unlocker(with));
-        self.pending = Pending::Unlock { task, reply, origin, method };
+        self.pending = Pending::Unlock {
+            task,
+            reply,
+            origin,
+            method,
+        };
         None
     }
 
@@ -374,14 +414,17 @@ impl Task {
         };
         let attached = self.exports.attached();
         if attached > 0 && !force {
-            return Some((reply, Response::error(
-                ErrorKind::Busy,
-                format!(
+            return Some((
+                reply,
+                Response::error(
+                    ErrorKind::Busy,
+                    format!(
                     "{attached} client(s) attached; disconnect them first (e.g. `nbd-client -d \
                      /dev/nbdX`) or use `lock --force` to make them finish in-flight requests and \
                      close"
                 ),
-            )));
+                ),
+            ));
         }
         info!(%origin, force, attached, "lock: withdrawing the export");
         self.exports.withdraw();
@@ -400,21 +443,35 @@ impl Task {
     fn busy(&self) -> Option<Response> {
         let message = match &self.pending {
             Pending::None => return None,
-            Pending::Unlock { .. } => "an unlock is in progress; try again when it has finished".to_owned(),
+            Pending::Unlock { .. } => {
+                "an unlock is in progress; try again when it has finished".to_owned()
+            }
             Pending::Drain { .. } => format!(
                 "a lock is in progress: waiting for {} client(s) to close",
                 self.exports.attached()
             ),
             Pending::Close { .. } => "a lock is in progress: flushing the volume".to_owned(),
         };
-        Some(Response::Error(ErrorReply { kind: ErrorKind::Busy, message, retry_after_secs: Some(1) }))
+        Some(Response::Error(ErrorReply {
+            kind: ErrorKind::Busy,
+            message,
+            retry_after_secs: Some(1),
+        }))
     }
 
     /// Rekeying touches only the header: it runs beside whatever the volume is doing, and
     /// answers when done. Concurrent header updates are serialised by the header lock.
-    fn rekey(&mut self, slot: Option<u32>, origin: Origin, reply: Reply) -> Option<(Reply, Response)> {
+    fn rekey(
+        &mut self,
+        slot: Option<u32>,
+        origin: Origin,
+        reply: Reply,
+    ) -> Option<(Reply, Response)> {
         let Some(rekeyer) = self.rekeyer.clone() else {
-            return Some((reply, Response::error(ErrorKind::BadRequest, "this daemon cannot rekey")));
+            return Some((
+                reply,
+                Response::error(ErrorKind::BadRequest, "this daemon cannot rekey"),
+            ));
         };
         info!(%origin, slot = ?slot, "rekey: re-sealing token keyslots");
         let (audit, uuid) = (self.audit.clone(), self.info.uuid.clone());
@@ -439,7 +496,10 @@ impl Task {
                 }
                 Err(e) => {
                     event = event.failed(&e);
-                    Response::error(ErrorKind::Internal, "rekey failed unexpectedly; see the daemon log")
+                    Response::error(
+                        ErrorKind::Internal,
+                        "rekey failed unexpectedly; see the daemon log",
+                    )
                 }
             };
             if let Err(e) = audit.record(&event) {
@@ -460,8 +520,12 @@ impl Task {
         &mut self,
         res: Result<Result<Arc<dyn BlockDevice>, UnlockError>, tokio::task::JoinError>,
     ) {
-        let Pending::Unlock { reply, origin, method, .. } =
-            std::mem::replace(&mut self.pending, Pending::None)
+        let Pending::Unlock {
+            reply,
+            origin,
+            method,
+            ..
+        } = std::mem::replace(&mut self.pending, Pending::None)
         else {
             return;
         };
@@ -490,9 +554,13 @@ impl Task {
             Ok(Err(UnlockError::WrongPassphrase)) => {
                 let failures = self.limiter.failure(Instant::now());
                 warn!(%origin, failures, "unlock refused: wrong passphrase or key file");
-                let mut message = "wrong passphrase or key file: no keyslot opened with it".to_owned();
+                let mut message =
+                    "wrong passphrase or key file: no keyslot opened with it".to_owned();
                 if let Some(wait) = self.limiter.remaining(Instant::now()) {
-                    message.push_str(&format!("; the next attempt is possible in {} s", ceil_secs(wait)));
+                    message.push_str(&format!(
+                        "; the next attempt is possible in {} s",
+                        ceil_secs(wait)
+                    ));
                 }
                 Response::error(ErrorKind::WrongPassphrase, message)
             }
@@ -502,7 +570,11 @@ impl Task {
                 if let Vol::Locked { reason } = &mut self.vol {
                     *reason = format!("unlock by token failed: {message}");
                 }
-                let kind = if transient { ErrorKind::ProviderUnreachable } else { ErrorKind::TokenFailed };
+                let kind = if transient {
+                    ErrorKind::ProviderUnreachable
+                } else {
+                    ErrorKind::TokenFailed
+                };
                 Response::error(kind, format!("no token opened the volume: {message}"))
             }
             Ok(Err(UnlockError::Refused(m))) => {
@@ -519,14 +591,22 @@ impl Task {
             }
             Err(e) => {
                 error!(%origin, error = %e, "unlock task failed");
-                Response::error(ErrorKind::Internal, "unlock failed unexpectedly; see the daemon log")
+                Response::error(
+                    ErrorKind::Internal,
+                    "unlock failed unexpectedly; see the daemon log",
+                )
             }
         };
         let _ = reply.send(response);
     }
 
     fn drained(&mut self) {
-        let Pending::Drain { reply, origin, forced, .. } = std::mem::replace(&mut self.pending, Pending::None)
+        let Pending::Drain {
+            reply,
+            origin,
+            forced,
+            ..
+        } = std::mem::replace(&mut self.pending, Pending::None)
         else {
             return;
         };
@@ -536,7 +616,12 @@ impl Task {
         info!(%origin, "lock: no client attached; flushing");
         let device = device.clone();
         let task = tokio::task::spawn_blocking(move || device.flush());
-        self.pending = Pending::Close { task, reply, origin, forced };
+        self.pending = Pending::Close {
+            task,
+            reply,
+            origin,
+            forced,
+        };
     }
 
     fn drain_timed_out(&mut self) {
@@ -560,7 +645,12 @@ impl Task {
     }
 
     fn closed(&mut self, res: Result<Result<(), block::Error>, tokio::task::JoinError>) {
-        let Pending::Close { reply, origin, forced, .. } = std::mem::replace(&mut self.pending, Pending::None)
+        let Pending::Close {
+            reply,
+            origin,
+            forced,
+            ..
+        } = std::mem::replace(&mut self.pending, Pending::None)
         else {
             return;
         };
@@ -569,11 +659,17 @@ impl Task {
             Ok(Ok(())) => (format!("{how} by {origin}"), None),
             Ok(Err(e)) => {
                 error!(%origin, error = %e, "lock: final flush failed");
-                (format!("{how} by {origin}; the final flush failed: {e}"), Some(e.to_string()))
+                (
+                    format!("{how} by {origin}; the final flush failed: {e}"),
+                    Some(e.to_string()),
+                )
             }
             Err(e) => {
                 error!(%origin, error = %e, "lock: flush task failed");
-                (format!("{how} by {origin}; the final flush failed"), Some(e.to_string()))
+                (
+                    format!("{how} by {origin}; the final flush failed"),
+                    Some(e.to_string()),
+                )
             }
         };
         self.drop_device(reason);
@@ -590,8 +686,10 @@ impl Task {
             None => Response::Ok(self.report()),
             Some(e) => Response::error(
                 ErrorKind::Internal,
-                format!("the volume is locked, but the final flush failed ({e}); writes acknowledged \
-                         before the lock may not be on stable storage"),
+                format!(
+                    "the volume is locked, but the final flush failed ({e}); writes acknowledged \
+                         before the lock may not be on stable storage"
+                ),
             ),
         };
         if let Some(reply) = reply {
@@ -607,7 +705,10 @@ impl Task {
             // 1 is ours; anything more is a session that has not finished dropping its export.
             let others = Arc::strong_count(&device) - 1;
             if others > 0 {
-                warn!(others, "device still referenced elsewhere; its key is wiped when they drop it");
+                warn!(
+                    others,
+                    "device still referenced elsewhere; its key is wiped when they drop it"
+                );
             }
         }
     }
@@ -628,13 +729,18 @@ impl Task {
             tokio::time::sleep(DRAIN_POLL).await;
             waited += DRAIN_POLL;
             if waited.as_millis() % 10_000 < DRAIN_POLL.as_millis() {
-                info!(attached = self.exports.attached(), "shutdown: waiting for clients to close");
+                info!(
+                    attached = self.exports.attached(),
+                    "shutdown: waiting for clients to close"
+                );
             }
         }
-        let res = tokio::task::spawn_blocking(move || device.flush()).await.unwrap_or_else(|e| {
-            error!(error = %e, "final flush task failed");
-            Err(block::Error::new(block::ErrorKind::Io))
-        });
+        let res = tokio::task::spawn_blocking(move || device.flush())
+            .await
+            .unwrap_or_else(|e| {
+                error!(error = %e, "final flush task failed");
+                Err(block::Error::new(block::ErrorKind::Io))
+            });
         self.drop_device("nbdcryptd stopped".into());
         res
     }
@@ -643,18 +749,27 @@ impl Task {
         let (state, reason, device, export) = match (&self.vol, &self.pending) {
             (Vol::Locked { reason }, Pending::Unlock { .. }) => (
                 VolumeState::Unlocking,
-                Some(format!("{reason}; checking a secret (key derivation takes a few seconds)")),
+                Some(format!(
+                    "{reason}; checking a secret (key derivation takes a few seconds)"
+                )),
                 None,
                 None,
             ),
             (Vol::Locked { reason }, _) => (VolumeState::Locked, Some(reason.clone()), None, None),
-            (Vol::Unlocked { device, export }, _) => (VolumeState::Unlocked, None, Some(device), Some(export)),
+            (Vol::Unlocked { device, export }, _) => {
+                (VolumeState::Unlocked, None, Some(device), Some(export))
+            }
             (Vol::Locking { device, export }, pending) => {
                 let doing = match pending {
                     Pending::Close { .. } => "flushing before dropping the key".to_owned(),
                     _ => format!("waiting for {} client(s) to close", self.exports.attached()),
                 };
-                (VolumeState::Locking, Some(format!("locking: {doing}")), Some(device), Some(export))
+                (
+                    VolumeState::Locking,
+                    Some(format!("locking: {doing}")),
+                    Some(device),
+                    Some(export),
+                )
             }
         };
         let stat = |f: fn(&Export) -> u64| export.map_or(0, |e| f(e));
@@ -681,7 +796,9 @@ async fn next_pending(pending: &mut Pending, exports: &ExportTable) -> Event {
     match pending {
         Pending::None => std::future::pending().await,
         Pending::Unlock { task, .. } => Event::UnlockDone(task.await),
-        Pending::Drain { reply, deadline, .. } => loop {
+        Pending::Drain {
+            reply, deadline, ..
+        } => loop {
             if exports.attached() == 0 {
                 return Event::Drained;
             }
@@ -709,12 +826,18 @@ struct Limiter {
 
 impl Limiter {
     fn new(policy: Policy) -> Self {
-        Limiter { policy, failures: 0, blocked_until: None }
+        Limiter {
+            policy,
+            failures: 0,
+            blocked_until: None,
+        }
     }
 
     /// How long until the next attempt is allowed, if it is not allowed now.
     fn remaining(&self, now: Instant) -> Option<Duration> {
-        self.blocked_until.and_then(|t| t.checked_duration_since(now)).filter(|d| !d.is_zero())
+        self.blocked_until
+            .and_then(|t| t.checked_duration_since(now))
+            .filter(|d| !d.is_zero())
     }
 
     /// Record a failure; returns the count in a row.
@@ -723,7 +846,11 @@ impl Limiter {
         if self.failures >= self.policy.free_attempts {
             let doublings = self.failures - self.policy.free_attempts;
             let factor = 1u32.checked_shl(doublings).unwrap_or(u32::MAX);
-            let delay = self.policy.base_delay.saturating_mul(factor).min(self.policy.max_delay);
+            let delay = self
+                .policy
+                .base_delay
+                .saturating_mul(factor)
+                .min(self.policy.max_delay);
             self.blocked_until = Some(now + delay);
         }
         self.failures
@@ -745,7 +872,10 @@ pub(crate) mod tests {
     use crate::shutdown::{self, ShutdownTrigger};
 
     pub(crate) const GOOD: &[u8] = b"correct horse";
-    const ORIGIN: Origin = Origin { uid: 0, pid: Some(42) };
+    const ORIGIN: Origin = Origin {
+        uid: 0,
+        pid: Some(42),
+    };
 
     /// A small in-memory device that records flushes and whether it was dropped (where the
     /// crypt layer would wipe its key).
@@ -803,7 +933,11 @@ pub(crate) mod tests {
             Ok(())
         }
         fn extents(&self, _: u64, length: u64) -> Result<Vec<Extent>, block::Error> {
-            Ok(vec![Extent { length, hole: false, zero: false }])
+            Ok(vec![Extent {
+                length,
+                hole: false,
+                zero: false,
+            }])
         }
     }
 
@@ -820,7 +954,10 @@ pub(crate) mod tests {
         let probe = probe.clone();
         Box::new(move |with: UnlockWith| {
             let UnlockWith::Secret { secret, slot } = with else {
-                return Err(UnlockError::Tokens { message: "no tokens".into(), transient: false });
+                return Err(UnlockError::Tokens {
+                    message: "no tokens".into(),
+                    transient: false,
+                });
             };
             probe.attempts.fetch_add(1, Ordering::SeqCst);
             if secret.expose_secret() != GOOD || slot == Some(7) {
@@ -859,7 +996,13 @@ pub(crate) mod tests {
         let (volume, task) = VolumeManager::new(exports.clone(), info(), fake_unlocker(&probe))
             .with_policy(policy)
             .spawn(shutdown);
-        Rig { exports, volume, probe, trigger, task }
+        Rig {
+            exports,
+            volume,
+            probe,
+            trigger,
+            task,
+        }
     }
 
     fn quick() -> Policy {
@@ -872,7 +1015,10 @@ pub(crate) mod tests {
     }
 
     fn unlock(secret: &[u8]) -> Request {
-        Request::Unlock { secret: SecretBytes::from_slice(secret), slot: None }
+        Request::Unlock {
+            secret: SecretBytes::from_slice(secret),
+            slot: None,
+        }
     }
 
     fn ok(r: Response) -> StatusReport {
@@ -920,11 +1066,27 @@ pub(crate) mod tests {
         let r = rig(quick());
         let e = err(r.volume.call(unlock(b"hunter2"), ORIGIN).await);
         assert_eq!(e.kind, ErrorKind::WrongPassphrase);
-        assert!(!e.message.contains("slot 0") && !e.message.contains("keyslots:"), "{}", e.message);
+        assert!(
+            !e.message.contains("slot 0") && !e.message.contains("keyslots:"),
+            "{}",
+            e.message
+        );
         assert!(r.exports.current().is_none());
-        assert_eq!(ok(r.volume.call(Request::Status, ORIGIN).await).state, VolumeState::Locked);
+        assert_eq!(
+            ok(r.volume.call(Request::Status, ORIGIN).await).state,
+            VolumeState::Locked
+        );
         // A wrong slot for the right passphrase reads the same.
-        let e = err(r.volume.call(Request::Unlock { secret: SecretBytes::from_slice(GOOD), slot: Some(7) }, ORIGIN).await);
+        let e = err(r
+            .volume
+            .call(
+                Request::Unlock {
+                    secret: SecretBytes::from_slice(GOOD),
+                    slot: Some(7),
+                },
+                ORIGIN,
+            )
+            .await);
         assert_eq!(e.kind, ErrorKind::WrongPassphrase);
     }
 
@@ -932,7 +1094,10 @@ pub(crate) mod tests {
     async fn repeated_wrong_passphrases_are_rate_limited_with_growing_delays() {
         let r = rig(quick());
         for _ in 0..3 {
-            assert_eq!(err(r.volume.call(unlock(b"nope"), ORIGIN).await).kind, ErrorKind::WrongPassphrase);
+            assert_eq!(
+                err(r.volume.call(unlock(b"nope"), ORIGIN).await).kind,
+                ErrorKind::WrongPassphrase
+            );
         }
         // Third failure: the next attempt must wait, and the unlocker is not even asked.
         let e = err(r.volume.call(unlock(GOOD), ORIGIN).await);
@@ -942,16 +1107,25 @@ pub(crate) mod tests {
 
         // After the delay one attempt is allowed; failing it doubles the delay.
         tokio::time::sleep(Duration::from_millis(320)).await;
-        assert_eq!(err(r.volume.call(unlock(b"nope"), ORIGIN).await).kind, ErrorKind::WrongPassphrase);
+        assert_eq!(
+            err(r.volume.call(unlock(b"nope"), ORIGIN).await).kind,
+            ErrorKind::WrongPassphrase
+        );
         tokio::time::sleep(Duration::from_millis(320)).await;
-        assert_eq!(err(r.volume.call(unlock(GOOD), ORIGIN).await).kind, ErrorKind::RateLimited);
+        assert_eq!(
+            err(r.volume.call(unlock(GOOD), ORIGIN).await).kind,
+            ErrorKind::RateLimited
+        );
         tokio::time::sleep(Duration::from_millis(320)).await;
 
         // Success resets the count.
         ok(r.volume.call(unlock(GOOD), ORIGIN).await);
         ok(r.volume.call(Request::Lock { force: false }, ORIGIN).await);
         for _ in 0..3 {
-            assert_eq!(err(r.volume.call(unlock(b"nope"), ORIGIN).await).kind, ErrorKind::WrongPassphrase);
+            assert_eq!(
+                err(r.volume.call(unlock(b"nope"), ORIGIN).await).kind,
+                ErrorKind::WrongPassphrase
+            );
         }
     }
 
@@ -980,8 +1154,14 @@ pub(crate) mod tests {
         assert!(s.locked_reason.unwrap().contains("uid 0 (pid 42)"));
         assert!(r.exports.current().is_none());
         assert_eq!(r.probe.flushes.load(Ordering::SeqCst), 1);
-        assert!(r.probe.dropped.load(Ordering::SeqCst), "device (and key) dropped");
-        assert_eq!(err(r.volume.call(Request::Lock { force: true }, ORIGIN).await).kind, ErrorKind::AlreadyLocked);
+        assert!(
+            r.probe.dropped.load(Ordering::SeqCst),
+            "device (and key) dropped"
+        );
+        assert_eq!(
+            err(r.volume.call(Request::Lock { force: true }, ORIGIN).await).kind,
+            ErrorKind::AlreadyLocked
+        );
     }
 
     #[tokio::test]
@@ -991,7 +1171,11 @@ pub(crate) mod tests {
         let _session = r.exports.attach();
         let e = err(r.volume.call(Request::Lock { force: false }, ORIGIN).await);
         assert_eq!(e.kind, ErrorKind::Busy);
-        assert!(e.message.contains("1 client(s) attached") && e.message.contains("--force"), "{}", e.message);
+        assert!(
+            e.message.contains("1 client(s) attached") && e.message.contains("--force"),
+            "{}",
+            e.message
+        );
         let s = ok(r.volume.call(Request::Status, ORIGIN).await);
         assert_eq!(s.state, VolumeState::Unlocked);
         assert_eq!(s.clients, 1);
@@ -1000,7 +1184,10 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn forced_lock_withdraws_waits_for_sessions_then_wipes() {
-        let r = rig(Policy { drain_timeout: Duration::from_secs(10), ..quick() });
+        let r = rig(Policy {
+            drain_timeout: Duration::from_secs(10),
+            ..quick()
+        });
         ok(r.volume.call(unlock(GOOD), ORIGIN).await);
         let session = r.exports.attach();
         let mut withdrawn = r.exports.watch_withdrawal();
@@ -1008,7 +1195,10 @@ pub(crate) mod tests {
         // A session that finishes its requests and detaches once told.
         let sess = tokio::spawn(async move {
             withdrawn.changed().await.unwrap();
-            assert!(exports.current().is_none(), "withdrawn before the sessions are told");
+            assert!(
+                exports.current().is_none(),
+                "withdrawn before the sessions are told"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
             drop(session);
         });
@@ -1036,8 +1226,14 @@ pub(crate) mod tests {
         assert!(r.exports.current().is_none());
         assert!(!r.probe.dropped.load(Ordering::SeqCst));
         // Unlock and lock wait for it.
-        assert_eq!(err(r.volume.call(unlock(GOOD), ORIGIN).await).kind, ErrorKind::Busy);
-        assert_eq!(err(r.volume.call(Request::Lock { force: true }, ORIGIN).await).kind, ErrorKind::Busy);
+        assert_eq!(
+            err(r.volume.call(unlock(GOOD), ORIGIN).await).kind,
+            ErrorKind::Busy
+        );
+        assert_eq!(
+            err(r.volume.call(Request::Lock { force: true }, ORIGIN).await).kind,
+            ErrorKind::Busy
+        );
         drop(session);
         let mut state = VolumeState::Locking;
         for _ in 0..100 {
@@ -1074,12 +1270,18 @@ pub(crate) mod tests {
             s = ok(volume.call(Request::Status, ORIGIN).await);
         }
         assert_eq!(s.state, VolumeState::Unlocking);
-        assert_eq!(err(volume.call(unlock(GOOD), ORIGIN).await).kind, ErrorKind::Busy);
+        assert_eq!(
+            err(volume.call(unlock(GOOD), ORIGIN).await).kind,
+            ErrorKind::Busy
+        );
         release_tx.send(()).unwrap();
         let e = err(pending.await.unwrap());
         assert_eq!(e.kind, ErrorKind::Internal);
         assert!(e.message.contains("backing store unreadable"));
-        assert_eq!(ok(volume.call(Request::Status, ORIGIN).await).state, VolumeState::Locked);
+        assert_eq!(
+            ok(volume.call(Request::Status, ORIGIN).await).state,
+            VolumeState::Locked
+        );
     }
 
     #[tokio::test]
@@ -1091,6 +1293,9 @@ pub(crate) mod tests {
         assert!(r.exports.current().is_none());
         assert_eq!(r.probe.flushes.load(Ordering::SeqCst), 1);
         assert!(r.probe.dropped.load(Ordering::SeqCst));
-        assert_eq!(err(r.volume.call(Request::Status, ORIGIN).await).kind, ErrorKind::Internal);
+        assert_eq!(
+            err(r.volume.call(Request::Status, ORIGIN).await).kind,
+            ErrorKind::Internal
+        );
     }
 }

@@ -131,7 +131,9 @@ mod tests {
     fn split_then_merge_round_trips_for_each_hash_and_key_size() {
         for hash in [HashAlg::Sha1, HashAlg::Sha256, HashAlg::Sha512] {
             for key_len in [16usize, 32, 64, 33] {
-                let key: Vec<u8> = (0..key_len).map(|i| u8::try_from(i).unwrap() ^ 0xa5).collect();
+                let key: Vec<u8> = (0..key_len)
+                    .map(|i| u8::try_from(i).unwrap() ^ 0xa5)
+                    .collect();
                 let padded = (key_len * 4000).div_ceil(512) * 512;
                 let m = split(&key, 4000, hash, padded).unwrap();
                 assert_eq!(m.len(), padded);

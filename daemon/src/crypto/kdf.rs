@@ -634,7 +634,10 @@ mod tests {
         };
         d.check(&sha1).unwrap();
         let e = d.check_output(&sha1, 64).unwrap_err();
-        assert_eq!((e.param, e.value), ("pbkdf2 iterations x output blocks", 60_000_000));
+        assert_eq!(
+            (e.param, e.value),
+            ("pbkdf2 iterations x output blocks", 60_000_000)
+        );
         let sha256 = KdfParams::Pbkdf2 {
             hash: HashAlg::Sha256,
             iterations: 20_000_000,

@@ -1400,7 +1400,11 @@ mod tests {
         for (off, size) in [("36864", "4096"), ("0", "4096"), ("16384", "4096")] {
             let mut v = sample_json();
             v["keyslots"]["1"] = foreign_keyslot(off, size);
-            assert_eq!(field_of(parse(&v).unwrap_err()), "keyslots.1.area", "{off}+{size}");
+            assert_eq!(
+                field_of(parse(&v).unwrap_err()),
+                "keyslots.1.area",
+                "{off}+{size}"
+            );
         }
         // Overflowing offset + size, empty area.
         let mut v = sample_json();
@@ -1418,7 +1422,10 @@ mod tests {
         assert_eq!(field_of(parse(&v).unwrap_err()), "keyslots.1.area");
         let mut v = sample_json();
         v["keyslots"]["1"] = foreign_keyslot("1048576", "4096");
-        v["keyslots"]["1"].as_object_mut().unwrap().remove("key_size");
+        v["keyslots"]["1"]
+            .as_object_mut()
+            .unwrap()
+            .remove("key_size");
         assert_eq!(field_of(parse(&v).unwrap_err()), "keyslots.1.key_size");
         let mut v = sample_json();
         v["keyslots"]["1"] = foreign_keyslot("1048576", "4096");
@@ -1459,7 +1466,11 @@ mod tests {
         }
         *cur = Value::Array(list);
         let mut area = serde_json::to_vec(&v).unwrap();
-        assert!(area.len() < json_area_size(hdr) as usize, "{} bytes", area.len());
+        assert!(
+            area.len() < json_area_size(hdr) as usize,
+            "{} bytes",
+            area.len()
+        );
         area.resize(json_area_size(hdr) as usize, 0);
         (area, hdr)
     }
@@ -1468,18 +1479,22 @@ mod tests {
     fn a_header_with_400k_ids_is_refused_in_well_under_a_second() {
         let n = 400_000;
         let cases: Vec<(&str, (Vec<u8>, u64))> = vec![
-            ("distinct digest keyslots", huge_list_area(n, &["digests", "0", "keyslots"], |i| {
-                i.to_string()
-            })),
-            ("repeated digest keyslots", huge_list_area(n, &["digests", "0", "keyslots"], |_| {
-                "0".into()
-            })),
-            ("distinct token keyslots", huge_list_area(n, &["tokens", "0", "keyslots"], |i| {
-                i.to_string()
-            })),
-            ("distinct digest segments", huge_list_area(n, &["digests", "0", "segments"], |i| {
-                i.to_string()
-            })),
+            (
+                "distinct digest keyslots",
+                huge_list_area(n, &["digests", "0", "keyslots"], |i| i.to_string()),
+            ),
+            (
+                "repeated digest keyslots",
+                huge_list_area(n, &["digests", "0", "keyslots"], |_| "0".into()),
+            ),
+            (
+                "distinct token keyslots",
+                huge_list_area(n, &["tokens", "0", "keyslots"], |i| i.to_string()),
+            ),
+            (
+                "distinct digest segments",
+                huge_list_area(n, &["digests", "0", "segments"], |i| i.to_string()),
+            ),
         ];
         for (name, (area, hdr)) in cases {
             // Reference measured in the same run: serde_json alone reading the same text.
@@ -1500,7 +1515,10 @@ mod tests {
                 took < serde_only * 2 + std::time::Duration::from_millis(200),
                 "{name}: took {took:?}, serde_json alone {serde_only:?}"
             );
-            assert!(took < std::time::Duration::from_secs(5), "{name}: took {took:?}");
+            assert!(
+                took < std::time::Duration::from_secs(5),
+                "{name}: took {took:?}"
+            );
         }
     }
 

@@ -349,7 +349,10 @@ fn tv_c_detached_header_is_refused_by_read_and_opens_with_read_metadata_only() {
     let e = Luks2Header::read(&hf).err().unwrap();
     assert!(matches!(e, FormatError::DetachedHeader { .. }), "{e:?}");
     assert!(e.to_string().contains("detached"));
-    assert!(!e.to_string().contains("--header"), "no flag of ours is called --header");
+    assert!(
+        !e.to_string().contains("--header"),
+        "no flag of ours is called --header"
+    );
     let (h, _) = Luks2Header::read_metadata_only(&hf).unwrap();
     assert_eq!(h.hdr_size(), 65536);
     assert_eq!(h.label(), "tv-c-detached");
@@ -1169,7 +1172,10 @@ fn remove_keyslot_never_wipes_or_drops_a_foreign_keyslot() {
     // Our own keyslot changes keep the foreign one, and never place an area over it.
     h.remove_keyslot(&f, 1).unwrap();
     let (h, _) = Luks2Header::read(&f).unwrap();
-    assert!(h.keyslots().iter().any(|k| k.id == 5 && k.type_name == "foo"));
+    assert!(h
+        .keyslots()
+        .iter()
+        .any(|k| k.id == 5 && k.type_name == "foo"));
 }
 
 #[test]
@@ -1185,7 +1191,12 @@ fn one_unlock_stops_when_the_keyslots_together_exceed_the_work_budget() {
         ..KdfLimits::default()
     };
     match h.unlock(&f, &pw("wrong"), &tight).err().unwrap() {
-        FormatError::KdfLimit { slot: 2, value: 3000, cap: 2500, param } => {
+        FormatError::KdfLimit {
+            slot: 2,
+            value: 3000,
+            cap: 2500,
+            param,
+        } => {
             assert!(param.contains("all keyslots tried"), "{param}")
         }
         e => panic!("{e:?}"),

@@ -404,11 +404,13 @@ impl Luks2Header {
         for (id, k) in order {
             let cost = match k.usable() {
                 Ok((params, _))
-                    if limits.check_output(&params, k.area.key_size as usize).is_ok()
+                    if limits
+                        .check_output(&params, k.area.key_size as usize)
+                        .is_ok()
                         && digest.iterations <= limits.max_pbkdf2_iterations =>
                 {
                     limits
-                    .cost_permille(&params)
+                        .cost_permille(&params)
                         .saturating_add(limits.pbkdf2_cost_permille(digest.iterations))
                 }
                 _ => 0, // refused by open_slot before any work
@@ -830,7 +832,8 @@ pub fn format(
     let zero = vec![0u8; 1 << 20];
     let mut off = 0;
     while off < 2 * params.hdr_size {
-        let n = usize::try_from(2 * params.hdr_size - off).map_or(zero.len(), |left| left.min(zero.len()));
+        let n = usize::try_from(2 * params.hdr_size - off)
+            .map_or(zero.len(), |left| left.min(zero.len()));
         write_all_at(file, &zero[..n], off, "wiping the metadata area")?;
         off += n as u64;
     }
@@ -1108,7 +1111,11 @@ mod tests {
         let hs = h.hdr_size;
         for (off, len, why) in [
             (DEFAULT_DATA_OFFSET, 1 << 30, "not inside the keyslots area"),
-            (DEFAULT_DATA_OFFSET - 4096, 8192, "not inside the keyslots area"),
+            (
+                DEFAULT_DATA_OFFSET - 4096,
+                8192,
+                "not inside the keyslots area",
+            ),
             (0, 4096, "not inside the keyslots area"),
             (s0_off, s0_len, "overlaps keyslot 0"),
             (s0_off + s0_len - 512, 4096, "overlaps keyslot 0"),

@@ -130,7 +130,12 @@ fn wire_len(n: usize) -> u32 {
 pub fn error_chunk(out: &mut Vec<u8>, cookie: u64, error: u32, message: &str) {
     let msg = truncate_utf8(message, 1024).as_bytes();
     let len = 6 + msg.len();
-    out.extend_from_slice(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, wire_len(len)));
+    out.extend_from_slice(&chunk_header(
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        cookie,
+        wire_len(len),
+    ));
     out.extend_from_slice(&error.to_be_bytes());
     out.extend_from_slice(&u16::try_from(msg.len()).unwrap_or(u16::MAX).to_be_bytes());
     out.extend_from_slice(msg);
@@ -144,7 +149,12 @@ pub fn none_chunk(cookie: u64) -> [u8; CHUNK_HEADER_LEN] {
 /// A final BLOCK_STATUS chunk for one context: (length, flags) descriptors.
 pub fn block_status_chunk(out: &mut Vec<u8>, cookie: u64, context: u32, extents: &[(u32, u32)]) {
     let len = 4 + 8 * extents.len();
-    out.extend_from_slice(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, wire_len(len)));
+    out.extend_from_slice(&chunk_header(
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_BLOCK_STATUS,
+        cookie,
+        wire_len(len),
+    ));
     out.extend_from_slice(&context.to_be_bytes());
     for (length, flags) in extents {
         out.extend_from_slice(&length.to_be_bytes());
@@ -167,7 +177,10 @@ pub fn decode_option_header(b: &[u8; OPTION_HEADER_LEN]) -> Result<OptionHeader,
     if magic != IHAVEOPT {
         return Err(magic);
     }
-    Ok(OptionHeader { option: be32(&b[8..12]), length: be32(&b[12..16]) })
+    Ok(OptionHeader {
+        option: be32(&b[8..12]),
+        length: be32(&b[12..16]),
+    })
 }
 
 pub fn greeting(flags: u16) -> [u8; 18] {
@@ -207,10 +220,15 @@ pub struct Malformed(pub &'static str);
 pub fn parse_info_request(data: &[u8]) -> Result<InfoRequest, Malformed> {
     let mut r = Reader::new(data);
     let name = r.string_u32()?;
-    let count = r.u16().ok_or(Malformed("truncated information request count"))?;
+    let count = r
+        .u16()
+        .ok_or(Malformed("truncated information request count"))?;
     let mut requests = Vec::with_capacity(usize::from(count).min(16));
     for _ in 0..count {
-        requests.push(r.u16().ok_or(Malformed("information request list overruns the option"))?);
+        requests.push(
+            r.u16()
+                .ok_or(Malformed("information request list overruns the option"))?,
+        );
     }
     r.finish()?;
     Ok(InfoRequest { name, requests })

@@ -70,7 +70,9 @@ pub async fn negotiate<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    stream.write_all(&codec::greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)).await?;
+    stream
+        .write_all(&codec::greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        .await?;
     stream.flush().await?;
     let client_flags = stream.read_u32().await?;
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
@@ -89,7 +91,10 @@ where
         debug!(option = opt.option, length = opt.length, "option");
 
         if opt.length > MAX_OPTION_LENGTH {
-            if opt.option == OPT_EXPORT_NAME || opt.length > MAX_DRAINED_OPTION || !st.fixed_newstyle {
+            if opt.option == OPT_EXPORT_NAME
+                || opt.length > MAX_DRAINED_OPTION
+                || !st.fixed_newstyle
+            {
                 return Err(ProtocolError::OptionTooLong(opt.length));
             }
             drain(stream, u64::from(opt.length)).await?;
@@ -107,7 +112,13 @@ where
             return Err(ProtocolError::BadClientFlags(client_flags));
         }
         if shutdown.is_triggered() && opt.option != OPT_ABORT {
-            reply_error(stream, opt.option, REP_ERR_SHUTDOWN, "server is shutting down").await?;
+            reply_error(
+                stream,
+                opt.option,
+                REP_ERR_SHUTDOWN,
+                "server is shutting down",
+            )
+            .await?;
             continue;
         }
 
@@ -135,7 +146,9 @@ where
                 reply_error(stream, opt.option, REP_ERR_POLICY, msg).await?;
             }
             OPT_INFO | OPT_GO => match codec::parse_info_request(&data) {
-                Err(Malformed(why)) => reply_error(stream, opt.option, REP_ERR_INVALID, why).await?,
+                Err(Malformed(why)) => {
+                    reply_error(stream, opt.option, REP_ERR_INVALID, why).await?
+                }
                 Ok(req) => {
                     if let Some(export) = info(stream, exports, &st, opt.option, &req).await? {
                         if opt.option == OPT_GO {
@@ -221,7 +234,11 @@ where
             return Ok(None);
         }
         Lookup::Unknown => {
-            let msg = format!("no export named {:?} (this server offers {:?})", req.name, exports.name());
+            let msg = format!(
+                "no export named {:?} (this server offers {:?})",
+                req.name,
+                exports.name()
+            );
             reply_error(stream, option, REP_ERR_UNKNOWN, &msg).await?;
             return Ok(None);
         }
@@ -229,12 +246,22 @@ where
     let caps = export.device.caps();
     let mut out = Vec::new();
     let flags = transmission_flags(&caps, st.structured);
-    codec::option_reply(&mut out, option, REP_INFO, &codec::info_export(export.device.size(), flags));
+    codec::option_reply(
+        &mut out,
+        option,
+        REP_INFO,
+        &codec::info_export(export.device.size(), flags),
+    );
     // Block sizes are always sent: harmless to clients that did not ask, and INFO == GO.
     let sizes = codec::info_block_size(caps.min_block, caps.preferred_block, MAX_PAYLOAD);
     codec::option_reply(&mut out, option, REP_INFO, &sizes);
     if req.requests.contains(&INFO_NAME) {
-        codec::option_reply(&mut out, option, REP_INFO, &codec::info_string(INFO_NAME, &export.name));
+        codec::option_reply(
+            &mut out,
+            option,
+            REP_INFO,
+            &codec::info_string(INFO_NAME, &export.name),
+        );
     }
     if req.requests.contains(&INFO_DESCRIPTION) && !export.description.is_empty() {
         let d = codec::info_string(INFO_DESCRIPTION, &export.description);
@@ -249,7 +276,12 @@ fn finish(export: Arc<Export>, st: &Haggle, name: &str, exports: &ExportTable) -
     let flags = transmission_flags(&export.device.caps(), st.structured);
     let normalised = normalise(name, exports);
     let base_allocation = st.structured && st.meta_selected_for.as_deref() == Some(normalised);
-    Negotiated { export, structured_replies: st.structured, base_allocation, transmission_flags: flags }
+    Negotiated {
+        export,
+        structured_replies: st.structured,
+        base_allocation,
+        transmission_flags: flags,
+    }
 }
 
 fn normalise<'a>(name: &'a str, exports: &'a ExportTable) -> &'a str {

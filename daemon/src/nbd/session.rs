@@ -52,8 +52,9 @@ const REQUEST_OVERHEAD: u64 = 1024;
 /// reports at most 1024 extents per call anyway).
 const MAX_EXTENTS: usize = 1024;
 /// Bytes a BLOCK_STATUS request holds at most: the device's extent list and the reply.
-const BLOCK_STATUS_COST: u64 =
-    (MAX_EXTENTS * (std::mem::size_of::<crate::block::Extent>() + 8) + codec::CHUNK_HEADER_LEN + 4) as u64;
+const BLOCK_STATUS_COST: u64 = (MAX_EXTENTS * (std::mem::size_of::<crate::block::Extent>() + 8)
+    + codec::CHUNK_HEADER_LEN
+    + 4) as u64;
 /// Replies one vectored write of the writer thread carries at most.
 const BATCH: usize = 64;
 
@@ -77,7 +78,11 @@ pub struct ByteBudget {
 
 impl ByteBudget {
     pub fn new(bytes: u64) -> ByteBudget {
-        ByteBudget { capacity: bytes, free: Mutex::new(bytes), returned: Condvar::new() }
+        ByteBudget {
+            capacity: bytes,
+            free: Mutex::new(bytes),
+            returned: Condvar::new(),
+        }
     }
 
     /// Take `n` bytes, waiting until they are free. A request that costs more than the whole
@@ -129,7 +134,10 @@ pub struct Stopper {
 impl Stopper {
     /// `shut_read` must make a blocked read on the session's socket return (shutdown(SHUT_RD)).
     pub fn new(shut_read: impl Fn() + Send + Sync + 'static) -> Stopper {
-        Stopper { flag: Arc::new(AtomicBool::new(false)), socket: Arc::new(shut_read) }
+        Stopper {
+            flag: Arc::new(AtomicBool::new(false)),
+            socket: Arc::new(shut_read),
+        }
     }
 
     pub fn stop(&self) {
@@ -243,7 +251,10 @@ struct Reply<'a> {
 enum Body {
     Owned(Vec<u8>),
     /// `range` of a worker's output buffer (a READ's reply: header and data).
-    Output { buf: Scratch, range: std::ops::Range<usize> },
+    Output {
+        buf: Scratch,
+        range: std::ops::Range<usize>,
+    },
 }
 
 impl Body {
@@ -315,10 +326,17 @@ pub fn serve(
     let conn_budget = ByteBudget::new(budget.per_connection);
     let session = Session {
         neg: &neg,
-        read: Mutex::new(ReadSide { reader: BufReader::with_capacity(256 * 1024, reader), done: false }),
+        read: Mutex::new(ReadSide {
+            reader: BufReader::with_capacity(256 * 1024, reader),
+            done: false,
+        }),
         write: Mutex::new(writer),
         out: Outbox {
-            state: Mutex::new(OutState { queue: VecDeque::new(), busy: false, closed: false }),
+            state: Mutex::new(OutState {
+                queue: VecDeque::new(),
+                busy: false,
+                closed: false,
+            }),
             ready: Condvar::new(),
             pool: Mutex::new(Vec::new()),
             pool_cap: threads,
@@ -365,7 +383,9 @@ pub fn serve(
         lock(&session.out.state).closed = true;
         session.out.ready.notify_all();
     });
-    let outcome = lock(&session.outcome).take().unwrap_or(Ok(End::Disconnected));
+    let outcome = lock(&session.outcome)
+        .take()
+        .unwrap_or(Ok(End::Disconnected));
     if matches!(outcome, Ok(End::Stopped)) {
         if let Err(e) = neg.export.device.flush() {
             warn!(error = %e, "flush at session end failed");
@@ -387,7 +407,11 @@ impl<'a> Session<'a> {
                     Ok(Some(x)) => x,
                     Ok(None) => {
                         rd.done = true;
-                        let end = if self.stopper.stopped() { End::Stopped } else { End::Disconnected };
+                        let end = if self.stopper.stopped() {
+                            End::Stopped
+                        } else {
+                            End::Disconnected
+                        };
                         self.finish(Ok(end));
                         return;
                     }
@@ -407,10 +431,17 @@ impl<'a> Session<'a> {
                 Out::Output { len, lead } => {
                     let range = bufs.output.aligned_range(len, lead);
                     bufs.output.release(&self.retained);
-                    Body::Output { buf: std::mem::take(&mut bufs.output), range }
+                    Body::Output {
+                        buf: std::mem::take(&mut bufs.output),
+                        range,
+                    }
                 }
             };
-            match self.deliver(Reply { body, sent: 0, _grants: grants }) {
+            match self.deliver(Reply {
+                body,
+                sent: 0,
+                _grants: grants,
+            }) {
                 // Sent at once: the buffer stays with this worker.
                 Some(Body::Output { buf, .. }) => bufs.output = buf,
                 Some(Body::Owned(_)) => {}
@@ -461,7 +492,12 @@ impl<'a> Session<'a> {
                 self.out.ready.notify_one();
                 None
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
                 st.queue.push_front(r);
                 self.out.ready.notify_one();
                 None
@@ -508,7 +544,12 @@ impl<'a> Session<'a> {
                     lock(&self.out.state).queue.push_front(r);
                     break;
                 }
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
                     lock(&self.out.state).queue.push_front(r);
                     break;
                 }
@@ -561,8 +602,10 @@ impl<'a> Session<'a> {
         let mut w = lock(&self.write);
         let mut first = 0;
         while first < batch.len() {
-            let slices: Vec<IoSlice<'_>> =
-                batch[first..].iter().map(|r| IoSlice::new(&r.body.bytes()[r.sent..])).collect();
+            let slices: Vec<IoSlice<'_>> = batch[first..]
+                .iter()
+                .map(|r| IoSlice::new(&r.body.bytes()[r.sent..]))
+                .collect();
             let mut n = match w.write_vectored(&slices) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => n,
@@ -628,7 +671,8 @@ impl<'a> Session<'a> {
             Err(_) if self.stopper.stopped() => return Ok(None),
             Err(e) => return Err(e.into()),
         }
-        let header = codec::decode_request(&raw).map_err(|m| ProtocolError::BadMagic(u64::from(m)))?;
+        let header =
+            codec::decode_request(&raw).map_err(|m| ProtocolError::BadMagic(u64::from(m)))?;
         debug!(cookie = header.cookie, command = ?header.command, offset = header.offset,
                length = header.length, flags = header.flags, "request");
         if header.command == Command::Disc {
@@ -646,7 +690,10 @@ impl<'a> Session<'a> {
                 r.read_exact(input.get(header.length as usize))?;
             } else {
                 // The payload is on the wire whatever we think of the request: skip it.
-                let n = io::copy(&mut r.by_ref().take(u64::from(header.length)), &mut io::sink())?;
+                let n = io::copy(
+                    &mut r.by_ref().take(u64::from(header.length)),
+                    &mut io::sink(),
+                )?;
                 if n != u64::from(header.length) {
                     return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
                 }
@@ -654,13 +701,17 @@ impl<'a> Session<'a> {
         }
         match verdict {
             Ok(()) => {
-                let job = Job { header, structured: self.neg.structured_replies };
+                let job = Job {
+                    header,
+                    structured: self.neg.structured_replies,
+                };
                 Ok(Some((Next::Run(job), grants)))
             }
             Err((code, why)) => {
                 debug!(cookie = header.cookie, error = ?code, why, "request rejected");
                 IoStats::add(&self.neg.export.stats.errors, 1);
-                let bytes = error_reply(header.cookie, code.code(), why, self.neg.structured_replies);
+                let bytes =
+                    error_reply(header.cookie, code.code(), why, self.neg.structured_replies);
                 Ok(Some((Next::Reply(bytes), grants)))
             }
         }
@@ -693,7 +744,9 @@ fn request_cost(h: &RequestHeader, neg: &Negotiated) -> u64 {
     let page = PAGE as u64;
     let extra = match h.command {
         Command::Read => {
-            len + codec::OFFSET_DATA_PREFIX_LEN as u64 + page + dev.scratch_bytes(Op::Read, h.offset, len)
+            len + codec::OFFSET_DATA_PREFIX_LEN as u64
+                + page
+                + dev.scratch_bytes(Op::Read, h.offset, len)
         }
         Command::Write => len + page + dev.scratch_bytes(Op::Write, h.offset, len),
         Command::WriteZeroes => dev.scratch_bytes(Op::Zero, h.offset, u64::from(h.length)),
@@ -746,10 +799,15 @@ fn validate(h: &RequestHeader, neg: &Negotiated) -> Result<(), Rejection> {
     if cmd == Command::Flush {
         return Ok(());
     }
-    let in_range = h.offset.checked_add(u64::from(h.length)).is_some_and(|end| end <= size);
+    let in_range = h
+        .offset
+        .checked_add(u64::from(h.length))
+        .is_some_and(|end| end <= size);
     if !in_range {
         return Err(match cmd {
-            Command::Write | Command::WriteZeroes => (NbdErrno::NoSpc, "request extends past the end"),
+            Command::Write | Command::WriteZeroes => {
+                (NbdErrno::NoSpc, "request extends past the end")
+            }
             _ => (NbdErrno::Inval, "request extends past the end"),
         });
     }
@@ -794,7 +852,12 @@ fn execute(export: &Export, job: Job, bufs: &mut Buffers) -> Out {
         // Filtered out by validate() and the reader; answered as invalid to stay total.
         Command::Disc | Command::Unknown(_) => {
             let msg = "unexpected command";
-            return Out::Owned(error_reply(h.cookie, NbdErrno::Inval.code(), msg, job.structured));
+            return Out::Owned(error_reply(
+                h.cookie,
+                NbdErrno::Inval.code(),
+                msg,
+                job.structured,
+            ));
         }
     };
     Out::Owned(match result {
@@ -804,7 +867,11 @@ fn execute(export: &Export, job: Job, bufs: &mut Buffers) -> Out {
 }
 
 fn read(export: &Export, h: &RequestHeader, structured: bool, output: &mut Scratch) -> Out {
-    let prefix = if structured { codec::OFFSET_DATA_PREFIX_LEN } else { codec::SIMPLE_REPLY_LEN };
+    let prefix = if structured {
+        codec::OFFSET_DATA_PREFIX_LEN
+    } else {
+        codec::SIMPLE_REPLY_LEN
+    };
     if structured && h.length == 0 {
         return Out::Owned(codec::none_chunk(h.cookie).to_vec());
     }
@@ -815,11 +882,15 @@ fn read(export: &Export, h: &RequestHeader, structured: bool, output: &mut Scrat
             IoStats::add(&export.stats.reads, 1);
             IoStats::add(&export.stats.bytes_read, u64::from(h.length));
             if structured {
-                buf[..prefix].copy_from_slice(&codec::offset_data_prefix(h.cookie, h.offset, h.length));
+                buf[..prefix]
+                    .copy_from_slice(&codec::offset_data_prefix(h.cookie, h.offset, h.length));
             } else {
                 buf[..prefix].copy_from_slice(&codec::simple_reply(0, h.cookie));
             }
-            Out::Output { len: total, lead: prefix }
+            Out::Output {
+                len: total,
+                lead: prefix,
+            }
         }
         Err(e) => Out::Owned(block_error_reply(export, h, &e, structured)),
     }
@@ -855,7 +926,12 @@ fn block_status(export: &Export, h: &RequestHeader) -> Vec<u8> {
     out
 }
 
-fn block_error_reply(export: &Export, h: &RequestHeader, e: &BlockError, structured: bool) -> Vec<u8> {
+fn block_error_reply(
+    export: &Export,
+    h: &RequestHeader,
+    e: &BlockError,
+    structured: bool,
+) -> Vec<u8> {
     let code = errno::from_block(e);
     IoStats::add(&export.stats.errors, 1);
     warn!(cookie = h.cookie, command = ?h.command, offset = h.offset, length = h.length,

@@ -549,9 +549,11 @@ fn rekey_inner(
     }
     let old_slot = match t.keyslots() {
         [k] => *k,
-        [] => return Err(EnrollError::Seal(SealError::BadToken(format!(
+        [] => {
+            return Err(EnrollError::Seal(SealError::BadToken(format!(
             "token {token_id} is bound to no keyslot; remove it with `unenroll --token {token_id}`"
-        )))),
+        ))))
+        }
         _ => return Err(EnrollError::TokenOnSeveralKeyslots(token_id)),
     };
     if !header.verify_volume_key(volume_key) {

@@ -140,7 +140,10 @@ impl KmsProvider {
     /// the key from the token only if `settings` allows it. Refuses, before any network
     /// request, a token whose key is not allowed or whose (informational) endpoint or region
     /// differs from the configured one; the error names both values.
-    pub fn for_token(params: &Map<String, Value>, settings: &KmsSettings) -> Result<KmsProvider, SealError> {
+    pub fn for_token(
+        params: &Map<String, Value>,
+        settings: &KmsSettings,
+    ) -> Result<KmsProvider, SealError> {
         let key = check_token(
             params,
             settings.endpoint.as_deref(),
@@ -381,7 +384,8 @@ pub fn key_allowed(token_key: &str, allowed: &[String]) -> bool {
 }
 
 fn same_endpoint(a: &str, b: &str) -> bool {
-    a.trim_end_matches('/').eq_ignore_ascii_case(b.trim_end_matches('/'))
+    a.trim_end_matches('/')
+        .eq_ignore_ascii_case(b.trim_end_matches('/'))
 }
 
 /// The operator's settings against a token's informational copies; returns the key to use.
@@ -426,7 +430,9 @@ fn check_token(
             return Err(untrusted(format!(
                 "the token names KMS endpoint {t:?} but the configured endpoint is {}; the \
                  endpoint comes from --kms-endpoint (TOML: kms-endpoint), never from the header",
-                endpoint.map(|e| format!("{e:?}")).unwrap_or_else(|| "none (the AWS default)".into())
+                endpoint
+                    .map(|e| format!("{e:?}"))
+                    .unwrap_or_else(|| "none (the AWS default)".into())
             )));
         }
     }
@@ -442,7 +448,10 @@ fn check_token(
 }
 
 fn untrusted(detail: String) -> SealError {
-    SealError::Untrusted { provider: PROVIDER, detail }
+    SealError::Untrusted {
+        provider: PROVIDER,
+        detail,
+    }
 }
 
 fn other(detail: impl Into<String>) -> SealError {
@@ -593,20 +602,31 @@ mod tests {
         const ARN: &str = "arn:aws:kms:eu-west-1:1:key/x";
         let mut p = Map::new();
         let s = settings(&[ARN], Some("https://kms.example"), Some("eu-west-1"));
-        assert!(matches!(KmsProvider::for_token(&p, &s), Err(SealError::BadToken(_))));
+        assert!(matches!(
+            KmsProvider::for_token(&p, &s),
+            Err(SealError::BadToken(_))
+        ));
         p.insert(PARAM_KEY_ID.into(), ARN.into());
         p.insert(PARAM_REGION.into(), "eu-west-1".into());
         let k = KmsProvider::for_token(&p, &s).unwrap();
         assert_eq!(k.key_reference(), ARN);
         assert_eq!(k.region.as_deref(), Some("eu-west-1"));
-        assert_eq!(k.endpoint.as_deref(), Some("https://kms.example"), "from the settings");
+        assert_eq!(
+            k.endpoint.as_deref(),
+            Some("https://kms.example"),
+            "from the settings"
+        );
         p.insert(PARAM_ENDPOINT.into(), 5.into());
-        assert!(matches!(KmsProvider::for_token(&p, &s), Err(SealError::BadToken(_))));
+        assert!(matches!(
+            KmsProvider::for_token(&p, &s),
+            Err(SealError::BadToken(_))
+        ));
     }
 
     #[test]
     fn a_token_disagreeing_with_the_settings_is_refused_naming_both_values() {
-        const ARN: &str = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+        const ARN: &str =
+            "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
         let mut p = Map::new();
         p.insert(PARAM_KEY_ID.into(), ARN.into());
         let text = |s: &KmsSettings, p: &Map<String, Value>| match KmsProvider::for_token(p, s) {
@@ -615,24 +635,55 @@ mod tests {
         };
         // Nothing configured: says which flag / key to set.
         let e = text(&settings(&[], None, None), &p);
-        assert!(e.contains("not configured") && e.contains("--kms-allow-key"), "{e}");
+        assert!(
+            e.contains("not configured") && e.contains("--kms-allow-key"),
+            "{e}"
+        );
         assert!(e.contains("kms-allow-key = "), "{e}");
         // Another key.
-        let e = text(&settings(&["arn:aws:kms:eu-west-1:111122223333:key/other"], None, None), &p);
-        assert!(e.contains(ARN) && e.contains("key/other") && e.contains("refused"), "{e}");
+        let e = text(
+            &settings(
+                &["arn:aws:kms:eu-west-1:111122223333:key/other"],
+                None,
+                None,
+            ),
+            &p,
+        );
+        assert!(
+            e.contains(ARN) && e.contains("key/other") && e.contains("refused"),
+            "{e}"
+        );
         // The key by its bare id is fine; by the ARN too.
-        assert_eq!(text(&settings(&["1234abcd-12ab-34cd-56ef-1234567890ab"], None, None), &p), "");
+        assert_eq!(
+            text(
+                &settings(&["1234abcd-12ab-34cd-56ef-1234567890ab"], None, None),
+                &p
+            ),
+            ""
+        );
         assert_eq!(text(&settings(&[ARN], None, None), &p), "");
         // An endpoint the operator did not configure (or another one).
         p.insert(PARAM_ENDPOINT.into(), "http://127.0.0.1:9".into());
         let e = text(&settings(&[ARN], None, None), &p);
-        assert!(e.contains("http://127.0.0.1:9") && e.contains("none (the AWS default)"), "{e}");
+        assert!(
+            e.contains("http://127.0.0.1:9") && e.contains("none (the AWS default)"),
+            "{e}"
+        );
         let e = text(&settings(&[ARN], Some("https://vpce.example/"), None), &p);
-        assert!(e.contains("http://127.0.0.1:9") && e.contains("https://vpce.example/"), "{e}");
-        assert_eq!(text(&settings(&[ARN], Some("http://127.0.0.1:9/"), None), &p), "");
+        assert!(
+            e.contains("http://127.0.0.1:9") && e.contains("https://vpce.example/"),
+            "{e}"
+        );
+        assert_eq!(
+            text(&settings(&[ARN], Some("http://127.0.0.1:9/"), None), &p),
+            ""
+        );
         // Another region.
         p.insert(PARAM_REGION.into(), "eu-west-1".into());
-        let e = text(&settings(&[ARN], Some("http://127.0.0.1:9"), Some("us-east-1")), &p);
+        let e = text(
+            &settings(&[ARN], Some("http://127.0.0.1:9"), Some("us-east-1")),
+            &p,
+        );
         assert!(e.contains("eu-west-1") && e.contains("us-east-1"), "{e}");
     }
 
@@ -641,13 +692,20 @@ mod tests {
         let arn = "arn:aws:kms:us-east-1:1:key/abc";
         assert!(key_allowed(arn, &["abc".into()]));
         assert!(key_allowed("abc", &[arn.into()]));
-        assert!(!key_allowed(arn, &["arn:aws:kms:us-east-1:2:key/abc".into()]));
+        assert!(!key_allowed(
+            arn,
+            &["arn:aws:kms:us-east-1:2:key/abc".into()]
+        ));
         assert!(!key_allowed(arn, &["ab".into()]));
         assert!(!key_allowed(arn, &[]));
         assert!(settings(&["alias/x"], None, None).validate().is_err());
-        assert!(settings(&["arn:aws:kms:us-east-1:1:alias/x"], None, None).validate().is_err());
+        assert!(settings(&["arn:aws:kms:us-east-1:1:alias/x"], None, None)
+            .validate()
+            .is_err());
         assert!(settings(&[arn], Some("ftp://x"), None).validate().is_err());
-        assert!(settings(&[arn], Some("https://x"), Some("us-east-1")).validate().is_ok());
+        assert!(settings(&[arn], Some("https://x"), Some("us-east-1"))
+            .validate()
+            .is_ok());
     }
 
     /// The daemon may drop a provider from async code: that must not panic.

@@ -30,7 +30,11 @@ pub struct Binding {
 impl Binding {
     /// Additional authenticated data for AEAD-based providers: stable, unambiguous bytes.
     pub fn aad(&self) -> Vec<u8> {
-        format!("nbdcrypt-v1\0volume={}\0keyslot={}", self.volume_uuid, self.keyslot).into_bytes()
+        format!(
+            "nbdcrypt-v1\0volume={}\0keyslot={}",
+            self.volume_uuid, self.keyslot
+        )
+        .into_bytes()
     }
 }
 
@@ -45,7 +49,10 @@ pub struct Sealed {
 impl fmt::Debug for Sealed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Ciphertext is not secret, but it is noise in logs.
-        f.debug_struct("Sealed").field("ciphertext_len", &self.ciphertext.len()).field("params", &self.params).finish()
+        f.debug_struct("Sealed")
+            .field("ciphertext_len", &self.ciphertext.len())
+            .field("params", &self.params)
+            .finish()
     }
 }
 
@@ -63,28 +70,46 @@ pub trait SealProvider: Send + Sync {
 #[derive(Debug, thiserror::Error)]
 pub enum SealError {
     #[error("access denied by {provider}: {detail} (check the key policy / IAM permissions or the token's access rules)")]
-    AccessDenied { provider: &'static str, detail: String },
+    AccessDenied {
+        provider: &'static str,
+        detail: String,
+    },
     #[error("the sealed secret does not belong to this volume and keyslot (token copied from another volume?)")]
     WrongBinding,
     #[error("key {key} is disabled or pending deletion in {provider}; re-enable it or rekey to another key")]
     KeyDisabled { provider: &'static str, key: String },
     #[error("{provider} login failed: {detail} (check the PIN)")]
-    LoginFailed { provider: &'static str, detail: String },
+    LoginFailed {
+        provider: &'static str,
+        detail: String,
+    },
     #[error("key {key} not found in {provider}")]
     KeyMissing { provider: &'static str, key: String },
     #[error("{provider} unreachable: {detail}")]
-    Unreachable { provider: &'static str, detail: String },
+    Unreachable {
+        provider: &'static str,
+        detail: String,
+    },
     #[error("malformed token: {0}")]
     BadToken(String),
     #[error("{provider}: {detail}")]
-    Other { provider: &'static str, detail: String },
+    Other {
+        provider: &'static str,
+        detail: String,
+    },
     /// The operator configured nothing for this provider: says which flag / TOML key to set.
     #[error("{provider} is not configured: {detail}")]
-    NotConfigured { provider: &'static str, detail: String },
+    NotConfigured {
+        provider: &'static str,
+        detail: String,
+    },
     /// The token asks for something the operator's configuration does not allow (another key,
     /// endpoint or region). Nothing was sent anywhere.
     #[error("token refused before any {provider} request: {detail}")]
-    Untrusted { provider: &'static str, detail: String },
+    Untrusted {
+        provider: &'static str,
+        detail: String,
+    },
 }
 
 impl SealError {
@@ -166,13 +191,17 @@ pub fn resolve_provider(
     let parsed = token::parse_json(token_json)?.ok_or_else(|| {
         SealError::BadToken(format!(
             "token type {} is not an nbdcrypt token",
-            token_json.get("type").map(|t| t.to_string()).unwrap_or_else(|| "(none)".into())
+            token_json
+                .get("type")
+                .map(|t| t.to_string())
+                .unwrap_or_else(|| "(none)".into())
         ))
     })?;
     match parsed.kind {
-        token::ProviderKind::AwsKms => {
-            Ok(Box::new(kms::KmsProvider::for_token(&parsed.sealed.params, &settings.kms)?))
-        }
+        token::ProviderKind::AwsKms => Ok(Box::new(kms::KmsProvider::for_token(
+            &parsed.sealed.params,
+            &settings.kms,
+        )?)),
         token::ProviderKind::Pkcs11 => resolve_pkcs11_with(&parsed.sealed.params, &settings.pkcs11),
     }
 }
@@ -194,10 +223,17 @@ pub fn resolve_pkcs11_with(
     let Some(pin_source) = &settings.pin else {
         return Err(SealError::LoginFailed {
             provider: "pkcs11",
-            detail: "no PIN configured: give --pkcs11-pin file:/path or cred:NAME (TOML: pkcs11-pin)".into(),
+            detail:
+                "no PIN configured: give --pkcs11-pin file:/path or cred:NAME (TOML: pkcs11-pin)"
+                    .into(),
         });
     };
     let pin = pin_source.read()?;
-    let module = settings.module.clone().unwrap_or_else(|| std::path::PathBuf::from(pkcs11::DEFAULT_MODULE));
-    Ok(Box::new(pkcs11::Pkcs11Provider::from_token_params(params, module, pin)?))
+    let module = settings
+        .module
+        .clone()
+        .unwrap_or_else(|| std::path::PathBuf::from(pkcs11::DEFAULT_MODULE));
+    Ok(Box::new(pkcs11::Pkcs11Provider::from_token_params(
+        params, module, pin,
+    )?))
 }

@@ -196,9 +196,13 @@ impl Pkcs11Uri {
                 }
                 "module-path" => {
                     check_dup("module-path", &mut seen)?;
-                    let path = PathBuf::from(std::ffi::OsString::from_vec(percent_decode(name, value)?));
+                    let path =
+                        PathBuf::from(std::ffi::OsString::from_vec(percent_decode(name, value)?));
                     if !path.is_absolute() {
-                        return Err(UriError(format!("module-path {} is not an absolute path", path.display())));
+                        return Err(UriError(format!(
+                            "module-path {} is not an absolute path",
+                            path.display()
+                        )));
                     }
                     out.module_path = Some(path);
                 }
@@ -258,7 +262,8 @@ impl Pkcs11Uri {
 
     fn matches_token(&self, info: &TokenInfo) -> bool {
         fn eq(want: &Option<String>, have: &str) -> bool {
-            want.as_deref().is_none_or(|w| w.trim_end_matches(' ') == have.trim_end_matches(' '))
+            want.as_deref()
+                .is_none_or(|w| w.trim_end_matches(' ') == have.trim_end_matches(' '))
         }
         eq(&self.token, info.label())
             && eq(&self.serial, info.serial_number())
@@ -268,10 +273,14 @@ impl Pkcs11Uri {
 
     fn validate_for_provider(&self) -> Result<(), String> {
         if self.token.is_none() && self.serial.is_none() {
-            return Err(format!("URI {self} names no token: add token=LABEL (or serial=)"));
+            return Err(format!(
+                "URI {self} names no token: add token=LABEL (or serial=)"
+            ));
         }
         if self.object.is_none() && self.id.is_none() {
-            return Err(format!("URI {self} names no key: add object=LABEL and/or id=%XX"));
+            return Err(format!(
+                "URI {self} names no key: add object=LABEL and/or id=%XX"
+            ));
         }
         Ok(())
     }
@@ -300,10 +309,16 @@ impl fmt::Display for Pkcs11Uri {
         write!(f, "pkcs11:{}", path.join(";"))?;
         let mut query = Vec::new();
         if let Some(m) = &self.module_path {
-            query.push(format!("module-path={}", encode_text(m.as_os_str().as_bytes(), true)));
+            query.push(format!(
+                "module-path={}",
+                encode_text(m.as_os_str().as_bytes(), true)
+            ));
         }
         if let Some(p) = &self.pin_source {
-            query.push(format!("pin-source={}", encode_text(p.to_string().as_bytes(), true)));
+            query.push(format!(
+                "pin-source={}",
+                encode_text(p.to_string().as_bytes(), true)
+            ));
         }
         if !query.is_empty() {
             write!(f, "?{}", query.join("&"))?;
@@ -319,11 +334,16 @@ fn percent_decode(name: &str, value: &str) -> Result<Vec<u8>, UriError> {
     while i < b.len() {
         if b[i] == b'%' {
             let hex = |c: u8| (c as char).to_digit(16).and_then(|d| u8::try_from(d).ok());
-            match (b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+            match (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            ) {
                 (Some(h), Some(l)) => out.push(h * 16 + l),
                 _ => {
                     out.zeroize();
-                    return Err(UriError(format!("{name}: '%' not followed by two hex digits")));
+                    return Err(UriError(format!(
+                        "{name}: '%' not followed by two hex digits"
+                    )));
                 }
             }
             i += 3;
@@ -336,7 +356,8 @@ fn percent_decode(name: &str, value: &str) -> Result<Vec<u8>, UriError> {
 }
 
 fn decode_utf8(name: &str, value: &str) -> Result<String, UriError> {
-    String::from_utf8(percent_decode(name, value)?).map_err(|_| UriError(format!("{name}: not UTF-8 after percent-decoding")))
+    String::from_utf8(percent_decode(name, value)?)
+        .map_err(|_| UriError(format!("{name}: not UTF-8 after percent-decoding")))
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters and ':' ('/' too in query
@@ -397,12 +418,19 @@ impl PinSource {
                     .into(),
             ))
         } else if let Some(name) = s.strip_prefix("cred:") {
-            if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+            if name.is_empty()
+                || name == "."
+                || name == ".."
+                || name.contains('/')
+                || name.contains('\0')
+            {
                 return Err(UriError(format!("bad systemd credential name {name:?}")));
             }
             Ok(PinSource::Credential(name.to_string()))
         } else if s.starts_with('|') {
-            Err(UriError("pin-source=|command is not supported; use file: or cred:".into()))
+            Err(UriError(
+                "pin-source=|command is not supported; use file: or cred:".into(),
+            ))
         } else {
             // The value is not echoed: an operator may have typed the PIN itself here.
             Err(UriError(
@@ -415,9 +443,13 @@ impl PinSource {
 
     /// Reads the PIN. Errors name the source, never the PIN.
     pub fn read(&self) -> Result<SecretBytes, SealError> {
-        let fail = |detail: String| SealError::LoginFailed { provider: PROVIDER, detail };
+        let fail = |detail: String| SealError::LoginFailed {
+            provider: PROVIDER,
+            detail,
+        };
         match self {
-            PinSource::File(path) => read_pin_file(path).map_err(|e| fail(format!("cannot read the PIN file {}: {e}", path.display()))),
+            PinSource::File(path) => read_pin_file(path)
+                .map_err(|e| fail(format!("cannot read the PIN file {}: {e}", path.display()))),
             PinSource::Credential(name) => {
                 let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
                     fail(format!(
@@ -425,7 +457,12 @@ impl PinSource {
                     ))
                 })?;
                 let path = Path::new(&dir).join(name);
-                read_pin_file(&path).map_err(|e| fail(format!("cannot read systemd credential {name} ({}): {e}", path.display())))
+                read_pin_file(&path).map_err(|e| {
+                    fail(format!(
+                        "cannot read systemd credential {name} ({}): {e}",
+                        path.display()
+                    ))
+                })
             }
         }
     }
@@ -476,7 +513,10 @@ fn load_module(path: &Path) -> Result<Arc<Module>, SealError> {
         Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
         Err(e) => return Err(unreachable("initialize", &e)),
     }
-    let m = Arc::new(Module { ctx, lock: Mutex::new(()) });
+    let m = Arc::new(Module {
+        ctx,
+        lock: Mutex::new(()),
+    });
     map.insert(key, m.clone());
     Ok(m)
 }
@@ -485,7 +525,11 @@ fn load_module(path: &Path) -> Result<Arc<Module>, SealError> {
 /// unseal: it ends every session of every user of those modules in the process. A later seal or
 /// unseal loads the module again.
 pub fn finalize_modules() {
-    let drained: Vec<_> = modules().lock().unwrap_or_else(PoisonError::into_inner).drain().collect();
+    let drained: Vec<_> = modules()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .drain()
+        .collect();
     for (path, m) in drained {
         if let Err(e) = m.ctx.clone().finalize() {
             tracing::warn!(module = %path.display(), "C_Finalize failed: {e}");
@@ -545,10 +589,23 @@ impl Drop for LoggedIn {
 impl Pkcs11Provider {
     /// Loads and initializes `module` (once per process) and checks that `uri` names a token and
     /// a key. Doesn't talk to the token yet. `module`: see [`resolve_module`].
-    pub fn new(uri: Pkcs11Uri, module: PathBuf, pin: SecretBytes) -> Result<Pkcs11Provider, SealError> {
-        uri.validate_for_provider().map_err(|detail| SealError::Other { provider: PROVIDER, detail })?;
+    pub fn new(
+        uri: Pkcs11Uri,
+        module: PathBuf,
+        pin: SecretBytes,
+    ) -> Result<Pkcs11Provider, SealError> {
+        uri.validate_for_provider()
+            .map_err(|detail| SealError::Other {
+                provider: PROVIDER,
+                detail,
+            })?;
         let loaded = load_module(&module)?;
-        Ok(Pkcs11Provider { uri, module_path: module, module: loaded, pin })
+        Ok(Pkcs11Provider {
+            uri,
+            module_path: module,
+            module: loaded,
+            pin,
+        })
     }
 
     /// The provider that can unseal a token's secret, from the token's JSON members. `module` is
@@ -564,7 +621,9 @@ impl Pkcs11Provider {
             .get(PARAM_URI)
             .ok_or_else(|| SealError::BadToken(format!("PKCS#11 token has no {PARAM_URI}")))?
             .as_str()
-            .ok_or_else(|| SealError::BadToken(format!("PKCS#11 token: {PARAM_URI} is not a string")))?;
+            .ok_or_else(|| {
+                SealError::BadToken(format!("PKCS#11 token: {PARAM_URI} is not a string"))
+            })?;
         let uri = Pkcs11Uri::parse(uri).map_err(|e| SealError::BadToken(e.to_string()))?;
         uri.validate_for_provider().map_err(SealError::BadToken)?;
         Pkcs11Provider::new(uri, module, pin)
@@ -589,11 +648,18 @@ impl Pkcs11Provider {
         op: impl FnOnce(&Session, ObjectHandle) -> Result<T, SealError>,
     ) -> Result<T, SealError> {
         let ctx = &self.module.ctx;
-        let _guard = self.module.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let _guard = self
+            .module
+            .lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
 
         let (slot, info) = self.find_slot()?;
         let session = ctx.open_ro_session(slot).map_err(|e| self.err(e))?;
-        let mut s = LoggedIn { session, logged_in: false };
+        let mut s = LoggedIn {
+            session,
+            logged_in: false,
+        };
         if info.login_required() {
             self.check_pin_state(&info)?;
             // A copy for cryptoki: heap, not locked, wiped when dropped (secrecy's SecretBox).
@@ -614,7 +680,12 @@ impl Pkcs11Provider {
     /// by the operator, a locked token needs the SO. (SoftHSM2 never locks.)
     fn check_pin_state(&self, info: &TokenInfo) -> Result<(), SealError> {
         let token = self.uri.token_description();
-        let refuse = |detail: String| Err(SealError::LoginFailed { provider: PROVIDER, detail });
+        let refuse = |detail: String| {
+            Err(SealError::LoginFailed {
+                provider: PROVIDER,
+                detail,
+            })
+        };
         if info.user_pin_locked() {
             return refuse(format!("token {token}: the user PIN is locked (CKF_USER_PIN_LOCKED); the security officer must unblock it"));
         }
@@ -625,14 +696,18 @@ impl Pkcs11Provider {
             ));
         }
         if !info.user_pin_initialized() {
-            return refuse(format!("token {token}: the user PIN is not initialized (CKF_USER_PIN_INITIALIZED unset)"));
+            return refuse(format!(
+                "token {token}: the user PIN is not initialized (CKF_USER_PIN_INITIALIZED unset)"
+            ));
         }
         Ok(())
     }
 
     fn find_slot(&self) -> Result<(Slot, TokenInfo), SealError> {
         let ctx = &self.module.ctx;
-        let slots = ctx.get_slots_with_initialized_token().map_err(|e| self.err(e))?;
+        let slots = ctx
+            .get_slots_with_initialized_token()
+            .map_err(|e| self.err(e))?;
         let mut found: Vec<(Slot, TokenInfo)> = slots
             .into_iter()
             .filter_map(|s| ctx.get_token_info(s).ok().map(|t| (s, t)))
@@ -642,11 +717,18 @@ impl Pkcs11Provider {
             1 => Ok(found.remove(0)),
             0 => Err(SealError::KeyMissing {
                 provider: PROVIDER,
-                key: format!("token {} (no such token in module {})", self.uri.token_description(), self.module_path.display()),
+                key: format!(
+                    "token {} (no such token in module {})",
+                    self.uri.token_description(),
+                    self.module_path.display()
+                ),
             }),
             n => Err(SealError::Other {
                 provider: PROVIDER,
-                detail: format!("{n} tokens match {}; add serial= to the URI", self.uri.token_description()),
+                detail: format!(
+                    "{n} tokens match {}; add serial= to the URI",
+                    self.uri.token_description()
+                ),
             }),
         }
     }
@@ -660,10 +742,19 @@ impl Pkcs11Provider {
             template.push(Attribute::Id(id.clone()));
         }
         let keys = session.find_objects(&template).map_err(|e| self.err(e))?;
-        let what = format!("secret key {} on token {}", self.uri.key_description(), self.uri.token_description());
+        let what = format!(
+            "secret key {} on token {}",
+            self.uri.key_description(),
+            self.uri.token_description()
+        );
         let key = match keys.as_slice() {
             [key] => *key,
-            [] => return Err(SealError::KeyMissing { provider: PROVIDER, key: what }),
+            [] => {
+                return Err(SealError::KeyMissing {
+                    provider: PROVIDER,
+                    key: what,
+                })
+            }
             _ => {
                 return Err(SealError::Other {
                     provider: PROVIDER,
@@ -672,7 +763,14 @@ impl Pkcs11Provider {
             }
         };
         let attrs = session
-            .get_attributes(key, &[AttributeType::KeyType, AttributeType::Sensitive, AttributeType::Extractable])
+            .get_attributes(
+                key,
+                &[
+                    AttributeType::KeyType,
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                ],
+            )
             .map_err(|e| self.err(e))?;
         let (mut key_type, mut sensitive, mut extractable) = (None, None, None);
         for a in attrs {
@@ -683,11 +781,20 @@ impl Pkcs11Provider {
                 _ => {}
             }
         }
-        let refuse = |detail: String| Err(SealError::Other { provider: PROVIDER, detail });
+        let refuse = |detail: String| {
+            Err(SealError::Other {
+                provider: PROVIDER,
+                detail,
+            })
+        };
         match key_type {
             Some(t) if t == KeyType::AES => {}
             Some(t) => return refuse(format!("{what} is a {t} key, not AES")),
-            None => return refuse(format!("{what}: the token does not say its key type (CKA_KEY_TYPE)")),
+            None => {
+                return refuse(format!(
+                    "{what}: the token does not say its key type (CKA_KEY_TYPE)"
+                ))
+            }
         }
         let exposed = match (sensitive, extractable) {
             (Some(true), Some(false)) => None,
@@ -719,26 +826,51 @@ fn map_error(uri: &Pkcs11Uri, e: CkError) -> SealError {
             | RvError::PinInvalid
             | RvError::PinExpired
             | RvError::PinLocked
-            | RvError::UserPinNotInitialized => SealError::LoginFailed { provider: PROVIDER, detail },
-            RvError::TokenNotPresent | RvError::TokenNotRecognized => {
-                SealError::KeyMissing { provider: PROVIDER, key: format!("token {token} ({})", ck_detail(&e)) }
-            }
+            | RvError::UserPinNotInitialized => SealError::LoginFailed {
+                provider: PROVIDER,
+                detail,
+            },
+            RvError::TokenNotPresent | RvError::TokenNotRecognized => SealError::KeyMissing {
+                provider: PROVIDER,
+                key: format!("token {token} ({})", ck_detail(&e)),
+            },
             RvError::DeviceRemoved | RvError::DeviceError | RvError::DeviceMemory => {
-                SealError::Unreachable { provider: PROVIDER, detail }
+                SealError::Unreachable {
+                    provider: PROVIDER,
+                    detail,
+                }
             }
-            _ => SealError::Other { provider: PROVIDER, detail },
+            _ => SealError::Other {
+                provider: PROVIDER,
+                detail,
+            },
         },
-        _ => SealError::Other { provider: PROVIDER, detail },
+        _ => SealError::Other {
+            provider: PROVIDER,
+            detail,
+        },
     }
 }
 
-fn gcm_encrypt(session: &Session, key: ObjectHandle, iv: &[u8; IV_LEN], aad: &[u8], data: &[u8]) -> Result<Vec<u8>, CkError> {
+fn gcm_encrypt(
+    session: &Session,
+    key: ObjectHandle,
+    iv: &[u8; IV_LEN],
+    aad: &[u8],
+    data: &[u8],
+) -> Result<Vec<u8>, CkError> {
     let mut iv = *iv;
     let params = GcmParams::new(&mut iv, aad, TAG_BITS.into())?;
     session.encrypt(&Mechanism::AesGcm(params), key, data)
 }
 
-fn gcm_decrypt(session: &Session, key: ObjectHandle, iv: &[u8; IV_LEN], aad: &[u8], data: &[u8]) -> Result<Vec<u8>, CkError> {
+fn gcm_decrypt(
+    session: &Session,
+    key: ObjectHandle,
+    iv: &[u8; IV_LEN],
+    aad: &[u8],
+    data: &[u8],
+) -> Result<Vec<u8>, CkError> {
     let mut iv = *iv;
     let params = GcmParams::new(&mut iv, aad, TAG_BITS.into())?;
     session.decrypt(&Mechanism::AesGcm(params), key, data)
@@ -746,8 +878,10 @@ fn gcm_decrypt(session: &Session, key: ObjectHandle, iv: &[u8; IV_LEN], aad: &[u
 
 fn random_iv() -> Result<[u8; IV_LEN], SealError> {
     let mut iv = [0u8; IV_LEN];
-    getrandom::fill(&mut iv)
-        .map_err(|e| SealError::Other { provider: PROVIDER, detail: format!("no random bytes for the IV: {e}") })?;
+    getrandom::fill(&mut iv).map_err(|e| SealError::Other {
+        provider: PROVIDER,
+        detail: format!("no random bytes for the IV: {e}"),
+    })?;
     Ok(iv)
 }
 
@@ -813,7 +947,10 @@ impl SealProvider for Pkcs11Provider {
         }
         let mut params = serde_json::Map::new();
         params.insert(PARAM_URI.into(), self.uri.to_string().into());
-        params.insert(PARAM_IV.into(), base64::engine::general_purpose::STANDARD.encode(iv).into());
+        params.insert(
+            PARAM_IV.into(),
+            base64::engine::general_purpose::STANDARD.encode(iv).into(),
+        );
         params.insert(PARAM_MECHANISM.into(), MECHANISM_AES_GCM.into());
         Ok(Sealed { ciphertext, params })
     }
@@ -830,34 +967,54 @@ impl SealProvider for Pkcs11Provider {
         };
         let mechanism = get_str(PARAM_MECHANISM)?;
         if mechanism != MECHANISM_AES_GCM {
-            return Err(bad(format!("unsupported mechanism {mechanism:?} (this version knows {MECHANISM_AES_GCM:?})")));
+            return Err(bad(format!(
+                "unsupported mechanism {mechanism:?} (this version knows {MECHANISM_AES_GCM:?})"
+            )));
         }
         let iv = base64::engine::general_purpose::STANDARD
             .decode(get_str(PARAM_IV)?)
             .map_err(|e| bad(format!("{PARAM_IV} is not base64: {e}")))?;
-        let iv: [u8; IV_LEN] = iv
-            .as_slice()
-            .try_into()
-            .map_err(|_| bad(format!("{PARAM_IV} is {} bytes, expected {IV_LEN}", iv.len())))?;
+        let iv: [u8; IV_LEN] = iv.as_slice().try_into().map_err(|_| {
+            bad(format!(
+                "{PARAM_IV} is {} bytes, expected {IV_LEN}",
+                iv.len()
+            ))
+        })?;
         let stored = Pkcs11Uri::parse(get_str(PARAM_URI)?).map_err(|e| bad(e.to_string()))?;
         if !stored.same_key(&self.uri) {
-            return Err(bad(format!("sealed with {stored}, but this provider uses {}", self.uri)));
+            return Err(bad(format!(
+                "sealed with {stored}, but this provider uses {}",
+                self.uri
+            )));
         }
         if sealed.ciphertext.len() < TAG_LEN {
-            return Err(bad(format!("ciphertext is {} bytes, shorter than the GCM tag", sealed.ciphertext.len())));
+            return Err(bad(format!(
+                "ciphertext is {} bytes, shorter than the GCM tag",
+                sealed.ciphertext.len()
+            )));
         }
         let aad = binding.aad();
-        self.with_key(false, |session, key| match gcm_decrypt(session, key, &iv, &aad, &sealed.ciphertext) {
-            Ok(plain) => Ok(SecretBytes::from_vec(plain)),
-            Err(CkError::Pkcs11(RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange, _)) => Err(SealError::WrongBinding),
-            Err(e @ CkError::Pkcs11(RvError::GeneralError | RvError::FunctionFailed, cryptoki::context::Function::Decrypt)) => {
-                if probe(session, key) {
-                    Err(SealError::WrongBinding)
-                } else {
-                    Err(self.err(e))
+        self.with_key(false, |session, key| {
+            match gcm_decrypt(session, key, &iv, &aad, &sealed.ciphertext) {
+                Ok(plain) => Ok(SecretBytes::from_vec(plain)),
+                Err(CkError::Pkcs11(
+                    RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange,
+                    _,
+                )) => Err(SealError::WrongBinding),
+                Err(
+                    e @ CkError::Pkcs11(
+                        RvError::GeneralError | RvError::FunctionFailed,
+                        cryptoki::context::Function::Decrypt,
+                    ),
+                ) => {
+                    if probe(session, key) {
+                        Err(SealError::WrongBinding)
+                    } else {
+                        Err(self.err(e))
+                    }
                 }
+                Err(e) => Err(self.err(e)),
             }
-            Err(e) => Err(self.err(e)),
         })
     }
 }
@@ -868,7 +1025,9 @@ mod tests {
 
     #[test]
     fn parses_token_object_id_type() {
-        let u = Pkcs11Uri::parse("pkcs11:token=My%20Token;object=vol-kek;type=secret-key;id=%01%ff").unwrap();
+        let u =
+            Pkcs11Uri::parse("pkcs11:token=My%20Token;object=vol-kek;type=secret-key;id=%01%ff")
+                .unwrap();
         assert_eq!(u.token.as_deref(), Some("My Token"));
         assert_eq!(u.object.as_deref(), Some("vol-kek"));
         assert_eq!(u.id.as_deref(), Some(&[1u8, 0xff][..]));
@@ -883,8 +1042,14 @@ mod tests {
             "pkcs11:token=t;object=k?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/nbdcrypt/pin",
         )
         .unwrap();
-        assert_eq!(u.module_path.as_deref(), Some(Path::new("/usr/lib/softhsm/libsofthsm2.so")));
-        assert_eq!(u.pin_source, Some(PinSource::File("/etc/nbdcrypt/pin".into())));
+        assert_eq!(
+            u.module_path.as_deref(),
+            Some(Path::new("/usr/lib/softhsm/libsofthsm2.so"))
+        );
+        assert_eq!(
+            u.pin_source,
+            Some(PinSource::File("/etc/nbdcrypt/pin".into()))
+        );
         assert!(Pkcs11Uri::parse("pkcs11:token=t;object=k?pin-source=env:HSM_PIN").is_err());
         let u = Pkcs11Uri::parse("pkcs11:token=t;object=k?pin-source=cred:hsm-pin").unwrap();
         assert_eq!(u.pin_source, Some(PinSource::Credential("hsm-pin".into())));
@@ -905,7 +1070,8 @@ mod tests {
 
     #[test]
     fn parse_with_pin_value_takes_it_out() {
-        let (u, pin) = Pkcs11Uri::parse_with_pin_value("pkcs11:token=t;object=k?pin-value=12%2034").unwrap();
+        let (u, pin) =
+            Pkcs11Uri::parse_with_pin_value("pkcs11:token=t;object=k?pin-value=12%2034").unwrap();
         assert_eq!(pin.unwrap().expose_secret(), b"12 34");
         assert!(!u.to_string().contains("pin"));
         let (_, pin) = Pkcs11Uri::parse_with_pin_value("pkcs11:token=t;object=k").unwrap();
@@ -918,7 +1084,14 @@ mod tests {
             "pkcs11:library-manufacturer=SoftHSM;slot-id=3;x-vendor=1;token=t;object=k?module-name=softhsm2&x-foo=bar",
         )
         .unwrap();
-        assert_eq!(u, Pkcs11Uri { token: Some("t".into()), object: Some("k".into()), ..Default::default() });
+        assert_eq!(
+            u,
+            Pkcs11Uri {
+                token: Some("t".into()),
+                object: Some("k".into()),
+                ..Default::default()
+            }
+        );
     }
 
     #[test]
@@ -960,15 +1133,24 @@ mod tests {
         assert!(s.starts_with("pkcs11:token=My%20Token%3B%20v%3D2;"), "{s}");
         assert!(s.contains("id=%00%01%FE"), "{s}");
         assert_eq!(Pkcs11Uri::parse(&s).unwrap(), u);
-        let u = Pkcs11Uri { pin_source: Some(PinSource::Credential("pin".into())), ..u.clone() };
+        let u = Pkcs11Uri {
+            pin_source: Some(PinSource::Credential("pin".into())),
+            ..u.clone()
+        };
         assert_eq!(Pkcs11Uri::parse(&u.to_string()).unwrap(), u);
     }
 
     #[test]
     fn provider_needs_token_and_key() {
         let pin = || SecretBytes::from_slice(b"1234");
-        for uri in ["pkcs11:object=k", "pkcs11:token=t", "pkcs11:type=secret-key"] {
-            let e = Pkcs11Provider::new(Pkcs11Uri::parse(uri).unwrap(), DEFAULT_MODULE.into(), pin()).unwrap_err();
+        for uri in [
+            "pkcs11:object=k",
+            "pkcs11:token=t",
+            "pkcs11:type=secret-key",
+        ] {
+            let e =
+                Pkcs11Provider::new(Pkcs11Uri::parse(uri).unwrap(), DEFAULT_MODULE.into(), pin())
+                    .unwrap_err();
             assert!(matches!(e, SealError::Other { .. }), "{uri}: {e}");
         }
     }
@@ -976,8 +1158,12 @@ mod tests {
     #[test]
     fn missing_module_is_unreachable_with_path() {
         let uri = Pkcs11Uri::parse("pkcs11:token=t;object=k").unwrap();
-        let e = Pkcs11Provider::new(uri.clone(), "/nonexistent/libp11.so".into(), SecretBytes::from_slice(b"1"))
-            .unwrap_err();
+        let e = Pkcs11Provider::new(
+            uri.clone(),
+            "/nonexistent/libp11.so".into(),
+            SecretBytes::from_slice(b"1"),
+        )
+        .unwrap_err();
         assert!(matches!(e, SealError::Unreachable { .. }), "{e}");
         assert!(e.to_string().contains("/nonexistent/libp11.so"), "{e}");
         // A file that is not a shared library.
@@ -993,9 +1179,15 @@ mod tests {
     fn resolve_module_precedence() {
         let with = Pkcs11Uri::parse("pkcs11:token=t;object=k?module-path=/uri/lib.so").unwrap();
         let without = Pkcs11Uri::parse("pkcs11:token=t;object=k").unwrap();
-        assert_eq!(resolve_module(Some(Path::new("/cli/lib.so")), &with), PathBuf::from("/cli/lib.so"));
+        assert_eq!(
+            resolve_module(Some(Path::new("/cli/lib.so")), &with),
+            PathBuf::from("/cli/lib.so")
+        );
         assert_eq!(resolve_module(None, &with), PathBuf::from("/uri/lib.so"));
-        assert_eq!(resolve_module(None, &without), PathBuf::from(DEFAULT_MODULE));
+        assert_eq!(
+            resolve_module(None, &without),
+            PathBuf::from(DEFAULT_MODULE)
+        );
     }
 
     #[test]
@@ -1012,7 +1204,9 @@ mod tests {
             std::fs::write(&p, content).unwrap();
             assert_eq!(PinSource::File(p).read().unwrap().expose_secret(), want);
         }
-        let Err(e) = PinSource::File(dir.path().join("missing")).read() else { panic!("read a missing file") };
+        let Err(e) = PinSource::File(dir.path().join("missing")).read() else {
+            panic!("read a missing file")
+        };
         assert!(matches!(e, SealError::LoginFailed { .. }), "{e}");
         assert!(e.to_string().contains("missing"), "{e}");
     }
@@ -1030,7 +1224,9 @@ mod tests {
             assert_eq!(p, want, "{s}");
             assert_eq!(PinSource::parse(&p.to_string()).unwrap(), p);
         }
-        for bad in ["env:", "env:PIN", "cred:", "cred:a/b", "cred:..", "|cmd", "pin.txt", "file:rel"] {
+        for bad in [
+            "env:", "env:PIN", "cred:", "cred:a/b", "cred:..", "|cmd", "pin.txt", "file:rel",
+        ] {
             assert!(PinSource::parse(bad).is_err(), "{bad}");
         }
     }
@@ -1040,16 +1236,34 @@ mod tests {
         use cryptoki::context::Function;
         let uri = Pkcs11Uri::parse("pkcs11:token=hsm1;object=k").unwrap();
         let map = |rv, f| map_error(&uri, CkError::Pkcs11(rv, f));
-        for rv in [RvError::PinIncorrect, RvError::PinLenRange, RvError::PinLocked, RvError::PinExpired] {
-            assert!(matches!(map(rv, Function::Login), SealError::LoginFailed { .. }), "{rv:?}");
+        for rv in [
+            RvError::PinIncorrect,
+            RvError::PinLenRange,
+            RvError::PinLocked,
+            RvError::PinExpired,
+        ] {
+            assert!(
+                matches!(map(rv, Function::Login), SealError::LoginFailed { .. }),
+                "{rv:?}"
+            );
         }
         let e = map(RvError::TokenNotPresent, Function::OpenSession);
-        assert!(matches!(e, SealError::KeyMissing { .. }) && e.to_string().contains("hsm1"), "{e}");
+        assert!(
+            matches!(e, SealError::KeyMissing { .. }) && e.to_string().contains("hsm1"),
+            "{e}"
+        );
         let e = map(RvError::DeviceRemoved, Function::Encrypt);
-        assert!(matches!(e, SealError::Unreachable { .. }) && e.is_transient(), "{e}");
+        assert!(
+            matches!(e, SealError::Unreachable { .. }) && e.is_transient(),
+            "{e}"
+        );
         let e = map(RvError::MechanismInvalid, Function::EncryptInit);
         assert!(matches!(e, SealError::Other { .. }), "{e}");
-        assert!(e.to_string().contains("C_EncryptInit: CKR_MECHANISM_INVALID"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("C_EncryptInit: CKR_MECHANISM_INVALID"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1057,7 +1271,10 @@ mod tests {
         assert_eq!(ckr_name(&RvError::PinIncorrect), "CKR_PIN_INCORRECT");
         assert_eq!(ckr_name(&RvError::GeneralError), "CKR_GENERAL_ERROR");
         assert_eq!(
-            ck_detail(&CkError::Pkcs11(RvError::PinIncorrect, cryptoki::context::Function::Login)),
+            ck_detail(&CkError::Pkcs11(
+                RvError::PinIncorrect,
+                cryptoki::context::Function::Login
+            )),
             "C_Login: CKR_PIN_INCORRECT"
         );
     }

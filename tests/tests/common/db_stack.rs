@@ -29,11 +29,11 @@
 use nbdcrypt_tests::*;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const SHORT: Duration = Duration::from_secs(30);
@@ -45,15 +45,19 @@ pub const LONG: Duration = Duration::from_secs(180);
 /// Path of a required tool (searched in $PATH, then /usr/sbin and /sbin); fails the test naming
 /// the tool and its Debian package when it is missing.
 pub fn need(name: &str, package: &str) -> PathBuf {
-    let mut dirs: Vec<PathBuf> =
-        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
     dirs.extend(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from));
-    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file()).unwrap_or_else(|| {
-        panic!(
-            "required tool `{name}` is not installed (Debian package {package}); \
+    dirs.into_iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "required tool `{name}` is not installed (Debian package {package}); \
              ./scripts/test.sh installs every tool the tests need"
-        )
-    })
+            )
+        })
 }
 
 pub fn cmd(name: &str, package: &str) -> Command {
@@ -63,7 +67,11 @@ pub fn cmd(name: &str, package: &str) -> Command {
 /// `nbdcryptctl`, built next to `nbdcryptd`.
 pub fn ctl_binary() -> PathBuf {
     let p = daemon_binary().with_file_name("nbdcryptctl");
-    assert!(p.is_file(), "nbdcryptctl not found at {} (cargo build --workspace --bins)", p.display());
+    assert!(
+        p.is_file(),
+        "nbdcryptctl not found at {} (cargo build --workspace --bins)",
+        p.display()
+    );
     p
 }
 
@@ -76,13 +84,24 @@ pub fn sh(c: &mut Command, timeout: Duration) -> Out {
 /// Processes whose parent is `pid` (from /proc).
 pub fn children_of(pid: i32) -> Vec<i32> {
     let mut v = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else { return v };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return v;
+    };
     for e in rd.flatten() {
-        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
         // pid (comm) state ppid ...; comm may contain spaces and parentheses.
-        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else { continue };
-        let ppid = after.split_whitespace().nth(1).and_then(|s| s.parse::<i32>().ok());
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let ppid = after
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse::<i32>().ok());
         if ppid == Some(pid) {
             v.push(p);
         }
@@ -93,7 +112,11 @@ pub fn children_of(pid: i32) -> Vec<i32> {
 pub fn alive(pid: i32) -> bool {
     // A zombie still has /proc/PID; treat it as gone.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s.rfind(')').and_then(|i| s[i + 1..].split_whitespace().next()) != Some("Z"),
+        Ok(s) => {
+            s.rfind(')')
+                .and_then(|i| s[i + 1..].split_whitespace().next())
+                != Some("Z")
+        }
         Err(_) => false,
     }
 }
@@ -130,9 +153,15 @@ impl Rng {
 
 /// Seed from $NBDCRYPT_CRASH_SEED or the clock; printed so a run can be repeated.
 pub fn seed() -> u64 {
-    let s = std::env::var("NBDCRYPT_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
+    let s = std::env::var("NBDCRYPT_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
     println!("crash seed: {s} (NBDCRYPT_CRASH_SEED={s} repeats the kill times)");
     s
 }
@@ -156,7 +185,9 @@ impl Volume {
         let image = dir.path().join("volume.img");
         let key = dir.path().join("volume.key");
         let mut k = [0u8; 64];
-        File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut k)).unwrap();
+        File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut k))
+            .unwrap();
         std::fs::write(&key, k).unwrap();
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         sh(
@@ -165,7 +196,13 @@ impl Volume {
                 .arg(&image)
                 .args(["--size", size, "--key-file"])
                 .arg(&key)
-                .args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--yes"]),
+                .args([
+                    "--pbkdf",
+                    "pbkdf2",
+                    "--pbkdf-force-iterations",
+                    "1000",
+                    "--yes",
+                ]),
             SHORT,
         );
         Volume { dir, image, key }
@@ -189,8 +226,14 @@ impl Volume {
         let img = self.image.to_str().unwrap();
         let key = self.key.to_str().unwrap();
         let d = Daemon::start(&[
-            "--volume", img, "--unix", "{dir}/nbd.sock", "--control", "{dir}/control.sock",
-            "--unlock-key-file", key,
+            "--volume",
+            img,
+            "--unix",
+            "{dir}/nbd.sock",
+            "--control",
+            "{dir}/control.sock",
+            "--unlock-key-file",
+            key,
         ]);
         let deadline = Instant::now() + SHORT;
         loop {
@@ -198,7 +241,12 @@ impl Volume {
             if out.ok() {
                 break;
             }
-            assert!(Instant::now() < deadline, "export not offered after unlock\n{}\n{}", out.details(), d.log());
+            assert!(
+                Instant::now() < deadline,
+                "export not offered after unlock\n{}\n{}",
+                out.details(),
+                d.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         d
@@ -226,7 +274,10 @@ fn is_mountpoint(p: &Path) -> bool {
 /// with multi-conn: writes and FLUSHes spread over several connections, which nbdcryptd's
 /// CAN_MULTI_CONN promises to handle as one).
 pub fn fuse_connections() -> u32 {
-    std::env::var("NBDCRYPT_NBDFUSE_CONNECTIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(1)
+    std::env::var("NBDCRYPT_NBDFUSE_CONNECTIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
 }
 
 impl Fuse {
@@ -242,13 +293,24 @@ impl Fuse {
             .stderr(File::options().append(true).open(log).unwrap())
             .spawn()
             .expect("spawn nbdfuse");
-        let mut f = Fuse { child: Some(child), mnt: mnt.to_owned(), log: log.to_owned() };
+        let mut f = Fuse {
+            child: Some(child),
+            mnt: mnt.to_owned(),
+            log: log.to_owned(),
+        };
         let deadline = Instant::now() + SHORT;
         while !(is_mountpoint(mnt) && f.file().metadata().map(|m| m.len() > 0).unwrap_or(false)) {
             if let Some(st) = f.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("nbdfuse exited with {st} before mounting\n{}", std::fs::read_to_string(log).unwrap_or_default());
+                panic!(
+                    "nbdfuse exited with {st} before mounting\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
             }
-            assert!(Instant::now() < deadline, "nbdfuse did not mount {} within {SHORT:?}", mnt.display());
+            assert!(
+                Instant::now() < deadline,
+                "nbdfuse did not mount {} within {SHORT:?}",
+                mnt.display()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         f
@@ -280,7 +342,12 @@ impl Drop for Fuse {
     fn drop(&mut self) {
         if is_mountpoint(&self.mnt) {
             // Clean detach first (lets nbdfuse flush and disconnect); lazy if still busy.
-            let ok = Command::new("umount").arg(&self.mnt).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
+            let ok = Command::new("umount")
+                .arg(&self.mnt)
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
             if !ok {
                 let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
             }
@@ -304,13 +371,22 @@ pub struct LoopDev {
 impl LoopDev {
     pub fn attach(file: &Path) -> LoopDev {
         let out = sh(
-            cmd("losetup", "mount").args(["-f", "--show", "--direct-io=on"]).arg(file),
+            cmd("losetup", "mount")
+                .args(["-f", "--show", "--direct-io=on"])
+                .arg(file),
             SHORT,
         );
-        let lo = LoopDev { dev: out.stdout.trim().to_owned() };
-        assert!(lo.dev.starts_with("/dev/loop"), "losetup printed {:?}", out.stdout);
+        let lo = LoopDev {
+            dev: out.stdout.trim().to_owned(),
+        };
+        assert!(
+            lo.dev.starts_with("/dev/loop"),
+            "losetup printed {:?}",
+            out.stdout
+        );
         let name = lo.dev.trim_start_matches("/dev/");
-        let dio = std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).unwrap_or_default();
+        let dio =
+            std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).unwrap_or_default();
         assert_eq!(dio.trim(), "1", "{} is not in direct-I/O mode: the page cache of the FUSE file would sit between ext4 and the NBD server", lo.dev);
         lo
     }
@@ -318,7 +394,11 @@ impl LoopDev {
 
 impl Drop for LoopDev {
     fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).stderr(Stdio::null()).status();
+        let _ = Command::new("losetup")
+            .arg("-d")
+            .arg(&self.dev)
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -332,8 +412,13 @@ impl Mount {
     pub fn mount(dev: &str, dir: &Path) -> Mount {
         std::fs::create_dir_all(dir).unwrap();
         // Defaults: data=ordered, barriers on; errors=remount-ro is ext4's default behaviour.
-        sh(cmd("mount", "mount").args(["-t", "ext4", dev]).arg(dir), SHORT);
-        Mount { dir: dir.to_owned() }
+        sh(
+            cmd("mount", "mount").args(["-t", "ext4", dev]).arg(dir),
+            SHORT,
+        );
+        Mount {
+            dir: dir.to_owned(),
+        }
     }
 
     pub fn lazy_unmount(self) {
@@ -349,7 +434,12 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let ok = Command::new("umount").arg(&self.dir).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
+        let ok = Command::new("umount")
+            .arg(&self.dir)
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
         if !ok {
             let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
         }
@@ -358,21 +448,45 @@ impl Drop for Mount {
 
 /// `mkfs.ext4 -q -b 4096 DEV`
 pub fn mkfs(dev: &str) {
-    sh(cmd("mkfs.ext4", "e2fsprogs").args(["-q", "-F", "-b", "4096", dev]), SHORT);
+    sh(
+        cmd("mkfs.ext4", "e2fsprogs").args(["-q", "-F", "-b", "4096", dev]),
+        SHORT,
+    );
 }
 
 /// After a crash: replay the journal (`e2fsck -E journal_only -y`), then a full read-only check
 /// (`e2fsck -fn`). Returns ("clean" or a description, ok).
 pub fn fsck_after_crash(dev: &str) -> (String, bool) {
-    let replay = run(cmd("fsck.ext4", "e2fsprogs").args(["-E", "journal_only", "-y", dev]), LONG);
+    let replay = run(
+        cmd("fsck.ext4", "e2fsprogs").args(["-E", "journal_only", "-y", dev]),
+        LONG,
+    );
     if !matches!(replay.code(), Some(0 | 1)) {
-        return (format!("journal replay exit {:?}: {}", replay.code(), replay.details()), false);
+        return (
+            format!(
+                "journal replay exit {:?}: {}",
+                replay.code(),
+                replay.details()
+            ),
+            false,
+        );
     }
-    let replayed = replay.stdout.contains("recovering journal") || replay.stderr.contains("recovering journal");
+    let replayed = replay.stdout.contains("recovering journal")
+        || replay.stderr.contains("recovering journal");
     let check = run(cmd("fsck.ext4", "e2fsprogs").args(["-f", "-n", dev]), LONG);
     match check.code() {
-        Some(0) => (if replayed { "clean (journal replayed)".into() } else { "clean".into() }, true),
-        c => (format!("e2fsck -fn exit {c:?}:\n{}", check.details()), false),
+        Some(0) => (
+            if replayed {
+                "clean (journal replayed)".into()
+            } else {
+                "clean".into()
+            },
+            true,
+        ),
+        c => (
+            format!("e2fsck -fn exit {c:?}:\n{}", check.details()),
+            false,
+        ),
     }
 }
 
@@ -422,9 +536,15 @@ impl NbdKit {
         let deadline = Instant::now() + SHORT;
         while !run(tool("nbdinfo").arg("--size").arg(&uri), SHORT).ok() {
             if let Some(st) = k.child.try_wait().unwrap() {
-                panic!("nbdkit exited {st}: {}", std::fs::read_to_string(dir.join("nbdkit.log")).unwrap_or_default());
+                panic!(
+                    "nbdkit exited {st}: {}",
+                    std::fs::read_to_string(dir.join("nbdkit.log")).unwrap_or_default()
+                );
             }
-            assert!(Instant::now() < deadline, "nbdkit not serving within {SHORT:?}");
+            assert!(
+                Instant::now() < deadline,
+                "nbdkit not serving within {SHORT:?}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         k
@@ -447,7 +567,15 @@ impl Stack {
         let data_mnt = vol.subdir("data");
         let fuse = Fuse::attach(&daemon.sock, &fuse_mnt, &vol.path().join("nbdfuse.log"));
         let lo = LoopDev::attach(&fuse.file());
-        Stack { mount: None, lo: Some(lo), fuse: Some(fuse), daemon: Some(daemon), nbdkit: None, fuse_mnt, data_mnt }
+        Stack {
+            mount: None,
+            lo: Some(lo),
+            fuse: Some(fuse),
+            daemon: Some(daemon),
+            nbdkit: None,
+            fuse_mnt,
+            data_mnt,
+        }
     }
 
     /// The same stack over `nbdkit file IMAGE` (plain) in `dir`, with extra filters/params.
@@ -462,7 +590,15 @@ impl Stack {
         let kit = NbdKit::start(dir, image, filters, params);
         let fuse = Fuse::attach(&kit.sock, &fuse_mnt, &dir.join("nbdfuse.log"));
         let lo = LoopDev::attach(&fuse.file());
-        Stack { mount: None, lo: Some(lo), fuse: Some(fuse), daemon: None, nbdkit: Some(kit), fuse_mnt, data_mnt }
+        Stack {
+            mount: None,
+            lo: Some(lo),
+            fuse: Some(fuse),
+            daemon: None,
+            nbdkit: Some(kit),
+            fuse_mnt,
+            data_mnt,
+        }
     }
 
     pub fn dev(&self) -> &str {
@@ -479,11 +615,16 @@ impl Stack {
     pub fn io_counters(&self) -> (u64, u64) {
         let d = self.daemon.as_ref().unwrap();
         let out = sh(
-            Command::new(ctl_binary()).args(["status", "--json", "--control"]).arg(d.dir().join("control.sock")),
+            Command::new(ctl_binary())
+                .args(["status", "--json", "--control"])
+                .arg(d.dir().join("control.sock")),
             SHORT,
         );
         let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-        (v["writes"].as_u64().unwrap(), v["flushes"].as_u64().unwrap())
+        (
+            v["writes"].as_u64().unwrap(),
+            v["flushes"].as_u64().unwrap(),
+        )
     }
 
     /// `kill -9` nbdcryptd: the crash under test.
@@ -522,7 +663,11 @@ impl Stack {
         drop(self.fuse.take());
         if let Some(mut d) = self.daemon.take() {
             let st = d.terminate(SHORT);
-            assert!(st.success(), "nbdcryptd exited {st} on SIGTERM\n{}", d.log());
+            assert!(
+                st.success(),
+                "nbdcryptd exited {st} on SIGTERM\n{}",
+                d.log()
+            );
         }
         drop(self.nbdkit.take());
     }
@@ -552,13 +697,20 @@ impl Committer {
         log: &Path,
         stmt: impl Fn(i64) -> String + Send + 'static,
     ) -> Committer {
-        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("spawn the database shell");
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn the database shell");
         let mut stdin = child.stdin.take().unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         stdin.write_all(preamble.as_bytes()).unwrap();
         stdin.flush().unwrap();
         for want in expect {
-            let got = lines.next().map(|l| l.unwrap_or_default()).unwrap_or_default();
+            let got = lines
+                .next()
+                .map(|l| l.unwrap_or_default())
+                .unwrap_or_default();
             assert_eq!(got.trim(), *want, "database shell's answer to {preamble:?}");
         }
         let acked = Arc::new(AtomicUsize::new(0));
@@ -567,7 +719,11 @@ impl Committer {
         let thread = std::thread::spawn(move || {
             let mut ids = Vec::new();
             for id in first_id.. {
-                if stdin.write_all(stmt(id).as_bytes()).and_then(|()| stdin.flush()).is_err() {
+                if stdin
+                    .write_all(stmt(id).as_bytes())
+                    .and_then(|()| stdin.flush())
+                    .is_err()
+                {
                     break;
                 }
                 let line = match lines.next() {
@@ -576,7 +732,11 @@ impl Committer {
                 };
                 match line.trim().parse::<i64>() {
                     Ok(got) if got == id => {}
-                    Ok(_) => return Err(format!("the shell answered {line:?} to the insert of id {id}")),
+                    Ok(_) => {
+                        return Err(format!(
+                            "the shell answered {line:?} to the insert of id {id}"
+                        ))
+                    }
                     Err(_) => break, // an error message
                 }
                 // COMMIT returned: now, and only now, the id counts as acknowledged.
@@ -586,7 +746,11 @@ impl Committer {
             }
             Ok(ids)
         });
-        Committer { child, thread: Some(thread), acked }
+        Committer {
+            child,
+            thread: Some(thread),
+            acked,
+        }
     }
 
     pub fn acked(&self) -> usize {
@@ -606,10 +770,15 @@ impl Committer {
                     f();
                 }
             }
-            assert!(start.elapsed() < SHORT + Duration::from_secs(10), "the database shell did not end after SIGKILL and a FUSE abort");
+            assert!(
+                start.elapsed() < SHORT + Duration::from_secs(10),
+                "the database shell did not end after SIGKILL and a FUSE abort"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
-        t.join().unwrap().unwrap_or_else(|e| panic!("committer: {e}"))
+        t.join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("committer: {e}"))
     }
 }
 
@@ -641,7 +810,10 @@ impl TrialRow {
     /// per acknowledged commit (each commit waited for its own fsync, which must have reached
     /// the daemon; fewer would mean a layer above it absorbs fsync).
     pub fn ok(&self) -> bool {
-        self.missing.is_empty() && self.fsck_ok && self.check_ok && self.flushes >= self.acked_at_kill as u64
+        self.missing.is_empty()
+            && self.fsck_ok
+            && self.check_ok
+            && self.flushes >= self.acked_at_kill as u64
     }
 }
 
@@ -693,5 +865,8 @@ pub fn assert_trials(rows: &[TrialRow]) {
 
 /// Trials to run: $NBDCRYPT_CRASH_TRIALS or `default`.
 pub fn trial_count(default: usize) -> usize {
-    std::env::var("NBDCRYPT_CRASH_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+    std::env::var("NBDCRYPT_CRASH_TRIALS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
