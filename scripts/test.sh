@@ -86,6 +86,10 @@ for t in "${!PKG[@]}"; do
   command -v "$t" >/dev/null 2>&1 || { echo "test.sh: $t still missing after apt-get" >&2; exit 1; }
 done
 
+# The lint gate first (formatting, clippy -D warnings: unsafe only in the fenced modules, cast
+# lints): it fails fast, before the long tests.
+./scripts/lint.sh
+
 # The black-box tests run the real binaries from target/debug.
 cargo build --workspace --bins
 
