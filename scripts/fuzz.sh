@@ -9,6 +9,7 @@
 #                                     one long run; corpus grows in fuzz/corpus/TARGET, a finding
 #                                     lands in fuzz/artifacts/TARGET/ (copy it to fuzz/regressions/TARGET/)
 #   scripts/fuzz.sh replay            run every target once over fuzz/regressions and the seeds
+#                                     (and report on fuzz/open: findings whose fix is pending)
 #   scripts/fuzz.sh build | seeds | list
 #
 # Needs: a C++ compiler (libfuzzer-sys builds libFuzzer), python3 (seeds), the LUKS2 test
@@ -70,6 +71,18 @@ replay() {
         else
             echo "fuzz: $t: ${#files[@]} regression/seed inputs replay clean"
         fi
+    done
+    # Open findings (fuzz/open/TARGET/*: reported, fix owned elsewhere) are replayed for
+    # information only: they do not fail the run until moved to fuzz/regressions/.
+    for t in "${TARGETS[@]}"; do
+        [ -d "$FUZZ/open/$t" ] || continue
+        while IFS= read -r -d '' f; do
+            if "$BIN/$t" $(common_flags "$t") "$f" >/dev/null 2>&1; then
+                echo "fuzz: $t: open finding ${f#"$FUZZ"/} no longer reproduces: move it to fuzz/regressions/$t/"
+            else
+                echo "fuzz: $t: open finding ${f#"$FUZZ"/} still reproduces (known, see its .md)"
+            fi
+        done < <(find "$FUZZ/open/$t" -type f ! -name '*.md' -print0)
     done
     return $rc
 }

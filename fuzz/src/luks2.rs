@@ -67,6 +67,18 @@ fn fix_checksums(img: &mut [u8], ctrl: u8) {
     }
 }
 
+/// Whether the open finding `name` is to be skipped (`NBDCRYPT_FUZZ_SKIP_OPEN`, comma-separated).
+fn skip_open(name: &str) -> bool {
+    static SKIP: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    SKIP.get_or_init(|| {
+        std::env::var("NBDCRYPT_FUZZ_SKIP_OPEN")
+            .map(|v| v.split(',').map(str::to_string).collect())
+            .unwrap_or_default()
+    })
+    .iter()
+    .any(|s| s == name)
+}
+
 /// Everything a caller may ask a parsed header; none of it may panic.
 fn exercise(hdr: &Luks2Header) {
     let _ = format!("{hdr:?}");
@@ -77,6 +89,11 @@ fn exercise(hdr: &Luks2Header) {
     for ks in hdr.keyslots() {
         let _ = format!("{ks:?}");
         // Issue 8: every keyslot area lies inside the keyslots area, whatever its type.
+        // NBDCRYPT_FUZZ_SKIP_OPEN=unknown-keyslot-area skips slots of unknown type, to fuzz past
+        // that open finding (fuzz/open/luks2_header/) until the validation fix is merged.
+        if ks.type_name != "luks2" && skip_open("unknown-keyslot-area") {
+            continue;
+        }
         if let (Some(off), Some(size)) = (ks.area_offset, ks.area_size) {
             let inside = off >= 2 * hdr.hdr_size() && off.checked_add(size).is_some_and(|e| e <= end);
             assert!(inside, "keyslot {} area {off}+{size} outside the keyslots area ..{end}", ks.id);

@@ -176,8 +176,8 @@ pub fn handshake(data: &[u8]) {
             let caps = neg.export.device.caps();
             assert_eq!(neg.transmission_flags, transmission_flags(&caps, neg.structured_replies));
             let rest = stream.input[stream.pos..].to_vec();
-            let (_end, out) = run_session(neg, rest);
-            check_replies(&out);
+            let (_end, out) = run_session(neg, rest.clone());
+            check_replies(&rest, &out);
         }
         Err(e) => {
             let _ = e.to_string();
@@ -185,28 +185,70 @@ pub fn handshake(data: &[u8]) {
     }
 }
 
-/// Walks a transmission-phase reply stream: simple replies (with read data we cannot size
-/// without the request, so the walk stops at the first one that is not followed by a magic)
-/// and structured chunks (self-describing lengths).
-fn check_replies(out: &[u8]) {
+/// The requests a client byte stream frames, in order: (cookie, command, length). Stops where
+/// the server must stop reading (bad magic, truncation, DISC, an oversized WRITE payload).
+fn framed_requests(input: &[u8]) -> Vec<(u64, u16, u32)> {
+    let mut reqs = Vec::new();
+    let mut rest = input;
+    while rest.len() >= codec::REQUEST_HEADER_LEN {
+        if be32(rest) != REQUEST_MAGIC {
+            break;
+        }
+        let cmd = u16::from_be_bytes([rest[6], rest[7]]);
+        let (cookie, len) = (be64(&rest[8..]), be32(&rest[24..]));
+        rest = &rest[codec::REQUEST_HEADER_LEN..];
+        reqs.push((cookie, cmd, len));
+        if cmd == CMD_DISC {
+            break;
+        }
+        if cmd == CMD_WRITE {
+            if len > MAX_PAYLOAD || rest.len() < len as usize {
+                break;
+            }
+            rest = &rest[len as usize..];
+        }
+    }
+    reqs
+}
+
+/// Checks a transmission-phase reply stream against the requests of `input`: with one worker
+/// thread, replies come in request order, each with its request's cookie; a simple reply to a
+/// successful READ carries exactly the requested bytes; structured chunks are well framed and
+/// end with DONE. Requests after the last reply may go unanswered (the session ended).
+fn check_replies(input: &[u8], out: &[u8]) {
+    let reqs = framed_requests(input);
+    let mut next = reqs.iter();
     let mut rest = out;
-    while rest.len() >= 4 {
+    let mut current: Option<&(u64, u16, u32)> = None;
+    while !rest.is_empty() {
+        assert!(rest.len() >= 4, "reply cut short");
         match be32(rest) {
+            SIMPLE_REPLY_MAGIC => {
+                assert!(current.is_none(), "simple reply inside a structured reply");
+                assert!(rest.len() >= 16, "simple reply cut short");
+                let &(cookie, cmd, len) = next.next().expect("more replies than requests");
+                assert_eq!(be64(&rest[8..]), cookie, "simple reply out of order");
+                let err = be32(&rest[4..]);
+                rest = &rest[16..];
+                if cmd == CMD_READ && err == 0 {
+                    assert!(rest.len() >= len as usize, "read data cut short");
+                    rest = &rest[len as usize..];
+                }
+            }
             STRUCTURED_REPLY_MAGIC => {
                 assert!(rest.len() >= 20, "structured reply header cut short");
+                let req = match current {
+                    Some(r) => r,
+                    None => next.next().expect("more replies than requests"),
+                };
+                assert_eq!(be64(&rest[8..]), req.0, "chunk out of order");
+                let flags = u16::from_be_bytes([rest[4], rest[5]]);
                 let len = be32(&rest[16..]) as usize;
                 assert!(rest.len() >= 20 + len, "structured reply payload cut short");
                 rest = &rest[20 + len..];
+                current = if flags & REPLY_FLAG_DONE != 0 { None } else { Some(req) };
             }
-            SIMPLE_REPLY_MAGIC => {
-                assert!(rest.len() >= 16, "simple reply cut short");
-                rest = &rest[16..];
-                // Read data follows a successful READ's simple reply; skip to the next magic.
-                while rest.len() >= 4 && ![SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC].contains(&be32(rest)) {
-                    rest = &rest[1..];
-                }
-            }
-            _ => return,
+            m => panic!("bad reply magic {m:#x}"),
         }
     }
 }
@@ -244,7 +286,7 @@ pub fn transmission(data: &[u8]) {
 
     let st = stack(ctrl & 8 != 0, ctrl & 4 != 0, 0);
     let (_end, out) = run_session(negotiated(&st, ctrl & 1 != 0, ctrl & 3 == 3), input.to_vec());
-    check_replies(&out);
+    check_replies(input, &out);
 }
 
 /// One request of the model-checked session.
