@@ -95,8 +95,12 @@ pub fn pkcs11_uri(data: &[u8]) {
             let dbg = format!("{u:?} {} {}", u.token_description(), u.key_description());
             if let Some(pin) = pin {
                 let p = String::from_utf8_lossy(pin.expose_secret()).into_owned();
-                // Only a PIN that appears nowhere else in the URI can be told apart.
-                if p.len() >= 6 && s.matches(p.as_str()).count() == 1 {
+                // Only a PIN made of characters found nowhere else in a plain-ASCII URI can be
+                // told apart from the rest of a description (Debug escapes add digits).
+                let others = s.replacen(p.as_str(), "", 1);
+                let distinct = others.chars().all(|c| c.is_ascii_graphic())
+                    && p.chars().all(|c| c.is_ascii_alphanumeric() && !others.contains(c));
+                if p.len() >= 6 && distinct {
                     assert!(!dbg.contains(&p), "PIN shows in the URI's description");
                 }
             }

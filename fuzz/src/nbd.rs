@@ -435,6 +435,9 @@ pub fn session_model(data: &[u8]) {
         if error != 0 {
             continue;
         }
+        if !in_range || matches!(op, Op::Raw { .. } | Op::Flush) {
+            continue;
+        }
         let r = h.offset as usize..(h.offset + u64::from(h.length)) as usize;
         match op {
             Op::Read { .. } => {
