@@ -1,0 +1,113 @@
+//! Control protocol, LUKS2 tokens of ours, and PKCS#11 URIs / PIN sources.
+
+use serde_json::{Map, Value};
+
+use nbdcrypt::control::proto::{Request, Response};
+use nbdcrypt::luks2::Token;
+use nbdcrypt::seal::pkcs11::{PinSource, Pkcs11Uri};
+use nbdcrypt::seal::token;
+
+/// `control_proto`: the input is one line, decoded as a request and as a response. Whatever
+/// decodes must re-encode to a line that decodes to the same thing.
+pub fn proto(data: &[u8]) {
+    match Request::decode(data) {
+        Ok(req) => {
+            let line = req.encode();
+            let again = Request::decode(&line).expect("encoded request does not decode");
+            assert_eq!(again.kind(), req.kind());
+            assert_eq!(format!("{again:?}"), format!("{req:?}"));
+            if let (Request::Unlock { secret: a, .. }, Request::Unlock { secret: b, .. }) = (&req, &again) {
+                assert!(a.expose_secret() == b.expose_secret(), "secret changed in a round trip");
+            }
+            // Debug never shows a secret.
+            if let Request::Unlock { secret, .. } = &req {
+                let dbg = format!("{req:?}");
+                if secret.len() >= 4 {
+                    let s = String::from_utf8_lossy(secret.expose_secret());
+                    assert!(!dbg.contains(s.as_ref()), "secret in Debug output");
+                }
+            }
+        }
+        Err(e) => {
+            let _ = (e.to_string(), e.summary());
+        }
+    }
+    match Response::decode(data) {
+        Ok(resp) => {
+            let line = resp.encode();
+            assert_eq!(Response::decode(&line).expect("encoded response does not decode"), resp);
+        }
+        Err(e) => {
+            let _ = e.to_string();
+        }
+    }
+}
+
+/// `seal_token`: the input is a token object as found in a header. Ours must parse or be
+/// refused with a reason; one that parses must rebuild into a token that parses the same.
+pub fn token(data: &[u8]) {
+    let Ok(Value::Object(o)) = serde_json::from_slice::<Value>(data) else { return };
+    check_token(o);
+}
+
+fn check_token(o: Map<String, Value>) {
+    let _ = nbdcrypt::seal::resolve_pkcs11(&o);
+    match token::parse_json(&o) {
+        Ok(Some(p)) => {
+            let _ = (p.key_reference(), format!("{p:?}"));
+            if p.sealed.ciphertext.is_empty() {
+                return;
+            }
+            let rebuilt = token::build(p.kind.token_type(), p.keyslot, &p.sealed, &p.created);
+            if let Ok(t) = rebuilt {
+                let again = token::parse(&t).expect("rebuilt token refused").expect("rebuilt token not ours");
+                assert_eq!(again.kind, p.kind);
+                assert_eq!(again.keyslot, p.keyslot);
+                assert_eq!(again.sealed, p.sealed);
+                assert_eq!(again.created, p.created);
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            let _ = e.to_string();
+        }
+    }
+    if let Ok(t) = Token::from_json(o) {
+        let _ = (t.type_name(), t.keyslots());
+        let _ = token::parse(&t);
+    }
+}
+
+/// `pkcs11_uri`: the input is a URI (or PIN source) as an operator or a header would give it.
+/// A URI that parses must render and compare equal to itself; `pin-value` must never survive
+/// into a URI that may be stored.
+pub fn pkcs11_uri(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else { return };
+    if let Ok(u) = Pkcs11Uri::parse(s) {
+        let _ = (u.token_description(), u.key_description(), format!("{u:?}"));
+        assert!(u.same_key(&u));
+        // The operator's module always wins over the URI's.
+        let op = std::path::Path::new("/operator/module.so");
+        assert_eq!(nbdcrypt::seal::pkcs11::resolve_module(Some(op), &u), op);
+    }
+    match Pkcs11Uri::parse_with_pin_value(s) {
+        Ok((u, pin)) => {
+            let dbg = format!("{u:?} {} {}", u.token_description(), u.key_description());
+            if let Some(pin) = pin {
+                let p = String::from_utf8_lossy(pin.expose_secret()).into_owned();
+                // Only a PIN made of characters found nowhere else in a plain-ASCII URI can be
+                // told apart from the rest of a description (Debug escapes add digits).
+                let others = s.replacen(p.as_str(), "", 1);
+                let distinct = others.chars().all(|c| c.is_ascii_graphic())
+                    && p.chars().all(|c| c.is_ascii_alphanumeric() && !others.contains(c));
+                if p.len() >= 6 && distinct {
+                    assert!(!dbg.contains(&p), "PIN shows in the URI's description");
+                }
+            }
+        }
+        Err(e) => {
+            let _ = e.to_string();
+        }
+    }
+    let _ = PinSource::parse(s).map(|p| format!("{p:?}"));
+}
