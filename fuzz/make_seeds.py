@@ -10,7 +10,12 @@ import gzip, json, os, random, struct, sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "seeds")
-TESTDATA = os.environ.get("NBDCRYPT_LUKS2_TESTDATA", "/work/shared/testdata/luks2")
+# CI clones `shared/` beside the repository; the developers' machines have it at /work/shared.
+_BESIDE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "testdata", "luks2")
+TESTDATA = os.environ.get(
+    "NBDCRYPT_LUKS2_TESTDATA",
+    _BESIDE if os.path.isdir(_BESIDE) else "/work/shared/testdata/luks2",
+)
 
 
 def put(target, name, data):

@@ -102,6 +102,8 @@ smoke() {
     build
     seeds
     replay || rc=1
+    # 0 seconds: replay only (libFuzzer would read -max_total_time=0 as "no limit").
+    [ "$secs" -gt 0 ] || return $rc
     for t in "${TARGETS[@]}"; do
         log=$FUZZ/artifacts/$t/smoke.log
         mkdir -p "$FUZZ/artifacts/$t"

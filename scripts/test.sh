@@ -104,6 +104,11 @@ if ! "${guest[@]}" >/dev/null; then
   "${guest[@]}" >/dev/null
 fi
 
+# Fuzzing smoke (issue 8): builds fuzz/ with libFuzzer instrumentation on the stable toolchain,
+# replays every kept finding (fuzz/regressions), then runs each of the 12 targets for 20 s;
+# fails on any finding. NBDCRYPT_FUZZ_SECONDS changes the per-target time (0 skips the runs).
+./scripts/fuzz.sh smoke "${NBDCRYPT_FUZZ_SECONDS:-20}"
+
 # Two cores: run test binaries' tests two at a time (default would be the same, but make it
 # explicit so a bigger machine does not start dozens of daemons and fio jobs at once).
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"

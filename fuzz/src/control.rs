@@ -51,7 +51,9 @@ pub fn token(data: &[u8]) {
 }
 
 fn check_token(o: Map<String, Value>) {
-    let _ = nbdcrypt::seal::resolve_pkcs11(&o);
+    // With no operator settings every provider must refuse before any I/O (no KMS endpoint, no
+    // allowed key, no PIN): what the token says never reaches the network or a module.
+    let _ = nbdcrypt::seal::resolve_provider(&o, &nbdcrypt::seal::SealSettings::default());
     match token::parse_json(&o) {
         Ok(Some(p)) => {
             let _ = (p.key_reference(), format!("{p:?}"));

@@ -28,8 +28,10 @@ pub const PASSPHRASES: [&[u8]; 4] = [
 pub const TIGHT_LIMITS: KdfLimits = KdfLimits {
     max_argon2_memory_kib: 256,
     max_argon2_time: 8,
+    max_argon2_cost: 256 * 8,
     max_argon2_cpus: 4,
     max_pbkdf2_iterations: 4000,
+    max_total_permille: 4000,
 };
 
 /// File lengths a control byte can pick: the image as given, or extended (sparse) so that the

@@ -17,7 +17,7 @@ use nbdcrypt::crypto::xts::SectorCipher;
 use nbdcrypt::export::{Export, ExportTable};
 use nbdcrypt::nbd::codec::{self, Command, RequestHeader};
 use nbdcrypt::nbd::handshake::{negotiate, transmission_flags, Negotiated};
-use nbdcrypt::nbd::session::{serve, Budget, ByteBudget, End, Stopper};
+use nbdcrypt::nbd::session::{ReplySink, serve, Budget, ByteBudget, End, Stopper};
 use nbdcrypt::nbd::wire::*;
 
 use crate::mem::MemDevice;
@@ -106,6 +106,12 @@ impl Write for Sink {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+impl ReplySink for Sink {
+    fn try_write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write(buf)
     }
 }
 

@@ -93,8 +93,10 @@ impl CryptDevice {
         x - x % self.sector
     }
 
+    /// Saturating: `scratch_bytes` sizes a request before it is validated, so `x` may be any
+    /// offset a client sent (found by the nbd_* fuzz targets: an offset near 2^64 overflowed).
     fn align_up(&self, x: u64) -> u64 {
-        self.align_down(x + self.sector - 1)
+        self.align_down(x.saturating_add(self.sector - 1))
     }
 
     fn is_aligned(&self, offset: u64, len: u64) -> bool {
@@ -329,7 +331,7 @@ impl BlockDevice for CryptDevice {
         };
         own + self
             .inner
-            .scratch_bytes(op, self.segment.offset + offset, length)
+            .scratch_bytes(op, self.segment.offset.saturating_add(offset), length)
     }
 }
 
@@ -516,6 +518,19 @@ mod tests {
             CHUNK as u64 + page
         );
         assert_eq!(dev.scratch_bytes(Op::Write, 1, 4096), 8192 + page + 8192);
+    }
+
+    /// Requests are sized before validation: any offset a client sends must be sized without
+    /// overflow (the nbd_* fuzz targets found `align_up` overflowing near 2^64).
+    #[test]
+    fn scratch_of_an_offset_near_2_pow_64_does_not_overflow() {
+        let (_mem, dev) = device(4096, 4 << 20);
+        for op in [Op::Read, Op::Write, Op::Zero] {
+            for off in [u64::MAX, u64::MAX - 1, u64::MAX - 4095, u64::MAX - (1 << 20)] {
+                let _ = dev.scratch_bytes(op, off, 1 << 20);
+                let _ = dev.scratch_bytes(op, off, u64::MAX);
+            }
+        }
     }
 
     #[test]
