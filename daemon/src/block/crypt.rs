@@ -526,7 +526,12 @@ mod tests {
     fn scratch_of_an_offset_near_2_pow_64_does_not_overflow() {
         let (_mem, dev) = device(4096, 4 << 20);
         for op in [Op::Read, Op::Write, Op::Zero] {
-            for off in [u64::MAX, u64::MAX - 1, u64::MAX - 4095, u64::MAX - (1 << 20)] {
+            for off in [
+                u64::MAX,
+                u64::MAX - 1,
+                u64::MAX - 4095,
+                u64::MAX - (1 << 20),
+            ] {
                 let _ = dev.scratch_bytes(op, off, 1 << 20);
                 let _ = dev.scratch_bytes(op, off, u64::MAX);
             }
