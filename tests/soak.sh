@@ -49,7 +49,7 @@ uri="nbd+unix:///nbdcrypt?socket=$W/nbd.sock"
 per_job=$(( $(bytes "$SIZE") / JOBS / 1048576 ))M
 common=(--ioengine=nbd --uri="$uri" --numjobs="$JOBS" --iodepth="$DEPTH" --size="$per_job"
         --offset_increment="$per_job" --bssplit=4k/60:64k/30:1m/10 --group_reporting
-        --verify=crc32c --verify_fatal=1 --do_verify=1 --output-format=json)
+        --verify=crc32c --verify_fatal=1 --do_verify=1 --verify_state_save=0 --output-format=json)
 echo "soak: ${JOBS} connections x QD${DEPTH}, ${SECS}s of random writes with crc32c verify, then a full verify pass"
 start=$(date +%s)
 fio --name=soak-write --rw=randwrite --time_based --runtime="$SECS" --verify_backlog=4096 "${common[@]}" --output="$W/write.json" >/dev/null
