@@ -28,6 +28,15 @@ declare -A PKG=(
   # a bare Debian (debootstrap minbase) lacks these; CI's image has them
   [cc]=build-essential [pkg-config]=pkg-config [git]=git [curl]=curl [ps]=procps [python3]=python3
   [file]=file [update-ca-certificates]=ca-certificates [fsck.ext4]=e2fsprogs
+  # unlock policies (issue 11): clevis/Tang/TPM2 interop against the real tools
+  [/usr/libexec/tangd]=tang [tang-show-keys]=tang [clevis]=clevis [clevis-luks-bind]=clevis-luks
+  [clevis-encrypt-tpm2]=clevis-tpm2 [swtpm]=swtpm [swtpm_setup]=swtpm-tools
+  [tpm2_createprimary]=tpm2-tools
+  # TLS (issue 12): certificates for the tests; nbdkit's S3 plugin (Python) over moto's S3 server
+  [certtool]=gnutls-bin [openssl]=openssl
+  [/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-S3-plugin]=nbdkit-plugin-python
+  # observability (issue 13): a real Prometheus scrapes the daemon; `top` is driven in tmux
+  [prometheus]=prometheus [promtool]=prometheus [tmux]=tmux
 )
 
 missing=()
@@ -40,8 +49,9 @@ if ! /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1; then
 fi
 # The encrypted-volume tests run shared/testdata/luks2/verify.py (the independent decryptor) with
 # Debian's python3: it needs `cryptography`, and `argon2` (argon2-cffi) for argon2 keyslots.
-PY_PKGS=(python3-cryptography python3-argon2)
-if ! /usr/bin/python3 -c 'import cryptography, argon2' >/dev/null 2>&1; then
+# nbdkit's S3 plugin imports boto3 from Debian's python3.
+PY_PKGS=(python3-cryptography python3-argon2 python3-boto3)
+if ! /usr/bin/python3 -c 'import cryptography, argon2, boto3' >/dev/null 2>&1; then
   missing+=("${PY_PKGS[@]}")
 fi
 # ctl/tests/kms.rs makes a venv with moto's KMS server (pip, PyPI) on first use: whichever
