@@ -13,7 +13,7 @@
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::{BlockDevice, Caps, Error, ErrorKind, Extent, Op, ZeroFlags};
-use crate::crypto::xts::SectorCipher;
+use crate::crypto::xts::{SectorCipher, XtsError};
 use crate::sys::LockedBox;
 
 /// Largest buffer one zeroing or RMW step works on.
@@ -43,30 +43,61 @@ pub struct Segment {
     pub iv_tweak: u64,
 }
 
-pub struct CryptDevice {
+/// What the crypt layer needs of a sector cipher. [`SectorCipher`] (AES-XTS) is the one the
+/// daemon uses; the parameter exists so the crypt-layer benchmark can run the same layer with a
+/// cipher that does nothing, and see what the data path costs apart from the AES work.
+pub trait SectorTransform: Send + Sync {
+    /// Bytes per sector (512..=4096).
+    fn sector_size(&self) -> usize;
+    /// Encrypts whole sectors of `src` into `dst` (same length); IVs as in [`SectorCipher`].
+    fn encrypt_into(&self, src: &[u8], dst: &mut [u8], first_iv: u64) -> Result<(), XtsError>;
+    /// Decrypts whole sectors in place.
+    fn decrypt_in_place(&self, data: &mut [u8], first_iv: u64) -> Result<(), XtsError>;
+}
+
+impl SectorTransform for SectorCipher {
+    fn sector_size(&self) -> usize {
+        SectorCipher::sector_size(self)
+    }
+    fn encrypt_into(&self, src: &[u8], dst: &mut [u8], first_iv: u64) -> Result<(), XtsError> {
+        SectorCipher::encrypt_into(self, src, dst, first_iv)
+    }
+    fn decrypt_in_place(&self, data: &mut [u8], first_iv: u64) -> Result<(), XtsError> {
+        SectorCipher::decrypt_in_place(self, data, first_iv)
+    }
+}
+
+pub struct CryptDevice<C: SectorTransform = SectorCipher> {
     inner: Arc<dyn BlockDevice>,
     /// The expanded key schedule: in locked memory, wiped when the device drops (lock).
-    cipher: LockedBox<SectorCipher>,
+    cipher: LockedBox<C>,
     segment: Segment,
     sector: u64,
     allow_discards: bool,
     locks: RangeLocks,
 }
 
-impl CryptDevice {
+impl<C: SectorTransform> CryptDevice<C> {
     /// `segment` must lie inside `inner` and be a whole number of sectors.
     pub fn new(
         inner: Arc<dyn BlockDevice>,
-        cipher: SectorCipher,
+        cipher: C,
         segment: Segment,
         allow_discards: bool,
-    ) -> Result<CryptDevice, Error> {
+    ) -> Result<CryptDevice<C>, Error> {
         let sector = cipher.sector_size() as u64;
         let fits = segment
             .offset
             .checked_add(segment.size)
             .is_some_and(|end| end <= inner.size());
-        if !fits || !segment.size.is_multiple_of(sector) || !segment.offset.is_multiple_of(512) {
+        // SectorCipher guarantees a LUKS2 sector size; any other transform is checked here
+        // (a zero would divide by zero below).
+        let sector_ok = (512..=4096).contains(&sector) && sector.is_power_of_two();
+        if !fits
+            || !sector_ok
+            || !segment.size.is_multiple_of(sector)
+            || !segment.offset.is_multiple_of(512)
+        {
             return Err(Error::new(ErrorKind::OutOfRange).at(
                 Op::Open,
                 segment.offset,
@@ -184,7 +215,7 @@ impl CryptDevice {
     }
 }
 
-impl BlockDevice for CryptDevice {
+impl<C: SectorTransform> BlockDevice for CryptDevice<C> {
     fn size(&self) -> u64 {
         self.segment.size
     }
