@@ -1,6 +1,6 @@
 //! The crypt layer's data path end to end, without sockets: `CryptDevice` over an in-memory
 //! device, 1 MiB READs and WRITEs walking a 256 MiB device (so the data is cold, as page-cache
-//! data is in the server), against
+//! data is in the server; each variant in its own region), against
 //! - the same layer with a null cipher ("null": `CryptDevice` exactly as the daemon runs it,
 //!   chunking, ciphertext buffer and all, but the "cipher" copies on write and does nothing on
 //!   read), so crypt − null is what the AES work costs inside the data path;
@@ -126,6 +126,10 @@ fn setup() -> Setup {
         Ok("512") => 512,
         _ => 4096,
     };
+    // CRYPT_BENCH_CHUNK=65536 etc.: the layer's step size (at most its CHUNK, 256 KiB).
+    let chunk = std::env::var("CRYPT_BENCH_CHUNK")
+        .ok()
+        .and_then(|c| c.parse::<usize>().ok());
     // Touch every page up front: page faults are not what is measured.
     let plain = Arc::new(Mem(Mutex::new(vec![0x5a; DEVICE])));
     let segment = Segment {
@@ -134,14 +138,19 @@ fn setup() -> Setup {
         iv_tweak: 0,
     };
     let inner: Arc<dyn BlockDevice> = plain.clone();
-    let crypt = CryptDevice::new(
+    let mut crypt = CryptDevice::new(
         inner.clone(),
         SectorCipher::new(&key(), sector).unwrap(),
         segment,
         false,
     )
     .expect("crypt device");
-    let null = CryptDevice::new(inner, NullCipher(sector), segment, false).expect("null device");
+    let mut null =
+        CryptDevice::new(inner, NullCipher(sector), segment, false).expect("null device");
+    if let Some(c) = chunk {
+        crypt.set_chunk_for_benchmarks(c);
+        null.set_chunk_for_benchmarks(c);
+    }
     Setup {
         plain,
         crypt,
@@ -163,8 +172,11 @@ impl Walk {
 type Variant<'a> = (&'static str, Box<dyn FnMut(&mut [u8]) + 'a>);
 
 fn variants(s: &Setup) -> Vec<Variant<'_>> {
-    let (mut w1, mut w2, mut w3, mut w4) = (Walk(0), Walk(0), Walk(0), Walk(0));
-    let (mut w5, mut w6) = (Walk(0), Walk(0));
+    // Each variant walks its own part of the device, 40 MiB from the next one's: a variant
+    // never reads what another just pulled into the caches (L3 here: 32 MiB).
+    let walk = |i: usize| Walk(i * (40 << 20));
+    let (mut w1, mut w2, mut w3, mut w4) = (walk(0), walk(2), walk(3), walk(5));
+    let (mut w5, mut w6) = (walk(1), walk(4));
     vec![
         (
             "plain read",
@@ -241,7 +253,11 @@ fn median_ratio() {
         })
         .collect();
     let sector = s.cipher.sector_size();
-    println!("median of {ROUNDS} rounds, {sector}-byte sectors, thread CPU µs per MiB:");
+    let chunk = std::env::var("CRYPT_BENCH_CHUNK").unwrap_or_else(|_| "262144".into());
+    println!(
+        "median of {ROUNDS} rounds, {sector}-byte sectors, {chunk}-byte steps, \
+         thread CPU µs per MiB:"
+    );
     for ((name, _), m) in vs.iter().zip(&med) {
         println!("  {name:<24} {m:8.1}");
     }

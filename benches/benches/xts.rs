@@ -19,7 +19,7 @@ use aes::Aes256;
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{black_box, Criterion, Throughput};
 use nbdcrypt::crypto::keys::VolumeKey;
-use nbdcrypt::crypto::xts::SectorCipher;
+use nbdcrypt::crypto::xts::{SectorCipher, VaesPass};
 use nix::time::{clock_gettime, ClockId};
 use xts_mode::{get_tweak_default, Xts128};
 
@@ -96,22 +96,41 @@ fn median_ratio() {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
+    // Each VAES pass separately (the one `Auto` picks is what the daemon runs), all three
+    // alternating with the ceiling in every round.
+    let passes = [
+        VaesPass::Auto,
+        VaesPass::TweaksInRegisters,
+        VaesPass::TweaksBuffered,
+    ];
     for sector_size in [512, 4096] {
-        let ours = SectorCipher::new(&VolumeKey::from_slice(&key), sector_size).expect("key");
-        let (mut enc, mut dec, mut ceil) = (Vec::new(), Vec::new(), Vec::new());
+        let ciphers: Vec<SectorCipher> = passes
+            .iter()
+            .map(|&p| {
+                let mut c = SectorCipher::new(&VolumeKey::from_slice(&key), sector_size)
+                    .expect("key");
+                c.set_vaes_pass(p);
+                c
+            })
+            .collect();
+        let mut enc = vec![Vec::new(); passes.len()];
+        let mut dec = vec![Vec::new(); passes.len()];
+        let mut ceil = Vec::new();
         for _ in 0..ROUNDS {
-            let t = thread_cpu_now();
-            for _ in 0..PASSES {
-                ours.encrypt_in_place(black_box(&mut buf), 8)
-                    .expect("whole sectors");
+            for (i, ours) in ciphers.iter().enumerate() {
+                let t = thread_cpu_now();
+                for _ in 0..PASSES {
+                    ours.encrypt_in_place(black_box(&mut buf), 8)
+                        .expect("whole sectors");
+                }
+                enc[i].push((thread_cpu_now() - t).as_secs_f64());
+                let t = thread_cpu_now();
+                for _ in 0..PASSES {
+                    ours.decrypt_in_place(black_box(&mut buf), 8)
+                        .expect("whole sectors");
+                }
+                dec[i].push((thread_cpu_now() - t).as_secs_f64());
             }
-            enc.push((thread_cpu_now() - t).as_secs_f64());
-            let t = thread_cpu_now();
-            for _ in 0..PASSES {
-                ours.decrypt_in_place(black_box(&mut buf), 8)
-                    .expect("whole sectors");
-            }
-            dec.push((thread_cpu_now() - t).as_secs_f64());
             let t = thread_cpu_now();
             for _ in 0..PASSES {
                 let (blocks, _) = Array::<u8, U16>::slice_as_chunks_mut(black_box(&mut buf[..]));
@@ -119,17 +138,24 @@ fn median_ratio() {
             }
             ceil.push((thread_cpu_now() - t).as_secs_f64());
         }
-        let (enc, dec, ceil) = (median(&mut enc), median(&mut dec), median(&mut ceil));
+        let ceil = median(&mut ceil);
         let gbs = |secs: f64| f64::from(PASSES) * BUF as f64 / secs / 1e9;
         println!(
-            "median of {ROUNDS}, {sector_size:>4} B sectors: ours enc {:.1} GB/s, dec {:.1} GB/s, \
-             ECB ceiling {:.1} GB/s; enc/ceiling {:.1} %, dec/ceiling {:.1} %",
-            gbs(enc),
-            gbs(dec),
-            gbs(ceil),
-            100.0 * ceil / enc,
-            100.0 * ceil / dec,
+            "median of {ROUNDS}, {sector_size:>4} B sectors ({}), ECB ceiling {:.1} GB/s:",
+            ciphers[0].implementation(),
+            gbs(ceil)
         );
+        for (i, pass) in passes.iter().enumerate() {
+            let (e, d) = (median(&mut enc[i]), median(&mut dec[i]));
+            println!(
+                "  {:<20} enc {:5.1} GB/s = {:5.1} % of ceiling, dec {:5.1} GB/s = {:5.1} %",
+                format!("{pass:?}"),
+                gbs(e),
+                100.0 * ceil / e,
+                gbs(d),
+                100.0 * ceil / d,
+            );
+        }
     }
 }
 

@@ -75,6 +75,9 @@ pub struct CryptDevice<C: SectorTransform = SectorCipher> {
     sector: u64,
     allow_discards: bool,
     locks: RangeLocks,
+    /// Bytes per read-and-decrypt / encrypt-and-write step: CHUNK unless a benchmark asks for
+    /// less ([`CryptDevice::set_chunk_for_benchmarks`]); never more (the budget counts CHUNK).
+    chunk: usize,
 }
 
 impl<C: SectorTransform> CryptDevice<C> {
@@ -112,7 +115,15 @@ impl<C: SectorTransform> CryptDevice<C> {
             sector,
             allow_discards,
             locks: RangeLocks::default(),
+            chunk: CHUNK,
         })
+    }
+
+    /// Benchmarks only: the step size of the data path, clamped to one sector ..= [`CHUNK`].
+    #[doc(hidden)]
+    pub fn set_chunk_for_benchmarks(&mut self, bytes: usize) {
+        let sector = self.cipher.sector_size();
+        self.chunk = bytes.clamp(sector, CHUNK) / sector * sector;
     }
 
     /// IV of the sector starting at plaintext byte `offset` (a multiple of the sector size).
@@ -147,7 +158,7 @@ impl<C: SectorTransform> CryptDevice<C> {
     /// time: each chunk is decrypted right after it has been read.
     fn read_sectors(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
         let mut at = 0usize;
-        for piece in buf.chunks_mut(CHUNK) {
+        for piece in buf.chunks_mut(self.chunk) {
             let off = offset + at as u64;
             self.inner.read_at(piece, self.segment.offset + off)?;
             self.cipher
@@ -171,15 +182,15 @@ impl<C: SectorTransform> CryptDevice<C> {
                 Ok(b) => &mut **b,
                 Err(_) => &mut fresh,
             };
-            let step = plain.len().min(CHUNK);
+            let step = plain.len().min(self.chunk);
             // Page-aligned, so a backend using O_DIRECT takes it as it is.
             if buf.len() < step + PAGE {
                 buf.resize(step + PAGE, 0);
             }
             let skip = buf.as_ptr().align_offset(PAGE).min(PAGE);
-            let single = plain.len() <= CHUNK;
+            let single = plain.len() <= self.chunk;
             let mut at = 0usize;
-            for piece in plain.chunks(CHUNK) {
+            for piece in plain.chunks(self.chunk) {
                 let off = offset + at as u64;
                 let out = &mut buf[skip..skip + piece.len()];
                 self.cipher

@@ -80,6 +80,21 @@ pub struct SectorCipher {
     /// The fused VAES-512 implementation, present only when the CPU supports it.
     #[cfg(target_arch = "x86_64")]
     vaes: Option<Box<vaes::VaesXts>>,
+    /// Which VAES pass runs ([`VaesPass::Auto`] unless a benchmark asks otherwise).
+    vaes_pass: VaesPass,
+}
+
+/// The two VAES passes, for benchmarks comparing them ([`SectorCipher::set_vaes_pass`]). Both
+/// give identical output; only speed differs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum VaesPass {
+    /// The faster one for the sector size (what the daemon runs).
+    #[default]
+    Auto,
+    /// Tweaks advanced in registers step by step (what `Auto` runs today).
+    TweaksInRegisters,
+    /// Tweaks for 16 steps computed ahead into an L1 buffer, then the AES pass.
+    TweaksBuffered,
 }
 
 /// The `aes` crate's ciphers: data (both directions) and tweak (encryption only).
@@ -159,11 +174,18 @@ impl SectorCipher {
             portable,
             #[cfg(target_arch = "x86_64")]
             vaes: None,
+            vaes_pass: VaesPass::Auto,
         })
     }
 
     pub fn sector_size(&self) -> usize {
         self.sector_size
+    }
+
+    /// Benchmarks only: run this VAES pass whatever the sector size (no effect without VAES).
+    #[doc(hidden)]
+    pub fn set_vaes_pass(&mut self, pass: VaesPass) {
+        self.vaes_pass = pass;
     }
 
     /// Which implementation runs on this CPU: `"vaes512"` or `"portable"` (for logs).
@@ -276,10 +298,12 @@ impl SectorCipher {
             #[cfg(target_arch = "x86_64")]
             Backend::Vaes | Backend::VaesFused | Backend::VaesBuffered => match &self.vaes {
                 Some(v) => v.crypt(
-                    match backend {
-                        Backend::VaesFused => vaes::Pass::Fused,
-                        Backend::VaesBuffered => vaes::Pass::Buffered,
-                        _ => vaes::Pass::Auto,
+                    match (backend, self.vaes_pass) {
+                        (Backend::VaesFused, _) => vaes::Pass::Fused,
+                        (Backend::VaesBuffered, _) => vaes::Pass::Buffered,
+                        (_, VaesPass::Auto) => vaes::Pass::Auto,
+                        (_, VaesPass::TweaksInRegisters) => vaes::Pass::Fused,
+                        (_, VaesPass::TweaksBuffered) => vaes::Pass::Buffered,
                     },
                     dir == Direction::Encrypt,
                     src,

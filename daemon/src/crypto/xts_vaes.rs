@@ -24,14 +24,14 @@ use crate::sys::LockedBuf;
 /// Blocks per step: 8 registers × 4 lanes.
 const STEP_BYTES: usize = 512;
 
-/// Sector sizes up to this use [`xts_buffered`] (tweaks computed ahead), larger ones [`xts`]
-/// (tweaks advanced in registers). Chosen by `cargo bench -p nbdcrypt-benches --bench xts`.
-const BUFFERED_UP_TO: usize = 512;
-
 /// Which of the two passes to run; tests force each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Pass {
-    /// The faster one for the sector size ([`BUFFERED_UP_TO`]).
+    /// The one the daemon runs: [`xts`] for every sector size. On an AMD EPYC Zen 4
+    /// (`XTS_BENCH_RATIO=1 cargo bench -p nbdcrypt-benches --bench xts`) the buffered pass ties
+    /// with it at 512-byte sectors (both ~74 % of the ECB ceiling) and is 6 points slower at
+    /// 4096; it stays selectable so CPUs with a smaller scheduler (where the fused pass's
+    /// per-sector tweak chain may not be hidden) can be measured with one bench run.
     Auto,
     /// [`xts`]: tweaks advanced in registers, step by step.
     Fused,
@@ -157,7 +157,7 @@ impl VaesXts {
             None => dst_ptr.cast_const(),
         };
         let buffered = match pass {
-            Pass::Auto => sector_size <= BUFFERED_UP_TO,
+            Pass::Auto => false,
             Pass::Fused => false,
             Pass::Buffered => true,
         } && buffered_supports(sector_size);
@@ -469,9 +469,11 @@ fn buffered_supports(sector_size: usize) -> bool {
 /// [`TWEAK_STEPS`] steps (16 sectors of 512 bytes, 2 of 4096) all tweaks are computed first, in
 /// a loop whose sectors do not depend on each other, then the AES pass runs over those steps,
 /// loading each tweak from the buffer. With small sectors, [`xts`] starts every sector with a
-/// chain of dependent tweak multiplications (about 40 cycles) that the AES rounds wait for, and
-/// the out-of-order window is too small to hide it behind the previous sector; here the AES
-/// pass has no dependency but the data. Same results as [`xts`], bit for bit.
+/// chain of dependent tweak multiplications (about 40 cycles) that the AES rounds wait for; if
+/// the out-of-order window cannot hide it behind the previous sector, this pass, whose AES work
+/// depends on nothing but the data, should do better. On Zen 4 it does not (the window hides
+/// the chain; what limits 512-byte sectors there is the count of tweak instructions, the same in
+/// both passes): see [`Pass::Auto`]. Same results as [`xts`], bit for bit.
 ///
 /// # Safety
 /// As for [`xts`], and `buffered_supports(sector_size)`.
