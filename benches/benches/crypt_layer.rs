@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use criterion::{black_box, Criterion, Throughput};
-use nbdcrypt::block::crypt::{CryptDevice, Segment, SectorTransform};
+use nbdcrypt::block::crypt::{CryptDevice, SectorTransform, Segment};
 use nbdcrypt::block::{BlockDevice, Caps, Error, Extent, ZeroFlags};
 use nbdcrypt::crypto::keys::VolumeKey;
 use nbdcrypt::crypto::xts::{SectorCipher, XtsError};

@@ -107,8 +107,8 @@ fn median_ratio() {
         let ciphers: Vec<SectorCipher> = passes
             .iter()
             .map(|&p| {
-                let mut c = SectorCipher::new(&VolumeKey::from_slice(&key), sector_size)
-                    .expect("key");
+                let mut c =
+                    SectorCipher::new(&VolumeKey::from_slice(&key), sector_size).expect("key");
                 c.set_vaes_pass(p);
                 c
             })

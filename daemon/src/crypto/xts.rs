@@ -738,7 +738,9 @@ mod tests {
     /// against `xts-mode`, both directions, in place and buffer to buffer, AES-128 and AES-256.
     #[test]
     fn every_backend_matches_the_reference_across_interleave_boundaries() {
-        let counts = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 65];
+        let counts = [
+            1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 65,
+        ];
         for key_len in [32, 64] {
             let key: Vec<u8> = (0..key_len).map(|i| (i * 7 + 3) as u8).collect();
             for size in SECTOR_SIZES {
@@ -750,7 +752,8 @@ mod tests {
                         let mut want = plain.clone();
                         reference(&key, size, &mut want, first_iv, true);
                         for b in backends(&c) {
-                            let what = format!("{b:?} key {key_len} size {size} n {n} iv {first_iv}");
+                            let what =
+                                format!("{b:?} key {key_len} size {size} n {n} iv {first_iv}");
                             let mut got = plain.clone();
                             run(&c, b, Direction::Encrypt, &mut got, first_iv);
                             assert!(got == want, "encrypt in place, {what}");
