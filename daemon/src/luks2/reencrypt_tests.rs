@@ -16,13 +16,22 @@ fn pw(s: &str) -> SecretBytes {
 }
 
 fn kdf() -> KdfParams {
-    KdfParams::Pbkdf2 { hash: HashAlg::Sha256, iterations: 1000 }
+    KdfParams::Pbkdf2 {
+        hash: HashAlg::Sha256,
+        iterations: 1000,
+    }
 }
 
 /// A formatted volume (16 MiB header, 2 MiB of data) holding a known plaintext.
 fn volume(dir: &std::path::Path, ss: u32) -> (File, Vec<u8>) {
     let p = dir.join("vol.img");
-    let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&p)
+        .unwrap();
     f.set_len(16 * 1024 * 1024 + DATA).unwrap();
     let mut params = FormatParams::new(kdf());
     params.digest_iterations = 1000;
@@ -30,7 +39,10 @@ fn volume(dir: &std::path::Path, ss: u32) -> (File, Vec<u8>) {
     let (hdr, key) = format(&f, &params, &pw("old-pass")).unwrap();
     let plain: Vec<u8> = (0..DATA).map(|i| (i * 7 % 251) as u8).collect();
     let mut ct = plain.clone();
-    cipher(&key, ss).unwrap().encrypt_in_place(&mut ct, 0).unwrap();
+    cipher(&key, ss)
+        .unwrap()
+        .encrypt_in_place(&mut ct, 0)
+        .unwrap();
     f.write_all_at(&ct, hdr.data_segment().offset).unwrap();
     (f, plain)
 }
@@ -38,35 +50,70 @@ fn volume(dir: &std::path::Path, ss: u32) -> (File, Vec<u8>) {
 fn read_plain(f: &File, key: &VolumeKey, ss: u32) -> Vec<u8> {
     let mut b = vec![0u8; DATA as usize];
     f.read_exact_at(&mut b, 16 * 1024 * 1024).unwrap();
-    cipher(key, ss).unwrap().decrypt_in_place(&mut b, 0).unwrap();
+    cipher(key, ss)
+        .unwrap()
+        .decrypt_in_place(&mut b, 0)
+        .unwrap();
     b
 }
 
 fn start(f: &File, res: Resilience, key_size: u32, ss: u32, hotzone: u64) -> Reencryption {
     let (hdr, _) = Luks2Header::read(f).unwrap();
-    let (old, slot) = hdr.unlock(f, &pw("old-pass"), &KdfLimits::default()).unwrap();
-    let slots = vec![NewSlot { old_slot: slot, secret: pw("old-pass"), kdf: kdf() }];
-    let params = StartParams { key_size, sector_size: ss, resilience: res, hotzone: Some(hotzone), now_unix: 1_700_000_000 };
+    let (old, slot) = hdr
+        .unlock(f, &pw("old-pass"), &KdfLimits::default())
+        .unwrap();
+    let slots = vec![NewSlot {
+        old_slot: slot,
+        secret: pw("old-pass"),
+        kdf: kdf(),
+    }];
+    let params = StartParams {
+        key_size,
+        sector_size: ss,
+        resilience: res,
+        hotzone: Some(hotzone),
+        now_unix: 1_700_000_000,
+    };
     Reencryption::start(f, hdr, old, slots, &params).unwrap()
 }
 
 fn finish_and_check(f: &File, r: Reencryption, plain: &[u8], ss: u32) {
     let hdr = r.finish(f).unwrap();
-    assert_eq!(KeyAge::of(&hdr), Some(KeyAge { created_unix: 1_700_000_000 }));
+    assert_eq!(
+        KeyAge::of(&hdr),
+        Some(KeyAge {
+            created_unix: 1_700_000_000
+        })
+    );
     let (hdr, _) = Luks2Header::read(f).unwrap();
     assert_eq!(hdr.data_segment().sector_size, ss);
-    let (key, _) = hdr.unlock(f, &pw("old-pass"), &KdfLimits::default()).unwrap();
+    let (key, _) = hdr
+        .unlock(f, &pw("old-pass"), &KdfLimits::default())
+        .unwrap();
     assert!(read_plain(f, &key, ss) == plain, "plaintext changed");
-    assert_eq!(hdr.keyslots().len(), 1, "old keyslot and reencrypt keyslot are gone");
+    assert_eq!(
+        hdr.keyslots().len(),
+        1,
+        "old keyslot and reencrypt keyslot are gone"
+    );
 }
 
 #[test]
 fn checksum_reencryption_runs_to_the_end_and_keeps_the_data() {
     let dir = tempfile::tempdir().unwrap();
     let (f, plain) = volume(dir.path(), 4096);
-    let mut r = start(&f, Resilience::from_name("checksum").unwrap(), 64, 4096, 256 << 10);
+    let mut r = start(
+        &f,
+        Resilience::from_name("checksum").unwrap(),
+        64,
+        4096,
+        256 << 10,
+    );
     // The normal reader refuses the volume while the re-encryption runs.
-    assert!(matches!(Luks2Header::read(&f), Err(FormatError::ReencryptionInProgress { .. })));
+    assert!(matches!(
+        Luks2Header::read(&f),
+        Err(FormatError::ReencryptionInProgress { .. })
+    ));
     let mut zones = 0;
     while r.step(&f, &FileIo(&f)).unwrap().is_some() {
         zones += 1;
@@ -89,7 +136,13 @@ fn journal_reencryption_can_change_key_and_sector_size() {
 fn an_interrupted_reencryption_resumes_from_its_frontier() {
     let dir = tempfile::tempdir().unwrap();
     let (f, plain) = volume(dir.path(), 4096);
-    let mut r = start(&f, Resilience::from_name("checksum").unwrap(), 64, 4096, 256 << 10);
+    let mut r = start(
+        &f,
+        Resilience::from_name("checksum").unwrap(),
+        64,
+        4096,
+        256 << 10,
+    );
     r.stop_after_zones(Some(3));
     while let Ok(Some(_)) = r.step(&f, &FileIo(&f)) {}
     assert_eq!(r.frontier(), 3 * (256 << 10));
@@ -112,7 +165,10 @@ fn crash_in_zone(f: &File, r: &mut Reencryption, damage: impl Fn(&mut [u8], &Ree
         Resilience::Checksum { hash, block_size } => {
             let hl = hash.output_len();
             let mut sums = vec![0u8; b.len() / block_size as usize * hl];
-            for (blk, out) in b.chunks_exact(block_size as usize).zip(sums.chunks_exact_mut(hl)) {
+            for (blk, out) in b
+                .chunks_exact(block_size as usize)
+                .zip(sums.chunks_exact_mut(hl))
+            {
                 hash.hash_parts(&[blk], out);
             }
             f.write_all_at(&sums, r.state().area_offset).unwrap();
@@ -120,7 +176,8 @@ fn crash_in_zone(f: &File, r: &mut Reencryption, damage: impl Fn(&mut [u8], &Ree
         Resilience::Journal => f.write_all_at(&b, r.state().area_offset).unwrap(),
         Resilience::None => {}
     }
-    r.commit_layout(f, zone.start, Some(b.len() as u64)).unwrap();
+    r.commit_layout(f, zone.start, Some(b.len() as u64))
+        .unwrap();
     damage(&mut b, r);
     f.write_all_at(&b, abs).unwrap();
 }
@@ -129,7 +186,13 @@ fn crash_in_zone(f: &File, r: &mut Reencryption, damage: impl Fn(&mut [u8], &Ree
 fn a_crash_mid_zone_is_recovered_from_checksums() {
     let dir = tempfile::tempdir().unwrap();
     let (f, plain) = volume(dir.path(), 4096);
-    let mut r = start(&f, Resilience::from_name("checksum").unwrap(), 64, 4096, 512 << 10);
+    let mut r = start(
+        &f,
+        Resilience::from_name("checksum").unwrap(),
+        64,
+        4096,
+        512 << 10,
+    );
     r.step(&f, &FileIo(&f)).unwrap();
     crash_in_zone(&f, &mut r, |b, r| {
         // The first half of the zone reached the disk re-encrypted, the rest is still old.
@@ -174,7 +237,9 @@ fn negative_control_without_recovery_the_crashed_zone_is_lost() {
     r.commit_layout(&f, z.end, None).unwrap();
     while r.step(&f, &FileIo(&f)).unwrap().is_some() {}
     let hdr = r.finish(&f).unwrap();
-    let (key, _) = hdr.unlock(&f, &pw("old-pass"), &KdfLimits::default()).unwrap();
+    let (key, _) = hdr
+        .unlock(&f, &pw("old-pass"), &KdfLimits::default())
+        .unwrap();
     assert!(read_plain(&f, &key, 4096) != plain);
 }
 
@@ -204,7 +269,13 @@ fn edit_json(f: &File, edit: impl Fn(&mut Value)) {
 fn a_tampered_reencryption_header_fails_its_digest_and_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (f, _) = volume(dir.path(), 4096);
-    let mut r = start(&f, Resilience::from_name("checksum").unwrap(), 64, 4096, 256 << 10);
+    let mut r = start(
+        &f,
+        Resilience::from_name("checksum").unwrap(),
+        64,
+        4096,
+        256 << 10,
+    );
     r.step(&f, &FileIo(&f)).unwrap();
     let ks = r.state().keyslot.to_string();
     drop(r);
@@ -218,7 +289,9 @@ fn a_tampered_reencryption_header_fails_its_digest_and_is_refused() {
         a.as_object_mut().unwrap().remove("sector_size");
     });
     assert!(peek(&f).unwrap().is_some(), "structurally valid");
-    let e = Reencryption::open(&f, &[pw("old-pass")], &KdfLimits::default()).err().unwrap();
+    let e = Reencryption::open(&f, &[pw("old-pass")], &KdfLimits::default())
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("CVE-2021-4122"), "{e}");
 }
 
@@ -262,7 +335,13 @@ fn scratch_leave_interrupted_image() {
     std::fs::create_dir_all(dir).unwrap();
     let (f, plain) = volume(dir, 4096);
     std::fs::write(dir.join("plain"), &plain).unwrap();
-    let mut r = start(&f, Resilience::from_name("checksum").unwrap(), 64, 4096, 256 << 10);
+    let mut r = start(
+        &f,
+        Resilience::from_name("checksum").unwrap(),
+        64,
+        4096,
+        256 << 10,
+    );
     r.stop_after_zones(Some(3));
     while let Ok(Some(_)) = r.step(&f, &FileIo(&f)) {}
 }
