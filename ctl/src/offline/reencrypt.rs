@@ -218,6 +218,22 @@ pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
             // Test builds only: stop after n zones, as an interruption would.
             r.stop_after_zones(Some(n));
         }
+        #[cfg(debug_assertions)]
+        if let Some(n) = std::env::var("NBDCRYPT_TEST_REENCRYPT_CRASH_AFTER_ZONES")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            // Test builds only: n zones, then die inside the next one (after its hot-zone
+            // commit, half of it written), as kill -9 or a power cut would.
+            let io = FileIo(&vol.file);
+            for _ in 0..n {
+                r.step(&vol.file, &io).map_err(|e| vol.explain(e))?;
+            }
+            r.step_then_crash_test(&vol.file, &io)
+                .map_err(|e| vol.explain(e))?;
+            eprintln!("nbdcryptctl: test hook: simulated crash inside a zone");
+            std::process::abort();
+        }
         run_zones(&a, &vol, &mut r, &audit)?;
         let hdr = r.finish(&vol.file).map_err(|e| vol.explain(e))?;
         let age = KeyAge::of(&hdr).map(|k| nbdcrypt::audit::rfc3339(k.created_unix));
