@@ -444,7 +444,9 @@ fn run_zones(
         };
         if bar {
             let width = 30usize;
-            let filled = ((pct / 100.0) * width as f64) as usize;
+            let filled = usize::try_from(f.saturating_mul(width as u64) / total.max(1))
+                .unwrap_or(width)
+                .min(width);
             eprint!(
                 "\r[{}{}] {pct:5.1}% {:8.1} MiB/s  ETA {:4.0}s ",
                 "#".repeat(filled),
