@@ -328,20 +328,3 @@ fn a_hot_zone_larger_than_the_limit_is_refused_before_any_allocation() {
     drop(r);
 }
 
-#[test]
-#[ignore]
-fn scratch_leave_interrupted_image() {
-    let dir = std::path::Path::new("/tmp/reenc-scratch");
-    std::fs::create_dir_all(dir).unwrap();
-    let (f, plain) = volume(dir, 4096);
-    std::fs::write(dir.join("plain"), &plain).unwrap();
-    let mut r = start(
-        &f,
-        Resilience::from_name("checksum").unwrap(),
-        64,
-        4096,
-        256 << 10,
-    );
-    r.stop_after_zones(Some(3));
-    while let Ok(Some(_)) = r.step(&f, &FileIo(&f)) {}
-}
