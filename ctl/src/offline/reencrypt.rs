@@ -33,9 +33,12 @@ holds). On disk this is cryptsetup's LUKS2 re-encryption (requirement online-ree
     command finishes one that cryptsetup started (mode reencrypt, forward, no data shift);
   * while it runs, other tools (and nbdcryptd) refuse the volume.
 
-Every keyslot of the volume key must be opened by one of the secrets given (one --key-file per
-secret, or one passphrase asked on the terminal); a keyslot none of them opens (e.g. a KMS/HSM
-token's) would be lost, so the command refuses unless --drop-unopened says to drop it.
+Every passphrase keyslot of the volume key must be opened by one of the secrets given (one
+--key-file per secret, or one passphrase asked on the terminal). Keyslots of nbdcrypt's KMS/HSM
+tokens are re-sealed: a fresh secret sealed under the same KMS/HSM key for a new keyslot (give
+the same --kms-*/--pkcs11-* options as for `enroll`); the old token goes with the old key. Any
+other keyslot none of the secrets opens would be lost, so the command refuses unless
+--drop-unopened says to drop it.
 
 Resilience (how a zone interrupted mid-way is recovered):
   checksum  (default) a hash of each 4 KiB of the zone's old ciphertext;
@@ -86,9 +89,10 @@ pub struct ReencryptArgs {
     /// behaviour). Without it such keyslots make the command refuse.
     #[arg(long)]
     pub drop_unopened: bool,
-    /// Plain progress lines even on a terminal; nothing but errors with --quiet.
+    /// Plain progress lines even on a terminal (they are plain when stderr is not a terminal).
     #[arg(long)]
     pub no_progress_bar: bool,
+    /// Print nothing but errors.
     #[arg(long, short)]
     pub quiet: bool,
     /// Append JSON lines (start, checkpoints, finish, failure) to this audit log.
@@ -96,6 +100,11 @@ pub struct ReencryptArgs {
     pub audit_log: Option<PathBuf>,
     #[command(flatten)]
     pub kdf_limits: KdfLimitArgs,
+    /// Where the KMS tokens' keys live (for re-sealing them); see `enroll --help`.
+    #[command(flatten)]
+    pub location: super::enroll::KmsLocation,
+    #[command(flatten)]
+    pub hsm: super::enroll::Pkcs11Args,
 }
 
 /// `64M`, `1G`, `4096`: bytes, K/M/G/T = powers of 1024.
@@ -267,7 +276,9 @@ pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
             std::process::abort();
         }
         run_zones(&a, &vol, &mut r, &audit)?;
-        let hdr = r.finish(&vol.file).map_err(|e| vol.explain(e))?;
+        let hdr = r
+            .finish_dropping_orphans(&vol.file, |t| nbdcrypt::seal::token::is_ours(t.type_name()))
+            .map_err(|e| vol.explain(e))?;
         let age = KeyAge::of(&hdr).map(|k| nbdcrypt::audit::rfc3339(k.created_unix));
         audit.record("finish", |e| match &age {
             Some(t) => e.detail("key_created", t.as_str()),
@@ -344,6 +355,7 @@ fn start(
                         old_slot: ks.id,
                         secret: SecretBytes::from_slice(s.expose_secret()),
                         kdf,
+                        token: None,
                     });
                     old_key.get_or_insert(key);
                     opened = true;
@@ -363,6 +375,50 @@ fn start(
             super::NO_KEY_MESSAGE.into(),
         )));
     };
+    // Our KMS/HSM tokens: re-sealed under the same key for the new keyslot, not erased.
+    let mut resealed = Vec::new();
+    if unopened.iter().any(|id| our_token(&hdr, *id).is_some()) {
+        let settings = super::enroll::seal_settings(&a.location, &a.hsm)?;
+        for &id in &unopened {
+            let Some((tid, json)) = our_token(&hdr, id) else {
+                continue;
+            };
+            let provider = nbdcrypt::seal::resolve_provider(&json, &settings).map_err(|e| {
+                anyhow!(
+                    "keyslot {id} (token {tid}): cannot reach its KMS/HSM key to re-seal it: {e}"
+                )
+            })?;
+            let mut secret = SecretBytes::zeroed(nbdcrypt::seal::enroll::SECRET_LEN);
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, secret.expose_secret_mut()))
+                .map_err(|e| anyhow!("reading /dev/urandom: {e}"))?;
+            let pass = nbdcrypt::seal::enroll::passphrase_for(&secret);
+            let uuid = hdr.uuid().to_string();
+            slots.push(NewSlot {
+                old_slot: id,
+                secret: pass,
+                kdf: nbdcrypt::seal::enroll::TOKEN_KEYSLOT_KDF,
+                token: Some(Box::new(move |new_slot| {
+                    let binding = nbdcrypt::seal::Binding {
+                        volume_uuid: uuid,
+                        keyslot: new_slot,
+                    };
+                    let sealed = provider
+                        .seal(&secret, &binding)
+                        .map_err(|e| e.to_string())?;
+                    nbdcrypt::seal::token::build(
+                        provider.token_type(),
+                        new_slot,
+                        &sealed,
+                        &nbdcrypt::audit::rfc3339_now(),
+                    )
+                    .map_err(|e| e.to_string())
+                })),
+            });
+            resealed.push(id);
+        }
+        unopened.retain(|id| !resealed.contains(id));
+    }
     if !unopened.is_empty() && !a.drop_unopened {
         let bound: Vec<String> = unopened
             .iter()
@@ -403,6 +459,7 @@ fn start(
             .detail("sector_size", params.sector_size)
             .detail("old_keyslots", kept.clone())
             .detail("dropped_keyslots", unopened.clone())
+            .detail("resealed_keyslots", resealed.clone())
     });
     if !a.quiet {
         eprintln!(
@@ -415,6 +472,18 @@ fn start(
         );
     }
     Ok(r)
+}
+
+/// Our (KMS/HSM) token bound to keyslot `slot`: its id and JSON.
+fn our_token(
+    hdr: &Luks2Header,
+    slot: u32,
+) -> Option<(u32, serde_json::Map<String, serde_json::Value>)> {
+    hdr.tokens()
+        .find_map(|(tid, t)| match nbdcrypt::seal::token::parse(t) {
+            Ok(Some(p)) if p.keyslot == slot => Some((tid, t.json().clone())),
+            _ => None,
+        })
 }
 
 fn run_zones(

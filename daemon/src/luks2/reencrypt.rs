@@ -778,13 +778,24 @@ pub struct StartParams {
     pub now_unix: u64,
 }
 
-/// One keyslot of the old key to be matched by a keyslot of the new key opened by the same
-/// secret. The caller proves `secret` opens `old_slot` (e.g. `Luks2Header::unlock_slot`).
+/// Builds the token of a re-sealed keyslot, given the new keyslot's id (a KMS/HSM secret is
+/// sealed for the volume UUID and keyslot number, so it can only be sealed once the id is known).
+pub type TokenBuilder = Box<dyn FnOnce(u32) -> Result<super::metadata::Token, String>>;
+
+/// One keyslot of the old key to be matched by a keyslot of the new key.
+///
+/// - Passphrase / key file: `secret` is the same secret (the caller proves it opens `old_slot`,
+///   e.g. with `Luks2Header::unlock_slot`), `token: None`; tokens bound to the old slot (e.g.
+///   clevis, whose secret *is* the passphrase) get the new slot added.
+/// - KMS/HSM token (re-sealed, not erased): `secret` is the passphrase of a fresh secret and
+///   `token` seals that secret for the new slot; the old token is left to
+///   [`Reencryption::finish_dropping_orphans`].
 pub struct NewSlot {
     pub old_slot: u32,
     pub secret: SecretBytes,
     /// KDF of the new keyslot (usually the old slot's, from `KeyslotInfo::kdf`).
     pub kdf: KdfParams,
+    pub token: Option<TokenBuilder>,
 }
 
 /// When a volume key was created, recorded in a token of type [`KEY_AGE_TOKEN`]
@@ -927,7 +938,7 @@ impl Reencryption {
         // New keyslots: material first (fsynced by keyslot::create), header once at the end.
         let mut md = md0.clone();
         let mut new_ids = Vec::new();
-        for s in &slots {
+        for mut s in slots {
             let Some(Keyslot::Luks2(old)) = md0.keyslots.get(&s.old_slot) else {
                 return Err(FormatError::KeyslotNotFound(s.old_slot));
             };
@@ -950,11 +961,27 @@ impl Reencryption {
             ks.priority = old.priority;
             ks.extra = old.extra.clone();
             md.keyslots.insert(id, Keyslot::Luks2(ks));
-            for t in md.tokens.values_mut() {
-                if t.keyslots().contains(&s.old_slot) {
-                    let mut list = t.keyslots().to_vec();
-                    list.push(id);
-                    t.set_keyslots(list);
+            match s.token.take() {
+                Some(build) => {
+                    let t = build(id).map_err(|e| {
+                        FormatError::InvalidToken(format!(
+                            "re-sealing the token of keyslot {} for keyslot {id}: {e}",
+                            s.old_slot
+                        ))
+                    })?;
+                    let tid = (0..super::layout::MAX_TOKENS)
+                        .find(|i| !md.tokens.contains_key(i))
+                        .ok_or(FormatError::NoFreeToken(super::layout::MAX_TOKENS))?;
+                    md.tokens.insert(tid, t);
+                }
+                None => {
+                    for t in md.tokens.values_mut() {
+                        if t.keyslots().contains(&s.old_slot) {
+                            let mut list = t.keyslots().to_vec();
+                            list.push(id);
+                            t.set_keyslots(list);
+                        }
+                    }
                 }
             }
             new_ids.push(id);
@@ -1535,7 +1562,18 @@ impl Reencryption {
     /// digest, the `reencrypt` keyslot and its digest, the backup segments and the requirement
     /// (one `crypt` segment again, under the new key); then the old keyslots' areas and the
     /// resilience area are overwritten. Tokens stay (bound to the new keyslots).
-    pub fn finish(mut self, file: &File) -> Result<Luks2Header, FormatError> {
+    pub fn finish(self, file: &File) -> Result<Luks2Header, FormatError> {
+        self.finish_dropping_orphans(file, |_| false)
+    }
+
+    /// [`Reencryption::finish`], also removing the tokens left without any keyslot by the
+    /// removal of the old keyslots for which `drop` is true (e.g. our KMS/HSM tokens whose
+    /// keyslots were re-sealed); other orphaned tokens stay, as cryptsetup leaves them.
+    pub fn finish_dropping_orphans(
+        mut self,
+        file: &File,
+        drop: impl Fn(&super::metadata::Token) -> bool,
+    ) -> Result<Luks2Header, FormatError> {
         if self.st.hot_len.is_some() || self.st.frontier != self.st.data_size {
             return Err(FormatError::InvalidParams(format!(
                 "re-encryption is not complete ({} of {} bytes)",
@@ -1558,6 +1596,21 @@ impl Reencryption {
                 }
             }
             md.unlink_keyslot(*id);
+        }
+        let orphaned: Vec<u32> = md
+            .tokens
+            .iter()
+            .filter(|(id, t)| {
+                t.keyslots().is_empty()
+                    && self.hdr.metadata.tokens.get(id).is_some_and(|before| {
+                        before.keyslots().iter().any(|k| old_slots.contains(k))
+                    })
+                    && drop(t)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in orphaned {
+            md.tokens.remove(&id);
         }
         md.digests.remove(&self.st.old_digest);
         md.digests.remove(&self.st.reenc_digest);

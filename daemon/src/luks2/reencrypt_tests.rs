@@ -66,6 +66,7 @@ fn start(f: &File, res: Resilience, key_size: u32, ss: u32, hotzone: u64) -> Ree
         old_slot: slot,
         secret: pw("old-pass"),
         kdf: kdf(),
+        token: None,
     }];
     let params = StartParams {
         key_size,
