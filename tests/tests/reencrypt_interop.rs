@@ -453,7 +453,7 @@ fn a_reencryption_header_whose_digest_fails_is_refused_by_us_and_by_cryptsetup()
 }
 
 #[test]
-fn the_daemon_refuses_a_volume_in_reencryption() {
+fn other_commands_refuse_a_volume_in_reencryption() {
     let (_dir, img, kf) = volume(4 * MIB, 4096);
     reencrypt(
         &img,
