@@ -32,6 +32,12 @@ pub enum AuditEventKind {
     RemoveKey,
     HeaderBackup,
     HeaderRestore,
+    ReencryptStart,
+    ReencryptCheckpoint,
+    ReencryptPause,
+    ReencryptResume,
+    ReencryptFinish,
+    ReencryptFailed,
 }
 
 impl AuditEventKind {
@@ -47,6 +53,12 @@ impl AuditEventKind {
             AuditEventKind::RemoveKey => "remove_key",
             AuditEventKind::HeaderBackup => "header_backup",
             AuditEventKind::HeaderRestore => "header_restore",
+            AuditEventKind::ReencryptStart => "reencrypt_start",
+            AuditEventKind::ReencryptCheckpoint => "reencrypt_checkpoint",
+            AuditEventKind::ReencryptPause => "reencrypt_pause",
+            AuditEventKind::ReencryptResume => "reencrypt_resume",
+            AuditEventKind::ReencryptFinish => "reencrypt_finish",
+            AuditEventKind::ReencryptFailed => "reencrypt_failed",
         }
     }
 }

@@ -20,6 +20,7 @@
 
 pub mod client;
 pub mod proto;
+pub mod reencrypt;
 pub mod server;
 pub mod volume;
 
