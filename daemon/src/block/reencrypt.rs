@@ -25,20 +25,21 @@
 //!
 //! This module knows ranges and devices, not LUKS2: the on-disk steps are the [`ZoneEngine`]'s.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use super::{BlockDevice, Caps, Error, ErrorKind, Extent, Op, ZeroFlags};
 
-/// The on-disk half of a re-encryption step (the LUKS2 `reencrypt` keyslot and segments):
-/// called by [`ReencryptDevice::reencrypt_zone`] while the zone is locked.
+/// The on-disk half of re-encryption (the LUKS2 engine, `luks2::reencrypt`): it names the next
+/// zone and rewrites it, ciphertext to ciphertext, while [`ReencryptDevice::reencrypt_zone`]
+/// holds the zone's exclusive lock.
 pub trait ZoneEngine {
-    /// Before the zone `[start, start + len)` is rewritten: make it recoverable after a crash
-    /// at any point of the rewrite (resilience data and the hot-zone segment), durably.
-    fn protect_zone(&mut self, start: u64, len: u64) -> Result<(), String>;
-    /// After the zone's new ciphertext is durable: record `frontier` (= start + len) as the
-    /// boundary between the keys, durably.
-    fn commit_zone(&mut self, frontier: u64) -> Result<(), String>;
+    /// The zone the next step rewrites; it starts at the router's frontier. `None`: done.
+    fn next_zone(&self) -> Option<Range<u64>>;
+    /// Rewrite `zone` from the old key to the new one, crash-safely (resilience data first),
+    /// make it durable and commit the new frontier (`zone.end`) to the header.
+    fn rewrite_zone(&mut self, zone: Range<u64>) -> Result<(), String>;
 }
 
 /// Why a zone step failed. The frontier has not moved; the zone may be half rewritten on
@@ -88,8 +89,6 @@ pub struct ReencryptDevice {
     size: u64,
     locks: SharedRangeLocks,
     load: ClientLoad,
-    /// Test hook: skip the flush between the zone rewrite and its commit (negative controls).
-    skip_sync: std::sync::atomic::AtomicBool,
 }
 
 impl ReencryptDevice {
@@ -106,7 +105,6 @@ impl ReencryptDevice {
             size,
             locks: SharedRangeLocks::default(),
             load: ClientLoad::default(),
-            skip_sync: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -156,61 +154,46 @@ impl ReencryptDevice {
         &self.load
     }
 
-    /// Test hook for negative controls: rewrite zones without flushing before the commit.
-    pub fn set_skip_sync(&self, skip: bool) {
-        self.skip_sync.store(skip, Ordering::Relaxed);
-    }
-
     fn current(&self) -> Route {
         self.route.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Re-encrypt the next zone, at most `max_len` bytes from the frontier: lock it, read it
-    /// through the old key, `engine.protect_zone`, write it through the new key, flush,
-    /// `engine.commit_zone`, move the frontier, unlock. Returns the new frontier.
-    pub fn reencrypt_zone(
-        &self,
-        max_len: u64,
-        engine: &mut dyn ZoneEngine,
-    ) -> Result<u64, ZoneError> {
+    /// Re-encrypt the engine's next zone: take its exclusive lock (client requests in flight
+    /// there finish first; new ones wait), flush (so the old ciphertext the engine protects is
+    /// what clients were acknowledged), let the engine rewrite and commit it, move the
+    /// frontier, unlock. Returns the new frontier.
+    pub fn reencrypt_zone(&self, engine: &mut dyn ZoneEngine) -> Result<u64, ZoneError> {
         let Route {
-            frontier: start,
-            align,
-            ..
+            frontier, align, ..
         } = self.current();
-        let len = (max_len - max_len % align)
-            .max(align)
-            .min(self.size - start);
-        if len == 0 {
-            return Ok(start);
-        }
-        let _zone = self.locks.exclusive(start, start + len);
-        let r = self.current();
-        let Some(new) = r.below.clone() else {
-            return Err(ZoneError::Invalid("no re-encryption in progress".into()));
+        let Some(zone) = engine.next_zone() else {
+            return Ok(frontier);
         };
-        if r.frontier != start {
-            return Err(ZoneError::Invalid(
-                "the frontier moved under the worker".into(),
-            ));
+        let aligned = |x: u64| x.is_multiple_of(align) || x == self.size;
+        if zone.start != frontier
+            || zone.end <= zone.start
+            || zone.end > self.size
+            || !aligned(zone.end)
+        {
+            return Err(ZoneError::Invalid(format!(
+                "the engine's zone [{}, {}) does not start at the frontier {frontier} or is \
+                 not aligned to {align}",
+                zone.start, zone.end
+            )));
         }
-        let n = usize::try_from(len).map_err(|_| ZoneError::Invalid("zone too large".into()))?;
-        let mut plain = zeroize::Zeroizing::new(vec![0u8; n]);
-        r.above
-            .read_at(&mut plain, start)
-            .map_err(ZoneError::Block)?;
-        engine.protect_zone(start, len).map_err(ZoneError::Engine)?;
-        new.write_at(&plain, start, false)
-            .map_err(ZoneError::Block)?;
-        if !self.skip_sync.load(Ordering::Relaxed) {
-            new.flush().map_err(ZoneError::Block)?;
+        let _zone = self.locks.exclusive(zone.start, zone.end);
+        if self.current().below.is_none() {
+            return Err(ZoneError::Invalid("no re-encryption in progress".into()));
         }
-        engine.commit_zone(start + len).map_err(ZoneError::Engine)?;
+        self.flush().map_err(ZoneError::Block)?;
+        engine
+            .rewrite_zone(zone.clone())
+            .map_err(ZoneError::Engine)?;
         self.route
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .frontier = start + len;
-        Ok(start + len)
+            .frontier = zone.end;
+        Ok(zone.end)
     }
 
     /// After the last zone (frontier = size): serve everything through the new key alone and
@@ -561,33 +544,43 @@ mod tests {
     struct TestEngine {
         disk: Arc<Disk>,
         header: Arc<Mutex<Header>>,
+        old: Arc<dyn BlockDevice>,
+        new: Arc<dyn BlockDevice>,
         sector: u64,
-        /// Negative control: record the hot zone without its checksums.
+        size: u64,
+        /// Bytes of the next zone.
+        zone: u64,
+        /// Negative controls: no flush before the commit; no checksums.
+        skip_sync: bool,
         skip_resilience: bool,
     }
 
     impl ZoneEngine for TestEngine {
-        fn protect_zone(&mut self, start: u64, len: u64) -> Result<(), String> {
+        fn next_zone(&self) -> Option<Range<u64>> {
+            let f = self.header.lock().unwrap().frontier;
+            (f < self.size).then(|| f..(f + self.zone).min(self.size))
+        }
+        fn rewrite_zone(&mut self, zone: Range<u64>) -> Result<(), String> {
+            let e = |e: Error| e.to_string();
             let mut sums = Vec::new();
+            let mut buf = vec![0u8; self.sector as usize];
             if !self.skip_resilience {
-                let mut buf = vec![0u8; self.sector as usize];
-                let mut at = start;
-                while at < start + len {
-                    self.disk
-                        .read_at(&mut buf, DATA + at)
-                        .map_err(|e| e.to_string())?;
+                for at in zone.clone().step_by(self.sector as usize) {
+                    self.disk.read_at(&mut buf, DATA + at).map_err(e)?;
                     sums.push(Sha256::digest(&buf).into());
-                    at += self.sector;
                 }
             }
-            self.header.lock().unwrap().hot = Some((start, len, sums));
-            Ok(())
-        }
-        fn commit_zone(&mut self, frontier: u64) -> Result<(), String> {
+            self.header.lock().unwrap().hot = Some((zone.start, zone.end - zone.start, sums));
+            let mut plain = vec![0u8; (zone.end - zone.start) as usize];
+            self.old.read_at(&mut plain, zone.start).map_err(e)?;
+            self.new.write_at(&plain, zone.start, false).map_err(e)?;
+            if !self.skip_sync {
+                self.disk.flush().map_err(e)?;
+            }
             // A header write is an I/O that a crash can prevent.
-            self.disk.tick().map_err(|e| e.to_string())?;
+            self.disk.tick().map_err(e)?;
             let mut h = self.header.lock().unwrap();
-            h.frontier = frontier;
+            h.frontier = zone.end;
             h.hot = None;
             Ok(())
         }
@@ -687,14 +680,19 @@ mod tests {
             let mut engine = TestEngine {
                 disk: disk.clone(),
                 header: header.clone(),
+                old: crypt(&disk, 1, old_sector, size),
+                new: crypt(&disk, 2, new_sector, size),
                 sector: old_sector as u64,
+                size,
+                zone: 4096,
+                skip_sync: false,
                 skip_resilience: false,
             };
             let mut moves = 0;
             let mut rng = Rng(99);
             while dev.frontier() < size {
-                let zone = 4096 * (1 + rng.below(2));
-                dev.reencrypt_zone(zone, &mut engine).unwrap();
+                engine.zone = 4096 * (1 + rng.below(2));
+                dev.reencrypt_zone(&mut engine).unwrap();
                 moves += 1;
                 std::thread::sleep(std::time::Duration::from_micros(200));
             }
@@ -737,12 +735,16 @@ mod tests {
         let dev = ReencryptDevice::single(old);
         dev.begin(crypt(&disk, 2, sector as usize, size), 0, sector)
             .unwrap();
-        dev.set_skip_sync(skip_sync);
         let header = Arc::new(Mutex::new(Header::default()));
         let mut engine = TestEngine {
             disk: disk.clone(),
             header: header.clone(),
+            old: crypt(&disk, 1, sector as usize, size),
+            new: crypt(&disk, 2, sector as usize, size),
             sector,
+            size,
+            zone: 8192,
+            skip_sync,
             skip_resilience,
         };
         disk.ops_left.store(crash_after, Ordering::SeqCst);
@@ -755,10 +757,8 @@ mod tests {
                 }
                 model[at as usize..at as usize + data.len()].copy_from_slice(&data);
             }
-            if dev
-                .reencrypt_zone(8192 * (1 + rng.below(3)), &mut engine)
-                .is_err()
-            {
+            engine.zone = 8192 * (1 + rng.below(3));
+            if dev.reencrypt_zone(&mut engine).is_err() {
                 break;
             }
         }

@@ -38,8 +38,10 @@ use crate::crypto::keys::SecretBytes;
 /// Client requests during one zone step above which the worker backs off.
 pub const BUSY_REQUESTS: u64 = 32;
 
-/// The zone size when the job sets no smaller limit.
-pub const DEFAULT_ZONE: u64 = 8 << 20;
+/// Zone size of online re-encryption (the engine caps it by its resilience area): small
+/// enough that a client request waiting on the hot zone waits tens of milliseconds, large
+/// enough that the two header commits per zone cost little.
+pub const DEFAULT_ZONE: u64 = 16 << 20;
 
 /// One re-encryption as the disk knows it: the [`ZoneEngine`] steps plus what the worker needs.
 pub trait Job: ZoneEngine + Send {
@@ -50,8 +52,6 @@ pub trait Job: ZoneEngine + Send {
     fn frontier(&self) -> u64;
     /// Zone lengths and the frontier are multiples of this.
     fn align(&self) -> u64;
-    /// The largest zone the resilience area can protect.
-    fn max_zone(&self) -> u64;
     /// After the last zone: the new key becomes the only one; the old key's keyslots go.
     fn finish(&mut self) -> Result<(), String>;
 }
@@ -107,21 +107,15 @@ pub struct Reencryptor {
     audit: Arc<AuditLog>,
     uuid: String,
     worker: Mutex<Option<Running>>,
-    /// Test hook (debug builds): never flush between a zone's rewrite and its commit.
-    skip_sync: bool,
 }
 
 impl Reencryptor {
     pub fn new(backend: Arc<dyn Backend>, audit: Arc<AuditLog>, uuid: String) -> Reencryptor {
-        // A negative-control switch for the crash tests; compiled out of release builds.
-        let skip_sync = cfg!(debug_assertions)
-            && std::env::var_os("NBDCRYPT_TEST_REENCRYPT_SKIP_SYNC").is_some();
         Reencryptor {
             backend,
             audit,
             uuid,
             worker: Mutex::new(None),
-            skip_sync,
         }
     }
 
@@ -306,7 +300,6 @@ impl Reencryptor {
     }
 
     fn spawn(&self, router: Arc<ReencryptDevice>, job: Box<dyn Job>, max_rate: Option<u64>) {
-        router.set_skip_sync(self.skip_sync);
         let shared = Arc::new(Shared {
             p: Mutex::new(Progress {
                 state: ReencryptState::Running,
@@ -353,7 +346,6 @@ fn work(
     uuid: &str,
 ) {
     let total = router.size();
-    let zone = job.max_zone().min(DEFAULT_ZONE).max(job.align());
     let mut checkpoint = router.frontier().saturating_mul(10) / total.max(1);
     let mut last_requests = router.load().requests.load(Ordering::Relaxed);
     let event = |kind| AuditEvent::new(kind).volume(uuid).this_process();
@@ -374,7 +366,7 @@ fn work(
         };
         let t0 = Instant::now();
         let before = router.frontier();
-        let frontier = match router.reencrypt_zone(zone, &mut *job) {
+        let frontier = match router.reencrypt_zone(&mut *job) {
             Ok(f) => f,
             Err(e) => {
                 error!(error = %e, "re-encryption failed; the volume stays served (old key above the frontier, new key below)");
