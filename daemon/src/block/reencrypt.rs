@@ -75,6 +75,9 @@ struct Route {
     frontier: u64,
     /// Frontier and zone lengths are multiples of this (the larger of the two sector sizes).
     align: u64,
+    /// A zone whose rewrite failed part-way: its bytes may be under either key, so requests
+    /// touching it fail (EIO) until a restart recovers it from the resilience data.
+    poisoned: Option<(u64, u64)>,
 }
 
 /// Client I/O seen by the router since it was built: the worker backs off while it grows fast.
@@ -101,6 +104,7 @@ impl ReencryptDevice {
                 above: device,
                 frontier: 0,
                 align: 512,
+                poisoned: None,
             }),
             size,
             locks: SharedRangeLocks::default(),
@@ -186,9 +190,13 @@ impl ReencryptDevice {
             return Err(ZoneError::Invalid("no re-encryption in progress".into()));
         }
         self.flush().map_err(ZoneError::Block)?;
-        engine
-            .rewrite_zone(zone.clone())
-            .map_err(ZoneError::Engine)?;
+        if let Err(e) = engine.rewrite_zone(zone.clone()) {
+            self.route
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .poisoned = Some((zone.start, zone.end));
+            return Err(ZoneError::Engine(e));
+        }
         self.route
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -229,6 +237,9 @@ impl ReencryptDevice {
         let end = offset.saturating_add(len);
         let _shared = self.locks.shared(offset, end.max(offset + 1));
         let r = self.current();
+        if r.poisoned.is_some_and(|p| overlaps(p, (offset, end.max(offset + 1)))) {
+            return Err(Error::new(ErrorKind::Io).at(Op::Read, offset, len));
+        }
         match &r.below {
             None => f(&*r.above, offset, 0, len),
             Some(below) => {
