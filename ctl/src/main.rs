@@ -9,6 +9,7 @@
 mod exit;
 mod offline;
 mod online;
+mod reencrypt_online;
 mod secret;
 mod secret_input;
 
@@ -62,6 +63,9 @@ enum Command {
     /// Wait until the volume is unlocked (for ordering services after unlock).
     #[command(long_about = online::WAIT_ABOUT, after_help = with_exit_codes(online::WAIT_EXAMPLES))]
     WaitUnlocked(online::WaitArgs),
+    /// Re-encrypt the running daemon's volume under a new volume key, online.
+    #[command(long_about = reencrypt_online::ABOUT, after_help = with_exit_codes(reencrypt_online::EXAMPLES))]
+    Reencrypt(reencrypt_online::OnlineReencryptArgs),
     #[command(flatten)]
     Offline(offline::OfflineCommand),
 }
@@ -90,6 +94,7 @@ fn main() -> ExitCode {
         Command::Lock(args) => online::lock(args),
         Command::Status(args) => online::status(args),
         Command::WaitUnlocked(args) => online::wait_unlocked(args),
+        Command::Reencrypt(args) => reencrypt_online::run(args),
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),
