@@ -1,0 +1,225 @@
+//! Online volume-key re-encryption inside nbdcryptd (`nbdcryptctl reencrypt --control`), with
+//! real clients (fio over libnbd, nbdcopy, nbdsh) doing I/O throughout, kill -9 of the daemon at
+//! every zone commit point and at random moments, restart + unlock resuming, and cryptsetup
+//! reading the volume afterwards.
+//!
+//! The crash points come from debug-build test hooks of nbdcryptd (compiled out of release
+//! builds): `NBDCRYPT_TEST_REENCRYPT_ZONE` (zone bytes, so small volumes have many zones),
+//! `NBDCRYPT_TEST_REENCRYPT_ABORT=ZONE:POINT` (abort() like kill -9 at POINT of zone ZONE) and
+//! `NBDCRYPT_TEST_REENCRYPT_LOSE_ZONE=ZONE` (the negative control: a zone's data write is
+//! dropped, its commit goes ahead).
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nbdcrypt_tests::*;
+use serde_json::Value;
+
+const PASS: &[u8] = b"online reencrypt passphrase";
+const DATA: u64 = 24 * MIB;
+const ZONE: &str = "1048576";
+
+/// nbdcryptd serving `img` (locked) with `env` set for it, through `env(1)` so parallel tests
+/// do not share the variables.
+fn daemon(dir: tempfile::TempDir, img: &Path, env: &[(&str, &str)]) -> Daemon {
+    let mut args: Vec<OsString> = env.iter().map(|(k, v)| format!("{k}={v}").into()).collect();
+    args.push(daemon_binary().into());
+    let d = dir.path().to_owned();
+    args.extend(
+        [
+            "--volume".into(),
+            img.as_os_str().to_owned(),
+            "--unix".into(),
+            d.join("nbd.sock").into(),
+            "--control".into(),
+            d.join("control.sock").into(),
+            "--audit-log".into(),
+            d.join("audit.jsonl").into(),
+        ]
+        .into_iter(),
+    );
+    let daemon = Daemon::start_bin_in(Path::new("/usr/bin/env"), dir, args);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(daemon.control()).is_err() {
+        assert!(Instant::now() < deadline, "no control socket\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    daemon
+}
+
+fn key_file(dir: &Path) -> PathBuf {
+    let f = dir.join("pass.key");
+    std::fs::write(&f, PASS).unwrap();
+    f
+}
+
+fn start(d: &Daemon, extra: &[&str]) -> Out {
+    let k = key_file(d.dir());
+    let mut args = vec!["--key-file", k.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    d.ctl("reencrypt", &args)
+}
+
+fn reenc(d: &Daemon) -> Value {
+    d.status()["reencrypt"].clone()
+}
+
+/// Wait for the re-encryption to finish; panics on failure or timeout.
+fn wait_finished(d: &mut Daemon, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        d.assert_alive();
+        let r = reenc(d);
+        match r["state"].as_str() {
+            Some("finished") => return,
+            Some("failed") => panic!("re-encryption failed: {r:#}\n{}", d.log()),
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not finished within {timeout:?}: {r:#}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_exit(d: &mut Daemon, timeout: Duration) {
+    assert!(
+        d.wait_exit(timeout).is_some(),
+        "the daemon did not die at its crash point\n{}",
+        d.log()
+    );
+}
+
+fn luks_dump(img: &Path) -> String {
+    let mut c = cryptsetup();
+    c.arg("luksDump").arg(img);
+    run(&mut c, TOOL_TIMEOUT).success().stdout
+}
+
+fn fio_verify(uri: &str, offset: u64, size: u64, seed: u64) -> Out {
+    let out_dir = tempdir();
+    let mut c = tool("fio");
+    c.current_dir(out_dir.path())
+        .arg("--ioengine=nbd")
+        .arg("--verify_state_save=0")
+        .arg(format!("--uri={uri}"))
+        .arg("--name=online")
+        .arg("--rw=randwrite")
+        .arg("--bsrange=4k-64k")
+        .arg("--iodepth=8")
+        .arg(format!("--offset={offset}"))
+        .arg(format!("--size={size}"))
+        .arg(format!("--randseed={seed}"))
+        .arg("--verify=crc32c")
+        .arg("--verify_backlog=64")
+        .arg("--do_verify=1")
+        .arg("--verify_fatal=1");
+    run(&mut c, Duration::from_secs(300))
+}
+
+/// The full online run: fio verify loops over the first half of the volume while the daemon
+/// re-encrypts it (with a pause and a resume, and a rate cap), the second half holds data
+/// written before; afterwards everything reads back, the audit log has the lifecycle, and
+/// cryptsetup's volume key (not ours) decrypts the image to the same bytes.
+#[test]
+fn online_reencryption_under_fio_verify_reads_back_and_cryptsetup_reads_the_result() {
+    let dir = tempdir();
+    let img = dir.path().join("volume.img");
+    luks_format(&img, DATA, 4096, "pbkdf2", PASS);
+    let old_key = luks_volume_key(&img, PASS);
+    let mut d = daemon(tempdir(), &img, &[("NBDCRYPT_TEST_REENCRYPT_ZONE", ZONE)]);
+    assert_eq!(d.unlock(PASS).code(), Some(0), "unlock\n{}", d.log());
+    let data = random_bytes(7, DATA as usize);
+    write_export(&d.uri(), d.dir(), &data);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let uri = d.uri();
+    let (stop2, half) = (stop.clone(), DATA / 2);
+    let fio = std::thread::spawn(move || {
+        let mut runs = 0u64;
+        while !stop2.load(Ordering::Relaxed) || runs == 0 {
+            let out = fio_verify(&uri, 0, half, runs + 1);
+            assert!(out.ok(), "fio verify failed in run {runs}\n{}", out.details());
+            runs += 1;
+        }
+        runs
+    });
+
+    let out = start(&d, &["--max-rate", "4M"]);
+    assert_eq!(out.code(), Some(0), "start\n{}\n{}", out.details(), d.log());
+    // Progress, rate and ETA show up while it runs.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = reenc(&d);
+        if r["state"] == "running" && r["rate_bytes_per_sec"].as_u64() > Some(0) {
+            assert!(r["eta_secs"].is_u64(), "{r:#}");
+            assert_eq!(r["total_bytes"], DATA, "{r:#}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress: {r:#}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let table = d.ctl("status", &[]).success().stdout;
+    assert!(table.contains("reencrypt"), "{table}");
+    // Pause: the frontier stands still; resume (unthrottled now): it moves on.
+    assert_eq!(d.ctl("reencrypt", &["--pause"]).code(), Some(0));
+    std::thread::sleep(Duration::from_millis(300));
+    let at = reenc(&d)["done_bytes"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = reenc(&d);
+    assert_eq!(r["state"], "paused", "{r:#}");
+    assert_eq!(r["done_bytes"].as_u64(), Some(at), "moved while paused: {r:#}");
+    assert!(at < DATA, "finished before the pause could be seen: {r:#}");
+    assert_eq!(
+        d.ctl("reencrypt", &["--resume", "--max-rate", "64M"]).code(),
+        Some(0)
+    );
+    wait_finished(&mut d, Duration::from_secs(240));
+    stop.store(true, Ordering::Relaxed);
+    let runs = fio.join().unwrap();
+    assert!(runs >= 1);
+
+    let got = read_export(&d.uri(), d.dir());
+    assert_same_bytes(
+        &got[half as usize..],
+        &data[half as usize..],
+        "data written before the re-encryption",
+    );
+    let s = d.status();
+    assert_eq!(s["errors"], 0, "{s:#}");
+    let audit = std::fs::read_to_string(d.dir().join("audit.jsonl")).unwrap();
+    for ev in [
+        "reencrypt_start",
+        "reencrypt_checkpoint",
+        "reencrypt_pause",
+        "reencrypt_resume",
+        "reencrypt_finish",
+    ] {
+        assert!(audit.contains(&format!("\"{ev}\"")), "no {ev} in\n{audit}");
+    }
+    assert_eq!(d.lock_idle().code(), Some(0));
+    d.terminate(Duration::from_secs(15));
+
+    // cryptsetup: a normal header again (no reencrypt keyslot, no requirement), a new key,
+    // and that key decrypts the image to what the export served.
+    let dump = luks_dump(&img);
+    assert!(!dump.contains("reencrypt"), "{dump}");
+    let new_key = luks_volume_key(&img, PASS);
+    assert_ne!(new_key, old_key, "the volume key did not change");
+    assert_same_bytes(
+        &verify_py_plaintext(&img, &new_key)[..DATA as usize],
+        &got,
+        "cryptsetup's key + verify.py vs the export",
+    );
+    let k = key_file(dir.path());
+    let mut c = cryptsetup();
+    c.args(["open", "--test-passphrase", "--key-file"])
+        .arg(&k)
+        .arg(&img);
+    run(&mut c, TOOL_TIMEOUT).success();
+}
