@@ -63,14 +63,16 @@ enum Command {
     /// Wait until the volume is unlocked (for ordering services after unlock).
     #[command(long_about = online::WAIT_ABOUT, after_help = with_exit_codes(online::WAIT_EXAMPLES))]
     WaitUnlocked(online::WaitArgs),
-    /// Re-encrypt the running daemon's volume under a new volume key, online.
-    #[command(long_about = reencrypt_online::ABOUT, after_help = with_exit_codes(reencrypt_online::EXAMPLES))]
-    Reencrypt(reencrypt_online::OnlineReencryptArgs),
     #[command(flatten)]
     Offline(offline::OfflineCommand),
 }
 
 fn main() -> ExitCode {
+    // `reencrypt --control SOCK ...` is the online form (a running daemon), parsed on its own;
+    // `reencrypt VOLUME ...` (offline) is the offline subcommand below.
+    if let Some(code) = reencrypt_online::dispatch() {
+        return code;
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -94,7 +96,6 @@ fn main() -> ExitCode {
         Command::Lock(args) => online::lock(args),
         Command::Status(args) => online::status(args),
         Command::WaitUnlocked(args) => online::wait_unlocked(args),
-        Command::Reencrypt(args) => reencrypt_online::run(args),
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, Parser};
 
 use nbdcrypt::control::client;
 use nbdcrypt::control::proto::{
@@ -79,6 +79,52 @@ pub struct OnlineReencryptArgs {
     /// After the request, follow the progress until the re-encryption finishes or fails.
     #[arg(long)]
     pub wait: bool,
+}
+
+/// `nbdcryptctl reencrypt --control ...` as a command line of its own.
+#[derive(Parser, Debug)]
+#[command(
+    name = "nbdcryptctl reencrypt",
+    about = "Re-encrypt the running daemon's volume under a new volume key, online.",
+    long_about = ABOUT,
+    after_help = EXAMPLES
+)]
+struct OnlineCli {
+    #[command(flatten)]
+    args: OnlineReencryptArgs,
+}
+
+/// If argv is `nbdcryptctl reencrypt ... --control ...`, run the online form and return its
+/// exit code; otherwise `None` (the offline `reencrypt VOLUME` and every other command).
+pub fn dispatch() -> Option<std::process::ExitCode> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let online = argv.get(1).is_some_and(|a| a == "reencrypt")
+        && argv[2..]
+            .iter()
+            .any(|a| a == "--control" || a.to_string_lossy().starts_with("--control="));
+    if !online {
+        return None;
+    }
+    let cli = match OnlineCli::try_parse_from(
+        std::iter::once(std::ffi::OsString::from("nbdcryptctl reencrypt")).chain(argv[2..].iter().cloned()),
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return Some(std::process::ExitCode::from(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            }));
+        }
+    };
+    Some(match run(cli.args) {
+        Ok(()) => std::process::ExitCode::from(exit::OK),
+        Err(f) => {
+            eprintln!("nbdcryptctl: {}", f.message);
+            std::process::ExitCode::from(f.code)
+        }
+    })
 }
 
 /// "200M" -> 200 MiB/s.

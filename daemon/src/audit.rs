@@ -32,12 +32,8 @@ pub enum AuditEventKind {
     RemoveKey,
     HeaderBackup,
     HeaderRestore,
-    ReencryptStart,
-    ReencryptCheckpoint,
-    ReencryptPause,
-    ReencryptResume,
-    ReencryptFinish,
-    ReencryptFailed,
+    /// Volume-key re-encryption (`detail.phase`: start, resume, checkpoint, finish, failed).
+    Reencrypt,
 }
 
 impl AuditEventKind {
@@ -53,12 +49,7 @@ impl AuditEventKind {
             AuditEventKind::RemoveKey => "remove_key",
             AuditEventKind::HeaderBackup => "header_backup",
             AuditEventKind::HeaderRestore => "header_restore",
-            AuditEventKind::ReencryptStart => "reencrypt_start",
-            AuditEventKind::ReencryptCheckpoint => "reencrypt_checkpoint",
-            AuditEventKind::ReencryptPause => "reencrypt_pause",
-            AuditEventKind::ReencryptResume => "reencrypt_resume",
-            AuditEventKind::ReencryptFinish => "reencrypt_finish",
-            AuditEventKind::ReencryptFailed => "reencrypt_failed",
+            AuditEventKind::Reencrypt => "reencrypt",
         }
     }
 }

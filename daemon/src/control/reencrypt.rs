@@ -15,8 +15,8 @@
 //! than [`BUSY_REQUESTS`] requests during one zone step) the worker sleeps as long as the step
 //! took, so it uses at most about half of the device's time.
 //!
-//! Audit lines: `reencrypt_start`, `reencrypt_checkpoint` (every 10 %), `reencrypt_pause`,
-//! `reencrypt_resume`, `reencrypt_finish`, `reencrypt_failed`.
+//! Audit lines: event `reencrypt` with `phase` start, checkpoint (every 10 %), pause, resume,
+//! finish, failed, and `mode` online.
 //!
 //! This module knows the router and the job interface, not LUKS2: the daemon's LUKS2 side
 //! implements [`Backend`] and [`Job`].
@@ -196,7 +196,7 @@ impl Reencryptor {
                 let mut job = match self.backend.start(secret) {
                     Ok(job) => job,
                     Err(e) => {
-                        self.record(peer(AuditEvent::new(AuditEventKind::ReencryptFailed)).failed(&e));
+                        self.record(peer(phase("failed")).failed(&e));
                         return Err((Refusal::Failed, format!("cannot start re-encryption: {e}")));
                     }
                 };
@@ -205,12 +205,12 @@ impl Reencryptor {
                 };
                 if let Err(e) = router.begin(new, job.frontier(), job.align()) {
                     let m = format!("cannot route the volume through the new key: {e}");
-                    self.record(peer(AuditEvent::new(AuditEventKind::ReencryptFailed)).failed(&m));
+                    self.record(peer(phase("failed")).failed(&m));
                     return Err((Refusal::Failed, m));
                 }
                 info!(%origin, ?max_rate, "re-encryption started");
                 self.record(
-                    peer(AuditEvent::new(AuditEventKind::ReencryptStart))
+                    peer(phase("start"))
                         .detail("size", router.size()),
                 );
                 self.spawn(router, job, max_rate);
@@ -243,16 +243,12 @@ impl Reencryptor {
                     } else {
                         ReencryptState::Running
                     };
-                    let kind = if pause {
-                        AuditEventKind::ReencryptPause
-                    } else {
-                        AuditEventKind::ReencryptResume
-                    };
+                    let kind = if pause { "pause" } else { "resume" };
                     let done = p.done;
                     drop(p);
                     r.shared.wake.notify_all();
                     info!(%origin, pause, "re-encryption {}", if pause { "paused" } else { "resumed" });
-                    self.record(peer(AuditEvent::new(kind)).detail("done_bytes", done));
+                    self.record(peer(phase(kind)).detail("done_bytes", done));
                 } else {
                     drop(p);
                     r.shared.wake.notify_all();
@@ -272,7 +268,7 @@ impl Reencryptor {
         };
         info!(frontier = job.frontier(), "re-encryption found in progress; resuming");
         self.record(
-            AuditEvent::new(AuditEventKind::ReencryptResume)
+            phase("resume")
                 .volume(&self.uuid)
                 .this_process()
                 .detail("done_bytes", job.frontier())
@@ -331,6 +327,14 @@ impl Reencryptor {
     }
 }
 
+/// An audit event of kind `reencrypt` (shared with the offline command) with its `phase`:
+/// start, checkpoint, pause, resume, finish, failed; `mode` says online.
+fn phase(phase: &str) -> AuditEvent {
+    AuditEvent::new(AuditEventKind::Reencrypt)
+        .detail("phase", phase)
+        .detail("mode", "online")
+}
+
 fn record(audit: &AuditLog, event: AuditEvent) {
     if let Err(e) = audit.record(&event) {
         error!(error = %e, "cannot write the audit log");
@@ -348,7 +352,7 @@ fn work(
     let total = router.size();
     let mut checkpoint = router.frontier().saturating_mul(10) / total.max(1);
     let mut last_requests = router.load().requests.load(Ordering::Relaxed);
-    let event = |kind| AuditEvent::new(kind).volume(uuid).this_process();
+    let event = |p| phase(p).volume(uuid).this_process();
     loop {
         let max_rate = {
             let mut p = shared.p.lock().unwrap_or_else(|e| e.into_inner());
@@ -373,7 +377,7 @@ fn work(
                 let mut p = shared.p.lock().unwrap_or_else(|e| e.into_inner());
                 p.state = ReencryptState::Failed;
                 p.error = Some(e.to_string());
-                record(audit, event(AuditEventKind::ReencryptFailed).detail("done_bytes", before).failed(&e));
+                record(audit, event("failed").detail("done_bytes", before).failed(&e));
                 return;
             }
         };
@@ -401,7 +405,7 @@ fn work(
             info!(done = frontier, total, "re-encryption checkpoint");
             record(
                 audit,
-                event(AuditEventKind::ReencryptCheckpoint)
+                event("checkpoint")
                     .detail("done_bytes", frontier)
                     .detail("total_bytes", total),
             );
@@ -415,13 +419,13 @@ fn work(
                 Ok(()) => {
                     p.state = ReencryptState::Finished;
                     info!(total, "re-encryption finished; the old volume key is gone");
-                    record(audit, event(AuditEventKind::ReencryptFinish).detail("total_bytes", total));
+                    record(audit, event("finish").detail("total_bytes", total));
                 }
                 Err(e) => {
                     p.state = ReencryptState::Failed;
                     p.error = Some(format!("finishing: {e}"));
                     warn!(error = %e, "re-encryption: every zone is done, but finishing failed");
-                    record(audit, event(AuditEventKind::ReencryptFailed).detail("done_bytes", frontier).failed(&e));
+                    record(audit, event("failed").detail("done_bytes", frontier).failed(&e));
                 }
             }
             return;

@@ -1291,6 +1291,66 @@ impl Reencryption {
         self.stop_after = n;
     }
 
+    /// Test hook (crash trials): does the next step up to its hot-zone commit, writes the first
+    /// half of the zone re-encrypted, and returns as if the process had died there. Nothing
+    /// else should be done with this value afterwards.
+    #[doc(hidden)]
+    pub fn step_then_crash_test(
+        &mut self,
+        file: &File,
+        io: &dyn ZoneIo,
+    ) -> Result<(), FormatError> {
+        let Some(zone) = self.next_zone() else {
+            return Ok(());
+        };
+        let abs = self.st.data_offset + zone.start;
+        let mut b = vec![0u8; usize::try_from(zone.end - zone.start).unwrap_or(0)];
+        io.read_at(&mut b, abs)
+            .map_err(io_err("reading the hot zone", abs))?;
+        match self.st.resilience {
+            Resilience::None => {}
+            Resilience::Checksum { hash, block_size } => {
+                let hl = hash.output_len();
+                let mut sums = vec![0u8; (b.len() / block_size as usize) * hl];
+                for (blk, out) in b
+                    .chunks_exact(block_size as usize)
+                    .zip(sums.chunks_exact_mut(hl))
+                {
+                    hash.hash_parts(&[blk], out);
+                }
+                write_all_at(
+                    file,
+                    &sums,
+                    self.st.area_offset,
+                    "writing the resilience checksums",
+                )?;
+            }
+            Resilience::Journal => write_all_at(
+                file,
+                &b,
+                self.st.area_offset,
+                "writing the resilience journal",
+            )?,
+        }
+        if self.st.resilience != Resilience::None {
+            self.commit_layout(file, zone.start, Some(b.len() as u64))?;
+        }
+        let half = (b.len() / 2) / self.align() as usize * self.align() as usize;
+        let iv = zone.start / 512;
+        let h = &mut b[..half];
+        self.old_cipher
+            .decrypt_in_place(h, iv)
+            .map_err(|e| FormatError::InvalidParams(e.to_string()))?;
+        self.new_cipher
+            .encrypt_in_place(h, iv)
+            .map_err(|e| FormatError::InvalidParams(e.to_string()))?;
+        io.write_at(h, abs)
+            .map_err(io_err("writing the hot zone", abs))?;
+        io.sync().map_err(io_err("syncing the hot zone", abs))?;
+        b.zeroize();
+        Ok(())
+    }
+
     /// Redoes a zone a crash left half done, from the resilience data, and commits the frontier
     /// after it. Does nothing when there is no such zone.
     pub fn recover(&mut self, file: &File, io: &dyn ZoneIo) -> Result<(), FormatError> {
