@@ -9,6 +9,11 @@
 //! `NBDCRYPT_TEST_REENCRYPT_LOSE_ZONE=ZONE` (the negative control: a zone's data write is
 //! dropped, its commit goes ahead).
 
+#[path = "common/db_stack.rs"]
+mod db_stack;
+#[path = "common/postgres.rs"]
+mod postgres;
+
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +26,14 @@ use serde_json::Value;
 const PASS: &[u8] = b"online reencrypt passphrase";
 const DATA: u64 = 24 * MIB;
 const ZONE: &str = "1048576";
+
+/// The tests share two cores with everything else: one at a time, so timing-driven steps
+/// (kill moments, pause windows) behave the same on a loaded machine.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// nbdcryptd serving `img` (locked) with `env` set for it, through `env(1)` so parallel tests
 /// do not share the variables.
@@ -128,6 +141,7 @@ fn fio_verify(uri: &str, offset: u64, size: u64, seed: u64) -> Out {
 /// cryptsetup's volume key (not ours) decrypts the image to the same bytes.
 #[test]
 fn online_reencryption_under_fio_verify_reads_back_and_cryptsetup_reads_the_result() {
+    let _serial = serial();
     let dir = tempdir();
     let img = dir.path().join("volume.img");
     luks_format(&img, DATA, 4096, "pbkdf2", PASS);
@@ -280,26 +294,31 @@ fn crash_at(point: &str) {
 
 #[test]
 fn a_crash_before_the_zone_write_resumes_after_restart_and_unlock() {
+    let _serial = serial();
     crash_at("before_write");
 }
 
 #[test]
 fn a_crash_in_the_middle_of_the_zone_write_resumes_after_restart_and_unlock() {
+    let _serial = serial();
     crash_at("half_write");
 }
 
 #[test]
 fn a_crash_after_the_zone_write_before_its_sync_resumes_after_restart_and_unlock() {
+    let _serial = serial();
     crash_at("after_write");
 }
 
 #[test]
 fn a_crash_after_the_zone_sync_before_its_commit_resumes_after_restart_and_unlock() {
+    let _serial = serial();
     crash_at("after_sync");
 }
 
 #[test]
 fn a_crash_right_after_a_zone_commit_resumes_after_restart_and_unlock() {
+    let _serial = serial();
     crash_at("after_commit");
 }
 
@@ -307,6 +326,7 @@ fn a_crash_right_after_a_zone_commit_resumes_after_restart_and_unlock() {
 /// a power cut without the sync), the same read-back check fails. So the checks above can fail.
 #[test]
 fn negative_control_a_lost_zone_is_caught_by_the_read_back_check() {
+    let _serial = serial();
     let dir = tempdir();
     let img = dir.path().join("volume.img");
     luks_format(&img, DATA, 4096, "pbkdf2", PASS);
@@ -364,6 +384,7 @@ fn block_of(i: u64, seq: u64) -> Vec<u8> {
 /// the one write in flight at the kill), before and after the resumed re-encryption finishes.
 #[test]
 fn kill_9_at_random_moments_under_fua_writes_loses_no_acknowledged_write() {
+    let _serial = serial();
     let dir = tempdir();
     let img = dir.path().join("volume.img");
     luks_format(&img, DATA, 4096, "pbkdf2", PASS);
@@ -464,4 +485,79 @@ fn kill_9_at_random_moments_under_fua_writes_loses_no_acknowledged_write() {
         }
         d.terminate(Duration::from_secs(15));
     }
+}
+
+/// The issue's "done" criterion: PostgreSQL (fsync on) on ext4 on the volume keeps running
+/// pgbench through a full online re-encryption; every pgbench run succeeds, pg_amcheck is
+/// clean, fsck is clean, and after a restart the database is served from the new key alone.
+#[test]
+fn postgres_keeps_running_pgbench_through_a_full_online_reencryption() {
+    let _serial = serial();
+    use db_stack::{fsck_clean, mkfs, sh, Stack, Volume, LONG};
+    postgres::preflight();
+    let vol = Volume::create("256M");
+    let mut stack = Stack::attach(&vol);
+    mkfs(stack.dev());
+    stack.mount();
+    let mut pg = postgres::Pg::init(&vol, &stack.data_mnt.join("pg"));
+    pg.start();
+    sh(pg.pgbench().args(["-i", "-s", "4", "-q", "postgres"]), LONG);
+    let control = stack.daemon.as_ref().unwrap().dir().join("control.sock");
+    let ctl = |args: &[&str]| {
+        let mut v: Vec<&std::ffi::OsStr> = vec!["reencrypt".as_ref(), "--control".as_ref()];
+        v.push(control.as_os_str());
+        v.extend(args.iter().map(std::ffi::OsStr::new));
+        nbdcryptctl(&v)
+    };
+    let key = vol.key.to_str().unwrap().to_owned();
+    let out = ctl(&["--key-file", &key, "--max-rate", "24M"]);
+    assert_eq!(out.code(), Some(0), "start\n{}", out.details());
+    let t0 = Instant::now();
+    let mut runs = 0;
+    let mut txs = 0u64;
+    loop {
+        let r = ctl(&["--status"]).success().stdout;
+        let done = r.starts_with("finished");
+        assert!(!r.starts_with("failed"), "{r}");
+        let out = sh(
+            pg.pgbench()
+                .args(["-n", "-c", "4", "-j", "2", "-T", "5", "postgres"]),
+            LONG,
+        );
+        txs += out
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+            .and_then(|n| n.split('/').next()?.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        runs += 1;
+        if done && runs >= 2 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(600), "not finished: {r}");
+    }
+    println!(
+        "pgbench: {runs} runs, {txs} transactions during and after the online re-encryption \
+         ({:.1?})",
+        t0.elapsed()
+    );
+    assert!(txs > 0);
+    let (am, ok) = pg.amcheck();
+    assert!(ok, "{am}");
+    pg.stop();
+    let dev = stack.dev().to_owned();
+    stack.mount.take().unwrap().unmount();
+    fsck_clean(&dev);
+    stack.shutdown();
+    let dump = luks_dump(&vol.image);
+    assert!(!dump.contains("reencrypt"), "{dump}");
+
+    // Served again from disk (new key only): the database starts and checks clean.
+    let mut stack = Stack::attach(&vol);
+    stack.mount();
+    pg.start();
+    let (am, ok) = pg.amcheck();
+    assert!(ok, "after restart: {am}");
+    pg.stop();
+    stack.shutdown();
 }
