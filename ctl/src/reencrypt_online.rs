@@ -106,7 +106,8 @@ pub fn dispatch() -> Option<std::process::ExitCode> {
         return None;
     }
     let cli = match OnlineCli::try_parse_from(
-        std::iter::once(std::ffi::OsString::from("nbdcryptctl reencrypt")).chain(argv[2..].iter().cloned()),
+        std::iter::once(std::ffi::OsString::from("nbdcryptctl reencrypt"))
+            .chain(argv[2..].iter().cloned()),
     ) {
         Ok(c) => c,
         Err(e) => {
@@ -150,7 +151,8 @@ pub fn run(a: OnlineReencryptArgs) -> Result<(), Failure> {
         ReencryptAction::Pause
     } else if a.resume {
         ReencryptAction::Resume
-    } else if a.status || (a.max_rate.is_some() && a.key_file.is_none() && !a.stdin && running(&a)?) {
+    } else if a.status || (a.max_rate.is_some() && a.key_file.is_none() && !a.stdin && running(&a)?)
+    {
         // `--max-rate` alone on a running re-encryption changes its rate.
         if a.status {
             ReencryptAction::Status
@@ -165,8 +167,7 @@ pub fn run(a: OnlineReencryptArgs) -> Result<(), Failure> {
             (Some(p), _) => Source::KeyFile(p.clone()),
             (None, true) => Source::StdinLine,
             (None, false) => Source::Tty {
-                prompt: "Passphrase of the volume (its keyslot is carried to the new key): "
-                    .into(),
+                prompt: "Passphrase of the volume (its keyslot is carried to the new key): ".into(),
             },
         };
         Some(secret::read(&source)?)
@@ -205,10 +206,12 @@ pub fn run(a: OnlineReencryptArgs) -> Result<(), Failure> {
 }
 
 fn running(a: &OnlineReencryptArgs) -> Result<bool, Failure> {
-    let status = client::call(&a.control, &Request::Status)
-        .map_err(|e| Failure::error(e.to_string()))?;
-    Ok(matches!(status, Response::Ok(s) if s.reencrypt.as_ref().is_some_and(|r|
-        matches!(r.state, ReencryptState::Running | ReencryptState::Paused))))
+    let status =
+        client::call(&a.control, &Request::Status).map_err(|e| Failure::error(e.to_string()))?;
+    Ok(
+        matches!(status, Response::Ok(s) if s.reencrypt.as_ref().is_some_and(|r|
+        matches!(r.state, ReencryptState::Running | ReencryptState::Paused))),
+    )
 }
 
 /// Poll until finished (exit 0) or failed (exit 1).

@@ -338,7 +338,9 @@ impl Volume {
         let crypt = CryptDevice::new(backing, cipher, segment, allow_discards)
             .map_err(|e| UnlockError::Layout(e.to_string()))?;
         // Behind the re-encryption router, so a re-encryption can start under running clients.
-        let router = Arc::new(crate::block::reencrypt::ReencryptDevice::single(Arc::new(crypt)));
+        let router = Arc::new(crate::block::reencrypt::ReencryptDevice::single(Arc::new(
+            crypt,
+        )));
         self.online.set_router(&router);
         Ok(Arc::new(Latch::new(router)))
     }

@@ -41,23 +41,24 @@ fn daemon(dir: tempfile::TempDir, img: &Path, env: &[(&str, &str)]) -> Daemon {
     let mut args: Vec<OsString> = env.iter().map(|(k, v)| format!("{k}={v}").into()).collect();
     args.push(daemon_binary().into());
     let d = dir.path().to_owned();
-    args.extend(
-        [
-            "--volume".into(),
-            img.as_os_str().to_owned(),
-            "--unix".into(),
-            d.join("nbd.sock").into(),
-            "--control".into(),
-            d.join("control.sock").into(),
-            "--audit-log".into(),
-            d.join("audit.jsonl").into(),
-        ]
-        .into_iter(),
-    );
+    args.extend([
+        "--volume".into(),
+        img.as_os_str().to_owned(),
+        "--unix".into(),
+        d.join("nbd.sock").into(),
+        "--control".into(),
+        d.join("control.sock").into(),
+        "--audit-log".into(),
+        d.join("audit.jsonl").into(),
+    ]);
     let daemon = Daemon::start_bin_in(Path::new("/usr/bin/env"), dir, args);
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::os::unix::net::UnixStream::connect(daemon.control()).is_err() {
-        assert!(Instant::now() < deadline, "no control socket\n{}", daemon.log());
+        assert!(
+            Instant::now() < deadline,
+            "no control socket\n{}",
+            daemon.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     daemon
@@ -158,7 +159,11 @@ fn online_reencryption_under_fio_verify_reads_back_and_cryptsetup_reads_the_resu
         let mut runs = 0u64;
         while !stop2.load(Ordering::Relaxed) || runs == 0 {
             let out = fio_verify(&uri, 0, half, runs + 1);
-            assert!(out.ok(), "fio verify failed in run {runs}\n{}", out.details());
+            assert!(
+                out.ok(),
+                "fio verify failed in run {runs}\n{}",
+                out.details()
+            );
             runs += 1;
         }
         runs
@@ -187,10 +192,15 @@ fn online_reencryption_under_fio_verify_reads_back_and_cryptsetup_reads_the_resu
     std::thread::sleep(Duration::from_millis(1500));
     let r = reenc(&d);
     assert_eq!(r["state"], "paused", "{r:#}");
-    assert_eq!(r["done_bytes"].as_u64(), Some(at), "moved while paused: {r:#}");
+    assert_eq!(
+        r["done_bytes"].as_u64(),
+        Some(at),
+        "moved while paused: {r:#}"
+    );
     assert!(at < DATA, "finished before the pause could be seen: {r:#}");
     assert_eq!(
-        d.ctl("reencrypt", &["--resume", "--max-rate", "64M"]).code(),
+        d.ctl("reencrypt", &["--resume", "--max-rate", "64M"])
+            .code(),
         Some(0)
     );
     wait_finished(&mut d, Duration::from_secs(240));
@@ -270,7 +280,12 @@ fn crash_at(point: &str) {
     );
 
     let mut d = daemon(tempdir(), &img, &[("NBDCRYPT_TEST_REENCRYPT_ZONE", ZONE)]);
-    assert_eq!(d.unlock(PASS).code(), Some(0), "unlock after {point}\n{}", d.log());
+    assert_eq!(
+        d.unlock(PASS).code(),
+        Some(0),
+        "unlock after {point}\n{}",
+        d.log()
+    );
     assert_same_bytes(
         &read_export(&d.uri(), d.dir()),
         &data,
@@ -400,7 +415,12 @@ fn kill_9_at_random_moments_under_fua_writes_loses_no_acknowledged_write() {
     let mut first = true;
     for trial in 0..4 {
         let mut d = daemon(tempdir(), &img, &[("NBDCRYPT_TEST_REENCRYPT_ZONE", ZONE)]);
-        assert_eq!(d.unlock(PASS).code(), Some(0), "unlock {trial}\n{}", d.log());
+        assert_eq!(
+            d.unlock(PASS).code(),
+            Some(0),
+            "unlock {trial}\n{}",
+            d.log()
+        );
         if first {
             write_export(&d.uri(), d.dir(), &model);
             first = false;
@@ -413,7 +433,12 @@ fn kill_9_at_random_moments_under_fua_writes_loses_no_acknowledged_write() {
         }
         let resumed = reenc(&d)["state"] == "running";
         if !resumed {
-            assert_eq!(start(&d, &["--max-rate", "8M"]).code(), Some(0), "{}", d.log());
+            assert_eq!(
+                start(&d, &["--max-rate", "8M"]).code(),
+                Some(0),
+                "{}",
+                d.log()
+            );
         } else {
             assert_eq!(
                 d.ctl("reencrypt", &["--max-rate", "8M"]).code(),
@@ -435,7 +460,10 @@ fn kill_9_at_random_moments_under_fua_writes_loses_no_acknowledged_write() {
         let mut writer = w.spawn().unwrap();
         // The writer is running (python starts slowly on a busy machine), then a random moment.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !std::fs::read_to_string(&log).unwrap_or_default().contains("ack") {
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("ack")
+        {
             assert!(Instant::now() < deadline, "the writer never wrote");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -469,7 +497,12 @@ fn kill_9_at_random_moments_under_fua_writes_loses_no_acknowledged_write() {
         eprintln!("trial {trial}: killed at frontier {frontier}, {acks} acknowledged writes");
         drop(d);
         let mut d = daemon(tempdir(), &img, &[("NBDCRYPT_TEST_REENCRYPT_ZONE", ZONE)]);
-        assert_eq!(d.unlock(PASS).code(), Some(0), "unlock after kill {trial}\n{}", d.log());
+        assert_eq!(
+            d.unlock(PASS).code(),
+            Some(0),
+            "unlock after kill {trial}\n{}",
+            d.log()
+        );
         let mut got = read_export(&d.uri(), d.dir());
         if let Some((i, s)) = in_flight {
             let at = (i * 4096) as usize;

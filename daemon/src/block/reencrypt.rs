@@ -237,7 +237,9 @@ impl ReencryptDevice {
         let end = offset.saturating_add(len);
         let _shared = self.locks.shared(offset, end.max(offset + 1));
         let r = self.current();
-        if r.poisoned.is_some_and(|p| overlaps(p, (offset, end.max(offset + 1)))) {
+        if r.poisoned
+            .is_some_and(|p| overlaps(p, (offset, end.max(offset + 1))))
+        {
             return Err(Error::new(ErrorKind::Io).at(Op::Read, offset, len));
         }
         match &r.below {

@@ -82,7 +82,8 @@ struct Progress {
     state: ReencryptState,
     done: u64,
     total: u64,
-    rate: f64,
+    /// Bytes per second, smoothed over the last zones.
+    rate: u64,
     max_rate: Option<u64>,
     backing_off: bool,
     error: Option<String>,
@@ -133,7 +134,7 @@ impl Reencryptor {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let rate = p.rate.max(0.0) as u64;
+        let rate = p.rate;
         let eta = (p.state == ReencryptState::Running && rate > 0)
             .then(|| (p.total - p.done).div_ceil(rate));
         Some(ReencryptReport {
@@ -160,7 +161,10 @@ impl Reencryptor {
         max_rate: Option<u64>,
         origin: Origin,
     ) -> Result<(), (Refusal, String)> {
-        let peer = |e: AuditEvent| e.volume(&self.uuid).peer(origin.uid, origin.pid.unwrap_or(0));
+        let peer = |e: AuditEvent| {
+            e.volume(&self.uuid)
+                .peer(origin.uid, origin.pid.unwrap_or(0))
+        };
         match action {
             ReencryptAction::Status => Ok(()),
             ReencryptAction::Start => {
@@ -209,10 +213,7 @@ impl Reencryptor {
                     return Err((Refusal::Failed, m));
                 }
                 info!(%origin, ?max_rate, "re-encryption started");
-                self.record(
-                    peer(phase("start"))
-                        .detail("size", router.size()),
-                );
+                self.record(peer(phase("start")).detail("size", router.size()));
                 self.spawn(router, job, max_rate);
                 Ok(())
             }
@@ -226,11 +227,11 @@ impl Reencryptor {
                 if !matches!(p.state, ReencryptState::Running | ReencryptState::Paused) {
                     return Err((
                         Refusal::Busy,
-                        format!("the re-encryption is {}; nothing to {}", p.state, if pause {
-                            "pause"
-                        } else {
-                            "resume"
-                        }),
+                        format!(
+                            "the re-encryption is {}; nothing to {}",
+                            p.state,
+                            if pause { "pause" } else { "resume" }
+                        ),
                     ));
                 }
                 if max_rate.is_some() {
@@ -266,7 +267,10 @@ impl Reencryptor {
         let Some(router) = self.backend.router() else {
             return;
         };
-        info!(frontier = job.frontier(), "re-encryption found in progress; resuming");
+        info!(
+            frontier = job.frontier(),
+            "re-encryption found in progress; resuming"
+        );
         self.record(
             phase("resume")
                 .volume(&self.uuid)
@@ -301,7 +305,7 @@ impl Reencryptor {
                 state: ReencryptState::Running,
                 done: router.frontier(),
                 total: router.size(),
-                rate: 0.0,
+                rate: 0,
                 max_rate,
                 backing_off: false,
                 error: None,
@@ -363,7 +367,10 @@ fn work(
                 if p.state == ReencryptState::Running {
                     p.state = ReencryptState::Paused;
                 }
-                info!(done = p.done, "re-encryption stopped (lock or shutdown); the next unlock resumes it");
+                info!(
+                    done = p.done,
+                    "re-encryption stopped (lock or shutdown); the next unlock resumes it"
+                );
                 return;
             }
             p.max_rate
@@ -377,7 +384,10 @@ fn work(
                 let mut p = shared.p.lock().unwrap_or_else(|e| e.into_inner());
                 p.state = ReencryptState::Failed;
                 p.error = Some(e.to_string());
-                record(audit, event("failed").detail("done_bytes", before).failed(&e));
+                record(
+                    audit,
+                    event("failed").detail("done_bytes", before).failed(&e),
+                );
                 return;
             }
         };
@@ -388,15 +398,21 @@ fn work(
         let moved = frontier - before;
         let mut pause = if busy { took } else { Duration::ZERO };
         if let Some(rate) = max_rate.filter(|&r| r > 0) {
-            let min = Duration::from_secs_f64(moved as f64 / rate as f64);
+            // The time `moved` bytes may take at `rate`.
+            let min_us = u128::from(moved) * 1_000_000 / u128::from(rate);
+            let min = Duration::from_micros(u64::try_from(min_us).unwrap_or(u64::MAX));
             pause = pause.max(min.saturating_sub(took));
         }
-        let step = (took + pause).as_secs_f64().max(1e-6);
+        let step_us = (took + pause).as_micros().max(1);
         {
             let mut p = shared.p.lock().unwrap_or_else(|e| e.into_inner());
             p.done = frontier;
-            let now = moved as f64 / step;
-            p.rate = if p.rate == 0.0 { now } else { 0.7 * p.rate + 0.3 * now };
+            let now = u64::try_from(u128::from(moved) * 1_000_000 / step_us).unwrap_or(u64::MAX);
+            p.rate = if p.rate == 0 {
+                now
+            } else {
+                p.rate / 10 * 7 + now / 10 * 3
+            };
             p.backing_off = busy;
         }
         let tenth = frontier.saturating_mul(10) / total.max(1);
@@ -411,9 +427,10 @@ fn work(
             );
         }
         if frontier >= total {
-            let done = job.finish().map_err(|e| e.to_string()).and_then(|()| {
-                router.complete().map_err(|e| e.to_string())
-            });
+            let done = job
+                .finish()
+                .map_err(|e| e.to_string())
+                .and_then(|()| router.complete().map_err(|e| e.to_string()));
             let mut p = shared.p.lock().unwrap_or_else(|e| e.into_inner());
             match done {
                 Ok(()) => {
@@ -425,7 +442,10 @@ fn work(
                     p.state = ReencryptState::Failed;
                     p.error = Some(format!("finishing: {e}"));
                     warn!(error = %e, "re-encryption: every zone is done, but finishing failed");
-                    record(audit, event("failed").detail("done_bytes", frontier).failed(&e));
+                    record(
+                        audit,
+                        event("failed").detail("done_bytes", frontier).failed(&e),
+                    );
                 }
             }
             return;

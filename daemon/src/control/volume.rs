@@ -570,7 +570,7 @@ impl Task {
             .await;
             let response = match done {
                 Ok(Ok(())) => Response::Ok(StatusReport {
-                    reencrypt: r.report(),
+                    reencrypt: r.report().map(Box::new),
                     ..report
                 }),
                 Ok(Err((Refusal::Busy, m))) => Response::Error(ErrorReply {
@@ -831,11 +831,11 @@ impl Task {
             }
             device.flush()
         })
-            .await
-            .unwrap_or_else(|e| {
-                error!(error = %e, "final flush task failed");
-                Err(block::Error::new(block::ErrorKind::Io))
-            });
+        .await
+        .unwrap_or_else(|e| {
+            error!(error = %e, "final flush task failed");
+            Err(block::Error::new(block::ErrorKind::Io))
+        });
         self.drop_device("nbdcryptd stopped".into());
         res
     }
@@ -883,7 +883,11 @@ impl Task {
             flushes: stat(|e| e.stats.flushes.load(Ordering::Relaxed)),
             errors: stat(|e| e.stats.errors.load(Ordering::Relaxed)),
             locked_reason: reason,
-            reencrypt: self.reencryptor.as_ref().and_then(|r| r.report()),
+            reencrypt: self
+                .reencryptor
+                .as_ref()
+                .and_then(|r| r.report())
+                .map(Box::new),
         }
     }
 }

@@ -17,9 +17,7 @@ use crate::block::BlockDevice;
 use crate::control::reencrypt::{Backend, Job, DEFAULT_ZONE};
 use crate::crypto::keys::{SecretBytes, VolumeKey};
 use crate::crypto::xts::SectorCipher;
-use crate::luks2::reencrypt::{
-    BlockIo, NewSlot, Reencryption, Resilience, StartParams, ZoneIo,
-};
+use crate::luks2::reencrypt::{BlockIo, NewSlot, Reencryption, Resilience, StartParams, ZoneIo};
 use crate::luks2::{FormatError, Luks2Header};
 
 /// Per-volume state shared by the unlock path and the worker's backend.
@@ -105,7 +103,10 @@ impl ZoneIo for HookIo<'_> {
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         self.hooks.abort_at(self.zone, "before_write");
         if self.hooks.lose == Some(self.zone) {
-            warn!(zone = self.zone, "test hook: dropping this zone's data write");
+            warn!(
+                zone = self.zone,
+                "test hook: dropping this zone's data write"
+            );
             return Ok(());
         }
         let half = buf.len() / 2;
@@ -169,7 +170,10 @@ impl Job for EngineJob {
         })
     }
     fn finish(&mut self) -> Result<(), String> {
-        let r = self.r.take().ok_or("the re-encryption has already finished")?;
+        let r = self
+            .r
+            .take()
+            .ok_or("the re-encryption has already finished")?;
         r.finish(&self.file).map(|_| ()).map_err(|e| e.to_string())
     }
 }
@@ -181,8 +185,8 @@ fn crypt(
     segment: Segment,
     allow_discards: bool,
 ) -> Result<Arc<dyn BlockDevice>, UnlockError> {
-    let cipher = SectorCipher::new(key, sector as usize)
-        .map_err(|e| UnlockError::Layout(e.to_string()))?;
+    let cipher =
+        SectorCipher::new(key, sector as usize).map_err(|e| UnlockError::Layout(e.to_string()))?;
     let dev = CryptDevice::new(backing.clone(), cipher, segment, allow_discards)
         .map_err(|e| UnlockError::Layout(e.to_string()))?;
     Ok(Arc::new(dev))
@@ -213,7 +217,11 @@ pub(super) fn unlock_resuming(
     let backing = vol.open_backing()?;
     r.set_hotzone(Some(zone_size()))?;
     if let Some(hot) = r.hot_zone() {
-        info!(start = hot.start, end = hot.end, "re-encryption: recovering the zone a crash interrupted");
+        info!(
+            start = hot.start,
+            end = hot.end,
+            "re-encryption: recovering the zone a crash interrupted"
+        );
     }
     r.recover(&file, &BlockIo(&*backing))?;
     let segment = Segment {
@@ -222,13 +230,29 @@ pub(super) fn unlock_resuming(
         iv_tweak: 0,
     };
     let discards = vol.file_options.allow_discards;
-    let old = crypt(&backing, r.old_key(), r.old_sector_size(), segment, discards)?;
-    let new = crypt(&backing, r.new_key(), r.new_sector_size(), segment, discards)?;
+    let old = crypt(
+        &backing,
+        r.old_key(),
+        r.old_sector_size(),
+        segment,
+        discards,
+    )?;
+    let new = crypt(
+        &backing,
+        r.new_key(),
+        r.new_sector_size(),
+        segment,
+        discards,
+    )?;
     let align = u64::from(r.old_sector_size().max(r.new_sector_size()));
     let router = ReencryptDevice::resuming(old, new, r.frontier(), align)
         .map_err(|e| UnlockError::Layout(e.to_string()))?;
     let router = Arc::new(router);
-    info!(frontier = r.frontier(), size = r.data_size(), "unlocked mid-re-encryption");
+    info!(
+        frontier = r.frontier(),
+        size = r.data_size(),
+        "unlocked mid-re-encryption"
+    );
     vol.online.set_router(&router);
     let slot = r.state().keyslot;
     *vol.online.resumed.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(EngineJob {
@@ -270,9 +294,11 @@ impl Backend for VolumeBackend {
         let vol = &*self.volume;
         let p = vol.path.display();
         let Some(secret) = secret else {
-            return Err("starting needs the passphrase (or key file) of the volume's keyslot: \
+            return Err(
+                "starting needs the passphrase (or key file) of the volume's keyslot: \
                         the new volume key gets a keyslot opened by the same secret"
-                .into());
+                    .into(),
+            );
         };
         let file = open_rw(vol).map_err(|e| e.to_string())?;
         let (hdr, _) = Luks2Header::read(&file).map_err(|e| format!("{p}: {e}"))?;
@@ -284,7 +310,9 @@ impl Backend for VolumeBackend {
                 }
                 e => format!("{p}: {e}"),
             })?;
-        vol.pin.check(&hdr, &old_key).map_err(|e| format!("{p}: {e}"))?;
+        vol.pin
+            .check(&hdr, &old_key)
+            .map_err(|e| format!("{p}: {e}"))?;
         let slots = hdr.keyslots();
         // Keyslots of the data key we could not carry over would be erased at the end: refuse.
         let others: Vec<u32> = slots
@@ -303,7 +331,7 @@ impl Backend for VolumeBackend {
         let kdf = slots
             .iter()
             .find(|k| k.id == slot)
-            .and_then(|k| k.kdf.clone())
+            .and_then(|k| k.kdf)
             .ok_or_else(|| format!("keyslot {slot} has no usable KDF"))?;
         let ds = hdr.data_segment();
         let params = StartParams {
