@@ -265,8 +265,10 @@ fn our_own_crash_inside_a_zone_is_recovered_by_us() {
     assert_pattern(&img, &kf);
 }
 
-/// Runs `cryptsetup reencrypt` with tiny hot zones and kills it (-9) after `after`.
-fn cryptsetup_killed(img: &Path, kf: &Path, after: Duration, resilience: &str) {
+/// Runs `cryptsetup reencrypt` with tiny hot zones and kills it (-9): as soon as its header
+/// shows a hot zone (`in-reencryption`, i.e. inside a zone) when `inside_zone`, else after a
+/// few zones are done.
+fn cryptsetup_killed(img: &Path, kf: &Path, inside_zone: bool, resilience: &str) {
     let mut child = cryptsetup()
         .args([
             "reencrypt",
@@ -284,13 +286,52 @@ fn cryptsetup_killed(img: &Path, kf: &Path, after: Duration, resilience: &str) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(after);
+    let t0 = std::time::Instant::now();
+    loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "cryptsetup made no progress"
+        );
+        if let Ok(Some(_)) = child.try_wait() {
+            panic!("cryptsetup finished before it was killed; use a larger volume");
+        }
+        let Some(json) = try_header_json(img) else {
+            continue;
+        };
+        let hot = has_hot_zone(&json);
+        let done = json["segments"]["0"]["flags"].is_null()
+            && json["segments"]["1"]["offset"]
+                .as_str()
+                .is_some_and(|o| o.parse::<u64>().unwrap_or(0) > 16 * MIB + MIB);
+        if (inside_zone && hot) || (!inside_zone && done) {
+            break;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
     let _ = child.kill();
     let status = child.wait().unwrap();
     assert!(
         !status.success(),
         "cryptsetup finished before it was killed; use a larger volume"
     );
+}
+
+fn has_hot_zone(json: &Value) -> bool {
+    json["segments"].as_object().is_some_and(|o| {
+        o.values().any(|s| {
+            s["flags"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|x| x == "in-reencryption"))
+        })
+    })
+}
+
+fn try_header_json(img: &Path) -> Option<Value> {
+    let f = std::fs::File::open(img).ok()?;
+    let mut area = vec![0u8; 12288];
+    f.read_exact_at(&mut area, 4096).ok()?;
+    let end = area.iter().position(|&b| b == 0)?;
+    serde_json::from_slice(&area[..end]).ok()
 }
 
 fn header_json(img: &Path) -> Value {
@@ -303,46 +344,42 @@ fn header_json(img: &Path) -> Value {
 
 #[test]
 fn cryptsetup_killed_mid_way_is_resumed_and_finished_by_us() {
-    // A kill lands either between zones (clean) or inside one (hot zone to recover); try a few
-    // times to see the second, and finish every one with nbdcryptctl.
-    let mut saw_hot = false;
-    for (i, resilience) in [
-        "checksum", "checksum", "journal", "checksum", "journal", "checksum",
-    ]
-    .iter()
-    .enumerate()
-    {
-        let (_dir, img, kf) = volume(48 * MIB, 4096);
-        cryptsetup_killed(
-            &img,
-            &kf,
-            Duration::from_millis(700 + 150 * i as u64),
-            resilience,
-        );
-        let json = header_json(&img);
-        assert!(
-            dump(&img).contains("online-reencrypt-v2"),
-            "cryptsetup had not started"
-        );
-        let hot = json["segments"].as_object().unwrap().values().any(|s| {
-            s["flags"]
-                .as_array()
-                .is_some_and(|f| f.iter().any(|x| x == "in-reencryption"))
-        });
-        saw_hot |= hot;
-        let out = reencrypt(&img, &kf, &[], &[]);
-        assert!(
-            out.ok(),
-            "attempt {i} ({resilience}, hot zone: {hot}): {}",
-            out.details()
-        );
-        assert!(!dump(&img).contains("online-reencrypt"));
-        assert_pattern(&img, &kf);
-        if saw_hot && i >= 2 {
+    // Killed between zones (a clean interruption), then inside a zone (a hot zone to recover
+    // from cryptsetup's checksums or journal). The kill can land just after the zone
+    // completed, so the "inside" case retries until the header still shows the hot zone.
+    let cases = [(false, "checksum"), (true, "checksum"), (true, "journal")];
+    for (inside, resilience) in cases {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let (_dir, img, kf) = volume(32 * MIB, 4096);
+            cryptsetup_killed(&img, &kf, inside, resilience);
+            let json = header_json(&img);
+            assert!(
+                dump(&img).contains("online-reencrypt-v2"),
+                "cryptsetup had not started"
+            );
+            let hot = has_hot_zone(&json);
+            if hot != inside {
+                assert!(
+                    attempts < 8,
+                    "{resilience}: never caught cryptsetup inside a zone"
+                );
+                continue;
+            }
+            let out = reencrypt(&img, &kf, &[], &[]);
+            assert!(out.ok(), "{resilience}, hot zone {hot}: {}", out.details());
+            assert_eq!(
+                out.stderr.contains("recovering an interrupted zone"),
+                hot,
+                "{}",
+                out.details()
+            );
+            assert!(!dump(&img).contains("online-reencrypt"));
+            assert_pattern(&img, &kf);
             break;
         }
     }
-    eprintln!("a cryptsetup crash inside a hot zone was seen and recovered: {saw_hot}");
 }
 
 /// Rewrites both header copies (16 KiB headers) with `edit` applied to the JSON and valid

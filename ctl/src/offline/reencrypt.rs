@@ -48,7 +48,8 @@ Examples:
   nbdcryptctl reencrypt vol.img --key-file a.key --key-file b.key   # two keyslots, two secrets
   nbdcryptctl reencrypt vol.img --key-file a.key --sector-size 4096 --key-size 512
   nbdcryptctl reencrypt vol.img --key-file a.key --max-rate 200M    # at most 200 MiB/s
-  nbdcryptctl reencrypt vol.img --key-file a.key --resume-only      # only finish a started one";
+  nbdcryptctl reencrypt vol.img --key-file a.key --resume-only      # only finish a started one
+  nbdcryptctl reencrypt vol.img --status                            # progress, no secret needed";
 
 #[derive(Args, Debug)]
 pub struct ReencryptArgs {
@@ -75,6 +76,9 @@ pub struct ReencryptArgs {
     /// Limit the re-encryption rate, in bytes per second (K/M/G suffixes).
     #[arg(long, value_name = "RATE", value_parser = parse_size)]
     pub max_rate: Option<u64>,
+    /// Only show the state of a re-encryption in progress (no secret needed, nothing changed).
+    #[arg(long, conflicts_with_all = ["resume_only", "key_file"])]
+    pub status: bool,
     /// Only resume a re-encryption already started (by us or by cryptsetup); never start one.
     #[arg(long, alias = "resume")]
     pub resume_only: bool,
@@ -155,6 +159,34 @@ pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    if a.status {
+        let vol = Volume::open(&a.volume, false)?;
+        return match reencrypt::peek(&vol.file).map_err(|e| vol.explain(e))? {
+            None => {
+                println!("{}: no re-encryption in progress", vol.path.display());
+                Ok(())
+            }
+            Some(st) => {
+                println!(
+                    "{}: re-encryption in progress: {} of {} done ({:.1}%), {} resilience, \
+                     sector size {} -> {}{}",
+                    vol.path.display(),
+                    st.frontier,
+                    st.data_size,
+                    st.frontier as f64 * 100.0 / st.data_size.max(1) as f64,
+                    st.resilience.name(),
+                    st.old_sector_size,
+                    st.new_sector_size,
+                    if st.hot_len.is_some() {
+                        "; a zone was interrupted by a crash and will be recovered on resume"
+                    } else {
+                        ""
+                    }
+                );
+                Ok(())
+            }
+        };
+    }
     let vol = Volume::open(&a.volume, true)?;
     let in_progress = reencrypt::peek(&vol.file).map_err(|e| vol.explain(e))?;
     let uuid = Luks2Header::read_metadata_only(&vol.file)
@@ -444,7 +476,9 @@ fn run_zones(
         };
         if bar {
             let width = 30usize;
-            let filled = ((pct / 100.0) * width as f64) as usize;
+            let filled = usize::try_from(f.saturating_mul(width as u64) / total.max(1))
+                .unwrap_or(width)
+                .min(width);
             eprint!(
                 "\r[{}{}] {pct:5.1}% {:8.1} MiB/s  ETA {:4.0}s ",
                 "#".repeat(filled),

@@ -325,7 +325,7 @@ impl Metadata {
         Metadata::from_value_mode(root, hdr_size, false)
     }
 
-    fn from_value_mode(
+    pub(crate) fn from_value_mode(
         root: &Value,
         hdr_size: u64,
         allow_reencrypt: bool,

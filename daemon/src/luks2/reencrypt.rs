@@ -1335,7 +1335,8 @@ impl Reencryption {
         if self.st.resilience != Resilience::None {
             self.commit_layout(file, zone.start, Some(b.len() as u64))?;
         }
-        let half = (b.len() / 2) / self.align() as usize * self.align() as usize;
+        let align = usize::try_from(self.align()).unwrap_or(4096);
+        let half = (b.len() / 2) / align * align;
         let iv = zone.start / 512;
         let h = &mut b[..half];
         self.old_cipher
@@ -1370,39 +1371,39 @@ impl Reencryption {
                 )))
             }
             Resilience::Checksum { hash, block_size } => {
-                let bs = u64::from(block_size);
+                let bs = block_size as usize;
                 let hl = hash.output_len();
-                let mut sums = vec![0u8; usize::try_from((chunk / bs) * hl as u64).unwrap_or(0)];
+                let mut sums = vec![0u8; buf.len() / bs * hl];
                 let mut h = vec![0u8; hl];
                 let mut done = 0u64;
                 while done < len {
                     let n = chunk.min(len - done);
-                    let blocks = n / bs;
-                    let b = &mut buf[..n as usize];
+                    let nu = usize::try_from(n).unwrap_or(0);
+                    let b = &mut buf[..nu];
                     io.read_at(b, zone_abs + done)
                         .map_err(io_err("reading the hot zone", zone_abs + done))?;
-                    let sum_off = self.st.area_offset + (done / bs) * hl as u64;
-                    let s = &mut sums[..(blocks as usize) * hl];
+                    let sum_off = self.st.area_offset + done / u64::from(block_size) * hl as u64;
+                    let s = &mut sums[..nu / bs * hl];
                     read_exact_at(file, s, sum_off, "reading the resilience checksums")?;
-                    let mut i = 0u64;
-                    while i < blocks {
-                        let range = (i * bs) as usize..((i + 1) * bs) as usize;
-                        hash.hash_parts(&[&b[range.clone()]], &mut h);
-                        if h[..] == s[i as usize * hl..(i as usize + 1) * hl] {
-                            // Still the old ciphertext: re-encrypt this block.
-                            let iv = iv0 + (done + i * bs) / 512;
-                            let blk = &mut b[range];
-                            self.old_cipher
-                                .decrypt_in_place(blk, iv)
-                                .map_err(|e| FormatError::InvalidParams(e.to_string()))?;
-                            self.new_cipher
-                                .encrypt_in_place(blk, iv)
-                                .map_err(|e| FormatError::InvalidParams(e.to_string()))?;
-                            let off = zone_abs + done + i * bs;
-                            io.write_at(blk, off)
-                                .map_err(io_err("writing the recovered hot zone", off))?;
+                    for (i, (blk, want)) in
+                        b.chunks_exact_mut(bs).zip(s.chunks_exact(hl)).enumerate()
+                    {
+                        hash.hash_parts(&[blk], &mut h);
+                        if h[..] != want[..] {
+                            continue; // already the new ciphertext
                         }
-                        i += 1;
+                        // Still the old ciphertext: re-encrypt this block.
+                        let rel = done + (i * bs) as u64;
+                        let iv = iv0 + rel / 512;
+                        self.old_cipher
+                            .decrypt_in_place(blk, iv)
+                            .map_err(|e| FormatError::InvalidParams(e.to_string()))?;
+                        self.new_cipher
+                            .encrypt_in_place(blk, iv)
+                            .map_err(|e| FormatError::InvalidParams(e.to_string()))?;
+                        let off = zone_abs + rel;
+                        io.write_at(blk, off)
+                            .map_err(io_err("writing the recovered hot zone", off))?;
                     }
                     done += n;
                 }
@@ -1411,7 +1412,7 @@ impl Reencryption {
                 let mut done = 0u64;
                 while done < len {
                     let n = chunk.min(len - done);
-                    let b = &mut buf[..n as usize];
+                    let b = &mut buf[..usize::try_from(n).unwrap_or(0)];
                     read_exact_at(
                         file,
                         b,
