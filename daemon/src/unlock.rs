@@ -174,7 +174,7 @@ impl Volume {
         header: &Luks2Header,
         backing: &dyn BlockDevice,
     ) -> Result<Segment, UnlockError> {
-        if let Some(st) = self.reencrypt_state() {
+        if let Some(st) = self.reencrypt_state()? {
             return Ok(Segment {
                 offset: st.data_offset,
                 size: st.data_size,
@@ -208,9 +208,14 @@ impl Volume {
 
     /// The re-encryption the header says is in progress (not digest-verified: for layout and
     /// routing the unlock only; `reencrypt::unlock_resuming` verifies before acting).
-    fn reencrypt_state(&self) -> Option<crate::luks2::reencrypt::ReencState> {
-        let file = File::open(self.claimed_path()).ok()?;
-        crate::luks2::reencrypt::peek(&file).ok().flatten()
+    fn reencrypt_state(
+        &self,
+    ) -> Result<Option<crate::luks2::reencrypt::ReencState>, UnlockError> {
+        let file = File::open(self.claimed_path()).map_err(|source| UnlockError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(crate::luks2::reencrypt::peek(&file)?)
     }
 
     /// Open a keyslot with `secret` (any slot, or only `slot`) and build the device to serve.
@@ -220,7 +225,7 @@ impl Volume {
         secret: &SecretBytes,
         slot: Option<u32>,
     ) -> Result<(Arc<dyn BlockDevice>, u32), UnlockError> {
-        if self.reencrypt_state().is_some() {
+        if self.reencrypt_state()?.is_some() {
             return reencrypt::unlock_resuming(self, secret);
         }
         let (header, file) = self.read_header()?;
@@ -237,7 +242,7 @@ impl Volume {
         &self,
         settings: &SealSettings,
     ) -> Result<(Arc<dyn BlockDevice>, u32), UnlockError> {
-        if self.reencrypt_state().is_some() {
+        if self.reencrypt_state()?.is_some() {
             return Err(UnlockError::Tokens {
                 message: "the volume is in the middle of a re-encryption: unlock it with its \
                           passphrase or key file once to resume it (token unlock of a volume \

@@ -9,11 +9,22 @@ use super::error::FormatError;
 use super::volume::Luks2Header;
 
 /// Reads the header whether or not a re-encryption is in progress (checksums and structure
-/// checked as for any header; the re-encryption segments are NOT verified here: display only).
+/// checked as for any header). A header in re-encryption is accepted only in a state
+/// `luks2::reencrypt` can resume (cryptsetup's forward re-key without data shift); any other
+/// (cryptsetup's encrypt/decrypt modes, data shifts, malformed segments) is refused with the
+/// plain reader's error. The re-encryption digest is NOT verified here: the unlock does that
+/// (`Reencryption::open`) before anything is served.
 pub fn read_any_header(file: &File) -> Result<Luks2Header, FormatError> {
     match Luks2Header::read(file) {
-        Err(FormatError::ReencryptionInProgress { .. }) => {
-            Luks2Header::read_reencrypt(file).map(|(h, _)| h)
+        Err(refused @ FormatError::ReencryptionInProgress { .. }) => {
+            let Ok((hdr, _)) = Luks2Header::read_reencrypt(file) else {
+                return Err(refused);
+            };
+            let size = super::header::device_size(file)?;
+            match super::reencrypt::ReencState::from_header(&hdr, size) {
+                Ok(_) => Ok(hdr),
+                Err(_) => Err(refused),
+            }
         }
         other => other.map(|(h, _)| h),
     }
