@@ -208,9 +208,7 @@ impl Volume {
 
     /// The re-encryption the header says is in progress (not digest-verified: for layout and
     /// routing the unlock only; `reencrypt::unlock_resuming` verifies before acting).
-    fn reencrypt_state(
-        &self,
-    ) -> Result<Option<crate::luks2::reencrypt::ReencState>, UnlockError> {
+    fn reencrypt_state(&self) -> Result<Option<crate::luks2::reencrypt::ReencState>, UnlockError> {
         let file = File::open(self.claimed_path()).map_err(|source| UnlockError::Io {
             path: self.path.clone(),
             source,

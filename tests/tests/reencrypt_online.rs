@@ -594,3 +594,112 @@ fn postgres_keeps_running_pgbench_through_a_full_online_reencryption() {
     pg.stop();
     stack.shutdown();
 }
+
+/// Interop, ours → cryptsetup: an online re-encryption interrupted mid-zone (abort in the
+/// middle of zone 2's write) is finished by `cryptsetup reencrypt --resume-only`, and
+/// cryptsetup's key decrypts the image to the data.
+#[test]
+fn an_online_reencryption_killed_mid_zone_is_finished_by_cryptsetup_resume_only() {
+    let _serial = serial();
+    let dir = tempdir();
+    let img = dir.path().join("volume.img");
+    luks_format(&img, DATA, 4096, "pbkdf2", PASS);
+    let data = random_bytes(19, DATA as usize);
+    let mut d = daemon(
+        tempdir(),
+        &img,
+        &[
+            ("NBDCRYPT_TEST_REENCRYPT_ZONE", ZONE),
+            ("NBDCRYPT_TEST_REENCRYPT_ABORT", "2:half_write"),
+        ],
+    );
+    assert_eq!(d.unlock(PASS).code(), Some(0));
+    write_export(&d.uri(), d.dir(), &data);
+    let _ = start(&d, &[]);
+    wait_exit(&mut d, Duration::from_secs(60));
+    drop(d);
+    let k = key_file(dir.path());
+    // cryptsetup's way after a crash: `repair` recovers the hot zone, then resume.
+    let mut c = cryptsetup();
+    c.args(["repair", "--batch-mode", "--key-file"])
+        .arg(&k)
+        .arg(&img);
+    run(&mut c, TOOL_TIMEOUT).success();
+    let mut c = cryptsetup();
+    c.args([
+        "reencrypt",
+        "--resume-only",
+        "--force-offline-reencrypt",
+        "--batch-mode",
+        "--key-file",
+    ])
+    .arg(&k)
+    .arg(&img);
+    run(&mut c, TOOL_TIMEOUT).success();
+    let dump = luks_dump(&img);
+    assert!(!dump.contains("reencrypt"), "{dump}");
+    let key = luks_volume_key(&img, PASS);
+    assert_same_bytes(
+        &verify_py_plaintext(&img, &key)[..DATA as usize],
+        &data,
+        "cryptsetup finished our interrupted online re-encryption",
+    );
+}
+
+/// Interop, cryptsetup → ours: a re-encryption cryptsetup initialised (`reencrypt
+/// --init-only`: new key, keyslot, reencrypt keyslot and digest, no data moved yet) is resumed
+/// by nbdcryptd at unlock, served while it runs, and finished online.
+#[test]
+fn a_reencryption_cryptsetup_started_is_resumed_and_finished_online_by_the_daemon() {
+    let _serial = serial();
+    let dir = tempdir();
+    let img = dir.path().join("volume.img");
+    luks_format(&img, DATA, 4096, "pbkdf2", PASS);
+    let data = random_bytes(23, DATA as usize);
+    {
+        let d = daemon(tempdir(), &img, &[]);
+        assert_eq!(d.unlock(PASS).code(), Some(0));
+        write_export(&d.uri(), d.dir(), &data);
+        assert_eq!(d.lock_idle().code(), Some(0));
+        let mut d = d;
+        d.terminate(Duration::from_secs(15));
+    }
+    let old_key = luks_volume_key(&img, PASS);
+    let k = key_file(dir.path());
+    let mut c = cryptsetup();
+    c.args([
+        "reencrypt",
+        "--init-only",
+        "--force-offline-reencrypt",
+        "--batch-mode",
+    ])
+    .args(cheap_kdf("pbkdf2"))
+    .arg("--key-file")
+    .arg(&k)
+    .arg(&img);
+    run(&mut c, TOOL_TIMEOUT).success();
+    assert!(luks_dump(&img).contains("reencrypt"));
+
+    let mut d = daemon(tempdir(), &img, &[("NBDCRYPT_TEST_REENCRYPT_ZONE", ZONE)]);
+    assert_eq!(d.unlock(PASS).code(), Some(0), "unlock\n{}", d.log());
+    assert_same_bytes(
+        &read_export(&d.uri(), d.dir()),
+        &data,
+        "served while resuming cryptsetup's re-encryption",
+    );
+    wait_finished(&mut d, Duration::from_secs(120));
+    assert_same_bytes(
+        &read_export(&d.uri(), d.dir()),
+        &data,
+        "after finishing cryptsetup's re-encryption online",
+    );
+    assert_eq!(d.lock_idle().code(), Some(0));
+    d.terminate(Duration::from_secs(15));
+    let key = luks_volume_key(&img, PASS);
+    assert_ne!(key, old_key);
+    assert_same_bytes(
+        &verify_py_plaintext(&img, &key)[..DATA as usize],
+        &data,
+        "cryptsetup's view after we finished its re-encryption",
+    );
+}
