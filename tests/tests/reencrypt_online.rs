@@ -183,6 +183,16 @@ fn online_reencryption_under_fio_verify_reads_back_and_cryptsetup_reads_the_resu
         assert!(Instant::now() < deadline, "no progress: {r:#}\n{}", d.log());
         std::thread::sleep(Duration::from_millis(100));
     }
+    // fio keeps the export busy: the worker says it backs off for client I/O.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reenc(&d)["backing_off"] != true {
+        assert!(
+            Instant::now() < deadline,
+            "never backed off under fio: {:#}",
+            reenc(&d)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let table = d.ctl("status", &[]).success().stdout;
     assert!(table.contains("reencrypt"), "{table}");
     // Pause: the frontier stands still; resume (unthrottled now): it moves on.
