@@ -147,17 +147,19 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
 }
 
 pub fn run(a: OnlineReencryptArgs) -> Result<(), Failure> {
+    let rate_only = a.max_rate.is_some() && a.key_file.is_none() && !a.stdin;
     let action = if a.pause {
         ReencryptAction::Pause
     } else if a.resume {
         ReencryptAction::Resume
-    } else if a.status || (a.max_rate.is_some() && a.key_file.is_none() && !a.stdin && running(&a)?)
-    {
-        // `--max-rate` alone on a running re-encryption changes its rate.
-        if a.status {
-            ReencryptAction::Status
-        } else {
-            ReencryptAction::Resume
+    } else if a.status {
+        ReencryptAction::Status
+    } else if let (true, Some(state)) = (rate_only, current_state(&a)?) {
+        // `--max-rate` alone changes the rate of an existing re-encryption, paused or not
+        // (the daemon applies `max_rate` with pause and resume; neither changes the state here).
+        match state {
+            ReencryptState::Paused => ReencryptAction::Pause,
+            _ => ReencryptAction::Resume,
         }
     } else {
         ReencryptAction::Start
@@ -205,13 +207,17 @@ pub fn run(a: OnlineReencryptArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn running(a: &OnlineReencryptArgs) -> Result<bool, Failure> {
+/// The state of a running or paused re-encryption, `None` if there is none.
+fn current_state(a: &OnlineReencryptArgs) -> Result<Option<ReencryptState>, Failure> {
     let status =
         client::call(&a.control, &Request::Status).map_err(|e| Failure::error(e.to_string()))?;
-    Ok(
-        matches!(status, Response::Ok(s) if s.reencrypt.as_ref().is_some_and(|r|
-        matches!(r.state, ReencryptState::Running | ReencryptState::Paused))),
-    )
+    Ok(match status {
+        Response::Ok(s) => s
+            .reencrypt
+            .map(|r| r.state)
+            .filter(|st| matches!(st, ReencryptState::Running | ReencryptState::Paused)),
+        Response::Error(_) => None,
+    })
 }
 
 /// Poll until finished (exit 0) or failed (exit 1).
