@@ -154,12 +154,19 @@ pub fn run(a: OnlineReencryptArgs) -> Result<(), Failure> {
         ReencryptAction::Resume
     } else if a.status {
         ReencryptAction::Status
-    } else if let (true, Some(state)) = (rate_only, current_state(&a)?) {
+    } else if rate_only {
         // `--max-rate` alone changes the rate of an existing re-encryption, paused or not
         // (the daemon applies `max_rate` with pause and resume; neither changes the state here).
-        match state {
-            ReencryptState::Paused => ReencryptAction::Pause,
-            _ => ReencryptAction::Resume,
+        match current_state(&a)? {
+            Some(ReencryptState::Paused) => ReencryptAction::Pause,
+            Some(_) => ReencryptAction::Resume,
+            None => {
+                return Err(Failure::new(
+                    exit::TRY_LATER,
+                    "no re-encryption is running; to start one give the secret too \
+                     (--key-file FILE, --stdin, or answer the prompt without --max-rate)",
+                ))
+            }
         }
     } else {
         ReencryptAction::Start
