@@ -9,6 +9,7 @@
 mod exit;
 mod offline;
 mod online;
+mod reencrypt_online;
 mod secret;
 mod secret_input;
 
@@ -67,6 +68,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // `reencrypt --control SOCK ...` is the online form (a running daemon), parsed on its own;
+    // `reencrypt VOLUME ...` (offline) is the offline subcommand below.
+    if let Some(code) = reencrypt_online::dispatch() {
+        return code;
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

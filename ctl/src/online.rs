@@ -284,6 +284,9 @@ fn status_table(s: &StatusReport) -> String {
     if let Some(r) = &s.locked_reason {
         rows.push(("reason", r.clone()));
     }
+    if let Some(r) = &s.reencrypt {
+        rows.push(("reencrypt", crate::reencrypt_online::line(r)));
+    }
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 2;
     rows.iter()
         .map(|(k, v)| format!("{k:<width$}{v}\n"))
@@ -291,7 +294,7 @@ fn status_table(s: &StatusReport) -> String {
 }
 
 /// 1536 -> "1.5 KiB".
-fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     if n < 1024 {
         return format!("{n} B");
@@ -334,6 +337,7 @@ mod tests {
             flushes: 0,
             errors: 0,
             locked_reason: Some("locked by uid 0".into()),
+            reencrypt: None,
         };
         let t = status_table(&s);
         assert!(t.starts_with("state        locked\n"), "{t}");

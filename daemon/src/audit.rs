@@ -32,6 +32,8 @@ pub enum AuditEventKind {
     RemoveKey,
     HeaderBackup,
     HeaderRestore,
+    /// Volume-key re-encryption (`detail.phase`: start, resume, checkpoint, finish, failed).
+    Reencrypt,
 }
 
 impl AuditEventKind {
@@ -47,6 +49,7 @@ impl AuditEventKind {
             AuditEventKind::RemoveKey => "remove_key",
             AuditEventKind::HeaderBackup => "header_backup",
             AuditEventKind::HeaderRestore => "header_restore",
+            AuditEventKind::Reencrypt => "reencrypt",
         }
     }
 }

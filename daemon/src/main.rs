@@ -122,12 +122,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let (volume, seal) = (volume.clone(), config.seal.clone());
         Box::new(move |slot| volume.rekey_tokens(slot, &seal))
     };
-    let control = ControlPlane::start(
+    let reencryptor = Arc::new(nbdcrypt::control::reencrypt::Reencryptor::new(
+        Arc::new(nbdcrypt::unlock::VolumeBackend {
+            volume: volume.clone(),
+        }),
+        audit.clone(),
+        info.uuid.clone(),
+    ));
+    let control = ControlPlane::start_with_reencryptor(
         &config.control,
         exports.clone(),
         control_info(&info),
         unlocker(volume, config.seal.clone()),
         Some(rekeyer),
+        Some(reencryptor),
         audit,
         shutdown.clone(),
     )

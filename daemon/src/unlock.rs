@@ -18,6 +18,9 @@ use crate::seal::enroll::{self, EnrollError, TokenFailureReason};
 use crate::seal::pin::VolumePin;
 use crate::seal::{resolve_provider, SealSettings};
 
+mod reencrypt;
+pub use reencrypt::VolumeBackend;
+
 /// What status reports about a volume, none of it secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeInfo {
@@ -78,6 +81,8 @@ pub struct Volume {
     limits: KdfLimits,
     /// Which volume may be unlocked; checked at every unlock (see [`Volume::pinned`]).
     pin: VolumePin,
+    /// Online re-encryption: the router of the unlocked device, a job found at unlock.
+    online: reencrypt::Online,
 }
 
 impl Volume {
@@ -99,6 +104,7 @@ impl Volume {
             claim,
             limits: KdfLimits::default(),
             pin: VolumePin::default(),
+            online: reencrypt::Online::default(),
         };
         let (header, _) = vol.read_header()?;
         let info = vol.info(&header, &*vol.open_backing()?)?;
@@ -138,7 +144,9 @@ impl Volume {
             path: self.path.clone(),
             source,
         })?;
-        let (header, _repair) = Luks2Header::read(&file)?;
+        // A volume in the middle of a re-encryption is read too (for its UUID and layout); only
+        // `unlock` (through `luks2::reencrypt`, digest verified) acts on its re-encryption state.
+        let header = crate::luks2::online::read_any_header(&file)?;
         Ok((header, file))
     }
 
@@ -166,6 +174,13 @@ impl Volume {
         header: &Luks2Header,
         backing: &dyn BlockDevice,
     ) -> Result<Segment, UnlockError> {
+        if let Some(st) = self.reencrypt_state()? {
+            return Ok(Segment {
+                offset: st.data_offset,
+                size: st.data_size,
+                iv_tweak: 0,
+            });
+        }
         let ds = header.data_segment();
         let device = backing.size();
         let size = match ds.size {
@@ -191,6 +206,16 @@ impl Volume {
         })
     }
 
+    /// The re-encryption the header says is in progress (not digest-verified: for layout and
+    /// routing the unlock only; `reencrypt::unlock_resuming` verifies before acting).
+    fn reencrypt_state(&self) -> Result<Option<crate::luks2::reencrypt::ReencState>, UnlockError> {
+        let file = File::open(self.claimed_path()).map_err(|source| UnlockError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(crate::luks2::reencrypt::peek(&file)?)
+    }
+
     /// Open a keyslot with `secret` (any slot, or only `slot`) and build the device to serve.
     /// Runs the KDF: seconds of CPU, so callers keep it off the async reactor.
     pub fn unlock(
@@ -198,6 +223,9 @@ impl Volume {
         secret: &SecretBytes,
         slot: Option<u32>,
     ) -> Result<(Arc<dyn BlockDevice>, u32), UnlockError> {
+        if self.reencrypt_state()?.is_some() {
+            return reencrypt::unlock_resuming(self, secret);
+        }
         let (header, file) = self.read_header()?;
         let (key, opened) = match slot {
             Some(s) => (header.unlock_slot(&file, s, secret, &self.limits)?, s),
@@ -212,6 +240,15 @@ impl Volume {
         &self,
         settings: &SealSettings,
     ) -> Result<(Arc<dyn BlockDevice>, u32), UnlockError> {
+        if self.reencrypt_state()?.is_some() {
+            return Err(UnlockError::Tokens {
+                message: "the volume is in the middle of a re-encryption: unlock it with its \
+                          passphrase or key file once to resume it (token unlock of a volume \
+                          being re-encrypted is not supported yet)"
+                    .into(),
+                transient: false,
+            });
+        }
         let (header, file) = self.read_header()?;
         // A header naming another volume is refused before any provider is asked.
         self.pin.check_uuid(header.uuid())?;
@@ -303,7 +340,12 @@ impl Volume {
         let allow_discards = self.file_options.allow_discards;
         let crypt = CryptDevice::new(backing, cipher, segment, allow_discards)
             .map_err(|e| UnlockError::Layout(e.to_string()))?;
-        Ok(Arc::new(Latch::new(Arc::new(crypt))))
+        // Behind the re-encryption router, so a re-encryption can start under running clients.
+        let router = Arc::new(crate::block::reencrypt::ReencryptDevice::single(Arc::new(
+            crypt,
+        )));
+        self.online.set_router(&router);
+        Ok(Arc::new(Latch::new(router)))
     }
 
     /// Current facts from the header on disk.

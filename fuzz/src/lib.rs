@@ -28,6 +28,7 @@ pub const TARGETS: &[&str] = &[
     "pkcs11_uri",
     "config_toml",
     "xts_diff",
+    "luks2_reencrypt",
 ];
 
 /// Runs target `name` on `data`. Panics on an unknown name.
@@ -45,6 +46,7 @@ pub fn run(name: &str, data: &[u8]) {
         "pkcs11_uri" => control::pkcs11_uri(data),
         "config_toml" => config::toml(data),
         "xts_diff" => xts::diff(data),
+        "luks2_reencrypt" => luks2::reencrypt(data),
         other => panic!("unknown fuzz target {other:?}"),
     }
 }

@@ -537,3 +537,102 @@ impl Model {
         Value::Object(top)
     }
 }
+
+/// A header of ours in re-encryption (3 of 8 zones done, checksum resilience, 2 MiB of data):
+/// the starting point of `luks2_reencrypt`.
+const REENCRYPT_TEMPLATE: &str = include_str!("reencrypt_template.json");
+
+/// Members the re-encryption parser reads, for `luks2_reencrypt`'s edits.
+const REENCRYPT_PATHS: &[&str] = &[
+    "/keyslots/2/area/offset",
+    "/keyslots/2/area/size",
+    "/keyslots/2/area/type",
+    "/keyslots/2/area/hash",
+    "/keyslots/2/area/sector_size",
+    "/keyslots/2/mode",
+    "/keyslots/2/direction",
+    "/keyslots/2/key_size",
+    "/keyslots/2/type",
+    "/segments/0/offset",
+    "/segments/0/size",
+    "/segments/0/iv_tweak",
+    "/segments/0/flags",
+    "/segments/0/sector_size",
+    "/segments/1/offset",
+    "/segments/1/size",
+    "/segments/1/iv_tweak",
+    "/segments/1/flags",
+    "/segments/2/flags",
+    "/segments/2/offset",
+    "/segments/3/flags",
+    "/segments/3/sector_size",
+    "/digests/0/segments",
+    "/digests/1/segments",
+    "/digests/2/segments",
+    "/digests/2/keyslots",
+    "/config/requirements/mandatory",
+];
+
+/// `luks2_reencrypt`: up to 8 edits (a member of [`REENCRYPT_PATHS`] set to a boundary number,
+/// a decimal string, text, a flag list or removed) of a valid header in re-encryption, then the
+/// re-encryption reader (`peek`) and a resume with two wrong keys. Checks: no panic, and a state
+/// that parses stays inside the device with a hot zone within cryptsetup's limit.
+pub fn reencrypt(data: &[u8]) {
+    use nbdcrypt::crypto::keys::VolumeKey;
+    use nbdcrypt::luks2::reencrypt::{peek, Reencryption, MAX_HEADER_HOTZONE};
+    let mut v: Value = serde_json::from_str(REENCRYPT_TEMPLATE).unwrap();
+    let mut u = Unstructured::new(data);
+    let edits = u.int_in_range(0..=8u8).unwrap_or(0);
+    for _ in 0..edits {
+        let Ok(i) = u.choose_index(REENCRYPT_PATHS.len()) else { break };
+        let path = REENCRYPT_PATHS[i];
+        let new: Option<Value> = match u.int_in_range(0..=6u8).unwrap_or(0) {
+            0 => None,
+            1 => Some(json!(u.arbitrary::<u32>().unwrap_or(0))),
+            2 => {
+                let n: u64 = match u.int_in_range(0..=4u8).unwrap_or(0) {
+                    0 => u.arbitrary().unwrap_or(0),
+                    1 => u64::MAX - u64::from(u.arbitrary::<u16>().unwrap_or(0)),
+                    2 => (16 << 20) + 512 * u64::from(u.arbitrary::<u16>().unwrap_or(0)),
+                    3 => 1 << u.int_in_range(0..=63u32).unwrap_or(0),
+                    _ => 4096 * u64::from(u.arbitrary::<u16>().unwrap_or(0)),
+                };
+                Some(json!(n.to_string()))
+            }
+            3 => Some(json!(u.arbitrary::<String>().unwrap_or_default())),
+            4 => Some(json!(["in-reencryption"])),
+            5 => {
+                let f = ["backup-previous", "backup-final", "backup-moved-segment", "in-reencryption"]
+                    [u.choose_index(4).unwrap_or(0)];
+                Some(json!([f]))
+            }
+            _ => {
+                let ids = &["0", "1", "2", "3", "4"][..u.int_in_range(0..=5usize).unwrap_or(0)];
+                Some(json!(ids))
+            }
+        };
+        let (parent, key) = path.rsplit_once('/').unwrap();
+        if let Some(Value::Object(o)) = v.pointer_mut(parent) {
+            match new {
+                Some(n) => {
+                    o.insert(key.to_string(), n);
+                }
+                None => {
+                    o.remove(key);
+                }
+            }
+        }
+    }
+    let img = image_with_json(&serde_json::to_vec(&v).unwrap(), DEFAULT_HDR_SIZE);
+    with_image(&img, (16 << 20) + (2 << 20), |file| {
+        if let Ok(Some(st)) = peek(file) {
+            assert!(st.frontier <= st.data_size, "{st:?}");
+            if let Some(h) = st.hot_len {
+                assert!(h <= MAX_HEADER_HOTZONE && st.frontier + h <= st.data_size, "{st:?}");
+            }
+            assert!(st.data_offset + st.data_size == (16 << 20) + (2 << 20), "{st:?}");
+        }
+        let r = Reencryption::open_with_keys(file, VolumeKey::from_slice(&[1; 64]), VolumeKey::from_slice(&[2; 64]));
+        assert!(r.is_err(), "wrong keys accepted");
+    });
+}

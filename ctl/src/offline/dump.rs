@@ -153,6 +153,8 @@ pub fn to_json(hdr: &Luks2Header) -> Value {
         },
         "keyslots": hdr.keyslots().iter().map(keyslot_json).collect::<Vec<_>>(),
         "tokens": tokens,
+        "volume_key_created": nbdcrypt::luks2::reencrypt::KeyAge::of(hdr)
+            .map(|k| nbdcrypt::audit::rfc3339(k.created_unix)),
     })
 }
 
@@ -209,6 +211,18 @@ fn write_text(out: &mut dyn Write, vol: &Volume, hdr: &Luks2Header) -> io::Resul
     }
     writeln!(out, "\tcipher: aes-xts-plain64")?;
     writeln!(out, "\tsector: {} [bytes]", seg.sector_size)?;
+    if let Some(age) = nbdcrypt::luks2::reencrypt::KeyAge::of(hdr) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        writeln!(
+            out,
+            "\tvolume key created: {} ({} days ago)",
+            nbdcrypt::audit::rfc3339(age.created_unix),
+            now.saturating_sub(age.created_unix) / 86400
+        )?;
+    }
     writeln!(out)?;
     writeln!(out, "Keyslots:")?;
     for k in hdr.keyslots() {

@@ -117,7 +117,7 @@ fn config_pin(loc: &KmsLocation) -> anyhow::Result<VolumePin> {
 }
 
 /// The operator's provider settings: `--config FILE` (the daemon's TOML), then the flags.
-fn seal_settings(loc: &KmsLocation, hsm: &Pkcs11Args) -> anyhow::Result<SealSettings> {
+pub(crate) fn seal_settings(loc: &KmsLocation, hsm: &Pkcs11Args) -> anyhow::Result<SealSettings> {
     let mut s = match &loc.config {
         Some(path) => {
             let (file, _) = nbdcrypt::config_file::load(path).map_err(|e| anyhow!(e))?;

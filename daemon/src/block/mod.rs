@@ -13,6 +13,7 @@
 pub mod crypt;
 pub mod file;
 pub mod latch;
+pub mod reencrypt;
 
 use std::fmt;
 use std::io;

@@ -20,6 +20,7 @@
 
 pub mod client;
 pub mod proto;
+pub mod reencrypt;
 pub mod server;
 pub mod volume;
 
@@ -65,10 +66,31 @@ impl ControlPlane {
         audit: Arc<crate::audit::AuditLog>,
         shutdown: Shutdown,
     ) -> io::Result<ControlPlane> {
+        Self::start_with_reencryptor(
+            socket, exports, info, unlocker, rekeyer, None, audit, shutdown,
+        )
+        .await
+    }
+
+    /// [`ControlPlane::start`], with online re-encryption (`reencrypt` requests).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start_with_reencryptor(
+        socket: &Path,
+        exports: Arc<ExportTable>,
+        info: VolumeInfo,
+        unlocker: Unlocker,
+        rekeyer: Option<Rekeyer>,
+        reencryptor: Option<Arc<reencrypt::Reencryptor>>,
+        audit: Arc<crate::audit::AuditLog>,
+        shutdown: Shutdown,
+    ) -> io::Result<ControlPlane> {
         let listener = ControlListener::bind(socket).await?;
         let mut manager = VolumeManager::new(exports, info, unlocker).with_audit(audit);
         if let Some(r) = rekeyer {
             manager = manager.with_rekeyer(r);
+        }
+        if let Some(r) = reencryptor {
+            manager = manager.with_reencryptor(r);
         }
         let (volume, volume_task) = manager.spawn(shutdown.clone());
         let server_task = tokio::spawn(server::run(listener, volume.clone(), shutdown));

@@ -65,6 +65,68 @@ pub enum Request {
         force: bool,
     },
     Status,
+    /// Online re-encryption of the volume key: start, pause, resume, or its status
+    /// (see `control::reencrypt`). `secret` (start only) opens the keyslots to carry over.
+    Reencrypt {
+        action: ReencryptAction,
+        secret: Option<SecretBytes>,
+        max_rate: Option<u64>,
+    },
+}
+
+/// What a `reencrypt` request does.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ReencryptAction {
+    Start,
+    Pause,
+    Resume,
+    Status,
+}
+
+/// Progress of an online re-encryption, in `status` while one exists (running, paused,
+/// finished or failed since the last unlock).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ReencryptReport {
+    pub state: ReencryptState,
+    /// Bytes of plaintext already under the new key (the frontier).
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    /// Recent re-encryption rate, bytes per second (0 while paused).
+    pub rate_bytes_per_sec: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_secs: Option<u64>,
+    /// `--max-rate` in bytes per second; `None`: unthrottled (still backs off under load).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rate: Option<u64>,
+    /// True while the worker yields to heavy client I/O.
+    #[serde(default)]
+    pub backing_off: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ReencryptState {
+    Running,
+    Paused,
+    Finished,
+    Failed,
+    #[serde(other)]
+    Unknown,
+}
+
+impl fmt::Display for ReencryptState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ReencryptState::Running => "running",
+            ReencryptState::Paused => "paused",
+            ReencryptState::Finished => "finished",
+            ReencryptState::Failed => "failed",
+            ReencryptState::Unknown => "unknown",
+        })
+    }
 }
 
 /// What a request asks for, without its contents: for logs.
@@ -75,6 +137,7 @@ pub enum RequestKind {
     Rekey,
     Lock,
     Status,
+    Reencrypt,
 }
 
 impl fmt::Display for RequestKind {
@@ -85,6 +148,7 @@ impl fmt::Display for RequestKind {
             RequestKind::Rekey => "rekey",
             RequestKind::Lock => "lock",
             RequestKind::Status => "status",
+            RequestKind::Reencrypt => "reencrypt",
         })
     }
 }
@@ -102,6 +166,14 @@ impl fmt::Debug for Request {
             Request::Rekey { slot } => f.debug_struct("Rekey").field("slot", slot).finish(),
             Request::Lock { force } => f.debug_struct("Lock").field("force", force).finish(),
             Request::Status => f.write_str("Status"),
+            Request::Reencrypt {
+                action, max_rate, ..
+            } => f
+                .debug_struct("Reencrypt")
+                .field("action", action)
+                .field("secret", &"<redacted>")
+                .field("max_rate", max_rate)
+                .finish(),
         }
     }
 }
@@ -163,6 +235,9 @@ pub struct StatusReport {
     /// Why the volume is locked (or why a lock is pending); `None` while unlocked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locked_reason: Option<String>,
+    /// The online re-encryption, if one ran or runs since the last unlock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reencrypt: Option<Box<ReencryptReport>>,
 }
 
 /// A refused or failed request.
@@ -270,17 +345,38 @@ impl Request {
             Request::Rekey { .. } => RequestKind::Rekey,
             Request::Lock { .. } => RequestKind::Lock,
             Request::Status => RequestKind::Status,
+            Request::Reencrypt { .. } => RequestKind::Reencrypt,
         }
     }
 
     /// The wire line, newline included, in a buffer that is wiped when dropped.
     pub fn encode(&self) -> Zeroizing<Vec<u8>> {
+        if let Request::Reencrypt {
+            action,
+            secret,
+            max_rate,
+        } = self
+        {
+            let secret_len = secret.as_ref().map_or(0, |s| s.len());
+            let mut out = Zeroizing::new(Vec::with_capacity(base64_len(secret_len) + 128));
+            let wire = WireReencryptOut {
+                v: PROTOCOL_VERSION,
+                op: Op::Reencrypt,
+                action: *action,
+                secret: secret.as_ref().map(SecretOut),
+                max_rate: *max_rate,
+            };
+            serde_json::to_writer(&mut *out, &wire).expect("request serializes");
+            out.push(b'\n');
+            return out;
+        }
         let (op, secret, slot, force) = match self {
             Request::Unlock { secret, slot } => (Op::Unlock, Some(SecretOut(secret)), *slot, None),
             Request::UnlockToken => (Op::UnlockToken, None, None, None),
             Request::Rekey { slot } => (Op::Rekey, None, *slot, None),
             Request::Lock { force } => (Op::Lock, None, None, Some(*force)),
             Request::Status => (Op::Status, None, None, None),
+            Request::Reencrypt { .. } => (Op::Reencrypt, None, None, None),
         };
         let secret_len = secret.as_ref().map_or(0, |s| s.0.len());
         // Sized up front so the vector never reallocates and leaves a copy of the secret behind.
@@ -376,6 +472,7 @@ enum Op {
     Rekey,
     Lock,
     Status,
+    Reencrypt,
 }
 
 #[derive(Deserialize)]
@@ -390,6 +487,10 @@ struct WireRequest {
     slot: Option<u32>,
     #[serde(default)]
     force: Option<bool>,
+    #[serde(default)]
+    action: Option<ReencryptAction>,
+    #[serde(default)]
+    max_rate: Option<u64>,
 }
 
 impl WireRequest {
@@ -400,7 +501,41 @@ impl WireRequest {
                 self.op
             )))
         };
+        if self.op != Op::Reencrypt {
+            if self.action.is_some() {
+                return misplaced("action");
+            }
+            if self.max_rate.is_some() {
+                return misplaced("max_rate");
+            }
+        }
         match self.op {
+            Op::Reencrypt => {
+                if self.slot.is_some() {
+                    return misplaced("slot");
+                }
+                if self.force.is_some() {
+                    return misplaced("force");
+                }
+                let Some(action) = self.action else {
+                    return Err(DecodeError::Invalid(
+                        "reencrypt needs \"action\" (start, pause, resume or status)".into(),
+                    ));
+                };
+                if self.secret.is_some() && action != ReencryptAction::Start {
+                    return misplaced("secret");
+                }
+                if self.max_rate == Some(0) {
+                    return Err(DecodeError::Invalid(
+                        "\"max_rate\" must be positive (bytes per second)".into(),
+                    ));
+                }
+                Ok(Request::Reencrypt {
+                    action,
+                    secret: self.secret.map(|s| s.0),
+                    max_rate: self.max_rate,
+                })
+            }
             Op::Unlock => {
                 if self.force.is_some() {
                     return misplaced("force");
@@ -471,6 +606,17 @@ struct WireRequestOut<'a> {
     slot: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     force: Option<bool>,
+}
+
+#[derive(Serialize)]
+struct WireReencryptOut<'a> {
+    v: u32,
+    op: Op,
+    action: ReencryptAction,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret: Option<SecretOut<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_rate: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -587,6 +733,7 @@ mod tests {
             flushes: 3,
             errors: 0,
             locked_reason: None,
+            reencrypt: None,
         }
     }
 
@@ -840,6 +987,87 @@ mod tests {
                     let _ = Response::decode(&bad);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn reencrypt_requests_round_trip_and_never_show_the_secret() {
+        let req = Request::Reencrypt {
+            action: ReencryptAction::Start,
+            secret: Some(SecretBytes::from_slice(b"hunter2")),
+            max_rate: Some(200 << 20),
+        };
+        let line = req.encode();
+        let text = std::str::from_utf8(&line).unwrap();
+        assert!(text.contains(r#""op":"reencrypt""#), "{text}");
+        assert!(text.contains(r#""action":"start""#), "{text}");
+        match Request::decode(&line).unwrap() {
+            Request::Reencrypt {
+                action: ReencryptAction::Start,
+                secret: Some(s),
+                max_rate: Some(r),
+            } => {
+                assert_eq!(s.expose_secret(), b"hunter2");
+                assert_eq!(r, 200 << 20);
+            }
+            other => panic!("{other:?}"),
+        }
+        let shown = format!("{req:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("aHVudGVyMg"),
+            "{shown}"
+        );
+        for action in ["pause", "resume", "status"] {
+            let r = decode_str(&format!(
+                r#"{{"v":1,"op":"reencrypt","action":"{action}"}}"#
+            ));
+            assert!(
+                matches!(r, Ok(Request::Reencrypt { secret: None, .. })),
+                "{action}"
+            );
+        }
+    }
+
+    #[test]
+    fn reencrypt_requests_refuse_misplaced_and_missing_fields() {
+        for bad in [
+            r#"{"v":1,"op":"reencrypt"}"#,
+            r#"{"v":1,"op":"reencrypt","action":"spin"}"#,
+            r#"{"v":1,"op":"reencrypt","action":"pause","secret":"aGk="}"#,
+            r#"{"v":1,"op":"reencrypt","action":"start","slot":1}"#,
+            r#"{"v":1,"op":"reencrypt","action":"start","force":true}"#,
+            r#"{"v":1,"op":"reencrypt","action":"start","max_rate":0}"#,
+            r#"{"v":1,"op":"status","action":"start"}"#,
+            r#"{"v":1,"op":"lock","max_rate":5}"#,
+        ] {
+            assert!(decode_str(bad).is_err(), "accepted {bad}");
+        }
+    }
+
+    #[test]
+    fn a_status_with_reencrypt_progress_round_trips_and_older_clients_ignore_it() {
+        let s = StatusReport {
+            reencrypt: Some(Box::new(ReencryptReport {
+                state: ReencryptState::Running,
+                done_bytes: 1 << 20,
+                total_bytes: 1 << 30,
+                rate_bytes_per_sec: 200 << 20,
+                eta_secs: Some(5),
+                max_rate: None,
+                backing_off: true,
+                error: None,
+            })),
+            ..status()
+        };
+        let ok = Response::Ok(s);
+        assert_eq!(Response::decode(&ok.encode()).unwrap(), ok);
+        // An unknown state from a newer daemon decodes as Unknown.
+        let line = String::from_utf8(ok.encode())
+            .unwrap()
+            .replace("running", "rewinding");
+        match Response::decode(line.as_bytes()).unwrap() {
+            Response::Ok(s) => assert_eq!(s.reencrypt.unwrap().state, ReencryptState::Unknown),
+            other => panic!("{other:?}"),
         }
     }
 }

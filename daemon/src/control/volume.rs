@@ -144,6 +144,7 @@ pub struct VolumeManager {
     policy: Policy,
     audit: Arc<AuditLog>,
     rekeyer: Option<Arc<Rekeyer>>,
+    reencryptor: Option<Arc<crate::control::reencrypt::Reencryptor>>,
 }
 
 /// Sends requests to the manager's task. Cheap to clone; one per control connection.
@@ -161,7 +162,17 @@ impl VolumeManager {
             policy: Policy::default(),
             audit: Arc::new(AuditLog::tracing()),
             rekeyer: None,
+            reencryptor: None,
         }
+    }
+
+    /// What `reencrypt` requests drive (without one they are refused).
+    pub fn with_reencryptor(
+        mut self,
+        reencryptor: Arc<crate::control::reencrypt::Reencryptor>,
+    ) -> Self {
+        self.reencryptor = Some(reencryptor);
+        self
     }
 
     /// What `rekey` requests run (without one they are refused).
@@ -194,6 +205,7 @@ impl VolumeManager {
             policy: self.policy,
             audit: self.audit,
             rekeyer: self.rekeyer,
+            reencryptor: self.reencryptor,
             rx,
             vol: Vol::Locked {
                 reason: "not unlocked since nbdcryptd started".into(),
@@ -293,6 +305,7 @@ enum Event {
 struct Task {
     audit: Arc<AuditLog>,
     rekeyer: Option<Arc<Rekeyer>>,
+    reencryptor: Option<Arc<crate::control::reencrypt::Reencryptor>>,
     exports: Arc<ExportTable>,
     info: VolumeInfo,
     unlocker: Arc<Unlocker>,
@@ -342,6 +355,11 @@ impl Task {
             Request::UnlockToken => self.unlock(UnlockWith::Tokens, origin, reply),
             Request::Rekey { slot } => self.rekey(slot, origin, reply),
             Request::Lock { force } => self.lock(force, origin, reply),
+            Request::Reencrypt {
+                action,
+                secret,
+                max_rate,
+            } => self.reencrypt(action, secret, max_rate, origin, reply),
         };
         // `None`: the request started a slow step, which answers when it ends. (The control
         // server logs every outcome; this task logs what it does.)
@@ -510,6 +528,67 @@ impl Task {
         None
     }
 
+    /// `reencrypt start|pause|resume|status`: the worker runs beside everything else; start
+    /// (new keyslots: key derivation) runs on a blocking thread and answers when done.
+    fn reencrypt(
+        &mut self,
+        action: crate::control::proto::ReencryptAction,
+        secret: Option<SecretBytes>,
+        max_rate: Option<u64>,
+        origin: Origin,
+        reply: Reply,
+    ) -> Option<(Reply, Response)> {
+        use crate::control::proto::ReencryptAction;
+        use crate::control::reencrypt::Refusal;
+        let Some(r) = self.reencryptor.clone() else {
+            return Some((
+                reply,
+                Response::error(ErrorKind::BadRequest, "this daemon cannot re-encrypt"),
+            ));
+        };
+        if action == ReencryptAction::Start {
+            if let Some(busy) = self.busy() {
+                return Some((reply, busy));
+            }
+            if !matches!(self.vol, Vol::Unlocked { .. }) {
+                return Some((
+                    reply,
+                    Response::error(
+                        ErrorKind::Busy,
+                        "the volume is not unlocked: unlock it first (the re-encryption runs \
+                         while it is served)",
+                    ),
+                ));
+            }
+        }
+        let report = self.report();
+        tokio::spawn(async move {
+            let r2 = r.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                r2.command(action, secret.as_ref(), max_rate, origin)
+            })
+            .await;
+            let response = match done {
+                Ok(Ok(())) => Response::Ok(StatusReport {
+                    reencrypt: r.report().map(Box::new),
+                    ..report
+                }),
+                Ok(Err((Refusal::Busy, m))) => Response::Error(ErrorReply {
+                    kind: ErrorKind::Busy,
+                    message: m,
+                    retry_after_secs: None,
+                }),
+                Ok(Err((Refusal::Failed, m))) => Response::error(ErrorKind::Internal, m),
+                Err(_) => Response::error(
+                    ErrorKind::Internal,
+                    "the re-encryption request failed unexpectedly; see the daemon log",
+                ),
+            };
+            let _ = reply.send(response);
+        });
+        None
+    }
+
     fn record(&self, event: &AuditEvent) {
         if let Err(e) = self.audit.record(event) {
             error!(error = %e, "cannot write the audit log");
@@ -549,6 +628,9 @@ impl Task {
                 info!(%origin, uuid = %self.info.uuid, size = device.size(), export = %export.name,
                       "unlocked; export published");
                 self.vol = Vol::Unlocked { device, export };
+                if let Some(r) = &self.reencryptor {
+                    r.on_unlock();
+                }
                 Response::Ok(self.report())
             }
             Ok(Err(UnlockError::WrongPassphrase)) => {
@@ -615,7 +697,14 @@ impl Task {
         };
         info!(%origin, "lock: no client attached; flushing");
         let device = device.clone();
-        let task = tokio::task::spawn_blocking(move || device.flush());
+        let reencryptor = self.reencryptor.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            // A running re-encryption stops at its zone boundary first; the header keeps it.
+            if let Some(r) = reencryptor {
+                r.stop();
+            }
+            device.flush()
+        });
         self.pending = Pending::Close {
             task,
             reply,
@@ -735,12 +824,18 @@ impl Task {
                 );
             }
         }
-        let res = tokio::task::spawn_blocking(move || device.flush())
-            .await
-            .unwrap_or_else(|e| {
-                error!(error = %e, "final flush task failed");
-                Err(block::Error::new(block::ErrorKind::Io))
-            });
+        let reencryptor = self.reencryptor.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            if let Some(r) = reencryptor {
+                r.stop();
+            }
+            device.flush()
+        })
+        .await
+        .unwrap_or_else(|e| {
+            error!(error = %e, "final flush task failed");
+            Err(block::Error::new(block::ErrorKind::Io))
+        });
         self.drop_device("nbdcryptd stopped".into());
         res
     }
@@ -788,6 +883,11 @@ impl Task {
             flushes: stat(|e| e.stats.flushes.load(Ordering::Relaxed)),
             errors: stat(|e| e.stats.errors.load(Ordering::Relaxed)),
             locked_reason: reason,
+            reencrypt: self
+                .reencryptor
+                .as_ref()
+                .and_then(|r| r.report())
+                .map(Box::new),
         }
     }
 }

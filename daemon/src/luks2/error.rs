@@ -96,8 +96,8 @@ pub enum FormatError {
     #[error("volume has mandatory requirements this implementation does not support: {0:?}")]
     UnmetRequirements(Vec<String>),
     #[error(
-        "volume is in the middle of an online reencryption ({reason}); finish it with \
-         `cryptsetup reencrypt --resume-only` first"
+        "volume is in the middle of a reencryption ({reason}); finish it first with \
+         `nbdcryptctl reencrypt VOLUME` (or `cryptsetup reencrypt --resume-only`)"
     )]
     ReencryptionInProgress { reason: String },
     #[error("{field}: unsupported cipher {cipher:?} (only aes-xts-plain64)")]

@@ -32,6 +32,11 @@ pub struct Metadata {
     pub(crate) config: Config,
     /// Unknown top-level members, preserved.
     pub(crate) extra: Map<String, Value>,
+    /// Every segment ("0".."k-1" and the `backup-*` ones) of a header in the middle of a
+    /// re-encryption, parsed only by [`Metadata::parse_area_reencrypt`]; `None` for a normal
+    /// volume (then `segment` is the only one). When set, `segment` is a copy of segment 0 and
+    /// this map is what gets written. Its meaning is checked in `luks2::reencrypt`.
+    pub(crate) reenc_segments: Option<BTreeMap<u32, Segment>>,
 }
 
 // A handful of keyslots parsed once: boxing the large variant buys nothing.
@@ -261,7 +266,7 @@ impl Token {
         &self.object
     }
 
-    fn set_keyslots(&mut self, keyslots: Vec<u32>) {
+    pub(crate) fn set_keyslots(&mut self, keyslots: Vec<u32>) {
         let list = keyslots
             .iter()
             .map(|k| Value::String(k.to_string()))
@@ -298,9 +303,42 @@ impl Metadata {
         Metadata::from_value(&root, hdr_size)
     }
 
+    /// Like [`Metadata::parse_area`], but a header in the middle of a cryptsetup re-encryption
+    /// (requirement `online-reencrypt-v2`, a `reencrypt` keyslot, `backup-*` segments) is
+    /// parsed instead of refused, with all its segments in `reenc_segments`. Only the
+    /// re-encryption engine (`luks2::reencrypt`) reads headers this way; it checks what the
+    /// state means and its digest before using it.
+    pub(crate) fn parse_area_reencrypt(
+        json_area: &[u8],
+        hdr_size: u64,
+        copy: HeaderCopy,
+    ) -> Result<Metadata, FormatError> {
+        let text = json_text(json_area).map_err(|reason| FormatError::JsonText { copy, reason })?;
+        let root: Value = serde_json::from_slice(text).map_err(|e| FormatError::JsonText {
+            copy,
+            reason: format!("invalid JSON at line {} column {}", e.line(), e.column()),
+        })?;
+        Metadata::from_value_mode(&root, hdr_size, true)
+    }
+
     pub(crate) fn from_value(root: &Value, hdr_size: u64) -> Result<Metadata, FormatError> {
+        Metadata::from_value_mode(root, hdr_size, false)
+    }
+
+    pub(crate) fn from_value_mode(
+        root: &Value,
+        hdr_size: u64,
+        allow_reencrypt: bool,
+    ) -> Result<Metadata, FormatError> {
         let top = as_obj(root, "(top level)")?;
-        refuse_reencryption_and_requirements(top)?;
+        let in_reencryption = match refuse_reencryption_and_requirements(top) {
+            Ok(()) => false,
+            Err(FormatError::ReencryptionInProgress { .. }) if allow_reencrypt => {
+                super::reencrypt::check_requirements(top)?;
+                true
+            }
+            Err(e) => return Err(e),
+        };
 
         let config = parse_config(obj_member(top, "config", "")?)?;
         let expected_json = json_area_size(hdr_size);
@@ -321,14 +359,23 @@ impl Metadata {
         }
 
         let seg_obj = obj_member(top, "segments", "")?;
-        if seg_obj.len() != 1 {
+        let mut reenc_segments = None;
+        if in_reencryption {
+            let mut all = BTreeMap::new();
+            for (name, v) in seg_obj {
+                let id = parse_id(name, "segments", Some(MAX_SEGMENTS))?;
+                all.insert(id, parse_segment_mode(v, &format!("segments.{id}"), true)?);
+            }
+            reenc_segments = Some(all);
+        }
+        if reenc_segments.is_none() && seg_obj.len() != 1 {
             return Err(FormatError::Unsupported(format!(
                 "{} segments (only single-segment volumes are served)",
                 seg_obj.len()
             )));
         }
-        let mut segment = None;
-        for (name, v) in seg_obj {
+        let mut segment = reenc_segments.as_ref().and_then(|all| all.get(&0).cloned());
+        for (name, v) in seg_obj.iter().filter(|_| reenc_segments.is_none()) {
             let id = parse_id(name, "segments", Some(MAX_SEGMENTS))?;
             if id != 0 {
                 return Err(FormatError::Unsupported(format!(
@@ -363,6 +410,7 @@ impl Metadata {
             digests,
             config,
             extra,
+            reenc_segments,
         };
         md.validate(hdr_size)?;
         Ok(md)
@@ -441,7 +489,11 @@ impl Metadata {
                 }
             }
             for s in &d.segments {
-                if *s != 0 {
+                let exists = match &self.reenc_segments {
+                    Some(all) => all.contains_key(s),
+                    None => *s == 0,
+                };
+                if !exists {
                     return Err(FormatError::meta(
                         format!("digests.{id}.segments"),
                         format!("segment {s} does not exist"),
@@ -514,7 +566,16 @@ impl Metadata {
         }
         top.insert("tokens".into(), Value::Object(toks));
         let mut segs = Map::new();
-        segs.insert("0".into(), encode_segment(&self.segment));
+        match &self.reenc_segments {
+            Some(all) => {
+                for (id, seg) in all {
+                    segs.insert(id.to_string(), encode_segment(seg));
+                }
+            }
+            None => {
+                segs.insert("0".into(), encode_segment(&self.segment));
+            }
+        }
         top.insert("segments".into(), Value::Object(segs));
         let mut digs = Map::new();
         for (id, d) in &self.digests {
@@ -738,6 +799,11 @@ fn parse_keyslot(v: &Value, path: &str) -> Result<Keyslot, FormatError> {
 }
 
 fn parse_segment(v: &Value, path: &str) -> Result<Segment, FormatError> {
+    parse_segment_mode(v, path, false)
+}
+
+/// `any_iv_tweak`: segments of a re-encryption carry their position as `iv_tweak`.
+fn parse_segment_mode(v: &Value, path: &str, any_iv_tweak: bool) -> Result<Segment, FormatError> {
     let o = as_obj(v, path)?;
     let t = str_member(o, "type", path)?;
     if t != "crypt" {
@@ -785,7 +851,7 @@ fn parse_segment(v: &Value, path: &str) -> Result<Segment, FormatError> {
         }
     };
     let iv_tweak = u64_str(o, "iv_tweak", path)?;
-    if iv_tweak != 0 {
+    if iv_tweak != 0 && !any_iv_tweak {
         // cryptsetup ignores iv_tweak when activating a single segment; refuse rather than guess.
         return Err(FormatError::Unsupported(format!(
             "{path}.iv_tweak is {iv_tweak}; a single-segment volume must have 0"

@@ -22,6 +22,8 @@ mod keyslot;
 pub mod layout;
 mod lock;
 mod metadata;
+pub mod online;
+pub mod reencrypt;
 mod volume;
 
 #[cfg(test)]

@@ -114,7 +114,7 @@ pub struct Luks2Header {
     label: String,
     subsystem: String,
     uuid: String,
-    metadata: Metadata,
+    pub(super) metadata: Metadata,
     /// JSON text of the copy this was read from (up to the NUL), for repairing the other copy.
     json_text: Vec<u8>,
 }
@@ -163,7 +163,24 @@ impl Luks2Header {
         Self::read_unlocked(file)
     }
 
+    /// Like [`Luks2Header::read`], but a header in the middle of a re-encryption is returned
+    /// instead of refused (its segments in `metadata.reenc_segments`). For `luks2::reencrypt`,
+    /// which checks the state and its digest before anything uses it.
+    pub(super) fn read_reencrypt(file: &File) -> Result<(Luks2Header, RepairNeeded), FormatError> {
+        let _lock = lock(file, LockMode::Shared)?;
+        let (hdr, repair) = Self::read_unlocked_mode(file, true)?;
+        hdr.check_attached(device_size(file)?)?;
+        Ok((hdr, repair))
+    }
+
     fn read_unlocked(file: &File) -> Result<(Luks2Header, RepairNeeded), FormatError> {
+        Self::read_unlocked_mode(file, false)
+    }
+
+    fn read_unlocked_mode(
+        file: &File,
+        allow_reencrypt: bool,
+    ) -> Result<(Luks2Header, RepairNeeded), FormatError> {
         let size = device_size(file)?;
         if size < BIN_HEADER_SIZE as u64 {
             return Err(FormatError::DeviceTooSmall {
@@ -174,7 +191,11 @@ impl Luks2Header {
         let (p, s) = header::read_both(file, size);
         let eval = |r: Result<RawCopy, FormatError>| match r {
             Err(e) => CopyState::Invalid(e),
-            Ok(c) => match Metadata::parse_area(&c.json_area, c.bin.hdr_size, c.bin.copy) {
+            Ok(c) => match if allow_reencrypt {
+                Metadata::parse_area_reencrypt(&c.json_area, c.bin.hdr_size, c.bin.copy)
+            } else {
+                Metadata::parse_area(&c.json_area, c.bin.hdr_size, c.bin.copy)
+            } {
                 Ok(md) => CopyState::Valid(c, Box::new(md)),
                 Err(e) if e.is_refusal() => CopyState::Refused(c, e),
                 Err(e) => CopyState::Invalid(e),
@@ -478,6 +499,27 @@ impl Luks2Header {
                 reason: "its key is not bound to the data segment".into(),
             });
         }
+        self.open_slot_unchecked(file, size, id, k, passphrase, limits)
+    }
+
+    /// Opens keyslot `id` and checks the key against the slot's digest, whatever segments that
+    /// digest covers (during a re-encryption the new key's digest covers only backup and
+    /// finished segments). Same KDF and digest limits as `unlock`.
+    pub(super) fn open_slot_unchecked(
+        &self,
+        file: &File,
+        size: u64,
+        id: u32,
+        k: &super::metadata::Luks2Keyslot,
+        passphrase: &SecretBytes,
+        limits: &KdfLimits,
+    ) -> Result<VolumeKey, FormatError> {
+        let Some((_, digest)) = self.metadata.digest_of_keyslot(id) else {
+            return Err(FormatError::KeyslotUnusable {
+                slot: id,
+                reason: "no digest".into(),
+            });
+        };
         // The digest's PBKDF2 runs on every attempt: cap it like a keyslot KDF.
         if digest.iterations > limits.max_pbkdf2_iterations {
             return Err(FormatError::KdfLimit {
@@ -668,7 +710,7 @@ impl Luks2Header {
     // ---- internals ----------------------------------------------------------------------------
 
     /// Lowest 4 KiB-aligned gap of `size` bytes in the keyslots area.
-    fn allocate_area(&self, size: u64) -> Result<u64, FormatError> {
+    pub(super) fn allocate_area(&self, size: u64) -> Result<u64, FormatError> {
         let start = 2 * self.hdr_size;
         let end = self.metadata_end();
         let mut used: Vec<(u64, u64)> = self
@@ -693,8 +735,9 @@ impl Luks2Header {
     }
 
     /// Under the exclusive lock: the on-disk header must still be the one we hold.
-    fn check_unchanged(&self, file: &File) -> Result<(), FormatError> {
-        let (disk, _) = Self::read_unlocked(file)?;
+    pub(super) fn check_unchanged(&self, file: &File) -> Result<(), FormatError> {
+        // Any valid header counts here, also one in re-encryption: only the seqid matters.
+        let (disk, _) = Self::read_unlocked_mode(file, true)?;
         if disk.seqid != self.seqid {
             return Err(FormatError::ConcurrentUpdate {
                 expected: self.seqid,
@@ -725,7 +768,7 @@ impl Luks2Header {
     }
 
     /// Writes `md` as the next seqid: primary then secondary, each fsynced.
-    fn commit(&mut self, file: &File, md: Metadata) -> Result<(), FormatError> {
+    pub(super) fn commit(&mut self, file: &File, md: Metadata) -> Result<(), FormatError> {
         md.validate(self.hdr_size)?;
         let text = md.to_json();
         let max = json_area_size(self.hdr_size) - 1;
@@ -874,6 +917,7 @@ pub fn format(
             extra: Default::default(),
         },
         extra: Default::default(),
+        reenc_segments: None,
     };
     let mut hdr = Luks2Header {
         hdr_size: params.hdr_size,
@@ -986,7 +1030,7 @@ fn copy_range(from: &File, to: &File, start: u64, end: u64) -> Result<(), Format
 /// (after both JSON areas, before the end of `config.keyslots_size`), before the data segment,
 /// and overlap no keyslot `md` still has (whatever its type). Anything else is refused: a
 /// header names the area, and the header is the attacker's.
-fn wipe_keyslot_area(
+pub(super) fn wipe_keyslot_area(
     file: &File,
     md: &Metadata,
     hdr_size: u64,

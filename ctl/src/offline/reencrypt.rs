@@ -1,0 +1,597 @@
+//! `nbdcryptctl reencrypt VOLUME`: replace the volume key and re-encrypt every sector, offline,
+//! in cryptsetup's LUKS2 re-encryption format (so `cryptsetup reencrypt --resume-only` can
+//! finish what we started and we can finish what cryptsetup started). The engine is
+//! `nbdcrypt::luks2::reencrypt`.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail};
+use clap::Args;
+
+use nbdcrypt::audit::{AuditEvent, AuditEventKind, AuditLog};
+use nbdcrypt::crypto::keys::SecretBytes;
+use nbdcrypt::luks2::reencrypt::{
+    self, FileIo, KeyAge, NewSlot, Reencryption, Resilience, StartParams,
+};
+use nbdcrypt::luks2::Luks2Header;
+
+use super::keys::KdfLimitArgs;
+use super::{bytes_human, Volume};
+use crate::secret_input::{read_existing, Source};
+
+pub const ABOUT: &str = "\
+Replace the volume key: a new random key, new keyslots for it opened by the same passphrases and
+key files, every sector re-encrypted from the old key to the new one, then the old key and its
+keyslots removed. Works on a volume no daemon serves (the command takes the same claim nbdcryptd
+holds). On disk this is cryptsetup's LUKS2 re-encryption (requirement online-reencrypt-v2), so:
+
+  * it is crash-safe: kill it, lose power, and the next `nbdcryptctl reencrypt VOLUME` resumes
+    where it stopped (a zone half done is redone from the resilience data);
+  * `cryptsetup reencrypt --resume-only VOLUME` can finish a re-encryption we started, and this
+    command finishes one that cryptsetup started (mode reencrypt, forward, no data shift);
+  * while it runs, other tools (and nbdcryptd) refuse the volume.
+
+Every passphrase keyslot of the volume key must be opened by one of the secrets given (one
+--key-file per secret, or one passphrase asked on the terminal). Keyslots of nbdcrypt's KMS/HSM
+tokens are re-sealed: a fresh secret sealed under the same KMS/HSM key for a new keyslot (give
+the same --kms-*/--pkcs11-* options as for `enroll`); the old token goes with the old key. Any
+other keyslot none of the secrets opens would be lost, so the command refuses unless
+--drop-unopened says to drop it.
+
+Resilience (how a zone interrupted mid-way is recovered):
+  checksum  (default) a hash of each 4 KiB of the zone's old ciphertext;
+  journal   a copy of the whole zone (slower: every byte written twice);
+  none      nothing: a crash inside a zone destroys that zone. Only when asked.";
+
+pub const EXAMPLES: &str = "\
+Examples:
+  nbdcryptctl reencrypt /srv/vol.img                       # asks the passphrase
+  nbdcryptctl reencrypt vol.img --key-file a.key --key-file b.key   # two keyslots, two secrets
+  nbdcryptctl reencrypt vol.img --key-file a.key --sector-size 4096 --key-size 512
+  nbdcryptctl reencrypt vol.img --key-file a.key --max-rate 200M    # at most 200 MiB/s
+  nbdcryptctl reencrypt vol.img --key-file a.key --resume-only      # only finish a started one
+  nbdcryptctl reencrypt vol.img --status                            # progress, no secret needed";
+
+#[derive(Args, Debug)]
+pub struct ReencryptArgs {
+    /// Volume file or block device (no daemon may be serving it).
+    #[arg(value_name = "VOLUME")]
+    pub volume: PathBuf,
+    /// A secret (passphrase or key file, bytes as-is; `-` = standard input). Repeat for the
+    /// secrets of several keyslots. Without it, one passphrase is asked.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Vec<PathBuf>,
+    /// New volume key size in bits: 512 (AES-256-XTS) or 256 (AES-128-XTS). Default: as now.
+    #[arg(long, value_name = "BITS")]
+    pub key_size: Option<u32>,
+    /// New encryption sector size: 512, 1024, 2048 or 4096. Default: as now.
+    #[arg(long, value_name = "BYTES")]
+    pub sector_size: Option<u32>,
+    /// checksum (default), journal, or none (a crash mid-zone loses the zone).
+    #[arg(long, value_name = "MODE", default_value = "checksum")]
+    pub resilience: String,
+    /// Bytes per hot zone (K/M/G suffixes, powers of 1024). Default 64M (20M for none), capped
+    /// by what the resilience area can protect.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub hotzone_size: Option<u64>,
+    /// Limit the re-encryption rate, in bytes per second (K/M/G suffixes).
+    #[arg(long, value_name = "RATE", value_parser = parse_size)]
+    pub max_rate: Option<u64>,
+    /// Only show the state of a re-encryption in progress (no secret needed, nothing changed).
+    #[arg(long, conflicts_with_all = ["resume_only", "key_file"])]
+    pub status: bool,
+    /// Only resume a re-encryption already started (by us or by cryptsetup); never start one.
+    #[arg(long, alias = "resume")]
+    pub resume_only: bool,
+    /// Drop the old key's keyslots that none of the given secrets opens (cryptsetup's
+    /// behaviour). Without it such keyslots make the command refuse.
+    #[arg(long)]
+    pub drop_unopened: bool,
+    /// Plain progress lines even on a terminal (they are plain when stderr is not a terminal).
+    #[arg(long)]
+    pub no_progress_bar: bool,
+    /// Print nothing but errors.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Append JSON lines (start, checkpoints, finish, failure) to this audit log.
+    #[arg(long, value_name = "PATH")]
+    pub audit_log: Option<PathBuf>,
+    #[command(flatten)]
+    pub kdf_limits: KdfLimitArgs,
+    /// Where the KMS tokens' keys live (for re-sealing them); see `enroll --help`.
+    #[command(flatten)]
+    pub location: super::enroll::KmsLocation,
+    #[command(flatten)]
+    pub hsm: super::enroll::Pkcs11Args,
+}
+
+/// `64M`, `1G`, `4096`: bytes, K/M/G/T = powers of 1024.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("{s:?}: unknown suffix {c:?} (use K, M, G or T)")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?} is not a positive size (e.g. 64M)"))
+}
+
+struct Audit(Option<AuditLog>, String);
+
+impl Audit {
+    fn record(&self, phase: &str, extra: impl FnOnce(AuditEvent) -> AuditEvent) {
+        if let Some(log) = &self.0 {
+            let ev = extra(
+                AuditEvent::new(AuditEventKind::Reencrypt)
+                    .this_process()
+                    .volume(&self.1)
+                    .detail("phase", phase),
+            );
+            if let Err(e) = log.record(&ev) {
+                eprintln!("nbdcryptctl: warning: cannot write the audit log: {e}");
+            }
+        }
+    }
+}
+
+pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
+    let resilience = Resilience::from_name(&a.resilience).ok_or_else(|| {
+        anyhow!(
+            "--resilience {:?}: use checksum, journal or none",
+            a.resilience
+        )
+    })?;
+    let key_size = match a.key_size {
+        None => None,
+        Some(512) => Some(64),
+        Some(256) => Some(32),
+        Some(n) => bail!("--key-size {n}: use 512 (AES-256-XTS) or 256 (AES-128-XTS)"),
+    };
+    let log = match &a.audit_log {
+        Some(p) => Some(
+            AuditLog::open(p)
+                .map_err(|e| anyhow!("cannot open the audit log {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    if a.status {
+        let vol = Volume::open(&a.volume, false)?;
+        return match reencrypt::peek(&vol.file).map_err(|e| vol.explain(e))? {
+            None => {
+                println!("{}: no re-encryption in progress", vol.path.display());
+                Ok(())
+            }
+            Some(st) => {
+                println!(
+                    "{}: re-encryption in progress: {} of {} done ({:.1}%), {} resilience, \
+                     sector size {} -> {}{}",
+                    vol.path.display(),
+                    st.frontier,
+                    st.data_size,
+                    st.frontier as f64 * 100.0 / st.data_size.max(1) as f64,
+                    st.resilience.name(),
+                    st.old_sector_size,
+                    st.new_sector_size,
+                    if st.hot_len.is_some() {
+                        "; a zone was interrupted by a crash and will be recovered on resume"
+                    } else {
+                        ""
+                    }
+                );
+                Ok(())
+            }
+        };
+    }
+    let vol = Volume::open(&a.volume, true)?;
+    let in_progress = reencrypt::peek(&vol.file).map_err(|e| vol.explain(e))?;
+    let uuid = Luks2Header::read_metadata_only(&vol.file)
+        .map(|(h, _)| h.uuid().to_string())
+        .or_else(|_| {
+            // A header in re-encryption is refused by the normal reader; its UUID is still
+            // in the binary header.
+            reencrypt_uuid(&vol)
+        })
+        .unwrap_or_default();
+    let audit = Audit(log, uuid);
+    if in_progress.is_none() && a.resume_only {
+        bail!(
+            "{}: no re-encryption in progress (nothing to resume)",
+            vol.path.display()
+        );
+    }
+    let secrets = read_secrets(&a, &vol)?;
+    let limits = a.kdf_limits.limits();
+
+    let result = (|| -> anyhow::Result<()> {
+        let mut r = match &in_progress {
+            Some(st) => {
+                if !a.quiet {
+                    eprintln!(
+                        "{}: resuming the re-encryption at {} of {} ({} resilience{})",
+                        vol.path.display(),
+                        bytes_human(st.frontier),
+                        bytes_human(st.data_size),
+                        st.resilience.name(),
+                        if st.hot_len.is_some() {
+                            ", recovering an interrupted zone first"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                if a.resilience != "checksum" && st.resilience.name() != a.resilience {
+                    eprintln!(
+                        "nbdcryptctl: warning: --resilience {} ignored: the re-encryption in \
+                         progress uses {}",
+                        a.resilience,
+                        st.resilience.name()
+                    );
+                }
+                let r =
+                    Reencryption::open(&vol.file, &secrets, &limits).map_err(|e| vol.explain(e))?;
+                audit.record("resume", |e| e.detail("frontier", r.frontier()));
+                r
+            }
+            None => start(&a, &vol, &secrets, &limits, resilience, key_size, &audit)?,
+        };
+        if let Some(z) = a.hotzone_size {
+            r.set_hotzone(Some(z)).map_err(|e| vol.explain(e))?;
+        }
+        #[cfg(debug_assertions)]
+        if let Some(n) = std::env::var("NBDCRYPT_TEST_REENCRYPT_STOP_AFTER_ZONES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            // Test builds only: stop after n zones, as an interruption would.
+            r.stop_after_zones(Some(n));
+        }
+        #[cfg(debug_assertions)]
+        if let Some(n) = std::env::var("NBDCRYPT_TEST_REENCRYPT_CRASH_AFTER_ZONES")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            // Test builds only: n zones, then die inside the next one (after its hot-zone
+            // commit, half of it written), as kill -9 or a power cut would.
+            let io = FileIo(&vol.file);
+            for _ in 0..n {
+                r.step(&vol.file, &io).map_err(|e| vol.explain(e))?;
+            }
+            r.step_then_crash_test(&vol.file, &io)
+                .map_err(|e| vol.explain(e))?;
+            eprintln!("nbdcryptctl: test hook: simulated crash inside a zone");
+            std::process::abort();
+        }
+        run_zones(&a, &vol, &mut r, &audit)?;
+        let hdr = r
+            .finish_dropping_orphans(&vol.file, |t| nbdcrypt::seal::token::is_ours(t.type_name()))
+            .map_err(|e| vol.explain(e))?;
+        let age = KeyAge::of(&hdr).map(|k| nbdcrypt::audit::rfc3339(k.created_unix));
+        audit.record("finish", |e| match &age {
+            Some(t) => e.detail("key_created", t.as_str()),
+            None => e,
+        });
+        if !a.quiet {
+            eprintln!(
+                "{}: re-encryption finished; the old volume key and its keyslots are gone",
+                vol.path.display()
+            );
+        }
+        Ok(())
+    })();
+    if let Err(e) = &result {
+        audit.record("failed", |ev| ev.failed(format!("{e:#}")));
+    }
+    result
+}
+
+/// UUID from the binary header (`Luks2Header` refuses a header in re-encryption).
+fn reencrypt_uuid(vol: &Volume) -> Result<String, ()> {
+    let mut bin = [0u8; 4096];
+    std::os::unix::fs::FileExt::read_exact_at(&vol.file, &mut bin, 0).map_err(|_| ())?;
+    let field = &bin[168..208];
+    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
+    let s = std::str::from_utf8(&field[..end]).map_err(|_| ())?;
+    if s.len() == 36 && s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+        Ok(s.to_string())
+    } else {
+        Err(())
+    }
+}
+
+fn read_secrets(a: &ReencryptArgs, vol: &Volume) -> anyhow::Result<Vec<SecretBytes>> {
+    if a.key_file.iter().filter(|p| p.as_os_str() == "-").count() > 1 {
+        bail!("only one --key-file can be `-` (standard input)");
+    }
+    if a.key_file.is_empty() {
+        return Ok(vec![read_existing(
+            &Source::Interactive,
+            &format!("Enter passphrase for {}: ", vol.path.display()),
+        )?]);
+    }
+    a.key_file
+        .iter()
+        .map(|p| read_existing(&Source::KeyFile(p.clone()), ""))
+        .collect()
+}
+
+fn start(
+    a: &ReencryptArgs,
+    vol: &Volume,
+    secrets: &[SecretBytes],
+    limits: &nbdcrypt::luks2::KdfLimits,
+    resilience: Resilience,
+    key_size: Option<u32>,
+    audit: &Audit,
+) -> anyhow::Result<Reencryption> {
+    let hdr = vol.header(true)?;
+    let seg = hdr.data_segment();
+    let mut slots = Vec::new();
+    let mut old_key = None;
+    let data_slots: Vec<_> = hdr.keyslots().into_iter().filter(|k| k.for_data).collect();
+    let mut unopened = Vec::new();
+    for ks in &data_slots {
+        let mut opened = false;
+        for s in secrets {
+            match hdr.unlock_slot(&vol.file, ks.id, s, limits) {
+                Ok(key) => {
+                    let kdf = ks
+                        .kdf
+                        .ok_or_else(|| anyhow!("keyslot {}: unknown KDF", ks.id))?;
+                    slots.push(NewSlot {
+                        old_slot: ks.id,
+                        secret: SecretBytes::from_slice(s.expose_secret()),
+                        kdf,
+                        token: None,
+                    });
+                    old_key.get_or_insert(key);
+                    opened = true;
+                    break;
+                }
+                Err(nbdcrypt::luks2::FormatError::WrongPassphrase) => {}
+                Err(nbdcrypt::luks2::FormatError::KeyslotUnusable { .. }) => {}
+                Err(e) => return Err(vol.explain(e)),
+            }
+        }
+        if !opened {
+            unopened.push(ks.id);
+        }
+    }
+    let Some(old_key) = old_key else {
+        return Err(anyhow::Error::new(super::NoKey(
+            super::NO_KEY_MESSAGE.into(),
+        )));
+    };
+    // Our KMS/HSM tokens: re-sealed under the same key for the new keyslot, not erased.
+    let mut resealed = Vec::new();
+    if unopened.iter().any(|id| our_token(&hdr, *id).is_some()) {
+        let settings = super::enroll::seal_settings(&a.location, &a.hsm)?;
+        for &id in &unopened {
+            let Some((tid, json)) = our_token(&hdr, id) else {
+                continue;
+            };
+            let provider = nbdcrypt::seal::resolve_provider(&json, &settings).map_err(|e| {
+                anyhow!(
+                    "keyslot {id} (token {tid}): cannot reach its KMS/HSM key to re-seal it: {e}"
+                )
+            })?;
+            let mut secret = SecretBytes::zeroed(nbdcrypt::seal::enroll::SECRET_LEN);
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, secret.expose_secret_mut()))
+                .map_err(|e| anyhow!("reading /dev/urandom: {e}"))?;
+            let pass = nbdcrypt::seal::enroll::passphrase_for(&secret);
+            let uuid = hdr.uuid().to_string();
+            slots.push(NewSlot {
+                old_slot: id,
+                secret: pass,
+                kdf: nbdcrypt::seal::enroll::TOKEN_KEYSLOT_KDF,
+                token: Some(Box::new(move |new_slot| {
+                    let binding = nbdcrypt::seal::Binding {
+                        volume_uuid: uuid,
+                        keyslot: new_slot,
+                    };
+                    let sealed = provider
+                        .seal(&secret, &binding)
+                        .map_err(|e| e.to_string())?;
+                    nbdcrypt::seal::token::build(
+                        provider.token_type(),
+                        new_slot,
+                        &sealed,
+                        &nbdcrypt::audit::rfc3339_now(),
+                    )
+                    .map_err(|e| e.to_string())
+                })),
+            });
+            resealed.push(id);
+        }
+        unopened.retain(|id| !resealed.contains(id));
+    }
+    if !unopened.is_empty() && !a.drop_unopened {
+        let bound: Vec<String> = unopened
+            .iter()
+            .map(|id| {
+                let tok = hdr
+                    .tokens()
+                    .find(|(_, t)| t.keyslots().contains(id))
+                    .map(|(t, tok)| format!(" (token {t}, {})", super::printable(tok.type_name())))
+                    .unwrap_or_default();
+                format!("{id}{tok}")
+            })
+            .collect();
+        bail!(
+            "{}: keyslot(s) {} are not opened by the secrets given and would be lost with the old \
+             key; give their secrets too (one --key-file each), or remove them first, or pass \
+             --drop-unopened",
+            vol.path.display(),
+            bound.join(", ")
+        );
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let params = StartParams {
+        key_size: key_size.or(seg.key_size).unwrap_or(64),
+        sector_size: a.sector_size.unwrap_or(seg.sector_size),
+        resilience,
+        hotzone: a.hotzone_size,
+        now_unix: now,
+    };
+    let kept: Vec<u32> = slots.iter().map(|s| s.old_slot).collect();
+    let r =
+        Reencryption::start(&vol.file, hdr, old_key, slots, &params).map_err(|e| vol.explain(e))?;
+    audit.record("start", |e| {
+        e.detail("resilience", resilience.name())
+            .detail("key_bits", params.key_size * 8)
+            .detail("sector_size", params.sector_size)
+            .detail("old_keyslots", kept.clone())
+            .detail("dropped_keyslots", unopened.clone())
+            .detail("resealed_keyslots", resealed.clone())
+    });
+    if !a.quiet {
+        eprintln!(
+            "{}: re-encryption started: new {}-bit key, {}-byte sectors, {} resilience, {} per zone",
+            vol.path.display(),
+            params.key_size * 8,
+            params.sector_size,
+            resilience.name(),
+            bytes_human(r.hotzone())
+        );
+    }
+    Ok(r)
+}
+
+/// Our (KMS/HSM) token bound to keyslot `slot`: its id and JSON.
+fn our_token(
+    hdr: &Luks2Header,
+    slot: u32,
+) -> Option<(u32, serde_json::Map<String, serde_json::Value>)> {
+    hdr.tokens()
+        .find_map(|(tid, t)| match nbdcrypt::seal::token::parse(t) {
+            Ok(Some(p)) if p.keyslot == slot => Some((tid, t.json().clone())),
+            _ => None,
+        })
+}
+
+fn run_zones(
+    a: &ReencryptArgs,
+    vol: &Volume,
+    r: &mut Reencryption,
+    audit: &Audit,
+) -> anyhow::Result<()> {
+    let io = FileIo(&vol.file);
+    let total = r.data_size();
+    let bar = !a.quiet && !a.no_progress_bar && std::io::stderr().is_terminal();
+    let t0 = Instant::now();
+    let f0 = r.frontier();
+    let mut last_line = Instant::now();
+    let mut next_checkpoint = total / 4;
+    while next_checkpoint <= r.frontier() && next_checkpoint < total {
+        next_checkpoint += total / 4;
+    }
+    loop {
+        let done = r.step(&vol.file, &io).map_err(|e| {
+            if bar {
+                eprintln!();
+            }
+            vol.explain(e)
+        })?;
+        if done.is_none() {
+            break;
+        }
+        let f = r.frontier();
+        let elapsed = t0.elapsed().as_secs_f64().max(1e-6);
+        let rate = (f - f0) as f64 / elapsed;
+        if let Some(max) = a.max_rate {
+            // Sleep until the average rate since we began is back under the limit.
+            let due = (f - f0) as f64 / max as f64;
+            if due > elapsed {
+                std::thread::sleep(Duration::from_secs_f64(due - elapsed));
+            }
+        }
+        if f >= next_checkpoint && f < total {
+            audit.record("checkpoint", |e| {
+                e.detail("frontier", f).detail("data_size", total)
+            });
+            while next_checkpoint <= f {
+                next_checkpoint += (total / 4).max(1);
+            }
+        }
+        if a.quiet {
+            continue;
+        }
+        let pct = if total == 0 {
+            100.0
+        } else {
+            f as f64 * 100.0 / total as f64
+        };
+        let eta = if rate > 0.0 {
+            (total - f) as f64 / rate
+        } else {
+            0.0
+        };
+        if bar {
+            let width = 30usize;
+            let filled = usize::try_from(f.saturating_mul(width as u64) / total.max(1))
+                .unwrap_or(width)
+                .min(width);
+            eprint!(
+                "\r[{}{}] {pct:5.1}% {:8.1} MiB/s  ETA {:4.0}s ",
+                "#".repeat(filled),
+                ".".repeat(width - filled.min(width)),
+                rate / 1048576.0,
+                eta
+            );
+            let _ = std::io::stderr().flush();
+        } else if last_line.elapsed() >= Duration::from_secs(2) || f == total {
+            last_line = Instant::now();
+            eprintln!(
+                "reencrypt: {pct:.1}% ({f} of {total} bytes), {:.1} MiB/s, ETA {eta:.0}s",
+                rate / 1048576.0
+            );
+        }
+    }
+    if bar {
+        eprintln!();
+    }
+    if !a.quiet {
+        let secs = t0.elapsed().as_secs_f64();
+        let bytes = r.frontier() - f0;
+        eprintln!(
+            "re-encrypted {} in {secs:.2}s ({:.1} MiB/s)",
+            bytes_human(bytes),
+            bytes as f64 / secs.max(1e-6) / 1048576.0
+        );
+    }
+    let _ = vol;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_take_binary_suffixes_and_refuse_nonsense() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999999T").is_err());
+    }
+}

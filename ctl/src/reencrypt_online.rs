@@ -1,0 +1,306 @@
+//! `nbdcryptctl reencrypt --control SOCK`: online volume-key re-encryption inside a running
+//! nbdcryptd (start, pause, resume, change the rate, follow progress). The offline form
+//! (`nbdcryptctl reencrypt VOLUME`, no daemon) lives in `offline::reencrypt`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser};
+
+use nbdcrypt::control::client;
+use nbdcrypt::control::proto::{
+    ReencryptAction, ReencryptReport, ReencryptState, Request, Response,
+};
+
+use crate::exit::{self, Failure};
+use crate::secret::{self, Source};
+
+pub const ABOUT: &str = "\
+Replace the volume key of a running nbdcryptd's volume and re-encrypt every sector under the
+new key, while clients keep using the export (online; the offline form takes a VOLUME path).
+
+The daemon makes a new random volume key and a keyslot for it opened by the same passphrase or
+key file (asked for, or --key-file / --stdin), records the re-encryption in the LUKS2 header in
+cryptsetup's format (`online-reencrypt-v2`, checksum resilience), and re-encrypts zone by zone
+in the background: client I/O below the frontier uses the new key, above it the old key, and a
+request inside the zone being rewritten waits for it (tens of milliseconds). When every zone is
+done the old key and its keyslot are removed.
+
+The volume must have exactly one keyslot for its key (the one the secret opens); others would be
+lost, so the daemon refuses: remove them first, or use the offline form.
+
+It is crash-safe: after a crash, kill -9 or power cut, restart nbdcryptd and unlock with the same
+passphrase; the interrupted zone is recovered and the re-encryption continues by itself.
+`cryptsetup reencrypt --resume-only` can also finish it offline.
+
+Throttling: --max-rate caps the rate; on top of that the daemon backs off by itself (at most
+about half of the device time) while clients are busy. Progress, rate and ETA: `nbdcryptctl
+status`, or --wait here.";
+
+pub const EXAMPLES: &str = "\
+Examples:
+  nbdcryptctl reencrypt --control /run/nbdcrypt/db.sock --key-file /etc/nbdcrypt/db.key
+  nbdcryptctl reencrypt --control SOCK --max-rate 100M --wait     # start, follow to the end
+  nbdcryptctl reencrypt --control SOCK --pause
+  nbdcryptctl reencrypt --control SOCK --resume --max-rate 50M
+  nbdcryptctl reencrypt --control SOCK --status";
+
+#[derive(Args, Debug)]
+pub struct OnlineReencryptArgs {
+    /// The control socket of the nbdcryptd serving the volume.
+    #[arg(long, value_name = "SOCK", env = "NBDCRYPT_CONTROL")]
+    pub control: PathBuf,
+
+    /// Pause a running re-encryption (clients are unaffected; the position is kept).
+    #[arg(long, conflicts_with_all = ["resume", "status", "key_file", "stdin"])]
+    pub pause: bool,
+
+    /// Resume a paused re-encryption.
+    #[arg(long, conflicts_with_all = ["status", "key_file", "stdin"])]
+    pub resume: bool,
+
+    /// Only show the progress.
+    #[arg(long, conflicts_with_all = ["key_file", "stdin", "max_rate"])]
+    pub status: bool,
+
+    /// Cap the re-encryption rate: bytes per second, with K/M/G suffixes (powers of 1024).
+    /// With --pause/--resume or alone with a running re-encryption: change it.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub max_rate: Option<u64>,
+
+    /// Read the secret from FILE, its bytes as-is ("-": standard input).
+    #[arg(long, value_name = "FILE", conflicts_with = "stdin")]
+    pub key_file: Option<PathBuf>,
+
+    /// Read the passphrase from the first line of standard input.
+    #[arg(long)]
+    pub stdin: bool,
+
+    /// After the request, follow the progress until the re-encryption finishes or fails.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// `nbdcryptctl reencrypt --control ...` as a command line of its own.
+#[derive(Parser, Debug)]
+#[command(
+    name = "nbdcryptctl reencrypt",
+    about = "Re-encrypt the running daemon's volume under a new volume key, online.",
+    long_about = ABOUT,
+    after_help = EXAMPLES
+)]
+struct OnlineCli {
+    #[command(flatten)]
+    args: OnlineReencryptArgs,
+}
+
+/// If argv is `nbdcryptctl reencrypt ... --control ...`, run the online form and return its
+/// exit code; otherwise `None` (the offline `reencrypt VOLUME` and every other command).
+pub fn dispatch() -> Option<std::process::ExitCode> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let online = argv.get(1).is_some_and(|a| a == "reencrypt")
+        && argv[2..]
+            .iter()
+            .any(|a| a == "--control" || a.to_string_lossy().starts_with("--control="));
+    if !online {
+        return None;
+    }
+    let cli = match OnlineCli::try_parse_from(
+        std::iter::once(std::ffi::OsString::from("nbdcryptctl reencrypt"))
+            .chain(argv[2..].iter().cloned()),
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return Some(std::process::ExitCode::from(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            }));
+        }
+    };
+    Some(match run(cli.args) {
+        Ok(()) => std::process::ExitCode::from(exit::OK),
+        Err(f) => {
+            eprintln!("nbdcryptctl: {}", f.message);
+            std::process::ExitCode::from(f.code)
+        }
+    })
+}
+
+/// "200M" -> 200 MiB/s.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let s = s.trim().trim_end_matches("/s").trim_end_matches(['B', 'b']);
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a rate like 200M (bytes per second)"))?;
+    match n.checked_mul(mult) {
+        Some(0) | None => Err("the rate must be positive and below 16 EiB/s".into()),
+        Some(v) => Ok(v),
+    }
+}
+
+pub fn run(a: OnlineReencryptArgs) -> Result<(), Failure> {
+    let rate_only = a.max_rate.is_some() && a.key_file.is_none() && !a.stdin;
+    let action = if a.pause {
+        ReencryptAction::Pause
+    } else if a.resume {
+        ReencryptAction::Resume
+    } else if a.status {
+        ReencryptAction::Status
+    } else if rate_only {
+        // `--max-rate` alone changes the rate of an existing re-encryption, paused or not
+        // (the daemon applies `max_rate` with pause and resume; neither changes the state here).
+        match current_state(&a)? {
+            Some(ReencryptState::Paused) => ReencryptAction::Pause,
+            Some(_) => ReencryptAction::Resume,
+            None => {
+                return Err(Failure::new(
+                    exit::TRY_LATER,
+                    "no re-encryption is running; to start one give the secret too \
+                     (--key-file FILE, --stdin, or answer the prompt without --max-rate)",
+                ))
+            }
+        }
+    } else {
+        ReencryptAction::Start
+    };
+    let secret = if action == ReencryptAction::Start {
+        let source = match (&a.key_file, a.stdin) {
+            (Some(p), _) => Source::KeyFile(p.clone()),
+            (None, true) => Source::StdinLine,
+            (None, false) => Source::Tty {
+                prompt: "Passphrase of the volume (its keyslot is carried to the new key): ".into(),
+            },
+        };
+        Some(secret::read(&source)?)
+    } else {
+        None
+    };
+    let request = Request::Reencrypt {
+        action,
+        secret,
+        max_rate: a.max_rate,
+    };
+    let response = client::call(&a.control, &request).map_err(|e| Failure::error(e.to_string()));
+    drop(request); // wipes the secret
+    let report = match response? {
+        Response::Ok(s) => s.reencrypt,
+        Response::Error(e) => {
+            let code = match e.kind {
+                nbdcrypt::control::proto::ErrorKind::Busy => exit::TRY_LATER,
+                nbdcrypt::control::proto::ErrorKind::WrongPassphrase => exit::WRONG_SECRET,
+                _ => exit::ERROR,
+            };
+            return Err(Failure::new(code, e.message));
+        }
+    };
+    match (action, &report) {
+        (_, None) => println!("no re-encryption since the volume was unlocked"),
+        (ReencryptAction::Start, Some(r)) => println!("re-encryption started: {}", line(r)),
+        (ReencryptAction::Pause, Some(r)) => println!("re-encryption paused: {}", line(r)),
+        (ReencryptAction::Resume, Some(r)) => println!("re-encryption running: {}", line(r)),
+        (ReencryptAction::Status, Some(r)) => println!("{}", line(r)),
+    }
+    if a.wait {
+        return follow(&a.control);
+    }
+    Ok(())
+}
+
+/// The state of a running or paused re-encryption, `None` if there is none.
+fn current_state(a: &OnlineReencryptArgs) -> Result<Option<ReencryptState>, Failure> {
+    let status =
+        client::call(&a.control, &Request::Status).map_err(|e| Failure::error(e.to_string()))?;
+    Ok(match status {
+        Response::Ok(s) => s
+            .reencrypt
+            .map(|r| r.state)
+            .filter(|st| matches!(st, ReencryptState::Running | ReencryptState::Paused)),
+        Response::Error(_) => None,
+    })
+}
+
+/// Poll until finished (exit 0) or failed (exit 1).
+fn follow(control: &std::path::Path) -> Result<(), Failure> {
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let r = match client::call(control, &Request::Status) {
+            Ok(Response::Ok(s)) => s.reencrypt,
+            Ok(Response::Error(e)) => return Err(Failure::error(e.message)),
+            Err(e) => return Err(Failure::error(e.to_string())),
+        };
+        let Some(r) = r else {
+            return Err(Failure::error(
+                "the daemon no longer reports a re-encryption (locked or restarted?)",
+            ));
+        };
+        eprintln!("{}", line(&r));
+        match r.state {
+            ReencryptState::Finished => return Ok(()),
+            ReencryptState::Failed => {
+                return Err(Failure::error(format!(
+                    "re-encryption failed: {}",
+                    r.error.unwrap_or_default()
+                )))
+            }
+            _ => {}
+        }
+    }
+}
+
+/// "running 37.5 % (384.0 MiB of 1.0 GiB), 212.3 MiB/s, ETA 3 s".
+pub fn line(r: &ReencryptReport) -> String {
+    let pct = if r.total_bytes == 0 {
+        100.0
+    } else {
+        r.done_bytes as f64 * 100.0 / r.total_bytes as f64
+    };
+    let mut s = format!(
+        "{} {pct:.1} % ({} of {})",
+        r.state,
+        crate::online::human_bytes(r.done_bytes),
+        crate::online::human_bytes(r.total_bytes)
+    );
+    if r.state == ReencryptState::Running {
+        s.push_str(&format!(
+            ", {}/s",
+            crate::online::human_bytes(r.rate_bytes_per_sec)
+        ));
+        if let Some(eta) = r.eta_secs {
+            s.push_str(&format!(", ETA {eta} s"));
+        }
+        if r.backing_off {
+            s.push_str(", backing off for client I/O");
+        }
+    }
+    if let Some(m) = r.max_rate {
+        s.push_str(&format!(", max {}/s", crate::online::human_bytes(m)));
+    }
+    if let Some(e) = &r.error {
+        s.push_str(&format!(": {e}"));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_take_binary_suffixes_and_refuse_zero() {
+        assert_eq!(parse_rate("200M"), Ok(200 << 20));
+        assert_eq!(parse_rate("64k"), Ok(64 << 10));
+        assert_eq!(parse_rate("1G/s"), Ok(1 << 30));
+        assert_eq!(parse_rate("4096"), Ok(4096));
+        assert!(parse_rate("0").is_err());
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("99999999999G").is_err());
+    }
+}
