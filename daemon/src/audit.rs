@@ -32,6 +32,8 @@ pub enum AuditEventKind {
     RemoveKey,
     HeaderBackup,
     HeaderRestore,
+    /// An NBD client attached over TLS (its certificate subject, with mutual TLS).
+    NbdTlsAttach,
 }
 
 impl AuditEventKind {
@@ -47,6 +49,7 @@ impl AuditEventKind {
             AuditEventKind::RemoveKey => "remove_key",
             AuditEventKind::HeaderBackup => "header_backup",
             AuditEventKind::HeaderRestore => "header_restore",
+            AuditEventKind::NbdTlsAttach => "nbd_tls_attach",
         }
     }
 }
