@@ -185,6 +185,13 @@ fn build(s: &TlsSettings) -> Result<rustls::ServerConfig, String> {
     }
     check_key_mode(&key_path);
     let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| read_pem_err(&key_path, e))?;
+    let key = match &key {
+        PrivateKeyDer::Pkcs8(k) => match normalise_ec_pkcs8(k.secret_pkcs8_der()) {
+            Some(fixed) => PrivateKeyDer::Pkcs8(fixed.into()),
+            None => key,
+        },
+        _ => key,
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -225,6 +232,81 @@ fn build(s: &TlsSettings) -> Result<rustls::ServerConfig, String> {
             key_path.display()
         )
     })
+}
+
+/// GnuTLS (certtool 3.7) writes about half of its ECDSA PKCS#8 keys with the private scalar as
+/// 33 (P-256) or 49 (P-384) bytes, a sign-padding zero in front, and ring refuses those ("failed
+/// to parse private key"), while nbdkit, qemu-nbd and OpenSSL take them. The same key directory
+/// must serve all of them, so such a key is re-encoded here with the zero dropped (RFC 5915:
+/// the scalar is exactly the field size). `None`: the key is not of that shape; leave it.
+fn normalise_ec_pkcs8(der: &[u8]) -> Option<Vec<u8>> {
+    use zeroize::Zeroize;
+    const SEQ: u8 = 0x30;
+    const OCTETS: u8 = 0x04;
+    let (t, outer, _) = tlv(der)?;
+    if t != SEQ {
+        return None;
+    }
+    let (vt, vc, r) = tlv(outer)?; // version
+    let version_len = outer.len() - r.len();
+    let (at, _, r2) = tlv(r)?; // algorithm
+    if vt != 0x02 || vc != [0] || at != SEQ {
+        return None;
+    }
+    let alg = &r[..r.len() - r2.len()];
+    // id-ecPublicKey 1.2.840.10045.2.1
+    if !alg
+        .windows(9)
+        .any(|w| w == [0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01])
+    {
+        return None;
+    }
+    let (ot, ec, after) = tlv(r2)?;
+    if ot != OCTETS {
+        return None;
+    }
+    let (st, ec_seq, _) = tlv(ec)?;
+    if st != SEQ {
+        return None;
+    }
+    let (it, ic, r3) = tlv(ec_seq)?;
+    let (pt, scalar, rest) = tlv(r3)?;
+    if it != 0x02 || ic != [1] || pt != OCTETS {
+        return None;
+    }
+    if !(scalar.len() == 33 || scalar.len() == 49) || scalar[0] != 0 {
+        return None;
+    }
+    let mut inner = vec![0x02, 0x01, 0x01];
+    der_push(&mut inner, OCTETS, &scalar[1..]);
+    inner.extend_from_slice(rest);
+    let mut ec_new = Vec::new();
+    der_push(&mut ec_new, SEQ, &inner);
+    inner.zeroize();
+    let mut body = outer[..version_len].to_vec();
+    body.extend_from_slice(alg);
+    der_push(&mut body, OCTETS, &ec_new);
+    ec_new.zeroize();
+    body.extend_from_slice(after);
+    let mut out = Vec::new();
+    der_push(&mut out, SEQ, &body);
+    body.zeroize();
+    Some(out)
+}
+
+fn der_push(out: &mut Vec<u8>, tag: u8, content: &[u8]) {
+    out.push(tag);
+    let n = content.len();
+    let len = n.to_be_bytes();
+    let skip = len.iter().take_while(|&&b| b == 0).count();
+    if n < 0x80 {
+        out.push(len[len.len() - 1]);
+    } else {
+        let bytes = &len[skip..];
+        out.push(0x80 | u8::try_from(bytes.len()).unwrap_or(8));
+        out.extend_from_slice(bytes);
+    }
+    out.extend_from_slice(content);
 }
 
 /// A private key others can read is worth a warning (not a refusal: the operator may know why).
@@ -674,6 +756,32 @@ pub fn reload_on_sighup(state: Arc<TlsState>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A throw-away key from `certtool --generate-privkey --key-type=ecdsa --pkcs8` whose
+    /// scalar came out as 33 bytes (00 AD 85 ...).
+    const CERTTOOL_33_BYTE_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIGUAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBHoweAIBAQQhAK2Foqsj8hvnVYVk
+lHhlFK5VsFA60ErP9efdVPTUcXTRoAoGCCqGSM49AwEHoUQDQgAEGXliAZYJte43
+3mO20IQys32KWhK08aHXIgavnz1Od650H56MH9ftuRcv6f9nQGEFNcKGXCJuBQXj
+xBr/mtcs+w==
+-----END PRIVATE KEY-----
+";
+
+    #[test]
+    fn a_certtool_ecdsa_key_with_a_padded_scalar_is_re_encoded_so_ring_takes_it() {
+        use rustls::crypto::ring::sign::any_supported_type;
+        let key = PrivateKeyDer::from_pem_slice(CERTTOOL_33_BYTE_KEY.as_bytes()).unwrap();
+        assert!(any_supported_type(&key).is_err(), "ring took it as it is");
+        let PrivateKeyDer::Pkcs8(k) = &key else {
+            panic!("not PKCS#8")
+        };
+        let fixed = normalise_ec_pkcs8(k.secret_pkcs8_der()).expect("re-encoded");
+        assert_eq!(fixed.len(), k.secret_pkcs8_der().len() - 1);
+        any_supported_type(&PrivateKeyDer::Pkcs8(fixed.clone().into())).expect("ring takes it");
+        // A well-formed key is left alone.
+        assert_eq!(normalise_ec_pkcs8(&fixed), None);
+        assert_eq!(normalise_ec_pkcs8(&[0x30, 0x03, 0x02, 0x01, 0x00]), None);
+    }
 
     #[test]
     fn modes_parse() {
