@@ -783,6 +783,141 @@ xBr/mtcs+w==
         assert_eq!(normalise_ec_pkcs8(&[0x30, 0x03, 0x02, 0x01, 0x00]), None);
     }
 
+    /// A rustls client and server that finished their handshake in memory (a self-signed
+    /// certificate made with openssl for the occasion).
+    fn connected_pair() -> (rustls::ClientConnection, ServerConnection) {
+        let dir = std::env::temp_dir().join(format!("nbdcrypt-tls-unit-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let ok = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(
+                "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+                 -keyout key.pem -out cert.pem -days 1 -subj /CN=localhost \
+                 -addext subjectAltName=DNS:localhost -addext basicConstraints=critical,CA:FALSE \
+                 >/dev/null 2>&1",
+            )
+            .current_dir(&dir)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "openssl req failed");
+        let certs: Vec<_> = CertificateDer::pem_file_iter(dir.join("cert.pem"))
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(dir.join("key.pem")).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs.clone(), key)
+            .unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(certs[0].clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut c = rustls::ClientConnection::new(
+            Arc::new(client),
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+        )
+        .unwrap();
+        let mut s = ServerConnection::new(Arc::new(server)).unwrap();
+        while c.is_handshaking() || s.is_handshaking() || c.wants_write() || s.wants_write() {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            s.read_tls(&mut &buf[..]).unwrap();
+            s.process_new_packets().unwrap();
+            buf.clear();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            c.read_tls(&mut &buf[..]).unwrap();
+            c.process_new_packets().unwrap();
+        }
+        (c, s)
+    }
+
+    /// The sink's promise to the session: `try_write` never blocks, and when it says it took
+    /// a buffer whole, all of that buffer's ciphertext is on the socket (nothing waits in the
+    /// sink without a writer on its way). Checked against a peer that does not read, so the
+    /// socket fills; then the peer reads everything and must see exactly the bytes the sink
+    /// reported as taken, in order, after the blocking writes finish the owed ones.
+    #[test]
+    fn try_write_never_reports_bytes_whose_ciphertext_still_waits_in_the_sink() {
+        use std::os::unix::net::UnixStream;
+        let (mut client, server) = connected_pair();
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let (_reader, mut sink) = blocking_parts(server, ours.try_clone().unwrap(), ours);
+        let mut expect = Vec::new();
+        let mut seed = 7u32;
+        let mut blocked = 0;
+        let mut i = 0u32;
+        while blocked < 3 && i < 10_000 {
+            i += 1;
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            let len = 1 + (seed >> 8) as usize % (100 * 1024);
+            let buf: Vec<u8> = (0..len).map(|k| (k as u32 ^ i) as u8).collect();
+            match sink.try_write(&buf) {
+                Ok(n) => {
+                    expect.extend_from_slice(&buf[..n]);
+                    if n == buf.len() {
+                        assert!(sink.sent >= sink.pending.len(), "ciphertext left behind");
+                    } else {
+                        // The session sends the rest with blocking writes (its writer thread).
+                        blocked += 1;
+                        let rest = buf[n..].to_vec();
+                        let t = std::thread::spawn(move || {
+                            let mut off = 0;
+                            while off < rest.len() {
+                                off += sink.write(&rest[off..]).unwrap();
+                            }
+                            sink.flush().unwrap();
+                            sink
+                        });
+                        // Drain the peer until the writer is done.
+                        let mut plain = Vec::new();
+                        let mut chunk = vec![0u8; 1 << 16];
+                        while !t.is_finished() || plain.len() < expect.len() + buf.len() - n {
+                            theirs
+                                .set_read_timeout(Some(std::time::Duration::from_millis(50)))
+                                .unwrap();
+                            match theirs.read(&mut chunk) {
+                                Ok(0) => break,
+                                Ok(k) => {
+                                    let mut input = &chunk[..k];
+                                    while !input.is_empty() {
+                                        client.read_tls(&mut input).unwrap();
+                                        client.process_new_packets().unwrap();
+                                        let _ = client.reader().read_to_end(&mut plain);
+                                    }
+                                }
+                                Err(_) => {}
+                            }
+                        }
+                        sink = t.join().unwrap();
+                        expect.extend_from_slice(&buf[n..]);
+                        assert_eq!(plain.len(), expect.len(), "byte count");
+                        assert!(plain == expect, "stream differs");
+                        expect.clear();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("try_write: {e}"),
+            }
+        }
+        assert!(
+            blocked >= 3,
+            "the socket never filled: the test proved nothing"
+        );
+    }
+
     #[test]
     fn modes_parse() {
         assert_eq!("off".parse(), Ok(TlsMode::Off));
