@@ -206,6 +206,7 @@ impl From<ProtocolError> for HandshakeEnd {
 /// Option haggling, with the TLS handshake in the middle when the client sends STARTTLS.
 async fn handshake<S: Socket>(
     mut stream: S,
+    peer: &str,
     ctx: &Ctx,
     shutdown: &Shutdown,
     phase: TlsPhase,
@@ -225,6 +226,9 @@ async fn handshake<S: Socket>(
                 .await
                 .map_err(HandshakeEnd::Tls)?;
             let id = PeerIdentity::of(tls.get_ref().1);
+            info!(peer = %peer, tls = %id.version, cipher = %id.cipher,
+                  client = id.subject.as_deref().unwrap_or("(no client certificate)"),
+                  "TLS established");
             let neg = negotiate_in_tls(&mut tls, &ctx.exports, shutdown, after).await?;
             Ok((neg, Transport::Tls(Box::new(tls), id)))
         }
@@ -245,7 +249,7 @@ async fn connection<S: Socket>(
     withdrawn.borrow_and_update();
     let hs = tokio::time::timeout(
         ctx.handshake_timeout,
-        handshake(stream, &ctx, &shutdown, phase),
+        handshake(stream, &peer, &ctx, &shutdown, phase),
     );
     let mut stop = shutdown.clone();
     let negotiated = tokio::select! {

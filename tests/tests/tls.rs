@@ -541,3 +541,38 @@ fn tcp_without_tls_or_with_tls_only_offered_needs_insecure_tcp_and_bad_files_fai
     .failure();
     assert!(out.stderr.contains("server-cert.pem"), "{}", out.stderr);
 }
+
+#[test]
+fn the_kernel_clients_nbd_client_lists_over_tls_1_2_with_a_client_certificate() {
+    // nbd-client 3.24 forces TLS 1.2 (GnuTLS priority NORMAL:-VERS-TLS-ALL:+VERS-TLS1.2). Only
+    // the listing: attaching would need the nbd module (tests/tests/kernel_client.rs's VM).
+    let t = start(false, "require", &["--tls-verify-peer"]);
+    let c = t.pki.client();
+    let (_, port) = t.addr.split_once(':').unwrap();
+    let list = |with_cert: bool| {
+        let mut cmd = tool("nbd-client");
+        cmd.args(["-l", "127.0.0.1", port]);
+        if with_cert {
+            cmd.arg("-certfile")
+                .arg(c.join("client-cert.pem"))
+                .arg("-keyfile")
+                .arg(c.join("client-key.pem"));
+        }
+        cmd.arg("-cacertfile")
+            .arg(c.join("ca-cert.pem"))
+            .args(["-tlshostname", "localhost"]);
+        run(&mut cmd, TOOL_TIMEOUT)
+    };
+    let out = list(true).success();
+    assert!(out.stdout.contains(EXPORT), "{}", out.details());
+    let log = t.d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("TLS established"))
+        .unwrap_or_else(|| panic!("no TLS established line:\n{log}"));
+    assert!(line.contains("tls=TLSv1_2"), "{line}");
+    assert!(line.contains("CN=client1.example.test"), "{line}");
+    // Without its certificate it gets nothing.
+    let out = list(false);
+    assert!(!out.stdout.contains(EXPORT), "{}", out.details());
+}
