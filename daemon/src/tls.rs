@@ -918,6 +918,25 @@ xBr/mtcs+w==
         );
     }
 
+    proptest::proptest! {
+        /// The two decoders of peer- and file-supplied DER never panic, on arbitrary bytes and
+        /// on single-byte mutations of a real key.
+        #[test]
+        fn der_decoders_never_panic(data in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+                                    at in 0usize..160, byte in proptest::num::u8::ANY) {
+            let _ = subject_of(&data);
+            let _ = normalise_ec_pkcs8(&data);
+            let key = PrivateKeyDer::from_pem_slice(CERTTOOL_33_BYTE_KEY.as_bytes()).unwrap();
+            let mut der = key.secret_der().to_vec();
+            let i = at % der.len();
+            der[i] = byte;
+            let _ = normalise_ec_pkcs8(&der);
+            let _ = subject_of(&der);
+            der.truncate(at % der.len());
+            let _ = normalise_ec_pkcs8(&der);
+        }
+    }
+
     #[test]
     fn modes_parse() {
         assert_eq!("off".parse(), Ok(TlsMode::Off));
