@@ -34,6 +34,8 @@ pub enum AuditEventKind {
     HeaderRestore,
     /// Volume-key re-encryption (`detail.phase`: start, resume, checkpoint, finish, failed).
     Reencrypt,
+    /// An NBD client attached over TLS (its certificate subject, with mutual TLS).
+    NbdTlsAttach,
 }
 
 impl AuditEventKind {
@@ -50,6 +52,7 @@ impl AuditEventKind {
             AuditEventKind::HeaderBackup => "header_backup",
             AuditEventKind::HeaderRestore => "header_restore",
             AuditEventKind::Reencrypt => "reencrypt",
+            AuditEventKind::NbdTlsAttach => "nbd_tls_attach",
         }
     }
 }

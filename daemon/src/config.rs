@@ -141,9 +141,25 @@ pub struct Args {
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = parse_mode)]
     pub socket_mode: u32,
 
-    /// Also listen on TCP at ADDR:PORT (needs --insecure-tcp until TLS is available).
+    /// Also listen on TCP at ADDR:PORT (needs --tls require, or --insecure-tcp).
     #[arg(long, value_name = "ADDR:PORT")]
     pub tcp: Option<SocketAddr>,
+
+    /// TLS (NBD_OPT_STARTTLS): off; on (offered, plaintext still allowed); require (on TCP,
+    /// nothing but STARTTLS before TLS: no export is listed or attached in plaintext). The
+    /// Unix socket offers TLS when this is not off but never requires it.
+    #[arg(long, value_name = "MODE", default_value = "off")]
+    pub tls: crate::tls::TlsMode,
+
+    /// Directory with server-cert.pem and server-key.pem (and ca-cert.pem for
+    /// --tls-verify-peer): nbdkit's and qemu-nbd's layout. SIGHUP reloads them.
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+
+    /// Mutual TLS: require a client certificate signed by DIR/ca-cert.pem; its subject goes
+    /// to the log and the audit log.
+    #[arg(long)]
+    pub tls_verify_peer: bool,
 
     /// Allow plaintext NBD over TCP. Anyone on the network path can read and alter the data.
     #[arg(long)]
@@ -244,13 +260,13 @@ pub struct Config {
 
 impl Config {
     pub fn from_args(a: Args) -> Result<Config, String> {
-        if a.tcp.is_some() && !a.insecure_tcp {
-            return Err(
-                "--tcp sends volume data in the clear; TLS is not available yet, so it \
-                        needs --insecure-tcp as well"
-                    .into(),
-            );
-        }
+        let tls = crate::tls::settings_from_args(
+            a.tls,
+            a.tls_certificates.clone(),
+            a.tls_verify_peer,
+            a.tcp.is_some(),
+            a.insecure_tcp,
+        )?;
         if a.name.len() > 256 {
             return Err("--name is longer than 256 bytes".into());
         }
@@ -346,6 +362,7 @@ impl Config {
                 max_connection_bytes: a.max_conn_bytes,
                 max_server_bytes: a.max_server_bytes,
                 threads: a.threads.clamp(1, 256),
+                tls,
             },
         })
     }

@@ -48,6 +48,9 @@ pub struct FileConfig {
     socket_mode: Option<Spanned<String>>,
     tcp: Option<SocketAddr>,
     insecure_tcp: Option<bool>,
+    tls: Option<Spanned<String>>,
+    tls_certificates: Option<PathBuf>,
+    tls_verify_peer: Option<bool>,
     name: Option<String>,
     description: Option<String>,
     read_only: Option<bool>,
@@ -164,6 +167,13 @@ impl FileConfig {
         take!(unix, "unix");
         take!(tcp, "tcp");
         take!(insecure_tcp, "insecure_tcp");
+        take!(tls_certificates, "tls_certificates");
+        take!(tls_verify_peer, "tls_verify_peer");
+        if let Some(s) = &self.tls {
+            if !from_cli("tls") {
+                args.tls = s.get_ref().parse().map_err(|e| at(s, "tls", e))?;
+            }
+        }
         take!(name, "name");
         take!(description, "description");
         take!(read_only, "read_only");

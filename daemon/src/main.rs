@@ -72,7 +72,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     let exports = ExportTable::new(config.export_name.clone(), config.description.clone());
-    let listeners = Listeners::bind(&config.server).await?;
+    let mut listeners = Listeners::bind(&config.server).await?;
     let (trigger, shutdown) = shutdown::channel();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -122,6 +122,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let (volume, seal) = (volume.clone(), config.seal.clone());
         Box::new(move |slot| volume.rekey_tokens(slot, &seal))
     };
+    listeners.set_audit(audit.clone());
     let reencryptor = Arc::new(nbdcrypt::control::reencrypt::Reencryptor::new(
         Arc::new(nbdcrypt::unlock::VolumeBackend {
             volume: volume.clone(),

@@ -17,11 +17,13 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+use crate::audit::{AuditEvent, AuditEventKind, AuditLog};
 use crate::export::ExportTable;
-use crate::nbd::handshake::negotiate;
+use crate::nbd::handshake::{negotiate_in_tls, negotiate_plaintext, Negotiated, Step, TlsPhase};
 use crate::nbd::session::{self, Budget, ByteBudget, End, ReplySink, Stopper};
 use crate::nbd::ProtocolError;
 use crate::shutdown::Shutdown;
+use crate::tls::{PeerIdentity, TlsMode, TlsSettings, TlsState};
 
 /// Where and how to listen.
 #[derive(Debug, Clone)]
@@ -35,12 +37,17 @@ pub struct ServerConfig {
     pub max_server_bytes: u64,
     /// Worker threads per connection (requests in flight per connection).
     pub threads: usize,
+    /// STARTTLS on the listeners (`--tls`); `None`: off.
+    pub tls: Option<TlsSettings>,
 }
 
 /// Bound listeners, ready to serve; binding happens before the daemon reports itself ready.
 pub struct Listeners {
     unix: Option<(UnixListener, PathBuf)>,
     tcp: Option<TcpListener>,
+    /// Loaded before the daemon reports itself ready, so a bad certificate fails the start.
+    tls: Option<Arc<TlsState>>,
+    audit: Option<Arc<AuditLog>>,
 }
 
 impl Listeners {
@@ -56,7 +63,23 @@ impl Listeners {
                 })?),
                 None => None,
             };
-        Ok(Listeners { unix, tcp })
+        let tls = match &cfg.tls {
+            Some(t) if t.mode != TlsMode::Off => Some(Arc::new(
+                TlsState::load(t.clone()).map_err(io::Error::other)?,
+            )),
+            _ => None,
+        };
+        Ok(Listeners {
+            unix,
+            tcp,
+            tls,
+            audit: None,
+        })
+    }
+
+    /// Record TLS clients' attaches (with their certificate subject) in this audit log.
+    pub fn set_audit(&mut self, audit: Arc<AuditLog>) {
+        self.audit = Some(audit);
     }
 }
 
@@ -66,6 +89,8 @@ struct Ctx {
     exports: Arc<ExportTable>,
     budget: Budget,
     handshake_timeout: Duration,
+    tls: Option<Arc<TlsState>>,
+    audit: Option<Arc<AuditLog>>,
 }
 
 /// Serve until shutdown, then wait for every connection to finish its in-flight requests.
@@ -75,6 +100,17 @@ pub async fn run(
     exports: Arc<ExportTable>,
     mut shutdown: Shutdown,
 ) -> io::Result<()> {
+    let Listeners {
+        unix,
+        tcp,
+        tls,
+        audit,
+    } = listeners;
+    if let Some(t) = &tls {
+        crate::tls::reload_on_sighup(t.clone());
+    }
+    let unix_phase = phase(tls.as_ref().map(|t| t.settings().unix_mode()));
+    let tcp_phase = phase(tls.as_ref().map(|t| t.settings().mode));
     let ctx = Ctx {
         exports,
         budget: Budget {
@@ -83,10 +119,11 @@ pub async fn run(
             threads: cfg.threads,
         },
         handshake_timeout: cfg.handshake_timeout,
+        tls,
+        audit,
     };
     let permits = Arc::new(Semaphore::new(cfg.max_connections));
     let mut tasks = JoinSet::new();
-    let Listeners { unix, tcp } = listeners;
 
     loop {
         tokio::select! {
@@ -102,7 +139,7 @@ pub async fn run(
                     let Some(permit) = take_permit(&permits, &peer) else { continue };
                     let (ctx, sd) = (ctx.clone(), shutdown.clone());
                     tasks.spawn(async move {
-                        connection(stream, peer, ctx, sd).await;
+                        connection(stream, peer, ctx, sd, unix_phase).await;
                         drop(permit);
                     });
                 }
@@ -115,7 +152,7 @@ pub async fn run(
                     let _ = stream.set_nodelay(true);
                     let (ctx, sd) = (ctx.clone(), shutdown.clone());
                     tasks.spawn(async move {
-                        connection(stream, peer, ctx, sd).await;
+                        connection(stream, peer, ctx, sd, tcp_phase).await;
                         drop(permit);
                     });
                 }
@@ -139,35 +176,104 @@ pub async fn run(
     Ok(())
 }
 
-async fn connection<S: Socket>(mut stream: S, peer: String, ctx: Ctx, mut shutdown: Shutdown) {
+fn phase(mode: Option<TlsMode>) -> TlsPhase {
+    match mode {
+        None | Some(TlsMode::Off) => TlsPhase::Off,
+        Some(TlsMode::On) => TlsPhase::Offered,
+        Some(TlsMode::Require) => TlsPhase::Required,
+    }
+}
+
+/// The stream the session will run on, once the handshake is over.
+enum Transport<S> {
+    Plain(S),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>, PeerIdentity),
+}
+
+/// Why a handshake ended without a session.
+enum HandshakeEnd {
+    Protocol(ProtocolError),
+    /// The TLS handshake itself failed (no certificate, a wrong CA, garbage).
+    Tls(io::Error),
+}
+
+impl From<ProtocolError> for HandshakeEnd {
+    fn from(e: ProtocolError) -> Self {
+        HandshakeEnd::Protocol(e)
+    }
+}
+
+/// Option haggling, with the TLS handshake in the middle when the client sends STARTTLS.
+async fn handshake<S: Socket>(
+    mut stream: S,
+    peer: &str,
+    ctx: &Ctx,
+    shutdown: &Shutdown,
+    phase: TlsPhase,
+) -> Result<(Negotiated, Transport<S>), HandshakeEnd> {
+    match negotiate_plaintext(&mut stream, &ctx.exports, shutdown, phase).await? {
+        Step::Go(neg) => Ok((neg, Transport::Plain(stream))),
+        Step::StartTls(after) => {
+            let Some(tls) = &ctx.tls else {
+                // negotiate_plaintext only accepts STARTTLS when TLS is configured.
+                return Err(ProtocolError::Aborted.into());
+            };
+            // Options are read with exact-length reads on the bare socket, so nothing the
+            // client sent after STARTTLS sits in a buffer of ours: it all reaches rustls.
+            let mut tls = tls
+                .acceptor()
+                .accept(stream)
+                .await
+                .map_err(HandshakeEnd::Tls)?;
+            let id = PeerIdentity::of(tls.get_ref().1);
+            info!(peer = %peer, tls = %id.version, cipher = %id.cipher,
+                  client = id.subject.as_deref().unwrap_or("(no client certificate)"),
+                  "TLS established");
+            let neg = negotiate_in_tls(&mut tls, &ctx.exports, shutdown, after).await?;
+            Ok((neg, Transport::Tls(Box::new(tls), id)))
+        }
+    }
+}
+
+async fn connection<S: Socket>(
+    stream: S,
+    peer: String,
+    ctx: Ctx,
+    mut shutdown: Shutdown,
+    phase: TlsPhase,
+) {
     debug!(%peer, "connected");
     // Subscribe before the export is looked up, so a lock that lands between the lookup and
     // the attach below is still seen.
     let mut withdrawn = ctx.exports.watch_withdrawal();
     withdrawn.borrow_and_update();
-    let handshake = tokio::time::timeout(
+    let hs = tokio::time::timeout(
         ctx.handshake_timeout,
-        negotiate(&mut stream, &ctx.exports, &shutdown),
+        handshake(stream, &peer, &ctx, &shutdown, phase),
     );
     let mut stop = shutdown.clone();
     let negotiated = tokio::select! {
-        r = handshake => r,
+        r = hs => r,
         // A client idling in the handshake must not hold up shutdown.
         _ = stop.triggered() => {
             debug!(%peer, "closing a connection still in its handshake: shutting down");
             return;
         }
     };
-    let neg = match negotiated {
+    let (neg, transport) = match negotiated {
         Err(_) => {
             info!(%peer, "handshake timed out; closing");
             return;
         }
-        Ok(Err(ProtocolError::Aborted)) => {
+        Ok(Err(HandshakeEnd::Tls(e))) => {
+            warn!(%peer, error = %e, "TLS handshake failed; closing");
+            return;
+        }
+        Ok(Err(HandshakeEnd::Protocol(ProtocolError::Aborted))) => {
             debug!(%peer, "client ended the handshake");
             return;
         }
-        Ok(Err(ProtocolError::Io(e)))
+        Ok(Err(HandshakeEnd::Protocol(ProtocolError::Io(e))))
             if matches!(
                 e.kind(),
                 io::ErrorKind::UnexpectedEof
@@ -178,19 +284,47 @@ async fn connection<S: Socket>(mut stream: S, peer: String, ctx: Ctx, mut shutdo
             debug!(%peer, "client closed during the handshake");
             return;
         }
-        Ok(Err(e)) => {
+        Ok(Err(HandshakeEnd::Protocol(e))) => {
             info!(%peer, error = %e, "handshake failed; closing");
             return;
         }
-        Ok(Ok(neg)) => neg,
+        Ok(Ok(x)) => x,
     };
-    let (reader, writer, stopper) = match stream.into_blocking() {
+    let (blocking, identity) = match transport {
+        Transport::Plain(s) => (s.into_blocking(), None),
+        Transport::Tls(tls, id) => {
+            let (s, conn) = tls.into_inner();
+            (s.into_blocking_tls(conn), Some(id))
+        }
+    };
+    let (reader, writer, stopper) = match blocking {
         Ok(parts) => parts,
         Err(e) => {
             warn!(%peer, error = %e, "cannot hand the socket to the session");
             return;
         }
     };
+    if let Some(id) = &identity {
+        info!(%peer, export = %neg.export.name, tls = %id.version, cipher = %id.cipher,
+              client = id.subject.as_deref().unwrap_or("(no client certificate)"),
+              fingerprint = id.fingerprint.as_deref().unwrap_or(""), "TLS client attaching");
+        if let Some(audit) = &ctx.audit {
+            let mut ev = AuditEvent::new(AuditEventKind::NbdTlsAttach)
+                .detail("peer", peer.clone())
+                .detail("export", neg.export.name.clone())
+                .detail("tls_version", id.version.clone())
+                .detail("cipher", id.cipher.clone());
+            if let Some(s) = &id.subject {
+                ev = ev.detail("client_subject", s.clone());
+            }
+            if let Some(f) = &id.fingerprint {
+                ev = ev.detail("client_sha256", f.clone());
+            }
+            if let Err(e) = audit.record(&ev) {
+                warn!(error = %e, "cannot write the audit log");
+            }
+        }
+    }
     info!(%peer, export = %neg.export.name, structured = neg.structured_replies,
           encrypted = neg.export.encrypted, "client attached");
     let _attached = ctx.exports.attach();
@@ -222,8 +356,34 @@ async fn connection<S: Socket>(mut stream: S, peer: String, ctx: Ctx, mut shutdo
 
 /// A stream the handshake runs on asynchronously and the session then serves with blocking I/O.
 trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The same socket as a blocking std stream.
+    type Std: Read + Write + AsRawFd + Send + Sync + 'static;
+    fn into_std_blocking(self) -> io::Result<Self::Std>;
+    fn clone_std(s: &Self::Std) -> io::Result<Self::Std>;
+    fn shut_read(s: &Self::Std);
+
     /// Reader, writer, and a stopper that shuts the read side.
-    fn into_blocking(self) -> io::Result<Blocking>;
+    fn into_blocking(self) -> io::Result<Blocking>
+    where
+        Self: Sized,
+    {
+        let s = self.into_std_blocking()?;
+        let (r, c) = (Self::clone_std(&s)?, Self::clone_std(&s)?);
+        let stop = Stopper::new(move || Self::shut_read(&c));
+        Ok((Box::new(r), Box::new(SocketSink(s)), stop))
+    }
+
+    /// The same over an established TLS connection (see crate::tls for the design).
+    fn into_blocking_tls(self, conn: rustls::ServerConnection) -> io::Result<Blocking>
+    where
+        Self: Sized,
+    {
+        let s = self.into_std_blocking()?;
+        let (r, c) = (Self::clone_std(&s)?, Self::clone_std(&s)?);
+        let stop = Stopper::new(move || Self::shut_read(&c));
+        let (reader, sink) = crate::tls::blocking_parts(conn, r, s);
+        Ok((Box::new(reader), Box::new(sink), stop))
+    }
 }
 
 /// The session's reader, writer and stopper.
@@ -254,26 +414,32 @@ impl<S: Write + AsRawFd + Send> ReplySink for SocketSink<S> {
 }
 
 impl Socket for UnixStream {
-    fn into_blocking(self) -> io::Result<Blocking> {
+    type Std = std::os::unix::net::UnixStream;
+    fn into_std_blocking(self) -> io::Result<Self::Std> {
         let s = self.into_std()?;
         s.set_nonblocking(false)?;
-        let (r, c) = (s.try_clone()?, s.try_clone()?);
-        let stop = Stopper::new(move || {
-            let _ = c.shutdown(std::net::Shutdown::Read);
-        });
-        Ok((Box::new(r), Box::new(SocketSink(s)), stop))
+        Ok(s)
+    }
+    fn clone_std(s: &Self::Std) -> io::Result<Self::Std> {
+        s.try_clone()
+    }
+    fn shut_read(s: &Self::Std) {
+        let _ = s.shutdown(std::net::Shutdown::Read);
     }
 }
 
 impl Socket for TcpStream {
-    fn into_blocking(self) -> io::Result<Blocking> {
+    type Std = std::net::TcpStream;
+    fn into_std_blocking(self) -> io::Result<Self::Std> {
         let s = self.into_std()?;
         s.set_nonblocking(false)?;
-        let (r, c) = (s.try_clone()?, s.try_clone()?);
-        let stop = Stopper::new(move || {
-            let _ = c.shutdown(std::net::Shutdown::Read);
-        });
-        Ok((Box::new(r), Box::new(SocketSink(s)), stop))
+        Ok(s)
+    }
+    fn clone_std(s: &Self::Std) -> io::Result<Self::Std> {
+        s.try_clone()
+    }
+    fn shut_read(s: &Self::Std) {
+        let _ = s.shutdown(std::net::Shutdown::Read);
     }
 }
 

@@ -286,3 +286,148 @@ fn writes_until_blocked_then_reads_never_waits_a_whole_second_on_tcp() {
 fn one_request_per_wait_like_nbd_tester_client_never_waits_a_whole_second_on_tcp() {
     tcp_run(Writes::One);
 }
+
+// ---- The same over TLS (`--tls require`): the session's TLS sink must keep the promise the
+// plain socket keeps (a reply the socket does not take now goes to the writer thread; reading
+// never waits on writing), although a TLS record cannot be taken back once encrypted. ----
+
+#[path = "common/pki.rs"]
+mod pki;
+
+/// A non-blocking TLS client stream in the shape `pipeline` wants: `write` takes a request only
+/// when the ciphertext before it has left (else WouldBlock, and the client polls the socket for
+/// POLLOUT, as it would on plain TCP); `read` returns decrypted bytes or WouldBlock.
+struct NonBlockingTls {
+    conn: rustls::ClientConnection,
+    sock: TcpStream,
+}
+
+impl NonBlockingTls {
+    /// Push queued ciphertext; Ok(true) when none is left.
+    fn push(&mut self) -> io::Result<bool> {
+        while self.conn.wants_write() {
+            match self.conn.write_tls(&mut self.sock) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+}
+
+impl Write for NonBlockingTls {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if !self.push()? {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = self.conn.writer().write(buf)?;
+        self.push()?;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Read for NonBlockingTls {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // Whatever is still queued goes out first, so the server sees every request sent.
+        self.push()?;
+        loop {
+            match self.conn.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            if self.conn.read_tls(&mut self.sock)? == 0 {
+                return Ok(0);
+            }
+            self.conn
+                .process_new_packets()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        }
+    }
+}
+
+impl AsFd for NonBlockingTls {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+}
+
+fn tls_run(writes: Writes) {
+    use rustls::pki_types::pem::PemObject;
+    let certs = tempdir();
+    let pki = pki::generate(certs.path(), "stall CA", "client");
+    let addr = format!("127.0.0.1:{}", pki::free_port());
+    let server = pki.server();
+    let d = Daemon::plain_with(
+        &patterned_image(),
+        &[
+            "--tcp",
+            &addr,
+            "--tls",
+            "require",
+            "--tls-certificates",
+            server.to_str().unwrap(),
+        ],
+    );
+    pki::wait_tcp(&addr);
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // Plaintext: greeting, flags, STARTTLS.
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).unwrap();
+    s.write_all(&(C_FIXED_NEWSTYLE | C_NO_ZEROES).to_be_bytes())
+        .unwrap();
+    let mut opt = IHAVEOPT.to_be_bytes().to_vec();
+    opt.extend_from_slice(&OPT_STARTTLS.to_be_bytes());
+    opt.extend_from_slice(&0u32.to_be_bytes());
+    s.write_all(&opt).unwrap();
+    let mut ack = [0u8; 20];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!(be32(&ack[12..]), REP_ACK, "STARTTLS refused");
+    // TLS (blocking for the handshake), then EXPORT_NAME inside it.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in
+        rustls::pki_types::CertificateDer::pem_file_iter(pki.client().join("ca-cert.pem")).unwrap()
+    {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, s);
+    let mut opt = IHAVEOPT.to_be_bytes().to_vec();
+    opt.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
+    opt.extend_from_slice(&(EXPORT.len() as u32).to_be_bytes());
+    opt.extend_from_slice(EXPORT.as_bytes());
+    tls.write_all(&opt).unwrap();
+    let mut info = [0u8; 10];
+    tls.read_exact(&mut info).unwrap();
+    assert_eq!(be64(&info), SIZE);
+    let (conn, sock) = tls.into_parts();
+    sock.set_nonblocking(true).unwrap();
+    let mut nb = NonBlockingTls { conn, sock };
+    let run = pipeline(&mut nb, SIZE, TOTAL, writes, &pattern);
+    check(run, &format!("tls, {writes:?}"), depth(writes));
+    drop(d);
+}
+
+#[test]
+fn writes_until_blocked_then_reads_never_waits_a_whole_second_over_tls() {
+    tls_run(Writes::Burst);
+}
+
+#[test]
+fn one_request_per_wait_like_nbd_tester_client_never_waits_a_whole_second_over_tls() {
+    tls_run(Writes::One);
+}

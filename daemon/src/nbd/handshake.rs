@@ -53,7 +53,7 @@ pub fn transmission_flags(caps: &Caps, structured: bool) -> u16 {
 }
 
 /// Negotiated state built up option by option.
-#[derive(Default)]
+#[derive(Default, Debug, Clone, PartialEq, Eq)]
 struct Haggle {
     fixed_newstyle: bool,
     no_zeroes: bool,
@@ -62,11 +62,72 @@ struct Haggle {
     meta_selected_for: Option<String>,
 }
 
+impl Haggle {
+    /// The state after a successful STARTTLS: nothing negotiated in plaintext survives
+    /// (structured replies, meta contexts and the export they named; nbdkit CVE-2021-3716 was a
+    /// MitM-injected STRUCTURED_REPLY kept across STARTTLS). Only the client flags stay: they
+    /// were sent once, before any option, and cannot be sent again.
+    fn after_starttls(&self) -> Haggle {
+        Haggle {
+            fixed_newstyle: self.fixed_newstyle,
+            no_zeroes: self.no_zeroes,
+            ..Haggle::default()
+        }
+    }
+}
+
+/// Where a connection is in the TLS dance, which decides how options are answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPhase {
+    /// Plaintext; STARTTLS is refused with ERR_POLICY.
+    Off,
+    /// Plaintext; STARTTLS is accepted, other options are answered as usual.
+    Offered,
+    /// Plaintext; FORCEDTLS: only STARTTLS and ABORT, everything else ERR_TLS_REQD.
+    Required,
+    /// Inside TLS: STARTTLS again is ERR_INVALID.
+    Established,
+}
+
+/// How option haggling ended.
+pub enum Step {
+    /// The client attached with GO or EXPORT_NAME.
+    Go(Negotiated),
+    /// STARTTLS was acknowledged: the TLS handshake comes next on the bare stream, then
+    /// [`negotiate_in_tls`] with this state.
+    StartTls(AfterStartTls),
+}
+
+/// What survives STARTTLS (see `Haggle::after_starttls`), opaque to the caller.
+pub struct AfterStartTls {
+    st: Haggle,
+    client_flags: u32,
+}
+
+/// Plaintext haggling without TLS (STARTTLS is refused with ERR_POLICY).
 pub async fn negotiate<S>(
     stream: &mut S,
     exports: &ExportTable,
     shutdown: &Shutdown,
 ) -> Result<Negotiated, ProtocolError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match negotiate_plaintext(stream, exports, shutdown, TlsPhase::Off).await? {
+        Step::Go(n) => Ok(n),
+        // haggle() only returns StartTls when it is offered or required.
+        Step::StartTls(_) => Err(ProtocolError::Aborted),
+    }
+}
+
+/// Greeting, client flags and plaintext options, with STARTTLS handled as `phase` says
+/// (`Off`, `Offered` or `Required`).
+pub async fn negotiate_plaintext<S>(
+    stream: &mut S,
+    exports: &ExportTable,
+    shutdown: &Shutdown,
+    phase: TlsPhase,
+) -> Result<Step, ProtocolError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -78,12 +139,43 @@ where
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         return Err(ProtocolError::BadClientFlags(client_flags));
     }
-    let mut st = Haggle {
+    let st = Haggle {
         fixed_newstyle: client_flags & FLAG_C_FIXED_NEWSTYLE != 0,
         no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
         ..Haggle::default()
     };
+    haggle(stream, exports, shutdown, st, client_flags, phase).await
+}
 
+/// Options inside TLS, after [`Step::StartTls`] and the TLS handshake, from the reset state.
+pub async fn negotiate_in_tls<S>(
+    stream: &mut S,
+    exports: &ExportTable,
+    shutdown: &Shutdown,
+    after: AfterStartTls,
+) -> Result<Negotiated, ProtocolError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let st = after.st.after_starttls();
+    let phase = TlsPhase::Established;
+    match haggle(stream, exports, shutdown, st, after.client_flags, phase).await? {
+        Step::Go(n) => Ok(n),
+        Step::StartTls(_) => Err(ProtocolError::Aborted),
+    }
+}
+
+async fn haggle<S>(
+    stream: &mut S,
+    exports: &ExportTable,
+    shutdown: &Shutdown,
+    mut st: Haggle,
+    client_flags: u32,
+    phase: TlsPhase,
+) -> Result<Step, ProtocolError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     loop {
         let mut hdr = [0u8; codec::OPTION_HEADER_LEN];
         stream.read_exact(&mut hdr).await?;
@@ -105,11 +197,22 @@ where
         stream.read_exact(&mut data).await?;
 
         if opt.option == OPT_EXPORT_NAME {
-            return export_name(stream, exports, &st, data).await;
+            if phase == TlsPhase::Required {
+                // EXPORT_NAME cannot carry ERR_TLS_REQD: hang up (as nbdkit and qemu-nbd do).
+                return Err(ProtocolError::TlsRequired);
+            }
+            return export_name(stream, exports, &st, data).await.map(Step::Go);
         }
         if !st.fixed_newstyle {
             // Such a client cannot read option replies; nbdkit likewise only honours EXPORT_NAME.
             return Err(ProtocolError::BadClientFlags(client_flags));
+        }
+        if phase == TlsPhase::Required && opt.option != OPT_STARTTLS && opt.option != OPT_ABORT {
+            // FORCEDTLS: the payload is already consumed (the stream stays in sync) and no
+            // state changes; nothing about the exports is revealed.
+            let msg = "TLS is required on this listener: send NBD_OPT_STARTTLS first";
+            reply_error(stream, opt.option, REP_ERR_TLS_REQD, msg).await?;
+            continue;
         }
         if shutdown.is_triggered() && opt.option != OPT_ABORT {
             reply_error(
@@ -141,10 +244,25 @@ where
                 codec::option_reply(&mut out, opt.option, REP_ACK, &[]);
                 send(stream, &out).await?;
             }
-            OPT_STARTTLS => {
-                let msg = "TLS is not enabled on this listener";
-                reply_error(stream, opt.option, REP_ERR_POLICY, msg).await?;
-            }
+            OPT_STARTTLS => match phase {
+                TlsPhase::Off => {
+                    let msg = "TLS is not enabled on this listener";
+                    reply_error(stream, opt.option, REP_ERR_POLICY, msg).await?;
+                }
+                TlsPhase::Established => {
+                    let msg = "TLS is already established";
+                    reply_error(stream, opt.option, REP_ERR_INVALID, msg).await?;
+                }
+                TlsPhase::Offered | TlsPhase::Required => {
+                    if !data.is_empty() {
+                        let msg = "STARTTLS takes no data";
+                        reply_error(stream, opt.option, REP_ERR_INVALID, msg).await?;
+                    } else {
+                        reply(stream, opt.option, REP_ACK, &[]).await?;
+                        return Ok(Step::StartTls(AfterStartTls { st, client_flags }));
+                    }
+                }
+            },
             OPT_INFO | OPT_GO => match codec::parse_info_request(&data) {
                 Err(Malformed(why)) => {
                     reply_error(stream, opt.option, REP_ERR_INVALID, why).await?
@@ -152,7 +270,7 @@ where
                 Ok(req) => {
                     if let Some(export) = info(stream, exports, &st, opt.option, &req).await? {
                         if opt.option == OPT_GO {
-                            return Ok(finish(export, &st, &req.name, exports));
+                            return Ok(Step::Go(finish(export, &st, &req.name, exports)));
                         }
                     }
                 }
@@ -382,4 +500,28 @@ pub(crate) async fn drain<S: AsyncRead + Unpin>(stream: &mut S, mut n: u64) -> s
         n -= want as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starttls_resets_everything_negotiated_in_plaintext_but_the_client_flags() {
+        let before = Haggle {
+            fixed_newstyle: true,
+            no_zeroes: true,
+            structured: true,
+            meta_selected_for: Some("nbdcrypt".into()),
+        };
+        let after = before.after_starttls();
+        assert_eq!(
+            after,
+            Haggle {
+                fixed_newstyle: true,
+                no_zeroes: true,
+                ..Haggle::default()
+            }
+        );
+    }
 }

@@ -33,4 +33,6 @@ pub enum ProtocolError {
     NoSuchExport(String),
     #[error("server shutting down")]
     Shutdown,
+    #[error("EXPORT_NAME before STARTTLS on a listener that requires TLS")]
+    TlsRequired,
 }
