@@ -13,10 +13,11 @@ use crate::block::BlockDevice;
 use crate::crypto::kdf::KdfLimits;
 use crate::crypto::keys::{SecretBytes, VolumeKey};
 use crate::crypto::xts::SectorCipher;
+use crate::luks2::tokens::enroll::{self, EnrollError, TokenFailureReason};
+use crate::luks2::tokens::resolver;
 use crate::luks2::{FormatError, Luks2Header, SegmentSize};
-use crate::seal::enroll::{self, EnrollError, TokenFailureReason};
 use crate::seal::pin::VolumePin;
-use crate::seal::{resolve_provider, SealSettings};
+use crate::seal::SealSettings;
 
 /// What status reports about a volume, none of it secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,8 +216,7 @@ impl Volume {
         let (header, file) = self.read_header()?;
         // A header naming another volume is refused before any provider is asked.
         self.pin.check_uuid(header.uuid())?;
-        let resolve =
-            |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, settings);
+        let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolver(json, settings);
         let (key, slot, token) = match enroll::unlock_with_tokens(&file, &header, &resolve) {
             Ok(opened) => opened,
             Err(e) => {
@@ -254,7 +254,7 @@ impl Volume {
         let (mut header, _) = Luks2Header::read(&file).map_err(|e| format!("{p}: {e}"))?;
         let targets: Vec<u32> = header
             .tokens()
-            .filter(|(_, t)| crate::seal::token::is_ours(t.type_name()))
+            .filter(|(_, t)| crate::luks2::tokens::format::is_ours(t.type_name()))
             .filter(|(_, t)| slot.is_none_or(|s| t.keyslots().first() == Some(&s)))
             .map(|(id, _)| id)
             .collect();
@@ -267,8 +267,7 @@ impl Volume {
         self.pin
             .check_uuid(header.uuid())
             .map_err(|e| format!("{p}: {e}"))?;
-        let resolve =
-            |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, settings);
+        let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolver(json, settings);
         let mut done = Vec::new();
         for id in targets {
             let (key, _) = enroll::unlock_with_token(&file, &header, id, &resolve)
