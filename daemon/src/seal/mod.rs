@@ -20,6 +20,7 @@ use crate::crypto::keys::SecretBytes;
 pub mod kms;
 pub mod pin;
 pub mod registry;
+pub mod shamir;
 
 /// Length of the random keyslot secret every provider seals.
 pub const SECRET_LEN: usize = 32;
