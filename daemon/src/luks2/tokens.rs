@@ -4,9 +4,11 @@
 //!
 //! - [`format`]: a provider's sealed secret as token JSON (`nbdcrypt-aws-kms`, ...), and back.
 //! - [`enroll`]: enrol, unenrol, unlock by token, rekey (crash-safe header commits).
+//! - [`quorum`]: one keyslot opened by k of n shares held by providers and people.
 
 pub mod enroll;
 pub mod format;
+pub mod quorum;
 
 use serde_json::{Map, Value};
 
