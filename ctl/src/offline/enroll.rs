@@ -12,6 +12,7 @@ use nbdcrypt::control::proto::{Request, Response};
 use nbdcrypt::crypto::keys::VolumeKey;
 use nbdcrypt::luks2::tokens::enroll::{self as seal_enroll, EnrollError, Enrolled, UnenrollTarget};
 use nbdcrypt::luks2::tokens::format::{self as token, ProviderKind};
+use nbdcrypt::luks2::tokens::quorum;
 use nbdcrypt::luks2::tokens::resolver;
 use nbdcrypt::luks2::{KdfLimits, Luks2Header};
 use nbdcrypt::seal::pin::VolumePin;
@@ -19,7 +20,7 @@ use nbdcrypt::seal::registry::{Provider, RawSettings, SettingFlags, PROVIDERS};
 use nbdcrypt::seal::{SealProvider, SealSettings};
 
 use super::Volume;
-use crate::secret_input::{read_existing, Source};
+use crate::secret_input::{read_existing, read_new, Source};
 
 pub const ENROLL_ABOUT: &str = "\
 Add a keyslot that AWS KMS unlocks. A random 32-byte secret opens a new keyslot (PBKDF2-SHA256,
@@ -178,7 +179,8 @@ impl<const REKEY: bool> clap::Args for Holders<REKEY> {
         cmd.group(if REKEY {
             group.multiple(false)
         } else {
-            group.required(true).multiple(true)
+            // At least one holder: checked by `enroll` (a quorum may be people only).
+            group.multiple(true)
         })
     }
     fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
@@ -193,6 +195,23 @@ pub struct EnrollArgs {
     pub volume: PathBuf,
     #[command(flatten)]
     pub holders: Holders<false>,
+    /// Split the keyslot secret among every holder given (--kms, --pkcs11, --passphrase-share,
+    /// each may repeat) so that any K of them open the keyslot (Shamir k-of-n).
+    #[arg(long, value_name = "K", help_heading = "Quorum")]
+    pub quorum: Option<usize>,
+    /// A person holding a share, with a passphrase of their own (asked now, twice, on the
+    /// terminal; without a terminal one line of standard input per share). They give it later
+    /// with `nbdcryptctl unlock --share NAME`. Needs --quorum.
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "quorum",
+        help_heading = "Quorum"
+    )]
+    pub passphrase_share: Vec<String>,
+    /// Key derivation of the people's share passphrases (as `format`'s --pbkdf options).
+    #[command(flatten)]
+    pub share_kdf: super::PbkdfArgs,
     #[command(flatten)]
     pub location: KmsLocation,
     /// Existing passphrase from this file (bytes as-is; `-` = standard input).
@@ -332,9 +351,16 @@ pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
     let vol = Volume::open(&a.volume, true)?;
     let mut hdr = vol.header(true)?;
     let holders = a.holders.all();
+    if let Some(k) = a.quorum {
+        return enroll_quorum(&a, k, &holders, &settings, &audit, vol, hdr);
+    }
     let (kind, value) = match holders.as_slice() {
         [one] => *one,
-        _ => bail!("give exactly one key holder (--kms KEY or --pkcs11 URI)"),
+        [] => bail!("give a key holder: --kms KEY or --pkcs11 URI"),
+        _ => bail!(
+            "several key holders need --quorum K (any K of them open the keyslot); for holders \
+             that open it alone, enrol each one separately"
+        ),
     };
     let provider = new_provider(kind, value, &settings)?;
     let key = unlock_by_passphrase(&vol, &hdr, a.key_file.as_deref(), a.kdf_limits.limits())?;
@@ -356,6 +382,113 @@ pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
                 kind.name()
             );
             print_daemon_config(&vol, &hdr, kind, &arn, &settings);
+            Ok(())
+        }
+        Err(e) => {
+            let e = explain(&vol, e);
+            audit.record(event.failed(format!("{e:#}")));
+            Err(e)
+        }
+    }
+}
+
+/// `enroll --quorum K`: one keyslot, its secret split among the machine holders and people.
+fn enroll_quorum(
+    a: &EnrollArgs,
+    k: usize,
+    holders: &[(&'static dyn Provider, &str)],
+    settings: &SealSettings,
+    audit: &Audit,
+    vol: Volume,
+    mut hdr: Luks2Header,
+) -> anyhow::Result<()> {
+    let n = holders.len() + a.passphrase_share.len();
+    if n == 0 {
+        bail!("--quorum needs holders: --kms, --pkcs11 and/or --passphrase-share NAME");
+    }
+    if k == 0 || k > n {
+        bail!("--quorum {k} with {n} holders: give a number from 1 to {n}");
+    }
+    if n > quorum::MAX_SHARES {
+        bail!("at most {} holders in a quorum", quorum::MAX_SHARES);
+    }
+    for name in &a.passphrase_share {
+        if !quorum::valid_name(name) {
+            bail!("--passphrase-share {name:?}: use 1 to 64 of A-Z a-z 0-9 . _ - @");
+        }
+    }
+    a.share_kdf.precheck()?;
+    let providers: Vec<(&'static dyn Provider, Box<dyn SealProvider>)> = holders
+        .iter()
+        .map(|(kind, value)| Ok((*kind, new_provider(*kind, value, settings)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let key = unlock_by_passphrase(&vol, &hdr, a.key_file.as_deref(), a.kdf_limits.limits())?;
+    let kdf = if a.passphrase_share.is_empty() {
+        None
+    } else {
+        Some(a.share_kdf.resolve(32)?)
+    };
+    let mut new: Vec<quorum::NewHolder<'_>> = providers
+        .iter()
+        .map(|(_, p)| quorum::NewHolder::Provider(&**p))
+        .collect();
+    for name in &a.passphrase_share {
+        let passphrase = read_new(
+            &Source::Interactive,
+            &format!("New passphrase for share {name} (only {name} should type it): "),
+        )?;
+        new.push(quorum::NewHolder::Passphrase {
+            name: name.clone(),
+            passphrase,
+            kdf: kdf.unwrap_or(nbdcrypt::luks2::KdfParams::Pbkdf2 {
+                hash: nbdcrypt::luks2::HashAlg::Sha256,
+                iterations: 1000,
+            }),
+        });
+    }
+    let mut event = AuditEvent::new(AuditEventKind::Enrol)
+        .volume(hdr.uuid())
+        .provider("quorum", None)
+        .detail("threshold", k)
+        .detail("holders", n);
+    match quorum::enroll(&vol.file, &mut hdr, &key, k, &new) {
+        Ok(Enrolled { keyslot, token_id }) => {
+            drop(new);
+            let q = hdr
+                .token(token_id)
+                .and_then(|t| quorum::parse(t).ok().flatten())
+                .ok_or_else(|| anyhow!("the quorum token {token_id} does not read back"))?;
+            let words: Vec<String> = q.shares.iter().map(|s| s.describe()).collect();
+            event = event
+                .keyslot(keyslot)
+                .detail("token", token_id)
+                .detail("shares", words.join(", "));
+            audit.record(event);
+            println!(
+                "enrolled keyslot {keyslot} (token {token_id}): {k} of {{{}}}",
+                words.join(", ")
+            );
+            println!();
+            println!(
+                "# For nbdcryptd's --config file (a volume pin makes it refuse a replaced header;"
+            );
+            println!(
+                "# `nbdcryptctl pin {} --write FILE` writes the pin lines):",
+                vol.path.display()
+            );
+            for s in &q.shares {
+                if let quorum::Holder::Provider { provider, .. } = &s.holder {
+                    if let (Some(p), Some(c)) = (
+                        nbdcrypt::seal::registry::by_name(provider),
+                        settings.get(provider),
+                    ) {
+                        for line in p.daemon_config_lines(&s.name(), c) {
+                            println!("{line}");
+                        }
+                    }
+                }
+            }
+            print!("{}", VolumePin::of_header(&hdr).toml_lines());
             Ok(())
         }
         Err(e) => {

@@ -300,18 +300,12 @@ mod tests {
             x: 0,
             y: SecretBytes::from_slice(&s),
         };
-        assert_eq!(
-            cerr(&[&zero, &shares[1]]),
-            ShamirError::ZeroIndex
-        );
+        assert_eq!(cerr(&[&zero, &shares[1]]), ShamirError::ZeroIndex);
         let short = Share {
             x: 9,
             y: SecretBytes::from_slice(&s[..5]),
         };
-        assert_eq!(
-            cerr(&[&shares[0], &short]),
-            ShamirError::LengthMismatch
-        );
+        assert_eq!(cerr(&[&shares[0], &short]), ShamirError::LengthMismatch);
         let empty = Share {
             x: 9,
             y: SecretBytes::zeroed(0),

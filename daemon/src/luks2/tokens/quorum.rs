@@ -297,7 +297,11 @@ pub fn parse_json(o: &Map<String, Value>) -> Result<Option<QuorumToken>, QuorumE
         }
         _ => return bad("\"nbdcrypt_version\" is missing or not a positive integer".into()),
     }
-    let keyslot = match o.get("keyslots").and_then(Value::as_array).map(Vec::as_slice) {
+    let keyslot = match o
+        .get("keyslots")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+    {
         Some([Value::String(s)]) => match s.parse::<u32>() {
             Ok(n) if n.to_string() == *s && n < MAX_KEYSLOTS => n,
             _ => return bad(format!("keyslot reference {s:?} is not a keyslot number")),
@@ -354,10 +358,15 @@ pub fn parse_json(o: &Map<String, Value>) -> Result<Option<QuorumToken>, QuorumE
                     .get("name")
                     .and_then(Value::as_str)
                     .filter(|n| valid_name(n))
-                    .ok_or_else(|| at(format!("\"name\" is not 1 to {MAX_NAME_LEN} of A-Z a-z 0-9 . _ - @")))?;
-                if shares.iter().any(|o| {
-                    matches!(&o.holder, Holder::Passphrase { name: n, .. } if n == name)
-                }) {
+                    .ok_or_else(|| {
+                        at(format!(
+                            "\"name\" is not 1 to {MAX_NAME_LEN} of A-Z a-z 0-9 . _ - @"
+                        ))
+                    })?;
+                if shares
+                    .iter()
+                    .any(|o| matches!(&o.holder, Holder::Passphrase { name: n, .. } if n == name))
+                {
                     return Err(at(format!("name {name:?} appears twice")));
                 }
                 let (kdf, salt) = parse_kdf(s.get("kdf").unwrap_or(&Value::Null)).map_err(at)?;
@@ -589,7 +598,9 @@ pub fn enroll(
     let slot = header.add_keyslot(file, volume_key, &pass, &TOKEN_KEYSLOT_KDF)?;
     let rollback = |header: &mut Luks2Header, e: EnrollError| -> EnrollError {
         if let Err(r) = header.remove_keyslot(file, slot) {
-            tracing::warn!("could not remove the unused keyslot {slot} after a failed enrolment: {r}");
+            tracing::warn!(
+                "could not remove the unused keyslot {slot} after a failed enrolment: {r}"
+            );
         }
         e
     };
@@ -679,10 +690,12 @@ pub fn open_machine_share(
         return Err(QuorumError::BadToken("not a machine share".into()));
     };
     let name = s.name();
-    let provider = crate::seal::resolve_provider(token_type, params, settings)
-        .map_err(|source| QuorumError::Provider {
-            name: name.clone(),
-            source,
+    let provider =
+        crate::seal::resolve_provider(token_type, params, settings).map_err(|source| {
+            QuorumError::Provider {
+                name: name.clone(),
+                source,
+            }
         })?;
     let sealed = Sealed {
         ciphertext: s.sealed.clone(),
@@ -694,7 +707,8 @@ pub fn open_machine_share(
             name: name.clone(),
             source,
         })?;
-    if y.len() != SECRET_LEN || !tag_matches(y.expose_secret(), header.uuid(), q.keyslot, s.x, &s.tag)
+    if y.len() != SECRET_LEN
+        || !tag_matches(y.expose_secret(), header.uuid(), q.keyslot, s.x, &s.tag)
     {
         return Err(QuorumError::WrongShare { name });
     }

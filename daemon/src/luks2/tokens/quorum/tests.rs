@@ -44,7 +44,14 @@ fn pass(name: &str) -> SecretBytes {
 
 fn enrolled(dir: &Path) -> (File, Luks2Header, VolumeKey, u32, QuorumToken) {
     let (f, mut h, vk) = volume(dir);
-    let e = enroll(&f, &mut h, &vk, 2, &[person("alice"), person("bob"), person("carol")]).unwrap();
+    let e = enroll(
+        &f,
+        &mut h,
+        &vk,
+        2,
+        &[person("alice"), person("bob"), person("carol")],
+    )
+    .unwrap();
     let q = parse(h.token(e.token_id).unwrap()).unwrap().unwrap();
     (f, h, vk, e.token_id, q)
 }
@@ -82,7 +89,10 @@ fn a_wrong_passphrase_is_named_and_an_unknown_name_is_refused() {
     match open_passphrase_share(&h, &q, "bob", &pass("alice"), &l) {
         Err(e @ QuorumError::WrongShare { .. }) => {
             let m = e.to_string();
-            assert!(m.contains("\"bob\"") && !m.contains("alice") && !m.contains("carol"), "{m}");
+            assert!(
+                m.contains("\"bob\"") && !m.contains("alice") && !m.contains("carol"),
+                "{m}"
+            );
         }
         other => panic!("{:?}", other.map(|_| ())),
     }
@@ -126,7 +136,10 @@ fn build_then_parse_round_trips() {
     assert_eq!(t.json(), h.token(id).unwrap().json());
     assert_eq!(parse(&t).unwrap().unwrap(), q);
     assert_eq!(
-        q.shares.iter().map(StoredShare::describe).collect::<Vec<_>>(),
+        q.shares
+            .iter()
+            .map(StoredShare::describe)
+            .collect::<Vec<_>>(),
         [
             "passphrase share alice",
             "passphrase share bob",
@@ -196,18 +209,36 @@ fn hostile_tokens_are_refused_with_a_reason() {
             }),
             "name \"alice\" appears twice",
         ),
-        (with(&|v| v["shares"][0]["name"] = json!("../../x")), "\"name\""),
-        (with(&|v| v["shares"][0]["name"] = json!("a".repeat(65))), "\"name\""),
+        (
+            with(&|v| v["shares"][0]["name"] = json!("../../x")),
+            "\"name\"",
+        ),
+        (
+            with(&|v| v["shares"][0]["name"] = json!("a".repeat(65))),
+            "\"name\"",
+        ),
         (with(&|v| v["shares"][0]["tag"] = json!("AAAA")), "32 bytes"),
-        (with(&|v| v["shares"][0]["sealed"] = json!("AAAA")), "32 bytes"),
+        (
+            with(&|v| v["shares"][0]["sealed"] = json!("AAAA")),
+            "32 bytes",
+        ),
         (with(&|v| v["shares"][0]["sealed"] = json!(7)), "\"sealed\""),
-        (with(&|v| v["shares"][0]["holder"] = json!("evil")), "not known"),
-        (with(&|v| v["shares"][0]["kdf"]["type"] = json!("scrypt")), "kdf"),
+        (
+            with(&|v| v["shares"][0]["holder"] = json!("evil")),
+            "not known",
+        ),
+        (
+            with(&|v| v["shares"][0]["kdf"]["type"] = json!("scrypt")),
+            "kdf",
+        ),
         (
             with(&|v| v["shares"][0]["kdf"]["iterations"] = json!(1u64 << 40)),
             "32-bit",
         ),
-        (with(&|v| v["shares"][0]["kdf"]["salt"] = json!("AA==")), "salt"),
+        (
+            with(&|v| v["shares"][0]["kdf"]["salt"] = json!("AA==")),
+            "salt",
+        ),
         (with(&|v| v["keyslots"] = json!(["1", "2"])), "exactly one"),
         (with(&|v| v["keyslots"] = json!(["99"])), "keyslot number"),
         (with(&|v| v["nbdcrypt_version"] = json!(9)), "newer"),
@@ -220,9 +251,11 @@ fn hostile_tokens_are_refused_with_a_reason() {
         }
     }
     assert!(parse_json(&with(&|_| {})).unwrap().is_some());
-    assert!(parse_json(&json!({"type": "clevis"}).as_object().unwrap().clone())
-        .unwrap()
-        .is_none());
+    assert!(
+        parse_json(&json!({"type": "clevis"}).as_object().unwrap().clone())
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[test]
