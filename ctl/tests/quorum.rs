@@ -471,6 +471,19 @@ fn people_give_shares_at_their_own_terminals_wrong_ones_are_named_and_partial_on
         &vol,
     ]);
     assert!(o.status.success(), "{}", text(&o));
+    // unenroll removes the quorum: its token, then its keyslot.
+    drop(d);
+    let o = ok(r.ctl(&["unenroll", &vol, "--slot", "1"], None));
+    assert!(
+        text(&o).contains("removed token 0 and keyslot 1"),
+        "{}",
+        text(&o)
+    );
+    let p = text(&ok(r.ctl(&["policy", &vol], None)));
+    assert!(
+        p.contains("keyslot 0: a passphrase") && !p.contains("keyslot 1"),
+        "{p}"
+    );
 }
 
 /// A hostile header string in a token is escaped by `policy`.

@@ -552,9 +552,11 @@ pub fn unenroll(a: UnenrollArgs) -> anyhow::Result<()> {
             if let Some(k) = u.keyslot {
                 ev = ev.keyslot(k);
             }
-            let kind = ProviderKind::from_token_type(&u.token_type)
-                .map(ProviderKind::name)
-                .unwrap_or("unknown");
+            let kind = match ProviderKind::from_token_type(&u.token_type) {
+                Some(k) => k.name(),
+                None if u.token_type == quorum::TOKEN_TYPE => "quorum",
+                None => "unknown",
+            };
             audit.record(ev.provider(kind, u.key.as_deref()));
             match u.keyslot {
                 Some(k) => println!("removed token {} and keyslot {k}", u.token_id),
