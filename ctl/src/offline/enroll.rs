@@ -23,15 +23,22 @@ use super::Volume;
 use crate::secret_input::{read_existing, read_new, Source};
 
 pub const ENROLL_ABOUT: &str = "\
-Add a keyslot that AWS KMS unlocks. A random 32-byte secret opens a new keyslot (PBKDF2-SHA256,
-1000 iterations; its passphrase is the secret's base64, as systemd-cryptenroll does); the secret
-is stored only encrypted by the KMS key, in a LUKS2 token bound to this volume's UUID and the
-keyslot (KMS encryption context), so a copied token opens nothing. An existing passphrase or key
+Add a keyslot that AWS KMS or a PKCS#11 HSM unlocks, or a quorum of holders (--quorum K: any K
+of the KMS keys, HSM keys and people given). A random 32-byte secret opens a new keyslot
+(PBKDF2-SHA256, 1000 iterations; its passphrase is the secret's base64, as systemd-cryptenroll
+does); the secret is stored only encrypted by the KMS or HSM key, in a LUKS2 token bound to this
+volume's UUID and the keyslot (KMS encryption context, AES-GCM additional data), so a copied
+token opens nothing. An existing passphrase or key
 file unlocks the volume key first. Credentials come from the standard AWS chain (environment,
 profile, instance role); the region from --kms-region or the standard chain. Prints the keyslot
 and the token id, then the lines for nbdcryptd's config: the key to allow (kms-allow-key) and
 the volume pin (volume-uuid, volume-key-digest) that makes the daemon refuse a replaced header.
-Keep a passphrase keyslot as a recovery key.";
+Keep a passphrase keyslot as a recovery key.
+
+With --quorum K the secret is split (Shamir, k-of-n) among every holder given: each --kms and
+--pkcs11 key seals its share, each --passphrase-share NAME is a person whose passphrase (asked
+now) protects theirs. nbdcryptd unseals the machine shares it can reach; people give theirs with
+`nbdcryptctl unlock --share NAME`. `nbdcryptctl policy VOLUME` shows the result in words.";
 
 pub const ENROLL_EXAMPLES: &str = "\
 Examples:
@@ -39,7 +46,12 @@ Examples:
   nbdcryptctl enroll vol.img --kms arn:aws:kms:eu-west-1:111122223333:key/1234abcd-... \\
       --key-file recovery.key --audit-log /var/log/nbdcrypt-audit.log
   nbdcryptctl enroll vol.img --kms alias/vol --region eu-west-1 \\
-      --kms-endpoint https://vpce-0abc.kms.eu-west-1.vpce.amazonaws.com --key-file k";
+      --kms-endpoint https://vpce-0abc.kms.eu-west-1.vpce.amazonaws.com --key-file k
+  nbdcryptctl enroll vol.img --pkcs11 'pkcs11:token=prod;object=db;type=secret-key' \
+      --pkcs11-pin file:/etc/nbdcrypt/hsm.pin
+  nbdcryptctl enroll vol.img --quorum 2 --kms alias/db \
+      --pkcs11 'pkcs11:token=prod;object=db;type=secret-key' --pkcs11-pin file:/etc/nbdcrypt/hsm.pin \
+      --passphrase-share alice                                        # any 2 of the 3";
 
 pub const UNENROLL_ABOUT: &str = "\
 Remove a KMS enrolment: its token first, then its keyslot (wiped). Needs no secret. Refuses to
