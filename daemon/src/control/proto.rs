@@ -893,4 +893,45 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn share_requests_round_trip_and_refuse_misplaced_or_missing_names() {
+        let r = Request::Share {
+            name: "alice".into(),
+            secret: SecretBytes::from_slice(b"alice's words"),
+        };
+        let line = r.encode();
+        let back = Request::decode(&line).unwrap();
+        match &back {
+            Request::Share { name, secret } => {
+                assert_eq!(name, "alice");
+                assert_eq!(secret.expose_secret(), b"alice's words");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(back.kind(), RequestKind::Share);
+        let dbg = format!("{back:?}");
+        assert!(dbg.contains("alice") && !dbg.contains("words"), "{dbg}");
+        for bad in [
+            r#"{"v":1,"op":"share","secret":"eA=="}"#,
+            r#"{"v":1,"op":"share","name":"","secret":"eA=="}"#,
+            r#"{"v":1,"op":"share","name":"alice"}"#,
+            r#"{"v":1,"op":"share","name":"alice","secret":"eA==","slot":1}"#,
+            r#"{"v":1,"op":"unlock","name":"alice","secret":"eA=="}"#,
+            r#"{"v":1,"op":"status","name":"alice"}"#,
+        ] {
+            assert!(
+                matches!(
+                    Request::decode(bad.as_bytes()),
+                    Err(DecodeError::Invalid(_))
+                ),
+                "{bad}"
+            );
+        }
+        let long = format!(
+            r#"{{"v":1,"op":"share","name":"{}","secret":"eA=="}}"#,
+            "a".repeat(MAX_SHARE_NAME + 1)
+        );
+        assert!(Request::decode(long.as_bytes()).is_err());
+    }
 }
