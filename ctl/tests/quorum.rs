@@ -320,6 +320,26 @@ fn a_two_of_three_quorum_of_kms_hsm_and_a_person_unlocks_with_any_two_and_not_wi
     ];
     let hsm = ["--pkcs11-pin", &pin, "--pkcs11-module", MODULE];
 
+    // test-token: the machine holders alone make two of two; one alone does not.
+    let mut a = vec!["test-token", vol.as_str()];
+    a.extend(kms);
+    a.extend(hsm);
+    let o = ok(r.ctl(&a, None));
+    assert!(
+        text(&o).contains("keyslot 1 unlocked by token 0"),
+        "{}",
+        text(&o)
+    );
+    let mut a = vec!["test-token", vol.as_str()];
+    a.extend(kms);
+    let o = r.ctl(&a, None);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("1 of 2 needed shares received") && text(&o).contains("people give"),
+        "{}",
+        text(&o)
+    );
+
     // KMS + HSM, at start, no person needed.
     {
         let mut a = vec!["--auto-unlock"];

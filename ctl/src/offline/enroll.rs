@@ -713,6 +713,57 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// test-token on quorums: opens one with its machine shares alone (people's shares are given to
+/// the daemon, never here). Reports how many shares each quorum reached.
+fn quorum_by_machines(
+    vol: &Volume,
+    hdr: &Luks2Header,
+    settings: &SealSettings,
+    only: Option<u32>,
+) -> Result<(VolumeKey, u32, u32), EnrollError> {
+    let mut why = Vec::new();
+    for (id, q) in quorum::tokens(hdr) {
+        if only.is_some_and(|o| o != id) {
+            continue;
+        }
+        let q = match q {
+            Ok(q) => q,
+            Err(e) => {
+                why.push(format!("quorum token {id}: {e}"));
+                continue;
+            }
+        };
+        let mut shares = Vec::new();
+        let mut failed = Vec::new();
+        for s in &q.shares {
+            if let quorum::Holder::Provider { .. } = s.holder {
+                match quorum::open_machine_share(hdr, &q, s, settings) {
+                    Ok(share) => shares.push(share),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+        }
+        let refs: Vec<_> = shares.iter().collect();
+        match quorum::open_keyslot(&vol.file, hdr, &q, &refs) {
+            Ok(key) => return Ok((key, q.keyslot, id)),
+            Err(e) => {
+                let mut m = format!("quorum token {id} (keyslot {}): {e}", q.keyslot);
+                if q.passphrase_shares() > 0 {
+                    m.push_str(" from machine holders alone; people give theirs to nbdcryptd");
+                }
+                for f in failed {
+                    m.push_str(&format!("; {f}"));
+                }
+                why.push(m);
+            }
+        }
+    }
+    Err(EnrollError::Seal(nbdcrypt::seal::SealError::Other {
+        provider: "quorum",
+        detail: why.join("; "),
+    }))
+}
+
 pub fn test_token(a: TestTokenArgs) -> anyhow::Result<()> {
     let audit = Audit::open(a.audit_log.as_deref())?;
     let vol = Volume::open(&a.volume, false)?;
@@ -723,10 +774,20 @@ pub fn test_token(a: TestTokenArgs) -> anyhow::Result<()> {
     let settings = seal_settings(&a.location)?;
     let pin = config_pin(&a.location)?;
     let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolver(json, &settings);
+    let is_quorum = |id: u32| {
+        hdr.token(id)
+            .is_some_and(|t| t.type_name() == quorum::TOKEN_TYPE)
+    };
     let result = match a.token {
+        Some(id) if is_quorum(id) => quorum_by_machines(&vol, &hdr, &settings, Some(id)),
         Some(id) => seal_enroll::unlock_with_token(&vol.file, &hdr, id, &resolve)
             .map(|(k, slot)| (k, slot, id)),
-        None => seal_enroll::unlock_with_tokens(&vol.file, &hdr, &resolve),
+        None => match seal_enroll::unlock_with_tokens(&vol.file, &hdr, &resolve) {
+            Err(EnrollError::NoTokens) if !quorum::tokens(&hdr).is_empty() => {
+                quorum_by_machines(&vol, &hdr, &settings, None)
+            }
+            r => r,
+        },
     };
     // A token that opens a header other than the pinned one is a failure, as in the daemon.
     if let Ok((key, _, _)) = &result {
