@@ -12,6 +12,7 @@ mod online;
 mod reencrypt_online;
 mod secret;
 mod secret_input;
+mod share;
 
 use std::process::ExitCode;
 

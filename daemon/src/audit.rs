@@ -36,6 +36,8 @@ pub enum AuditEventKind {
     Reencrypt,
     /// An NBD client attached over TLS (its certificate subject, with mutual TLS).
     NbdTlsAttach,
+    /// A person's quorum share was accepted; the quorum is not complete yet.
+    ShareAccepted,
 }
 
 impl AuditEventKind {
@@ -53,6 +55,7 @@ impl AuditEventKind {
             AuditEventKind::HeaderRestore => "header_restore",
             AuditEventKind::Reencrypt => "reencrypt",
             AuditEventKind::NbdTlsAttach => "nbd_tls_attach",
+            AuditEventKind::ShareAccepted => "share_accepted",
         }
     }
 }

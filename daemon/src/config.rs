@@ -81,27 +81,15 @@ pub struct Args {
     #[arg(long)]
     pub allow_expensive_kdf: bool,
 
-    /// PKCS#11 module for HSM tokens (default: SoftHSM2's). Never taken from the volume header.
-    #[arg(long, value_name = "PATH")]
-    pub pkcs11_module: Option<PathBuf>,
+    /// Every key provider's settings (`--kms-endpoint`, `--pkcs11-pin`, ...), from the
+    /// provider registry (`seal::registry`).
+    #[command(flatten)]
+    pub providers: crate::seal::registry::SettingFlags,
 
-    /// Where the HSM user PIN comes from: file:/path or cred:NAME (a systemd credential).
-    #[arg(long, value_name = "SOURCE")]
-    pub pkcs11_pin: Option<String>,
-
-    /// KMS endpoint URL for KMS tokens (a VPC endpoint, a test server); default: the AWS one
-    /// for the region. Never taken from the volume header: a token naming another is refused.
-    #[arg(long, value_name = "URL")]
-    pub kms_endpoint: Option<String>,
-
-    /// AWS region for KMS tokens (default: AWS_REGION / the profile's).
-    #[arg(long, value_name = "REGION")]
-    pub kms_region: Option<String>,
-
-    /// A KMS key (key ARN or key id) whose tokens may unlock this volume; repeat for several.
-    /// Without one, KMS tokens are refused before any request.
-    #[arg(long = "kms-allow-key", value_name = "ARN")]
-    pub kms_allow_key: Vec<String>,
+    /// Seconds the shares of an incomplete quorum (`nbdcryptctl unlock --share`) are kept, in
+    /// locked memory, from the first one; then they are forgotten and the quorum starts over.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pub share_timeout: u64,
 
     /// Pin the volume: refuse to start on a volume with another LUKS2 UUID (`nbdcryptctl pin`).
     #[arg(long, value_name = "UUID")]
@@ -247,6 +235,8 @@ pub struct Config {
     pub auto_unlock: bool,
     /// KMS and PKCS#11 settings: where keys may come from (never the header).
     pub seal: crate::seal::SealSettings,
+    /// How long an incomplete quorum's shares are kept (`--share-timeout`).
+    pub share_timeout: Duration,
     /// Which volume may be unlocked (UUID, volume-key digest); empty: any.
     pub pin: crate::seal::pin::VolumePin,
     pub allow_expensive_kdf: bool,
@@ -302,22 +292,10 @@ impl Config {
                     .into(),
             );
         }
-        let pkcs11_pin = match &a.pkcs11_pin {
-            Some(p) => Some(
-                crate::seal::pkcs11::PinSource::parse(p)
-                    .map_err(|e| format!("--pkcs11-pin: {e}"))?,
-            ),
-            None => None,
-        };
         if a.auto_unlock && mode == Mode::Plain {
             return Err("--auto-unlock makes no sense with --plain".into());
         }
-        let kms = crate::seal::KmsSettings {
-            endpoint: a.kms_endpoint.filter(|e| !e.is_empty()),
-            region: a.kms_region.filter(|r| !r.is_empty()),
-            allowed_keys: a.kms_allow_key,
-        };
-        kms.validate()?;
+        let seal = crate::seal::SealSettings::from_raw(a.providers.raw)?;
         let pin = crate::seal::pin::VolumePin::parse(
             a.volume_uuid.as_deref(),
             a.volume_key_digest.as_deref(),
@@ -333,13 +311,8 @@ impl Config {
             backing,
             unlock_key_file: key,
             auto_unlock: a.auto_unlock,
-            seal: crate::seal::SealSettings {
-                kms,
-                pkcs11: crate::seal::Pkcs11Settings {
-                    module: a.pkcs11_module,
-                    pin: pkcs11_pin,
-                },
-            },
+            seal,
+            share_timeout: Duration::from_secs(a.share_timeout.clamp(1, 86_400)),
             pin,
             allow_expensive_kdf: a.allow_expensive_kdf,
             audit_log: a.audit_log,

@@ -5,7 +5,7 @@ use serde_json::{Map, Value};
 use nbdcrypt::control::proto::{Request, Response};
 use nbdcrypt::luks2::Token;
 use nbdcrypt::seal::pkcs11::{PinSource, Pkcs11Uri};
-use nbdcrypt::seal::token;
+use nbdcrypt::luks2::tokens::format as token;
 
 /// `control_proto`: the input is one line, decoded as a request and as a response. Whatever
 /// decodes must re-encode to a line that decodes to the same thing.
@@ -19,8 +19,12 @@ pub fn proto(data: &[u8]) {
             if let (Request::Unlock { secret: a, .. }, Request::Unlock { secret: b, .. }) = (&req, &again) {
                 assert!(a.expose_secret() == b.expose_secret(), "secret changed in a round trip");
             }
+            if let (Request::Share { secret: a, name: n }, Request::Share { secret: b, name: m }) = (&req, &again) {
+                assert!(a.expose_secret() == b.expose_secret(), "share secret changed in a round trip");
+                assert_eq!(n, m);
+            }
             // Debug never shows a secret.
-            if let Request::Unlock { secret, .. } = &req {
+            if let Request::Unlock { secret, .. } | Request::Share { secret, .. } = &req {
                 let dbg = format!("{req:?}");
                 if secret.len() >= 4 {
                     let s = String::from_utf8_lossy(secret.expose_secret());
@@ -53,7 +57,7 @@ pub fn token(data: &[u8]) {
 fn check_token(o: Map<String, Value>) {
     // With no operator settings every provider must refuse before any I/O (no KMS endpoint, no
     // allowed key, no PIN): what the token says never reaches the network or a module.
-    let _ = nbdcrypt::seal::resolve_provider(&o, &nbdcrypt::seal::SealSettings::default());
+    let _ = nbdcrypt::luks2::tokens::resolver(&o, &nbdcrypt::seal::SealSettings::default());
     match token::parse_json(&o) {
         Ok(Some(p)) => {
             let _ = (p.key_reference(), format!("{p:?}"));
@@ -74,9 +78,34 @@ fn check_token(o: Map<String, Value>) {
             let _ = e.to_string();
         }
     }
+    check_quorum(&o);
     if let Ok(t) = Token::from_json(o) {
         let _ = (t.type_name(), t.keyslots());
         let _ = token::parse(&t);
+    }
+}
+
+/// Quorum tokens (same `seal_token` target): bounded, and one that parses rebuilds into the
+/// same token. Nothing here may run a KDF or reach a provider.
+fn check_quorum(o: &Map<String, Value>) {
+    use nbdcrypt::luks2::tokens::quorum;
+    match quorum::parse_json(o) {
+        Ok(Some(q)) => {
+            assert!(q.threshold >= 1 && q.threshold <= q.shares.len());
+            assert!(q.shares.len() <= quorum::MAX_SHARES);
+            assert!(q.shares.iter().all(|s| s.x != 0));
+            let _ = (q.passphrase_shares(), format!("{q:?}"));
+            for s in &q.shares {
+                let _ = (s.describe(), s.name());
+            }
+            let t = quorum::build(&q).expect("a parsed quorum rebuilds");
+            let again = quorum::parse(&t).expect("rebuilt quorum refused").expect("rebuilt quorum not a quorum");
+            assert_eq!(again, q);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            let _ = e.to_string();
+        }
     }
 }
 

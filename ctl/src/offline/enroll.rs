@@ -10,27 +10,35 @@ use clap::{ArgGroup, Args};
 use nbdcrypt::audit::{AuditEvent, AuditEventKind, AuditLog};
 use nbdcrypt::control::proto::{Request, Response};
 use nbdcrypt::crypto::keys::VolumeKey;
+use nbdcrypt::luks2::tokens::enroll::{self as seal_enroll, EnrollError, Enrolled, UnenrollTarget};
+use nbdcrypt::luks2::tokens::format::{self as token, ProviderKind};
+use nbdcrypt::luks2::tokens::quorum;
+use nbdcrypt::luks2::tokens::resolver;
 use nbdcrypt::luks2::{KdfLimits, Luks2Header};
-use nbdcrypt::seal::enroll::{self as seal_enroll, EnrollError, Enrolled, UnenrollTarget};
-use nbdcrypt::seal::kms::KmsProvider;
 use nbdcrypt::seal::pin::VolumePin;
-use nbdcrypt::seal::pkcs11::{resolve_module, PinSource, Pkcs11Provider, Pkcs11Uri};
-use nbdcrypt::seal::token::{self, ProviderKind};
-use nbdcrypt::seal::{resolve_provider, Pkcs11Settings, SealProvider, SealSettings};
+use nbdcrypt::seal::registry::{Provider, RawSettings, SettingFlags, PROVIDERS};
+use nbdcrypt::seal::{SealProvider, SealSettings};
 
 use super::Volume;
-use crate::secret_input::{read_existing, Source};
+use crate::secret_input::{read_existing, read_new, Source};
 
 pub const ENROLL_ABOUT: &str = "\
-Add a keyslot that AWS KMS unlocks. A random 32-byte secret opens a new keyslot (PBKDF2-SHA256,
-1000 iterations; its passphrase is the secret's base64, as systemd-cryptenroll does); the secret
-is stored only encrypted by the KMS key, in a LUKS2 token bound to this volume's UUID and the
-keyslot (KMS encryption context), so a copied token opens nothing. An existing passphrase or key
+Add a keyslot that AWS KMS or a PKCS#11 HSM unlocks, or a quorum of holders (--quorum K: any K
+of the KMS keys, HSM keys and people given). A random 32-byte secret opens a new keyslot
+(PBKDF2-SHA256, 1000 iterations; its passphrase is the secret's base64, as systemd-cryptenroll
+does); the secret is stored only encrypted by the KMS or HSM key, in a LUKS2 token bound to this
+volume's UUID and the keyslot (KMS encryption context, AES-GCM additional data), so a copied
+token opens nothing. An existing passphrase or key
 file unlocks the volume key first. Credentials come from the standard AWS chain (environment,
 profile, instance role); the region from --kms-region or the standard chain. Prints the keyslot
 and the token id, then the lines for nbdcryptd's config: the key to allow (kms-allow-key) and
 the volume pin (volume-uuid, volume-key-digest) that makes the daemon refuse a replaced header.
-Keep a passphrase keyslot as a recovery key.";
+Keep a passphrase keyslot as a recovery key.
+
+With --quorum K the secret is split (Shamir, k-of-n) among every holder given: each --kms and
+--pkcs11 key seals its share, each --passphrase-share NAME is a person whose passphrase (asked
+now) protects theirs. nbdcryptd unseals the machine shares it can reach; people give theirs with
+`nbdcryptctl unlock --share NAME`. `nbdcryptctl policy VOLUME` shows the result in words.";
 
 pub const ENROLL_EXAMPLES: &str = "\
 Examples:
@@ -38,7 +46,12 @@ Examples:
   nbdcryptctl enroll vol.img --kms arn:aws:kms:eu-west-1:111122223333:key/1234abcd-... \\
       --key-file recovery.key --audit-log /var/log/nbdcrypt-audit.log
   nbdcryptctl enroll vol.img --kms alias/vol --region eu-west-1 \\
-      --kms-endpoint https://vpce-0abc.kms.eu-west-1.vpce.amazonaws.com --key-file k";
+      --kms-endpoint https://vpce-0abc.kms.eu-west-1.vpce.amazonaws.com --key-file k
+  nbdcryptctl enroll vol.img --pkcs11 'pkcs11:token=prod;object=db;type=secret-key' \
+      --pkcs11-pin file:/etc/nbdcrypt/hsm.pin
+  nbdcryptctl enroll vol.img --quorum 2 --kms alias/db \
+      --pkcs11 'pkcs11:token=prod;object=db;type=secret-key' --pkcs11-pin file:/etc/nbdcrypt/hsm.pin \
+      --passphrase-share alice                                        # any 2 of the 3";
 
 pub const UNENROLL_ABOUT: &str = "\
 Remove a KMS enrolment: its token first, then its keyslot (wiped). Needs no secret. Refuses to
@@ -79,27 +92,17 @@ Examples:
   nbdcryptctl test-token vol.img --kms-allow-key arn:aws:kms:eu-west-1:111122223333:key/1234abcd-... \\
       --token 2 --audit-log /var/log/nbdcrypt-audit.log";
 
-/// The AWS KMS this host trusts. Never taken from a token: the header is writable by whoever
-/// holds the disk, so a token naming another endpoint, region or key is refused.
+/// Every key provider's settings (`--kms-endpoint`, `--kms-allow-key`, `--pkcs11-pin`, ... from
+/// the provider registry), plus `--config FILE` to read them from nbdcryptd's file. The KMS and
+/// HSM this host trusts are never taken from a token: the header is writable by whoever holds
+/// the disk, so a token naming another endpoint, region, key or module is refused.
 #[derive(Args, Debug, Clone)]
 pub struct KmsLocation {
-    /// AWS region of the KMS key (default: AWS_REGION / the profile's region).
-    #[arg(
-        long = "kms-region",
-        visible_alias = "region",
-        value_name = "REGION",
-        help_heading = "AWS KMS"
-    )]
-    pub region: Option<String>,
-    /// KMS endpoint URL (VPC endpoint, test server). Tokens naming another are refused.
-    #[arg(long, value_name = "URL", help_heading = "AWS KMS")]
-    pub kms_endpoint: Option<String>,
-    /// A KMS key (key ARN or key id) whose tokens may be unsealed; repeat for several.
-    #[arg(long = "kms-allow-key", value_name = "ARN", help_heading = "AWS KMS")]
-    pub kms_allow_key: Vec<String>,
-    /// Take kms-endpoint, kms-region, kms-allow-key, pkcs11-module and pkcs11-pin from this
-    /// nbdcryptd config file (flags given here win).
-    #[arg(long, value_name = "FILE", help_heading = "AWS KMS")]
+    #[command(flatten)]
+    pub flags: SettingFlags,
+    /// Take the key provider settings (kms-endpoint, kms-region, kms-allow-key, pkcs11-module,
+    /// pkcs11-pin, ...) and the volume pin from this nbdcryptd config file (flags given here win).
+    #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
 
@@ -117,107 +120,112 @@ fn config_pin(loc: &KmsLocation) -> anyhow::Result<VolumePin> {
 }
 
 /// The operator's provider settings: `--config FILE` (the daemon's TOML), then the flags.
-pub(crate) fn seal_settings(loc: &KmsLocation, hsm: &Pkcs11Args) -> anyhow::Result<SealSettings> {
-    let mut s = match &loc.config {
+pub(crate) fn seal_settings(loc: &KmsLocation) -> anyhow::Result<SealSettings> {
+    let file = match &loc.config {
         Some(path) => {
             let (file, _) = nbdcrypt::config_file::load(path).map_err(|e| anyhow!(e))?;
+            // Checked alone first, so an error names the file.
             file.seal_settings()
-                .map_err(|e| anyhow!("{}: {e}", path.display()))?
+                .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+            file.provider_settings()
         }
-        None => SealSettings::default(),
+        None => RawSettings::default(),
     };
-    if let Some(e) = &loc.kms_endpoint {
-        s.kms.endpoint = Some(e.clone());
-    }
-    if let Some(r) = &loc.region {
-        s.kms.region = Some(r.clone());
-    }
-    if !loc.kms_allow_key.is_empty() {
-        s.kms.allowed_keys = loc.kms_allow_key.clone();
-    }
-    s.kms.validate().map_err(|e| anyhow!("--{e}"))?;
-    let p = hsm.settings()?;
-    if p.pin.is_some() {
-        s.pkcs11.pin = p.pin;
-    }
-    if p.module.is_some() {
-        s.pkcs11.module = p.module;
-    }
-    Ok(s)
+    let raw = file.overlaid(&loc.flags.raw);
+    SealSettings::from_raw(raw).map_err(|e| anyhow!("--{e}"))
 }
 
-/// The PKCS#11 HSM: the key (an RFC 7512 URI), its user PIN and the module to load.
-#[derive(Args, Debug, Clone)]
-pub struct Pkcs11Args {
-    /// PIN source for HSM tokens: file:/path (or just /path) or cred:NAME (systemd
-    /// credential). `--pin-file /path` is the same.
-    #[arg(
-        long,
-        value_name = "SOURCE",
-        help_heading = "PKCS#11 HSM",
-        visible_alias = "pin-file"
-    )]
-    pub pkcs11_pin: Option<String>,
-    /// PKCS#11 module (default: the URI's module-path, else SoftHSM2's).
-    #[arg(long, value_name = "PATH", help_heading = "PKCS#11 HSM")]
-    pub pkcs11_module: Option<PathBuf>,
+/// The key holders named on the command line: for each provider of the registry, the values of
+/// its enrol flag (`--kms KEY`, `--pkcs11 URI`, ...). `REKEY`: at most one, optional, and none
+/// with `--control`; else at least one.
+#[derive(Debug, Clone, Default)]
+pub struct Holders<const REKEY: bool> {
+    pub given: Vec<(&'static dyn Provider, Vec<String>)>,
 }
 
-impl Pkcs11Args {
-    /// Settings for unsealing existing PKCS#11 tokens (the module never comes from the header).
-    fn settings(&self) -> anyhow::Result<Pkcs11Settings> {
-        let pin = match &self.pkcs11_pin {
-            Some(p) => Some(PinSource::parse(p).map_err(|e| anyhow!("--pkcs11-pin: {e}"))?),
-            None => None,
-        };
-        Ok(Pkcs11Settings {
-            module: self.pkcs11_module.clone(),
-            pin,
+impl<const REKEY: bool> Holders<REKEY> {
+    /// Every (provider, value) in registry order.
+    pub fn all(&self) -> Vec<(&'static dyn Provider, &str)> {
+        self.given
+            .iter()
+            .flat_map(|(p, v)| v.iter().map(move |x| (*p, x.as_str())))
+            .collect()
+    }
+}
+
+impl<const REKEY: bool> clap::FromArgMatches for Holders<REKEY> {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut given = Vec::new();
+        for p in PROVIDERS {
+            if let Ok(Some(v)) = m.try_get_many::<String>(p.enroll_flag().long) {
+                given.push((*p, v.cloned().collect()));
+            }
+        }
+        Ok(Holders { given })
+    }
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl<const REKEY: bool> clap::Args for Holders<REKEY> {
+    fn augment_args(mut cmd: clap::Command) -> clap::Command {
+        let mut ids = Vec::new();
+        for p in PROVIDERS {
+            let f = p.enroll_flag();
+            let mut a = clap::Arg::new(f.long)
+                .long(f.long)
+                .value_name(f.value_name)
+                .help(f.help)
+                .help_heading(p.label());
+            if REKEY {
+                a = a.conflicts_with("control").action(clap::ArgAction::Set);
+            } else {
+                a = a.action(clap::ArgAction::Append);
+            }
+            ids.push(f.long);
+            cmd = cmd.arg(a);
+        }
+        let group = ArgGroup::new("provider").args(ids);
+        cmd.group(if REKEY {
+            group.multiple(false)
+        } else {
+            // At least one holder: checked by `enroll` (a quorum may be people only).
+            group.multiple(true)
         })
     }
-
-    /// A provider sealing under the key `uri` names. The PIN comes from `--pkcs11-pin` or the
-    /// URI's `pin-source=` (both typed by the operator), never from the command line itself.
-    fn provider(&self, uri: &str) -> anyhow::Result<Pkcs11Provider> {
-        let (uri, inline_pin) =
-            Pkcs11Uri::parse_with_pin_value(uri).map_err(|e| anyhow!("--pkcs11: {e}"))?;
-        if inline_pin.is_some() {
-            drop(inline_pin);
-            bail!(
-                "--pkcs11: the URI carries pin-value=: a PIN on the command line is readable by \
-                 every local user (ps, /proc) and lands in shell history. Remove pin-value= and \
-                 give --pkcs11-pin file:/path/to/pin or --pkcs11-pin cred:NAME (a systemd credential)"
-            );
-        }
-        let pin = match (&self.pkcs11_pin, &uri.pin_source) {
-            (Some(p), _) => PinSource::parse(p)
-                .map_err(|e| anyhow!("--pkcs11-pin: {e}"))?
-                .read()?,
-            (None, Some(src)) => src.read()?,
-            (None, None) => bail!("--pkcs11 needs a PIN: --pkcs11-pin file:/path (or cred:NAME)"),
-        };
-        let module = resolve_module(self.pkcs11_module.as_deref(), &uri);
-        Ok(Pkcs11Provider::new(uri, module, pin)?)
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
     }
 }
 
 #[derive(Args, Debug)]
-#[command(group(ArgGroup::new("provider").required(true).args(["kms", "pkcs11"])))]
 pub struct EnrollArgs {
     /// Volume file or block device.
     #[arg(value_name = "VOLUME")]
     pub volume: PathBuf,
-    /// The KMS key that seals the secret: key id, key ARN, alias/NAME or alias ARN.
-    #[arg(long, value_name = "KEY_ID|ALIAS", help_heading = "AWS KMS")]
-    pub kms: Option<String>,
+    #[command(flatten)]
+    pub holders: Holders<false>,
+    /// Split the keyslot secret among every holder given (--kms, --pkcs11, --passphrase-share,
+    /// each may repeat) so that any K of them open the keyslot (Shamir k-of-n).
+    #[arg(long, value_name = "K", help_heading = "Quorum")]
+    pub quorum: Option<usize>,
+    /// A person holding a share, with a passphrase of their own (asked now, twice, on the
+    /// terminal; without a terminal one line of standard input per share). They give it later
+    /// with `nbdcryptctl unlock --share NAME`. Needs --quorum.
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "quorum",
+        help_heading = "Quorum"
+    )]
+    pub passphrase_share: Vec<String>,
+    /// Key derivation of the people's share passphrases (as `format`'s --pbkdf options).
+    #[command(flatten)]
+    pub share_kdf: super::PbkdfArgs,
     #[command(flatten)]
     pub location: KmsLocation,
-    /// The HSM key that seals the secret: a non-extractable AES key, as an RFC 7512 URI
-    /// (pkcs11:token=LABEL;object=LABEL or ;id=%01).
-    #[arg(long, value_name = "URI", help_heading = "PKCS#11 HSM")]
-    pub pkcs11: Option<String>,
-    #[command(flatten)]
-    pub hsm: Pkcs11Args,
     /// Existing passphrase from this file (bytes as-is; `-` = standard input).
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
@@ -253,7 +261,7 @@ pub struct RekeyArgs {
     pub volume: Option<PathBuf>,
     /// Ask the running nbdcryptd behind this control socket to re-seal its volume's tokens under
     /// the same keys (its KMS credentials and HSM PIN are used; nothing else is needed here).
-    #[arg(long, value_name = "SOCK", conflicts_with_all = ["volume", "kms", "pkcs11", "key_file", "passphrase"])]
+    #[arg(long, value_name = "SOCK", conflicts_with_all = ["volume", "key_file", "passphrase"])]
     pub control: Option<PathBuf>,
     /// The keyslot of the enrolment to rekey.
     #[arg(long, value_name = "N")]
@@ -261,21 +269,11 @@ pub struct RekeyArgs {
     /// Rekey every nbdcrypt token of the volume.
     #[arg(long)]
     pub all_tokens: bool,
-    /// The new KMS key (default: the token's current key).
-    #[arg(
-        long,
-        value_name = "KEY_ID|ALIAS",
-        help_heading = "AWS KMS",
-        conflicts_with = "pkcs11"
-    )]
-    pub kms: Option<String>,
+    /// The new key (`--kms KEY`, `--pkcs11 URI`, ...; default: the token's current key).
+    #[command(flatten)]
+    pub holders: Holders<true>,
     #[command(flatten)]
     pub location: KmsLocation,
-    /// Move to this HSM key (RFC 7512 URI) instead of re-sealing under the current one.
-    #[arg(long, value_name = "URI", help_heading = "PKCS#11 HSM")]
-    pub pkcs11: Option<String>,
-    #[command(flatten)]
-    pub hsm: Pkcs11Args,
     /// Get the volume key from this passphrase file instead of the old token (bytes as-is;
     /// `-` = standard input).
     #[arg(long, value_name = "FILE")]
@@ -300,8 +298,6 @@ pub struct TestTokenArgs {
     pub token: Option<u32>,
     #[command(flatten)]
     pub location: KmsLocation,
-    #[command(flatten)]
-    pub hsm: Pkcs11Args,
     /// Append a JSON line per key event to this file.
     #[arg(long, value_name = "PATH")]
     pub audit_log: Option<PathBuf>,
@@ -363,21 +359,22 @@ fn unlock_by_passphrase(
 
 pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
     let audit = Audit::open(a.audit_log.as_deref())?;
-    let settings = seal_settings(&a.location, &a.hsm)?;
+    let settings = seal_settings(&a.location)?;
     let vol = Volume::open(&a.volume, true)?;
     let mut hdr = vol.header(true)?;
-    let (provider, kind): (Box<dyn SealProvider>, ProviderKind) = match (&a.kms, &a.pkcs11) {
-        (Some(kms), _) => (
-            Box::new(KmsProvider::new(
-                kms.clone(),
-                settings.kms.region.clone(),
-                settings.kms.endpoint.clone(),
-            )?),
-            ProviderKind::AwsKms,
+    let holders = a.holders.all();
+    if let Some(k) = a.quorum {
+        return enroll_quorum(&a, k, &holders, &settings, &audit, vol, hdr);
+    }
+    let (kind, value) = match holders.as_slice() {
+        [one] => *one,
+        [] => bail!("give a key holder: --kms KEY or --pkcs11 URI"),
+        _ => bail!(
+            "several key holders need --quorum K (any K of them open the keyslot); for holders \
+             that open it alone, enrol each one separately"
         ),
-        (None, Some(uri)) => (Box::new(a.hsm.provider(uri)?), ProviderKind::Pkcs11),
-        (None, None) => bail!("give --kms KEY or --pkcs11 URI"),
     };
+    let provider = new_provider(kind, value, &settings)?;
     let key = unlock_by_passphrase(&vol, &hdr, a.key_file.as_deref(), a.kdf_limits.limits())?;
     let requested = provider.key_reference();
     let event = AuditEvent::new(AuditEventKind::Enrol)
@@ -407,12 +404,131 @@ pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
     }
 }
 
+/// `enroll --quorum K`: one keyslot, its secret split among the machine holders and people.
+fn enroll_quorum(
+    a: &EnrollArgs,
+    k: usize,
+    holders: &[(&'static dyn Provider, &str)],
+    settings: &SealSettings,
+    audit: &Audit,
+    vol: Volume,
+    mut hdr: Luks2Header,
+) -> anyhow::Result<()> {
+    let n = holders.len() + a.passphrase_share.len();
+    if n == 0 {
+        bail!("--quorum needs holders: --kms, --pkcs11 and/or --passphrase-share NAME");
+    }
+    if k == 0 || k > n {
+        bail!("--quorum {k} with {n} holders: give a number from 1 to {n}");
+    }
+    if n > quorum::MAX_SHARES {
+        bail!("at most {} holders in a quorum", quorum::MAX_SHARES);
+    }
+    for name in &a.passphrase_share {
+        if !quorum::valid_name(name) {
+            bail!("--passphrase-share {name:?}: use 1 to 64 of A-Z a-z 0-9 . _ - @");
+        }
+    }
+    a.share_kdf.precheck()?;
+    let providers: Vec<(&'static dyn Provider, Box<dyn SealProvider>)> = holders
+        .iter()
+        .map(|(kind, value)| Ok((*kind, new_provider(*kind, value, settings)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let key = unlock_by_passphrase(&vol, &hdr, a.key_file.as_deref(), a.kdf_limits.limits())?;
+    let kdf = if a.passphrase_share.is_empty() {
+        None
+    } else {
+        Some(a.share_kdf.resolve(32)?)
+    };
+    let mut new: Vec<quorum::NewHolder<'_>> = providers
+        .iter()
+        .map(|(_, p)| quorum::NewHolder::Provider(&**p))
+        .collect();
+    for name in &a.passphrase_share {
+        let passphrase = read_new(
+            &Source::Interactive,
+            &format!("New passphrase for share {name} (only {name} should type it): "),
+        )?;
+        new.push(quorum::NewHolder::Passphrase {
+            name: name.clone(),
+            passphrase,
+            kdf: kdf.unwrap_or(nbdcrypt::luks2::KdfParams::Pbkdf2 {
+                hash: nbdcrypt::luks2::HashAlg::Sha256,
+                iterations: 1000,
+            }),
+        });
+    }
+    let mut event = AuditEvent::new(AuditEventKind::Enrol)
+        .volume(hdr.uuid())
+        .provider("quorum", None)
+        .detail("threshold", k)
+        .detail("holders", n);
+    match quorum::enroll(&vol.file, &mut hdr, &key, k, &new) {
+        Ok(Enrolled { keyslot, token_id }) => {
+            drop(new);
+            let q = hdr
+                .token(token_id)
+                .and_then(|t| quorum::parse(t).ok().flatten())
+                .ok_or_else(|| anyhow!("the quorum token {token_id} does not read back"))?;
+            let words: Vec<String> = q.shares.iter().map(|s| s.describe()).collect();
+            event = event
+                .keyslot(keyslot)
+                .detail("token", token_id)
+                .detail("shares", words.join(", "));
+            audit.record(event);
+            println!(
+                "enrolled keyslot {keyslot} (token {token_id}): {k} of {{{}}}",
+                words.join(", ")
+            );
+            println!();
+            println!(
+                "# For nbdcryptd's --config file (a volume pin makes it refuse a replaced header;"
+            );
+            println!(
+                "# `nbdcryptctl pin {} --write FILE` writes the pin lines):",
+                vol.path.display()
+            );
+            for s in &q.shares {
+                if let quorum::Holder::Provider { provider, .. } = &s.holder {
+                    if let (Some(p), Some(c)) = (
+                        nbdcrypt::seal::registry::by_name(provider),
+                        settings.get(provider),
+                    ) {
+                        for line in p.daemon_config_lines(&s.name(), c) {
+                            println!("{line}");
+                        }
+                    }
+                }
+            }
+            print!("{}", VolumePin::of_header(&hdr).toml_lines());
+            Ok(())
+        }
+        Err(e) => {
+            let e = explain(&vol, e);
+            audit.record(event.failed(format!("{e:#}")));
+            Err(e)
+        }
+    }
+}
+
+/// The provider sealing under `value` (what the operator gave to its enrol flag).
+fn new_provider(
+    kind: &'static dyn Provider,
+    value: &str,
+    settings: &SealSettings,
+) -> anyhow::Result<Box<dyn SealProvider>> {
+    let c = settings
+        .get(kind.name())
+        .ok_or_else(|| anyhow!("{} is not configured", kind.label()))?;
+    Ok(kind.for_enroll(value, c)?)
+}
+
 /// After an enrolment: the lines nbdcryptd's config needs to use this token, and to pin this
 /// volume (its key was just verified by the passphrase, so the digest printed is the real one).
 fn print_daemon_config(
     vol: &Volume,
     hdr: &Luks2Header,
-    kind: ProviderKind,
+    kind: &'static dyn Provider,
     key: &str,
     s: &SealSettings,
 ) {
@@ -422,34 +538,15 @@ fn print_daemon_config(
         "# `nbdcryptctl pin {} --write FILE` writes the pin lines):",
         vol.path.display()
     );
-    if kind == ProviderKind::AwsKms {
-        println!("kms-allow-key = [{}]", toml_str(key));
-        if let Some(e) = &s.kms.endpoint {
-            println!("kms-endpoint = {}", toml_str(e));
-        }
-        if let Some(r) = &s.kms.region {
-            println!("kms-region = {}", toml_str(r));
+    if let Some(c) = s.get(kind.name()) {
+        for line in kind.daemon_config_lines(key, c) {
+            println!("{line}");
         }
     }
     print!("{}", VolumePin::of_header(hdr).toml_lines());
 }
 
-/// A TOML basic string.
-pub(super) fn toml_str(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                out.push_str(&format!("\\u{:04x}", c as u32))
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
+pub(super) use nbdcrypt::seal::kms::toml_str;
 
 pub fn unenroll(a: UnenrollArgs) -> anyhow::Result<()> {
     let audit = Audit::open(a.audit_log.as_deref())?;
@@ -467,9 +564,11 @@ pub fn unenroll(a: UnenrollArgs) -> anyhow::Result<()> {
             if let Some(k) = u.keyslot {
                 ev = ev.keyslot(k);
             }
-            let kind = ProviderKind::from_token_type(&u.token_type)
-                .map(ProviderKind::name)
-                .unwrap_or("unknown");
+            let kind = match ProviderKind::from_token_type(&u.token_type) {
+                Some(k) => k.name(),
+                None if u.token_type == quorum::TOKEN_TYPE => "quorum",
+                None => "unknown",
+            };
             audit.record(ev.provider(kind, u.key.as_deref()));
             match u.keyslot {
                 Some(k) => println!("removed token {} and keyslot {k}", u.token_id),
@@ -504,10 +603,9 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
         bail!("give VOLUME or --control SOCK")
     };
     let audit = Audit::open(a.audit_log.as_deref())?;
-    let settings = seal_settings(&a.location, &a.hsm)?;
+    let settings = seal_settings(&a.location)?;
     let pin = config_pin(&a.location)?;
-    let resolve =
-        |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, &settings);
+    let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolver(json, &settings);
     let vol = Volume::open(&volume, true)?;
     let mut hdr = vol.header(true)?;
     let p = vol.path.display().to_string();
@@ -572,19 +670,12 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
         let old_key = old.key_reference().map(str::to_owned);
         // The new provider: the key named here, or the old token's key if the configuration
         // allows it; endpoint and region always from the configuration, never the old token.
-        let new_provider: Box<dyn SealProvider> = match (&a.kms, &a.pkcs11) {
-            (None, Some(uri)) => Box::new(a.hsm.provider(uri)?),
-            (Some(k), _) => Box::new(KmsProvider::new(
-                k.clone(),
-                settings.kms.region.clone(),
-                settings.kms.endpoint.clone(),
-            )?),
-            (None, None) => resolve(&old_json).map_err(|e| anyhow!("{p}: token {id}: {e}"))?,
+        let new_provider: Box<dyn SealProvider> = match a.holders.all().first() {
+            Some((kind, value)) => new_provider(*kind, value, &settings)?,
+            None => resolve(&old_json).map_err(|e| anyhow!("{p}: token {id}: {e}"))?,
         };
-        let new_kind = match new_provider.token_type() {
-            t if t == ProviderKind::Pkcs11.token_type() => ProviderKind::Pkcs11,
-            _ => ProviderKind::AwsKms,
-        };
+        let new_kind = ProviderKind::from_token_type(new_provider.token_type())
+            .ok_or_else(|| anyhow!("internal: provider without a registry entry"))?;
         let event = AuditEvent::new(AuditEventKind::Rekey)
             .volume(hdr.uuid())
             .detail("old_token", id)
@@ -622,6 +713,57 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// test-token on quorums: opens one with its machine shares alone (people's shares are given to
+/// the daemon, never here). Reports how many shares each quorum reached.
+fn quorum_by_machines(
+    vol: &Volume,
+    hdr: &Luks2Header,
+    settings: &SealSettings,
+    only: Option<u32>,
+) -> Result<(VolumeKey, u32, u32), EnrollError> {
+    let mut why = Vec::new();
+    for (id, q) in quorum::tokens(hdr) {
+        if only.is_some_and(|o| o != id) {
+            continue;
+        }
+        let q = match q {
+            Ok(q) => q,
+            Err(e) => {
+                why.push(format!("quorum token {id}: {e}"));
+                continue;
+            }
+        };
+        let mut shares = Vec::new();
+        let mut failed = Vec::new();
+        for s in &q.shares {
+            if let quorum::Holder::Provider { .. } = s.holder {
+                match quorum::open_machine_share(hdr, &q, s, settings) {
+                    Ok(share) => shares.push(share),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+        }
+        let refs: Vec<_> = shares.iter().collect();
+        match quorum::open_keyslot(&vol.file, hdr, &q, &refs) {
+            Ok(key) => return Ok((key, q.keyslot, id)),
+            Err(e) => {
+                let mut m = format!("quorum token {id} (keyslot {}): {e}", q.keyslot);
+                if q.passphrase_shares() > 0 {
+                    m.push_str(" from machine holders alone; people give theirs to nbdcryptd");
+                }
+                for f in failed {
+                    m.push_str(&format!("; {f}"));
+                }
+                why.push(m);
+            }
+        }
+    }
+    Err(EnrollError::Seal(nbdcrypt::seal::SealError::Other {
+        provider: "quorum",
+        detail: why.join("; "),
+    }))
+}
+
 pub fn test_token(a: TestTokenArgs) -> anyhow::Result<()> {
     let audit = Audit::open(a.audit_log.as_deref())?;
     let vol = Volume::open(&a.volume, false)?;
@@ -629,14 +771,23 @@ pub fn test_token(a: TestTokenArgs) -> anyhow::Result<()> {
     let event = AuditEvent::new(AuditEventKind::UnlockOk)
         .volume(hdr.uuid())
         .detail("check", true);
-    let settings = seal_settings(&a.location, &a.hsm)?;
+    let settings = seal_settings(&a.location)?;
     let pin = config_pin(&a.location)?;
-    let resolve =
-        |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, &settings);
+    let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolver(json, &settings);
+    let is_quorum = |id: u32| {
+        hdr.token(id)
+            .is_some_and(|t| t.type_name() == quorum::TOKEN_TYPE)
+    };
     let result = match a.token {
+        Some(id) if is_quorum(id) => quorum_by_machines(&vol, &hdr, &settings, Some(id)),
         Some(id) => seal_enroll::unlock_with_token(&vol.file, &hdr, id, &resolve)
             .map(|(k, slot)| (k, slot, id)),
-        None => seal_enroll::unlock_with_tokens(&vol.file, &hdr, &resolve),
+        None => match seal_enroll::unlock_with_tokens(&vol.file, &hdr, &resolve) {
+            Err(EnrollError::NoTokens) if !quorum::tokens(&hdr).is_empty() => {
+                quorum_by_machines(&vol, &hdr, &settings, None)
+            }
+            r => r,
+        },
     };
     // A token that opens a header other than the pinned one is a failure, as in the daemon.
     if let Ok((key, _, _)) = &result {

@@ -14,6 +14,7 @@ mod header;
 mod keys;
 mod pin;
 mod reencrypt;
+mod policy;
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -118,6 +119,9 @@ pub enum OfflineCommand {
     /// Replace the volume key and re-encrypt every sector (crash-safe, cryptsetup-compatible).
     #[command(long_about = reencrypt::ABOUT, after_help = help(reencrypt::EXAMPLES))]
     Reencrypt(reencrypt::ReencryptArgs),
+    /// Print the volume's unlock policy in words (or --json): what opens each keyslot.
+    #[command(long_about = policy::ABOUT, after_help = help(policy::EXAMPLES))]
+    Policy(policy::PolicyArgs),
 }
 
 /// Runs one offline command. A wrong passphrase is reported here (message on stderr, exit 3);
@@ -202,6 +206,7 @@ pub fn run(cmd: OfflineCommand) -> anyhow::Result<ExitCode> {
         OfflineCommand::TestToken(a) => enroll::test_token(a),
         OfflineCommand::Pin(a) => pin::run(a),
         OfflineCommand::Reencrypt(a) => reencrypt::run(a),
+        OfflineCommand::Policy(a) => policy::run(a),
     };
     match result {
         Ok(()) => Ok(ExitCode::from(EXIT_OK)),
@@ -231,6 +236,7 @@ impl OfflineCommand {
             OfflineCommand::TestToken(_) => "test-token",
             OfflineCommand::Pin(_) => "pin",
             OfflineCommand::Reencrypt(_) => "reencrypt",
+            OfflineCommand::Policy(_) => "policy",
         }
     }
 }

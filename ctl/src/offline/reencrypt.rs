@@ -103,8 +103,6 @@ pub struct ReencryptArgs {
     /// Where the KMS tokens' keys live (for re-sealing them); see `enroll --help`.
     #[command(flatten)]
     pub location: super::enroll::KmsLocation,
-    #[command(flatten)]
-    pub hsm: super::enroll::Pkcs11Args,
 }
 
 /// `64M`, `1G`, `4096`: bytes, K/M/G/T = powers of 1024.
@@ -277,7 +275,7 @@ pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
         }
         run_zones(&a, &vol, &mut r, &audit)?;
         let hdr = r
-            .finish_dropping_orphans(&vol.file, |t| nbdcrypt::seal::token::is_ours(t.type_name()))
+            .finish_dropping_orphans(&vol.file, |t| nbdcrypt::luks2::tokens::format::is_ours(t.type_name()))
             .map_err(|e| vol.explain(e))?;
         let age = KeyAge::of(&hdr).map(|k| nbdcrypt::audit::rfc3339(k.created_unix));
         audit.record("finish", |e| match &age {
@@ -378,26 +376,26 @@ fn start(
     // Our KMS/HSM tokens: re-sealed under the same key for the new keyslot, not erased.
     let mut resealed = Vec::new();
     if unopened.iter().any(|id| our_token(&hdr, *id).is_some()) {
-        let settings = super::enroll::seal_settings(&a.location, &a.hsm)?;
+        let settings = super::enroll::seal_settings(&a.location)?;
         for &id in &unopened {
             let Some((tid, json)) = our_token(&hdr, id) else {
                 continue;
             };
-            let provider = nbdcrypt::seal::resolve_provider(&json, &settings).map_err(|e| {
+            let provider = nbdcrypt::luks2::tokens::resolver(&json, &settings).map_err(|e| {
                 anyhow!(
                     "keyslot {id} (token {tid}): cannot reach its KMS/HSM key to re-seal it: {e}"
                 )
             })?;
-            let mut secret = SecretBytes::zeroed(nbdcrypt::seal::enroll::SECRET_LEN);
+            let mut secret = SecretBytes::zeroed(nbdcrypt::seal::SECRET_LEN);
             std::fs::File::open("/dev/urandom")
                 .and_then(|mut f| std::io::Read::read_exact(&mut f, secret.expose_secret_mut()))
                 .map_err(|e| anyhow!("reading /dev/urandom: {e}"))?;
-            let pass = nbdcrypt::seal::enroll::passphrase_for(&secret);
+            let pass = nbdcrypt::luks2::tokens::enroll::passphrase_for(&secret);
             let uuid = hdr.uuid().to_string();
             slots.push(NewSlot {
                 old_slot: id,
                 secret: pass,
-                kdf: nbdcrypt::seal::enroll::TOKEN_KEYSLOT_KDF,
+                kdf: nbdcrypt::luks2::tokens::enroll::TOKEN_KEYSLOT_KDF,
                 token: Some(Box::new(move |new_slot| {
                     let binding = nbdcrypt::seal::Binding {
                         volume_uuid: uuid,
@@ -406,7 +404,7 @@ fn start(
                     let sealed = provider
                         .seal(&secret, &binding)
                         .map_err(|e| e.to_string())?;
-                    nbdcrypt::seal::token::build(
+                    nbdcrypt::luks2::tokens::format::build(
                         provider.token_type(),
                         new_slot,
                         &sealed,
@@ -480,7 +478,7 @@ fn our_token(
     slot: u32,
 ) -> Option<(u32, serde_json::Map<String, serde_json::Value>)> {
     hdr.tokens()
-        .find_map(|(tid, t)| match nbdcrypt::seal::token::parse(t) {
+        .find_map(|(tid, t)| match nbdcrypt::luks2::tokens::format::parse(t) {
             Ok(Some(p)) if p.keyslot == slot => Some((tid, t.json().clone())),
             _ => None,
         })

@@ -36,8 +36,8 @@ use crate::shutdown::Shutdown;
 
 pub use server::ControlListener;
 pub use volume::{
-    Origin, Policy, Rekeyer, UnlockError, UnlockWith, Unlocker, VolumeHandle, VolumeInfo,
-    VolumeManager,
+    Origin, Policy, Rekeyer, StatusHook, UnlockError, UnlockWith, Unlocker, VolumeHandle,
+    VolumeInfo, VolumeManager,
 };
 
 /// Where nbdcryptd listens for control requests unless told otherwise.
@@ -46,6 +46,17 @@ pub const DEFAULT_SOCKET: &str = "/run/nbdcrypt/control.sock";
 /// Environment variable that overrides `DEFAULT_SOCKET` for nbdcryptctl (and the daemon's flag
 /// default, if it chooses to read it).
 pub const SOCKET_ENV: &str = "NBDCRYPT_CONTROL";
+
+/// Optional parts of the control plane, each wired by `main` when the daemon has it.
+#[derive(Default)]
+pub struct ControlHooks {
+    /// Re-seals token-bound keyslots (`rekey --control`).
+    pub rekeyer: Option<Rekeyer>,
+    /// Online volume-key re-encryption (`reencrypt --control`).
+    pub reencryptor: Option<Arc<reencrypt::Reencryptor>>,
+    /// Words `status` adds while locked (a quorum being assembled).
+    pub status: Option<StatusHook>,
+}
 
 /// The control socket and the volume manager, started together.
 pub struct ControlPlane {
@@ -66,31 +77,34 @@ impl ControlPlane {
         audit: Arc<crate::audit::AuditLog>,
         shutdown: Shutdown,
     ) -> io::Result<ControlPlane> {
-        Self::start_with_reencryptor(
-            socket, exports, info, unlocker, rekeyer, None, audit, shutdown,
-        )
-        .await
+        let hooks = ControlHooks {
+            rekeyer,
+            ..ControlHooks::default()
+        };
+        Self::start_with(socket, exports, info, unlocker, hooks, audit, shutdown).await
     }
 
-    /// [`ControlPlane::start`], with online re-encryption (`reencrypt` requests).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn start_with_reencryptor(
+    /// [`ControlPlane::start`] with every optional hook: rekey, online re-encryption
+    /// (`reencrypt` requests) and words `status` adds while locked (a quorum being assembled).
+    pub async fn start_with(
         socket: &Path,
         exports: Arc<ExportTable>,
         info: VolumeInfo,
         unlocker: Unlocker,
-        rekeyer: Option<Rekeyer>,
-        reencryptor: Option<Arc<reencrypt::Reencryptor>>,
+        hooks: ControlHooks,
         audit: Arc<crate::audit::AuditLog>,
         shutdown: Shutdown,
     ) -> io::Result<ControlPlane> {
         let listener = ControlListener::bind(socket).await?;
         let mut manager = VolumeManager::new(exports, info, unlocker).with_audit(audit);
-        if let Some(r) = rekeyer {
+        if let Some(r) = hooks.rekeyer {
             manager = manager.with_rekeyer(r);
         }
-        if let Some(r) = reencryptor {
+        if let Some(r) = hooks.reencryptor {
             manager = manager.with_reencryptor(r);
+        }
+        if let Some(h) = hooks.status {
+            manager = manager.with_status_hook(h);
         }
         let (volume, volume_task) = manager.spawn(shutdown.clone());
         let server_task = tokio::spawn(server::run(listener, volume.clone(), shutdown));

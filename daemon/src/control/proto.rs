@@ -10,6 +10,7 @@
 //! -> {"v":1,"op":"rekey","slot":1}                             slot optional: every token
 //! -> {"v":1,"op":"lock","force":false}                           byte values); slot optional
 //! -> {"v":1,"op":"status"}
+//! -> {"v":1,"op":"share","name":"alice","secret":"…"}         a person's quorum share
 //! <- {"v":1,"status":{"state":"unlocked","volume_uuid":"…",…}}
 //! <- {"v":1,"error":{"kind":"rate_limited","message":"…","retry_after_secs":4}}
 //! ```
@@ -65,6 +66,11 @@ pub enum Request {
         force: bool,
     },
     Status,
+    /// A person's share of a quorum (`nbdcryptctl unlock --share NAME`): their passphrase.
+    Share {
+        name: String,
+        secret: SecretBytes,
+    },
     /// Online re-encryption of the volume key: start, pause, resume, or its status
     /// (see `control::reencrypt`). `secret` (start only) opens the keyslots to carry over.
     Reencrypt {
@@ -129,6 +135,9 @@ impl fmt::Display for ReencryptState {
     }
 }
 
+/// Longest share name on the wire.
+pub const MAX_SHARE_NAME: usize = 64;
+
 /// What a request asks for, without its contents: for logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestKind {
@@ -138,6 +147,7 @@ pub enum RequestKind {
     Lock,
     Status,
     Reencrypt,
+    Share,
 }
 
 impl fmt::Display for RequestKind {
@@ -149,6 +159,7 @@ impl fmt::Display for RequestKind {
             RequestKind::Lock => "lock",
             RequestKind::Status => "status",
             RequestKind::Reencrypt => "reencrypt",
+            RequestKind::Share => "share",
         })
     }
 }
@@ -173,6 +184,11 @@ impl fmt::Debug for Request {
                 .field("action", action)
                 .field("secret", &"<redacted>")
                 .field("max_rate", max_rate)
+                .finish(),
+            Request::Share { name, .. } => f
+                .debug_struct("Share")
+                .field("name", name)
+                .field("secret", &"<redacted>")
                 .finish(),
         }
     }
@@ -346,6 +362,7 @@ impl Request {
             Request::Lock { .. } => RequestKind::Lock,
             Request::Status => RequestKind::Status,
             Request::Reencrypt { .. } => RequestKind::Reencrypt,
+            Request::Share { .. } => RequestKind::Share,
         }
     }
 
@@ -370,7 +387,12 @@ impl Request {
             out.push(b'\n');
             return out;
         }
+        let mut name = None;
         let (op, secret, slot, force) = match self {
+            Request::Share { name: n, secret } => {
+                name = Some(n.as_str());
+                (Op::Share, Some(SecretOut(secret)), None, None)
+            }
             Request::Unlock { secret, slot } => (Op::Unlock, Some(SecretOut(secret)), *slot, None),
             Request::UnlockToken => (Op::UnlockToken, None, None, None),
             Request::Rekey { slot } => (Op::Rekey, None, *slot, None),
@@ -387,6 +409,7 @@ impl Request {
             secret,
             slot,
             force,
+            name,
         };
         // Serializing these types into a Vec cannot fail: no maps with non-string keys, no I/O.
         serde_json::to_writer(&mut *out, &wire).expect("request serializes");
@@ -473,6 +496,7 @@ enum Op {
     Lock,
     Status,
     Reencrypt,
+    Share,
 }
 
 #[derive(Deserialize)]
@@ -491,6 +515,7 @@ struct WireRequest {
     action: Option<ReencryptAction>,
     #[serde(default)]
     max_rate: Option<u64>,
+    name: Option<String>,
 }
 
 impl WireRequest {
@@ -508,6 +533,9 @@ impl WireRequest {
             if self.max_rate.is_some() {
                 return misplaced("max_rate");
             }
+        }
+        if self.name.is_some() && self.op != Op::Share {
+            return misplaced("name");
         }
         match self.op {
             Op::Reencrypt => {
@@ -535,6 +563,26 @@ impl WireRequest {
                     secret: self.secret.map(|s| s.0),
                     max_rate: self.max_rate,
                 })
+            }
+            Op::Share => {
+                if self.slot.is_some() {
+                    return misplaced("slot");
+                }
+                if self.force.is_some() {
+                    return misplaced("force");
+                }
+                let name = match self.name {
+                    Some(n) if !n.is_empty() && n.len() <= MAX_SHARE_NAME => n,
+                    _ => {
+                        return Err(DecodeError::Invalid(format!(
+                            "share needs \"name\" (1 to {MAX_SHARE_NAME} bytes)"
+                        )))
+                    }
+                };
+                match self.secret {
+                    Some(SecretIn(secret)) => Ok(Request::Share { name, secret }),
+                    None => Err(DecodeError::Invalid("share needs \"secret\"".into())),
+                }
             }
             Op::Unlock => {
                 if self.force.is_some() {
@@ -606,6 +654,8 @@ struct WireRequestOut<'a> {
     slot: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     force: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -1069,5 +1119,46 @@ mod tests {
             Response::Ok(s) => assert_eq!(s.reencrypt.unwrap().state, ReencryptState::Unknown),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn share_requests_round_trip_and_refuse_misplaced_or_missing_names() {
+        let r = Request::Share {
+            name: "alice".into(),
+            secret: SecretBytes::from_slice(b"alice's words"),
+        };
+        let line = r.encode();
+        let back = Request::decode(&line).unwrap();
+        match &back {
+            Request::Share { name, secret } => {
+                assert_eq!(name, "alice");
+                assert_eq!(secret.expose_secret(), b"alice's words");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(back.kind(), RequestKind::Share);
+        let dbg = format!("{back:?}");
+        assert!(dbg.contains("alice") && !dbg.contains("words"), "{dbg}");
+        for bad in [
+            r#"{"v":1,"op":"share","secret":"eA=="}"#,
+            r#"{"v":1,"op":"share","name":"","secret":"eA=="}"#,
+            r#"{"v":1,"op":"share","name":"alice"}"#,
+            r#"{"v":1,"op":"share","name":"alice","secret":"eA==","slot":1}"#,
+            r#"{"v":1,"op":"unlock","name":"alice","secret":"eA=="}"#,
+            r#"{"v":1,"op":"status","name":"alice"}"#,
+        ] {
+            assert!(
+                matches!(
+                    Request::decode(bad.as_bytes()),
+                    Err(DecodeError::Invalid(_))
+                ),
+                "{bad}"
+            );
+        }
+        let long = format!(
+            r#"{{"v":1,"op":"share","name":"{}","secret":"eA=="}}"#,
+            "a".repeat(MAX_SHARE_NAME + 1)
+        );
+        assert!(Request::decode(long.as_bytes()).is_err());
     }
 }

@@ -24,6 +24,7 @@ mod lock;
 mod metadata;
 pub mod online;
 pub mod reencrypt;
+pub mod tokens;
 mod volume;
 
 #[cfg(test)]

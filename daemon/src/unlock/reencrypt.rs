@@ -347,6 +347,7 @@ impl Backend for VolumeBackend {
             old_slot: slot,
             secret: SecretBytes::from_slice(secret.expose_secret()),
             kdf,
+            token: None,
         };
         let backing = vol.open_backing().map_err(|e| e.to_string())?;
         let r = Reencryption::start(&file, hdr, old_key, vec![new_slot], &params)

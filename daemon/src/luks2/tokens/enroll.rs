@@ -17,16 +17,16 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde_json::{Map, Value};
 
-use super::token::{self, ParsedToken};
-use super::{Binding, SealError, SealProvider};
+use super::format::{self as token, ParsedToken};
 use crate::audit::rfc3339_now;
 use crate::crypto::kdf::{HashAlg, KdfLimits, KdfParams};
 use crate::crypto::keys::{SecretBytes, VolumeKey};
 use crate::luks2::layout::MAX_KEYSLOTS;
 use crate::luks2::{FormatError, KeyslotPriority, Luks2Header, Token};
+use crate::seal::{Binding, SealError, SealProvider};
 
 /// Length of the random keyslot secret.
-pub const SECRET_LEN: usize = 32;
+pub use crate::seal::SECRET_LEN;
 
 /// KDF of keyslots opened by a sealed secret (systemd uses the same minimal PBKDF2).
 pub const TOKEN_KEYSLOT_KDF: KdfParams = KdfParams::Pbkdf2 {
@@ -35,7 +35,7 @@ pub const TOKEN_KEYSLOT_KDF: KdfParams = KdfParams::Pbkdf2 {
 };
 
 /// Builds the provider that can unseal a token, from the token's JSON (see
-/// [`super::resolve_provider`]).
+/// [`super::resolver`]).
 pub type Resolver<'a> = &'a dyn Fn(&Map<String, Value>) -> Result<Box<dyn SealProvider>, SealError>;
 
 /// A keyslot and the token holding its sealed secret.
@@ -296,6 +296,11 @@ fn enroll_inner(
     })
 }
 
+/// Our token types `unenroll` may remove: provider tokens and quorums.
+fn removable(type_name: &str) -> bool {
+    token::is_ours(type_name) || type_name == super::quorum::TOKEN_TYPE
+}
+
 /// Removes one enrolment: the token first, then its keyslot (a crash in between leaves an
 /// unopenable keyslot, never a token pointing at nothing). Refuses to remove the last keyslot
 /// that opens the volume, and never touches other tools' tokens.
@@ -309,7 +314,7 @@ pub fn unenroll(
         UnenrollTarget::Keyslot(slot) => {
             let ids: Vec<u32> = header
                 .tokens()
-                .filter(|(_, t)| token::is_ours(t.type_name()) && t.keyslots() == [slot])
+                .filter(|(_, t)| removable(t.type_name()) && t.keyslots() == [slot])
                 .map(|(id, _)| id)
                 .collect();
             match ids.as_slice() {
@@ -332,7 +337,7 @@ pub fn unenroll(
     let t = header
         .token(token_id)
         .ok_or(EnrollError::NoSuchToken(token_id))?;
-    if !token::is_ours(t.type_name()) {
+    if !removable(t.type_name()) {
         return Err(EnrollError::NotOurToken {
             id: token_id,
             type_name: t.type_name().to_owned(),
