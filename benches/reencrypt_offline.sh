@@ -19,7 +19,7 @@ truncate -s $((16 + MIB))M "$IMG"
 # Fill the data area with ciphertext-like bytes (the content does not change the work).
 dd if=/dev/urandom of="$IMG" bs=1M seek=16 count="$MIB" conv=notrunc status=none
 now() { date +%s.%N; }
-rate() { echo "$MIB $1 $2" | awk '{ printf "%-34s %8.2f s %9.1f MB/s\n", $3, $2, $1*1.048576/$2 }'; }
+rate() { awk -v m="$MIB" -v t="$1" -v l="$2" 'BEGIN { printf "%-40s %8.2f s %9.1f MB/s\n", l, t, m*1.048576/t }'; }
 lscpu | sed -n 's/^Model name: *//p' | head -1
 echo "data: $MIB MiB in /dev/shm, $(nproc) CPUs"
 t=$(now); dd if="$IMG" of="$DIR/copy" bs=4M skip=4 count=$((MIB / 4)) status=none; e=$(now)
@@ -30,9 +30,10 @@ t=$(now); "$CS" reencrypt -q --force-offline-reencrypt --resilience checksum --p
     --pbkdf-force-iterations 1000 --key-file "$DIR/key" "$DIR/cs.img"; e=$(now)
 rate "$(echo "$e - $t" | bc)" "cryptsetup reencrypt (checksum)"
 rm -f "$DIR/cs.img"
-for res in checksum journal none; do
+for run in "checksum 64M" "checksum 16M" "journal 16M" "none 64M" "none 16M"; do
+    set -- $run
     cp "$IMG" "$DIR/our.img"
-    t=$(now); "$CTL" reencrypt -q --resilience "$res" --key-file "$DIR/key" "$DIR/our.img"; e=$(now)
-    rate "$(echo "$e - $t" | bc)" "nbdcryptctl reencrypt ($res)"
+    t=$(now); "$CTL" reencrypt -q --resilience "$1" --hotzone-size "$2" --key-file "$DIR/key" "$DIR/our.img"; e=$(now)
+    rate "$(echo "$e - $t" | bc)" "nbdcryptctl reencrypt ($1, zone $2)"
     rm -f "$DIR/our.img"
 done
