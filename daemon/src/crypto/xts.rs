@@ -14,7 +14,8 @@
 //! - On x86-64 CPUs with VAES, VPCLMULQDQ and AVX-512 (checked at run time) a fused single pass
 //!   in `xts_vaes.rs`: tweaks advance four blocks per register with one carry-less multiply, the
 //!   tweak XORs fold into the first and last round keys, start tweaks are computed 16 sectors at
-//!   a time. See `shared/docs/xts-performance.md`.
+//!   a time. For 512-byte sectors the next 16 sectors' tweaks are computed between the AES
+//!   rounds of the current ones and kept in an L1 buffer. See `shared/docs/xts-performance.md`.
 //! - Everywhere else, the portable path through the `aes` crate: tweaks for up to 32 KiB of
 //!   sectors into a buffer, one `encrypt_blocks` over the whole batch (so the crate's widest
 //!   backend runs on full 64-block chunks), XOR before and after.
@@ -91,9 +92,10 @@ pub enum VaesPass {
     /// The faster one for the sector size (what the daemon runs).
     #[default]
     Auto,
-    /// Tweaks advanced in registers step by step (what `Auto` runs today).
+    /// Tweaks advanced in registers step by step (what `Auto` runs for sectors above 512 B).
     TweaksInRegisters,
-    /// Tweaks for 16 steps computed ahead into an L1 buffer, then the AES pass.
+    /// Tweaks for 16 steps computed ahead into an L1 buffer; for 512-byte sectors while the
+    /// previous 16 sectors' AES rounds run (what `Auto` runs for 512-byte sectors).
     TweaksBuffered,
 }
 

@@ -27,11 +27,11 @@ const STEP_BYTES: usize = 512;
 /// Which of the two passes to run; tests force each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Pass {
-    /// The one the daemon runs: [`xts`] for every sector size. On an AMD EPYC Zen 4
-    /// (`XTS_BENCH_RATIO=1 cargo bench -p nbdcrypt-benches --bench xts`) the buffered pass ties
-    /// with it at 512-byte sectors (both ~74 % of the ECB ceiling) and is 6 points slower at
-    /// 4096; it stays selectable so CPUs with a smaller scheduler (where the fused pass's
-    /// per-sector tweak chain may not be hidden) can be measured with one bench run.
+    /// The one the daemon runs: the buffered pass for 512-byte sectors (there it is the
+    /// software-pipelined [`xts_512`]), [`xts`] for larger ones. On an AMD EPYC Zen 4
+    /// (`XTS_BENCH_RATIO=1 cargo bench -p nbdcrypt-benches --bench xts`): 512-byte sectors
+    /// 82–83 % of the ECB ceiling against 74 % for [`xts`]; at 4096 [`xts`] 85 %, the
+    /// buffered pass 79 %. 1024 and 2048 were not measured and stay with [`xts`].
     Auto,
     /// [`xts`]: tweaks advanced in registers, step by step.
     Fused,
@@ -157,7 +157,7 @@ impl VaesXts {
             None => dst_ptr.cast_const(),
         };
         let buffered = match pass {
-            Pass::Auto => false,
+            Pass::Auto => sector_size == STEP_BYTES,
             Pass::Fused => false,
             Pass::Buffered => true,
         } && buffered_supports(sector_size);
@@ -471,9 +471,10 @@ fn buffered_supports(sector_size: usize) -> bool {
 /// loading each tweak from the buffer. With small sectors, [`xts`] starts every sector with a
 /// chain of dependent tweak multiplications (about 40 cycles) that the AES rounds wait for; if
 /// the out-of-order window cannot hide it behind the previous sector, this pass, whose AES work
-/// depends on nothing but the data, should do better. On Zen 4 it does not (the window hides
-/// the chain; what limits 512-byte sectors there is the count of tweak instructions, the same in
-/// both passes): see [`Pass::Auto`]. Same results as [`xts`], bit for bit.
+/// depends on nothing but the data, should do better. On Zen 4 computing the tweaks in a loop
+/// of their own did not help (they then run alone, not beside AES work); for 512-byte sectors
+/// [`xts_512`] interleaves them with the rounds instead, which does: see [`Pass::Auto`]. Same
+/// results as [`xts`], bit for bit.
 ///
 /// # Safety
 /// As for [`xts`], and `buffered_supports(sector_size)`.
@@ -487,6 +488,11 @@ unsafe fn xts_buffered<const ENC: bool, const ROUNDS: usize>(
     first_iv: u64,
     ivs_per_sector: u64,
 ) {
+    if sector_size == STEP_BYTES {
+        // SAFETY: the caller's contract, and one step per sector.
+        unsafe { xts_512::<ENC, ROUNDS>(keys, src, dst, len, first_iv, ivs_per_sector) };
+        return;
+    }
     let poly = _mm512_set_epi64(0, 0x87, 0, 0x87, 0, 0x87, 0, 0x87);
     let data_keys = keys.schedule(if ENC {
         Schedule::Encrypt
@@ -711,6 +717,167 @@ fn middle_rounds<const ENC: bool, const ROUNDS: usize>(x: &mut [__m512i; 8], rk:
                 k12 = 12,
                 k13 = 13
             ]
+        ),
+    }
+}
+
+/// [`xts_buffered`] for 512-byte sectors (one step each), software-pipelined: while the AES
+/// rounds of sector `k` of a group of 16 run, the tweaks of sector `k` of the next group are
+/// computed (between the two halves of the rounds) and stored, so tweak work fills the gaps of
+/// the AES pipeline instead of running on its own.
+///
+/// # Safety
+/// As for [`xts`], with `sector_size == 512`.
+#[target_feature(enable = "avx512f,avx512bw,vaes,vpclmulqdq,aes,pclmulqdq,sse2")]
+unsafe fn xts_512<const ENC: bool, const ROUNDS: usize>(
+    keys: &VaesXts,
+    src: *const u8,
+    dst: *mut u8,
+    len: usize,
+    first_iv: u64,
+    ivs_per_sector: u64,
+) {
+    let poly = _mm512_set_epi64(0, 0x87, 0, 0x87, 0, 0x87, 0, 0x87);
+    let data_keys = keys.schedule(if ENC {
+        Schedule::Encrypt
+    } else {
+        Schedule::Decrypt
+    });
+    let mut rk = [_mm512_setzero_si512(); 15];
+    for (r, k) in rk.iter_mut().zip(data_keys.iter()).take(ROUNDS + 1) {
+        *r = bcast(k);
+    }
+    let sectors = len / STEP_BYTES;
+    let mut tweaks = [[[_mm512_setzero_si512(); 8]; 16]; 2];
+    let mut starts = [0u8; 256];
+    let tweak_keys = keys.schedule(Schedule::Tweak);
+    let offsets = iv_offsets(ivs_per_sector);
+    let iv_at = |sector: usize| {
+        // `sector < len / 512` fits u64 on every target; wrapping like plain64.
+        first_iv.wrapping_add(ivs_per_sector.wrapping_mul(sector as u64))
+    };
+    let sector_tweaks = |t0: __m128i| {
+        let t = spread(_mm512_broadcast_i32x4(t0), poly);
+        let t4 = mul_xk::<4, 60>(t, poly);
+        [
+            t,
+            t4,
+            mul_x8n::<1, 15>(t, poly),
+            mul_x8n::<1, 15>(t4, poly),
+            mul_x8n::<2, 14>(t, poly),
+            mul_x8n::<2, 14>(t4, poly),
+            mul_x8n::<3, 13>(t, poly),
+            mul_x8n::<3, 13>(t4, poly),
+        ]
+    };
+    if sectors > 0 {
+        start_tweaks::<ROUNDS>(tweak_keys, iv_at(0), &offsets, &mut starts);
+        for (k, slot) in tweaks[0].iter_mut().enumerate().take(sectors.min(16)) {
+            // SAFETY: `k < 16`: 16 bytes inside the 256-byte array.
+            *slot = sector_tweaks(unsafe { _mm_loadu_si128(starts.as_ptr().add(16 * k).cast()) });
+        }
+    }
+    let mut cur = 0;
+    let mut sector = 0;
+    while sector < sectors {
+        let group = (sectors - sector).min(16);
+        let next = (sectors - sector - group).min(16);
+        if next > 0 {
+            start_tweaks::<ROUNDS>(tweak_keys, iv_at(sector + group), &offsets, &mut starts);
+        }
+        let (a, b) = tweaks.split_at_mut(1);
+        let (now, later) = if cur == 0 {
+            (&a[0], &mut b[0])
+        } else {
+            (&b[0], &mut a[0])
+        };
+        for (k, tw) in now.iter().enumerate().take(group) {
+            let off = (sector + k) * STEP_BYTES;
+            // SAFETY: `sector + k < sectors`, so the 512-byte step at `off` lies inside both
+            // buffers (caller's contract); prefetching past the end never faults.
+            unsafe {
+                let s = src.add(off);
+                let d = dst.add(off);
+                _mm_prefetch::<_MM_HINT_T0>(s.wrapping_add(2048).cast());
+                _mm_prefetch::<_MM_HINT_T0>(s.wrapping_add(2048 + 256).cast());
+                let mut x = [_mm512_setzero_si512(); 8];
+                for (i, x) in x.iter_mut().enumerate() {
+                    let v = _mm512_loadu_si512(s.add(64 * i).cast());
+                    *x = _mm512_ternarylogic_epi64::<0x96>(v, tw[i], rk[0]);
+                }
+                first_half_rounds::<ENC, ROUNDS>(&mut x, &rk);
+                if k < next {
+                    // `k < 16`: 16 bytes inside the 256-byte array.
+                    later[k] = sector_tweaks(_mm_loadu_si128(starts.as_ptr().add(16 * k).cast()));
+                }
+                second_half_rounds::<ENC, ROUNDS>(&mut x, &rk);
+                for (i, x) in x.iter().enumerate() {
+                    let last = _mm512_xor_si512(rk[ROUNDS], tw[i]);
+                    let y = if ENC {
+                        _mm512_aesenclast_epi128(*x, last)
+                    } else {
+                        _mm512_aesdeclast_epi128(*x, last)
+                    };
+                    _mm512_storeu_si512(d.add(64 * i).cast(), y);
+                }
+            }
+        }
+        sector += group;
+        cur ^= 1;
+    }
+    starts.zeroize();
+    for r in tweaks.iter_mut().flatten().flatten().chain(rk.iter_mut()) {
+        // SAFETY: `r` is a valid, aligned `__m512i` local; a volatile write of zero.
+        unsafe { core::ptr::write_volatile(r, _mm512_setzero_si512()) };
+    }
+}
+
+/// Rounds 1..=ROUNDS/2 of [`middle_rounds`].
+#[target_feature(enable = "avx512f,vaes")]
+#[inline]
+fn first_half_rounds<const ENC: bool, const ROUNDS: usize>(
+    x: &mut [__m512i; 8],
+    rk: &[__m512i; 15],
+) {
+    match (ENC, ROUNDS) {
+        (true, 10) => rounds_asm!("vaesenc", x, rk, [k1 = 1, k2 = 2, k3 = 3, k4 = 4, k5 = 5]),
+        (false, 10) => rounds_asm!("vaesdec", x, rk, [k1 = 1, k2 = 2, k3 = 3, k4 = 4, k5 = 5]),
+        (true, _) => rounds_asm!(
+            "vaesenc",
+            x,
+            rk,
+            [k1 = 1, k2 = 2, k3 = 3, k4 = 4, k5 = 5, k6 = 6, k7 = 7]
+        ),
+        (false, _) => rounds_asm!(
+            "vaesdec",
+            x,
+            rk,
+            [k1 = 1, k2 = 2, k3 = 3, k4 = 4, k5 = 5, k6 = 6, k7 = 7]
+        ),
+    }
+}
+
+/// Rounds ROUNDS/2+1..ROUNDS-1 of [`middle_rounds`].
+#[target_feature(enable = "avx512f,vaes")]
+#[inline]
+fn second_half_rounds<const ENC: bool, const ROUNDS: usize>(
+    x: &mut [__m512i; 8],
+    rk: &[__m512i; 15],
+) {
+    match (ENC, ROUNDS) {
+        (true, 10) => rounds_asm!("vaesenc", x, rk, [k6 = 6, k7 = 7, k8 = 8, k9 = 9]),
+        (false, 10) => rounds_asm!("vaesdec", x, rk, [k6 = 6, k7 = 7, k8 = 8, k9 = 9]),
+        (true, _) => rounds_asm!(
+            "vaesenc",
+            x,
+            rk,
+            [k8 = 8, k9 = 9, k10 = 10, k11 = 11, k12 = 12, k13 = 13]
+        ),
+        (false, _) => rounds_asm!(
+            "vaesdec",
+            x,
+            rk,
+            [k8 = 8, k9 = 9, k10 = 10, k11 = 11, k12 = 12, k13 = 13]
         ),
     }
 }
