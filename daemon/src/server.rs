@@ -141,6 +141,10 @@ pub async fn run(
 
 async fn connection<S: Socket>(mut stream: S, peer: String, ctx: Ctx, mut shutdown: Shutdown) {
     debug!(%peer, "connected");
+    crate::metrics::METRICS
+        .connections
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let failed = |reason: &str| crate::metrics::METRICS.handshake_failed(reason);
     // Subscribe before the export is looked up, so a lock that lands between the lookup and
     // the attach below is still seen.
     let mut withdrawn = ctx.exports.watch_withdrawal();
@@ -161,10 +165,12 @@ async fn connection<S: Socket>(mut stream: S, peer: String, ctx: Ctx, mut shutdo
     let neg = match negotiated {
         Err(_) => {
             info!(%peer, "handshake timed out; closing");
+            failed("timeout");
             return;
         }
         Ok(Err(ProtocolError::Aborted)) => {
             debug!(%peer, "client ended the handshake");
+            failed("aborted");
             return;
         }
         Ok(Err(ProtocolError::Io(e)))
@@ -176,10 +182,12 @@ async fn connection<S: Socket>(mut stream: S, peer: String, ctx: Ctx, mut shutdo
             ) =>
         {
             debug!(%peer, "client closed during the handshake");
+            failed("closed");
             return;
         }
         Ok(Err(e)) => {
             info!(%peer, error = %e, "handshake failed; closing");
+            failed("protocol");
             return;
         }
         Ok(Ok(neg)) => neg,
@@ -200,6 +208,7 @@ async fn connection<S: Socket>(mut stream: S, peer: String, ctx: Ctx, mut shutdo
         .is_some_and(|e| Arc::ptr_eq(&e, &neg.export))
     {
         info!(%peer, "volume was locked during the handshake; closing");
+        failed("locked");
         return;
     }
     let budget = ctx.budget.clone();
@@ -282,6 +291,7 @@ fn take_permit(permits: &Arc<Semaphore>, peer: &str) -> Option<tokio::sync::Owne
         Ok(p) => Some(p),
         Err(_) => {
             warn!(%peer, "connection limit reached; refusing client");
+            crate::metrics::METRICS.handshake_failed("connection_limit");
             None
         }
     }

@@ -61,6 +61,7 @@ impl CryptDevice {
         segment: Segment,
         allow_discards: bool,
     ) -> Result<CryptDevice, Error> {
+        crate::metrics::METRICS.set_xts_impl(cipher.implementation());
         let sector = cipher.sector_size() as u64;
         let fits = segment
             .offset
@@ -119,9 +120,11 @@ impl CryptDevice {
         for piece in buf.chunks_mut(CHUNK) {
             let off = offset + at as u64;
             self.inner.read_at(piece, self.segment.offset + off)?;
+            let t = std::time::Instant::now();
             self.cipher
                 .decrypt_in_place(piece, self.iv(off))
                 .map_err(|_| Self::crypto_err(Op::Read, off, piece.len() as u64))?;
+            crate::metrics::METRICS.xts(false, piece.len(), elapsed_ns(t));
             at += piece.len();
         }
         Ok(())
@@ -151,9 +154,11 @@ impl CryptDevice {
             for piece in plain.chunks(CHUNK) {
                 let off = offset + at as u64;
                 let out = &mut buf[skip..skip + piece.len()];
+                let t = std::time::Instant::now();
                 self.cipher
                     .encrypt_into(piece, out, self.iv(off))
                     .map_err(|_| Self::crypto_err(Op::Write, off, piece.len() as u64))?;
+                crate::metrics::METRICS.xts(true, piece.len(), elapsed_ns(t));
                 self.inner
                     .write_at(out, self.segment.offset + off, fua && single)?;
                 at += piece.len();
@@ -371,6 +376,11 @@ impl Drop for RangeGuard<'_> {
         drop(held);
         self.locks.released.notify_all();
     }
+}
+
+/// Nanoseconds since `t`, for the XTS time metric.
+fn elapsed_ns(t: std::time::Instant) -> u64 {
+    u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
