@@ -334,6 +334,7 @@ mod tests {
             flushes: 0,
             errors: 0,
             locked_reason: Some("locked by uid 0".into()),
+            metrics: None,
         };
         let t = status_table(&s);
         assert!(t.starts_with("state        locked\n"), "{t}");

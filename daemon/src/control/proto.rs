@@ -10,6 +10,7 @@
 //! -> {"v":1,"op":"rekey","slot":1}                             slot optional: every token
 //! -> {"v":1,"op":"lock","force":false}                           byte values); slot optional
 //! -> {"v":1,"op":"status"}
+//! -> {"v":1,"op":"stats"}                                     status plus "metrics" (top)
 //! <- {"v":1,"status":{"state":"unlocked","volume_uuid":"…",…}}
 //! <- {"v":1,"error":{"kind":"rate_limited","message":"…","retry_after_secs":4}}
 //! ```
@@ -65,6 +66,8 @@ pub enum Request {
         force: bool,
     },
     Status,
+    /// The status plus a snapshot of the monitoring counters (`nbdcryptctl top`).
+    Stats,
 }
 
 /// What a request asks for, without its contents: for logs.
@@ -75,6 +78,7 @@ pub enum RequestKind {
     Rekey,
     Lock,
     Status,
+    Stats,
 }
 
 impl fmt::Display for RequestKind {
@@ -85,6 +89,7 @@ impl fmt::Display for RequestKind {
             RequestKind::Rekey => "rekey",
             RequestKind::Lock => "lock",
             RequestKind::Status => "status",
+            RequestKind::Stats => "stats",
         })
     }
 }
@@ -102,6 +107,7 @@ impl fmt::Debug for Request {
             Request::Rekey { slot } => f.debug_struct("Rekey").field("slot", slot).finish(),
             Request::Lock { force } => f.debug_struct("Lock").field("force", force).finish(),
             Request::Status => f.write_str("Status"),
+            Request::Stats => f.write_str("Stats"),
         }
     }
 }
@@ -163,6 +169,9 @@ pub struct StatusReport {
     /// Why the volume is locked (or why a lock is pending); `None` while unlocked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locked_reason: Option<String>,
+    /// Monitoring counters since the daemon started (answer to `stats` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<crate::metrics::snapshot::Snapshot>,
 }
 
 /// A refused or failed request.
@@ -270,6 +279,7 @@ impl Request {
             Request::Rekey { .. } => RequestKind::Rekey,
             Request::Lock { .. } => RequestKind::Lock,
             Request::Status => RequestKind::Status,
+            Request::Stats => RequestKind::Stats,
         }
     }
 
@@ -281,6 +291,7 @@ impl Request {
             Request::Rekey { slot } => (Op::Rekey, None, *slot, None),
             Request::Lock { force } => (Op::Lock, None, None, Some(*force)),
             Request::Status => (Op::Status, None, None, None),
+            Request::Stats => (Op::Stats, None, None, None),
         };
         let secret_len = secret.as_ref().map_or(0, |s| s.0.len());
         // Sized up front so the vector never reallocates and leaves a copy of the secret behind.
@@ -376,6 +387,7 @@ enum Op {
     Rekey,
     Lock,
     Status,
+    Stats,
 }
 
 #[derive(Deserialize)]
@@ -456,6 +468,12 @@ impl WireRequest {
                     return misplaced("force");
                 }
                 Ok(Request::Status)
+            }
+            Op::Stats => {
+                if self.secret.is_some() || self.slot.is_some() || self.force.is_some() {
+                    return misplaced("secret, slot or force");
+                }
+                Ok(Request::Stats)
             }
         }
     }
@@ -587,6 +605,7 @@ mod tests {
             flushes: 3,
             errors: 0,
             locked_reason: None,
+            metrics: None,
         }
     }
 
@@ -663,6 +682,7 @@ mod tests {
         let locked = Response::Ok(StatusReport {
             state: VolumeState::Locked,
             locked_reason: Some("locked by uid 0".into()),
+            metrics: None,
             ..status()
         });
         assert_eq!(Response::decode(&locked.encode()).unwrap(), locked);

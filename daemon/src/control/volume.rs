@@ -336,6 +336,14 @@ impl Task {
                 let _ = reply.send(Response::Ok(self.report()));
                 return;
             }
+            Request::Stats => {
+                let mut report = self.report();
+                report.metrics = Some(crate::metrics::snapshot::Snapshot::take(
+                    &crate::metrics::METRICS,
+                ));
+                let _ = reply.send(Response::Ok(report));
+                return;
+            }
             Request::Unlock { secret, slot } => {
                 self.unlock(UnlockWith::Secret { secret, slot }, origin, reply)
             }
@@ -788,6 +796,7 @@ impl Task {
             flushes: stat(|e| e.stats.flushes.load(Ordering::Relaxed)),
             errors: stat(|e| e.stats.errors.load(Ordering::Relaxed)),
             locked_reason: reason,
+            metrics: None,
         }
     }
 }
