@@ -11,6 +11,7 @@ mod offline;
 mod online;
 mod secret;
 mod secret_input;
+mod top;
 
 use std::process::ExitCode;
 
@@ -62,6 +63,9 @@ enum Command {
     /// Wait until the volume is unlocked (for ordering services after unlock).
     #[command(long_about = online::WAIT_ABOUT, after_help = with_exit_codes(online::WAIT_EXAMPLES))]
     WaitUnlocked(online::WaitArgs),
+    /// Live view of running daemons: state, clients, IOPS, MiB/s, latency, crypto CPU share.
+    #[command(long_about = top::TOP_ABOUT, after_help = top::TOP_EXAMPLES)]
+    Top(top::TopArgs),
     #[command(flatten)]
     Offline(offline::OfflineCommand),
 }
@@ -90,6 +94,7 @@ fn main() -> ExitCode {
         Command::Lock(args) => online::lock(args),
         Command::Status(args) => online::status(args),
         Command::WaitUnlocked(args) => online::wait_unlocked(args),
+        Command::Top(args) => top::run(args),
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),
