@@ -6,9 +6,11 @@
 //! Every command returns `Result<(), Failure>`; `main` prints the failure and exits with its
 //! code (table in `exit`).
 
+mod bench;
 mod exit;
 mod offline;
 mod online;
+pub mod progress;
 mod secret;
 mod secret_input;
 mod top;
@@ -66,6 +68,9 @@ enum Command {
     /// Live view of running daemons: state, clients, IOPS, MiB/s, latency, crypto CPU share.
     #[command(long_about = top::TOP_ABOUT, after_help = top::TOP_EXAMPLES)]
     Top(top::TopArgs),
+    /// Measure AES-XTS speed (like cryptsetup benchmark), or end to end with --volume.
+    #[command(long_about = bench::BENCH_ABOUT, after_help = bench::BENCH_EXAMPLES)]
+    Bench(bench::BenchArgs),
     #[command(flatten)]
     Offline(offline::OfflineCommand),
 }
@@ -95,6 +100,7 @@ fn main() -> ExitCode {
         Command::Status(args) => online::status(args),
         Command::WaitUnlocked(args) => online::wait_unlocked(args),
         Command::Top(args) => top::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),
