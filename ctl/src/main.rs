@@ -7,6 +7,7 @@
 //! code (table in `exit`).
 
 mod bench;
+mod cli_gen;
 mod exit;
 mod offline;
 mod online;
@@ -71,6 +72,12 @@ enum Command {
     /// Measure AES-XTS speed (like cryptsetup benchmark), or end to end with --volume.
     #[command(long_about = bench::BENCH_ABOUT, after_help = bench::BENCH_EXAMPLES)]
     Bench(bench::BenchArgs),
+    /// Print a shell completion script (bash, zsh, fish) for nbdcryptctl or nbdcryptd.
+    #[command(after_help = cli_gen::COMPLETIONS_EXAMPLES)]
+    Completions(cli_gen::CompletionsArgs),
+    /// Write man pages for nbdcryptctl (and each subcommand) and nbdcryptd into DIR.
+    #[command(after_help = cli_gen::MAN_EXAMPLES)]
+    Man(cli_gen::ManArgs),
     #[command(flatten)]
     Offline(offline::OfflineCommand),
 }
@@ -101,6 +108,8 @@ fn main() -> ExitCode {
         Command::WaitUnlocked(args) => online::wait_unlocked(args),
         Command::Top(args) => top::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Completions(args) => cli_gen::completions(args),
+        Command::Man(args) => cli_gen::man(args),
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),

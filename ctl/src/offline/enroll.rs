@@ -22,7 +22,8 @@ use super::Volume;
 use crate::secret_input::{read_existing, Source};
 
 pub const ENROLL_ABOUT: &str = "\
-Add a keyslot that AWS KMS unlocks. A random 32-byte secret opens a new keyslot (PBKDF2-SHA256,
+Add a keyslot that a KMS or HSM unlocks: AWS KMS (--kms) or a PKCS#11 HSM (--pkcs11). A random
+32-byte secret opens a new keyslot (PBKDF2-SHA256,
 1000 iterations; its passphrase is the secret's base64, as systemd-cryptenroll does); the secret
 is stored only encrypted by the KMS key, in a LUKS2 token bound to this volume's UUID and the
 keyslot (KMS encryption context), so a copied token opens nothing. An existing passphrase or key
@@ -305,6 +306,9 @@ pub struct TestTokenArgs {
     /// Append a JSON line per key event to this file.
     #[arg(long, value_name = "PATH")]
     pub audit_log: Option<PathBuf>,
+    /// On success print {"volume", "keyslot", "token", "provider", "key"} as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The optional audit log of a command: opened before anything is changed, so a bad path
@@ -662,6 +666,20 @@ pub fn test_token(a: TestTokenArgs) -> anyhow::Result<()> {
                     .provider(kind, key.as_deref())
                     .detail("token", id),
             );
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "volume": vol.path.display().to_string(),
+                        "uuid": hdr.uuid(),
+                        "keyslot": slot,
+                        "token": id,
+                        "provider": kind,
+                        "key": key,
+                    })
+                );
+                return Ok(());
+            }
             match key {
                 Some(k) => println!("keyslot {slot} unlocked by token {id} ({kind} key {k})"),
                 None => println!("keyslot {slot} unlocked by token {id}"),
