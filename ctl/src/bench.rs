@@ -115,11 +115,11 @@ fn cipher_bench(secs: f64) -> Result<Value, Failure> {
     let mut buf = vec![0x5au8; BUF];
     let mut results = Vec::new();
     let mut selected = String::new();
-    let cells = [(256, 512), (256, 4096), (512, 512), (512, 4096)];
+    let cells: [(u16, usize); 4] = [(256, 512), (256, 4096), (512, 512), (512, 4096)];
     let mut progress = Progress::steps("bench", cells.len() as u64 * 2);
     for (bits, sector) in cells {
         // A fixed, non-secret key: its value does not change the speed. Halves differ, as XTS needs.
-        let bytes: Vec<u8> = (0..bits / 8).map(|i| (i * 7 + 1) as u8).collect();
+        let bytes: Vec<u8> = (1..=255u8).cycle().take(usize::from(bits / 8)).collect();
         let key = VolumeKey::from_secret(SecretBytes::from_slice(&bytes));
         let fast = SectorCipher::new(&key, sector)
             .map_err(|e| Failure::error(format!("cannot build the cipher: {e}")))?;
@@ -172,7 +172,9 @@ fn table(r: &Value) -> String {
             r["seconds_per_measurement"],
             r["selected_implementation"].as_str().unwrap_or("?")
         ));
-        o.push_str("#       Algorithm |  Key | Sector |  Encryption |  Decryption | Implementation\n");
+        o.push_str(
+            "#       Algorithm |  Key | Sector |  Encryption |  Decryption | Implementation\n",
+        );
         for x in r["results"].as_array().into_iter().flatten() {
             o.push_str(&format!(
                 "  aes-xts-plain64 | {:>3}b | {:>5}B | {:>6.2} GB/s | {:>6.2} GB/s | {}{}\n",
@@ -181,7 +183,11 @@ fn table(r: &Value) -> String {
                 x["encrypt_gb_per_s"].as_f64().unwrap_or(0.0),
                 x["decrypt_gb_per_s"].as_f64().unwrap_or(0.0),
                 x["implementation"].as_str().unwrap_or("?"),
-                if x["selected"] == true { " (selected)" } else { "" }
+                if x["selected"] == true {
+                    " (selected)"
+                } else {
+                    ""
+                }
             ));
         }
         return o;
@@ -264,20 +270,20 @@ fn io_err(e: std::io::Error) -> Failure {
 impl Nbd {
     fn connect(sock: &Path) -> Result<Nbd, Failure> {
         let mut s = UnixStream::connect(sock).map_err(io_err)?;
-        s.set_read_timeout(Some(Duration::from_secs(60))).map_err(io_err)?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(io_err)?;
         let mut hello = [0u8; 18];
         s.read_exact(&mut hello).map_err(io_err)?;
         if &hello[..8] != b"NBDMAGIC" {
             return Err(Failure::error("NBD: not an NBD server"));
         }
         s.write_all(&3u32.to_be_bytes()).map_err(io_err)?; // FIXED_NEWSTYLE | NO_ZEROES
-        let name = b"";
+                                                           // The empty name selects the daemon's one export.
         let mut opt = Vec::new();
         opt.extend_from_slice(&MAGIC_OPT.to_be_bytes());
         opt.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
-        opt.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
-        opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
-        opt.extend_from_slice(name);
+        opt.extend_from_slice(&6u32.to_be_bytes()); // name length (4) + name (0) + info count (2)
+        opt.extend_from_slice(&0u32.to_be_bytes());
         opt.extend_from_slice(&0u16.to_be_bytes());
         s.write_all(&opt).map_err(io_err)?;
         let mut size = None;
@@ -306,7 +312,14 @@ impl Nbd {
         Ok(Nbd { s, size })
     }
 
-    fn request(&mut self, cmd: u16, cookie: u64, off: u64, len: u32, payload: &[u8]) -> Result<(), Failure> {
+    fn request(
+        &mut self,
+        cmd: u16,
+        cookie: u64,
+        off: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> Result<(), Failure> {
         let mut h = [0u8; 28];
         h[..4].copy_from_slice(&REQ_MAGIC.to_be_bytes());
         h[6..8].copy_from_slice(&cmd.to_be_bytes());
@@ -339,10 +352,34 @@ struct Workload {
 }
 
 const WORKLOADS: [Workload; 4] = [
-    Workload { name: "seq-write 1M", write: true, random: false, block: 1 << 20, depth: 8 },
-    Workload { name: "seq-read 1M", write: false, random: false, block: 1 << 20, depth: 8 },
-    Workload { name: "rand-write 4K", write: true, random: true, block: 4096, depth: 16 },
-    Workload { name: "rand-read 4K", write: false, random: true, block: 4096, depth: 16 },
+    Workload {
+        name: "seq-write 1M",
+        write: true,
+        random: false,
+        block: 1 << 20,
+        depth: 8,
+    },
+    Workload {
+        name: "seq-read 1M",
+        write: false,
+        random: false,
+        block: 1 << 20,
+        depth: 8,
+    },
+    Workload {
+        name: "rand-write 4K",
+        write: true,
+        random: true,
+        block: 4096,
+        depth: 16,
+    },
+    Workload {
+        name: "rand-read 4K",
+        write: false,
+        random: true,
+        block: 4096,
+        depth: 16,
+    },
 ];
 
 /// Operations completed in `secs`, pipelined at the workload's depth.

@@ -73,7 +73,10 @@ pub fn completions(a: CompletionsArgs) -> Result<(), Failure> {
 
 pub fn man(a: ManArgs) -> Result<(), Failure> {
     let fail = |e: std::io::Error| {
-        Failure::error(format!("cannot write man pages to {}: {e}", a.dir.display()))
+        Failure::error(format!(
+            "cannot write man pages to {}: {e}",
+            a.dir.display()
+        ))
     };
     std::fs::create_dir_all(&a.dir).map_err(fail)?;
     clap_mangen::generate_to(command(Program::Nbdcryptctl), &a.dir).map_err(fail)?;

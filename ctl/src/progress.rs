@@ -91,7 +91,11 @@ impl Progress {
         };
         if self.tty {
             let now = Instant::now();
-            if !last && self.last_draw.is_some_and(|t| now - t < Duration::from_millis(100)) {
+            if !last
+                && self
+                    .last_draw
+                    .is_some_and(|t| now - t < Duration::from_millis(100))
+            {
                 return None;
             }
             self.last_draw = Some(now);
@@ -108,7 +112,10 @@ impl Progress {
         let tenth = pct / 10;
         if last {
             let secs = self.start.elapsed().as_secs_f64();
-            return Some(format!("{}: {pct}% ({amount}) in {secs:.1} s\n", self.label));
+            return Some(format!(
+                "{}: {pct}% ({amount}) in {secs:.1} s\n",
+                self.label
+            ));
         }
         if tenth > self.last_tenth && tenth < 10 {
             self.last_tenth = tenth;
@@ -149,7 +156,10 @@ mod tests {
         let mut p = Progress::with("bench", 4 << 20, true, true);
         p.done = 2 << 20;
         let s = p.render(false).unwrap();
-        assert!(s.starts_with("\rbench [###############---------------]  50% 2 of 4 MiB"), "{s}");
+        assert!(
+            s.starts_with("\rbench [###############---------------]  50% 2 of 4 MiB"),
+            "{s}"
+        );
         assert!(!s.ends_with('\n'));
         assert!(p.render(true).unwrap().ends_with('\n'));
     }

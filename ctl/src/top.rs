@@ -54,7 +54,7 @@ type Sample = Result<(StatusReport, Snapshot), String>;
 fn sample(sock: &Path) -> Sample {
     match client::call(sock, &Request::Stats) {
         Ok(Response::Ok(mut s)) => match s.metrics.take() {
-            Some(m) => Ok((s, m)),
+            Some(m) => Ok((s, *m)),
             None => Err("the daemon sends no metrics (older nbdcryptd?)".into()),
         },
         Ok(Response::Error(e)) => Err(e.message),
@@ -176,11 +176,19 @@ pub fn frame(socks: &[PathBuf], prev: &[Sample], cur: &[Sample], interval: Durat
     o
 }
 
-fn block(sock: &Path, prev: Option<&(StatusReport, Snapshot)>, cur: &(StatusReport, Snapshot)) -> String {
+fn block(
+    sock: &Path,
+    prev: Option<&(StatusReport, Snapshot)>,
+    cur: &(StatusReport, Snapshot),
+) -> String {
     let (s, m) = cur;
     let now = m.taken_ms / 1000;
     let mut o = String::new();
-    let imp = if m.xts_impl.is_empty() { "-" } else { m.xts_impl.as_str() };
+    let imp = if m.xts_impl.is_empty() {
+        "-"
+    } else {
+        m.xts_impl.as_str()
+    };
     o.push_str(&format!(
         "{}   {}   {} ({imp})   {}\n",
         sock.display(),
@@ -195,7 +203,11 @@ fn block(sock: &Path, prev: Option<&(StatusReport, Snapshot)>, cur: &(StatusRepo
         }
         other => other.to_string(),
     };
-    let latch = if m.latched { "   FAIL-STOP LATCHED" } else { "" };
+    let latch = if m.latched {
+        "   FAIL-STOP LATCHED"
+    } else {
+        ""
+    };
     o.push_str(&format!(
         "  state   {state:<24} clients {:<4} in flight {} req / {}{latch}\n",
         s.clients,
@@ -203,7 +215,9 @@ fn block(sock: &Path, prev: Option<&(StatusReport, Snapshot)>, cur: &(StatusRepo
         human(m.in_flight_bytes)
     ));
     let (pm, secs) = match prev {
-        Some((_, p)) if m.taken_ms > p.taken_ms => (Some(p), (m.taken_ms - p.taken_ms) as f64 / 1000.0),
+        Some((_, p)) if m.taken_ms > p.taken_ms => {
+            (Some(p), (m.taken_ms - p.taken_ms) as f64 / 1000.0)
+        }
         _ => (None, 1.0),
     };
     o.push_str("          IOPS      MiB/s     p50        p90        p99\n");
@@ -211,25 +225,38 @@ fn block(sock: &Path, prev: Option<&(StatusReport, Snapshot)>, cur: &(StatusRepo
         let (Some(c), pc) = (m.command(name), pm.and_then(|p| p.command(name))) else {
             continue;
         };
-        o.push_str(&format!("  {name:<7} {}\n", rates(c, pc, secs, &m.bucket_bounds_ns)));
+        o.push_str(&format!(
+            "  {name:<7} {}\n",
+            rates(c, pc, secs, &m.bucket_bounds_ns)
+        ));
     }
     let errors: u64 = m.commands.iter().map(|c| c.errors).sum();
     let perrors: Option<u64> = pm.map(|p| p.commands.iter().map(|c| c.errors).sum());
     o.push_str(&format!(
         "  errors  {:<9} total {errors}\n",
-        perrors.map_or("-".into(), |p| format!("{:.0}/s", errors.saturating_sub(p) as f64 / secs))
+        perrors.map_or("-".into(), |p| format!(
+            "{:.0}/s",
+            errors.saturating_sub(p) as f64 / secs
+        ))
     ));
     let crypto = pm.map(|p| {
         let xts = (m.encrypt_ns + m.decrypt_ns).saturating_sub(p.encrypt_ns + p.decrypt_ns) as f64;
         let cpu = m.process_cpu_ns.saturating_sub(p.process_cpu_ns) as f64;
-        let share = if cpu > 0.0 { (100.0 * xts / cpu).min(100.0) } else { 0.0 };
+        let share = if cpu > 0.0 {
+            (100.0 * xts / cpu).min(100.0)
+        } else {
+            0.0
+        };
         format!(
             "{share:.1}% of the daemon's CPU   ({:.2} cores in XTS, {:.2} cores total)",
             xts / (secs * 1e9),
             cpu / (secs * 1e9)
         )
     });
-    o.push_str(&format!("  crypto  {}\n", crypto.unwrap_or_else(|| "-".into())));
+    o.push_str(&format!(
+        "  crypto  {}\n",
+        crypto.unwrap_or_else(|| "-".into())
+    ));
     let key = if m.oldest_token_sealed > 0 {
         format!(
             "token secrets sealed {} ago (oldest), last re-seal {} ago; volume key age unknown",

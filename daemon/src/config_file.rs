@@ -59,6 +59,8 @@ pub struct FileConfig {
     max_server_bytes: Option<Spanned<String>>,
     threads: Option<usize>,
     log_level: Option<String>,
+    /// `--metrics ADDR`.
+    metrics: Option<String>,
 }
 
 /// Read and check `path`.
@@ -173,6 +175,7 @@ impl FileConfig {
         take!(max_connections, "max_connections");
         take!(threads, "threads");
         take!(log_level, "log_level");
+        take!(metrics, "metrics");
         if let Some(s) = &self.socket_mode {
             if !from_cli("socket_mode") {
                 args.socket_mode = parse_mode(s.get_ref()).map_err(|e| at(s, "socket-mode", e))?;

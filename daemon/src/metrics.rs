@@ -396,7 +396,11 @@ pub fn parse_rfc3339(s: &str) -> Option<u64> {
         return None;
     }
     // Days from civil (Howard Hinnant's algorithm), for the proleptic Gregorian calendar.
-    let (y, mo) = if mo <= 2 { (y - 1, mo + 9) } else { (y, mo - 3) };
+    let (y, mo) = if mo <= 2 {
+        (y - 1, mo + 9)
+    } else {
+        (y, mo - 3)
+    };
     let era = y / 400;
     let yoe = y - era * 400;
     let doy = (153 * mo + 2) / 5 + d - 1;
@@ -469,7 +473,12 @@ mod tests {
         for secs in [0u64, 951_782_400, 1_764_367_200, 4_102_444_799] {
             assert_eq!(parse_rfc3339(&crate::audit::rfc3339(secs)), Some(secs));
         }
-        for bad in ["", "2026-11-28", "2026-13-01T00:00:00Z", "2026-11-28T22:40:00+01:00"] {
+        for bad in [
+            "",
+            "2026-11-28",
+            "2026-13-01T00:00:00Z",
+            "2026-11-28T22:40:00+01:00",
+        ] {
             assert_eq!(parse_rfc3339(bad), None, "{bad}");
         }
     }

@@ -14,7 +14,10 @@ fn json(args: &[&str]) -> serde_json::Value {
 fn cipher_bench_covers_both_key_sizes_and_sector_sizes() {
     let r = json(&["bench", "--json", "--seconds", "0.05"]);
     let selected = r["selected_implementation"].as_str().unwrap().to_owned();
-    assert!(["vaes512", "portable"].contains(&selected.as_str()), "{r:#}");
+    assert!(
+        ["vaes512", "portable"].contains(&selected.as_str()),
+        "{r:#}"
+    );
     let rows: Vec<_> = r["results"]
         .as_array()
         .unwrap()
@@ -27,7 +30,10 @@ fn cipher_bench_covers_both_key_sizes_and_sector_sizes() {
             assert_eq!(x["implementation"], selected.as_str());
             assert!(x["encrypt_gb_per_s"].as_f64().unwrap() > 0.0, "{x}");
             assert!(x["decrypt_gb_per_s"].as_f64().unwrap() > 0.0, "{x}");
-            (x["key_bits"].as_u64().unwrap(), x["sector_size"].as_u64().unwrap())
+            (
+                x["key_bits"].as_u64().unwrap(),
+                x["sector_size"].as_u64().unwrap(),
+            )
         })
         .collect();
     cells.sort();
@@ -39,8 +45,17 @@ fn volume_bench_compares_against_plain_and_cleans_up() {
     let dir = tempdir();
     let d = dir.path().to_str().unwrap();
     let r = json(&[
-        "bench", "--volume", "--json", "--seconds", "0.2", "--size", "16M", "--dir", d,
-        "--daemon", daemon_binary().to_str().unwrap(),
+        "bench",
+        "--volume",
+        "--json",
+        "--seconds",
+        "0.2",
+        "--size",
+        "16M",
+        "--dir",
+        d,
+        "--daemon",
+        daemon_binary().to_str().unwrap(),
     ]);
     let rows = r["results"].as_array().unwrap();
     assert_eq!(rows.len(), 4, "{r:#}");

@@ -29,10 +29,24 @@ impl Tmux {
         };
         let out = t
             .cmd()
-            .args(["new-session", "-d", "-s", "top", "-x", "120", "-y", "40", command])
+            .args([
+                "new-session",
+                "-d",
+                "-s",
+                "top",
+                "-x",
+                "120",
+                "-y",
+                "40",
+                command,
+            ])
             .output()
             .expect("tmux must be installed");
-        assert!(out.status.success(), "tmux: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "tmux: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         t
     }
 
@@ -112,7 +126,10 @@ fn top_shows_state_clients_and_write_rate_and_quits_on_q() {
         if ok {
             break;
         }
-        assert!(Instant::now() < deadline, "top never showed the writes:\n{screen}");
+        assert!(
+            Instant::now() < deadline,
+            "top never showed the writes:\n{screen}"
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
     assert!(screen.contains("aes-xts-plain64"), "{screen}");
@@ -125,14 +142,22 @@ fn top_shows_state_clients_and_write_rate_and_quits_on_q() {
     let deadline = Instant::now() + Duration::from_secs(15);
     // ("unlocked for" contains "locked for": match the state column.)
     while !tmux.screen().contains("state   locked for") {
-        assert!(Instant::now() < deadline, "top never showed the lock:\n{}", tmux.screen());
+        assert!(
+            Instant::now() < deadline,
+            "top never showed the lock:\n{}",
+            tmux.screen()
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
 
     tmux.keys("q");
     let deadline = Instant::now() + Duration::from_secs(10);
     while tmux.alive() {
-        assert!(Instant::now() < deadline, "top did not quit on q:\n{}", tmux.screen());
+        assert!(
+            Instant::now() < deadline,
+            "top did not quit on q:\n{}",
+            tmux.screen()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -110,7 +110,11 @@ fn prometheus_scrapes_io_unlocks_and_errors_and_counters_survive_a_lock() {
         "time decrypting",
     );
     p.wait("nbdcrypt_clients", |v| v == 1.0, "one client attached");
-    p.wait("nbdcrypt_in_flight_requests", |v| v == 0.0, "nothing in flight");
+    p.wait(
+        "nbdcrypt_in_flight_requests",
+        |v| v == 0.0,
+        "nothing in flight",
+    );
     drop(c);
 
     // Lock and unlock: the counters go on (status' per-unlock counters start again).
@@ -136,7 +140,11 @@ fn prometheus_scrapes_io_unlocks_and_errors_and_counters_survive_a_lock() {
         Some(0.0),
         "a counter reset"
     );
-    assert_eq!(d.status()["writes"], 1, "status counts since the last unlock");
+    assert_eq!(
+        d.status()["writes"],
+        1,
+        "status counts since the last unlock"
+    );
 }
 
 #[test]
@@ -188,7 +196,8 @@ fn metrics_on_a_unix_socket() {
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660, "metrics socket mode");
     let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     assert!(out.contains("\r\n\r\n# HELP nbdcrypt_info"), "{out}");

@@ -171,7 +171,7 @@ pub struct StatusReport {
     pub locked_reason: Option<String>,
     /// Monitoring counters since the daemon started (answer to `stats` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metrics: Option<crate::metrics::snapshot::Snapshot>,
+    pub metrics: Option<Box<crate::metrics::snapshot::Snapshot>>,
 }
 
 /// A refused or failed request.

@@ -338,9 +338,9 @@ impl Task {
             }
             Request::Stats => {
                 let mut report = self.report();
-                report.metrics = Some(crate::metrics::snapshot::Snapshot::take(
+                report.metrics = Some(Box::new(crate::metrics::snapshot::Snapshot::take(
                     &crate::metrics::METRICS,
-                ));
+                )));
                 let _ = reply.send(Response::Ok(report));
                 return;
             }

@@ -169,7 +169,12 @@ fn accept_loop(listener: Listener, source: Source) {
         if active.fetch_add(1, Ordering::AcqRel) >= MAX_ACTIVE {
             active.fetch_sub(1, Ordering::AcqRel);
             let _ = conn.timeouts(Duration::from_millis(100));
-            let _ = respond(&mut conn, 503, "text/plain", b"busy: too many scrapes at once\n");
+            let _ = respond(
+                &mut conn,
+                503,
+                "text/plain",
+                b"busy: too many scrapes at once\n",
+            );
             continue;
         }
         let (active2, source2) = (active.clone(), source.clone());
@@ -211,7 +216,12 @@ fn serve(conn: &mut Conn, source: &Source) -> io::Result<()> {
             Ok(0) => return Ok(()),
             Ok(n) => head.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 return respond(conn, 408, "text/plain", b"request timeout\n");
             }
             Err(e) => return Err(e),
@@ -301,7 +311,10 @@ mod tests {
 
     #[test]
     fn routes() {
-        assert_eq!(route(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), Route::Metrics);
+        assert_eq!(
+            route(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Route::Metrics
+        );
         assert_eq!(route(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"), Route::Metrics);
         assert_eq!(route(b"GET / HTTP/1.1\r\n\r\n"), Route::Index);
         assert_eq!(route(b"POST /metrics HTTP/1.1\r\n\r\n"), Route::BadMethod);
@@ -313,8 +326,14 @@ mod tests {
 
     #[test]
     fn addresses() {
-        assert!(matches!(MetricsAddr::parse("127.0.0.1:9725"), Ok(MetricsAddr::Tcp(_))));
-        assert!(matches!(MetricsAddr::parse("/run/x.sock"), Ok(MetricsAddr::Unix(_))));
+        assert!(matches!(
+            MetricsAddr::parse("127.0.0.1:9725"),
+            Ok(MetricsAddr::Tcp(_))
+        ));
+        assert!(matches!(
+            MetricsAddr::parse("/run/x.sock"),
+            Ok(MetricsAddr::Unix(_))
+        ));
         assert!(MetricsAddr::parse("localhost").is_err());
     }
 

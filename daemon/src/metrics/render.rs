@@ -76,7 +76,11 @@ pub fn render(m: &Metrics, cx: &Context<'_>) -> String {
     let mut o = Out(String::with_capacity(16 * 1024));
     let b = |x: bool| u8::from(x);
     let xts_impl = *m.xts_impl.lock().unwrap_or_else(|e| e.into_inner());
-    o.head("nbdcrypt_info", "gauge", "Constant 1; labels describe the daemon and volume.");
+    o.head(
+        "nbdcrypt_info",
+        "gauge",
+        "Constant 1; labels describe the daemon and volume.",
+    );
     o.line(
         "nbdcrypt_info",
         &[
@@ -306,7 +310,11 @@ pub fn render(m: &Metrics, cx: &Context<'_>) -> String {
         "Bytes through AES-XTS, by direction.",
     );
     for (x, dir) in m.xts.iter().zip(["encrypt", "decrypt"]) {
-        o.line("nbdcrypt_xts_bytes_total", &[("direction", dir)], ld(&x.bytes));
+        o.line(
+            "nbdcrypt_xts_bytes_total",
+            &[("direction", dir)],
+            ld(&x.bytes),
+        );
     }
     o.one(
         "nbdcrypt_process_cpu_seconds_total",

@@ -662,7 +662,8 @@ impl<'a> Session<'a> {
         &self,
         r: &mut BufReader<Box<dyn Read + Send>>,
         input: &mut Scratch,
-    ) -> Result<Option<(Next, Grants<'a>, Option<crate::metrics::RequestTimer>)>, ProtocolError> {
+    ) -> Result<Option<(Next, Grants<'a>, Option<crate::metrics::RequestTimer>)>, ProtocolError>
+    {
         if self.stopper.stopped() {
             return Ok(None);
         }

@@ -38,7 +38,10 @@ pub fn http_get(addr: &str, path: &str) -> Option<String> {
 /// The body of an HTTP response, de-chunked if needed (Prometheus answers small JSON whole).
 pub fn body(resp: &str) -> String {
     let (head, body) = resp.split_once("\r\n\r\n").unwrap_or(("", resp));
-    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         return body.to_owned();
     }
     let mut out = String::new();
@@ -88,8 +91,14 @@ impl Prometheus {
         let addr = format!("127.0.0.1:{}", free_port());
         let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
         let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address={addr}"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -99,7 +108,11 @@ impl Prometheus {
         let p = Prometheus { child, addr, dir };
         let deadline = Instant::now() + Duration::from_secs(60);
         while !http_get(&p.addr, "/-/ready").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
-            assert!(Instant::now() < deadline, "prometheus not ready\n{}", p.log());
+            assert!(
+                Instant::now() < deadline,
+                "prometheus not ready\n{}",
+                p.log()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         p
@@ -111,8 +124,11 @@ impl Prometheus {
 
     /// An instant query; the `data.result` array.
     pub fn query(&self, promql: &str) -> Vec<Value> {
-        let resp = http_get(&self.addr, &format!("/api/v1/query?query={}", urlencode(promql)))
-            .unwrap_or_default();
+        let resp = http_get(
+            &self.addr,
+            &format!("/api/v1/query?query={}", urlencode(promql)),
+        )
+        .unwrap_or_default();
         let v: Value = nbdcrypt_tests::serde_json::from_str(&body(&resp)).unwrap_or(Value::Null);
         v["data"]["result"].as_array().cloned().unwrap_or_default()
     }
@@ -137,7 +153,9 @@ impl Prometheus {
                 Instant::now() < deadline,
                 "{what}: `{promql}` = {:?}\nprometheus targets: {}",
                 self.query(promql),
-                http_get(&self.addr, "/api/v1/targets").map(|r| body(&r)).unwrap_or_default()
+                http_get(&self.addr, "/api/v1/targets")
+                    .map(|r| body(&r))
+                    .unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(250));
         }
