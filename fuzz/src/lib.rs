@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod luks2;
 pub mod mem;
+pub mod metrics;
 pub mod nbd;
 pub mod xts;
 
@@ -28,6 +29,7 @@ pub const TARGETS: &[&str] = &[
     "pkcs11_uri",
     "config_toml",
     "xts_diff",
+    "metrics_http",
 ];
 
 /// Runs target `name` on `data`. Panics on an unknown name.
@@ -45,6 +47,7 @@ pub fn run(name: &str, data: &[u8]) {
         "pkcs11_uri" => control::pkcs11_uri(data),
         "config_toml" => config::toml(data),
         "xts_diff" => xts::diff(data),
+        "metrics_http" => metrics::http(data),
         other => panic!("unknown fuzz target {other:?}"),
     }
 }

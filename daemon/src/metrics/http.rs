@@ -193,6 +193,11 @@ fn accept_loop(listener: Listener, source: Source) {
     }
 }
 
+/// Serve one connection on a Unix stream (the fuzz target drives the responder through this).
+pub fn serve_stream(s: UnixStream, source: &Source) -> io::Result<()> {
+    serve(&mut Conn::Unix(s), source)
+}
+
 /// Read one request head within the bounds, answer it, close.
 fn serve(conn: &mut Conn, source: &Source) -> io::Result<()> {
     let deadline = Instant::now() + REQUEST_DEADLINE;
