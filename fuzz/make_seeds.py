@@ -196,6 +196,18 @@ def control():
     for i, t in enumerate(tomls):
         put("config_toml", f"config-{i}.toml", t.encode())
 
+    heads = [
+        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:9725\r\nUser-Agent: Prometheus/2.42.0\r\n"
+        b"Accept: text/plain;version=0.0.4\r\n\r\n",
+        b"GET /metrics?x=1 HTTP/1.0\n\n",
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"POST /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+        b"GET /metrics HTTP/1.1\r\nHost: " + b"x" * 9000 + b"\r\n\r\n",
+        b"GET /metrics",
+    ]
+    for i, h in enumerate(heads):
+        put("metrics_http", f"head-{i}", h)
+
 
 if __name__ == "__main__":
     luks2()

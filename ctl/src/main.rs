@@ -6,13 +6,17 @@
 //! Every command returns `Result<(), Failure>`; `main` prints the failure and exits with its
 //! code (table in `exit`).
 
+mod bench;
+mod cli_gen;
 mod exit;
 mod offline;
 mod online;
 mod reencrypt_online;
+mod share;
+pub mod progress;
+mod top;
 mod secret;
 mod secret_input;
-mod share;
 
 use std::process::ExitCode;
 
@@ -64,6 +68,18 @@ enum Command {
     /// Wait until the volume is unlocked (for ordering services after unlock).
     #[command(long_about = online::WAIT_ABOUT, after_help = with_exit_codes(online::WAIT_EXAMPLES))]
     WaitUnlocked(online::WaitArgs),
+    /// Live view of running daemons: state, clients, IOPS, MiB/s, latency, crypto CPU share.
+    #[command(long_about = top::TOP_ABOUT, after_help = top::TOP_EXAMPLES)]
+    Top(top::TopArgs),
+    /// Measure AES-XTS speed (like cryptsetup benchmark), or end to end with --volume.
+    #[command(long_about = bench::BENCH_ABOUT, after_help = bench::BENCH_EXAMPLES)]
+    Bench(bench::BenchArgs),
+    /// Print a shell completion script (bash, zsh, fish) for nbdcryptctl or nbdcryptd.
+    #[command(after_help = cli_gen::COMPLETIONS_EXAMPLES)]
+    Completions(cli_gen::CompletionsArgs),
+    /// Write man pages for nbdcryptctl (and each subcommand) and nbdcryptd into DIR.
+    #[command(after_help = cli_gen::MAN_EXAMPLES)]
+    Man(cli_gen::ManArgs),
     #[command(flatten)]
     Offline(offline::OfflineCommand),
 }
@@ -97,6 +113,10 @@ fn main() -> ExitCode {
         Command::Lock(args) => online::lock(args),
         Command::Status(args) => online::status(args),
         Command::WaitUnlocked(args) => online::wait_unlocked(args),
+        Command::Top(args) => top::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Completions(args) => cli_gen::completions(args),
+        Command::Man(args) => cli_gen::man(args),
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),

@@ -348,6 +348,7 @@ mod tests {
             errors: 0,
             locked_reason: Some("locked by uid 0".into()),
             reencrypt: None,
+            metrics: None,
         };
         let t = status_table(&s);
         assert!(t.starts_with("state        locked\n"), "{t}");

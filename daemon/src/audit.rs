@@ -198,6 +198,7 @@ impl AuditLog {
     /// Records one event. A failure to write the audit file is returned (the caller decides
     /// whether that is fatal) and also reported through `tracing`.
     pub fn record(&self, event: &AuditEvent) -> std::io::Result<()> {
+        crate::metrics::METRICS.key_event(event);
         let line = event.to_json_line();
         match self {
             AuditLog::Tracing => {

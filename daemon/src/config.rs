@@ -194,6 +194,11 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub threads: usize,
 
+    /// Serve Prometheus metrics at ADDR: 127.0.0.1:PORT (GET /metrics), or a Unix socket path
+    /// (mode 0660). Lock state, I/O rates and latency, errors, key age; never key material.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+
     /// Log level (error, warn, info, debug, trace) or a tracing filter; NBDCRYPT_LOG overrides.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
@@ -246,6 +251,8 @@ pub struct Config {
     pub export_name: String,
     pub description: String,
     pub server: ServerConfig,
+    /// `--metrics`: where to serve Prometheus metrics.
+    pub metrics: Option<crate::metrics::http::MetricsAddr>,
 }
 
 impl Config {
@@ -306,7 +313,12 @@ impl Config {
                     .into(),
             );
         }
+        let metrics = match a.metrics.as_deref() {
+            Some(m) => Some(crate::metrics::http::MetricsAddr::parse(m)?),
+            None => None,
+        };
         Ok(Config {
+            metrics,
             mode,
             backing,
             unlock_key_file: key,

@@ -65,6 +65,8 @@ pub struct FileConfig {
     /// `parse`.
     #[serde(flatten)]
     providers: BTreeMap<String, toml::Value>,
+    /// `--metrics ADDR`.
+    metrics: Option<String>,
 }
 
 /// Read and check `path`.
@@ -233,6 +235,7 @@ impl FileConfig {
         take!(max_connections, "max_connections");
         take!(threads, "threads");
         take!(log_level, "log_level");
+        take!(metrics, "metrics");
         if let Some(s) = &self.socket_mode {
             if !from_cli("socket_mode") {
                 args.socket_mode = parse_mode(s.get_ref()).map_err(|e| at(s, "socket-mode", e))?;

@@ -108,6 +108,7 @@ impl ExportTable {
         });
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(export.clone());
         self.published.send_replace(true);
+        crate::metrics::METRICS.set_unlocked(true);
         export
     }
 
@@ -120,6 +121,7 @@ impl ExportTable {
             .take();
         self.generation.send_modify(|g| *g += 1);
         self.published.send_replace(false);
+        crate::metrics::METRICS.set_unlocked(false);
         old
     }
 

@@ -30,6 +30,7 @@ pub mod crypto;
 pub mod demo;
 pub mod export;
 pub mod luks2;
+pub mod metrics;
 pub mod nbd;
 pub mod notify;
 pub mod seal;

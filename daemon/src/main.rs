@@ -73,6 +73,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     let exports = ExportTable::new(config.export_name.clone(), config.description.clone());
     let mut listeners = Listeners::bind(&config.server).await?;
+    nbdcrypt::metrics::METRICS.started();
     let (trigger, shutdown) = shutdown::channel();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -86,6 +87,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .map_err(|e| anyhow!("cannot open {}: {e}", config.backing.display()))?;
         let device: Arc<dyn BlockDevice> = Arc::new(Latch::new(Arc::new(backing)));
         exports.publish(device.clone(), false);
+        let metrics_sock = start_metrics(&config, &exports, "").await?;
         warn!(path = %config.backing.display(), size = device.size(),
               "serving UNENCRYPTED (plain comparison mode): data is stored in the clear");
         info!(unix = ?config.server.unix, tcp = ?config.server.tcp, export = %config.export_name, "listening");
@@ -95,6 +97,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .await?
             .map_err(|e| anyhow!("final flush failed: {e}"))?;
         info!("flushed; exiting");
+        remove_metrics_socket(metrics_sock);
         return Ok(());
     }
 
@@ -114,6 +117,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         None => AuditLog::tracing(),
     });
     let volume = volume.with_share_timeout(config.share_timeout);
+    volume.refresh_token_metrics();
+    let metrics_sock = start_metrics(&config, &exports, &info.uuid).await?;
     let volume = Arc::new(if config.allow_expensive_kdf {
         volume.with_kdf_limits(nbdcrypt::crypto::kdf::KdfLimits::allow_expensive())
     } else {
@@ -174,7 +179,33 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow!("final flush failed: {e}"))?;
     info!("flushed; exiting");
+    remove_metrics_socket(metrics_sock);
     Ok(())
+}
+
+/// `--metrics`: serve Prometheus metrics on their own thread.
+async fn start_metrics(
+    config: &Config,
+    exports: &Arc<ExportTable>,
+    uuid: &str,
+) -> anyhow::Result<Option<std::path::PathBuf>> {
+    let Some(addr) = &config.metrics else {
+        return Ok(None);
+    };
+    let mode = match config.mode {
+        Mode::Volume => "volume",
+        Mode::Demo { .. } => "demo",
+        Mode::Plain => "plain",
+    };
+    nbdcrypt::metrics::serve(addr, exports.clone(), mode, uuid.to_owned())
+        .await
+        .with_context(|| format!("cannot serve metrics at {addr}"))
+}
+
+fn remove_metrics_socket(path: Option<std::path::PathBuf>) {
+    if let Some(p) = path {
+        nbdcrypt::socket::remove_ours(&p);
+    }
 }
 
 fn control_info(info: &VolumeInfo) -> control::VolumeInfo {

@@ -243,6 +243,10 @@ async fn connection<S: Socket>(
     phase: TlsPhase,
 ) {
     debug!(%peer, "connected");
+    crate::metrics::METRICS
+        .connections
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let failed = |reason: &str| crate::metrics::METRICS.handshake_failed(reason);
     // Subscribe before the export is looked up, so a lock that lands between the lookup and
     // the attach below is still seen.
     let mut withdrawn = ctx.exports.watch_withdrawal();
@@ -263,6 +267,7 @@ async fn connection<S: Socket>(
     let (neg, transport) = match negotiated {
         Err(_) => {
             info!(%peer, "handshake timed out; closing");
+            failed("timeout");
             return;
         }
         Ok(Err(HandshakeEnd::Tls(e))) => {
@@ -271,6 +276,7 @@ async fn connection<S: Socket>(
         }
         Ok(Err(HandshakeEnd::Protocol(ProtocolError::Aborted))) => {
             debug!(%peer, "client ended the handshake");
+            failed("aborted");
             return;
         }
         Ok(Err(HandshakeEnd::Protocol(ProtocolError::Io(e))))
@@ -282,10 +288,12 @@ async fn connection<S: Socket>(
             ) =>
         {
             debug!(%peer, "client closed during the handshake");
+            failed("closed");
             return;
         }
         Ok(Err(HandshakeEnd::Protocol(e))) => {
             info!(%peer, error = %e, "handshake failed; closing");
+            failed("protocol");
             return;
         }
         Ok(Ok(x)) => x,
@@ -334,6 +342,7 @@ async fn connection<S: Socket>(
         .is_some_and(|e| Arc::ptr_eq(&e, &neg.export))
     {
         info!(%peer, "volume was locked during the handshake; closing");
+        failed("locked");
         return;
     }
     let budget = ctx.budget.clone();
@@ -448,6 +457,7 @@ fn take_permit(permits: &Arc<Semaphore>, peer: &str) -> Option<tokio::sync::Owne
         Ok(p) => Some(p),
         Err(_) => {
             warn!(%peer, "connection limit reached; refusing client");
+            crate::metrics::METRICS.handshake_failed("connection_limit");
             None
         }
     }

@@ -289,6 +289,11 @@ impl Volume {
             }
             Err(EnrollError::NoTokens) if !quorums.is_empty() => None,
             Err(e) => {
+                if let EnrollError::TokensFailed(f) = &e {
+                    f.iter()
+                        .filter(|x| matches!(&x.reason, TokenFailureReason::Seal(_)))
+                        .for_each(|x| crate::metrics::METRICS.provider_error(&x.token_type));
+                }
                 let transient = match &e {
                     EnrollError::TokensFailed(f) => f.iter().any(
                         |x| matches!(&x.reason, TokenFailureReason::Seal(s) if s.is_transient()),
@@ -498,7 +503,15 @@ impl Volume {
                 r.old.keyslot, r.new.token_id, r.new.keyslot
             ));
         }
+        self.refresh_token_metrics();
         Ok(done.join("; "))
+    }
+
+    /// Tell the metrics when the header's tokens were sealed (at start and after a rekey).
+    pub fn refresh_token_metrics(&self) {
+        if let Ok((header, _)) = self.read_header() {
+            crate::metrics::METRICS.set_tokens(crate::metrics::token_facts(&header));
+        }
     }
 
     /// Every unlock ends here: the pin is checked on the key actually recovered.

@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod luks2;
 pub mod mem;
+pub mod metrics;
 pub mod nbd;
 pub mod xts;
 
@@ -29,6 +30,7 @@ pub const TARGETS: &[&str] = &[
     "config_toml",
     "xts_diff",
     "luks2_reencrypt",
+    "metrics_http",
 ];
 
 /// Runs target `name` on `data`. Panics on an unknown name.
@@ -47,6 +49,7 @@ pub fn run(name: &str, data: &[u8]) {
         "config_toml" => config::toml(data),
         "xts_diff" => xts::diff(data),
         "luks2_reencrypt" => luks2::reencrypt(data),
+        "metrics_http" => metrics::http(data),
         other => panic!("unknown fuzz target {other:?}"),
     }
 }

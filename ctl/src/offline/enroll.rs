@@ -301,6 +301,9 @@ pub struct TestTokenArgs {
     /// Append a JSON line per key event to this file.
     #[arg(long, value_name = "PATH")]
     pub audit_log: Option<PathBuf>,
+    /// On success print {"volume", "keyslot", "token", "provider", "key"} as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The optional audit log of a command: opened before anything is changed, so a bad path
@@ -813,6 +816,20 @@ pub fn test_token(a: TestTokenArgs) -> anyhow::Result<()> {
                     .provider(kind, key.as_deref())
                     .detail("token", id),
             );
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "volume": vol.path.display().to_string(),
+                        "uuid": hdr.uuid(),
+                        "keyslot": slot,
+                        "token": id,
+                        "provider": kind,
+                        "key": key,
+                    })
+                );
+                return Ok(());
+            }
             match key {
                 Some(k) => println!("keyslot {slot} unlocked by token {id} ({kind} key {k})"),
                 None => println!("keyslot {slot} unlocked by token {id}"),

@@ -162,6 +162,9 @@ pub struct TestKeyArgs {
     pub slot: Option<u32>,
     #[command(flatten)]
     pub kdf_limits: KdfLimitArgs,
+    /// On success print {"volume", "keyslot"} as JSON (failures: message on stderr, exit code).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Unlocks with every data keyslot (or only `slot`); a wrong passphrase becomes `NoKey`.
@@ -199,6 +202,13 @@ pub fn test(a: TestKeyArgs) -> anyhow::Result<()> {
         &format!("Enter passphrase for {}: ", vol.path.display()),
     )?;
     let (_key, slot) = unlock(&vol, &hdr, &pass, a.slot, a.kdf_limits.limits())?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"volume": vol.path.display().to_string(), "uuid": hdr.uuid(), "keyslot": slot})
+        );
+        return Ok(());
+    }
     println!("keyslot {slot} unlocked");
     Ok(())
 }

@@ -101,16 +101,16 @@ pub enum OfflineCommand {
     /// Check a passphrase: print the keyslot it opens (exit 0) or fail with exit 3.
     #[command(long_about = keys::TEST_ABOUT, after_help = help(keys::TEST_EXAMPLES))]
     TestKey(keys::TestKeyArgs),
-    /// Add a keyslot unlocked by AWS KMS (a sealed secret in a LUKS2 token).
+    /// Add a keyslot unlocked by a KMS or HSM (AWS KMS or PKCS#11; a sealed secret in a token).
     #[command(long_about = enroll::ENROLL_ABOUT, after_help = help(enroll::ENROLL_EXAMPLES))]
     Enroll(enroll::EnrollArgs),
-    /// Remove a KMS enrolment: its token, then its keyslot.
+    /// Remove a KMS/HSM enrolment: its token, then its keyslot.
     #[command(long_about = enroll::UNENROLL_ABOUT, after_help = help(enroll::UNENROLL_EXAMPLES))]
     Unenroll(enroll::UnenrollArgs),
-    /// Re-seal a KMS enrolment under a new (or the same) KMS key, crash-safely.
+    /// Re-seal a KMS/HSM enrolment under a new (or the same) key, crash-safely.
     #[command(long_about = enroll::REKEY_ABOUT, after_help = help(enroll::REKEY_EXAMPLES))]
     Rekey(enroll::RekeyArgs),
-    /// Check the KMS tokens: unseal, open the keyslot, print it (exit 0) or why not (exit 1).
+    /// Check the KMS/HSM tokens: unseal, open the keyslot, print it (exit 0) or why not (exit 1).
     #[command(long_about = enroll::TEST_TOKEN_ABOUT, after_help = help(enroll::TEST_TOKEN_EXAMPLES))]
     TestToken(enroll::TestTokenArgs),
     /// Print or write the config lines that pin the volume (UUID, volume-key digest) in nbdcryptd.

@@ -53,6 +53,10 @@ pub trait SectorTransform: Send + Sync {
     fn encrypt_into(&self, src: &[u8], dst: &mut [u8], first_iv: u64) -> Result<(), XtsError>;
     /// Decrypts whole sectors in place.
     fn decrypt_in_place(&self, data: &mut [u8], first_iv: u64) -> Result<(), XtsError>;
+    /// Which implementation runs (for metrics): "vaes512", "portable", ...
+    fn implementation(&self) -> &'static str {
+        "other"
+    }
 }
 
 impl SectorTransform for SectorCipher {
@@ -64,6 +68,9 @@ impl SectorTransform for SectorCipher {
     }
     fn decrypt_in_place(&self, data: &mut [u8], first_iv: u64) -> Result<(), XtsError> {
         SectorCipher::decrypt_in_place(self, data, first_iv)
+    }
+    fn implementation(&self) -> &'static str {
+        SectorCipher::implementation(self)
     }
 }
 
@@ -88,6 +95,7 @@ impl<C: SectorTransform> CryptDevice<C> {
         segment: Segment,
         allow_discards: bool,
     ) -> Result<CryptDevice<C>, Error> {
+        crate::metrics::METRICS.set_xts_impl(cipher.implementation());
         let sector = cipher.sector_size() as u64;
         let fits = segment
             .offset
@@ -161,9 +169,11 @@ impl<C: SectorTransform> CryptDevice<C> {
         for piece in buf.chunks_mut(self.chunk) {
             let off = offset + at as u64;
             self.inner.read_at(piece, self.segment.offset + off)?;
+            let t = std::time::Instant::now();
             self.cipher
                 .decrypt_in_place(piece, self.iv(off))
                 .map_err(|_| Self::crypto_err(Op::Read, off, piece.len() as u64))?;
+            crate::metrics::METRICS.xts(false, piece.len(), elapsed_ns(t));
             at += piece.len();
         }
         Ok(())
@@ -193,9 +203,11 @@ impl<C: SectorTransform> CryptDevice<C> {
             for piece in plain.chunks(self.chunk) {
                 let off = offset + at as u64;
                 let out = &mut buf[skip..skip + piece.len()];
+                let t = std::time::Instant::now();
                 self.cipher
                     .encrypt_into(piece, out, self.iv(off))
                     .map_err(|_| Self::crypto_err(Op::Write, off, piece.len() as u64))?;
+                crate::metrics::METRICS.xts(true, piece.len(), elapsed_ns(t));
                 self.inner
                     .write_at(out, self.segment.offset + off, fua && single)?;
                 at += piece.len();
@@ -413,6 +425,11 @@ impl Drop for RangeGuard<'_> {
         drop(held);
         self.locks.released.notify_all();
     }
+}
+
+/// Nanoseconds since `t`, for the XTS time metric.
+fn elapsed_ns(t: std::time::Instant) -> u64 {
+    u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ pub struct Latch {
 
 impl Latch {
     pub fn new(inner: Arc<dyn BlockDevice>) -> Latch {
+        crate::metrics::METRICS.latch_reset();
         Latch {
             inner,
             failed: AtomicBool::new(false),
@@ -34,6 +35,7 @@ impl Latch {
                 ErrorKind::Io | ErrorKind::NoSpace | ErrorKind::Corrupt
             ) && !self.failed.swap(true, Ordering::AcqRel)
             {
+                crate::metrics::METRICS.latch_tripped();
                 error!(error = %e, "storage write failed: every later flush will fail until restart");
             }
         }

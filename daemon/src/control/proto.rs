@@ -11,6 +11,7 @@
 //! -> {"v":1,"op":"lock","force":false}                           byte values); slot optional
 //! -> {"v":1,"op":"status"}
 //! -> {"v":1,"op":"share","name":"alice","secret":"…"}         a person's quorum share
+//! -> {"v":1,"op":"stats"}                                     status plus "metrics" (top)
 //! <- {"v":1,"status":{"state":"unlocked","volume_uuid":"…",…}}
 //! <- {"v":1,"error":{"kind":"rate_limited","message":"…","retry_after_secs":4}}
 //! ```
@@ -78,6 +79,8 @@ pub enum Request {
         secret: Option<SecretBytes>,
         max_rate: Option<u64>,
     },
+    /// The status plus a snapshot of the monitoring counters (`nbdcryptctl top`).
+    Stats,
 }
 
 /// What a `reencrypt` request does.
@@ -148,6 +151,7 @@ pub enum RequestKind {
     Status,
     Reencrypt,
     Share,
+    Stats,
 }
 
 impl fmt::Display for RequestKind {
@@ -160,6 +164,7 @@ impl fmt::Display for RequestKind {
             RequestKind::Status => "status",
             RequestKind::Reencrypt => "reencrypt",
             RequestKind::Share => "share",
+            RequestKind::Stats => "stats",
         })
     }
 }
@@ -190,6 +195,7 @@ impl fmt::Debug for Request {
                 .field("name", name)
                 .field("secret", &"<redacted>")
                 .finish(),
+            Request::Stats => f.write_str("Stats"),
         }
     }
 }
@@ -254,6 +260,9 @@ pub struct StatusReport {
     /// The online re-encryption, if one ran or runs since the last unlock.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reencrypt: Option<Box<ReencryptReport>>,
+    /// Monitoring counters since the daemon started (answer to `stats` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Box<crate::metrics::snapshot::Snapshot>>,
 }
 
 /// A refused or failed request.
@@ -363,6 +372,7 @@ impl Request {
             Request::Status => RequestKind::Status,
             Request::Reencrypt { .. } => RequestKind::Reencrypt,
             Request::Share { .. } => RequestKind::Share,
+            Request::Stats => RequestKind::Stats,
         }
     }
 
@@ -399,6 +409,7 @@ impl Request {
             Request::Lock { force } => (Op::Lock, None, None, Some(*force)),
             Request::Status => (Op::Status, None, None, None),
             Request::Reencrypt { .. } => (Op::Reencrypt, None, None, None),
+            Request::Stats => (Op::Stats, None, None, None),
         };
         let secret_len = secret.as_ref().map_or(0, |s| s.0.len());
         // Sized up front so the vector never reallocates and leaves a copy of the secret behind.
@@ -497,6 +508,7 @@ enum Op {
     Status,
     Reencrypt,
     Share,
+    Stats,
 }
 
 #[derive(Deserialize)]
@@ -639,6 +651,12 @@ impl WireRequest {
                     return misplaced("force");
                 }
                 Ok(Request::Status)
+            }
+            Op::Stats => {
+                if self.secret.is_some() || self.slot.is_some() || self.force.is_some() {
+                    return misplaced("secret, slot or force");
+                }
+                Ok(Request::Stats)
             }
         }
     }
@@ -784,6 +802,7 @@ mod tests {
             errors: 0,
             locked_reason: None,
             reencrypt: None,
+            metrics: None,
         }
     }
 
@@ -860,6 +879,7 @@ mod tests {
         let locked = Response::Ok(StatusReport {
             state: VolumeState::Locked,
             locked_reason: Some("locked by uid 0".into()),
+            metrics: None,
             ..status()
         });
         assert_eq!(Response::decode(&locked.encode()).unwrap(), locked);

@@ -181,7 +181,7 @@ async fn connection(mut stream: UnixStream, volume: VolumeHandle, own_uid: u32) 
 
 fn log_outcome(origin: Origin, kind: RequestKind, response: &Response) {
     match (kind, response) {
-        (RequestKind::Status, Response::Ok(_)) => {
+        (RequestKind::Status | RequestKind::Stats, Response::Ok(_)) => {
             debug!(%origin, request = %kind, "control request: ok")
         }
         (_, Response::Ok(s)) => {

@@ -375,6 +375,14 @@ impl Task {
                 let _ = reply.send(Response::Ok(self.report()));
                 return;
             }
+            Request::Stats => {
+                let mut report = self.report();
+                report.metrics = Some(Box::new(crate::metrics::snapshot::Snapshot::take(
+                    &crate::metrics::METRICS,
+                )));
+                let _ = reply.send(Response::Ok(report));
+                return;
+            }
             Request::Unlock { secret, slot } => {
                 self.unlock(UnlockWith::Secret { secret, slot }, origin, reply)
             }
@@ -955,6 +963,7 @@ impl Task {
                 .as_ref()
                 .and_then(|r| r.report())
                 .map(Box::new),
+            metrics: None,
         }
     }
 }

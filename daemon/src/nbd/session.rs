@@ -246,6 +246,8 @@ struct Reply<'a> {
     /// Bytes already on the socket.
     sent: usize,
     _grants: Grants<'a>,
+    /// Records the request's latency when the reply has been written (metrics).
+    _timer: Option<crate::metrics::RequestTimer>,
 }
 
 enum Body {
@@ -398,7 +400,7 @@ impl<'a> Session<'a> {
     fn work(&self) {
         let mut bufs = Buffers::default();
         loop {
-            let (next, grants) = {
+            let (next, grants, timer) = {
                 let mut rd = lock(&self.read);
                 if rd.done || self.broken.load(Ordering::Acquire) {
                     return;
@@ -441,6 +443,7 @@ impl<'a> Session<'a> {
                 body,
                 sent: 0,
                 _grants: grants,
+                _timer: timer,
             }) {
                 // Sent at once: the buffer stays with this worker.
                 Some(Body::Output { buf, .. }) => bufs.output = buf,
@@ -659,7 +662,8 @@ impl<'a> Session<'a> {
         &self,
         r: &mut BufReader<Box<dyn Read + Send>>,
         input: &mut Scratch,
-    ) -> Result<Option<(Next, Grants<'a>)>, ProtocolError> {
+    ) -> Result<Option<(Next, Grants<'a>, Option<crate::metrics::RequestTimer>)>, ProtocolError>
+    {
         if self.stopper.stopped() {
             return Ok(None);
         }
@@ -678,6 +682,7 @@ impl<'a> Session<'a> {
         if header.command == Command::Disc {
             return Ok(None);
         }
+        let timer = Some(crate::metrics::METRICS.start(header.command, header.length));
         if header.command == Command::Write && header.length > MAX_PAYLOAD {
             return Err(ProtocolError::PayloadTooLarge(header.length));
         }
@@ -705,14 +710,15 @@ impl<'a> Session<'a> {
                     header,
                     structured: self.neg.structured_replies,
                 };
-                Ok(Some((Next::Run(job), grants)))
+                Ok(Some((Next::Run(job), grants, timer)))
             }
             Err((code, why)) => {
                 debug!(cookie = header.cookie, error = ?code, why, "request rejected");
                 IoStats::add(&self.neg.export.stats.errors, 1);
+                crate::metrics::METRICS.error(header.command, code);
                 let bytes =
                     error_reply(header.cookie, code.code(), why, self.neg.structured_replies);
-                Ok(Some((Next::Reply(bytes), grants)))
+                Ok(Some((Next::Reply(bytes), grants, timer)))
             }
         }
     }
@@ -934,6 +940,7 @@ fn block_error_reply(
 ) -> Vec<u8> {
     let code = errno::from_block(e);
     IoStats::add(&export.stats.errors, 1);
+    crate::metrics::METRICS.error(h.command, code);
     warn!(cookie = h.cookie, command = ?h.command, offset = h.offset, length = h.length,
           error = %e, "request failed");
     error_reply(h.cookie, code.code(), &e.kind.to_string(), structured)
