@@ -103,6 +103,17 @@ pub struct Args {
     #[arg(long = "kms-allow-key", value_name = "ARN")]
     pub kms_allow_key: Vec<String>,
 
+    /// A Tang server whose clevis tokens may unlock this volume, as URL=THUMBPRINT (the
+    /// thumbprint of its signing key: `tang-show-keys PORT` on the server); repeat for several.
+    /// A token naming any other server is refused before any request.
+    #[arg(long = "tang-allow", value_name = "URL=THUMBPRINT")]
+    pub tang_allow: Vec<String>,
+
+    /// The TPM for clevis tpm2 tokens, as a tpm2-tools TCTI (device:/dev/tpmrm0,
+    /// swtpm:host=127.0.0.1,port=2321); default: tpm2-tools' own default.
+    #[arg(long, value_name = "TCTI")]
+    pub tpm2_tcti: Option<String>,
+
     /// Pin the volume: refuse to start on a volume with another LUKS2 UUID (`nbdcryptctl pin`).
     #[arg(long, value_name = "UUID")]
     pub volume_uuid: Option<String>,
@@ -302,6 +313,7 @@ impl Config {
             allowed_keys: a.kms_allow_key,
         };
         kms.validate()?;
+        let clevis = crate::seal::clevis::ClevisSettings::from_config(&a.tang_allow, a.tpm2_tcti)?;
         let pin = crate::seal::pin::VolumePin::parse(
             a.volume_uuid.as_deref(),
             a.volume_key_digest.as_deref(),
@@ -323,6 +335,7 @@ impl Config {
                     module: a.pkcs11_module,
                     pin: pkcs11_pin,
                 },
+                clevis,
             },
             pin,
             allow_expensive_kdf: a.allow_expensive_kdf,

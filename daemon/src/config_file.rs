@@ -18,6 +18,9 @@
 //! # The volume this daemon may unlock (`nbdcryptctl pin /srv/db.img`):
 //! volume-uuid = "0b7e3a4c-1d2e-4f5a-8b9c-0d1e2f3a4b5c"
 //! volume-key-digest = "pbkdf2:sha256:1000:SALT_BASE64:DIGEST_BASE64"
+//! # clevis tokens: Tang servers that may be asked (URL=signing-key thumbprint), the TPM:
+//! tang-allow = ["http://tang.example:7500=yf78M8MmkSCnVRnc0wpmxaJ7g2jGJXR1ue9UAhLMQCk"]
+//! tpm2-tcti = "device:/dev/tpmrm0"
 //! ```
 
 use std::net::SocketAddr;
@@ -42,6 +45,8 @@ pub struct FileConfig {
     kms_allow_key: Option<Vec<String>>,
     volume_uuid: Option<String>,
     volume_key_digest: Option<String>,
+    tang_allow: Option<Vec<String>>,
+    tpm2_tcti: Option<String>,
     audit_log: Option<PathBuf>,
     control: Option<PathBuf>,
     unix: Option<PathBuf>,
@@ -101,12 +106,17 @@ impl FileConfig {
             }
             None => None,
         };
+        let clevis = crate::seal::clevis::ClevisSettings::from_config(
+            self.tang_allow.as_deref().unwrap_or_default(),
+            self.tpm2_tcti.clone(),
+        )?;
         Ok(crate::seal::SealSettings {
             kms,
             pkcs11: crate::seal::Pkcs11Settings {
                 module: self.pkcs11_module.clone(),
                 pin,
             },
+            clevis,
         })
     }
 
@@ -159,6 +169,8 @@ impl FileConfig {
         take!(kms_allow_key, "kms_allow_key");
         take!(volume_uuid, "volume_uuid");
         take!(volume_key_digest, "volume_key_digest");
+        take!(tang_allow, "tang_allow");
+        take!(tpm2_tcti, "tpm2_tcti");
         take!(audit_log, "audit_log");
         take!(control, "control");
         take!(unix, "unix");

@@ -217,7 +217,10 @@ impl Volume {
         self.pin.check_uuid(header.uuid())?;
         let resolve =
             |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, settings);
-        let (key, slot, token) = match enroll::unlock_with_tokens(&file, &header, &resolve) {
+        let opened = enroll::unlock_with_tokens(&file, &header, &resolve).or_else(|ours| {
+            crate::seal::clevis::luks::unlock_after_ours(&file, &header, &settings.clevis, ours)
+        });
+        let (key, slot, token) = match opened {
             Ok(opened) => opened,
             Err(e) => {
                 let transient = match &e {

@@ -19,6 +19,7 @@ pub mod enroll;
 pub mod kms;
 pub mod pin;
 pub mod token;
+pub mod clevis;
 
 /// What a sealed secret is bound to. Moving it elsewhere makes unsealing fail.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +129,8 @@ impl SealError {
 pub struct SealSettings {
     pub kms: KmsSettings,
     pub pkcs11: Pkcs11Settings,
+    /// clevis tokens: the Tang servers that may be asked, the TPM to use.
+    pub clevis: clevis::ClevisSettings,
 }
 
 /// The AWS KMS the operator trusts (daemon: `--kms-endpoint`, `--kms-region`,
