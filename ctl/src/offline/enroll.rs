@@ -202,7 +202,7 @@ impl Pkcs11Args {
 }
 
 #[derive(Args, Debug)]
-#[command(group(ArgGroup::new("provider").required(true).args(["kms", "pkcs11"])))]
+#[command(group(ArgGroup::new("provider").required(true).multiple(true).args(["kms", "pkcs11", "tang", "tpm2"])))]
 pub struct EnrollArgs {
     /// Volume file or block device.
     #[arg(value_name = "VOLUME")]
@@ -218,6 +218,8 @@ pub struct EnrollArgs {
     pub pkcs11: Option<String>,
     #[command(flatten)]
     pub hsm: Pkcs11Args,
+    #[command(flatten)]
+    pub clevis: super::clevis::ClevisEnrollArgs,
     /// Existing passphrase from this file (bytes as-is; `-` = standard input).
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
@@ -302,6 +304,8 @@ pub struct TestTokenArgs {
     pub location: KmsLocation,
     #[command(flatten)]
     pub hsm: Pkcs11Args,
+    #[command(flatten)]
+    pub clevis: super::clevis::ClevisUnlockArgs,
     /// Append a JSON line per key event to this file.
     #[arg(long, value_name = "PATH")]
     pub audit_log: Option<PathBuf>,
@@ -309,10 +313,10 @@ pub struct TestTokenArgs {
 
 /// The optional audit log of a command: opened before anything is changed, so a bad path
 /// fails the command up front.
-struct Audit(Option<AuditLog>);
+pub(super) struct Audit(Option<AuditLog>);
 
 impl Audit {
-    fn open(path: Option<&Path>) -> anyhow::Result<Audit> {
+    pub(super) fn open(path: Option<&Path>) -> anyhow::Result<Audit> {
         match path {
             None => Ok(Audit(None)),
             Some(p) => AuditLog::open(p)
@@ -321,7 +325,7 @@ impl Audit {
         }
     }
 
-    fn record(&self, e: AuditEvent) {
+    pub(super) fn record(&self, e: AuditEvent) {
         if let Some(log) = &self.0 {
             if let Err(err) = log.record(&e.this_process()) {
                 eprintln!("nbdcryptctl: warning: cannot write the audit log: {err}");
@@ -344,7 +348,7 @@ fn token_key(hdr: &Luks2Header, id: u32) -> Option<String> {
         .and_then(|p| p.key_reference().map(str::to_owned))
 }
 
-fn unlock_by_passphrase(
+pub(super) fn unlock_by_passphrase(
     vol: &Volume,
     hdr: &Luks2Header,
     key_file: Option<&Path>,
@@ -362,6 +366,13 @@ fn unlock_by_passphrase(
 }
 
 pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
+    let families = [a.kms.is_some(), a.pkcs11.is_some(), a.clevis.given()];
+    if families.iter().filter(|g| **g).count() > 1 {
+        bail!("give one of --kms, --pkcs11, or clevis pins (--tang, --tpm2, combined with --sss)");
+    }
+    if a.clevis.given() {
+        return super::clevis::enroll(&a);
+    }
     let audit = Audit::open(a.audit_log.as_deref())?;
     let settings = seal_settings(&a.location, &a.hsm)?;
     let vol = Volume::open(&a.volume, true)?;
@@ -629,14 +640,17 @@ pub fn test_token(a: TestTokenArgs) -> anyhow::Result<()> {
     let event = AuditEvent::new(AuditEventKind::UnlockOk)
         .volume(hdr.uuid())
         .detail("check", true);
-    let settings = seal_settings(&a.location, &a.hsm)?;
+    let mut settings = seal_settings(&a.location, &a.hsm)?;
+    a.clevis.apply(&mut settings.clevis)?;
     let pin = config_pin(&a.location)?;
     let resolve =
         |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, &settings);
     let result = match a.token {
         Some(id) => seal_enroll::unlock_with_token(&vol.file, &hdr, id, &resolve)
             .map(|(k, slot)| (k, slot, id)),
-        None => seal_enroll::unlock_with_tokens(&vol.file, &hdr, &resolve),
+        None => seal_enroll::unlock_with_tokens(&vol.file, &hdr, &resolve).or_else(|ours| {
+            nbdcrypt::seal::clevis::luks::unlock_after_ours(&vol.file, &hdr, &settings.clevis, ours)
+        }),
     };
     // A token that opens a header other than the pinned one is a failure, as in the daemon.
     if let Ok((key, _, _)) = &result {

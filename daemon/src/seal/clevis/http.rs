@@ -119,16 +119,42 @@ pub fn request(
         bytes.extend_from_slice(b);
     }
     s.write_all(&bytes).map_err(io)?;
+    // Read until the answer is complete (tangd keeps the connection open after it, whatever
+    // `Connection: close` says), the peer closes, or the size cap is hit.
     let mut resp = Vec::new();
-    s.take(MAX_RESPONSE + 1)
-        .read_to_end(&mut resp)
-        .map_err(io)?;
-    if resp.len() as u64 > MAX_RESPONSE {
-        return Err(HttpError::Protocol(format!(
-            "answer longer than {MAX_RESPONSE} bytes"
-        )));
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(len) = complete_length(&resp) {
+            resp.truncate(len);
+            break;
+        }
+        let n = s.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        resp.extend_from_slice(&buf[..n]);
+        if resp.len() as u64 > MAX_RESPONSE {
+            return Err(HttpError::Protocol(format!(
+                "answer longer than {MAX_RESPONSE} bytes"
+            )));
+        }
     }
     parse_response(&resp)
+}
+
+/// The total length of the answer in `resp` once its headers and `Content-Length` bytes of
+/// body have arrived.
+fn complete_length(resp: &[u8]) -> Option<usize> {
+    let end = resp.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = std::str::from_utf8(&resp[..end]).ok()?;
+    let len: usize = head.split("\r\n").find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse().ok())?
+    })?;
+    let total = end.checked_add(len)?;
+    (resp.len() >= total).then_some(total)
 }
 
 fn parse_response(resp: &[u8]) -> Result<(u16, Vec<u8>), HttpError> {

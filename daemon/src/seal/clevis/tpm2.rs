@@ -88,6 +88,14 @@ fn p(path: &Path) -> &std::ffi::OsStr {
     path.as_os_str()
 }
 
+/// Flushes the TPM's transient objects. tpm2-tools saves object contexts to files but leaves
+/// the objects loaded; without a resource manager (a TPM on TCP, /dev/tpm0) the TPM's three
+/// object slots fill up. clevis does the same between its steps. With /dev/tpmrm0 transient
+/// objects are per connection, so only ours are touched.
+fn flush_transient(settings: &Tpm2Settings) {
+    let _ = run(settings, "tpm2_flushcontext", &[std::ffi::OsStr::new("-t")], None, None);
+}
+
 /// Runs one tpm2-tools command; `stdin` is piped in, stdout returned (wiped by the caller if
 /// secret). Errors are sorted by what the operator must do.
 fn run(
@@ -132,7 +140,17 @@ fn run(
     let mut stdout = out.stdout;
     stdout.zeroize();
     let err = String::from_utf8_lossy(&out.stderr);
-    let short: String = err.trim().chars().take(400).collect();
+    // tpm2-tools' own "ERROR: …" lines say what failed; the tss2 library's lines are noise.
+    let own: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("ERROR: "))
+        .map(|l| l.trim_start_matches("ERROR: "))
+        .collect();
+    let short: String = if own.is_empty() {
+        err.trim().chars().take(300).collect()
+    } else {
+        own.join("; ").chars().take(300).collect()
+    };
     let lower = err.to_ascii_lowercase();
     let tcti = settings.tcti.as_deref().unwrap_or("the default TPM");
     Err(if lower.contains("0x99d") || lower.contains("policy check failed") {
@@ -227,6 +245,7 @@ pub fn decrypt(jwe: &Jwe, settings: &Tpm2Settings) -> Result<SecretBytes, SealEr
     std::fs::write(&pubf, &public).map_err(|e| other(format!("scratch file: {e}")))?;
     std::fs::write(&privf, &private).map_err(|e| other(format!("scratch file: {e}")))?;
     let os = |x: &'static str| std::ffi::OsStr::new(x);
+    flush_transient(settings);
     run(
         settings,
         "tpm2_createprimary",
@@ -234,6 +253,7 @@ pub fn decrypt(jwe: &Jwe, settings: &Tpm2Settings) -> Result<SecretBytes, SealEr
         None,
         None,
     )?;
+    flush_transient(settings);
     run(
         settings,
         "tpm2_load",
@@ -241,13 +261,16 @@ pub fn decrypt(jwe: &Jwe, settings: &Tpm2Settings) -> Result<SecretBytes, SealEr
         None,
         None,
     )?;
+    flush_transient(settings);
     let auth = policy.as_ref().map(|pcr| format!("pcr:{pcr}"));
     let mut args = vec![os("-c"), p(&obj)];
     if let Some(a) = &auth {
         args.push(os("-p"));
         args.push(std::ffi::OsStr::new(a.as_str()));
     }
-    let mut out = run(settings, "tpm2_unseal", &args, None, policy.as_deref())?;
+    let out = run(settings, "tpm2_unseal", &args, None, policy.as_deref());
+    flush_transient(settings);
+    let mut out = out?;
     let result = jwk_key(&out);
     out.zeroize();
     let cek = result?;
@@ -342,6 +365,7 @@ pub fn encrypt(pcr: Option<(&str, &str)>, plaintext: &[u8], settings: &Tpm2Setti
         dir.path("pcr.values"),
     );
     let os = std::ffi::OsStr::new;
+    flush_transient(settings);
     run(
         settings,
         "tpm2_createprimary",
@@ -349,6 +373,7 @@ pub fn encrypt(pcr: Option<(&str, &str)>, plaintext: &[u8], settings: &Tpm2Setti
         None,
         None,
     )?;
+    flush_transient(settings);
     let mut tpm2_hdr = Map::new();
     tpm2_hdr.insert("hash".into(), "sha256".into());
     tpm2_hdr.insert("key".into(), "ecc".into());
@@ -380,6 +405,7 @@ pub fn encrypt(pcr: Option<(&str, &str)>, plaintext: &[u8], settings: &Tpm2Setti
     args.extend([os("-i"), os("-"), os("-u"), p(&pubf), os("-r"), p(&privf)]);
     let created = run(settings, "tpm2_create", &args, Some(&jwk), None);
     jwk.zeroize();
+    flush_transient(settings);
     created?;
     let public = std::fs::read(&pubf).map_err(|e| other(format!("jwk.pub: {e}")))?;
     let private = std::fs::read(&privf).map_err(|e| other(format!("jwk.priv: {e}")))?;
