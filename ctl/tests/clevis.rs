@@ -29,7 +29,9 @@ fn ok(o: Output) -> Output {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
 }
 
 fn ctl(args: &[&str]) -> Output {
@@ -88,8 +90,14 @@ impl Tang {
             .open(self.dir.join("tangd.log"))
             .unwrap();
         let child = Command::new("socat")
-            .arg(format!("TCP-LISTEN:{},bind=127.0.0.1,reuseaddr,fork", self.port))
-            .arg(format!("EXEC:/usr/libexec/tangd {}", self.dir.join("db").display()))
+            .arg(format!(
+                "TCP-LISTEN:{},bind=127.0.0.1,reuseaddr,fork",
+                self.port
+            ))
+            .arg(format!(
+                "EXEC:/usr/libexec/tangd {}",
+                self.dir.join("db").display()
+            ))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -112,7 +120,9 @@ impl Tang {
 
     /// The signing-key thumbprint, as an operator gets it.
     fn thumbprint(&self) -> String {
-        let o = ok(run(Command::new("tang-show-keys").arg(self.port.to_string())));
+        let o = ok(run(
+            Command::new("tang-show-keys").arg(self.port.to_string())
+        ));
         stdout(&o).trim().to_owned()
     }
 
@@ -225,7 +235,11 @@ fn clevis_pass(img: &str, slot: u32, tpm: Option<&Swtpm>) -> Output {
 
 fn daemon_binary() -> PathBuf {
     let p = Path::new(env!("CARGO_BIN_EXE_nbdcryptctl")).with_file_name("nbdcryptd");
-    assert!(p.exists(), "{} missing: cargo build --workspace --bins", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: cargo build --workspace --bins",
+        p.display()
+    );
     p
 }
 
@@ -258,7 +272,11 @@ impl Served {
         let s = Served { dir: d, child };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !s.dir.join("control.sock").exists() {
-            assert!(Instant::now() < deadline, "daemon did not start:\n{}", s.log());
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start:\n{}",
+                s.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         s
@@ -271,11 +289,21 @@ impl Served {
 
     fn status(&self) -> serde_json::Value {
         let sock = self.dir.join("control.sock");
-        let o = ok(ctl(&["status", "--json", "--control", sock.to_str().unwrap()]));
+        let o = ok(ctl(&[
+            "status",
+            "--json",
+            "--control",
+            sock.to_str().unwrap(),
+        ]));
         serde_json::from_slice(&o.stdout).expect("status --json")
     }
 
-    fn wait_for(&self, secs: u64, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    fn wait_for(
+        &self,
+        secs: u64,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             let s = self.status();
@@ -298,8 +326,7 @@ impl Served {
     /// Waits until auto-unlock gave up and returns the reason.
     fn refused(&self) -> String {
         self.wait_for(30, "a refusal", |s| {
-            s["state"] == "locked"
-                && self.log().contains("auto-unlock failed")
+            s["state"] == "locked" && self.log().contains("auto-unlock failed")
         });
         self.log()
     }
@@ -344,7 +371,11 @@ fn volumes_bound_by_clevis_auto_unlock_in_the_daemon() {
             ),
             false,
         ),
-        ("tpm2", r#"{"pcr_bank":"sha256","pcr_ids":"0,7"}"#.into(), true),
+        (
+            "tpm2",
+            r#"{"pcr_bank":"sha256","pcr_ids":"0,7"}"#.into(),
+            true,
+        ),
     ];
     let operator = args(&[
         "--tang-allow",
@@ -382,13 +413,22 @@ fn a_tpm2_token_with_a_pcr_policy_is_refused_after_the_pcr_changes_and_says_so()
     let dir = tmp.path();
     let tpm = Swtpm::start(dir);
     let img = image(dir, "pcr.img");
-    clevis_bind(dir, &img, Some(&tpm), "tpm2", r#"{"pcr_bank":"sha256","pcr_ids":"7"}"#);
+    clevis_bind(
+        dir,
+        &img,
+        Some(&tpm),
+        "tpm2",
+        r#"{"pcr_bank":"sha256","pcr_ids":"7"}"#,
+    );
     ok(run(tpm.tool("tpm2_pcrextend").arg(
         "7:sha256=0000000000000000000000000000000000000000000000000000000000000001",
     )));
     let d = Served::start(dir, &img, &args(&["--tpm2-tcti", &tpm.tcti()]));
     let log = d.refused();
-    assert!(log.contains("PCR policy mismatch") && log.contains("sha256:7"), "{log}");
+    assert!(
+        log.contains("PCR policy mismatch") && log.contains("sha256:7"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -408,8 +448,29 @@ fn volumes_we_enrol_are_listed_and_opened_by_clevis() {
         vec!["--tang", &u1, "--tang-thumbprint", &t1],
         vec!["--tpm2", "--tpm2-tcti", &tcti],
         vec!["--tpm2", "--tpm2-tcti", &tcti, "--tpm2-pcr-ids", "0,7"],
-        vec!["--sss", "2", "--tang", &u1, "--tang-thumbprint", &t1, "--tpm2", "--tpm2-tcti", &tcti],
-        vec!["--sss", "1", "--tang", &u1, "--tang-thumbprint", &t1, "--tang", &u2, "--tang-thumbprint", &t2],
+        vec![
+            "--sss",
+            "2",
+            "--tang",
+            &u1,
+            "--tang-thumbprint",
+            &t1,
+            "--tpm2",
+            "--tpm2-tcti",
+            &tcti,
+        ],
+        vec![
+            "--sss",
+            "1",
+            "--tang",
+            &u1,
+            "--tang-thumbprint",
+            &t1,
+            "--tang",
+            &u2,
+            "--tang-thumbprint",
+            &t2,
+        ],
     ];
     let mut slots = Vec::new();
     for p in &policies {
@@ -422,12 +483,17 @@ fn volumes_we_enrol_are_listed_and_opened_by_clevis() {
             .nth(2)
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| panic!("no keyslot in {out}"));
-        assert!(out.contains("tang-allow") || !p.contains(&"--tang"), "{out}");
+        assert!(
+            out.contains("tang-allow") || !p.contains(&"--tang"),
+            "{out}"
+        );
         slots.push(slot);
     }
     assert_eq!(slots, [1, 2, 3, 4, 5]);
 
-    let list = stdout(&ok(run(tpm.tool("clevis").args(["luks", "list", "-d", &img]))));
+    let list = stdout(&ok(run(tpm
+        .tool("clevis")
+        .args(["luks", "list", "-d", &img]))));
     let expect = [
         format!("1: tang '{{\"url\":\"{}\"}}'", tang1.url()),
         "2: tpm2 '{\"hash\":\"sha256\",\"key\":\"ecc\"}'".into(),
@@ -443,21 +509,36 @@ fn volumes_we_enrol_are_listed_and_opened_by_clevis() {
         ),
     ];
     for e in &expect {
-        assert!(list.contains(e.as_str()), "clevis luks list lacks {e}:\n{list}");
+        assert!(
+            list.contains(e.as_str()),
+            "clevis luks list lacks {e}:\n{list}"
+        );
     }
     for slot in slots {
         let pass = ok(clevis_pass(&img, slot, Some(&tpm))).stdout;
         assert_eq!(pass.len(), 43, "slot {slot}: a 43-character passphrase");
         let mut c = Command::new("cryptsetup");
-        c.args(["open", "--test-passphrase", "--key-file", "-", "--key-slot", &slot.to_string(), &img])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        c.args([
+            "open",
+            "--test-passphrase",
+            "--key-file",
+            "-",
+            "--key-slot",
+            &slot.to_string(),
+            &img,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         let mut child = c.spawn().unwrap();
         use std::io::Write;
         child.stdin.take().unwrap().write_all(&pass).unwrap();
         let o = child.wait_with_output().unwrap();
-        assert!(o.status.success(), "slot {slot}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "slot {slot}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     // And our daemon opens what we enrolled, through the same operator settings.
     let d = Served::start(
@@ -467,7 +548,14 @@ fn volumes_we_enrol_are_listed_and_opened_by_clevis() {
     );
     d.unlocked(30);
     // test-token (offline) agrees.
-    let o = ok(ctl(&["test-token", &img, "--tang-allow", &tang1.allow(), "--tpm2-tcti", &tcti]));
+    let o = ok(ctl(&[
+        "test-token",
+        &img,
+        "--tang-allow",
+        &tang1.allow(),
+        "--tpm2-tcti",
+        &tcti,
+    ]));
     assert!(stdout(&o).contains("keyslot 1"), "{}", stdout(&o));
 }
 
@@ -478,15 +566,28 @@ fn hostile_tang_tokens_are_refused_and_an_unreachable_tang_is_retried() {
     let mut tang1 = Tang::start(&dir.join("tang1"));
     let tang2 = Tang::start(&dir.join("tang2"));
     let img = image(dir, "hostile.img");
-    clevis_bind(dir, &img, None, "tang", &format!("{{\"url\":\"{}\"}}", tang1.url()));
+    clevis_bind(
+        dir,
+        &img,
+        None,
+        "tang",
+        &format!("{{\"url\":\"{}\"}}", tang1.url()),
+    );
 
     // 1. The token names a server the operator did not allow: refused, and not one request
     //    reaches it.
     let before = tang1.requests();
     let d = Served::start(dir, &img, &args(&["--tang-allow", &tang2.allow()]));
     let log = d.refused();
-    assert!(log.contains("not allowed") && log.contains(&tang1.url()), "{log}");
-    assert_eq!(tang1.requests(), before, "a request reached the unallowed server");
+    assert!(
+        log.contains("not allowed") && log.contains(&tang1.url()),
+        "{log}"
+    );
+    assert_eq!(
+        tang1.requests(),
+        before,
+        "a request reached the unallowed server"
+    );
     drop(d);
 
     // 2. The URL is allowed but with another server's thumbprint: the advertisement is not
@@ -496,7 +597,10 @@ fn hostile_tang_tokens_are_refused_and_an_unreachable_tang_is_retried() {
     let log = d.refused();
     assert!(log.contains("does not advertise the signing key"), "{log}");
     let tangd = std::fs::read_to_string(dir.join("tang1/tangd.log")).unwrap();
-    assert!(!tangd.contains("POST /rec"), "a recovery was attempted: {tangd}");
+    assert!(
+        !tangd.contains("POST /rec"),
+        "a recovery was attempted: {tangd}"
+    );
     drop(d);
 
     // 3. Allowed but down: retried with back-off, the reason says unreachable; once the
@@ -504,7 +608,9 @@ fn hostile_tang_tokens_are_refused_and_an_unreachable_tang_is_retried() {
     tang1.stop();
     let d = Served::start(dir, &img, &args(&["--tang-allow", &tang1.allow_cached()]));
     let s = d.wait_for(30, "an unreachable report", |s| {
-        s["locked_reason"].as_str().is_some_and(|r| r.contains("unreachable"))
+        s["locked_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("unreachable"))
     });
     let reason = s["locked_reason"].as_str().unwrap().to_owned();
     assert!(reason.contains(&tang1.url()), "{reason}");
@@ -528,11 +634,11 @@ impl Tang {
             .unwrap()
             .filter_map(|e| e.ok())
             .map(|e| e.path())
-            .find(|p| {
-                std::fs::read_to_string(p).is_ok_and(|s| s.contains("ES512"))
-            })
+            .find(|p| std::fs::read_to_string(p).is_ok_and(|s| s.contains("ES512")))
             .expect("signing key file");
-        let o = ok(run(Command::new("jose").args(["jwk", "thp", "-i"]).arg(&signing)));
+        let o = ok(run(Command::new("jose")
+            .args(["jwk", "thp", "-i"])
+            .arg(&signing)));
         format!("{}={}", self.url(), stdout(&o).trim())
     }
 }

@@ -27,10 +27,20 @@ pub struct ClevisEnrollArgs {
     pub tpm2: bool,
     /// Seal to the current values of these PCRs (e.g. 0,7): the TPM refuses to unseal once they
     /// change (firmware, boot chain, Secure Boot state).
-    #[arg(long, value_name = "IDS", requires = "tpm2", help_heading = "clevis (Tang, TPM2)")]
+    #[arg(
+        long,
+        value_name = "IDS",
+        requires = "tpm2",
+        help_heading = "clevis (Tang, TPM2)"
+    )]
     pub tpm2_pcr_ids: Option<String>,
     /// PCR bank for --tpm2-pcr-ids.
-    #[arg(long, value_name = "HASH", default_value = "sha256", help_heading = "clevis (Tang, TPM2)")]
+    #[arg(
+        long,
+        value_name = "HASH",
+        default_value = "sha256",
+        help_heading = "clevis (Tang, TPM2)"
+    )]
     pub tpm2_pcr_bank: String,
     /// The TPM, as a tpm2-tools TCTI (device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321).
     #[arg(long, value_name = "TCTI", help_heading = "clevis (Tang, TPM2)")]
@@ -94,10 +104,18 @@ impl ClevisEnrollArgs {
 #[derive(Args, Debug, Clone, Default)]
 pub struct ClevisUnlockArgs {
     /// A Tang server whose clevis tokens may be tried, as URL=THUMBPRINT; repeat for several.
-    #[arg(long = "tang-allow", value_name = "URL=THUMBPRINT", help_heading = "clevis (Tang, TPM2)")]
+    #[arg(
+        long = "tang-allow",
+        value_name = "URL=THUMBPRINT",
+        help_heading = "clevis (Tang, TPM2)"
+    )]
     pub tang_allow: Vec<String>,
     /// The TPM for clevis tpm2 tokens, as a tpm2-tools TCTI.
-    #[arg(long = "tpm2-tcti", value_name = "TCTI", help_heading = "clevis (Tang, TPM2)")]
+    #[arg(
+        long = "tpm2-tcti",
+        value_name = "TCTI",
+        help_heading = "clevis (Tang, TPM2)"
+    )]
     pub tpm2_tcti: Option<String>,
 }
 
@@ -153,7 +171,9 @@ pub fn enroll(a: &EnrollArgs) -> anyhow::Result<()> {
             );
             println!("enrolled keyslot {keyslot} (token {token_id}, clevis {what})");
             println!();
-            println!("# For nbdcryptd's --config file (clevis tokens are tried after nbdcrypt's own):");
+            println!(
+                "# For nbdcryptd's --config file (clevis tokens are tried after nbdcrypt's own):"
+            );
             let mut tangs = Vec::new();
             tang_lines(&pin, &mut tangs);
             if !tangs.is_empty() {

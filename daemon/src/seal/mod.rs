@@ -15,11 +15,11 @@ use serde_json::{Map, Value};
 
 use crate::crypto::keys::SecretBytes;
 
+pub mod clevis;
 pub mod enroll;
 pub mod kms;
 pub mod pin;
 pub mod token;
-pub mod clevis;
 
 /// What a sealed secret is bound to. Moving it elsewhere makes unsealing fail.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -27,7 +27,11 @@ impl HttpUrl {
                  its answers are public keys and blinded points)"
             ));
         };
-        if url.len() > 2048 || url.bytes().any(|c| c <= b' ' || c == 0x7f || c == b'#' || c == b'?') {
+        if url.len() > 2048
+            || url
+                .bytes()
+                .any(|c| c <= b' ' || c == 0x7f || c == b'#' || c == b'?')
+        {
             return Err(format!("{url:?} is not a plain http URL"));
         }
         let (authority, path) = match rest.find('/') {
@@ -201,12 +205,25 @@ mod tests {
     #[test]
     fn urls_parse_or_say_why_not() {
         let u = HttpUrl::parse("http://127.0.0.1:8080").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.prefix.as_str()), ("127.0.0.1", 8080, ""));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.prefix.as_str()),
+            ("127.0.0.1", 8080, "")
+        );
         let u = HttpUrl::parse("http://tang.example/x/").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.prefix.as_str()), ("tang.example", 80, "/x"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.prefix.as_str()),
+            ("tang.example", 80, "/x")
+        );
         let u = HttpUrl::parse("http://[::1]:9").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("::1", 9));
-        for bad in ["https://x", "http://", "http://a b", "http://u@h", "http://h:x", "ftp://h"] {
+        for bad in [
+            "https://x",
+            "http://",
+            "http://a b",
+            "http://u@h",
+            "http://h:x",
+            "ftp://h",
+        ] {
             assert!(HttpUrl::parse(bad).is_err(), "{bad}");
         }
     }

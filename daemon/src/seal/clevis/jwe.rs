@@ -58,7 +58,11 @@ pub fn b64u_decode(s: &str, what: &str, max: usize) -> Result<Vec<u8>, SealError
 }
 
 /// A string member of a JSON object, or a `BadToken` naming it.
-pub fn str_member<'a>(o: &'a Map<String, Value>, key: &str, what: &str) -> Result<&'a str, SealError> {
+pub fn str_member<'a>(
+    o: &'a Map<String, Value>,
+    key: &str,
+    what: &str,
+) -> Result<&'a str, SealError> {
     o.get(key)
         .and_then(Value::as_str)
         .ok_or_else(|| bad(format!("{what} has no \"{key}\" string")))
@@ -114,10 +118,17 @@ impl Jwe {
         )
     }
 
-    fn from_parts(protected: &str, ek: &str, iv: &str, ct: &str, tag: &str) -> Result<Jwe, SealError> {
+    fn from_parts(
+        protected: &str,
+        ek: &str,
+        iv: &str,
+        ct: &str,
+        tag: &str,
+    ) -> Result<Jwe, SealError> {
         if !ek.is_empty() {
             return Err(bad(
-                "the JWE has an encrypted key: clevis uses direct keys only (alg dir / ECDH-ES)".into(),
+                "the JWE has an encrypted key: clevis uses direct keys only (alg dir / ECDH-ES)"
+                    .into(),
             ));
         }
         if protected.len() > MAX_PROTECTED {
@@ -126,8 +137,11 @@ impl Jwe {
             )));
         }
         let raw = b64u_decode(protected, "the JWE protected header", MAX_PROTECTED)?;
-        let header: Map<String, Value> = serde_json::from_slice(&raw)
-            .map_err(|e| bad(format!("the JWE protected header is not a JSON object: {e}")))?;
+        let header: Map<String, Value> = serde_json::from_slice(&raw).map_err(|e| {
+            bad(format!(
+                "the JWE protected header is not a JSON object: {e}"
+            ))
+        })?;
         let iv = b64u_decode(iv, "the JWE iv", 64)?;
         let ciphertext = b64u_decode(ct, "the JWE ciphertext", MAX_CIPHERTEXT)?;
         let tag = b64u_decode(tag, "the JWE tag", 64)?;
@@ -148,7 +162,10 @@ impl Jwe {
         if jwe.header.get("enc").and_then(Value::as_str) != Some("A256GCM") {
             return Err(bad(format!(
                 "JWE enc {} is not supported (clevis uses A256GCM)",
-                jwe.header.get("enc").map(Value::to_string).unwrap_or("(none)".into())
+                jwe.header
+                    .get("enc")
+                    .map(Value::to_string)
+                    .unwrap_or("(none)".into())
             )));
         }
         Ok(jwe)
@@ -191,10 +208,9 @@ impl Jwe {
     /// Decrypts with the content key. A wrong key and a tampered JWE look alike: both fail the
     /// GCM tag.
     pub fn decrypt(&self, cek: &[u8; 32]) -> Result<SecretBytes, SealError> {
-        let cipher = Aes256Gcm::new_from_slice(cek)
-            .map_err(|_| bad("bad content key length".into()))?;
-        let nonce =
-            Nonce::try_from(&self.iv[..]).map_err(|_| bad("bad iv length".into()))?;
+        let cipher =
+            Aes256Gcm::new_from_slice(cek).map_err(|_| bad("bad content key length".into()))?;
+        let nonce = Nonce::try_from(&self.iv[..]).map_err(|_| bad("bad iv length".into()))?;
         let mut msg = Vec::with_capacity(self.ciphertext.len() + self.tag.len());
         msg.extend_from_slice(&self.ciphertext);
         msg.extend_from_slice(&self.tag);
@@ -228,8 +244,8 @@ impl Jwe {
             provider: "clevis",
             detail: format!("no random bytes: {e}"),
         })?;
-        let cipher = Aes256Gcm::new_from_slice(cek)
-            .map_err(|_| bad("bad content key length".into()))?;
+        let cipher =
+            Aes256Gcm::new_from_slice(cek).map_err(|_| bad("bad content key length".into()))?;
         let nonce = Nonce::try_from(&iv[..]).map_err(|_| bad("bad iv length".into()))?;
         let mut out = cipher
             .encrypt(
@@ -356,7 +372,11 @@ mod tests {
         assert_eq!(flat.decrypt(&key).unwrap().expose_secret(), b"passphrase");
         // jose's order: sorted members.
         let raw = B64U.decode(&jwe.protected_b64).unwrap();
-        assert!(raw.starts_with(b"{\"alg\":\"dir\",\"clevis\""), "{}", String::from_utf8_lossy(&raw));
+        assert!(
+            raw.starts_with(b"{\"alg\":\"dir\",\"clevis\""),
+            "{}",
+            String::from_utf8_lossy(&raw)
+        );
         assert_eq!(jwe.pin().unwrap(), "x");
     }
 
@@ -398,15 +418,23 @@ mod tests {
     fn thumbprints_follow_rfc_7638() {
         // RFC 7638 §3.1 is RSA; this EC vector is the S256 of the canonical string, computed
         // independently (Python: hashlib.sha256(b'{"crv":"P-256","kty":"EC","x":"a","y":"b"}')).
-        let jwk = json!({"kty":"EC","crv":"P-256","x":"a","y":"b","alg":"ECMR","key_ops":["deriveKey"]});
+        let jwk =
+            json!({"kty":"EC","crv":"P-256","x":"a","y":"b","alg":"ECMR","key_ops":["deriveKey"]});
         let jwk = jwk.as_object().unwrap();
-        let want = b64u(&Sha256::digest(br#"{"crv":"P-256","kty":"EC","x":"a","y":"b"}"#));
+        let want = b64u(&Sha256::digest(
+            br#"{"crv":"P-256","kty":"EC","x":"a","y":"b"}"#,
+        ));
         assert_eq!(thumbprint_s256(jwk).unwrap(), want);
         assert!(thumbprint_matches(jwk, &want));
         assert!(thumbprint_matches(jwk, &thumbprint_s1(jwk).unwrap()));
-        assert!(!thumbprint_matches(jwk, "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"));
+        assert!(!thumbprint_matches(
+            jwk,
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+        ));
         assert!(is_thumbprint(&want));
-        assert!(!is_thumbprint("../../etc/passwd/aaaaaaaaaaaaaaaaaaaaaaaaaaa"));
+        assert!(!is_thumbprint(
+            "../../etc/passwd/aaaaaaaaaaaaaaaaaaaaaaaaaaa"
+        ));
     }
 
     #[test]

@@ -26,7 +26,10 @@ pub struct ClevisToken {
 }
 
 /// Parses one token object; `Ok(None)` if it is not a clevis token.
-pub fn parse_token(token_id: u32, t: &Map<String, Value>) -> Result<Option<ClevisToken>, SealError> {
+pub fn parse_token(
+    token_id: u32,
+    t: &Map<String, Value>,
+) -> Result<Option<ClevisToken>, SealError> {
     if t.get("type").and_then(Value::as_str) != Some(TOKEN_TYPE) {
         return Ok(None);
     }
@@ -213,7 +216,9 @@ pub fn enroll(
         }),
         Err(e) => {
             if let Err(r) = header.remove_keyslot(file, slot) {
-                tracing::warn!("could not remove the unused keyslot {slot} after a failed enrolment: {r}");
+                tracing::warn!(
+                    "could not remove the unused keyslot {slot} after a failed enrolment: {r}"
+                );
             }
             Err(e)
         }
@@ -225,7 +230,11 @@ pub fn list(header: &Luks2Header) -> Vec<String> {
     clevis_tokens(header)
         .into_iter()
         .map(|(id, t)| match t {
-            Ok(t) => format!("keyslot {} (token {id}): {}", t.keyslot, super::summary(&t.jwe)),
+            Ok(t) => format!(
+                "keyslot {} (token {id}): {}",
+                t.keyslot,
+                super::summary(&t.jwe)
+            ),
             Err(e) => format!("token {id}: {e}"),
         })
         .collect()

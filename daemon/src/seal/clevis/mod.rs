@@ -82,7 +82,11 @@ pub(crate) fn shown(s: &str) -> String {
 }
 
 /// Decrypts one clevis JWE with the pins the operator's settings allow.
-pub fn decrypt_jwe(jwe: &Jwe, settings: &ClevisSettings, depth: u32) -> Result<SecretBytes, SealError> {
+pub fn decrypt_jwe(
+    jwe: &Jwe,
+    settings: &ClevisSettings,
+    depth: u32,
+) -> Result<SecretBytes, SealError> {
     if depth > MAX_DEPTH {
         return Err(bad(format!("sss nested deeper than {MAX_DEPTH} levels")));
     }
@@ -102,7 +106,11 @@ pub fn decrypt_jwe(jwe: &Jwe, settings: &ClevisSettings, depth: u32) -> Result<S
 
 /// Encrypts `plaintext` to `pin` (tang servers are asked for their advertisement, the TPM
 /// seals a key).
-pub fn encrypt(pin: &PinSpec, plaintext: &[u8], settings: &ClevisSettings) -> Result<Jwe, SealError> {
+pub fn encrypt(
+    pin: &PinSpec,
+    plaintext: &[u8],
+    settings: &ClevisSettings,
+) -> Result<Jwe, SealError> {
     match pin {
         PinSpec::Tang { url, thumbprint } => tang::encrypt(url, thumbprint, plaintext),
         PinSpec::Tpm2 { pcr } => tpm2::encrypt(
@@ -134,10 +142,12 @@ fn summary_at(jwe: &Jwe, depth: u32) -> String {
         }
         "tpm2" => {
             let h = jwe.pin_header("tpm2").ok();
-            let get = |k: &str| h.and_then(|h| h.get(k)).map(|v| match v {
-                Value::String(s) => shown(s),
-                other => shown(&other.to_string()),
-            });
+            let get = |k: &str| {
+                h.and_then(|h| h.get(k)).map(|v| match v {
+                    Value::String(s) => shown(s),
+                    other => shown(&other.to_string()),
+                })
+            };
             match get("pcr_ids") {
                 Some(ids) => format!(
                     "tpm2 (PCRs {}:{ids})",
@@ -184,8 +194,13 @@ mod tests {
             b"x",
         )
         .unwrap();
-        let Err(e) = decrypt_jwe(&null, &ClevisSettings::default(), 0) else { panic!() };
-        assert!(e.to_string().contains("not supported") && !e.to_string().contains('\u{1b}'), "{e}");
+        let Err(e) = decrypt_jwe(&null, &ClevisSettings::default(), 0) else {
+            panic!()
+        };
+        assert!(
+            e.to_string().contains("not supported") && !e.to_string().contains('\u{1b}'),
+            "{e}"
+        );
         assert!(decrypt_jwe(&null, &ClevisSettings::default(), MAX_DEPTH + 1).is_err());
     }
 
@@ -216,15 +231,26 @@ mod tests {
         )
         .unwrap();
         let settings = ClevisSettings::from_config(
-            &[format!("{dead}=yf78M8MmkSCnVRnc0wpmxaJ7g2jGJXR1ue9UAhLMQCk")],
+            &[format!(
+                "{dead}=yf78M8MmkSCnVRnc0wpmxaJ7g2jGJXR1ue9UAhLMQCk"
+            )],
             None,
         )
         .unwrap();
-        assert!(summary(&outer).starts_with("sss 1 of [tang http://127.0.0.1:"), "{}", summary(&outer));
-        let Err(e) = decrypt_jwe(&outer, &settings, 0) else { panic!() };
+        assert!(
+            summary(&outer).starts_with("sss 1 of [tang http://127.0.0.1:"),
+            "{}",
+            summary(&outer)
+        );
+        let Err(e) = decrypt_jwe(&outer, &settings, 0) else {
+            panic!()
+        };
         let msg = e.to_string();
         // The epk is not a point: that is found before any request, for both shares.
         assert!(msg.contains("0 of 1 shares"), "{msg}");
-        assert!(msg.contains("192.0.2.7") && msg.contains("not allowed"), "{msg}");
+        assert!(
+            msg.contains("192.0.2.7") && msg.contains("not allowed"),
+            "{msg}"
+        );
     }
 }

@@ -112,7 +112,11 @@ pub fn decrypt(jwe: &Jwe, settings: &ClevisSettings, depth: u32) -> Result<Secre
         .get("jwe")
         .and_then(Value::as_array)
         .filter(|a| !a.is_empty() && a.len() <= MAX_CHILDREN)
-        .ok_or_else(|| bad(format!("sss jwe must be an array of 1..={MAX_CHILDREN} JWEs")))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "sss jwe must be an array of 1..={MAX_CHILDREN} JWEs"
+            ))
+        })?;
     let t = usize::try_from(t).unwrap_or(MAX_CHILDREN);
     if t > children.len() {
         return Err(bad(format!(
@@ -147,7 +151,11 @@ pub fn decrypt(jwe: &Jwe, settings: &ClevisSettings, depth: u32) -> Result<Secre
         };
         let s = share.expose_secret();
         if s.len() != 64 {
-            failures.push((i, pin, bad(format!("share of {} bytes, expected 64", s.len()))));
+            failures.push((
+                i,
+                pin,
+                bad(format!("share of {} bytes, expected 64", s.len())),
+            ));
             continue;
         }
         let x = BigUint::from_bytes_be(&s[..32]);
@@ -190,7 +198,12 @@ pub fn decrypt(jwe: &Jwe, settings: &ClevisSettings, depth: u32) -> Result<Secre
 }
 
 /// Encrypts `plaintext` so that any `t` of `pins` recover it.
-pub fn encrypt(t: usize, pins: &[PinSpec], plaintext: &[u8], settings: &ClevisSettings) -> Result<Jwe, SealError> {
+pub fn encrypt(
+    t: usize,
+    pins: &[PinSpec],
+    plaintext: &[u8],
+    settings: &ClevisSettings,
+) -> Result<Jwe, SealError> {
     if t == 0 || t > pins.len() || pins.len() > MAX_CHILDREN {
         return Err(bad(format!(
             "sss needs 1 <= t <= number of pins <= {MAX_CHILDREN} (t = {t}, {} pins)",

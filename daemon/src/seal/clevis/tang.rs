@@ -95,7 +95,9 @@ fn request_with_retries(
             Err(HttpError::Protocol(e)) => {
                 return Err(SealError::Other {
                     provider: PROVIDER,
-                    detail: format!("Tang server {url} answered {method} {path} with no usable HTTP: {e}"),
+                    detail: format!(
+                        "Tang server {url} answered {method} {path} with no usable HTTP: {e}"
+                    ),
                 })
             }
             Err(HttpError::Unreachable(e)) => {
@@ -105,7 +107,7 @@ fn request_with_retries(
                         format!("unreachable after {} attempts: {e}", attempt + 1),
                     ));
                 };
-                tracing::warn!(url, error = %e, retry_in_ms = delay.as_millis() as u64,
+                tracing::warn!(url, error = %e, retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                                "Tang server unreachable; retrying");
                 std::thread::sleep(*delay);
                 attempt += 1;
@@ -211,7 +213,11 @@ pub fn fetch_verified_adv(url: &str, thumbprint: &str) -> Result<Map<String, Val
 }
 
 /// Checks a JWS advertisement (flattened or general JSON form).
-pub fn verify_adv(url: &str, body: &[u8], thumbprint: &str) -> Result<Map<String, Value>, SealError> {
+pub fn verify_adv(
+    url: &str,
+    body: &[u8],
+    thumbprint: &str,
+) -> Result<Map<String, Value>, SealError> {
     let other = |m: String| SealError::Other {
         provider: PROVIDER,
         detail: format!("Tang server {url}: {m}"),
@@ -436,12 +442,15 @@ mod tests {
 
     #[test]
     fn allow_entries_parse() {
-        let t = TangServer::parse("http://127.0.0.1:7500/=yf78M8MmkSCnVRnc0wpmxaJ7g2jGJXR1ue9UAhLMQCk")
-            .unwrap();
+        let t =
+            TangServer::parse("http://127.0.0.1:7500/=yf78M8MmkSCnVRnc0wpmxaJ7g2jGJXR1ue9UAhLMQCk")
+                .unwrap();
         assert_eq!(t.url, "http://127.0.0.1:7500");
         assert_eq!(t.thumbprint, "yf78M8MmkSCnVRnc0wpmxaJ7g2jGJXR1ue9UAhLMQCk");
         assert!(TangServer::parse("http://127.0.0.1:7500").is_err());
-        assert!(TangServer::parse("https://h=yf78M8MmkSCnVRnc0wpmxaJ7g2jGJXR1ue9UAhLMQCk").is_err());
+        assert!(
+            TangServer::parse("https://h=yf78M8MmkSCnVRnc0wpmxaJ7g2jGJXR1ue9UAhLMQCk").is_err()
+        );
         assert!(TangServer::parse("http://h=short").is_err());
     }
 
@@ -458,7 +467,10 @@ mod tests {
         let x_pt = c_pt + ProjectivePoint::GENERATOR * *e;
         let y_pt = x_pt * *s; // what tangd answers
         let k_pt = y_pt - s_pt * *e;
-        assert_eq!(x_coord(&k_pt).unwrap().expose_secret(), z_enc.expose_secret());
+        assert_eq!(
+            x_coord(&k_pt).unwrap().expose_secret(),
+            z_enc.expose_secret()
+        );
         // The JWK encoding round-trips and refuses off-curve points.
         let jwk = point_jwk(&c_pt).unwrap();
         assert_eq!(jwk_point(&jwk, "t").unwrap(), c_pt);
@@ -481,7 +493,9 @@ mod tests {
             .unwrap()],
         };
         let t0 = std::time::Instant::now();
-        let Err(e) = decrypt(&jwe, &settings) else { panic!("decrypted") };
+        let Err(e) = decrypt(&jwe, &settings) else {
+            panic!("decrypted")
+        };
         assert!(matches!(e, SealError::Untrusted { .. }), "{e}");
         assert!(e.to_string().contains("192.0.2.1:9"), "{e}");
         assert!(t0.elapsed() < Duration::from_secs(1));
@@ -500,6 +514,10 @@ mod tests {
         .unwrap_err();
         assert!(e.is_transient(), "{e}");
         assert!(e.to_string().contains("after 3 attempts"), "{e}");
-        assert!(t0.elapsed() >= Duration::from_millis(2000), "no back-off: {:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() >= Duration::from_millis(2000),
+            "no back-off: {:?}",
+            t0.elapsed()
+        );
     }
 }

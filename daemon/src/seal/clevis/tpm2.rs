@@ -93,7 +93,13 @@ fn p(path: &Path) -> &std::ffi::OsStr {
 /// object slots fill up. clevis does the same between its steps. With /dev/tpmrm0 transient
 /// objects are per connection, so only ours are touched.
 fn flush_transient(settings: &Tpm2Settings) {
-    let _ = run(settings, "tpm2_flushcontext", &[std::ffi::OsStr::new("-t")], None, None);
+    let _ = run(
+        settings,
+        "tpm2_flushcontext",
+        &[std::ffi::OsStr::new("-t")],
+        None,
+        None,
+    );
 }
 
 /// Runs one tpm2-tools command; `stdin` is piped in, stdout returned (wiped by the caller if
@@ -153,37 +159,50 @@ fn run(
     };
     let lower = err.to_ascii_lowercase();
     let tcti = settings.tcti.as_deref().unwrap_or("the default TPM");
-    Err(if lower.contains("0x99d") || lower.contains("policy check failed") {
-        SealError::AccessDenied {
-            provider: PROVIDER,
-            detail: format!(
+    Err(
+        if lower.contains("0x99d") || lower.contains("policy check failed") {
+            SealError::AccessDenied {
+                provider: PROVIDER,
+                detail: format!(
                 "PCR policy mismatch: the current values of PCRs {} are not the ones the secret \
                  was sealed to (firmware, boot chain or Secure Boot state changed?); unlock \
                  another way and bind again",
                 pcrs.unwrap_or("?")
             ),
-        }
-    } else if lower.contains("integrity check failed") || lower.contains("0x9a2") {
-        other(format!(
+            }
+        } else if lower.contains("integrity check failed") || lower.contains("0x9a2") {
+            other(format!(
             "the sealed object does not belong to this TPM ({tcti}): sealed on another machine, \
              or the TPM was cleared since ({tool}: {short})"
         ))
-    } else if lower.contains("tcti") || lower.contains("connection refused") || lower.contains("no such file") {
-        SealError::Unreachable {
-            provider: PROVIDER,
-            detail: format!("cannot reach the TPM through {tcti} ({tool}: {short})"),
-        }
-    } else {
-        other(format!("{tool} failed: {short}"))
-    })
+        } else if lower.contains("tcti")
+            || lower.contains("connection refused")
+            || lower.contains("no such file")
+        {
+            SealError::Unreachable {
+                provider: PROVIDER,
+                detail: format!("cannot reach the TPM through {tcti} ({tool}: {short})"),
+            }
+        } else {
+            other(format!("{tool} failed: {short}"))
+        },
+    )
 }
 
-fn check_choice<'a>(v: Option<&'a str>, default: &'a str, allowed: &[&str], what: &str) -> Result<&'a str, SealError> {
+fn check_choice<'a>(
+    v: Option<&'a str>,
+    default: &'a str,
+    allowed: &[&str],
+    what: &str,
+) -> Result<&'a str, SealError> {
     let v = v.unwrap_or(default);
     if allowed.contains(&v) {
         Ok(v)
     } else {
-        Err(bad(format!("tpm2 {what} {:?} is not one of {allowed:?}", super::shown(v))))
+        Err(bad(format!(
+            "tpm2 {what} {:?} is not one of {allowed:?}",
+            super::shown(v)
+        )))
     }
 }
 
@@ -208,11 +227,7 @@ fn pcr_ids(v: &Value) -> Result<String, SealError> {
     if ids.is_empty() || ids.len() > 24 || ids.iter().any(|&i| i > 23) {
         return Err(bad("tpm2 pcr_ids must name PCRs 0..23".into()));
     }
-    Ok(ids
-        .iter()
-        .map(u64::to_string)
-        .collect::<Vec<_>>()
-        .join(","))
+    Ok(ids.iter().map(u64::to_string).collect::<Vec<_>>().join(","))
 }
 
 const HASHES: [&str; 4] = ["sha1", "sha256", "sha384", "sha512"];
@@ -226,8 +241,16 @@ pub fn decrypt(jwe: &Jwe, settings: &Tpm2Settings) -> Result<SecretBytes, SealEr
     let s = |k: &str| h.get(k).and_then(Value::as_str);
     let hash = check_choice(s("hash"), "sha256", &HASHES, "hash")?;
     let key = check_choice(s("key"), "ecc", &["ecc", "rsa"], "key")?;
-    let public = b64u_decode(str_member(h, "jwk_pub", "the tpm2 header")?, "jwk_pub", MAX_BLOB)?;
-    let private = b64u_decode(str_member(h, "jwk_priv", "the tpm2 header")?, "jwk_priv", MAX_BLOB)?;
+    let public = b64u_decode(
+        str_member(h, "jwk_pub", "the tpm2 header")?,
+        "jwk_pub",
+        MAX_BLOB,
+    )?;
+    let private = b64u_decode(
+        str_member(h, "jwk_priv", "the tpm2 header")?,
+        "jwk_priv",
+        MAX_BLOB,
+    )?;
     let policy = match h.get("pcr_ids") {
         None => None,
         Some(ids) => {
@@ -249,7 +272,17 @@ pub fn decrypt(jwe: &Jwe, settings: &Tpm2Settings) -> Result<SecretBytes, SealEr
     run(
         settings,
         "tpm2_createprimary",
-        &[os("-Q"), os("-C"), os("o"), os("-g"), os(hash_static(hash)), os("-G"), os(if key == "rsa" { "rsa" } else { "ecc" }), os("-c"), p(&prim)],
+        &[
+            os("-Q"),
+            os("-C"),
+            os("o"),
+            os("-g"),
+            os(hash_static(hash)),
+            os("-G"),
+            os(if key == "rsa" { "rsa" } else { "ecc" }),
+            os("-c"),
+            p(&prim),
+        ],
         None,
         None,
     )?;
@@ -257,7 +290,17 @@ pub fn decrypt(jwe: &Jwe, settings: &Tpm2Settings) -> Result<SecretBytes, SealEr
     run(
         settings,
         "tpm2_load",
-        &[os("-Q"), os("-C"), p(&prim), os("-u"), p(&pubf), os("-r"), p(&privf), os("-c"), p(&obj)],
+        &[
+            os("-Q"),
+            os("-C"),
+            p(&prim),
+            os("-u"),
+            p(&pubf),
+            os("-r"),
+            p(&privf),
+            os("-c"),
+            p(&obj),
+        ],
         None,
         None,
     )?;
@@ -348,13 +391,22 @@ pub fn pcr_policy_digest(name_hash: &str, bank: &str, ids: &[u8], pcr_values: &[
     let zero = vec![0u8; h(name_hash, &[]).len()];
     h(
         name_hash,
-        &[&zero, &0x0000_017Fu32.to_be_bytes(), &selection, &pcr_digest],
+        &[
+            &zero,
+            &0x0000_017Fu32.to_be_bytes(),
+            &selection,
+            &pcr_digest,
+        ],
     )
 }
 
 /// Seals a fresh content key in the TPM (optionally to the current values of `pcr`: bank and
 /// ids) and encrypts `plaintext` with it.
-pub fn encrypt(pcr: Option<(&str, &str)>, plaintext: &[u8], settings: &Tpm2Settings) -> Result<Jwe, SealError> {
+pub fn encrypt(
+    pcr: Option<(&str, &str)>,
+    plaintext: &[u8],
+    settings: &Tpm2Settings,
+) -> Result<Jwe, SealError> {
     let cek = Cek(random_key()?);
     let dir = Scratch::new()?;
     let (prim, pubf, privf, polf, pcrf) = (
@@ -369,7 +421,17 @@ pub fn encrypt(pcr: Option<(&str, &str)>, plaintext: &[u8], settings: &Tpm2Setti
     run(
         settings,
         "tpm2_createprimary",
-        &[os("-Q"), os("-C"), os("o"), os("-g"), os("sha256"), os("-G"), os("ecc"), os("-c"), p(&prim)],
+        &[
+            os("-Q"),
+            os("-C"),
+            os("o"),
+            os("-g"),
+            os("sha256"),
+            os("-G"),
+            os("ecc"),
+            os("-c"),
+            p(&prim),
+        ],
         None,
         None,
     )?;
@@ -383,7 +445,13 @@ pub fn encrypt(pcr: Option<(&str, &str)>, plaintext: &[u8], settings: &Tpm2Setti
         let ids = pcr_ids(&Value::String(ids.to_owned()))?;
         let list: Vec<u8> = ids.split(',').filter_map(|x| x.parse().ok()).collect();
         let sel = format!("{bank}:{ids}");
-        run(settings, "tpm2_pcrread", &[os("-Q"), os(&sel), os("-o"), p(&pcrf)], None, None)?;
+        run(
+            settings,
+            "tpm2_pcrread",
+            &[os("-Q"), os(&sel), os("-o"), p(&pcrf)],
+            None,
+            None,
+        )?;
         let values = std::fs::read(&pcrf).map_err(|e| other(format!("PCR values: {e}")))?;
         let digest = pcr_policy_digest("sha256", bank, &list, &values);
         std::fs::write(&polf, digest).map_err(|e| other(format!("scratch file: {e}")))?;
@@ -397,7 +465,15 @@ pub fn encrypt(pcr: Option<(&str, &str)>, plaintext: &[u8], settings: &Tpm2Setti
         b64u(&cek.0)
     )
     .into_bytes();
-    let mut args = vec![os("-Q"), os("-g"), os("sha256"), os("-C"), p(&prim), os("-a"), os(&attrs)];
+    let mut args = vec![
+        os("-Q"),
+        os("-g"),
+        os("sha256"),
+        os("-C"),
+        p(&prim),
+        os("-a"),
+        os(&attrs),
+    ];
     if pcr.is_some() {
         args.push(os("-L"));
         args.push(p(&polf));
@@ -429,7 +505,10 @@ mod tests {
         // ending cf31 (tpm2_createpolicy on swtpm, as clevis 19 ran it).
         let d = pcr_policy_digest("sha256", "sha256", &[0, 7], &[0u8; 64]);
         let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
-        assert!(hex.starts_with("02e3642b3e29") && hex.ends_with("cf31"), "{hex}");
+        assert!(
+            hex.starts_with("02e3642b3e29") && hex.ends_with("cf31"),
+            "{hex}"
+        );
     }
 
     #[test]
@@ -440,7 +519,8 @@ mod tests {
         assert!(pcr_ids(&json!("0;rm -rf")).is_err());
         assert!(check_choice(Some("md5"), "sha256", &HASHES, "hash").is_err());
         assert!(jwk_key(b"{\"k\":\"AAAA\"}").is_err());
-        let k = jwk_key(format!("{{\"kty\":\"oct\",\"k\":\"{}\"}}\n", b64u(&[5u8; 32])).as_bytes()).unwrap();
+        let k = jwk_key(format!("{{\"kty\":\"oct\",\"k\":\"{}\"}}\n", b64u(&[5u8; 32])).as_bytes())
+            .unwrap();
         assert_eq!(k.0, [5u8; 32]);
     }
 }
