@@ -110,7 +110,7 @@ pub struct Args {
     pub tang_allow: Vec<String>,
 
     /// The TPM for clevis tpm2 tokens, as a tpm2-tools TCTI (device:/dev/tpmrm0,
-    /// swtpm:host=127.0.0.1,port=2321); default: tpm2-tools' own default.
+    /// swtpm:host=127.0.0.1,port=2321). Without it, tpm2 tokens are not used.
     #[arg(long, value_name = "TCTI")]
     pub tpm2_tcti: Option<String>,
 

@@ -7,6 +7,7 @@
 //! out-of-memory is a finding; so is a failed `assert!` (a checked property, e.g. a read that
 //! does not return what the plaintext model says, or two XTS implementations that disagree).
 
+pub mod clevis;
 pub mod config;
 pub mod control;
 pub mod luks2;
@@ -28,6 +29,7 @@ pub const TARGETS: &[&str] = &[
     "pkcs11_uri",
     "config_toml",
     "xts_diff",
+    "clevis_token",
 ];
 
 /// Runs target `name` on `data`. Panics on an unknown name.
@@ -45,6 +47,7 @@ pub fn run(name: &str, data: &[u8]) {
         "pkcs11_uri" => control::pkcs11_uri(data),
         "config_toml" => config::toml(data),
         "xts_diff" => xts::diff(data),
+        "clevis_token" => clevis::token(data),
         other => panic!("unknown fuzz target {other:?}"),
     }
 }

@@ -11,6 +11,9 @@ use nbdcrypt::seal::enroll::Enrolled;
 
 use super::enroll::{toml_str, EnrollArgs};
 
+/// The TPM `enroll --tpm2` uses without --tpm2-tcti.
+const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
+
 /// How a new keyslot is bound with clevis (flattened into `enroll`).
 #[derive(Args, Debug, Clone, Default)]
 pub struct ClevisEnrollArgs {
@@ -42,7 +45,7 @@ pub struct ClevisEnrollArgs {
         help_heading = "clevis (Tang, TPM2)"
     )]
     pub tpm2_pcr_bank: String,
-    /// The TPM, as a tpm2-tools TCTI (device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321).
+    /// The TPM, as a tpm2-tools TCTI (default device:/dev/tpmrm0; swtpm:host=127.0.0.1,port=2321).
     #[arg(long, value_name = "TCTI", help_heading = "clevis (Tang, TPM2)")]
     pub tpm2_tcti: Option<String>,
     /// Combine the pins given (--tang, --tpm2) with Shamir's secret sharing: any K of them
@@ -95,8 +98,13 @@ impl ClevisEnrollArgs {
         }
     }
 
+    /// The TPM: --tpm2-tcti, else the kernel's resource manager.
     pub fn settings(&self) -> anyhow::Result<ClevisSettings> {
-        ClevisSettings::from_config(&[], self.tpm2_tcti.clone()).map_err(|e| anyhow!("--{e}"))
+        let tcti = self
+            .tpm2_tcti
+            .clone()
+            .unwrap_or_else(|| DEFAULT_TCTI.to_owned());
+        ClevisSettings::from_config(&[], Some(tcti)).map_err(|e| anyhow!("--{e}"))
     }
 }
 
@@ -180,7 +188,7 @@ pub fn enroll(a: &EnrollArgs) -> anyhow::Result<()> {
                 let list: Vec<String> = tangs.iter().map(|t| toml_str(t)).collect();
                 println!("tang-allow = [{}]", list.join(", "));
             }
-            if let Some(t) = &settings.tpm2.tcti {
+            if let (true, Some(t)) = (a.clevis.tpm2, &settings.tpm2.tcti) {
                 println!("tpm2-tcti = {}", toml_str(t));
             }
             print!(

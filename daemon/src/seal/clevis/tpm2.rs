@@ -31,8 +31,8 @@ const PROVIDER: &str = "tpm2";
 const MAX_BLOB: usize = 4096;
 
 /// Which TPM to use: a TCTI string as tpm2-tools takes it (`device:/dev/tpmrm0`,
-/// `swtpm:host=127.0.0.1,port=2321`, `tabrmd`). `None`: tpm2-tools' default (its
-/// `TPM2TOOLS_TCTI` as the daemon inherited it, else the resource manager / device).
+/// `swtpm:host=127.0.0.1,port=2321`, `tabrmd`). `None`: tpm2 tokens are not used (the operator
+/// opts in by naming the TPM; a header alone never makes the daemon run TPM commands).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tpm2Settings {
     pub tcti: Option<String>,
@@ -238,6 +238,14 @@ pub fn decrypt(jwe: &Jwe, settings: &Tpm2Settings) -> Result<SecretBytes, SealEr
         return Err(bad("a tpm2 JWE uses alg dir".into()));
     }
     let h = jwe.pin_header("tpm2")?;
+    if settings.tcti.is_none() {
+        return Err(SealError::NotConfigured {
+            provider: PROVIDER,
+            detail: "no TPM configured for clevis tpm2 tokens: give --tpm2-tcti \
+                     device:/dev/tpmrm0 (TOML: tpm2-tcti)"
+                .into(),
+        });
+    }
     let s = |k: &str| h.get(k).and_then(Value::as_str);
     let hash = check_choice(s("hash"), "sha256", &HASHES, "hash")?;
     let key = check_choice(s("key"), "ecc", &["ecc", "rsa"], "key")?;
