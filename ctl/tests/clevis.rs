@@ -420,6 +420,15 @@ fn a_tpm2_token_with_a_pcr_policy_is_refused_after_the_pcr_changes_and_says_so()
         "tpm2",
         r#"{"pcr_bank":"sha256","pcr_ids":"7"}"#,
     );
+    // Without the operator naming the TPM, a tpm2 token is not used at all.
+    let d = Served::start(dir, &img, &[]);
+    let log = d.refused();
+    assert!(log.contains("no TPM configured"), "{log}");
+    drop(d);
+    // Named, and the PCRs unchanged: it opens.
+    let d = Served::start(dir, &img, &args(&["--tpm2-tcti", &tpm.tcti()]));
+    d.unlocked(30);
+    drop(d);
     ok(run(tpm.tool("tpm2_pcrextend").arg(
         "7:sha256=0000000000000000000000000000000000000000000000000000000000000001",
     )));

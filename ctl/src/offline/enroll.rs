@@ -667,8 +667,10 @@ pub fn test_token(a: TestTokenArgs) -> anyhow::Result<()> {
             let key = token_key(&hdr, id);
             let kind = hdr
                 .token(id)
-                .and_then(|t| ProviderKind::from_token_type(t.type_name()))
-                .map(ProviderKind::name)
+                .and_then(|t| match t.type_name() {
+                    nbdcrypt::seal::clevis::TOKEN_TYPE => Some("clevis"),
+                    other => ProviderKind::from_token_type(other).map(ProviderKind::name),
+                })
                 .unwrap_or("unknown");
             audit.record(
                 event
