@@ -522,7 +522,8 @@ fn latency_report() {
         unlock.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     // In-process: provider calls on a warm client, and the library's enrol/unlock.
-    use nbdcrypt::seal::{enroll as e, kms::KmsProvider, Binding, SealProvider};
+    use nbdcrypt::luks2::tokens::enroll as e;
+    use nbdcrypt::seal::{kms::KmsProvider, Binding, SealProvider};
     let p = KmsProvider::new(
         key.clone(),
         Some(REGION.into()),

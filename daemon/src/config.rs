@@ -81,38 +81,10 @@ pub struct Args {
     #[arg(long)]
     pub allow_expensive_kdf: bool,
 
-    /// PKCS#11 module for HSM tokens (default: SoftHSM2's). Never taken from the volume header.
-    #[arg(long, value_name = "PATH")]
-    pub pkcs11_module: Option<PathBuf>,
-
-    /// Where the HSM user PIN comes from: file:/path or cred:NAME (a systemd credential).
-    #[arg(long, value_name = "SOURCE")]
-    pub pkcs11_pin: Option<String>,
-
-    /// KMS endpoint URL for KMS tokens (a VPC endpoint, a test server); default: the AWS one
-    /// for the region. Never taken from the volume header: a token naming another is refused.
-    #[arg(long, value_name = "URL")]
-    pub kms_endpoint: Option<String>,
-
-    /// AWS region for KMS tokens (default: AWS_REGION / the profile's).
-    #[arg(long, value_name = "REGION")]
-    pub kms_region: Option<String>,
-
-    /// A KMS key (key ARN or key id) whose tokens may unlock this volume; repeat for several.
-    /// Without one, KMS tokens are refused before any request.
-    #[arg(long = "kms-allow-key", value_name = "ARN")]
-    pub kms_allow_key: Vec<String>,
-
-    /// A Tang server whose clevis tokens may unlock this volume, as URL=THUMBPRINT (the
-    /// thumbprint of its signing key: `tang-show-keys PORT` on the server); repeat for several.
-    /// A token naming any other server is refused before any request.
-    #[arg(long = "tang-allow", value_name = "URL=THUMBPRINT")]
-    pub tang_allow: Vec<String>,
-
-    /// The TPM for clevis tpm2 tokens, as a tpm2-tools TCTI (device:/dev/tpmrm0,
-    /// swtpm:host=127.0.0.1,port=2321). Without it, tpm2 tokens are not used.
-    #[arg(long, value_name = "TCTI")]
-    pub tpm2_tcti: Option<String>,
+    /// Every key provider's settings (`--kms-endpoint`, `--pkcs11-pin`, ...), from the
+    /// provider registry (`seal::registry`).
+    #[command(flatten)]
+    pub providers: crate::seal::registry::SettingFlags,
 
     /// Pin the volume: refuse to start on a volume with another LUKS2 UUID (`nbdcryptctl pin`).
     #[arg(long, value_name = "UUID")]
@@ -297,23 +269,10 @@ impl Config {
                     .into(),
             );
         }
-        let pkcs11_pin = match &a.pkcs11_pin {
-            Some(p) => Some(
-                crate::seal::pkcs11::PinSource::parse(p)
-                    .map_err(|e| format!("--pkcs11-pin: {e}"))?,
-            ),
-            None => None,
-        };
         if a.auto_unlock && mode == Mode::Plain {
             return Err("--auto-unlock makes no sense with --plain".into());
         }
-        let kms = crate::seal::KmsSettings {
-            endpoint: a.kms_endpoint.filter(|e| !e.is_empty()),
-            region: a.kms_region.filter(|r| !r.is_empty()),
-            allowed_keys: a.kms_allow_key,
-        };
-        kms.validate()?;
-        let clevis = crate::seal::clevis::ClevisSettings::from_config(&a.tang_allow, a.tpm2_tcti)?;
+        let seal = crate::seal::SealSettings::from_raw(a.providers.raw)?;
         let pin = crate::seal::pin::VolumePin::parse(
             a.volume_uuid.as_deref(),
             a.volume_key_digest.as_deref(),
@@ -329,14 +288,7 @@ impl Config {
             backing,
             unlock_key_file: key,
             auto_unlock: a.auto_unlock,
-            seal: crate::seal::SealSettings {
-                kms,
-                pkcs11: crate::seal::Pkcs11Settings {
-                    module: a.pkcs11_module,
-                    pin: pkcs11_pin,
-                },
-                clevis,
-            },
+            seal,
             pin,
             allow_expensive_kdf: a.allow_expensive_kdf,
             audit_log: a.audit_log,

@@ -18,11 +18,9 @@
 //! # The volume this daemon may unlock (`nbdcryptctl pin /srv/db.img`):
 //! volume-uuid = "0b7e3a4c-1d2e-4f5a-8b9c-0d1e2f3a4b5c"
 //! volume-key-digest = "pbkdf2:sha256:1000:SALT_BASE64:DIGEST_BASE64"
-//! # clevis tokens: Tang servers that may be asked (URL=signing-key thumbprint), the TPM:
-//! tang-allow = ["http://tang.example:7500=yf78M8MmkSCnVRnc0wpmxaJ7g2jGJXR1ue9UAhLMQCk"]
-//! tpm2-tcti = "device:/dev/tpmrm0"
 //! ```
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -31,22 +29,17 @@ use toml::Spanned;
 
 use crate::config::{parse_mode, parse_size, Args};
 
+// Unknown keys are refused by `parse` (they land in `providers` first: the keys of the provider
+// registry's settings are not fields here).
 #[derive(Deserialize, Default, Debug)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case")]
 pub struct FileConfig {
     volume: Option<PathBuf>,
     plain: Option<PathBuf>,
     unlock_key_file: Option<PathBuf>,
     auto_unlock: Option<bool>,
-    pkcs11_module: Option<PathBuf>,
-    pkcs11_pin: Option<String>,
-    kms_endpoint: Option<String>,
-    kms_region: Option<String>,
-    kms_allow_key: Option<Vec<String>>,
     volume_uuid: Option<String>,
     volume_key_digest: Option<String>,
-    tang_allow: Option<Vec<String>>,
-    tpm2_tcti: Option<String>,
     audit_log: Option<PathBuf>,
     control: Option<PathBuf>,
     unix: Option<PathBuf>,
@@ -64,16 +57,65 @@ pub struct FileConfig {
     max_server_bytes: Option<Spanned<String>>,
     threads: Option<usize>,
     log_level: Option<String>,
+    /// Key provider settings (`kms-endpoint`, `pkcs11-pin`, ...: `seal::registry`), checked by
+    /// `parse`.
+    #[serde(flatten)]
+    providers: BTreeMap<String, toml::Value>,
 }
 
 /// Read and check `path`.
 pub fn load(path: &Path) -> Result<(FileConfig, String), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let cfg: FileConfig = toml::from_str(&text).map_err(|e| {
+    let cfg = parse(path, &text)?;
+    Ok((cfg, text))
+}
+
+/// Parse and check the text of `path`: types, and no unknown key.
+pub fn parse(path: &Path, text: &str) -> Result<FileConfig, String> {
+    let cfg: FileConfig = toml::from_str(text).map_err(|e| {
         // toml's message already names the line, column and key; put the file in front.
         format!("{}: {}", path.display(), e.to_string().trim_end())
     })?;
-    Ok((cfg, text))
+    for (key, value) in &cfg.providers {
+        let at = format!(
+            "{}: line {}, key `{key}`",
+            path.display(),
+            line_of(text, key)
+        );
+        let Some((_, spec)) = crate::seal::registry::setting(key) else {
+            return Err(format!(
+                "{at}: unknown key (keys are nbdcryptd's long flags without the dashes; see \
+                 nbdcryptd --help)"
+            ));
+        };
+        let ok = match value {
+            toml::Value::String(_) => true,
+            toml::Value::Array(a) => spec.repeated && a.iter().all(toml::Value::is_str),
+            _ => false,
+        };
+        if !ok {
+            return Err(format!(
+                "{at}: expected {}",
+                if spec.repeated {
+                    "a string or an array of strings"
+                } else {
+                    "a string"
+                }
+            ));
+        }
+    }
+    Ok(cfg)
+}
+
+/// The line (1-based) where top-level `key` is set, for messages; 1 if not found.
+fn line_of(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|l| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|r| r.trim_start().starts_with('='))
+        })
+        .map_or(1, |i| i + 1)
 }
 
 impl FileConfig {
@@ -90,34 +132,27 @@ impl FileConfig {
         )
     }
 
+    /// The provider settings of this file, unchecked.
+    pub fn provider_settings(&self) -> crate::seal::registry::RawSettings {
+        let mut raw = crate::seal::registry::RawSettings::default();
+        for (key, value) in &self.providers {
+            let values = match value {
+                toml::Value::String(s) => vec![s.clone()],
+                toml::Value::Array(a) => a
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect(),
+                _ => continue,
+            };
+            raw.set(key, values);
+        }
+        raw
+    }
+
     /// The seal settings of this file alone (for `nbdcryptctl --config`, which trusts the same
     /// KMS and HSM as the daemon configured by the file).
     pub fn seal_settings(&self) -> Result<crate::seal::SealSettings, String> {
-        let kms = crate::seal::KmsSettings {
-            endpoint: self.kms_endpoint.clone().filter(|e| !e.is_empty()),
-            region: self.kms_region.clone().filter(|r| !r.is_empty()),
-            allowed_keys: self.kms_allow_key.clone().unwrap_or_default(),
-        };
-        kms.validate()?;
-        let pin = match &self.pkcs11_pin {
-            Some(p) => {
-                let source = crate::seal::pkcs11::PinSource::parse(p);
-                Some(source.map_err(|e| format!("pkcs11-pin: {e}"))?)
-            }
-            None => None,
-        };
-        let clevis = crate::seal::clevis::ClevisSettings::from_config(
-            self.tang_allow.as_deref().unwrap_or_default(),
-            self.tpm2_tcti.clone(),
-        )?;
-        Ok(crate::seal::SealSettings {
-            kms,
-            pkcs11: crate::seal::Pkcs11Settings {
-                module: self.pkcs11_module.clone(),
-                pin,
-            },
-            clevis,
-        })
+        crate::seal::SealSettings::from_raw(self.provider_settings())
     }
 
     /// Fill `args` from the file wherever the command line did not set the flag.
@@ -136,6 +171,14 @@ impl FileConfig {
                 .max(1);
             format!("{}: line {line}, key `{key}`: {e}", path.display())
         };
+        let file_providers = self.provider_settings();
+        for (key, _) in self.providers.iter() {
+            if !from_cli(key) {
+                args.providers
+                    .raw
+                    .set(key, file_providers.get_all(key).to_vec());
+            }
+        }
         let mode_on_cli = from_cli("volume") || from_cli("plain") || from_cli("demo");
         if !mode_on_cli {
             match (self.volume, self.plain) {
@@ -162,15 +205,8 @@ impl FileConfig {
         }
         take!(unlock_key_file, "unlock_key_file");
         take!(auto_unlock, "auto_unlock");
-        take!(pkcs11_module, "pkcs11_module");
-        take!(pkcs11_pin, "pkcs11_pin");
-        take!(kms_endpoint, "kms_endpoint");
-        take!(kms_region, "kms_region");
-        take!(kms_allow_key, "kms_allow_key");
         take!(volume_uuid, "volume_uuid");
         take!(volume_key_digest, "volume_key_digest");
-        take!(tang_allow, "tang_allow");
-        take!(tpm2_tcti, "tpm2_tcti");
         take!(audit_log, "audit_log");
         take!(control, "control");
         take!(unix, "unix");
@@ -213,11 +249,12 @@ mod tests {
 
     fn apply(text: &str, argv: &[&str]) -> Result<Args, String> {
         let mut args = Args::parse_from(std::iter::once("nbdcryptd").chain(argv.iter().copied()));
-        let cfg: FileConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        let cfg = parse(Path::new("/etc/nbdcrypt/t.toml"), text)?;
+        // Derived flags have snake_case ids, provider settings their kebab-case keys.
         let typed: Vec<String> = argv
             .iter()
             .filter_map(|a| a.strip_prefix("--"))
-            .map(|a| a.replace('-', "_"))
+            .flat_map(|a| [a.replace('-', "_"), a.to_owned()])
             .collect();
         cfg.apply(&mut args, Path::new("/etc/nbdcrypt/t.toml"), text, |id| {
             typed.iter().any(|t| t == id)
@@ -266,12 +303,12 @@ mod tests {
         .unwrap();
         let c = crate::config::Config::from_args(a).unwrap();
         assert_eq!(
-            c.seal.kms.endpoint.as_deref(),
+            c.seal.kms().endpoint.as_deref(),
             Some("http://127.0.0.1:4566")
         );
-        assert_eq!(c.seal.kms.region.as_deref(), Some("us-east-1"));
+        assert_eq!(c.seal.kms().region.as_deref(), Some("us-east-1"));
         assert_eq!(
-            c.seal.kms.allowed_keys,
+            c.seal.kms().allowed_keys,
             ["arn:aws:kms:us-east-1:1:key/a", "b"]
         );
         assert_eq!(
@@ -284,10 +321,30 @@ mod tests {
     }
 
     #[test]
+    fn provider_flags_win_over_the_file_per_key() {
+        let a = apply(
+            "volume = \"/v\"\nkms-region = \"us-east-1\"\nkms-allow-key = [\"a\"]\n\
+             pkcs11-pin = \"file:/etc/pin\"\n",
+            &["--kms-allow-key", "b", "--kms-allow-key", "c"],
+        )
+        .unwrap();
+        let c = crate::config::Config::from_args(a).unwrap();
+        assert_eq!(c.seal.kms().region.as_deref(), Some("us-east-1"));
+        assert_eq!(c.seal.kms().allowed_keys, ["b", "c"]);
+        assert!(c.seal.pkcs11().pin.is_some());
+    }
+
+    #[test]
     fn unknown_keys_are_refused_with_their_line() {
-        let e = toml::from_str::<FileConfig>("volume = \"/v\"\nallow_discard = true\n")
-            .unwrap_err()
-            .to_string();
+        let e = parse(
+            Path::new("t.toml"),
+            "volume = \"/v\"\nallow_discard = true\n",
+        )
+        .unwrap_err();
         assert!(e.contains("allow_discard") && e.contains("line 2"), "{e}");
+        let e = parse(Path::new("t.toml"), "volume = \"/v\"\n\nkms-region = 5\n").unwrap_err();
+        assert!(e.contains("kms-region") && e.contains("line 3"), "{e}");
+        let e = parse(Path::new("t.toml"), "kms-endpoint = [\"a\"]\n").unwrap_err();
+        assert!(e.contains("expected a string"), "{e}");
     }
 }

@@ -13,10 +13,11 @@ use crate::block::BlockDevice;
 use crate::crypto::kdf::KdfLimits;
 use crate::crypto::keys::{SecretBytes, VolumeKey};
 use crate::crypto::xts::SectorCipher;
+use crate::luks2::tokens::enroll::{self, EnrollError, TokenFailureReason};
+use crate::luks2::tokens::resolver;
 use crate::luks2::{FormatError, Luks2Header, SegmentSize};
-use crate::seal::enroll::{self, EnrollError, TokenFailureReason};
 use crate::seal::pin::VolumePin;
-use crate::seal::{resolve_provider, SealSettings};
+use crate::seal::SealSettings;
 
 /// What status reports about a volume, none of it secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,10 +216,14 @@ impl Volume {
         let (header, file) = self.read_header()?;
         // A header naming another volume is refused before any provider is asked.
         self.pin.check_uuid(header.uuid())?;
-        let resolve =
-            |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, settings);
+        let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolver(json, settings);
         let opened = enroll::unlock_with_tokens(&file, &header, &resolve).or_else(|ours| {
-            crate::seal::clevis::luks::unlock_after_ours(&file, &header, &settings.clevis, ours)
+            crate::luks2::tokens::clevis::unlock_after_ours(
+                &file,
+                &header,
+                &settings.clevis(),
+                ours,
+            )
         });
         let (key, slot, token) = match opened {
             Ok(opened) => opened,
@@ -257,7 +262,7 @@ impl Volume {
         let (mut header, _) = Luks2Header::read(&file).map_err(|e| format!("{p}: {e}"))?;
         let targets: Vec<u32> = header
             .tokens()
-            .filter(|(_, t)| crate::seal::token::is_ours(t.type_name()))
+            .filter(|(_, t)| crate::luks2::tokens::format::is_ours(t.type_name()))
             .filter(|(_, t)| slot.is_none_or(|s| t.keyslots().first() == Some(&s)))
             .map(|(id, _)| id)
             .collect();
@@ -270,8 +275,7 @@ impl Volume {
         self.pin
             .check_uuid(header.uuid())
             .map_err(|e| format!("{p}: {e}"))?;
-        let resolve =
-            |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, settings);
+        let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolver(json, settings);
         let mut done = Vec::new();
         for id in targets {
             let (key, _) = enroll::unlock_with_token(&file, &header, id, &resolve)

@@ -441,18 +441,15 @@ hsm_test! {
         let p = Pkcs11Provider::new(stored, module(), SecretBytes::from_slice(PIN.as_bytes())).unwrap();
         let sealed = p.seal(&secret(), &binding()).unwrap();
         assert!(sealed.params["pkcs11-uri"].as_str().unwrap().contains("pin-source"));
-        let token = nbdcrypt::seal::token::build(TOKEN_TYPE, 1, &sealed, "t").unwrap();
-        let settings = nbdcrypt::seal::SealSettings {
-            pkcs11: nbdcrypt::seal::Pkcs11Settings {
-                module: Some(module()),
-                pin: Some(PinSource::File(good)),
-            },
-            ..Default::default()
-        };
-        let back = nbdcrypt::seal::resolve_provider(token.json(), &settings).unwrap();
+        let token = nbdcrypt::luks2::tokens::format::build(TOKEN_TYPE, 1, &sealed, "t").unwrap();
+        let mut raw = nbdcrypt::seal::registry::RawSettings::default();
+        raw.set("pkcs11-module", vec![module().display().to_string()]);
+        raw.set("pkcs11-pin", vec![PinSource::File(good).to_string()]);
+        let settings = nbdcrypt::seal::SealSettings::from_raw(raw).unwrap();
+        let back = nbdcrypt::luks2::tokens::resolver(token.json(), &settings).unwrap();
         assert_eq!(back.unseal(&sealed, &binding()).unwrap().expose_secret(), secret().expose_secret());
         // No PIN configured: refused, naming the option, even though the token names a source.
-        let e = err(nbdcrypt::seal::resolve_provider(token.json(), &Default::default()).map(|_| ()));
+        let e = err(nbdcrypt::luks2::tokens::resolver(token.json(), &Default::default()).map(|_| ()));
         assert!(e.to_string().contains("--pkcs11-pin"), "{e}");
     }
 }

@@ -4,7 +4,8 @@
 //! decryption must fail without any I/O: what the token says never reaches the network or a
 //! TPM.
 
-use nbdcrypt::seal::clevis::{self, jwe::Jwe, luks, ClevisSettings};
+use nbdcrypt::luks2::tokens::clevis as luks;
+use nbdcrypt::seal::clevis::{self, jwe::Jwe, ClevisSettings};
 use serde_json::Value;
 
 pub fn token(data: &[u8]) {

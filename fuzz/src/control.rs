@@ -5,7 +5,7 @@ use serde_json::{Map, Value};
 use nbdcrypt::control::proto::{Request, Response};
 use nbdcrypt::luks2::Token;
 use nbdcrypt::seal::pkcs11::{PinSource, Pkcs11Uri};
-use nbdcrypt::seal::token;
+use nbdcrypt::luks2::tokens::format as token;
 
 /// `control_proto`: the input is one line, decoded as a request and as a response. Whatever
 /// decodes must re-encode to a line that decodes to the same thing.
@@ -53,7 +53,7 @@ pub fn token(data: &[u8]) {
 fn check_token(o: Map<String, Value>) {
     // With no operator settings every provider must refuse before any I/O (no KMS endpoint, no
     // allowed key, no PIN): what the token says never reaches the network or a module.
-    let _ = nbdcrypt::seal::resolve_provider(&o, &nbdcrypt::seal::SealSettings::default());
+    let _ = nbdcrypt::luks2::tokens::resolver(&o, &nbdcrypt::seal::SealSettings::default());
     match token::parse_json(&o) {
         Ok(Some(p)) => {
             let _ = (p.key_reference(), format!("{p:?}"));

@@ -1,32 +1,36 @@
 //! `enroll --tang / --tpm2 / --sss`: keyslots with clevis tokens, which `clevis luks unlock`,
-//! `clevis luks list` and nbdcryptd all read. And the operator settings that let nbdcryptd and
-//! `test-token` use clevis tokens (`--tang-allow`, `--tpm2-tcti`).
+//! `clevis luks list` and nbdcryptd all read. The operator settings that let nbdcryptd and
+//! `test-token` use them (`--tang-allow`, `--tpm2-tcti`) come from the provider registry.
 
 use anyhow::{anyhow, bail};
 use clap::Args;
 
 use nbdcrypt::audit::{AuditEvent, AuditEventKind};
-use nbdcrypt::seal::clevis::{luks, ClevisSettings, PinSpec};
-use nbdcrypt::seal::enroll::Enrolled;
+use nbdcrypt::luks2::tokens::clevis as luks;
+use nbdcrypt::luks2::tokens::enroll::Enrolled;
+use nbdcrypt::seal::clevis::{provider::DEFAULT_TCTI, ClevisSettings, PinSpec};
+use nbdcrypt::seal::SealSettings;
 
 use super::enroll::{toml_str, EnrollArgs};
-
-/// The TPM `enroll --tpm2` uses without --tpm2-tcti.
-const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
 
 /// How a new keyslot is bound with clevis (flattened into `enroll`).
 #[derive(Args, Debug, Clone, Default)]
 pub struct ClevisEnrollArgs {
     /// Bind to this Tang server (clevis `tang` pin); repeat for several (with --sss). Each needs
     /// its --tang-thumbprint, in the same order.
-    #[arg(long, value_name = "URL", help_heading = "clevis (Tang, TPM2)")]
+    #[arg(
+        long,
+        value_name = "URL",
+        group = "provider",
+        help_heading = "clevis (Tang, TPM2)"
+    )]
     pub tang: Vec<String>,
     /// Thumbprint of the Tang server's signing key (`tang-show-keys PORT` on the server, or
     /// `jose jwk thp -i KEY.jwk`): the advertisement must be signed by it. No trust on first use.
     #[arg(long, value_name = "THUMBPRINT", help_heading = "clevis (Tang, TPM2)")]
     pub tang_thumbprint: Vec<String>,
     /// Bind to this machine's TPM2 (clevis `tpm2` pin).
-    #[arg(long, help_heading = "clevis (Tang, TPM2)")]
+    #[arg(long, group = "provider", help_heading = "clevis (Tang, TPM2)")]
     pub tpm2: bool,
     /// Seal to the current values of these PCRs (e.g. 0,7): the TPM refuses to unseal once they
     /// change (firmware, boot chain, Secure Boot state).
@@ -45,9 +49,6 @@ pub struct ClevisEnrollArgs {
         help_heading = "clevis (Tang, TPM2)"
     )]
     pub tpm2_pcr_bank: String,
-    /// The TPM, as a tpm2-tools TCTI (default device:/dev/tpmrm0; swtpm:host=127.0.0.1,port=2321).
-    #[arg(long, value_name = "TCTI", help_heading = "clevis (Tang, TPM2)")]
-    pub tpm2_tcti: Option<String>,
     /// Combine the pins given (--tang, --tpm2) with Shamir's secret sharing: any K of them
     /// unlock (clevis `sss` pin).
     #[arg(long, value_name = "K", help_heading = "clevis (Tang, TPM2)")]
@@ -98,47 +99,13 @@ impl ClevisEnrollArgs {
         }
     }
 
-    /// The TPM: --tpm2-tcti, else the kernel's resource manager.
-    pub fn settings(&self) -> anyhow::Result<ClevisSettings> {
-        let tcti = self
-            .tpm2_tcti
-            .clone()
-            .unwrap_or_else(|| DEFAULT_TCTI.to_owned());
-        ClevisSettings::from_config(&[], Some(tcti)).map_err(|e| anyhow!("--{e}"))
-    }
-}
-
-/// Which Tang servers and TPM `test-token` may use (as nbdcryptd's --tang-allow / --tpm2-tcti).
-#[derive(Args, Debug, Clone, Default)]
-pub struct ClevisUnlockArgs {
-    /// A Tang server whose clevis tokens may be tried, as URL=THUMBPRINT; repeat for several.
-    #[arg(
-        long = "tang-allow",
-        value_name = "URL=THUMBPRINT",
-        help_heading = "clevis (Tang, TPM2)"
-    )]
-    pub tang_allow: Vec<String>,
-    /// The TPM for clevis tpm2 tokens, as a tpm2-tools TCTI.
-    #[arg(
-        long = "tpm2-tcti",
-        value_name = "TCTI",
-        help_heading = "clevis (Tang, TPM2)"
-    )]
-    pub tpm2_tcti: Option<String>,
-}
-
-impl ClevisUnlockArgs {
-    /// Overrides `base` (from --config) with what was given here.
-    pub fn apply(&self, base: &mut ClevisSettings) -> anyhow::Result<()> {
-        let given = ClevisSettings::from_config(&self.tang_allow, self.tpm2_tcti.clone())
-            .map_err(|e| anyhow!("--{e}"))?;
-        if !self.tang_allow.is_empty() {
-            base.tang = given.tang;
+    /// The operator's clevis settings (--tpm2-tcti, else the kernel's resource manager).
+    pub fn settings(&self, seal: &SealSettings) -> ClevisSettings {
+        let mut s = seal.clevis();
+        if s.tpm2.tcti.is_none() {
+            s.tpm2.tcti = Some(DEFAULT_TCTI.to_owned());
         }
-        if self.tpm2_tcti.is_some() {
-            base.tpm2 = given.tpm2;
-        }
-        Ok(())
+        s
     }
 }
 
@@ -151,9 +118,9 @@ fn tang_lines(pin: &PinSpec, out: &mut Vec<String>) {
 }
 
 /// `enroll` with clevis pins.
-pub fn enroll(a: &EnrollArgs) -> anyhow::Result<()> {
+pub fn enroll(a: &EnrollArgs, seal: &SealSettings) -> anyhow::Result<()> {
     let pin = a.clevis.pin()?;
-    let settings = a.clevis.settings()?;
+    let settings = a.clevis.settings(seal);
     let audit = super::enroll::Audit::open(a.audit_log.as_deref())?;
     let vol = super::Volume::open(&a.volume, true)?;
     let mut hdr = vol.header(true)?;

@@ -122,7 +122,7 @@ pub fn to_json(hdr: &Luks2Header) -> Value {
         .map(|(id, t)| {
             let mut j = json!({"id": id, "type": t.type_name(), "keyslots": t.keyslots()});
             // Our tokens: the provider and key reference (never the sealed blob).
-            if let Ok(Some(p)) = nbdcrypt::seal::token::parse(t) {
+            if let Ok(Some(p)) = nbdcrypt::luks2::tokens::format::parse(t) {
                 j["provider"] = json!(p.kind.name());
                 j["key"] = json!(p.key_reference());
             }
@@ -267,7 +267,7 @@ fn write_text(out: &mut dyn Write, vol: &Volume, hdr: &Luks2Header) -> io::Resul
         for s in t.keyslots() {
             writeln!(out, "\tKeyslot:    {s}")?;
         }
-        if let Ok(Some(p)) = nbdcrypt::seal::token::parse(t) {
+        if let Ok(Some(p)) = nbdcrypt::luks2::tokens::format::parse(t) {
             writeln!(out, "\tProvider:   {}", p.kind.name())?;
             if let Some(k) = p.key_reference() {
                 writeln!(out, "\tKey:        {}", esc(k))?;

@@ -10,13 +10,13 @@ use clap::{ArgGroup, Args};
 use nbdcrypt::audit::{AuditEvent, AuditEventKind, AuditLog};
 use nbdcrypt::control::proto::{Request, Response};
 use nbdcrypt::crypto::keys::VolumeKey;
+use nbdcrypt::luks2::tokens::enroll::{self as seal_enroll, EnrollError, Enrolled, UnenrollTarget};
+use nbdcrypt::luks2::tokens::format::{self as token, ProviderKind};
+use nbdcrypt::luks2::tokens::resolver;
 use nbdcrypt::luks2::{KdfLimits, Luks2Header};
-use nbdcrypt::seal::enroll::{self as seal_enroll, EnrollError, Enrolled, UnenrollTarget};
-use nbdcrypt::seal::kms::KmsProvider;
 use nbdcrypt::seal::pin::VolumePin;
-use nbdcrypt::seal::pkcs11::{resolve_module, PinSource, Pkcs11Provider, Pkcs11Uri};
-use nbdcrypt::seal::token::{self, ProviderKind};
-use nbdcrypt::seal::{resolve_provider, Pkcs11Settings, SealProvider, SealSettings};
+use nbdcrypt::seal::registry::{Provider, RawSettings, SettingFlags, PROVIDERS};
+use nbdcrypt::seal::{SealProvider, SealSettings};
 
 use super::Volume;
 use crate::secret_input::{read_existing, Source};
@@ -79,27 +79,17 @@ Examples:
   nbdcryptctl test-token vol.img --kms-allow-key arn:aws:kms:eu-west-1:111122223333:key/1234abcd-... \\
       --token 2 --audit-log /var/log/nbdcrypt-audit.log";
 
-/// The AWS KMS this host trusts. Never taken from a token: the header is writable by whoever
-/// holds the disk, so a token naming another endpoint, region or key is refused.
+/// Every key provider's settings (`--kms-endpoint`, `--kms-allow-key`, `--pkcs11-pin`, ... from
+/// the provider registry), plus `--config FILE` to read them from nbdcryptd's file. The KMS and
+/// HSM this host trusts are never taken from a token: the header is writable by whoever holds
+/// the disk, so a token naming another endpoint, region, key or module is refused.
 #[derive(Args, Debug, Clone)]
 pub struct KmsLocation {
-    /// AWS region of the KMS key (default: AWS_REGION / the profile's region).
-    #[arg(
-        long = "kms-region",
-        visible_alias = "region",
-        value_name = "REGION",
-        help_heading = "AWS KMS"
-    )]
-    pub region: Option<String>,
-    /// KMS endpoint URL (VPC endpoint, test server). Tokens naming another are refused.
-    #[arg(long, value_name = "URL", help_heading = "AWS KMS")]
-    pub kms_endpoint: Option<String>,
-    /// A KMS key (key ARN or key id) whose tokens may be unsealed; repeat for several.
-    #[arg(long = "kms-allow-key", value_name = "ARN", help_heading = "AWS KMS")]
-    pub kms_allow_key: Vec<String>,
-    /// Take kms-endpoint, kms-region, kms-allow-key, pkcs11-module and pkcs11-pin from this
-    /// nbdcryptd config file (flags given here win).
-    #[arg(long, value_name = "FILE", help_heading = "AWS KMS")]
+    #[command(flatten)]
+    pub flags: SettingFlags,
+    /// Take the key provider settings (kms-endpoint, kms-region, kms-allow-key, pkcs11-module,
+    /// pkcs11-pin, ...) and the volume pin from this nbdcryptd config file (flags given here win).
+    #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
 
@@ -117,107 +107,94 @@ fn config_pin(loc: &KmsLocation) -> anyhow::Result<VolumePin> {
 }
 
 /// The operator's provider settings: `--config FILE` (the daemon's TOML), then the flags.
-fn seal_settings(loc: &KmsLocation, hsm: &Pkcs11Args) -> anyhow::Result<SealSettings> {
-    let mut s = match &loc.config {
+fn seal_settings(loc: &KmsLocation) -> anyhow::Result<SealSettings> {
+    let file = match &loc.config {
         Some(path) => {
             let (file, _) = nbdcrypt::config_file::load(path).map_err(|e| anyhow!(e))?;
+            // Checked alone first, so an error names the file.
             file.seal_settings()
-                .map_err(|e| anyhow!("{}: {e}", path.display()))?
+                .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+            file.provider_settings()
         }
-        None => SealSettings::default(),
+        None => RawSettings::default(),
     };
-    if let Some(e) = &loc.kms_endpoint {
-        s.kms.endpoint = Some(e.clone());
-    }
-    if let Some(r) = &loc.region {
-        s.kms.region = Some(r.clone());
-    }
-    if !loc.kms_allow_key.is_empty() {
-        s.kms.allowed_keys = loc.kms_allow_key.clone();
-    }
-    s.kms.validate().map_err(|e| anyhow!("--{e}"))?;
-    let p = hsm.settings()?;
-    if p.pin.is_some() {
-        s.pkcs11.pin = p.pin;
-    }
-    if p.module.is_some() {
-        s.pkcs11.module = p.module;
-    }
-    Ok(s)
+    let raw = file.overlaid(&loc.flags.raw);
+    SealSettings::from_raw(raw).map_err(|e| anyhow!("--{e}"))
 }
 
-/// The PKCS#11 HSM: the key (an RFC 7512 URI), its user PIN and the module to load.
-#[derive(Args, Debug, Clone)]
-pub struct Pkcs11Args {
-    /// PIN source for HSM tokens: file:/path (or just /path) or cred:NAME (systemd
-    /// credential). `--pin-file /path` is the same.
-    #[arg(
-        long,
-        value_name = "SOURCE",
-        help_heading = "PKCS#11 HSM",
-        visible_alias = "pin-file"
-    )]
-    pub pkcs11_pin: Option<String>,
-    /// PKCS#11 module (default: the URI's module-path, else SoftHSM2's).
-    #[arg(long, value_name = "PATH", help_heading = "PKCS#11 HSM")]
-    pub pkcs11_module: Option<PathBuf>,
+/// The key holders named on the command line: for each provider of the registry, the values of
+/// its enrol flag (`--kms KEY`, `--pkcs11 URI`, ...). `REKEY`: at most one, optional, and none
+/// with `--control`; else at least one.
+#[derive(Debug, Clone, Default)]
+pub struct Holders<const REKEY: bool> {
+    pub given: Vec<(&'static dyn Provider, Vec<String>)>,
 }
 
-impl Pkcs11Args {
-    /// Settings for unsealing existing PKCS#11 tokens (the module never comes from the header).
-    fn settings(&self) -> anyhow::Result<Pkcs11Settings> {
-        let pin = match &self.pkcs11_pin {
-            Some(p) => Some(PinSource::parse(p).map_err(|e| anyhow!("--pkcs11-pin: {e}"))?),
-            None => None,
-        };
-        Ok(Pkcs11Settings {
-            module: self.pkcs11_module.clone(),
-            pin,
+impl<const REKEY: bool> Holders<REKEY> {
+    /// Every (provider, value) in registry order.
+    pub fn all(&self) -> Vec<(&'static dyn Provider, &str)> {
+        self.given
+            .iter()
+            .flat_map(|(p, v)| v.iter().map(move |x| (*p, x.as_str())))
+            .collect()
+    }
+}
+
+impl<const REKEY: bool> clap::FromArgMatches for Holders<REKEY> {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut given = Vec::new();
+        for p in PROVIDERS {
+            if let Ok(Some(v)) = m.try_get_many::<String>(p.enroll_flag().long) {
+                given.push((*p, v.cloned().collect()));
+            }
+        }
+        Ok(Holders { given })
+    }
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl<const REKEY: bool> clap::Args for Holders<REKEY> {
+    fn augment_args(mut cmd: clap::Command) -> clap::Command {
+        let mut ids = Vec::new();
+        for p in PROVIDERS {
+            let f = p.enroll_flag();
+            let mut a = clap::Arg::new(f.long)
+                .long(f.long)
+                .value_name(f.value_name)
+                .help(f.help)
+                .help_heading(p.label());
+            if REKEY {
+                a = a.conflicts_with("control").action(clap::ArgAction::Set);
+            } else {
+                a = a.action(clap::ArgAction::Append);
+            }
+            ids.push(f.long);
+            cmd = cmd.arg(a);
+        }
+        let group = ArgGroup::new("provider").args(ids);
+        cmd.group(if REKEY {
+            group.multiple(false)
+        } else {
+            group.required(true).multiple(true)
         })
     }
-
-    /// A provider sealing under the key `uri` names. The PIN comes from `--pkcs11-pin` or the
-    /// URI's `pin-source=` (both typed by the operator), never from the command line itself.
-    fn provider(&self, uri: &str) -> anyhow::Result<Pkcs11Provider> {
-        let (uri, inline_pin) =
-            Pkcs11Uri::parse_with_pin_value(uri).map_err(|e| anyhow!("--pkcs11: {e}"))?;
-        if inline_pin.is_some() {
-            drop(inline_pin);
-            bail!(
-                "--pkcs11: the URI carries pin-value=: a PIN on the command line is readable by \
-                 every local user (ps, /proc) and lands in shell history. Remove pin-value= and \
-                 give --pkcs11-pin file:/path/to/pin or --pkcs11-pin cred:NAME (a systemd credential)"
-            );
-        }
-        let pin = match (&self.pkcs11_pin, &uri.pin_source) {
-            (Some(p), _) => PinSource::parse(p)
-                .map_err(|e| anyhow!("--pkcs11-pin: {e}"))?
-                .read()?,
-            (None, Some(src)) => src.read()?,
-            (None, None) => bail!("--pkcs11 needs a PIN: --pkcs11-pin file:/path (or cred:NAME)"),
-        };
-        let module = resolve_module(self.pkcs11_module.as_deref(), &uri);
-        Ok(Pkcs11Provider::new(uri, module, pin)?)
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
     }
 }
 
 #[derive(Args, Debug)]
-#[command(group(ArgGroup::new("provider").required(true).multiple(true).args(["kms", "pkcs11", "tang", "tpm2"])))]
 pub struct EnrollArgs {
     /// Volume file or block device.
     #[arg(value_name = "VOLUME")]
     pub volume: PathBuf,
-    /// The KMS key that seals the secret: key id, key ARN, alias/NAME or alias ARN.
-    #[arg(long, value_name = "KEY_ID|ALIAS", help_heading = "AWS KMS")]
-    pub kms: Option<String>,
+    #[command(flatten)]
+    pub holders: Holders<false>,
     #[command(flatten)]
     pub location: KmsLocation,
-    /// The HSM key that seals the secret: a non-extractable AES key, as an RFC 7512 URI
-    /// (pkcs11:token=LABEL;object=LABEL or ;id=%01).
-    #[arg(long, value_name = "URI", help_heading = "PKCS#11 HSM")]
-    pub pkcs11: Option<String>,
-    #[command(flatten)]
-    pub hsm: Pkcs11Args,
     #[command(flatten)]
     pub clevis: super::clevis::ClevisEnrollArgs,
     /// Existing passphrase from this file (bytes as-is; `-` = standard input).
@@ -255,7 +232,7 @@ pub struct RekeyArgs {
     pub volume: Option<PathBuf>,
     /// Ask the running nbdcryptd behind this control socket to re-seal its volume's tokens under
     /// the same keys (its KMS credentials and HSM PIN are used; nothing else is needed here).
-    #[arg(long, value_name = "SOCK", conflicts_with_all = ["volume", "kms", "pkcs11", "key_file", "passphrase"])]
+    #[arg(long, value_name = "SOCK", conflicts_with_all = ["volume", "key_file", "passphrase"])]
     pub control: Option<PathBuf>,
     /// The keyslot of the enrolment to rekey.
     #[arg(long, value_name = "N")]
@@ -263,21 +240,11 @@ pub struct RekeyArgs {
     /// Rekey every nbdcrypt token of the volume.
     #[arg(long)]
     pub all_tokens: bool,
-    /// The new KMS key (default: the token's current key).
-    #[arg(
-        long,
-        value_name = "KEY_ID|ALIAS",
-        help_heading = "AWS KMS",
-        conflicts_with = "pkcs11"
-    )]
-    pub kms: Option<String>,
+    /// The new key (`--kms KEY`, `--pkcs11 URI`, ...; default: the token's current key).
+    #[command(flatten)]
+    pub holders: Holders<true>,
     #[command(flatten)]
     pub location: KmsLocation,
-    /// Move to this HSM key (RFC 7512 URI) instead of re-sealing under the current one.
-    #[arg(long, value_name = "URI", help_heading = "PKCS#11 HSM")]
-    pub pkcs11: Option<String>,
-    #[command(flatten)]
-    pub hsm: Pkcs11Args,
     /// Get the volume key from this passphrase file instead of the old token (bytes as-is;
     /// `-` = standard input).
     #[arg(long, value_name = "FILE")]
@@ -302,10 +269,6 @@ pub struct TestTokenArgs {
     pub token: Option<u32>,
     #[command(flatten)]
     pub location: KmsLocation,
-    #[command(flatten)]
-    pub hsm: Pkcs11Args,
-    #[command(flatten)]
-    pub clevis: super::clevis::ClevisUnlockArgs,
     /// Append a JSON line per key event to this file.
     #[arg(long, value_name = "PATH")]
     pub audit_log: Option<PathBuf>,
@@ -366,29 +329,22 @@ pub(super) fn unlock_by_passphrase(
 }
 
 pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
-    let families = [a.kms.is_some(), a.pkcs11.is_some(), a.clevis.given()];
-    if families.iter().filter(|g| **g).count() > 1 {
-        bail!("give one of --kms, --pkcs11, or clevis pins (--tang, --tpm2, combined with --sss)");
-    }
     if a.clevis.given() {
-        return super::clevis::enroll(&a);
+        if !a.holders.all().is_empty() {
+            bail!("clevis pins (--tang, --tpm2, --sss) make a clevis token on their own: give no --kms / --pkcs11 / --clevis with them");
+        }
+        return super::clevis::enroll(&a, &seal_settings(&a.location)?);
     }
     let audit = Audit::open(a.audit_log.as_deref())?;
-    let settings = seal_settings(&a.location, &a.hsm)?;
+    let settings = seal_settings(&a.location)?;
     let vol = Volume::open(&a.volume, true)?;
     let mut hdr = vol.header(true)?;
-    let (provider, kind): (Box<dyn SealProvider>, ProviderKind) = match (&a.kms, &a.pkcs11) {
-        (Some(kms), _) => (
-            Box::new(KmsProvider::new(
-                kms.clone(),
-                settings.kms.region.clone(),
-                settings.kms.endpoint.clone(),
-            )?),
-            ProviderKind::AwsKms,
-        ),
-        (None, Some(uri)) => (Box::new(a.hsm.provider(uri)?), ProviderKind::Pkcs11),
-        (None, None) => bail!("give --kms KEY or --pkcs11 URI"),
+    let holders = a.holders.all();
+    let (kind, value) = match holders.as_slice() {
+        [one] => *one,
+        _ => bail!("give exactly one key holder (--kms KEY or --pkcs11 URI)"),
     };
+    let provider = new_provider(kind, value, &settings)?;
     let key = unlock_by_passphrase(&vol, &hdr, a.key_file.as_deref(), a.kdf_limits.limits())?;
     let requested = provider.key_reference();
     let event = AuditEvent::new(AuditEventKind::Enrol)
@@ -418,12 +374,24 @@ pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
     }
 }
 
+/// The provider sealing under `value` (what the operator gave to its enrol flag).
+fn new_provider(
+    kind: &'static dyn Provider,
+    value: &str,
+    settings: &SealSettings,
+) -> anyhow::Result<Box<dyn SealProvider>> {
+    let c = settings
+        .get(kind.name())
+        .ok_or_else(|| anyhow!("{} is not configured", kind.label()))?;
+    Ok(kind.for_enroll(value, c)?)
+}
+
 /// After an enrolment: the lines nbdcryptd's config needs to use this token, and to pin this
 /// volume (its key was just verified by the passphrase, so the digest printed is the real one).
 fn print_daemon_config(
     vol: &Volume,
     hdr: &Luks2Header,
-    kind: ProviderKind,
+    kind: &'static dyn Provider,
     key: &str,
     s: &SealSettings,
 ) {
@@ -433,34 +401,15 @@ fn print_daemon_config(
         "# `nbdcryptctl pin {} --write FILE` writes the pin lines):",
         vol.path.display()
     );
-    if kind == ProviderKind::AwsKms {
-        println!("kms-allow-key = [{}]", toml_str(key));
-        if let Some(e) = &s.kms.endpoint {
-            println!("kms-endpoint = {}", toml_str(e));
-        }
-        if let Some(r) = &s.kms.region {
-            println!("kms-region = {}", toml_str(r));
+    if let Some(c) = s.get(kind.name()) {
+        for line in kind.daemon_config_lines(key, c) {
+            println!("{line}");
         }
     }
     print!("{}", VolumePin::of_header(hdr).toml_lines());
 }
 
-/// A TOML basic string.
-pub(super) fn toml_str(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                out.push_str(&format!("\\u{:04x}", c as u32))
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
+pub(super) use nbdcrypt::seal::kms::toml_str;
 
 pub fn unenroll(a: UnenrollArgs) -> anyhow::Result<()> {
     let audit = Audit::open(a.audit_log.as_deref())?;
@@ -515,10 +464,9 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
         bail!("give VOLUME or --control SOCK")
     };
     let audit = Audit::open(a.audit_log.as_deref())?;
-    let settings = seal_settings(&a.location, &a.hsm)?;
+    let settings = seal_settings(&a.location)?;
     let pin = config_pin(&a.location)?;
-    let resolve =
-        |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, &settings);
+    let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolver(json, &settings);
     let vol = Volume::open(&volume, true)?;
     let mut hdr = vol.header(true)?;
     let p = vol.path.display().to_string();
@@ -583,19 +531,12 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
         let old_key = old.key_reference().map(str::to_owned);
         // The new provider: the key named here, or the old token's key if the configuration
         // allows it; endpoint and region always from the configuration, never the old token.
-        let new_provider: Box<dyn SealProvider> = match (&a.kms, &a.pkcs11) {
-            (None, Some(uri)) => Box::new(a.hsm.provider(uri)?),
-            (Some(k), _) => Box::new(KmsProvider::new(
-                k.clone(),
-                settings.kms.region.clone(),
-                settings.kms.endpoint.clone(),
-            )?),
-            (None, None) => resolve(&old_json).map_err(|e| anyhow!("{p}: token {id}: {e}"))?,
+        let new_provider: Box<dyn SealProvider> = match a.holders.all().first() {
+            Some((kind, value)) => new_provider(*kind, value, &settings)?,
+            None => resolve(&old_json).map_err(|e| anyhow!("{p}: token {id}: {e}"))?,
         };
-        let new_kind = match new_provider.token_type() {
-            t if t == ProviderKind::Pkcs11.token_type() => ProviderKind::Pkcs11,
-            _ => ProviderKind::AwsKms,
-        };
+        let new_kind = ProviderKind::from_token_type(new_provider.token_type())
+            .ok_or_else(|| anyhow!("internal: provider without a registry entry"))?;
         let event = AuditEvent::new(AuditEventKind::Rekey)
             .volume(hdr.uuid())
             .detail("old_token", id)
@@ -640,16 +581,19 @@ pub fn test_token(a: TestTokenArgs) -> anyhow::Result<()> {
     let event = AuditEvent::new(AuditEventKind::UnlockOk)
         .volume(hdr.uuid())
         .detail("check", true);
-    let mut settings = seal_settings(&a.location, &a.hsm)?;
-    a.clevis.apply(&mut settings.clevis)?;
+    let settings = seal_settings(&a.location)?;
     let pin = config_pin(&a.location)?;
-    let resolve =
-        |json: &serde_json::Map<String, serde_json::Value>| resolve_provider(json, &settings);
+    let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolver(json, &settings);
     let result = match a.token {
         Some(id) => seal_enroll::unlock_with_token(&vol.file, &hdr, id, &resolve)
             .map(|(k, slot)| (k, slot, id)),
         None => seal_enroll::unlock_with_tokens(&vol.file, &hdr, &resolve).or_else(|ours| {
-            nbdcrypt::seal::clevis::luks::unlock_after_ours(&vol.file, &hdr, &settings.clevis, ours)
+            nbdcrypt::luks2::tokens::clevis::unlock_after_ours(
+                &vol.file,
+                &hdr,
+                &settings.clevis(),
+                ours,
+            )
         }),
     };
     // A token that opens a header other than the pinned one is a failure, as in the daemon.

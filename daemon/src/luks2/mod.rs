@@ -22,6 +22,7 @@ mod keyslot;
 pub mod layout;
 mod lock;
 mod metadata;
+pub mod tokens;
 mod volume;
 
 #[cfg(test)]

@@ -49,11 +49,139 @@ use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::KeyState;
 use serde_json::{Map, Value};
 
-use super::token::AWS_KMS_TOKEN_TYPE;
+use super::registry::{Configured, EnrollFlag, Provider, RawSettings, SettingSpec};
 use super::{Binding, KmsSettings, SealError, SealProvider, Sealed};
 use crate::crypto::keys::SecretBytes;
 
-const PROVIDER: &str = "aws-kms";
+/// Short name of the provider (logs, audit, `dump`).
+pub const PROVIDER: &str = "aws-kms";
+/// Token type of secrets sealed by AWS KMS.
+pub const TOKEN_TYPE: &str = "nbdcrypt-aws-kms";
+/// The AWS KMS token type (old name).
+pub const AWS_KMS_TOKEN_TYPE: &str = TOKEN_TYPE;
+
+/// AWS KMS in the provider [`registry`](super::registry).
+pub struct Kms;
+
+const SETTINGS: &[SettingSpec] = &[
+    SettingSpec {
+        key: "kms-endpoint",
+        aliases: &[],
+        value_name: "URL",
+        help: "KMS endpoint URL (a VPC endpoint, a test server); default: the AWS one for the \
+               region. Never taken from the volume header: a token naming another is refused",
+        repeated: false,
+    },
+    SettingSpec {
+        key: "kms-region",
+        aliases: &["region"],
+        value_name: "REGION",
+        help: "AWS region of the KMS key (default: AWS_REGION / the profile's region)",
+        repeated: false,
+    },
+    SettingSpec {
+        key: "kms-allow-key",
+        aliases: &[],
+        value_name: "ARN",
+        help: "A KMS key (key ARN or key id) whose tokens may be unsealed; repeat for several. \
+               Without one, KMS tokens are refused before any request",
+        repeated: true,
+    },
+];
+
+fn settings_of(c: &(dyn std::any::Any + Send + Sync)) -> Result<&KmsSettings, SealError> {
+    c.downcast_ref::<KmsSettings>()
+        .ok_or_else(|| other("internal: settings of another provider"))
+}
+
+impl Provider for Kms {
+    fn name(&self) -> &'static str {
+        PROVIDER
+    }
+    fn label(&self) -> &'static str {
+        "AWS KMS"
+    }
+    fn token_type(&self) -> &'static str {
+        TOKEN_TYPE
+    }
+    fn key_param(&self) -> &'static str {
+        PARAM_KEY_ID
+    }
+    fn settings(&self) -> &'static [SettingSpec] {
+        SETTINGS
+    }
+    fn configure(&self, raw: &RawSettings) -> Result<Configured, String> {
+        let s = KmsSettings {
+            endpoint: raw.get("kms-endpoint").map(str::to_owned),
+            region: raw.get("kms-region").map(str::to_owned),
+            allowed_keys: raw.get_all("kms-allow-key").to_vec(),
+        };
+        s.validate()?;
+        Ok(std::sync::Arc::new(s))
+    }
+    fn for_token(
+        &self,
+        params: &Map<String, Value>,
+        configured: &(dyn std::any::Any + Send + Sync),
+    ) -> Result<Box<dyn SealProvider>, SealError> {
+        Ok(Box::new(KmsProvider::for_token(
+            params,
+            settings_of(configured)?,
+        )?))
+    }
+    fn enroll_flag(&self) -> EnrollFlag {
+        EnrollFlag {
+            long: "kms",
+            value_name: "KEY_ID|ALIAS",
+            help: "The KMS key that seals the secret: key id, key ARN, alias/NAME or alias ARN",
+        }
+    }
+    fn for_enroll(
+        &self,
+        value: &str,
+        configured: &(dyn std::any::Any + Send + Sync),
+    ) -> Result<Box<dyn SealProvider>, SealError> {
+        let s = settings_of(configured)?;
+        Ok(Box::new(KmsProvider::new(
+            value,
+            s.region.clone(),
+            s.endpoint.clone(),
+        )?))
+    }
+    fn daemon_config_lines(
+        &self,
+        key: &str,
+        configured: &(dyn std::any::Any + Send + Sync),
+    ) -> Vec<String> {
+        let mut out = vec![format!("kms-allow-key = [{}]", toml_str(key))];
+        if let Ok(s) = settings_of(configured) {
+            if let Some(e) = &s.endpoint {
+                out.push(format!("kms-endpoint = {}", toml_str(e)));
+            }
+            if let Some(r) = &s.region {
+                out.push(format!("kms-region = {}", toml_str(r)));
+            }
+        }
+        out
+    }
+}
+
+/// A TOML basic string.
+pub fn toml_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if u32::from(c) < 0x20 || c == '\u{7f}' => {
+                out.push_str(&format!("\\u{:04x}", u32::from(c)))
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
 
 /// TCP (and TLS) connect timeout.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -269,7 +397,7 @@ impl Drop for KmsProvider {
 
 impl SealProvider for KmsProvider {
     fn token_type(&self) -> &'static str {
-        AWS_KMS_TOKEN_TYPE
+        TOKEN_TYPE
     }
 
     fn key_reference(&self) -> String {
@@ -360,7 +488,7 @@ impl SealProvider for KmsProvider {
                 .map(|p| SecretBytes::from_slice(p.as_ref()))
                 .ok_or_else(|| other("Decrypt returned no plaintext"))?;
             drop(out);
-            if plain.len() != super::enroll::SECRET_LEN {
+            if plain.len() != super::SECRET_LEN {
                 return Err(SealError::WrongBinding);
             }
             Ok(plain)

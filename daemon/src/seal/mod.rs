@@ -1,5 +1,6 @@
-//! Sealing a keyslot secret with a KMS or an HSM. Knows the providers, not LUKS2: the `token`
-//! module turns a sealed secret into LUKS2 token JSON and back.
+//! Sealing a keyslot secret with a KMS or an HSM. Knows the providers, not LUKS2:
+//! `luks2::tokens` turns a sealed secret into LUKS2 token JSON and back, enrols and unlocks.
+//! Every provider is listed once, in [`registry`] (read it to add one).
 //!
 //! The systemd-cryptenroll pattern: a random 32-byte secret opens an ordinary LUKS2 keyslot
 //! (pbkdf2, low iterations: the secret has full entropy). The secret is stored only sealed by a
@@ -9,6 +10,7 @@
 
 pub mod pkcs11;
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde_json::{Map, Value};
@@ -16,10 +18,13 @@ use serde_json::{Map, Value};
 use crate::crypto::keys::SecretBytes;
 
 pub mod clevis;
-pub mod enroll;
 pub mod kms;
 pub mod pin;
-pub mod token;
+pub mod registry;
+pub mod shamir;
+
+/// Length of the random keyslot secret every provider seals.
+pub const SECRET_LEN: usize = 32;
 
 /// What a sealed secret is bound to. Moving it elsewhere makes unsealing fail.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,13 +129,80 @@ impl SealError {
 /// from. The LUKS2 header, which anyone holding the disk can rewrite, never supplies any of it:
 /// a token's copies of endpoint, region, key and module are informational, and must agree.
 ///
-/// One struct for every provider, passed whole, so a provider registry can grow here.
-#[derive(Debug, Clone, Default)]
+/// One value for every provider of the [`registry`], each provider's settings checked by its
+/// own [`registry::Provider::configure`].
+#[derive(Clone)]
 pub struct SealSettings {
-    pub kms: KmsSettings,
-    pub pkcs11: Pkcs11Settings,
-    /// clevis tokens: the Tang servers that may be asked, the TPM to use.
-    pub clevis: clevis::ClevisSettings,
+    raw: registry::RawSettings,
+    configured: BTreeMap<&'static str, registry::Configured>,
+}
+
+impl fmt::Debug for SealSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Settings hold paths and key ids, never PINs themselves.
+        f.debug_struct("SealSettings")
+            .field("raw", &self.raw)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for SealSettings {
+    /// Nothing configured: every provider refuses every token before any request.
+    fn default() -> Self {
+        let raw = registry::RawSettings::default();
+        let configured = registry::PROVIDERS
+            .iter()
+            .filter_map(|p| p.configure(&raw).ok().map(|c| (p.name(), c)))
+            .collect();
+        SealSettings { raw, configured }
+    }
+}
+
+impl SealSettings {
+    /// Checks `raw` with every provider. The error names the setting.
+    pub fn from_raw(raw: registry::RawSettings) -> Result<SealSettings, String> {
+        let mut configured = BTreeMap::new();
+        for p in registry::PROVIDERS {
+            configured.insert(p.name(), p.configure(&raw)?);
+        }
+        Ok(SealSettings { raw, configured })
+    }
+
+    /// What the operator typed (for `nbdcryptctl --config` merges).
+    pub fn raw(&self) -> &registry::RawSettings {
+        &self.raw
+    }
+
+    /// The checked settings of provider `name`, if configured.
+    pub fn get(&self, name: &str) -> Option<&(dyn std::any::Any + Send + Sync)> {
+        self.configured.get(name).map(|c| &**c)
+    }
+
+    /// The checked settings of provider `name`, as its own type.
+    pub fn typed<T: 'static>(&self, name: &str) -> Option<&T> {
+        self.get(name).and_then(|c| c.downcast_ref::<T>())
+    }
+
+    /// The AWS KMS settings (defaults if none).
+    pub fn kms(&self) -> KmsSettings {
+        self.typed::<KmsSettings>(kms::PROVIDER)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The clevis settings: allowed Tang servers, the TPM (defaults if none).
+    pub fn clevis(&self) -> clevis::ClevisSettings {
+        self.typed::<clevis::ClevisSettings>(clevis::provider::NAME)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The PKCS#11 settings (defaults if none).
+    pub fn pkcs11(&self) -> Pkcs11Settings {
+        self.typed::<Pkcs11Settings>(pkcs11::NAME)
+            .cloned()
+            .unwrap_or_default()
+    }
 }
 
 /// The AWS KMS the operator trusts (daemon: `--kms-endpoint`, `--kms-region`,
@@ -178,9 +250,8 @@ impl KmsSettings {
     }
 }
 
-/// Builds the provider that unseals one of our tokens (the whole token object, as in the
-/// header), from the operator's `settings`; pass this as the resolver of
-/// [`enroll::unlock_with_tokens`].
+/// Builds the provider that unseals a token of type `token_type` with these (attacker-written)
+/// parameters, from the operator's `settings`, through the [`registry`]:
 ///
 /// - `nbdcrypt-aws-kms`: [`kms::KmsProvider::for_token`]: the configured endpoint and region,
 ///   and only if the token's key is one of the allowed keys and its informational endpoint and
@@ -188,25 +259,22 @@ impl KmsSettings {
 /// - `nbdcrypt-pkcs11`: the configured module and PIN source (never the stored URI's).
 /// - anything else: `BadToken` (not ours; callers skip such tokens before asking).
 pub fn resolve_provider(
-    token_json: &Map<String, Value>,
+    token_type: &str,
+    params: &Map<String, Value>,
     settings: &SealSettings,
 ) -> Result<Box<dyn SealProvider>, SealError> {
-    let parsed = token::parse_json(token_json)?.ok_or_else(|| {
-        SealError::BadToken(format!(
-            "token type {} is not an nbdcrypt token",
-            token_json
-                .get("type")
-                .map(|t| t.to_string())
-                .unwrap_or_else(|| "(none)".into())
-        ))
-    })?;
-    match parsed.kind {
-        token::ProviderKind::AwsKms => Ok(Box::new(kms::KmsProvider::for_token(
-            &parsed.sealed.params,
-            &settings.kms,
-        )?)),
-        token::ProviderKind::Pkcs11 => resolve_pkcs11_with(&parsed.sealed.params, &settings.pkcs11),
-    }
+    let Some(p) = registry::by_token_type(token_type) else {
+        return Err(SealError::BadToken(format!(
+            "token type {token_type:?} is not an nbdcrypt provider token"
+        )));
+    };
+    let Some(c) = settings.get(p.name()) else {
+        return Err(SealError::NotConfigured {
+            provider: p.name(),
+            detail: "its settings were refused at start".into(),
+        });
+    };
+    p.for_token(params, c)
 }
 
 /// What a PKCS#11 token needs besides what its LUKS2 token stores: the module to load (never

@@ -550,6 +550,134 @@ pub fn resolve_module(operator: Option<&Path>, uri: &Pkcs11Uri) -> PathBuf {
 // ---------------------------------------------------------------------------------------------
 // The provider
 
+/// Short name of the provider in the [`registry`](super::registry) (logs, audit, `dump`).
+pub const NAME: &str = "pkcs11";
+
+/// PKCS#11 (HSMs, smart cards) in the provider [`registry`](super::registry).
+pub struct Pkcs11Hsm;
+
+const SETTINGS: &[super::registry::SettingSpec] = &[
+    super::registry::SettingSpec {
+        key: "pkcs11-module",
+        aliases: &[],
+        value_name: "PATH",
+        help: "PKCS#11 module for HSM tokens (default: SoftHSM2's). Never taken from the volume \
+               header",
+        repeated: false,
+    },
+    super::registry::SettingSpec {
+        key: "pkcs11-pin",
+        aliases: &["pin-file"],
+        value_name: "SOURCE",
+        help: "Where the HSM user PIN comes from: file:/path (or /path) or cred:NAME (a systemd \
+               credential)",
+        repeated: false,
+    },
+];
+
+fn settings_of(c: &(dyn std::any::Any + Send + Sync)) -> Result<&super::Pkcs11Settings, SealError> {
+    c.downcast_ref::<super::Pkcs11Settings>()
+        .ok_or_else(|| SealError::Other {
+            provider: NAME,
+            detail: "internal: settings of another provider".into(),
+        })
+}
+
+impl super::registry::Provider for Pkcs11Hsm {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+    fn label(&self) -> &'static str {
+        "PKCS#11 HSM"
+    }
+    fn token_type(&self) -> &'static str {
+        TOKEN_TYPE
+    }
+    fn key_param(&self) -> &'static str {
+        PARAM_URI
+    }
+    fn settings(&self) -> &'static [super::registry::SettingSpec] {
+        SETTINGS
+    }
+    fn configure(
+        &self,
+        raw: &super::registry::RawSettings,
+    ) -> Result<super::registry::Configured, String> {
+        let pin = match raw.get("pkcs11-pin") {
+            Some(p) => Some(PinSource::parse(p).map_err(|e| format!("pkcs11-pin: {e}"))?),
+            None => None,
+        };
+        Ok(Arc::new(super::Pkcs11Settings {
+            module: raw.get("pkcs11-module").map(PathBuf::from),
+            pin,
+        }))
+    }
+    fn for_token(
+        &self,
+        params: &serde_json::Map<String, serde_json::Value>,
+        configured: &(dyn std::any::Any + Send + Sync),
+    ) -> Result<Box<dyn SealProvider>, SealError> {
+        super::resolve_pkcs11_with(params, settings_of(configured)?)
+    }
+    fn enroll_flag(&self) -> super::registry::EnrollFlag {
+        super::registry::EnrollFlag {
+            long: "pkcs11",
+            value_name: "URI",
+            help: "The HSM key that seals the secret: a non-extractable AES key, as an RFC 7512 \
+                   URI (pkcs11:token=LABEL;object=LABEL or ;id=%01)",
+        }
+    }
+    /// The PIN comes from `--pkcs11-pin` or the URI's `pin-source=` (both typed by the
+    /// operator), never from the command line itself; the module from `--pkcs11-module`, else
+    /// the URI's `module-path` (typed by the operator here), else SoftHSM2's.
+    fn for_enroll(
+        &self,
+        value: &str,
+        configured: &(dyn std::any::Any + Send + Sync),
+    ) -> Result<Box<dyn SealProvider>, SealError> {
+        let s = settings_of(configured)?;
+        let fail = |detail: String| SealError::Other {
+            provider: NAME,
+            detail,
+        };
+        let (uri, inline_pin) =
+            Pkcs11Uri::parse_with_pin_value(value).map_err(|e| fail(format!("--pkcs11: {e}")))?;
+        if inline_pin.is_some() {
+            drop(inline_pin);
+            return Err(fail(
+                "--pkcs11: the URI carries pin-value=: a PIN on the command line is readable by \
+                 every local user (ps, /proc) and lands in shell history. Remove pin-value= and \
+                 give --pkcs11-pin file:/path/to/pin or --pkcs11-pin cred:NAME (a systemd credential)"
+                    .into(),
+            ));
+        }
+        let pin = match (&s.pin, &uri.pin_source) {
+            (Some(p), _) => p.read()?,
+            (None, Some(src)) => src.read()?,
+            (None, None) => {
+                return Err(fail(
+                    "--pkcs11 needs a PIN: --pkcs11-pin file:/path (or cred:NAME)".into(),
+                ))
+            }
+        };
+        let module = resolve_module(s.module.as_deref(), &uri);
+        Ok(Box::new(Pkcs11Provider::new(uri, module, pin)?))
+    }
+    fn describe(&self, params: &serde_json::Map<String, serde_json::Value>) -> String {
+        match params
+            .get(PARAM_URI)
+            .and_then(serde_json::Value::as_str)
+            .and_then(|u| Pkcs11Uri::parse(u).ok())
+        {
+            Some(u) => match (&u.token, &u.object) {
+                (Some(t), Some(o)) => format!("HSM {t}/{o}"),
+                _ => format!("HSM {}", u.key_description()),
+            },
+            None => "HSM".into(),
+        }
+    }
+}
+
 /// Seals with an AES key inside a PKCS#11 token. `Send + Sync`; operations on one module are
 /// serialized. Calls block (a login is ~2 ms on SoftHSM2, real HSMs can take far longer): from
 /// async code, run them in `tokio::task::spawn_blocking`.

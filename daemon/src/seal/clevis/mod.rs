@@ -11,11 +11,14 @@
 //!   thumbprint.
 //! - [`tpm2`]: seal / unseal through tpm2-tools, optional PCR policy.
 //! - [`sss`]: Shamir threshold over other pins, nested as clevis nests them.
-//! - [`luks`]: the LUKS2 side: enrol a keyslot + token, unlock with the header's clevis tokens.
+//! - [`provider`]: clevis pins as a registry provider (`nbdcrypt-clevis` tokens, quorum shares)
+//!   and the operator settings (`tang-allow`, `tpm2-tcti`).
+//!
+//! The LUKS2 side (clevis tokens in a header, enrol, unlock) is `luks2::tokens::clevis`.
 
 pub mod http;
 pub mod jwe;
-pub mod luks;
+pub mod provider;
 pub mod sss;
 pub mod tang;
 pub mod tpm2;

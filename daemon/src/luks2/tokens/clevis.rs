@@ -7,14 +7,12 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64U;
 use base64::Engine;
 use serde_json::{Map, Value};
 
-use super::jwe::Jwe;
-use super::{ClevisSettings, PinSpec, TOKEN_TYPE};
+use super::enroll::{EnrollError, Enrolled, TokenFailure, TokenFailureReason, TOKEN_KEYSLOT_KDF};
 use crate::crypto::kdf::KdfLimits;
 use crate::crypto::keys::{SecretBytes, VolumeKey};
 use crate::luks2::{FormatError, KeyslotPriority, Luks2Header, Token};
-use crate::seal::enroll::{
-    EnrollError, Enrolled, TokenFailure, TokenFailureReason, TOKEN_KEYSLOT_KDF,
-};
+use crate::seal::clevis::jwe::Jwe;
+use crate::seal::clevis::{self as pins, ClevisSettings, PinSpec, TOKEN_TYPE};
 use crate::seal::SealError;
 
 /// A clevis token of the header, parsed.
@@ -36,16 +34,16 @@ pub fn parse_token(
     let slots = t
         .get("keyslots")
         .and_then(Value::as_array)
-        .ok_or_else(|| super::bad("no \"keyslots\" array".into()))?;
+        .ok_or_else(|| pins::bad("no \"keyslots\" array".into()))?;
     // clevis itself only ever sees a token's first keyslot; so do we.
     let keyslot = slots
         .first()
         .and_then(Value::as_str)
         .and_then(|s| s.parse::<u32>().ok())
-        .ok_or_else(|| super::bad("the token names no keyslot".into()))?;
+        .ok_or_else(|| pins::bad("the token names no keyslot".into()))?;
     let jwe = Jwe::from_flattened(
         t.get("jwe")
-            .ok_or_else(|| super::bad("no \"jwe\" member".into()))?,
+            .ok_or_else(|| pins::bad("no \"jwe\" member".into()))?,
     )?;
     Ok(Some(ClevisToken {
         token_id,
@@ -92,7 +90,7 @@ pub fn open_token(
     token: &ClevisToken,
     settings: &ClevisSettings,
 ) -> Result<VolumeKey, TokenFailureReason> {
-    let pass = super::decrypt_jwe(&token.jwe, settings, 0)?;
+    let pass = pins::decrypt_jwe(&token.jwe, settings, 0)?;
     match header.unlock_slot(file, token.keyslot, &pass, &KdfLimits::default()) {
         Ok(key) => Ok(key),
         Err(FormatError::WrongPassphrase) => Err(TokenFailureReason::SecretRejected(token.keyslot)),
@@ -131,7 +129,7 @@ pub fn unlock_with_clevis_tokens(
             }
         };
         failure.keyslot = Some(token.keyslot);
-        failure.key = Some(super::summary(&token.jwe));
+        failure.key = Some(pins::summary(&token.jwe));
         match open_token(file, header, &token, settings) {
             Ok(key) => return Ok((key, token.keyslot, id)),
             Err(reason) => {
@@ -203,7 +201,7 @@ pub fn enroll(
         return Err(EnrollError::WrongVolumeKey);
     }
     let pass = new_passphrase()?;
-    let jwe = super::encrypt(pin, pass.expose_secret(), settings)?;
+    let jwe = pins::encrypt(pin, pass.expose_secret(), settings)?;
     let slot = header.add_keyslot(file, volume_key, &pass, &TOKEN_KEYSLOT_KDF)?;
     drop(pass);
     let added = Token::from_json(token_json(slot, &jwe))
@@ -233,7 +231,7 @@ pub fn list(header: &Luks2Header) -> Vec<String> {
             Ok(t) => format!(
                 "keyslot {} (token {id}): {}",
                 t.keyslot,
-                super::summary(&t.jwe)
+                pins::summary(&t.jwe)
             ),
             Err(e) => format!("token {id}: {e}"),
         })

@@ -17,16 +17,16 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde_json::{Map, Value};
 
-use super::token::{self, ParsedToken};
-use super::{Binding, SealError, SealProvider};
+use super::format::{self as token, ParsedToken};
 use crate::audit::rfc3339_now;
 use crate::crypto::kdf::{HashAlg, KdfLimits, KdfParams};
 use crate::crypto::keys::{SecretBytes, VolumeKey};
 use crate::luks2::layout::MAX_KEYSLOTS;
 use crate::luks2::{FormatError, KeyslotPriority, Luks2Header, Token};
+use crate::seal::{Binding, SealError, SealProvider};
 
 /// Length of the random keyslot secret.
-pub const SECRET_LEN: usize = 32;
+pub use crate::seal::SECRET_LEN;
 
 /// KDF of keyslots opened by a sealed secret (systemd uses the same minimal PBKDF2).
 pub const TOKEN_KEYSLOT_KDF: KdfParams = KdfParams::Pbkdf2 {
@@ -35,7 +35,7 @@ pub const TOKEN_KEYSLOT_KDF: KdfParams = KdfParams::Pbkdf2 {
 };
 
 /// Builds the provider that can unseal a token, from the token's JSON (see
-/// [`super::resolve_provider`]).
+/// [`super::resolver`]).
 pub type Resolver<'a> = &'a dyn Fn(&Map<String, Value>) -> Result<Box<dyn SealProvider>, SealError>;
 
 /// A keyslot and the token holding its sealed secret.

@@ -1,8 +1,8 @@
-//! nbdcrypt's LUKS2 tokens: a sealed keyslot secret as token JSON, and back.
+//! nbdcrypt's provider tokens: a sealed keyslot secret as LUKS2 token JSON, and back.
 //!
 //! ```json
 //! {
-//!   "type": "nbdcrypt-aws-kms",          // SealProvider::token_type()
+//!   "type": "nbdcrypt-aws-kms",          // registry::Provider::token_type()
 //!   "keyslots": ["1"],                   // exactly one: the keyslot the secret opens
 //!   "nbdcrypt_version": 1,               // token format version
 //!   "created": "2026-11-28T22:40:00Z",   // RFC 3339, UTC
@@ -23,55 +23,59 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde_json::{Map, Value};
 
-use super::{SealError, Sealed};
 use crate::luks2::Token;
+use crate::seal::registry::{self, Provider};
+use crate::seal::{SealError, Sealed};
 
 /// The token format this code writes and the newest it reads.
 pub const TOKEN_VERSION: u64 = 1;
 
-/// Token type of secrets sealed by AWS KMS.
-pub const AWS_KMS_TOKEN_TYPE: &str = "nbdcrypt-aws-kms";
-/// Token type of secrets sealed by a PKCS#11 token (HSM, smart card).
-pub const PKCS11_TOKEN_TYPE: &str = "nbdcrypt-pkcs11";
+pub use crate::seal::kms::AWS_KMS_TOKEN_TYPE;
+pub use crate::seal::pkcs11::TOKEN_TYPE as PKCS11_TOKEN_TYPE;
 
 /// Members the token format owns; provider parameters must not use these names.
 pub const RESERVED_MEMBERS: [&str; 5] =
     ["type", "keyslots", "nbdcrypt_version", "created", "sealed"];
 
-/// Which provider sealed a token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProviderKind {
-    AwsKms,
-    Pkcs11,
+/// Which provider (of the [`registry`]) sealed a token.
+#[derive(Clone, Copy)]
+pub struct ProviderKind(&'static dyn Provider);
+
+impl PartialEq for ProviderKind {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name() == other.0.name()
+    }
+}
+impl Eq for ProviderKind {}
+
+impl std::fmt::Debug for ProviderKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.name())
+    }
 }
 
 impl ProviderKind {
-    /// The provider kind owning `token_type`, or `None` for another tool's token.
+    /// The provider owning `token_type`, or `None` for another tool's token.
     pub fn from_token_type(token_type: &str) -> Option<ProviderKind> {
-        match token_type {
-            AWS_KMS_TOKEN_TYPE => Some(ProviderKind::AwsKms),
-            PKCS11_TOKEN_TYPE => Some(ProviderKind::Pkcs11),
-            _ => None,
-        }
+        registry::by_token_type(token_type).map(ProviderKind)
     }
 
     pub fn token_type(self) -> &'static str {
-        match self {
-            ProviderKind::AwsKms => AWS_KMS_TOKEN_TYPE,
-            ProviderKind::Pkcs11 => PKCS11_TOKEN_TYPE,
-        }
+        self.0.token_type()
     }
 
     /// Short name for messages and the audit log: "aws-kms", "pkcs11".
     pub fn name(self) -> &'static str {
-        match self {
-            ProviderKind::AwsKms => "aws-kms",
-            ProviderKind::Pkcs11 => "pkcs11",
-        }
+        self.0.name()
+    }
+
+    /// The provider itself.
+    pub fn provider(self) -> &'static dyn Provider {
+        self.0
     }
 }
 
-/// True if the token type is one of ours (whatever its contents).
+/// True if the token type is one of our provider tokens (whatever its contents).
 pub fn is_ours(token_type: &str) -> bool {
     ProviderKind::from_token_type(token_type).is_some()
 }
@@ -92,9 +96,10 @@ pub struct ParsedToken {
 impl ParsedToken {
     /// The key reference for messages: the provider's key id member if present.
     pub fn key_reference(&self) -> Option<&str> {
-        ["kms-key-id", "pkcs11-uri"]
-            .iter()
-            .find_map(|k| self.sealed.params.get(*k).and_then(Value::as_str))
+        self.sealed
+            .params
+            .get(self.kind.provider().key_param())
+            .and_then(Value::as_str)
     }
 }
 
@@ -246,7 +251,7 @@ mod tests {
         assert_eq!(j["sealed"], json!("AQID+g=="));
         assert_eq!(j["kms-region"], json!("eu-west-1"));
         let p = parse(&t).unwrap().unwrap();
-        assert_eq!(p.kind, ProviderKind::AwsKms);
+        assert_eq!(p.kind.name(), "aws-kms");
         assert_eq!(p.keyslot, 3);
         assert_eq!(p.created, "2026-11-28T00:00:00Z");
         assert_eq!(p.sealed, sealed());

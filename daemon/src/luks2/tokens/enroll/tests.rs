@@ -9,8 +9,8 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::*;
+use crate::luks2::tokens::format::AWS_KMS_TOKEN_TYPE;
 use crate::luks2::{format, FormatParams, Token};
-use crate::seal::token::AWS_KMS_TOKEN_TYPE;
 use crate::seal::Sealed;
 
 const VOL_SIZE: u64 = 20 << 20;
