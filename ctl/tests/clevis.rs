@@ -651,3 +651,56 @@ impl Tang {
         format!("{}={}", self.url(), stdout(&o).trim())
     }
 }
+
+/// The registry provider: `enroll --clevis SPEC` seals nbdcrypt's own keyslot secret (bound to
+/// volume and keyslot) with a clevis pin; the daemon unseals it through the operator's settings.
+#[test]
+fn enroll_clevis_spec_makes_an_nbdcrypt_token_the_daemon_unseals_through_the_allowed_tang() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let tang = Tang::start(&dir.join("tang"));
+    let tpm = Swtpm::start(dir);
+    let img = image(dir, "spec.img");
+    let pw = dir.join("pw");
+    let spec = format!("tang:{}", tang.allow());
+    let o = ok(ctl(&[
+        "enroll",
+        &img,
+        "--key-file",
+        pw.to_str().unwrap(),
+        "--clevis",
+        &spec,
+    ]));
+    assert!(stdout(&o).contains("enrolled keyslot 1"), "{}", stdout(&o));
+    let o = ok(ctl(&[
+        "enroll",
+        &img,
+        "--key-file",
+        pw.to_str().unwrap(),
+        "--clevis",
+        "tpm2:sha256:7",
+        "--tpm2-tcti",
+        &tpm.tcti(),
+    ]));
+    assert!(stdout(&o).contains("enrolled keyslot 2"), "{}", stdout(&o));
+    let dump = stdout(&ok(
+        run(Command::new("cryptsetup").args(["luksDump", &img])),
+    ));
+    assert!(dump.contains("nbdcrypt-clevis"), "{dump}");
+
+    // Not allowed: refused before any request.
+    let before = tang.requests();
+    let d = Served::start(dir, &img, &[]);
+    let log = d.refused();
+    assert!(log.contains("not configured"), "{log}");
+    assert_eq!(tang.requests(), before);
+    drop(d);
+    // Allowed: opens (keyslot 1 through Tang).
+    let d = Served::start(dir, &img, &args(&["--tang-allow", &tang.allow()]));
+    d.unlocked(30);
+    drop(d);
+    // Only the TPM named: keyslot 2 through the TPM.
+    let d = Served::start(dir, &img, &args(&["--tpm2-tcti", &tpm.tcti()]));
+    d.unlocked(30);
+    assert!(d.log().contains("keyslot=2"), "{}", d.log());
+}
