@@ -9,6 +9,8 @@ use std::time::Duration;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_RESPONSE: u64 = 64 * 1024;
+/// A whole answer must arrive within this, however slowly the server drips it.
+const TOTAL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// An `http://host[:port][/prefix]` URL, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,7 +129,14 @@ pub fn request(
     // `Connection: close` says), the peer closes, or the size cap is hit.
     let mut resp = Vec::new();
     let mut buf = [0u8; 4096];
+    let started = std::time::Instant::now();
     loop {
+        if started.elapsed() > TOTAL_TIMEOUT {
+            return Err(HttpError::Unreachable(format!(
+                "no complete answer within {} s",
+                TOTAL_TIMEOUT.as_secs()
+            )));
+        }
         if let Some(len) = complete_length(&resp) {
             resp.truncate(len);
             break;

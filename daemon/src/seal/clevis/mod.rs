@@ -33,6 +33,24 @@ use jwe::Jwe;
 pub const TOKEN_TYPE: &str = "clevis";
 /// How deep sss may nest (sss inside sss inside sss): bounds work a hostile header can ask for.
 pub const MAX_DEPTH: u32 = 3;
+/// Most pins (tang, tpm2) one token may name in all, however nested: each may cost a network
+/// exchange or a TPM session, and the header is attacker-written.
+pub const MAX_LEAVES: usize = 32;
+
+/// Number of non-sss pins under `jwe` (unreadable children count as one).
+fn leaves(jwe: &Jwe, depth: u32) -> usize {
+    if jwe.pin().ok() != Some("sss") || depth > MAX_DEPTH {
+        return 1;
+    }
+    match sss::children(jwe) {
+        Ok((_, kids)) => kids
+            .iter()
+            .map(|k| leaves(k, depth + 1))
+            .sum::<usize>()
+            .max(1),
+        Err(_) => 1,
+    }
+}
 
 /// What the operator allows for clevis tokens.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -92,6 +110,11 @@ pub fn decrypt_jwe(
 ) -> Result<SecretBytes, SealError> {
     if depth > MAX_DEPTH {
         return Err(bad(format!("sss nested deeper than {MAX_DEPTH} levels")));
+    }
+    if depth == 0 && leaves(jwe, 0) > MAX_LEAVES {
+        return Err(bad(format!(
+            "the token names more than {MAX_LEAVES} pins; refused before trying any"
+        )));
     }
     match jwe.pin()? {
         "tang" => tang::decrypt(jwe, &settings.tang),
@@ -176,6 +199,34 @@ fn summary_at(jwe: &Jwe, depth: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_naming_too_many_pins_is_refused_before_trying_any() {
+        let leaf = Jwe::encrypt(
+            &serde_json::json!({"alg":"dir","enc":"A256GCM","clevis":{"pin":"tpm2","tpm2":{}}}),
+            &[0; 32],
+            &[0; 64],
+        )
+        .unwrap()
+        .to_compact();
+        let level = |kids: Vec<String>| {
+            Jwe::encrypt(
+                &serde_json::json!({"alg":"dir","enc":"A256GCM","clevis":{"pin":"sss","sss":{
+                    "t":1,"p":jwe::b64u(&[0xff; 32]),"jwe":kids}}}),
+                &[0; 32],
+                b"x",
+            )
+            .unwrap()
+        };
+        let mid = level(vec![leaf; 6]).to_compact();
+        let top = level(vec![mid; 6]); // 36 tpm2 pins
+        let settings =
+            ClevisSettings::from_config(&[], Some("swtpm:host=127.0.0.1,port=1".into())).unwrap();
+        let Err(e) = decrypt_jwe(&top, &settings, 0) else {
+            panic!()
+        };
+        assert!(e.to_string().contains("more than 32 pins"), "{e}");
+    }
 
     #[test]
     fn settings_parse_and_refuse_bad_entries() {
