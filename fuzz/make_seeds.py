@@ -138,6 +138,7 @@ def control():
         {"v": 1, "op": "rekey", "slot": 3},
         {"v": 1, "op": "lock", "force": True},
         {"v": 1, "op": "status"},
+        {"v": 1, "op": "share", "name": "alice", "secret": "cGFzcw=="},
         {"v": 2, "op": "status"},
         {"v": 1, "status": {"state": "unlocked", "volume_uuid": "11111111-2222-4333-8444-555555555555",
                             "cipher": "aes-xts-plain64", "sector_size": 4096, "size": 65536, "export_name": "vol",
@@ -161,6 +162,14 @@ def control():
          "iv": "AAECAwQFBgcICQoL", "mechanism": "aes-gcm"},
         {"type": "example-kms", "keyslots": ["1"], "anything": "goes"},
         {"type": "nbdcrypt-pkcs11", "keyslots": ["0", "1"], "nbdcrypt_version": 0},
+        {"type": "nbdcrypt-quorum", "keyslots": ["2"], "nbdcrypt_version": 1, "created": "2026-01-01T00:00:00Z",
+         "threshold": 2, "shares": [
+            {"x": 1, "holder": "nbdcrypt-aws-kms", "tag": "A" * 43 + "=", "sealed": "AQIDBAUGBwgJCgsMDQ4PEA==",
+             "params": {"kms-key-id": "arn:aws:kms:eu-west-1:111122223333:key/abcd"}},
+            {"x": 2, "holder": "nbdcrypt-pkcs11", "tag": "A" * 43 + "=", "sealed": "AQIDBAUGBwgJCgsMDQ4PEBESExQ=",
+             "params": {"pkcs11-uri": "pkcs11:token=nbd;object=vk;type=secret-key", "iv": "AAECAwQFBgcICQoL"}},
+            {"x": 3, "holder": "passphrase", "name": "alice", "tag": "A" * 43 + "=", "sealed": "A" * 43 + "=",
+             "kdf": {"type": "argon2id", "time": 4, "memory": 65536, "cpus": 1, "salt": "A" * 43 + "="}}]},
     ]
     for i, t in enumerate(tokens):
         put("seal_token", f"token-{i}", json.dumps(t).encode())

@@ -11,6 +11,7 @@ mod offline;
 mod online;
 mod secret;
 mod secret_input;
+mod share;
 
 use std::process::ExitCode;
 

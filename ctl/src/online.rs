@@ -39,7 +39,8 @@ Examples:
   ssh keyhost cat vol.key | nbdcryptctl unlock --key-file -   # key bytes from a pipe
   printf '%s\\n' \"$PASS\" | nbdcryptctl unlock --stdin   # first line, newline dropped
   nbdcryptctl unlock --control /run/nbdcrypt/b.sock --slot 1
-  nbdcryptctl unlock --token                           # KMS/HSM tokens (nbdcryptctl enroll)";
+  nbdcryptctl unlock --token                           # KMS/HSM tokens (nbdcryptctl enroll)
+  nbdcryptctl unlock --share alice                     # alice's share of a quorum";
 
 #[derive(Args, Debug)]
 pub struct UnlockArgs {
@@ -62,6 +63,12 @@ pub struct UnlockArgs {
     /// (see `nbdcryptctl enroll`).
     #[arg(long, conflicts_with_all = ["key_file", "stdin"])]
     pub token: bool,
+
+    /// Give your share of a quorum (`nbdcryptctl enroll --quorum K --passphrase-share NAME`):
+    /// your passphrase is checked against your share's tag and kept by the daemon until the
+    /// quorum is complete (or its timeout passes). One person, one terminal, one share.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["token", "slot"])]
+    pub share: Option<String>,
 }
 
 pub const LOCK_ABOUT: &str = "\
@@ -145,6 +152,9 @@ pub fn wait_unlocked(args: WaitArgs) -> Result<(), Failure> {
 }
 
 pub fn unlock(args: UnlockArgs) -> Result<(), Failure> {
+    if let Some(name) = args.share.clone() {
+        return crate::share::give(args, name);
+    }
     if args.token {
         return match call(&args.control, &Request::UnlockToken)? {
             Response::Ok(s) => {
@@ -239,13 +249,13 @@ pub fn status(args: StatusArgs) -> Result<(), Failure> {
     }
 }
 
-fn call(control: &ControlArg, request: &Request) -> Result<Response, Failure> {
+pub(crate) fn call(control: &ControlArg, request: &Request) -> Result<Response, Failure> {
     client::call(&control.control, request).map_err(|e| Failure::error(e.to_string()))
 }
 
 /// The daemon's refusal as a message and an exit code. Every kind is listed, so a new one forces
 /// a decision here.
-fn refusal(e: ErrorReply) -> Failure {
+pub(crate) fn refusal(e: ErrorReply) -> Failure {
     let code = match e.kind {
         ErrorKind::WrongPassphrase => exit::WRONG_SECRET,
         ErrorKind::RateLimited | ErrorKind::Busy => exit::TRY_LATER,

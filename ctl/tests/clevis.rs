@@ -704,3 +704,42 @@ fn enroll_clevis_spec_makes_an_nbdcrypt_token_the_daemon_unseals_through_the_all
     d.unlocked(30);
     assert!(d.log().contains("keyslot=2"), "{}", d.log());
 }
+
+/// Tang and the TPM as quorum holders (`--quorum 2 --clevis tang:… --clevis tpm2`): the daemon
+/// opens the keyslot only when the operator's settings reach both.
+#[test]
+fn a_quorum_of_tang_and_tpm2_needs_both() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let tang = Tang::start(&dir.join("tang"));
+    let tpm = Swtpm::start(dir);
+    let img = image(dir, "quorum.img");
+    let pw = dir.join("pw");
+    let spec = format!("tang:{}", tang.allow());
+    let o = ok(ctl(&[
+        "enroll",
+        &img,
+        "--key-file",
+        pw.to_str().unwrap(),
+        "--quorum",
+        "2",
+        "--clevis",
+        &spec,
+        "--clevis",
+        "tpm2",
+        "--tpm2-tcti",
+        &tpm.tcti(),
+    ]));
+    assert!(stdout(&o).contains("keyslot 1"), "{}", stdout(&o));
+    // Only Tang allowed (no TPM named): one share of two, stays locked.
+    let d = Served::start(dir, &img, &args(&["--tang-allow", &tang.allow()]));
+    let log = d.refused();
+    assert!(log.contains("quorum"), "{log}");
+    drop(d);
+    let d = Served::start(
+        dir,
+        &img,
+        &args(&["--tang-allow", &tang.allow(), "--tpm2-tcti", &tpm.tcti()]),
+    );
+    d.unlocked(30);
+}

@@ -32,6 +32,8 @@ pub enum AuditEventKind {
     RemoveKey,
     HeaderBackup,
     HeaderRestore,
+    /// A person's quorum share was accepted; the quorum is not complete yet.
+    ShareAccepted,
 }
 
 impl AuditEventKind {
@@ -47,6 +49,7 @@ impl AuditEventKind {
             AuditEventKind::RemoveKey => "remove_key",
             AuditEventKind::HeaderBackup => "header_backup",
             AuditEventKind::HeaderRestore => "header_restore",
+            AuditEventKind::ShareAccepted => "share_accepted",
         }
     }
 }

@@ -86,6 +86,11 @@ pub struct Args {
     #[command(flatten)]
     pub providers: crate::seal::registry::SettingFlags,
 
+    /// Seconds the shares of an incomplete quorum (`nbdcryptctl unlock --share`) are kept, in
+    /// locked memory, from the first one; then they are forgotten and the quorum starts over.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pub share_timeout: u64,
+
     /// Pin the volume: refuse to start on a volume with another LUKS2 UUID (`nbdcryptctl pin`).
     #[arg(long, value_name = "UUID")]
     pub volume_uuid: Option<String>,
@@ -214,6 +219,8 @@ pub struct Config {
     pub auto_unlock: bool,
     /// KMS and PKCS#11 settings: where keys may come from (never the header).
     pub seal: crate::seal::SealSettings,
+    /// How long an incomplete quorum's shares are kept (`--share-timeout`).
+    pub share_timeout: Duration,
     /// Which volume may be unlocked (UUID, volume-key digest); empty: any.
     pub pin: crate::seal::pin::VolumePin,
     pub allow_expensive_kdf: bool,
@@ -289,6 +296,7 @@ impl Config {
             unlock_key_file: key,
             auto_unlock: a.auto_unlock,
             seal,
+            share_timeout: Duration::from_secs(a.share_timeout.clamp(1, 86_400)),
             pin,
             allow_expensive_kdf: a.allow_expensive_kdf,
             audit_log: a.audit_log,

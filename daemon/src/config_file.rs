@@ -38,6 +38,7 @@ pub struct FileConfig {
     plain: Option<PathBuf>,
     unlock_key_file: Option<PathBuf>,
     auto_unlock: Option<bool>,
+    share_timeout: Option<u64>,
     volume_uuid: Option<String>,
     volume_key_digest: Option<String>,
     audit_log: Option<PathBuf>,
@@ -205,6 +206,7 @@ impl FileConfig {
         }
         take!(unlock_key_file, "unlock_key_file");
         take!(auto_unlock, "auto_unlock");
+        take!(share_timeout, "share_timeout");
         take!(volume_uuid, "volume_uuid");
         take!(volume_key_digest, "volume_key_digest");
         take!(audit_log, "audit_log");

@@ -113,6 +113,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("cannot open the audit log {}", path.display()))?,
         None => AuditLog::tracing(),
     });
+    let volume = volume.with_share_timeout(config.share_timeout);
     let volume = Arc::new(if config.allow_expensive_kdf {
         volume.with_kdf_limits(nbdcrypt::crypto::kdf::KdfLimits::allow_expensive())
     } else {
@@ -122,7 +123,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let (volume, seal) = (volume.clone(), config.seal.clone());
         Box::new(move |slot| volume.rekey_tokens(slot, &seal))
     };
-    let control = ControlPlane::start(
+    let quorum_status: control::StatusHook = {
+        let shares = volume.shares().clone();
+        Arc::new(move || shares.status())
+    };
+    let control = ControlPlane::start_with_status(
         &config.control,
         exports.clone(),
         control_info(&info),
@@ -130,6 +135,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Some(rekeyer),
         audit,
         shutdown.clone(),
+        Some(quorum_status),
     )
     .await?;
     info!(unix = ?config.server.unix, tcp = ?config.server.tcp, control = %config.control.display(),
@@ -174,6 +180,7 @@ fn unlocker(volume: Arc<Volume>, seal: SealSettings) -> Unlocker {
         let result = match with {
             UnlockWith::Secret { secret, slot } => volume.unlock(&secret, slot),
             UnlockWith::Tokens => volume.unlock_with_tokens(&seal),
+            UnlockWith::Share { name, secret } => volume.unlock_with_share(&name, &secret, &seal),
         };
         // Key derivation and expansion left temporaries on this thread's stack.
         nbdcrypt::sys::scrub_stack();
@@ -186,6 +193,8 @@ fn unlocker(volume: Arc<Volume>, seal: SealSettings) -> Unlocker {
             Err(UnlockError::Tokens { message, transient }) => {
                 Err(control::UnlockError::Tokens { message, transient })
             }
+            Err(UnlockError::WrongShare(m)) => Err(control::UnlockError::WrongShare(m)),
+            Err(UnlockError::SharePending(m)) => Err(control::UnlockError::SharePending(m)),
             Err(UnlockError::Pin(e)) => {
                 error!(error = %e, "unlock refused by the volume pin; staying locked");
                 Err(control::UnlockError::Refused(e.to_string()))

@@ -14,10 +14,15 @@ use crate::crypto::kdf::KdfLimits;
 use crate::crypto::keys::{SecretBytes, VolumeKey};
 use crate::crypto::xts::SectorCipher;
 use crate::luks2::tokens::enroll::{self, EnrollError, TokenFailureReason};
+use crate::luks2::tokens::quorum::{self, QuorumError, QuorumToken};
 use crate::luks2::tokens::resolver;
 use crate::luks2::{FormatError, Luks2Header, SegmentSize};
 use crate::seal::pin::VolumePin;
 use crate::seal::SealSettings;
+
+pub mod shares;
+
+use shares::ShareStore;
 
 /// What status reports about a volume, none of it secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +60,12 @@ pub enum UnlockError {
     /// The volume is not the one the configuration pins (UUID, or the volume key's digest).
     #[error(transparent)]
     Pin(#[from] crate::seal::pin::PinError),
+    /// A person's share was wrong (named) or unknown; counts as a wrong secret.
+    #[error("{0}")]
+    WrongShare(String),
+    /// The share was accepted; the quorum is not complete yet (how many are in).
+    #[error("{0}")]
+    SharePending(String),
 }
 
 impl From<FormatError> for UnlockError {
@@ -79,6 +90,8 @@ pub struct Volume {
     limits: KdfLimits,
     /// Which volume may be unlocked; checked at every unlock (see [`Volume::pinned`]).
     pin: VolumePin,
+    /// Shares of quorums being assembled (locked memory, forgotten after a timeout).
+    shares: ShareStore,
 }
 
 impl Volume {
@@ -100,6 +113,7 @@ impl Volume {
             claim,
             limits: KdfLimits::default(),
             pin: VolumePin::default(),
+            shares: ShareStore::default(),
         };
         let (header, _) = vol.read_header()?;
         let info = vol.info(&header, &*vol.open_backing()?)?;
@@ -120,6 +134,17 @@ impl Volume {
     fn claimed_path(&self) -> PathBuf {
         use std::os::fd::AsRawFd;
         PathBuf::from(format!("/proc/self/fd/{}", self.claim.as_raw_fd()))
+    }
+
+    /// How long the shares of an incomplete quorum are kept (`--share-timeout`).
+    pub fn with_share_timeout(mut self, timeout: std::time::Duration) -> Volume {
+        self.shares = ShareStore::new(timeout);
+        self
+    }
+
+    /// The partial quorums (for `status`).
+    pub fn shares(&self) -> &ShareStore {
+        &self.shares
     }
 
     /// KDF caps for every unlock of this volume (`--allow-expensive-kdf` lifts them).
@@ -207,8 +232,10 @@ impl Volume {
         Ok((self.device_for(&header, &key)?, opened))
     }
 
-    /// Unseal the header's KMS/HSM tokens (priority order) and build the device to serve.
-    /// Calls the providers over the network: seconds at worst, so off the reactor.
+    /// Unseal the header's KMS/HSM tokens (priority order) and build the device to serve;
+    /// then, if none opened, the quorums: every machine share reachable, plus the people's
+    /// shares already given. Calls the providers over the network: seconds at worst, so off
+    /// the reactor.
     pub fn unlock_with_tokens(
         &self,
         settings: &SealSettings,
@@ -217,6 +244,7 @@ impl Volume {
         // A header naming another volume is refused before any provider is asked.
         self.pin.check_uuid(header.uuid())?;
         let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolver(json, settings);
+        let quorums = quorum::tokens(&header);
         let opened = enroll::unlock_with_tokens(&file, &header, &resolve).or_else(|ours| {
             crate::luks2::tokens::clevis::unlock_after_ours(
                 &file,
@@ -225,8 +253,12 @@ impl Volume {
                 ours,
             )
         });
-        let (key, slot, token) = match opened {
-            Ok(opened) => opened,
+        let first_error = match opened {
+            Ok((key, slot, token)) => {
+                tracing::info!(token, keyslot = slot, "token unsealed");
+                return Ok((self.device_for(&header, &key)?, slot));
+            }
+            Err(EnrollError::NoTokens) if !quorums.is_empty() => None,
             Err(e) => {
                 let transient = match &e {
                     EnrollError::TokensFailed(f) => f.iter().any(
@@ -234,14 +266,158 @@ impl Volume {
                     ),
                     other => other.seal_error().is_some_and(|s| s.is_transient()),
                 };
-                return Err(UnlockError::Tokens {
-                    message: e.to_string(),
-                    transient,
-                });
+                if quorums.is_empty() {
+                    return Err(UnlockError::Tokens {
+                        message: e.to_string(),
+                        transient,
+                    });
+                }
+                Some((e.to_string(), transient))
             }
         };
-        tracing::info!(token, keyslot = slot, "token unsealed");
-        Ok((self.device_for(&header, &key)?, slot))
+        let mut messages: Vec<String> = first_error.iter().map(|(m, _)| m.clone()).collect();
+        let mut transient = first_error.is_some_and(|(_, t)| t);
+        for (id, q) in quorums {
+            let q = match q {
+                Ok(q) => q,
+                Err(e) => {
+                    messages.push(format!("quorum token {id}: {e}"));
+                    continue;
+                }
+            };
+            match self.try_quorum(&file, &header, id, &q, settings) {
+                Ok(key) => {
+                    tracing::info!(token = id, keyslot = q.keyslot, "quorum complete");
+                    return Ok((self.device_for(&header, &key)?, q.keyslot));
+                }
+                Err((m, t)) => {
+                    transient |= t;
+                    messages.push(format!("quorum token {id} (keyslot {}): {m}", q.keyslot));
+                }
+            }
+        }
+        Err(UnlockError::Tokens {
+            message: messages.join("; "),
+            transient,
+        })
+    }
+
+    /// Unseals the machine shares of quorum `id` not held yet, then opens its keyslot if enough
+    /// shares are in. Err: why not, and whether a provider was unreachable.
+    fn try_quorum(
+        &self,
+        file: &File,
+        header: &Luks2Header,
+        id: u32,
+        q: &QuorumToken,
+        settings: &SealSettings,
+    ) -> Result<VolumeKey, (String, bool)> {
+        let held = self.shares.held(id);
+        let mut failures = Vec::new();
+        let mut transient = false;
+        for s in &q.shares {
+            if held.contains(&s.x) || !matches!(s.holder, quorum::Holder::Provider { .. }) {
+                continue;
+            }
+            match quorum::open_machine_share(header, q, s, settings) {
+                Ok(share) => {
+                    tracing::info!(token = id, share = %s.name(), "quorum: machine share unsealed");
+                    self.shares
+                        .add(id, q.keyslot, q.threshold, q.shares.len(), share);
+                }
+                Err(e) => {
+                    if let QuorumError::Provider { source, .. } = &e {
+                        transient |= source.is_transient();
+                    }
+                    tracing::warn!(token = id, error = %e, "quorum: machine share not available");
+                    failures.push(e.to_string());
+                }
+            }
+        }
+        let result = self
+            .shares
+            .with_shares(id, |shares| quorum::open_keyslot(file, header, q, shares));
+        match result {
+            Ok(key) => {
+                self.shares.forget(id);
+                Ok(key)
+            }
+            Err(e @ QuorumError::NotEnough { .. }) => {
+                let people = q.passphrase_shares();
+                let mut m = e.to_string();
+                if people > 0 {
+                    m.push_str(&format!(
+                        "; people give theirs with `nbdcryptctl unlock --share NAME` within {} s",
+                        self.shares.timeout().as_secs()
+                    ));
+                }
+                failures.insert(0, m);
+                Err((failures.join("; "), transient))
+            }
+            Err(e) => {
+                // Shares that combine to a wrong secret: none of them is worth keeping.
+                self.shares.forget(id);
+                failures.insert(0, e.to_string());
+                Err((failures.join("; "), transient))
+            }
+        }
+    }
+
+    /// A person's share of a quorum (`nbdcryptctl unlock --share NAME`): checked against its
+    /// tag, kept in locked memory, and the quorum opened if it is now complete (machine shares
+    /// are unsealed on the way). Runs a KDF: off the reactor.
+    pub fn unlock_with_share(
+        &self,
+        name: &str,
+        passphrase: &SecretBytes,
+        settings: &SealSettings,
+    ) -> Result<(Arc<dyn BlockDevice>, u32), UnlockError> {
+        let (header, file) = self.read_header()?;
+        self.pin.check_uuid(header.uuid())?;
+        let found = quorum::tokens(&header)
+            .into_iter()
+            .filter_map(|(id, q)| q.ok().map(|q| (id, q)))
+            .find(|(_, q)| q.share_named(name).is_some());
+        let Some((id, q)) = found else {
+            return Err(UnlockError::WrongShare(
+                QuorumError::UnknownShare(name.to_owned()).to_string(),
+            ));
+        };
+        let share = match quorum::open_passphrase_share(&header, &q, name, passphrase, &self.limits)
+        {
+            Ok(s) => s,
+            Err(e @ QuorumError::WrongShare { .. }) => {
+                let have = self.shares.held(id).len();
+                return Err(UnlockError::WrongShare(format!(
+                    "{e}; {have} of {} needed shares received",
+                    q.threshold
+                )));
+            }
+            Err(e) => {
+                return Err(UnlockError::Tokens {
+                    message: e.to_string(),
+                    transient: false,
+                })
+            }
+        };
+        self.shares
+            .add(id, q.keyslot, q.threshold, q.shares.len(), share);
+        match self.try_quorum(&file, &header, id, &q, settings) {
+            Ok(key) => {
+                tracing::info!(token = id, keyslot = q.keyslot, "quorum complete");
+                Ok((self.device_for(&header, &key)?, q.keyslot))
+            }
+            Err((m, _)) => {
+                // The details (which machine holder failed) go to the log, not to the person.
+                tracing::info!(token = id, share = name, status = %m, "quorum: share accepted");
+                Err(UnlockError::SharePending(format!(
+                    "share {name:?} accepted; {} of {} needed shares received ({} holders)",
+                    self.shares.held(id).len(),
+                    q.threshold,
+                    q.shares.len()
+                )))
+            }
+        }
     }
 
     /// Re-seal the token of keyslot `slot` (every nbdcrypt token when `None`) with a fresh

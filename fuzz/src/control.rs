@@ -19,8 +19,12 @@ pub fn proto(data: &[u8]) {
             if let (Request::Unlock { secret: a, .. }, Request::Unlock { secret: b, .. }) = (&req, &again) {
                 assert!(a.expose_secret() == b.expose_secret(), "secret changed in a round trip");
             }
+            if let (Request::Share { secret: a, name: n }, Request::Share { secret: b, name: m }) = (&req, &again) {
+                assert!(a.expose_secret() == b.expose_secret(), "share secret changed in a round trip");
+                assert_eq!(n, m);
+            }
             // Debug never shows a secret.
-            if let Request::Unlock { secret, .. } = &req {
+            if let Request::Unlock { secret, .. } | Request::Share { secret, .. } = &req {
                 let dbg = format!("{req:?}");
                 if secret.len() >= 4 {
                     let s = String::from_utf8_lossy(secret.expose_secret());
@@ -74,9 +78,34 @@ fn check_token(o: Map<String, Value>) {
             let _ = e.to_string();
         }
     }
+    check_quorum(&o);
     if let Ok(t) = Token::from_json(o) {
         let _ = (t.type_name(), t.keyslots());
         let _ = token::parse(&t);
+    }
+}
+
+/// Quorum tokens (same `seal_token` target): bounded, and one that parses rebuilds into the
+/// same token. Nothing here may run a KDF or reach a provider.
+fn check_quorum(o: &Map<String, Value>) {
+    use nbdcrypt::luks2::tokens::quorum;
+    match quorum::parse_json(o) {
+        Ok(Some(q)) => {
+            assert!(q.threshold >= 1 && q.threshold <= q.shares.len());
+            assert!(q.shares.len() <= quorum::MAX_SHARES);
+            assert!(q.shares.iter().all(|s| s.x != 0));
+            let _ = (q.passphrase_shares(), format!("{q:?}"));
+            for s in &q.shares {
+                let _ = (s.describe(), s.name());
+            }
+            let t = quorum::build(&q).expect("a parsed quorum rebuilds");
+            let again = quorum::parse(&t).expect("rebuilt quorum refused").expect("rebuilt quorum not a quorum");
+            assert_eq!(again, q);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            let _ = e.to_string();
+        }
     }
 }
 

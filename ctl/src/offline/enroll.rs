@@ -12,6 +12,7 @@ use nbdcrypt::control::proto::{Request, Response};
 use nbdcrypt::crypto::keys::VolumeKey;
 use nbdcrypt::luks2::tokens::enroll::{self as seal_enroll, EnrollError, Enrolled, UnenrollTarget};
 use nbdcrypt::luks2::tokens::format::{self as token, ProviderKind};
+use nbdcrypt::luks2::tokens::quorum;
 use nbdcrypt::luks2::tokens::resolver;
 use nbdcrypt::luks2::{KdfLimits, Luks2Header};
 use nbdcrypt::seal::pin::VolumePin;
@@ -19,18 +20,25 @@ use nbdcrypt::seal::registry::{Provider, RawSettings, SettingFlags, PROVIDERS};
 use nbdcrypt::seal::{SealProvider, SealSettings};
 
 use super::Volume;
-use crate::secret_input::{read_existing, Source};
+use crate::secret_input::{read_existing, read_new, Source};
 
 pub const ENROLL_ABOUT: &str = "\
-Add a keyslot that AWS KMS unlocks. A random 32-byte secret opens a new keyslot (PBKDF2-SHA256,
-1000 iterations; its passphrase is the secret's base64, as systemd-cryptenroll does); the secret
-is stored only encrypted by the KMS key, in a LUKS2 token bound to this volume's UUID and the
-keyslot (KMS encryption context), so a copied token opens nothing. An existing passphrase or key
+Add a keyslot that AWS KMS or a PKCS#11 HSM unlocks, or a quorum of holders (--quorum K: any K
+of the KMS keys, HSM keys and people given). A random 32-byte secret opens a new keyslot
+(PBKDF2-SHA256, 1000 iterations; its passphrase is the secret's base64, as systemd-cryptenroll
+does); the secret is stored only encrypted by the KMS or HSM key, in a LUKS2 token bound to this
+volume's UUID and the keyslot (KMS encryption context, AES-GCM additional data), so a copied
+token opens nothing. An existing passphrase or key
 file unlocks the volume key first. Credentials come from the standard AWS chain (environment,
 profile, instance role); the region from --kms-region or the standard chain. Prints the keyslot
 and the token id, then the lines for nbdcryptd's config: the key to allow (kms-allow-key) and
 the volume pin (volume-uuid, volume-key-digest) that makes the daemon refuse a replaced header.
-Keep a passphrase keyslot as a recovery key.";
+Keep a passphrase keyslot as a recovery key.
+
+With --quorum K the secret is split (Shamir, k-of-n) among every holder given: each --kms and
+--pkcs11 key seals its share, each --passphrase-share NAME is a person whose passphrase (asked
+now) protects theirs. nbdcryptd unseals the machine shares it can reach; people give theirs with
+`nbdcryptctl unlock --share NAME`. `nbdcryptctl policy VOLUME` shows the result in words.";
 
 pub const ENROLL_EXAMPLES: &str = "\
 Examples:
@@ -38,7 +46,12 @@ Examples:
   nbdcryptctl enroll vol.img --kms arn:aws:kms:eu-west-1:111122223333:key/1234abcd-... \\
       --key-file recovery.key --audit-log /var/log/nbdcrypt-audit.log
   nbdcryptctl enroll vol.img --kms alias/vol --region eu-west-1 \\
-      --kms-endpoint https://vpce-0abc.kms.eu-west-1.vpce.amazonaws.com --key-file k";
+      --kms-endpoint https://vpce-0abc.kms.eu-west-1.vpce.amazonaws.com --key-file k
+  nbdcryptctl enroll vol.img --pkcs11 'pkcs11:token=prod;object=db;type=secret-key' \
+      --pkcs11-pin file:/etc/nbdcrypt/hsm.pin
+  nbdcryptctl enroll vol.img --quorum 2 --kms alias/db \
+      --pkcs11 'pkcs11:token=prod;object=db;type=secret-key' --pkcs11-pin file:/etc/nbdcrypt/hsm.pin \
+      --passphrase-share alice                                        # any 2 of the 3";
 
 pub const UNENROLL_ABOUT: &str = "\
 Remove a KMS enrolment: its token first, then its keyslot (wiped). Needs no secret. Refuses to
@@ -178,7 +191,8 @@ impl<const REKEY: bool> clap::Args for Holders<REKEY> {
         cmd.group(if REKEY {
             group.multiple(false)
         } else {
-            group.required(true).multiple(true)
+            // At least one holder: checked by `enroll` (a quorum may be people only).
+            group.multiple(true)
         })
     }
     fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
@@ -193,6 +207,23 @@ pub struct EnrollArgs {
     pub volume: PathBuf,
     #[command(flatten)]
     pub holders: Holders<false>,
+    /// Split the keyslot secret among every holder given (--kms, --pkcs11, --passphrase-share,
+    /// each may repeat) so that any K of them open the keyslot (Shamir k-of-n).
+    #[arg(long, value_name = "K", help_heading = "Quorum")]
+    pub quorum: Option<usize>,
+    /// A person holding a share, with a passphrase of their own (asked now, twice, on the
+    /// terminal; without a terminal one line of standard input per share). They give it later
+    /// with `nbdcryptctl unlock --share NAME`. Needs --quorum.
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "quorum",
+        help_heading = "Quorum"
+    )]
+    pub passphrase_share: Vec<String>,
+    /// Key derivation of the people's share passphrases (as `format`'s --pbkdf options).
+    #[command(flatten)]
+    pub share_kdf: super::PbkdfArgs,
     #[command(flatten)]
     pub location: KmsLocation,
     #[command(flatten)]
@@ -330,8 +361,12 @@ pub(super) fn unlock_by_passphrase(
 
 pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
     if a.clevis.given() {
-        if !a.holders.all().is_empty() {
-            bail!("clevis pins (--tang, --tpm2, --sss) make a clevis token on their own: give no --kms / --pkcs11 / --clevis with them");
+        if !a.holders.all().is_empty() || a.quorum.is_some() || !a.passphrase_share.is_empty() {
+            bail!(
+                "clevis pins (--tang, --tpm2, --sss) make a clevis token on their own: give no \
+                 --kms / --pkcs11 / --clevis / --quorum with them (in a quorum, a Tang server or \
+                 the TPM is --clevis tang:URL=THUMBPRINT or --clevis tpm2)"
+            );
         }
         return super::clevis::enroll(&a, &seal_settings(&a.location)?);
     }
@@ -340,9 +375,16 @@ pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
     let vol = Volume::open(&a.volume, true)?;
     let mut hdr = vol.header(true)?;
     let holders = a.holders.all();
+    if let Some(k) = a.quorum {
+        return enroll_quorum(&a, k, &holders, &settings, &audit, vol, hdr);
+    }
     let (kind, value) = match holders.as_slice() {
         [one] => *one,
-        _ => bail!("give exactly one key holder (--kms KEY or --pkcs11 URI)"),
+        [] => bail!("give a key holder: --kms KEY or --pkcs11 URI"),
+        _ => bail!(
+            "several key holders need --quorum K (any K of them open the keyslot); for holders \
+             that open it alone, enrol each one separately"
+        ),
     };
     let provider = new_provider(kind, value, &settings)?;
     let key = unlock_by_passphrase(&vol, &hdr, a.key_file.as_deref(), a.kdf_limits.limits())?;
@@ -364,6 +406,113 @@ pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
                 kind.name()
             );
             print_daemon_config(&vol, &hdr, kind, &arn, &settings);
+            Ok(())
+        }
+        Err(e) => {
+            let e = explain(&vol, e);
+            audit.record(event.failed(format!("{e:#}")));
+            Err(e)
+        }
+    }
+}
+
+/// `enroll --quorum K`: one keyslot, its secret split among the machine holders and people.
+fn enroll_quorum(
+    a: &EnrollArgs,
+    k: usize,
+    holders: &[(&'static dyn Provider, &str)],
+    settings: &SealSettings,
+    audit: &Audit,
+    vol: Volume,
+    mut hdr: Luks2Header,
+) -> anyhow::Result<()> {
+    let n = holders.len() + a.passphrase_share.len();
+    if n == 0 {
+        bail!("--quorum needs holders: --kms, --pkcs11 and/or --passphrase-share NAME");
+    }
+    if k == 0 || k > n {
+        bail!("--quorum {k} with {n} holders: give a number from 1 to {n}");
+    }
+    if n > quorum::MAX_SHARES {
+        bail!("at most {} holders in a quorum", quorum::MAX_SHARES);
+    }
+    for name in &a.passphrase_share {
+        if !quorum::valid_name(name) {
+            bail!("--passphrase-share {name:?}: use 1 to 64 of A-Z a-z 0-9 . _ - @");
+        }
+    }
+    a.share_kdf.precheck()?;
+    let providers: Vec<(&'static dyn Provider, Box<dyn SealProvider>)> = holders
+        .iter()
+        .map(|(kind, value)| Ok((*kind, new_provider(*kind, value, settings)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let key = unlock_by_passphrase(&vol, &hdr, a.key_file.as_deref(), a.kdf_limits.limits())?;
+    let kdf = if a.passphrase_share.is_empty() {
+        None
+    } else {
+        Some(a.share_kdf.resolve(32)?)
+    };
+    let mut new: Vec<quorum::NewHolder<'_>> = providers
+        .iter()
+        .map(|(_, p)| quorum::NewHolder::Provider(&**p))
+        .collect();
+    for name in &a.passphrase_share {
+        let passphrase = read_new(
+            &Source::Interactive,
+            &format!("New passphrase for share {name} (only {name} should type it): "),
+        )?;
+        new.push(quorum::NewHolder::Passphrase {
+            name: name.clone(),
+            passphrase,
+            kdf: kdf.unwrap_or(nbdcrypt::luks2::KdfParams::Pbkdf2 {
+                hash: nbdcrypt::luks2::HashAlg::Sha256,
+                iterations: 1000,
+            }),
+        });
+    }
+    let mut event = AuditEvent::new(AuditEventKind::Enrol)
+        .volume(hdr.uuid())
+        .provider("quorum", None)
+        .detail("threshold", k)
+        .detail("holders", n);
+    match quorum::enroll(&vol.file, &mut hdr, &key, k, &new) {
+        Ok(Enrolled { keyslot, token_id }) => {
+            drop(new);
+            let q = hdr
+                .token(token_id)
+                .and_then(|t| quorum::parse(t).ok().flatten())
+                .ok_or_else(|| anyhow!("the quorum token {token_id} does not read back"))?;
+            let words: Vec<String> = q.shares.iter().map(|s| s.describe()).collect();
+            event = event
+                .keyslot(keyslot)
+                .detail("token", token_id)
+                .detail("shares", words.join(", "));
+            audit.record(event);
+            println!(
+                "enrolled keyslot {keyslot} (token {token_id}): {k} of {{{}}}",
+                words.join(", ")
+            );
+            println!();
+            println!(
+                "# For nbdcryptd's --config file (a volume pin makes it refuse a replaced header;"
+            );
+            println!(
+                "# `nbdcryptctl pin {} --write FILE` writes the pin lines):",
+                vol.path.display()
+            );
+            for s in &q.shares {
+                if let quorum::Holder::Provider { provider, .. } = &s.holder {
+                    if let (Some(p), Some(c)) = (
+                        nbdcrypt::seal::registry::by_name(provider),
+                        settings.get(provider),
+                    ) {
+                        for line in p.daemon_config_lines(&s.name(), c) {
+                            println!("{line}");
+                        }
+                    }
+                }
+            }
+            print!("{}", VolumePin::of_header(&hdr).toml_lines());
             Ok(())
         }
         Err(e) => {
@@ -427,9 +576,11 @@ pub fn unenroll(a: UnenrollArgs) -> anyhow::Result<()> {
             if let Some(k) = u.keyslot {
                 ev = ev.keyslot(k);
             }
-            let kind = ProviderKind::from_token_type(&u.token_type)
-                .map(ProviderKind::name)
-                .unwrap_or("unknown");
+            let kind = match ProviderKind::from_token_type(&u.token_type) {
+                Some(k) => k.name(),
+                None if u.token_type == quorum::TOKEN_TYPE => "quorum",
+                None => "unknown",
+            };
             audit.record(ev.provider(kind, u.key.as_deref()));
             match u.keyslot {
                 Some(k) => println!("removed token {} and keyslot {k}", u.token_id),
@@ -574,6 +725,57 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// test-token on quorums: opens one with its machine shares alone (people's shares are given to
+/// the daemon, never here). Reports how many shares each quorum reached.
+fn quorum_by_machines(
+    vol: &Volume,
+    hdr: &Luks2Header,
+    settings: &SealSettings,
+    only: Option<u32>,
+) -> Result<(VolumeKey, u32, u32), EnrollError> {
+    let mut why = Vec::new();
+    for (id, q) in quorum::tokens(hdr) {
+        if only.is_some_and(|o| o != id) {
+            continue;
+        }
+        let q = match q {
+            Ok(q) => q,
+            Err(e) => {
+                why.push(format!("quorum token {id}: {e}"));
+                continue;
+            }
+        };
+        let mut shares = Vec::new();
+        let mut failed = Vec::new();
+        for s in &q.shares {
+            if let quorum::Holder::Provider { .. } = s.holder {
+                match quorum::open_machine_share(hdr, &q, s, settings) {
+                    Ok(share) => shares.push(share),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+        }
+        let refs: Vec<_> = shares.iter().collect();
+        match quorum::open_keyslot(&vol.file, hdr, &q, &refs) {
+            Ok(key) => return Ok((key, q.keyslot, id)),
+            Err(e) => {
+                let mut m = format!("quorum token {id} (keyslot {}): {e}", q.keyslot);
+                if q.passphrase_shares() > 0 {
+                    m.push_str(" from machine holders alone; people give theirs to nbdcryptd");
+                }
+                for f in failed {
+                    m.push_str(&format!("; {f}"));
+                }
+                why.push(m);
+            }
+        }
+    }
+    Err(EnrollError::Seal(nbdcrypt::seal::SealError::Other {
+        provider: "quorum",
+        detail: why.join("; "),
+    }))
+}
+
 pub fn test_token(a: TestTokenArgs) -> anyhow::Result<()> {
     let audit = Audit::open(a.audit_log.as_deref())?;
     let vol = Volume::open(&a.volume, false)?;
@@ -584,17 +786,31 @@ pub fn test_token(a: TestTokenArgs) -> anyhow::Result<()> {
     let settings = seal_settings(&a.location)?;
     let pin = config_pin(&a.location)?;
     let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolver(json, &settings);
+    let is_quorum = |id: u32| {
+        hdr.token(id)
+            .is_some_and(|t| t.type_name() == quorum::TOKEN_TYPE)
+    };
     let result = match a.token {
+        Some(id) if is_quorum(id) => quorum_by_machines(&vol, &hdr, &settings, Some(id)),
         Some(id) => seal_enroll::unlock_with_token(&vol.file, &hdr, id, &resolve)
             .map(|(k, slot)| (k, slot, id)),
-        None => seal_enroll::unlock_with_tokens(&vol.file, &hdr, &resolve).or_else(|ours| {
-            nbdcrypt::luks2::tokens::clevis::unlock_after_ours(
-                &vol.file,
-                &hdr,
-                &settings.clevis(),
-                ours,
-            )
-        }),
+        None => {
+            let opened =
+                seal_enroll::unlock_with_tokens(&vol.file, &hdr, &resolve).or_else(|ours| {
+                    nbdcrypt::luks2::tokens::clevis::unlock_after_ours(
+                        &vol.file,
+                        &hdr,
+                        &settings.clevis(),
+                        ours,
+                    )
+                });
+            match opened {
+                Err(EnrollError::NoTokens) if !quorum::tokens(&hdr).is_empty() => {
+                    quorum_by_machines(&vol, &hdr, &settings, None)
+                }
+                r => r,
+            }
+        }
     };
     // A token that opens a header other than the pinned one is a failure, as in the daemon.
     if let Ok((key, _, _)) = &result {

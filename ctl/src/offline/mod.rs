@@ -14,6 +14,7 @@ mod format;
 mod header;
 mod keys;
 mod pin;
+mod policy;
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -115,6 +116,9 @@ pub enum OfflineCommand {
     /// Print or write the config lines that pin the volume (UUID, volume-key digest) in nbdcryptd.
     #[command(long_about = pin::ABOUT, after_help = help(pin::EXAMPLES))]
     Pin(pin::PinArgs),
+    /// Print the volume's unlock policy in words (or --json): what opens each keyslot.
+    #[command(long_about = policy::ABOUT, after_help = help(policy::EXAMPLES))]
+    Policy(policy::PolicyArgs),
 }
 
 /// Runs one offline command. A wrong passphrase is reported here (message on stderr, exit 3);
@@ -198,6 +202,7 @@ pub fn run(cmd: OfflineCommand) -> anyhow::Result<ExitCode> {
         OfflineCommand::Rekey(a) => enroll::rekey(a),
         OfflineCommand::TestToken(a) => enroll::test_token(a),
         OfflineCommand::Pin(a) => pin::run(a),
+        OfflineCommand::Policy(a) => policy::run(a),
     };
     match result {
         Ok(()) => Ok(ExitCode::from(EXIT_OK)),
@@ -226,6 +231,7 @@ impl OfflineCommand {
             OfflineCommand::Rekey(_) => "rekey",
             OfflineCommand::TestToken(_) => "test-token",
             OfflineCommand::Pin(_) => "pin",
+            OfflineCommand::Policy(_) => "policy",
         }
     }
 }

@@ -35,8 +35,8 @@ use crate::shutdown::Shutdown;
 
 pub use server::ControlListener;
 pub use volume::{
-    Origin, Policy, Rekeyer, UnlockError, UnlockWith, Unlocker, VolumeHandle, VolumeInfo,
-    VolumeManager,
+    Origin, Policy, Rekeyer, StatusHook, UnlockError, UnlockWith, Unlocker, VolumeHandle,
+    VolumeInfo, VolumeManager,
 };
 
 /// Where nbdcryptd listens for control requests unless told otherwise.
@@ -65,10 +65,32 @@ impl ControlPlane {
         audit: Arc<crate::audit::AuditLog>,
         shutdown: Shutdown,
     ) -> io::Result<ControlPlane> {
+        Self::start_with_status(
+            socket, exports, info, unlocker, rekeyer, audit, shutdown, None,
+        )
+        .await
+    }
+
+    /// [`ControlPlane::start`], with words `status` adds while locked (a quorum being
+    /// assembled).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start_with_status(
+        socket: &Path,
+        exports: Arc<ExportTable>,
+        info: VolumeInfo,
+        unlocker: Unlocker,
+        rekeyer: Option<Rekeyer>,
+        audit: Arc<crate::audit::AuditLog>,
+        shutdown: Shutdown,
+        status: Option<StatusHook>,
+    ) -> io::Result<ControlPlane> {
         let listener = ControlListener::bind(socket).await?;
         let mut manager = VolumeManager::new(exports, info, unlocker).with_audit(audit);
         if let Some(r) = rekeyer {
             manager = manager.with_rekeyer(r);
+        }
+        if let Some(h) = status {
+            manager = manager.with_status_hook(h);
         }
         let (volume, volume_task) = manager.spawn(shutdown.clone());
         let server_task = tokio::spawn(server::run(listener, volume.clone(), shutdown));

@@ -10,6 +10,7 @@
 //! -> {"v":1,"op":"rekey","slot":1}                             slot optional: every token
 //! -> {"v":1,"op":"lock","force":false}                           byte values); slot optional
 //! -> {"v":1,"op":"status"}
+//! -> {"v":1,"op":"share","name":"alice","secret":"…"}         a person's quorum share
 //! <- {"v":1,"status":{"state":"unlocked","volume_uuid":"…",…}}
 //! <- {"v":1,"error":{"kind":"rate_limited","message":"…","retry_after_secs":4}}
 //! ```
@@ -65,7 +66,15 @@ pub enum Request {
         force: bool,
     },
     Status,
+    /// A person's share of a quorum (`nbdcryptctl unlock --share NAME`): their passphrase.
+    Share {
+        name: String,
+        secret: SecretBytes,
+    },
 }
+
+/// Longest share name on the wire.
+pub const MAX_SHARE_NAME: usize = 64;
 
 /// What a request asks for, without its contents: for logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +84,7 @@ pub enum RequestKind {
     Rekey,
     Lock,
     Status,
+    Share,
 }
 
 impl fmt::Display for RequestKind {
@@ -85,6 +95,7 @@ impl fmt::Display for RequestKind {
             RequestKind::Rekey => "rekey",
             RequestKind::Lock => "lock",
             RequestKind::Status => "status",
+            RequestKind::Share => "share",
         })
     }
 }
@@ -102,6 +113,11 @@ impl fmt::Debug for Request {
             Request::Rekey { slot } => f.debug_struct("Rekey").field("slot", slot).finish(),
             Request::Lock { force } => f.debug_struct("Lock").field("force", force).finish(),
             Request::Status => f.write_str("Status"),
+            Request::Share { name, .. } => f
+                .debug_struct("Share")
+                .field("name", name)
+                .field("secret", &"<redacted>")
+                .finish(),
         }
     }
 }
@@ -270,12 +286,18 @@ impl Request {
             Request::Rekey { .. } => RequestKind::Rekey,
             Request::Lock { .. } => RequestKind::Lock,
             Request::Status => RequestKind::Status,
+            Request::Share { .. } => RequestKind::Share,
         }
     }
 
     /// The wire line, newline included, in a buffer that is wiped when dropped.
     pub fn encode(&self) -> Zeroizing<Vec<u8>> {
+        let mut name = None;
         let (op, secret, slot, force) = match self {
+            Request::Share { name: n, secret } => {
+                name = Some(n.as_str());
+                (Op::Share, Some(SecretOut(secret)), None, None)
+            }
             Request::Unlock { secret, slot } => (Op::Unlock, Some(SecretOut(secret)), *slot, None),
             Request::UnlockToken => (Op::UnlockToken, None, None, None),
             Request::Rekey { slot } => (Op::Rekey, None, *slot, None),
@@ -291,6 +313,7 @@ impl Request {
             secret,
             slot,
             force,
+            name,
         };
         // Serializing these types into a Vec cannot fail: no maps with non-string keys, no I/O.
         serde_json::to_writer(&mut *out, &wire).expect("request serializes");
@@ -376,6 +399,7 @@ enum Op {
     Rekey,
     Lock,
     Status,
+    Share,
 }
 
 #[derive(Deserialize)]
@@ -390,6 +414,8 @@ struct WireRequest {
     slot: Option<u32>,
     #[serde(default)]
     force: Option<bool>,
+    #[serde(default)]
+    name: Option<String>,
 }
 
 impl WireRequest {
@@ -400,7 +426,30 @@ impl WireRequest {
                 self.op
             )))
         };
+        if self.name.is_some() && self.op != Op::Share {
+            return misplaced("name");
+        }
         match self.op {
+            Op::Share => {
+                if self.slot.is_some() {
+                    return misplaced("slot");
+                }
+                if self.force.is_some() {
+                    return misplaced("force");
+                }
+                let name = match self.name {
+                    Some(n) if !n.is_empty() && n.len() <= MAX_SHARE_NAME => n,
+                    _ => {
+                        return Err(DecodeError::Invalid(format!(
+                            "share needs \"name\" (1 to {MAX_SHARE_NAME} bytes)"
+                        )))
+                    }
+                };
+                match self.secret {
+                    Some(SecretIn(secret)) => Ok(Request::Share { name, secret }),
+                    None => Err(DecodeError::Invalid("share needs \"secret\"".into())),
+                }
+            }
             Op::Unlock => {
                 if self.force.is_some() {
                     return misplaced("force");
@@ -471,6 +520,8 @@ struct WireRequestOut<'a> {
     slot: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     force: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -841,5 +892,46 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn share_requests_round_trip_and_refuse_misplaced_or_missing_names() {
+        let r = Request::Share {
+            name: "alice".into(),
+            secret: SecretBytes::from_slice(b"alice's words"),
+        };
+        let line = r.encode();
+        let back = Request::decode(&line).unwrap();
+        match &back {
+            Request::Share { name, secret } => {
+                assert_eq!(name, "alice");
+                assert_eq!(secret.expose_secret(), b"alice's words");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(back.kind(), RequestKind::Share);
+        let dbg = format!("{back:?}");
+        assert!(dbg.contains("alice") && !dbg.contains("words"), "{dbg}");
+        for bad in [
+            r#"{"v":1,"op":"share","secret":"eA=="}"#,
+            r#"{"v":1,"op":"share","name":"","secret":"eA=="}"#,
+            r#"{"v":1,"op":"share","name":"alice"}"#,
+            r#"{"v":1,"op":"share","name":"alice","secret":"eA==","slot":1}"#,
+            r#"{"v":1,"op":"unlock","name":"alice","secret":"eA=="}"#,
+            r#"{"v":1,"op":"status","name":"alice"}"#,
+        ] {
+            assert!(
+                matches!(
+                    Request::decode(bad.as_bytes()),
+                    Err(DecodeError::Invalid(_))
+                ),
+                "{bad}"
+            );
+        }
+        let long = format!(
+            r#"{{"v":1,"op":"share","name":"{}","secret":"eA=="}}"#,
+            "a".repeat(MAX_SHARE_NAME + 1)
+        );
+        assert!(Request::decode(long.as_bytes()).is_err());
     }
 }

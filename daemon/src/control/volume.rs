@@ -57,7 +57,13 @@ pub enum UnlockWith {
     },
     /// The header's sealed-keyslot tokens, tried in priority order.
     Tokens,
+    /// A person's quorum share: their passphrase for the share `name`.
+    Share { name: String, secret: SecretBytes },
 }
+
+/// Extra words for `status` while locked (a quorum being assembled: "1 of 2 shares
+/// received"), asked at each status.
+pub type StatusHook = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 /// Why an unlocker did not return a device.
 #[derive(Debug)]
@@ -73,6 +79,11 @@ pub enum UnlockError {
     /// Anything else (I/O error, damaged header); does not count toward the rate limit. The text
     /// is shown to the operator, so it must not contain secret-derived values.
     Other(String),
+    /// A quorum share was wrong (named in the text) or unknown. Counts toward the rate limit.
+    WrongShare(String),
+    /// A quorum share was accepted and kept; the quorum is not complete yet (the text says how
+    /// many are in). Answered with the status.
+    SharePending(String),
 }
 
 impl fmt::Display for UnlockError {
@@ -80,7 +91,10 @@ impl fmt::Display for UnlockError {
         match self {
             UnlockError::WrongPassphrase => f.write_str("wrong passphrase or key file"),
             UnlockError::Tokens { message, .. } => f.write_str(message),
-            UnlockError::Refused(m) | UnlockError::Other(m) => f.write_str(m),
+            UnlockError::Refused(m)
+            | UnlockError::Other(m)
+            | UnlockError::WrongShare(m)
+            | UnlockError::SharePending(m) => f.write_str(m),
         }
     }
 }
@@ -144,6 +158,7 @@ pub struct VolumeManager {
     policy: Policy,
     audit: Arc<AuditLog>,
     rekeyer: Option<Arc<Rekeyer>>,
+    status_hook: Option<StatusHook>,
 }
 
 /// Sends requests to the manager's task. Cheap to clone; one per control connection.
@@ -161,7 +176,14 @@ impl VolumeManager {
             policy: Policy::default(),
             audit: Arc::new(AuditLog::tracing()),
             rekeyer: None,
+            status_hook: None,
         }
+    }
+
+    /// Words `status` adds while locked (see [`StatusHook`]).
+    pub fn with_status_hook(mut self, hook: StatusHook) -> Self {
+        self.status_hook = Some(hook);
+        self
     }
 
     /// What `rekey` requests run (without one they are refused).
@@ -194,6 +216,7 @@ impl VolumeManager {
             policy: self.policy,
             audit: self.audit,
             rekeyer: self.rekeyer,
+            status_hook: self.status_hook,
             rx,
             vol: Vol::Locked {
                 reason: "not unlocked since nbdcryptd started".into(),
@@ -263,8 +286,10 @@ enum Pending {
         task: JoinHandle<Result<Arc<dyn BlockDevice>, UnlockError>>,
         reply: oneshot::Sender<Response>,
         origin: Origin,
-        /// "passphrase" or "token", for the audit log.
+        /// "passphrase", "token" or "share", for the audit log.
         method: &'static str,
+        /// The share's name, for a quorum share.
+        share: Option<String>,
     },
     Drain {
         /// Taken when the deadline passes and the requester has been told `busy`.
@@ -293,6 +318,7 @@ enum Event {
 struct Task {
     audit: Arc<AuditLog>,
     rekeyer: Option<Arc<Rekeyer>>,
+    status_hook: Option<StatusHook>,
     exports: Arc<ExportTable>,
     info: VolumeInfo,
     unlocker: Arc<Unlocker>,
@@ -340,6 +366,9 @@ impl Task {
                 self.unlock(UnlockWith::Secret { secret, slot }, origin, reply)
             }
             Request::UnlockToken => self.unlock(UnlockWith::Tokens, origin, reply),
+            Request::Share { name, secret } => {
+                self.unlock(UnlockWith::Share { name, secret }, origin, reply)
+            }
             Request::Rekey { slot } => self.rekey(slot, origin, reply),
             Request::Lock { force } => self.lock(force, origin, reply),
         };
@@ -369,7 +398,7 @@ impl Task {
             // Locking always has a pending step, so `busy()` answered above.
             Vol::Locking { .. } | Vol::Locked { .. } => {}
         }
-        let by_secret = matches!(with, UnlockWith::Secret { .. });
+        let by_secret = matches!(with, UnlockWith::Secret { .. } | UnlockWith::Share { .. });
         if let (true, Some(wait)) = (by_secret, self.limiter.remaining(Instant::now())) {
             let secs = ceil_secs(wait);
             let r = Response::Error(ErrorReply {
@@ -384,8 +413,15 @@ impl Task {
                 info!(%origin, slot = ?slot, "unlock: checking the secret against the keyslots")
             }
             UnlockWith::Tokens => info!(%origin, "unlock: trying the KMS/HSM tokens"),
+            UnlockWith::Share { name, .. } => {
+                info!(%origin, share = %name, "unlock: checking a quorum share")
+            }
         }
-        let method = if by_secret { "passphrase" } else { "token" };
+        let (method, share) = match &with {
+            UnlockWith::Secret { .. } => ("passphrase", None),
+            UnlockWith::Tokens => ("token", None),
+            UnlockWith::Share { name, .. } => ("share", Some(name.clone())),
+        };
         let unlocker = self.unlocker.clone();
         // The secret moves to the blocking thread and is wiped when the unlocker drops it.
         let task = tokio::task::spawn_blocking(move || unlocker(with));
@@ -394,6 +430,7 @@ impl Task {
             reply,
             origin,
             method,
+            share,
         };
         None
     }
@@ -524,6 +561,7 @@ impl Task {
             reply,
             origin,
             method,
+            share,
             ..
         } = std::mem::replace(&mut self.pending, Pending::None)
         else {
@@ -531,12 +569,17 @@ impl Task {
         };
         let mut event = AuditEvent::new(match &res {
             Ok(Ok(_)) => AuditEventKind::UnlockOk,
+            Ok(Err(UnlockError::SharePending(_))) => AuditEventKind::ShareAccepted,
             _ => AuditEventKind::UnlockFailed,
         })
         .volume(&self.info.uuid)
         .detail("method", method)
         .peer(origin.uid, origin.pid.unwrap_or(0));
+        if let Some(name) = &share {
+            event = event.detail("share", name.as_str());
+        }
         match &res {
+            Ok(Err(UnlockError::SharePending(m))) => event = event.detail("quorum", m.as_str()),
             Ok(Err(e)) => event = event.failed(e),
             Err(e) => event = event.failed(e),
             Ok(Ok(_)) => {}
@@ -576,6 +619,23 @@ impl Task {
                     ErrorKind::TokenFailed
                 };
                 Response::error(kind, format!("no token opened the volume: {message}"))
+            }
+            Ok(Err(UnlockError::WrongShare(m))) => {
+                let failures = self.limiter.failure(Instant::now());
+                warn!(%origin, failures, error = %m, "quorum share refused");
+                let mut message = m;
+                if let Some(wait) = self.limiter.remaining(Instant::now()) {
+                    message.push_str(&format!(
+                        "; the next attempt is possible in {} s",
+                        ceil_secs(wait)
+                    ));
+                }
+                Response::error(ErrorKind::WrongPassphrase, message)
+            }
+            Ok(Err(UnlockError::SharePending(m))) => {
+                // A good share: not a failure, but not an unlock either.
+                info!(%origin, status = %m, "quorum share accepted");
+                Response::Ok(self.report())
             }
             Ok(Err(UnlockError::Refused(m))) => {
                 error!(%origin, error = %m, "unlock refused by the volume pin; staying locked");
@@ -755,7 +815,14 @@ impl Task {
                 None,
                 None,
             ),
-            (Vol::Locked { reason }, _) => (VolumeState::Locked, Some(reason.clone()), None, None),
+            (Vol::Locked { reason }, _) => {
+                let quorum = self.status_hook.as_ref().and_then(|h| h());
+                let reason = match quorum {
+                    Some(q) => format!("{reason}; {q}"),
+                    None => reason.clone(),
+                };
+                (VolumeState::Locked, Some(reason), None, None)
+            }
             (Vol::Unlocked { device, export }, _) => {
                 (VolumeState::Unlocked, None, Some(device), Some(export))
             }

@@ -296,6 +296,11 @@ fn enroll_inner(
     })
 }
 
+/// Our token types `unenroll` may remove: provider tokens and quorums.
+fn removable(type_name: &str) -> bool {
+    token::is_ours(type_name) || type_name == super::quorum::TOKEN_TYPE
+}
+
 /// Removes one enrolment: the token first, then its keyslot (a crash in between leaves an
 /// unopenable keyslot, never a token pointing at nothing). Refuses to remove the last keyslot
 /// that opens the volume, and never touches other tools' tokens.
@@ -309,7 +314,7 @@ pub fn unenroll(
         UnenrollTarget::Keyslot(slot) => {
             let ids: Vec<u32> = header
                 .tokens()
-                .filter(|(_, t)| token::is_ours(t.type_name()) && t.keyslots() == [slot])
+                .filter(|(_, t)| removable(t.type_name()) && t.keyslots() == [slot])
                 .map(|(id, _)| id)
                 .collect();
             match ids.as_slice() {
@@ -332,7 +337,7 @@ pub fn unenroll(
     let t = header
         .token(token_id)
         .ok_or(EnrollError::NoSuchToken(token_id))?;
-    if !token::is_ours(t.type_name()) {
+    if !removable(t.type_name()) {
         return Err(EnrollError::NotOurToken {
             id: token_id,
             type_name: t.type_name().to_owned(),

@@ -324,8 +324,12 @@ pub fn parse_json(o: &Map<String, Value>) -> Result<Option<QuorumToken>, QuorumE
             shares_json.len()
         ));
     }
-    let threshold = match o.get("threshold").and_then(Value::as_u64) {
-        Some(k) if k >= 1 && k <= shares_json.len() as u64 => k as usize,
+    let threshold = match o
+        .get("threshold")
+        .and_then(Value::as_u64)
+        .and_then(|k| usize::try_from(k).ok())
+    {
+        Some(k) if k >= 1 && k <= shares_json.len() => k,
         _ => {
             return bad(format!(
                 "\"threshold\" is not a number from 1 to the number of shares ({})",
