@@ -549,6 +549,14 @@ fn volumes_we_enrol_are_listed_and_opened_by_clevis() {
             String::from_utf8_lossy(&o.stderr)
         );
     }
+    // `policy` says it in words.
+    let policy = stdout(&ok(ctl(&["policy", &img])));
+    assert!(
+        policy.contains(&format!("clevis tang {}", tang1.url()))
+            && policy.contains("clevis tpm2 (PCRs sha256:0,7)")
+            && policy.contains("clevis sss 2 of [tang"),
+        "{policy}"
+    );
     // And our daemon opens what we enrolled, through the same operator settings.
     let d = Served::start(
         dir,
