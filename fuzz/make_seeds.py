@@ -209,9 +209,33 @@ def control():
         put("metrics_http", f"head-{i}", h)
 
 
+def clevis():
+    """clevis tokens (tang, tpm2, sss of both) shaped as clevis 19 writes them; the crypto is
+    filler (decryption fails at the tag), the structure is real."""
+    import base64
+    b64u = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+    hdr = lambda h: b64u(json.dumps(h, separators=(",", ":"), sort_keys=True).encode())
+    pt = lambda n: {"crv": "P-521", "kty": "EC", "x": b64u(bytes([n]) * 66), "y": b64u(bytes([n + 1]) * 66)}
+    tang = {"alg": "ECDH-ES", "enc": "A256GCM", "kid": "tZDid2ZRjsAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "epk": pt(1),
+            "clevis": {"pin": "tang", "tang": {"url": "http://127.0.0.1:7500", "adv": {"keys": [
+                dict(pt(3), alg="ES512", key_ops=["verify"]), dict(pt(5), alg="ECMR", key_ops=["deriveKey"])]}}}}
+    tpm2 = {"alg": "dir", "enc": "A256GCM", "clevis": {"pin": "tpm2", "tpm2": {
+        "hash": "sha256", "key": "ecc", "jwk_pub": b64u(b"\x00\x2e" + bytes(46)), "jwk_priv": b64u(b"\x00\xee" + bytes(238)),
+        "pcr_bank": "sha256", "pcr_ids": "0,7"}}}
+    compact = lambda h, n: f"{hdr(h)}..{b64u(bytes(12))}.{b64u(bytes(n))}.{b64u(bytes(16))}"
+    sss = {"alg": "dir", "enc": "A256GCM", "clevis": {"pin": "sss", "sss": {
+        "jwe": [compact(tang, 64), compact(tpm2, 64)], "p": b64u(bytes([0xff]) * 31 + b"\x43"), "t": 2}}}
+    for i, h in enumerate([tang, tpm2, sss]):
+        jwe = {"ciphertext": b64u(bytes(43)), "encrypted_key": "", "iv": b64u(bytes(12)),
+               "protected": hdr(h), "tag": b64u(bytes(16))}
+        put("clevis_token", f"token-{i}", json.dumps({"type": "clevis", "keyslots": [str(i + 1)], "jwe": jwe}).encode())
+        put("clevis_token", f"compact-{i}", compact(h, 64).encode())
+
+
 if __name__ == "__main__":
     luks2()
     nbd()
     control()
+    clevis()
     n = sum(len(fs) for _, _, fs in os.walk(OUT))
     print(f"make_seeds: {n} seed files in {OUT}")

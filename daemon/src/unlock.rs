@@ -282,7 +282,15 @@ impl Volume {
         self.pin.check_uuid(header.uuid())?;
         let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolver(json, settings);
         let quorums = quorum::tokens(&header);
-        let first_error = match enroll::unlock_with_tokens(&file, &header, &resolve) {
+        let opened = enroll::unlock_with_tokens(&file, &header, &resolve).or_else(|ours| {
+            crate::luks2::tokens::clevis::unlock_after_ours(
+                &file,
+                &header,
+                &settings.clevis(),
+                ours,
+            )
+        });
+        let first_error = match opened {
             Ok((key, slot, token)) => {
                 tracing::info!(token, keyslot = slot, "token unsealed");
                 return Ok((self.device_for(&header, &key)?, slot));

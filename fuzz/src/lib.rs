@@ -7,6 +7,7 @@
 //! out-of-memory is a finding; so is a failed `assert!` (a checked property, e.g. a read that
 //! does not return what the plaintext model says, or two XTS implementations that disagree).
 
+pub mod clevis;
 pub mod config;
 pub mod control;
 pub mod luks2;
@@ -31,6 +32,7 @@ pub const TARGETS: &[&str] = &[
     "xts_diff",
     "luks2_reencrypt",
     "metrics_http",
+    "clevis_token",
 ];
 
 /// Runs target `name` on `data`. Panics on an unknown name.
@@ -50,6 +52,7 @@ pub fn run(name: &str, data: &[u8]) {
         "xts_diff" => xts::diff(data),
         "luks2_reencrypt" => luks2::reencrypt(data),
         "metrics_http" => metrics::http(data),
+        "clevis_token" => clevis::token(data),
         other => panic!("unknown fuzz target {other:?}"),
     }
 }

@@ -226,6 +226,8 @@ pub struct EnrollArgs {
     pub share_kdf: super::PbkdfArgs,
     #[command(flatten)]
     pub location: KmsLocation,
+    #[command(flatten)]
+    pub clevis: super::clevis::ClevisEnrollArgs,
     /// Existing passphrase from this file (bytes as-is; `-` = standard input).
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
@@ -308,10 +310,10 @@ pub struct TestTokenArgs {
 
 /// The optional audit log of a command: opened before anything is changed, so a bad path
 /// fails the command up front.
-struct Audit(Option<AuditLog>);
+pub(super) struct Audit(Option<AuditLog>);
 
 impl Audit {
-    fn open(path: Option<&Path>) -> anyhow::Result<Audit> {
+    pub(super) fn open(path: Option<&Path>) -> anyhow::Result<Audit> {
         match path {
             None => Ok(Audit(None)),
             Some(p) => AuditLog::open(p)
@@ -320,7 +322,7 @@ impl Audit {
         }
     }
 
-    fn record(&self, e: AuditEvent) {
+    pub(super) fn record(&self, e: AuditEvent) {
         if let Some(log) = &self.0 {
             if let Err(err) = log.record(&e.this_process()) {
                 eprintln!("nbdcryptctl: warning: cannot write the audit log: {err}");
@@ -343,7 +345,7 @@ fn token_key(hdr: &Luks2Header, id: u32) -> Option<String> {
         .and_then(|p| p.key_reference().map(str::to_owned))
 }
 
-fn unlock_by_passphrase(
+pub(super) fn unlock_by_passphrase(
     vol: &Volume,
     hdr: &Luks2Header,
     key_file: Option<&Path>,
@@ -361,6 +363,16 @@ fn unlock_by_passphrase(
 }
 
 pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
+    if a.clevis.given() {
+        if !a.holders.all().is_empty() || a.quorum.is_some() || !a.passphrase_share.is_empty() {
+            bail!(
+                "clevis pins (--tang, --tpm2, --sss) make a clevis token on their own: give no \
+                 --kms / --pkcs11 / --clevis / --quorum with them (in a quorum, a Tang server or \
+                 the TPM is --clevis tang:URL=THUMBPRINT or --clevis tpm2)"
+            );
+        }
+        return super::clevis::enroll(&a, &seal_settings(&a.location)?);
+    }
     let audit = Audit::open(a.audit_log.as_deref())?;
     let settings = seal_settings(&a.location)?;
     let vol = Volume::open(&a.volume, true)?;
@@ -785,12 +797,23 @@ pub fn test_token(a: TestTokenArgs) -> anyhow::Result<()> {
         Some(id) if is_quorum(id) => quorum_by_machines(&vol, &hdr, &settings, Some(id)),
         Some(id) => seal_enroll::unlock_with_token(&vol.file, &hdr, id, &resolve)
             .map(|(k, slot)| (k, slot, id)),
-        None => match seal_enroll::unlock_with_tokens(&vol.file, &hdr, &resolve) {
-            Err(EnrollError::NoTokens) if !quorum::tokens(&hdr).is_empty() => {
-                quorum_by_machines(&vol, &hdr, &settings, None)
+        None => {
+            let opened =
+                seal_enroll::unlock_with_tokens(&vol.file, &hdr, &resolve).or_else(|ours| {
+                    nbdcrypt::luks2::tokens::clevis::unlock_after_ours(
+                        &vol.file,
+                        &hdr,
+                        &settings.clevis(),
+                        ours,
+                    )
+                });
+            match opened {
+                Err(EnrollError::NoTokens) if !quorum::tokens(&hdr).is_empty() => {
+                    quorum_by_machines(&vol, &hdr, &settings, None)
+                }
+                r => r,
             }
-            r => r,
-        },
+        }
     };
     // A token that opens a header other than the pinned one is a failure, as in the daemon.
     if let Ok((key, _, _)) = &result {
@@ -807,8 +830,10 @@ pub fn test_token(a: TestTokenArgs) -> anyhow::Result<()> {
             let key = token_key(&hdr, id);
             let kind = hdr
                 .token(id)
-                .and_then(|t| ProviderKind::from_token_type(t.type_name()))
-                .map(ProviderKind::name)
+                .and_then(|t| match t.type_name() {
+                    nbdcrypt::seal::clevis::TOKEN_TYPE => Some("clevis"),
+                    other => ProviderKind::from_token_type(other).map(ProviderKind::name),
+                })
                 .unwrap_or("unknown");
             audit.record(
                 event

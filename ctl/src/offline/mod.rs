@@ -7,6 +7,7 @@
 //! clap enum, the dispatch and what they share: opening a volume, turning `FormatError`s into
 //! messages that name the path, the KDF options, and the exit codes.
 
+mod clevis;
 mod dump;
 mod enroll;
 mod format;

@@ -129,6 +129,22 @@ fn slot_entries(hdr: &Luks2Header, slot: u32) -> Vec<Entry> {
                     });
                 }
             }
+        } else if ty == nbdcrypt::seal::clevis::TOKEN_TYPE {
+            // clevis's own token (clevis luks bind, or enroll --tang/--tpm2/--sss).
+            let e = match nbdcrypt::luks2::tokens::clevis::parse_token(id, t.json()) {
+                Ok(Some(c)) => {
+                    let w = nbdcrypt::seal::clevis::summary(&c.jwe);
+                    Entry {
+                        words: format!("clevis {}", escape(&w)),
+                        json: json!({"token": id, "kind": "clevis", "words": w}),
+                    }
+                }
+                Ok(None) | Err(_) => Entry {
+                    words: format!("clevis token {id}, unusable"),
+                    json: json!({"token": id, "kind": "clevis", "error": "unusable"}),
+                },
+            };
+            out.push(e);
         } else {
             out.push(Entry {
                 words: format!("a {} token (another tool's)", escape(ty)),

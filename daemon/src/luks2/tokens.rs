@@ -5,7 +5,9 @@
 //! - [`format`]: a provider's sealed secret as token JSON (`nbdcrypt-aws-kms`, ...), and back.
 //! - [`enroll`]: enrol, unenrol, unlock by token, rekey (crash-safe header commits).
 //! - [`quorum`]: one keyslot opened by k of n shares held by providers and people.
+//! - [`clevis`]: clevis's own tokens (type `clevis`): unlock with them, enrol new ones.
 
+pub mod clevis;
 pub mod enroll;
 pub mod format;
 pub mod quorum;

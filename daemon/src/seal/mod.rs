@@ -17,6 +17,7 @@ use serde_json::{Map, Value};
 
 use crate::crypto::keys::SecretBytes;
 
+pub mod clevis;
 pub mod kms;
 pub mod pin;
 pub mod registry;
@@ -185,6 +186,13 @@ impl SealSettings {
     /// The AWS KMS settings (defaults if none).
     pub fn kms(&self) -> KmsSettings {
         self.typed::<KmsSettings>(kms::PROVIDER)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The clevis settings: allowed Tang servers, the TPM (defaults if none).
+    pub fn clevis(&self) -> clevis::ClevisSettings {
+        self.typed::<clevis::ClevisSettings>(clevis::provider::NAME)
             .cloned()
             .unwrap_or_default()
     }

@@ -149,7 +149,11 @@ pub trait Provider: Send + Sync {
 }
 
 /// Every provider, in the order flags and help list them.
-pub static PROVIDERS: &[&dyn Provider] = &[&super::kms::Kms, &super::pkcs11::Pkcs11Hsm];
+pub static PROVIDERS: &[&dyn Provider] = &[
+    &super::kms::Kms,
+    &super::pkcs11::Pkcs11Hsm,
+    &super::clevis::provider::ClevisPins,
+];
 
 /// The provider owning a LUKS2 token type, or `None` (another tool's token).
 pub fn by_token_type(token_type: &str) -> Option<&'static dyn Provider> {
