@@ -11,12 +11,12 @@ mod cli_gen;
 mod exit;
 mod offline;
 mod online;
-mod reencrypt_online;
-mod share;
 pub mod progress;
-mod top;
+mod reencrypt_online;
 mod secret;
 mod secret_input;
+mod share;
+mod top;
 
 use std::process::ExitCode;
 

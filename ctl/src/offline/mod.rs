@@ -14,8 +14,8 @@ mod format;
 mod header;
 mod keys;
 mod pin;
-mod reencrypt;
 mod policy;
+mod reencrypt;
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};

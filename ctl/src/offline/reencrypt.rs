@@ -275,7 +275,9 @@ pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
         }
         run_zones(&a, &vol, &mut r, &audit)?;
         let hdr = r
-            .finish_dropping_orphans(&vol.file, |t| nbdcrypt::luks2::tokens::format::is_ours(t.type_name()))
+            .finish_dropping_orphans(&vol.file, |t| {
+                nbdcrypt::luks2::tokens::format::is_ours(t.type_name())
+            })
             .map_err(|e| vol.explain(e))?;
         let age = KeyAge::of(&hdr).map(|k| nbdcrypt::audit::rfc3339(k.created_unix));
         audit.record("finish", |e| match &age {
