@@ -139,6 +139,9 @@ pub struct Metrics {
     pub latch_trips: AtomicU64,
     /// Unix time of the last successful re-seal (rekey) of a token; 0: none seen.
     pub last_reseal: AtomicU64,
+    /// Unix time the current volume key was created, from the header's `nbdcrypt-volume-key`
+    /// token (written by `reencrypt`); 0: unknown. Attacker-writable, so informational only.
+    pub volume_key_created: AtomicU64,
     pub start_time: AtomicU64,
     /// Token facts read from the header at start and after each rekey (not on the I/O path).
     pub tokens: Mutex<Vec<TokenFact>>,
@@ -185,6 +188,7 @@ impl Metrics {
             latched: AtomicBool::new(false),
             latch_trips: AtomicU64::new(0),
             last_reseal: AtomicU64::new(0),
+            volume_key_created: AtomicU64::new(0),
             start_time: AtomicU64::new(0),
             tokens: Mutex::new(Vec::new()),
             xts_impl: Mutex::new(""),

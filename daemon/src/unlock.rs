@@ -519,6 +519,10 @@ impl Volume {
     pub fn refresh_token_metrics(&self) {
         if let Ok((header, _)) = self.read_header() {
             crate::metrics::METRICS.set_tokens(crate::metrics::token_facts(&header));
+            let created = crate::luks2::reencrypt::KeyAge::of(&header).map_or(0, |a| a.created_unix);
+            crate::metrics::METRICS
+                .volume_key_created
+                .store(created, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -529,6 +533,10 @@ impl Volume {
         key: &VolumeKey,
     ) -> Result<Arc<dyn BlockDevice>, UnlockError> {
         self.pin.check(header, key)?;
+        let created = crate::luks2::reencrypt::KeyAge::of(header).map_or(0, |a| a.created_unix);
+        crate::metrics::METRICS
+            .volume_key_created
+            .store(created, std::sync::atomic::Ordering::Relaxed);
         let backing = self.open_backing()?;
         let segment = self.segment(header, &*backing)?;
         let cipher = SectorCipher::new(key, header.data_segment().sector_size as usize)

@@ -154,6 +154,12 @@ pub fn render(m: &Metrics, cx: &Context<'_>) -> String {
         "Unix time a token's secret was last sealed (newest token \"created\" or last rekey); 0 unknown.",
         ld(&m.last_reseal),
     );
+    o.one(
+        "nbdcrypt_volume_key_created_timestamp_seconds",
+        "gauge",
+        "Unix time the volume key was created (recorded by nbdcryptctl reencrypt); 0 unknown.",
+        ld(&m.volume_key_created),
+    );
     {
         let tokens = m.tokens.lock().unwrap_or_else(|e| e.into_inner()).clone();
         o.head(
