@@ -31,29 +31,41 @@ done
 URI="nbd+unix:///nbdcrypt?socket=$DIR/nbd.sock"
 fio_iops() {
     fio --ioengine=nbd --uri="$URI" --name=qd32 --rw=randrw --bs=4k --iodepth=32 \
-        --size="${MIB}M" --time_based --runtime=20 --output-format=json > "$DIR/fio.json"
+        --size="${MIB}M" --time_based --runtime=20 --output-format=json \
+        --output="$DIR/fio.json" > /dev/null
     jq '.jobs[0].read.iops + .jobs[0].write.iops' "$DIR/fio.json"
 }
-done_bytes() {
+unused_done_bytes() {
     "$BIN/nbdcryptctl" status --json --control "$DIR/ctl.sock" | jq '.reencrypt.done_bytes // 0'
 }
 lscpu | sed -n 's/^Model name: *//p' | head -1
+lscpu | sed -n 's/^CPU family: *//p; s/^Model: *//p' | tr '\n' ' '; echo "(family, model)"
 echo "data: $MIB MiB in /dev/shm, $(nproc) CPUs"
 A=$(fio_iops)
+state() {
+    "$BIN/nbdcryptctl" status --json --control "$DIR/ctl.sock" | jq -r '.reencrypt.state // "none"'
+}
+# B: fio from the start of the re-encryption until it finishes (SIGINT makes fio stop and
+# report), so the IOPS cover exactly the time both ran.
+fio --ioengine=nbd --uri="$URI" --name=qd32 --rw=randrw --bs=4k --iodepth=32 \
+    --size="${MIB}M" --time_based --runtime=600 --output-format=json \
+    --output="$DIR/fio-b.json" > /dev/null &
+FIO=$!
+sleep 1
 "$BIN/nbdcryptctl" reencrypt --control "$DIR/ctl.sock" --key-file "$DIR/key" > /dev/null
 t0=$(date +%s.%N)
-B=$(fio_iops)
+while [ "$(state)" != finished ]; do sleep 0.1; done
 t1=$(date +%s.%N)
-d1=$(done_bytes)
-until "$BIN/nbdcryptctl" status --json --control "$DIR/ctl.sock" | jq -e '.reencrypt.state == "finished"' > /dev/null; do
-    sleep 0.2
-done
+kill -INT $FIO; wait $FIO || true
+B=$(sed -n '/^{/,$p' "$DIR/fio-b.json" | jq '.jobs[0].read.iops + .jobs[0].write.iops')
+# C: the same re-encryption with no client I/O (a second one: the volume is re-keyed again).
+"$BIN/nbdcryptctl" reencrypt --control "$DIR/ctl.sock" --key-file "$DIR/key" > /dev/null
 t2=$(date +%s.%N)
-echo "$A $B $d1 $t0 $t1 $t2 $MIB" | awk '{
+while [ "$(state)" != finished ]; do sleep 0.1; done
+t3=$(date +%s.%N)
+echo "$A $B $t0 $t1 $t2 $t3 $MIB" | awk '{
     printf "fio 4k randrw QD32, no re-encryption      %10.0f IOPS\n", $1;
     printf "fio 4k randrw QD32, during re-encryption  %10.0f IOPS  (%.0f %% of the reference)\n", $2, 100*$2/$1;
-    printf "re-encryption during fio                  %10.1f MB/s  (%.0f MiB in %.1f s)\n", $3/1e6/($5-$4), $3/1048576, $5-$4;
-    rest = $7*1048576 - $3;
-    if ($6 - $5 > 0.05 && rest > 0)
-        printf "re-encryption alone (after fio)           %10.1f MB/s  (%.0f MiB in %.1f s)\n", rest/1e6/($6-$5), rest/1048576, $6-$5;
+    printf "re-encryption under fio                   %10.1f MB/s  (%d MiB in %.1f s)\n", $7*1.048576/($4-$3), $7, $4-$3;
+    printf "re-encryption alone                       %10.1f MB/s  (%d MiB in %.1f s)\n", $7*1.048576/($6-$5), $7, $6-$5;
 }'

@@ -160,13 +160,8 @@ pub fn run(a: OnlineReencryptArgs) -> Result<(), Failure> {
         match current_state(&a)? {
             Some(ReencryptState::Paused) => ReencryptAction::Pause,
             Some(_) => ReencryptAction::Resume,
-            None => {
-                return Err(Failure::new(
-                    exit::TRY_LATER,
-                    "no re-encryption is running; to start one give the secret too \
-                     (--key-file FILE, --stdin, or answer the prompt without --max-rate)",
-                ))
-            }
+            // Nothing to change: start one (asking for the secret).
+            None => ReencryptAction::Start,
         }
     } else {
         ReencryptAction::Start
