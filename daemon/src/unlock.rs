@@ -519,7 +519,8 @@ impl Volume {
     pub fn refresh_token_metrics(&self) {
         if let Ok((header, _)) = self.read_header() {
             crate::metrics::METRICS.set_tokens(crate::metrics::token_facts(&header));
-            let created = crate::luks2::reencrypt::KeyAge::of(&header).map_or(0, |a| a.created_unix);
+            let created =
+                crate::luks2::reencrypt::KeyAge::of(&header).map_or(0, |a| a.created_unix);
             crate::metrics::METRICS
                 .volume_key_created
                 .store(created, std::sync::atomic::Ordering::Relaxed);

@@ -31,7 +31,12 @@ holds). On disk this is cryptsetup's LUKS2 re-encryption (requirement online-ree
     where it stopped (a zone half done is redone from the resilience data);
   * `cryptsetup reencrypt --resume-only VOLUME` can finish a re-encryption we started, and this
     command finishes one that cryptsetup started (mode reencrypt, forward, no data shift);
-  * while it runs, other tools (and nbdcryptd) refuse the volume.
+  * while it runs, other tools refuse the volume; nbdcryptd, unlocked with a passphrase,
+    resumes an interrupted one online.
+
+Online, while nbdcryptd serves the volume and clients keep reading and writing:
+`nbdcryptctl reencrypt --control SOCK [--key-file F] [--pause|--resume|--status] [--max-rate R]
+[--wait]` (see `nbdcryptctl reencrypt --control SOCK --help`).
 
 Every passphrase keyslot of the volume key must be opened by one of the secrets given (one
 --key-file per secret, or one passphrase asked on the terminal). Keyslots of nbdcrypt's KMS/HSM
