@@ -1563,27 +1563,35 @@ mod tests {
             ),
         ];
         for (name, (area, hdr)) in cases {
-            // Reference measured in the same run: serde_json alone reading the same text.
-            let t = std::time::Instant::now();
-            let _: Value = serde_json::from_slice(json_text(&area).unwrap()).unwrap();
-            let serde_only = t.elapsed();
-            let t = std::time::Instant::now();
-            let r = Metadata::parse_area(&area, hdr, HeaderCopy::Primary);
-            let took = t.elapsed();
-            assert!(r.is_err(), "{name}: accepted");
+            // Reference measured in the same run: serde_json alone reading the same text. Each
+            // side is the best of three, so a preempted run on a busy machine does not count.
+            let best = |f: &mut dyn FnMut()| {
+                (0..3)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        f();
+                        t.elapsed()
+                    })
+                    .min()
+                    .unwrap_or_default()
+            };
+            let serde_only = best(&mut || {
+                let _: Value = serde_json::from_slice(json_text(&area).unwrap()).unwrap();
+            });
+            let took = best(&mut || {
+                let r = Metadata::parse_area(&area, hdr, HeaderCopy::Primary);
+                assert!(r.is_err(), "{name}: accepted");
+            });
             eprintln!(
                 "{name}: {} bytes refused in {took:?} (serde_json alone {serde_only:?})",
                 area.len()
             );
             // Quadratic work on 400k ids is ~10^11 steps (minutes); ours is serde_json's parse
-            // plus a linear pass (release build: tens of milliseconds in all).
+            // plus a linear pass (release build: tens of milliseconds in all). The margin is wide
+            // on purpose: this guards the complexity, not the speed.
             assert!(
-                took < serde_only * 2 + std::time::Duration::from_millis(200),
+                took < serde_only * 4 + std::time::Duration::from_secs(1),
                 "{name}: took {took:?}, serde_json alone {serde_only:?}"
-            );
-            assert!(
-                took < std::time::Duration::from_secs(5),
-                "{name}: took {took:?}"
             );
         }
     }
