@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use super::enroll::{EnrollError, Enrolled, TokenFailure, TokenFailureReason, TOKEN_KEYSLOT_KDF};
 use crate::crypto::kdf::KdfLimits;
 use crate::crypto::keys::{SecretBytes, VolumeKey};
-use crate::luks2::{FormatError, KeyslotPriority, Luks2Header, Token};
+use crate::luks2::{FormatError, Luks2Header, Token};
 use crate::seal::clevis::jwe::Jwe;
 use crate::seal::clevis::{self as pins, ClevisSettings, PinSpec, TOKEN_TYPE};
 use crate::seal::SealError;
@@ -54,28 +54,7 @@ pub fn parse_token(
 
 /// The header's clevis tokens in the order to try them (keyslots marked "ignore" skipped).
 pub fn clevis_tokens(header: &Luks2Header) -> Vec<(u32, Result<ClevisToken, SealError>)> {
-    let slots = header.keyslots();
-    let prio = |slot: u32| {
-        slots
-            .iter()
-            .find(|s| s.id == slot)
-            .map(|s| s.priority)
-            .unwrap_or(KeyslotPriority::Normal)
-    };
-    let mut out: Vec<(u8, u32, Result<ClevisToken, SealError>)> = Vec::new();
-    for (id, t) in header.tokens() {
-        match parse_token(id, t.json()) {
-            Ok(None) => {}
-            Ok(Some(c)) => match prio(c.keyslot) {
-                KeyslotPriority::Ignore => {}
-                KeyslotPriority::Prefer => out.push((0, id, Ok(c))),
-                KeyslotPriority::Normal => out.push((1, id, Ok(c))),
-            },
-            Err(e) => out.push((2, id, Err(e))),
-        }
-    }
-    out.sort_by_key(|(rank, id, _)| (*rank, *id));
-    out.into_iter().map(|(_, id, r)| (id, r)).collect()
+    super::in_try_order(header, |id, t| parse_token(id, t.json()), |c| c.keyslot)
 }
 
 /// True if the header has a clevis token.

@@ -22,7 +22,7 @@ use crate::audit::rfc3339_now;
 use crate::crypto::kdf::{HashAlg, KdfLimits, KdfParams};
 use crate::crypto::keys::{SecretBytes, VolumeKey};
 use crate::luks2::layout::MAX_KEYSLOTS;
-use crate::luks2::{FormatError, KeyslotPriority, Luks2Header, Token};
+use crate::luks2::{FormatError, Luks2Header, Token};
 use crate::seal::{Binding, SealError, SealProvider};
 
 /// Length of the random keyslot secret.
@@ -379,28 +379,7 @@ pub fn unenroll(
 /// Our tokens in the order they should be tried: by keyslot priority (prefer, then normal;
 /// keyslots marked "ignore" are skipped), then token id. Each with its parse result.
 pub fn token_order(header: &Luks2Header) -> Vec<(u32, Result<ParsedToken, SealError>)> {
-    let slots = header.keyslots();
-    let prio = |slot: u32| {
-        slots
-            .iter()
-            .find(|s| s.id == slot)
-            .map(|s| s.priority)
-            .unwrap_or(KeyslotPriority::Normal)
-    };
-    let mut out: Vec<(u8, u32, Result<ParsedToken, SealError>)> = Vec::new();
-    for (id, t) in header.tokens() {
-        match token::parse(t) {
-            Ok(None) => {}
-            Ok(Some(p)) => match prio(p.keyslot) {
-                KeyslotPriority::Ignore => {}
-                KeyslotPriority::Prefer => out.push((0, id, Ok(p))),
-                KeyslotPriority::Normal => out.push((1, id, Ok(p))),
-            },
-            Err(e) => out.push((2, id, Err(e))),
-        }
-    }
-    out.sort_by_key(|(rank, id, _)| (*rank, *id));
-    out.into_iter().map(|(_, id, r)| (id, r)).collect()
+    super::in_try_order(header, |_, t| token::parse(t), |p| p.keyslot)
 }
 
 /// Unseals token `token_id` and opens its keyslot. Returns the volume key and the keyslot.
