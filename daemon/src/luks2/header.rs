@@ -4,13 +4,12 @@
 //! Sanity checks (magic, version, `hdr_size`, `hdr_offset`, checksum algorithm) run on the 4096
 //! bytes before the JSON area is allocated, so a hostile `hdr_size` never sizes an allocation.
 
-use std::fs::File;
-use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
+use std::io;
 
 use sha2::{Digest, Sha256};
 
 use super::error::{FormatError, HeaderCopy};
+use super::io::HeaderIo;
 use super::layout::*;
 
 /// One binary header as found on (or about to be written to) disk.
@@ -173,7 +172,7 @@ pub(crate) struct RawCopy {
 
 /// Reads the copy expected at `offset`, checking sanity before allocating and the checksum last.
 pub(crate) fn read_copy(
-    file: &File,
+    file: &dyn HeaderIo,
     copy: HeaderCopy,
     offset: u64,
     device_size: u64,
@@ -215,7 +214,7 @@ pub(crate) fn read_copy(
 /// Reads both copies the way cryptsetup finds them: the secondary at the primary's `hdr_size`
 /// when the primary is sound, otherwise the first valid one at the nine allowed offsets.
 pub(crate) fn read_both(
-    file: &File,
+    file: &dyn HeaderIo,
     device_size: u64,
 ) -> (Result<RawCopy, FormatError>, Result<RawCopy, FormatError>) {
     let primary = read_copy(file, HeaderCopy::Primary, 0, device_size);
@@ -255,7 +254,7 @@ pub(crate) fn read_both(
 /// (text, NUL, zeros to the end of the area), the binary header with its checksum, fsync. A crash
 /// at any point leaves this copy with a bad checksum, never a wrong-but-valid one.
 pub(crate) fn write_copy(
-    file: &File,
+    file: &dyn HeaderIo,
     bin: &BinaryHeader,
     json_text: &[u8],
 ) -> Result<(), FormatError> {
@@ -282,32 +281,23 @@ pub(crate) fn write_copy(
         bin.hdr_offset,
         "writing the binary header checksum",
     )?;
-    file.sync_all()
+    file.sync_durable()
         .map_err(|e| FormatError::io("syncing the header", bin.hdr_offset, e))
 }
 
 /// Size of a regular file or block device.
-pub(crate) fn device_size(file: &File) -> Result<u64, FormatError> {
-    let meta = file
-        .metadata()
-        .map_err(|e| FormatError::io("reading file metadata", 0, e))?;
-    if meta.is_file() {
-        return Ok(meta.len());
-    }
-    // Block devices report 0 in metadata; seek to the end instead (we use positional I/O, so the
-    // file position does not matter).
-    let mut f = file;
-    f.seek(SeekFrom::End(0))
+pub(crate) fn device_size(file: &dyn HeaderIo) -> Result<u64, FormatError> {
+    file.size()
         .map_err(|e| FormatError::io("finding the device size", 0, e))
 }
 
 pub(crate) fn read_exact_at(
-    file: &File,
+    file: &dyn HeaderIo,
     buf: &mut [u8],
     offset: u64,
     op: &'static str,
 ) -> Result<(), FormatError> {
-    file.read_exact_at(buf, offset).map_err(|e| {
+    file.pread_exact(buf, offset).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             FormatError::Truncated {
                 what: op.trim_start_matches("reading ").to_string(),
@@ -321,12 +311,12 @@ pub(crate) fn read_exact_at(
 }
 
 pub(crate) fn write_all_at(
-    file: &File,
+    file: &dyn HeaderIo,
     buf: &[u8],
     offset: u64,
     op: &'static str,
 ) -> Result<(), FormatError> {
-    file.write_all_at(buf, offset)
+    file.pwrite_all(buf, offset)
         .map_err(|e| FormatError::io(op, offset, e))
 }
 

@@ -6,7 +6,7 @@
 //! header does). The keyslot cipher uses `aes` + `xts-mode` directly; the data path has its own
 //! `crypto::xts`.
 
-use std::fs::File;
+use super::io::HeaderIo;
 
 use aes::cipher::KeyInit;
 use aes::{Aes128, Aes256};
@@ -32,7 +32,7 @@ pub(crate) fn area_size(key_size: u32) -> u64 {
 
 /// Derives the area key, decrypts and merges: returns the candidate key (not yet verified).
 pub(crate) fn open(
-    file: &File,
+    file: &dyn HeaderIo,
     device_size: u64,
     slot: u32,
     ks: &Luks2Keyslot,
@@ -109,7 +109,7 @@ pub(crate) fn open(
 /// Writes a new keyslot's material at `offset` (fsynced) and returns its metadata. The caller
 /// links it into the header afterwards, so a crash leaves only an unreferenced blob.
 pub(crate) fn create(
-    file: &File,
+    file: &dyn HeaderIo,
     offset: u64,
     volume_key: &VolumeKey,
     passphrase: &SecretBytes,
@@ -143,7 +143,7 @@ pub(crate) fn create(
         offset,
         "writing keyslot material",
     )?;
-    file.sync_all()
+    file.sync_durable()
         .map_err(|e| FormatError::io("syncing keyslot material", offset, e))?;
     Ok(Luks2Keyslot {
         key_size,

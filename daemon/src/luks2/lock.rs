@@ -18,17 +18,25 @@ use super::error::FormatError;
 const LOCK_DIR: &str = "/run/cryptsetup";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum LockMode {
+pub enum LockMode {
     Shared,
     Exclusive,
 }
 
 /// Held lock; released on drop.
-pub(crate) struct HeaderLock {
+pub struct HeaderLock {
     _flock: Flock<File>,
 }
 
-pub(crate) fn lock(file: &File, mode: LockMode) -> Result<HeaderLock, FormatError> {
+/// Takes the header lock through the device's hook; `None` where it cannot lock (best effort).
+pub(crate) fn lock(
+    io: &dyn super::io::HeaderIo,
+    mode: LockMode,
+) -> Result<Option<HeaderLock>, FormatError> {
+    io.lock_header(mode)
+}
+
+pub(crate) fn lock_file(file: &File, mode: LockMode) -> Result<HeaderLock, FormatError> {
     let meta = file
         .metadata()
         .map_err(|e| FormatError::io("reading file metadata", 0, e))?;
@@ -102,7 +110,7 @@ mod tests {
     #[test]
     fn exclusive_lock_excludes_another_open_file_description() {
         let f = tempfile::tempfile().unwrap();
-        let _g = lock(&f, LockMode::Exclusive).unwrap();
+        let _g = lock_file(&f, LockMode::Exclusive).unwrap();
         // A second, independent open of the same file cannot get the lock.
         let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f));
         let other = File::open(path).unwrap();

@@ -18,6 +18,7 @@
 mod digest;
 mod error;
 mod header;
+mod io;
 mod keyslot;
 pub mod layout;
 mod lock;
@@ -32,6 +33,8 @@ mod tests;
 
 pub use crate::crypto::kdf::{benchmark_argon2id, HashAlg, KdfLimits, KdfParams};
 pub use error::{FormatError, HeaderCopy};
+pub use io::HeaderIo;
+pub use lock::{HeaderLock, LockMode};
 pub use metadata::{KeyslotPriority, SegmentSize, Token};
 pub use volume::{
     format, header_backup, header_restore, DataSegment, FormatParams, KeyslotInfo, Luks2Header,

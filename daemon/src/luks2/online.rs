@@ -3,7 +3,7 @@
 //! shows (UUID, label, data offset) and the volume pin's UUID check. The re-encryption state
 //! itself is only acted on through `luks2::reencrypt`, which verifies its digest with both keys.
 
-use std::fs::File;
+use super::io::HeaderIo;
 
 use super::error::FormatError;
 use super::volume::Luks2Header;
@@ -14,7 +14,7 @@ use super::volume::Luks2Header;
 /// (cryptsetup's encrypt/decrypt modes, data shifts, malformed segments) is refused with the
 /// plain reader's error. The re-encryption digest is NOT verified here: the unlock does that
 /// (`Reencryption::open`) before anything is served.
-pub fn read_any_header(file: &File) -> Result<Luks2Header, FormatError> {
+pub fn read_any_header(file: &dyn HeaderIo) -> Result<Luks2Header, FormatError> {
     match Luks2Header::read(file) {
         Err(refused @ FormatError::ReencryptionInProgress { .. }) => {
             let Ok((hdr, _)) = Luks2Header::read_reencrypt(file) else {

@@ -12,6 +12,7 @@ use std::path::Path;
 use super::digest;
 use super::error::{FormatError, HeaderCopy};
 use super::header::{self, device_size, read_exact_at, write_all_at, BinaryHeader, RawCopy};
+use super::io::HeaderIo;
 use super::keyslot;
 use super::layout::{
     is_allowed_hdr_size, json_area_size, BIN_HEADER_SIZE, CHECKSUM_ALG, CSUM_LEN,
@@ -149,7 +150,7 @@ impl CopyState {
 impl Luks2Header {
     /// Reads the header of a volume whose data follows it on the same device. Refuses detached
     /// headers (segment offset 0, or data beyond the end of this device).
-    pub fn read(file: &File) -> Result<(Luks2Header, RepairNeeded), FormatError> {
+    pub fn read(file: &dyn HeaderIo) -> Result<(Luks2Header, RepairNeeded), FormatError> {
         let _lock = lock(file, LockMode::Shared)?;
         let (hdr, repair) = Self::read_unlocked(file)?;
         hdr.check_attached(device_size(file)?)?;
@@ -158,7 +159,9 @@ impl Luks2Header {
 
     /// Reads and validates the header without checking that the data segment lives on the same
     /// device: for header files of detached volumes and for inspection.
-    pub fn read_metadata_only(file: &File) -> Result<(Luks2Header, RepairNeeded), FormatError> {
+    pub fn read_metadata_only(
+        file: &dyn HeaderIo,
+    ) -> Result<(Luks2Header, RepairNeeded), FormatError> {
         let _lock = lock(file, LockMode::Shared)?;
         Self::read_unlocked(file)
     }
@@ -166,19 +169,21 @@ impl Luks2Header {
     /// Like [`Luks2Header::read`], but a header in the middle of a re-encryption is returned
     /// instead of refused (its segments in `metadata.reenc_segments`). For `luks2::reencrypt`,
     /// which checks the state and its digest before anything uses it.
-    pub(super) fn read_reencrypt(file: &File) -> Result<(Luks2Header, RepairNeeded), FormatError> {
+    pub(super) fn read_reencrypt(
+        file: &dyn HeaderIo,
+    ) -> Result<(Luks2Header, RepairNeeded), FormatError> {
         let _lock = lock(file, LockMode::Shared)?;
         let (hdr, repair) = Self::read_unlocked_mode(file, true)?;
         hdr.check_attached(device_size(file)?)?;
         Ok((hdr, repair))
     }
 
-    fn read_unlocked(file: &File) -> Result<(Luks2Header, RepairNeeded), FormatError> {
+    fn read_unlocked(file: &dyn HeaderIo) -> Result<(Luks2Header, RepairNeeded), FormatError> {
         Self::read_unlocked_mode(file, false)
     }
 
     fn read_unlocked_mode(
-        file: &File,
+        file: &dyn HeaderIo,
         allow_reencrypt: bool,
     ) -> Result<(Luks2Header, RepairNeeded), FormatError> {
         let size = device_size(file)?;
@@ -288,7 +293,7 @@ impl Luks2Header {
 
     /// Rewrites the copy `which` from the one this header was read from (same seqid, fresh
     /// salt). Refuses if the header changed on disk since it was read.
-    pub fn repair(&self, file: &File, which: RepairNeeded) -> Result<(), FormatError> {
+    pub fn repair(&self, file: &dyn HeaderIo, which: RepairNeeded) -> Result<(), FormatError> {
         let copy = match which {
             RepairNeeded::None => return Ok(()),
             RepairNeeded::Primary => HeaderCopy::Primary,
@@ -400,7 +405,7 @@ impl Luks2Header {
     /// the first such `KdfLimit` is returned instead.
     pub fn unlock(
         &self,
-        file: &File,
+        file: &dyn HeaderIo,
         passphrase: &SecretBytes,
         limits: &KdfLimits,
     ) -> Result<(VolumeKey, u32), FormatError> {
@@ -461,7 +466,7 @@ impl Luks2Header {
     /// Opens one named keyslot (any priority, including 0).
     pub fn unlock_slot(
         &self,
-        file: &File,
+        file: &dyn HeaderIo,
         slot: u32,
         passphrase: &SecretBytes,
         limits: &KdfLimits,
@@ -479,7 +484,7 @@ impl Luks2Header {
 
     fn open_slot(
         &self,
-        file: &File,
+        file: &dyn HeaderIo,
         size: u64,
         id: u32,
         k: &super::metadata::Luks2Keyslot,
@@ -507,7 +512,7 @@ impl Luks2Header {
     /// finished segments). Same KDF and digest limits as `unlock`.
     pub(super) fn open_slot_unchecked(
         &self,
-        file: &File,
+        file: &dyn HeaderIo,
         size: u64,
         id: u32,
         k: &super::metadata::Luks2Keyslot,
@@ -568,7 +573,7 @@ impl Luks2Header {
     /// Returns the new slot id.
     pub fn add_keyslot(
         &mut self,
-        file: &File,
+        file: &dyn HeaderIo,
         existing: &VolumeKey,
         new_passphrase: &SecretBytes,
         kdf: &KdfParams,
@@ -599,7 +604,7 @@ impl Luks2Header {
 
     /// Wipes and removes keyslot `slot`; tokens bound to it stay, with the slot removed from
     /// their `keyslots`. Refuses to remove the last keyslot that opens the data.
-    pub fn remove_keyslot(&mut self, file: &File, slot: u32) -> Result<(), FormatError> {
+    pub fn remove_keyslot(&mut self, file: &dyn HeaderIo, slot: u32) -> Result<(), FormatError> {
         let _lock = lock(file, LockMode::Exclusive)?;
         self.check_unchanged(file)?;
         let ks = self
@@ -634,7 +639,7 @@ impl Luks2Header {
     /// Returns the slot id.
     pub fn change_passphrase(
         &mut self,
-        file: &File,
+        file: &dyn HeaderIo,
         old_passphrase: &SecretBytes,
         new_passphrase: &SecretBytes,
         kdf: &KdfParams,
@@ -668,7 +673,7 @@ impl Luks2Header {
 
     /// Adds a token (its `keyslots` must exist); returns its id. `luks2-*` types are reserved
     /// for libcryptsetup.
-    pub fn add_token(&mut self, file: &File, token: Token) -> Result<u32, FormatError> {
+    pub fn add_token(&mut self, file: &dyn HeaderIo, token: Token) -> Result<u32, FormatError> {
         if token.type_name().starts_with("luks2-") {
             return Err(FormatError::InvalidToken(format!(
                 "type {:?} is reserved for cryptsetup",
@@ -695,7 +700,7 @@ impl Luks2Header {
     }
 
     /// Removes token `id` and returns it.
-    pub fn remove_token(&mut self, file: &File, id: u32) -> Result<Token, FormatError> {
+    pub fn remove_token(&mut self, file: &dyn HeaderIo, id: u32) -> Result<Token, FormatError> {
         let _lock = lock(file, LockMode::Exclusive)?;
         self.check_unchanged(file)?;
         let mut md = self.metadata.clone();
@@ -735,7 +740,7 @@ impl Luks2Header {
     }
 
     /// Under the exclusive lock: the on-disk header must still be the one we hold.
-    pub(super) fn check_unchanged(&self, file: &File) -> Result<(), FormatError> {
+    pub(super) fn check_unchanged(&self, file: &dyn HeaderIo) -> Result<(), FormatError> {
         // Any valid header counts here, also one in re-encryption: only the seqid matters.
         let (disk, _) = Self::read_unlocked_mode(file, true)?;
         if disk.seqid != self.seqid {
@@ -768,7 +773,7 @@ impl Luks2Header {
     }
 
     /// Writes `md` as the next seqid: primary then secondary, each fsynced.
-    pub(super) fn commit(&mut self, file: &File, md: Metadata) -> Result<(), FormatError> {
+    pub(super) fn commit(&mut self, file: &dyn HeaderIo, md: Metadata) -> Result<(), FormatError> {
         md.validate(self.hdr_size)?;
         let text = md.to_json();
         let max = json_area_size(self.hdr_size) - 1;
@@ -798,7 +803,7 @@ impl Luks2Header {
 /// `passphrase`. Wipes the metadata area and fills the keyslots area with random bytes, as
 /// cryptsetup does. Returns the header and the new volume key.
 pub fn format(
-    file: &File,
+    file: &dyn HeaderIo,
     params: &FormatParams,
     passphrase: &SecretBytes,
 ) -> Result<(Luks2Header, VolumeKey), FormatError> {
@@ -935,7 +940,7 @@ pub fn format(
 /// Copies the metadata and keyslots area (`2*hdr_size + keyslots_size` bytes, the same extent
 /// as cryptsetup's `luksHeaderBackup`) into a new file at `path` (mode 0600; refuses to
 /// overwrite). Works for detached headers too.
-pub fn header_backup(device: &File, path: &Path) -> Result<(), FormatError> {
+pub fn header_backup(device: &dyn HeaderIo, path: &Path) -> Result<(), FormatError> {
     let _lock = lock(device, LockMode::Shared)?;
     let (hdr, _) = Luks2Header::read_unlocked(device)?;
     let len = hdr.metadata_end();
@@ -956,7 +961,7 @@ pub fn header_backup(device: &File, path: &Path) -> Result<(), FormatError> {
 /// Restores a backup made by [`header_backup`] (or cryptsetup's `luksHeaderBackup`) after
 /// validating it. If the device still has a readable header, the backup must have the same UUID
 /// and data offset.
-pub fn header_restore(device: &File, path: &Path) -> Result<Luks2Header, FormatError> {
+pub fn header_restore(device: &dyn HeaderIo, path: &Path) -> Result<Luks2Header, FormatError> {
     let bad = |reason: String| FormatError::BadBackup {
         path: path.display().to_string(),
         reason,
@@ -993,7 +998,7 @@ pub fn header_restore(device: &File, path: &Path) -> Result<Luks2Header, FormatE
     let keyslots_start = 2 * b.hdr_size;
     copy_range(&backup, device, keyslots_start, len)?;
     device
-        .sync_all()
+        .sync_durable()
         .map_err(|e| FormatError::io("syncing the restored keyslots area", keyslots_start, e))?;
     let mut restored = b.clone();
     restored.seqid = current
@@ -1011,7 +1016,12 @@ pub fn header_restore(device: &File, path: &Path) -> Result<Luks2Header, FormatE
 // ---- helpers ------------------------------------------------------------------------------------
 
 /// Copies bytes `[start, end)` of `from` to the same offsets of `to`.
-fn copy_range(from: &File, to: &File, start: u64, end: u64) -> Result<(), FormatError> {
+fn copy_range(
+    from: &dyn HeaderIo,
+    to: &dyn HeaderIo,
+    start: u64,
+    end: u64,
+) -> Result<(), FormatError> {
     let len = end;
     let mut buf = vec![0u8; 1 << 20];
     let mut off = start;
@@ -1031,7 +1041,7 @@ fn copy_range(from: &File, to: &File, start: u64, end: u64) -> Result<(), Format
 /// and overlap no keyslot `md` still has (whatever its type). Anything else is refused: a
 /// header names the area, and the header is the attacker's.
 pub(super) fn wipe_keyslot_area(
-    file: &File,
+    file: &dyn HeaderIo,
     md: &Metadata,
     hdr_size: u64,
     slot: u32,
@@ -1075,7 +1085,7 @@ pub(super) fn wipe_keyslot_area(
 
 /// Overwrites `[offset, offset+len)` with random bytes and fsyncs. Callers prove the range safe:
 /// [`format`] (the keyslots area of the device it formats) and [`wipe_keyslot_area`].
-fn fill_random_range(file: &File, offset: u64, len: u64) -> Result<(), FormatError> {
+fn fill_random_range(file: &dyn HeaderIo, offset: u64, len: u64) -> Result<(), FormatError> {
     let mut buf = vec![0u8; 1 << 20];
     let mut done = 0u64;
     while done < len {
@@ -1084,7 +1094,7 @@ fn fill_random_range(file: &File, offset: u64, len: u64) -> Result<(), FormatErr
         write_all_at(file, &buf[..n], offset + done, "wiping keyslot area")?;
         done += n as u64;
     }
-    file.sync_all()
+    file.sync_durable()
         .map_err(|e| FormatError::io("syncing wiped area", offset, e))
 }
 
