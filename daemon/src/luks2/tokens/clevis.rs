@@ -1,8 +1,6 @@
 //! The LUKS2 side of clevis tokens: unlock with the `clevis` tokens of a header, enrol a new
 //! keyslot with its token. Tokens are tried in keyslot priority order, then by id, like ours.
 
-use std::fs::File;
-
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64U;
 use base64::Engine;
 use serde_json::{Map, Value};
@@ -64,7 +62,7 @@ pub fn has_clevis_tokens(header: &Luks2Header) -> bool {
 
 /// Decrypts one clevis token and opens its keyslot.
 pub fn open_token(
-    file: &File,
+    file: &dyn crate::luks2::HeaderIo,
     header: &Luks2Header,
     token: &ClevisToken,
     settings: &ClevisSettings,
@@ -81,7 +79,7 @@ pub fn open_token(
 /// [`EnrollError::NoTokens`] if there is none; else every failure, each naming its token,
 /// keyslot and policy.
 pub fn unlock_with_clevis_tokens(
-    file: &File,
+    file: &dyn crate::luks2::HeaderIo,
     header: &Luks2Header,
     settings: &ClevisSettings,
 ) -> Result<(VolumeKey, u32, u32), EnrollError> {
@@ -124,7 +122,7 @@ pub fn unlock_with_clevis_tokens(
 /// After nbdcrypt's own tokens did not open the volume (`ours`), tries the clevis tokens; the
 /// failures of both are reported together.
 pub fn unlock_after_ours(
-    file: &File,
+    file: &dyn crate::luks2::HeaderIo,
     header: &Luks2Header,
     settings: &ClevisSettings,
     ours: EnrollError,
@@ -170,7 +168,7 @@ pub fn token_json(keyslot: u32, jwe: &Jwe) -> Map<String, Value> {
 /// The encryption (Tang advertisement, TPM seal) happens first, so a failure writes nothing;
 /// then the keyslot, then the token (a failure there removes the keyslot again).
 pub fn enroll(
-    file: &File,
+    file: &dyn crate::luks2::HeaderIo,
     header: &mut Luks2Header,
     volume_key: &VolumeKey,
     pin: &PinSpec,

@@ -11,8 +11,6 @@
 //! Every header change is one LUKS2 commit (both copies, fsynced), in an order that keeps the
 //! volume openable after a crash at any point: see [`rekey`].
 
-use std::fs::File;
-
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde_json::{Map, Value};
@@ -241,7 +239,7 @@ fn lowest_free_keyslot(header: &Luks2Header) -> Option<u32> {
 /// failure writes nothing. Then the keyslot is written, then the token (two header commits). A
 /// crash between the two leaves a keyslot nobody can open (harmless; `remove-key --force`).
 pub fn enroll(
-    file: &File,
+    file: &dyn crate::luks2::HeaderIo,
     header: &mut Luks2Header,
     volume_key: &VolumeKey,
     provider: &dyn SealProvider,
@@ -250,7 +248,7 @@ pub fn enroll(
 }
 
 fn enroll_inner(
-    file: &File,
+    file: &dyn crate::luks2::HeaderIo,
     header: &mut Luks2Header,
     volume_key: &VolumeKey,
     provider: &dyn SealProvider,
@@ -305,7 +303,7 @@ fn removable(type_name: &str) -> bool {
 /// unopenable keyslot, never a token pointing at nothing). Refuses to remove the last keyslot
 /// that opens the volume, and never touches other tools' tokens.
 pub fn unenroll(
-    file: &File,
+    file: &dyn crate::luks2::HeaderIo,
     header: &mut Luks2Header,
     target: UnenrollTarget,
 ) -> Result<Unenrolled, EnrollError> {
@@ -384,7 +382,7 @@ pub fn token_order(header: &Luks2Header) -> Vec<(u32, Result<ParsedToken, SealEr
 
 /// Unseals token `token_id` and opens its keyslot. Returns the volume key and the keyslot.
 pub fn unlock_with_token(
-    file: &File,
+    file: &dyn crate::luks2::HeaderIo,
     header: &Luks2Header,
     token_id: u32,
     resolver: Resolver<'_>,
@@ -409,7 +407,7 @@ pub fn unlock_with_token(
 // A failure is reported once per token tried, off the I/O path: its size does not matter.
 #[allow(clippy::result_large_err)]
 fn try_token(
-    file: &File,
+    file: &dyn crate::luks2::HeaderIo,
     header: &Luks2Header,
     token_id: u32,
     t: &Token,
@@ -442,7 +440,7 @@ fn try_token(
 
 /// Unseals `parsed` with `provider` and opens its keyslot.
 fn open_with(
-    file: &File,
+    file: &dyn crate::luks2::HeaderIo,
     header: &Luks2Header,
     parsed: &ParsedToken,
     provider: &dyn SealProvider,
@@ -464,7 +462,7 @@ fn open_with(
 /// volume. Returns the volume key, the keyslot and the token id. Other tools' tokens are
 /// ignored; if none of ours exists: [`EnrollError::NoTokens`]; if all fail: every failure.
 pub fn unlock_with_tokens(
-    file: &File,
+    file: &dyn crate::luks2::HeaderIo,
     header: &Luks2Header,
     resolver: Resolver<'_>,
 ) -> Result<(VolumeKey, u32, u32), EnrollError> {
@@ -498,7 +496,7 @@ pub fn unlock_with_tokens(
 /// 4. old token removed (commit), 5. old keyslot removed (commit): an interruption between
 ///    these leaves an unopenable old keyslot, never a token without its keyslot.
 pub fn rekey(
-    file: &File,
+    file: &dyn crate::luks2::HeaderIo,
     header: &mut Luks2Header,
     token_id: u32,
     volume_key: &VolumeKey,
@@ -515,7 +513,7 @@ pub fn rekey(
 }
 
 fn rekey_inner(
-    file: &File,
+    file: &dyn crate::luks2::HeaderIo,
     header: &mut Luks2Header,
     token_id: u32,
     volume_key: &VolumeKey,

@@ -721,7 +721,7 @@ pub fn open_machine_share(
 
 /// Combines `threshold` checked shares and opens the quorum's keyslot.
 pub fn open_keyslot(
-    file: &std::fs::File,
+    file: &dyn crate::luks2::HeaderIo,
     header: &Luks2Header,
     q: &QuorumToken,
     shares: &[&Share],
