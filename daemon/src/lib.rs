@@ -45,3 +45,4 @@ pub mod tls;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod unlock;
+pub mod upstream;
