@@ -297,6 +297,9 @@ fn status_table(s: &StatusReport) -> String {
     if let Some(r) = &s.reencrypt {
         rows.push(("reencrypt", crate::reencrypt_online::line(r)));
     }
+    if let Some(u) = &s.upstream {
+        rows.push(("upstream", u.clone()));
+    }
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 2;
     rows.iter()
         .map(|(k, v)| format!("{k:<width$}{v}\n"))
@@ -349,6 +352,7 @@ mod tests {
             locked_reason: Some("locked by uid 0".into()),
             reencrypt: None,
             metrics: None,
+            upstream: None,
         };
         let t = status_table(&s);
         assert!(t.starts_with("state        locked\n"), "{t}");

@@ -97,6 +97,9 @@ pub struct Volume {
     online: reencrypt::Online,
     /// Shares of quorums being assembled (locked memory, forgotten after a timeout).
     shares: ShareStore,
+    /// `--volume nbd://…`: header and data live on an upstream NBD export (`claim` is then a
+    /// placeholder on /dev/null, never read or written: every path below checks this first).
+    upstream: Option<Arc<crate::upstream::UpstreamDevice>>,
 }
 
 impl Volume {
@@ -105,6 +108,9 @@ impl Volume {
         path: &Path,
         file_options: FileOptions,
     ) -> Result<(Volume, VolumeInfo), UnlockError> {
+        if let Some(uri) = path.to_str().filter(|p| crate::upstream::is_upstream_uri(p)) {
+            return Volume::open_upstream(path, uri, file_options);
+        }
         let claim = claim_path(path, file_options.read_only)
             .map_err(|e| UnlockError::Backing(e.to_string()))?;
         let file_options = FileOptions {
@@ -120,10 +126,48 @@ impl Volume {
             pin: VolumePin::default(),
             online: reencrypt::Online::default(),
             shares: ShareStore::default(),
+            upstream: None,
         };
         let (header, _) = vol.read_header()?;
         let info = vol.info(&header, &*vol.open_backing()?)?;
         Ok((vol, info))
+    }
+
+    /// A volume on an upstream NBD export (`crate::upstream`). No claim and no header lock exist
+    /// there: best effort, documented in the README.
+    fn open_upstream(
+        path: &Path,
+        uri: &str,
+        file_options: FileOptions,
+    ) -> Result<(Volume, VolumeInfo), UnlockError> {
+        let up = crate::upstream::open(uri, !file_options.read_only).map_err(UnlockError::Backing)?;
+        let dev = crate::upstream::UpstreamDevice::new(
+            up,
+            file_options.read_only,
+            file_options.allow_discards,
+        );
+        let claim = File::open("/dev/null").map_err(|source| UnlockError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let vol = Volume {
+            path: path.to_owned(),
+            file_options,
+            claim,
+            limits: KdfLimits::default(),
+            pin: VolumePin::default(),
+            online: reencrypt::Online::default(),
+            shares: ShareStore::default(),
+            upstream: Some(Arc::new(dev)),
+        };
+        let (header, _) = vol.read_header()?;
+        let info = vol.info(&header, &*vol.open_backing()?)?;
+        Ok((vol, info))
+    }
+
+    /// Whether header and data live on an upstream NBD export.
+    pub fn is_upstream(&self) -> bool {
+        self.upstream.is_some()
     }
 
     /// Pins the volume: refuses now if the header names another UUID, and from then on refuses
@@ -160,16 +204,24 @@ impl Volume {
     }
 
     fn open_backing(&self) -> Result<Arc<dyn BlockDevice>, UnlockError> {
+        if let Some(up) = &self.upstream {
+            return Ok(up.clone());
+        }
         let dev = FileDevice::open(&self.claimed_path(), self.file_options.clone())
             .map_err(|e| UnlockError::Backing(format!("{}: {e}", self.path.display())))?;
         Ok(Arc::new(dev))
     }
 
-    fn read_header(&self) -> Result<(Luks2Header, File), UnlockError> {
-        let file = File::open(self.claimed_path()).map_err(|source| UnlockError::Io {
-            path: self.path.clone(),
-            source,
-        })?;
+    fn read_header(&self) -> Result<(Luks2Header, Arc<dyn crate::luks2::HeaderIo>), UnlockError> {
+        let file: Arc<dyn crate::luks2::HeaderIo> = match &self.upstream {
+            Some(up) => up.clone(),
+            None => Arc::new(File::open(self.claimed_path()).map_err(|source| {
+                UnlockError::Io {
+                    path: self.path.clone(),
+                    source,
+                }
+            })?),
+        };
         // A volume in the middle of a re-encryption is read too (for its UUID and layout); only
         // `unlock` (through `luks2::reencrypt`, digest verified) acts on its re-encryption state.
         let header = crate::luks2::online::read_any_header(&file)?;
@@ -235,6 +287,9 @@ impl Volume {
     /// The re-encryption the header says is in progress (not digest-verified: for layout and
     /// routing the unlock only; `reencrypt::unlock_resuming` verifies before acting).
     fn reencrypt_state(&self) -> Result<Option<crate::luks2::reencrypt::ReencState>, UnlockError> {
+        if let Some(up) = &self.upstream {
+            return Ok(crate::luks2::reencrypt::peek(&**up)?);
+        }
         let file = File::open(self.claimed_path()).map_err(|source| UnlockError::Io {
             path: self.path.clone(),
             source,
@@ -348,7 +403,7 @@ impl Volume {
     /// shares are in. Err: why not, and whether a provider was unreachable.
     fn try_quorum(
         &self,
-        file: &File,
+        file: &dyn crate::luks2::HeaderIo,
         header: &Luks2Header,
         id: u32,
         q: &QuorumToken,
@@ -472,6 +527,11 @@ impl Volume {
         settings: &SealSettings,
     ) -> Result<String, String> {
         let p = self.path.display();
+        if self.upstream.is_some() {
+            return Err(format!(
+                "{p}: rekeying tokens on an upstream volume is not supported yet"
+            ));
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

@@ -50,6 +50,9 @@ pub struct DumpArgs {
 }
 
 pub fn run(a: DumpArgs) -> anyhow::Result<()> {
+    if super::upstream::is_uri(&a.volume) {
+        return super::upstream::dump_run(a);
+    }
     let vol = Volume::open(&a.volume, false)?;
     if a.dump_volume_key {
         return dump_volume_key(&vol, &a);
@@ -162,6 +165,11 @@ pub fn to_json(hdr: &Luks2Header) -> Value {
 /// write) goes through `esc`: terminal escapes, newlines and other control characters are shown
 /// as `\e`, `\n`, `\u{..}`, so a crafted label cannot rewrite the screen or fake extra lines.
 fn write_text(out: &mut dyn Write, vol: &Volume, hdr: &Luks2Header) -> io::Result<()> {
+    write_text_for(out, &vol.path.to_string_lossy(), hdr)
+}
+
+/// The text dump of `hdr`, naming the volume `name` (a path or an upstream URI).
+pub(super) fn write_text_for(out: &mut dyn Write, name: &str, hdr: &Luks2Header) -> io::Result<()> {
     let or = |s: &str, none: &str| {
         if s.is_empty() {
             none.to_owned()
@@ -173,7 +181,7 @@ fn write_text(out: &mut dyn Write, vol: &Volume, hdr: &Luks2Header) -> io::Resul
     writeln!(
         out,
         "LUKS header information for {}",
-        esc(&vol.path.to_string_lossy())
+        esc(name)
     )?;
     writeln!(out)?;
     writeln!(out, "Version:       \t2")?;

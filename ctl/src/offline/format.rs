@@ -100,6 +100,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 pub fn run(a: FormatArgs) -> anyhow::Result<()> {
+    if super::upstream::is_uri(&a.volume) {
+        return super::upstream::format_run(a);
+    }
     let key_size = a.key_size / 8;
     let label = a.label.clone().unwrap_or_default();
     if label.len() > 47 || label.contains('\0') {

@@ -16,6 +16,7 @@ mod keys;
 mod pin;
 mod policy;
 mod reencrypt;
+mod upstream;
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};

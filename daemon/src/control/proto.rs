@@ -263,6 +263,10 @@ pub struct StatusReport {
     /// Monitoring counters since the daemon started (answer to `stats` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Box<crate::metrics::snapshot::Snapshot>>,
+    /// Health of the upstream NBD export the volume lives on (`--volume nbd://…`): connections
+    /// up, reconnects, failed requests, last error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
 }
 
 /// A refused or failed request.
@@ -803,6 +807,7 @@ mod tests {
             locked_reason: None,
             reencrypt: None,
             metrics: None,
+            upstream: None,
         }
     }
 

@@ -964,6 +964,7 @@ impl Task {
                 .and_then(|r| r.report())
                 .map(Box::new),
             metrics: None,
+            upstream: crate::upstream::status_line(),
         }
     }
 }

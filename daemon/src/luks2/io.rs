@@ -51,3 +51,22 @@ impl HeaderIo for File {
         super::lock::lock_file(self, mode).map(Some)
     }
 }
+
+/// A shared handle reads and writes its device.
+impl<T: HeaderIo + ?Sized> HeaderIo for std::sync::Arc<T> {
+    fn pread_exact(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).pread_exact(buf, offset)
+    }
+    fn pwrite_all(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).pwrite_all(buf, offset)
+    }
+    fn sync_durable(&self) -> io::Result<()> {
+        (**self).sync_durable()
+    }
+    fn size(&self) -> io::Result<u64> {
+        (**self).size()
+    }
+    fn lock_header(&self, mode: LockMode) -> Result<Option<HeaderLock>, FormatError> {
+        (**self).lock_header(mode)
+    }
+}

@@ -1770,7 +1770,7 @@ fn largest_gap(md: &Metadata, hdr_size: u64, end: u64) -> (u64, u64) {
 
 /// Reads the re-encryption state of a volume without keys (for status and dump): `None` for a
 /// volume not being re-encrypted. NOT digest-verified: display only, never act on it.
-pub fn peek(file: &File) -> Result<Option<ReencState>, FormatError> {
+pub fn peek(file: &dyn super::HeaderIo) -> Result<Option<ReencState>, FormatError> {
     let (hdr, _) = Luks2Header::read_reencrypt(file)?;
     if hdr.metadata.reenc_segments.is_none() {
         return Ok(None);

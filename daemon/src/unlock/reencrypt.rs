@@ -193,6 +193,11 @@ fn crypt(
 }
 
 fn open_rw(vol: &Volume) -> Result<File, UnlockError> {
+    if vol.upstream.is_some() {
+        return Err(UnlockError::Backing(
+            "online re-encryption of a volume on an upstream NBD export is not supported".into(),
+        ));
+    }
     OpenOptions::new()
         .read(true)
         .write(true)
