@@ -239,7 +239,7 @@ fn build(s: &TlsSettings) -> Result<rustls::ServerConfig, String> {
 /// to parse private key"), while nbdkit, qemu-nbd and OpenSSL take them. The same key directory
 /// must serve all of them, so such a key is re-encoded here with the zero dropped (RFC 5915:
 /// the scalar is exactly the field size). `None`: the key is not of that shape; leave it.
-fn normalise_ec_pkcs8(der: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn normalise_ec_pkcs8(der: &[u8]) -> Option<Vec<u8>> {
     use zeroize::Zeroize;
     const SEQ: u8 = 0x30;
     const OCTETS: u8 = 0x04;

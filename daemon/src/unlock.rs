@@ -108,7 +108,10 @@ impl Volume {
         path: &Path,
         file_options: FileOptions,
     ) -> Result<(Volume, VolumeInfo), UnlockError> {
-        if let Some(uri) = path.to_str().filter(|p| crate::upstream::is_upstream_uri(p)) {
+        if let Some(uri) = path
+            .to_str()
+            .filter(|p| crate::upstream::is_upstream_uri(p))
+        {
             return Volume::open_upstream(path, uri, file_options);
         }
         let claim = claim_path(path, file_options.read_only)
@@ -140,7 +143,8 @@ impl Volume {
         uri: &str,
         file_options: FileOptions,
     ) -> Result<(Volume, VolumeInfo), UnlockError> {
-        let up = crate::upstream::open(uri, !file_options.read_only).map_err(UnlockError::Backing)?;
+        let up =
+            crate::upstream::open(uri, !file_options.read_only).map_err(UnlockError::Backing)?;
         let dev = crate::upstream::UpstreamDevice::new(
             up,
             file_options.read_only,
@@ -215,12 +219,14 @@ impl Volume {
     fn read_header(&self) -> Result<(Luks2Header, Arc<dyn crate::luks2::HeaderIo>), UnlockError> {
         let file: Arc<dyn crate::luks2::HeaderIo> = match &self.upstream {
             Some(up) => up.clone(),
-            None => Arc::new(File::open(self.claimed_path()).map_err(|source| {
-                UnlockError::Io {
-                    path: self.path.clone(),
-                    source,
-                }
-            })?),
+            None => {
+                Arc::new(
+                    File::open(self.claimed_path()).map_err(|source| UnlockError::Io {
+                        path: self.path.clone(),
+                        source,
+                    })?,
+                )
+            }
         };
         // A volume in the middle of a re-encryption is read too (for its UUID and layout); only
         // `unlock` (through `luks2::reencrypt`, digest verified) acts on its re-encryption state.

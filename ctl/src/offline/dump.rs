@@ -178,11 +178,7 @@ pub(super) fn write_text_for(out: &mut dyn Write, name: &str, hdr: &Luks2Header)
         }
     };
     let flags = hdr.config_flags();
-    writeln!(
-        out,
-        "LUKS header information for {}",
-        esc(name)
-    )?;
+    writeln!(out, "LUKS header information for {}", esc(name))?;
     writeln!(out)?;
     writeln!(out, "Version:       \t2")?;
     writeln!(out, "Epoch:         \t{}", hdr.seqid())?;

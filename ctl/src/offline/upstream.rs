@@ -48,7 +48,10 @@ pub fn format_run(a: FormatArgs) -> anyhow::Result<()> {
         );
     }
     if !(size - params.data_offset).is_multiple_of(u64::from(a.sector_size)) {
-        bail!("{uri}: the data area is not a multiple of the sector size {}", a.sector_size);
+        bail!(
+            "{uri}: the data area is not a multiple of the sector size {}",
+            a.sector_size
+        );
     }
     let mut first = [0u8; 4096];
     dev.pread_exact(&mut first, 0)

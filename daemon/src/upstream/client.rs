@@ -376,8 +376,15 @@ impl Supervisor {
                     match proto::read_reply(&mut rd, structured, &pending).await {
                         Ok(Decoded::Partial) => {}
                         Ok(Decoded::Done(p, r)) => {
+                            // ESHUTDOWN: the upstream is going away (nbdkit answers it while
+                            // it waits for clients to leave): drop this connection, reconnect.
+                            let shutting_down =
+                                matches!(&r, Err(ReplyError::Upstream { errno: 108, .. }));
                             if let Some(reply) = p.reply {
                                 let _ = reply.try_send(r);
+                            }
+                            if shutting_down {
+                                return "the upstream is shutting down (ESHUTDOWN)".to_string();
                             }
                         }
                         Err(e) => return e,

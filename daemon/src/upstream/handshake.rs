@@ -63,9 +63,19 @@ pub fn tls_config(uri: &UpstreamUri) -> Result<Arc<rustls::ClientConfig>, String
                 .map_err(|e| format!("cannot read {}: {e}", cert.display()))?;
             let k = PrivateKeyDer::from_pem_file(&key)
                 .map_err(|e| format!("cannot read {}: {e}", key.display()))?;
+            // certtool's sign-padded ECDSA scalars, as the server side accepts them (tls.rs).
+            let k = match &k {
+                PrivateKeyDer::Pkcs8(p) => {
+                    match crate::tls::normalise_ec_pkcs8(p.secret_pkcs8_der()) {
+                        Some(fixed) => PrivateKeyDer::Pkcs8(fixed.into()),
+                        None => k,
+                    }
+                }
+                _ => k,
+            };
             builder
                 .with_client_auth_cert(chain, k)
-                .map_err(|e| format!("{}: {e}", cert.display()))?
+                .map_err(|e| format!("{} / {}: {e}", cert.display(), key.display()))?
         }
         (false, false) => builder.with_no_client_auth(),
         _ => {

@@ -1,0 +1,378 @@
+//! The upstream NBD backend (`nbdcryptd --volume nbd://…`): the LUKS2 header and the ciphertext
+//! live on another NBD server, started here on Unix sockets / loopback: nbdkit `file` and
+//! `memory`, `qemu-nbd`, another `nbdcryptd --plain`, and nbdkit over TLS with client
+//! certificates. Formatted through us (`nbdcryptctl format URI`), written and read back through
+//! our export with real clients (nbdcopy, qemu-io, nbdsh); the upstream's bytes must be
+//! ciphertext and cryptsetup must read our header. An upstream killed mid-run gives EIO and the
+//! daemon reconnects when it returns.
+
+#[path = "common/pki.rs"]
+mod pki;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nbdcrypt_tests::*;
+
+const FAST: [&str; 4] = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+/// 16 MiB of header + 32 MiB of data.
+const SIZE: u64 = 48 * MIB;
+/// A plaintext pattern that must never reach the upstream.
+const PATTERN: &[u8] = b"NBDCRYPT-UPSTREAM-PLAINTEXT-PATTERN-";
+
+/// An upstream NBD server process, killed on drop.
+struct Upstream {
+    child: Option<Child>,
+    uri: String,
+    sock: PathBuf,
+    argv: Vec<String>,
+}
+
+impl Upstream {
+    /// `nbdkit -f -U SOCK ARGS...` (foreground, so we own the process).
+    fn nbdkit(dir: &Path, name: &str, args: &[&str]) -> Upstream {
+        let sock = dir.join(format!("{name}.sock"));
+        let mut argv: Vec<String> = vec!["-f".into(), "-U".into(), sock.display().to_string()];
+        argv.extend(args.iter().map(|s| s.to_string()));
+        let mut u = Upstream {
+            child: None,
+            uri: format!("nbd+unix:///?socket={}", sock.display()),
+            sock,
+            argv,
+        };
+        u.start();
+        u
+    }
+
+    fn start(&mut self) {
+        let _ = std::fs::remove_file(&self.sock);
+        let child = tool("nbdkit")
+            .args(&self.argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nbdkit");
+        self.child = Some(child);
+        wait_for_socket(&self.sock);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn wait_for_socket(sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never listened",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `nbdcryptctl format URI` with a cheap KDF and the key in `dir/key`.
+fn format_through_us(dir: &Path, uri: &str) -> PathBuf {
+    let key = dir.join("key");
+    std::fs::write(&key, random_bytes(7, 32)).unwrap();
+    let mut args: Vec<&OsStr> = vec![
+        OsStr::new("format"),
+        OsStr::new(uri),
+        OsStr::new("--yes"),
+        OsStr::new("--key-file"),
+        key.as_os_str(),
+    ];
+    args.extend(FAST.iter().map(OsStr::new));
+    nbdcryptctl(&args).success();
+    key
+}
+
+/// `nbdcryptd --volume URI`, unlocked at start.
+fn serve(dir: TempDir, uri: &str, key: &Path) -> Daemon {
+    let p = |n: &str| dir.path().join(n).into_os_string();
+    let args = vec![
+        "--volume".into(),
+        uri.into(),
+        "--unlock-key-file".into(),
+        key.as_os_str().to_owned(),
+        "--control".into(),
+        p("control.sock"),
+        "--unix".into(),
+        p("nbd.sock"),
+    ];
+    Daemon::start_in(dir, args)
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    PATTERN.iter().copied().cycle().take(len).collect()
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Writes `data` at 0 through our export with nbdcopy and reads it back.
+fn round_trip(d: &Daemon, data: &[u8]) {
+    let src = d.dir().join("pattern.bin");
+    std::fs::write(&src, data).unwrap();
+    run(
+        tool("nbdcopy").arg(&src).arg(d.uri()).arg("--flush"),
+        TOOL_TIMEOUT,
+    )
+    .success();
+    let back = d.dir().join("back.bin");
+    run(tool("nbdcopy").arg(d.uri()).arg(&back), TOOL_TIMEOUT).success();
+    let got = std::fs::read(&back).unwrap();
+    assert!(
+        got.len() >= data.len(),
+        "read back {} bytes, wrote {}",
+        got.len(),
+        data.len()
+    );
+    assert_eq!(
+        first_difference(&got[..data.len()], data),
+        None,
+        "data read back through the upstream differs"
+    );
+}
+
+fn status(d: &Daemon) -> String {
+    d.ctl("status", &[]).success().stdout
+}
+
+#[test]
+fn nbdkit_file_upstream_holds_only_ciphertext_and_cryptsetup_reads_our_header() {
+    let dir = tempdir();
+    let img = dir.path().join("backing.img");
+    std::fs::File::create(&img).unwrap().set_len(SIZE).unwrap();
+    let up = Upstream::nbdkit(dir.path(), "file", &["file", img.to_str().unwrap()]);
+    let key = format_through_us(dir.path(), &up.uri);
+
+    // cryptsetup reads the header we wrote over NBD.
+    let dump = run(tool("cryptsetup").arg("luksDump").arg(&img), TOOL_TIMEOUT)
+        .success()
+        .stdout;
+    assert!(dump.contains("Version:       \t2"), "{dump}");
+    run(
+        tool("cryptsetup")
+            .args(["open", "--test-passphrase", "--key-file"])
+            .arg(&key)
+            .arg(&img),
+        TOOL_TIMEOUT,
+    )
+    .success();
+    // nbdcryptctl dump reads it back over NBD too.
+    let out = nbdcryptctl(&[OsStr::new("dump"), OsStr::new(&up.uri)]).success();
+    assert!(out.stdout.contains("aes-xts-plain64"), "{}", out.stdout);
+
+    let ddir = tempdir();
+    let d = serve(ddir, &up.uri, &key);
+    let data = pattern(4 * MIB as usize);
+    round_trip(&d, &data);
+    let st = status(&d);
+    assert!(st.contains("upstream") && st.contains("connected"), "{st}");
+
+    // The upstream's bytes: ciphertext only.
+    let raw = std::fs::read(&img).unwrap();
+    assert!(
+        !contains(&raw, &PATTERN[..24]),
+        "plaintext pattern found in the upstream's backing file"
+    );
+    // Negative control: the pattern is findable where it is plaintext (our own source file).
+    assert!(contains(
+        &std::fs::read(d.dir().join("pattern.bin")).unwrap(),
+        &PATTERN[..24]
+    ));
+}
+
+#[test]
+fn nbdkit_memory_qemu_nbd_and_nbdcryptd_plain_upstreams_round_trip() {
+    // nbdkit memory (multi-conn), with qemu-io as the client of our export.
+    let dir = tempdir();
+    let up = Upstream::nbdkit(dir.path(), "mem", &["memory", "48M"]);
+    let key = format_through_us(dir.path(), &up.uri);
+    let d = serve(tempdir(), &up.uri, &key);
+    let qemu = |cmd: &str| {
+        run(
+            tool("qemu-io")
+                .args(["-f", "raw", "-c", cmd])
+                .arg(format!("nbd+unix:///nbdcrypt?socket={}", d.sock.display())),
+            TOOL_TIMEOUT,
+        )
+        .success()
+        .stdout
+    };
+    qemu("write -P 0xa5 1M 3M");
+    let out = qemu("read -P 0xa5 1M 3M");
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    drop(d);
+
+    // qemu-nbd on a Unix socket (no multi-conn: one connection).
+    let qdir = tempdir();
+    let qimg = qdir.path().join("q.img");
+    std::fs::File::create(&qimg).unwrap().set_len(SIZE).unwrap();
+    let qsock = qdir.path().join("q.sock");
+    let mut qemu_nbd = Command::new("qemu-nbd")
+        .args(["-f", "raw", "-x", "vol", "-t", "--cache=none", "-k"])
+        .arg(&qsock)
+        .arg(&qimg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-nbd (qemu-utils)");
+    wait_for_socket(&qsock);
+    let quri = format!("nbd+unix:///vol?socket={}", qsock.display());
+    let key = format_through_us(qdir.path(), &quri);
+    let d = serve(tempdir(), &quri, &key);
+    let data = pattern(2 * MIB as usize);
+    round_trip(&d, &data);
+    assert!(status(&d).contains("1 connected (multi-conn no)"));
+    drop(d);
+    let _ = qemu_nbd.kill();
+    let _ = qemu_nbd.wait();
+    assert!(!contains(&std::fs::read(&qimg).unwrap(), &PATTERN[..24]));
+
+    // Another nbdcryptd, serving a plain file.
+    let plain = Daemon::plain(SIZE, &[]);
+    let puri = plain.uri();
+    let pdir = tempdir();
+    let key = format_through_us(pdir.path(), &puri);
+    let d = serve(tempdir(), &puri, &key);
+    round_trip(&d, &data);
+    drop(d);
+    assert!(!contains(
+        &std::fs::read(&plain.image).unwrap(),
+        &PATTERN[..24]
+    ));
+}
+
+#[test]
+fn an_upstream_killed_mid_run_gives_eio_and_the_daemon_reconnects() {
+    let dir = tempdir();
+    let img = dir.path().join("backing.img");
+    std::fs::File::create(&img).unwrap().set_len(SIZE).unwrap();
+    let mut up = Upstream::nbdkit(dir.path(), "file", &["file", img.to_str().unwrap()]);
+    let key = format_through_us(dir.path(), &up.uri);
+    let mut d = serve(tempdir(), &up.uri, &key);
+    let data = pattern(MIB as usize);
+    round_trip(&d, &data);
+
+    up.kill();
+    // A read now fails with EIO, and the daemon keeps running.
+    nbdsh_d(
+        &d,
+        r#"
+        h.connect_uri(URI)
+        expect_err(lambda: h.pread(4096, 0), errno.EIO, "read with the upstream gone")
+        "#,
+    )
+    .success();
+    d.assert_alive();
+    let st = status(&d);
+    assert!(st.contains("0 connected"), "{st}");
+
+    // The upstream returns: the daemon reconnects (back-off at most 5 s) and serves again.
+    up.start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = status(&d);
+        if st.contains(" 4 connected") {
+            assert!(st.contains("reconnects"), "{st}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never reconnected: {st}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let back = d.dir().join("back2.bin");
+    run(tool("nbdcopy").arg(d.uri()).arg(&back), TOOL_TIMEOUT).success();
+    let got = std::fs::read(&back).unwrap();
+    assert_eq!(first_difference(&got[..data.len()], &data), None);
+    d.assert_alive();
+}
+
+#[test]
+fn nbds_upstream_with_client_certificates_and_a_wrong_ca_is_refused() {
+    let dir = tempdir();
+    let pki = pki::generate(&dir.path().join("pki"), "upstream CA", "nbdcrypt client");
+    let other = pki::generate(&dir.path().join("other"), "other CA", "x");
+    let port = pki::free_port();
+    let mut nbdkit = tool("nbdkit")
+        .args([
+            "-f",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--tls=require",
+        ])
+        .arg(format!("--tls-certificates={}", pki.server().display()))
+        .args(["--tls-verify-peer", "memory", "48M"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nbdkit");
+    pki::wait_tcp(&format!("127.0.0.1:{port}"));
+    let uri = format!(
+        "nbds://127.0.0.1:{port}/?tls-certificates={}",
+        pki.client().display()
+    );
+    let key = format_through_us(dir.path(), &uri);
+    let d = serve(tempdir(), &uri, &key);
+    round_trip(&d, &pattern(MIB as usize));
+    drop(d);
+
+    // A CA that did not sign the server: refused, never connected unverified.
+    let wrong = format!(
+        "nbds://127.0.0.1:{port}/?tls-certificates={}",
+        other.client().display()
+    );
+    let out = nbdcryptctl(&[OsStr::new("dump"), OsStr::new(&wrong)]).failure();
+    assert!(out.stderr.contains("TLS"), "{}", out.stderr);
+    // nbds without a certificate directory: refused with the reason.
+    let bare = format!("nbds://127.0.0.1:{port}/");
+    let out = nbdcryptctl(&[OsStr::new("dump"), OsStr::new(&bare)]).failure();
+    assert!(out.stderr.contains("tls-certificates"), "{}", out.stderr);
+    let _ = nbdkit.kill();
+    let _ = nbdkit.wait();
+}
+
+#[test]
+fn an_upstream_without_flush_is_refused_writable_with_the_reason() {
+    let dir = tempdir();
+    // nbdkit eval without a flush script: can_flush is false.
+    let up = Upstream::nbdkit(
+        dir.path(),
+        "noflush",
+        &[
+            "eval",
+            "get_size=echo 50331648",
+            "pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none",
+            "pwrite=cat >/dev/null",
+        ],
+    );
+    let out = nbdcryptctl(&[
+        OsStr::new("format"),
+        OsStr::new(&up.uri),
+        OsStr::new("--yes"),
+        OsStr::new("--key-file"),
+        OsStr::new("/dev/null"),
+    ])
+    .failure();
+    assert!(out.stderr.contains("NBD_CMD_FLUSH"), "{}", out.stderr);
+}
