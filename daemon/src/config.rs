@@ -24,6 +24,15 @@ keyslot, and nbdcryptd serves volumes cryptsetup made (aes-xts-plain64).
 Modes (exactly one):
   --volume PATH  serve the LUKS2 volume in PATH (file or block device). The daemon starts
                  LOCKED and offers no export until `nbdcryptctl unlock` (or --unlock-key-file).
+  --volume URI   the same, with the LUKS2 header and the ciphertext on another NBD server
+                 (nbdkit S3/ceph/file, rbd-nbd, qemu-nbd, another nbdcryptd):
+                 nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, and over TLS
+                 nbds://HOST[:PORT]/EXPORT?tls-certificates=DIR (DIR/ca-cert.pem, optional
+                 client-cert.pem + client-key.pem, libnbd's layout), nbds+unix://...
+                 FLUSH/FUA are passed through (an upstream without FLUSH is refused writable);
+                 an upstream failure fails the request with EIO and the daemon reconnects.
+                 No claim and no header lock exist on an upstream: keeping a second writer
+                 away is best effort, yours (README \"Encrypting remote storage\").
   --demo [DIR]   try it out: creates DIR (default ./nbdcrypt-demo) with a random key file and a
                  256 MiB LUKS2 volume file, serves it on DIR/nbd.sock, unlocks it, and prints
                  how to attach it.
@@ -54,7 +63,8 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Serve the LUKS2 volume in PATH (file or block device); starts locked.
+    /// Serve the LUKS2 volume in PATH (file or block device) or at an upstream NBD URI
+    /// (nbd://, nbds://, nbd+unix://, nbds+unix://); starts locked.
     #[arg(long, value_name = "PATH", group = "mode")]
     pub volume: Option<PathBuf>,
 

@@ -1,0 +1,61 @@
+#!/bin/sh
+# The cost of one more hop: fio against nbdcryptd's encrypted export over an nbdkit-memory
+# upstream (nbdcryptd --volume nbd+unix://...) versus the same nbdkit served directly, same run:
+#   1 MiB sequential write, 1 MiB sequential read, 4k random read QD32.
+# Prints MB/s or IOPS of each and the ratio (ours / direct). A benchmark, not a test.
+# Usage: benches/upstream.sh [DATA_MiB] [BINDIR]   (default 1024 MiB, target/release for
+#        nbdcryptd; nbdcryptctl may be a debug build. Build with
+#        `cargo build --release -p nbdcrypt --bin nbdcryptd`)
+set -eu
+MIB=${1:-1024}
+BIN=${2:-target/release}
+CTL=${CTL:-$BIN/nbdcryptctl}
+[ -x "$CTL" ] || CTL=target/debug/nbdcryptctl
+DIR=$(mktemp -d /dev/shm/nbdcrypt-upstream-bench.XXXXXX)
+NBDKIT=
+PID=
+cleanup() {
+    [ -n "$PID" ] && kill "$PID" 2>/dev/null
+    [ -n "$NBDKIT" ] && kill "$NBDKIT" 2>/dev/null
+    wait 2>/dev/null
+    rm -rf "$DIR"
+}
+trap cleanup EXIT
+printf 'bench-passphrase' > "$DIR/key"
+nbdkit -f -U "$DIR/up.sock" memory "$((16 + MIB))M" &
+NBDKIT=$!
+i=0
+until [ -S "$DIR/up.sock" ]; do i=$((i + 1)); [ $i -lt 100 ] || exit 1; sleep 0.1; done
+UP="nbd+unix:///?socket=$DIR/up.sock"
+"$CTL" format "$UP" --yes --key-file "$DIR/key" --pbkdf pbkdf2 --pbkdf-force-iterations 1000 \
+    > /dev/null
+"$BIN/nbdcryptd" --volume "$UP" --unix "$DIR/nbd.sock" --control "$DIR/ctl.sock" \
+    --unlock-key-file "$DIR/key" 2> "$DIR/daemon.log" &
+PID=$!
+i=0
+until "$CTL" status --control "$DIR/ctl.sock" 2>/dev/null | grep -q unlocked; do
+    i=$((i + 1)); [ $i -lt 200 ] || { cat "$DIR/daemon.log"; exit 1; }; sleep 0.1
+done
+OURS="nbd+unix:///nbdcrypt?socket=$DIR/nbd.sock"
+# The direct reference covers the same bytes: the upstream's data area (after the 16 MiB header).
+fio_run() { # URI NAME RW BS QD OFFSET -> MB/s or IOPS
+    fio --ioengine=nbd --uri="$1" --name="$2" --rw="$3" --bs="$4" --iodepth="$5" \
+        --offset="$6" --size="${MIB}M" --time_based --runtime=15 --output-format=json \
+        --output="$DIR/fio.json" > /dev/null
+    case "$3" in
+    write) jq '.jobs[0].write.bw_bytes / 1e6' "$DIR/fio.json" ;;
+    read) jq '.jobs[0].read.bw_bytes / 1e6' "$DIR/fio.json" ;;
+    *) jq '.jobs[0].read.iops' "$DIR/fio.json" ;;
+    esac
+}
+lscpu | sed -n 's/^Model name: *//p' | head -1
+echo "data: $MIB MiB, nbdkit memory upstream on a Unix socket, $(nproc) CPUs"
+printf '%-28s %14s %14s %8s\n' test direct-nbdkit nbdcrypt ratio
+for t in "seq-write write 1M 4" "seq-read read 1M 4" "4k-randread-QD32 randread 4k 32"; do
+    set -- $t
+    d=$(fio_run "$UP" "$1" "$2" "$3" "$4" 16M)
+    o=$(fio_run "$OURS" "$1" "$2" "$3" "$4" 0)
+    unit=MB/s; [ "$2" = randread ] && unit=IOPS
+    awk -v n="$1" -v d="$d" -v o="$o" -v u="$unit" \
+        'BEGIN { printf "%-28s %9.1f %-4s %9.1f %-4s %7.1f%%\n", n, d, u, o, u, 100*o/d }'
+done
