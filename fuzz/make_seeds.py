@@ -232,7 +232,22 @@ def clevis():
         put("clevis_token", f"compact-{i}", compact(h, 64).encode())
 
 
+def upstream():
+    # Replies to a read of 512 << k bytes at 4096 (handle 1) and a flush (handle 2).
+    def chunk(flags, ty, handle, payload):
+        return struct.pack(">IHHQI", 0x668E33EF, flags, ty, handle, len(payload)) + payload
+    n = 512
+    simple = struct.pack(">IIQ", 0x67446698, 0, 1) + bytes(n) + struct.pack(">IIQ", 0x67446698, 0, 2)
+    put("upstream_reply", "simple", bytes([0]) + simple)
+    data = chunk(0, 1, 1, struct.pack(">Q", 4096) + bytes(256))
+    hole = chunk(1, 2, 1, struct.pack(">QI", 4096 + 256, 256))
+    err = chunk(1, 0x8001, 2, struct.pack(">IH", 5, 3) + b"bad")
+    put("upstream_reply", "structured", bytes([1]) + data + hole + chunk(1, 0, 2, b""))
+    put("upstream_reply", "error", bytes([1]) + err + chunk(1, 1, 1, struct.pack(">Q", 4096) + bytes(n)))
+
+
 if __name__ == "__main__":
+    upstream()
     luks2()
     nbd()
     control()
