@@ -81,7 +81,7 @@ pub fn format_run(a: FormatArgs) -> anyhow::Result<()> {
     )?;
     let key_size = a.key_size / 8;
     let kdf = a.pbkdf.resolve(key_size as usize)?;
-    params.kdf = kdf.clone();
+    params.kdf = kdf;
     params.key_size = key_size;
     params.sector_size = a.sector_size;
     params.label = label;

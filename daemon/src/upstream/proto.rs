@@ -30,6 +30,8 @@ pub struct Pending {
     pub covered: Vec<(u32, u32)>,
     /// The first error chunk's errno and message.
     pub error: Option<(u32, String)>,
+    /// Chunks received so far (bounded by `MAX_CHUNKS`).
+    pub chunks: usize,
     /// Where the completion goes (None in the fuzz target).
     pub reply: Option<std::sync::mpsc::SyncSender<Result<Vec<u8>, ReplyError>>>,
 }
@@ -48,6 +50,7 @@ impl Pending {
             buf,
             covered: Vec::new(),
             error: None,
+            chunks: 0,
             reply: None,
         }
     }
@@ -187,8 +190,12 @@ pub async fn read_reply<R: AsyncRead + Unpin>(
                 .take(handle)
                 .ok_or_else(|| format!("reply chunk for unknown handle {handle:#x}"))?;
             chunk(r, &mut p, ty, length).await?;
+            p.chunks += 1;
+            if ty == REPLY_TYPE_NONE && flags & REPLY_FLAG_DONE == 0 {
+                return Err("NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE".into());
+            }
             if flags & REPLY_FLAG_DONE == 0 {
-                if p.covered.len() > MAX_CHUNKS {
+                if p.chunks > MAX_CHUNKS {
                     return Err("too many chunks in one reply".into());
                 }
                 pending.insert(handle, p);
