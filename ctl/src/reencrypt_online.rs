@@ -26,8 +26,13 @@ in the background: client I/O below the frontier uses the new key, above it the 
 request inside the zone being rewritten waits for it (tens of milliseconds). When every zone is
 done the old key and its keyslot are removed.
 
-The volume must have exactly one keyslot for its key (the one the secret opens); others would be
-lost, so the daemon refuses: remove them first, or use the offline form.
+Every keyslot of the old key is carried over to the new key: those the secret opens (same
+secret), those of nbdcrypt's KMS/HSM tokens (re-sealed: a fresh secret sealed under the same
+KMS/HSM key, through the daemon's provider settings), and those of clevis tokens (Tang/TPM2,
+decrypted through the daemon's clevis settings; the token is bound to the new keyslot). With
+--token no secret is asked: the daemon opens the volume through its tokens. A keyslot none of
+these opens (another passphrase, a quorum) would be lost with the old key, so the daemon
+refuses and names it, unless --drop-unopened says to drop it.
 
 It is crash-safe: after a crash, kill -9 or power cut, restart nbdcryptd and unlock with the same
 passphrase; the interrupted zone is recovered and the re-encryption continues by itself.
@@ -41,6 +46,7 @@ pub const EXAMPLES: &str = "\
 Examples:
   nbdcryptctl reencrypt --control /run/nbdcrypt/db.sock --key-file /etc/nbdcrypt/db.key
   nbdcryptctl reencrypt --control SOCK --max-rate 100M --wait     # start, follow to the end
+  nbdcryptctl reencrypt --control SOCK --token                    # unlocked by KMS/HSM/clevis
   nbdcryptctl reencrypt --control SOCK --pause
   nbdcryptctl reencrypt --control SOCK --resume --max-rate 50M
   nbdcryptctl reencrypt --control SOCK --status";
@@ -79,6 +85,16 @@ pub struct OnlineReencryptArgs {
     /// After the request, follow the progress until the re-encryption finishes or fails.
     #[arg(long)]
     pub wait: bool,
+
+    /// Start without a secret: the daemon opens the old key and carries every keyslot over
+    /// through the volume's KMS/HSM/clevis tokens (for a volume unlocked by a token).
+    #[arg(long, conflicts_with_all = ["key_file", "stdin", "pause", "resume", "status"])]
+    pub token: bool,
+
+    /// Start even if some keyslots of the old key cannot be carried over (no secret or token
+    /// opens them): they are dropped with the old key. Without it the daemon refuses and names them.
+    #[arg(long, conflicts_with_all = ["pause", "resume", "status"])]
+    pub drop_unopened: bool,
 }
 
 /// `nbdcryptctl reencrypt --control ...` as a command line of its own.
@@ -147,7 +163,7 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
 }
 
 pub fn run(a: OnlineReencryptArgs) -> Result<(), Failure> {
-    let rate_only = a.max_rate.is_some() && a.key_file.is_none() && !a.stdin;
+    let rate_only = a.max_rate.is_some() && a.key_file.is_none() && !a.stdin && !a.token;
     let action = if a.pause {
         ReencryptAction::Pause
     } else if a.resume {
@@ -166,7 +182,7 @@ pub fn run(a: OnlineReencryptArgs) -> Result<(), Failure> {
     } else {
         ReencryptAction::Start
     };
-    let secret = if action == ReencryptAction::Start {
+    let secret = if action == ReencryptAction::Start && !a.token {
         let source = match (&a.key_file, a.stdin) {
             (Some(p), _) => Source::KeyFile(p.clone()),
             (None, true) => Source::StdinLine,
@@ -182,6 +198,7 @@ pub fn run(a: OnlineReencryptArgs) -> Result<(), Failure> {
         action,
         secret,
         max_rate: a.max_rate,
+        drop_unopened: a.drop_unopened && action == ReencryptAction::Start,
     };
     let response = client::call(&a.control, &request).map_err(|e| Failure::error(e.to_string()));
     drop(request); // wipes the secret

@@ -200,6 +200,20 @@ pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
         };
     }
     let vol = Volume::open(&a.volume, true)?;
+    // A re-encryption cut between its final commit and the end of its wipe: finish the wipe.
+    match reencrypt::complete_pending_wipe(&vol.file).map_err(|e| vol.explain(e))? {
+        reencrypt::PendingWipe::Nothing => {}
+        reencrypt::PendingWipe::Wiped(n, bytes) => eprintln!(
+            "{}: wiped {n} old keyslot area(s) ({}) an interrupted re-encryption left",
+            vol.path.display(),
+            bytes_human(bytes)
+        ),
+        reencrypt::PendingWipe::Refused(why) => eprintln!(
+            "nbdcryptctl: warning: {}: the header asks to wipe keyslot areas outside what is \
+             safe ({why}); nothing was written",
+            vol.path.display()
+        ),
+    }
     let in_progress = reencrypt::peek(&vol.file).map_err(|e| vol.explain(e))?;
     let uuid = Luks2Header::read_metadata_only(&vol.file)
         .map(|(h, _)| h.uuid().to_string())

@@ -92,6 +92,11 @@ pub const RECOVERY_CHUNK: u64 = 4 << 20;
 const MAX_CHECKSUM_BLOCK: u32 = 64 << 10;
 /// Checksum block we write: cryptsetup's value for files and 4K devices.
 const CHECKSUM_BLOCK: u32 = 4096;
+/// Token type of our record of a running re-encryption: `{"type":"nbdcrypt-reencrypt",
+/// "keyslots":[],"max_rate":<bytes/s>}` (see [`Reencryption::max_rate`]); removed at finish.
+pub const JOB_TOKEN: &str = "nbdcrypt-reencrypt";
+/// Smallest rate cap taken from a header (64 KiB/s).
+pub const MIN_RECORDED_RATE: u64 = 64 << 10;
 /// Token type recording when a volume key was created (see [`KeyAge`]).
 pub const KEY_AGE_TOKEN: &str = "nbdcrypt-volume-key";
 /// PBKDF2 iterations of the re-encryption digest (cryptsetup's minimum: the digest is keyed by
@@ -1336,6 +1341,41 @@ impl Reencryption {
         self.stop_after = n;
     }
 
+    /// The rate cap (bytes per second) recorded with this re-encryption (a [`JOB_TOKEN`]
+    /// token), so a resume after a restart keeps it. Header input: values under
+    /// [`MIN_RECORDED_RATE`] are raised to it (a forged value cannot stall the job for years).
+    pub fn max_rate(&self) -> Option<u64> {
+        self.hdr
+            .metadata
+            .tokens
+            .values()
+            .find(|t| t.type_name() == JOB_TOKEN)
+            .and_then(|t| t.json().get("max_rate").and_then(Value::as_u64))
+            .map(|r| r.max(MIN_RECORDED_RATE))
+    }
+
+    /// Records the rate cap in the header (one commit, under the header lock); `None` removes it.
+    pub fn set_max_rate(&mut self, file: &File, rate: Option<u64>) -> Result<(), FormatError> {
+        if self.max_rate() == rate.map(|r| r.max(MIN_RECORDED_RATE)) {
+            return Ok(());
+        }
+        let _lock = lock(file, LockMode::Exclusive)?;
+        self.hdr.check_unchanged(file)?;
+        let mut md = self.hdr.metadata.clone();
+        md.tokens.retain(|_, t| t.type_name() != JOB_TOKEN);
+        if let Some(rate) = rate {
+            let id = (0..super::layout::MAX_TOKENS)
+                .find(|i| !md.tokens.contains_key(i))
+                .ok_or(FormatError::NoFreeToken(super::layout::MAX_TOKENS))?;
+            let mut o = Map::new();
+            o.insert("type".into(), JOB_TOKEN.into());
+            o.insert("keyslots".into(), Value::Array(Vec::new()));
+            o.insert("max_rate".into(), rate.into());
+            md.tokens.insert(id, super::metadata::Token::from_json(o)?);
+        }
+        self.hdr.commit(file, md)
+    }
+
     /// Test hook (crash trials): does the next step up to its hot-zone commit, writes the first
     /// half of the zone re-encrypted, and returns as if the process had died there. Nothing
     /// else should be done with this value afterwards.
@@ -1676,6 +1716,8 @@ impl Reencryption {
                 md.config.requirements = None;
             }
         }
+        // Our record of the running job (its rate cap) goes with it.
+        md.tokens.retain(|_, t| t.type_name() != JOB_TOKEN);
         // Key-age tokens of keys that are gone.
         let live = md
             .digests
