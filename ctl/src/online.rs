@@ -297,6 +297,9 @@ fn status_table(s: &StatusReport) -> String {
     if let Some(r) = &s.reencrypt {
         rows.push(("reencrypt", crate::reencrypt_online::line(r)));
     }
+    if let Some(t) = s.volume_key_created {
+        rows.push(("volume key", crate::reencrypt_online::key_age(t)));
+    }
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 2;
     rows.iter()
         .map(|(k, v)| format!("{k:<width$}{v}\n"))
@@ -347,6 +350,7 @@ mod tests {
             flushes: 0,
             errors: 0,
             locked_reason: Some("locked by uid 0".into()),
+            volume_key_created: None,
             reencrypt: None,
             metrics: None,
         };

@@ -144,6 +144,21 @@ pub fn dispatch() -> Option<std::process::ExitCode> {
     })
 }
 
+/// "created 2026-03-01T10:00:00Z (97 days ago)": the volume key's age for `status`.
+pub fn key_age(created_unix: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let age = now.saturating_sub(created_unix);
+    let ago = match age {
+        0..=119 => format!("{age} s ago"),
+        120..=7199 => format!("{} minutes ago", age / 60),
+        7200..=172_799 => format!("{} hours ago", age / 3600),
+        _ => format!("{} days ago", age / 86400),
+    };
+    format!("created {} ({ago})", nbdcrypt::audit::rfc3339(created_unix))
+}
+
 /// "200M" -> 200 MiB/s.
 pub fn parse_rate(s: &str) -> Result<u64, String> {
     let s = s.trim().trim_end_matches("/s").trim_end_matches(['B', 'b']);
@@ -304,6 +319,23 @@ pub fn line(r: &ReencryptReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_age_says_when_and_how_long_ago() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let s = key_age(now - 3 * 86400 - 5);
+        assert!(
+            s.starts_with("created 20") && s.ends_with("(3 days ago)"),
+            "{s}"
+        );
+        assert!(key_age(now).ends_with("(0 s ago)"));
+        assert!(key_age(now - 600).ends_with("(10 minutes ago)"));
+        // A creation time in the future (clock skew, forged header) is not a negative age.
+        assert!(key_age(now + 1000).ends_with("(0 s ago)"));
+    }
 
     #[test]
     fn rates_take_binary_suffixes_and_refuse_zero() {

@@ -318,10 +318,24 @@ fn online_reencryption_of_a_token_only_volume_needs_no_secret() {
     run_ok(Command::new("cryptsetup").args(["luksKillSlot", "--batch-mode", &vol, "0"]));
     assert!(!cryptsetup_opens(&vol, &rec));
     let d = Served::start(&h, &[("NBDCRYPT_TEST_REENCRYPT_ZONE", "4194304")]);
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     assert_ok(&d.reencrypt(&h, &["--token", "--wait"]));
     d.wait_for(&h, 60, "finished", |v| {
         v["reencrypt"]["state"] == "finished"
     });
+    // status shows the new key's age as soon as it is the only one.
+    let created = d.status(&h).unwrap()["volume_key_created"].as_u64();
+    assert!(created.is_some_and(|c| c >= t0), "{created:?}");
+    let o = h.ctl(&["status", "--control", &d.control]);
+    assert_ok(&o);
+    assert!(
+        text(&o).contains("volume key") && text(&o).contains("s ago)"),
+        "{}",
+        text(&o)
+    );
     drop(d);
     let toks = hsm_tokens(&h);
     assert_eq!(toks.len(), 2, "{toks:?}");
@@ -333,5 +347,9 @@ fn online_reencryption_of_a_token_only_volume_needs_no_secret() {
     // Both open a keyslot of the new key, and it is the key the restarted daemon serves with.
     let o = h.ctl(&["test-token", &vol, "--pkcs11-pin", &h.pin()]);
     assert_ok(&o);
-    let _d = Served::start(&h, &[]);
+    let d = Served::start(&h, &[]);
+    assert_eq!(
+        d.status(&h).unwrap()["volume_key_created"].as_u64(),
+        created
+    );
 }

@@ -270,6 +270,10 @@ pub struct StatusReport {
     /// Monitoring counters since the daemon started (answer to `stats` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Box<crate::metrics::snapshot::Snapshot>>,
+    /// When the volume key in use was created (Unix seconds), from the header's
+    /// `nbdcrypt-volume-key` token; `None` when no token records it (e.g. a cryptsetup-made key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_key_created: Option<u64>,
 }
 
 /// A refused or failed request.
@@ -823,6 +827,7 @@ mod tests {
             locked_reason: None,
             reencrypt: None,
             metrics: None,
+            volume_key_created: Some(1_700_000_000),
         }
     }
 

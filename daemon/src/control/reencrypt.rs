@@ -361,6 +361,18 @@ impl Reencryptor {
     }
 }
 
+/// When the volume key in use was created (Unix seconds), as the last unlock or finished
+/// re-encryption read it from the header (`luks2::reencrypt::KeyAge`); `None` if unknown.
+pub fn volume_key_created() -> Option<u64> {
+    match crate::metrics::METRICS
+        .volume_key_created
+        .load(Ordering::Relaxed)
+    {
+        0 => None,
+        t => Some(t),
+    }
+}
+
 /// An audit event of kind `reencrypt` (shared with the offline command) with its `phase`:
 /// start, checkpoint, pause, resume, finish, failed; `mode` says online.
 fn phase(phase: &str) -> AuditEvent {

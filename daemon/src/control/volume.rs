@@ -966,6 +966,7 @@ impl Task {
                 .and_then(|r| r.report())
                 .map(Box::new),
             metrics: None,
+            volume_key_created: crate::control::reencrypt::volume_key_created(),
         }
     }
 }

@@ -178,9 +178,15 @@ impl Job for EngineJob {
             .take()
             .ok_or("the re-encryption has already finished")?;
         // Our KMS/HSM tokens of the old keyslots were re-sealed for new ones: they go too.
-        r.finish_dropping_orphans(&self.file, |t| format::is_ours(t.type_name()))
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        let hdr = r
+            .finish_dropping_orphans(&self.file, |t| format::is_ours(t.type_name()))
+            .map_err(|e| e.to_string())?;
+        // status and the metrics show the new key's age from now on.
+        let created = crate::luks2::reencrypt::KeyAge::of(&hdr).map_or(0, |a| a.created_unix);
+        crate::metrics::METRICS
+            .volume_key_created
+            .store(created, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
     fn max_rate(&self) -> Option<u64> {
         self.r.as_ref().and_then(Reencryption::max_rate)
