@@ -222,7 +222,7 @@ fn online_reencryption_carries_the_hsm_keyslot_and_resumes_after_a_crash_through
     run_ok(Command::new("cryptsetup").args(&add));
     let before = volume_key(&vol, &rec);
     let data: Vec<u8> = (0..8u32 << 20)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .map(|i| i.wrapping_mul(2654435761).to_le_bytes()[1])
         .collect();
     let src = h.path("data.bin");
     std::fs::write(&src, &data).unwrap();

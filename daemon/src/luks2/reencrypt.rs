@@ -1915,7 +1915,10 @@ pub enum PendingWipe {
 /// - outside every keyslot area the header still references (`wipe_keyslot_area` re-checks).
 ///
 /// So the worst a forged record can do is overwrite keyslot-area bytes no keyslot uses.
-fn wipe_plan(hdr: &Luks2Header, device: u64) -> Result<Option<(u32, Vec<(u64, u64)>)>, String> {
+/// A pending-wipe record checked: its token id and the `(offset, size)` ranges to overwrite.
+type WipePlan = (u32, Vec<(u64, u64)>);
+
+fn wipe_plan(hdr: &Luks2Header, device: u64) -> Result<Option<WipePlan>, String> {
     let Some((id, t)) = hdr.tokens().find(|(_, t)| t.type_name() == WIPE_TOKEN) else {
         return Ok(None);
     };
@@ -1957,7 +1960,7 @@ fn wipe_plan(hdr: &Luks2Header, device: u64) -> Result<Option<(u32, Vec<(u64, u6
         let Some((Some(off), Some(size), 2)) = pair else {
             return Err(format!("area {a} is not [\"offset\", \"size\"]"));
         };
-        let end = off.checked_add(size).unwrap_or(u64::MAX);
+        let end = off.saturating_add(size);
         if size == 0 || off % KEYSLOTS_ALIGN != 0 || size % KEYSLOTS_ALIGN != 0 {
             return Err(format!(
                 "area [{off}, +{size}) is empty or not 4 KiB aligned"
