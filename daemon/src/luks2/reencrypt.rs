@@ -860,6 +860,7 @@ pub struct Reencryption {
     hotzone: u64,
     buf: Vec<u8>,
     stop_after: Option<u64>,
+    threads: usize,
 }
 
 impl Drop for Reencryption {
@@ -1224,6 +1225,7 @@ impl Reencryption {
             hotzone: 0,
             buf: Vec::new(),
             stop_after: None,
+            threads: 1,
         })
     }
 
@@ -1574,22 +1576,23 @@ impl Reencryption {
         let len = b.len() as u64;
         io.read_at(b, abs)
             .map_err(io_err("reading the hot zone", abs))?;
-        // Resilience data, then the hot-zone commit (the metadata commit point).
+        // Resilience data, then the hot-zone commit (the metadata commit point). The checksums
+        // are taken in the same pass over the buffer as the re-encryption (each block hashed
+        // just before it is decrypted, while it is in cache); nothing reaches the data area
+        // before the commit, so computing the new ciphertext early changes nothing on disk.
         match self.st.resilience {
-            Resilience::None => {}
+            Resilience::None => self.transform(b, start, None)?,
             Resilience::Checksum { hash, block_size } => {
                 let hl = hash.output_len();
-                let bs = block_size as usize;
-                let mut sums = vec![0u8; (b.len() / bs) * hl];
-                for (blk, out) in b.chunks_exact(bs).zip(sums.chunks_exact_mut(hl)) {
-                    hash.hash_parts(&[blk], out);
-                }
+                let mut sums = vec![0u8; (b.len() / block_size as usize) * hl];
+                self.transform(b, start, Some((hash, block_size, &mut sums)))?;
                 write_all_at(
                     file,
                     &sums,
                     self.st.area_offset,
                     "writing the resilience checksums",
                 )?;
+                self.commit_layout(file, start, Some(len))?;
             }
             Resilience::Journal => {
                 write_all_at(
@@ -1598,22 +1601,98 @@ impl Reencryption {
                     self.st.area_offset,
                     "writing the resilience journal",
                 )?;
+                self.commit_layout(file, start, Some(len))?;
+                self.transform(b, start, None)?;
             }
         }
-        if self.st.resilience != Resilience::None {
-            self.commit_layout(file, start, Some(len))?;
-        }
-        let iv = start / 512;
-        self.old_cipher
-            .decrypt_in_place(b, iv)
-            .map_err(|e| FormatError::InvalidParams(e.to_string()))?;
-        self.new_cipher
-            .encrypt_in_place(b, iv)
-            .map_err(|e| FormatError::InvalidParams(e.to_string()))?;
         io.write_at(b, abs)
             .map_err(io_err("writing the hot zone", abs))?;
         io.sync().map_err(io_err("syncing the hot zone", abs))?;
         self.commit_layout(file, start + len, None)
+    }
+
+    /// Zone work in parallel on up to `n` threads (offline: the cores; online the daemon keeps
+    /// the default 1 so the worker's back-off measures one thread's time).
+    pub fn set_threads(&mut self, n: usize) {
+        self.threads = n.clamp(1, 16);
+    }
+
+    /// Old ciphertext -> new ciphertext in place for the zone starting at `start` (bytes from
+    /// the data start), hashing each `block_size` block of the old ciphertext into `sums`
+    /// first when asked. One pass per cache-sized chunk (hash, decrypt, encrypt), the zone split
+    /// across [`Reencryption::set_threads`] threads.
+    fn transform(
+        &self,
+        b: &mut [u8],
+        start: u64,
+        sums: Option<(HashAlg, u32, &mut [u8])>,
+    ) -> Result<(), FormatError> {
+        const CHUNK: usize = 256 << 10;
+        let bs = sums.as_ref().map_or(512, |s| s.1 as usize).max(512);
+        let align = usize::try_from(self.align()).unwrap_or(4096);
+        let unit = lcm(bs, align);
+        let chunk = (CHUNK / unit).max(1) * unit;
+        let threads = if b.len() >= 4 * chunk {
+            self.threads
+        } else {
+            1
+        };
+        let part = b.len().div_ceil(threads).div_ceil(chunk).max(1) * chunk;
+        let (old, new) = (&self.old_cipher, &self.new_cipher);
+        let work = |p: &mut [u8], at: usize, sums: Option<(HashAlg, &mut [u8])>| {
+            let mut sums = sums;
+            for (i, c) in p.chunks_mut(chunk).enumerate() {
+                let off = at + i * chunk;
+                if let Some((hash, out)) = sums.as_mut() {
+                    let hl = hash.output_len();
+                    let first = (i * chunk) / bs * hl;
+                    let out = &mut out[first..first + c.len() / bs * hl];
+                    for (blk, o) in c.chunks_exact(bs).zip(out.chunks_exact_mut(hl)) {
+                        hash.hash_parts(&[blk], o);
+                    }
+                }
+                let iv = (start + off as u64) / 512;
+                old.decrypt_in_place(c, iv)
+                    .and_then(|()| new.encrypt_in_place(c, iv))
+                    .map_err(|e| FormatError::InvalidParams(e.to_string()))?;
+            }
+            Ok(())
+        };
+        match sums {
+            None if threads == 1 => work(b, 0, None),
+            Some((hash, _, out)) if threads == 1 => work(b, 0, Some((hash, out))),
+            sums => std::thread::scope(|sc| {
+                let mut handles = Vec::new();
+                let (hash, mut out) = match sums {
+                    Some((h, _, o)) => (Some(h), Some(o)),
+                    None => (None, None),
+                };
+                for (i, p) in b.chunks_mut(part).enumerate() {
+                    let s = match (hash, out.take()) {
+                        (Some(h), Some(o)) => {
+                            let n = (p.len() / bs * h.output_len()).min(o.len());
+                            let (mine, rest) = o.split_at_mut(n);
+                            out = Some(rest);
+                            Some((h, mine))
+                        }
+                        _ => None,
+                    };
+                    let work = &work;
+                    handles.push(sc.spawn(move || work(p, i * part, s)));
+                }
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(FormatError::InvalidParams(
+                                "a re-encryption thread failed".into(),
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<()>, _>>()
+                    .map(|_| ())
+            }),
+        }
     }
 
     /// Finishes a completed re-encryption: one header commit drops the old key's keyslots and
@@ -1842,6 +1921,14 @@ impl Reencryption {
         self.st = next_st;
         Ok(())
     }
+}
+
+fn lcm(a: usize, b: usize) -> usize {
+    let (mut x, mut y) = (a, b);
+    while y != 0 {
+        (x, y) = (y, x % y);
+    }
+    a / x.max(1) * b
 }
 
 /// Largest free 4 KiB-aligned gap of the keyslots area: `(offset, size)`.
