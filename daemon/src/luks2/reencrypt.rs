@@ -1809,14 +1809,14 @@ impl Reencryption {
         // The areas to wipe are named in the same commit that unreferences them, so a crash
         // before the wipe is finished leaves a record the next open acts on
         // ([`complete_pending_wipe`]); without it those bytes would stay unreferenced, unwiped.
-        let pending = if wipe.is_empty() {
-            None
-        } else {
-            let id = (0..super::layout::MAX_TOKENS)
-                .find(|i| !md.tokens.contains_key(i))
-                .ok_or(FormatError::NoFreeToken(super::layout::MAX_TOKENS))?;
-            md.tokens.insert(id, wipe_token(&wipe)?);
-            Some(id)
+        // (With every token id taken there is no record: the wipe below still runs, only a cut
+        // in the middle of it goes unnoticed, as before this record existed.)
+        let pending = match (0..super::layout::MAX_TOKENS).find(|i| !md.tokens.contains_key(i)) {
+            Some(id) if !wipe.is_empty() => {
+                md.tokens.insert(id, wipe_token(&wipe)?);
+                Some(id)
+            }
+            _ => None,
         };
         self.hdr.commit(file, md)?;
         if crash_before_wipe {
