@@ -300,6 +300,9 @@ fn status_table(s: &StatusReport) -> String {
     if let Some(u) = &s.upstream {
         rows.push(("upstream", u.clone()));
     }
+    if let Some(t) = s.volume_key_created {
+        rows.push(("volume key", crate::reencrypt_online::key_age(t)));
+    }
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 2;
     rows.iter()
         .map(|(k, v)| format!("{k:<width$}{v}\n"))
@@ -350,6 +353,7 @@ mod tests {
             flushes: 0,
             errors: 0,
             locked_reason: Some("locked by uid 0".into()),
+            volume_key_created: None,
             reencrypt: None,
             metrics: None,
             upstream: None,

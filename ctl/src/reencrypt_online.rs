@@ -26,8 +26,13 @@ in the background: client I/O below the frontier uses the new key, above it the 
 request inside the zone being rewritten waits for it (tens of milliseconds). When every zone is
 done the old key and its keyslot are removed.
 
-The volume must have exactly one keyslot for its key (the one the secret opens); others would be
-lost, so the daemon refuses: remove them first, or use the offline form.
+Every keyslot of the old key is carried over to the new key: those the secret opens (same
+secret), those of nbdcrypt's KMS/HSM tokens (re-sealed: a fresh secret sealed under the same
+KMS/HSM key, through the daemon's provider settings), and those of clevis tokens (Tang/TPM2,
+decrypted through the daemon's clevis settings; the token is bound to the new keyslot). With
+--token no secret is asked: the daemon opens the volume through its tokens. A keyslot none of
+these opens (another passphrase, a quorum) would be lost with the old key, so the daemon
+refuses and names it, unless --drop-unopened says to drop it.
 
 It is crash-safe: after a crash, kill -9 or power cut, restart nbdcryptd and unlock with the same
 passphrase; the interrupted zone is recovered and the re-encryption continues by itself.
@@ -41,6 +46,7 @@ pub const EXAMPLES: &str = "\
 Examples:
   nbdcryptctl reencrypt --control /run/nbdcrypt/db.sock --key-file /etc/nbdcrypt/db.key
   nbdcryptctl reencrypt --control SOCK --max-rate 100M --wait     # start, follow to the end
+  nbdcryptctl reencrypt --control SOCK --token                    # unlocked by KMS/HSM/clevis
   nbdcryptctl reencrypt --control SOCK --pause
   nbdcryptctl reencrypt --control SOCK --resume --max-rate 50M
   nbdcryptctl reencrypt --control SOCK --status";
@@ -79,6 +85,16 @@ pub struct OnlineReencryptArgs {
     /// After the request, follow the progress until the re-encryption finishes or fails.
     #[arg(long)]
     pub wait: bool,
+
+    /// Start without a secret: the daemon opens the old key and carries every keyslot over
+    /// through the volume's KMS/HSM/clevis tokens (for a volume unlocked by a token).
+    #[arg(long, conflicts_with_all = ["key_file", "stdin", "pause", "resume", "status"])]
+    pub token: bool,
+
+    /// Start even if some keyslots of the old key cannot be carried over (no secret or token
+    /// opens them): they are dropped with the old key. Without it the daemon refuses and names them.
+    #[arg(long, conflicts_with_all = ["pause", "resume", "status"])]
+    pub drop_unopened: bool,
 }
 
 /// `nbdcryptctl reencrypt --control ...` as a command line of its own.
@@ -128,6 +144,21 @@ pub fn dispatch() -> Option<std::process::ExitCode> {
     })
 }
 
+/// "created 2026-03-01T10:00:00Z (97 days ago)": the volume key's age for `status`.
+pub fn key_age(created_unix: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let age = now.saturating_sub(created_unix);
+    let ago = match age {
+        0..=119 => format!("{age} s ago"),
+        120..=7199 => format!("{} minutes ago", age / 60),
+        7200..=172_799 => format!("{} hours ago", age / 3600),
+        _ => format!("{} days ago", age / 86400),
+    };
+    format!("created {} ({ago})", nbdcrypt::audit::rfc3339(created_unix))
+}
+
 /// "200M" -> 200 MiB/s.
 pub fn parse_rate(s: &str) -> Result<u64, String> {
     let s = s.trim().trim_end_matches("/s").trim_end_matches(['B', 'b']);
@@ -147,7 +178,7 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
 }
 
 pub fn run(a: OnlineReencryptArgs) -> Result<(), Failure> {
-    let rate_only = a.max_rate.is_some() && a.key_file.is_none() && !a.stdin;
+    let rate_only = a.max_rate.is_some() && a.key_file.is_none() && !a.stdin && !a.token;
     let action = if a.pause {
         ReencryptAction::Pause
     } else if a.resume {
@@ -166,7 +197,7 @@ pub fn run(a: OnlineReencryptArgs) -> Result<(), Failure> {
     } else {
         ReencryptAction::Start
     };
-    let secret = if action == ReencryptAction::Start {
+    let secret = if action == ReencryptAction::Start && !a.token {
         let source = match (&a.key_file, a.stdin) {
             (Some(p), _) => Source::KeyFile(p.clone()),
             (None, true) => Source::StdinLine,
@@ -182,6 +213,7 @@ pub fn run(a: OnlineReencryptArgs) -> Result<(), Failure> {
         action,
         secret,
         max_rate: a.max_rate,
+        drop_unopened: a.drop_unopened && action == ReencryptAction::Start,
     };
     let response = client::call(&a.control, &request).map_err(|e| Failure::error(e.to_string()));
     drop(request); // wipes the secret
@@ -287,6 +319,23 @@ pub fn line(r: &ReencryptReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_age_says_when_and_how_long_ago() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let s = key_age(now - 3 * 86400 - 5);
+        assert!(
+            s.starts_with("created 20") && s.ends_with("(3 days ago)"),
+            "{s}"
+        );
+        assert!(key_age(now).ends_with("(0 s ago)"));
+        assert!(key_age(now - 600).ends_with("(10 minutes ago)"));
+        // A creation time in the future (clock skew, forged header) is not a negative age.
+        assert!(key_age(now + 1000).ends_with("(0 s ago)"));
+    }
 
     #[test]
     fn rates_take_binary_suffixes_and_refuse_zero() {

@@ -132,6 +132,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let reencryptor = Arc::new(nbdcrypt::control::reencrypt::Reencryptor::new(
         Arc::new(nbdcrypt::unlock::VolumeBackend {
             volume: volume.clone(),
+            seal: config.seal.clone(),
         }),
         audit.clone(),
         info.uuid.clone(),

@@ -330,13 +330,7 @@ impl Volume {
         settings: &SealSettings,
     ) -> Result<(Arc<dyn BlockDevice>, u32), UnlockError> {
         if self.reencrypt_state()?.is_some() {
-            return Err(UnlockError::Tokens {
-                message: "the volume is in the middle of a re-encryption: unlock it with its \
-                          passphrase or key file once to resume it (token unlock of a volume \
-                          being re-encrypted is not supported yet)"
-                    .into(),
-                transient: false,
-            });
+            return reencrypt::unlock_resuming_with_tokens(self, settings);
         }
         let (header, file) = self.read_header()?;
         // A header naming another volume is refused before any provider is asked.
@@ -600,6 +594,7 @@ impl Volume {
         key: &VolumeKey,
     ) -> Result<Arc<dyn BlockDevice>, UnlockError> {
         self.pin.check(header, key)?;
+        reencrypt::complete_pending_wipe(self, header);
         let created = crate::luks2::reencrypt::KeyAge::of(header).map_or(0, |a| a.created_unix);
         crate::metrics::METRICS
             .volume_key_created

@@ -30,10 +30,11 @@ pub fn proto(data: &[u8]) {
             let swapped = match &req {
                 Request::Unlock { slot, .. } => Some(Request::Unlock { secret: other, slot: *slot }),
                 Request::Share { name, .. } => Some(Request::Share { name: name.clone(), secret: other }),
-                Request::Reencrypt { action, secret: Some(_), max_rate } => Some(Request::Reencrypt {
+                Request::Reencrypt { action, secret: Some(_), max_rate, drop_unopened } => Some(Request::Reencrypt {
                     action: *action,
                     secret: Some(other),
                     max_rate: *max_rate,
+                    drop_unopened: *drop_unopened,
                 }),
                 _ => None,
             };

@@ -31,8 +31,10 @@ holds). On disk this is cryptsetup's LUKS2 re-encryption (requirement online-ree
     where it stopped (a zone half done is redone from the resilience data);
   * `cryptsetup reencrypt --resume-only VOLUME` can finish a re-encryption we started, and this
     command finishes one that cryptsetup started (mode reencrypt, forward, no data shift);
-  * while it runs, other tools refuse the volume; nbdcryptd, unlocked with a passphrase,
-    resumes an interrupted one online.
+  * while it runs, other tools refuse the volume; nbdcryptd, unlocked with a passphrase or
+    through its tokens, resumes an interrupted one online;
+  * if it is cut between its last header commit and the wipe of the old keyslots, the next run
+    of this command (or the next unlock in nbdcryptd) finishes the wipe.
 
 Online, while nbdcryptd serves the volume and clients keep reading and writing:
 `nbdcryptctl reencrypt --control SOCK [--key-file F] [--pause|--resume|--status] [--max-rate R]
@@ -200,6 +202,20 @@ pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
         };
     }
     let vol = Volume::open(&a.volume, true)?;
+    // A re-encryption cut between its final commit and the end of its wipe: finish the wipe.
+    match reencrypt::complete_pending_wipe(&vol.file).map_err(|e| vol.explain(e))? {
+        reencrypt::PendingWipe::Nothing => {}
+        reencrypt::PendingWipe::Wiped(n, bytes) => eprintln!(
+            "{}: wiped {n} old keyslot area(s) ({}) an interrupted re-encryption left",
+            vol.path.display(),
+            bytes_human(bytes)
+        ),
+        reencrypt::PendingWipe::Refused(why) => eprintln!(
+            "nbdcryptctl: warning: {}: the header asks to wipe keyslot areas outside what is \
+             safe ({why}); nothing was written",
+            vol.path.display()
+        ),
+    }
     let in_progress = reencrypt::peek(&vol.file).map_err(|e| vol.explain(e))?;
     let uuid = Luks2Header::read_metadata_only(&vol.file)
         .map(|(h, _)| h.uuid().to_string())
@@ -254,6 +270,8 @@ pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
         if let Some(z) = a.hotzone_size {
             r.set_hotzone(Some(z)).map_err(|e| vol.explain(e))?;
         }
+        // Hashing and re-encryption of each zone on every core (nothing else runs here).
+        r.set_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
         #[cfg(debug_assertions)]
         if let Some(n) = std::env::var("NBDCRYPT_TEST_REENCRYPT_STOP_AFTER_ZONES")
             .ok()

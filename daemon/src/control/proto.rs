@@ -78,6 +78,9 @@ pub enum Request {
         action: ReencryptAction,
         secret: Option<SecretBytes>,
         max_rate: Option<u64>,
+        /// Start only: drop the old key's keyslots the daemon cannot carry over (neither the
+        /// secret nor a token opens them) instead of refusing.
+        drop_unopened: bool,
     },
     /// The status plus a snapshot of the monitoring counters (`nbdcryptctl top`).
     Stats,
@@ -183,12 +186,16 @@ impl fmt::Debug for Request {
             Request::Lock { force } => f.debug_struct("Lock").field("force", force).finish(),
             Request::Status => f.write_str("Status"),
             Request::Reencrypt {
-                action, max_rate, ..
+                action,
+                max_rate,
+                drop_unopened,
+                ..
             } => f
                 .debug_struct("Reencrypt")
                 .field("action", action)
                 .field("secret", &"<redacted>")
                 .field("max_rate", max_rate)
+                .field("drop_unopened", drop_unopened)
                 .finish(),
             Request::Share { name, .. } => f
                 .debug_struct("Share")
@@ -267,6 +274,10 @@ pub struct StatusReport {
     /// up, reconnects, failed requests, last error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
+    /// When the volume key in use was created (Unix seconds), from the header's
+    /// `nbdcrypt-volume-key` token; `None` when no token records it (e.g. a cryptsetup-made key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_key_created: Option<u64>,
 }
 
 /// A refused or failed request.
@@ -386,6 +397,7 @@ impl Request {
             action,
             secret,
             max_rate,
+            drop_unopened,
         } = self
         {
             let secret_len = secret.as_ref().map_or(0, |s| s.len());
@@ -396,6 +408,7 @@ impl Request {
                 action: *action,
                 secret: secret.as_ref().map(SecretOut),
                 max_rate: *max_rate,
+                drop_unopened: drop_unopened.then_some(true),
             };
             serde_json::to_writer(&mut *out, &wire).expect("request serializes");
             out.push(b'\n');
@@ -532,6 +545,8 @@ struct WireRequest {
     #[serde(default)]
     max_rate: Option<u64>,
     name: Option<String>,
+    #[serde(default)]
+    drop_unopened: Option<bool>,
 }
 
 impl WireRequest {
@@ -548,6 +563,9 @@ impl WireRequest {
             }
             if self.max_rate.is_some() {
                 return misplaced("max_rate");
+            }
+            if self.drop_unopened.is_some() {
+                return misplaced("drop_unopened");
             }
         }
         if self.name.is_some() && self.op != Op::Share {
@@ -574,10 +592,14 @@ impl WireRequest {
                         "\"max_rate\" must be positive (bytes per second)".into(),
                     ));
                 }
+                if self.drop_unopened.is_some() && action != ReencryptAction::Start {
+                    return misplaced("drop_unopened");
+                }
                 Ok(Request::Reencrypt {
                     action,
                     secret: self.secret.map(|s| s.0),
                     max_rate: self.max_rate,
+                    drop_unopened: self.drop_unopened.unwrap_or(false),
                 })
             }
             Op::Share => {
@@ -689,6 +711,8 @@ struct WireReencryptOut<'a> {
     secret: Option<SecretOut<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_rate: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drop_unopened: Option<bool>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -808,6 +832,7 @@ mod tests {
             reencrypt: None,
             metrics: None,
             upstream: None,
+            volume_key_created: Some(1_700_000_000),
         }
     }
 
@@ -1071,6 +1096,7 @@ mod tests {
             action: ReencryptAction::Start,
             secret: Some(SecretBytes::from_slice(b"hunter2")),
             max_rate: Some(200 << 20),
+            drop_unopened: true,
         };
         let line = req.encode();
         let text = std::str::from_utf8(&line).unwrap();
@@ -1081,6 +1107,7 @@ mod tests {
                 action: ReencryptAction::Start,
                 secret: Some(s),
                 max_rate: Some(r),
+                drop_unopened: true,
             } => {
                 assert_eq!(s.expose_secret(), b"hunter2");
                 assert_eq!(r, 200 << 20);

@@ -54,6 +54,14 @@ pub trait Job: ZoneEngine + Send {
     fn align(&self) -> u64;
     /// After the last zone: the new key becomes the only one; the old key's keyslots go.
     fn finish(&mut self) -> Result<(), String>;
+    /// The rate cap recorded with the job on disk (so a resume after a restart keeps it).
+    fn max_rate(&self) -> Option<u64> {
+        None
+    }
+    /// Record the rate cap with the job on disk.
+    fn set_max_rate(&mut self, _rate: Option<u64>) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The daemon's LUKS2 side.
@@ -62,8 +70,13 @@ pub trait Backend: Send + Sync {
     fn router(&self) -> Option<Arc<ReencryptDevice>>;
     /// Begin a re-encryption on disk: a new random volume key, keyslots for it opened by the
     /// same secrets (`secret` for passphrase keyslots; tokens are re-sealed), the LUKS2
-    /// re-encryption header. Slow (key derivation); runs on a blocking thread.
-    fn start(&self, secret: Option<&SecretBytes>) -> Result<Box<dyn Job>, String>;
+    /// re-encryption header. Keyslots that cannot be carried over make it refuse (naming them)
+    /// unless `drop_unopened`. Slow (key derivation); runs on a blocking thread.
+    fn start(
+        &self,
+        secret: Option<&SecretBytes>,
+        drop_unopened: bool,
+    ) -> Result<Box<dyn Job>, String>;
     /// A re-encryption the last unlock found in progress (its hot zone already recovered).
     fn take_resumed(&self) -> Option<Box<dyn Job>>;
 }
@@ -161,6 +174,19 @@ impl Reencryptor {
         max_rate: Option<u64>,
         origin: Origin,
     ) -> Result<(), (Refusal, String)> {
+        self.command_with(action, secret, max_rate, false, origin)
+    }
+
+    /// [`Reencryptor::command`]; `drop_unopened` (start only): drop the old key's keyslots that
+    /// cannot be carried over instead of refusing.
+    pub fn command_with(
+        &self,
+        action: ReencryptAction,
+        secret: Option<&SecretBytes>,
+        max_rate: Option<u64>,
+        drop_unopened: bool,
+        origin: Origin,
+    ) -> Result<(), (Refusal, String)> {
         let peer = |e: AuditEvent| {
             e.volume(&self.uuid)
                 .peer(origin.uid, origin.pid.unwrap_or(0))
@@ -197,7 +223,7 @@ impl Reencryptor {
                         "a re-encryption is already in progress on this volume".into(),
                     ));
                 }
-                let mut job = match self.backend.start(secret) {
+                let mut job = match self.backend.start(secret, drop_unopened) {
                     Ok(job) => job,
                     Err(e) => {
                         self.record(peer(phase("failed")).failed(&e));
@@ -211,6 +237,9 @@ impl Reencryptor {
                     let m = format!("cannot route the volume through the new key: {e}");
                     self.record(peer(phase("failed")).failed(&m));
                     return Err((Refusal::Failed, m));
+                }
+                if let Err(e) = job.set_max_rate(max_rate) {
+                    warn!(error = %e, "cannot record the rate cap in the header; a resume after a restart runs unthrottled");
                 }
                 info!(%origin, ?max_rate, "re-encryption started");
                 self.record(peer(phase("start")).detail("size", router.size()));
@@ -278,7 +307,8 @@ impl Reencryptor {
                 .detail("done_bytes", job.frontier())
                 .detail("after", "unlock"),
         );
-        self.spawn(router, job, None);
+        let max_rate = job.max_rate();
+        self.spawn(router, job, max_rate);
     }
 
     /// Before a lock or shutdown: stop the worker at the end of its current zone and wait.
@@ -331,6 +361,18 @@ impl Reencryptor {
     }
 }
 
+/// When the volume key in use was created (Unix seconds), as the last unlock or finished
+/// re-encryption read it from the header (`luks2::reencrypt::KeyAge`); `None` if unknown.
+pub fn volume_key_created() -> Option<u64> {
+    match crate::metrics::METRICS
+        .volume_key_created
+        .load(Ordering::Relaxed)
+    {
+        0 => None,
+        t => Some(t),
+    }
+}
+
 /// An audit event of kind `reencrypt` (shared with the offline command) with its `phase`:
 /// start, checkpoint, pause, resume, finish, failed; `mode` says online.
 fn phase(phase: &str) -> AuditEvent {
@@ -356,6 +398,7 @@ fn work(
     let total = router.size();
     let mut checkpoint = router.frontier().saturating_mul(10) / total.max(1);
     let mut last_requests = router.load().requests.load(Ordering::Relaxed);
+    let mut recorded_rate = job.max_rate();
     let event = |p| phase(p).volume(uuid).this_process();
     loop {
         let max_rate = {
@@ -375,6 +418,13 @@ fn work(
             }
             p.max_rate
         };
+        if max_rate != recorded_rate {
+            // Changed by a pause/resume request: kept on disk for a resume after a restart.
+            if let Err(e) = job.set_max_rate(max_rate) {
+                warn!(error = %e, "cannot record the new rate cap in the header");
+            }
+            recorded_rate = max_rate;
+        }
         let t0 = Instant::now();
         let before = router.frontier();
         let frontier = match router.reencrypt_zone(&mut *job) {

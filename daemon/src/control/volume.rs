@@ -396,7 +396,8 @@ impl Task {
                 action,
                 secret,
                 max_rate,
-            } => self.reencrypt(action, secret, max_rate, origin, reply),
+                drop_unopened,
+            } => self.reencrypt(action, secret, max_rate, drop_unopened, origin, reply),
         };
         // `None`: the request started a slow step, which answers when it ends. (The control
         // server logs every outcome; this task logs what it does.)
@@ -580,6 +581,7 @@ impl Task {
         action: crate::control::proto::ReencryptAction,
         secret: Option<SecretBytes>,
         max_rate: Option<u64>,
+        drop_unopened: bool,
         origin: Origin,
         reply: Reply,
     ) -> Option<(Reply, Response)> {
@@ -610,7 +612,7 @@ impl Task {
         tokio::spawn(async move {
             let r2 = r.clone();
             let done = tokio::task::spawn_blocking(move || {
-                r2.command(action, secret.as_ref(), max_rate, origin)
+                r2.command_with(action, secret.as_ref(), max_rate, drop_unopened, origin)
             })
             .await;
             let response = match done {
@@ -965,6 +967,7 @@ impl Task {
                 .map(Box::new),
             metrics: None,
             upstream: crate::upstream::status_line(),
+            volume_key_created: crate::control::reencrypt::volume_key_created(),
         }
     }
 }

@@ -67,7 +67,7 @@ use super::digest;
 use super::error::FormatError;
 use super::header::{device_size, read_exact_at, write_all_at};
 use super::keyslot;
-use super::layout::{KEYSLOTS_ALIGN, MAX_KEYSLOTS};
+use super::layout::{KEYSLOTS_ALIGN, MAX_KEYSLOTS, MAX_KEYSLOTS_SIZE};
 use super::lock::{lock, LockMode};
 use super::metadata::{DigestEntry, Keyslot, Metadata, Segment, SegmentSize, CIPHER};
 use super::volume::{wipe_keyslot_area, Luks2Header};
@@ -92,6 +92,11 @@ pub const RECOVERY_CHUNK: u64 = 4 << 20;
 const MAX_CHECKSUM_BLOCK: u32 = 64 << 10;
 /// Checksum block we write: cryptsetup's value for files and 4K devices.
 const CHECKSUM_BLOCK: u32 = 4096;
+/// Token type of our record of a running re-encryption: `{"type":"nbdcrypt-reencrypt",
+/// "keyslots":[],"max_rate":<bytes/s>}` (see [`Reencryption::max_rate`]); removed at finish.
+pub const JOB_TOKEN: &str = "nbdcrypt-reencrypt";
+/// Smallest rate cap taken from a header (64 KiB/s).
+pub const MIN_RECORDED_RATE: u64 = 64 << 10;
 /// Token type recording when a volume key was created (see [`KeyAge`]).
 pub const KEY_AGE_TOKEN: &str = "nbdcrypt-volume-key";
 /// PBKDF2 iterations of the re-encryption digest (cryptsetup's minimum: the digest is keyed by
@@ -855,6 +860,7 @@ pub struct Reencryption {
     hotzone: u64,
     buf: Vec<u8>,
     stop_after: Option<u64>,
+    threads: usize,
 }
 
 impl Drop for Reencryption {
@@ -1095,6 +1101,24 @@ impl Reencryption {
         secrets: &[SecretBytes],
         limits: &KdfLimits,
     ) -> Result<Reencryption, FormatError> {
+        Self::open_by(file, limits, &mut |_, _| {
+            secrets
+                .iter()
+                .map(|s| SecretBytes::from_slice(s.expose_secret()))
+                .collect()
+        })
+    }
+
+    /// Resumes a re-encryption with secrets found per keyslot: `secrets_for(header, id)` is
+    /// asked, lazily, for the candidate secrets of keyslot `id` (e.g. the passphrase a KMS/HSM
+    /// or clevis token bound to that keyslot unseals), for keyslots of a key still missing, in
+    /// priority order (prefer, then normal), until both keys are found. The re-encryption digest
+    /// is verified before anything else happens.
+    pub fn open_by(
+        file: &File,
+        limits: &KdfLimits,
+        secrets_for: &mut dyn FnMut(&Luks2Header, u32) -> Vec<SecretBytes>,
+    ) -> Result<Reencryption, FormatError> {
         let (hdr, _) = Luks2Header::read_reencrypt(file)?;
         let size = device_size(file)?;
         let st = ReencState::from_header(&hdr, size)?;
@@ -1117,8 +1141,8 @@ impl Reencryption {
                 if !(slot_for_old && old.is_none() || d == st.new_digest && new.is_none()) {
                     continue;
                 }
-                for s in secrets {
-                    match hdr.open_slot_unchecked(file, size, id, k, s, limits) {
+                for s in secrets_for(&hdr, id) {
+                    match hdr.open_slot_unchecked(file, size, id, k, &s, limits) {
                         Ok(key) => {
                             if slot_for_old {
                                 old = Some(key);
@@ -1139,14 +1163,14 @@ impl Reencryption {
         }
         match (old, new) {
             (Some(o), Some(n)) => Self::with_keys(file, hdr, o, n),
-            (o, _) => Err(last_err.unwrap_or_else(|| {
+            (o, n) => Err(last_err.unwrap_or_else(|| {
                 FormatError::InvalidParams(format!(
                     "the secrets given open {} of the two volume keys (old and new); both are \
                      needed to resume a re-encryption",
-                    if o.is_some() {
-                        "only the old"
-                    } else {
-                        "not both"
+                    match (o.is_some(), n.is_some()) {
+                        (true, _) => "only the old",
+                        (_, true) => "only the new",
+                        _ => "neither",
                     }
                 ))
             })),
@@ -1201,6 +1225,7 @@ impl Reencryption {
             hotzone: 0,
             buf: Vec::new(),
             stop_after: None,
+            threads: 1,
         })
     }
 
@@ -1316,6 +1341,41 @@ impl Reencryption {
     #[doc(hidden)]
     pub fn stop_after_zones(&mut self, n: Option<u64>) {
         self.stop_after = n;
+    }
+
+    /// The rate cap (bytes per second) recorded with this re-encryption (a [`JOB_TOKEN`]
+    /// token), so a resume after a restart keeps it. Header input: values under
+    /// [`MIN_RECORDED_RATE`] are raised to it (a forged value cannot stall the job for years).
+    pub fn max_rate(&self) -> Option<u64> {
+        self.hdr
+            .metadata
+            .tokens
+            .values()
+            .find(|t| t.type_name() == JOB_TOKEN)
+            .and_then(|t| t.json().get("max_rate").and_then(Value::as_u64))
+            .map(|r| r.max(MIN_RECORDED_RATE))
+    }
+
+    /// Records the rate cap in the header (one commit, under the header lock); `None` removes it.
+    pub fn set_max_rate(&mut self, file: &File, rate: Option<u64>) -> Result<(), FormatError> {
+        if self.max_rate() == rate.map(|r| r.max(MIN_RECORDED_RATE)) {
+            return Ok(());
+        }
+        let _lock = lock(file, LockMode::Exclusive)?;
+        self.hdr.check_unchanged(file)?;
+        let mut md = self.hdr.metadata.clone();
+        md.tokens.retain(|_, t| t.type_name() != JOB_TOKEN);
+        if let Some(rate) = rate {
+            let id = (0..super::layout::MAX_TOKENS)
+                .find(|i| !md.tokens.contains_key(i))
+                .ok_or(FormatError::NoFreeToken(super::layout::MAX_TOKENS))?;
+            let mut o = Map::new();
+            o.insert("type".into(), JOB_TOKEN.into());
+            o.insert("keyslots".into(), Value::Array(Vec::new()));
+            o.insert("max_rate".into(), rate.into());
+            md.tokens.insert(id, super::metadata::Token::from_json(o)?);
+        }
+        self.hdr.commit(file, md)
     }
 
     /// Test hook (crash trials): does the next step up to its hot-zone commit, writes the first
@@ -1516,22 +1576,23 @@ impl Reencryption {
         let len = b.len() as u64;
         io.read_at(b, abs)
             .map_err(io_err("reading the hot zone", abs))?;
-        // Resilience data, then the hot-zone commit (the metadata commit point).
+        // Resilience data, then the hot-zone commit (the metadata commit point). The checksums
+        // are taken in the same pass over the buffer as the re-encryption (each block hashed
+        // just before it is decrypted, while it is in cache); nothing reaches the data area
+        // before the commit, so computing the new ciphertext early changes nothing on disk.
         match self.st.resilience {
-            Resilience::None => {}
+            Resilience::None => self.transform(b, start, None)?,
             Resilience::Checksum { hash, block_size } => {
                 let hl = hash.output_len();
-                let bs = block_size as usize;
-                let mut sums = vec![0u8; (b.len() / bs) * hl];
-                for (blk, out) in b.chunks_exact(bs).zip(sums.chunks_exact_mut(hl)) {
-                    hash.hash_parts(&[blk], out);
-                }
+                let mut sums = vec![0u8; (b.len() / block_size as usize) * hl];
+                self.transform(b, start, Some((hash, block_size, &mut sums)))?;
                 write_all_at(
                     file,
                     &sums,
                     self.st.area_offset,
                     "writing the resilience checksums",
                 )?;
+                self.commit_layout(file, start, Some(len))?;
             }
             Resilience::Journal => {
                 write_all_at(
@@ -1540,22 +1601,98 @@ impl Reencryption {
                     self.st.area_offset,
                     "writing the resilience journal",
                 )?;
+                self.commit_layout(file, start, Some(len))?;
+                self.transform(b, start, None)?;
             }
         }
-        if self.st.resilience != Resilience::None {
-            self.commit_layout(file, start, Some(len))?;
-        }
-        let iv = start / 512;
-        self.old_cipher
-            .decrypt_in_place(b, iv)
-            .map_err(|e| FormatError::InvalidParams(e.to_string()))?;
-        self.new_cipher
-            .encrypt_in_place(b, iv)
-            .map_err(|e| FormatError::InvalidParams(e.to_string()))?;
         io.write_at(b, abs)
             .map_err(io_err("writing the hot zone", abs))?;
         io.sync().map_err(io_err("syncing the hot zone", abs))?;
         self.commit_layout(file, start + len, None)
+    }
+
+    /// Zone work in parallel on up to `n` threads (offline: the cores; online the daemon keeps
+    /// the default 1 so the worker's back-off measures one thread's time).
+    pub fn set_threads(&mut self, n: usize) {
+        self.threads = n.clamp(1, 16);
+    }
+
+    /// Old ciphertext -> new ciphertext in place for the zone starting at `start` (bytes from
+    /// the data start), hashing each `block_size` block of the old ciphertext into `sums`
+    /// first when asked. One pass per cache-sized chunk (hash, decrypt, encrypt), the zone split
+    /// across [`Reencryption::set_threads`] threads.
+    fn transform(
+        &self,
+        b: &mut [u8],
+        start: u64,
+        sums: Option<(HashAlg, u32, &mut [u8])>,
+    ) -> Result<(), FormatError> {
+        const CHUNK: usize = 256 << 10;
+        let bs = sums.as_ref().map_or(512, |s| s.1 as usize).max(512);
+        let align = usize::try_from(self.align()).unwrap_or(4096);
+        let unit = lcm(bs, align);
+        let chunk = (CHUNK / unit).max(1) * unit;
+        let threads = if b.len() >= 4 * chunk {
+            self.threads
+        } else {
+            1
+        };
+        let part = b.len().div_ceil(threads).div_ceil(chunk).max(1) * chunk;
+        let (old, new) = (&self.old_cipher, &self.new_cipher);
+        let work = |p: &mut [u8], at: usize, sums: Option<(HashAlg, &mut [u8])>| {
+            let mut sums = sums;
+            for (i, c) in p.chunks_mut(chunk).enumerate() {
+                let off = at + i * chunk;
+                if let Some((hash, out)) = sums.as_mut() {
+                    let hl = hash.output_len();
+                    let first = (i * chunk) / bs * hl;
+                    let out = &mut out[first..first + c.len() / bs * hl];
+                    for (blk, o) in c.chunks_exact(bs).zip(out.chunks_exact_mut(hl)) {
+                        hash.hash_parts(&[blk], o);
+                    }
+                }
+                let iv = (start + off as u64) / 512;
+                old.decrypt_in_place(c, iv)
+                    .and_then(|()| new.encrypt_in_place(c, iv))
+                    .map_err(|e| FormatError::InvalidParams(e.to_string()))?;
+            }
+            Ok(())
+        };
+        match sums {
+            None if threads == 1 => work(b, 0, None),
+            Some((hash, _, out)) if threads == 1 => work(b, 0, Some((hash, out))),
+            sums => std::thread::scope(|sc| {
+                let mut handles = Vec::new();
+                let (hash, mut out) = match sums {
+                    Some((h, _, o)) => (Some(h), Some(o)),
+                    None => (None, None),
+                };
+                for (i, p) in b.chunks_mut(part).enumerate() {
+                    let s = match (hash, out.take()) {
+                        (Some(h), Some(o)) => {
+                            let n = (p.len() / bs * h.output_len()).min(o.len());
+                            let (mine, rest) = o.split_at_mut(n);
+                            out = Some(rest);
+                            Some((h, mine))
+                        }
+                        _ => None,
+                    };
+                    let work = &work;
+                    handles.push(sc.spawn(move || work(p, i * part, s)));
+                }
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(FormatError::InvalidParams(
+                                "a re-encryption thread failed".into(),
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<()>, _>>()
+                    .map(|_| ())
+            }),
+        }
     }
 
     /// Finishes a completed re-encryption: one header commit drops the old key's keyslots and
@@ -1570,9 +1707,25 @@ impl Reencryption {
     /// removal of the old keyslots for which `drop` is true (e.g. our KMS/HSM tokens whose
     /// keyslots were re-sealed); other orphaned tokens stay, as cryptsetup leaves them.
     pub fn finish_dropping_orphans(
+        self,
+        file: &File,
+        drop: impl Fn(&super::metadata::Token) -> bool,
+    ) -> Result<Luks2Header, FormatError> {
+        self.finish_inner(file, drop, false)
+    }
+
+    /// Test hook (crash trials): the final commit of [`Reencryption::finish`] and nothing after
+    /// it, as if the process died before wiping the old keyslots (see [`complete_pending_wipe`]).
+    #[doc(hidden)]
+    pub fn finish_then_crash_test(self, file: &File) -> Result<Luks2Header, FormatError> {
+        self.finish_inner(file, |_| false, true)
+    }
+
+    fn finish_inner(
         mut self,
         file: &File,
         drop: impl Fn(&super::metadata::Token) -> bool,
+        crash_before_wipe: bool,
     ) -> Result<Luks2Header, FormatError> {
         if self.st.hot_len.is_some() || self.st.frontier != self.st.data_size {
             return Err(FormatError::InvalidParams(format!(
@@ -1642,6 +1795,8 @@ impl Reencryption {
                 md.config.requirements = None;
             }
         }
+        // Our record of the running job (its rate cap) goes with it.
+        md.tokens.retain(|_, t| t.type_name() != JOB_TOKEN);
         // Key-age tokens of keys that are gone.
         let live = md
             .digests
@@ -1651,10 +1806,30 @@ impl Reencryption {
             t.type_name() != KEY_AGE_TOKEN
                 || t.json().get("digest_salt").and_then(Value::as_str) == live.as_deref()
         });
+        // The areas to wipe are named in the same commit that unreferences them, so a crash
+        // before the wipe is finished leaves a record the next open acts on
+        // ([`complete_pending_wipe`]); without it those bytes would stay unreferenced, unwiped.
+        // (With every token id taken there is no record: the wipe below still runs, only a cut
+        // in the middle of it goes unnoticed, as before this record existed.)
+        let pending = match (0..super::layout::MAX_TOKENS).find(|i| !md.tokens.contains_key(i)) {
+            Some(id) if !wipe.is_empty() => {
+                md.tokens.insert(id, wipe_token(&wipe)?);
+                Some(id)
+            }
+            _ => None,
+        };
         self.hdr.commit(file, md)?;
+        if crash_before_wipe {
+            return Ok(self.hdr.clone());
+        }
         let md = self.hdr.metadata.clone();
         for (id, (off, size)) in wipe {
             wipe_keyslot_area(file, &md, self.hdr.hdr_size(), id, off, size)?;
+        }
+        if let Some(id) = pending {
+            let mut md = self.hdr.metadata.clone();
+            md.tokens.remove(&id);
+            self.hdr.commit(file, md)?;
         }
         Ok(self.hdr.clone())
     }
@@ -1748,6 +1923,14 @@ impl Reencryption {
     }
 }
 
+fn lcm(a: usize, b: usize) -> usize {
+    let (mut x, mut y) = (a, b);
+    while y != 0 {
+        (x, y) = (y, x % y);
+    }
+    a / x.max(1) * b
+}
+
 /// Largest free 4 KiB-aligned gap of the keyslots area: `(offset, size)`.
 fn largest_gap(md: &Metadata, hdr_size: u64, end: u64) -> (u64, u64) {
     let mut used: Vec<(u64, u64)> = md
@@ -1766,6 +1949,173 @@ fn largest_gap(md: &Metadata, hdr_size: u64, end: u64) -> (u64, u64) {
         cursor = cursor.max(e.div_ceil(KEYSLOTS_ALIGN) * KEYSLOTS_ALIGN);
     }
     (best.0, (best.1 / KEYSLOTS_ALIGN) * KEYSLOTS_ALIGN)
+}
+
+// ---- wiping what a crash left unreferenced --------------------------------------------------
+
+/// Token type naming keyslot areas whose keyslots a finished re-encryption removed and that
+/// are being (or still have to be) overwritten: `{"type":"nbdcrypt-wipe-pending","keyslots":[],
+/// "areas":[["<offset>","<size>"],...]}`. Written in the same header commit that removes the
+/// keyslots, removed once they are wiped; cryptsetup keeps it as an unknown token.
+pub const WIPE_TOKEN: &str = "nbdcrypt-wipe-pending";
+
+fn wipe_token(areas: &[(u32, (u64, u64))]) -> Result<super::metadata::Token, FormatError> {
+    let mut o = Map::new();
+    o.insert("type".into(), WIPE_TOKEN.into());
+    o.insert("keyslots".into(), Value::Array(Vec::new()));
+    o.insert(
+        "areas".into(),
+        Value::Array(
+            areas
+                .iter()
+                .map(|(_, (off, size))| {
+                    Value::Array(vec![off.to_string().into(), size.to_string().into()])
+                })
+                .collect(),
+        ),
+    );
+    super::metadata::Token::from_json(o)
+}
+
+/// What [`complete_pending_wipe`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PendingWipe {
+    /// No record of a pending wipe (the normal case).
+    Nothing,
+    /// The areas named were overwritten and the record removed: `(areas, bytes)`.
+    Wiped(usize, u64),
+    /// The record was refused (see the rule on [`complete_pending_wipe`]): nothing was written,
+    /// the record stays for a person to look at.
+    Refused(String),
+}
+
+/// Parses and checks a pending-wipe record against the header that carries it. The rule (a
+/// header is attacker-written, so it must not be able to make us overwrite anything that
+/// matters): every range must be
+/// - a non-empty multiple of 4 KiB at a 4 KiB-aligned offset, at most [`MAX_KEYSLOTS_SIZE`]
+///   bytes in all and at most one range per possible keyslot;
+/// - inside the keyslots area the header declares, `[2*hdr_size, 2*hdr_size+keyslots_size)`,
+///   with `keyslots_size` itself at most [`MAX_KEYSLOTS_SIZE`] (our own limit, cryptsetup's);
+/// - before the data segment, which must start at or after the end of the keyslots area (a
+///   header whose data overlaps its keyslots area, e.g. offset 0, gets no wipe at all) and
+///   inside the device;
+/// - outside every keyslot area the header still references (`wipe_keyslot_area` re-checks).
+///
+/// So the worst a forged record can do is overwrite keyslot-area bytes no keyslot uses.
+/// A pending-wipe record checked: its token id and the `(offset, size)` ranges to overwrite.
+type WipePlan = (u32, Vec<(u64, u64)>);
+
+fn wipe_plan(hdr: &Luks2Header, device: u64) -> Result<Option<WipePlan>, String> {
+    let Some((id, t)) = hdr.tokens().find(|(_, t)| t.type_name() == WIPE_TOKEN) else {
+        return Ok(None);
+    };
+    let md = &hdr.metadata;
+    let start = 2 * hdr.hdr_size();
+    let ks_size = md.config.keyslots_size;
+    if ks_size > MAX_KEYSLOTS_SIZE {
+        return Err(format!(
+            "the keyslots area of {ks_size} bytes is larger than {MAX_KEYSLOTS_SIZE}"
+        ));
+    }
+    let area_end = start + ks_size;
+    if md.segment.offset < area_end {
+        return Err(format!(
+            "the data segment at {} does not start after the keyslots area (ends at {area_end})",
+            md.segment.offset
+        ));
+    }
+    let Some(list) = t.json().get("areas").and_then(Value::as_array) else {
+        return Err("no \"areas\" array".into());
+    };
+    if list.len() > MAX_KEYSLOTS as usize + 1 {
+        return Err(format!(
+            "{} areas named (at most {})",
+            list.len(),
+            MAX_KEYSLOTS + 1
+        ));
+    }
+    let num = |v: Option<&Value>| {
+        v.and_then(Value::as_str)
+            .and_then(|s| s.parse::<u64>().ok())
+    };
+    let mut out = Vec::new();
+    let mut total = 0u64;
+    for a in list {
+        let pair = a
+            .as_array()
+            .map(|p| (num(p.first()), num(p.get(1)), p.len()));
+        let Some((Some(off), Some(size), 2)) = pair else {
+            return Err(format!("area {a} is not [\"offset\", \"size\"]"));
+        };
+        let end = off.saturating_add(size);
+        if size == 0 || off % KEYSLOTS_ALIGN != 0 || size % KEYSLOTS_ALIGN != 0 {
+            return Err(format!(
+                "area [{off}, +{size}) is empty or not 4 KiB aligned"
+            ));
+        }
+        if off < start || end > area_end || end > md.segment.offset || end > device {
+            return Err(format!(
+                "area [{off}, +{size}) is not inside the keyslots area [{start}, {area_end})"
+            ));
+        }
+        for (ks, k) in &md.keyslots {
+            if let Some((o, l)) = k.area_extent() {
+                if off < o.saturating_add(l) && o < end {
+                    return Err(format!(
+                        "area [{off}, +{size}) overlaps keyslot {ks}, which is in use"
+                    ));
+                }
+            }
+        }
+        if out
+            .iter()
+            .any(|&(o, l): &(u64, u64)| off < o + l && o < end)
+        {
+            return Err(format!("area [{off}, +{size}) is named twice"));
+        }
+        total = total.saturating_add(size);
+        out.push((off, size));
+    }
+    if total > ks_size {
+        return Err(format!("{total} bytes named, more than the keyslots area"));
+    }
+    Ok(Some((id, out)))
+}
+
+/// Finishes the wipe a re-encryption's last step was doing when it was interrupted (crash,
+/// kill -9, power cut between the final header commit and the end of the wipe): the areas the
+/// [`WIPE_TOKEN`] record names are overwritten with random bytes, synced, and the record is
+/// removed. See `wipe_plan` for the rule that keeps a forged record from overwriting anything
+/// in use. Call with the volume open read-write and nothing else writing its header.
+pub fn complete_pending_wipe(file: &File) -> Result<PendingWipe, FormatError> {
+    let (hdr, _) = Luks2Header::read_reencrypt(file)?;
+    if hdr.metadata.reenc_segments.is_some()
+        || !hdr.tokens().any(|(_, t)| t.type_name() == WIPE_TOKEN)
+    {
+        return Ok(PendingWipe::Nothing);
+    }
+    let _lock = lock(file, LockMode::Exclusive)?;
+    let (mut hdr, _) = Luks2Header::read_reencrypt(file)?;
+    if hdr.metadata.reenc_segments.is_some() {
+        return Ok(PendingWipe::Nothing);
+    }
+    let plan = match wipe_plan(&hdr, device_size(file)?) {
+        Ok(Some(p)) => p,
+        Ok(None) => return Ok(PendingWipe::Nothing),
+        Err(why) => return Ok(PendingWipe::Refused(why)),
+    };
+    let (id, areas) = plan;
+    let md = hdr.metadata.clone();
+    let mut bytes = 0;
+    for &(off, size) in &areas {
+        // Slot number only names the range in errors; it no longer exists.
+        wipe_keyslot_area(file, &md, hdr.hdr_size(), u32::MAX, off, size)?;
+        bytes += size;
+    }
+    let mut md = hdr.metadata.clone();
+    md.tokens.remove(&id);
+    hdr.commit(file, md)?;
+    Ok(PendingWipe::Wiped(areas.len(), bytes))
 }
 
 /// Reads the re-encryption state of a volume without keys (for status and dump): `None` for a

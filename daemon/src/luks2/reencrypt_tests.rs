@@ -440,3 +440,206 @@ fn random_edits_of_a_reencryption_header_never_panic_the_parser() {
         "no edit ever produced a valid state: the test tests nothing"
     );
 }
+
+/// The keyslot areas a finished re-encryption has to wipe: the old key's keyslots and the
+/// resilience area (`(offset, size)`, read from the state before finishing).
+fn areas_to_wipe(r: &Reencryption) -> Vec<(u64, u64)> {
+    let md = &r.header().metadata;
+    let old = &md.digests[&r.state().old_digest].keyslots;
+    md.keyslots
+        .iter()
+        .filter(|(id, _)| old.contains(id) || **id == r.state().keyslot)
+        .filter_map(|(_, k)| k.area_extent())
+        .collect()
+}
+
+fn read_range(f: &File, (off, size): (u64, u64)) -> Vec<u8> {
+    let mut b = vec![0u8; size as usize];
+    f.read_exact_at(&mut b, off).unwrap();
+    b
+}
+
+#[test]
+fn a_crash_between_the_final_commit_and_the_wipe_is_wiped_at_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (f, plain) = volume(dir.path(), 4096);
+    let mut r = start(&f, Resilience::Journal, 64, 4096, 1 << 20);
+    while r.step(&f, &FileIo(&f)).unwrap().is_some() {}
+    let areas = areas_to_wipe(&r);
+    assert_eq!(areas.len(), 2, "old keyslot + resilience area: {areas:?}");
+    let before: Vec<Vec<u8>> = areas.iter().map(|&a| read_range(&f, a)).collect();
+    // The crash: the old keyslots are gone from the header, their bytes are still there.
+    r.finish_then_crash_test(&f).unwrap();
+    let (hdr, _) = Luks2Header::read(&f).unwrap();
+    assert!(hdr.tokens().any(|(_, t)| t.type_name() == WIPE_TOKEN));
+    for (a, b) in areas.iter().zip(&before) {
+        assert!(read_range(&f, *a) == *b, "control: {a:?} not wiped yet");
+    }
+    // The next open finishes the wipe.
+    assert_eq!(
+        complete_pending_wipe(&f).unwrap(),
+        PendingWipe::Wiped(2, areas.iter().map(|a| a.1).sum())
+    );
+    for (a, b) in areas.iter().zip(&before) {
+        assert!(read_range(&f, *a) != *b, "{a:?} still holds the old bytes");
+    }
+    let (hdr, _) = Luks2Header::read(&f).unwrap();
+    assert!(!hdr.tokens().any(|(_, t)| t.type_name() == WIPE_TOKEN));
+    assert_eq!(complete_pending_wipe(&f).unwrap(), PendingWipe::Nothing);
+    let (key, _) = hdr
+        .unlock(&f, &pw("old-pass"), &KdfLimits::default())
+        .unwrap();
+    assert!(read_plain(&f, &key, 4096) == plain, "plaintext changed");
+}
+
+#[test]
+fn a_normal_finish_leaves_no_pending_wipe_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (f, _) = volume(dir.path(), 4096);
+    let mut r = start(&f, Resilience::Journal, 64, 4096, 1 << 20);
+    while r.step(&f, &FileIo(&f)).unwrap().is_some() {}
+    r.finish(&f).unwrap();
+    let (hdr, _) = Luks2Header::read(&f).unwrap();
+    assert!(!hdr.tokens().any(|(_, t)| t.type_name() == WIPE_TOKEN));
+}
+
+#[test]
+fn a_forged_pending_wipe_record_never_overwrites_a_keyslot_or_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (f, plain) = volume(dir.path(), 4096);
+    let (hdr, _) = Luks2Header::read(&f).unwrap();
+    let live = hdr
+        .metadata
+        .keyslots
+        .values()
+        .find_map(Keyslot::area_extent)
+        .unwrap();
+    let data = hdr.data_segment().offset;
+    let hs = hdr.hdr_size();
+    let ks_end = 2 * hs + hdr.metadata.config.keyslots_size;
+    let forge = |areas: Value, extra: &dyn Fn(&mut Value)| {
+        edit_json(&f, |v| {
+            v["tokens"]["9"] = serde_json::json!({
+                "type": WIPE_TOKEN, "keyslots": [], "areas": areas.clone()
+            });
+            extra(v);
+        });
+    };
+    let s = |n: u64| Value::from(n.to_string());
+    let cases: Vec<(&str, Value)> = vec![
+        (
+            "the live keyslot",
+            serde_json::json!([[s(live.0), s(live.1)]]),
+        ),
+        ("the data area", serde_json::json!([[s(data), s(1 << 20)]])),
+        ("the binary headers", serde_json::json!([[s(0), s(2 * hs)]])),
+        (
+            "past the keyslots area",
+            serde_json::json!([[s(ks_end - 4096), s(8192)]]),
+        ),
+        (
+            "unaligned",
+            serde_json::json!([[s(live.0 + live.1 + 512), s(4096)]]),
+        ),
+        (
+            "overflowing",
+            serde_json::json!([[s(u64::MAX - 4095), s(4096)]]),
+        ),
+        ("not a pair", serde_json::json!([[s(live.0 + live.1)]])),
+        ("nonsense", serde_json::json!("everything")),
+    ];
+    let snapshot = || read_range(&f, (0, data + DATA));
+    for (what, areas) in cases {
+        forge(areas, &|_| {});
+        let before = snapshot();
+        let got = complete_pending_wipe(&f).unwrap();
+        assert!(matches!(got, PendingWipe::Refused(_)), "{what}: {got:?}");
+        assert!(snapshot() == before, "{what}: something was written");
+    }
+    // A header whose data segment starts inside its keyslots area (e.g. offset 0: detached
+    // layout) gets no wipe at all, even of a free range.
+    let free = (live.0 + live.1 + 4096, 4096);
+    forge(serde_json::json!([[s(free.0), s(free.1)]]), &|v| {
+        v["segments"]["0"]["offset"] = "0".into();
+    });
+    let before = snapshot();
+    let got = complete_pending_wipe(&f);
+    assert!(
+        matches!(got, Ok(PendingWipe::Refused(_)) | Err(_)),
+        "{got:?}"
+    );
+    assert!(snapshot() == before, "offset 0: something was written");
+    // Control: the same free range with the real layout is wiped, and nothing else changes.
+    forge(serde_json::json!([[s(free.0), s(free.1)]]), &|v| {
+        v["segments"]["0"]["offset"] = s(data);
+    });
+    let before = snapshot();
+    assert_eq!(
+        complete_pending_wipe(&f).unwrap(),
+        PendingWipe::Wiped(1, 4096)
+    );
+    let after = snapshot();
+    let changed: Vec<usize> = (0..before.len())
+        .filter(|&i| before[i] != after[i])
+        .collect();
+    let lo = changed
+        .iter()
+        .copied()
+        .filter(|&i| i as u64 >= 2 * hs)
+        .min()
+        .unwrap();
+    let hi = changed
+        .iter()
+        .copied()
+        .filter(|&i| i as u64 >= 2 * hs)
+        .max()
+        .unwrap();
+    assert!(
+        lo as u64 >= free.0 && (hi as u64) < free.0 + free.1,
+        "wrote outside the free range: [{lo}, {hi}]"
+    );
+    let (hdr, _) = Luks2Header::read(&f).unwrap();
+    let (key, _) = hdr
+        .unlock(&f, &pw("old-pass"), &KdfLimits::default())
+        .unwrap();
+    assert!(read_plain(&f, &key, 4096) == plain);
+}
+
+#[test]
+fn zones_split_across_threads_keep_the_data_and_write_cryptsetups_checksums() {
+    let dir = tempfile::tempdir().unwrap();
+    let (f, plain) = volume(dir.path(), 4096);
+    let mut r = start(
+        &f,
+        Resilience::from_name("checksum").unwrap(),
+        64,
+        4096,
+        1 << 20,
+    );
+    r.set_threads(3);
+    // The old ciphertext of the first zone, hashed the simple way.
+    let abs = r.data_offset();
+    let old = read_range(&f, (abs, 1 << 20));
+    let want: Vec<u8> = old
+        .chunks_exact(4096)
+        .flat_map(|b| {
+            let mut h = [0u8; 32];
+            HashAlg::Sha256.hash_parts(&[b], &mut h);
+            h
+        })
+        .collect();
+    r.step(&f, &FileIo(&f)).unwrap();
+    let area = r.state().area_offset;
+    assert!(
+        read_range(&f, (area, want.len() as u64)) == want,
+        "checksums differ"
+    );
+    while r.step(&f, &FileIo(&f)).unwrap().is_some() {}
+    finish_and_check(&f, r, &plain, 4096);
+    // And with the journal, three threads, a sector-size change.
+    let (f, plain) = volume(dir.path(), 4096);
+    let mut r = start(&f, Resilience::Journal, 32, 512, 1536 << 10);
+    r.set_threads(3);
+    while r.step(&f, &FileIo(&f)).unwrap().is_some() {}
+    finish_and_check(&f, r, &plain, 512);
+}

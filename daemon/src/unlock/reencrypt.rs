@@ -15,10 +15,13 @@ use crate::block::latch::Latch;
 use crate::block::reencrypt::{ReencryptDevice, ZoneEngine};
 use crate::block::BlockDevice;
 use crate::control::reencrypt::{Backend, Job, DEFAULT_ZONE};
+use crate::crypto::kdf::KdfLimits;
 use crate::crypto::keys::{SecretBytes, VolumeKey};
 use crate::crypto::xts::SectorCipher;
 use crate::luks2::reencrypt::{BlockIo, NewSlot, Reencryption, Resilience, StartParams, ZoneIo};
+use crate::luks2::tokens::{clevis, enroll, format, resolver};
 use crate::luks2::{FormatError, Luks2Header};
+use crate::seal::{Binding, SealSettings};
 
 /// Per-volume state shared by the unlock path and the worker's backend.
 #[derive(Default)]
@@ -174,7 +177,23 @@ impl Job for EngineJob {
             .r
             .take()
             .ok_or("the re-encryption has already finished")?;
-        r.finish(&self.file).map(|_| ()).map_err(|e| e.to_string())
+        // Our KMS/HSM tokens of the old keyslots were re-sealed for new ones: they go too.
+        let hdr = r
+            .finish_dropping_orphans(&self.file, |t| format::is_ours(t.type_name()))
+            .map_err(|e| e.to_string())?;
+        // status and the metrics show the new key's age from now on.
+        let created = crate::luks2::reencrypt::KeyAge::of(&hdr).map_or(0, |a| a.created_unix);
+        crate::metrics::METRICS
+            .volume_key_created
+            .store(created, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+    fn max_rate(&self) -> Option<u64> {
+        self.r.as_ref().and_then(Reencryption::max_rate)
+    }
+    fn set_max_rate(&mut self, rate: Option<u64>) -> Result<(), String> {
+        let r = self.r.as_mut().ok_or("the re-encryption has finished")?;
+        r.set_max_rate(&self.file, rate).map_err(|e| e.to_string())
     }
 }
 
@@ -217,7 +236,99 @@ pub(super) fn unlock_resuming(
     secret: &SecretBytes,
 ) -> Result<(Arc<dyn BlockDevice>, u32), UnlockError> {
     let file = open_rw(vol)?;
-    let mut r = Reencryption::open(&file, std::slice::from_ref(secret), &vol.limits)?;
+    let r = Reencryption::open(&file, std::slice::from_ref(secret), &vol.limits)?;
+    serve_resuming(vol, file, r)
+}
+
+/// [`unlock_resuming`] through the tokens: each keyslot of the old and of the new key is tried
+/// with the secrets its tokens unseal (our KMS/HSM tokens through the provider registry, clevis
+/// tokens through their pins), lazily, until both keys are found. Quorum keyslots are not
+/// carried over by a re-encryption, so they cannot resume one.
+pub(super) fn unlock_resuming_with_tokens(
+    vol: &Volume,
+    settings: &SealSettings,
+) -> Result<(Arc<dyn BlockDevice>, u32), UnlockError> {
+    let file = open_rw(vol)?;
+    let mut failures = Vec::new();
+    let mut transient = false;
+    let r = Reencryption::open_by(&file, &vol.limits, &mut |hdr, slot| {
+        if vol.pin.check_uuid(hdr.uuid()).is_err() {
+            // Never ask a provider about a volume that is not the pinned one.
+            return Vec::new();
+        }
+        token_secrets(hdr, slot, settings, &mut failures, &mut transient)
+    });
+    match r {
+        Ok(r) => serve_resuming(vol, file, r),
+        Err(e @ FormatError::InvalidParams(_)) => {
+            let mut message = format!(
+                "the volume is in the middle of a re-encryption and its tokens did not open it: {e}"
+            );
+            if !failures.is_empty() {
+                message.push_str(&format!(" ({})", failures.join("; ")));
+            }
+            message.push_str("; or unlock it with its passphrase or key file");
+            Err(UnlockError::Tokens { message, transient })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Secrets the tokens bound to keyslot `slot` unseal: our KMS/HSM tokens (the provider is built
+/// from the operator's settings, never from the header alone) and clevis tokens. Failures are
+/// collected for the message (`transient`: a provider was unreachable).
+fn token_secrets(
+    hdr: &Luks2Header,
+    slot: u32,
+    settings: &SealSettings,
+    failures: &mut Vec<String>,
+    transient: &mut bool,
+) -> Vec<SecretBytes> {
+    let mut out = Vec::new();
+    for (tid, t) in hdr.tokens() {
+        if !t.keyslots().contains(&slot) {
+            continue;
+        }
+        let mut fail = |e: crate::seal::SealError| {
+            *transient |= e.is_transient();
+            failures.push(format!("token {tid} (keyslot {slot}): {e}"));
+        };
+        match format::parse(t) {
+            Ok(Some(p)) if p.keyslot == slot => {
+                let binding = Binding {
+                    volume_uuid: hdr.uuid().to_owned(),
+                    keyslot: p.keyslot,
+                };
+                match resolver(t.json(), settings).and_then(|pr| pr.unseal(&p.sealed, &binding)) {
+                    Ok(secret) => out.push(enroll::passphrase_for(&secret)),
+                    Err(e) => fail(e),
+                }
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                fail(e);
+                continue;
+            }
+        }
+        match clevis::parse_token(tid, t.json()) {
+            Ok(Some(c)) => match crate::seal::clevis::decrypt_jwe(&c.jwe, &settings.clevis(), 0) {
+                Ok(pass) => out.push(pass),
+                Err(e) => fail(e),
+            },
+            Ok(None) => {}
+            Err(e) => fail(e),
+        }
+    }
+    out
+}
+
+/// The common end of both resuming unlocks.
+fn serve_resuming(
+    vol: &Volume,
+    file: File,
+    mut r: Reencryption,
+) -> Result<(Arc<dyn BlockDevice>, u32), UnlockError> {
     vol.pin.check_uuid(r.header().uuid())?;
     let backing = vol.open_backing()?;
     r.set_hotzone(Some(zone_size()))?;
@@ -271,9 +382,202 @@ pub(super) fn unlock_resuming(
     Ok((Arc::new(Latch::new(router)), slot))
 }
 
-/// [`Backend`] over a [`Volume`].
+/// At every unlock of a volume not in re-encryption: if a re-encryption's last step was cut
+/// between its final header commit and the end of its wipe, finish the wipe now (see
+/// `luks2::reencrypt::complete_pending_wipe` for the rule that bounds what is overwritten).
+/// Never fails the unlock: a refusal or an error is logged.
+pub(super) fn complete_pending_wipe(vol: &Volume, header: &Luks2Header) {
+    use crate::luks2::reencrypt::{PendingWipe, WIPE_TOKEN};
+    if !header.tokens().any(|(_, t)| t.type_name() == WIPE_TOKEN) {
+        return;
+    }
+    if vol.file_options.read_only {
+        warn!("an interrupted re-encryption left old keyslot areas to wipe; served read-only, so they stay until a read-write unlock");
+        return;
+    }
+    let done = open_rw(vol).map_err(|e| e.to_string()).and_then(|f| {
+        crate::luks2::reencrypt::complete_pending_wipe(&f).map_err(|e| e.to_string())
+    });
+    match done {
+        Ok(PendingWipe::Wiped(n, bytes)) => info!(
+            areas = n,
+            bytes, "wiped the old keyslot areas an interrupted re-encryption left"
+        ),
+        Ok(PendingWipe::Nothing) => {}
+        Ok(PendingWipe::Refused(why)) => warn!(
+            reason = %why,
+            "the header asks to wipe keyslot areas outside what is safe: refused, nothing written"
+        ),
+        Err(e) => {
+            warn!(error = %e, "cannot wipe the old keyslot areas an interrupted re-encryption left")
+        }
+    }
+}
+
+/// [`Backend`] over a [`Volume`]; `seal`: the operator's provider settings (to re-seal the
+/// KMS/HSM tokens of the old keyslots, and to open them when no secret is given).
 pub struct VolumeBackend {
     pub volume: Arc<Volume>,
+    pub seal: SealSettings,
+}
+
+/// One old keyslot and how (or why not) it is carried over to the new key.
+enum Carry {
+    Slot(NewSlot),
+    Cannot(String),
+}
+
+impl VolumeBackend {
+    /// How keyslot `id` of the old key is carried over: by the request's secret, by re-sealing
+    /// our token bound to it (fresh secret, same KMS/HSM key), or by the passphrase its clevis
+    /// token decrypts to (the clevis token is then bound to the new keyslot too). Also returns
+    /// the old volume key when this keyslot was opened (tokens are only unsealed for that when
+    /// no key is known yet).
+    fn carry(
+        &self,
+        file: &File,
+        hdr: &Luks2Header,
+        ks: &crate::luks2::KeyslotInfo,
+        secret: Option<&SecretBytes>,
+        need_key: bool,
+    ) -> Result<(Carry, Option<VolumeKey>), String> {
+        let vol = &*self.volume;
+        let Some(kdf) = ks.kdf else {
+            return Ok((Carry::Cannot("unusable KDF".into()), None));
+        };
+        if let Some(s) = secret {
+            match hdr.unlock_slot(file, ks.id, s, &vol.limits) {
+                Ok(key) => {
+                    let slot = NewSlot {
+                        old_slot: ks.id,
+                        secret: SecretBytes::from_slice(s.expose_secret()),
+                        kdf,
+                        token: None,
+                    };
+                    return Ok((Carry::Slot(slot), Some(key)));
+                }
+                Err(FormatError::WrongPassphrase | FormatError::KeyslotUnusable { .. }) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        let bound: Vec<(u32, &crate::luks2::Token)> = hdr
+            .tokens()
+            .filter(|(_, t)| t.keyslots().contains(&ks.id))
+            .collect();
+        let mut why = Vec::new();
+        for &(tid, t) in &bound {
+            match format::parse(t) {
+                Ok(Some(p)) if p.keyslot == ks.id => {
+                    let provider = match resolver(t.json(), &self.seal) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            why.push(format!("token {tid}: cannot reach its KMS/HSM key: {e}"));
+                            continue;
+                        }
+                    };
+                    let mut key = None;
+                    if need_key {
+                        let binding = Binding {
+                            volume_uuid: hdr.uuid().to_owned(),
+                            keyslot: ks.id,
+                        };
+                        let opened = provider
+                            .unseal(&p.sealed, &binding)
+                            .map_err(|e| e.to_string())
+                            .and_then(|s| {
+                                hdr.unlock_slot(
+                                    file,
+                                    ks.id,
+                                    &enroll::passphrase_for(&s),
+                                    &KdfLimits::default(),
+                                )
+                                .map_err(|e| e.to_string())
+                            });
+                        match opened {
+                            Ok(k) => key = Some(k),
+                            Err(e) => {
+                                why.push(format!("token {tid}: {e}"));
+                                continue;
+                            }
+                        }
+                    }
+                    let mut fresh = SecretBytes::zeroed(crate::seal::SECRET_LEN);
+                    getrandom::fill(fresh.expose_secret_mut())
+                        .map_err(|e| format!("no random bytes: {e}"))?;
+                    let pass = enroll::passphrase_for(&fresh);
+                    let uuid = hdr.uuid().to_owned();
+                    let build: crate::luks2::reencrypt::TokenBuilder = Box::new(move |new_slot| {
+                        let binding = Binding {
+                            volume_uuid: uuid,
+                            keyslot: new_slot,
+                        };
+                        let sealed = provider.seal(&fresh, &binding).map_err(|e| e.to_string())?;
+                        format::build(
+                            provider.token_type(),
+                            new_slot,
+                            &sealed,
+                            &crate::audit::rfc3339_now(),
+                        )
+                        .map_err(|e| e.to_string())
+                    });
+                    let slot = NewSlot {
+                        old_slot: ks.id,
+                        secret: pass,
+                        kdf: enroll::TOKEN_KEYSLOT_KDF,
+                        token: Some(build),
+                    };
+                    return Ok((Carry::Slot(slot), key));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    why.push(format!("token {tid}: {e}"));
+                    continue;
+                }
+            }
+            if let Ok(Some(c)) = clevis::parse_token(tid, t.json()) {
+                let opened = crate::seal::clevis::decrypt_jwe(&c.jwe, &self.seal.clevis(), 0)
+                    .map_err(|e| e.to_string())
+                    .and_then(|pass| {
+                        hdr.unlock_slot(file, ks.id, &pass, &vol.limits)
+                            .map(|k| (k, pass))
+                            .map_err(|e| e.to_string())
+                    });
+                match opened {
+                    Ok((key, pass)) => {
+                        let slot = NewSlot {
+                            old_slot: ks.id,
+                            secret: pass,
+                            kdf,
+                            token: None,
+                        };
+                        return Ok((Carry::Slot(slot), Some(key)));
+                    }
+                    Err(e) => why.push(format!("clevis token {tid}: {e}")),
+                }
+                continue;
+            }
+            why.push(format!(
+                "token {tid} ({}) cannot be carried over by a re-encryption",
+                printable(t.type_name())
+            ));
+        }
+        if why.is_empty() {
+            why.push(if secret.is_some() {
+                "the secret given does not open it".into()
+            } else {
+                "no secret given and no token opens it".into()
+            });
+        }
+        Ok((Carry::Cannot(why.join("; ")), None))
+    }
+}
+
+/// A header string for a message: printable ASCII only, at most 64 characters.
+fn printable(s: &str) -> String {
+    s.chars()
+        .take(64)
+        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+        .collect()
 }
 
 impl Backend for VolumeBackend {
@@ -295,49 +599,61 @@ impl Backend for VolumeBackend {
             .take()
     }
 
-    fn start(&self, secret: Option<&SecretBytes>) -> Result<Box<dyn Job>, String> {
+    fn start(
+        &self,
+        secret: Option<&SecretBytes>,
+        drop_unopened: bool,
+    ) -> Result<Box<dyn Job>, String> {
         let vol = &*self.volume;
         let p = vol.path.display();
-        let Some(secret) = secret else {
-            return Err(
-                "starting needs the passphrase (or key file) of the volume's keyslot: \
-                        the new volume key gets a keyslot opened by the same secret"
-                    .into(),
-            );
-        };
         let file = open_rw(vol).map_err(|e| e.to_string())?;
         let (hdr, _) = Luks2Header::read(&file).map_err(|e| format!("{p}: {e}"))?;
-        let (old_key, slot) = hdr
-            .unlock(&file, secret, &vol.limits)
-            .map_err(|e| match e {
-                FormatError::WrongPassphrase => {
-                    "no keyslot opens with this passphrase or key".to_owned()
-                }
-                e => format!("{p}: {e}"),
-            })?;
+        vol.pin
+            .check_uuid(hdr.uuid())
+            .map_err(|e| format!("{p}: {e}"))?;
+        // Every keyslot of the data key is carried over, or named; nothing is dropped silently.
+        let mut slots = Vec::new();
+        let mut old_key: Option<VolumeKey> = None;
+        let mut cannot = Vec::new();
+        for ks in hdr.keyslots().into_iter().filter(|k| k.for_data) {
+            let (c, key) = self.carry(&file, &hdr, &ks, secret, old_key.is_none())?;
+            if old_key.is_none() {
+                old_key = key;
+            }
+            match c {
+                Carry::Slot(s) => slots.push(s),
+                Carry::Cannot(why) => cannot.push(format!("keyslot {} ({why})", ks.id)),
+            }
+        }
+        let Some(old_key) = old_key else {
+            return Err(match secret {
+                Some(_) => "no keyslot opens with this passphrase or key, and no token opens                             the volume"
+                    .to_owned(),
+                None => format!(
+                    "no token opens the volume ({}); give the passphrase or key file",
+                    cannot.join("; ")
+                ),
+            });
+        };
         vol.pin
             .check(&hdr, &old_key)
             .map_err(|e| format!("{p}: {e}"))?;
-        let slots = hdr.keyslots();
-        // Keyslots of the data key we could not carry over would be erased at the end: refuse.
-        let others: Vec<u32> = slots
-            .iter()
-            .filter(|k| k.for_data && k.id != slot)
-            .map(|k| k.id)
-            .collect();
-        if !others.is_empty() {
+        if !cannot.is_empty() && !drop_unopened {
             return Err(format!(
-                "keyslot(s) {others:?} also open the volume key, and only keyslot {slot} (opened \
-                 by the secret given) would be carried over to the new key; remove them first \
-                 (`nbdcryptctl offline remove-key`) or re-encrypt offline with \
-                 `nbdcryptctl reencrypt VOLUME`, which asks for each"
+                "{} cannot be carried over to the new key and would be lost with the old one: \
+                 {}. Give the secret that opens them, make their tokens reachable (the daemon's \
+                 KMS/HSM/clevis settings), remove them first, or pass --drop-unopened to drop them",
+                if cannot.len() == 1 {
+                    "a keyslot"
+                } else {
+                    "keyslots"
+                },
+                cannot.join("; ")
             ));
         }
-        let kdf = slots
-            .iter()
-            .find(|k| k.id == slot)
-            .and_then(|k| k.kdf)
-            .ok_or_else(|| format!("keyslot {slot} has no usable KDF"))?;
+        if !cannot.is_empty() {
+            warn!(dropped = %cannot.join("; "), "re-encryption: dropping keyslots that cannot be carried over (asked for)");
+        }
         let ds = hdr.data_segment();
         let params = StartParams {
             key_size: ds.key_size.unwrap_or(64),
@@ -348,14 +664,8 @@ impl Backend for VolumeBackend {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
         };
-        let new_slot = NewSlot {
-            old_slot: slot,
-            secret: SecretBytes::from_slice(secret.expose_secret()),
-            kdf,
-            token: None,
-        };
         let backing = vol.open_backing().map_err(|e| e.to_string())?;
-        let r = Reencryption::start(&file, hdr, old_key, vec![new_slot], &params)
+        let r = Reencryption::start(&file, hdr, old_key, slots, &params)
             .map_err(|e| format!("{p}: {e}"))?;
         let segment = Segment {
             offset: r.data_offset(),
