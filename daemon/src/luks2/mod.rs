@@ -34,7 +34,7 @@ pub use crate::crypto::kdf::{benchmark_argon2id, HashAlg, KdfLimits, KdfParams};
 pub use error::{FormatError, HeaderCopy};
 pub use metadata::{KeyslotPriority, SegmentSize, Token};
 pub use volume::{
-    format, header_backup, header_restore, DataSegment, FormatParams, KeyslotInfo, Luks2Header,
+    format, header_backup, header_restore, header_restore_with_progress, DataSegment, FormatParams, KeyslotInfo, Luks2Header,
     RepairNeeded,
 };
 
