@@ -93,7 +93,9 @@ impl Drop for SharedTimer {
         c.latency_sum_ns.fetch_add(ns, Ordering::Relaxed);
         c.buckets[bucket(ns)].fetch_add(1, Ordering::Relaxed);
         SHARED.in_flight_requests.fetch_sub(1, Ordering::Relaxed);
-        SHARED.in_flight_bytes.fetch_sub(self.bytes, Ordering::Relaxed);
+        SHARED
+            .in_flight_bytes
+            .fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 

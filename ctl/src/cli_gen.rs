@@ -98,7 +98,10 @@ mod tests {
     fn enroll_one_line_help_names_every_provider() {
         let cmd = command(Program::Nbdcryptctl);
         let enroll = cmd.find_subcommand("enroll").expect("enroll subcommand");
-        let about = enroll.get_about().expect("enroll has a one-line help").to_string();
+        let about = enroll
+            .get_about()
+            .expect("enroll has a one-line help")
+            .to_string();
         for p in PROVIDERS {
             assert!(
                 about.contains(p.label()),
@@ -112,7 +115,14 @@ mod tests {
     #[test]
     fn reporting_commands_take_json() {
         let cmd = command(Program::Nbdcryptctl);
-        for name in ["status", "dump", "test-key", "test-token", "policy", "bench"] {
+        for name in [
+            "status",
+            "dump",
+            "test-key",
+            "test-token",
+            "policy",
+            "bench",
+        ] {
             let sub = cmd
                 .find_subcommand(name)
                 .unwrap_or_else(|| panic!("no subcommand {name}"));

@@ -659,8 +659,14 @@ mod tests {
             assert_eq!(x.errors[errno_index(NbdErrno::Io)], 2 * PER / 1000);
         }
         assert_eq!(M.in_flight(), (0, 0));
-        assert_eq!(M.xts_totals(true), (7 * 2 * PER / 1000, 4096 * 2 * PER / 1000));
-        assert_eq!(M.xts_totals(false), (7 * 2 * PER / 1000, 4096 * 2 * PER / 1000));
+        assert_eq!(
+            M.xts_totals(true),
+            (7 * 2 * PER / 1000, 4096 * 2 * PER / 1000)
+        );
+        assert_eq!(
+            M.xts_totals(false),
+            (7 * 2 * PER / 1000, 4096 * 2 * PER / 1000)
+        );
     }
 
     #[test]

@@ -49,8 +49,7 @@ fn header_restore_prints_plain_progress_lines_without_a_terminal() {
         out.details()
     );
     assert!(
-        out.stderr.contains("restoring keyslots area: 100% (")
-            && out.stderr.contains(" MiB) in "),
+        out.stderr.contains("restoring keyslots area: 100% (") && out.stderr.contains(" MiB) in "),
         "{}",
         out.details()
     );
@@ -59,7 +58,11 @@ fn header_restore_prints_plain_progress_lines_without_a_terminal() {
         "progress stays off stdout: {}",
         out.stdout
     );
-    assert!(out.stdout.contains("restored the header"), "{}", out.details());
+    assert!(
+        out.stdout.contains("restored the header"),
+        "{}",
+        out.details()
+    );
 }
 
 #[test]
@@ -77,7 +80,7 @@ fn cipher_bench_prints_plain_progress_lines_without_a_terminal() {
     assert!(p.windows(2).all(|w| w[0] < w[1]), "rising: {p:?}");
     assert_eq!(p.last(), Some(&100), "{}", out.details());
     // stdout is the JSON alone.
-    let v: serde_json::Value = serde_json::from_str(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", out.stdout));
+    let v: serde_json::Value =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout));
     assert_eq!(v["kind"], "cipher");
 }

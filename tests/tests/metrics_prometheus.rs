@@ -270,7 +270,8 @@ fn shipped_alert_rules_pass_promtool_and_each_has_a_unit_test_that_fires() {
         "rules without a promtool test case in docs/nbdcrypt-alerts*.test.yml that fires them"
     );
     // Negative control: the coverage check notices a rule nobody tests.
-    let extra = format!("{rules}\n      - alert: NbdcryptNobodyTestsThis\n        expr: vector(1)\n");
+    let extra =
+        format!("{rules}\n      - alert: NbdcryptNobodyTestsThis\n        expr: vector(1)\n");
     assert_eq!(untested(&extra, &tests), vec!["NbdcryptNobodyTestsThis"]);
     let check = run(
         tool("promtool")
@@ -281,7 +282,9 @@ fn shipped_alert_rules_pass_promtool_and_each_has_a_unit_test_that_fires() {
     )
     .success();
     assert!(
-        check.stdout.contains(&format!("SUCCESS: {} rules found", names.len())),
+        check
+            .stdout
+            .contains(&format!("SUCCESS: {} rules found", names.len())),
         "{}",
         check.details()
     );
@@ -320,9 +323,10 @@ fn readme_lists_every_exported_metric_and_nothing_else() {
     exported.sort();
     exported.dedup();
     assert!(exported.len() > 20, "{text}");
-    let readme =
-        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
-            .unwrap();
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
+    )
+    .unwrap();
     let section = readme
         .split("## Monitoring")
         .nth(1)

@@ -34,8 +34,8 @@ pub use crate::crypto::kdf::{benchmark_argon2id, HashAlg, KdfLimits, KdfParams};
 pub use error::{FormatError, HeaderCopy};
 pub use metadata::{KeyslotPriority, SegmentSize, Token};
 pub use volume::{
-    format, header_backup, header_restore, header_restore_with_progress, DataSegment, FormatParams, KeyslotInfo, Luks2Header,
-    RepairNeeded,
+    format, header_backup, header_restore, header_restore_with_progress, DataSegment, FormatParams,
+    KeyslotInfo, Luks2Header, RepairNeeded,
 };
 
 /// OS randomness for salts, keys and wipes.

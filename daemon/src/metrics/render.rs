@@ -238,7 +238,11 @@ pub fn render(m: &Metrics, cx: &Context<'_>) -> String {
         "Payload bytes of answered requests, by command.",
     );
     for (c, name) in totals.iter().zip(COMMANDS) {
-        o.line("nbdcrypt_request_bytes_total", &[("command", name)], c.bytes);
+        o.line(
+            "nbdcrypt_request_bytes_total",
+            &[("command", name)],
+            c.bytes,
+        );
     }
     o.head(
         "nbdcrypt_request_errors_total",
