@@ -90,7 +90,7 @@ pub fn man(a: ManArgs) -> Result<(), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nbdcrypt::seal::registry::{Provider, PROVIDERS};
+    use nbdcrypt::seal::registry::PROVIDERS;
 
     /// `enroll`'s line in `nbdcryptctl --help` names every key provider the registry has, so
     /// adding one without saying so fails here.
