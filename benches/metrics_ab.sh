@@ -8,12 +8,14 @@
 # A benchmark, not a test: prints, asserts nothing.
 # Usage: benches/metrics_ab.sh [ROUNDS] [SECONDS] [BINDIR] [OTHER_NBDCRYPTD]
 #        (default 3 rounds of 10 s, target/release; build with
-#        `cargo build --release --bin nbdcryptd --bin nbdcryptctl`)
+#        `cargo build --release --bin nbdcryptd --bin nbdcryptctl`; CTL=path/to/nbdcryptctl
+#        to take the control tool from elsewhere, it only polls the status)
 set -eu
 ROUNDS=${1:-3}
 SECS=${2:-10}
 BIN=${3:-target/release}
 OTHER=${4:-}
+CTL=${CTL:-$BIN/nbdcryptctl}
 MIB=512
 CS=$(command -v cryptsetup || echo /usr/sbin/cryptsetup)
 DIR=$(mktemp -d /dev/shm/nbdcrypt-metrics-ab.XXXXXX)
@@ -42,7 +44,7 @@ run() {
         --unlock-key-file "$DIR/key" "$@" 2> "$DIR/daemon-$variant.log" &
     PID=$!
     i=0
-    until "$BIN/nbdcryptctl" status --control "$DIR/ctl.sock" 2>/dev/null | grep -q unlocked; do
+    until "$CTL" status --control "$DIR/ctl.sock" 2>/dev/null | grep -q unlocked; do
         i=$((i + 1)); [ $i -lt 300 ] || { cat "$DIR/daemon-$variant.log" >&2; exit 1; }; sleep 0.1
     done
     if [ "$#" -gt 0 ]; then
