@@ -86,3 +86,50 @@ pub fn man(a: ManArgs) -> Result<(), Failure> {
     eprintln!("wrote man pages to {} ({n} files)", a.dir.display());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nbdcrypt::seal::registry::PROVIDERS;
+
+    /// `enroll`'s line in `nbdcryptctl --help` names every key provider the registry has, so
+    /// adding one without saying so fails here.
+    #[test]
+    fn enroll_one_line_help_names_every_provider() {
+        let cmd = command(Program::Nbdcryptctl);
+        let enroll = cmd.find_subcommand("enroll").expect("enroll subcommand");
+        let about = enroll
+            .get_about()
+            .expect("enroll has a one-line help")
+            .to_string();
+        for p in PROVIDERS {
+            assert!(
+                about.contains(p.label()),
+                "enroll's one-line help {about:?} does not name {:?}",
+                p.label()
+            );
+        }
+    }
+
+    /// Every command that reports takes `--json`.
+    #[test]
+    fn reporting_commands_take_json() {
+        let cmd = command(Program::Nbdcryptctl);
+        for name in [
+            "status",
+            "dump",
+            "test-key",
+            "test-token",
+            "policy",
+            "bench",
+        ] {
+            let sub = cmd
+                .find_subcommand(name)
+                .unwrap_or_else(|| panic!("no subcommand {name}"));
+            assert!(
+                sub.get_arguments().any(|a| a.get_long() == Some("json")),
+                "{name} has no --json"
+            );
+        }
+    }
+}

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use nbdcrypt::luks2::{header_backup, header_restore, Luks2Header};
+use nbdcrypt::luks2::{header_backup, header_restore_with_progress, Luks2Header};
 
 use super::{bytes_human, confirmed, Volume};
 
@@ -105,7 +105,17 @@ pub fn restore(a: RestoreArgs) -> anyhow::Result<()> {
             b.keyslots().len()
         ),
     )?;
-    let hdr = header_restore(&vol.file, &a.file).map_err(|e| vol.explain(e))?;
+    // The keyslots area (16 MiB by default, up to 128 MiB) is copied first: a bar on a terminal,
+    // a line per tenth otherwise (crate::progress).
+    let mut bar: Option<crate::progress::Progress> = None;
+    let hdr = header_restore_with_progress(&vol.file, &a.file, &mut |done, total| {
+        bar.get_or_insert_with(|| crate::progress::Progress::new("restoring keyslots area", total))
+            .set(done);
+    })
+    .map_err(|e| vol.explain(e))?;
+    if let Some(mut b) = bar {
+        b.finish();
+    }
     println!(
         "restored the header of {p} from {} (uuid {}, {} keyslots)",
         a.file.display(),

@@ -103,7 +103,7 @@ pub enum OfflineCommand {
     /// Check a passphrase: print the keyslot it opens (exit 0) or fail with exit 3.
     #[command(long_about = keys::TEST_ABOUT, after_help = help(keys::TEST_EXAMPLES))]
     TestKey(keys::TestKeyArgs),
-    /// Add a keyslot unlocked by a KMS or HSM (AWS KMS or PKCS#11; a sealed secret in a token).
+    /// Add a keyslot unlocked by AWS KMS, a PKCS#11 HSM, clevis (Tang, TPM2) or a quorum of them.
     #[command(long_about = enroll::ENROLL_ABOUT, after_help = help(enroll::ENROLL_EXAMPLES))]
     Enroll(enroll::EnrollArgs),
     /// Remove a KMS/HSM enrolment: its token, then its keyslot.

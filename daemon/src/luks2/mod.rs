@@ -37,8 +37,8 @@ pub use io::HeaderIo;
 pub use lock::{HeaderLock, LockMode};
 pub use metadata::{KeyslotPriority, SegmentSize, Token};
 pub use volume::{
-    format, header_backup, header_restore, DataSegment, FormatParams, KeyslotInfo, Luks2Header,
-    RepairNeeded,
+    format, header_backup, header_restore, header_restore_with_progress, DataSegment, FormatParams,
+    KeyslotInfo, Luks2Header, RepairNeeded,
 };
 
 /// OS randomness for salts, keys and wipes.

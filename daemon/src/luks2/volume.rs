@@ -962,6 +962,15 @@ pub fn header_backup(device: &dyn HeaderIo, path: &Path) -> Result<(), FormatErr
 /// validating it. If the device still has a readable header, the backup must have the same UUID
 /// and data offset.
 pub fn header_restore(device: &dyn HeaderIo, path: &Path) -> Result<Luks2Header, FormatError> {
+    header_restore_with_progress(device, path, &mut |_, _| {})
+}
+
+/// [`header_restore`], calling `progress(done, total)` (bytes) as the keyslots area is copied.
+pub fn header_restore_with_progress(
+    device: &dyn HeaderIo,
+    path: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Luks2Header, FormatError> {
     let bad = |reason: String| FormatError::BadBackup {
         path: path.display().to_string(),
         reason,
@@ -996,7 +1005,7 @@ pub fn header_restore(device: &dyn HeaderIo, path: &Path) -> Result<Luks2Header,
     // `write_copy`. Until the new secondary is durable the old primary is intact; from then on
     // the new secondary outranks it; so some complete copy survives at every point.
     let keyslots_start = 2 * b.hdr_size;
-    copy_range(&backup, device, keyslots_start, len)?;
+    copy_range_with_progress(&backup, device, keyslots_start, len, progress)?;
     device
         .sync_durable()
         .map_err(|e| FormatError::io("syncing the restored keyslots area", keyslots_start, e))?;
@@ -1016,11 +1025,17 @@ pub fn header_restore(device: &dyn HeaderIo, path: &Path) -> Result<Luks2Header,
 // ---- helpers ------------------------------------------------------------------------------------
 
 /// Copies bytes `[start, end)` of `from` to the same offsets of `to`.
-fn copy_range(
+fn copy_range(from: &dyn HeaderIo, to: &dyn HeaderIo, start: u64, end: u64) -> Result<(), FormatError> {
+    copy_range_with_progress(from, to, start, end, &mut |_, _| {})
+}
+
+/// [`copy_range`], calling `progress(copied, end - start)` after each MiB.
+fn copy_range_with_progress(
     from: &dyn HeaderIo,
     to: &dyn HeaderIo,
     start: u64,
     end: u64,
+    progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), FormatError> {
     let len = end;
     let mut buf = vec![0u8; 1 << 20];
@@ -1030,6 +1045,7 @@ fn copy_range(
         read_exact_at(from, &mut buf[..n], off, "reading header for copy")?;
         write_all_at(to, &buf[..n], off, "writing header copy")?;
         off += n as u64;
+        progress(off - start, end.saturating_sub(start));
     }
     Ok(())
 }

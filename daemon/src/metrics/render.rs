@@ -209,40 +209,39 @@ pub fn render(m: &Metrics, cx: &Context<'_>) -> String {
         &HANDSHAKE_REASONS,
         &m.handshake_failures,
     );
+    // One pass over the shards for every per-command series, so they agree with each other.
+    let (in_flight_requests, in_flight_bytes) = m.in_flight();
+    let totals = m.command_totals();
     o.one(
         "nbdcrypt_in_flight_requests",
         "gauge",
         "Requests read and not yet answered.",
-        ld(&m.in_flight_requests),
+        in_flight_requests,
     );
     o.one(
         "nbdcrypt_in_flight_bytes",
         "gauge",
         "Payload bytes of requests in flight.",
-        ld(&m.in_flight_bytes),
+        in_flight_bytes,
     );
     o.head(
         "nbdcrypt_requests_total",
         "counter",
         "Requests answered, by command.",
     );
-    for (c, name) in m.commands.iter().zip(COMMANDS) {
-        o.line(
-            "nbdcrypt_requests_total",
-            &[("command", name)],
-            ld(&c.requests),
-        );
+    for (c, name) in totals.iter().zip(COMMANDS) {
+        o.line("nbdcrypt_requests_total", &[("command", name)], c.requests);
     }
     o.head(
         "nbdcrypt_request_bytes_total",
         "counter",
         "Payload bytes of answered requests, by command.",
     );
-    for (c, name) in m.commands.iter().zip(COMMANDS) {
+    for (c, name) in totals.iter().zip(COMMANDS) {
         o.line(
             "nbdcrypt_request_bytes_total",
             &[("command", name)],
-            ld(&c.bytes),
+            c.bytes,
         );
     }
     o.head(
@@ -250,9 +249,8 @@ pub fn render(m: &Metrics, cx: &Context<'_>) -> String {
         "counter",
         "Requests answered with an error, by command and NBD error value.",
     );
-    for (c, name) in m.commands.iter().zip(COMMANDS) {
-        for (e, errno) in c.errors.iter().zip(ERRNOS) {
-            let n = ld(e);
+    for (c, name) in totals.iter().zip(COMMANDS) {
+        for (&n, errno) in c.errors.iter().zip(ERRNOS) {
             if n > 0 {
                 o.line(
                     "nbdcrypt_request_errors_total",
@@ -275,9 +273,9 @@ pub fn render(m: &Metrics, cx: &Context<'_>) -> String {
         })
         .chain(std::iter::once("+Inf".to_owned()))
         .collect();
-    for (c, name) in m.commands.iter().zip(COMMANDS) {
-        // Read every bucket once; count is their sum, so the series is consistent.
-        let counts: Vec<u64> = c.buckets.iter().map(ld).collect();
+    for (c, name) in totals.iter().zip(COMMANDS) {
+        // Count is the buckets' sum, so the series is consistent.
+        let counts = &c.buckets;
         let mut cum = 0u64;
         for (i, le) in les.iter().enumerate().take(NBUCKETS) {
             cum += counts[i];
@@ -290,7 +288,7 @@ pub fn render(m: &Metrics, cx: &Context<'_>) -> String {
         o.line(
             "nbdcrypt_request_duration_seconds_sum",
             &[("command", name)],
-            seconds(ld(&c.latency_sum_ns)),
+            seconds(c.latency_sum_ns),
         );
         o.line(
             "nbdcrypt_request_duration_seconds_count",
@@ -303,11 +301,12 @@ pub fn render(m: &Metrics, cx: &Context<'_>) -> String {
         "counter",
         "CPU time spent in AES-XTS, by direction.",
     );
-    for (x, dir) in m.xts.iter().zip(["encrypt", "decrypt"]) {
+    let xts = [m.xts_totals(true), m.xts_totals(false)];
+    for ((nanos, _), dir) in xts.iter().zip(["encrypt", "decrypt"]) {
         o.line(
             "nbdcrypt_xts_seconds_total",
             &[("direction", dir)],
-            seconds(ld(&x.nanos)),
+            seconds(*nanos),
         );
     }
     o.head(
@@ -315,12 +314,8 @@ pub fn render(m: &Metrics, cx: &Context<'_>) -> String {
         "counter",
         "Bytes through AES-XTS, by direction.",
     );
-    for (x, dir) in m.xts.iter().zip(["encrypt", "decrypt"]) {
-        o.line(
-            "nbdcrypt_xts_bytes_total",
-            &[("direction", dir)],
-            ld(&x.bytes),
-        );
+    for ((_, bytes), dir) in xts.iter().zip(["encrypt", "decrypt"]) {
+        o.line("nbdcrypt_xts_bytes_total", &[("direction", dir)], bytes);
     }
     o.one(
         "nbdcrypt_process_cpu_seconds_total",

@@ -49,19 +49,22 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn take(m: &Metrics) -> Snapshot {
         let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let (in_flight_requests, in_flight_bytes) = m.in_flight();
         let commands = m
-            .commands
+            .command_totals()
             .iter()
             .zip(COMMANDS)
             .map(|(c, name)| CommandSnapshot {
                 name: name.to_owned(),
-                requests: ld(&c.requests),
-                bytes: ld(&c.bytes),
-                errors: c.errors.iter().map(ld).sum(),
-                latency_sum_ns: ld(&c.latency_sum_ns),
-                buckets: c.buckets.iter().map(ld).collect(),
+                requests: c.requests,
+                bytes: c.bytes,
+                errors: c.errors.iter().sum(),
+                latency_sum_ns: c.latency_sum_ns,
+                buckets: c.buckets.to_vec(),
             })
             .collect();
+        let (encrypt_ns, encrypt_bytes) = m.xts_totals(true);
+        let (decrypt_ns, decrypt_bytes) = m.xts_totals(false);
         let tokens = m.tokens.lock().unwrap_or_else(|e| e.into_inner());
         let oldest = tokens.iter().filter_map(|t| t.sealed).min().unwrap_or(0);
         drop(tokens);
@@ -75,13 +78,13 @@ impl Snapshot {
             latched: m.latched.load(Ordering::Relaxed),
             commands,
             bucket_bounds_ns: super::BUCKETS_NS.to_vec(),
-            encrypt_ns: ld(&m.xts[0].nanos),
-            encrypt_bytes: ld(&m.xts[0].bytes),
-            decrypt_ns: ld(&m.xts[1].nanos),
-            decrypt_bytes: ld(&m.xts[1].bytes),
+            encrypt_ns,
+            encrypt_bytes,
+            decrypt_ns,
+            decrypt_bytes,
             process_cpu_ns: process_cpu_ns(),
-            in_flight_requests: ld(&m.in_flight_requests),
-            in_flight_bytes: ld(&m.in_flight_bytes),
+            in_flight_requests,
+            in_flight_bytes,
             connections: ld(&m.connections),
             last_reseal: ld(&m.last_reseal),
             oldest_token_sealed: oldest,
