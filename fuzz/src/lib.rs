@@ -14,6 +14,7 @@ pub mod luks2;
 pub mod mem;
 pub mod metrics;
 pub mod nbd;
+pub mod tls;
 pub mod xts;
 
 /// Every target, by name (the name of its binary and its corpus/regression directories).
@@ -33,6 +34,7 @@ pub const TARGETS: &[&str] = &[
     "luks2_reencrypt",
     "metrics_http",
     "clevis_token",
+    "tls_certificates",
 ];
 
 /// Runs target `name` on `data`. Panics on an unknown name.
@@ -53,6 +55,7 @@ pub fn run(name: &str, data: &[u8]) {
         "luks2_reencrypt" => luks2::reencrypt(data),
         "metrics_http" => metrics::http(data),
         "clevis_token" => clevis::token(data),
+        "tls_certificates" => tls::certificates(data),
         other => panic!("unknown fuzz target {other:?}"),
     }
 }
