@@ -1060,6 +1060,67 @@ xBr/mtcs+w==
         }
     }
 
+    /// Operator mistakes get an error that names the file and says what to do; a huge file is
+    /// not read into memory.
+    #[test]
+    fn loading_errors_name_the_file_and_say_what_to_do() {
+        let dir = std::env::temp_dir().join(format!("nbdcrypt-tls-load-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(
+                "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+                 -keyout server-key.pem -out server-cert.pem -days 1 -subj /CN=localhost \
+                 >/dev/null 2>&1 && openssl x509 -in server-cert.pem -outform der -out cert.der \
+                 && openssl pkey -in server-key.pem -out enc.pem -aes256 -passout pass:x",
+            )
+            .current_dir(&dir)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "openssl failed");
+        let settings = TlsSettings {
+            mode: TlsMode::Require,
+            certificates: dir.clone(),
+            verify_peer: false,
+        };
+        if let Err(e) = TlsState::load(settings.clone()) {
+            panic!("a good pair does not load: {e}");
+        }
+        let with = |file: &str, contents: &[u8], want: &str| {
+            let path = dir.join(file);
+            let saved = std::fs::read(&path).unwrap();
+            std::fs::write(&path, contents).unwrap();
+            let e = TlsState::load(settings.clone()).err().expect("loaded a broken file");
+            std::fs::write(&path, saved).unwrap();
+            assert!(e.contains(&path.display().to_string()), "{e}");
+            assert!(e.contains(want), "{want:?} not in: {e}");
+        };
+        let der = std::fs::read(dir.join("cert.der")).unwrap();
+        with("server-cert.pem", &der, "looks like DER");
+        let enc = std::fs::read(dir.join("enc.pem")).unwrap();
+        with("server-key.pem", &enc, "encrypted with a pass phrase");
+        with("server-key.pem", b"", "the file is empty");
+        with("server-cert.pem", b"hello", "no \"-----BEGIN CERTIFICATE-----\" block");
+        // 17 MiB (sparse): refused after reading at most 16 MiB + 1 byte.
+        let big = dir.join("server-cert.pem");
+        let saved = std::fs::read(&big).unwrap();
+        std::fs::File::create(&big).unwrap().set_len(17 << 20).unwrap();
+        let e = TlsState::load(settings.clone()).err().expect("loaded 17 MiB");
+        assert!(e.contains("larger than 16 MiB"), "{e}");
+        std::fs::write(&big, saved).unwrap();
+        // A parser message quoting a long line is cut.
+        let mut long = b"-----BEGIN CERTIFICATE-----\n".to_vec();
+        long.extend(std::iter::repeat(b'!').take(100_000));
+        long.extend_from_slice(b"\n-----END CERTIFICATE-----\n");
+        let path = dir.join("server-cert.pem");
+        std::fs::write(&path, &long).unwrap();
+        let e = TlsState::load(settings.clone()).err().expect("loaded garbage");
+        assert!(e.len() < 1000, "{} bytes: {e}", e.len());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn modes_parse() {
         assert_eq!("off".parse(), Ok(TlsMode::Off));

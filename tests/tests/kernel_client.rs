@@ -15,6 +15,10 @@
 //! checks that the kernel's writes went through the crypt layer: the volume file holds none of
 //! the plaintext, and reading the export back decrypts to the ext4 file system the guest made.
 //!
+//! `kernel_client_over_tls_...` does the same over TLS: `nbd-client -certfile -keyfile
+//! -cacertfile` against `--tls require --tls-verify-peer` on TCP (qemu's chardevs connect to the
+//! TCP listener, one through a recording relay), after a plaintext `nbd-client` was refused.
+//!
 //! Prerequisites (installed by `scripts/test.sh`): qemu-system-x86, busybox-static, socat,
 //! cpio, e2fsprogs, kmod, xz-utils, libnbd-bin, and apt lists that can download
 //! `linux-image-*-amd64` and `nbd-client` (about 70 MB, once). A missing one fails the test.
