@@ -1092,7 +1092,9 @@ xBr/mtcs+w==
             let path = dir.join(file);
             let saved = std::fs::read(&path).unwrap();
             std::fs::write(&path, contents).unwrap();
-            let e = TlsState::load(settings.clone()).err().expect("loaded a broken file");
+            let e = TlsState::load(settings.clone())
+                .err()
+                .expect("loaded a broken file");
             std::fs::write(&path, saved).unwrap();
             assert!(e.contains(&path.display().to_string()), "{e}");
             assert!(e.contains(want), "{want:?} not in: {e}");
@@ -1102,21 +1104,32 @@ xBr/mtcs+w==
         let enc = std::fs::read(dir.join("enc.pem")).unwrap();
         with("server-key.pem", &enc, "encrypted with a pass phrase");
         with("server-key.pem", b"", "the file is empty");
-        with("server-cert.pem", b"hello", "no \"-----BEGIN CERTIFICATE-----\" block");
+        with(
+            "server-cert.pem",
+            b"hello",
+            "no \"-----BEGIN CERTIFICATE-----\" block",
+        );
         // 17 MiB (sparse): refused after reading at most 16 MiB + 1 byte.
         let big = dir.join("server-cert.pem");
         let saved = std::fs::read(&big).unwrap();
-        std::fs::File::create(&big).unwrap().set_len(17 << 20).unwrap();
-        let e = TlsState::load(settings.clone()).err().expect("loaded 17 MiB");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(17 << 20)
+            .unwrap();
+        let e = TlsState::load(settings.clone())
+            .err()
+            .expect("loaded 17 MiB");
         assert!(e.contains("larger than 16 MiB"), "{e}");
         std::fs::write(&big, saved).unwrap();
         // A parser message quoting a long line is cut.
         let mut long = b"-----BEGIN CERTIFICATE-----\n".to_vec();
-        long.extend(std::iter::repeat(b'!').take(100_000));
+        long.extend(std::iter::repeat_n(b'!', 100_000));
         long.extend_from_slice(b"\n-----END CERTIFICATE-----\n");
         let path = dir.join("server-cert.pem");
         std::fs::write(&path, &long).unwrap();
-        let e = TlsState::load(settings.clone()).err().expect("loaded garbage");
+        let e = TlsState::load(settings.clone())
+            .err()
+            .expect("loaded garbage");
         assert!(e.len() < 1000, "{} bytes: {e}", e.len());
         let _ = std::fs::remove_dir_all(&dir);
     }
