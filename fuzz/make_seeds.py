@@ -244,6 +244,30 @@ def upstream():
     err = chunk(1, 0x8001, 2, struct.pack(">IH", 5, 3) + b"bad")
     put("upstream_reply", "structured", bytes([1]) + data + hole + chunk(1, 0, 2, b""))
     put("upstream_reply", "error", bytes([1]) + err + chunk(1, 1, 1, struct.pack(">Q", 4096) + bytes(n)))
+def tls():
+    """tls_certificates: the throw-away fixtures in tls-seeds/ (make.sh there) as PEM text and as
+    DER wrapped by the harness; byte 0 and 1 as in fuzz/src/tls.rs."""
+    import base64
+    d = os.path.join(HERE, "tls-seeds")
+    f = lambda n: open(os.path.join(d, n), "rb").read()
+    der = lambda pem: base64.b64decode(b"".join(l for l in pem.splitlines() if not l.startswith(b"-----")))
+    def inp(ctl, label, cert, key, ca=b"", crl=b""):
+        return bytes([ctl, label]) + b"".join(struct.pack(">H", len(x)) + x for x in (cert, key, ca, crl))
+    cert, key, ca, crl = f("server-cert.pem"), f("server-key.pem"), f("ca-cert.pem"), f("ca-crl.pem")
+    put("tls_certificates", "ec-pkcs8", inp(0, 0, cert, key))
+    put("tls_certificates", "ec-pkcs8-verify-crl", inp(3, 0, cert, key, ca, crl))
+    put("tls_certificates", "ec-pkcs8-verify", inp(1, 0, cert, key, ca))
+    put("tls_certificates", "ec-sec1", inp(0, 1, cert, f("server-key-sec1.pem")))
+    put("tls_certificates", "chain", inp(1 | 1 << 6, 0, cert + ca, key, ca))
+    put("tls_certificates", "rsa-pkcs1", inp(0, 2, f("rsa-cert.pem"), f("rsa-key.pem")))
+    put("tls_certificates", "certtool-padded-scalar", inp(0, 0, f("padded-cert.pem"), f("padded-key.pem")))
+    put("tls_certificates", "mismatched-pair", inp(0, 0, f("rsa-cert.pem"), key))
+    put("tls_certificates", "encrypted-label", inp(1 << 3, 3, cert, der(key)))
+    put("tls_certificates", "der-all-verify-crl", inp(3 | 0b1111 << 2, 0, der(cert), der(key), der(ca), der(crl)))
+    put("tls_certificates", "der-sec1", inp(0b11 << 2, 1, der(cert), der(f("server-key-sec1.pem"))))
+    put("tls_certificates", "der-rsa", inp(0b11 << 2, 2, der(f("rsa-cert.pem")), der(f("rsa-key.pem"))))
+    put("tls_certificates", "der-padded", inp(0b11 << 2, 0, der(f("padded-cert.pem")), der(f("padded-key.pem"))))
+    put("tls_certificates", "raw-der-unwrapped", inp(1, 0, der(cert), der(key), der(ca)))
 
 
 if __name__ == "__main__":
@@ -252,5 +276,6 @@ if __name__ == "__main__":
     nbd()
     control()
     clevis()
+    tls()
     n = sum(len(fs) for _, _, fs in os.walk(OUT))
     print(f"make_seeds: {n} seed files in {OUT}")

@@ -26,7 +26,7 @@ BIN=$CARGO_TARGET_DIR/release
 
 TARGETS=(luks2_header luks2_json_raw luks2_json_model luks2_image_unlock nbd_handshake
     nbd_transmission nbd_session_model control_proto seal_token pkcs11_uri config_toml xts_diff metrics_http
-    luks2_reencrypt clevis_token upstream_reply)
+    luks2_reencrypt clevis_token upstream_reply tls_certificates)
 
 max_len() {
     case $1 in
@@ -34,6 +34,7 @@ max_len() {
     luks2_header) echo 140000 ;;
     luks2_json_raw) echo 65536 ;;
     nbd_transmission | nbd_handshake) echo 65536 ;;
+    tls_certificates) echo 16384 ;;
     *) echo 8192 ;;
     esac
 }

@@ -165,6 +165,17 @@ impl TlsState {
 }
 
 fn read_pem_err(path: &Path, e: impl std::fmt::Display) -> String {
+    // A parser's message may quote an input line; a hostile or mistaken file must not make the
+    // error (and the log line) as big as the file.
+    let mut e = e.to_string();
+    if e.len() > MAX_ERROR_DETAIL {
+        let mut cut = MAX_ERROR_DETAIL;
+        while !e.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        e.truncate(cut);
+        e.push_str("...");
+    }
     format!(
         "cannot read {}: {e} (--tls-certificates DIR holds server-cert.pem, server-key.pem and, \
          with --tls-verify-peer, ca-cert.pem; README \"TLS\" shows how to make them)",
@@ -172,19 +183,139 @@ fn read_pem_err(path: &Path, e: impl std::fmt::Display) -> String {
     )
 }
 
+/// The largest certificate, key, CA or CRL file read from `--tls-certificates` (a CRL of a big
+/// CA is the largest of them, a few MiB). A bigger file is not what the operator meant: `/dev/zero`
+/// or a disk image must not be read into memory.
+pub const MAX_PEM_FILE: u64 = 16 << 20;
+
+/// How much of a parser's own message an error quotes.
+const MAX_ERROR_DETAIL: usize = 200;
+
+/// One operator-given PEM file: its path (for errors) and its contents.
+#[derive(Clone, Copy)]
+pub struct PemFile<'a> {
+    pub path: &'a Path,
+    pub data: &'a [u8],
+}
+
+/// What a server configuration is built from: the contents of the `--tls-certificates` files.
+#[derive(Clone, Copy)]
+pub struct PemInputs<'a> {
+    pub cert: PemFile<'a>,
+    pub key: PemFile<'a>,
+    /// `ca-cert.pem`: with it, client certificates are required and checked (`--tls-verify-peer`).
+    pub ca: Option<PemFile<'a>>,
+    /// `ca-crl.pem`, optional even with `ca`.
+    pub crl: Option<PemFile<'a>>,
+}
+
+/// Read a file of at most [`MAX_PEM_FILE`] bytes (into memory that is wiped when dropped: it
+/// may be the private key).
+fn read_bounded(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+    let f = std::fs::File::open(path).map_err(|e| read_pem_err(path, e))?;
+    let mut data = zeroize::Zeroizing::new(Vec::new());
+    f.take(MAX_PEM_FILE + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| read_pem_err(path, e))?;
+    if data.len() as u64 > MAX_PEM_FILE {
+        return Err(read_pem_err(
+            path,
+            format!(
+                "larger than {} MiB: not a PEM certificate, key or CRL file",
+                MAX_PEM_FILE >> 20
+            ),
+        ));
+    }
+    Ok(data)
+}
+
+/// Why a file held no item of the kind we wanted, with what to do about it.
+fn none_found(f: &PemFile<'_>, what: &str) -> String {
+    let hint = if f.data.first() == Some(&0x30) {
+        format!(
+            "it looks like DER (binary); convert it to PEM, e.g. `openssl {} -inform der -in FILE -out FILE.pem`",
+            if what == "PRIVATE KEY" { "pkey" } else if what == "X509 CRL" { "crl" } else { "x509" }
+        )
+    } else if what == "PRIVATE KEY" && find_bytes(f.data, b"ENCRYPTED PRIVATE KEY") {
+        "the key is encrypted with a pass phrase; store it unencrypted with mode 0600, e.g. \
+         `openssl pkey -in KEY -out server-key.pem`"
+            .into()
+    } else if f.data.is_empty() {
+        "the file is empty".into()
+    } else {
+        format!("no \"-----BEGIN {what}-----\" block in it")
+    };
+    read_pem_err(f.path, hint)
+}
+
+fn find_bytes(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Every `CERTIFICATE` in a PEM file; an error for none, or a block that does not decode.
+fn pem_certs(f: &PemFile<'_>) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(f.data)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| read_pem_err(f.path, e))?;
+    if certs.is_empty() {
+        return Err(none_found(f, "CERTIFICATE"));
+    }
+    Ok(certs)
+}
+
 fn build(s: &TlsSettings) -> Result<rustls::ServerConfig, String> {
     let dir = &s.certificates;
     let cert_path = dir.join("server-cert.pem");
     let key_path = dir.join("server-key.pem");
-    let certs = CertificateDer::pem_file_iter(&cert_path)
-        .map_err(|e| read_pem_err(&cert_path, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| read_pem_err(&cert_path, e))?;
-    if certs.is_empty() {
-        return Err(read_pem_err(&cert_path, "no CERTIFICATE in it"));
-    }
+    let ca_path = dir.join("ca-cert.pem");
+    let crl_path = dir.join("ca-crl.pem");
+    let cert = read_bounded(&cert_path)?;
     check_key_mode(&key_path);
-    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| read_pem_err(&key_path, e))?;
+    let key = read_bounded(&key_path)?;
+    let (ca, crl) = if s.verify_peer {
+        let ca = read_bounded(&ca_path)?;
+        let crl = if crl_path.exists() {
+            Some(read_bounded(&crl_path)?)
+        } else {
+            None
+        };
+        (Some(ca), crl)
+    } else {
+        (None, None)
+    };
+    server_config_from_pem(&PemInputs {
+        cert: PemFile {
+            path: &cert_path,
+            data: &cert,
+        },
+        key: PemFile {
+            path: &key_path,
+            data: &key,
+        },
+        ca: ca.as_ref().map(|d| PemFile {
+            path: &ca_path,
+            data: d,
+        }),
+        crl: crl.as_ref().map(|d| PemFile {
+            path: &crl_path,
+            data: d,
+        }),
+    })
+}
+
+/// Build the server configuration from the files' contents: the certificate chain, its key
+/// (PKCS#8, PKCS#1 or SEC1 PEM), and with `ca` client verification against it (and `crl`).
+/// Every error names the file and says what to do; no input panics (fuzz target
+/// `tls_certificates`).
+pub fn server_config_from_pem(p: &PemInputs<'_>) -> Result<rustls::ServerConfig, String> {
+    let certs = pem_certs(&p.cert)?;
+    let key = match PrivateKeyDer::from_pem_slice(p.key.data) {
+        Ok(k) => k,
+        Err(rustls::pki_types::pem::Error::NoItemsFound) => {
+            return Err(none_found(&p.key, "PRIVATE KEY"))
+        }
+        Err(e) => return Err(read_pem_err(p.key.path, e)),
+    };
     let key = match &key {
         PrivateKeyDer::Pkcs8(k) => match normalise_ec_pkcs8(k.secret_pkcs8_der()) {
             Some(fixed) => PrivateKeyDer::Pkcs8(fixed.into()),
@@ -196,31 +327,23 @@ fn build(s: &TlsSettings) -> Result<rustls::ServerConfig, String> {
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup: {e}"))?;
-    let builder = if s.verify_peer {
-        let ca_path = dir.join("ca-cert.pem");
+    let builder = if let Some(ca) = &p.ca {
         let mut roots = RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(&ca_path).map_err(|e| read_pem_err(&ca_path, e))? {
-            let c = c.map_err(|e| read_pem_err(&ca_path, e))?;
+        for c in pem_certs(ca)? {
             roots
                 .add(c)
-                .map_err(|e| read_pem_err(&ca_path, format!("not a usable CA certificate: {e}")))?;
+                .map_err(|e| read_pem_err(ca.path, format!("not a usable CA certificate: {e}")))?;
         }
-        if roots.is_empty() {
-            return Err(read_pem_err(&ca_path, "no CERTIFICATE in it"));
-        }
-        let crl_path = dir.join("ca-crl.pem");
         let mut crls = Vec::new();
-        if crl_path.exists() {
-            for c in CertificateRevocationListDer::pem_file_iter(&crl_path)
-                .map_err(|e| read_pem_err(&crl_path, e))?
-            {
-                crls.push(c.map_err(|e| read_pem_err(&crl_path, e))?);
+        if let Some(crl) = &p.crl {
+            for c in CertificateRevocationListDer::pem_slice_iter(crl.data) {
+                crls.push(c.map_err(|e| read_pem_err(crl.path, e))?);
             }
         }
         let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
             .with_crls(crls)
             .build()
-            .map_err(|e| format!("TLS client verification setup ({}): {e}", ca_path.display()))?;
+            .map_err(|e| read_pem_err(ca.path, format!("client verification setup: {e}")))?;
         builder.with_client_cert_verifier(verifier)
     } else {
         builder.with_no_client_auth()
@@ -228,8 +351,8 @@ fn build(s: &TlsSettings) -> Result<rustls::ServerConfig, String> {
     builder.with_single_cert(certs, key).map_err(|e| {
         format!(
             "{} and {} do not make a usable pair: {e}",
-            cert_path.display(),
-            key_path.display()
+            p.cert.path.display(),
+            p.key.path.display()
         )
     })
 }
@@ -935,6 +1058,80 @@ xBr/mtcs+w==
             der.truncate(at % der.len());
             let _ = normalise_ec_pkcs8(&der);
         }
+    }
+
+    /// Operator mistakes get an error that names the file and says what to do; a huge file is
+    /// not read into memory.
+    #[test]
+    fn loading_errors_name_the_file_and_say_what_to_do() {
+        let dir = std::env::temp_dir().join(format!("nbdcrypt-tls-load-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(
+                "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+                 -keyout server-key.pem -out server-cert.pem -days 1 -subj /CN=localhost \
+                 >/dev/null 2>&1 && openssl x509 -in server-cert.pem -outform der -out cert.der \
+                 && openssl pkey -in server-key.pem -out enc.pem -aes256 -passout pass:x",
+            )
+            .current_dir(&dir)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "openssl failed");
+        let settings = TlsSettings {
+            mode: TlsMode::Require,
+            certificates: dir.clone(),
+            verify_peer: false,
+        };
+        if let Err(e) = TlsState::load(settings.clone()) {
+            panic!("a good pair does not load: {e}");
+        }
+        let with = |file: &str, contents: &[u8], want: &str| {
+            let path = dir.join(file);
+            let saved = std::fs::read(&path).unwrap();
+            std::fs::write(&path, contents).unwrap();
+            let e = TlsState::load(settings.clone())
+                .err()
+                .expect("loaded a broken file");
+            std::fs::write(&path, saved).unwrap();
+            assert!(e.contains(&path.display().to_string()), "{e}");
+            assert!(e.contains(want), "{want:?} not in: {e}");
+        };
+        let der = std::fs::read(dir.join("cert.der")).unwrap();
+        with("server-cert.pem", &der, "looks like DER");
+        let enc = std::fs::read(dir.join("enc.pem")).unwrap();
+        with("server-key.pem", &enc, "encrypted with a pass phrase");
+        with("server-key.pem", b"", "the file is empty");
+        with(
+            "server-cert.pem",
+            b"hello",
+            "no \"-----BEGIN CERTIFICATE-----\" block",
+        );
+        // 17 MiB (sparse): refused after reading at most 16 MiB + 1 byte.
+        let big = dir.join("server-cert.pem");
+        let saved = std::fs::read(&big).unwrap();
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(17 << 20)
+            .unwrap();
+        let e = TlsState::load(settings.clone())
+            .err()
+            .expect("loaded 17 MiB");
+        assert!(e.contains("larger than 16 MiB"), "{e}");
+        std::fs::write(&big, saved).unwrap();
+        // A parser message quoting a long line is cut.
+        let mut long = b"-----BEGIN CERTIFICATE-----\n".to_vec();
+        long.extend(std::iter::repeat_n(b'!', 100_000));
+        long.extend_from_slice(b"\n-----END CERTIFICATE-----\n");
+        let path = dir.join("server-cert.pem");
+        std::fs::write(&path, &long).unwrap();
+        let e = TlsState::load(settings.clone())
+            .err()
+            .expect("loaded garbage");
+        assert!(e.len() < 1000, "{} bytes: {e}", e.len());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

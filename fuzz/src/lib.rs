@@ -15,6 +15,7 @@ pub mod mem;
 pub mod metrics;
 pub mod nbd;
 pub mod upstream;
+pub mod tls;
 pub mod xts;
 
 /// Every target, by name (the name of its binary and its corpus/regression directories).
@@ -35,6 +36,7 @@ pub const TARGETS: &[&str] = &[
     "metrics_http",
     "clevis_token",
     "upstream_reply",
+    "tls_certificates",
 ];
 
 /// Runs target `name` on `data`. Panics on an unknown name.
@@ -56,6 +58,7 @@ pub fn run(name: &str, data: &[u8]) {
         "metrics_http" => metrics::http(data),
         "clevis_token" => clevis::token(data),
         "upstream_reply" => upstream::reply(data),
+        "tls_certificates" => tls::certificates(data),
         other => panic!("unknown fuzz target {other:?}"),
     }
 }

@@ -72,3 +72,28 @@ fn xts_reference_detects_a_wrong_iv() {
     assert_eq!(nbdcrypt_fuzz::xts::reference_decrypt(&key, &ct, 512, u64::MAX), plain);
     assert_ne!(nbdcrypt_fuzz::xts::reference_decrypt(&key, &ct, 512, u64::MAX - 1), plain);
 }
+
+/// The TLS seeds load where they should, and the broken ones fail with an error that says what
+/// to do (see make_seeds.py `tls()` and tls-seeds/make.sh).
+#[test]
+fn tls_seeds_load_or_fail_clearly() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds/tls_certificates");
+    if !dir.join("ec-pkcs8").is_file() {
+        eprintln!("no seeds (run make_seeds.py); skipped");
+        return;
+    }
+    let verdict = |n: &str| nbdcrypt_fuzz::tls::load(&std::fs::read(dir.join(n)).unwrap()).expect(n);
+    for ok in ["ec-pkcs8", "ec-pkcs8-verify", "ec-pkcs8-verify-crl", "ec-sec1", "chain", "rsa-pkcs1",
+        "certtool-padded-scalar", "der-all-verify-crl", "der-sec1", "der-rsa", "der-padded"]
+    {
+        assert_eq!(verdict(ok), Ok(()), "{ok}");
+    }
+    for (bad, says) in [
+        ("mismatched-pair", "do not make a usable pair"),
+        ("encrypted-label", "encrypted with a pass phrase"),
+        ("raw-der-unwrapped", "looks like DER"),
+    ] {
+        let e = verdict(bad).unwrap_err();
+        assert!(e.contains(says), "{bad}: {e}");
+    }
+}

@@ -15,9 +15,16 @@
 //! checks that the kernel's writes went through the crypt layer: the volume file holds none of
 //! the plaintext, and reading the export back decrypts to the ext4 file system the guest made.
 //!
+//! `kernel_client_over_tls_...` does the same over TLS: `nbd-client -certfile -keyfile
+//! -cacertfile` against `--tls require --tls-verify-peer` on TCP (qemu's chardevs connect to the
+//! TCP listener, one through a recording relay), after a plaintext `nbd-client` was refused.
+//!
 //! Prerequisites (installed by `scripts/test.sh`): qemu-system-x86, busybox-static, socat,
 //! cpio, e2fsprogs, kmod, xz-utils, libnbd-bin, and apt lists that can download
 //! `linux-image-*-amd64` and `nbd-client` (about 70 MB, once). A missing one fails the test.
+
+#[path = "common/pki.rs"]
+mod pki;
 
 use nbdcrypt_tests::*;
 use std::fs::File;
@@ -54,36 +61,7 @@ fn kernel_client_run(discards: bool) {
 
     // An encrypted volume made for this test, unlocked at start with its key file.
     let dir = tempdir();
-    let vol = dir.path().join("volume.img");
-    let key = dir.path().join("volume.key");
-    let mut raw_key = [0u8; 32];
-    File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut raw_key)
-        .unwrap();
-    std::fs::write(&key, hex(&raw_key)).unwrap();
-    let ctl = daemon_binary().with_file_name("nbdcryptctl");
-    assert!(
-        ctl.is_file(),
-        "{} not found: run `cargo build --workspace --bins`",
-        ctl.display()
-    );
-    run(
-        Command::new(&ctl)
-            .arg("format")
-            .arg(&vol)
-            .args(["--size", VOLUME_FILE_SIZE, "--key-file"])
-            .arg(&key)
-            .args([
-                "--pbkdf",
-                "pbkdf2",
-                "--pbkdf-force-iterations",
-                "1000",
-                "--yes",
-            ]),
-        TOOL_TIMEOUT,
-    )
-    .success();
+    let (vol, key) = format_volume(dir.path());
 
     let sock = dir.path().join("nbd.sock");
     let mut args: Vec<std::ffi::OsString> = vec![
@@ -308,7 +286,377 @@ fn kernel_client_run(discards: bool) {
     }
 }
 
+// ---- the kernel client over TLS ----------------------------------------------------------------
+
+/// The kernel's `nbd-client` over TLS with a client certificate (mutual TLS), against
+/// `nbdcryptd --tls require --tls-verify-peer` on TCP:
+///
+/// ```text
+/// host:  nbdcryptd --tcp 127.0.0.1:P ⇐ recording relay ⇐ qemu -chardev socket,host=…  port "nbd"
+///                  --tls require     ⇐ qemu -chardev socket,host=127.0.0.1,port=P ── port "nbdplain"
+/// guest: 127.0.0.1:10809 (socat ⇄ port "nbd")      ⇐ nbd-client -certfile -keyfile -cacertfile
+///        127.0.0.1:10810 (socat ⇄ port "nbdplain") ⇐ nbd-client without TLS: must be refused
+/// ```
+///
+/// The certificates are made per run with certtool (`common/pki.rs`); the client's go into the
+/// guest as a second cpio archive appended to the initramfs. Checked from the host: the guest
+/// run as in the plaintext test (mkfs, write, sync, remount, verify, fstrim, detach); the
+/// plaintext attach was refused (ERR_TLS_REQD) and attached nothing; the one session was TLS 1.2
+/// (nbd-client 3.24 speaks nothing else) with the client's certificate subject in the log and
+/// the audit log; the recorded TCP stream is STARTTLS then TLS records and carries neither the
+/// guest's marker text nor the ext4 label; the volume file holds ciphertext only; and an
+/// `nbdcopy nbds://` read-back decrypts to the guest's file system.
+#[test]
+fn kernel_client_over_tls_with_a_client_certificate_and_plaintext_refused() {
+    const CLIENT_CN: &str = "kernel-guest.example.test";
+    let started = Instant::now();
+    let qemu = require("qemu-system-x86_64", "qemu-system-x86");
+    let cpio = require("cpio", "cpio");
+    let guest = build_guest();
+
+    let dir = tempdir();
+    let (vol, key) = format_volume(dir.path());
+    let pki = pki::generate(&dir.path().join("certs"), "nbdcrypt kvm test CA", CLIENT_CN);
+
+    // The guest's /tls: CA, client certificate and key, as an extra newc archive. The kernel
+    // unpacks concatenated archives in order, so these files land next to the base image's.
+    let stage = dir.path().join("guest-tls");
+    std::fs::create_dir_all(stage.join("tls")).unwrap();
+    for f in ["ca-cert.pem", "client-cert.pem", "client-key.pem"] {
+        std::fs::copy(pki.client().join(f), stage.join("tls").join(f)).unwrap();
+    }
+    let extra = dir.path().join("tls.cpio");
+    let mut c = Command::new(&cpio)
+        .args(["-o", "-H", "newc", "--quiet"])
+        .current_dir(&stage)
+        .stdin(Stdio::piped())
+        .stdout(File::create(&extra).unwrap())
+        .spawn()
+        .unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(b"tls\ntls/ca-cert.pem\ntls/client-cert.pem\ntls/client-key.pem\n")
+        .unwrap();
+    assert!(c.wait().unwrap().success(), "cpio failed");
+    let initramfs = dir.path().join("initramfs-tls.cpio");
+    {
+        let mut out = File::create(&initramfs).unwrap();
+        std::io::copy(&mut File::open(&guest.initramfs).unwrap(), &mut out).unwrap();
+        std::io::copy(&mut File::open(&extra).unwrap(), &mut out).unwrap();
+    }
+    std::fs::remove_dir_all(&stage).unwrap();
+
+    let port = pki::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let audit = dir.path().join("audit.jsonl");
+    let args: Vec<std::ffi::OsString> = vec![
+        "--volume".into(),
+        vol.clone().into(),
+        "--unix".into(),
+        dir.path().join("nbd.sock").into(),
+        "--tcp".into(),
+        addr.clone().into(),
+        "--tls".into(),
+        "require".into(),
+        "--tls-certificates".into(),
+        pki.server().into(),
+        "--tls-verify-peer".into(),
+        "--audit-log".into(),
+        audit.clone().into(),
+        "--control".into(),
+        dir.path().join("control.sock").into(),
+        "--unlock-key-file".into(),
+        key.into(),
+        "--handshake-timeout".into(),
+        "300".into(),
+        "--allow-discards".into(),
+        "--log-level".into(),
+        "info,nbdcrypt::nbd::session=debug".into(),
+    ];
+    let mut d = Daemon::start_in(dir, args);
+    wait_for_log(&d, "unlocked with the key file", Duration::from_secs(30));
+    pki::wait_tcp(&addr);
+
+    // qemu's TLS-side connection goes through a relay that records both directions.
+    let relay = Relay::start(&addr);
+    let marker = format!(
+        "nbdcrypt-kvm-tls-plaintext-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let append = format!(
+        "console=ttyS0 panic=-1 loglevel=4 no_timer_check nbdtest.export={EXPORT} nbdtest.size={EXPORT_SIZE} \
+         nbdtest.discard=1 nbdtest.marker={marker} nbdtest.tls=1"
+    );
+    let ports = [
+        ("nbd", format!("socket,host=127.0.0.1,port={}", relay.port)),
+        ("nbdplain", format!("socket,host=127.0.0.1,port={port}")),
+    ];
+    let console_path = d.dir().join("console.log");
+    let boot = Instant::now();
+    let (status, _qemu_pid, console) = run_guest_with(
+        &qemu,
+        &guest,
+        &initramfs,
+        &ports,
+        &append,
+        &console_path,
+        &mut d,
+    );
+    let guest_secs = boot.elapsed().as_secs_f64();
+    std::fs::remove_file(&initramfs).unwrap();
+    println!(
+        "---- guest console ({}) ----\n{}---- end of console ----",
+        console_path.display(),
+        console
+    );
+
+    // 1. The guest's verdict, including the refused plaintext attach.
+    if let Some(l) = console.lines().find(|l| l.contains("Kernel panic")) {
+        panic!("the guest kernel panicked: {l}\n{}", banner(&d, &console));
+    }
+    if let Some(l) = console.lines().find(|l| l.contains("NBDTEST: FAIL")) {
+        panic!("guest failed: {l}\n{}", banner(&d, &console));
+    }
+    for want in [
+        // nbd-client prints the message of our NBD_REP_ERR_TLS_REQD reply to its OPT_GO
+        "TLS is required on this listener",
+        "NBDTEST: plaintext attach refused: OK",
+        "NBDTEST: ALL OK",
+    ] {
+        assert!(
+            console.lines().any(|l| l.contains(want)),
+            "guest did not print {want:?} (qemu {status})\n{}",
+            banner(&d, &console)
+        );
+    }
+    assert!(
+        status.success(),
+        "qemu exited {status} after ALL OK\n{}",
+        banner(&d, &console)
+    );
+
+    // 2. The daemon: the plaintext client got ERR_TLS_REQD and attached nothing; the one session
+    //    is TLS 1.2 with the client's certificate subject, in the log and in the audit log.
+    wait_for_log(&d, "client disconnected", Duration::from_secs(10));
+    let log = d.log();
+    let attached: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("client attached"))
+        .collect();
+    assert_eq!(
+        attached.len(),
+        1,
+        "expected one kernel session (the TLS one)\n{}",
+        banner(&d, &console)
+    );
+    let tls_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("TLS client attaching"))
+        .collect();
+    assert_eq!(tls_lines.len(), 1, "{}", banner(&d, &console));
+    let subject = format!("O=nbdcrypt test,CN={CLIENT_CN}");
+    for want in [subject.as_str(), "TLSv1_2", &format!("export={EXPORT}")] {
+        assert!(
+            tls_lines[0].contains(want),
+            "TLS attach line lacks {want:?}: {}",
+            tls_lines[0]
+        );
+    }
+    let audit_text = std::fs::read_to_string(&audit).unwrap_or_default();
+    let ev: Vec<&str> = audit_text
+        .lines()
+        .filter(|l| l.contains("nbd_tls_attach"))
+        .collect();
+    assert_eq!(ev.len(), 1, "nbd_tls_attach events:\n{audit_text}");
+    assert!(
+        ev[0].contains(&subject) && ev[0].contains("client_sha256"),
+        "audit event lacks the client's subject or fingerprint: {}",
+        ev[0]
+    );
+    for bad in [
+        "ERROR",
+        "protocol error",
+        "abnormally",
+        "timed out",
+        "TLS handshake failed",
+    ] {
+        assert!(
+            !log.contains(bad),
+            "daemon log contains {bad:?}\n{}",
+            banner(&d, &console)
+        );
+    }
+    let reqs = requests(&log);
+    let count = |c: &str| reqs.iter().filter(|r| r.0 == c).count();
+    assert_eq!(reqs.last().map(|r| r.0.as_str()), Some("Disc"));
+    assert!(
+        count("Read") > 0 && count("Write") > 0 && count("Flush") > 0 && count("Trim") > 0,
+        "reads, writes, flushes and trims expected: {reqs:?}"
+    );
+    d.assert_alive();
+
+    // 3. On the wire: STARTTLS, then TLS records only; no plaintext in either direction.
+    let (up, down) = relay.finish();
+    let starttls = {
+        let mut b = 0x4948_4156_454F_5054u64.to_be_bytes().to_vec(); // IHAVEOPT
+        b.extend_from_slice(&5u32.to_be_bytes()); // NBD_OPT_STARTTLS
+        b.extend_from_slice(&0u32.to_be_bytes());
+        b
+    };
+    assert_eq!(
+        up.get(4..20),
+        Some(&starttls[..]),
+        "nbd-client's first option was not STARTTLS: {}",
+        hex(&up[..up.len().min(40)])
+    );
+    assert_eq!(
+        up.get(20..22),
+        Some(&[0x16, 0x03][..]),
+        "no TLS handshake record after STARTTLS"
+    );
+    println!(
+        "wire: {} MiB guest to daemon, {} MiB back, over TLS",
+        up.len() as u64 / MIB,
+        down.len() as u64 / MIB
+    );
+    assert!(
+        up.len() as u64 > 4 * MIB,
+        "only {} bytes went up: the guest's writes did not pass the relay",
+        up.len()
+    );
+    for (what, bytes) in [("guest to daemon", &up), ("daemon to guest", &down)] {
+        for needle in [marker.as_bytes(), FS_LABEL.as_bytes(), b"lost+found"] {
+            assert!(
+                find(bytes, needle).is_none(),
+                "plaintext {:?} on the wire ({what}) at offset {:?}",
+                String::from_utf8_lossy(needle),
+                find(bytes, needle)
+            );
+        }
+    }
+    drop((up, down));
+
+    // 4. The volume file holds ciphertext only.
+    let on_disk = std::fs::read(&vol).unwrap();
+    for needle in [marker.as_bytes(), FS_LABEL.as_bytes()] {
+        assert!(
+            find(&on_disk, needle).is_none(),
+            "plaintext {:?} found in the volume file",
+            String::from_utf8_lossy(needle)
+        );
+    }
+    drop(on_disk);
+
+    // 5. Read back over TLS with the same client certificate: the guest's ext4 and marker.
+    let plain = d.dir().join("export.img");
+    let uri = format!(
+        "nbds://{addr}/{EXPORT}?tls-certificates={}",
+        pki.client().display()
+    );
+    run(tool("nbdcopy").arg(&uri).arg(&plain), TOOL_TIMEOUT).success();
+    let data = std::fs::read(&plain).unwrap();
+    std::fs::remove_file(&plain).unwrap();
+    assert_eq!(data.len() as u64, EXPORT_SIZE);
+    assert_eq!(&data[1080..1082], &[0x53, 0xEF], "no ext4 superblock magic");
+    assert!(
+        find(&data, marker.as_bytes()).is_some(),
+        "the decrypted export does not contain marker.txt's contents"
+    );
+    d.assert_alive();
+    println!(
+        "kernel client over TLS: guest run {guest_secs:.1}s, whole test {:.1}s; {}",
+        started.elapsed().as_secs_f64(),
+        tls_lines[0]
+    );
+}
+
+/// A one-connection TCP relay that records both directions (guest to daemon, daemon to guest).
+struct Relay {
+    port: u16,
+    thread: std::thread::JoinHandle<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Relay {
+    fn start(target: &str) -> Relay {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let target = target.to_owned();
+        let thread = std::thread::spawn(move || {
+            let (a, _) = l.accept().unwrap();
+            let b = std::net::TcpStream::connect(&target).unwrap();
+            let pump = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                std::thread::spawn(move || {
+                    let mut seen = Vec::new();
+                    let mut buf = vec![0u8; 256 * 1024];
+                    loop {
+                        match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                seen.extend_from_slice(&buf[..n]);
+                                if to.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                    seen
+                })
+            };
+            let up = pump(a.try_clone().unwrap(), b.try_clone().unwrap());
+            let down = pump(b, a);
+            (up.join().unwrap(), down.join().unwrap())
+        });
+        Relay { port, thread }
+    }
+
+    /// Both directions' bytes, once the connection has ended.
+    fn finish(self) -> (Vec<u8>, Vec<u8>) {
+        self.thread.join().unwrap()
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
+
+/// A fresh LUKS2 volume made by `nbdcryptctl format` in `dir`, and its random key file.
+fn format_volume(dir: &Path) -> (PathBuf, PathBuf) {
+    let vol = dir.join("volume.img");
+    let key = dir.join("volume.key");
+    let mut raw_key = [0u8; 32];
+    File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut raw_key)
+        .unwrap();
+    std::fs::write(&key, hex(&raw_key)).unwrap();
+    let ctl = daemon_binary().with_file_name("nbdcryptctl");
+    assert!(
+        ctl.is_file(),
+        "{} not found: run `cargo build --workspace --bins`",
+        ctl.display()
+    );
+    run(
+        Command::new(&ctl)
+            .arg("format")
+            .arg(&vol)
+            .args(["--size", VOLUME_FILE_SIZE, "--key-file"])
+            .arg(&key)
+            .args([
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+                "--yes",
+            ]),
+        TOOL_TIMEOUT,
+    )
+    .success();
+    (vol, key)
+}
 
 struct Guest {
     vmlinux: PathBuf,
@@ -385,7 +733,21 @@ fn run_guest(
     console_path: &Path,
     d: &mut Daemon,
 ) -> (std::process::ExitStatus, u32, String) {
-    let chardev = format!("socket,id=nbd,path={}", sock.display());
+    let ports = [("nbd", format!("socket,path={}", sock.display()))];
+    run_guest_with(qemu, g, &g.initramfs, &ports, append, console_path, d)
+}
+
+/// [`run_guest`] with another initramfs and any virtio-serial ports: (port name, qemu
+/// `-chardev` backend without its id, e.g. `socket,host=127.0.0.1,port=P`).
+fn run_guest_with(
+    qemu: &Path,
+    g: &Guest,
+    initramfs: &Path,
+    ports: &[(&str, String)],
+    append: &str,
+    console_path: &Path,
+    d: &mut Daemon,
+) -> (std::process::ExitStatus, u32, String) {
     let mut cmd = Command::new(qemu);
     cmd.args([
         "-accel",
@@ -411,17 +773,18 @@ fn run_guest(
     .arg("-kernel")
     .arg(&g.vmlinux)
     .arg("-initrd")
-    .arg(&g.initramfs)
-    .args(["-append", append])
-    .args([
-        "-chardev",
-        &chardev,
-        "-device",
-        "virtserialport,chardev=nbd,name=nbd",
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    .arg(initramfs)
+    .args(["-append", append]);
+    for (i, (name, backend)) in ports.iter().enumerate() {
+        cmd.args(["-chardev", &format!("{backend},id=port{i}")])
+            .args([
+                "-device",
+                &format!("virtserialport,chardev=port{i},name={name}"),
+            ]);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let start = Instant::now();
     let mut child = KillOnDrop(
         cmd.spawn()
