@@ -349,6 +349,46 @@ fn a_crash_right_after_a_zone_commit_resumes_after_restart_and_unlock() {
 
 /// The negative control: with one zone's data write dropped (what a lost zone looks like after
 /// a power cut without the sync), the same read-back check fails. So the checks above can fail.
+/// Killed between the final header commit and the wipe of the old keyslots: the header names
+/// the areas still to wipe (`nbdcrypt-wipe-pending`), and the next unlock wipes them and drops
+/// the record; the data and the new key are intact.
+#[test]
+fn a_crash_between_the_final_commit_and_the_wipe_is_wiped_at_the_next_unlock() {
+    let dir = tempdir();
+    let img = dir.path().join("volume.img");
+    luks_format(&img, DATA, 4096, "pbkdf2", PASS);
+    let data = random_bytes(41, DATA as usize);
+    let mut d = daemon(
+        tempdir(),
+        &img,
+        &[
+            ("NBDCRYPT_TEST_REENCRYPT_ZONE", "4194304"),
+            ("NBDCRYPT_TEST_REENCRYPT_ABORT", "0:before_wipe"),
+        ],
+    );
+    assert_eq!(d.unlock(PASS).code(), Some(0), "unlock\n{}", d.log());
+    write_export(&d.uri(), d.dir(), &data);
+    let _ = start(&d, &[]);
+    wait_exit(&mut d, Duration::from_secs(120));
+    assert!(d.log().contains("at before_wipe"), "{}", d.log());
+    drop(d);
+    let dump = luks_dump(&img);
+    assert!(
+        dump.contains("nbdcrypt-wipe-pending") && !dump.contains("reencrypt"),
+        "{dump}"
+    );
+    let mut d = daemon(tempdir(), &img, &[]);
+    assert_eq!(d.unlock(PASS).code(), Some(0), "unlock\n{}", d.log());
+    assert!(
+        d.log().contains("wiped the old keyslot areas"),
+        "{}",
+        d.log()
+    );
+    assert_same_bytes(&read_export(&d.uri(), d.dir()), &data, "after the wipe");
+    d.terminate(Duration::from_secs(15));
+    assert!(!luks_dump(&img).contains("nbdcrypt-wipe-pending"));
+}
+
 #[test]
 fn negative_control_a_lost_zone_is_caught_by_the_read_back_check() {
     let _serial = serial();

@@ -54,7 +54,8 @@ fn zone_size() -> u64 {
 /// `ZONE:POINT`, ZONE counted from 0 in this process): the process aborts (like kill -9) at
 /// POINT of zone ZONE's step: `before_write` (resilience committed, no data written),
 /// `half_write` (half the zone written), `after_write` (all written, not synced),
-/// `after_sync` (synced, frontier not committed), `after_commit`.
+/// `after_sync` (synced, frontier not committed), `after_commit`; `before_wipe` (any ZONE): after
+/// the final header commit, before the old keyslot areas are wiped.
 /// `NBDCRYPT_TEST_REENCRYPT_LOSE_ZONE` = ZONE: the negative control: zone ZONE's data write
 /// is silently dropped, and its commit goes ahead (a lost zone).
 #[derive(Clone, Default)]
@@ -177,6 +178,17 @@ impl Job for EngineJob {
             .r
             .take()
             .ok_or("the re-encryption has already finished")?;
+        if self
+            .hooks
+            .abort
+            .as_ref()
+            .is_some_and(|(_, p)| p == "before_wipe")
+        {
+            // Test hook: the final commit, then death before the old keyslots are wiped.
+            let _ = r.finish_then_crash_test(&self.file);
+            eprintln!("nbdcryptd: test hook: aborting after the final commit at before_wipe");
+            std::process::abort();
+        }
         // Our KMS/HSM tokens of the old keyslots were re-sealed for new ones: they go too.
         let hdr = r
             .finish_dropping_orphans(&self.file, |t| format::is_ours(t.type_name()))
