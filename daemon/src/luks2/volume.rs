@@ -1025,7 +1025,12 @@ pub fn header_restore_with_progress(
 // ---- helpers ------------------------------------------------------------------------------------
 
 /// Copies bytes `[start, end)` of `from` to the same offsets of `to`.
-fn copy_range(from: &dyn HeaderIo, to: &dyn HeaderIo, start: u64, end: u64) -> Result<(), FormatError> {
+fn copy_range(
+    from: &dyn HeaderIo,
+    to: &dyn HeaderIo,
+    start: u64,
+    end: u64,
+) -> Result<(), FormatError> {
     copy_range_with_progress(from, to, start, end, &mut |_, _| {})
 }
 
