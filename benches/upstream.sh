@@ -2,7 +2,9 @@
 # The cost of one more hop: fio against nbdcryptd's encrypted export over an nbdkit-memory
 # upstream (nbdcryptd --volume nbd+unix://...) versus the same nbdkit served directly, same run:
 #   1 MiB sequential write, 1 MiB sequential read, 4k random read QD32.
-# Prints MB/s or IOPS of each and the ratio (ours / direct). A benchmark, not a test.
+# A third column splits the cost: nbdcryptd on a local LUKS2 file in /dev/shm (encryption, no
+# upstream hop). Prints MB/s or IOPS of each and the ratio (ours over nbdkit / direct).
+# A benchmark, not a test.
 # Usage: benches/upstream.sh [DATA_MiB] [BINDIR]   (default 1024 MiB, target/release for
 #        nbdcryptd; nbdcryptctl may be a debug build. Build with
 #        `cargo build --release -p nbdcrypt --bin nbdcryptd`)
@@ -14,8 +16,10 @@ CTL=${CTL:-$BIN/nbdcryptctl}
 DIR=$(mktemp -d /dev/shm/nbdcrypt-upstream-bench.XXXXXX)
 NBDKIT=
 PID=
+LPID=
 cleanup() {
     [ -n "$PID" ] && kill "$PID" 2>/dev/null
+    [ -n "$LPID" ] && kill "$LPID" 2>/dev/null
     [ -n "$NBDKIT" ] && kill "$NBDKIT" 2>/dev/null
     wait 2>/dev/null
     rm -rf "$DIR"
@@ -37,6 +41,17 @@ until "$CTL" status --control "$DIR/ctl.sock" 2>/dev/null | grep -q unlocked; do
     i=$((i + 1)); [ $i -lt 200 ] || { cat "$DIR/daemon.log"; exit 1; }; sleep 0.1
 done
 OURS="nbd+unix:///nbdcrypt?socket=$DIR/nbd.sock"
+truncate -s "$((16 + MIB))M" "$DIR/local.img"
+"$CTL" format "$DIR/local.img" --yes --key-file "$DIR/key" --pbkdf pbkdf2 \
+    --pbkdf-force-iterations 1000 > /dev/null
+"$BIN/nbdcryptd" --volume "$DIR/local.img" --unix "$DIR/local.sock" --control "$DIR/lctl.sock" \
+    --unlock-key-file "$DIR/key" 2> "$DIR/local.log" &
+LPID=$!
+i=0
+until "$CTL" status --control "$DIR/lctl.sock" 2>/dev/null | grep -q unlocked; do
+    i=$((i + 1)); [ $i -lt 200 ] || { cat "$DIR/local.log"; exit 1; }; sleep 0.1
+done
+LOCAL="nbd+unix:///nbdcrypt?socket=$DIR/local.sock"
 # The direct reference covers the same bytes: the upstream's data area (after the 16 MiB header).
 fio_run() { # URI NAME RW BS QD OFFSET -> MB/s or IOPS
     fio --ioengine=nbd --uri="$1" --name="$2" --rw="$3" --bs="$4" --iodepth="$5" \
@@ -50,12 +65,13 @@ fio_run() { # URI NAME RW BS QD OFFSET -> MB/s or IOPS
 }
 lscpu | sed -n 's/^Model name: *//p' | head -1
 echo "data: $MIB MiB, nbdkit memory upstream on a Unix socket, $(nproc) CPUs"
-printf '%-28s %14s %14s %8s\n' test direct-nbdkit nbdcrypt ratio
+printf '%-20s %16s %16s %8s %16s\n' test direct-nbdkit nbdcrypt-over-it ratio nbdcrypt-on-shm
 for t in "seq-write write 1M 4" "seq-read read 1M 4" "4k-randread-QD32 randread 4k 32"; do
     set -- $t
     d=$(fio_run "$UP" "$1" "$2" "$3" "$4" 16M)
     o=$(fio_run "$OURS" "$1" "$2" "$3" "$4" 0)
+    l=$(fio_run "$LOCAL" "$1" "$2" "$3" "$4" 0)
     unit=MB/s; [ "$2" = randread ] && unit=IOPS
-    awk -v n="$1" -v d="$d" -v o="$o" -v u="$unit" \
-        'BEGIN { printf "%-28s %9.1f %-4s %9.1f %-4s %7.1f%%\n", n, d, u, o, u, 100*o/d }'
+    awk -v n="$1" -v d="$d" -v o="$o" -v l="$l" -v u="$unit" \
+        'BEGIN { printf "%-20s %11.1f %-4s %11.1f %-4s %7.1f%% %11.1f %-4s\n", n, d, u, o, u, 100*o/d, l, u }'
 done

@@ -150,6 +150,9 @@ impl Volume {
             file_options.read_only,
             file_options.allow_discards,
         );
+        // A probe first, so an upstream failure is reported with its reason.
+        crate::luks2::HeaderIo::pread_exact(&dev, &mut [0u8; 4096], 0)
+            .map_err(|e| UnlockError::Backing(format!("{uri}: cannot read the header: {e}")))?;
         let claim = File::open("/dev/null").map_err(|source| UnlockError::Io {
             path: path.to_owned(),
             source,

@@ -443,3 +443,88 @@ fn s3_through_nbdkit_over_moto_holds_only_ciphertext_objects() {
     assert_eq!(f[1], "0", "objects holding plaintext: {out}");
     assert_eq!(f[2], "True", "no LUKS2 header in the first object: {out}");
 }
+
+/// A hostile upstream (Python, raw socket): a correct handshake, then replies that break the
+/// protocol. Our client must refuse them with a clear error, allocate nothing from their lengths,
+/// and never panic (here through `nbdcryptctl dump`, which reads the header over NBD).
+const HOSTILE_UPSTREAM: &str = r#"
+import socket, struct, sys
+path, mode = sys.argv[1], sys.argv[2]
+def recv(c, n):
+    b = b""
+    while len(b) < n:
+        k = c.recv(n - len(b))
+        if not k:
+            raise EOFError
+        b += k
+    return b
+def rep(c, opt, ty, data):
+    c.sendall(struct.pack(">QIII", 0x3e889045565a9, opt, ty, len(data)) + data)
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+s.listen(8)
+while True:
+    c, _ = s.accept()
+    try:
+        c.sendall(b"NBDMAGICIHAVEOPT" + struct.pack(">H", 3))
+        recv(c, 4)
+        while True:
+            _, opt, ln = struct.unpack(">QII", recv(c, 16))
+            recv(c, ln)
+            if opt == 8:
+                rep(c, opt, 1, b"")
+            elif opt == 7:
+                rep(c, opt, 3, struct.pack(">HQH", 0, 48 << 20, 1 | 4 | 8))
+                rep(c, opt, 1, b"")
+                break
+            else:
+                rep(c, opt, 0x80000001, b"")
+        while True:
+            _, flags, cmd, handle, off, ln = struct.unpack(">IHHQQI", recv(c, 28))
+            if cmd == 1:
+                recv(c, ln)
+            if mode == "outside":
+                c.sendall(struct.pack(">IHHQI", 0x668e33ef, 1, 1, handle, 8 + ln)
+                          + struct.pack(">Q", off + 1) + bytes(ln))
+            elif mode == "huge":
+                c.sendall(struct.pack(">IHHQI", 0x668e33ef, 1, 1, handle, 0xffffffff))
+            elif mode == "handle":
+                c.sendall(struct.pack(">IIQ", 0x67446698, 0, handle ^ 0xdead) + bytes(ln))
+            elif mode == "gap":
+                c.sendall(struct.pack(">IHHQI", 0x668e33ef, 1, 1, handle, 8 + ln // 2)
+                          + struct.pack(">Q", off) + bytes(ln // 2))
+    except Exception:
+        pass
+    c.close()
+"#;
+
+#[test]
+fn a_hostile_upstream_is_refused_with_the_reason_and_nothing_panics() {
+    for (mode, expect) in [
+        ("outside", "outside its request"),
+        ("huge", "data chunk of 4294967295 bytes"),
+        ("handle", "unknown handle"),
+        ("gap", "covers"),
+    ] {
+        let dir = tempdir();
+        let sock = dir.path().join("hostile.sock");
+        let mut py = Command::new("python3")
+            .arg("-c")
+            .arg(HOSTILE_UPSTREAM)
+            .arg(&sock)
+            .arg(mode)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("python3");
+        wait_for_socket(&sock);
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        let out = nbdcryptctl(&[OsStr::new("dump"), OsStr::new(&uri)]).failure();
+        let _ = py.kill();
+        let _ = py.wait();
+        assert!(
+            out.stderr.contains(expect) && !out.stderr.contains("panicked"),
+            "{mode}: {}",
+            out.stderr
+        );
+    }
+}

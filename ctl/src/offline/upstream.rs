@@ -114,6 +114,9 @@ pub fn dump_run(a: DumpArgs) -> anyhow::Result<()> {
         bail!("--dump-volume-key is not supported on an upstream export yet");
     }
     let dev = open(&uri, false)?;
+    // A probe first, so an upstream failure is reported with its reason.
+    dev.pread_exact(&mut [0u8; 4096], 0)
+        .map_err(|e| anyhow!("{uri}: cannot read the header: {e}"))?;
     let (hdr, _) = Luks2Header::read_metadata_only(&dev).map_err(|e| anyhow!("{uri}: {e}"))?;
     let mut out = io::stdout().lock();
     if a.json {

@@ -170,10 +170,16 @@ pub async fn read_reply<R: AsyncRead + Unpin>(
                 ));
             }
             if p.cmd == CMD_READ {
-                if !p.covered.is_empty() {
-                    return Err("simple reply after structured chunks".into());
+                let res = if p.covered.is_empty() {
+                    read_exact(r, &mut p.buf).await
+                } else {
+                    Err("simple reply after structured chunks".into())
+                };
+                if let Err(e) = res {
+                    // Back in the map: the connection's failure fails it with the reason.
+                    pending.insert(handle, p);
+                    return Err(e);
                 }
-                read_exact(r, &mut p.buf).await?;
                 let data = std::mem::take(&mut p.buf);
                 return Ok(Decoded::Done(p, Ok(data)));
             }
@@ -189,15 +195,27 @@ pub async fn read_reply<R: AsyncRead + Unpin>(
             let mut p = pending
                 .take(handle)
                 .ok_or_else(|| format!("reply chunk for unknown handle {handle:#x}"))?;
-            chunk(r, &mut p, ty, length).await?;
-            p.chunks += 1;
-            if ty == REPLY_TYPE_NONE && flags & REPLY_FLAG_DONE == 0 {
-                return Err("NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE".into());
-            }
-            if flags & REPLY_FLAG_DONE == 0 {
-                if p.chunks > MAX_CHUNKS {
+            let checked = async {
+                chunk(r, &mut p, ty, length).await?;
+                p.chunks += 1;
+                if ty == REPLY_TYPE_NONE && flags & REPLY_FLAG_DONE == 0 {
+                    return Err("NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE".to_string());
+                }
+                if flags & REPLY_FLAG_DONE == 0 && p.chunks > MAX_CHUNKS {
                     return Err("too many chunks in one reply".into());
                 }
+                if flags & REPLY_FLAG_DONE != 0 && p.error.is_none() && p.cmd == CMD_READ {
+                    check_coverage(&mut p.covered, p.len)?;
+                }
+                Ok(())
+            }
+            .await;
+            if let Err(e) = checked {
+                // Back in the map: the connection's failure fails it with the reason.
+                pending.insert(handle, p);
+                return Err(e);
+            }
+            if flags & REPLY_FLAG_DONE == 0 {
                 pending.insert(handle, p);
                 return Ok(Decoded::Partial);
             }
@@ -208,7 +226,6 @@ pub async fn read_reply<R: AsyncRead + Unpin>(
                 ));
             }
             if p.cmd == CMD_READ {
-                check_coverage(&mut p.covered, p.len)?;
                 let data = std::mem::take(&mut p.buf);
                 return Ok(Decoded::Done(p, Ok(data)));
             }
