@@ -21,7 +21,9 @@
 # usage: scripts/peerbench.sh [ROUNDS] [RUNTIME_S] [SIZE_MiB]     (defaults 3, 8, 1024)
 #   env: NBDCRYPTD=path (default $CARGO_TARGET_DIR or target, release/nbdcryptd; build it with
 #        `cargo build --release --bin nbdcryptd`), KEEP=1 keeps the work dir,
-#        WORKLOADS="seqwrite seqread ..." to run a subset, SERVERS="nbdkit plain enc".
+#        WORKLOADS="seqwrite seqread ..." to run a subset, SERVERS="nbdkit plain enc";
+#        NBDCRYPTD_BASE=path adds plain-base and enc-base (the same two servers from another
+#        build, e.g. before a change) to the default SERVERS, for a before/after in one run.
 # needs: fio (with the nbd engine), nbdkit, cryptsetup, python3, nbdinfo (libnbd-bin).
 set -euo pipefail
 ROUNDS=${1:-3}
@@ -32,7 +34,8 @@ BIN=${NBDCRYPTD:-${CARGO_TARGET_DIR:-$ROOT/target}/release/nbdcryptd}
 [ -x "$BIN" ] || { echo "no release nbdcryptd at $BIN: cargo build --release --bin nbdcryptd" >&2; exit 1; }
 CS=$(command -v cryptsetup || echo /usr/sbin/cryptsetup)
 WORKLOADS=${WORKLOADS:-"seqwrite seqread randread-j1 randread-j2 randwrite-j1 randwrite-j2"}
-SERVERS=${SERVERS:-"nbdkit plain enc"}
+BASE=${NBDCRYPTD_BASE:-}
+SERVERS=${SERVERS:-"nbdkit plain enc${BASE:+ plain-base enc-base}"}
 W=$(mktemp -d /dev/shm/nbdcrypt-peerbench.XXXXXX)
 declare -A PID=()
 cleanup() {
@@ -56,23 +59,28 @@ fio_args() {
 
 # Backing files: raw ones sparse, the LUKS2 one with its 16 MiB header in front.
 printf 'peerbench-pass' > "$W/key"
-truncate -s "${SIZE_MIB}M" "$W/nbdkit.img" "$W/plain.img"
-truncate -s $((16 + SIZE_MIB))M "$W/enc.img"
-"$CS" luksFormat -q --type luks2 --cipher aes-xts-plain64 --key-size 512 --sector-size 4096 \
-  --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --key-file "$W/key" "$W/enc.img"
-
-declare -A URI=(
-  [nbdkit]="nbd+unix:///?socket=$W/nbdkit.sock"
-  [plain]="nbd+unix:///nbdcrypt?socket=$W/plain.sock"
-  [enc]="nbd+unix:///nbdcrypt?socket=$W/enc.sock"
-)
 for s in $SERVERS; do
   case $s in
-    nbdkit) nbdkit -f -U "$W/nbdkit.sock" file "$W/nbdkit.img" 2>"$W/nbdkit.log" & ;;
-    plain) "$BIN" --plain "$W/plain.img" --unix "$W/plain.sock" --control "$W/plain.ctl" \
-             --log-level warn 2>"$W/plain.log" & ;;
-    enc) "$BIN" --volume "$W/enc.img" --unlock-key-file "$W/key" --unix "$W/enc.sock" \
-           --control "$W/enc.ctl" --log-level warn 2>"$W/enc.log" & ;;
+    enc*)
+      truncate -s $((16 + SIZE_MIB))M "$W/$s.img"
+      "$CS" luksFormat -q --type luks2 --cipher aes-xts-plain64 --key-size 512 --sector-size 4096 \
+        --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --key-file "$W/key" "$W/$s.img" ;;
+    *) truncate -s "${SIZE_MIB}M" "$W/$s.img" ;;
+  esac
+done
+
+declare -A URI=()
+for s in $SERVERS; do
+  URI[$s]="nbd+unix:///nbdcrypt?socket=$W/$s.sock"
+  b=$BIN
+  [ "${s%-base}" = "$s" ] || { b=$BASE; [ -x "$b" ] || { echo "$s needs NBDCRYPTD_BASE" >&2; exit 2; }; }
+  case $s in
+    nbdkit) URI[$s]="nbd+unix:///?socket=$W/$s.sock"
+            nbdkit -f -U "$W/$s.sock" file "$W/$s.img" 2>"$W/$s.log" & ;;
+    plain|plain-base) "$b" --plain "$W/$s.img" --unix "$W/$s.sock" --control "$W/$s.ctl" \
+             --log-level warn 2>"$W/$s.log" & ;;
+    enc|enc-base) "$b" --volume "$W/$s.img" --unlock-key-file "$W/key" --unix "$W/$s.sock" \
+           --control "$W/$s.ctl" --log-level warn 2>"$W/$s.log" & ;;
     *) echo "unknown server $s" >&2; exit 2 ;;
   esac
   PID[$s]=$!
@@ -104,7 +112,7 @@ run() {
 
 echo "CPU: $(lscpu | sed -n 's/^Model name: *//p') (family $(lscpu | sed -n 's/^CPU family: *//p')" \
   "model $(lscpu | sed -n 's/^Model: *//p')), $(nproc) CPUs;" \
-  "fio $(fio --version), nbdkit $(nbdkit --version | awk '{print $2}'), nbdcryptd $("$BIN" --version | awk '{print $2}')"
+  "fio $(fio --version), nbdkit $(nbdkit --version | awk '{print $2}'), nbdcryptd $BIN${BASE:+, base $BASE}"
 echo "$ROUNDS rounds x $RUNTIME s, $SIZE_MIB MiB volumes in /dev/shm; load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "(the machine is shared: other work running at the same time shows in the load column)"
 
@@ -152,6 +160,8 @@ if "nbdkit" in ss:
 hdr += [f"CPU µs/I/O {s}" for s in ss]
 if "plain" in ss and "enc" in ss:
     hdr += ["CPU enc / plain"]
+if "plain-base" in ss and "enc-base" in ss:
+    hdr += ["CPU plain / plain-base", "CPU enc / enc-base"]
 hdr += ["load avg (min–max)"]
 print()
 print("| " + " | ".join(hdr) + " |")
@@ -163,6 +173,8 @@ for w in ws:
     cells += [f"{med((w, s), 1):.1f}" if med((w, s), 1) < 100 else f"{med((w, s), 1):.0f}" for s in ss]
     if "plain" in ss and "enc" in ss:
         cells += [f"{med((w, 'enc'), 1) / med((w, 'plain'), 1):.2f}×"]
+    if "plain-base" in ss and "enc-base" in ss:
+        cells += [f"{med((w, s), 1) / med((w, s + '-base'), 1):.2f}×" for s in ("plain", "enc")]
     loads = [x[2] for s in ss for x in res[(w, s)]]
     cells += [f"{min(loads):.1f}–{max(loads):.1f}"]
     print("| " + " | ".join(cells) + " |")
