@@ -336,6 +336,9 @@ struct Session<'a> {
     /// a write). With a single worker, blocking would stop reading, so it only tries
     /// non-blocking sends and leaves the rest to the writer thread.
     may_block: AtomicBool,
+    /// Large READs are streamed (`stream_read`); the environment variable
+    /// NBDCRYPT_BENCH_NO_STREAM (benchmarks only) turns it off, to compare both in one build.
+    stream_reads: bool,
 }
 
 /// Serve a negotiated connection until the client disconnects, the stopper fires or the peer
@@ -374,6 +377,7 @@ pub fn serve(
         retained: AtomicUsize::new(0),
         // Set once a second worker runs (fewer may start than asked for).
         may_block: AtomicBool::new(false),
+        stream_reads: std::env::var_os("NBDCRYPT_BENCH_NO_STREAM").is_none(),
     };
     std::thread::scope(|scope| {
         let session = &session;
@@ -455,11 +459,20 @@ impl<'a> Session<'a> {
                 }
             };
             if let Next::Run(job) = &next {
+                if job.header.command == Command::Read && bufs.output.0.is_empty() {
+                    // Reply buffers circulate through the connection's pool rather than staying
+                    // with idle workers: as many are in use as READs in flight, so the ones
+                    // kept for reuse (RETAIN) cover them and large READs do not fault in fresh
+                    // pages.
+                    if let Some(b) = lock(&self.out.pool).pop() {
+                        bufs.output = b;
+                    }
+                }
                 if self.stream_read(job, &mut bufs.output) {
                     // Sent: the request's budget and timer end here.
                     drop((grants, timer));
+                    self.recycle(std::mem::take(&mut bufs.output));
                     bufs.input.trim(&self.retained);
-                    bufs.output.trim(&self.retained);
                     continue;
                 }
             }
@@ -484,15 +497,11 @@ impl<'a> Session<'a> {
                 _grants: grants,
                 _timer: timer,
             }) {
-                // Sent at once: the buffer stays with this worker.
-                Some(Body::Output { buf, .. }) => bufs.output = buf,
+                // Sent here: the buffer goes back to the connection's pool.
+                Some(Body::Output { buf, .. }) => self.recycle(buf),
                 Some(Body::Owned(_)) => {}
-                // Queued with the reply: take a buffer the writer has finished with, if any.
-                None => {
-                    if bufs.output.0.is_empty() && bufs.output.1 == 0 {
-                        bufs.output = lock(&self.out.pool).pop().unwrap_or_default();
-                    }
-                }
+                // Queued with the reply; whoever sends it recycles its buffer.
+                None => {}
             }
             bufs.input.trim(&self.retained);
             bufs.output.trim(&self.retained);
@@ -577,6 +586,7 @@ impl<'a> Session<'a> {
     fn stream_read(&self, job: &Job, output: &mut Scratch) -> bool {
         let h = &job.header;
         let worth = h.command == Command::Read
+            && self.stream_reads
             && job.structured
             && h.flags & CMD_FLAG_DF == 0
             && h.length > STREAM_MIN
@@ -817,6 +827,7 @@ impl<'a> Session<'a> {
     fn recycle(&self, mut buf: Scratch) {
         let mut pool = lock(&self.out.pool);
         if pool.len() >= self.out.pool_cap {
+            buf.release(&self.retained);
             return;
         }
         buf.trim(&self.retained);
