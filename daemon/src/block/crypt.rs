@@ -165,6 +165,17 @@ impl<C: SectorTransform> CryptDevice<C> {
     /// Read and decrypt whole sectors into `buf` (aligned offset and length), one CHUNK at a
     /// time: each chunk is decrypted right after it has been read.
     fn read_sectors(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
+        self.read_sectors_streaming(buf, offset, &mut |_| {})
+    }
+
+    /// [`read_sectors`](Self::read_sectors), handing each chunk to `ready` right after it has
+    /// been decrypted, so the caller can send it while it is still in L2.
+    fn read_sectors_streaming(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        ready: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), Error> {
         let mut at = 0usize;
         for piece in buf.chunks_mut(self.chunk) {
             let off = offset + at as u64;
@@ -174,6 +185,7 @@ impl<C: SectorTransform> CryptDevice<C> {
                 .decrypt_in_place(piece, self.iv(off))
                 .map_err(|_| Self::crypto_err(Op::Read, off, piece.len() as u64))?;
             crate::metrics::METRICS.xts(false, piece.len(), elapsed_ns(t));
+            ready(piece);
             at += piece.len();
         }
         Ok(())
@@ -276,6 +288,24 @@ impl<C: SectorTransform> BlockDevice for CryptDevice<C> {
         self.read_sectors(&mut plain, start)?;
         let head = Self::mem_len(offset - start, Op::Read, offset)?;
         buf.copy_from_slice(&plain[head..head + buf.len()]);
+        Ok(())
+    }
+
+    fn read_at_streaming(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        ready: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), Error> {
+        let len = buf.len() as u64;
+        let inside = offset
+            .checked_add(len)
+            .is_some_and(|end| end <= self.segment.size);
+        if inside && self.is_aligned(offset, len) {
+            return self.read_sectors_streaming(buf, offset, ready);
+        }
+        self.read_at(buf, offset)?;
+        ready(buf);
         Ok(())
     }
 

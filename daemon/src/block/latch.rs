@@ -56,6 +56,15 @@ impl BlockDevice for Latch {
         self.inner.read_at(buf, offset)
     }
 
+    fn read_at_streaming(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        ready: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), Error> {
+        self.inner.read_at_streaming(buf, offset, ready)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), Error> {
         if fua && self.has_failed() {
             return Err(Error::new(ErrorKind::Latched).at(Op::Write, offset, buf.len() as u64));

@@ -71,6 +71,21 @@ pub trait BlockDevice: Send + Sync {
     fn cache(&self, offset: u64, length: u64) -> Result<(), Error>;
     /// Allocation map from `offset`, covering at least one byte and at most `length`.
     fn extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>, Error>;
+    /// [`read_at`](Self::read_at) that hands each finished piece of `buf` to `ready` as soon
+    /// as it is final, in order, so the caller can send it while it is still in the CPU caches
+    /// (the NBD session streams large READ replies this way). On success the pieces cover
+    /// `buf` exactly; on an error, the pieces handed over so far are correct data. Default:
+    /// the whole buffer as one piece.
+    fn read_at_streaming(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        ready: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), Error> {
+        self.read_at(buf, offset)?;
+        ready(buf);
+        Ok(())
+    }
 
     /// Bytes of memory this layer (and the layers below it) allocate to serve one `op` of
     /// `length` bytes at `offset`, beyond the caller's own buffer: what a request really holds,

@@ -296,6 +296,23 @@ impl BlockDevice for ReencryptDevice {
         })
     }
 
+    fn read_at_streaming(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        ready: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), Error> {
+        let len = buf.len() as u64;
+        if offset.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(Error::new(ErrorKind::OutOfRange).at(Op::Read, offset, len));
+        }
+        self.note(len);
+        // `routed` visits the pieces in ascending order, so the pieces stay in order.
+        self.routed(Op::Read, offset, len, |dev, off, at, n| {
+            dev.read_at_streaming(&mut buf[idx(at)..idx(at + n)], off, ready)
+        })
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), Error> {
         let len = buf.len() as u64;
         if offset.checked_add(len).is_none_or(|e| e > self.size) {

@@ -119,6 +119,21 @@ pub fn offset_data_prefix(cookie: u64, offset: u64, data_len: u32) -> [u8; OFFSE
     b
 }
 
+/// Header of an OFFSET_DATA chunk carrying `data_len` bytes read from `offset`, one of several
+/// chunks of a streamed READ reply: DONE only on the last.
+pub fn offset_data_part_prefix(
+    cookie: u64,
+    offset: u64,
+    data_len: u32,
+    last: bool,
+) -> [u8; OFFSET_DATA_PREFIX_LEN] {
+    let mut b = offset_data_prefix(cookie, offset, data_len);
+    if !last {
+        b[4..6].copy_from_slice(&0u16.to_be_bytes());
+    }
+    b
+}
+
 /// A length field for a payload the server built. Every such payload is bounded far below 4 GiB
 /// (strings by `MAX_STRING`, extents by the session's `MAX_EXTENTS`, messages to 1024 bytes);
 /// saturating rather than panicking means a broken bound can never crash the daemon.

@@ -7,11 +7,20 @@
 //! the reply to the connection's outbox. So the thread that reads a request also serves it: no
 //! hand-offs on the hot path, and requests complete out of order.
 //!
-//! Reading never waits on writing. A reply goes straight to the socket when nobody else is
-//! writing and the socket takes it whole without blocking (the common case); otherwise it is
-//! queued, with the budget it holds, for the connection's writer thread, which sends queued
-//! replies in batches with blocking vectored writes, and the worker goes back to reading. If
-//! workers wrote their replies themselves with blocking writes, a client that reads replies
+//! Reading never waits on writing. One thread at a time owns the socket. A worker that finds
+//! it free takes it and sends its reply itself with blocking writes (as nbdkit's threads do),
+//! then whatever other workers queued meanwhile, and gives it up; a worker that finds it taken
+//! queues its reply, with the budget it holds, and goes back to reading requests. Blocking is
+//! safe because only the owner blocks and the connection has at least one other worker that
+//! keeps reading requests. A connection with a single worker never blocks on the socket: it
+//! sends what the socket takes without blocking and leaves the rest to the connection's writer
+//! thread, which sends queued replies in batches with blocking vectored writes. (Handing every
+//! reply larger than the socket buffer to the writer thread, as before, cost a thread wake-up
+//! per 1 MiB READ and took the reply buffer away from the worker, which then often had to
+//! allocate and fault in a fresh one.) Large READs with structured replies are streamed: each
+//! piece the device has read and decrypted is sent as its own chunk at once (`stream_read`). If
+//! every worker could block writing its reply (waiting for the socket in turn, as before
+//! issue 14's fix), a client that reads replies
 //! only when its own writes would block (the NBD reference `nbd-tester-client`, any
 //! single-threaded poll loop) deadlocks with us until its poll times out: every worker blocks
 //! on a reply the client is not reading yet, nobody reads the next request, so the client's
@@ -55,6 +64,9 @@ const MAX_EXTENTS: usize = 1024;
 const BLOCK_STATUS_COST: u64 = (MAX_EXTENTS * (std::mem::size_of::<crate::block::Extent>() + 8)
     + codec::CHUNK_HEADER_LEN
     + 4) as u64;
+/// READs longer than this are streamed piece by piece when possible (`Session::stream_read`):
+/// one piece of the device's (256 KiB) would gain nothing.
+const STREAM_MIN: u32 = 256 << 10;
 /// Replies one vectored write of the writer thread carries at most.
 const BATCH: usize = 64;
 
@@ -171,8 +183,12 @@ struct Scratch(Vec<u8>, usize);
 /// Buffers above this size are released after use, so idle connections don't pin 32 MiB each.
 /// Large enough for 1 MiB requests (their buffers are what page faults would cost most on).
 pub const KEEP_BUFFER: usize = (1 << 20) + 2 * PAGE;
-/// Bytes of idle buffers one connection keeps for reuse, all workers and the pool together.
-pub const RETAIN: usize = 16 << 20;
+/// Bytes of idle buffers one connection keeps for reuse, all workers and the pool together:
+/// one 1 MiB request's buffer for each of the default 16 workers. At exactly 16 MiB the last
+/// worker's buffer (1 MiB + alignment slack) never fitted, so one 1 MiB READ in 16 paid for a
+/// fresh buffer (zero-fill and page faults of 1 MiB, then the free): 60 000 page faults per 8 s
+/// of sequential reads in the profile.
+pub const RETAIN: usize = 16 * KEEP_BUFFER;
 
 impl Scratch {
     /// `n` bytes of the buffer, starting page-aligned (so O_DIRECT can use them); zero-filled
@@ -313,6 +329,16 @@ struct Session<'a> {
     broken: AtomicBool,
     /// Bytes of idle buffers kept for reuse (at most RETAIN).
     retained: AtomicUsize,
+    /// The worker that owns the socket may send with blocking writes: true when the connection
+    /// has at least two workers. Only the owner writes; the others queue their replies and go
+    /// back to reading requests, so one worker blocked on a client that is not reading yet
+    /// never stops the request stream (the stall of issue 14 needed *every* worker blocked in
+    /// a write). With a single worker, blocking would stop reading, so it only tries
+    /// non-blocking sends and leaves the rest to the writer thread.
+    may_block: AtomicBool,
+    /// Large READs are streamed (`stream_read`); the environment variable
+    /// NBDCRYPT_BENCH_NO_STREAM (benchmarks only) turns it off, to compare both in one build.
+    stream_reads: bool,
 }
 
 /// Serve a negotiated connection until the client disconnects, the stopper fires or the peer
@@ -349,6 +375,9 @@ pub fn serve(
         outcome: Mutex::new(None),
         broken: AtomicBool::new(false),
         retained: AtomicUsize::new(0),
+        // Set once a second worker runs (fewer may start than asked for).
+        may_block: AtomicBool::new(false),
+        stream_reads: std::env::var_os("NBDCRYPT_BENCH_NO_STREAM").is_none(),
     };
     std::thread::scope(|scope| {
         let session = &session;
@@ -368,7 +397,12 @@ pub fn serve(
                 .stack_size(512 * 1024)
                 .spawn_scoped(scope, move || session.work());
             match spawned {
-                Ok(h) => workers.push(h),
+                Ok(h) => {
+                    workers.push(h);
+                    if workers.len() == 2 {
+                        session.may_block.store(true, Ordering::Release);
+                    }
+                }
                 Err(e) => {
                     // Fewer workers only means less parallelism; one is enough to make progress.
                     warn!(error = %e, "could not start a worker thread");
@@ -424,6 +458,24 @@ impl<'a> Session<'a> {
                     }
                 }
             };
+            if let Next::Run(job) = &next {
+                if job.header.command == Command::Read && bufs.output.0.is_empty() {
+                    // Reply buffers circulate through the connection's pool rather than staying
+                    // with idle workers: as many are in use as READs in flight, so the ones
+                    // kept for reuse (RETAIN) cover them and large READs do not fault in fresh
+                    // pages.
+                    if let Some(b) = lock(&self.out.pool).pop() {
+                        bufs.output = b;
+                    }
+                }
+                if self.stream_read(job, &mut bufs.output) {
+                    // Sent: the request's budget and timer end here.
+                    drop((grants, timer));
+                    self.recycle(std::mem::take(&mut bufs.output));
+                    bufs.input.trim(&self.retained);
+                    continue;
+                }
+            }
             let out = match next {
                 Next::Run(job) => execute(&self.neg.export, job, &mut bufs),
                 Next::Reply(bytes) => Out::Owned(bytes),
@@ -445,15 +497,11 @@ impl<'a> Session<'a> {
                 _grants: grants,
                 _timer: timer,
             }) {
-                // Sent at once: the buffer stays with this worker.
-                Some(Body::Output { buf, .. }) => bufs.output = buf,
+                // Sent here: the buffer goes back to the connection's pool.
+                Some(Body::Output { buf, .. }) => self.recycle(buf),
                 Some(Body::Owned(_)) => {}
-                // Queued with the reply: take a buffer the writer has finished with, if any.
-                None => {
-                    if bufs.output.0.is_empty() && bufs.output.1 == 0 {
-                        bufs.output = lock(&self.out.pool).pop().unwrap_or_default();
-                    }
-                }
+                // Queued with the reply; whoever sends it recycles its buffer.
+                None => {}
             }
             bufs.input.trim(&self.retained);
             bufs.output.trim(&self.retained);
@@ -477,6 +525,18 @@ impl<'a> Session<'a> {
                 return None;
             }
             st.busy = true;
+        }
+        if self.may_block.load(Ordering::Acquire) {
+            // Another worker keeps reading requests while this one waits on the socket, so
+            // blocking here cannot stop the request stream (see `Session::may_block`).
+            let sent = self.write_batch(std::slice::from_mut(&mut r));
+            if let Err(e) = sent {
+                self.give_up_socket();
+                self.broke(e);
+                return Some(r.body);
+            }
+            self.drain_blocking();
+            return Some(r.body);
         }
         let tried = lock(&self.write).try_write(r.body.bytes());
         if matches!(tried, Ok(n) if n == r.body.bytes().len()) {
@@ -513,6 +573,140 @@ impl<'a> Session<'a> {
                 self.broke(e);
                 Some(r.body)
             }
+        }
+    }
+
+    /// Serve a large READ by sending each piece as soon as the device has it (decrypted), as
+    /// its own OFFSET_DATA chunk, while it is still in the CPU caches: the pread and decryption
+    /// of the next piece overlap with the client draining the previous one from the socket,
+    /// and the data is not read back cold from memory for a separate send. Only with structured
+    /// replies, without DF (the client asked for one chunk), when this worker may block on the
+    /// socket and can take it at once; returns false (nothing done) otherwise. A device error
+    /// after some pieces ends the reply with an error chunk, as the protocol allows.
+    fn stream_read(&self, job: &Job, output: &mut Scratch) -> bool {
+        let h = &job.header;
+        let worth = h.command == Command::Read
+            && self.stream_reads
+            && job.structured
+            && h.flags & CMD_FLAG_DF == 0
+            && h.length > STREAM_MIN
+            && self.may_block.load(Ordering::Acquire)
+            && !self.broken.load(Ordering::Acquire);
+        if !worth {
+            return false;
+        }
+        {
+            let mut st = lock(&self.out.state);
+            if st.busy || !st.queue.is_empty() {
+                return false;
+            }
+            st.busy = true;
+        }
+        let export = &self.neg.export;
+        let total = h.length as usize;
+        let mut at = 0usize;
+        let mut done = false;
+        let mut failed: Option<io::Error> = None;
+        let result =
+            export
+                .device
+                .read_at_streaming(output.get(total), h.offset, &mut |piece: &[u8]| {
+                    let from = at;
+                    at += piece.len();
+                    if done || failed.is_some() || piece.is_empty() {
+                        return;
+                    }
+                    done = at >= total;
+                    // A piece of a request of at most MAX_PAYLOAD bytes.
+                    let n = u32::try_from(piece.len()).unwrap_or(u32::MAX);
+                    let head =
+                        codec::offset_data_part_prefix(h.cookie, h.offset + from as u64, n, done);
+                    if let Err(e) = self.send_parts(&[&head, piece]) {
+                        failed = Some(e);
+                    }
+                });
+        if failed.is_none() && !done {
+            // A device error, or (never, by the trait's contract) pieces that fell short.
+            let e = result
+                .err()
+                .unwrap_or_else(|| BlockError::new(crate::block::ErrorKind::Io));
+            let reply = block_error_reply(export, h, &e, true);
+            if let Err(e) = self.send_parts(&[&reply]) {
+                failed = Some(e);
+            }
+        } else if failed.is_none() {
+            IoStats::add(&export.stats.reads, 1);
+            IoStats::add(&export.stats.bytes_read, u64::from(h.length));
+        }
+        if let Some(e) = failed {
+            self.give_up_socket();
+            self.broke(e);
+            return true;
+        }
+        self.drain_blocking();
+        true
+    }
+
+    /// Write `parts` whole, in order, with blocking vectored writes; the caller owns the socket.
+    fn send_parts(&self, parts: &[&[u8]]) -> io::Result<()> {
+        let mut w = lock(&self.write);
+        let mut first = 0;
+        let mut skip = 0;
+        while first < parts.len() {
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len() - first);
+            slices.push(IoSlice::new(&parts[first][skip..]));
+            slices.extend(parts[first + 1..].iter().map(|p| IoSlice::new(p)));
+            let mut n = match w.write_vectored(&slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            while first < parts.len() && n >= parts[first].len() - skip {
+                n -= parts[first].len() - skip;
+                first += 1;
+                skip = 0;
+            }
+            skip += n;
+        }
+        w.flush()
+    }
+
+    /// Called by a worker that owns the socket (`busy`) and may block on it: send what others
+    /// queued meanwhile, in batches with blocking vectored writes, until the queue is empty;
+    /// then give the socket up.
+    fn drain_blocking(&self) {
+        let mut batch: Vec<Reply<'a>> = Vec::new();
+        loop {
+            {
+                let mut st = lock(&self.out.state);
+                if st.queue.is_empty() {
+                    st.busy = false;
+                    return;
+                }
+                let n = st.queue.len().min(BATCH);
+                batch.extend(st.queue.drain(..n));
+            }
+            if !self.broken.load(Ordering::Acquire) {
+                if let Err(e) = self.write_batch(&mut batch) {
+                    self.broke(e);
+                }
+            }
+            for r in batch.drain(..) {
+                if let Body::Output { buf, .. } = r.body {
+                    self.recycle(buf);
+                }
+            }
+        }
+    }
+
+    /// Release the socket after a failed write, waking the writer thread for what is queued
+    /// (it drops those replies once the session is broken, freeing their budget).
+    fn give_up_socket(&self) {
+        let mut st = lock(&self.out.state);
+        st.busy = false;
+        if !st.queue.is_empty() {
+            self.out.ready.notify_one();
         }
     }
 
@@ -633,6 +827,7 @@ impl<'a> Session<'a> {
     fn recycle(&self, mut buf: Scratch) {
         let mut pool = lock(&self.out.pool);
         if pool.len() >= self.out.pool_cap {
+            buf.release(&self.retained);
             return;
         }
         buf.trim(&self.retained);
