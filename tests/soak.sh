@@ -3,7 +3,7 @@
 # encrypted export for SOAK_SECONDS (default 600), then a verify pass over everything written.
 # Reports fio's errors (must be 0), the daemon's peak RSS (VmHWM) against the documented bound
 # (README, Protocol: 64 MiB + --max-server-bytes + per connection a 256 KiB reader and at most
-# 16 MiB of idle buffers + per worker thread a 260 KiB ciphertext chunk), and that the daemon kept
+# 16 MiB + 128 KiB of idle buffers + per worker thread a 260 KiB ciphertext chunk), and that the daemon kept
 # serving. Not a timed test: run it by
 # hand (numbers for closing notes and the README). Exit status 0 only when every check holds.
 #
