@@ -334,12 +334,58 @@ fn try_header_json(img: &Path) -> Option<Value> {
     serde_json::from_slice(&area[..end]).ok()
 }
 
+/// The JSON of the header copy cryptsetup (and we) would use: the copy whose checksum holds,
+/// the higher seqid if both do. A kill can land between writing a copy's JSON area and its
+/// binary header; the raw primary then shows a hot zone that was never committed.
 fn header_json(img: &Path) -> Value {
     let f = std::fs::File::open(img).unwrap();
-    let mut area = vec![0u8; 12288];
-    f.read_exact_at(&mut area, 4096).unwrap();
-    let end = area.iter().position(|&b| b == 0).unwrap();
-    serde_json::from_slice(&area[..end]).unwrap()
+    let copy = |offset: u64| -> Option<(u64, Value)> {
+        let mut bin = vec![0u8; 4096];
+        f.read_exact_at(&mut bin, offset).ok()?;
+        if !bin.starts_with(b"LUKS\xba\xbe") && !bin.starts_with(b"SKUL\xba\xbe") {
+            return None;
+        }
+        let hdr_size = u64::from_be_bytes(bin[8..16].try_into().unwrap());
+        if !(16384..=4 << 20).contains(&hdr_size) {
+            return None;
+        }
+        let seqid = u64::from_be_bytes(bin[16..24].try_into().unwrap());
+        let mut all = vec![0u8; usize::try_from(hdr_size).unwrap()];
+        f.read_exact_at(&mut all, offset).ok()?;
+        let stored = all[448..448 + 32].to_vec();
+        all[448..448 + 64].fill(0);
+        if Sha256::digest(&all)[..] != stored[..] {
+            return None;
+        }
+        let json = &all[4096..];
+        let end = json.iter().position(|&b| b == 0).unwrap_or(json.len());
+        Some((seqid, serde_json::from_slice(&json[..end]).ok()?))
+    };
+    let primary = copy(0);
+    let secondary = [
+        16384u64,
+        32768,
+        65536,
+        131072,
+        262144,
+        524288,
+        1 << 20,
+        2 << 20,
+        4 << 20,
+    ]
+    .into_iter()
+    .find_map(copy);
+    match (primary, secondary) {
+        (Some(a), Some(b)) => {
+            if a.0 >= b.0 {
+                a.1
+            } else {
+                b.1
+            }
+        }
+        (Some(a), None) | (None, Some(a)) => a.1,
+        (None, None) => panic!("{}: no valid LUKS2 header copy", img.display()),
+    }
 }
 
 #[test]
