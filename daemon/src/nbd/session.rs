@@ -687,16 +687,7 @@ impl<'a> Session<'a> {
                 let n = st.queue.len().min(BATCH);
                 batch.extend(st.queue.drain(..n));
             }
-            if !self.broken.load(Ordering::Acquire) {
-                if let Err(e) = self.write_batch(&mut batch) {
-                    self.broke(e);
-                }
-            }
-            for r in batch.drain(..) {
-                if let Body::Output { buf, .. } = r.body {
-                    self.recycle(buf);
-                }
-            }
+            self.send_and_recycle(&mut batch);
         }
     }
 
@@ -780,17 +771,23 @@ impl<'a> Session<'a> {
                 let n = st.queue.len().min(BATCH);
                 batch.extend(st.queue.drain(..n));
             }
-            if !self.broken.load(Ordering::Acquire) {
-                if let Err(e) = self.write_batch(&mut batch) {
-                    self.broke(e);
-                }
-            }
-            for r in batch.drain(..) {
-                if let Body::Output { buf, .. } = r.body {
-                    self.recycle(buf);
-                }
-            }
+            self.send_and_recycle(&mut batch);
             lock(&self.out.state).busy = false;
+        }
+    }
+
+    /// Send `batch` (unless the session already broke) and return its reply buffers to the
+    /// pool, leaving `batch` empty for the next round.
+    fn send_and_recycle(&self, batch: &mut Vec<Reply<'a>>) {
+        if !self.broken.load(Ordering::Acquire) {
+            if let Err(e) = self.write_batch(batch) {
+                self.broke(e);
+            }
+        }
+        for r in batch.drain(..) {
+            if let Body::Output { buf, .. } = r.body {
+                self.recycle(buf);
+            }
         }
     }
 
