@@ -23,22 +23,31 @@ use super::Volume;
 use crate::secret_input::{read_existing, read_new, Source};
 
 pub const ENROLL_ABOUT: &str = "\
-Add a keyslot that AWS KMS or a PKCS#11 HSM unlocks, or a quorum of holders (--quorum K: any K
-of the KMS keys, HSM keys and people given). A random 32-byte secret opens a new keyslot
-(PBKDF2-SHA256, 1000 iterations; its passphrase is the secret's base64, as systemd-cryptenroll
-does); the secret is stored only encrypted by the KMS or HSM key, in a LUKS2 token bound to this
-volume's UUID and the keyslot (KMS encryption context, AES-GCM additional data), so a copied
-token opens nothing. An existing passphrase or key
-file unlocks the volume key first. Credentials come from the standard AWS chain (environment,
-profile, instance role); the region from --kms-region or the standard chain. Prints the keyslot
-and the token id, then the lines for nbdcryptd's config: the key to allow (kms-allow-key) and
-the volume pin (volume-uuid, volume-key-digest) that makes the daemon refuse a replaced header.
-Keep a passphrase keyslot as a recovery key.
+Add a keyslot that a machine opens without a person: AWS KMS (--kms), a PKCS#11 HSM (--pkcs11),
+a Tang server or this machine's TPM2 in clevis's own token format (--tang, --tpm2, --sss), or a
+quorum of holders (--quorum K: any K of the KMS keys, HSM keys, Tang servers, TPMs and people
+given). An existing passphrase or key file unlocks the volume key first. Keep a passphrase
+keyslot as a recovery key.
+
+KMS and HSM: a random 32-byte secret opens a new keyslot (PBKDF2-SHA256, 1000 iterations; its
+passphrase is the secret's base64, as systemd-cryptenroll does); the secret is stored only
+encrypted by the KMS or HSM key, in a LUKS2 token bound to this volume's UUID and the keyslot
+(KMS encryption context, AES-GCM additional data), so a copied token opens nothing. KMS
+credentials come from the standard AWS chain (environment, profile, instance role); the region
+from --kms-region or the standard chain. Prints the keyslot and the token id, then the lines for
+nbdcryptd's config: the key to allow (kms-allow-key) and the volume pin (volume-uuid,
+volume-key-digest) that makes the daemon refuse a replaced header.
+
+Tang and TPM2 (clevis): the token is the one `clevis luks bind` writes, so `clevis luks unlock`
+and systemd's initrd open the volume too; nbdcryptd opens it when its config allows that Tang
+server's thumbprint (tang-allow) or names the TPM (tpm2-tcti). --sss K binds to several pins at
+once, any K of which unlock.
 
 With --quorum K the secret is split (Shamir, k-of-n) among every holder given: each --kms and
---pkcs11 key seals its share, each --passphrase-share NAME is a person whose passphrase (asked
-now) protects theirs. nbdcryptd unseals the machine shares it can reach; people give theirs with
-`nbdcryptctl unlock --share NAME`. `nbdcryptctl policy VOLUME` shows the result in words.";
+--pkcs11 key and each --clevis pin seals its share, each --passphrase-share NAME is a person
+whose passphrase (asked now) protects theirs. nbdcryptd unseals the machine shares it can reach;
+people give theirs with `nbdcryptctl unlock --share NAME`. `nbdcryptctl policy VOLUME` shows the
+result in words.";
 
 pub const ENROLL_EXAMPLES: &str = "\
 Examples:
@@ -51,7 +60,10 @@ Examples:
       --pkcs11-pin file:/etc/nbdcrypt/hsm.pin
   nbdcryptctl enroll vol.img --quorum 2 --kms alias/db \
       --pkcs11 'pkcs11:token=prod;object=db;type=secret-key' --pkcs11-pin file:/etc/nbdcrypt/hsm.pin \
-      --passphrase-share alice                                        # any 2 of the 3";
+      --passphrase-share alice                                        # any 2 of the 3
+  nbdcryptctl enroll vol.img --tang http://tang.example:7500 \\
+      --tang-thumbprint 9_CZiHk9PLtq7BG6UXXtQ2qdjTQ                   # clevis tang token
+  nbdcryptctl enroll vol.img --tpm2 --tpm2-pcr-ids 7 --key-file recovery.key";
 
 pub const UNENROLL_ABOUT: &str = "\
 Remove a KMS enrolment: its token first, then its keyslot (wiped). Needs no secret. Refuses to
