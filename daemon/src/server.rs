@@ -253,7 +253,12 @@ async fn connection<S: Socket>(
     withdrawn.borrow_and_update();
     let hs = tokio::time::timeout(
         ctx.handshake_timeout,
-        handshake(stream, &peer, &ctx, &shutdown, phase),
+        // The span puts the peer on the handshake's own log lines (e.g. a plaintext client
+        // refused under --tls require).
+        tracing::Instrument::instrument(
+            handshake(stream, &peer, &ctx, &shutdown, phase),
+            tracing::info_span!("handshake", %peer),
+        ),
     );
     let mut stop = shutdown.clone();
     let negotiated = tokio::select! {

@@ -364,6 +364,15 @@ fn forcedtls_refuses_every_option_but_starttls_and_lists_no_export() {
         closed(&mut s),
         "EXPORT_NAME before TLS did not end the connection"
     );
+    // The operator sees each refused plaintext client once, at info, with its address (the
+    // seven refused options of the first client make one line, not seven).
+    let log = t.d.log();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("refused a plaintext client"))
+        .collect();
+    assert_eq!(refused.len(), 2, "{log}");
+    assert!(refused.iter().all(|l| l.contains("127.0.0.1")), "{log}");
 }
 
 #[test]

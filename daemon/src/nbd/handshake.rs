@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::codec::{self, InfoRequest, Malformed};
 use super::wire::*;
@@ -176,6 +176,9 @@ async fn haggle<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    // One line per plaintext client under FORCEDTLS, at info: an operator who sees clients fail
+    // needs to know they were refused for lack of TLS, not why each option was.
+    let mut plaintext_logged = false;
     loop {
         let mut hdr = [0u8; codec::OPTION_HEADER_LEN];
         stream.read_exact(&mut hdr).await?;
@@ -199,6 +202,7 @@ where
         if opt.option == OPT_EXPORT_NAME {
             if phase == TlsPhase::Required {
                 // EXPORT_NAME cannot carry ERR_TLS_REQD: hang up (as nbdkit and qemu-nbd do).
+                info!("refused a plaintext client (NBD_OPT_EXPORT_NAME): TLS is required");
                 return Err(ProtocolError::TlsRequired);
             }
             return export_name(stream, exports, &st, data).await.map(Step::Go);
@@ -211,6 +215,10 @@ where
             // FORCEDTLS: the payload is already consumed (the stream stays in sync) and no
             // state changes; nothing about the exports is revealed.
             let msg = "TLS is required on this listener: send NBD_OPT_STARTTLS first";
+            if !plaintext_logged {
+                plaintext_logged = true;
+                info!(option = opt.option, "refused a plaintext client: TLS is required");
+            }
             reply_error(stream, opt.option, REP_ERR_TLS_REQD, msg).await?;
             continue;
         }
