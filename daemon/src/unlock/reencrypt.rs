@@ -351,7 +351,9 @@ fn token_secrets(
                 Ok(Some(q)) if q.keyslot == slot => {
                     match machine_quorum(hdr, &q, settings, transient) {
                         Ok(secret) => out.push(enroll::passphrase_for(&secret)),
-                        Err(e) => failures.push(format!("quorum token {tid} (keyslot {slot}): {e}")),
+                        Err(e) => {
+                            failures.push(format!("quorum token {tid} (keyslot {slot}): {e}"))
+                        }
                     }
                 }
                 Ok(_) => {}
@@ -789,7 +791,8 @@ impl VolumeBackend {
             )
             .map_err(|e| match e {
                 FormatError::WrongPassphrase => format!(
-                    "its first {k} shares do not open keyslot {}: the token's threshold or                      shares were changed; refusing to carry it",
+                    "its first {k} shares do not open keyslot {}: the token's threshold or \
+                     shares were changed; refusing to carry it",
                     q.keyslot
                 ),
                 e => e.to_string(),
@@ -800,7 +803,8 @@ impl VolumeBackend {
             let again = shamir::combine(&set).map_err(|e| e.to_string())?;
             if again.expose_secret() != secret.expose_secret() {
                 return Err(format!(
-                    "share {} does not belong to a {k}-of-{} split of the keyslot's secret: the                      token's threshold or shares were changed; refusing to carry it",
+                    "share {} does not belong to a {k}-of-{} split of the keyslot's secret: the \
+                     token's threshold or shares were changed; refusing to carry it",
                     printable(&q.shares[j].name()),
                     q.shares.len()
                 ));
@@ -936,7 +940,8 @@ impl Backend for VolumeBackend {
         }
         let Some(old_key) = old_key else {
             return Err(match secret {
-                Some(_) => "no keyslot opens with this passphrase or key, and no token opens                             the volume"
+                Some(_) => "no keyslot opens with this passphrase or key, and no token opens \
+                     the volume"
                     .to_owned(),
                 None => format!(
                     "no token opens the volume ({}); give the passphrase or key file",
