@@ -134,6 +134,10 @@ impl Rig {
     }
 
     fn daemon(&self, name: &str, extra: &[&str]) -> Daemon {
+        self.daemon_env(name, extra, &[])
+    }
+
+    fn daemon_env(&self, name: &str, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let bin = Path::new(env!("CARGO_BIN_EXE_nbdcryptctl")).with_file_name("nbdcryptd");
         assert!(
             bin.exists(),
@@ -148,6 +152,7 @@ impl Rig {
         aws_env(&mut cmd);
         let child = cmd
             .env("SOFTHSM2_CONF", &self.softhsm_conf)
+            .envs(env.iter().copied())
             .args(["--volume", &self.vol(), "--unix", &sock])
             .args(["--control", &control, "--audit-log", &audit])
             .args(extra)
@@ -522,6 +527,40 @@ fn a_two_of_three_quorum_of_kms_hsm_and_a_person_is_carried_online_and_opens_the
         d.wait_for(&r, 60, "KMS + HSM unlock", |s| state(s) == "unlocked");
         assert!(read_all(&r, &d) == data);
     }
+
+    // A second carry, killed mid-zone (abort, the kill -9 stand-in): the restarted daemon finds
+    // the old and the new key through the machine shares of the old and the new quorum, recovers
+    // the zone and finishes.
+    let zone = [
+        ("NBDCRYPT_TEST_REENCRYPT_ZONE", "1048576"),
+        ("NBDCRYPT_TEST_REENCRYPT_ABORT", "2:half_write"),
+    ];
+    {
+        let mut d = r.daemon_env("crash", &both, &zone);
+        d.wait_for(&r, 60, "KMS + HSM unlock", |s| state(s) == "unlocked");
+        ok(d.stage(&r, "alice", "alice's words"));
+        ok(d.reencrypt(&r, &["--max-rate", "64M"]));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while d.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "no crash\n{}", d.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(d.log().contains("half_write"), "{}", d.log());
+    }
+    let dump = text(&run_ok(Command::new("cryptsetup").args(["luksDump", &vol])));
+    assert_eq!(
+        dump.matches("nbdcrypt-quorum").count(),
+        2,
+        "the old and the new quorum: {dump}"
+    );
+    {
+        let d = r.daemon_env("resume", &both, &zone[..1]);
+        d.wait_for(&r, 120, "resumed and finished", |s| {
+            s["reencrypt"]["state"] == "finished"
+        });
+        assert!(read_all(&r, &d) == data, "data lost across the crash");
+    }
+    assert_eq!(r.quorum_tokens().len(), 1);
 }
 
 /// Rewrites token `id` of `vol` with `json` (`cryptsetup token import --token-replace`).

@@ -229,11 +229,16 @@ fn clevis_tang_and_tpm2_bindings_are_carried_online_and_open_the_new_key_with_th
     for slot in [1u32, 2] {
         let f = clevis_pass(&tcti, &img, slot, dir);
         let mut c = cryptsetup();
-        c.args(["luksConvertKey", "--batch-mode", "--key-slot", &slot.to_string()])
-            .args(&kdf)
-            .arg("--key-file")
-            .arg(&f)
-            .arg(&img);
+        c.args([
+            "luksConvertKey",
+            "--batch-mode",
+            "--key-slot",
+            &slot.to_string(),
+        ])
+        .args(&kdf)
+        .arg("--key-file")
+        .arg(&f)
+        .arg(&img);
         run(&mut c, TOOL_TIMEOUT).success();
     }
     let before = clevis_list(&tcti, &img);
@@ -257,7 +262,8 @@ fn clevis_tang_and_tpm2_bindings_are_carried_online_and_open_the_new_key_with_th
             "h.connect_uri(URI)\nh.pwrite(bytes((i * 7 + 3) & 0xff for i in range(65536)), 1 << 20)\nh.flush()",
         )
         .success();
-        d.ctl("reencrypt", &["--key-file", pw_s, "--wait"]).success();
+        d.ctl("reencrypt", &["--key-file", pw_s, "--wait"])
+            .success();
         let got = read_export(&d.uri(), dir);
         assert_same_bytes(&got, &expect, "the export after the re-encryption");
     }
@@ -283,7 +289,10 @@ fn clevis_tang_and_tpm2_bindings_are_carried_online_and_open_the_new_key_with_th
     assert_eq!(pins, ["tang", "tpm2"], "{after:?}");
     let mut new_key = None;
     for (slot, pin) in &after {
-        assert!(![1, 2].contains(slot), "{pin} still on an old keyslot: {after:?}");
+        assert!(
+            ![1, 2].contains(slot),
+            "{pin} still on an old keyslot: {after:?}"
+        );
         let f = clevis_pass(&tcti, &img, *slot, dir);
         let mut c = cryptsetup();
         c.args(["open", "--test-passphrase", "--key-slot", &slot.to_string()])
@@ -301,7 +310,11 @@ fn clevis_tang_and_tpm2_bindings_are_carried_online_and_open_the_new_key_with_th
     }
     let new_key = new_key.unwrap();
     let plain = verify_py_plaintext(&img, &new_key);
-    assert_same_bytes(&plain[..DATA as usize], &expect, "verify.py with the new key");
+    assert_same_bytes(
+        &plain[..DATA as usize],
+        &expect,
+        "verify.py with the new key",
+    );
     // The old key is gone: the old passphrase opens the new key only.
     assert_eq!(luks_volume_key(&img, PASS), new_key);
 
