@@ -194,7 +194,7 @@ impl Rig {
             .unwrap()
             .iter()
             .filter(|t| t["type"] == "nbdcrypt-quorum")
-            .map(|t| t["id"].as_u64().unwrap() as u32)
+            .map(|t| u32::try_from(t["id"].as_u64().unwrap()).unwrap())
             .collect();
         ids.into_iter()
             .map(|id| {
@@ -344,7 +344,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 }
 
 fn size(s: &Value) -> usize {
-    s["size"].as_u64().unwrap() as usize
+    usize::try_from(s["size"].as_u64().unwrap()).unwrap()
 }
 
 fn share_field<'a>(q: &'a Value, holder: &str, field: &str) -> &'a Value {
