@@ -694,4 +694,17 @@ fn a_quorum_whose_threshold_a_header_writer_lowered_is_refused_not_carried() {
     assert_eq!(after.len(), 1);
     assert_eq!(after[0].1["threshold"], 2);
     assert_ne!(after[0].1["keyslots"], genuine["keyslots"]);
+
+    // Staged passphrases do not outlive a lock: staged, locked, unlocked, then the start names
+    // every person again.
+    ok(d.stage(&r, "alice", "pa"));
+    ok(r.ctl(&["lock", "--control", &d.control], None));
+    d.unlock(&r);
+    let o = d.reencrypt(&r, &[]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("the passphrase of shares alice, bob, carol is needed"),
+        "{}",
+        text(&o)
+    );
 }

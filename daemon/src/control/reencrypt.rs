@@ -90,6 +90,8 @@ pub trait Backend: Send + Sync {
     fn stage_share(&self, _name: &str, _passphrase: SecretBytes) -> Result<String, String> {
         Err("this daemon cannot carry quorum shares".into())
     }
+    /// At lock and shutdown: wipe the staged share passphrases.
+    fn forget_staged(&self) {}
 }
 
 /// Why a reencrypt request was refused.
@@ -354,6 +356,7 @@ impl Reencryptor {
     /// Before a lock or shutdown: stop the worker at the end of its current zone and wait.
     /// The header keeps the position; the next unlock resumes.
     pub fn stop(&self) {
+        self.backend.forget_staged();
         let running = self
             .worker
             .lock()

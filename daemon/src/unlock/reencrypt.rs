@@ -883,6 +883,10 @@ impl Backend for VolumeBackend {
             .take()
     }
 
+    fn forget_staged(&self) {
+        self.volume.shares().clear_staged();
+    }
+
     fn stage_share(&self, name: &str, passphrase: SecretBytes) -> Result<String, String> {
         let vol = &*self.volume;
         let file = open_rw(vol).map_err(|e| e.to_string())?;

@@ -9,7 +9,7 @@
 //! (`nbdcryptctl reencrypt --control SOCK --share NAME`): the start re-wraps each person's share
 //! of the new quorum under the same passphrase with a fresh salt, which needs the passphrase
 //! itself. They are kept under the same rules (locked memory, the same timeout) and wiped when
-//! a start used them.
+//! a start used them, and at lock or shutdown (`Reencryptor::stop`).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
