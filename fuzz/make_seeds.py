@@ -139,6 +139,7 @@ def control():
         {"v": 1, "op": "lock", "force": True},
         {"v": 1, "op": "status"},
         {"v": 1, "op": "share", "name": "alice", "secret": "cGFzcw=="},
+        {"v": 1, "op": "reencrypt_share", "name": "alice", "secret": "cGFzcw=="},
         {"v": 2, "op": "status"},
         {"v": 1, "status": {"state": "unlocked", "volume_uuid": "11111111-2222-4333-8444-555555555555",
                             "cipher": "aes-xts-plain64", "sector_size": 4096, "size": 65536, "export_name": "vol",

@@ -29,10 +29,19 @@ done the old key and its keyslot are removed.
 Every keyslot of the old key is carried over to the new key: those the secret opens (same
 secret), those of nbdcrypt's KMS/HSM tokens (re-sealed: a fresh secret sealed under the same
 KMS/HSM key, through the daemon's provider settings), and those of clevis tokens (Tang/TPM2,
-decrypted through the daemon's clevis settings; the token is bound to the new keyslot). With
---token no secret is asked: the daemon opens the volume through its tokens. A keyslot none of
-these opens (another passphrase, a quorum) would be lost with the old key, so the daemon
-refuses and names it, unless --drop-unopened says to drop it.
+decrypted through the daemon's clevis settings; the token is bound to the new keyslot), and
+quorum keyslots (`enroll --quorum K`: a fresh secret split K-of-N again among the same holders,
+see below). With --token no secret is asked: the daemon opens the volume through its tokens. A
+keyslot none of these opens (another passphrase, a quorum missing a holder) would be lost with
+the old key, so the daemon refuses and names it, unless --drop-unopened says to drop it.
+
+Quorums: every holder must open its share first, which also proves that nobody changed the
+quorum's threshold or holders in the header. Machine shares (KMS, HSM, Tang, TPM2) are opened
+and re-sealed through the daemon's own provider settings. A person's share is re-wrapped under
+the same passphrase with a fresh salt, so the daemon needs that passphrase: before the start,
+each person runs `nbdcryptctl reencrypt --control SOCK --share NAME` at their own terminal
+(checked against their share at once; kept in locked memory until the start uses it, or for
+the daemon's --share-timeout). The start then names any share still missing.
 
 It is crash-safe: after a crash, kill -9 or power cut, restart nbdcryptd and unlock with the same
 passphrase; the interrupted zone is recovered and the re-encryption continues by itself.
@@ -47,6 +56,7 @@ Examples:
   nbdcryptctl reencrypt --control /run/nbdcrypt/db.sock --key-file /etc/nbdcrypt/db.key
   nbdcryptctl reencrypt --control SOCK --max-rate 100M --wait     # start, follow to the end
   nbdcryptctl reencrypt --control SOCK --token                    # unlocked by KMS/HSM/clevis
+  nbdcryptctl reencrypt --control SOCK --share alice              # alice, before a quorum carry
   nbdcryptctl reencrypt --control SOCK --pause
   nbdcryptctl reencrypt --control SOCK --resume --max-rate 50M
   nbdcryptctl reencrypt --control SOCK --status";
@@ -95,6 +105,15 @@ pub struct OnlineReencryptArgs {
     /// opens them): they are dropped with the old key. Without it the daemon refuses and names them.
     #[arg(long, conflicts_with_all = ["pause", "resume", "status"])]
     pub drop_unopened: bool,
+
+    /// Give your passphrase for your share NAME of a quorum keyslot (asked for, or --stdin /
+    /// --key-file), so the next start can carry the quorum over; it starts nothing itself.
+    #[arg(
+        long,
+        value_name = "NAME",
+        conflicts_with_all = ["pause", "resume", "status", "token", "drop_unopened", "max_rate", "wait"]
+    )]
+    pub share: Option<String>,
 }
 
 /// `nbdcryptctl reencrypt --control ...` as a command line of its own.
@@ -178,6 +197,9 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
 }
 
 pub fn run(a: OnlineReencryptArgs) -> Result<(), Failure> {
+    if let Some(name) = &a.share {
+        return stage_share(&a, name);
+    }
     let rate_only = a.max_rate.is_some() && a.key_file.is_none() && !a.stdin && !a.token;
     let action = if a.pause {
         ReencryptAction::Pause
@@ -239,6 +261,40 @@ pub fn run(a: OnlineReencryptArgs) -> Result<(), Failure> {
         return follow(&a.control);
     }
     Ok(())
+}
+
+/// `--share NAME`: send the person's passphrase to be checked and staged.
+fn stage_share(a: &OnlineReencryptArgs, name: &str) -> Result<(), Failure> {
+    let source = match (&a.key_file, a.stdin) {
+        (Some(p), _) => Source::KeyFile(p.clone()),
+        (None, true) => Source::StdinLine,
+        (None, false) => Source::Tty {
+            prompt: format!("Passphrase of quorum share {name}: "),
+        },
+    };
+    let request = Request::ReencryptShare {
+        name: name.to_owned(),
+        secret: secret::read(&source)?,
+    };
+    let response = client::call(&a.control, &request).map_err(|e| Failure::error(e.to_string()));
+    drop(request); // wipes the passphrase
+    match response? {
+        Response::Ok(_) => {
+            println!(
+                "share {name:?} checked and staged: the next `nbdcryptctl reencrypt --control` \
+                 start carries the quorum over with your share re-wrapped under this passphrase"
+            );
+            Ok(())
+        }
+        Response::Error(e) => {
+            let code = match e.kind {
+                nbdcrypt::control::proto::ErrorKind::Busy => exit::TRY_LATER,
+                nbdcrypt::control::proto::ErrorKind::WrongPassphrase => exit::WRONG_SECRET,
+                _ => exit::ERROR,
+            };
+            Err(Failure::new(code, e.message))
+        }
+    }
 }
 
 /// The state of a running or paused re-encryption, `None` if there is none.

@@ -19,6 +19,10 @@ pub fn proto(data: &[u8]) {
             if let (Request::Unlock { secret: a, .. }, Request::Unlock { secret: b, .. }) = (&req, &again) {
                 assert!(a.expose_secret() == b.expose_secret(), "secret changed in a round trip");
             }
+            if let (Request::ReencryptShare { secret: a, name: n }, Request::ReencryptShare { secret: b, name: m }) = (&req, &again) {
+                assert!(a.expose_secret() == b.expose_secret(), "share secret changed in a round trip");
+                assert_eq!(n, m);
+            }
             if let (Request::Share { secret: a, name: n }, Request::Share { secret: b, name: m }) = (&req, &again) {
                 assert!(a.expose_secret() == b.expose_secret(), "share secret changed in a round trip");
                 assert_eq!(n, m);
@@ -30,6 +34,7 @@ pub fn proto(data: &[u8]) {
             let swapped = match &req {
                 Request::Unlock { slot, .. } => Some(Request::Unlock { secret: other, slot: *slot }),
                 Request::Share { name, .. } => Some(Request::Share { name: name.clone(), secret: other }),
+                Request::ReencryptShare { name, .. } => Some(Request::ReencryptShare { name: name.clone(), secret: other }),
                 Request::Reencrypt { action, secret: Some(_), max_rate, drop_unopened } => Some(Request::Reencrypt {
                     action: *action,
                     secret: Some(other),

@@ -84,6 +84,13 @@ pub enum Request {
     },
     /// The status plus a snapshot of the monitoring counters (`nbdcryptctl top`).
     Stats,
+    /// A person's passphrase for their share of a quorum keyslot, staged for the next online
+    /// re-encryption start (`nbdcryptctl reencrypt --control SOCK --share NAME`), so that the
+    /// quorum is carried to the new key with a share re-wrapped under the same passphrase.
+    ReencryptShare {
+        name: String,
+        secret: SecretBytes,
+    },
 }
 
 /// What a `reencrypt` request does.
@@ -155,6 +162,7 @@ pub enum RequestKind {
     Reencrypt,
     Share,
     Stats,
+    ReencryptShare,
 }
 
 impl fmt::Display for RequestKind {
@@ -168,6 +176,7 @@ impl fmt::Display for RequestKind {
             RequestKind::Reencrypt => "reencrypt",
             RequestKind::Share => "share",
             RequestKind::Stats => "stats",
+            RequestKind::ReencryptShare => "reencrypt-share",
         })
     }
 }
@@ -203,6 +212,11 @@ impl fmt::Debug for Request {
                 .field("secret", &"<redacted>")
                 .finish(),
             Request::Stats => f.write_str("Stats"),
+            Request::ReencryptShare { name, .. } => f
+                .debug_struct("ReencryptShare")
+                .field("name", name)
+                .field("secret", &"<redacted>")
+                .finish(),
         }
     }
 }
@@ -388,6 +402,7 @@ impl Request {
             Request::Reencrypt { .. } => RequestKind::Reencrypt,
             Request::Share { .. } => RequestKind::Share,
             Request::Stats => RequestKind::Stats,
+            Request::ReencryptShare { .. } => RequestKind::ReencryptShare,
         }
     }
 
@@ -427,6 +442,10 @@ impl Request {
             Request::Status => (Op::Status, None, None, None),
             Request::Reencrypt { .. } => (Op::Reencrypt, None, None, None),
             Request::Stats => (Op::Stats, None, None, None),
+            Request::ReencryptShare { name: n, secret } => {
+                name = Some(n.as_str());
+                (Op::ReencryptShare, Some(SecretOut(secret)), None, None)
+            }
         };
         let secret_len = secret.as_ref().map_or(0, |s| s.0.len());
         // Sized up front so the vector never reallocates and leaves a copy of the secret behind.
@@ -526,6 +545,7 @@ enum Op {
     Reencrypt,
     Share,
     Stats,
+    ReencryptShare,
 }
 
 #[derive(Deserialize)]
@@ -568,7 +588,7 @@ impl WireRequest {
                 return misplaced("drop_unopened");
             }
         }
-        if self.name.is_some() && self.op != Op::Share {
+        if self.name.is_some() && !matches!(self.op, Op::Share | Op::ReencryptShare) {
             return misplaced("name");
         }
         match self.op {
@@ -602,7 +622,7 @@ impl WireRequest {
                     drop_unopened: self.drop_unopened.unwrap_or(false),
                 })
             }
-            Op::Share => {
+            Op::Share | Op::ReencryptShare => {
                 if self.slot.is_some() {
                     return misplaced("slot");
                 }
@@ -617,9 +637,10 @@ impl WireRequest {
                         )))
                     }
                 };
-                match self.secret {
-                    Some(SecretIn(secret)) => Ok(Request::Share { name, secret }),
-                    None => Err(DecodeError::Invalid("share needs \"secret\"".into())),
+                match (self.secret, self.op) {
+                    (Some(SecretIn(secret)), Op::Share) => Ok(Request::Share { name, secret }),
+                    (Some(SecretIn(secret)), _) => Ok(Request::ReencryptShare { name, secret }),
+                    (None, _) => Err(DecodeError::Invalid("share needs \"secret\"".into())),
                 }
             }
             Op::Unlock => {
@@ -1087,6 +1108,34 @@ mod tests {
                     let _ = Response::decode(&bad);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn reencrypt_share_requests_round_trip_and_never_show_the_secret() {
+        let req = Request::ReencryptShare {
+            name: "alice".into(),
+            secret: SecretBytes::from_slice(b"alice's words"),
+        };
+        let line = req.encode();
+        let text = std::str::from_utf8(&line).unwrap();
+        assert!(text.contains(r#""op":"reencrypt_share""#), "{text}");
+        match Request::decode(&line).unwrap() {
+            Request::ReencryptShare { name, secret } => {
+                assert_eq!(name, "alice");
+                assert_eq!(secret.expose_secret(), b"alice's words");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!format!("{req:?}").contains("words"));
+        assert_eq!(req.kind().to_string(), "reencrypt-share");
+        // No name, or a misplaced field: refused.
+        for bad in [
+            r#"{"v":1,"op":"reencrypt_share","secret":"YQ=="}"#,
+            r#"{"v":1,"op":"reencrypt_share","name":"a"}"#,
+            r#"{"v":1,"op":"reencrypt_share","name":"a","secret":"YQ==","slot":1}"#,
+        ] {
+            assert!(Request::decode(bad.as_bytes()).is_err(), "{bad}");
         }
     }
 

@@ -62,6 +62,11 @@ pub trait Job: ZoneEngine + Send {
     fn set_max_rate(&mut self, _rate: Option<u64>) -> Result<(), String> {
         Ok(())
     }
+    /// For the start's audit event: how each keyslot of the old key was carried over (e.g.
+    /// `{"1": "same secret", "2": "re-sealed: quorum 2 of 3"}`) and which were dropped.
+    fn carry_report(&self) -> Vec<(&'static str, serde_json::Value)> {
+        Vec::new()
+    }
 }
 
 /// The daemon's LUKS2 side.
@@ -79,6 +84,14 @@ pub trait Backend: Send + Sync {
     ) -> Result<Box<dyn Job>, String>;
     /// A re-encryption the last unlock found in progress (its hot zone already recovered).
     fn take_resumed(&self) -> Option<Box<dyn Job>>;
+    /// A person's passphrase for their quorum share `name`, checked and kept (locked memory,
+    /// with a timeout) for the next start, which re-wraps their share of the new quorum under
+    /// it. Returns what to tell the person. Slow (the share's KDF).
+    fn stage_share(&self, _name: &str, _passphrase: SecretBytes) -> Result<String, String> {
+        Err("this daemon cannot carry quorum shares".into())
+    }
+    /// At lock and shutdown: wipe the staged share passphrases.
+    fn forget_staged(&self) {}
 }
 
 /// Why a reencrypt request was refused.
@@ -242,7 +255,11 @@ impl Reencryptor {
                     warn!(error = %e, "cannot record the rate cap in the header; a resume after a restart runs unthrottled");
                 }
                 info!(%origin, ?max_rate, "re-encryption started");
-                self.record(peer(phase("start")).detail("size", router.size()));
+                let mut event = peer(phase("start")).detail("size", router.size());
+                for (k, v) in job.carry_report() {
+                    event = event.detail(k, v);
+                }
+                self.record(event);
                 self.spawn(router, job, max_rate);
                 Ok(())
             }
@@ -288,6 +305,31 @@ impl Reencryptor {
         }
     }
 
+    /// `nbdcryptctl reencrypt --share NAME`: stage a person's passphrase for the next start
+    /// (audited with the peer's credentials, never the passphrase). Slow: call it off the reactor.
+    pub fn stage_share(
+        &self,
+        name: &str,
+        passphrase: SecretBytes,
+        origin: Origin,
+    ) -> Result<String, (Refusal, String)> {
+        let event = phase("share")
+            .volume(&self.uuid)
+            .peer(origin.uid, origin.pid.unwrap_or(0))
+            .detail("share", name);
+        match self.backend.stage_share(name, passphrase) {
+            Ok(m) => {
+                info!(%origin, share = name, "re-encryption: quorum share passphrase staged");
+                self.record(event);
+                Ok(m)
+            }
+            Err(e) => {
+                self.record(event.failed(&e));
+                Err((Refusal::Failed, e))
+            }
+        }
+    }
+
     /// After an unlock: continue a re-encryption the header says is in progress.
     pub fn on_unlock(&self) {
         let Some(job) = self.backend.take_resumed() else {
@@ -314,6 +356,7 @@ impl Reencryptor {
     /// Before a lock or shutdown: stop the worker at the end of its current zone and wait.
     /// The header keeps the position; the next unlock resumes.
     pub fn stop(&self) {
+        self.backend.forget_staged();
         let running = self
             .worker
             .lock()

@@ -398,6 +398,9 @@ impl Task {
                 max_rate,
                 drop_unopened,
             } => self.reencrypt(action, secret, max_rate, drop_unopened, origin, reply),
+            Request::ReencryptShare { name, secret } => {
+                self.reencrypt_share(name, secret, origin, reply)
+            }
         };
         // `None`: the request started a slow step, which answers when it ends. (The control
         // server logs every outcome; this task logs what it does.)
@@ -629,6 +632,54 @@ impl Task {
                 Err(_) => Response::error(
                     ErrorKind::Internal,
                     "the re-encryption request failed unexpectedly; see the daemon log",
+                ),
+            };
+            let _ = reply.send(response);
+        });
+        None
+    }
+
+    /// `reencrypt --share NAME`: a person's quorum-share passphrase, checked against the
+    /// share's tag off the reactor and staged for the next start (see
+    /// `unlock::reencrypt::VolumeBackend::stage_share`).
+    fn reencrypt_share(
+        &mut self,
+        name: String,
+        secret: SecretBytes,
+        origin: Origin,
+        reply: Reply,
+    ) -> Option<(Reply, Response)> {
+        let Some(r) = self.reencryptor.clone() else {
+            return Some((
+                reply,
+                Response::error(ErrorKind::BadRequest, "this daemon cannot re-encrypt"),
+            ));
+        };
+        if !matches!(self.vol, Vol::Unlocked { .. }) {
+            return Some((
+                reply,
+                Response::error(
+                    ErrorKind::Busy,
+                    "the volume is not unlocked: unlock it first (a share is staged for an \
+                     online re-encryption of the volume being served)",
+                ),
+            ));
+        }
+        let report = self.report();
+        tokio::spawn(async move {
+            let done =
+                tokio::task::spawn_blocking(move || r.stage_share(&name, secret, origin)).await;
+            let response = match done {
+                Ok(Ok(_)) => Response::Ok(report),
+                Ok(Err((_, m))) if m.contains("is wrong") => Response::Error(ErrorReply {
+                    kind: ErrorKind::WrongPassphrase,
+                    message: m,
+                    retry_after_secs: None,
+                }),
+                Ok(Err((_, m))) => Response::error(ErrorKind::BadRequest, m),
+                Err(_) => Response::error(
+                    ErrorKind::Internal,
+                    "staging the share failed unexpectedly; see the daemon log",
                 ),
             };
             let _ = reply.send(response);

@@ -19,9 +19,11 @@ use crate::crypto::kdf::KdfLimits;
 use crate::crypto::keys::{SecretBytes, VolumeKey};
 use crate::crypto::xts::SectorCipher;
 use crate::luks2::reencrypt::{BlockIo, NewSlot, Reencryption, Resilience, StartParams, ZoneIo};
+use crate::luks2::tokens::quorum::{self, Holder, NewHolder, QuorumToken};
 use crate::luks2::tokens::{clevis, enroll, format, resolver};
 use crate::luks2::{FormatError, Luks2Header};
-use crate::seal::{Binding, SealSettings};
+use crate::seal::shamir::{self, Share};
+use crate::seal::{Binding, SealProvider, SealSettings};
 
 /// Per-volume state shared by the unlock path and the worker's backend.
 #[derive(Default)]
@@ -137,6 +139,10 @@ struct EngineJob {
     new: Option<Arc<dyn BlockDevice>>,
     hooks: TestHooks,
     zones: u64,
+    /// How each old keyslot was carried over (for the start's audit event).
+    carried: Vec<(String, String)>,
+    /// Keyslots dropped (`--drop-unopened`), with why.
+    dropped: Vec<(String, String)>,
 }
 
 impl ZoneEngine for EngineJob {
@@ -189,9 +195,12 @@ impl Job for EngineJob {
             eprintln!("nbdcryptd: test hook: aborting after the final commit at before_wipe");
             std::process::abort();
         }
-        // Our KMS/HSM tokens of the old keyslots were re-sealed for new ones: they go too.
+        // Our KMS/HSM and quorum tokens of the old keyslots were re-sealed for new ones: they
+        // go too.
         let hdr = r
-            .finish_dropping_orphans(&self.file, |t| format::is_ours(t.type_name()))
+            .finish_dropping_orphans(&self.file, |t| {
+                format::is_ours(t.type_name()) || t.type_name() == quorum::TOKEN_TYPE
+            })
             .map_err(|e| e.to_string())?;
         // status and the metrics show the new key's age from now on.
         let created = crate::luks2::reencrypt::KeyAge::of(&hdr).map_or(0, |a| a.created_unix);
@@ -206,6 +215,20 @@ impl Job for EngineJob {
     fn set_max_rate(&mut self, rate: Option<u64>) -> Result<(), String> {
         let r = self.r.as_mut().ok_or("the re-encryption has finished")?;
         r.set_max_rate(&self.file, rate).map_err(|e| e.to_string())
+    }
+    fn carry_report(&self) -> Vec<(&'static str, serde_json::Value)> {
+        let map = |v: &[(String, String)]| {
+            serde_json::Value::Object(
+                v.iter()
+                    .map(|(k, how)| (k.clone(), serde_json::Value::String(how.clone())))
+                    .collect(),
+            )
+        };
+        let mut out = vec![("carried", map(&self.carried))];
+        if !self.dropped.is_empty() {
+            out.push(("dropped", map(&self.dropped)));
+        }
+        out
     }
 }
 
@@ -254,8 +277,8 @@ pub(super) fn unlock_resuming(
 
 /// [`unlock_resuming`] through the tokens: each keyslot of the old and of the new key is tried
 /// with the secrets its tokens unseal (our KMS/HSM tokens through the provider registry, clevis
-/// tokens through their pins), lazily, until both keys are found. Quorum keyslots are not
-/// carried over by a re-encryption, so they cannot resume one.
+/// tokens through their pins, quorums whose machine shares alone reach the threshold), lazily,
+/// until both keys are found. A quorum that needs people's shares cannot resume one.
 pub(super) fn unlock_resuming_with_tokens(
     vol: &Volume,
     settings: &SealSettings,
@@ -323,6 +346,21 @@ fn token_secrets(
                 continue;
             }
         }
+        if t.type_name() == quorum::TOKEN_TYPE {
+            match quorum::parse(t) {
+                Ok(Some(q)) if q.keyslot == slot => {
+                    match machine_quorum(hdr, &q, settings, transient) {
+                        Ok(secret) => out.push(enroll::passphrase_for(&secret)),
+                        Err(e) => {
+                            failures.push(format!("quorum token {tid} (keyslot {slot}): {e}"))
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => failures.push(format!("quorum token {tid} (keyslot {slot}): {e}")),
+            }
+            continue;
+        }
         match clevis::parse_token(tid, t.json()) {
             Ok(Some(c)) => match crate::seal::clevis::decrypt_jwe(&c.jwe, &settings.clevis(), 0) {
                 Ok(pass) => out.push(pass),
@@ -333,6 +371,46 @@ fn token_secrets(
         }
     }
     out
+}
+
+/// The secret of quorum `q` from its machine shares alone (each through the provider the
+/// operator's settings build, tag checked), if they reach the threshold.
+fn machine_quorum(
+    hdr: &Luks2Header,
+    q: &QuorumToken,
+    settings: &SealSettings,
+    transient: &mut bool,
+) -> Result<SecretBytes, String> {
+    let mut opened = Vec::new();
+    let mut why = Vec::new();
+    for s in &q.shares {
+        if opened.len() == q.threshold {
+            break;
+        }
+        if !matches!(s.holder, Holder::Provider { .. }) {
+            continue;
+        }
+        match quorum::open_machine_share(hdr, q, s, settings) {
+            Ok(share) => opened.push(share),
+            Err(e) => {
+                if let quorum::QuorumError::Provider { source, .. } = &e {
+                    *transient |= source.is_transient();
+                }
+                why.push(e.to_string());
+            }
+        }
+    }
+    if opened.len() < q.threshold {
+        why.push(format!(
+            "{} of {} needed shares from machines; people's shares cannot resume a \
+             re-encryption (give the recovery passphrase instead)",
+            opened.len(),
+            q.threshold
+        ));
+        return Err(why.join("; "));
+    }
+    let refs: Vec<&Share> = opened.iter().collect();
+    shamir::combine(&refs).map_err(|e| e.to_string())
 }
 
 /// The common end of both resuming unlocks.
@@ -390,6 +468,8 @@ fn serve_resuming(
         new: None,
         hooks: TestHooks::from_env(),
         zones: 0,
+        carried: Vec::new(),
+        dropped: Vec::new(),
     }));
     Ok((Arc::new(Latch::new(router)), slot))
 }
@@ -435,8 +515,19 @@ pub struct VolumeBackend {
 
 /// One old keyslot and how (or why not) it is carried over to the new key.
 enum Carry {
-    Slot(NewSlot),
+    /// The new keyslot, and how (for the audit log).
+    Slot(NewSlot, String),
     Cannot(String),
+}
+
+/// A holder of a share of a quorum being carried over, proven by opening its old share.
+enum Held {
+    Provider(Box<dyn SealProvider>),
+    Person {
+        name: String,
+        passphrase: SecretBytes,
+        kdf: crate::crypto::kdf::KdfParams,
+    },
 }
 
 impl VolumeBackend {
@@ -466,7 +557,7 @@ impl VolumeBackend {
                         kdf,
                         token: None,
                     };
-                    return Ok((Carry::Slot(slot), Some(key)));
+                    return Ok((Carry::Slot(slot, "same secret".into()), Some(key)));
                 }
                 Err(FormatError::WrongPassphrase | FormatError::KeyslotUnusable { .. }) => {}
                 Err(e) => return Err(e.to_string()),
@@ -478,6 +569,24 @@ impl VolumeBackend {
             .collect();
         let mut why = Vec::new();
         for &(tid, t) in &bound {
+            if t.type_name() == quorum::TOKEN_TYPE {
+                match quorum::parse(t) {
+                    Ok(Some(q)) if q.keyslot == ks.id => match self.carry_quorum(file, hdr, &q) {
+                        Ok((slot, key)) => {
+                            let how = format!(
+                                "quorum re-split: {} of {}, token {tid}",
+                                q.threshold,
+                                q.shares.len()
+                            );
+                            return Ok((Carry::Slot(slot, how), Some(key)));
+                        }
+                        Err(e) => why.push(format!("quorum token {tid}: {e}")),
+                    },
+                    Ok(_) => why.push(format!("quorum token {tid} names another keyslot")),
+                    Err(e) => why.push(format!("quorum token {tid}: {e}")),
+                }
+                continue;
+            }
             match format::parse(t) {
                 Ok(Some(p)) if p.keyslot == ks.id => {
                     let provider = match resolver(t.json(), &self.seal) {
@@ -538,7 +647,8 @@ impl VolumeBackend {
                         kdf: enroll::TOKEN_KEYSLOT_KDF,
                         token: Some(build),
                     };
-                    return Ok((Carry::Slot(slot), key));
+                    let how = format!("re-sealed: token {tid} ({})", printable(t.type_name()));
+                    return Ok((Carry::Slot(slot, how), key));
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -562,7 +672,8 @@ impl VolumeBackend {
                             kdf,
                             token: None,
                         };
-                        return Ok((Carry::Slot(slot), Some(key)));
+                        let how = format!("clevis token {tid} re-bound");
+                        return Ok((Carry::Slot(slot, how), Some(key)));
                     }
                     Err(e) => why.push(format!("clevis token {tid}: {e}")),
                 }
@@ -581,6 +692,167 @@ impl VolumeBackend {
             });
         }
         Ok((Carry::Cannot(why.join("; ")), None))
+    }
+
+    /// Carries quorum `q` (bound to an old keyslot) over to the new key: a fresh secret for the
+    /// new keyslot, split with the same threshold among the same holders at the same indices.
+    ///
+    /// Every holder proves itself first: each machine share is unsealed through the provider
+    /// the operator's settings build for it (never one the header names on its own), each
+    /// person's share is opened with the passphrase they staged (`reencrypt --share NAME`),
+    /// and each share's tag is checked. Then the token's threshold is proven: the first
+    /// `threshold` shares must combine to the secret that opens the keyslot, and every other
+    /// share must lie on the same polynomial. A header writer who lowered the threshold,
+    /// added a holder or re-labelled a share is refused here instead of being copied into the
+    /// new quorum. The new shares go only to holders that just opened their old share; people's
+    /// shares are re-wrapped under their own passphrase with a fresh salt (never the old pad).
+    fn carry_quorum(
+        &self,
+        file: &File,
+        hdr: &Luks2Header,
+        q: &QuorumToken,
+    ) -> Result<(NewSlot, VolumeKey), String> {
+        let vol = &*self.volume;
+        let mut opened: Vec<Share> = Vec::with_capacity(q.shares.len());
+        let mut holders: Vec<Held> = Vec::with_capacity(q.shares.len());
+        let mut people = Vec::new();
+        let mut failures = Vec::new();
+        for s in &q.shares {
+            match &s.holder {
+                Holder::Provider {
+                    token_type, params, ..
+                } => {
+                    let provider =
+                        match crate::seal::resolve_provider(token_type, params, &self.seal) {
+                            Ok(p) => p,
+                            Err(e) => {
+                                failures.push(format!("share {}: {e}", printable(&s.name())));
+                                continue;
+                            }
+                        };
+                    match quorum::open_machine_share(hdr, q, s, &self.seal) {
+                        Ok(share) => {
+                            opened.push(share);
+                            holders.push(Held::Provider(provider));
+                        }
+                        Err(e) => failures.push(e.to_string()),
+                    }
+                }
+                Holder::Passphrase { name, kdf, .. } => {
+                    let Some(pass) = vol.shares().staged_passphrase(name) else {
+                        people.push(name.clone());
+                        continue;
+                    };
+                    match quorum::open_passphrase_share(hdr, q, name, &pass, &vol.limits) {
+                        Ok(share) => {
+                            opened.push(share);
+                            holders.push(Held::Person {
+                                name: name.clone(),
+                                passphrase: pass,
+                                kdf: *kdf,
+                            });
+                        }
+                        Err(e) => failures.push(e.to_string()),
+                    }
+                }
+            }
+        }
+        if !people.is_empty() {
+            failures.push(format!(
+                "the passphrase of {} {} is needed to re-wrap {} share: {} `nbdcryptctl \
+                 reencrypt --control SOCK --share NAME` first, then start again",
+                if people.len() == 1 { "share" } else { "shares" },
+                people.join(", "),
+                if people.len() == 1 { "its" } else { "their" },
+                if people.len() == 1 {
+                    "the holder runs"
+                } else {
+                    "each holder runs"
+                },
+            ));
+        }
+        if !failures.is_empty() {
+            return Err(format!(
+                "every holder must open its share to carry a quorum over ({} of {} did): {}",
+                opened.len(),
+                q.shares.len(),
+                failures.join("; ")
+            ));
+        }
+        let k = q.threshold;
+        let first: Vec<&Share> = opened.iter().take(k).collect();
+        let secret = shamir::combine(&first).map_err(|e| e.to_string())?;
+        let key = hdr
+            .unlock_slot(
+                file,
+                q.keyslot,
+                &enroll::passphrase_for(&secret),
+                &KdfLimits::default(),
+            )
+            .map_err(|e| match e {
+                FormatError::WrongPassphrase => format!(
+                    "its first {k} shares do not open keyslot {}: the token's threshold or \
+                     shares were changed; refusing to carry it",
+                    q.keyslot
+                ),
+                e => e.to_string(),
+            })?;
+        for (j, other) in opened.iter().enumerate().skip(k) {
+            let mut set: Vec<&Share> = opened.iter().take(k - 1).collect();
+            set.push(other);
+            let again = shamir::combine(&set).map_err(|e| e.to_string())?;
+            if again.expose_secret() != secret.expose_secret() {
+                return Err(format!(
+                    "share {} does not belong to a {k}-of-{} split of the keyslot's secret: the \
+                     token's threshold or shares were changed; refusing to carry it",
+                    printable(&q.shares[j].name()),
+                    q.shares.len()
+                ));
+            }
+        }
+        drop(secret);
+        let mut fresh = SecretBytes::zeroed(crate::seal::SECRET_LEN);
+        getrandom::fill(fresh.expose_secret_mut()).map_err(|e| format!("no random bytes: {e}"))?;
+        let xs: Vec<u8> = opened.iter().map(|s| s.x).collect();
+        drop(opened);
+        let new_shares =
+            shamir::split_at(fresh.expose_secret(), k, &xs).map_err(|e| e.to_string())?;
+        let pass = enroll::passphrase_for(&fresh);
+        drop(fresh);
+        let uuid = hdr.uuid().to_owned();
+        let build: crate::luks2::reencrypt::TokenBuilder = Box::new(move |new_slot| {
+            let new_holders: Vec<NewHolder<'_>> = holders
+                .iter()
+                .map(|h| match h {
+                    Held::Provider(p) => NewHolder::Provider(&**p),
+                    Held::Person {
+                        name,
+                        passphrase,
+                        kdf,
+                    } => NewHolder::Passphrase {
+                        name: name.clone(),
+                        passphrase: SecretBytes::from_slice(passphrase.expose_secret()),
+                        kdf: *kdf,
+                    },
+                })
+                .collect();
+            let stored = quorum::seal_shares_for(&uuid, new_slot, &new_shares, &new_holders)
+                .map_err(|e| e.to_string())?;
+            quorum::build(&QuorumToken {
+                keyslot: new_slot,
+                threshold: k,
+                created: crate::audit::rfc3339_now(),
+                shares: stored,
+            })
+            .map_err(|e| e.to_string())
+        });
+        let slot = NewSlot {
+            old_slot: q.keyslot,
+            secret: pass,
+            kdf: enroll::TOKEN_KEYSLOT_KDF,
+            token: Some(build),
+        };
+        Ok((slot, key))
     }
 }
 
@@ -611,6 +883,31 @@ impl Backend for VolumeBackend {
             .take()
     }
 
+    fn forget_staged(&self) {
+        self.volume.shares().clear_staged();
+    }
+
+    fn stage_share(&self, name: &str, passphrase: SecretBytes) -> Result<String, String> {
+        let vol = &*self.volume;
+        let file = open_rw(vol).map_err(|e| e.to_string())?;
+        let (hdr, _) = Luks2Header::read(&file).map_err(|e| e.to_string())?;
+        vol.pin.check_uuid(hdr.uuid()).map_err(|e| e.to_string())?;
+        let q = quorum::tokens(&hdr)
+            .into_iter()
+            .filter_map(|(_, q)| q.ok())
+            .find(|q| q.share_named(name).is_some())
+            .ok_or_else(|| quorum::QuorumError::UnknownShare(name.to_owned()).to_string())?;
+        // Checked now, against the share's tag, so a typo is named at the person's terminal.
+        quorum::open_passphrase_share(&hdr, &q, name, &passphrase, &vol.limits)
+            .map_err(|e| e.to_string())?;
+        let names = vol.shares().stage_passphrase(name, passphrase);
+        Ok(format!(
+            "share {name:?} staged for the re-encryption (staged: {}; kept {} s)",
+            names.join(", "),
+            vol.shares().timeout().as_secs()
+        ))
+    }
+
     fn start(
         &self,
         secret: Option<&SecretBytes>,
@@ -627,19 +924,28 @@ impl Backend for VolumeBackend {
         let mut slots = Vec::new();
         let mut old_key: Option<VolumeKey> = None;
         let mut cannot = Vec::new();
+        let mut carried = Vec::new();
+        let mut dropped = Vec::new();
         for ks in hdr.keyslots().into_iter().filter(|k| k.for_data) {
             let (c, key) = self.carry(&file, &hdr, &ks, secret, old_key.is_none())?;
             if old_key.is_none() {
                 old_key = key;
             }
             match c {
-                Carry::Slot(s) => slots.push(s),
-                Carry::Cannot(why) => cannot.push(format!("keyslot {} ({why})", ks.id)),
+                Carry::Slot(s, how) => {
+                    carried.push((ks.id.to_string(), how));
+                    slots.push(s);
+                }
+                Carry::Cannot(why) => {
+                    cannot.push(format!("keyslot {} ({why})", ks.id));
+                    dropped.push((ks.id.to_string(), why));
+                }
             }
         }
         let Some(old_key) = old_key else {
             return Err(match secret {
-                Some(_) => "no keyslot opens with this passphrase or key, and no token opens                             the volume"
+                Some(_) => "no keyslot opens with this passphrase or key, and no token opens \
+                     the volume"
                     .to_owned(),
                 None => format!(
                     "no token opens the volume ({}); give the passphrase or key file",
@@ -693,6 +999,9 @@ impl Backend for VolumeBackend {
         )
         .map_err(|e| e.to_string())?;
         crate::sys::scrub_stack();
+        // The staged share passphrases did their work (the new quorum is sealed): wipe them.
+        vol.shares().clear_staged();
+        info!(carried = ?carried, dropped = dropped.len(), "re-encryption: keyslots carried over");
         Ok(Box::new(EngineJob {
             r: Some(r),
             file,
@@ -700,6 +1009,8 @@ impl Backend for VolumeBackend {
             new: Some(new),
             hooks: TestHooks::from_env(),
             zones: 0,
+            carried,
+            dropped,
         }))
     }
 }

@@ -4,11 +4,18 @@
 //! drop), forgotten when the quorum completes, at lock, or `timeout` after its first share.
 //!
 //! A watcher thread wipes expired entries even when nobody asks; every access expires too.
+//!
+//! It also keeps people's share *passphrases* staged for an online re-encryption
+//! (`nbdcryptctl reencrypt --control SOCK --share NAME`): the start re-wraps each person's share
+//! of the new quorum under the same passphrase with a fresh salt, which needs the passphrase
+//! itself. They are kept under the same rules (locked memory, the same timeout) and wiped when
+//! a start used them, and at lock or shutdown (`Reencryptor::stop`).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::crypto::keys::SecretBytes;
 use crate::seal::shamir::Share;
 
 /// Default time a partial quorum is kept.
@@ -27,6 +34,8 @@ struct Entry {
 struct Inner {
     /// By quorum token id.
     entries: BTreeMap<u32, Entry>,
+    /// Passphrases staged for a re-encryption, by share name.
+    staged: BTreeMap<String, (SecretBytes, Instant)>,
     watcher: bool,
 }
 
@@ -73,6 +82,48 @@ impl ShareStore {
             }
             keep
         });
+        inner.staged.retain(|name, (_, since)| {
+            let keep = now.duration_since(*since) < timeout;
+            if !keep {
+                tracing::warn!(
+                    share = %name,
+                    "a share passphrase staged for re-encryption was not used within {} s: forgotten",
+                    timeout.as_secs()
+                );
+            }
+            keep
+        });
+    }
+
+    /// Stages person `name`'s passphrase for the next re-encryption start (replacing one
+    /// staged before). Returns the names staged now.
+    pub fn stage_passphrase(&self, name: &str, passphrase: SecretBytes) -> Vec<String> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        Self::expire(&mut inner, self.timeout, now);
+        inner.staged.insert(name.to_owned(), (passphrase, now));
+        let names = inner.staged.keys().cloned().collect();
+        if !inner.watcher {
+            inner.watcher = true;
+            drop(inner);
+            self.spawn_watcher();
+        }
+        names
+    }
+
+    /// A copy (locked memory too) of the passphrase staged for `name`.
+    pub fn staged_passphrase(&self, name: &str) -> Option<SecretBytes> {
+        let mut inner = self.lock();
+        Self::expire(&mut inner, self.timeout, Instant::now());
+        inner
+            .staged
+            .get(name)
+            .map(|(p, _)| SecretBytes::from_slice(p.expose_secret()))
+    }
+
+    /// Forgets (wipes) every staged passphrase.
+    pub fn clear_staged(&self) {
+        self.lock().staged.clear();
     }
 
     /// Adds a checked share of quorum `token` (replacing one with the same index). Returns how
@@ -142,9 +193,11 @@ impl ShareStore {
         self.lock().entries.remove(&token);
     }
 
-    /// Forgets every share.
+    /// Forgets every share (and every staged passphrase).
     pub fn clear(&self) {
-        self.lock().entries.clear();
+        let mut inner = self.lock();
+        inner.entries.clear();
+        inner.staged.clear();
     }
 
     /// "quorum (keyslot 2): 1 of 2 needed shares received (3 holders); forgotten in 580 s
@@ -185,7 +238,7 @@ impl ShareStore {
                 std::thread::sleep(Duration::from_millis(250));
                 let mut inner = store.lock();
                 Self::expire(&mut inner, store.timeout, Instant::now());
-                if inner.entries.is_empty() {
+                if inner.entries.is_empty() && inner.staged.is_empty() {
                     inner.watcher = false;
                     return;
                 }
@@ -225,6 +278,28 @@ mod tests {
         s.with_shares(3, |v| assert_eq!(v.len(), 2));
         s.forget(3);
         assert_eq!(s.status(), None);
+    }
+
+    #[test]
+    fn staged_passphrases_are_copied_on_use_and_forgotten_after_the_timeout() {
+        let s = ShareStore::new(Duration::from_secs(1));
+        assert_eq!(
+            s.stage_passphrase("bob", SecretBytes::from_slice(b"b")),
+            ["bob"]
+        );
+        assert_eq!(
+            s.stage_passphrase("alice", SecretBytes::from_slice(b"a")),
+            ["alice", "bob"]
+        );
+        assert_eq!(s.staged_passphrase("alice").unwrap().expose_secret(), b"a");
+        assert!(s.staged_passphrase("carol").is_none());
+        // Staged passphrases are not shares: status says nothing about them.
+        assert_eq!(s.status(), None);
+        std::thread::sleep(Duration::from_millis(1600));
+        assert!(s.lock().staged.is_empty());
+        s.stage_passphrase("alice", SecretBytes::from_slice(b"a"));
+        s.clear_staged();
+        assert!(s.staged_passphrase("alice").is_none());
     }
 
     #[test]

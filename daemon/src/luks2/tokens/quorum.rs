@@ -496,11 +496,25 @@ fn seal_shares(
     shares: &[Share],
     holders: &[NewHolder<'_>],
 ) -> Result<Vec<StoredShare>, EnrollError> {
-    let b = binding(header, keyslot);
+    seal_shares_for(header.uuid(), keyslot, shares, holders)
+}
+
+/// Seals `shares[i]` to `holders[i]` for the quorum on (`uuid`, `keyslot`): machine shares by
+/// their provider, people's under a fresh salt. (Online re-encryption carries a quorum with it.)
+pub fn seal_shares_for(
+    uuid: &str,
+    keyslot: u32,
+    shares: &[Share],
+    holders: &[NewHolder<'_>],
+) -> Result<Vec<StoredShare>, EnrollError> {
+    let b = Binding {
+        volume_uuid: uuid.to_owned(),
+        keyslot,
+    };
     let mut out = Vec::with_capacity(shares.len());
     for (share, holder) in shares.iter().zip(holders) {
         let y = share.y.expose_secret();
-        let tag = share_tag(y, header.uuid(), keyslot, share.x);
+        let tag = share_tag(y, uuid, keyslot, share.x);
         let (holder, sealed) = match holder {
             NewHolder::Provider(p) => {
                 let Sealed { ciphertext, params } = p.seal(&share.y, &b)?;
