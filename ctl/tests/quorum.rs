@@ -389,6 +389,17 @@ fn a_two_of_three_quorum_of_kms_hsm_and_a_person_unlocks_with_any_two_and_not_wi
         let s = d.status(&r);
         assert_eq!(state(&s), "locked");
         assert!(reason(&s).contains("1 of 2 needed shares received"), "{s}");
+        // The recovery key opens it instead: alice's share is wiped with the unlock, so after a
+        // lock nothing of it is left waiting for a second share.
+        ok(r.ctl(
+            &["unlock", "--control", &d.control, "--key-file", &rec],
+            None,
+        ));
+        assert_eq!(state(&d.status(&r)), "unlocked");
+        ok(r.ctl(&["lock", "--control", &d.control], None));
+        let s = d.status(&r);
+        assert_eq!(state(&s), "locked");
+        assert!(!reason(&s).contains("needed shares"), "kept: {s}");
         drop(d);
         let mut a = vec!["--auto-unlock"];
         a.extend(hsm);

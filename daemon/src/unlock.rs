@@ -597,6 +597,9 @@ impl Volume {
         key: &VolumeKey,
     ) -> Result<Arc<dyn BlockDevice>, UnlockError> {
         self.pin.check(header, key)?;
+        // The volume key is in hand: shares people gave towards a quorum are no longer needed,
+        // whichever way the volume was opened.
+        self.shares.forget_partial_quorums();
         reencrypt::complete_pending_wipe(self, header);
         let created = crate::luks2::reencrypt::KeyAge::of(header).map_or(0, |a| a.created_unix);
         crate::metrics::METRICS

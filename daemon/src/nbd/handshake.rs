@@ -217,7 +217,10 @@ where
             let msg = "TLS is required on this listener: send NBD_OPT_STARTTLS first";
             if !plaintext_logged {
                 plaintext_logged = true;
-                info!(option = opt.option, "refused a plaintext client: TLS is required");
+                info!(
+                    option = opt.option,
+                    "refused a plaintext client: TLS is required"
+                );
             }
             reply_error(stream, opt.option, REP_ERR_TLS_REQD, msg).await?;
             continue;

@@ -1,7 +1,8 @@
 //! Partial quorums: the shares received so far (people's, given one at a time with
 //! `nbdcryptctl unlock --share NAME`, and machine shares unsealed on the way), per quorum token,
 //! in locked memory ([`Share`] holds [`crate::crypto::keys::SecretBytes`]: mlocked, wiped on
-//! drop), forgotten when the quorum completes, at lock, or `timeout` after its first share.
+//! drop), forgotten when the volume is unlocked (by the quorum or any other way), or `timeout`
+//! after its first share.
 //!
 //! A watcher thread wipes expired entries even when nobody asks; every access expires too.
 //!
@@ -193,11 +194,9 @@ impl ShareStore {
         self.lock().entries.remove(&token);
     }
 
-    /// Forgets every share (and every staged passphrase).
-    pub fn clear(&self) {
-        let mut inner = self.lock();
-        inner.entries.clear();
-        inner.staged.clear();
+    /// Forgets (and wipes) the shares of every partial quorum; staged passphrases stay.
+    pub fn forget_partial_quorums(&self) {
+        self.lock().entries.clear();
     }
 
     /// "quorum (keyslot 2): 1 of 2 needed shares received (3 holders); forgotten in 580 s
@@ -278,6 +277,18 @@ mod tests {
         s.with_shares(3, |v| assert_eq!(v.len(), 2));
         s.forget(3);
         assert_eq!(s.status(), None);
+    }
+
+    #[test]
+    fn an_unlock_forgets_partial_quorums_but_not_staged_passphrases() {
+        let s = ShareStore::new(Duration::from_secs(60));
+        s.add(3, 2, 2, 3, share(1));
+        s.add(4, 5, 2, 2, share(2));
+        s.stage_passphrase("alice", SecretBytes::from_slice(b"pw"));
+        s.forget_partial_quorums();
+        assert_eq!(s.status(), None);
+        assert!(s.held(3).is_empty() && s.held(4).is_empty());
+        assert!(s.staged_passphrase("alice").is_some());
     }
 
     #[test]
