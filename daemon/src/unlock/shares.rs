@@ -161,6 +161,8 @@ impl ShareStore {
         let n = e.shares.len();
         if !inner.watcher {
             inner.watcher = true;
+            // Unlocked first: a failed spawn takes the lock again to clear the flag.
+            drop(inner);
             self.spawn_watcher();
         }
         n
@@ -229,6 +231,7 @@ impl ShareStore {
         )
     }
 
+    /// Call without holding the lock.
     fn spawn_watcher(&self) {
         let store = self.clone();
         let spawned = std::thread::Builder::new()
