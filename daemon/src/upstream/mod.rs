@@ -54,6 +54,12 @@ pub fn status_line() -> Option<String> {
             if let Some(e) = h.last_error() {
                 s.push_str(&format!(", last error: {e}"));
             }
+            if h.durability_lost().is_some() {
+                s.push_str(
+                    ", FLUSH refused until restart (a connection was lost with acknowledged \
+                     writes unflushed)",
+                );
+            }
             s
         })
         .collect();
