@@ -69,3 +69,19 @@ pub fn status_line() -> Option<String> {
         Some(lines.join("; "))
     }
 }
+
+/// `--plain URI` (comparison mode over an upstream, e.g. to split the hop's cost from the
+/// encryption's in a benchmark): the upstream export itself as a device, unencrypted. `None`
+/// when `path` is not an upstream URI (then it is a local file).
+pub fn plain_device(
+    path: &std::path::Path,
+    read_only: bool,
+    allow_discards: bool,
+) -> Option<Result<Arc<dyn crate::block::BlockDevice>, String>> {
+    let uri = path.to_str().filter(|p| is_upstream_uri(p))?;
+    Some(open(uri, !read_only).map(|up| {
+        let dev: Arc<dyn crate::block::BlockDevice> =
+            Arc::new(UpstreamDevice::new(up, read_only, allow_discards));
+        dev
+    }))
+}
