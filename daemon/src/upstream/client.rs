@@ -420,7 +420,10 @@ impl Supervisor {
     async fn serve(&self, stream: Box<dyn handshake::Stream>) -> String {
         let (tx, mut rx) = mpsc::unbounded_channel::<Submit>();
         let pending = Arc::new(PendingMap::default());
-        let (mut rd, wr) = tokio::io::split(stream);
+        let (rd, wr) = tokio::io::split(stream);
+        // Buffered: one read(2) takes many small replies (4 KiB reads at QD32 were two reads
+        // each); a payload at least this large bypasses the buffer.
+        let mut rd = tokio::io::BufReader::with_capacity(128 * 1024, rd);
         if let Ok(mut g) = self.slot.tx.lock() {
             *g = Some(tx);
         }
