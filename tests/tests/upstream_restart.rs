@@ -437,8 +437,7 @@ fn a_flush_after_losing_unflushed_writes_with_the_upstream_fails_instead_of_cove
         1
     };
     let hold = dir.path().join("go");
-    let script = format!(
-        "uri, hold = sys.argv[1], sys.argv[2]\n\
+    let script = "uri, hold = sys.argv[1], sys.argv[2]\n\
          h = nbd.NBD(); h.connect_uri(uri)\n\
          for i in range(16): h.pwrite(block(5, i), i * 4096)\n\
          h.flush()\n\
@@ -451,10 +450,9 @@ fn a_flush_after_losing_unflushed_writes_with_the_upstream_fails_instead_of_cove
          except nbd.Error as e:\n\
          \x20   print('flush failed', e.errnum)\n\
          print('flushed-ok', sum(h.pread(4096, i * 4096) == block(5, i) for i in range(16)))\n\
-         print('unflushed-ok', sum(h.pread(4096, i * 4096) == block(5, i) for i in range(16, 32)))\n"
-    );
+         print('unflushed-ok', sum(h.pread(4096, i * 4096) == block(5, i) for i in range(16, 32)))\n";
     let out_path = dir.path().join("client.out");
-    let mut client = py(&script, &[&d.uri(), hold.to_str().unwrap()])
+    let mut client = py(script, &[&d.uri(), hold.to_str().unwrap()])
         .stdin(Stdio::null())
         .stdout(File::create(&out_path).unwrap())
         .spawn()
