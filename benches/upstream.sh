@@ -2,10 +2,11 @@
 # The cost of one more hop: fio against nbdcryptd's encrypted export over an nbdkit-memory
 # upstream (nbdcryptd --volume nbd+unix://...) versus the same nbdkit served directly, same run:
 #   1 MiB sequential write, 1 MiB sequential read, 4k random read QD32.
-# A third column splits the cost: nbdcryptd on a local LUKS2 file in /dev/shm (encryption, no
-# upstream hop). Prints MB/s or IOPS of each and the ratio (ours over nbdkit / direct).
+# Two more columns split the cost: `nbdcryptd --plain` over the same upstream (the hop alone, no
+# encryption) and nbdcryptd on a local LUKS2 file in /dev/shm (encryption, no upstream hop).
+# Prints MB/s or IOPS of each and the ratios against nbdkit served directly.
 # A benchmark, not a test.
-# Usage: benches/upstream.sh [DATA_MiB] [BINDIR]   (default 1024 MiB, target/release for
+# Usage: [RUNTIME=s] benches/upstream.sh [DATA_MiB] [BINDIR]   (default 15 s per run, 1024 MiB, target/release for
 #        nbdcryptd; nbdcryptctl may be a debug build. Build with
 #        `cargo build --release -p nbdcrypt --bin nbdcryptd`)
 set -eu
@@ -17,8 +18,10 @@ DIR=$(mktemp -d /dev/shm/nbdcrypt-upstream-bench.XXXXXX)
 NBDKIT=
 PID=
 LPID=
+PPID_=
 cleanup() {
     [ -n "$PID" ] && kill "$PID" 2>/dev/null
+    [ -n "$PPID_" ] && kill "$PPID_" 2>/dev/null
     [ -n "$LPID" ] && kill "$LPID" 2>/dev/null
     [ -n "$NBDKIT" ] && kill "$NBDKIT" 2>/dev/null
     wait 2>/dev/null
@@ -52,26 +55,38 @@ until "$CTL" status --control "$DIR/lctl.sock" 2>/dev/null | grep -q unlocked; d
     i=$((i + 1)); [ $i -lt 200 ] || { cat "$DIR/local.log"; exit 1; }; sleep 0.1
 done
 LOCAL="nbd+unix:///nbdcrypt?socket=$DIR/local.sock"
+# The hop alone: the same upstream served unencrypted through nbdcryptd (fio stays past the
+# header, like the direct reference).
+"$BIN/nbdcryptd" --plain "$UP" --unix "$DIR/plain.sock" 2> "$DIR/plain.log" &
+PPID_=$!
+i=0
+until [ -S "$DIR/plain.sock" ]; do
+    i=$((i + 1)); [ $i -lt 200 ] || { cat "$DIR/plain.log"; exit 1; }; sleep 0.1
+done
+PLAIN="nbd+unix:///nbdcrypt?socket=$DIR/plain.sock"
 # The direct reference covers the same bytes: the upstream's data area (after the 16 MiB header).
 fio_run() { # URI NAME RW BS QD OFFSET -> MB/s or IOPS
     fio --ioengine=nbd --uri="$1" --name="$2" --rw="$3" --bs="$4" --iodepth="$5" \
-        --offset="$6" --size="${MIB}M" --time_based --runtime=15 --output-format=json \
+        --offset="$6" --size="${MIB}M" --time_based --runtime="${RUNTIME:-15}" --output-format=json \
         --output="$DIR/fio.json" > /dev/null
     case "$3" in
     write) jq '.jobs[0].write.bw_bytes / 1e6' "$DIR/fio.json" ;;
     read) jq '.jobs[0].read.bw_bytes / 1e6' "$DIR/fio.json" ;;
-    *) jq '.jobs[0].read.iops' "$DIR/fio.json" ;;
+    randread) jq '.jobs[0].read.iops' "$DIR/fio.json" ;;
+    *) jq '.jobs[0].write.iops' "$DIR/fio.json" ;;
     esac
 }
 lscpu | sed -n 's/^Model name: *//p' | head -1
-echo "data: $MIB MiB, nbdkit memory upstream on a Unix socket, $(nproc) CPUs"
-printf '%-20s %16s %16s %8s %16s\n' test direct-nbdkit nbdcrypt-over-it ratio nbdcrypt-on-shm
-for t in "seq-write write 1M 4" "seq-read read 1M 4" "4k-randread-QD32 randread 4k 32"; do
+echo "data: $MIB MiB, nbdkit memory upstream on a Unix socket, $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
+printf '%-18s %14s %14s %7s %14s %7s %14s\n' test direct-nbdkit plain-over-it ratio crypt-over-it ratio crypt-on-shm
+for t in "seq-write write 1M 4" "seq-read read 1M 4" "4k-randread-QD32 randread 4k 32" \
+    "4k-randwrite-QD32 randwrite 4k 32"; do
     set -- $t
     d=$(fio_run "$UP" "$1" "$2" "$3" "$4" 16M)
+    p=$(fio_run "$PLAIN" "$1" "$2" "$3" "$4" 16M)
     o=$(fio_run "$OURS" "$1" "$2" "$3" "$4" 0)
     l=$(fio_run "$LOCAL" "$1" "$2" "$3" "$4" 0)
-    unit=MB/s; [ "$2" = randread ] && unit=IOPS
-    awk -v n="$1" -v d="$d" -v o="$o" -v l="$l" -v u="$unit" \
-        'BEGIN { printf "%-20s %11.1f %-4s %11.1f %-4s %7.1f%% %11.1f %-4s\n", n, d, u, o, u, 100*o/d, l, u }'
+    unit=MB/s; case "$2" in rand*) unit=IOPS ;; esac
+    awk -v n="$1" -v d="$d" -v p="$p" -v o="$o" -v l="$l" -v u="$unit" \
+        'BEGIN { printf "%-18s %9.1f %-4s %9.1f %-4s %6.1f%% %9.1f %-4s %6.1f%% %9.1f %-4s\n", n, d, u, p, u, 100*p/d, o, u, 100*o/d, l, u }'
 done

@@ -83,9 +83,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
     });
 
     if config.mode == Mode::Plain {
-        let backing = FileDevice::open(&config.backing, config.file.clone())
-            .map_err(|e| anyhow!("cannot open {}: {e}", config.backing.display()))?;
-        let device: Arc<dyn BlockDevice> = Arc::new(Latch::new(Arc::new(backing)));
+        let backing: Arc<dyn BlockDevice> = match nbdcrypt::upstream::plain_device(
+            &config.backing,
+            config.file.read_only,
+            config.file.allow_discards,
+        ) {
+            Some(up) => up.map_err(|e| anyhow!(e))?,
+            None => Arc::new(
+                FileDevice::open(&config.backing, config.file.clone())
+                    .map_err(|e| anyhow!("cannot open {}: {e}", config.backing.display()))?,
+            ),
+        };
+        let device: Arc<dyn BlockDevice> = Arc::new(Latch::new(backing));
         exports.publish(device.clone(), false);
         let metrics_sock = start_metrics(&config, &exports, "").await?;
         warn!(path = %config.backing.display(), size = device.size(),

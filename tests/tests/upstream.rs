@@ -528,3 +528,28 @@ fn a_hostile_upstream_is_refused_with_the_reason_and_nothing_panics() {
         );
     }
 }
+
+#[test]
+fn plain_mode_over_an_upstream_passes_bytes_through_unencrypted() {
+    // `--plain URI`: the comparison mode benches/upstream.sh uses to split the hop's cost from
+    // the encryption's. The bytes arrive as they were written (that is what plain means).
+    let dir = tempdir();
+    let img = dir.path().join("backing.img");
+    std::fs::File::create(&img).unwrap().set_len(SIZE).unwrap();
+    let up = Upstream::nbdkit(dir.path(), "file", &["file", img.to_str().unwrap()]);
+    let ddir = tempdir();
+    let sock = ddir.path().join("nbd.sock").into_os_string();
+    let d = Daemon::start_in(
+        ddir,
+        vec![
+            "--plain".into(),
+            up.uri.clone().into(),
+            "--unix".into(),
+            sock,
+        ],
+    );
+    let data = pattern(MIB as usize);
+    round_trip(&d, &data);
+    let raw = std::fs::read(&img).unwrap();
+    assert_eq!(first_difference(&raw[..data.len()], &data), None);
+}

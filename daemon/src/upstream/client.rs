@@ -6,6 +6,13 @@
 //! Failure: a dead connection fails everything in flight with an error (EIO to the NBD client;
 //! the fail-stop latch above us applies), and its supervisor reconnects with back-off (100 ms
 //! doubling to 5 s). An upstream that comes back with another size or without FLUSH is refused.
+//!
+//! Durability across a reconnect: a write the upstream acknowledged without FUA may live only in
+//! its volatile cache until a FLUSH. If a connection is lost while such writes are unflushed, an
+//! upstream that crashed may have dropped them, and a FLUSH on a new connection would cover
+//! nothing of them. So from then on every FLUSH fails (EIO, and the fail-stop latch above us
+//! keeps it so) until nbdcryptd is restarted: a client never sees a successful FLUSH over data
+//! that may be gone. Reads and writes go on after the reconnect.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,6 +41,15 @@ pub struct Health {
     pub reconnects: AtomicU64,
     pub failed_requests: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// Write-class commands the upstream acknowledged without FUA (counted by the connection's
+    /// reader before the caller sees the reply).
+    pub volatile_acked: AtomicU64,
+    /// `volatile_acked` as it was when the last successful FLUSH was sent: all of those are
+    /// durable (a FLUSH covers every write completed before it, on any connection under
+    /// CAN_MULTI_CONN).
+    pub flushed: AtomicU64,
+    /// Set when a connection was lost with acknowledged writes unflushed: why.
+    pub durability_lost: Mutex<Option<String>>,
 }
 
 impl Health {
@@ -44,6 +60,34 @@ impl Health {
     }
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().ok().and_then(|g| g.clone())
+    }
+    /// Why FLUSH can no longer be honoured (None while it can).
+    pub fn durability_lost(&self) -> Option<String> {
+        match self.durability_lost.lock() {
+            Ok(g) => g.clone(),
+            Err(_) => Some("internal lock poisoned".into()),
+        }
+    }
+    /// A connection ended: if writes it (or another) acknowledged are not yet covered by a
+    /// FLUSH, they may be gone with the upstream's cache.
+    fn connection_lost(&self, uri: &UpstreamUri, why: &str) {
+        let acked = self.volatile_acked.load(Ordering::SeqCst);
+        let flushed = self.flushed.load(Ordering::SeqCst);
+        if acked <= flushed {
+            return;
+        }
+        if let Ok(mut g) = self.durability_lost.lock() {
+            if g.is_none() {
+                let msg = format!(
+                    "the connection to {uri} was lost ({why}) while {} acknowledged write(s) \
+                     were not yet flushed; the upstream may have dropped them, so no FLUSH can \
+                     be honoured any more: check the data and restart nbdcryptd",
+                    acked - flushed
+                );
+                tracing::error!(upstream = %uri, "{msg}");
+                *g = Some(msg);
+            }
+        }
     }
 }
 
@@ -281,8 +325,21 @@ impl Upstream {
                 "the upstream does not offer NBD_CMD_FLUSH".into(),
             ));
         }
+        let lost = |h: &Health| h.durability_lost().map(ReplyError::Connection);
+        if let Some(e) = lost(&self.health) {
+            return Err(e);
+        }
+        // Everything acknowledged before the FLUSH is sent is covered by it.
+        let covered = self.health.volatile_acked.load(Ordering::SeqCst);
         let rx = self.queue(CMD_FLUSH, 0, 0, 0, Vec::new())?;
-        self.wait(rx).map(|_| ())
+        self.wait(rx)?;
+        // A connection lost while the FLUSH was in flight may have taken writes it was meant
+        // to cover (on another connection, or before the upstream restarted).
+        if let Some(e) = lost(&self.health) {
+            return Err(e);
+        }
+        self.health.flushed.fetch_max(covered, Ordering::SeqCst);
+        Ok(())
     }
 
     /// TRIM or WRITE_ZEROES (the caller checked the upstream advertises it).
@@ -363,7 +420,10 @@ impl Supervisor {
     async fn serve(&self, stream: Box<dyn handshake::Stream>) -> String {
         let (tx, mut rx) = mpsc::unbounded_channel::<Submit>();
         let pending = Arc::new(PendingMap::default());
-        let (mut rd, wr) = tokio::io::split(stream);
+        let (rd, wr) = tokio::io::split(stream);
+        // Buffered: one read(2) takes many small replies (4 KiB reads at QD32 were two reads
+        // each); a payload at least this large bypasses the buffer.
+        let mut rd = tokio::io::BufReader::with_capacity(128 * 1024, rd);
         if let Ok(mut g) = self.slot.tx.lock() {
             *g = Some(tx);
         }
@@ -371,6 +431,7 @@ impl Supervisor {
         let structured = self.want.structured;
         let reader = {
             let pending = pending.clone();
+            let health = self.health.clone();
             async move {
                 loop {
                     match proto::read_reply(&mut rd, structured, &pending).await {
@@ -380,6 +441,10 @@ impl Supervisor {
                             // it waits for clients to leave): drop this connection, reconnect.
                             let shutting_down =
                                 matches!(&r, Err(ReplyError::Upstream { errno: 108, .. }));
+                            if p.volatile && r.is_ok() {
+                                // Before the caller hears of it (see `Health::flushed`).
+                                health.volatile_acked.fetch_add(1, Ordering::SeqCst);
+                            }
                             if let Some(reply) = p.reply {
                                 let _ = reply.try_send(r);
                             }
@@ -411,6 +476,8 @@ impl Supervisor {
                         hdr[24..28].copy_from_slice(&sub.len.to_be_bytes());
                         let mut p = Pending::new(sub.cmd, sub.offset, sub.len);
                         p.reply = Some(sub.reply);
+                        p.volatile = matches!(sub.cmd, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES)
+                            && sub.flags & CMD_FLAG_FUA == 0;
                         pending.insert(handle, p);
                         if let Err(e) = w.write_all(&hdr).await {
                             return format!("sending a request: {e}");
@@ -437,6 +504,7 @@ impl Supervisor {
             *g = None;
         }
         self.health.connected.fetch_sub(1, Ordering::Relaxed);
+        self.health.connection_lost(&self.uri, &err);
         for p in pending.drain() {
             if let Some(reply) = p.reply {
                 let _ = reply.try_send(Err(ReplyError::Connection(err.clone())));

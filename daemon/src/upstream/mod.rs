@@ -54,6 +54,12 @@ pub fn status_line() -> Option<String> {
             if let Some(e) = h.last_error() {
                 s.push_str(&format!(", last error: {e}"));
             }
+            if h.durability_lost().is_some() {
+                s.push_str(
+                    ", FLUSH refused until restart (a connection was lost with acknowledged \
+                     writes unflushed)",
+                );
+            }
             s
         })
         .collect();
@@ -62,4 +68,20 @@ pub fn status_line() -> Option<String> {
     } else {
         Some(lines.join("; "))
     }
+}
+
+/// `--plain URI` (comparison mode over an upstream, e.g. to split the hop's cost from the
+/// encryption's in a benchmark): the upstream export itself as a device, unencrypted. `None`
+/// when `path` is not an upstream URI (then it is a local file).
+pub fn plain_device(
+    path: &std::path::Path,
+    read_only: bool,
+    allow_discards: bool,
+) -> Option<Result<Arc<dyn crate::block::BlockDevice>, String>> {
+    let uri = path.to_str().filter(|p| is_upstream_uri(p))?;
+    Some(open(uri, !read_only).map(|up| {
+        let dev: Arc<dyn crate::block::BlockDevice> =
+            Arc::new(UpstreamDevice::new(up, read_only, allow_discards));
+        dev
+    }))
 }

@@ -34,6 +34,9 @@ pub struct Pending {
     pub chunks: usize,
     /// Where the completion goes (None in the fuzz target).
     pub reply: Option<std::sync::mpsc::SyncSender<Result<Vec<u8>, ReplyError>>>,
+    /// A write-class command sent without FUA: once acknowledged, its data may sit in the
+    /// upstream's volatile cache until a FLUSH (counted by the connection's reader).
+    pub volatile: bool,
 }
 
 impl Pending {
@@ -52,6 +55,7 @@ impl Pending {
             error: None,
             chunks: 0,
             reply: None,
+            volatile: false,
         }
     }
 }
