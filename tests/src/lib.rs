@@ -191,7 +191,18 @@ impl Daemon {
                     self.log_banner()
                 );
             }
-            if UnixStream::connect(&self.sock).is_ok() {
+            // The control socket (if any) may come up after the NBD one: a test that asks for
+            // `status` right away needs both.
+            let control = self
+                .args
+                .iter()
+                .position(|a| a == "--control")
+                .and_then(|i| self.args.get(i + 1));
+            if UnixStream::connect(&self.sock).is_ok()
+                && control.map_or(true, |c| {
+                    UnixStream::connect(self.dir.path().join(c)).is_ok()
+                })
+            {
                 return;
             }
             if Instant::now() > deadline {
