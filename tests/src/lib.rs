@@ -199,9 +199,7 @@ impl Daemon {
                 .position(|a| a == "--control")
                 .and_then(|i| self.args.get(i + 1));
             if UnixStream::connect(&self.sock).is_ok()
-                && control.map_or(true, |c| {
-                    UnixStream::connect(self.dir.path().join(c)).is_ok()
-                })
+                && control.is_none_or(|c| UnixStream::connect(self.dir.path().join(c)).is_ok())
             {
                 return;
             }
