@@ -693,7 +693,10 @@ fn direct_io_and_whole_zone_io_give_the_same_result_in_every_mode() {
                     .collect();
                 let area = r.state().area_offset;
                 let got = read_range(&f, (area, want.len() as u64));
-                assert!(got == want, "checksums (direct: {direct}) are not cryptsetup's");
+                assert!(
+                    got == want,
+                    "checksums (direct: {direct}) are not cryptsetup's"
+                );
             }
             // Stop after two zones; the rest is resumed with the other I/O path.
             r.step(&f, io).unwrap();
