@@ -40,7 +40,7 @@ unused_done_bytes() {
 }
 lscpu | sed -n 's/^Model name: *//p' | head -1
 lscpu | sed -n 's/^CPU family: *//p; s/^Model: *//p' | tr '\n' ' '; echo "(family, model)"
-echo "data: $MIB MiB in /dev/shm, $(nproc) CPUs"
+echo "data: $MIB MiB in /dev/shm, $(nproc) CPUs; load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 A=$(fio_iops)
 state() {
     "$BIN/nbdcryptctl" status --json --control "$DIR/ctl.sock" | jq -r '.reencrypt.state // "none"'
@@ -69,3 +69,4 @@ echo "$A $B $t0 $t1 $t2 $t3 $MIB" | awk '{
     printf "re-encryption under fio                   %10.1f MB/s  (%d MiB in %.1f s)\n", $7*1.048576/($4-$3), $7, $4-$3;
     printf "re-encryption alone                       %10.1f MB/s  (%d MiB in %.1f s)\n", $7*1.048576/($6-$5), $7, $6-$5;
 }'
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -348,3 +348,26 @@ mod locked_box_tests {
         assert_eq!(DROPS.load(Ordering::SeqCst), 1);
     }
 }
+
+/// Asks the kernel to back the whole pages inside `buf` with transparent huge pages
+/// (`madvise(MADV_HUGEPAGE)`; this kernel's default THP mode is "madvise"). For large I/O
+/// buffers used with O_DIRECT: the kernel pins a buffer's pages for every request, one 4 KiB
+/// page at a time unless they are huge. Call it before the buffer is first written (pages
+/// already faulted in stay small). Best effort: errors are ignored.
+pub fn advise_huge_pages(buf: &mut [u8]) {
+    let page = page_size();
+    let base = buf.as_mut_ptr();
+    let head = (base as usize).next_multiple_of(page) - base as usize;
+    let len = buf.len().saturating_sub(head) / page * page;
+    if len == 0 {
+        return;
+    }
+    let Some(addr) = NonNull::new(base.wrapping_add(head).cast::<c_void>()) else {
+        return;
+    };
+    // SAFETY: `addr..addr+len` is whole pages inside `buf`, memory the caller holds exclusively
+    // (`&mut`); MADV_HUGEPAGE changes only which page size the kernel backs that range with,
+    // never its contents or validity (advising part of a larger mapping splits the mapping's
+    // bookkeeping, not anyone's data).
+    let _ = unsafe { madvise(addr, len, MmapAdvise::MADV_HUGEPAGE) };
+}

@@ -13,7 +13,7 @@ use clap::Args;
 use nbdcrypt::audit::{AuditEvent, AuditEventKind, AuditLog};
 use nbdcrypt::crypto::keys::SecretBytes;
 use nbdcrypt::luks2::reencrypt::{
-    self, FileIo, KeyAge, NewSlot, Reencryption, Resilience, StartParams,
+    self, DirectFileIo, FileIo, KeyAge, NewSlot, Reencryption, Resilience, StartParams, ZoneIo,
 };
 use nbdcrypt::luks2::Luks2Header;
 
@@ -96,6 +96,12 @@ pub struct ReencryptArgs {
     /// behaviour). Without it such keyslots make the command refuse.
     #[arg(long)]
     pub drop_unopened: bool,
+    /// Read and write the data area through the page cache. By default it bypasses the page
+    /// cache (O_DIRECT) where the file system allows it (a disk file or a block device; tmpfs
+    /// copies through its cache either way): half the memory copies, and the run does not
+    /// evict everything else cached. The header always goes through the page cache.
+    #[arg(long)]
+    pub buffered: bool,
     /// Plain progress lines even on a terminal (they are plain when stderr is not a terminal).
     #[arg(long)]
     pub no_progress_bar: bool,
@@ -515,7 +521,14 @@ fn run_zones(
     r: &mut Reencryption,
     audit: &Audit,
 ) -> anyhow::Result<()> {
-    let io = FileIo(&vol.file);
+    let direct;
+    let buffered = FileIo(&vol.file);
+    let io: &dyn ZoneIo = if a.buffered {
+        &buffered
+    } else {
+        direct = DirectFileIo::open(&vol.file, &vol.path);
+        &direct
+    };
     let total = r.data_size();
     let bar = !a.quiet && !a.no_progress_bar && std::io::stderr().is_terminal();
     let t0 = Instant::now();
@@ -526,7 +539,7 @@ fn run_zones(
         next_checkpoint += total / 4;
     }
     loop {
-        let done = r.step(&vol.file, &io).map_err(|e| {
+        let done = r.step(&vol.file, io).map_err(|e| {
             if bar {
                 eprintln!();
             }
