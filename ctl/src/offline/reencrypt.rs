@@ -526,7 +526,7 @@ fn run_zones(
     let io: &dyn ZoneIo = if a.buffered {
         &buffered
     } else {
-        direct = DirectFileIo::open(&vol.file, &vol.path);
+        direct = DirectFileIo::open(&vol.file);
         &direct
     };
     let total = r.data_size();

@@ -776,17 +776,19 @@ pub struct DirectFileIo<'a> {
 }
 
 impl<'a> DirectFileIo<'a> {
-    /// Opens `path` (the file `buffered` was opened from) a second time with O_DIRECT; falls
-    /// back to `buffered` alone when that is refused.
-    pub fn open(buffered: &'a File, path: &std::path::Path) -> DirectFileIo<'a> {
+    /// Opens the file behind `buffered` a second time with O_DIRECT, through
+    /// `/proc/self/fd/N` (never by path, so a name swapped meanwhile cannot point it at another
+    /// file); falls back to `buffered` alone when that is refused.
+    pub fn open(buffered: &'a File) -> DirectFileIo<'a> {
+        use std::os::fd::AsRawFd;
         use std::os::unix::fs::OpenOptionsExt;
         let direct = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_DIRECT)
-            .open(path)
+            .open(format!("/proc/self/fd/{}", buffered.as_raw_fd()))
             .ok()
-            // The same file (not one renamed into its place meanwhile).
+            // Belt and braces: the same file.
             .filter(|d| same_file(d, buffered));
         DirectFileIo { buffered, direct }
     }
