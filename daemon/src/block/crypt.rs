@@ -14,6 +14,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use super::{BlockDevice, Caps, Error, ErrorKind, Extent, Op, ZeroFlags};
 use crate::crypto::xts::{SectorCipher, XtsError};
+use crate::metrics::METRICS;
 use crate::sys::LockedBox;
 
 /// Largest buffer one zeroing or RMW step works on.
@@ -51,6 +52,8 @@ pub trait SectorTransform: Send + Sync {
     fn sector_size(&self) -> usize;
     /// Encrypts whole sectors of `src` into `dst` (same length); IVs as in [`SectorCipher`].
     fn encrypt_into(&self, src: &[u8], dst: &mut [u8], first_iv: u64) -> Result<(), XtsError>;
+    /// Encrypts whole sectors in place.
+    fn encrypt_in_place(&self, data: &mut [u8], first_iv: u64) -> Result<(), XtsError>;
     /// Decrypts whole sectors in place.
     fn decrypt_in_place(&self, data: &mut [u8], first_iv: u64) -> Result<(), XtsError>;
     /// Which implementation runs (for metrics): "vaes512", "portable", ...
@@ -65,6 +68,9 @@ impl SectorTransform for SectorCipher {
     }
     fn encrypt_into(&self, src: &[u8], dst: &mut [u8], first_iv: u64) -> Result<(), XtsError> {
         SectorCipher::encrypt_into(self, src, dst, first_iv)
+    }
+    fn encrypt_in_place(&self, data: &mut [u8], first_iv: u64) -> Result<(), XtsError> {
+        SectorCipher::encrypt_in_place(self, data, first_iv)
     }
     fn decrypt_in_place(&self, data: &mut [u8], first_iv: u64) -> Result<(), XtsError> {
         SectorCipher::decrypt_in_place(self, data, first_iv)
@@ -180,11 +186,12 @@ impl<C: SectorTransform> CryptDevice<C> {
         for piece in buf.chunks_mut(self.chunk) {
             let off = offset + at as u64;
             self.inner.read_at(piece, self.segment.offset + off)?;
-            let t = std::time::Instant::now();
-            self.cipher
-                .decrypt_in_place(piece, self.iv(off))
-                .map_err(|_| Self::crypto_err(Op::Read, off, piece.len() as u64))?;
-            crate::metrics::METRICS.xts(false, piece.len(), elapsed_ns(t));
+            let n = piece.len();
+            METRICS
+                .xts_chunk(false, n, || {
+                    self.cipher.decrypt_in_place(piece, self.iv(off))
+                })
+                .map_err(|_| Self::crypto_err(Op::Read, off, n as u64))?;
             ready(piece);
             at += piece.len();
         }
@@ -215,11 +222,11 @@ impl<C: SectorTransform> CryptDevice<C> {
             for piece in plain.chunks(self.chunk) {
                 let off = offset + at as u64;
                 let out = &mut buf[skip..skip + piece.len()];
-                let t = std::time::Instant::now();
-                self.cipher
-                    .encrypt_into(piece, out, self.iv(off))
+                METRICS
+                    .xts_chunk(true, piece.len(), || {
+                        self.cipher.encrypt_into(piece, out, self.iv(off))
+                    })
                     .map_err(|_| Self::crypto_err(Op::Write, off, piece.len() as u64))?;
-                crate::metrics::METRICS.xts(true, piece.len(), elapsed_ns(t));
                 self.inner
                     .write_at(out, self.segment.offset + off, fua && single)?;
                 at += piece.len();
@@ -229,6 +236,55 @@ impl<C: SectorTransform> CryptDevice<C> {
             }
             Ok(())
         })
+    }
+
+    /// [`write_sectors`](Self::write_sectors) for a caller that gives its buffer up: each
+    /// CHUNK of `plain` is encrypted in place and written from there. No ciphertext buffer:
+    /// the AES reads each plaintext line and writes it back to the same line, which the
+    /// backend's pwrite then reads while it is still in L2, instead of filling a second 256 KiB
+    /// (which the write-allocate first pulls in, and which evicts the first) for the pwrite to
+    /// read. `plain` holds ciphertext, partly if this fails, afterwards.
+    fn write_sectors_in_place(
+        &self,
+        plain: &mut [u8],
+        offset: u64,
+        fua: bool,
+    ) -> Result<(), Error> {
+        let single = plain.len() <= self.chunk;
+        let mut at = 0usize;
+        for piece in plain.chunks_mut(self.chunk) {
+            let off = offset + at as u64;
+            let n = piece.len();
+            METRICS
+                .xts_chunk(true, n, || {
+                    self.cipher.encrypt_in_place(piece, self.iv(off))
+                })
+                .map_err(|_| Self::crypto_err(Op::Write, off, n as u64))?;
+            self.inner
+                .write_at(piece, self.segment.offset + off, fua && single)?;
+            at += n;
+        }
+        if fua && !single {
+            self.inner.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Checks a WRITE's range and takes the range lock on the sectors it touches; `None` for
+    /// an empty write (nothing to do).
+    fn begin_write(&self, offset: u64, len: u64) -> Result<Option<RangeGuard<'_>>, Error> {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.segment.size)
+        {
+            return Err(Error::new(ErrorKind::NoSpace).at(Op::Write, offset, len));
+        }
+        if len == 0 {
+            return Ok(None);
+        }
+        let start = self.align_down(offset);
+        let end = self.align_up(offset + len);
+        Ok(Some(self.locks.lock(start, end)))
     }
 
     /// Write `data` at an unaligned `offset`: read the covering sectors, merge, write back.
@@ -246,6 +302,7 @@ impl<C: SectorTransform> CryptDevice<C> {
             self.read_sectors(&mut plain[last..], end - self.sector)?;
         }
         plain[head..head + data.len()].copy_from_slice(data);
+        // Through the page-aligned ciphertext buffer (`plain` is not aligned for O_DIRECT).
         self.write_sectors(&plain, start, fua)
     }
 }
@@ -311,20 +368,25 @@ impl<C: SectorTransform> BlockDevice for CryptDevice<C> {
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<(), Error> {
         let len = buf.len() as u64;
-        if offset
-            .checked_add(len)
-            .is_none_or(|end| end > self.segment.size)
-        {
-            return Err(Error::new(ErrorKind::NoSpace).at(Op::Write, offset, len));
-        }
-        if len == 0 {
+        let Some(_guard) = self.begin_write(offset, len)? else {
             return Ok(());
-        }
-        let start = self.align_down(offset);
-        let end = self.align_up(offset + len);
-        let _guard = self.locks.lock(start, end);
+        };
         if self.is_aligned(offset, len) {
             self.write_sectors(buf, offset, fua)
+        } else {
+            self.read_modify_write(buf, offset, fua)
+        }
+    }
+
+    /// [`write_at`](BlockDevice::write_at) encrypting the caller's buffer in place (aligned
+    /// requests; unaligned ones merge into a buffer of their own as `write_at` does).
+    fn write_at_scratch(&self, buf: &mut [u8], offset: u64, fua: bool) -> Result<(), Error> {
+        let len = buf.len() as u64;
+        let Some(_guard) = self.begin_write(offset, len)? else {
+            return Ok(());
+        };
+        if self.is_aligned(offset, len) {
+            self.write_sectors_in_place(buf, offset, fua)
         } else {
             self.read_modify_write(buf, offset, fua)
         }
@@ -455,11 +517,6 @@ impl Drop for RangeGuard<'_> {
         drop(held);
         self.locks.released.notify_all();
     }
-}
-
-/// Nanoseconds since `t`, for the XTS time metric.
-fn elapsed_ns(t: std::time::Instant) -> u64 {
-    u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -743,6 +800,9 @@ mod tests {
             dst.copy_from_slice(src);
             Ok(())
         }
+        fn encrypt_in_place(&self, _: &mut [u8], _: u64) -> Result<(), XtsError> {
+            Ok(())
+        }
         fn decrypt_in_place(&self, _: &mut [u8], _: u64) -> Result<(), XtsError> {
             Ok(())
         }
@@ -792,6 +852,61 @@ mod tests {
             images.push(mem.0.lock().unwrap().clone());
         }
         assert!(images.windows(2).all(|w| w[0] == w[1]));
+    }
+
+    /// A WRITE through `write_at_scratch` (the session's path: encrypted in the caller's
+    /// buffer) stores exactly what `write_at` stores, for aligned requests of one and several
+    /// chunks, with and without FUA, and for unaligned ones; and reads back.
+    #[test]
+    fn writes_in_the_callers_buffer_store_what_write_at_stores() {
+        for sector in [512usize, 4096] {
+            let cases: [(u64, usize, bool); 5] = [
+                (8192, 4096, false),
+                (0, CHUNK, true),
+                (4096, 2 * CHUNK + 8192, true),
+                (100, 5000, false),
+                (4096 * 3 + 7, CHUNK + 1, true),
+            ];
+            for (off, len, fua) in cases {
+                let plain: Vec<u8> = (0..len).map(|i| (i % 239) as u8 ^ 0x5a).collect();
+                let (mem_a, a) = device(sector, 4 << 20);
+                let (mem_b, b) = device(sector, 4 << 20);
+                a.write_at(&plain, off, fua).unwrap();
+                let mut given = plain.clone();
+                b.write_at_scratch(&mut given, off, fua).unwrap();
+                assert!(
+                    *mem_a.0.lock().unwrap() == *mem_b.0.lock().unwrap(),
+                    "sector {sector}, {len} bytes at {off}: backing differs"
+                );
+                let mut back = vec![0u8; len];
+                b.read_at(&mut back, off).unwrap();
+                assert!(back == plain, "sector {sector}, {len} bytes at {off}");
+            }
+        }
+    }
+
+    /// An aligned in-place write really is in place: the caller's buffer holds the ciphertext
+    /// afterwards (no hidden copy), which is why only callers that give it up may use it.
+    #[test]
+    fn an_aligned_in_place_write_leaves_the_ciphertext_in_the_callers_buffer() {
+        let (mem, dev) = device(4096, 1 << 20);
+        let plain = vec![0x11u8; 3 * 4096];
+        let mut given = plain.clone();
+        dev.write_at_scratch(&mut given, 4096, false).unwrap();
+        let at = (DATA_OFFSET + 4096) as usize;
+        assert_eq!(&mem.0.lock().unwrap()[at..at + given.len()], &given[..]);
+        assert_ne!(given, plain);
+    }
+
+    #[test]
+    fn in_place_writes_past_the_end_are_refused_untouched() {
+        let (_mem, dev) = device(512, 4096);
+        let mut b = [1u8; 1024];
+        assert_eq!(
+            dev.write_at_scratch(&mut b, 3584, false).unwrap_err().kind,
+            ErrorKind::NoSpace
+        );
+        assert!(b.iter().all(|&x| x == 1));
     }
 
     #[test]

@@ -72,6 +72,13 @@ impl BlockDevice for Latch {
         self.note(self.inner.write_at(buf, offset, fua))
     }
 
+    fn write_at_scratch(&self, buf: &mut [u8], offset: u64, fua: bool) -> Result<(), Error> {
+        if fua && self.has_failed() {
+            return Err(Error::new(ErrorKind::Latched).at(Op::Write, offset, buf.len() as u64));
+        }
+        self.note(self.inner.write_at_scratch(buf, offset, fua))
+    }
+
     fn flush(&self) -> Result<(), Error> {
         if self.has_failed() {
             return Err(Error::new(ErrorKind::Latched).at(Op::Flush, 0, 0));
@@ -181,5 +188,21 @@ mod tests {
             1,
             "latched flushes must not reach the device"
         );
+    }
+
+    /// The NBD session writes through `write_at_scratch`: a failure there trips the latch
+    /// just as through `write_at`, and a FUA write after it is refused.
+    #[test]
+    fn a_failed_in_place_write_trips_the_latch_too() {
+        let flaky = Arc::new(Flaky {
+            fail_writes: AtomicBool::new(true),
+            flushes: AtomicU32::new(0),
+        });
+        let latch = Latch::new(flaky.clone());
+        assert!(latch.write_at_scratch(&mut [1u8; 8], 0, false).is_err());
+        flaky.fail_writes.store(false, Ordering::Relaxed);
+        let e = latch.write_at_scratch(&mut [1u8; 8], 0, true).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Latched);
+        assert_eq!(latch.flush().unwrap_err().kind, ErrorKind::Latched);
     }
 }

@@ -87,6 +87,16 @@ pub trait BlockDevice: Send + Sync {
         Ok(())
     }
 
+    /// [`write_at`](Self::write_at) where the caller gives `buf` up: a layer may use it as
+    /// its own scratch space and leaves its contents unspecified (the crypt layer encrypts a
+    /// WRITE's payload in place there instead of into a buffer of its own). Same durability
+    /// and error contract as `write_at`. The NBD session calls this for every WRITE, whose
+    /// payload buffer it never reads again. Default: `write_at`, the buffer untouched;
+    /// layers that pass writes on forward this so the layer below sees it.
+    fn write_at_scratch(&self, buf: &mut [u8], offset: u64, fua: bool) -> Result<(), Error> {
+        self.write_at(buf, offset, fua)
+    }
+
     /// Bytes of memory this layer (and the layers below it) allocate to serve one `op` of
     /// `length` bytes at `offset`, beyond the caller's own buffer: what a request really holds,
     /// so the server's memory budgets can charge it before the request runs. Not data path;

@@ -324,6 +324,17 @@ impl BlockDevice for ReencryptDevice {
         })
     }
 
+    fn write_at_scratch(&self, buf: &mut [u8], offset: u64, fua: bool) -> Result<(), Error> {
+        let len = buf.len() as u64;
+        if offset.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(Error::new(ErrorKind::NoSpace).at(Op::Write, offset, len));
+        }
+        self.note(len);
+        self.routed(Op::Write, offset, len, |dev, off, at, n| {
+            dev.write_at_scratch(&mut buf[idx(at)..idx(at + n)], off, fua)
+        })
+    }
+
     fn flush(&self) -> Result<(), Error> {
         // Both keys' devices are views of the same backing store (see `begin`): one flush
         // makes every completed write of either durable. (Flushing through each would double

@@ -299,7 +299,7 @@ pub fn render(m: &Metrics, cx: &Context<'_>) -> String {
     o.head(
         "nbdcrypt_xts_seconds_total",
         "counter",
-        "CPU time spent in AES-XTS, by direction.",
+        "Time spent in AES-XTS, by direction: estimated, one chunk in 16 is timed per thread and scaled to the bytes since the last timed one.",
     );
     let xts = [m.xts_totals(true), m.xts_totals(false)];
     for ((nanos, _), dir) in xts.iter().zip(["encrypt", "decrypt"]) {

@@ -309,8 +309,25 @@ pub trait ReplySink: Write + Send {
     fn try_write(&mut self, buf: &[u8]) -> io::Result<usize>;
 }
 
+/// The socket's read side, noting when each read returned data: the start time of the
+/// requests that read delivered (metrics), one clock read per read instead of one per request.
+struct Stamped {
+    inner: Box<dyn Read + Send>,
+    at: Option<std::time::Instant>,
+}
+
+impl Read for Stamped {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            self.at = Some(std::time::Instant::now());
+        }
+        Ok(n)
+    }
+}
+
 struct ReadSide {
-    reader: BufReader<Box<dyn Read + Send>>,
+    reader: BufReader<Stamped>,
     /// Set once the session has decided to end; later workers exit without reading.
     done: bool,
 }
@@ -355,7 +372,13 @@ pub fn serve(
     let session = Session {
         neg: &neg,
         read: Mutex::new(ReadSide {
-            reader: BufReader::with_capacity(256 * 1024, reader),
+            reader: BufReader::with_capacity(
+                256 * 1024,
+                Stamped {
+                    inner: reader,
+                    at: None,
+                },
+            ),
             done: false,
         }),
         write: Mutex::new(writer),
@@ -784,6 +807,8 @@ impl<'a> Session<'a> {
                 self.broke(e);
             }
         }
+        // One end time for the batch's request timers: one write sent them.
+        let _clock = crate::metrics::ClockBatch::begin();
         for r in batch.drain(..) {
             if let Body::Output { buf, .. } = r.body {
                 self.recycle(buf);
@@ -852,7 +877,7 @@ impl<'a> Session<'a> {
     /// requests, DISC, or a stop).
     fn next_request(
         &self,
-        r: &mut BufReader<Box<dyn Read + Send>>,
+        r: &mut BufReader<Stamped>,
         input: &mut Scratch,
     ) -> Result<Option<(Next, Grants<'a>, Option<crate::metrics::RequestTimer>)>, ProtocolError>
     {
@@ -874,7 +899,9 @@ impl<'a> Session<'a> {
         if header.command == Command::Disc {
             return Ok(None);
         }
-        let timer = Some(crate::metrics::METRICS.start(header.command, header.length));
+        // The header is in: it arrived with the last read that returned data.
+        let arrived = r.get_ref().at.unwrap_or_else(std::time::Instant::now);
+        let timer = Some(crate::metrics::METRICS.start_at(header.command, header.length, arrived));
         if header.command == Command::Write && header.length > MAX_PAYLOAD {
             return Err(ProtocolError::PayloadTooLarge(header.length));
         }
@@ -1030,7 +1057,8 @@ fn execute(export: &Export, job: Job, bufs: &mut Buffers) -> Out {
         Command::Write => {
             IoStats::add(&stats.writes, 1);
             IoStats::add(&stats.bytes_written, len);
-            dev.write_at(bufs.input.get(h.length as usize), h.offset, fua)
+            // The payload buffer is not read again: the crypt layer may encrypt it in place.
+            dev.write_at_scratch(bufs.input.get(h.length as usize), h.offset, fua)
         }
         Command::Flush => {
             IoStats::add(&stats.flushes, 1);
