@@ -9,7 +9,7 @@ use clap::{Args, Parser};
 
 use nbdcrypt::control::client;
 use nbdcrypt::control::proto::{
-    ReencryptAction, ReencryptReport, ReencryptState, Request, Response,
+    ReencryptAction, ReencryptReport, ReencryptState, Request, Response, StartOptions,
 };
 
 use crate::exit::{self, Failure};
@@ -24,7 +24,9 @@ key file (asked for, or --key-file / --stdin), records the re-encryption in the 
 cryptsetup's format (`online-reencrypt-v2`, checksum resilience), and re-encrypts zone by zone
 in the background: client I/O below the frontier uses the new key, above it the old key, and a
 request inside the zone being rewritten waits for it (tens of milliseconds). When every zone is
-done the old key and its keyslot are removed.
+done the old key and its keyslot are removed. --key-size and --sector-size change the cipher's
+key size (AES-128/256-XTS) and the encryption sector size at the same time, online too: a
+request across the frontier is split and each part uses its side's key and sector size.
 
 Every keyslot of the old key is carried over to the new key: those the secret opens (same
 secret), those of nbdcrypt's KMS/HSM tokens (re-sealed: a fresh secret sealed under the same
@@ -106,12 +108,21 @@ pub struct OnlineReencryptArgs {
     #[arg(long, conflicts_with_all = ["pause", "resume", "status"])]
     pub drop_unopened: bool,
 
+    /// New volume key size in bits: 512 (AES-256-XTS) or 256 (AES-128-XTS). Default: as now.
+    #[arg(long, value_name = "BITS", conflicts_with_all = ["pause", "resume", "status"])]
+    pub key_size: Option<u32>,
+
+    /// New encryption sector size: 512, 1024, 2048 or 4096. Default: as now. Clients may see a
+    /// new minimum block size when they next connect.
+    #[arg(long, value_name = "BYTES", conflicts_with_all = ["pause", "resume", "status"])]
+    pub sector_size: Option<u32>,
+
     /// Give your passphrase for your share NAME of a quorum keyslot (asked for, or --stdin /
     /// --key-file), so the next start can carry the quorum over; it starts nothing itself.
     #[arg(
         long,
         value_name = "NAME",
-        conflicts_with_all = ["pause", "resume", "status", "token", "drop_unopened", "max_rate", "wait"]
+        conflicts_with_all = ["pause", "resume", "status", "token", "drop_unopened", "max_rate", "wait", "key_size", "sector_size"]
     )]
     pub share: Option<String>,
 }
@@ -235,7 +246,11 @@ pub fn run(a: OnlineReencryptArgs) -> Result<(), Failure> {
         action,
         secret,
         max_rate: a.max_rate,
-        drop_unopened: a.drop_unopened && action == ReencryptAction::Start,
+        start: StartOptions {
+            drop_unopened: a.drop_unopened && action == ReencryptAction::Start,
+            key_bits: a.key_size.filter(|_| action == ReencryptAction::Start),
+            sector_size: a.sector_size.filter(|_| action == ReencryptAction::Start),
+        },
     };
     let response = client::call(&a.control, &request).map_err(|e| Failure::error(e.to_string()));
     drop(request); // wipes the secret

@@ -35,11 +35,11 @@ pub fn proto(data: &[u8]) {
                 Request::Unlock { slot, .. } => Some(Request::Unlock { secret: other, slot: *slot }),
                 Request::Share { name, .. } => Some(Request::Share { name: name.clone(), secret: other }),
                 Request::ReencryptShare { name, .. } => Some(Request::ReencryptShare { name: name.clone(), secret: other }),
-                Request::Reencrypt { action, secret: Some(_), max_rate, drop_unopened } => Some(Request::Reencrypt {
+                Request::Reencrypt { action, secret: Some(_), max_rate, start } => Some(Request::Reencrypt {
                     action: *action,
                     secret: Some(other),
                     max_rate: *max_rate,
-                    drop_unopened: *drop_unopened,
+                    start: *start,
                 }),
                 _ => None,
             };

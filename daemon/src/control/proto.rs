@@ -48,6 +48,18 @@ pub const MAX_LINE: usize = 12 * 1024 * 1024;
 /// key-file limit (8 MiB). Its base64 form (about 11.2 MiB) fits in `MAX_LINE`.
 pub const MAX_SECRET_LEN: usize = 8 * 1024 * 1024;
 
+/// What an online re-encryption start may change or drop besides the key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StartOptions {
+    /// Drop the old key's keyslots the daemon cannot carry over (neither the secret nor a
+    /// token opens them) instead of refusing.
+    pub drop_unopened: bool,
+    /// New volume key size in bits (256 or 512); `None` keeps the current one.
+    pub key_bits: Option<u32>,
+    /// New encryption sector size (512 to 4096); `None` keeps the current one.
+    pub sector_size: Option<u32>,
+}
+
 /// A control request.
 pub enum Request {
     /// Try the secret against the keyslots (only `slot` if given) and publish the export.
@@ -78,9 +90,8 @@ pub enum Request {
         action: ReencryptAction,
         secret: Option<SecretBytes>,
         max_rate: Option<u64>,
-        /// Start only: drop the old key's keyslots the daemon cannot carry over (neither the
-        /// secret nor a token opens them) instead of refusing.
-        drop_unopened: bool,
+        /// Start only: what the start may change or drop.
+        start: StartOptions,
     },
     /// The status plus a snapshot of the monitoring counters (`nbdcryptctl top`).
     Stats,
@@ -197,14 +208,14 @@ impl fmt::Debug for Request {
             Request::Reencrypt {
                 action,
                 max_rate,
-                drop_unopened,
+                start,
                 ..
             } => f
                 .debug_struct("Reencrypt")
                 .field("action", action)
                 .field("secret", &"<redacted>")
                 .field("max_rate", max_rate)
-                .field("drop_unopened", drop_unopened)
+                .field("start", start)
                 .finish(),
             Request::Share { name, .. } => f
                 .debug_struct("Share")
@@ -412,7 +423,7 @@ impl Request {
             action,
             secret,
             max_rate,
-            drop_unopened,
+            start,
         } = self
         {
             let secret_len = secret.as_ref().map_or(0, |s| s.len());
@@ -423,7 +434,9 @@ impl Request {
                 action: *action,
                 secret: secret.as_ref().map(SecretOut),
                 max_rate: *max_rate,
-                drop_unopened: drop_unopened.then_some(true),
+                drop_unopened: start.drop_unopened.then_some(true),
+                key_size: start.key_bits,
+                sector_size: start.sector_size,
             };
             serde_json::to_writer(&mut *out, &wire).expect("request serializes");
             out.push(b'\n');
@@ -567,6 +580,10 @@ struct WireRequest {
     name: Option<String>,
     #[serde(default)]
     drop_unopened: Option<bool>,
+    #[serde(default)]
+    key_size: Option<u32>,
+    #[serde(default)]
+    sector_size: Option<u32>,
 }
 
 impl WireRequest {
@@ -586,6 +603,12 @@ impl WireRequest {
             }
             if self.drop_unopened.is_some() {
                 return misplaced("drop_unopened");
+            }
+            if self.key_size.is_some() {
+                return misplaced("key_size");
+            }
+            if self.sector_size.is_some() {
+                return misplaced("sector_size");
             }
         }
         if self.name.is_some() && !matches!(self.op, Op::Share | Op::ReencryptShare) {
@@ -612,14 +635,39 @@ impl WireRequest {
                         "\"max_rate\" must be positive (bytes per second)".into(),
                     ));
                 }
-                if self.drop_unopened.is_some() && action != ReencryptAction::Start {
-                    return misplaced("drop_unopened");
+                if action != ReencryptAction::Start {
+                    if self.drop_unopened.is_some() {
+                        return misplaced("drop_unopened");
+                    }
+                    if self.key_size.is_some() {
+                        return misplaced("key_size");
+                    }
+                    if self.sector_size.is_some() {
+                        return misplaced("sector_size");
+                    }
+                }
+                if let Some(k) = self.key_size.filter(|k| !matches!(k, 256 | 512)) {
+                    return Err(DecodeError::Invalid(format!(
+                        "\"key_size\" {k} is not 256 (AES-128-XTS) or 512 (AES-256-XTS)"
+                    )));
+                }
+                if let Some(s) = self
+                    .sector_size
+                    .filter(|s| !matches!(s, 512 | 1024 | 2048 | 4096))
+                {
+                    return Err(DecodeError::Invalid(format!(
+                        "\"sector_size\" {s} is not 512, 1024, 2048 or 4096"
+                    )));
                 }
                 Ok(Request::Reencrypt {
                     action,
                     secret: self.secret.map(|s| s.0),
                     max_rate: self.max_rate,
-                    drop_unopened: self.drop_unopened.unwrap_or(false),
+                    start: StartOptions {
+                        drop_unopened: self.drop_unopened.unwrap_or(false),
+                        key_bits: self.key_size,
+                        sector_size: self.sector_size,
+                    },
                 })
             }
             Op::Share | Op::ReencryptShare => {
@@ -734,6 +782,10 @@ struct WireReencryptOut<'a> {
     max_rate: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     drop_unopened: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_size: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sector_size: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -1145,7 +1197,11 @@ mod tests {
             action: ReencryptAction::Start,
             secret: Some(SecretBytes::from_slice(b"hunter2")),
             max_rate: Some(200 << 20),
-            drop_unopened: true,
+            start: StartOptions {
+                drop_unopened: true,
+                key_bits: Some(256),
+                sector_size: Some(512),
+            },
         };
         let line = req.encode();
         let text = std::str::from_utf8(&line).unwrap();
@@ -1156,7 +1212,12 @@ mod tests {
                 action: ReencryptAction::Start,
                 secret: Some(s),
                 max_rate: Some(r),
-                drop_unopened: true,
+                start:
+                    StartOptions {
+                        drop_unopened: true,
+                        key_bits: Some(256),
+                        sector_size: Some(512),
+                    },
             } => {
                 assert_eq!(s.expose_secret(), b"hunter2");
                 assert_eq!(r, 200 << 20);

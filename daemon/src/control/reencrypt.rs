@@ -31,7 +31,7 @@ use tracing::{error, info, warn};
 use crate::audit::{AuditEvent, AuditEventKind, AuditLog};
 use crate::block::reencrypt::{ReencryptDevice, ZoneEngine};
 use crate::block::BlockDevice;
-use crate::control::proto::{ReencryptAction, ReencryptReport, ReencryptState};
+use crate::control::proto::{ReencryptAction, ReencryptReport, ReencryptState, StartOptions};
 use crate::control::volume::Origin;
 use crate::crypto::keys::SecretBytes;
 
@@ -76,11 +76,12 @@ pub trait Backend: Send + Sync {
     /// Begin a re-encryption on disk: a new random volume key, keyslots for it opened by the
     /// same secrets (`secret` for passphrase keyslots; tokens are re-sealed), the LUKS2
     /// re-encryption header. Keyslots that cannot be carried over make it refuse (naming them)
-    /// unless `drop_unopened`. Slow (key derivation); runs on a blocking thread.
+    /// unless `opts.drop_unopened`; `opts` may also give the new key and sector size. Slow (key
+    /// derivation); runs on a blocking thread.
     fn start(
         &self,
         secret: Option<&SecretBytes>,
-        drop_unopened: bool,
+        opts: &StartOptions,
     ) -> Result<Box<dyn Job>, String>;
     /// A re-encryption the last unlock found in progress (its hot zone already recovered).
     fn take_resumed(&self) -> Option<Box<dyn Job>>;
@@ -187,17 +188,17 @@ impl Reencryptor {
         max_rate: Option<u64>,
         origin: Origin,
     ) -> Result<(), (Refusal, String)> {
-        self.command_with(action, secret, max_rate, false, origin)
+        self.command_with(action, secret, max_rate, StartOptions::default(), origin)
     }
 
-    /// [`Reencryptor::command`]; `drop_unopened` (start only): drop the old key's keyslots that
-    /// cannot be carried over instead of refusing.
+    /// [`Reencryptor::command`] with the start's options (drop the old key's keyslots that
+    /// cannot be carried over instead of refusing; a new key or sector size).
     pub fn command_with(
         &self,
         action: ReencryptAction,
         secret: Option<&SecretBytes>,
         max_rate: Option<u64>,
-        drop_unopened: bool,
+        start: StartOptions,
         origin: Origin,
     ) -> Result<(), (Refusal, String)> {
         let peer = |e: AuditEvent| {
@@ -236,7 +237,7 @@ impl Reencryptor {
                         "a re-encryption is already in progress on this volume".into(),
                     ));
                 }
-                let mut job = match self.backend.start(secret, drop_unopened) {
+                let mut job = match self.backend.start(secret, &start) {
                     Ok(job) => job,
                     Err(e) => {
                         self.record(peer(phase("failed")).failed(&e));

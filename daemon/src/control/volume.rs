@@ -396,8 +396,8 @@ impl Task {
                 action,
                 secret,
                 max_rate,
-                drop_unopened,
-            } => self.reencrypt(action, secret, max_rate, drop_unopened, origin, reply),
+                start,
+            } => self.reencrypt(action, secret, max_rate, start, origin, reply),
             Request::ReencryptShare { name, secret } => {
                 self.reencrypt_share(name, secret, origin, reply)
             }
@@ -584,7 +584,7 @@ impl Task {
         action: crate::control::proto::ReencryptAction,
         secret: Option<SecretBytes>,
         max_rate: Option<u64>,
-        drop_unopened: bool,
+        start: crate::control::proto::StartOptions,
         origin: Origin,
         reply: Reply,
     ) -> Option<(Reply, Response)> {
@@ -615,7 +615,7 @@ impl Task {
         tokio::spawn(async move {
             let r2 = r.clone();
             let done = tokio::task::spawn_blocking(move || {
-                r2.command_with(action, secret.as_ref(), max_rate, drop_unopened, origin)
+                r2.command_with(action, secret.as_ref(), max_rate, start, origin)
             })
             .await;
             let response = match done {

@@ -14,6 +14,7 @@ use crate::block::crypt::{CryptDevice, Segment};
 use crate::block::latch::Latch;
 use crate::block::reencrypt::{ReencryptDevice, ZoneEngine};
 use crate::block::BlockDevice;
+use crate::control::proto::StartOptions;
 use crate::control::reencrypt::{Backend, Job, DEFAULT_ZONE};
 use crate::crypto::kdf::KdfLimits;
 use crate::crypto::keys::{SecretBytes, VolumeKey};
@@ -911,8 +912,9 @@ impl Backend for VolumeBackend {
     fn start(
         &self,
         secret: Option<&SecretBytes>,
-        drop_unopened: bool,
+        opts: &StartOptions,
     ) -> Result<Box<dyn Job>, String> {
+        let drop_unopened = opts.drop_unopened;
         let vol = &*self.volume;
         let p = vol.path.display();
         let file = open_rw(vol).map_err(|e| e.to_string())?;
@@ -974,8 +976,9 @@ impl Backend for VolumeBackend {
         }
         let ds = hdr.data_segment();
         let params = StartParams {
-            key_size: ds.key_size.unwrap_or(64),
-            sector_size: ds.sector_size,
+            // Bits to bytes; the proto admits only 256 and 512.
+            key_size: opts.key_bits.map_or(ds.key_size.unwrap_or(64), |b| b / 8),
+            sector_size: opts.sector_size.unwrap_or(ds.sector_size),
             resilience: Resilience::from_name("checksum").ok_or("no checksum resilience")?,
             hotzone: Some(zone_size()),
             now_unix: std::time::SystemTime::now()
