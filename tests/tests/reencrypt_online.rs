@@ -136,6 +136,27 @@ fn fio_verify(uri: &str, offset: u64, size: u64, seed: u64) -> Out {
     run(&mut c, Duration::from_secs(300))
 }
 
+/// fio verify over `[0, size)` in a loop on its own thread (at least one run) until the flag is
+/// set; the thread returns the number of runs and panics on a verify failure.
+fn fio_verify_loop(uri: String, size: u64) -> (Arc<AtomicBool>, std::thread::JoinHandle<u64>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let fio = std::thread::spawn(move || {
+        let mut runs = 0u64;
+        while !stop2.load(Ordering::Relaxed) || runs == 0 {
+            let out = fio_verify(&uri, 0, size, runs + 1);
+            assert!(
+                out.ok(),
+                "fio verify failed in run {runs}\n{}",
+                out.details()
+            );
+            runs += 1;
+        }
+        runs
+    });
+    (stop, fio)
+}
+
 /// The full online run: fio verify loops over the first half of the volume while the daemon
 /// re-encrypts it (with a pause and a resume, and a rate cap), the second half holds data
 /// written before; afterwards everything reads back, the audit log has the lifecycle, and
@@ -152,22 +173,8 @@ fn online_reencryption_under_fio_verify_reads_back_and_cryptsetup_reads_the_resu
     let data = random_bytes(7, DATA as usize);
     write_export(&d.uri(), d.dir(), &data);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let uri = d.uri();
-    let (stop2, half) = (stop.clone(), DATA / 2);
-    let fio = std::thread::spawn(move || {
-        let mut runs = 0u64;
-        while !stop2.load(Ordering::Relaxed) || runs == 0 {
-            let out = fio_verify(&uri, 0, half, runs + 1);
-            assert!(
-                out.ok(),
-                "fio verify failed in run {runs}\n{}",
-                out.details()
-            );
-            runs += 1;
-        }
-        runs
-    });
+    let half = DATA / 2;
+    let (stop, fio) = fio_verify_loop(d.uri(), half);
 
     let out = start(&d, &["--max-rate", "4M"]);
     assert_eq!(out.code(), Some(0), "start\n{}\n{}", out.details(), d.log());
@@ -277,22 +284,8 @@ fn an_online_reencryption_can_change_the_key_and_sector_size() {
     let data = random_bytes(11, DATA as usize);
     write_export(&d.uri(), d.dir(), &data);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let uri = d.uri();
-    let (stop2, half) = (stop.clone(), DATA / 2);
-    let fio = std::thread::spawn(move || {
-        let mut runs = 0u64;
-        while !stop2.load(Ordering::Relaxed) || runs == 0 {
-            let out = fio_verify(&uri, 0, half, runs + 1);
-            assert!(
-                out.ok(),
-                "fio verify failed in run {runs}\n{}",
-                out.details()
-            );
-            runs += 1;
-        }
-        runs
-    });
+    let half = DATA / 2;
+    let (stop, fio) = fio_verify_loop(d.uri(), half);
     // A size the daemon cannot use is refused with the reason, and nothing starts.
     let out = start(&d, &["--key-size", "128"]);
     assert_ne!(out.code(), Some(0), "{}", out.details());

@@ -587,6 +587,17 @@ struct WireRequest {
 }
 
 impl WireRequest {
+    /// The first field given that only a re-encryption start may carry.
+    fn start_only_field(&self) -> Option<&'static str> {
+        [
+            ("drop_unopened", self.drop_unopened.is_some()),
+            ("key_size", self.key_size.is_some()),
+            ("sector_size", self.sector_size.is_some()),
+        ]
+        .into_iter()
+        .find_map(|(name, given)| given.then_some(name))
+    }
+
     fn into_request(self) -> Result<Request, DecodeError> {
         let misplaced = |field: &str| {
             Err(DecodeError::Invalid(format!(
@@ -601,14 +612,8 @@ impl WireRequest {
             if self.max_rate.is_some() {
                 return misplaced("max_rate");
             }
-            if self.drop_unopened.is_some() {
-                return misplaced("drop_unopened");
-            }
-            if self.key_size.is_some() {
-                return misplaced("key_size");
-            }
-            if self.sector_size.is_some() {
-                return misplaced("sector_size");
+            if let Some(field) = self.start_only_field() {
+                return misplaced(field);
             }
         }
         if self.name.is_some() && !matches!(self.op, Op::Share | Op::ReencryptShare) {
@@ -635,16 +640,11 @@ impl WireRequest {
                         "\"max_rate\" must be positive (bytes per second)".into(),
                     ));
                 }
-                if action != ReencryptAction::Start {
-                    if self.drop_unopened.is_some() {
-                        return misplaced("drop_unopened");
-                    }
-                    if self.key_size.is_some() {
-                        return misplaced("key_size");
-                    }
-                    if self.sector_size.is_some() {
-                        return misplaced("sector_size");
-                    }
+                if let Some(field) = self
+                    .start_only_field()
+                    .filter(|_| action != ReencryptAction::Start)
+                {
+                    return misplaced(field);
                 }
                 if let Some(k) = self.key_size.filter(|k| !matches!(k, 256 | 512)) {
                     return Err(DecodeError::Invalid(format!(
@@ -1251,6 +1251,14 @@ mod tests {
             r#"{"v":1,"op":"reencrypt","action":"start","max_rate":0}"#,
             r#"{"v":1,"op":"status","action":"start"}"#,
             r#"{"v":1,"op":"lock","max_rate":5}"#,
+            r#"{"v":1,"op":"reencrypt","action":"pause","key_size":256}"#,
+            r#"{"v":1,"op":"reencrypt","action":"resume","sector_size":512}"#,
+            r#"{"v":1,"op":"reencrypt","action":"status","drop_unopened":true}"#,
+            r#"{"v":1,"op":"status","sector_size":512}"#,
+            r#"{"v":1,"op":"reencrypt","action":"start","key_size":128}"#,
+            r#"{"v":1,"op":"reencrypt","action":"start","key_size":4294967295}"#,
+            r#"{"v":1,"op":"reencrypt","action":"start","sector_size":8192}"#,
+            r#"{"v":1,"op":"reencrypt","action":"start","sector_size":0}"#,
         ] {
             assert!(decode_str(bad).is_err(), "accepted {bad}");
         }
