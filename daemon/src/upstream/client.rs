@@ -50,6 +50,9 @@ pub struct Health {
     pub flushed: AtomicU64,
     /// Set when a connection was lost with acknowledged writes unflushed: why.
     pub durability_lost: Mutex<Option<String>>,
+    /// Connections lost so far. A connection that sees this move after it started may be
+    /// talking to an upstream instance that others found dead: see [`Health::late_ack`].
+    pub losses: AtomicU64,
 }
 
 impl Health {
@@ -71,19 +74,42 @@ impl Health {
     /// A connection ended: if writes it (or another) acknowledged are not yet covered by a
     /// FLUSH, they may be gone with the upstream's cache.
     fn connection_lost(&self, uri: &UpstreamUri, why: &str) {
+        self.losses.fetch_add(1, Ordering::SeqCst);
         let acked = self.volatile_acked.load(Ordering::SeqCst);
         let flushed = self.flushed.load(Ordering::SeqCst);
         if acked <= flushed {
             return;
         }
+        self.lose_durability(
+            uri,
+            format!(
+                "the connection to {uri} was lost ({why}) while {} acknowledged write(s) were \
+                 not yet flushed; the upstream may have dropped them, so no FLUSH can be \
+                 honoured any more: check the data and restart nbdcryptd",
+                acked - flushed
+            ),
+        );
+    }
+
+    /// A write acknowledged without FUA on a connection that started before another
+    /// connection was lost. If the upstream restarted, that write may sit in the cache of the
+    /// instance that died while the next FLUSH goes to the new one over a reconnected slot and
+    /// covers nothing: its ack counted only now, such a FLUSH would be believed. Treated as a
+    /// loss (conservative: a connection dropped without a restart costs durability too).
+    fn late_ack(&self, uri: &UpstreamUri) {
+        self.lose_durability(
+            uri,
+            format!(
+                "a write to {uri} was acknowledged on a connection older than one that was lost \
+                 (the upstream may have restarted in between), so no FLUSH can be honoured any \
+                 more: check the data and restart nbdcryptd"
+            ),
+        );
+    }
+
+    fn lose_durability(&self, uri: &UpstreamUri, msg: String) {
         if let Ok(mut g) = self.durability_lost.lock() {
             if g.is_none() {
-                let msg = format!(
-                    "the connection to {uri} was lost ({why}) while {} acknowledged write(s) \
-                     were not yet flushed; the upstream may have dropped them, so no FLUSH can \
-                     be honoured any more: check the data and restart nbdcryptd",
-                    acked - flushed
-                );
                 tracing::error!(upstream = %uri, "{msg}");
                 *g = Some(msg);
             }
@@ -428,10 +454,12 @@ impl Supervisor {
             *g = Some(tx);
         }
         self.health.connected.fetch_add(1, Ordering::Relaxed);
+        let losses_at_start = self.health.losses.load(Ordering::SeqCst);
         let structured = self.want.structured;
         let reader = {
             let pending = pending.clone();
             let health = self.health.clone();
+            let uri = &self.uri;
             async move {
                 loop {
                     match proto::read_reply(&mut rd, structured, &pending).await {
@@ -444,6 +472,9 @@ impl Supervisor {
                             if p.volatile && r.is_ok() {
                                 // Before the caller hears of it (see `Health::flushed`).
                                 health.volatile_acked.fetch_add(1, Ordering::SeqCst);
+                                if health.losses.load(Ordering::SeqCst) != losses_at_start {
+                                    health.late_ack(uri);
+                                }
                             }
                             if let Some(reply) = p.reply {
                                 let _ = reply.try_send(r);
@@ -504,7 +535,10 @@ impl Supervisor {
             *g = None;
         }
         self.health.connected.fetch_sub(1, Ordering::Relaxed);
-        self.health.connection_lost(&self.uri, &err);
+        // "closed": the Upstream itself was dropped (shutdown); nothing will flush again.
+        if err != "closed" {
+            self.health.connection_lost(&self.uri, &err);
+        }
         for p in pending.drain() {
             if let Some(reply) = p.reply {
                 let _ = reply.try_send(Err(ReplyError::Connection(err.clone())));
