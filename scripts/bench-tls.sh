@@ -27,7 +27,8 @@ trap cleanup EXIT
 mkdir -p "$W/pki" "$W/server" "$W/client"
 (
   cd "$W/pki"; umask 077
-  key() { certtool --generate-privkey --key-type=ecdsa --curve=secp256r1 --pkcs8 --password='' --no-text --outfile "$1" 2>/dev/null; }
+  # openssl, not certtool: certtool drops a leading zero byte of the scalar (1 key in 256), which rustls refuses.
+  key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
   key ca-key.pem
   printf 'cn = bench CA\nca\ncert_signing_key\nexpiration_days = 30\n' > ca.info
   certtool --generate-self-signed --no-text --load-privkey ca-key.pem --template ca.info --outfile ca-cert.pem 2>/dev/null

@@ -1,4 +1,4 @@
-//! Test certificates made with certtool (gnutls-bin), in the layout nbdkit, qemu and libnbd
+//! Test certificates (keys made with openssl, certificates with certtool from gnutls-bin), in the layout nbdkit, qemu and libnbd
 //! read: `server/` (ca-cert.pem, server-cert.pem, server-key.pem) for nbdcryptd and nbdkit,
 //! `client/` (ca-cert.pem, client-cert.pem, client-key.pem) for libnbd and qemu, `pki/` with
 //! the CA key. ECDSA P-256, unencrypted PKCS#8 keys.
@@ -33,20 +33,26 @@ fn certtool(args: &[&str], cwd: &Path) {
     .success();
 }
 
+/// A P-256 key in PKCS#8 PEM, made by openssl: certtool writes the scalar as a DER INTEGER's
+/// bytes, so about one key in 256 (a leading zero byte) comes out 31 bytes long, which rustls's
+/// crypto provider refuses ("failed to parse private key") and a test flakes; openssl always
+/// writes the full 32 bytes.
 fn key(cwd: &Path, out: &str) {
-    certtool(
-        &[
-            "--generate-privkey",
-            "--key-type=ecdsa",
-            "--curve=secp256r1",
-            "--pkcs8",
-            "--password=",
-            "--no-text",
-            "--outfile",
-            out,
-        ],
-        cwd,
-    );
+    run(
+        tool("openssl")
+            .args([
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                out,
+            ])
+            .current_dir(cwd),
+        Duration::from_secs(30),
+    )
+    .success();
 }
 
 /// A private CA `ca_cn`, a server certificate for localhost / 127.0.0.1 / ::1, and a client
