@@ -126,6 +126,9 @@ def nbd():
     for i in range(8):
         put("nbd_session_model", f"random-{i}", bytes(rnd.randrange(256) for _ in range(64 + 96 * i)))
         put("xts_diff", f"random-{i}", bytes(rnd.randrange(256) for _ in range(80 + 40 * i)))
+        blk = (64, 55, 4096, 512, 1, 119, 4000, 65)[i]
+        put("sha256_blocks_diff", f"block-{blk}", (blk - 1).to_bytes(2, "little") + bytes([i])
+            + bytes(rnd.randrange(256) for _ in range(blk * (i % 4 + 1) + i)))
         put("luks2_json_model", f"random-{i}", bytes(rnd.randrange(256) for _ in range(256 + 256 * i)))
 
 

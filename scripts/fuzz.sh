@@ -26,7 +26,7 @@ BIN=$CARGO_TARGET_DIR/release
 
 TARGETS=(luks2_header luks2_json_raw luks2_json_model luks2_image_unlock nbd_handshake
     nbd_transmission nbd_session_model control_proto seal_token pkcs11_uri config_toml xts_diff metrics_http
-    luks2_reencrypt clevis_token upstream_reply tls_certificates)
+    luks2_reencrypt clevis_token upstream_reply tls_certificates sha256_blocks_diff)
 
 max_len() {
     case $1 in

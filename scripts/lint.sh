@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The lint gate CI runs: formatting (rustfmt.toml) and clippy with every warning an error
-# ([workspace.lints] in Cargo.toml: `unsafe` only in the two fenced modules, documented unsafe
+# ([workspace.lints] in Cargo.toml: `unsafe` only in the three fenced modules, documented unsafe
 # blocks, cast lints). Installs the rustfmt and clippy components through rustup when missing.
 # Usage: ./scripts/lint.sh [extra `cargo clippy` args, e.g. --locked]
 set -euo pipefail

@@ -39,7 +39,7 @@ pub mod server;
 pub mod shutdown;
 pub mod socket;
 pub mod tls;
-// `unsafe_code` is denied workspace-wide; `sys` is one of the two fenced modules allowed it. Its
+// `unsafe_code` is denied workspace-wide; `sys` is one of the three fenced modules allowed it. Its
 // invariants: each block wraps one system or allocator call and states its SAFETY argument (see
 // the module docs and every `// SAFETY:` comment in sys.rs).
 #[allow(unsafe_code)]

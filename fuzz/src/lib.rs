@@ -37,6 +37,7 @@ pub const TARGETS: &[&str] = &[
     "clevis_token",
     "upstream_reply",
     "tls_certificates",
+    "sha256_blocks_diff",
 ];
 
 /// Runs target `name` on `data`. Panics on an unknown name.
@@ -59,6 +60,7 @@ pub fn run(name: &str, data: &[u8]) {
         "clevis_token" => clevis::token(data),
         "upstream_reply" => upstream::reply(data),
         "tls_certificates" => tls::certificates(data),
+        "sha256_blocks_diff" => xts::hash_diff(data),
         other => panic!("unknown fuzz target {other:?}"),
     }
 }

@@ -2,6 +2,7 @@
 //! and the LUKS2 anti-forensic splitter and key derivation functions.
 
 pub mod af;
+pub mod block_hash;
 pub mod kdf;
 pub mod keys;
 pub mod xts;

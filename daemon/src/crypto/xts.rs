@@ -31,7 +31,7 @@ use zeroize::Zeroize;
 
 use crate::crypto::keys::VolumeKey;
 
-// `unsafe_code` is denied workspace-wide; the VAES module is one of the two fenced modules allowed
+// `unsafe_code` is denied workspace-wide; the VAES module is one of the three fenced modules allowed
 // it. Its invariant: `VaesXts` is only constructed after the CPU features its `#[target_feature]`
 // code needs were detected, and every load/store stays inside length-checked slices (each block's
 // `// SAFETY:` comment says which).

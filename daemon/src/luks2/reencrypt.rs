@@ -72,6 +72,7 @@ use super::lock::{lock, LockMode};
 use super::metadata::{DigestEntry, Keyslot, Metadata, Segment, SegmentSize, CIPHER};
 use super::volume::{wipe_keyslot_area, Luks2Header};
 use crate::block::BlockDevice;
+use crate::crypto::block_hash;
 use crate::crypto::kdf::{HashAlg, KdfLimits, KdfParams};
 use crate::crypto::keys::{SecretBytes, VolumeKey};
 use crate::crypto::xts::SectorCipher;
@@ -1528,12 +1529,7 @@ impl Reencryption {
             Resilience::Checksum { hash, block_size } => {
                 let hl = hash.output_len();
                 let mut sums = vec![0u8; (b.len() / block_size as usize) * hl];
-                for (blk, out) in b
-                    .chunks_exact(block_size as usize)
-                    .zip(sums.chunks_exact_mut(hl))
-                {
-                    hash.hash_parts(&[blk], out);
-                }
+                block_hash::hash_blocks(hash, &b, block_size as usize, &mut sums);
                 write_all_at(
                     file,
                     &sums,
@@ -1835,9 +1831,7 @@ impl Reencryption {
                         let hl = hash.output_len();
                         let first = rel / bs * hl;
                         let out = &mut out[first..first + c.len() / bs * hl];
-                        for (blk, o) in c.chunks_exact(bs).zip(out.chunks_exact_mut(hl)) {
-                            hash.hash_parts(&[blk], o);
-                        }
+                        block_hash::hash_blocks(*hash, c, bs, out);
                     }
                     if crypt {
                         let iv = (start + (at + rel) as u64) / 512;
