@@ -1,7 +1,8 @@
 //! The offline commands of `nbdcryptctl` on a volume that lives on an upstream NBD export
 //! (`nbd+unix:///?socket=…`, `nbds://…`): format, add-key, dump, remove-key, test-key over NBD
 //! against real nbdkit upstreams; cryptsetup reads what we wrote over the network (copied out
-//! with nbdcopy); nbdcryptd then serves the volume with the keys left. Hostile headers on the
+//! with nbdcopy); nbdcryptd then serves the volume with the keys left. Offline re-encryption
+//! over NBD, killed inside a zone and resumed, keeps the data. Hostile headers on the
 //! upstream get exactly the verdicts they get from a local file (same parser, same bounds),
 //! never a panic. An unreachable upstream is a clear error naming the URI and the cause.
 
@@ -189,30 +190,20 @@ fn format_add_key_dump_remove_key_over_nbd_then_cryptsetup_and_nbdcryptd_agree()
     std::fs::remove_file(&img).unwrap();
 
     // nbdcryptd serves the upstream: the removed passphrase is refused, the new one unlocks.
-    let ddir = tempdir();
-    let p = |n: &str| ddir.path().join(n).into_os_string();
-    let args: Vec<OsString> = vec![
-        "--volume".into(),
-        uri.clone().into(),
-        "--control".into(),
-        p("control.sock"),
-        "--unix".into(),
-        p("nbd.sock"),
-    ];
-    let daemon = Daemon::start_in(ddir, args);
-    let out = daemon.unlock(b"first passphrase over nbd");
+    let dm = daemon(&uri);
+    let out = dm.unlock(b"first passphrase over nbd");
     assert_eq!(out.code(), Some(WRONG_SECRET), "{}", out.details());
-    daemon.unlock(b"second passphrase over nbd").success();
+    dm.unlock(b"second passphrase over nbd").success();
     let data = random_bytes(11, MIB as usize);
-    let src = daemon.dir().join("data.bin");
+    let src = dm.dir().join("data.bin");
     std::fs::write(&src, &data).unwrap();
     run(
-        tool("nbdcopy").arg(&src).arg(daemon.uri()).arg("--flush"),
+        tool("nbdcopy").arg(&src).arg(dm.uri()).arg("--flush"),
         TOOL_TIMEOUT,
     )
     .success();
-    let back = daemon.dir().join("back.bin");
-    run(tool("nbdcopy").arg(daemon.uri()).arg(&back), TOOL_TIMEOUT).success();
+    let back = dm.dir().join("back.bin");
+    run(tool("nbdcopy").arg(dm.uri()).arg(&back), TOOL_TIMEOUT).success();
     let got = std::fs::read(&back).unwrap();
     assert_eq!(first_difference(&got[..data.len()], &data), None);
 }
@@ -318,30 +309,132 @@ fn an_unreachable_upstream_is_a_clear_error_naming_the_uri_and_the_cause() {
     assert!(out.stderr.contains("socket="), "{}", out.stderr);
 }
 
+/// `nbdcryptd --volume URI` (started locked) with its sockets in a new temporary directory.
+fn daemon(uri: &str) -> Daemon {
+    let ddir = tempdir();
+    let p = |n: &str| ddir.path().join(n).into_os_string();
+    let args: Vec<OsString> = vec![
+        "--volume".into(),
+        uri.into(),
+        "--control".into(),
+        p("control.sock"),
+        "--unix".into(),
+        p("nbd.sock"),
+    ];
+    Daemon::start_in(ddir, args)
+}
+
+/// `nbdcryptctl reencrypt URI --key-file K ARGS` with `env`.
+fn reencrypt(uri: &str, k: &Path, args: &[&str], env: &[(&str, &str)]) -> Out {
+    let mut c = std::process::Command::new(ctl_binary());
+    c.arg("reencrypt")
+        .arg(uri)
+        .arg("--key-file")
+        .arg(k)
+        .args(args)
+        .env_remove("NBDCRYPT_CONTROL");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    run(&mut c, TOOL_TIMEOUT)
+}
+
+/// The upstream's bytes (ciphertext), copied out with nbdcopy into `dir/name`.
+fn copy_out(uri: &str, dir: &Path, name: &str) -> PathBuf {
+    let img = dir.join(name);
+    run(tool("nbdcopy").arg(uri).arg(&img), TOOL_TIMEOUT).success();
+    img
+}
+
 #[test]
-fn reencrypt_over_an_upstream_is_refused_with_the_way_to_do_it() {
+fn offline_reencrypt_over_nbd_recovers_a_crash_inside_a_zone_and_keeps_the_data() {
     let dir = tempdir();
-    let (_up, uri) = nbdkit_unix(dir.path(), "mem", &["memory", "48M"]);
-    let k = key(dir.path(), "k", b"pw");
+    let d = dir.path();
+    let (_up, uri) = nbdkit_unix(d, "mem", &["memory", "48M"]);
+    let k = key(d, "k", b"reencrypt over nbd");
     format(&uri, &k).success();
-    let before = ctl(&[os("dump"), os(&uri), os("--json")]).success().stdout;
-    let out = ctl(&[os("reencrypt"), os(&uri), os("--key-file"), k.as_os_str()]);
-    no_panic(&out);
-    assert_eq!(out.code(), Some(1), "{}", out.details());
-    assert!(
-        out.stderr.contains("not supported") && out.stderr.contains("nbdcopy"),
-        "{}",
-        out.stderr
+    let data = random_bytes(12, 6 * MIB as usize);
+    let src = d.join("data.bin");
+    std::fs::write(&src, &data).unwrap();
+    {
+        let dm = daemon(&uri);
+        dm.unlock(b"reencrypt over nbd").success();
+        run(
+            tool("nbdcopy").arg(&src).arg(dm.uri()).arg("--flush"),
+            TOOL_TIMEOUT,
+        )
+        .success();
+    }
+    let old = copy_out(&uri, d, "before.img");
+    let before = read_at(&old, 16 * MIB, data.len());
+    std::fs::remove_file(&old).unwrap();
+
+    // Killed inside its fourth zone (test hook: half the zone written, then abort).
+    let out = reencrypt(
+        &uri,
+        &k,
+        &["--hotzone-size", "1M"],
+        &[("NBDCRYPT_TEST_REENCRYPT_CRASH_AFTER_ZONES", "3")],
     );
-    // --status only reads: it works over NBD.
+    no_panic(&out);
+    assert!(
+        !out.ok() && out.stderr.contains("simulated crash"),
+        "{}",
+        out.details()
+    );
     let st = ctl(&[os("reencrypt"), os(&uri), os("--status")]).success();
     assert!(
-        st.stdout.contains("no re-encryption in progress"),
+        st.stdout.contains("in progress") && st.stdout.contains("interrupted"),
         "{}",
         st.stdout
     );
-    let after = ctl(&[os("dump"), os(&uri), os("--json")]).success().stdout;
-    assert_eq!(before, after, "the refused reencrypt changed the header");
+    // Resumed over NBD: the half-written zone is recovered, the rest re-encrypted.
+    let out = reencrypt(&uri, &k, &[], &[]).success();
+    assert!(
+        out.stderr.contains("recovering an interrupted zone"),
+        "{}",
+        out.details()
+    );
+
+    // nbdcryptd reads the same plaintext under the new key.
+    let dm = daemon(&uri);
+    dm.unlock(b"reencrypt over nbd").success();
+    let back = d.join("back.bin");
+    run(tool("nbdcopy").arg(dm.uri()).arg(&back), TOOL_TIMEOUT).success();
+    let got = std::fs::read(&back).unwrap();
+    assert_eq!(
+        first_difference(&got[..data.len()], &data),
+        None,
+        "data changed by the re-encryption"
+    );
+    drop(dm);
+    // A new volume key: every 4 KiB sector of the data area is new ciphertext.
+    let img = copy_out(&uri, d, "after.img");
+    let after = read_at(&img, 16 * MIB, data.len());
+    let same = before
+        .chunks(4096)
+        .zip(after.chunks(4096))
+        .filter(|(a, b)| a == b)
+        .count();
+    assert_eq!(same, 0, "{same} sectors were not re-encrypted");
+    // And cryptsetup opens the result (copied out of the upstream).
+    let dump = run(
+        cryptsetup()
+            .args(["luksDump", "--disable-locks"])
+            .arg(&img),
+        TOOL_TIMEOUT,
+    )
+    .success()
+    .stdout;
+    assert!(!dump.contains("reencrypt"), "{dump}");
+    run(
+        cryptsetup()
+            .args(["open", "--test-passphrase", "--disable-locks", "--key-file"])
+            .arg(&k)
+            .arg(&img),
+        TOOL_TIMEOUT,
+    )
+    .success();
 }
 
 /// The verdicts of `dump` and `test-key` on one volume: (dump ok, test-key ok), and whether

@@ -13,7 +13,7 @@ use clap::Args;
 use nbdcrypt::audit::{AuditEvent, AuditEventKind, AuditLog};
 use nbdcrypt::crypto::keys::SecretBytes;
 use nbdcrypt::luks2::reencrypt::{
-    self, DirectFileIo, FileIo, KeyAge, NewSlot, Reencryption, Resilience, StartParams, ZoneIo,
+    self, BlockIo, DirectFileIo, FileIo, KeyAge, NewSlot, Reencryption, Resilience, StartParams, ZoneIo,
 };
 use nbdcrypt::luks2::Luks2Header;
 
@@ -207,12 +207,9 @@ pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
             }
         };
     }
-    if let Some(uri) = super::upstream::uri_of(&a.volume) {
-        return Err(super::upstream::reencrypt_refusal(uri));
-    }
     let vol = Volume::open(&a.volume, true)?;
     // A re-encryption cut between its final commit and the end of its wipe: finish the wipe.
-    match reencrypt::complete_pending_wipe(vol.local()?).map_err(|e| vol.explain(e))? {
+    match reencrypt::complete_pending_wipe(&vol.io).map_err(|e| vol.explain(e))? {
         reencrypt::PendingWipe::Nothing => {}
         reencrypt::PendingWipe::Wiped(n, bytes) => eprintln!(
             "{}: wiped {n} old keyslot area(s) ({}) an interrupted re-encryption left",
@@ -269,7 +266,7 @@ pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
                         st.resilience.name()
                     );
                 }
-                let r = Reencryption::open(vol.local()?, &secrets, &limits)
+                let r = Reencryption::open(&vol.io, &secrets, &limits)
                     .map_err(|e| vol.explain(e))?;
                 audit.record("resume", |e| e.detail("frontier", r.frontier()));
                 r
@@ -296,18 +293,28 @@ pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
         {
             // Test builds only: n zones, then die inside the next one (after its hot-zone
             // commit, half of it written), as kill -9 or a power cut would.
-            let io = FileIo(vol.local()?);
+            let (file_io, block_io);
+            let io: &dyn ZoneIo = match vol.io.upstream() {
+                Some(up) => {
+                    block_io = BlockIo(&**up);
+                    &block_io
+                }
+                None => {
+                    file_io = FileIo(vol.local()?);
+                    &file_io
+                }
+            };
             for _ in 0..n {
-                r.step(vol.local()?, &io).map_err(|e| vol.explain(e))?;
+                r.step(&vol.io, io).map_err(|e| vol.explain(e))?;
             }
-            r.step_then_crash_test(vol.local()?, &io)
+            r.step_then_crash_test(&vol.io, io)
                 .map_err(|e| vol.explain(e))?;
             eprintln!("nbdcryptctl: test hook: simulated crash inside a zone");
             std::process::abort();
         }
         run_zones(&a, &vol, &mut r, &audit)?;
         let hdr = r
-            .finish_dropping_orphans(vol.local()?, |t| {
+            .finish_dropping_orphans(&vol.io, |t| {
                 nbdcrypt::luks2::tokens::format::is_ours(t.type_name())
             })
             .map_err(|e| vol.explain(e))?;
@@ -483,7 +490,7 @@ fn start(
         now_unix: now,
     };
     let kept: Vec<u32> = slots.iter().map(|s| s.old_slot).collect();
-    let r = Reencryption::start(vol.local()?, hdr, old_key, slots, &params)
+    let r = Reencryption::start(&vol.io, hdr, old_key, slots, &params)
         .map_err(|e| vol.explain(e))?;
     audit.record("start", |e| {
         e.detail("resilience", resilience.name())
@@ -524,13 +531,22 @@ fn run_zones(
     r: &mut Reencryption,
     audit: &Audit,
 ) -> anyhow::Result<()> {
-    let direct;
-    let buffered = FileIo(vol.local()?);
-    let io: &dyn ZoneIo = if a.buffered {
-        &buffered
-    } else {
-        direct = DirectFileIo::open(vol.local()?);
-        &direct
+    let (direct, buffered, block);
+    // The data moves through the same device the header lives on: a local file (O_DIRECT
+    // unless --buffered) or the upstream NBD export (its FLUSH makes each zone durable).
+    let io: &dyn ZoneIo = match vol.io.upstream() {
+        Some(up) => {
+            block = BlockIo(&**up);
+            &block
+        }
+        None if a.buffered => {
+            buffered = FileIo(vol.local()?);
+            &buffered
+        }
+        None => {
+            direct = DirectFileIo::open(vol.local()?);
+            &direct
+        }
     };
     let total = r.data_size();
     let bar = !a.quiet && !a.no_progress_bar && std::io::stderr().is_terminal();
@@ -542,7 +558,7 @@ fn run_zones(
         next_checkpoint += total / 4;
     }
     loop {
-        let done = r.step(vol.local()?, io).map_err(|e| {
+        let done = r.step(&vol.io, io).map_err(|e| {
             if bar {
                 eprintln!();
             }

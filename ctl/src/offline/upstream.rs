@@ -13,8 +13,8 @@ Volumes on another NBD server: VOLUME may also be a libnbd-style URI of an NBD e
 nbds+unix:///EXPORT?socket=PATH&tls-certificates=DIR or nbds://HOST[:PORT]/EXPORT?tls-certificates=DIR
 (DIR holds ca-cert.pem, plus client-cert.pem and client-key.pem to present a client certificate;
 tls-hostname=NAME checks that name in the server's certificate). Quote the URI in a shell. The
-header is read and written over NBD and checked like a local one. `reencrypt VOLUME` needs a
-local file or block device.
+header is read and written over NBD and checked like a local one; `reencrypt` reads and writes
+every data byte over NBD, and its crash safety rests on the server honouring FLUSH.
 Locking on an upstream is best effort: NBD has no locks, so nothing is locked on the upstream
 side. nbdcryptctl cannot see an nbdcryptd (on this or another host) serving the export and takes
 no cryptsetup header lock there; it only re-reads the header's sequence number before each update
@@ -40,15 +40,4 @@ pub fn warn_unlocked(uri: &str) {
         "nbdcryptctl: note: {uri} is an NBD export: no lock protects it; make sure no nbdcryptd \
          serves it while this command runs (see --help)"
     );
-}
-
-/// Why `reencrypt VOLUME` refuses an upstream, and what to do instead.
-pub fn reencrypt_refusal(uri: &str) -> anyhow::Error {
-    anyhow::anyhow!(
-        "{uri}: offline re-encryption of a volume on an upstream NBD export is not supported (it \
-         needs a local file or block device); the online form `nbdcryptctl reencrypt --control \
-         SOCK` does not support upstream volumes yet either. To re-encrypt it: stop every \
-         nbdcryptd serving it, copy it to a local file (`nbdcopy '{uri}' vol.img`), run \
-         `nbdcryptctl reencrypt vol.img`, and copy it back (`nbdcopy vol.img '{uri}'`)"
-    )
 }
