@@ -8,6 +8,8 @@
 
 #[path = "hostile/generator.rs"]
 mod generator;
+#[path = "../../ctl/tests/moto/mod.rs"]
+mod moto;
 #[path = "common/pki.rs"]
 mod pki;
 
@@ -309,6 +311,97 @@ fn an_unreachable_upstream_is_a_clear_error_naming_the_uri_and_the_cause() {
     assert!(out.stderr.contains("socket="), "{}", out.stderr);
 }
 
+/// Token operations over NBD-over-TLS on a Unix socket: `enroll --kms` writes a keyslot and a
+/// token through the upstream, `test-token` unseals it through moto's KMS and opens the keyslot,
+/// `unenroll` removes both; the recovery passphrase still opens the volume.
+#[test]
+fn kms_enroll_test_token_unenroll_over_an_nbds_unix_upstream() {
+    let m = moto::Moto::start();
+    let dir = tempdir();
+    let d = dir.path();
+    let pki = pki::generate(&d.join("pki"), "upstream CA", "nbdcryptctl client");
+    let sock = d.join("tls.sock");
+    let child = tool("nbdkit")
+        .args(["-f", "-U"])
+        .arg(&sock)
+        .arg("--tls=require")
+        .arg(format!("--tls-certificates={}", pki.server().display()))
+        .args(["--tls-verify-peer", "memory", "48M"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nbdkit");
+    let _up = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < deadline, "nbdkit never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let uri = format!(
+        "nbds+unix:///?socket={}&tls-certificates={}",
+        sock.display(),
+        pki.client().display()
+    );
+    let recovery = key(d, "recovery", b"recovery passphrase");
+    format(&uri, &recovery).success();
+    let kms_key = m.create_key(None);
+    let aws = |args: &[&OsStr]| {
+        let mut c = std::process::Command::new(ctl_binary());
+        moto::aws_env(&mut c);
+        c.args(args)
+            .env_remove("NBDCRYPT_CONTROL")
+            .stdin(Stdio::null());
+        run(&mut c, TOOL_TIMEOUT)
+    };
+    aws(&[
+        os("enroll"),
+        os(&uri),
+        os("--kms"),
+        os(&kms_key),
+        os("--region"),
+        os(moto::REGION),
+        os("--kms-endpoint"),
+        os(&m.endpoint),
+        os("--key-file"),
+        recovery.as_os_str(),
+    ])
+    .success();
+    assert_eq!(slots(&uri), ["0", "1"]);
+    let out = aws(&[
+        os("test-token"),
+        os(&uri),
+        os("--kms-endpoint"),
+        os(&m.endpoint),
+        os("--kms-region"),
+        os(moto::REGION),
+        os("--kms-allow-key"),
+        os(&kms_key),
+    ])
+    .success();
+    assert!(out.stdout.contains("keyslot 1"), "{}", out.details());
+    // Negative control: with the key disabled in the KMS the token no longer opens anything.
+    m.disable_key(&kms_key);
+    let out = aws(&[
+        os("test-token"),
+        os(&uri),
+        os("--kms-endpoint"),
+        os(&m.endpoint),
+        os("--kms-region"),
+        os(moto::REGION),
+        os("--kms-allow-key"),
+        os(&kms_key),
+    ]);
+    no_panic(&out);
+    assert!(!out.ok(), "{}", out.details());
+    aws(&[os("unenroll"), os(&uri), os("--slot"), os("1")]).success();
+    assert_eq!(slots(&uri), ["0"]);
+    let dump = ctl(&[os("dump"), os(&uri), os("--json")]).success().stdout;
+    let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(v["tokens"], serde_json::json!([]), "{dump}");
+    test_key(os(&uri), &recovery).success();
+}
+
 /// `nbdcryptd --volume URI` (started locked) with its sockets in a new temporary directory.
 fn daemon(uri: &str) -> Daemon {
     let ddir = tempdir();
@@ -419,9 +512,7 @@ fn offline_reencrypt_over_nbd_recovers_a_crash_inside_a_zone_and_keeps_the_data(
     assert_eq!(same, 0, "{same} sectors were not re-encrypted");
     // And cryptsetup opens the result (copied out of the upstream).
     let dump = run(
-        cryptsetup()
-            .args(["luksDump", "--disable-locks"])
-            .arg(&img),
+        cryptsetup().args(["luksDump", "--disable-locks"]).arg(&img),
         TOOL_TIMEOUT,
     )
     .success()

@@ -13,7 +13,8 @@ use clap::Args;
 use nbdcrypt::audit::{AuditEvent, AuditEventKind, AuditLog};
 use nbdcrypt::crypto::keys::SecretBytes;
 use nbdcrypt::luks2::reencrypt::{
-    self, BlockIo, DirectFileIo, FileIo, KeyAge, NewSlot, Reencryption, Resilience, StartParams, ZoneIo,
+    self, BlockIo, DirectFileIo, FileIo, KeyAge, NewSlot, Reencryption, Resilience, StartParams,
+    ZoneIo,
 };
 use nbdcrypt::luks2::Luks2Header;
 
@@ -266,8 +267,8 @@ pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
                         st.resilience.name()
                     );
                 }
-                let r = Reencryption::open(&vol.io, &secrets, &limits)
-                    .map_err(|e| vol.explain(e))?;
+                let r =
+                    Reencryption::open(&vol.io, &secrets, &limits).map_err(|e| vol.explain(e))?;
                 audit.record("resume", |e| e.detail("frontier", r.frontier()));
                 r
             }
@@ -490,8 +491,8 @@ fn start(
         now_unix: now,
     };
     let kept: Vec<u32> = slots.iter().map(|s| s.old_slot).collect();
-    let r = Reencryption::start(&vol.io, hdr, old_key, slots, &params)
-        .map_err(|e| vol.explain(e))?;
+    let r =
+        Reencryption::start(&vol.io, hdr, old_key, slots, &params).map_err(|e| vol.explain(e))?;
     audit.record("start", |e| {
         e.detail("resilience", resilience.name())
             .detail("key_bits", params.key_size * 8)

@@ -1487,7 +1487,11 @@ impl Reencryption {
     }
 
     /// Records the rate cap in the header (one commit, under the header lock); `None` removes it.
-    pub fn set_max_rate(&mut self, file: &dyn HeaderIo, rate: Option<u64>) -> Result<(), FormatError> {
+    pub fn set_max_rate(
+        &mut self,
+        file: &dyn HeaderIo,
+        rate: Option<u64>,
+    ) -> Result<(), FormatError> {
         if self.max_rate() == rate.map(|r| r.max(MIN_RECORDED_RATE)) {
             return Ok(());
         }
