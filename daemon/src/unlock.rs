@@ -16,7 +16,7 @@ use crate::crypto::xts::SectorCipher;
 use crate::luks2::tokens::enroll::{self, EnrollError, TokenFailureReason};
 use crate::luks2::tokens::quorum::{self, QuorumError, QuorumToken};
 use crate::luks2::tokens::resolver;
-use crate::luks2::{FormatError, Luks2Header, SegmentSize};
+use crate::luks2::{FormatError, Luks2Header, SegmentSize, VolumeIo};
 use crate::seal::pin::VolumePin;
 use crate::seal::SealSettings;
 
@@ -87,9 +87,11 @@ impl From<FormatError> for UnlockError {
 pub struct Volume {
     path: PathBuf,
     file_options: FileOptions,
-    /// Held for the daemon's life: no second daemon serves this volume. Every later open of the
-    /// volume goes through it.
-    claim: File,
+    /// A local file or block device, claimed for the daemon's life (no second daemon serves
+    /// it; every later open of the volume goes through this descriptor); or, for `--volume
+    /// nbd://…`, the upstream NBD export that holds header and data (no claim and no header
+    /// lock exist there: best effort, see `luks2::VolumeIo`).
+    backing: VolumeIo,
     limits: KdfLimits,
     /// Which volume may be unlocked; checked at every unlock (see [`Volume::pinned`]).
     pin: VolumePin,
@@ -97,9 +99,6 @@ pub struct Volume {
     online: reencrypt::Online,
     /// Shares of quorums being assembled (locked memory, forgotten after a timeout).
     shares: ShareStore,
-    /// `--volume nbd://…`: header and data live on an upstream NBD export (`claim` is then a
-    /// placeholder on /dev/null, never read or written: every path below checks this first).
-    upstream: Option<Arc<crate::upstream::UpstreamDevice>>,
 }
 
 impl Volume {
@@ -124,12 +123,11 @@ impl Volume {
         let vol = Volume {
             path: path.to_owned(),
             file_options,
-            claim,
+            backing: VolumeIo::Local(claim),
             limits: KdfLimits::default(),
             pin: VolumePin::default(),
             online: reencrypt::Online::default(),
             shares: ShareStore::default(),
-            upstream: None,
         };
         let (header, _) = vol.read_header()?;
         let info = vol.info(&header, &*vol.open_backing()?)?;
@@ -143,29 +141,18 @@ impl Volume {
         uri: &str,
         file_options: FileOptions,
     ) -> Result<(Volume, VolumeInfo), UnlockError> {
-        let up =
-            crate::upstream::open(uri, !file_options.read_only).map_err(UnlockError::Backing)?;
-        let dev = crate::upstream::UpstreamDevice::new(
-            up,
-            file_options.read_only,
-            file_options.allow_discards,
-        );
-        // A probe first, so an upstream failure is reported with its reason.
-        crate::luks2::HeaderIo::pread_exact(&dev, &mut [0u8; 4096], 0)
-            .map_err(|e| UnlockError::Backing(format!("{uri}: cannot read the header: {e}")))?;
-        let claim = File::open("/dev/null").map_err(|source| UnlockError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        // Connects and reads the first sector, so an upstream failure is reported with its reason.
+        let backing =
+            VolumeIo::open_upstream(uri, !file_options.read_only, file_options.allow_discards)
+                .map_err(UnlockError::Backing)?;
         let vol = Volume {
             path: path.to_owned(),
             file_options,
-            claim,
+            backing,
             limits: KdfLimits::default(),
             pin: VolumePin::default(),
             online: reencrypt::Online::default(),
             shares: ShareStore::default(),
-            upstream: Some(Arc::new(dev)),
         };
         let (header, _) = vol.read_header()?;
         let info = vol.info(&header, &*vol.open_backing()?)?;
@@ -174,7 +161,7 @@ impl Volume {
 
     /// Whether header and data live on an upstream NBD export.
     pub fn is_upstream(&self) -> bool {
-        self.upstream.is_some()
+        self.backing.is_upstream()
     }
 
     /// Pins the volume: refuses now if the header names another UUID, and from then on refuses
@@ -188,9 +175,19 @@ impl Volume {
 
     /// The claimed file, by descriptor: a new open file description of the same inode (so the
     /// backend can still have its own O_DIRECT / O_DSYNC descriptors), whatever the path now names.
-    fn claimed_path(&self) -> PathBuf {
+    /// An error for an upstream NBD export (callers check `backing.upstream()` first).
+    fn claimed_path(&self) -> Result<PathBuf, UnlockError> {
         use std::os::fd::AsRawFd;
-        PathBuf::from(format!("/proc/self/fd/{}", self.claim.as_raw_fd()))
+        match self.backing.local_file() {
+            Some(claim) => Ok(PathBuf::from(format!(
+                "/proc/self/fd/{}",
+                claim.as_raw_fd()
+            ))),
+            None => Err(UnlockError::Backing(format!(
+                "{}: an upstream NBD export has no local file",
+                self.path.display()
+            ))),
+        }
     }
 
     /// How long the shares of an incomplete quorum are kept (`--share-timeout`).
@@ -211,26 +208,25 @@ impl Volume {
     }
 
     fn open_backing(&self) -> Result<Arc<dyn BlockDevice>, UnlockError> {
-        if let Some(up) = &self.upstream {
+        if let Some(up) = self.backing.upstream() {
             return Ok(up.clone());
         }
-        let dev = FileDevice::open(&self.claimed_path(), self.file_options.clone())
+        let dev = FileDevice::open(&self.claimed_path()?, self.file_options.clone())
             .map_err(|e| UnlockError::Backing(format!("{}: {e}", self.path.display())))?;
         Ok(Arc::new(dev))
     }
 
     fn read_header(&self) -> Result<(Luks2Header, Arc<dyn crate::luks2::HeaderIo>), UnlockError> {
-        let file: Arc<dyn crate::luks2::HeaderIo> = match &self.upstream {
-            Some(up) => up.clone(),
-            None => {
-                Arc::new(
-                    File::open(self.claimed_path()).map_err(|source| UnlockError::Io {
+        let file: Arc<dyn crate::luks2::HeaderIo> =
+            match self.backing.upstream() {
+                Some(up) => up.clone(),
+                None => Arc::new(File::open(self.claimed_path()?).map_err(|source| {
+                    UnlockError::Io {
                         path: self.path.clone(),
                         source,
-                    })?,
-                )
-            }
-        };
+                    }
+                })?),
+            };
         // A volume in the middle of a re-encryption is read too (for its UUID and layout); only
         // `unlock` (through `luks2::reencrypt`, digest verified) acts on its re-encryption state.
         let header = crate::luks2::online::read_any_header(&file)?;
@@ -296,10 +292,10 @@ impl Volume {
     /// The re-encryption the header says is in progress (not digest-verified: for layout and
     /// routing the unlock only; `reencrypt::unlock_resuming` verifies before acting).
     fn reencrypt_state(&self) -> Result<Option<crate::luks2::reencrypt::ReencState>, UnlockError> {
-        if let Some(up) = &self.upstream {
+        if let Some(up) = self.backing.upstream() {
             return Ok(crate::luks2::reencrypt::peek(&**up)?);
         }
-        let file = File::open(self.claimed_path()).map_err(|source| UnlockError::Io {
+        let file = File::open(self.claimed_path()?).map_err(|source| UnlockError::Io {
             path: self.path.clone(),
             source,
         })?;
@@ -530,7 +526,7 @@ impl Volume {
         settings: &SealSettings,
     ) -> Result<String, String> {
         let p = self.path.display();
-        if self.upstream.is_some() {
+        if self.backing.is_upstream() {
             return Err(format!(
                 "{p}: rekeying tokens on an upstream volume is not supported yet"
             ));
@@ -538,7 +534,7 @@ impl Volume {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open(self.claimed_path())
+            .open(self.claimed_path().map_err(|e| e.to_string())?)
             .map_err(|e| format!("cannot open {p} for writing: {e}"))?;
         let (mut header, _) = Luks2Header::read(&file).map_err(|e| format!("{p}: {e}"))?;
         let targets: Vec<u32> = header

@@ -131,7 +131,7 @@ pub fn enroll(a: &EnrollArgs, seal: &SealSettings) -> anyhow::Result<()> {
         a.kdf_limits.limits(),
     )?;
     let event = AuditEvent::new(AuditEventKind::Enrol).volume(hdr.uuid());
-    match luks::enroll(&vol.file, &mut hdr, &key, &pin, &settings) {
+    match luks::enroll(&vol.io, &mut hdr, &key, &pin, &settings) {
         Ok(Enrolled { keyslot, token_id }) => {
             let what = hdr
                 .token(token_id)

@@ -30,7 +30,7 @@ Examples:
 
 #[derive(Args, Debug)]
 pub struct DumpArgs {
-    /// Volume file, block device, detached header or header backup.
+    /// Volume file, block device, detached header, header backup, or NBD URI.
     #[arg(value_name = "VOLUME")]
     pub volume: PathBuf,
     /// Machine-readable JSON on standard output.
@@ -50,9 +50,6 @@ pub struct DumpArgs {
 }
 
 pub fn run(a: DumpArgs) -> anyhow::Result<()> {
-    if super::upstream::is_uri(&a.volume) {
-        return super::upstream::dump_run(a);
-    }
     let vol = Volume::open(&a.volume, false)?;
     if a.dump_volume_key {
         return dump_volume_key(&vol, &a);
@@ -309,7 +306,7 @@ fn dump_volume_key(vol: &Volume, a: &DumpArgs) -> anyhow::Result<()> {
         &format!("Enter passphrase for {p}: "),
     )?;
     let (key, slot) = hdr
-        .unlock(&vol.file, &pass, &a.kdf_limits.limits())
+        .unlock(&vol.io, &pass, &a.kdf_limits.limits())
         .map_err(|e| vol.explain(e))?;
     drop(pass);
     confirmed(

@@ -214,7 +214,7 @@ impl<const REKEY: bool> clap::Args for Holders<REKEY> {
 
 #[derive(Args, Debug)]
 pub struct EnrollArgs {
-    /// Volume file or block device.
+    /// Volume file, block device, or NBD URI (nbd+unix:///EXPORT?socket=PATH, nbds://HOST/EXPORT).
     #[arg(value_name = "VOLUME")]
     pub volume: PathBuf,
     #[command(flatten)]
@@ -253,7 +253,7 @@ pub struct EnrollArgs {
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("which").required(true).args(["slot", "token"])))]
 pub struct UnenrollArgs {
-    /// Volume file or block device.
+    /// Volume file, block device, or NBD URI (nbd+unix:///EXPORT?socket=PATH, nbds://HOST/EXPORT).
     #[arg(value_name = "VOLUME")]
     pub volume: PathBuf,
     /// The keyslot of the enrolment to remove.
@@ -270,7 +270,7 @@ pub struct UnenrollArgs {
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("which").required(true).args(["slot", "all_tokens"])))]
 pub struct RekeyArgs {
-    /// Volume file or block device (or --control to have a running nbdcryptd do it).
+    /// Volume file, block device or NBD URI (or --control to have a running nbdcryptd do it).
     #[arg(value_name = "VOLUME", required_unless_present = "control")]
     pub volume: Option<PathBuf>,
     /// Ask the running nbdcryptd behind this control socket to re-seal its volume's tokens under
@@ -304,7 +304,7 @@ pub struct RekeyArgs {
 
 #[derive(Args, Debug)]
 pub struct TestTokenArgs {
-    /// Volume file or block device.
+    /// Volume file, block device, or NBD URI (nbd+unix:///EXPORT?socket=PATH, nbds://HOST/EXPORT).
     #[arg(value_name = "VOLUME")]
     pub volume: PathBuf,
     /// Only try this token.
@@ -368,7 +368,7 @@ pub(super) fn unlock_by_passphrase(
         &format!("Enter any existing passphrase for {}: ", vol.path.display()),
     )?;
     let (key, slot) = hdr
-        .unlock(&vol.file, &pass, &limits)
+        .unlock(&vol.io, &pass, &limits)
         .map_err(|e| vol.explain(e))?;
     eprintln!("keyslot {slot} unlocked");
     Ok(key)
@@ -407,7 +407,7 @@ pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
     let event = AuditEvent::new(AuditEventKind::Enrol)
         .volume(hdr.uuid())
         .provider(kind.name(), Some(&requested));
-    match seal_enroll::enroll(&vol.file, &mut hdr, &key, &*provider) {
+    match seal_enroll::enroll(&vol.io, &mut hdr, &key, &*provider) {
         Ok(Enrolled { keyslot, token_id }) => {
             let arn = token_key(&hdr, token_id).unwrap_or(requested);
             audit.record(
@@ -490,7 +490,7 @@ fn enroll_quorum(
         .provider("quorum", None)
         .detail("threshold", k)
         .detail("holders", n);
-    match quorum::enroll(&vol.file, &mut hdr, &key, k, &new) {
+    match quorum::enroll(&vol.io, &mut hdr, &key, k, &new) {
         Ok(Enrolled { keyslot, token_id }) => {
             drop(new);
             let q = hdr
@@ -585,7 +585,7 @@ pub fn unenroll(a: UnenrollArgs) -> anyhow::Result<()> {
         (None, None) => bail!("name the enrolment with --slot N or --token N"),
     };
     let event = AuditEvent::new(AuditEventKind::Unenrol).volume(hdr.uuid());
-    match seal_enroll::unenroll(&vol.file, &mut hdr, target) {
+    match seal_enroll::unenroll(&vol.io, &mut hdr, target) {
         Ok(u) => {
             let mut ev = event.detail("token", u.token_id);
             if let Some(k) = u.keyslot {
@@ -665,7 +665,7 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
         let mut last = None;
         let mut found = None;
         for (id, _) in &targets {
-            match seal_enroll::unlock_with_token(&vol.file, &hdr, *id, &resolve) {
+            match seal_enroll::unlock_with_token(&vol.io, &hdr, *id, &resolve) {
                 Ok((k, slot)) => {
                     eprintln!("keyslot {slot} unlocked by token {id}");
                     found = Some(k);
@@ -708,7 +708,7 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
             .detail("old_token", id)
             .detail("old_keyslot", old.keyslot)
             .detail("old_key", old_key.clone().unwrap_or_default());
-        match seal_enroll::rekey(&vol.file, &mut hdr, id, &key, &*new_provider) {
+        match seal_enroll::rekey(&vol.io, &mut hdr, id, &key, &*new_provider) {
             Ok(r) => {
                 let new_key =
                     token_key(&hdr, r.new.token_id).unwrap_or_else(|| new_provider.key_reference());
@@ -771,7 +771,7 @@ fn quorum_by_machines(
             }
         }
         let refs: Vec<_> = shares.iter().collect();
-        match quorum::open_keyslot(&vol.file, hdr, &q, &refs) {
+        match quorum::open_keyslot(&vol.io, hdr, &q, &refs) {
             Ok(key) => return Ok((key, q.keyslot, id)),
             Err(e) => {
                 let mut m = format!("quorum token {id} (keyslot {}): {e}", q.keyslot);
@@ -807,18 +807,17 @@ pub fn test_token(a: TestTokenArgs) -> anyhow::Result<()> {
     };
     let result = match a.token {
         Some(id) if is_quorum(id) => quorum_by_machines(&vol, &hdr, &settings, Some(id)),
-        Some(id) => seal_enroll::unlock_with_token(&vol.file, &hdr, id, &resolve)
+        Some(id) => seal_enroll::unlock_with_token(&vol.io, &hdr, id, &resolve)
             .map(|(k, slot)| (k, slot, id)),
         None => {
-            let opened =
-                seal_enroll::unlock_with_tokens(&vol.file, &hdr, &resolve).or_else(|ours| {
-                    nbdcrypt::luks2::tokens::clevis::unlock_after_ours(
-                        &vol.file,
-                        &hdr,
-                        &settings.clevis(),
-                        ours,
-                    )
-                });
+            let opened = seal_enroll::unlock_with_tokens(&vol.io, &hdr, &resolve).or_else(|ours| {
+                nbdcrypt::luks2::tokens::clevis::unlock_after_ours(
+                    &vol.io,
+                    &hdr,
+                    &settings.clevis(),
+                    ours,
+                )
+            });
             match opened {
                 Err(EnrollError::NoTokens) if !quorum::tokens(&hdr).is_empty() => {
                     quorum_by_machines(&vol, &hdr, &settings, None)

@@ -2,13 +2,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
 
-use nbdcrypt::luks2::{format, FormatParams, Luks2Header};
+use nbdcrypt::luks2::{format, FormatParams, HeaderIo, Luks2Header, VolumeIo};
 
 use super::{bytes_human, confirmed, describe_kdf, PbkdfArgs, Volume};
 use crate::secret_input::{io_reason, read_new, Source};
@@ -30,11 +30,12 @@ Examples:
   nbdcryptctl format /dev/sdb --label backups   # a block device
   head -c 64 /dev/urandom > key.bin             # a random binary key file...
   nbdcryptctl format vol.img --size 1G --key-file key.bin --yes    # ...used as-is
-  nbdcryptctl format vol.img --sector-size 512 --key-size 256 --pbkdf pbkdf2 --iter-time 1000";
+  nbdcryptctl format vol.img --sector-size 512 --key-size 256 --pbkdf pbkdf2 --iter-time 1000
+  nbdcryptctl format 'nbd+unix:///disk?socket=/run/up.sock'  # an export of another NBD server";
 
 #[derive(Args, Debug)]
 pub struct FormatArgs {
-    /// Volume file or block device.
+    /// Volume file, block device, or NBD URI (nbd+unix:///EXPORT?socket=PATH, nbds://HOST/EXPORT).
     #[arg(value_name = "VOLUME")]
     pub volume: PathBuf,
     /// Create VOLUME as a file of this size if it does not exist (bytes, or with a K/M/G/T
@@ -100,9 +101,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 pub fn run(a: FormatArgs) -> anyhow::Result<()> {
-    if super::upstream::is_uri(&a.volume) {
-        return super::upstream::format_run(a);
-    }
     let key_size = a.key_size / 8;
     let label = a.label.clone().unwrap_or_default();
     if label.len() > 47 || label.contains('\0') {
@@ -116,6 +114,25 @@ pub fn run(a: FormatArgs) -> anyhow::Result<()> {
     });
     let data_offset = params_probe.data_offset;
     let min_size = data_offset + u64::from(a.sector_size);
+
+    if let Some(uri) = super::upstream::uri_of(path) {
+        if a.size.is_some() {
+            bail!(
+                "--size creates local files; the NBD export {uri} has the size its server gives \
+                 it (e.g. nbdkit memory SIZE, or the size of the file nbdkit serves)"
+            );
+        }
+        let vol = Volume::open(path, true)?;
+        return format_open(
+            &vol,
+            &a,
+            false,
+            key_size,
+            label,
+            &mut params_probe,
+            min_size,
+        );
+    }
 
     // Open or create the target. A file we create is removed again if formatting fails.
     let created;
@@ -187,7 +204,7 @@ pub fn run(a: FormatArgs) -> anyhow::Result<()> {
     }
     let vol = Volume {
         path: path.clone(),
-        file,
+        io: VolumeIo::Local(file),
     };
     let result = format_open(
         &vol,
@@ -227,7 +244,11 @@ fn format_open(
     min_size: u64,
 ) -> anyhow::Result<()> {
     let p = vol.path.display();
-    let size = device_size(&vol.file).map_err(|e| anyhow!("{p}: {e}"))?;
+    let size = match vol.io.local_file() {
+        Some(file) => device_size(file),
+        None => HeaderIo::size(&vol.io).context("cannot find the export's size"),
+    }
+    .map_err(|e| anyhow!("{p}: {e:#}"))?;
     if size < min_size {
         bail!(
             "{p} is too small: {}; a LUKS2 volume needs at least {min_size} bytes (16 MiB of \
@@ -243,10 +264,15 @@ fn format_open(
         );
     }
     if !created {
-        if let Some(what) = existing_content(&vol.file).map_err(|e| anyhow!("{p}: {e}"))? {
+        if let Some(what) = existing_content(&vol.io).map_err(|e| anyhow!("{p}: {e}"))? {
+            let unlocked = if vol.io.is_upstream() {
+                "\nNo lock protects an NBD export: make sure no nbdcryptd serves it."
+            } else {
+                ""
+            };
             confirmed(
                 a.yes,
-                &format!("WARNING: {p} {what}.\nFormatting overwrites it irrevocably."),
+                &format!("WARNING: {p} {what}.\nFormatting overwrites it irrevocably.{unlocked}"),
             )?;
         }
     }
@@ -260,11 +286,11 @@ fn format_open(
     params.sector_size = a.sector_size;
     params.label = label;
     params.digest_iterations = a.pbkdf.digest_iterations();
-    let (hdr, key) = format(&vol.file, params, &passphrase).map_err(|e| vol.explain(e))?;
+    let (hdr, key) = format(&vol.io, params, &passphrase).map_err(|e| vol.explain(e))?;
     drop(key);
     drop(passphrase);
-    vol.file
-        .sync_all()
+    vol.io
+        .sync_durable()
         .map_err(|e| anyhow!("{p}: cannot sync: {}", io_reason(&e)))?;
     print_summary(vol, &hdr, size, &kdf);
     Ok(())
@@ -289,17 +315,14 @@ fn print_summary(vol: &Volume, hdr: &Luks2Header, size: u64, kdf: &nbdcrypt::luk
 }
 
 /// What a non-empty target holds, if anything: a LUKS header, or data in its first 4 KiB.
-fn existing_content(file: &File) -> anyhow::Result<Option<String>> {
+fn existing_content(file: &dyn HeaderIo) -> anyhow::Result<Option<String>> {
     let mut buf = [0u8; 4096];
-    let mut n = 0;
-    while n < buf.len() {
-        match file.read_at(&mut buf[n..], n as u64) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => bail!("cannot read: {}", io_reason(&e)),
-        }
-    }
+    let size = file
+        .size()
+        .map_err(|e| anyhow!("cannot find the size: {}", io_reason(&e)))?;
+    let n = usize::try_from(size.min(buf.len() as u64)).unwrap_or(buf.len());
+    file.pread_exact(&mut buf[..n], 0)
+        .map_err(|e| anyhow!("cannot read: {}", io_reason(&e)))?;
     if buf.starts_with(b"LUKS\xba\xbe") {
         let version = u16::from_be_bytes([buf[6], buf[7]]);
         return Ok(Some(match Luks2Header::read_metadata_only(file) {

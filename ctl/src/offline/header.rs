@@ -35,7 +35,7 @@ Examples:
 
 #[derive(Args, Debug)]
 pub struct BackupArgs {
-    /// Volume file or block device.
+    /// Volume file, block device, or NBD URI (nbd+unix:///EXPORT?socket=PATH, nbds://HOST/EXPORT).
     #[arg(value_name = "VOLUME")]
     pub volume: PathBuf,
     /// Backup file to create (must not exist).
@@ -48,7 +48,7 @@ pub struct BackupArgs {
 
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
-    /// Volume file or block device.
+    /// Volume file, block device, or NBD URI (nbd+unix:///EXPORT?socket=PATH, nbds://HOST/EXPORT).
     #[arg(value_name = "VOLUME")]
     pub volume: PathBuf,
     /// Backup file made by header-backup or cryptsetup luksHeaderBackup.
@@ -66,7 +66,7 @@ pub fn backup(a: BackupArgs) -> anyhow::Result<()> {
     let vol = Volume::open(&a.volume, false)?;
     // Read first for a clear message (not LUKS2, ...); the backup re-reads under the lock.
     let hdr = vol.header_metadata_only()?;
-    header_backup(&vol.file, &a.file).map_err(|e| vol.explain(e))?;
+    header_backup(&vol.io, &a.file).map_err(|e| vol.explain(e))?;
     println!(
         "header of {} (uuid {}) saved to {}: {}",
         vol.path.display(),
@@ -85,9 +85,12 @@ pub fn restore(a: RestoreArgs) -> anyhow::Result<()> {
     let vol = Volume::open(&a.volume, true)?;
     let p = vol.path.display();
     // Describe the backup before asking; header_restore validates it again.
+    if super::upstream::is_uri(&a.file) {
+        anyhow::bail!("the backup FILE must be a local file (copy it out with nbdcopy first)");
+    }
     let backup = Volume::open(&a.file, false)?;
-    let (b, _) = Luks2Header::read_metadata_only(&backup.file).map_err(|e| backup.explain(e))?;
-    let current = match Luks2Header::read_metadata_only(&vol.file) {
+    let (b, _) = Luks2Header::read_metadata_only(&backup.io).map_err(|e| backup.explain(e))?;
+    let current = match Luks2Header::read_metadata_only(&vol.io) {
         Ok((h, _)) => format!(
             "its current header (uuid {}, {} keyslots)",
             h.uuid(),
@@ -108,7 +111,7 @@ pub fn restore(a: RestoreArgs) -> anyhow::Result<()> {
     // The keyslots area (16 MiB by default, up to 128 MiB) is copied first: a bar on a terminal,
     // a line per tenth otherwise (crate::progress).
     let mut bar: Option<crate::progress::Progress> = None;
-    let hdr = header_restore_with_progress(&vol.file, &a.file, &mut |done, total| {
+    let hdr = header_restore_with_progress(&vol.io, &a.file, &mut |done, total| {
         bar.get_or_insert_with(|| crate::progress::Progress::new("restoring keyslots area", total))
             .set(done);
     })

@@ -22,7 +22,8 @@ Examples:
   nbdcryptctl add-key /srv/vol.img                    # asks the existing, then the new passphrase
   nbdcryptctl add-key vol.img --key-file old.key --new-key-file new.key
   printf 'old\\nnew\\n' | nbdcryptctl add-key vol.img  # two lines of standard input
-  nbdcryptctl add-key vol.img --pbkdf pbkdf2 --iter-time 500";
+  nbdcryptctl add-key vol.img --pbkdf pbkdf2 --iter-time 500
+  nbdcryptctl add-key 'nbds://10.0.0.5/disk?tls-certificates=/etc/nbdcrypt/up-tls'  # over NBD";
 
 pub const REMOVE_ABOUT: &str = "\
 Wipe the key material of a keyslot and remove it from the header. Asks for the passphrase of
@@ -87,7 +88,7 @@ impl KdfLimitArgs {
 
 #[derive(Args, Debug)]
 pub struct AddKeyArgs {
-    /// Volume file or block device.
+    /// Volume file, block device, or NBD URI (nbd+unix:///EXPORT?socket=PATH, nbds://HOST/EXPORT).
     #[arg(value_name = "VOLUME")]
     pub volume: PathBuf,
     /// Existing passphrase from this file (bytes as-is; `-` = standard input).
@@ -107,7 +108,7 @@ pub struct AddKeyArgs {
 
 #[derive(Args, Debug)]
 pub struct RemoveKeyArgs {
-    /// Volume file or block device.
+    /// Volume file, block device, or NBD URI (nbd+unix:///EXPORT?socket=PATH, nbds://HOST/EXPORT).
     #[arg(value_name = "VOLUME")]
     pub volume: PathBuf,
     /// Keyslot to remove.
@@ -128,7 +129,7 @@ pub struct RemoveKeyArgs {
 
 #[derive(Args, Debug)]
 pub struct ChangeKeyArgs {
-    /// Volume file or block device.
+    /// Volume file, block device, or NBD URI (nbd+unix:///EXPORT?socket=PATH, nbds://HOST/EXPORT).
     #[arg(value_name = "VOLUME")]
     pub volume: PathBuf,
     /// The keyslot to change (default: the one the old passphrase opens).
@@ -151,7 +152,7 @@ pub struct ChangeKeyArgs {
 
 #[derive(Args, Debug)]
 pub struct TestKeyArgs {
-    /// Volume file or block device.
+    /// Volume file, block device, or NBD URI (nbd+unix:///EXPORT?socket=PATH, nbds://HOST/EXPORT).
     #[arg(value_name = "VOLUME")]
     pub volume: PathBuf,
     /// Passphrase from this file (bytes as-is; `-` = standard input).
@@ -177,9 +178,9 @@ fn unlock(
 ) -> anyhow::Result<(VolumeKey, u32)> {
     match slot {
         None => hdr
-            .unlock(&vol.file, pass, &limits)
+            .unlock(&vol.io, pass, &limits)
             .map_err(|e| vol.explain(e)),
-        Some(s) => match hdr.unlock_slot(&vol.file, s, pass, &limits) {
+        Some(s) => match hdr.unlock_slot(&vol.io, s, pass, &limits) {
             Ok(k) => Ok((k, s)),
             Err(FormatError::WrongPassphrase) => Err(anyhow::Error::new(NoKey(format!(
                 "{NO_KEY_MESSAGE} in keyslot {s}"
@@ -232,7 +233,7 @@ pub fn add(a: AddKeyArgs) -> anyhow::Result<Option<u32>> {
     let kdf = a.pbkdf.resolve(key.len())?;
     warn_if_expensive(&kdf);
     let slot = hdr
-        .add_keyslot(&vol.file, &key, &new, &kdf)
+        .add_keyslot(&vol.io, &key, &new, &kdf)
         .map_err(|e| vol.explain(e))?;
     println!("added keyslot {slot}: {}", describe_kdf(&kdf));
     Ok(Some(slot))
@@ -270,7 +271,7 @@ pub fn remove(a: RemoveKeyArgs) -> anyhow::Result<Option<u32>> {
         let mut opened = None;
         let mut other_err = None;
         for id in &others {
-            match hdr.unlock_slot(&vol.file, *id, &pass, &limits) {
+            match hdr.unlock_slot(&vol.io, *id, &pass, &limits) {
                 Ok(_) => {
                     opened = Some(*id);
                     break;
@@ -293,7 +294,7 @@ pub fn remove(a: RemoveKeyArgs) -> anyhow::Result<Option<u32>> {
             }
         }
     }
-    hdr.remove_keyslot(&vol.file, a.slot)
+    hdr.remove_keyslot(&vol.io, a.slot)
         .map_err(|e| vol.explain(e))?;
     println!("removed keyslot {}", a.slot);
     Ok(Some(a.slot))
@@ -330,7 +331,7 @@ pub fn change(a: ChangeKeyArgs) -> anyhow::Result<Option<u32>> {
     warn_if_expensive(&kdf);
     drop(key);
     let slot = hdr
-        .change_passphrase(&vol.file, &old, &new, &kdf, &limits)
+        .change_passphrase(&vol.io, &old, &new, &kdf, &limits)
         .map_err(|e| vol.explain(e))?;
     if slot != opened {
         return Err(anyhow!("{p}: changed keyslot {slot} (expected {opened})"));

@@ -29,7 +29,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use nbdcrypt::audit::{AuditEvent, AuditEventKind, AuditLog};
 use nbdcrypt::crypto::kdf::{benchmark_pbkdf2, MAX_ARGON2_CPUS_CREATE};
 use nbdcrypt::luks2::{
-    benchmark_argon2id, FormatError, HashAlg, KdfParams, Luks2Header, RepairNeeded,
+    benchmark_argon2id, FormatError, HashAlg, KdfParams, Luks2Header, RepairNeeded, VolumeIo,
 };
 
 use crate::secret_input::io_reason;
@@ -68,7 +68,11 @@ pub const NO_KEY_MESSAGE: &str = "no key available with this passphrase";
 
 /// A command's examples followed by the exit-code table.
 fn help(examples: &str) -> String {
-    format!("{examples}\n\n{SECRET_HELP}\n\n{}", exit_codes())
+    format!(
+        "{examples}\n\n{SECRET_HELP}\n\n{}\n\n{}",
+        upstream::UPSTREAM_HELP,
+        exit_codes()
+    )
 }
 
 const SECRET_HELP: &str = "\
@@ -146,8 +150,8 @@ fn audited(
     let result = body();
     if let Some(log) = log {
         let mut event = AuditEvent::new(kind).this_process();
-        if let Ok(f) = File::open(volume) {
-            if let Ok((h, _)) = Luks2Header::read_metadata_only(&f) {
+        if let Ok(v) = Volume::open(volume, false) {
+            if let Ok((h, _)) = Luks2Header::read_metadata_only(&v.io) {
                 event = event.volume(h.uuid());
             }
         }
@@ -260,15 +264,29 @@ impl std::error::Error for NoKey {}
 
 // ---- opening a volume ---------------------------------------------------------------------------
 
-/// An open volume with the path it came from, for messages.
+/// An open volume with the path (or upstream URI) it came from, for messages.
 pub(crate) struct Volume {
     pub path: PathBuf,
-    pub file: File,
+    /// A local file or block device (claimed when opened for writing), or an upstream NBD
+    /// export (no claim, no header lock: best effort, see [`UPSTREAM_HELP`]).
+    pub io: VolumeIo,
 }
 
 impl Volume {
-    /// Opens an existing volume file or block device, read-only or read-write.
+    /// Opens an existing volume file or block device, read-only or read-write; or, for a
+    /// libnbd-style URI (`nbd+unix:///export?socket=PATH`, `nbds://host/export?...`), connects
+    /// to that upstream NBD export.
     pub fn open(path: &Path, write: bool) -> anyhow::Result<Volume> {
+        if let Some(uri) = upstream::uri_of(path) {
+            let io = VolumeIo::open_upstream(uri, write, false).map_err(|e| anyhow!("{e}"))?;
+            if write {
+                upstream::warn_unlocked(uri);
+            }
+            return Ok(Volume {
+                path: path.to_path_buf(),
+                io,
+            });
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(write)
@@ -288,7 +306,18 @@ impl Volume {
         }
         Ok(Volume {
             path: path.to_path_buf(),
-            file,
+            io: VolumeIo::Local(file),
+        })
+    }
+
+    /// The local file or block device, for commands that need one (`reencrypt`); an error
+    /// naming the URI for an upstream NBD export.
+    pub fn local(&self) -> anyhow::Result<&File> {
+        self.io.local_file().ok_or_else(|| {
+            anyhow!(
+                "{}: this command needs a local file or block device, not an NBD export",
+                self.path.display()
+            )
         })
     }
 
@@ -296,7 +325,7 @@ impl Volume {
     /// damaged header copy is rewritten from the good one first (as cryptsetup does); read-only
     /// commands only warn.
     pub fn header(&self, write: bool) -> anyhow::Result<Luks2Header> {
-        let (hdr, repair) = Luks2Header::read(&self.file).map_err(|e| self.explain(e))?;
+        let (hdr, repair) = Luks2Header::read(&self.io).map_err(|e| self.explain(e))?;
         self.handle_repair(&hdr, repair, write)?;
         Ok(hdr)
     }
@@ -304,7 +333,7 @@ impl Volume {
     /// Like [`header`](Self::header), but also accepts a detached header file (for `dump`).
     pub fn header_metadata_only(&self) -> anyhow::Result<Luks2Header> {
         let (hdr, repair) =
-            Luks2Header::read_metadata_only(&self.file).map_err(|e| self.explain(e))?;
+            Luks2Header::read_metadata_only(&self.io).map_err(|e| self.explain(e))?;
         self.handle_repair(&hdr, repair, false)?;
         Ok(hdr)
     }
@@ -321,8 +350,7 @@ impl Volume {
             RepairNeeded::Secondary => "secondary",
         };
         if write {
-            hdr.repair(&self.file, repair)
-                .map_err(|e| self.explain(e))?;
+            hdr.repair(&self.io, repair).map_err(|e| self.explain(e))?;
             eprintln!(
                 "nbdcryptctl: {}: the {which} header copy was damaged or stale; rewrote it from the \
                  other copy",

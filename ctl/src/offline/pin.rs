@@ -38,7 +38,7 @@ checked as a daemon config and replaced atomically.";
 
 #[derive(Args, Debug)]
 pub struct PinArgs {
-    /// Volume file or block device.
+    /// Volume file, block device, or NBD URI (nbd+unix:///EXPORT?socket=PATH, nbds://HOST/EXPORT).
     #[arg(value_name = "VOLUME")]
     pub volume: PathBuf,
     /// Write the pin into this nbdcryptd config file instead of printing it.
@@ -71,7 +71,7 @@ pub fn run(a: PinArgs) -> anyhow::Result<()> {
             &format!("Enter any passphrase of {}: ", vol.path.display()),
         )?;
         let (key, slot) = hdr
-            .unlock(&vol.file, &pass, &KdfLimits::default())
+            .unlock(&vol.io, &pass, &KdfLimits::default())
             .map_err(|e| vol.explain(e))?;
         pin.check_key(&key)
             .map_err(|e| anyhow!("{}: {e}", vol.path.display()))?;

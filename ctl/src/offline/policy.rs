@@ -30,7 +30,7 @@ Examples:
 
 #[derive(Args, Debug)]
 pub struct PolicyArgs {
-    /// Volume file or block device.
+    /// Volume file, block device, or NBD URI (nbd+unix:///EXPORT?socket=PATH, nbds://HOST/EXPORT).
     #[arg(value_name = "VOLUME")]
     pub volume: PathBuf,
     /// One JSON object instead of words.

@@ -13,7 +13,8 @@ use clap::Args;
 use nbdcrypt::audit::{AuditEvent, AuditEventKind, AuditLog};
 use nbdcrypt::crypto::keys::SecretBytes;
 use nbdcrypt::luks2::reencrypt::{
-    self, DirectFileIo, FileIo, KeyAge, NewSlot, Reencryption, Resilience, StartParams, ZoneIo,
+    self, BlockIo, DirectFileIo, FileIo, KeyAge, NewSlot, Reencryption, Resilience, StartParams,
+    ZoneIo,
 };
 use nbdcrypt::luks2::Luks2Header;
 
@@ -181,7 +182,7 @@ pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
     };
     if a.status {
         let vol = Volume::open(&a.volume, false)?;
-        return match reencrypt::peek(&vol.file).map_err(|e| vol.explain(e))? {
+        return match reencrypt::peek(&vol.io).map_err(|e| vol.explain(e))? {
             None => {
                 println!("{}: no re-encryption in progress", vol.path.display());
                 Ok(())
@@ -209,7 +210,7 @@ pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
     }
     let vol = Volume::open(&a.volume, true)?;
     // A re-encryption cut between its final commit and the end of its wipe: finish the wipe.
-    match reencrypt::complete_pending_wipe(&vol.file).map_err(|e| vol.explain(e))? {
+    match reencrypt::complete_pending_wipe(&vol.io).map_err(|e| vol.explain(e))? {
         reencrypt::PendingWipe::Nothing => {}
         reencrypt::PendingWipe::Wiped(n, bytes) => eprintln!(
             "{}: wiped {n} old keyslot area(s) ({}) an interrupted re-encryption left",
@@ -222,8 +223,8 @@ pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
             vol.path.display()
         ),
     }
-    let in_progress = reencrypt::peek(&vol.file).map_err(|e| vol.explain(e))?;
-    let uuid = Luks2Header::read_metadata_only(&vol.file)
+    let in_progress = reencrypt::peek(&vol.io).map_err(|e| vol.explain(e))?;
+    let uuid = Luks2Header::read_metadata_only(&vol.io)
         .map(|(h, _)| h.uuid().to_string())
         .or_else(|_| {
             // A header in re-encryption is refused by the normal reader; its UUID is still
@@ -267,7 +268,7 @@ pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
                     );
                 }
                 let r =
-                    Reencryption::open(&vol.file, &secrets, &limits).map_err(|e| vol.explain(e))?;
+                    Reencryption::open(&vol.io, &secrets, &limits).map_err(|e| vol.explain(e))?;
                 audit.record("resume", |e| e.detail("frontier", r.frontier()));
                 r
             }
@@ -293,18 +294,28 @@ pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
         {
             // Test builds only: n zones, then die inside the next one (after its hot-zone
             // commit, half of it written), as kill -9 or a power cut would.
-            let io = FileIo(&vol.file);
+            let (file_io, block_io);
+            let io: &dyn ZoneIo = match vol.io.upstream() {
+                Some(up) => {
+                    block_io = BlockIo(&**up);
+                    &block_io
+                }
+                None => {
+                    file_io = FileIo(vol.local()?);
+                    &file_io
+                }
+            };
             for _ in 0..n {
-                r.step(&vol.file, &io).map_err(|e| vol.explain(e))?;
+                r.step(&vol.io, io).map_err(|e| vol.explain(e))?;
             }
-            r.step_then_crash_test(&vol.file, &io)
+            r.step_then_crash_test(&vol.io, io)
                 .map_err(|e| vol.explain(e))?;
             eprintln!("nbdcryptctl: test hook: simulated crash inside a zone");
             std::process::abort();
         }
         run_zones(&a, &vol, &mut r, &audit)?;
         let hdr = r
-            .finish_dropping_orphans(&vol.file, |t| {
+            .finish_dropping_orphans(&vol.io, |t| {
                 nbdcrypt::luks2::tokens::format::is_ours(t.type_name())
             })
             .map_err(|e| vol.explain(e))?;
@@ -330,7 +341,7 @@ pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
 /// UUID from the binary header (`Luks2Header` refuses a header in re-encryption).
 fn reencrypt_uuid(vol: &Volume) -> Result<String, ()> {
     let mut bin = [0u8; 4096];
-    std::os::unix::fs::FileExt::read_exact_at(&vol.file, &mut bin, 0).map_err(|_| ())?;
+    nbdcrypt::luks2::HeaderIo::pread_exact(&vol.io, &mut bin, 0).map_err(|_| ())?;
     let field = &bin[168..208];
     let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
     let s = std::str::from_utf8(&field[..end]).map_err(|_| ())?;
@@ -375,7 +386,7 @@ fn start(
     for ks in &data_slots {
         let mut opened = false;
         for s in secrets {
-            match hdr.unlock_slot(&vol.file, ks.id, s, limits) {
+            match hdr.unlock_slot(&vol.io, ks.id, s, limits) {
                 Ok(key) => {
                     let kdf = ks
                         .kdf
@@ -481,7 +492,7 @@ fn start(
     };
     let kept: Vec<u32> = slots.iter().map(|s| s.old_slot).collect();
     let r =
-        Reencryption::start(&vol.file, hdr, old_key, slots, &params).map_err(|e| vol.explain(e))?;
+        Reencryption::start(&vol.io, hdr, old_key, slots, &params).map_err(|e| vol.explain(e))?;
     audit.record("start", |e| {
         e.detail("resilience", resilience.name())
             .detail("key_bits", params.key_size * 8)
@@ -521,13 +532,22 @@ fn run_zones(
     r: &mut Reencryption,
     audit: &Audit,
 ) -> anyhow::Result<()> {
-    let direct;
-    let buffered = FileIo(&vol.file);
-    let io: &dyn ZoneIo = if a.buffered {
-        &buffered
-    } else {
-        direct = DirectFileIo::open(&vol.file);
-        &direct
+    let (direct, buffered, block);
+    // The data moves through the same device the header lives on: a local file (O_DIRECT
+    // unless --buffered) or the upstream NBD export (its FLUSH makes each zone durable).
+    let io: &dyn ZoneIo = match vol.io.upstream() {
+        Some(up) => {
+            block = BlockIo(&**up);
+            &block
+        }
+        None if a.buffered => {
+            buffered = FileIo(vol.local()?);
+            &buffered
+        }
+        None => {
+            direct = DirectFileIo::open(vol.local()?);
+            &direct
+        }
     };
     let total = r.data_size();
     let bar = !a.quiet && !a.no_progress_bar && std::io::stderr().is_terminal();
@@ -539,7 +559,7 @@ fn run_zones(
         next_checkpoint += total / 4;
     }
     loop {
-        let done = r.step(&vol.file, io).map_err(|e| {
+        let done = r.step(&vol.io, io).map_err(|e| {
             if bar {
                 eprintln!();
             }

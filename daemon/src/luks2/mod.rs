@@ -33,7 +33,7 @@ mod tests;
 
 pub use crate::crypto::kdf::{benchmark_argon2id, HashAlg, KdfLimits, KdfParams};
 pub use error::{FormatError, HeaderCopy};
-pub use io::HeaderIo;
+pub use io::{HeaderIo, VolumeIo};
 pub use lock::{HeaderLock, LockMode};
 pub use metadata::{KeyslotPriority, SegmentSize, Token};
 pub use volume::{

@@ -71,6 +71,7 @@ use super::layout::{KEYSLOTS_ALIGN, MAX_KEYSLOTS, MAX_KEYSLOTS_SIZE};
 use super::lock::{lock, LockMode};
 use super::metadata::{DigestEntry, Keyslot, Metadata, Segment, SegmentSize, CIPHER};
 use super::volume::{wipe_keyslot_area, Luks2Header};
+use super::HeaderIo;
 use crate::block::BlockDevice;
 use crate::crypto::block_hash;
 use crate::crypto::kdf::{HashAlg, KdfLimits, KdfParams};
@@ -1015,7 +1016,7 @@ impl Reencryption {
     /// gap of the keyslots area), and the whole re-encryption state written in ONE header commit
     /// after the new keyslot material is on disk. No data is touched yet.
     pub fn start(
-        file: &File,
+        file: &dyn HeaderIo,
         mut hdr: Luks2Header,
         old_key: VolumeKey,
         slots: Vec<NewSlot>,
@@ -1227,7 +1228,7 @@ impl Reencryption {
     /// keyslot of both keys (priority 2 then 1, as `unlock`), until both keys are found. The
     /// re-encryption digest is verified before anything else happens.
     pub fn open(
-        file: &File,
+        file: &dyn HeaderIo,
         secrets: &[SecretBytes],
         limits: &KdfLimits,
     ) -> Result<Reencryption, FormatError> {
@@ -1245,7 +1246,7 @@ impl Reencryption {
     /// priority order (prefer, then normal), until both keys are found. The re-encryption digest
     /// is verified before anything else happens.
     pub fn open_by(
-        file: &File,
+        file: &dyn HeaderIo,
         limits: &KdfLimits,
         secrets_for: &mut dyn FnMut(&Luks2Header, u32) -> Vec<SecretBytes>,
     ) -> Result<Reencryption, FormatError> {
@@ -1309,7 +1310,7 @@ impl Reencryption {
 
     /// Resumes with both volume keys known (e.g. the daemon unsealed them from its tokens).
     pub fn open_with_keys(
-        file: &File,
+        file: &dyn HeaderIo,
         old_key: VolumeKey,
         new_key: VolumeKey,
     ) -> Result<Reencryption, FormatError> {
@@ -1318,7 +1319,7 @@ impl Reencryption {
     }
 
     fn with_keys(
-        file: &File,
+        file: &dyn HeaderIo,
         hdr: Luks2Header,
         old_key: VolumeKey,
         new_key: VolumeKey,
@@ -1487,7 +1488,11 @@ impl Reencryption {
     }
 
     /// Records the rate cap in the header (one commit, under the header lock); `None` removes it.
-    pub fn set_max_rate(&mut self, file: &File, rate: Option<u64>) -> Result<(), FormatError> {
+    pub fn set_max_rate(
+        &mut self,
+        file: &dyn HeaderIo,
+        rate: Option<u64>,
+    ) -> Result<(), FormatError> {
         if self.max_rate() == rate.map(|r| r.max(MIN_RECORDED_RATE)) {
             return Ok(());
         }
@@ -1514,7 +1519,7 @@ impl Reencryption {
     #[doc(hidden)]
     pub fn step_then_crash_test(
         &mut self,
-        file: &File,
+        file: &dyn HeaderIo,
         io: &dyn ZoneIo,
     ) -> Result<(), FormatError> {
         let Some(zone) = self.next_zone() else {
@@ -1566,7 +1571,7 @@ impl Reencryption {
 
     /// Redoes a zone a crash left half done, from the resilience data, and commits the frontier
     /// after it. Does nothing when there is no such zone.
-    pub fn recover(&mut self, file: &File, io: &dyn ZoneIo) -> Result<(), FormatError> {
+    pub fn recover(&mut self, file: &dyn HeaderIo, io: &dyn ZoneIo) -> Result<(), FormatError> {
         let Some(len) = self.st.hot_len else {
             return Ok(());
         };
@@ -1655,7 +1660,7 @@ impl Reencryption {
     /// half-done zone first if there is one.
     pub fn step(
         &mut self,
-        file: &File,
+        file: &dyn HeaderIo,
         io: &dyn ZoneIo,
     ) -> Result<Option<Range<u64>>, FormatError> {
         if self.st.hot_len.is_some() {
@@ -1688,7 +1693,7 @@ impl Reencryption {
 
     fn step_with(
         &mut self,
-        file: &File,
+        file: &dyn HeaderIo,
         io: &dyn ZoneIo,
         b: &mut [u8],
         start: u64,
@@ -1889,7 +1894,7 @@ impl Reencryption {
     /// digest, the `reencrypt` keyslot and its digest, the backup segments and the requirement
     /// (one `crypt` segment again, under the new key); then the old keyslots' areas and the
     /// resilience area are overwritten. Tokens stay (bound to the new keyslots).
-    pub fn finish(self, file: &File) -> Result<Luks2Header, FormatError> {
+    pub fn finish(self, file: &dyn HeaderIo) -> Result<Luks2Header, FormatError> {
         self.finish_dropping_orphans(file, |_| false)
     }
 
@@ -1898,7 +1903,7 @@ impl Reencryption {
     /// keyslots were re-sealed); other orphaned tokens stay, as cryptsetup leaves them.
     pub fn finish_dropping_orphans(
         self,
-        file: &File,
+        file: &dyn HeaderIo,
         drop: impl Fn(&super::metadata::Token) -> bool,
     ) -> Result<Luks2Header, FormatError> {
         self.finish_inner(file, drop, false)
@@ -1907,13 +1912,13 @@ impl Reencryption {
     /// Test hook (crash trials): the final commit of [`Reencryption::finish`] and nothing after
     /// it, as if the process died before wiping the old keyslots (see [`complete_pending_wipe`]).
     #[doc(hidden)]
-    pub fn finish_then_crash_test(self, file: &File) -> Result<Luks2Header, FormatError> {
+    pub fn finish_then_crash_test(self, file: &dyn HeaderIo) -> Result<Luks2Header, FormatError> {
         self.finish_inner(file, |_| false, true)
     }
 
     fn finish_inner(
         mut self,
-        file: &File,
+        file: &dyn HeaderIo,
         drop: impl Fn(&super::metadata::Token) -> bool,
         crash_before_wipe: bool,
     ) -> Result<Luks2Header, FormatError> {
@@ -2028,7 +2033,7 @@ impl Reencryption {
     /// above", cryptsetup's segment and digest assignment, under the header lock.
     fn commit_layout(
         &mut self,
-        file: &File,
+        file: &dyn HeaderIo,
         frontier: u64,
         hot: Option<u64>,
     ) -> Result<(), FormatError> {
@@ -2307,7 +2312,7 @@ fn wipe_plan(hdr: &Luks2Header, device: u64) -> Result<Option<WipePlan>, String>
 /// [`WIPE_TOKEN`] record names are overwritten with random bytes, synced, and the record is
 /// removed. See `wipe_plan` for the rule that keeps a forged record from overwriting anything
 /// in use. Call with the volume open read-write and nothing else writing its header.
-pub fn complete_pending_wipe(file: &File) -> Result<PendingWipe, FormatError> {
+pub fn complete_pending_wipe(file: &dyn HeaderIo) -> Result<PendingWipe, FormatError> {
     let (hdr, _) = Luks2Header::read_reencrypt(file)?;
     if hdr.metadata.reenc_segments.is_some()
         || !hdr.tokens().any(|(_, t)| t.type_name() == WIPE_TOKEN)

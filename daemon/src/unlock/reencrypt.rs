@@ -248,7 +248,7 @@ fn crypt(
 }
 
 fn open_rw(vol: &Volume) -> Result<File, UnlockError> {
-    if vol.upstream.is_some() {
+    if vol.backing.is_upstream() {
         return Err(UnlockError::Backing(
             "online re-encryption of a volume on an upstream NBD export is not supported".into(),
         ));
@@ -256,7 +256,7 @@ fn open_rw(vol: &Volume) -> Result<File, UnlockError> {
     OpenOptions::new()
         .read(true)
         .write(true)
-        .open(vol.claimed_path())
+        .open(vol.claimed_path()?)
         .map_err(|source| UnlockError::Io {
             path: vol.path.clone(),
             source,

@@ -570,7 +570,7 @@ pub fn seal_shares_for(
 /// holders, and the quorum token. Every share is sealed before anything is written, so a
 /// provider failure (or a wrong holder) writes nothing.
 pub fn enroll(
-    file: &std::fs::File,
+    file: &dyn crate::luks2::HeaderIo,
     header: &mut Luks2Header,
     volume_key: &VolumeKey,
     threshold: usize,
