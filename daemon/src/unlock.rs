@@ -526,17 +526,30 @@ impl Volume {
         settings: &SealSettings,
     ) -> Result<String, String> {
         let p = self.path.display();
-        if self.backing.is_upstream() {
-            return Err(format!(
-                "{p}: rekeying tokens on an upstream volume is not supported yet"
-            ));
-        }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(self.claimed_path().map_err(|e| e.to_string())?)
-            .map_err(|e| format!("cannot open {p} for writing: {e}"))?;
-        let (mut header, _) = Luks2Header::read(&file).map_err(|e| format!("{p}: {e}"))?;
+        // The header's device, writable: the claimed local file (cryptsetup's flock at each
+        // header update), or the upstream NBD export (no lock there: best effort, see
+        // `luks2::VolumeIo`; every header write is made durable with the upstream's FLUSH
+        // before the next step of the rekey relies on it).
+        let local;
+        let file: &dyn crate::luks2::HeaderIo = match self.backing.upstream() {
+            Some(up) => {
+                if self.file_options.read_only {
+                    return Err(format!(
+                        "{p}: served read-only (--read-only): the header cannot be written"
+                    ));
+                }
+                &**up
+            }
+            None => {
+                local = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(self.claimed_path().map_err(|e| e.to_string())?)
+                    .map_err(|e| format!("cannot open {p} for writing: {e}"))?;
+                &local
+            }
+        };
+        let (mut header, _) = Luks2Header::read(file).map_err(|e| format!("{p}: {e}"))?;
         let targets: Vec<u32> = header
             .tokens()
             .filter(|(_, t)| crate::luks2::tokens::format::is_ours(t.type_name()))
@@ -555,7 +568,7 @@ impl Volume {
         let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolver(json, settings);
         let mut done = Vec::new();
         for id in targets {
-            let (key, _) = enroll::unlock_with_token(&file, &header, id, &resolve)
+            let (key, _) = enroll::unlock_with_token(file, &header, id, &resolve)
                 .map_err(|e| format!("token {id}: {e}"))?;
             self.pin.check_key(&key).map_err(|e| format!("{p}: {e}"))?;
             let json = header
@@ -563,7 +576,7 @@ impl Volume {
                 .map(|t| t.json().clone())
                 .ok_or_else(|| format!("token {id} vanished"))?;
             let provider = resolve(&json).map_err(|e| format!("token {id}: {e}"))?;
-            let r = enroll::rekey(&file, &mut header, id, &key, &*provider)
+            let r = enroll::rekey(file, &mut header, id, &key, &*provider)
                 .map_err(|e| format!("token {id}: {e}"))?;
             done.push(format!(
                 "token {id} (keyslot {}) -> token {} (keyslot {})",

@@ -3,7 +3,7 @@
 //! zone steps for the worker (`control::reencrypt`) through the router
 //! (`block::reencrypt::ReencryptDevice`).
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, Weak};
 
@@ -22,7 +22,7 @@ use crate::crypto::xts::SectorCipher;
 use crate::luks2::reencrypt::{BlockIo, NewSlot, Reencryption, Resilience, StartParams, ZoneIo};
 use crate::luks2::tokens::quorum::{self, Holder, NewHolder, QuorumToken};
 use crate::luks2::tokens::{clevis, enroll, format, resolver};
-use crate::luks2::{FormatError, Luks2Header};
+use crate::luks2::{FormatError, HeaderIo, Luks2Header};
 use crate::seal::shamir::{self, Share};
 use crate::seal::{Binding, SealProvider, SealSettings};
 
@@ -135,7 +135,7 @@ impl ZoneIo for HookIo<'_> {
 /// it rewrites.
 struct EngineJob {
     r: Option<Reencryption>,
-    file: File,
+    file: Arc<dyn HeaderIo>,
     backing: Arc<dyn BlockDevice>,
     new: Option<Arc<dyn BlockDevice>>,
     hooks: TestHooks,
@@ -247,20 +247,31 @@ fn crypt(
     Ok(Arc::new(dev))
 }
 
-fn open_rw(vol: &Volume) -> Result<File, UnlockError> {
-    if vol.backing.is_upstream() {
-        return Err(UnlockError::Backing(
-            "online re-encryption of a volume on an upstream NBD export is not supported".into(),
-        ));
+/// The header's device, writable: the claimed local file (a new open file description of it,
+/// with cryptsetup's flock at each header update), or the upstream NBD export the volume lives
+/// on (no lock there: best effort, see `luks2::VolumeIo`; each header update is made durable
+/// with the upstream's FLUSH, which also covers the zone's data written before it through
+/// [`Volume::open_backing`], the same upstream connection pool).
+fn open_rw(vol: &Volume) -> Result<Arc<dyn HeaderIo>, UnlockError> {
+    if let Some(up) = vol.backing.upstream() {
+        if vol.file_options.read_only {
+            return Err(UnlockError::Backing(format!(
+                "{}: served read-only (--read-only): the header cannot be written",
+                vol.path.display()
+            )));
+        }
+        let dev: Arc<dyn HeaderIo> = up.clone();
+        return Ok(dev);
     }
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
         .open(vol.claimed_path()?)
         .map_err(|source| UnlockError::Io {
             path: vol.path.clone(),
             source,
-        })
+        })?;
+    Ok(Arc::new(file))
 }
 
 /// Unlock of a volume in the middle of a re-encryption: both keys from `secret` (the new
@@ -417,7 +428,7 @@ fn machine_quorum(
 /// The common end of both resuming unlocks.
 fn serve_resuming(
     vol: &Volume,
-    file: File,
+    file: Arc<dyn HeaderIo>,
     mut r: Reencryption,
 ) -> Result<(Arc<dyn BlockDevice>, u32), UnlockError> {
     vol.pin.check_uuid(r.header().uuid())?;
@@ -539,7 +550,7 @@ impl VolumeBackend {
     /// no key is known yet).
     fn carry(
         &self,
-        file: &File,
+        file: &dyn HeaderIo,
         hdr: &Luks2Header,
         ks: &crate::luks2::KeyslotInfo,
         secret: Option<&SecretBytes>,
@@ -709,7 +720,7 @@ impl VolumeBackend {
     /// shares are re-wrapped under their own passphrase with a fresh salt (never the old pad).
     fn carry_quorum(
         &self,
-        file: &File,
+        file: &dyn HeaderIo,
         hdr: &Luks2Header,
         q: &QuorumToken,
     ) -> Result<(NewSlot, VolumeKey), String> {
