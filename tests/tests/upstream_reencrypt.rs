@@ -207,9 +207,10 @@ fn dump_entries(dump: &str, section: &str) -> Vec<String> {
         .filter(|l| {
             l.starts_with("  ")
                 && !l.starts_with("   ")
-                && l.trim().split(':').next().is_some_and(|n| {
-                    !n.is_empty() && n.chars().all(|c| c.is_ascii_digit())
-                })
+                && l.trim()
+                    .split(':')
+                    .next()
+                    .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
         })
         .map(|l| l.trim().to_owned())
         .collect()
@@ -245,8 +246,7 @@ fn volume_key_accepted(img: &Path, key_hex: &str, dir: &Path) -> bool {
 /// key no longer matches (the new one does), cryptsetup's key decrypts the ciphertext to what
 /// the export served, and a restarted daemon on the same upstream unlocks and serves the same.
 #[test]
-fn online_reencryption_over_an_nbd_upstream_under_fio_verify_then_cryptsetup_and_a_restart_agree()
-{
+fn online_reencryption_over_an_nbd_upstream_under_fio_verify_then_cryptsetup_and_a_restart_agree() {
     let _serial = serial();
     let dir = tempdir();
     let d = dir.path();
@@ -266,7 +266,13 @@ fn online_reencryption_over_an_nbd_upstream_under_fio_verify_then_cryptsetup_and
     let half = DATA / 2;
     let (stop, fio) = fio_verify_loop(dm.uri(), half);
     let out = start_reencrypt(&dm, &["--max-rate", "4M"]);
-    assert_eq!(out.code(), Some(0), "start\n{}\n{}", out.details(), dm.log());
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "start\n{}\n{}",
+        out.details(),
+        dm.log()
+    );
     // It runs (progress over the upstream) while fio writes.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -275,7 +281,11 @@ fn online_reencryption_over_an_nbd_upstream_under_fio_verify_then_cryptsetup_and
             assert_eq!(r["total_bytes"], DATA, "{r:#}");
             break;
         }
-        assert!(Instant::now() < deadline, "no progress: {r:#}\n{}", dm.log());
+        assert!(
+            Instant::now() < deadline,
+            "no progress: {r:#}\n{}",
+            dm.log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(
@@ -444,7 +454,13 @@ fn an_upstream_restarted_during_an_online_reencryption_loses_no_data() {
     assert_eq!(dm.unlock(PASS).code(), Some(0), "unlock\n{}", dm.log());
     write_export(&dm.uri(), dm.dir(), &data);
     let out = start_reencrypt(&dm, &["--max-rate", "2M"]);
-    assert_eq!(out.code(), Some(0), "start\n{}\n{}", out.details(), dm.log());
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "start\n{}\n{}",
+        out.details(),
+        dm.log()
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     while reenc(&dm)["done_bytes"].as_u64().unwrap_or(0) < 3 * MIB {
         assert!(Instant::now() < deadline, "no progress\n{}", dm.log());
@@ -459,11 +475,13 @@ fn an_upstream_restarted_during_an_online_reencryption_loses_no_data() {
     let (state, r) = loop {
         dm.assert_alive();
         let r = reenc(&dm);
-        match r["state"].as_str() {
-            Some(s @ ("finished" | "failed")) => break (s.to_owned(), r),
-            _ => {}
+        if let Some(s @ ("finished" | "failed")) = r["state"].as_str() {
+            break (s.to_owned(), r);
         }
-        assert!(Instant::now() < deadline, "neither finished nor failed: {r:#}");
+        assert!(
+            Instant::now() < deadline,
+            "neither finished nor failed: {r:#}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     eprintln!("after the upstream restart the re-encryption {state}: {r:#}");
@@ -473,11 +491,17 @@ fn an_upstream_restarted_during_an_online_reencryption_loses_no_data() {
         // connection, FLUSH is refused until a restart, and the restart resumes instead.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let up = dm.status()["upstream"].as_str().unwrap_or_default().to_owned();
+            let up = dm.status()["upstream"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
             if !up.contains(": 0 connected") {
                 break;
             }
-            assert!(Instant::now() < deadline, "the upstream never came back: {up}");
+            assert!(
+                Instant::now() < deadline,
+                "the upstream never came back: {up}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         if dm.lock_idle().code() == Some(0) {
@@ -620,7 +644,10 @@ fn rekey_of_a_kms_token_over_an_nbd_upstream_then_a_restart_unlocks_by_the_token
     assert!(out.stdout.contains("rekeyed"), "{}", out.details());
     let after = tokens(&uri, d);
     assert_eq!(after.len(), 1, "{after:?}");
-    assert_ne!(after[0], before[0], "a fresh secret means a new sealed blob");
+    assert_ne!(
+        after[0], before[0],
+        "a fresh secret means a new sealed blob"
+    );
     assert!(
         before[0].contains(&kms_key) && after[0].contains(&kms_key),
         "the same KMS key seals it: {before:?} {after:?}"
