@@ -13,8 +13,7 @@ use clap::Args;
 use nbdcrypt::audit::{AuditEvent, AuditEventKind, AuditLog};
 use nbdcrypt::crypto::keys::SecretBytes;
 use nbdcrypt::luks2::reencrypt::{
-    self, BlockIo, DirectFileIo, FileIo, KeyAge, Reencryption, Resilience, StartParams,
-    ZoneIo,
+    self, BlockIo, DirectFileIo, FileIo, KeyAge, Reencryption, Resilience, StartParams, ZoneIo,
 };
 use nbdcrypt::luks2::tokens::carry::{self, Carrier, SharePassphrases};
 use nbdcrypt::luks2::tokens::quorum::{self, Holder, QuorumToken};
@@ -624,7 +623,9 @@ impl SharePassphrases for PeopleShares {
 fn share_files(args: &[String]) -> anyhow::Result<Vec<(String, PathBuf)>> {
     let mut out: Vec<(String, PathBuf)> = Vec::new();
     for arg in args {
-        let Some((name, file)) = arg.split_once('=').filter(|(n, f)| !n.is_empty() && !f.is_empty())
+        let Some((name, file)) = arg
+            .split_once('=')
+            .filter(|(n, f)| !n.is_empty() && !f.is_empty())
         else {
             bail!("--share-passphrase-file {arg:?}: use NAME=FILE (the share's name, a file with its holder's passphrase)");
         };

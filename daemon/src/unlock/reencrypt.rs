@@ -19,8 +19,8 @@ use crate::control::reencrypt::{Backend, Job, DEFAULT_ZONE};
 use crate::crypto::keys::{SecretBytes, VolumeKey};
 use crate::crypto::xts::SectorCipher;
 use crate::luks2::reencrypt::{BlockIo, Reencryption, Resilience, StartParams, ZoneIo};
-use crate::luks2::tokens::quorum::{self, Holder, QuorumToken};
 use crate::luks2::tokens::carry::{self, Carrier, SharePassphrases};
+use crate::luks2::tokens::quorum::{self, Holder, QuorumToken};
 use crate::luks2::tokens::{clevis, enroll, format, resolver};
 use crate::luks2::{FormatError, Luks2Header};
 use crate::seal::shamir::{self, Share};
@@ -596,7 +596,11 @@ impl Backend for VolumeBackend {
             limits: &vol.limits,
             people: &mut people,
         }
-        .plan(&file, &hdr, secret.map(std::slice::from_ref).unwrap_or_default())?;
+        .plan(
+            &file,
+            &hdr,
+            secret.map(std::slice::from_ref).unwrap_or_default(),
+        )?;
         let (slots, old_key) = (plan.slots, plan.old_key);
         let carried: Vec<(String, String)> = plan
             .carried
