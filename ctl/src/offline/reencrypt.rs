@@ -43,20 +43,20 @@ Online, while nbdcryptd serves the volume and clients keep reading and writing:
 `nbdcryptctl reencrypt --control SOCK [--key-file F] [--pause|--resume|--status] [--max-rate R]
 [--wait]` (see `nbdcryptctl reencrypt --control SOCK --help`).
 
-Every keyslot of the volume key is carried over to the new key, offline as online (the same
-code in both): a passphrase or key file keyslot must be opened by one of the secrets given (one
+Every keyslot of the volume key is carried over to the new key, offline as online (the same code
+in both): a passphrase or key file keyslot must be opened by one of the secrets given (one
 --key-file per secret, or one passphrase asked on the terminal); nbdcrypt's KMS/HSM tokens are
 re-sealed (a fresh secret sealed under the same KMS/HSM key for a new keyslot; give the same
 --kms-*/--pkcs11-* options as for `enroll`, or --config); clevis tokens (Tang, TPM2) are opened
-through the --tang-allow/--tpm2-tcti settings and bound to the new keyslot too; quorum keyslots (`enroll
---quorum K`) are re-split K-of-N to the same holders at the same indices. For a quorum every
-holder must open its share first, which also proves nobody changed its threshold or holders in
-the header (a changed quorum is refused, never copied): machine shares through the options
-above, and each person types their share passphrase when asked at the terminal, in turn (or,
-with no terminal, --share-passphrase-file NAME=FILE); their share is re-wrapped under the same
-passphrase with a fresh salt. The old tokens go with the old key. A keyslot that none of these
-opens would be lost, so the command refuses unless --drop-unopened says to drop it. The audit
-log's start event says how each keyslot was carried (`carried`) and what was dropped.
+through the --tang-allow/--tpm2-tcti settings and bound to the new keyslot too; quorum keyslots
+(`enroll --quorum K`) are re-split K-of-N to the same holders at the same indices. For a quorum
+every holder must open its share first, which also proves nobody changed its threshold or
+holders in the header (a changed quorum is refused, never copied): machine shares through the
+options above, and each person types their share passphrase when asked at the terminal, in turn
+(or, with no terminal, --share-passphrase-file NAME=FILE); their share is re-wrapped under the
+same passphrase with a fresh salt. The old tokens go with the old key. A keyslot that none of
+these opens would be lost, so the command refuses unless --drop-unopened says to drop it. The
+audit log's start event says how each keyslot was carried (`carried`) and what was dropped.
 
 Resilience (how a zone interrupted mid-way is recovered):
   checksum  (default) a hash of each 4 KiB of the zone's old ciphertext;
