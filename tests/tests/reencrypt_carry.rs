@@ -394,11 +394,8 @@ fn clevis_tang_and_tpm2_bindings_are_carried_offline_and_open_the_new_key_with_t
 
     let audit = dir.join("audit.jsonl");
     let offline = |extra: &[&str]| {
-        let mut a: Vec<&OsStr> = ["reencrypt", img_s, "--key-file", pw_s, "--no-progress-bar"]
-            .iter()
-            .map(OsStr::new)
-            .collect();
-        a.extend(extra.iter().map(OsStr::new));
+        let base = ["reencrypt", img_s, "--key-file", pw_s, "--no-progress-bar"];
+        let a: Vec<&OsStr> = base.iter().chain(extra).map(OsStr::new).collect();
         nbdcryptctl(&a)
     };
 
