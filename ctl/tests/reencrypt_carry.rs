@@ -700,3 +700,109 @@ fn an_offline_carry_refuses_a_quorum_whose_threshold_a_header_writer_lowered() {
     assert_eq!(after[0].1["threshold"], 2);
     assert_ne!(after[0].1["keyslots"], genuine["keyslots"]);
 }
+
+/// Waits until `out` (the terminal's output so far) contains `what`; panics after 60 s.
+fn wait_output(out: &std::sync::Mutex<Vec<u8>>, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+        if text.contains(what) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what:?} on the terminal: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn offline_each_person_is_asked_at_the_terminal_in_turn_and_a_typo_is_asked_again() {
+    let r = Rig::new("24M", TOKEN);
+    let (vol, rec) = (r.vol(), r.path("recovery.key"));
+    let mut args = vec!["enroll", &vol, "--quorum", "2"];
+    for n in ["alice", "bob"] {
+        args.extend(["--passphrase-share", n]);
+    }
+    args.extend(["--key-file", &rec]);
+    args.extend(FAST);
+    ok(r.ctl(&args, Some("alice words\nbob words\n")));
+    let (_, old_q) = r.quorum_tokens().remove(0);
+    let old_key = r.path("old.vk");
+    save_volume_key(&vol, &rec, &old_key);
+
+    // A real terminal: util-linux `script` runs nbdcryptctl on a pseudo-terminal and copies
+    // what we write to it; each line is written only once its prompt is shown (echo off).
+    let cmd = format!(
+        "{} reencrypt {vol} --key-file {rec} --no-progress-bar",
+        env!("CARGO_BIN_EXE_nbdcryptctl")
+    );
+    let mut child = Command::new("script")
+        .args(["-qefc", &cmd, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("script (util-linux)");
+    let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let out = out.clone();
+        let mut stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                out.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let mut tty = child.stdin.take().unwrap();
+    let mut say = |line: &str| {
+        use std::io::Write;
+        tty.write_all(line.as_bytes()).unwrap();
+        tty.flush().unwrap();
+    };
+    wait_output(
+        &out,
+        "Passphrase of quorum share alice (keyslot 1), for alice to type:",
+    );
+    say("alice wrods\n");
+    wait_output(&out, "share \"alice\" is wrong");
+    wait_output(&out, "try again");
+    // Asked again (the second prompt for alice), then bob's turn.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while String::from_utf8_lossy(&out.lock().unwrap())
+        .matches("for alice to type")
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "alice not asked again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    say("alice words\n");
+    wait_output(
+        &out,
+        "Passphrase of quorum share bob (keyslot 1), for bob to type:",
+    );
+    say("bob words\n");
+    let status = child.wait().unwrap();
+    drop(tty);
+    reader.join().unwrap();
+    let shown = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+    assert!(status.success(), "{shown}");
+    assert!(shown.contains("re-encryption finished"), "{shown}");
+    assert!(
+        !shown.contains("alice words") && !shown.contains("bob words") && !shown.contains("wrods"),
+        "a passphrase was echoed: {shown}"
+    );
+    assert!(
+        !is_volume_key(&vol, &old_key),
+        "the old key still opens the volume"
+    );
+    let (_, new_q) = r.quorum_tokens().remove(0);
+    assert_ne!(new_q["keyslots"], old_q["keyslots"]);
+    assert_eq!(new_q["threshold"], 2);
+}
