@@ -173,7 +173,9 @@ impl Carrier<'_> {
                     let provider = match resolver(t.json(), self.settings) {
                         Ok(p) => p,
                         Err(e) => {
-                            why.push(format!("token {tid}: cannot reach its KMS/HSM key: {e}"));
+                            why.push(format!(
+                                "token {tid}: cannot reach its KMS/HSM key to re-seal it: {e}"
+                            ));
                             continue;
                         }
                     };
