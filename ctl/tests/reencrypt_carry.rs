@@ -596,6 +596,7 @@ fn a_two_of_three_quorum_of_kms_hsm_and_a_person_is_carried_offline_and_opens_th
             .is_some_and(|s| s.starts_with("quorum re-split: 2 of 3") && s.contains("alice")),
         "{start}"
     );
+    assert_eq!(start["share_passphrases"]["alice"], "file", "{start}");
 
     // The old volume key is gone; one quorum token, on a new keyslot, same threshold, same
     // holders at the same indices, every share sealed anew (alice's under a fresh salt).

@@ -409,6 +409,12 @@ fn start(
     }
     .plan(&vol.io, &hdr, secrets)
     .map_err(|e| anyhow!("{}: {e}", vol.path.display()))?;
+    // Who gave a share passphrase, and how (never the passphrase): for the audit log.
+    let people_given: serde_json::Map<String, serde_json::Value> = people
+        .sources
+        .iter()
+        .map(|(n, how)| (n.clone(), serde_json::Value::String((*how).to_owned())))
+        .collect();
     drop(people);
     let Some(old_key) = plan.old_key else {
         return Err(anyhow::Error::new(super::NoKey(
@@ -486,6 +492,12 @@ fn start(
         if !dropped.is_empty() {
             e = e.detail("dropped", serde_json::Value::Object(dropped.clone()));
         }
+        if !people_given.is_empty() {
+            e = e.detail(
+                "share_passphrases",
+                serde_json::Value::Object(people_given.clone()),
+            );
+        }
         e
     });
     if !a.quiet {
@@ -511,6 +523,8 @@ fn start(
 /// `reencrypt --control SOCK --share NAME` does online. Kept in locked memory, wiped on drop.
 struct PeopleShares {
     checked: Vec<(String, SecretBytes)>,
+    /// (share name, where its passphrase came from: `terminal` or `file`), for the audit log.
+    sources: Vec<(String, &'static str)>,
     tty: bool,
 }
 
@@ -544,6 +558,7 @@ impl PeopleShares {
         let tty = std::io::stdin().is_terminal();
         let mut out = PeopleShares {
             checked: Vec::new(),
+            sources: Vec::new(),
             tty,
         };
         for q in &quorums {
@@ -555,7 +570,8 @@ impl PeopleShares {
                     continue;
                 }
                 let shown = super::printable(name);
-                let pass = if let Some((_, path)) = files.iter().find(|(n, _)| n == name) {
+                let from_file = files.iter().find(|(n, _)| n == name);
+                let pass = if let Some((_, path)) = from_file {
                     let pass = read_share_file(path)?;
                     if let Err(e) = quorum::open_passphrase_share(hdr, q, name, &pass, limits) {
                         return Err(wrong_share(vol, &e, path.display().to_string()));
@@ -586,6 +602,14 @@ impl PeopleShares {
                     continue;
                 };
                 out.checked.push((name.clone(), pass));
+                out.sources.push((
+                    shown,
+                    if from_file.is_some() {
+                        "file"
+                    } else {
+                        "terminal"
+                    },
+                ));
             }
         }
         Ok(out)
