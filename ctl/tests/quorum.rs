@@ -4,233 +4,16 @@
 //! (which must still open the other keyslots and dump the header).
 
 mod moto;
+mod quorum_rig;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
-use moto::{aws_env, Moto, REGION};
+use moto::{Moto, REGION};
+use quorum_rig::{ok, state, text, Rig, FAST, MODULE};
 use serde_json::Value;
 
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const TOKEN: &str = "nbdcrypt-q";
-const PIN: &str = "1234";
-const PASS: &[u8] = b"recovery passphrase";
-const FAST: [&str; 4] = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-#[track_caller]
-fn ok(o: Output) -> Output {
-    assert!(
-        o.status.success(),
-        "exit {:?}: {}",
-        o.status.code(),
-        text(&o)
-    );
-    o
-}
-
-fn run_ok(cmd: &mut Command) -> Output {
-    let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(o.status.success(), "{cmd:?}: {}", text(&o));
-    o
-}
-
-/// A work directory with a volume (recovery passphrase in keyslot 0) and, on demand, a SoftHSM2
-/// token with one AES key "kek".
-struct Rig {
-    dir: tempfile::TempDir,
-    softhsm_conf: PathBuf,
-}
-
-impl Rig {
-    fn new() -> Rig {
-        let dir = tempfile::tempdir().unwrap();
-        let softhsm_conf = dir.path().join("softhsm2.conf");
-        let r = Rig { dir, softhsm_conf };
-        std::fs::write(r.path("recovery.key"), PASS).unwrap();
-        let (vol, key) = (r.vol(), r.path("recovery.key"));
-        let mut args = vec!["format", &vol, "--size", "20M", "--key-file", &key];
-        args.extend(FAST);
-        ok(r.ctl(&args, None));
-        r
-    }
-
-    fn with_hsm(self) -> Rig {
-        assert!(
-            Path::new(MODULE).exists(),
-            "{MODULE} missing: apt-get install -y softhsm2 opensc"
-        );
-        std::fs::create_dir_all(self.path("tokens")).unwrap();
-        std::fs::write(
-            &self.softhsm_conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                self.path("tokens")
-            ),
-        )
-        .unwrap();
-        run_ok(
-            Command::new("softhsm2-util")
-                .env("SOFTHSM2_CONF", &self.softhsm_conf)
-                .args(["--init-token", "--free", "--label", TOKEN])
-                .args(["--so-pin", "87654321", "--pin", PIN]),
-        );
-        run_ok(
-            Command::new("pkcs11-tool")
-                .env("SOFTHSM2_CONF", &self.softhsm_conf)
-                .args(["--module", MODULE, "--token-label", TOKEN, "--login"])
-                .args(["--pin", PIN, "--keygen", "--key-type", "AES:32"])
-                .args(["--label", "kek", "--id", "01", "--usage-decrypt"])
-                .args(["--usage-wrap", "--sensitive", "--private"]),
-        );
-        std::fs::write(self.path("pin"), format!("{PIN}\n")).unwrap();
-        self
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).to_str().unwrap().to_owned()
-    }
-
-    fn vol(&self) -> String {
-        self.path("vol.img")
-    }
-
-    fn pin(&self) -> String {
-        format!("file:{}", self.path("pin"))
-    }
-
-    /// nbdcryptctl with `stdin` fed (or none), AWS dummies and the test's SoftHSM2.
-    fn ctl(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nbdcryptctl"));
-        aws_env(&mut cmd);
-        let mut child = cmd
-            .env("SOFTHSM2_CONF", &self.softhsm_conf)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn nbdcryptctl");
-        let input = child.stdin.take();
-        if let (Some(mut w), Some(s)) = (input, stdin) {
-            use std::io::Write;
-            w.write_all(s.as_bytes()).unwrap();
-        }
-        child.wait_with_output().expect("wait")
-    }
-
-    fn daemon(&self, name: &str, extra: &[&str]) -> Daemon {
-        let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/nbdcryptd");
-        let bin = match std::env::var_os("CARGO_TARGET_DIR") {
-            Some(t) => PathBuf::from(t).join("debug/nbdcryptd"),
-            None => bin,
-        };
-        assert!(
-            bin.exists(),
-            "{}: run cargo build --workspace --bins first",
-            bin.display()
-        );
-        let control = self.path(&format!("{name}.control"));
-        let log = self.path(&format!("{name}.log"));
-        let audit = self.path(&format!("{name}.audit"));
-        let mut cmd = Command::new(&bin);
-        aws_env(&mut cmd);
-        let child = cmd
-            .env("SOFTHSM2_CONF", &self.softhsm_conf)
-            .args([
-                "--volume",
-                &self.vol(),
-                "--unix",
-                &self.path(&format!("{name}.sock")),
-            ])
-            .args(["--control", &control, "--audit-log", &audit])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start nbdcryptd");
-        let d = Daemon {
-            child,
-            control,
-            log,
-            audit,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !Path::new(&d.control).exists() {
-            assert!(Instant::now() < deadline, "no control socket: {}", d.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-}
-
-struct Daemon {
-    child: Child,
-    control: String,
-    log: String,
-    audit: String,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Daemon {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn audit(&self) -> String {
-        std::fs::read_to_string(&self.audit).unwrap_or_default()
-    }
-
-    fn status(&self, r: &Rig) -> Value {
-        let o = ok(r.ctl(&["status", "--json", "--control", &self.control], None));
-        serde_json::from_slice(&o.stdout).unwrap()
-    }
-
-    /// Waits until `f(status)`; panics with the log after `secs`.
-    fn wait_for(&self, r: &Rig, secs: u64, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let s = self.status(r);
-            if f(&s) {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "{what}: {s}\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn share(&self, r: &Rig, name: &str, pass: &str) -> Output {
-        r.ctl(
-            &[
-                "unlock",
-                "--share",
-                name,
-                "--stdin",
-                "--control",
-                &self.control,
-            ],
-            Some(&format!("{pass}\n")),
-        )
-    }
-}
-
-fn state(s: &Value) -> &str {
-    s["state"].as_str().unwrap_or("")
-}
 
 fn reason(s: &Value) -> String {
     s["locked_reason"].as_str().unwrap_or("").to_owned()
@@ -248,7 +31,7 @@ fn cryptsetup(args: &[&str]) -> Output {
 fn a_two_of_three_quorum_of_kms_hsm_and_a_person_unlocks_with_any_two_and_not_with_one() {
     let moto = Moto::start();
     let key = moto.create_key(Some("db"));
-    let r = Rig::new().with_hsm();
+    let r = Rig::new("20M", TOKEN).with_hsm();
     let (vol, rec, pin) = (r.vol(), r.path("recovery.key"), r.pin());
     let uri = format!("pkcs11:token={TOKEN};object=kek;type=secret-key");
     let mut args = vec![
@@ -357,7 +140,7 @@ fn a_two_of_three_quorum_of_kms_hsm_and_a_person_unlocks_with_any_two_and_not_wi
             reason(s).contains("1 of 2 needed shares received (3 holders)")
         });
         assert_eq!(state(&s), "locked", "{s}");
-        let o = ok(d.share(&r, "alice", "alice's words"));
+        let o = ok(d.unlock_share(&r, "alice", "alice's words"));
         assert!(text(&o).contains("quorum is complete"), "{}", text(&o));
         assert_eq!(state(&d.status(&r)), "unlocked");
         let audit = d.audit();
@@ -371,14 +154,14 @@ fn a_two_of_three_quorum_of_kms_hsm_and_a_person_unlocks_with_any_two_and_not_wi
     {
         let d = r.daemon("hsm-alice", &hsm);
         assert_eq!(state(&d.status(&r)), "locked");
-        let o = ok(d.share(&r, "alice", "alice's words"));
+        let o = ok(d.unlock_share(&r, "alice", "alice's words"));
         assert!(text(&o).contains("quorum is complete"), "{}", text(&o));
         assert_eq!(state(&d.status(&r)), "unlocked");
     }
     // One holder alone never unlocks: alice alone, HSM alone.
     {
         let d = r.daemon("alice-only", &[]);
-        let o = ok(d.share(&r, "alice", "alice's words"));
+        let o = ok(d.unlock_share(&r, "alice", "alice's words"));
         assert!(
             text(&o).contains("1 of 2 needed shares received"),
             "{}",
@@ -416,7 +199,7 @@ fn a_two_of_three_quorum_of_kms_hsm_and_a_person_unlocks_with_any_two_and_not_wi
 /// forgotten after --share-timeout, and a complete quorum unlocks.
 #[test]
 fn people_give_shares_at_their_own_terminals_wrong_ones_are_named_and_partial_ones_expire() {
-    let r = Rig::new();
+    let r = Rig::new("20M", TOKEN);
     let (vol, rec) = (r.vol(), r.path("recovery.key"));
     let mut args = vec![
         "enroll",
@@ -442,7 +225,7 @@ fn people_give_shares_at_their_own_terminals_wrong_ones_are_named_and_partial_on
 
     let d = r.daemon("people", &["--share-timeout", "3"]);
     // A wrong passphrase for bob: named, nothing kept, exit 3 (wrong secret).
-    let o = d.share(&r, "bob", "pc");
+    let o = d.unlock_share(&r, "bob", "pc");
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     let t = text(&o);
     assert!(
@@ -454,7 +237,7 @@ fn people_give_shares_at_their_own_terminals_wrong_ones_are_named_and_partial_on
         "names other holders: {t}"
     );
     // An unknown name.
-    let o = d.share(&r, "mallory", "x");
+    let o = d.unlock_share(&r, "mallory", "x");
     assert!(
         !o.status.success() && text(&o).contains("mallory"),
         "{}",
@@ -462,7 +245,7 @@ fn people_give_shares_at_their_own_terminals_wrong_ones_are_named_and_partial_on
     );
 
     // alice, then the timeout passes: forgotten; bob alone is one of two again.
-    ok(d.share(&r, "alice", "pa"));
+    ok(d.unlock_share(&r, "alice", "pa"));
     let s = d.status(&r);
     assert!(
         reason(&s).contains("1 of 2 needed shares received (3 holders)"),
@@ -472,11 +255,11 @@ fn people_give_shares_at_their_own_terminals_wrong_ones_are_named_and_partial_on
     let s = d.status(&r);
     assert!(!reason(&s).contains("needed shares"), "not forgotten: {s}");
     assert!(d.log().contains("forgotten"), "{}", d.log());
-    let o = ok(d.share(&r, "bob", "pb"));
+    let o = ok(d.unlock_share(&r, "bob", "pb"));
     assert!(text(&o).contains("1 of 2"), "{}", text(&o));
     assert_eq!(state(&d.status(&r)), "locked");
     // carol completes it.
-    let o = ok(d.share(&r, "carol", "pc"));
+    let o = ok(d.unlock_share(&r, "carol", "pc"));
     assert!(text(&o).contains("unlocked"), "{}", text(&o));
     assert_eq!(state(&d.status(&r)), "unlocked");
     let audit = d.audit();
@@ -520,7 +303,7 @@ fn people_give_shares_at_their_own_terminals_wrong_ones_are_named_and_partial_on
 /// A hostile header string in a token is escaped by `policy`.
 #[test]
 fn policy_escapes_attacker_written_strings() {
-    let r = Rig::new();
+    let r = Rig::new("20M", TOKEN);
     let vol = r.vol();
     let tok = r.path("tok.json");
     std::fs::write(

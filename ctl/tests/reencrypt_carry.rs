@@ -10,302 +10,16 @@
 //!   carry, and nothing is written; restoring the token (negative control) lets it carry.
 
 mod moto;
+mod quorum_rig;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use moto::{aws_env, Moto, REGION};
+use moto::{Moto, REGION};
+use quorum_rig::{ok, run_ok, state, text, Daemon, Rig, FAST, MODULE};
 use serde_json::Value;
 
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const TOKEN: &str = "nbdcrypt-rc";
-const PIN: &str = "1234";
-const PASS: &[u8] = b"recovery passphrase";
-const FAST: [&str; 4] = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-#[track_caller]
-fn ok(o: Output) -> Output {
-    assert!(
-        o.status.success(),
-        "exit {:?}: {}",
-        o.status.code(),
-        text(&o)
-    );
-    o
-}
-
-fn run_ok(cmd: &mut Command) -> Output {
-    let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(o.status.success(), "{cmd:?}: {}", text(&o));
-    o
-}
-
-/// A work directory with a volume (recovery passphrase in keyslot 0) and, on demand, a SoftHSM2
-/// token with one AES key "kek".
-struct Rig {
-    dir: tempfile::TempDir,
-    softhsm_conf: PathBuf,
-}
-
-impl Rig {
-    fn new() -> Rig {
-        let dir = tempfile::tempdir().unwrap();
-        let softhsm_conf = dir.path().join("softhsm2.conf");
-        let r = Rig { dir, softhsm_conf };
-        std::fs::write(r.path("recovery.key"), PASS).unwrap();
-        let (vol, key) = (r.vol(), r.path("recovery.key"));
-        let mut args = vec!["format", &vol, "--size", "24M", "--key-file", &key];
-        args.extend(FAST);
-        ok(r.ctl(&args, None));
-        r
-    }
-
-    fn with_hsm(self) -> Rig {
-        assert!(
-            Path::new(MODULE).exists(),
-            "{MODULE} missing: apt-get install -y softhsm2 opensc"
-        );
-        std::fs::create_dir_all(self.path("tokens")).unwrap();
-        std::fs::write(
-            &self.softhsm_conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                self.path("tokens")
-            ),
-        )
-        .unwrap();
-        run_ok(
-            Command::new("softhsm2-util")
-                .env("SOFTHSM2_CONF", &self.softhsm_conf)
-                .args(["--init-token", "--free", "--label", TOKEN])
-                .args(["--so-pin", "87654321", "--pin", PIN]),
-        );
-        run_ok(
-            Command::new("pkcs11-tool")
-                .env("SOFTHSM2_CONF", &self.softhsm_conf)
-                .args(["--module", MODULE, "--token-label", TOKEN, "--login"])
-                .args(["--pin", PIN, "--keygen", "--key-type", "AES:32"])
-                .args(["--label", "kek", "--id", "01", "--usage-decrypt"])
-                .args(["--usage-wrap", "--sensitive", "--private"]),
-        );
-        std::fs::write(self.path("pin"), format!("{PIN}\n")).unwrap();
-        self
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).to_str().unwrap().to_owned()
-    }
-
-    fn vol(&self) -> String {
-        self.path("vol.img")
-    }
-
-    fn pin(&self) -> String {
-        format!("file:{}", self.path("pin"))
-    }
-
-    /// nbdcryptctl with `stdin` fed (or none), AWS dummies and the test's SoftHSM2.
-    fn ctl(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nbdcryptctl"));
-        aws_env(&mut cmd);
-        let mut child = cmd
-            .env("SOFTHSM2_CONF", &self.softhsm_conf)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn nbdcryptctl");
-        let input = child.stdin.take();
-        if let (Some(mut w), Some(s)) = (input, stdin) {
-            use std::io::Write;
-            w.write_all(s.as_bytes()).unwrap();
-        }
-        child.wait_with_output().expect("wait")
-    }
-
-    fn daemon(&self, name: &str, extra: &[&str]) -> Daemon {
-        self.daemon_env(name, extra, &[])
-    }
-
-    fn daemon_env(&self, name: &str, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
-        let bin = Path::new(env!("CARGO_BIN_EXE_nbdcryptctl")).with_file_name("nbdcryptd");
-        assert!(
-            bin.exists(),
-            "{}: run cargo build --workspace --bins first",
-            bin.display()
-        );
-        let control = self.path(&format!("{name}.control"));
-        let sock = self.path(&format!("{name}.sock"));
-        let log = self.path(&format!("{name}.log"));
-        let audit = self.path(&format!("{name}.audit"));
-        let mut cmd = Command::new(&bin);
-        aws_env(&mut cmd);
-        let child = cmd
-            .env("SOFTHSM2_CONF", &self.softhsm_conf)
-            .envs(env.iter().copied())
-            .args(["--volume", &self.vol(), "--unix", &sock])
-            .args(["--control", &control, "--audit-log", &audit])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start nbdcryptd");
-        let d = Daemon {
-            child,
-            control,
-            sock,
-            log,
-            audit,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !Path::new(&d.control).exists() {
-            assert!(Instant::now() < deadline, "no control socket: {}", d.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-
-    /// The volume's header as `nbdcryptctl dump --json` shows it.
-    fn dump(&self) -> Value {
-        serde_json::from_slice(&ok(self.ctl(&["dump", &self.vol(), "--json"], None)).stdout)
-            .unwrap()
-    }
-
-    /// The quorum tokens of the header, as stored (`cryptsetup token export`).
-    fn quorum_tokens(&self) -> Vec<(u32, Value)> {
-        self.quorum_tokens_of(&self.vol())
-    }
-
-    fn quorum_tokens_of(&self, vol: &str) -> Vec<(u32, Value)> {
-        let dump: Value =
-            serde_json::from_slice(&ok(self.ctl(&["dump", vol, "--json"], None)).stdout).unwrap();
-        let ids: Vec<u32> = dump["tokens"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|t| t["type"] == "nbdcrypt-quorum")
-            .map(|t| u32::try_from(t["id"].as_u64().unwrap()).unwrap())
-            .collect();
-        ids.into_iter()
-            .map(|id| {
-                let o = run_ok(Command::new("cryptsetup").args([
-                    "token",
-                    "export",
-                    "--token-id",
-                    &id.to_string(),
-                    vol,
-                ]));
-                (id, serde_json::from_slice(&o.stdout).unwrap())
-            })
-            .collect()
-    }
-}
-
-struct Daemon {
-    child: Child,
-    control: String,
-    sock: String,
-    log: String,
-    audit: String,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Daemon {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn audit(&self) -> String {
-        std::fs::read_to_string(&self.audit).unwrap_or_default()
-    }
-
-    fn status(&self, r: &Rig) -> Value {
-        let o = ok(r.ctl(&["status", "--json", "--control", &self.control], None));
-        serde_json::from_slice(&o.stdout).unwrap()
-    }
-
-    /// Waits until `f(status)`; panics with the log after `secs`.
-    fn wait_for(&self, r: &Rig, secs: u64, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let s = self.status(r);
-            if f(&s) {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "{what}: {s}\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn unlock(&self, r: &Rig) {
-        let rec = r.path("recovery.key");
-        ok(r.ctl(
-            &["unlock", "--control", &self.control, "--key-file", &rec],
-            None,
-        ));
-    }
-
-    fn unlock_share(&self, r: &Rig, name: &str, pass: &str) -> Output {
-        r.ctl(
-            &[
-                "unlock",
-                "--share",
-                name,
-                "--stdin",
-                "--control",
-                &self.control,
-            ],
-            Some(&format!("{pass}\n")),
-        )
-    }
-
-    /// `reencrypt --control C --share NAME --stdin`.
-    fn stage(&self, r: &Rig, name: &str, pass: &str) -> Output {
-        r.ctl(
-            &[
-                "reencrypt",
-                "--control",
-                &self.control,
-                "--share",
-                name,
-                "--stdin",
-            ],
-            Some(&format!("{pass}\n")),
-        )
-    }
-
-    /// `reencrypt --control C --key-file recovery.key ARGS`.
-    fn reencrypt(&self, r: &Rig, args: &[&str]) -> Output {
-        let rec = r.path("recovery.key");
-        let mut a = vec!["reencrypt", "--control", &self.control, "--key-file", &rec];
-        a.extend_from_slice(args);
-        r.ctl(&a, None)
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd+unix:///nbdcrypt?socket={}", self.sock)
-    }
-}
-
-fn state(s: &Value) -> &str {
-    s["state"].as_str().unwrap_or("")
-}
 
 fn nbdcopy(from: &str, to: &str) {
     let o = Command::new("nbdcopy")
@@ -362,7 +76,7 @@ fn share_field<'a>(q: &'a Value, holder: &str, field: &str) -> &'a Value {
 fn a_two_of_three_quorum_of_kms_hsm_and_a_person_is_carried_online_and_opens_the_new_key() {
     let moto = Moto::start();
     let key = moto.create_key(Some("db"));
-    let r = Rig::new().with_hsm();
+    let r = Rig::new("24M", TOKEN).with_hsm();
     let (vol, rec, pin) = (r.vol(), r.path("recovery.key"), r.pin());
     let uri = format!("pkcs11:token={TOKEN};object=kek;type=secret-key");
     let mut args = vec![
@@ -581,7 +295,7 @@ fn replace_token(r: &Rig, id: u32, json: &Value) {
 
 #[test]
 fn a_quorum_whose_threshold_a_header_writer_lowered_is_refused_not_carried() {
-    let r = Rig::new();
+    let r = Rig::new("24M", TOKEN);
     let (vol, rec) = (r.vol(), r.path("recovery.key"));
     let mut args = vec![
         "enroll",
@@ -707,4 +421,389 @@ fn a_quorum_whose_threshold_a_header_writer_lowered_is_refused_not_carried() {
         "{}",
         text(&o)
     );
+}
+
+/// The volume key `key_file` opens, saved to `out` (`cryptsetup luksDump --dump-volume-key`).
+fn save_volume_key(vol: &str, key_file: &str, out: &str) {
+    run_ok(Command::new("cryptsetup").args([
+        "luksDump",
+        "--dump-volume-key",
+        "--volume-key-file",
+        out,
+        "--key-file",
+        key_file,
+        "--batch-mode",
+        vol,
+    ]));
+}
+
+/// Whether the volume key in `file` is the volume's (`cryptsetup open --test-passphrase`).
+fn is_volume_key(vol: &str, file: &str) -> bool {
+    Command::new("cryptsetup")
+        .args(["open", "--test-passphrase", "--volume-key-file", file, vol])
+        .output()
+        .expect("cryptsetup")
+        .status
+        .success()
+}
+
+/// `nbdcryptctl reencrypt VOLUME` (offline) with the recovery key file and `args`.
+fn offline_reencrypt(r: &Rig, args: &[&str]) -> Output {
+    let rec = r.path("recovery.key");
+    let vol = r.vol();
+    let mut a = vec!["reencrypt", &vol, "--key-file", &rec, "--no-progress-bar"];
+    a.extend_from_slice(args);
+    r.ctl(&a, None)
+}
+
+#[test]
+fn a_two_of_three_quorum_of_kms_hsm_and_a_person_is_carried_offline_and_opens_the_new_key() {
+    let moto = Moto::start();
+    let key = moto.create_key(Some("db"));
+    let r = Rig::new("24M", TOKEN).with_hsm();
+    let (vol, rec, pin) = (r.vol(), r.path("recovery.key"), r.pin());
+    let uri = format!("pkcs11:token={TOKEN};object=kek;type=secret-key");
+    let mut args = vec![
+        "enroll",
+        &vol,
+        "--quorum",
+        "2",
+        "--kms",
+        "alias/db",
+        "--kms-endpoint",
+        &moto.endpoint,
+        "--region",
+        REGION,
+        "--pkcs11",
+        &uri,
+        "--pkcs11-pin",
+        &pin,
+        "--passphrase-share",
+        "alice",
+        "--key-file",
+        &rec,
+    ];
+    args.extend(FAST);
+    ok(r.ctl(&args, Some("alice's words\n")));
+    let (_, old_q) = r.quorum_tokens().remove(0);
+    assert_eq!(old_q["keyslots"], serde_json::json!(["1"]));
+
+    let kms = [
+        "--kms-endpoint",
+        &moto.endpoint,
+        "--kms-region",
+        REGION,
+        "--kms-allow-key",
+        &key,
+    ];
+    let hsm = ["--pkcs11-pin", &pin, "--pkcs11-module", MODULE];
+    let mut both = vec!["--auto-unlock"];
+    both.extend(kms);
+    both.extend(hsm);
+    let mut offline: Vec<&str> = kms.to_vec();
+    offline.extend(hsm);
+
+    let data;
+    {
+        let d = r.daemon("write", &both);
+        let s = d.wait_for(&r, 60, "KMS + HSM unlock", |s| state(s) == "unlocked");
+        data = pattern(size(&s), 11);
+        write_all(&r, &d, &data);
+    }
+    let old_key = r.path("old.vk");
+    save_volume_key(&vol, &rec, &old_key);
+    let untouched = |what: &str| {
+        let dump = r.dump().to_string();
+        assert!(
+            !dump.contains("reencrypt"),
+            "{what}: header written: {dump}"
+        );
+        assert!(is_volume_key(&vol, &old_key), "{what}: the old key changed");
+        assert_eq!(
+            r.quorum_tokens()[0].1,
+            old_q,
+            "{what}: quorum token changed"
+        );
+    };
+
+    // No terminal and no share file for alice: refused, naming alice and what to give.
+    let o = offline_reencrypt(&r, &offline);
+    assert!(!o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("keyslot 1")
+            && t.contains("alice")
+            && t.contains("--share-passphrase-file NAME=FILE"),
+        "{t}"
+    );
+    untouched("missing person");
+
+    // A wrong passphrase for alice: exit 3, named, nothing changed.
+    let wrong = r.path("alice.wrong");
+    std::fs::write(&wrong, "not alice's words\n").unwrap();
+    let arg = format!("alice={wrong}");
+    let mut a = offline.clone();
+    a.extend(["--share-passphrase-file", &arg]);
+    let o = offline_reencrypt(&r, &a);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("share \"alice\" is wrong") && t.contains("nothing was changed"),
+        "{t}"
+    );
+    untouched("wrong person");
+    // A share nobody holds: refused by name.
+    let arg = format!("mallory={wrong}");
+    let mut a = offline.clone();
+    a.extend(["--share-passphrase-file", &arg]);
+    let o = offline_reencrypt(&r, &a);
+    assert!(
+        !o.status.success() && text(&o).contains("\"mallory\""),
+        "{}",
+        text(&o)
+    );
+    untouched("foreign share");
+    // Still readable under the old key (KMS + HSM).
+    {
+        let d = r.daemon("before", &both);
+        d.wait_for(&r, 60, "KMS + HSM unlock", |s| state(s) == "unlocked");
+        assert!(read_all(&r, &d) == data, "refused runs changed the data");
+    }
+
+    // alice's passphrase in a file (the first line): carried.
+    let good = r.path("alice.pass");
+    std::fs::write(&good, "alice's words\n").unwrap();
+    let arg = format!("alice={good}");
+    let audit = r.path("offline.audit");
+    let mut a = offline.clone();
+    a.extend(["--share-passphrase-file", &arg, "--audit-log", &audit]);
+    let o = ok(offline_reencrypt(&r, &a));
+    let t = text(&o);
+    assert!(t.contains("keyslot 1: quorum re-split: 2 of 3"), "{t}");
+    assert!(t.contains("re-encryption finished"), "{t}");
+    assert!(!t.contains("alice's words"), "{t}");
+    let log = std::fs::read_to_string(&audit).unwrap();
+    assert!(!log.contains("alice's words"), "{log}");
+    let start: Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|e| e["phase"] == "start")
+        .unwrap_or_else(|| panic!("no start event: {log}"));
+    assert_eq!(start["carried"]["0"], "same secret", "{start}");
+    assert!(
+        start["carried"]["1"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("quorum re-split: 2 of 3") && s.contains("alice")),
+        "{start}"
+    );
+    assert_eq!(start["share_passphrases"]["alice"], "file", "{start}");
+
+    // The old volume key is gone; one quorum token, on a new keyslot, same threshold, same
+    // holders at the same indices, every share sealed anew (alice's under a fresh salt).
+    assert!(
+        !is_volume_key(&vol, &old_key),
+        "the old volume key still opens the volume"
+    );
+    let after = r.quorum_tokens();
+    assert_eq!(after.len(), 1, "{after:?}");
+    let (_, new_q) = &after[0];
+    assert_ne!(new_q["keyslots"], old_q["keyslots"], "{new_q}");
+    assert_eq!(new_q["threshold"], 2);
+    for holder in ["nbdcrypt-aws-kms", "nbdcrypt-pkcs11", "alice"] {
+        assert_eq!(
+            share_field(new_q, holder, "x"),
+            share_field(&old_q, holder, "x")
+        );
+        assert_ne!(
+            share_field(new_q, holder, "sealed"),
+            share_field(&old_q, holder, "sealed"),
+            "{holder}'s share was not re-sealed"
+        );
+    }
+    assert_ne!(
+        share_field(new_q, "alice", "kdf")["salt"],
+        share_field(&old_q, "alice", "kdf")["salt"]
+    );
+
+    // KMS + alice open the new key, and KMS + HSM; the data is there.
+    {
+        let mut a = vec!["--auto-unlock"];
+        a.extend(kms);
+        let d = r.daemon("kms-alice", &a);
+        d.wait_for(&r, 60, "one share from KMS", |s| {
+            s["locked_reason"]
+                .as_str()
+                .is_some_and(|m| m.contains("1 of 2 needed shares received (3 holders)"))
+        });
+        ok(d.unlock_share(&r, "alice", "alice's words"));
+        assert_eq!(state(&d.status(&r)), "unlocked");
+        assert!(read_all(&r, &d) == data, "data lost by the offline carry");
+    }
+    {
+        let d = r.daemon("kms-hsm", &both);
+        d.wait_for(&r, 60, "KMS + HSM unlock", |s| state(s) == "unlocked");
+        assert!(read_all(&r, &d) == data);
+    }
+}
+
+#[test]
+fn an_offline_carry_refuses_a_quorum_whose_threshold_a_header_writer_lowered() {
+    let r = Rig::new("24M", TOKEN);
+    let (vol, rec) = (r.vol(), r.path("recovery.key"));
+    let mut args = vec!["enroll", &vol, "--quorum", "2"];
+    for n in ["alice", "bob", "carol"] {
+        args.extend(["--passphrase-share", n]);
+    }
+    args.extend(["--key-file", &rec]);
+    args.extend(FAST);
+    ok(r.ctl(&args, Some("pa\npb\npc\n")));
+    let (id, genuine) = r.quorum_tokens().remove(0);
+    let old_key = r.path("old.vk");
+    save_volume_key(&vol, &rec, &old_key);
+    let mut files = Vec::new();
+    for (n, p) in [("alice", "pa"), ("bob", "pb"), ("carol", "pc")] {
+        let f = r.path(&format!("{n}.pass"));
+        std::fs::write(&f, p).unwrap();
+        files.push(format!("{n}={f}"));
+    }
+    let mut a = Vec::new();
+    for f in &files {
+        a.extend(["--share-passphrase-file", f.as_str()]);
+    }
+
+    let mut forged = genuine.clone();
+    forged["threshold"] = 1.into();
+    replace_token(&r, id, &forged);
+    let o = offline_reencrypt(&r, &a);
+    assert!(
+        !o.status.success(),
+        "a forged threshold was carried: {}",
+        text(&o)
+    );
+    let t = text(&o);
+    assert!(
+        t.contains("keyslot 1") && t.contains("threshold or shares were changed"),
+        "{t}"
+    );
+    assert!(
+        !r.dump().to_string().contains("reencrypt"),
+        "header written"
+    );
+    assert!(is_volume_key(&vol, &old_key));
+    assert_eq!(r.quorum_tokens()[0].1["threshold"], 1);
+
+    // Negative control: the genuine token is carried.
+    replace_token(&r, id, &genuine);
+    ok(offline_reencrypt(&r, &a));
+    assert!(!is_volume_key(&vol, &old_key));
+    let after = r.quorum_tokens();
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].1["threshold"], 2);
+    assert_ne!(after[0].1["keyslots"], genuine["keyslots"]);
+}
+
+/// Waits until `out` (the terminal's output so far) contains `what`; panics after 60 s.
+fn wait_output(out: &std::sync::Mutex<Vec<u8>>, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+        if text.contains(what) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what:?} on the terminal: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn offline_each_person_is_asked_at_the_terminal_in_turn_and_a_typo_is_asked_again() {
+    let r = Rig::new("24M", TOKEN);
+    let (vol, rec) = (r.vol(), r.path("recovery.key"));
+    let mut args = vec!["enroll", &vol, "--quorum", "2"];
+    for n in ["alice", "bob"] {
+        args.extend(["--passphrase-share", n]);
+    }
+    args.extend(["--key-file", &rec]);
+    args.extend(FAST);
+    ok(r.ctl(&args, Some("alice words\nbob words\n")));
+    let (_, old_q) = r.quorum_tokens().remove(0);
+    let old_key = r.path("old.vk");
+    save_volume_key(&vol, &rec, &old_key);
+
+    // A real terminal: util-linux `script` runs nbdcryptctl on a pseudo-terminal and copies
+    // what we write to it; each line is written only once its prompt is shown (echo off).
+    let cmd = format!(
+        "{} reencrypt {vol} --key-file {rec} --no-progress-bar",
+        env!("CARGO_BIN_EXE_nbdcryptctl")
+    );
+    let mut child = Command::new("script")
+        .args(["-qefc", &cmd, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("script (util-linux)");
+    let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let out = out.clone();
+        let mut stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                out.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let mut tty = child.stdin.take().unwrap();
+    let mut say = |line: &str| {
+        use std::io::Write;
+        tty.write_all(line.as_bytes()).unwrap();
+        tty.flush().unwrap();
+    };
+    wait_output(
+        &out,
+        "Passphrase of quorum share alice (keyslot 1), for alice to type:",
+    );
+    say("alice wrods\n");
+    wait_output(&out, "share \"alice\" is wrong");
+    wait_output(&out, "try again");
+    // Asked again (the second prompt for alice), then bob's turn.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while String::from_utf8_lossy(&out.lock().unwrap())
+        .matches("for alice to type")
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "alice not asked again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    say("alice words\n");
+    wait_output(
+        &out,
+        "Passphrase of quorum share bob (keyslot 1), for bob to type:",
+    );
+    say("bob words\n");
+    let status = child.wait().unwrap();
+    drop(tty);
+    reader.join().unwrap();
+    let shown = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+    assert!(status.success(), "{shown}");
+    assert!(shown.contains("re-encryption finished"), "{shown}");
+    assert!(
+        !shown.contains("alice words") && !shown.contains("bob words") && !shown.contains("wrods"),
+        "a passphrase was echoed: {shown}"
+    );
+    assert!(
+        !is_volume_key(&vol, &old_key),
+        "the old key still opens the volume"
+    );
+    let (_, new_q) = r.quorum_tokens().remove(0);
+    assert_ne!(new_q["keyslots"], old_q["keyslots"]);
+    assert_eq!(new_q["threshold"], 2);
 }

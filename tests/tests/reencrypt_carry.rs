@@ -328,3 +328,149 @@ fn clevis_tang_and_tpm2_bindings_are_carried_online_and_open_the_new_key_with_th
         assert_same_bytes(&got, &expect, what);
     }
 }
+
+/// The offline twin: `nbdcryptctl reencrypt VOLUME` (no daemon) carries the same Tang and TPM2
+/// bindings through the same carry code, with the operator's --tang-allow/--tpm2-tcti; without
+/// them it refuses and changes nothing.
+#[test]
+fn clevis_tang_and_tpm2_bindings_are_carried_offline_and_open_the_new_key_with_the_real_clevis() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let (_tang, tang_url, tang_allow) = tang(dir);
+    let (_tpm, tcti) = swtpm(dir);
+    let img = dir.join("vol.img");
+    let mut args = vec![
+        "--cipher",
+        "aes-xts-plain64",
+        "--key-size",
+        "512",
+        "--sector-size",
+        "4096",
+        "--luks2-metadata-size",
+        "64k",
+    ];
+    let kdf = cheap_kdf("pbkdf2");
+    args.extend(kdf.iter().map(String::as_str));
+    luks_format_args(&img, (16 << 20) + DATA, PASS, &args);
+    let old_key = luks_volume_key(&img, PASS);
+    verify_py(&[
+        OsStr::new("fill"),
+        img.as_os_str(),
+        OsStr::new("--volume-key"),
+        OsStr::new(&old_key),
+    ])
+    .success();
+    let pw = dir.join("pass.key");
+    std::fs::write(&pw, PASS).unwrap();
+    let img_s = img.to_str().unwrap();
+    let pw_s = pw.to_str().unwrap();
+    let tang_cfg = format!("{{\"url\":\"{tang_url}\"}}");
+    for (pin, cfg) in [("tang", tang_cfg.as_str()), ("tpm2", "{}")] {
+        clevis(
+            &tcti,
+            &["luks", "bind", "-y", "-d", img_s, "-k", pw_s, pin, cfg],
+        )
+        .success();
+    }
+    for slot in [1u32, 2] {
+        let f = clevis_pass(&tcti, &img, slot, dir);
+        let mut c = cryptsetup();
+        c.args([
+            "luksConvertKey",
+            "--batch-mode",
+            "--key-slot",
+            &slot.to_string(),
+        ])
+        .args(&kdf)
+        .arg("--key-file")
+        .arg(&f)
+        .arg(&img);
+        run(&mut c, TOOL_TIMEOUT).success();
+    }
+    assert_eq!(
+        clevis_list(&tcti, &img),
+        [(1, "tang".to_owned()), (2, "tpm2".to_owned())]
+    );
+
+    let audit = dir.join("audit.jsonl");
+    let offline = |extra: &[&str]| {
+        let base = ["reencrypt", img_s, "--key-file", pw_s, "--no-progress-bar"];
+        let a: Vec<&OsStr> = base.iter().chain(extra).map(OsStr::new).collect();
+        nbdcryptctl(&a)
+    };
+
+    // Without the operator's clevis settings nothing opens the bindings: refused, named,
+    // nothing changed.
+    let out = offline(&[]).failure();
+    assert!(
+        out.stderr.contains("keyslot 1") && out.stderr.contains("--drop-unopened"),
+        "{}",
+        out.details()
+    );
+    assert_eq!(
+        luks_volume_key(&img, PASS),
+        old_key,
+        "a refused run changed the key"
+    );
+
+    offline(&[
+        "--tang-allow",
+        &tang_allow,
+        "--tpm2-tcti",
+        &tcti,
+        "--audit-log",
+        audit.to_str().unwrap(),
+    ])
+    .success();
+    let events = audit_events(&audit);
+    let start = events
+        .iter()
+        .find(|e| e["phase"] == "start")
+        .unwrap_or_else(|| panic!("no start event: {events:?}"));
+    assert_eq!(start["carried"]["0"], "same secret", "{start}");
+    for slot in ["1", "2"] {
+        assert!(
+            start["carried"][slot]
+                .as_str()
+                .is_some_and(|s| s.starts_with("clevis token") && s.ends_with("re-bound")),
+            "{start}"
+        );
+    }
+
+    let after = clevis_list(&tcti, &img);
+    let pins: Vec<&str> = after.iter().map(|(_, p)| p.as_str()).collect();
+    assert_eq!(pins, ["tang", "tpm2"], "{after:?}");
+    let mut new_key = None;
+    for (slot, pin) in &after {
+        assert!(![1, 2].contains(slot), "{pin} still on an old keyslot");
+        let f = clevis_pass(&tcti, &img, *slot, dir);
+        let key = luks_volume_key(&img, &std::fs::read(&f).unwrap());
+        assert_ne!(key, old_key, "{pin}: the volume key did not change");
+        if let Some(k) = &new_key {
+            assert_eq!(&key, k);
+        }
+        new_key = Some(key);
+    }
+    let new_key = new_key.unwrap();
+    let plain = verify_py_plaintext(&img, &new_key);
+    assert_same_bytes(
+        &plain[..DATA as usize],
+        &vector_pattern(DATA),
+        "verify.py with the new key",
+    );
+    assert_eq!(
+        luks_volume_key(&img, PASS),
+        new_key,
+        "the old key is not gone"
+    );
+
+    // The daemon unlocks through each binding alone.
+    for (what, settings) in [
+        ("tang", vec!["--tang-allow", tang_allow.as_str()]),
+        ("tpm2", vec!["--tpm2-tcti", tcti.as_str()]),
+    ] {
+        let d = serve(&img, &dir.join(format!("audit-{what}.jsonl")), &settings);
+        let got = read_export(&d.uri(), dir);
+        assert_same_bytes(&got, &vector_pattern(DATA), what);
+    }
+}

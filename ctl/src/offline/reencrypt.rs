@@ -13,10 +13,12 @@ use clap::Args;
 use nbdcrypt::audit::{AuditEvent, AuditEventKind, AuditLog};
 use nbdcrypt::crypto::keys::SecretBytes;
 use nbdcrypt::luks2::reencrypt::{
-    self, BlockIo, DirectFileIo, FileIo, KeyAge, NewSlot, Reencryption, Resilience, StartParams,
-    ZoneIo,
+    self, BlockIo, DirectFileIo, FileIo, KeyAge, Reencryption, Resilience, StartParams, ZoneIo,
 };
+use nbdcrypt::luks2::tokens::carry::{self, Carrier, SharePassphrases};
+use nbdcrypt::luks2::tokens::quorum::{self, Holder, QuorumToken};
 use nbdcrypt::luks2::Luks2Header;
+use nbdcrypt::secret_file::{self, Kind};
 
 use super::keys::KdfLimitArgs;
 use super::{bytes_human, Volume};
@@ -41,12 +43,20 @@ Online, while nbdcryptd serves the volume and clients keep reading and writing:
 `nbdcryptctl reencrypt --control SOCK [--key-file F] [--pause|--resume|--status] [--max-rate R]
 [--wait]` (see `nbdcryptctl reencrypt --control SOCK --help`).
 
-Every passphrase keyslot of the volume key must be opened by one of the secrets given (one
---key-file per secret, or one passphrase asked on the terminal). Keyslots of nbdcrypt's KMS/HSM
-tokens are re-sealed: a fresh secret sealed under the same KMS/HSM key for a new keyslot (give
-the same --kms-*/--pkcs11-* options as for `enroll`); the old token goes with the old key. Any
-other keyslot none of the secrets opens would be lost, so the command refuses unless
---drop-unopened says to drop it.
+Every keyslot of the volume key is carried over to the new key, offline as online (the same code
+in both): a passphrase or key file keyslot must be opened by one of the secrets given (one
+--key-file per secret, or one passphrase asked on the terminal); nbdcrypt's KMS/HSM tokens are
+re-sealed (a fresh secret sealed under the same KMS/HSM key for a new keyslot; give the same
+--kms-*/--pkcs11-* options as for `enroll`, or --config); clevis tokens (Tang, TPM2) are opened
+through the --tang-allow/--tpm2-tcti settings and bound to the new keyslot too; quorum keyslots
+(`enroll --quorum K`) are re-split K-of-N to the same holders at the same indices. For a quorum
+every holder must open its share first, which also proves nobody changed its threshold or
+holders in the header (a changed quorum is refused, never copied): machine shares through the
+options above, and each person types their share passphrase when asked at the terminal, in turn
+(or, with no terminal, --share-passphrase-file NAME=FILE); their share is re-wrapped under the
+same passphrase with a fresh salt. The old tokens go with the old key. A keyslot that none of
+these opens would be lost, so the command refuses unless --drop-unopened says to drop it. The
+audit log's start event says how each keyslot was carried (`carried`) and what was dropped.
 
 Resilience (how a zone interrupted mid-way is recovered):
   checksum  (default) a hash of each 4 KiB of the zone's old ciphertext;
@@ -60,7 +70,10 @@ Examples:
   nbdcryptctl reencrypt vol.img --key-file a.key --sector-size 4096 --key-size 512
   nbdcryptctl reencrypt vol.img --key-file a.key --max-rate 200M    # at most 200 MiB/s
   nbdcryptctl reencrypt vol.img --key-file a.key --resume-only      # only finish a started one
-  nbdcryptctl reencrypt vol.img --status                            # progress, no secret needed";
+  nbdcryptctl reencrypt vol.img --status                            # progress, no secret needed
+  nbdcryptctl reencrypt vol.img --key-file a.key --config /etc/nbdcrypt/vol.toml  # + KMS/HSM/Tang
+  nbdcryptctl reencrypt vol.img --key-file a.key --kms-allow-key ARN \\
+      --share-passphrase-file alice=/run/alice.pass     # a quorum, no terminal";
 
 #[derive(Args, Debug)]
 pub struct ReencryptArgs {
@@ -114,7 +127,14 @@ pub struct ReencryptArgs {
     pub audit_log: Option<PathBuf>,
     #[command(flatten)]
     pub kdf_limits: KdfLimitArgs,
-    /// Where the KMS tokens' keys live (for re-sealing them); see `enroll --help`.
+    /// The passphrase of a person's quorum share, from a file (its first line), when nobody
+    /// can be asked at the terminal: NAME is the share's name (`nbdcryptctl policy VOLUME`
+    /// lists them). Repeat for each person. On a terminal, each person not given here is asked
+    /// in turn. Never the passphrase itself on the command line.
+    #[arg(long, value_name = "NAME=FILE")]
+    pub share_passphrase_file: Vec<String>,
+    /// Where the KMS/HSM keys, Tang servers and TPM of the tokens live (to open and re-seal
+    /// them): the same options as `enroll`, or --config with nbdcryptd's file.
     #[command(flatten)]
     pub location: super::enroll::KmsLocation,
 }
@@ -315,9 +335,7 @@ pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
         }
         run_zones(&a, &vol, &mut r, &audit)?;
         let hdr = r
-            .finish_dropping_orphans(&vol.io, |t| {
-                nbdcrypt::luks2::tokens::format::is_ours(t.type_name())
-            })
+            .finish_dropping_orphans(&vol.io, carry::resealed_token)
             .map_err(|e| vol.explain(e))?;
         let age = KeyAge::of(&hdr).map(|k| nbdcrypt::audit::rfc3339(k.created_unix));
         audit.record("finish", |e| match &age {
@@ -379,104 +397,50 @@ fn start(
 ) -> anyhow::Result<Reencryption> {
     let hdr = vol.header(true)?;
     let seg = hdr.data_segment();
-    let mut slots = Vec::new();
-    let mut old_key = None;
-    let data_slots: Vec<_> = hdr.keyslots().into_iter().filter(|k| k.for_data).collect();
-    let mut unopened = Vec::new();
-    for ks in &data_slots {
-        let mut opened = false;
-        for s in secrets {
-            match hdr.unlock_slot(&vol.io, ks.id, s, limits) {
-                Ok(key) => {
-                    let kdf = ks
-                        .kdf
-                        .ok_or_else(|| anyhow!("keyslot {}: unknown KDF", ks.id))?;
-                    slots.push(NewSlot {
-                        old_slot: ks.id,
-                        secret: SecretBytes::from_slice(s.expose_secret()),
-                        kdf,
-                        token: None,
-                    });
-                    old_key.get_or_insert(key);
-                    opened = true;
-                    break;
-                }
-                Err(nbdcrypt::luks2::FormatError::WrongPassphrase) => {}
-                Err(nbdcrypt::luks2::FormatError::KeyslotUnusable { .. }) => {}
-                Err(e) => return Err(vol.explain(e)),
-            }
-        }
-        if !opened {
-            unopened.push(ks.id);
-        }
+    let settings = super::enroll::seal_settings(&a.location)?;
+    // People's passphrases first, each checked against its share at once (a typo is named
+    // before anything else happens); then the shared carry (the same code the daemon runs
+    // online) plans a new keyslot for every old one.
+    let mut people = PeopleShares::ask(a, vol, &hdr, limits)?;
+    let plan = Carrier {
+        settings: &settings,
+        limits,
+        people: &mut people,
     }
-    let Some(old_key) = old_key else {
+    .plan(&vol.io, &hdr, secrets)
+    .map_err(|e| anyhow!("{}: {e}", vol.path.display()))?;
+    // Who gave a share passphrase, and how (never the passphrase): for the audit log.
+    let people_given: serde_json::Map<String, serde_json::Value> = people
+        .sources
+        .iter()
+        .map(|(n, how)| (n.clone(), serde_json::Value::String((*how).to_owned())))
+        .collect();
+    drop(people);
+    let Some(old_key) = plan.old_key else {
         return Err(anyhow::Error::new(super::NoKey(
             super::NO_KEY_MESSAGE.into(),
         )));
     };
-    // Our KMS/HSM tokens: re-sealed under the same key for the new keyslot, not erased.
-    let mut resealed = Vec::new();
-    if unopened.iter().any(|id| our_token(&hdr, *id).is_some()) {
-        let settings = super::enroll::seal_settings(&a.location)?;
-        for &id in &unopened {
-            let Some((tid, json)) = our_token(&hdr, id) else {
-                continue;
-            };
-            let provider = nbdcrypt::luks2::tokens::resolver(&json, &settings).map_err(|e| {
-                anyhow!(
-                    "keyslot {id} (token {tid}): cannot reach its KMS/HSM key to re-seal it: {e}"
-                )
-            })?;
-            let mut secret = SecretBytes::zeroed(nbdcrypt::seal::SECRET_LEN);
-            std::fs::File::open("/dev/urandom")
-                .and_then(|mut f| std::io::Read::read_exact(&mut f, secret.expose_secret_mut()))
-                .map_err(|e| anyhow!("reading /dev/urandom: {e}"))?;
-            let pass = nbdcrypt::luks2::tokens::enroll::passphrase_for(&secret);
-            let uuid = hdr.uuid().to_string();
-            slots.push(NewSlot {
-                old_slot: id,
-                secret: pass,
-                kdf: nbdcrypt::luks2::tokens::enroll::TOKEN_KEYSLOT_KDF,
-                token: Some(Box::new(move |new_slot| {
-                    let binding = nbdcrypt::seal::Binding {
-                        volume_uuid: uuid,
-                        keyslot: new_slot,
-                    };
-                    let sealed = provider
-                        .seal(&secret, &binding)
-                        .map_err(|e| e.to_string())?;
-                    nbdcrypt::luks2::tokens::format::build(
-                        provider.token_type(),
-                        new_slot,
-                        &sealed,
-                        &nbdcrypt::audit::rfc3339_now(),
-                    )
-                    .map_err(|e| e.to_string())
-                })),
-            });
-            resealed.push(id);
-        }
-        unopened.retain(|id| !resealed.contains(id));
-    }
-    if !unopened.is_empty() && !a.drop_unopened {
-        let bound: Vec<String> = unopened
+    let unopened: Vec<u32> = plan.cannot.iter().map(|(id, _)| *id).collect();
+    if !plan.cannot.is_empty() && !a.drop_unopened {
+        let named: Vec<String> = plan
+            .cannot
             .iter()
-            .map(|id| {
-                let tok = hdr
-                    .tokens()
-                    .find(|(_, t)| t.keyslots().contains(id))
-                    .map(|(t, tok)| format!(" (token {t}, {})", super::printable(tok.type_name())))
-                    .unwrap_or_default();
-                format!("{id}{tok}")
-            })
+            .map(|(id, why)| format!("keyslot {id} ({why})"))
             .collect();
         bail!(
-            "{}: keyslot(s) {} are not opened by the secrets given and would be lost with the old \
-             key; give their secrets too (one --key-file each), or remove them first, or pass \
-             --drop-unopened",
+            "{}: {} cannot be carried over to the new key and would be lost with the old one: \
+             {}. Give their secrets too (one --key-file each), make their tokens reachable (the \
+             --kms-*/--pkcs11-*/--tang-allow/--tpm2-tcti options or --config), give each person's share \
+             passphrase (at the terminal or --share-passphrase-file NAME=FILE), remove them \
+             first, or pass --drop-unopened to drop them",
             vol.path.display(),
-            bound.join(", ")
+            if named.len() == 1 {
+                "a keyslot"
+            } else {
+                "keyslots"
+            },
+            named.join("; ")
         );
     }
     let now = std::time::SystemTime::now()
@@ -490,18 +454,56 @@ fn start(
         hotzone: a.hotzone_size,
         now_unix: now,
     };
-    let kept: Vec<u32> = slots.iter().map(|s| s.old_slot).collect();
-    let r =
-        Reencryption::start(&vol.io, hdr, old_key, slots, &params).map_err(|e| vol.explain(e))?;
+    let kept: Vec<u32> = plan.slots.iter().map(|s| s.old_slot).collect();
+    let resealed: Vec<u32> = plan
+        .carried
+        .iter()
+        .filter(|(_, how)| how.starts_with("re-sealed"))
+        .map(|(id, _)| *id)
+        .collect();
+    let carried: serde_json::Map<String, serde_json::Value> = plan
+        .carried
+        .iter()
+        .map(|(id, how)| (id.to_string(), serde_json::Value::String(how.clone())))
+        .collect();
+    let dropped: serde_json::Map<String, serde_json::Value> = plan
+        .cannot
+        .iter()
+        .map(|(id, why)| (id.to_string(), serde_json::Value::String(why.clone())))
+        .collect();
+    if !plan.cannot.is_empty() && !a.quiet {
+        eprintln!(
+            "nbdcryptctl: warning: {}: dropping keyslot(s) {unopened:?} (--drop-unopened)",
+            vol.path.display()
+        );
+    }
+    let r = Reencryption::start(&vol.io, hdr, old_key, plan.slots, &params)
+        .map_err(|e| vol.explain(e))?;
+    nbdcrypt::sys::scrub_stack();
     audit.record("start", |e| {
-        e.detail("resilience", resilience.name())
+        let mut e = e
+            .detail("resilience", resilience.name())
             .detail("key_bits", params.key_size * 8)
             .detail("sector_size", params.sector_size)
             .detail("old_keyslots", kept.clone())
             .detail("dropped_keyslots", unopened.clone())
             .detail("resealed_keyslots", resealed.clone())
+            .detail("carried", serde_json::Value::Object(carried.clone()));
+        if !dropped.is_empty() {
+            e = e.detail("dropped", serde_json::Value::Object(dropped.clone()));
+        }
+        if !people_given.is_empty() {
+            e = e.detail(
+                "share_passphrases",
+                serde_json::Value::Object(people_given.clone()),
+            );
+        }
+        e
     });
     if !a.quiet {
+        for (id, how) in &plan.carried {
+            eprintln!("{}: keyslot {id}: {how}", vol.path.display());
+        }
         eprintln!(
             "{}: re-encryption started: new {}-bit key, {}-byte sectors, {} resilience, {} per zone",
             vol.path.display(),
@@ -514,16 +516,172 @@ fn start(
     Ok(r)
 }
 
-/// Our (KMS/HSM) token bound to keyslot `slot`: its id and JSON.
-fn our_token(
-    hdr: &Luks2Header,
-    slot: u32,
-) -> Option<(u32, serde_json::Map<String, serde_json::Value>)> {
-    hdr.tokens()
-        .find_map(|(tid, t)| match nbdcrypt::luks2::tokens::format::parse(t) {
-            Ok(Some(p)) if p.keyslot == slot => Some((tid, t.json().clone())),
-            _ => None,
-        })
+/// People's passphrases for their shares of the volume's quorums, offline. Each holder named by
+/// a passphrase share of a quorum on a keyslot of the volume key is asked in turn at the
+/// terminal (up to three tries), or read from `--share-passphrase-file NAME=FILE` (the first
+/// line of FILE); every passphrase is checked against its share's tag at once, as
+/// `reencrypt --control SOCK --share NAME` does online. Kept in locked memory, wiped on drop.
+struct PeopleShares {
+    checked: Vec<(String, SecretBytes)>,
+    /// (share name, where its passphrase came from: `terminal` or `file`), for the audit log.
+    sources: Vec<(String, &'static str)>,
+    tty: bool,
+}
+
+impl PeopleShares {
+    fn ask(
+        a: &ReencryptArgs,
+        vol: &Volume,
+        hdr: &Luks2Header,
+        limits: &nbdcrypt::luks2::KdfLimits,
+    ) -> anyhow::Result<PeopleShares> {
+        let files = share_files(&a.share_passphrase_file)?;
+        let data_slots: Vec<u32> = hdr
+            .keyslots()
+            .into_iter()
+            .filter(|k| k.for_data)
+            .map(|k| k.id)
+            .collect();
+        let quorums: Vec<QuorumToken> = quorum::tokens(hdr)
+            .into_iter()
+            .filter_map(|(_, q)| q.ok())
+            .filter(|q| data_slots.contains(&q.keyslot))
+            .collect();
+        for (name, _) in &files {
+            if !quorums.iter().any(|q| q.share_named(name).is_some()) {
+                bail!(
+                    "--share-passphrase-file {name}=...: {}",
+                    quorum::QuorumError::UnknownShare(name.clone())
+                );
+            }
+        }
+        let tty = std::io::stdin().is_terminal();
+        let mut out = PeopleShares {
+            checked: Vec::new(),
+            sources: Vec::new(),
+            tty,
+        };
+        for q in &quorums {
+            for s in &q.shares {
+                let Holder::Passphrase { name, .. } = &s.holder else {
+                    continue;
+                };
+                if out.checked.iter().any(|(n, _)| n == name) {
+                    continue;
+                }
+                let shown = super::printable(name);
+                let from_file = files.iter().find(|(n, _)| n == name);
+                let pass = if let Some((_, path)) = from_file {
+                    let pass = read_share_file(path)?;
+                    if let Err(e) = quorum::open_passphrase_share(hdr, q, name, &pass, limits) {
+                        return Err(wrong_share(vol, &e, path.display().to_string()));
+                    }
+                    pass
+                } else if tty {
+                    let mut tries = 0;
+                    loop {
+                        let pass = read_existing(
+                            &Source::Interactive,
+                            &format!(
+                                "Passphrase of quorum share {shown} (keyslot {}), for {shown} to \
+                                 type: ",
+                                q.keyslot
+                            ),
+                        )?;
+                        match quorum::open_passphrase_share(hdr, q, name, &pass, limits) {
+                            Ok(_) => break pass,
+                            Err(e @ quorum::QuorumError::WrongShare { .. }) if tries < 2 => {
+                                tries += 1;
+                                eprintln!("nbdcryptctl: {e}; try again");
+                            }
+                            Err(e) => return Err(wrong_share(vol, &e, "the terminal".into())),
+                        }
+                    }
+                } else {
+                    // Named by the carry, with what to do.
+                    continue;
+                };
+                out.checked.push((name.clone(), pass));
+                out.sources.push((
+                    shown,
+                    if from_file.is_some() {
+                        "file"
+                    } else {
+                        "terminal"
+                    },
+                ));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A share passphrase that does not open its share: exit 3, nothing changed.
+fn wrong_share(vol: &Volume, e: &quorum::QuorumError, from: String) -> anyhow::Error {
+    anyhow::Error::new(super::NoKey(format!(
+        "{}: {e} (read from {from}); nothing was changed",
+        vol.path.display()
+    )))
+}
+
+impl SharePassphrases for PeopleShares {
+    fn passphrase(&mut self, name: &str, _keyslot: u32) -> Result<Option<SecretBytes>, String> {
+        Ok(self
+            .checked
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| SecretBytes::from_slice(p.expose_secret())))
+    }
+    fn missing(&self, _names: &[String]) -> String {
+        if self.tty {
+            "each holder types it when asked".into()
+        } else {
+            "standard input is not a terminal, so nobody can be asked: give \
+             --share-passphrase-file NAME=FILE for each"
+                .into()
+        }
+    }
+}
+
+/// `--share-passphrase-file NAME=FILE`, parsed; a name given twice is refused.
+fn share_files(args: &[String]) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let mut out: Vec<(String, PathBuf)> = Vec::new();
+    for arg in args {
+        let Some((name, file)) = arg
+            .split_once('=')
+            .filter(|(n, f)| !n.is_empty() && !f.is_empty())
+        else {
+            bail!("--share-passphrase-file {arg:?}: use NAME=FILE (the share's name, a file with its holder's passphrase)");
+        };
+        if out.iter().any(|(n, _)| n == name) {
+            bail!("--share-passphrase-file: share {name:?} given twice");
+        }
+        out.push((name.to_owned(), PathBuf::from(file)));
+    }
+    Ok(out)
+}
+
+/// A person's share passphrase from a file: its first line (without `\n` / `\r\n`), read by the
+/// capped secret reader into locked memory.
+fn read_share_file(path: &std::path::Path) -> anyhow::Result<SecretBytes> {
+    let raw = secret_file::read_file(path, Kind::Passphrase).map_err(|e| match e {
+        secret_file::Error::Io(e) => anyhow!(
+            "cannot open share passphrase file {}: {}",
+            path.display(),
+            crate::secret_input::io_reason(&e)
+        ),
+        e => anyhow!("cannot read share passphrase file {}: {e}", path.display()),
+    })?;
+    let bytes = raw.expose_secret();
+    let line = match bytes.iter().position(|&b| b == b'\n') {
+        Some(i) => &bytes[..i],
+        None => bytes,
+    };
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.is_empty() {
+        bail!("share passphrase file {} is empty", path.display());
+    }
+    Ok(SecretBytes::from_slice(line))
 }
 
 fn run_zones(

@@ -6,7 +6,9 @@
 //! - [`enroll`]: enrol, unenrol, unlock by token, rekey (crash-safe header commits).
 //! - [`quorum`]: one keyslot opened by k of n shares held by providers and people.
 //! - [`clevis`]: clevis's own tokens (type `clevis`): unlock with them, enrol new ones.
+//! - [`carry`]: a re-encryption carries each keyslot of the old key over to the new one.
 
+pub mod carry;
 pub mod clevis;
 pub mod enroll;
 pub mod format;

@@ -16,15 +16,15 @@ use crate::block::reencrypt::{ReencryptDevice, ZoneEngine};
 use crate::block::BlockDevice;
 use crate::control::proto::StartOptions;
 use crate::control::reencrypt::{Backend, Job, DEFAULT_ZONE};
-use crate::crypto::kdf::KdfLimits;
 use crate::crypto::keys::{SecretBytes, VolumeKey};
 use crate::crypto::xts::SectorCipher;
-use crate::luks2::reencrypt::{BlockIo, NewSlot, Reencryption, Resilience, StartParams, ZoneIo};
-use crate::luks2::tokens::quorum::{self, Holder, NewHolder, QuorumToken};
+use crate::luks2::reencrypt::{BlockIo, Reencryption, Resilience, StartParams, ZoneIo};
+use crate::luks2::tokens::carry::{self, Carrier, SharePassphrases};
+use crate::luks2::tokens::quorum::{self, Holder, QuorumToken};
 use crate::luks2::tokens::{clevis, enroll, format, resolver};
 use crate::luks2::{FormatError, HeaderIo, Luks2Header};
 use crate::seal::shamir::{self, Share};
-use crate::seal::{Binding, SealProvider, SealSettings};
+use crate::seal::{Binding, SealSettings};
 
 /// Per-volume state shared by the unlock path and the worker's backend.
 #[derive(Default)]
@@ -199,9 +199,7 @@ impl Job for EngineJob {
         // Our KMS/HSM and quorum tokens of the old keyslots were re-sealed for new ones: they
         // go too.
         let hdr = r
-            .finish_dropping_orphans(&self.file, |t| {
-                format::is_ours(t.type_name()) || t.type_name() == quorum::TOKEN_TYPE
-            })
+            .finish_dropping_orphans(&self.file, carry::resealed_token)
             .map_err(|e| e.to_string())?;
         // status and the metrics show the new key's age from now on.
         let created = crate::luks2::reencrypt::KeyAge::of(&hdr).map_or(0, |a| a.created_unix);
@@ -525,355 +523,24 @@ pub struct VolumeBackend {
     pub seal: SealSettings,
 }
 
-/// One old keyslot and how (or why not) it is carried over to the new key.
-enum Carry {
-    /// The new keyslot, and how (for the audit log).
-    Slot(NewSlot, String),
-    Cannot(String),
-}
+/// People's passphrases for a quorum carry: the shares staged at the control socket
+/// (`nbdcryptctl reencrypt --control SOCK --share NAME`).
+struct StagedShares<'a>(&'a Volume);
 
-/// A holder of a share of a quorum being carried over, proven by opening its old share.
-enum Held {
-    Provider(Box<dyn SealProvider>),
-    Person {
-        name: String,
-        passphrase: SecretBytes,
-        kdf: crate::crypto::kdf::KdfParams,
-    },
-}
-
-impl VolumeBackend {
-    /// How keyslot `id` of the old key is carried over: by the request's secret, by re-sealing
-    /// our token bound to it (fresh secret, same KMS/HSM key), or by the passphrase its clevis
-    /// token decrypts to (the clevis token is then bound to the new keyslot too). Also returns
-    /// the old volume key when this keyslot was opened (tokens are only unsealed for that when
-    /// no key is known yet).
-    fn carry(
-        &self,
-        file: &dyn HeaderIo,
-        hdr: &Luks2Header,
-        ks: &crate::luks2::KeyslotInfo,
-        secret: Option<&SecretBytes>,
-        need_key: bool,
-    ) -> Result<(Carry, Option<VolumeKey>), String> {
-        let vol = &*self.volume;
-        let Some(kdf) = ks.kdf else {
-            return Ok((Carry::Cannot("unusable KDF".into()), None));
-        };
-        if let Some(s) = secret {
-            match hdr.unlock_slot(file, ks.id, s, &vol.limits) {
-                Ok(key) => {
-                    let slot = NewSlot {
-                        old_slot: ks.id,
-                        secret: SecretBytes::from_slice(s.expose_secret()),
-                        kdf,
-                        token: None,
-                    };
-                    return Ok((Carry::Slot(slot, "same secret".into()), Some(key)));
-                }
-                Err(FormatError::WrongPassphrase | FormatError::KeyslotUnusable { .. }) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        let bound: Vec<(u32, &crate::luks2::Token)> = hdr
-            .tokens()
-            .filter(|(_, t)| t.keyslots().contains(&ks.id))
-            .collect();
-        let mut why = Vec::new();
-        for &(tid, t) in &bound {
-            if t.type_name() == quorum::TOKEN_TYPE {
-                match quorum::parse(t) {
-                    Ok(Some(q)) if q.keyslot == ks.id => match self.carry_quorum(file, hdr, &q) {
-                        Ok((slot, key)) => {
-                            let how = format!(
-                                "quorum re-split: {} of {}, token {tid}",
-                                q.threshold,
-                                q.shares.len()
-                            );
-                            return Ok((Carry::Slot(slot, how), Some(key)));
-                        }
-                        Err(e) => why.push(format!("quorum token {tid}: {e}")),
-                    },
-                    Ok(_) => why.push(format!("quorum token {tid} names another keyslot")),
-                    Err(e) => why.push(format!("quorum token {tid}: {e}")),
-                }
-                continue;
-            }
-            match format::parse(t) {
-                Ok(Some(p)) if p.keyslot == ks.id => {
-                    let provider = match resolver(t.json(), &self.seal) {
-                        Ok(p) => p,
-                        Err(e) => {
-                            why.push(format!("token {tid}: cannot reach its KMS/HSM key: {e}"));
-                            continue;
-                        }
-                    };
-                    let mut key = None;
-                    if need_key {
-                        let binding = Binding {
-                            volume_uuid: hdr.uuid().to_owned(),
-                            keyslot: ks.id,
-                        };
-                        let opened = provider
-                            .unseal(&p.sealed, &binding)
-                            .map_err(|e| e.to_string())
-                            .and_then(|s| {
-                                hdr.unlock_slot(
-                                    file,
-                                    ks.id,
-                                    &enroll::passphrase_for(&s),
-                                    &KdfLimits::default(),
-                                )
-                                .map_err(|e| e.to_string())
-                            });
-                        match opened {
-                            Ok(k) => key = Some(k),
-                            Err(e) => {
-                                why.push(format!("token {tid}: {e}"));
-                                continue;
-                            }
-                        }
-                    }
-                    let mut fresh = SecretBytes::zeroed(crate::seal::SECRET_LEN);
-                    getrandom::fill(fresh.expose_secret_mut())
-                        .map_err(|e| format!("no random bytes: {e}"))?;
-                    let pass = enroll::passphrase_for(&fresh);
-                    let uuid = hdr.uuid().to_owned();
-                    let build: crate::luks2::reencrypt::TokenBuilder = Box::new(move |new_slot| {
-                        let binding = Binding {
-                            volume_uuid: uuid,
-                            keyslot: new_slot,
-                        };
-                        let sealed = provider.seal(&fresh, &binding).map_err(|e| e.to_string())?;
-                        format::build(
-                            provider.token_type(),
-                            new_slot,
-                            &sealed,
-                            &crate::audit::rfc3339_now(),
-                        )
-                        .map_err(|e| e.to_string())
-                    });
-                    let slot = NewSlot {
-                        old_slot: ks.id,
-                        secret: pass,
-                        kdf: enroll::TOKEN_KEYSLOT_KDF,
-                        token: Some(build),
-                    };
-                    let how = format!("re-sealed: token {tid} ({})", printable(t.type_name()));
-                    return Ok((Carry::Slot(slot, how), key));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    why.push(format!("token {tid}: {e}"));
-                    continue;
-                }
-            }
-            if let Ok(Some(c)) = clevis::parse_token(tid, t.json()) {
-                let opened = crate::seal::clevis::decrypt_jwe(&c.jwe, &self.seal.clevis(), 0)
-                    .map_err(|e| e.to_string())
-                    .and_then(|pass| {
-                        hdr.unlock_slot(file, ks.id, &pass, &vol.limits)
-                            .map(|k| (k, pass))
-                            .map_err(|e| e.to_string())
-                    });
-                match opened {
-                    Ok((key, pass)) => {
-                        let slot = NewSlot {
-                            old_slot: ks.id,
-                            secret: pass,
-                            kdf,
-                            token: None,
-                        };
-                        let how = format!("clevis token {tid} re-bound");
-                        return Ok((Carry::Slot(slot, how), Some(key)));
-                    }
-                    Err(e) => why.push(format!("clevis token {tid}: {e}")),
-                }
-                continue;
-            }
-            why.push(format!(
-                "token {tid} ({}) cannot be carried over by a re-encryption",
-                printable(t.type_name())
-            ));
-        }
-        if why.is_empty() {
-            why.push(if secret.is_some() {
-                "the secret given does not open it".into()
+impl SharePassphrases for StagedShares<'_> {
+    fn passphrase(&mut self, name: &str, _keyslot: u32) -> Result<Option<SecretBytes>, String> {
+        Ok(self.0.shares().staged_passphrase(name))
+    }
+    fn missing(&self, names: &[String]) -> String {
+        format!(
+            "{} `nbdcryptctl reencrypt --control SOCK --share NAME` first, then start again",
+            if names.len() == 1 {
+                "the holder runs"
             } else {
-                "no secret given and no token opens it".into()
-            });
-        }
-        Ok((Carry::Cannot(why.join("; ")), None))
-    }
-
-    /// Carries quorum `q` (bound to an old keyslot) over to the new key: a fresh secret for the
-    /// new keyslot, split with the same threshold among the same holders at the same indices.
-    ///
-    /// Every holder proves itself first: each machine share is unsealed through the provider
-    /// the operator's settings build for it (never one the header names on its own), each
-    /// person's share is opened with the passphrase they staged (`reencrypt --share NAME`),
-    /// and each share's tag is checked. Then the token's threshold is proven: the first
-    /// `threshold` shares must combine to the secret that opens the keyslot, and every other
-    /// share must lie on the same polynomial. A header writer who lowered the threshold,
-    /// added a holder or re-labelled a share is refused here instead of being copied into the
-    /// new quorum. The new shares go only to holders that just opened their old share; people's
-    /// shares are re-wrapped under their own passphrase with a fresh salt (never the old pad).
-    fn carry_quorum(
-        &self,
-        file: &dyn HeaderIo,
-        hdr: &Luks2Header,
-        q: &QuorumToken,
-    ) -> Result<(NewSlot, VolumeKey), String> {
-        let vol = &*self.volume;
-        let mut opened: Vec<Share> = Vec::with_capacity(q.shares.len());
-        let mut holders: Vec<Held> = Vec::with_capacity(q.shares.len());
-        let mut people = Vec::new();
-        let mut failures = Vec::new();
-        for s in &q.shares {
-            match &s.holder {
-                Holder::Provider {
-                    token_type, params, ..
-                } => {
-                    let provider =
-                        match crate::seal::resolve_provider(token_type, params, &self.seal) {
-                            Ok(p) => p,
-                            Err(e) => {
-                                failures.push(format!("share {}: {e}", printable(&s.name())));
-                                continue;
-                            }
-                        };
-                    match quorum::open_machine_share(hdr, q, s, &self.seal) {
-                        Ok(share) => {
-                            opened.push(share);
-                            holders.push(Held::Provider(provider));
-                        }
-                        Err(e) => failures.push(e.to_string()),
-                    }
-                }
-                Holder::Passphrase { name, kdf, .. } => {
-                    let Some(pass) = vol.shares().staged_passphrase(name) else {
-                        people.push(name.clone());
-                        continue;
-                    };
-                    match quorum::open_passphrase_share(hdr, q, name, &pass, &vol.limits) {
-                        Ok(share) => {
-                            opened.push(share);
-                            holders.push(Held::Person {
-                                name: name.clone(),
-                                passphrase: pass,
-                                kdf: *kdf,
-                            });
-                        }
-                        Err(e) => failures.push(e.to_string()),
-                    }
-                }
+                "each holder runs"
             }
-        }
-        if !people.is_empty() {
-            failures.push(format!(
-                "the passphrase of {} {} is needed to re-wrap {} share: {} `nbdcryptctl \
-                 reencrypt --control SOCK --share NAME` first, then start again",
-                if people.len() == 1 { "share" } else { "shares" },
-                people.join(", "),
-                if people.len() == 1 { "its" } else { "their" },
-                if people.len() == 1 {
-                    "the holder runs"
-                } else {
-                    "each holder runs"
-                },
-            ));
-        }
-        if !failures.is_empty() {
-            return Err(format!(
-                "every holder must open its share to carry a quorum over ({} of {} did): {}",
-                opened.len(),
-                q.shares.len(),
-                failures.join("; ")
-            ));
-        }
-        let k = q.threshold;
-        let first: Vec<&Share> = opened.iter().take(k).collect();
-        let secret = shamir::combine(&first).map_err(|e| e.to_string())?;
-        let key = hdr
-            .unlock_slot(
-                file,
-                q.keyslot,
-                &enroll::passphrase_for(&secret),
-                &KdfLimits::default(),
-            )
-            .map_err(|e| match e {
-                FormatError::WrongPassphrase => format!(
-                    "its first {k} shares do not open keyslot {}: the token's threshold or \
-                     shares were changed; refusing to carry it",
-                    q.keyslot
-                ),
-                e => e.to_string(),
-            })?;
-        for (j, other) in opened.iter().enumerate().skip(k) {
-            let mut set: Vec<&Share> = opened.iter().take(k - 1).collect();
-            set.push(other);
-            let again = shamir::combine(&set).map_err(|e| e.to_string())?;
-            if again.expose_secret() != secret.expose_secret() {
-                return Err(format!(
-                    "share {} does not belong to a {k}-of-{} split of the keyslot's secret: the \
-                     token's threshold or shares were changed; refusing to carry it",
-                    printable(&q.shares[j].name()),
-                    q.shares.len()
-                ));
-            }
-        }
-        drop(secret);
-        let mut fresh = SecretBytes::zeroed(crate::seal::SECRET_LEN);
-        getrandom::fill(fresh.expose_secret_mut()).map_err(|e| format!("no random bytes: {e}"))?;
-        let xs: Vec<u8> = opened.iter().map(|s| s.x).collect();
-        drop(opened);
-        let new_shares =
-            shamir::split_at(fresh.expose_secret(), k, &xs).map_err(|e| e.to_string())?;
-        let pass = enroll::passphrase_for(&fresh);
-        drop(fresh);
-        let uuid = hdr.uuid().to_owned();
-        let build: crate::luks2::reencrypt::TokenBuilder = Box::new(move |new_slot| {
-            let new_holders: Vec<NewHolder<'_>> = holders
-                .iter()
-                .map(|h| match h {
-                    Held::Provider(p) => NewHolder::Provider(&**p),
-                    Held::Person {
-                        name,
-                        passphrase,
-                        kdf,
-                    } => NewHolder::Passphrase {
-                        name: name.clone(),
-                        passphrase: SecretBytes::from_slice(passphrase.expose_secret()),
-                        kdf: *kdf,
-                    },
-                })
-                .collect();
-            let stored = quorum::seal_shares_for(&uuid, new_slot, &new_shares, &new_holders)
-                .map_err(|e| e.to_string())?;
-            quorum::build(&QuorumToken {
-                keyslot: new_slot,
-                threshold: k,
-                created: crate::audit::rfc3339_now(),
-                shares: stored,
-            })
-            .map_err(|e| e.to_string())
-        });
-        let slot = NewSlot {
-            old_slot: q.keyslot,
-            secret: pass,
-            kdf: enroll::TOKEN_KEYSLOT_KDF,
-            token: Some(build),
-        };
-        Ok((slot, key))
+        )
     }
-}
-
-/// A header string for a message: printable ASCII only, at most 64 characters.
-fn printable(s: &str) -> String {
-    s.chars()
-        .take(64)
-        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
-        .collect()
 }
 
 impl Backend for VolumeBackend {
@@ -934,27 +601,33 @@ impl Backend for VolumeBackend {
             .check_uuid(hdr.uuid())
             .map_err(|e| format!("{p}: {e}"))?;
         // Every keyslot of the data key is carried over, or named; nothing is dropped silently.
-        let mut slots = Vec::new();
-        let mut old_key: Option<VolumeKey> = None;
-        let mut cannot = Vec::new();
-        let mut carried = Vec::new();
-        let mut dropped = Vec::new();
-        for ks in hdr.keyslots().into_iter().filter(|k| k.for_data) {
-            let (c, key) = self.carry(&file, &hdr, &ks, secret, old_key.is_none())?;
-            if old_key.is_none() {
-                old_key = key;
-            }
-            match c {
-                Carry::Slot(s, how) => {
-                    carried.push((ks.id.to_string(), how));
-                    slots.push(s);
-                }
-                Carry::Cannot(why) => {
-                    cannot.push(format!("keyslot {} ({why})", ks.id));
-                    dropped.push((ks.id.to_string(), why));
-                }
-            }
+        let mut people = StagedShares(vol);
+        let plan = Carrier {
+            settings: &self.seal,
+            limits: &vol.limits,
+            people: &mut people,
         }
+        .plan(
+            &file,
+            &hdr,
+            secret.map(std::slice::from_ref).unwrap_or_default(),
+        )?;
+        let (slots, old_key) = (plan.slots, plan.old_key);
+        let carried: Vec<(String, String)> = plan
+            .carried
+            .into_iter()
+            .map(|(id, how)| (id.to_string(), how))
+            .collect();
+        let cannot: Vec<String> = plan
+            .cannot
+            .iter()
+            .map(|(id, why)| format!("keyslot {id} ({why})"))
+            .collect();
+        let dropped: Vec<(String, String)> = plan
+            .cannot
+            .into_iter()
+            .map(|(id, why)| (id.to_string(), why))
+            .collect();
         let Some(old_key) = old_key else {
             return Err(match secret {
                 Some(_) => "no keyslot opens with this passphrase or key, and no token opens \
