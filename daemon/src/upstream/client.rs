@@ -638,3 +638,190 @@ impl Reader {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::time::Instant;
+
+    use super::*;
+
+    /// A minimal upstream: the handshake (structured replies on, a 1 MiB export with FLUSH),
+    /// then `reply` answers the first request (its handle, command, length) with raw bytes and
+    /// the connection closes.
+    fn fake_upstream(
+        reply: impl Fn(u64, u16, u32) -> Vec<u8> + Send + 'static,
+    ) -> (tempfile::TempDir, String, std::thread::JoinHandle<()>) {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("up.sock");
+        let l = UnixListener::bind(&sock).unwrap();
+        let t = std::thread::spawn(move || {
+            let Ok((mut s, _)) = l.accept() else { return };
+            let _ = serve_one(&mut s, &reply);
+            // Then the connection closes (reconnections find nobody answering).
+        });
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        (dir, uri, t)
+    }
+
+    fn serve_one(
+        s: &mut UnixStream,
+        reply: &dyn Fn(u64, u16, u32) -> Vec<u8>,
+    ) -> std::io::Result<()> {
+        let mut g = NBDMAGIC.to_be_bytes().to_vec();
+        g.extend(IHAVEOPT.to_be_bytes());
+        g.extend((FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        s.write_all(&g)?;
+        let mut cflags = [0u8; 4];
+        s.read_exact(&mut cflags)?;
+        let opt_reply = |opt: u32, ty: u32, data: &[u8]| {
+            let mut r = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
+            r.extend(opt.to_be_bytes());
+            r.extend(ty.to_be_bytes());
+            r.extend(u32::try_from(data.len()).unwrap().to_be_bytes());
+            r.extend(data);
+            r
+        };
+        loop {
+            let mut h = [0u8; 16];
+            s.read_exact(&mut h)?;
+            let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+            let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let mut data = vec![0u8; len as usize];
+            s.read_exact(&mut data)?;
+            if opt == OPT_GO {
+                let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+                info.extend((1u64 << 20).to_be_bytes());
+                info.extend((TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH).to_be_bytes());
+                s.write_all(&opt_reply(opt, REP_INFO, &info))?;
+                s.write_all(&opt_reply(opt, REP_ACK, &[]))?;
+                break;
+            }
+            s.write_all(&opt_reply(opt, REP_ACK, &[]))?;
+        }
+        let mut req = [0u8; 28];
+        s.read_exact(&mut req)?;
+        let cmd = u16::from_be_bytes([req[6], req[7]]);
+        let handle = u64::from_be_bytes(req[8..16].try_into().unwrap());
+        let len = u32::from_be_bytes(req[24..28].try_into().unwrap());
+        s.write_all(&reply(handle, cmd, len))
+    }
+
+    fn chunk(flags: u16, ty: u16, handle: u64, payload: &[u8]) -> Vec<u8> {
+        let mut v = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+        v.extend(flags.to_be_bytes());
+        v.extend(ty.to_be_bytes());
+        v.extend(handle.to_be_bytes());
+        v.extend(u32::try_from(payload.len()).unwrap().to_be_bytes());
+        v.extend(payload);
+        v
+    }
+
+    /// A read against an upstream that answers with `reply` fails soon (never waits for the
+    /// request timeout) with an error naming the violation, and reads nothing beyond its buffer.
+    fn read_fails(reply: impl Fn(u64, u16, u32) -> Vec<u8> + Send + 'static, want: &str) {
+        let (_dir, uri, _t) = fake_upstream(reply);
+        let up = Upstream::open(UpstreamUri::parse(&uri).unwrap(), true).unwrap();
+        let mut buf = vec![0xaau8; 4096];
+        let t0 = Instant::now();
+        let e = up.read(&mut buf, 8192).unwrap_err().to_string();
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "took {:?}",
+            t0.elapsed()
+        );
+        assert!(e.contains(want), "{e:?} does not say {want:?}");
+        assert!(
+            buf.iter().all(|&b| b == 0xaa),
+            "a failed read wrote into the buffer"
+        );
+        assert_eq!(up.health.failed_requests.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_reply_for_a_handle_never_sent_fails_the_connection() {
+        read_fails(
+            |h, _, len| {
+                let mut r = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+                r.extend(0u32.to_be_bytes());
+                r.extend(h.wrapping_add(1000).to_be_bytes());
+                r.extend(vec![0u8; len as usize]);
+                r
+            },
+            "unknown handle",
+        );
+    }
+
+    #[test]
+    fn a_data_chunk_longer_than_the_read_is_refused_before_it_is_read() {
+        read_fails(
+            |h, _, len| {
+                let mut p = 8192u64.to_be_bytes().to_vec();
+                p.extend(vec![0x55u8; len as usize + 512]);
+                chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, h, &p)
+            },
+            "data chunk of",
+        );
+    }
+
+    #[test]
+    fn a_chunk_outside_the_request_and_a_short_read_are_refused() {
+        read_fails(
+            |h, _, len| {
+                let mut p = 4096u64.to_be_bytes().to_vec();
+                p.extend(vec![0x55u8; len as usize]);
+                chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, h, &p)
+            },
+            "outside its request",
+        );
+        read_fails(
+            |h, _, _| {
+                let mut p = 8192u64.to_be_bytes().to_vec();
+                p.extend([0x55u8; 512]);
+                chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, h, &p)
+            },
+            "covers 512 of 4096",
+        );
+    }
+
+    #[test]
+    fn a_reply_cut_short_by_a_closed_connection_fails_the_request() {
+        read_fails(
+            |h, _, _| {
+                let mut r = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+                r.extend(0u32.to_be_bytes());
+                r.extend(h.to_be_bytes());
+                r.extend([0x55u8; 100]);
+                r
+            },
+            "reading a reply",
+        );
+    }
+
+    #[test]
+    fn a_well_formed_structured_read_completes() {
+        let (_dir, uri, _t) = fake_upstream(|h, cmd, len| {
+            assert_eq!(cmd, CMD_READ);
+            let half = len / 2;
+            let mut a = 8192u64.to_be_bytes().to_vec();
+            a.extend(vec![0x11u8; half as usize]);
+            let mut hole = (8192u64 + u64::from(half)).to_be_bytes().to_vec();
+            hole.extend((len - half).to_be_bytes());
+            let mut r = chunk(0, REPLY_TYPE_OFFSET_DATA, h, &a);
+            r.extend(chunk(
+                REPLY_FLAG_DONE,
+                proto::REPLY_TYPE_OFFSET_HOLE,
+                h,
+                &hole,
+            ));
+            r
+        });
+        let up = Upstream::open(UpstreamUri::parse(&uri).unwrap(), true).unwrap();
+        // A recycled buffer full of old bytes: the hole must still read as zeros.
+        let mut buf = vec![0xaau8; 4096];
+        up.read(&mut buf, 8192).unwrap();
+        assert!(buf[..2048].iter().all(|&b| b == 0x11));
+        assert!(buf[2048..].iter().all(|&b| b == 0));
+    }
+}
