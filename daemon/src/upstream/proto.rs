@@ -136,6 +136,8 @@ impl Waiter {
         if let Ok(mut g) = self.done.lock() {
             if g.is_none() {
                 *g = Some(r);
+                // Woken after the unlock, so it does not wake only to wait for this lock.
+                drop(g);
                 self.cv.notify_one();
             }
         }
