@@ -3,9 +3,12 @@
 //! waiter) in the connection's in-flight map and writes it on the socket itself, under the
 //! connection's send lock (`transport`; a WRITE's payload goes from the caller's buffer to the
 //! socket, no copy); each connection's reader thread decodes the replies (`proto`) and wakes the
-//! waiter. One thread handoff per request (reader → caller): a queue, a writer task and a
-//! reader task cost four, which was most of the hop's cost at 4k QD32. Negotiation and
-//! reconnection stay async on a small runtime (the supervisor per slot).
+//! waiter. One thread handoff per request (reader → caller) where a queue, a writer task and a
+//! reader task cost four. Measured (the daemon's CPU time per request, `--plain` over nbdkit
+//! memory, 2 vCPUs under load): 1 MiB reads and writes -35..45 %, 4k QD1 -25 %; 4k QD32
+//! unchanged: there the scheduler's wakeups (worker and reader thread, about 2.5 context
+//! switches per request) dominate either way. Negotiation and reconnection stay async on a
+//! small runtime (the supervisor per slot).
 //!
 //! Failure: a dead connection fails everything in flight with an error (EIO to the NBD client;
 //! the fail-stop latch above us applies), and its supervisor reconnects with back-off (100 ms
