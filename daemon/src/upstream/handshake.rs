@@ -1,9 +1,12 @@
 //! The client side of the fixed-newstyle handshake: STARTTLS (nbds), STRUCTURED_REPLY when
 //! offered, GO with the export name. Option replies are bounded (64 KiB) and checked.
 
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
 
@@ -26,8 +29,52 @@ impl ExportInfo {
     }
 }
 
-pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+/// The socket to the upstream, while negotiating (async). `transport` turns it (and the TLS
+/// session, if any) into blocking I/O for the transmission phase.
+pub enum Sock {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+impl AsyncRead for Sock {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Sock::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Sock::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Sock {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Sock::Tcp(s) => Pin::new(s).poll_write(cx, b),
+            Sock::Unix(s) => Pin::new(s).poll_write(cx, b),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Sock::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Sock::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Sock::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Sock::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A negotiated connection, ready for the transmission phase.
+pub enum Connected {
+    Plain(Sock),
+    Tls(Box<tokio_rustls::client::TlsStream<Sock>>),
+}
 
 /// The TLS client configuration for an `nbds` URI: the CA in `DIR/ca-cert.pem` (required: we
 /// never connect unverified) and, for mutual TLS, `DIR/client-cert.pem` + `DIR/client-key.pem`.
@@ -168,20 +215,20 @@ fn opt_error(opt: &str, ty: u32, data: &[u8]) -> String {
     }
 }
 
-/// Connects, negotiates, and returns the transmission-phase stream and the export's facts.
+/// Connects, negotiates, and returns the transmission-phase connection and the export's facts.
 pub async fn connect(
     uri: &UpstreamUri,
     tls: Option<&Arc<rustls::ClientConfig>>,
-) -> Result<(Box<dyn Stream>, ExportInfo), String> {
-    let mut s: Box<dyn Stream> = match &uri.address {
+) -> Result<(Connected, ExportInfo), String> {
+    let mut s = match &uri.address {
         Address::Tcp { host, port } => {
             let t = tokio::net::TcpStream::connect((host.as_str(), *port))
                 .await
                 .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
             let _ = t.set_nodelay(true);
-            Box::new(t)
+            Sock::Tcp(t)
         }
-        Address::Unix(p) => Box::new(
+        Address::Unix(p) => Sock::Unix(
             tokio::net::UnixStream::connect(p)
                 .await
                 .map_err(|e| format!("cannot connect to {}: {e}", p.display()))?,
@@ -214,14 +261,24 @@ pub async fn connect(
             return Err(opt_error("STARTTLS", ty, &data));
         }
         let connector = tokio_rustls::TlsConnector::from(cfg.clone());
-        let t = connector
+        let mut t = connector
             .connect(server_name(uri)?, s)
             .await
             .map_err(|e| format!("TLS handshake with the upstream: {e}"))?;
-        s = Box::new(t);
+        let info = negotiate(&mut t, uri).await?;
+        return Ok((Connected::Tls(Box::new(t)), info));
     }
-    send_opt(&mut s, OPT_STRUCTURED_REPLY, &[]).await?;
-    let (ty, data) = read_opt_reply(&mut s, OPT_STRUCTURED_REPLY).await?;
+    let info = negotiate(&mut s, uri).await?;
+    Ok((Connected::Plain(s), info))
+}
+
+/// STRUCTURED_REPLY and GO (inside TLS, if any).
+async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    uri: &UpstreamUri,
+) -> Result<ExportInfo, String> {
+    send_opt(s, OPT_STRUCTURED_REPLY, &[]).await?;
+    let (ty, data) = read_opt_reply(s, OPT_STRUCTURED_REPLY).await?;
     let structured = ty == REP_ACK && data.is_empty();
     // GO: the export name and no info requests. Block sizes are deliberately not requested:
     // asking would bind us to the upstream's minimum (64 KiB for nbdkit's S3 plugin) while we
@@ -235,26 +292,23 @@ pub async fn connect(
     );
     go.extend(name);
     go.extend(0u16.to_be_bytes());
-    send_opt(&mut s, OPT_GO, &go).await?;
+    send_opt(s, OPT_GO, &go).await?;
     let mut export: Option<(u64, u16)> = None;
     let mut max_request = MAX_PAYLOAD;
     for _ in 0..64 {
-        let (ty, data) = read_opt_reply(&mut s, OPT_GO).await?;
+        let (ty, data) = read_opt_reply(s, OPT_GO).await?;
         match ty {
             REP_ACK => {
                 let (size, flags) = export.ok_or("GO acknowledged without NBD_INFO_EXPORT")?;
                 if size > i64::MAX as u64 {
                     return Err(format!("export size {size} is not credible"));
                 }
-                return Ok((
-                    s,
-                    ExportInfo {
-                        size,
-                        flags,
-                        structured,
-                        max_request,
-                    },
-                ));
+                return Ok(ExportInfo {
+                    size,
+                    flags,
+                    structured,
+                    max_request,
+                });
             }
             REP_INFO if data.len() >= 2 => {
                 let it = u16::from_be_bytes([data[0], data[1]]);

@@ -2,13 +2,15 @@
 //! rbd-nbd, another nbdcryptd) that holds the LUKS2 header and the ciphertext.
 //!
 //! `uri` parses libnbd-style URIs, `handshake` negotiates (STARTTLS, structured replies, GO),
-//! `proto` decodes replies (hostile input: bounded, checked, never panics), `client` is the
+//! `proto` decodes replies (hostile input: bounded, checked, never panics), `transport` is the
+//! blocking socket (and TLS session) of the transmission phase, `client` is the
 //! connection pool with reconnection, `device` the `BlockDevice` + `HeaderIo` over it.
 
 pub mod client;
 pub mod device;
 pub mod handshake;
 pub mod proto;
+pub mod transport;
 pub mod uri;
 
 use std::sync::{Arc, Mutex, Weak};

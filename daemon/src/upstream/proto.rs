@@ -4,9 +4,9 @@
 //! its request, a read must be covered exactly once, and nothing panics.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-
-use tokio::io::{AsyncRead, AsyncReadExt};
+use std::io::Read;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::nbd::wire::*;
 
@@ -33,7 +33,7 @@ pub struct Pending {
     /// Chunks received so far (bounded by `MAX_CHUNKS`).
     pub chunks: usize,
     /// Where the completion goes (None in the fuzz target).
-    pub reply: Option<std::sync::mpsc::SyncSender<Result<Vec<u8>, ReplyError>>>,
+    pub reply: Option<Arc<Waiter>>,
     /// A write-class command sent without FUA: once acknowledged, its data may sit in the
     /// upstream's volatile cache until a FLUSH (counted by the connection's reader).
     pub volatile: bool,
@@ -41,11 +41,18 @@ pub struct Pending {
 
 impl Pending {
     pub fn new(cmd: u16, offset: u64, len: u32) -> Pending {
-        let buf = if cmd == CMD_READ {
-            vec![0u8; len as usize]
+        Pending::with_buf(cmd, offset, len, Vec::new())
+    }
+
+    /// Like `new`, with a (recycled) buffer for a READ's data. Its old contents are never seen
+    /// by the caller: a successful read covers every byte exactly once (data, or a hole that is
+    /// zero-filled), and a failed one returns no data.
+    pub fn with_buf(cmd: u16, offset: u64, len: u32, mut buf: Vec<u8>) -> Pending {
+        if cmd == CMD_READ {
+            buf.resize(len as usize, 0);
         } else {
-            Vec::new()
-        };
+            buf.clear();
+        }
         Pending {
             cmd,
             offset,
@@ -85,23 +92,67 @@ impl std::fmt::Display for ReplyError {
 
 /// The requests in flight on a connection, keyed by handle. Short critical sections only: the
 /// decoder takes an entry out while it reads that reply's payload and puts it back if not done.
+/// Once drained (the connection died) nothing more is accepted, so no request can be
+/// registered after the drain and then wait for a reply that never comes.
 #[derive(Default)]
-pub struct PendingMap(pub Mutex<HashMap<u64, Pending>>);
+pub struct PendingMap(Mutex<(HashMap<u64, Pending>, bool)>);
 
 impl PendingMap {
-    pub fn insert(&self, handle: u64, p: Pending) {
-        if let Ok(mut m) = self.0.lock() {
-            m.insert(handle, p);
+    /// Registers a request; gives it back if the connection is closed.
+    pub fn insert(&self, handle: u64, p: Pending) -> Result<(), Box<Pending>> {
+        match self.0.lock() {
+            Ok(mut m) if !m.1 => {
+                m.0.insert(handle, p);
+                Ok(())
+            }
+            _ => Err(Box::new(p)),
         }
     }
     pub fn take(&self, handle: u64) -> Option<Pending> {
-        self.0.lock().ok()?.remove(&handle)
+        self.0.lock().ok()?.0.remove(&handle)
     }
-    /// Every request still in flight (the connection died).
+    /// Closes the map and returns every request still in flight (the connection died).
     pub fn drain(&self) -> Vec<Pending> {
         match self.0.lock() {
-            Ok(mut m) => m.drain().map(|(_, p)| p).collect(),
+            Ok(mut m) => {
+                m.1 = true;
+                m.0.drain().map(|(_, p)| p).collect()
+            }
             Err(_) => Vec::new(),
+        }
+    }
+}
+
+/// Where a caller waits for its request's completion (filled in by the connection's reader).
+#[derive(Default)]
+pub struct Waiter {
+    done: Mutex<Option<Result<Vec<u8>, ReplyError>>>,
+    cv: Condvar,
+}
+
+impl Waiter {
+    /// The first completion wins; later ones are ignored.
+    pub fn complete(&self, r: Result<Vec<u8>, ReplyError>) {
+        if let Ok(mut g) = self.done.lock() {
+            if g.is_none() {
+                *g = Some(r);
+                // Woken after the unlock, so it does not wake only to wait for this lock.
+                drop(g);
+                self.cv.notify_one();
+            }
+        }
+    }
+
+    /// The completion, or None after `timeout`.
+    pub fn wait(&self, timeout: Duration) -> Option<Result<Vec<u8>, ReplyError>> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.done.lock().ok()?;
+        loop {
+            if let Some(r) = g.take() {
+                return Some(r);
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            g = self.cv.wait_timeout(g, left).ok()?.0;
         }
     }
 }
@@ -129,10 +180,8 @@ fn be_u64(b: &[u8]) -> u64 {
     u64::from_be_bytes(a)
 }
 
-async fn discard<R: AsyncRead + Unpin>(r: &mut R, n: u32) -> Result<(), ProtoError> {
-    let mut sink = tokio::io::sink();
-    let copied = tokio::io::copy(&mut r.take(u64::from(n)), &mut sink)
-        .await
+fn discard<R: Read>(r: &mut R, n: u32) -> Result<(), ProtoError> {
+    let copied = std::io::copy(&mut r.take(u64::from(n)), &mut std::io::sink())
         .map_err(|e| format!("reading a reply: {e}"))?;
     if copied != u64::from(n) {
         return Err("the upstream closed the connection mid-reply".into());
@@ -140,25 +189,23 @@ async fn discard<R: AsyncRead + Unpin>(r: &mut R, n: u32) -> Result<(), ProtoErr
     Ok(())
 }
 
-async fn read_exact<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(), ProtoError> {
+fn read_exact<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<(), ProtoError> {
     r.read_exact(buf)
-        .await
-        .map(|_| ())
         .map_err(|e| format!("reading a reply: {e}"))
 }
 
 /// Reads one simple reply or one structured chunk from `r`.
-pub async fn read_reply<R: AsyncRead + Unpin>(
+pub fn read_reply<R: Read>(
     r: &mut R,
     structured: bool,
     pending: &PendingMap,
 ) -> Result<Decoded, ProtoError> {
     let mut magic = [0u8; 4];
-    read_exact(r, &mut magic).await?;
+    read_exact(r, &mut magic)?;
     match be_u32(&magic) {
         SIMPLE_REPLY_MAGIC => {
             let mut h = [0u8; 12];
-            read_exact(r, &mut h).await?;
+            read_exact(r, &mut h)?;
             let errno = be_u32(&h[..4]);
             let handle = be_u64(&h[4..]);
             let mut p = pending
@@ -175,13 +222,13 @@ pub async fn read_reply<R: AsyncRead + Unpin>(
             }
             if p.cmd == CMD_READ {
                 let res = if p.covered.is_empty() {
-                    read_exact(r, &mut p.buf).await
+                    read_exact(r, &mut p.buf)
                 } else {
                     Err("simple reply after structured chunks".into())
                 };
                 if let Err(e) = res {
                     // Back in the map: the connection's failure fails it with the reason.
-                    pending.insert(handle, p);
+                    let _ = pending.insert(handle, p);
                     return Err(e);
                 }
                 let data = std::mem::take(&mut p.buf);
@@ -191,7 +238,7 @@ pub async fn read_reply<R: AsyncRead + Unpin>(
         }
         STRUCTURED_REPLY_MAGIC if structured => {
             let mut h = [0u8; 16];
-            read_exact(r, &mut h).await?;
+            read_exact(r, &mut h)?;
             let flags = be_u16(&h[..2]);
             let ty = be_u16(&h[2..4]);
             let handle = be_u64(&h[4..12]);
@@ -199,8 +246,8 @@ pub async fn read_reply<R: AsyncRead + Unpin>(
             let mut p = pending
                 .take(handle)
                 .ok_or_else(|| format!("reply chunk for unknown handle {handle:#x}"))?;
-            let checked = async {
-                chunk(r, &mut p, ty, length).await?;
+            let checked = (|| {
+                chunk(r, &mut p, ty, length)?;
                 p.chunks += 1;
                 if ty == REPLY_TYPE_NONE && flags & REPLY_FLAG_DONE == 0 {
                     return Err("NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE".to_string());
@@ -212,15 +259,15 @@ pub async fn read_reply<R: AsyncRead + Unpin>(
                     check_coverage(&mut p.covered, p.len)?;
                 }
                 Ok(())
-            }
-            .await;
+            })();
             if let Err(e) = checked {
                 // Back in the map: the connection's failure fails it with the reason.
-                pending.insert(handle, p);
+                let _ = pending.insert(handle, p);
                 return Err(e);
             }
             if flags & REPLY_FLAG_DONE == 0 {
-                pending.insert(handle, p);
+                // Only the reader drains the map, so it is still open here.
+                let _ = pending.insert(handle, p);
                 return Ok(Decoded::Partial);
             }
             if let Some((errno, message)) = p.error.take() {
@@ -240,12 +287,7 @@ pub async fn read_reply<R: AsyncRead + Unpin>(
 }
 
 /// The chunk's payload, checked against its request.
-async fn chunk<R: AsyncRead + Unpin>(
-    r: &mut R,
-    p: &mut Pending,
-    ty: u16,
-    length: u32,
-) -> Result<(), ProtoError> {
+fn chunk<R: Read>(r: &mut R, p: &mut Pending, ty: u16, length: u32) -> Result<(), ProtoError> {
     let in_request = |off: u64, n: u64| -> Result<u32, ProtoError> {
         let rel = off
             .checked_sub(p.offset)
@@ -275,11 +317,11 @@ async fn chunk<R: AsyncRead + Unpin>(
                 ));
             }
             let mut o = [0u8; 8];
-            read_exact(r, &mut o).await?;
+            read_exact(r, &mut o)?;
             let n = length - 8;
             let rel = in_request(be_u64(&o), u64::from(n))?;
             let (s, e) = (rel as usize, rel as usize + n as usize);
-            read_exact(r, &mut p.buf[s..e]).await?;
+            read_exact(r, &mut p.buf[s..e])?;
             p.covered.push((rel, n));
         }
         REPLY_TYPE_OFFSET_HOLE => {
@@ -287,7 +329,7 @@ async fn chunk<R: AsyncRead + Unpin>(
                 return Err("malformed hole chunk".into());
             }
             let mut b = [0u8; 12];
-            read_exact(r, &mut b).await?;
+            read_exact(r, &mut b)?;
             let n = be_u32(&b[8..]);
             if n == 0 {
                 return Err("empty hole chunk".into());
@@ -301,7 +343,7 @@ async fn chunk<R: AsyncRead + Unpin>(
                 return Err(format!("error chunk of {length} bytes"));
             }
             let mut b = vec![0u8; length as usize];
-            read_exact(r, &mut b).await?;
+            read_exact(r, &mut b)?;
             let errno = be_u32(&b[..4]);
             let msg_len = u32::from(be_u16(&b[4..6]));
             let expect = 6 + msg_len + if ty == REPLY_TYPE_ERROR_OFFSET { 8 } else { 0 };
@@ -322,7 +364,7 @@ async fn chunk<R: AsyncRead + Unpin>(
             if length > MAX_ERROR_CHUNK {
                 return Err(format!("unknown error chunk of {length} bytes"));
             }
-            discard(r, length).await?;
+            discard(r, length)?;
             if p.error.is_none() {
                 p.error = Some((5, format!("unknown error chunk type {t}")));
             }
@@ -351,25 +393,19 @@ fn check_coverage(covered: &mut [(u32, u32)], len: u32) -> Result<(), ProtoError
 /// For the fuzz target: decode `bytes` as replies to a read of `len` bytes at `offset` (handle 1)
 /// and a flush (handle 2) until an error, both complete, or the input ends. Never panics.
 pub fn fuzz_decode(bytes: &[u8], structured: bool, offset: u64, len: u32) -> usize {
-    let rt = match tokio::runtime::Builder::new_current_thread().build() {
-        Ok(rt) => rt,
-        Err(_) => return 0,
-    };
-    rt.block_on(async {
-        let map = PendingMap::default();
-        map.insert(1, Pending::new(CMD_READ, offset, len.min(1 << 20)));
-        map.insert(2, Pending::new(CMD_FLUSH, 0, 0));
-        let mut r = bytes;
-        let mut done = 0;
-        while done < 2 {
-            match read_reply(&mut r, structured, &map).await {
-                Ok(Decoded::Done(..)) => done += 1,
-                Ok(Decoded::Partial) => {}
-                Err(_) => break,
-            }
+    let map = PendingMap::default();
+    let _ = map.insert(1, Pending::new(CMD_READ, offset, len.min(1 << 20)));
+    let _ = map.insert(2, Pending::new(CMD_FLUSH, 0, 0));
+    let mut r = bytes;
+    let mut done = 0;
+    while done < 2 {
+        match read_reply(&mut r, structured, &map) {
+            Ok(Decoded::Done(..)) => done += 1,
+            Ok(Decoded::Partial) => {}
+            Err(_) => break,
         }
-        done
-    })
+    }
+    done
 }
 
 #[cfg(test)]
@@ -386,67 +422,67 @@ mod tests {
         v
     }
 
-    async fn run(bytes: &[u8], p: Pending) -> Result<Decoded, ProtoError> {
+    fn run(bytes: &[u8], p: Pending) -> Result<Decoded, ProtoError> {
         let map = PendingMap::default();
-        map.insert(7, p);
+        assert!(map.insert(7, p).is_ok());
         let mut r = bytes;
         loop {
-            match read_reply(&mut r, true, &map).await? {
+            match read_reply(&mut r, true, &map)? {
                 Decoded::Partial => continue,
                 d => return Ok(d),
             }
         }
     }
 
-    #[tokio::test]
-    async fn data_and_hole_chunks_assemble_a_read() {
+    #[test]
+    fn data_and_hole_chunks_assemble_a_read() {
         let mut a = 100u64.to_be_bytes().to_vec();
         a.extend([1, 2, 3, 4]);
         let mut h = 104u64.to_be_bytes().to_vec();
         h.extend(4u32.to_be_bytes());
         let mut bytes = chunk_bytes(0, REPLY_TYPE_OFFSET_HOLE, 7, &h);
         bytes.extend(chunk_bytes(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 7, &a));
-        match run(&bytes, Pending::new(CMD_READ, 100, 8)).await.unwrap() {
+        match run(&bytes, Pending::new(CMD_READ, 100, 8)).unwrap() {
             Decoded::Done(_, Ok(d)) => assert_eq!(d, vec![1, 2, 3, 4, 0, 0, 0, 0]),
             _ => panic!("not done"),
         }
     }
 
-    #[tokio::test]
-    async fn hostile_replies_are_refused() {
+    #[test]
+    fn hostile_replies_are_refused() {
         // Outside the request.
         let mut a = 90u64.to_be_bytes().to_vec();
         a.extend([1, 2, 3, 4]);
         let b = chunk_bytes(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 7, &a);
-        assert!(run(&b, Pending::new(CMD_READ, 100, 8)).await.is_err());
+        assert!(run(&b, Pending::new(CMD_READ, 100, 8)).is_err());
         // A gap: only 4 of 8 bytes.
         let mut a = 100u64.to_be_bytes().to_vec();
         a.extend([1, 2, 3, 4]);
         let b = chunk_bytes(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 7, &a);
-        assert!(run(&b, Pending::new(CMD_READ, 100, 8)).await.is_err());
+        assert!(run(&b, Pending::new(CMD_READ, 100, 8)).is_err());
         // Overlap: the same 4 bytes twice.
         let mut b = chunk_bytes(0, REPLY_TYPE_OFFSET_DATA, 7, &a);
         b.extend(chunk_bytes(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 7, &a));
-        assert!(run(&b, Pending::new(CMD_READ, 100, 8)).await.is_err());
+        assert!(run(&b, Pending::new(CMD_READ, 100, 8)).is_err());
         // Unknown handle.
         let b = chunk_bytes(REPLY_FLAG_DONE, REPLY_TYPE_NONE, 8, &[]);
-        assert!(run(&b, Pending::new(CMD_FLUSH, 0, 0)).await.is_err());
+        assert!(run(&b, Pending::new(CMD_FLUSH, 0, 0)).is_err());
         // Huge length never allocates.
         let mut b = chunk_bytes(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 7, &[]);
         b[16..20].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(run(&b, Pending::new(CMD_FLUSH, 0, 0)).await.is_err());
+        assert!(run(&b, Pending::new(CMD_FLUSH, 0, 0)).is_err());
         // Data for a flush.
         let b = chunk_bytes(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 7, &a);
-        assert!(run(&b, Pending::new(CMD_FLUSH, 0, 0)).await.is_err());
+        assert!(run(&b, Pending::new(CMD_FLUSH, 0, 0)).is_err());
     }
 
-    #[tokio::test]
-    async fn an_error_chunk_fails_the_request_with_its_errno() {
+    #[test]
+    fn an_error_chunk_fails_the_request_with_its_errno() {
         let mut e = 28u32.to_be_bytes().to_vec();
         e.extend(3u16.to_be_bytes());
         e.extend(b"ful");
         let b = chunk_bytes(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 7, &e);
-        match run(&b, Pending::new(CMD_WRITE, 0, 4)).await.unwrap() {
+        match run(&b, Pending::new(CMD_WRITE, 0, 4)).unwrap() {
             Decoded::Done(_, Err(ReplyError::Upstream { errno: 28, message })) => {
                 assert_eq!(message, "ful")
             }
