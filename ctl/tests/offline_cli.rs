@@ -936,3 +936,53 @@ fn help_teaches_with_examples_and_exit_codes() {
         );
     }
 }
+
+#[test]
+fn offline_reencrypt_checks_the_volume_pin_of_its_config() {
+    let d = Dir::new();
+    let key = d.key("k", b"pin passphrase");
+    let (a, b) = (d.s("a.img"), d.s("b.img"));
+    format(&a, &key);
+    format(&b, &key);
+    // The operator pins volume a; b (same passphrase, another volume) stands in for a header
+    // someone put in its place.
+    let conf = d.s("nbdcryptd.toml");
+    ok(ctl(&["pin", &a, "--key-file", &key, "--write", &conf], b""));
+    let before = std::fs::read(&b).unwrap();
+    let o = ctl(
+        &[
+            "reencrypt",
+            &b,
+            "--key-file",
+            &key,
+            "--config",
+            &conf,
+            "--quiet",
+        ],
+        b"",
+    );
+    assert!(!o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("pin") || stderr(&o).contains("UUID") || stderr(&o).contains("uuid"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        std::fs::read(&b).unwrap() == before,
+        "a refused run wrote to the volume"
+    );
+    // Control: the pinned volume itself re-encrypts under the same config.
+    ok(ctl(
+        &[
+            "reencrypt",
+            &a,
+            "--key-file",
+            &key,
+            "--config",
+            &conf,
+            "--quiet",
+        ],
+        b"",
+    ));
+    assert!(cs_opens(&a, &key));
+}

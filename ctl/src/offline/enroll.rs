@@ -120,7 +120,7 @@ pub struct KmsLocation {
 
 /// The volume pin of `--config FILE`, if any: commands that recover the volume key check it, as
 /// the daemon would.
-fn config_pin(loc: &KmsLocation) -> anyhow::Result<VolumePin> {
+pub(crate) fn config_pin(loc: &KmsLocation) -> anyhow::Result<VolumePin> {
     match &loc.config {
         Some(path) => {
             let (file, _) = nbdcrypt::config_file::load(path).map_err(|e| anyhow!(e))?;

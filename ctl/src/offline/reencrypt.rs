@@ -421,6 +421,11 @@ fn start(
             super::NO_KEY_MESSAGE.into(),
         )));
     };
+    // The volume pin of `--config FILE` (as the daemon and `rekey` check it): a replaced
+    // header is refused before anything is written or sealed.
+    super::enroll::config_pin(&a.location)?
+        .check(&hdr, &old_key)
+        .map_err(|e| anyhow!("{}: {e}", vol.path.display()))?;
     let unopened: Vec<u32> = plan.cannot.iter().map(|(id, _)| *id).collect();
     if !plan.cannot.is_empty() && !a.drop_unopened {
         let named: Vec<String> = plan
