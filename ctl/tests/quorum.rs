@@ -33,29 +33,7 @@ fn a_two_of_three_quorum_of_kms_hsm_and_a_person_unlocks_with_any_two_and_not_wi
     let key = moto.create_key(Some("db"));
     let r = Rig::new("20M", TOKEN).with_hsm();
     let (vol, rec, pin) = (r.vol(), r.path("recovery.key"), r.pin());
-    let uri = format!("pkcs11:token={TOKEN};object=kek;type=secret-key");
-    let mut args = vec![
-        "enroll",
-        &vol,
-        "--quorum",
-        "2",
-        "--kms",
-        "alias/db",
-        "--kms-endpoint",
-        &moto.endpoint,
-        "--region",
-        REGION,
-        "--pkcs11",
-        &uri,
-        "--pkcs11-pin",
-        &pin,
-        "--passphrase-share",
-        "alice",
-        "--key-file",
-        &rec,
-    ];
-    args.extend(FAST);
-    let o = ok(r.ctl(&args, Some("alice's words\n")));
+    let o = ok(r.enroll_kms_hsm_alice(&moto.endpoint));
     let t = text(&o);
     assert!(
         t.contains("2 of {AWS KMS arn:aws:kms:")

@@ -77,30 +77,8 @@ fn a_two_of_three_quorum_of_kms_hsm_and_a_person_is_carried_online_and_opens_the
     let moto = Moto::start();
     let key = moto.create_key(Some("db"));
     let r = Rig::new("24M", TOKEN).with_hsm();
-    let (vol, rec, pin) = (r.vol(), r.path("recovery.key"), r.pin());
-    let uri = format!("pkcs11:token={TOKEN};object=kek;type=secret-key");
-    let mut args = vec![
-        "enroll",
-        &vol,
-        "--quorum",
-        "2",
-        "--kms",
-        "alias/db",
-        "--kms-endpoint",
-        &moto.endpoint,
-        "--region",
-        REGION,
-        "--pkcs11",
-        &uri,
-        "--pkcs11-pin",
-        &pin,
-        "--passphrase-share",
-        "alice",
-        "--key-file",
-        &rec,
-    ];
-    args.extend(FAST);
-    ok(r.ctl(&args, Some("alice's words\n")));
+    let (vol, _, pin) = (r.vol(), r.path("recovery.key"), r.pin());
+    ok(r.enroll_kms_hsm_alice(&moto.endpoint));
     let before = r.quorum_tokens();
     assert_eq!(before.len(), 1);
     let (_, old_q) = &before[0];
@@ -462,29 +440,7 @@ fn a_two_of_three_quorum_of_kms_hsm_and_a_person_is_carried_offline_and_opens_th
     let key = moto.create_key(Some("db"));
     let r = Rig::new("24M", TOKEN).with_hsm();
     let (vol, rec, pin) = (r.vol(), r.path("recovery.key"), r.pin());
-    let uri = format!("pkcs11:token={TOKEN};object=kek;type=secret-key");
-    let mut args = vec![
-        "enroll",
-        &vol,
-        "--quorum",
-        "2",
-        "--kms",
-        "alias/db",
-        "--kms-endpoint",
-        &moto.endpoint,
-        "--region",
-        REGION,
-        "--pkcs11",
-        &uri,
-        "--pkcs11-pin",
-        &pin,
-        "--passphrase-share",
-        "alice",
-        "--key-file",
-        &rec,
-    ];
-    args.extend(FAST);
-    ok(r.ctl(&args, Some("alice's words\n")));
+    ok(r.enroll_kms_hsm_alice(&moto.endpoint));
     let (_, old_q) = r.quorum_tokens().remove(0);
     assert_eq!(old_q["keyslots"], serde_json::json!(["1"]));
 

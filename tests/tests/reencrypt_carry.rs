@@ -181,15 +181,13 @@ fn serve(img: &Path, audit: &Path, extra: &[&str]) -> Daemon {
     }
 }
 
-#[test]
-fn clevis_tang_and_tpm2_bindings_are_carried_online_and_open_the_new_key_with_the_real_clevis() {
-    let tmp = tempdir();
-    let dir = tmp.path();
-    let (_tang, tang_url, tang_allow) = tang(dir);
-    let (_tpm, tcti) = swtpm(dir);
-
-    // cryptsetup's volume (64 KiB metadata: room for clevis tokens), the pattern written with
-    // its key, then bound by clevis: keyslot 1 to Tang, keyslot 2 to the TPM.
+/// cryptsetup's volume in `dir` (64 KiB metadata: room for clevis tokens) with the pattern
+/// written under its key, then bound by the real clevis: keyslot 1 to Tang at `tang_url`,
+/// keyslot 2 to the TPM behind `tcti`. clevis adds its keyslots with cryptsetup's benchmarked
+/// argon2id; they are converted to a cheap KDF (same keyslots, same tokens) so the debug-build
+/// daemon opens and re-creates them quickly. Returns the image, the passphrase file and the
+/// volume key (hex).
+fn clevis_bound_volume(dir: &Path, tang_url: &str, tcti: &str) -> (PathBuf, PathBuf, String) {
     let img = dir.join("vol.img");
     let mut args = vec![
         "--cipher",
@@ -214,20 +212,17 @@ fn clevis_tang_and_tpm2_bindings_are_carried_online_and_open_the_new_key_with_th
     .success();
     let pw = dir.join("pass.key");
     std::fs::write(&pw, PASS).unwrap();
-    let img_s = img.to_str().unwrap();
-    let pw_s = pw.to_str().unwrap();
+    let (img_s, pw_s) = (img.to_str().unwrap(), pw.to_str().unwrap());
     let tang_cfg = format!("{{\"url\":\"{tang_url}\"}}");
     for (pin, cfg) in [("tang", tang_cfg.as_str()), ("tpm2", "{}")] {
         clevis(
-            &tcti,
+            tcti,
             &["luks", "bind", "-y", "-d", img_s, "-k", pw_s, pin, cfg],
         )
         .success();
     }
-    // clevis adds its keyslots with cryptsetup's benchmarked argon2id; make them cheap (same
-    // keyslots, same tokens) so the debug-build daemon opens and re-creates them quickly.
     for slot in [1u32, 2] {
-        let f = clevis_pass(&tcti, &img, slot, dir);
+        let f = clevis_pass(tcti, &img, slot, dir);
         let mut c = cryptsetup();
         c.args([
             "luksConvertKey",
@@ -241,6 +236,18 @@ fn clevis_tang_and_tpm2_bindings_are_carried_online_and_open_the_new_key_with_th
         .arg(&img);
         run(&mut c, TOOL_TIMEOUT).success();
     }
+    (img, pw, old_key)
+}
+
+#[test]
+fn clevis_tang_and_tpm2_bindings_are_carried_online_and_open_the_new_key_with_the_real_clevis() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let (_tang, tang_url, tang_allow) = tang(dir);
+    let (_tpm, tcti) = swtpm(dir);
+
+    let (img, pw, old_key) = clevis_bound_volume(dir, &tang_url, &tcti);
+    let pw_s = pw.to_str().unwrap();
     let before = clevis_list(&tcti, &img);
     assert_eq!(
         before,
@@ -338,55 +345,8 @@ fn clevis_tang_and_tpm2_bindings_are_carried_offline_and_open_the_new_key_with_t
     let dir = tmp.path();
     let (_tang, tang_url, tang_allow) = tang(dir);
     let (_tpm, tcti) = swtpm(dir);
-    let img = dir.join("vol.img");
-    let mut args = vec![
-        "--cipher",
-        "aes-xts-plain64",
-        "--key-size",
-        "512",
-        "--sector-size",
-        "4096",
-        "--luks2-metadata-size",
-        "64k",
-    ];
-    let kdf = cheap_kdf("pbkdf2");
-    args.extend(kdf.iter().map(String::as_str));
-    luks_format_args(&img, (16 << 20) + DATA, PASS, &args);
-    let old_key = luks_volume_key(&img, PASS);
-    verify_py(&[
-        OsStr::new("fill"),
-        img.as_os_str(),
-        OsStr::new("--volume-key"),
-        OsStr::new(&old_key),
-    ])
-    .success();
-    let pw = dir.join("pass.key");
-    std::fs::write(&pw, PASS).unwrap();
-    let img_s = img.to_str().unwrap();
-    let pw_s = pw.to_str().unwrap();
-    let tang_cfg = format!("{{\"url\":\"{tang_url}\"}}");
-    for (pin, cfg) in [("tang", tang_cfg.as_str()), ("tpm2", "{}")] {
-        clevis(
-            &tcti,
-            &["luks", "bind", "-y", "-d", img_s, "-k", pw_s, pin, cfg],
-        )
-        .success();
-    }
-    for slot in [1u32, 2] {
-        let f = clevis_pass(&tcti, &img, slot, dir);
-        let mut c = cryptsetup();
-        c.args([
-            "luksConvertKey",
-            "--batch-mode",
-            "--key-slot",
-            &slot.to_string(),
-        ])
-        .args(&kdf)
-        .arg("--key-file")
-        .arg(&f)
-        .arg(&img);
-        run(&mut c, TOOL_TIMEOUT).success();
-    }
+    let (img, pw, old_key) = clevis_bound_volume(dir, &tang_url, &tcti);
+    let (img_s, pw_s) = (img.to_str().unwrap(), pw.to_str().unwrap());
     assert_eq!(
         clevis_list(&tcti, &img),
         [(1, "tang".to_owned()), (2, "tpm2".to_owned())]

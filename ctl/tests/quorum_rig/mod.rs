@@ -102,6 +102,37 @@ impl Rig {
         self
     }
 
+    /// `enroll --quorum 2` of the volume over three holders: the KMS key `alias/db` (moto at
+    /// `kms_endpoint`), the rig's HSM key (after [`Rig::with_hsm`]) and a person, alice, whose
+    /// passphrase is "alice's words"; the recovery key file opens the volume key. Not checked:
+    /// the caller asserts on the output.
+    pub fn enroll_kms_hsm_alice(&self, kms_endpoint: &str) -> Output {
+        let (vol, rec, pin) = (self.vol(), self.path("recovery.key"), self.pin());
+        let uri = format!("pkcs11:token={};object=kek;type=secret-key", self.token);
+        let mut args = vec![
+            "enroll",
+            &vol,
+            "--quorum",
+            "2",
+            "--kms",
+            "alias/db",
+            "--kms-endpoint",
+            kms_endpoint,
+            "--region",
+            crate::moto::REGION,
+            "--pkcs11",
+            &uri,
+            "--pkcs11-pin",
+            &pin,
+            "--passphrase-share",
+            "alice",
+            "--key-file",
+            &rec,
+        ];
+        args.extend(FAST);
+        self.ctl(&args, Some("alice's words\n"))
+    }
+
     pub fn path(&self, name: &str) -> String {
         self.dir.path().join(name).to_str().unwrap().to_owned()
     }
