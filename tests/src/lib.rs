@@ -388,6 +388,74 @@ fn which(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// An upstream NBD server (nbdkit on a Unix socket), killed on drop; [`Upstream::kill`] and
+/// [`Upstream::start`] restart it on the same socket, as an upstream crash and restart.
+pub struct Upstream {
+    child: Option<Child>,
+    /// Its `nbd+unix` URI.
+    pub uri: String,
+    pub sock: PathBuf,
+    argv: Vec<String>,
+}
+
+impl Upstream {
+    /// `nbdkit -f -U DIR/NAME.sock ARGS...` (foreground, so the test owns the process), once it
+    /// listens.
+    pub fn nbdkit(dir: &Path, name: &str, args: &[&str]) -> Upstream {
+        let sock = dir.join(format!("{name}.sock"));
+        let mut argv: Vec<String> = vec!["-f".into(), "-U".into(), sock.display().to_string()];
+        argv.extend(args.iter().map(|s| s.to_string()));
+        let mut u = Upstream {
+            child: None,
+            uri: format!("nbd+unix:///?socket={}", sock.display()),
+            sock,
+            argv,
+        };
+        u.start();
+        u
+    }
+
+    /// Starts it (again), removing the socket a killed nbdkit leaves behind.
+    pub fn start(&mut self) {
+        let _ = std::fs::remove_file(&self.sock);
+        let child = tool("nbdkit")
+            .args(&self.argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nbdkit");
+        self.child = Some(child);
+        wait_for_socket(&self.sock);
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits (10 s at most) until something listens on the Unix socket `sock`.
+pub fn wait_for_socket(sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(sock).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never listened",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A `Command` for an external tool; fails the test if the tool is not installed.
 pub fn tool(name: &str) -> Command {
     let p = which(name).unwrap_or_else(|| {

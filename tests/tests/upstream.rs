@@ -13,7 +13,7 @@ mod pki;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nbdcrypt_tests::*;
@@ -23,69 +23,6 @@ const FAST: [&str; 4] = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"
 const SIZE: u64 = 48 * MIB;
 /// A plaintext pattern that must never reach the upstream.
 const PATTERN: &[u8] = b"NBDCRYPT-UPSTREAM-PLAINTEXT-PATTERN-";
-
-/// An upstream NBD server process, killed on drop.
-struct Upstream {
-    child: Option<Child>,
-    uri: String,
-    sock: PathBuf,
-    argv: Vec<String>,
-}
-
-impl Upstream {
-    /// `nbdkit -f -U SOCK ARGS...` (foreground, so we own the process).
-    fn nbdkit(dir: &Path, name: &str, args: &[&str]) -> Upstream {
-        let sock = dir.join(format!("{name}.sock"));
-        let mut argv: Vec<String> = vec!["-f".into(), "-U".into(), sock.display().to_string()];
-        argv.extend(args.iter().map(|s| s.to_string()));
-        let mut u = Upstream {
-            child: None,
-            uri: format!("nbd+unix:///?socket={}", sock.display()),
-            sock,
-            argv,
-        };
-        u.start();
-        u
-    }
-
-    fn start(&mut self) {
-        let _ = std::fs::remove_file(&self.sock);
-        let child = tool("nbdkit")
-            .args(&self.argv)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nbdkit");
-        self.child = Some(child);
-        wait_for_socket(&self.sock);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn wait_for_socket(sock: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(sock).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never listened",
-            sock.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// `nbdcryptctl format URI` with a cheap KDF and the key in `dir/key`.
 fn format_through_us(dir: &Path, uri: &str) -> PathBuf {

@@ -18,7 +18,6 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
 
 use nbdcrypt_tests::*;
 
@@ -34,27 +33,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// `nbdkit -f -U DIR/NAME.sock ARGS...`, and its `nbd+unix` URI.
-fn nbdkit_unix(dir: &Path, name: &str, args: &[&str]) -> (Proc, String) {
-    let sock = dir.join(format!("{name}.sock"));
-    let child = tool("nbdkit")
-        .args(["-f", "-U"])
-        .arg(&sock)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nbdkit");
-    let p = Proc(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(Instant::now() < deadline, "nbdkit never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (p, format!("nbd+unix:///?socket={}", sock.display()))
 }
 
 fn ctl(args: &[&OsStr]) -> Out {
@@ -132,7 +110,8 @@ fn no_panic(o: &Out) {
 fn format_add_key_dump_remove_key_over_nbd_then_cryptsetup_and_nbdcryptd_agree() {
     let dir = tempdir();
     let d = dir.path();
-    let (_up, uri) = nbdkit_unix(d, "mem", &["memory", "48M"]);
+    let up = Upstream::nbdkit(d, "mem", &["memory", "48M"]);
+    let uri = up.uri.clone();
     let k1 = key(d, "k1", b"first passphrase over nbd");
     let k2 = key(d, "k2", b"second passphrase over nbd");
 
@@ -320,24 +299,19 @@ fn kms_enroll_test_token_unenroll_over_an_nbds_unix_upstream() {
     let dir = tempdir();
     let d = dir.path();
     let pki = pki::generate(&d.join("pki"), "upstream CA", "nbdcryptctl client");
-    let sock = d.join("tls.sock");
-    let child = tool("nbdkit")
-        .args(["-f", "-U"])
-        .arg(&sock)
-        .arg("--tls=require")
-        .arg(format!("--tls-certificates={}", pki.server().display()))
-        .args(["--tls-verify-peer", "memory", "48M"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nbdkit");
-    let _up = Proc(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(Instant::now() < deadline, "nbdkit never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let certs = format!("--tls-certificates={}", pki.server().display());
+    let up = Upstream::nbdkit(
+        d,
+        "tls",
+        &[
+            "--tls=require",
+            &certs,
+            "--tls-verify-peer",
+            "memory",
+            "48M",
+        ],
+    );
+    let sock = up.sock.clone();
     let uri = format!(
         "nbds+unix:///?socket={}&tls-certificates={}",
         sock.display(),
@@ -443,7 +417,8 @@ fn copy_out(uri: &str, dir: &Path, name: &str) -> PathBuf {
 fn offline_reencrypt_over_nbd_recovers_a_crash_inside_a_zone_and_keeps_the_data() {
     let dir = tempdir();
     let d = dir.path();
-    let (_up, uri) = nbdkit_unix(d, "mem", &["memory", "48M"]);
+    let up = Upstream::nbdkit(d, "mem", &["memory", "48M"]);
+    let uri = up.uri.clone();
     let k = key(d, "k", b"reencrypt over nbd");
     format(&uri, &k).success();
     let data = random_bytes(12, 6 * MIB as usize);
@@ -567,7 +542,8 @@ fn hostile_headers_on_an_upstream_get_the_verdicts_they_get_locally() {
     luks_add_key(&img, p0, b"hostile upstream slot 1", "pbkdf2");
     let k = key(d, "k", p0);
     // nbdkit's file plugin reads the file at each request: rewriting it changes the upstream.
-    let (_up, uri) = nbdkit_unix(d, "file", &["-r", "file", img.to_str().unwrap()]);
+    let up = Upstream::nbdkit(d, "file", &["-r", "file", img.to_str().unwrap()]);
+    let uri = up.uri.clone();
 
     let f = OpenOptions::new()
         .read(true)

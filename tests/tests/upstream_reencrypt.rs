@@ -15,7 +15,7 @@ mod moto;
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,42 +36,11 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A child process (nbdkit, here) killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `nbdkit -f -U DIR/up.sock ARGS...`, and its `nbd+unix` URI.
-fn nbdkit_unix(dir: &Path, args: &[&str]) -> (Proc, String) {
-    let sock = dir.join("up.sock");
-    // A killed nbdkit leaves its socket behind.
-    let _ = std::fs::remove_file(&sock);
-    let child = tool("nbdkit")
-        .args(["-f", "-U"])
-        .arg(&sock)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nbdkit");
-    let p = Proc(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(Instant::now() < deadline, "nbdkit never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (p, format!("nbd+unix:///?socket={}", sock.display()))
-}
-
 /// `nbdkit -f -U DIR/up.sock memory SIZE`, and its `nbd+unix` URI.
-fn nbdkit_memory(dir: &Path, size: u64) -> (Proc, String) {
-    nbdkit_unix(dir, &["memory", &size.to_string()])
+fn nbdkit_memory(dir: &Path, size: u64) -> (Upstream, String) {
+    let up = Upstream::nbdkit(dir, "up", &["memory", &size.to_string()]);
+    let uri = up.uri.clone();
+    (up, uri)
 }
 
 fn key_file(dir: &Path, name: &str, secret: &[u8]) -> PathBuf {
@@ -445,7 +414,8 @@ fn an_upstream_restarted_during_an_online_reencryption_loses_no_data() {
         .set_len(16 * MIB + DATA)
         .unwrap();
     let file_args = ["file", img.to_str().unwrap()];
-    let (up, uri) = nbdkit_unix(d, &file_args);
+    let mut up = Upstream::nbdkit(d, "up", &file_args);
+    let uri = up.uri.clone();
     let k = key_file(d, "pass.key", PASS);
     format(&uri, &k);
     let data = random_bytes(24, DATA as usize);
@@ -466,10 +436,9 @@ fn an_upstream_restarted_during_an_online_reencryption_loses_no_data() {
         assert!(Instant::now() < deadline, "no progress\n{}", dm.log());
         std::thread::sleep(Duration::from_millis(50));
     }
-    drop(up);
+    up.kill();
     std::thread::sleep(Duration::from_millis(500));
-    let (_up, uri2) = nbdkit_unix(d, &file_args);
-    assert_eq!(uri2, uri);
+    up.start();
 
     let deadline = Instant::now() + Duration::from_secs(180);
     let (state, r) = loop {
