@@ -1764,6 +1764,32 @@ pub fn write_export(uri: &str, dir: &Path, data: &[u8]) {
     let _ = std::fs::remove_file(&f);
 }
 
+/// `cryptsetup luksDump` of `img` (no locks: the image may be a copy beside a live daemon).
+pub fn luks_dump(img: &Path) -> String {
+    run(
+        cryptsetup().args(["luksDump", "--disable-locks"]).arg(img),
+        TOOL_TIMEOUT,
+    )
+    .success()
+    .stdout
+}
+
+/// After a finished re-encryption: cryptsetup sees none left in `img`'s header, and the volume
+/// key it recovers with `passphrase` decrypts (verify.py, independent of our code) the start of
+/// the data area to `data`. Returns that key (hex).
+pub fn assert_finished_and_cryptsetup_decrypts(
+    img: &Path,
+    passphrase: &[u8],
+    data: &[u8],
+    what: &str,
+) -> String {
+    let dump = luks_dump(img);
+    assert!(!dump.contains("reencrypt"), "{what}: {dump}");
+    let key = luks_volume_key(img, passphrase);
+    assert_same_bytes(&verify_py_plaintext(img, &key)[..data.len()], data, what);
+    key
+}
+
 /// Panics with the first differing offset unless `got == want`.
 #[track_caller]
 pub fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
