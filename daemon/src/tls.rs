@@ -357,11 +357,13 @@ pub fn server_config_from_pem(p: &PemInputs<'_>) -> Result<rustls::ServerConfig,
     })
 }
 
-/// GnuTLS (certtool 3.7) writes about half of its ECDSA PKCS#8 keys with the private scalar as
-/// 33 (P-256) or 49 (P-384) bytes, a sign-padding zero in front, and ring refuses those ("failed
-/// to parse private key"), while nbdkit, qemu-nbd and OpenSSL take them. The same key directory
-/// must serve all of them, so such a key is re-encoded here with the zero dropped (RFC 5915:
-/// the scalar is exactly the field size). `None`: the key is not of that shape; leave it.
+/// GnuTLS (certtool 3.7) writes the private scalar of its ECDSA PKCS#8 keys as a minimal
+/// integer: about half of them with a sign-padding zero in front, 33 (P-256) or 49 (P-384) bytes,
+/// and about 1 in 256 one byte short (31 or 47: the scalar's top byte is zero and is dropped).
+/// ring refuses both ("failed to parse private key"), while nbdkit, qemu-nbd and OpenSSL take
+/// them. The same key directory must serve all of them, so such a key is re-encoded here with
+/// the scalar exactly the field size (RFC 5915): leading zeros dropped, then zeros added in
+/// front. `None`: the key is not of that shape (or not a P-256/P-384 key); leave it.
 pub(crate) fn normalise_ec_pkcs8(der: &[u8]) -> Option<Vec<u8>> {
     use zeroize::Zeroize;
     const SEQ: u8 = 0x30;
@@ -384,6 +386,16 @@ pub(crate) fn normalise_ec_pkcs8(der: &[u8]) -> Option<Vec<u8>> {
     {
         return None;
     }
+    // The curve, for the scalar's size: prime256v1 1.2.840.10045.3.1.7, secp384r1 1.3.132.0.34.
+    const P256: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    const P384: [u8; 7] = [0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+    let field = if alg.windows(P256.len()).any(|w| w == P256) {
+        32
+    } else if alg.windows(P384.len()).any(|w| w == P384) {
+        48
+    } else {
+        return None;
+    };
     let (ot, ec, after) = tlv(r2)?;
     if ot != OCTETS {
         return None;
@@ -397,11 +409,16 @@ pub(crate) fn normalise_ec_pkcs8(der: &[u8]) -> Option<Vec<u8>> {
     if it != 0x02 || ic != [1] || pt != OCTETS {
         return None;
     }
-    if !(scalar.len() == 33 || scalar.len() == 49) || scalar[0] != 0 {
+    let zeros = scalar.iter().take_while(|&&b| b == 0).count();
+    let significant = &scalar[zeros..];
+    if scalar.len() == field || significant.len() > field || significant.is_empty() {
         return None;
     }
+    let mut fixed = vec![0u8; field - significant.len()];
+    fixed.extend_from_slice(significant);
     let mut inner = vec![0x02, 0x01, 0x01];
-    der_push(&mut inner, OCTETS, &scalar[1..]);
+    der_push(&mut inner, OCTETS, &fixed);
+    fixed.zeroize();
     inner.extend_from_slice(rest);
     let mut ec_new = Vec::new();
     der_push(&mut ec_new, SEQ, &inner);
@@ -879,6 +896,30 @@ pub fn reload_on_sighup(state: Arc<TlsState>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A throw-away key from `certtool --generate-privkey --key-type=ecdsa` (GnuTLS 3.7.9)
+    /// whose scalar came out as 31 bytes (its top byte was zero); one in 32 tries here.
+    const CERTTOOL_31_BYTE_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIGSAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBHgwdgIBAQQfUthaVynM4aD259Og
+x0SU2YYoEVDod8SgXz6bn42WOKAKBggqhkjOPQMBB6FEA0IABItmrJHPqRhrIWDv
+ZCnp7da+lyJ9/FkfOUGr1jdjNDvSObaZMVEnqQ52ACrHIbHnv90lm9Z/noLTDr/w
+wrDm7CQ=
+-----END PRIVATE KEY-----
+";
+
+    #[test]
+    fn a_certtool_ecdsa_key_with_a_short_scalar_is_re_encoded_so_ring_takes_it() {
+        use rustls::crypto::ring::sign::any_supported_type;
+        let key = PrivateKeyDer::from_pem_slice(CERTTOOL_31_BYTE_KEY.as_bytes()).unwrap();
+        assert!(any_supported_type(&key).is_err(), "ring took it as it is");
+        let PrivateKeyDer::Pkcs8(k) = &key else {
+            panic!("not PKCS#8")
+        };
+        let fixed = normalise_ec_pkcs8(k.secret_pkcs8_der()).expect("re-encoded");
+        assert_eq!(fixed.len(), k.secret_pkcs8_der().len() + 1);
+        any_supported_type(&PrivateKeyDer::Pkcs8(fixed.clone().into())).expect("ring takes it");
+        assert_eq!(normalise_ec_pkcs8(&fixed), None);
+    }
 
     /// A throw-away key from `certtool --generate-privkey --key-type=ecdsa --pkcs8` whose
     /// scalar came out as 33 bytes (00 AD 85 ...).

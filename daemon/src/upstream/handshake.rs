@@ -110,7 +110,7 @@ pub fn tls_config(uri: &UpstreamUri) -> Result<Arc<rustls::ClientConfig>, String
                 .map_err(|e| format!("cannot read {}: {e}", cert.display()))?;
             let k = PrivateKeyDer::from_pem_file(&key)
                 .map_err(|e| format!("cannot read {}: {e}", key.display()))?;
-            // certtool's sign-padded ECDSA scalars, as the server side accepts them (tls.rs).
+            // certtool's ECDSA scalars one byte long or short, as the server side takes them (tls.rs).
             let k = match &k {
                 PrivateKeyDer::Pkcs8(p) => {
                     match crate::tls::normalise_ec_pkcs8(p.secret_pkcs8_der()) {
