@@ -33,18 +33,12 @@ pub fn sums_len(hash: HashAlg, data_len: usize, block: usize) -> usize {
 /// (extra bytes are left alone; a shorter `out` stops early) — callers size it from the same
 /// lengths, so this never panics.
 pub fn hash_blocks(hash: HashAlg, data: &[u8], block: usize, out: &mut [u8]) {
-    if block == 0 {
-        return;
-    }
-    let hl = hash.output_len();
     #[cfg(target_arch = "x86_64")]
-    if hash == HashAlg::Sha256 && ni::available() {
+    if hash == HashAlg::Sha256 && block != 0 && ni::available() {
         ni::sha256_blocks(data, block, out);
         return;
     }
-    for (blk, o) in data.chunks_exact(block).zip(out.chunks_exact_mut(hl)) {
-        hash.hash_parts(&[blk], o);
-    }
+    hash_blocks_portable(hash, data, block, out);
 }
 
 /// The portable path, for tests and the fuzz target to compare with.

@@ -1532,8 +1532,7 @@ impl Reencryption {
         match self.st.resilience {
             Resilience::None => {}
             Resilience::Checksum { hash, block_size } => {
-                let hl = hash.output_len();
-                let mut sums = vec![0u8; (b.len() / block_size as usize) * hl];
+                let mut sums = vec![0u8; block_hash::sums_len(hash, b.len(), block_size as usize)];
                 block_hash::hash_blocks(hash, &b, block_size as usize, &mut sums);
                 write_all_at(
                     file,
@@ -1724,8 +1723,7 @@ impl Reencryption {
                 if par.is_none() {
                     whole(b)?;
                 }
-                let hl = hash.output_len();
-                let mut sums = vec![0u8; (b.len() / block_size as usize) * hl];
+                let mut sums = vec![0u8; block_hash::sums_len(hash, b.len(), block_size as usize)];
                 let pass = Pass {
                     read: true,
                     sums: Some((hash, block_size, &mut sums)),
