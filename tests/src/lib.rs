@@ -1808,6 +1808,33 @@ pub fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
 }
 
 impl Daemon {
+    /// The `reencrypt` object of `status` (state, done_bytes, ...).
+    pub fn reencrypt_status(&self) -> serde_json::Value {
+        self.status()["reencrypt"].clone()
+    }
+
+    /// Waits until the online re-encryption says "finished"; panics if it fails, if the daemon
+    /// dies, or after `timeout`.
+    #[track_caller]
+    pub fn wait_reencrypt_finished(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.assert_alive();
+            let r = self.reencrypt_status();
+            match r["state"].as_str() {
+                Some("finished") => return,
+                Some("failed") => panic!("re-encryption failed: {r:#}\n{}", self.log()),
+                _ => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not finished within {timeout:?}: {r:#}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Wait (up to 10 s) until `status` counts `n` attached clients. A client that has just
     /// closed its socket is counted until the daemon has noticed.
     #[track_caller]

@@ -77,30 +77,6 @@ fn start(d: &Daemon, extra: &[&str]) -> Out {
     d.ctl("reencrypt", &args)
 }
 
-fn reenc(d: &Daemon) -> Value {
-    d.status()["reencrypt"].clone()
-}
-
-/// Wait for the re-encryption to finish; panics on failure or timeout.
-fn wait_finished(d: &mut Daemon, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        d.assert_alive();
-        let r = reenc(d);
-        match r["state"].as_str() {
-            Some("finished") => return,
-            Some("failed") => panic!("re-encryption failed: {r:#}\n{}", d.log()),
-            _ => {}
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not finished within {timeout:?}: {r:#}\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn wait_exit(d: &mut Daemon, timeout: Duration) {
     assert!(
         d.wait_exit(timeout).is_some(),
@@ -175,7 +151,7 @@ fn online_reencryption_under_fio_verify_reads_back_and_cryptsetup_reads_the_resu
     // Progress, rate and ETA show up while it runs.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let r = reenc(&d);
+        let r = d.reencrypt_status();
         if r["state"] == "running" && r["rate_bytes_per_sec"].as_u64() > Some(0) {
             assert!(r["eta_secs"].is_u64(), "{r:#}");
             assert_eq!(r["total_bytes"], DATA, "{r:#}");
@@ -186,11 +162,11 @@ fn online_reencryption_under_fio_verify_reads_back_and_cryptsetup_reads_the_resu
     }
     // fio keeps the export busy: the worker says it backs off for client I/O.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while reenc(&d)["backing_off"] != true {
+    while d.reencrypt_status()["backing_off"] != true {
         assert!(
             Instant::now() < deadline,
             "never backed off under fio: {:#}",
-            reenc(&d)
+            d.reencrypt_status()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -199,9 +175,9 @@ fn online_reencryption_under_fio_verify_reads_back_and_cryptsetup_reads_the_resu
     // Pause: the frontier stands still; resume (unthrottled now): it moves on.
     assert_eq!(d.ctl("reencrypt", &["--pause"]).code(), Some(0));
     std::thread::sleep(Duration::from_millis(300));
-    let at = reenc(&d)["done_bytes"].as_u64().unwrap();
+    let at = d.reencrypt_status()["done_bytes"].as_u64().unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    let r = reenc(&d);
+    let r = d.reencrypt_status();
     assert_eq!(r["state"], "paused", "{r:#}");
     assert_eq!(
         r["done_bytes"].as_u64(),
@@ -214,7 +190,7 @@ fn online_reencryption_under_fio_verify_reads_back_and_cryptsetup_reads_the_resu
             .code(),
         Some(0)
     );
-    wait_finished(&mut d, Duration::from_secs(240));
+    d.wait_reencrypt_finished(Duration::from_secs(240));
     stop.store(true, Ordering::Relaxed);
     let runs = fio.join().unwrap();
     assert!(runs >= 1);
@@ -296,7 +272,7 @@ fn an_online_reencryption_can_change_the_key_and_sector_size() {
         ],
     );
     assert_eq!(out.code(), Some(0), "start\n{}\n{}", out.details(), d.log());
-    wait_finished(&mut d, Duration::from_secs(240));
+    d.wait_reencrypt_finished(Duration::from_secs(240));
     stop.store(true, Ordering::Relaxed);
     assert!(fio.join().unwrap() >= 1);
 
@@ -370,7 +346,7 @@ fn crash_at(point: &str) {
         &data,
         &format!("served right after the restart ({point})"),
     );
-    wait_finished(&mut d, Duration::from_secs(120));
+    d.wait_reencrypt_finished(Duration::from_secs(120));
     assert_same_bytes(
         &read_export(&d.uri(), d.dir()),
         &data,
@@ -476,7 +452,7 @@ fn negative_control_a_lost_zone_is_caught_by_the_read_back_check() {
     assert_eq!(d.unlock(PASS).code(), Some(0));
     write_export(&d.uri(), d.dir(), &data);
     assert_eq!(start(&d, &[]).code(), Some(0));
-    wait_finished(&mut d, Duration::from_secs(120));
+    d.wait_reencrypt_finished(Duration::from_secs(120));
     let got = read_export(&d.uri(), d.dir());
     let first = first_difference(&got, &data).expect("a lost zone went unnoticed");
     let zone = ZONE.parse::<usize>().unwrap();
@@ -550,7 +526,7 @@ fn kill_9_at_random_moments_under_fua_writes_loses_no_acknowledged_write() {
                 &format!("after kill {trial}: the last acknowledged data"),
             );
         }
-        let resumed = reenc(&d)["state"] == "running";
+        let resumed = d.reencrypt_status()["state"] == "running";
         if !resumed {
             assert_eq!(
                 start(&d, &["--max-rate", "8M"]).code(),
@@ -587,7 +563,7 @@ fn kill_9_at_random_moments_under_fua_writes_loses_no_acknowledged_write() {
             std::thread::sleep(Duration::from_millis(20));
         }
         std::thread::sleep(Duration::from_millis(300 + next() % 2500));
-        let frontier = reenc(&d)["done_bytes"].as_u64().unwrap_or(0);
+        let frontier = d.reencrypt_status()["done_bytes"].as_u64().unwrap_or(0);
         d.signal(libc::SIGKILL);
         wait_exit(&mut d, Duration::from_secs(10));
         let _ = writer.wait();
@@ -617,7 +593,7 @@ fn kill_9_at_random_moments_under_fua_writes_loses_no_acknowledged_write() {
         }
         assert_same_bytes(&got, &model, &format!("right after kill {trial}"));
         if trial == 3 {
-            wait_finished(&mut d, Duration::from_secs(120));
+            d.wait_reencrypt_finished(Duration::from_secs(120));
             got = read_export(&d.uri(), d.dir());
             assert_same_bytes(&got, &model, "after the last re-encryption finished");
         }
@@ -790,7 +766,7 @@ fn a_reencryption_cryptsetup_started_is_resumed_and_finished_online_by_the_daemo
         &data,
         "served while resuming cryptsetup's re-encryption",
     );
-    wait_finished(&mut d, Duration::from_secs(120));
+    d.wait_reencrypt_finished(Duration::from_secs(120));
     assert_same_bytes(
         &read_export(&d.uri(), d.dir()),
         &data,
@@ -1057,9 +1033,9 @@ fn power_cuts_during_online_reencryption_lose_no_acknowledged_write() {
             // The crash point counts zones of the next daemon: begin with a fresh re-encryption
             // (finish the one in progress first, unthrottled, without any test hook).
             let mut d = start_daemon(&[]);
-            if reenc(&d)["state"] == "running" {
+            if d.reencrypt_status()["state"] == "running" {
                 assert_eq!(d.ctl("reencrypt", &["--max-rate", "1G"]).code(), Some(0));
-                wait_finished(&mut d, Duration::from_secs(180));
+                d.wait_reencrypt_finished(Duration::from_secs(180));
             }
             d.terminate(Duration::from_secs(20));
         }
@@ -1074,7 +1050,7 @@ fn power_cuts_during_online_reencryption_lose_no_acknowledged_write() {
         } else {
             "6M"
         };
-        if reenc(&d)["state"] != "running" {
+        if d.reencrypt_status()["state"] != "running" {
             let out = d.ctl("reencrypt", &["--key-file", k, "--max-rate", rate]);
             assert_eq!(out.code(), Some(0), "{}\n{}", out.details(), d.log());
         } else {
@@ -1107,12 +1083,12 @@ fn power_cuts_during_online_reencryption_lose_no_acknowledged_write() {
         let frontier = match cut {
             Cut::Now => {
                 std::thread::sleep(Duration::from_millis(rng.range(200, 2500)));
-                let f = reenc(&d)["done_bytes"].as_u64().unwrap_or(0);
+                let f = d.reencrypt_status()["done_bytes"].as_u64().unwrap_or(0);
                 rig.fs().cut(None);
                 f
             }
             Cut::AfterOps(k) => {
-                let f = reenc(&d)["done_bytes"].as_u64().unwrap_or(0);
+                let f = d.reencrypt_status()["done_bytes"].as_u64().unwrap_or(0);
                 let from = rig.fs().status().ops;
                 rig.fs().arm(k, None);
                 let deadline = Instant::now() + Duration::from_secs(60);
@@ -1141,9 +1117,9 @@ fn power_cuts_during_online_reencryption_lose_no_acknowledged_write() {
                 // Zone 1 lost and committed; cut once zone 2 is committed too.
                 let deadline = Instant::now() + Duration::from_secs(60);
                 let zone: u64 = ZONE.parse().unwrap();
-                let f0 = reenc(&d)["done_bytes"].as_u64().unwrap_or(0);
-                while reenc(&d)["done_bytes"].as_u64().unwrap_or(0) < f0 + 3 * zone
-                    && reenc(&d)["state"] == "running"
+                let f0 = d.reencrypt_status()["done_bytes"].as_u64().unwrap_or(0);
+                while d.reencrypt_status()["done_bytes"].as_u64().unwrap_or(0) < f0 + 3 * zone
+                    && d.reencrypt_status()["state"] == "running"
                 {
                     assert!(Instant::now() < deadline, "no progress\n{}", d.log());
                     std::thread::sleep(Duration::from_millis(20));
@@ -1192,8 +1168,8 @@ fn power_cuts_during_online_reencryption_lose_no_acknowledged_write() {
         }
         model = checked.unwrap_or_else(|e| panic!("right after power cut {trial} ({cut:?}): {e}"));
         // The read-back is durable now (it came from the disk after the power came back).
-        if trial + 1 == last && reenc(&d)["state"] == "running" {
-            wait_finished(&mut d, Duration::from_secs(180));
+        if trial + 1 == last && d.reencrypt_status()["state"] == "running" {
+            d.wait_reencrypt_finished(Duration::from_secs(180));
             assert_same_bytes(
                 &read_export(&d.uri(), d.dir()),
                 &model,

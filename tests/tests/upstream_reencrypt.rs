@@ -83,34 +83,11 @@ fn daemon(uri: &str, env: &[&str]) -> Daemon {
     Daemon::start_bin_in(Path::new("/usr/bin/env"), dir, args)
 }
 
-fn reenc(d: &Daemon) -> Value {
-    d.status()["reencrypt"].clone()
-}
-
 fn start_reencrypt(d: &Daemon, extra: &[&str]) -> Out {
     let k = key_file(d.dir(), "reencrypt.key", PASS);
     let mut args = vec!["--key-file", k.to_str().unwrap()];
     args.extend_from_slice(extra);
     d.ctl("reencrypt", &args)
-}
-
-fn wait_finished(d: &mut Daemon, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        d.assert_alive();
-        let r = reenc(d);
-        match r["state"].as_str() {
-            Some("finished") => return,
-            Some("failed") => panic!("re-encryption failed: {r:#}\n{}", d.log()),
-            _ => {}
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not finished within {timeout:?}: {r:#}\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// fio verify (crc32c, verify_fatal) over `[0, size)` of `uri`, in a loop on its own thread
@@ -236,7 +213,7 @@ fn online_reencryption_over_an_nbd_upstream_under_fio_verify_then_cryptsetup_and
     // It runs (progress over the upstream) while fio writes.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let r = reenc(&dm);
+        let r = dm.reencrypt_status();
         if r["state"] == "running" && r["done_bytes"].as_u64() > Some(0) {
             assert_eq!(r["total_bytes"], DATA, "{r:#}");
             break;
@@ -254,7 +231,7 @@ fn online_reencryption_over_an_nbd_upstream_under_fio_verify_then_cryptsetup_and
         "{}",
         dm.log()
     );
-    wait_finished(&mut dm, Duration::from_secs(240));
+    dm.wait_reencrypt_finished(Duration::from_secs(240));
     stop.store(true, Ordering::Relaxed);
     assert!(fio.join().unwrap() >= 1);
 
@@ -319,7 +296,7 @@ fn online_reencryption_over_an_nbd_upstream_under_fio_verify_then_cryptsetup_and
     let dm = daemon(&uri, &[]);
     assert_eq!(dm.unlock(PASS).code(), Some(0), "restart\n{}", dm.log());
     assert_same_bytes(&read_export(&dm.uri(), dm.dir()), &got, "after a restart");
-    assert!(dm.status()["reencrypt"].is_null() || reenc(&dm)["state"] != "running");
+    assert!(dm.status()["reencrypt"].is_null() || dm.reencrypt_status()["state"] != "running");
 }
 
 /// Killed (abort(), as kill -9) in the middle of zone 2's data write over the upstream: the
@@ -370,7 +347,7 @@ fn an_online_reencryption_over_an_upstream_killed_mid_zone_resumes_after_a_resta
         &data,
         "served right after the restart",
     );
-    wait_finished(&mut dm, Duration::from_secs(120));
+    dm.wait_reencrypt_finished(Duration::from_secs(120));
     assert_same_bytes(
         &read_export(&dm.uri(), dm.dir()),
         &data,
@@ -421,7 +398,7 @@ fn an_upstream_restarted_during_an_online_reencryption_loses_no_data() {
         dm.log()
     );
     let deadline = Instant::now() + Duration::from_secs(60);
-    while reenc(&dm)["done_bytes"].as_u64().unwrap_or(0) < 3 * MIB {
+    while dm.reencrypt_status()["done_bytes"].as_u64().unwrap_or(0) < 3 * MIB {
         assert!(Instant::now() < deadline, "no progress\n{}", dm.log());
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -432,7 +409,7 @@ fn an_upstream_restarted_during_an_online_reencryption_loses_no_data() {
     let deadline = Instant::now() + Duration::from_secs(180);
     let (state, r) = loop {
         dm.assert_alive();
-        let r = reenc(&dm);
+        let r = dm.reencrypt_status();
         if let Some(s @ ("finished" | "failed")) = r["state"].as_str() {
             break (s.to_owned(), r);
         }
@@ -470,7 +447,7 @@ fn an_upstream_restarted_during_an_online_reencryption_loses_no_data() {
             dm = daemon(&uri, &[&zone_env]);
         }
         assert_eq!(dm.unlock(PASS).code(), Some(0), "resume\n{}", dm.log());
-        wait_finished(&mut dm, Duration::from_secs(120));
+        dm.wait_reencrypt_finished(Duration::from_secs(120));
     }
     assert_same_bytes(
         &read_export(&dm.uri(), dm.dir()),
