@@ -354,11 +354,16 @@ impl Upstream {
 
     fn wait(&self, t: &Ticket) -> Result<Vec<u8>, ReplyError> {
         let r = t.waiter.wait(REQUEST_TIMEOUT).unwrap_or_else(|| {
-            Err(ReplyError::Connection(format!(
+            let why = format!(
                 "no reply from {} within {} s",
                 self.uri,
                 REQUEST_TIMEOUT.as_secs()
-            )))
+            );
+            // An upstream that takes requests and never answers: drop the connection (its
+            // reader fails what is in flight and frees their buffers; a reconnect follows)
+            // instead of letting every later request wait out the timeout too.
+            t.conn.fail(why.clone());
+            Err(ReplyError::Connection(why))
         });
         if r.is_err() {
             self.health.failed_requests.fetch_add(1, Ordering::Relaxed);

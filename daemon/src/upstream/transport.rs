@@ -25,14 +25,19 @@ enum StdSock {
 impl StdSock {
     fn from_tokio(s: Sock) -> io::Result<StdSock> {
         Ok(match s {
+            // A write that waits longer than a request may is an upstream that stopped
+            // reading: it fails, and the sender's error shuts the connection, rather than
+            // holding the send lock (and every caller behind it) forever.
             Sock::Tcp(t) => {
                 let t = t.into_std()?;
                 t.set_nonblocking(false)?;
+                t.set_write_timeout(Some(super::client::REQUEST_TIMEOUT))?;
                 StdSock::Tcp(t)
             }
             Sock::Unix(u) => {
                 let u = u.into_std()?;
                 u.set_nonblocking(false)?;
+                u.set_write_timeout(Some(super::client::REQUEST_TIMEOUT))?;
                 StdSock::Unix(u)
             }
         })
@@ -84,26 +89,6 @@ struct Shared {
 
 fn poisoned() -> io::Error {
     io::Error::other("internal lock poisoned")
-}
-
-impl Shared {
-    /// TLS records the session has queued (a KeyUpdate answer, say) go out now if no sender is
-    /// busy; otherwise the next sender takes them along, in order.
-    fn flush_tls_if_idle(&self) {
-        let Some(tls) = &self.tls else { return };
-        let Ok(_g) = self.send.try_lock() else { return };
-        let mut out = Vec::new();
-        if let Ok(mut c) = tls.lock() {
-            while c.wants_write() {
-                if c.write_tls(&mut out).is_err() {
-                    break;
-                }
-            }
-        }
-        if !out.is_empty() && self.sock.write_all_parts(&[&out]).is_err() {
-            self.sock.shutdown();
-        }
-    }
 }
 
 /// The sending side of a connection (shared by every caller).
@@ -212,13 +197,13 @@ impl Read for Receiver {
                         return Err(io::Error::other("the TLS session took no data"));
                     }
                     self.pos += n;
+                    // Records the session queues in answer (a KeyUpdate, say) stay queued: the
+                    // next sender writes them first, in order. The reader never writes: blocked
+                    // on a full socket it would stop reading the replies the upstream is
+                    // blocked on sending.
                     c.process_new_packets()
                         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                    let wants_write = c.wants_write();
                     drop(c);
-                    if wants_write {
-                        shared.flush_tls_if_idle();
-                    }
                     continue;
                 }
             }
