@@ -417,9 +417,18 @@ fn start(
         .collect();
     drop(people);
     let Some(old_key) = plan.old_key else {
-        return Err(anyhow::Error::new(super::NoKey(
-            super::NO_KEY_MESSAGE.into(),
-        )));
+        // Say why the token-bound keyslots did not open either (a KMS out of reach, a share
+        // passphrase missing), as the daemon does.
+        let mut msg = super::NO_KEY_MESSAGE.to_owned();
+        if !plan.cannot.is_empty() {
+            let why: Vec<String> = plan
+                .cannot
+                .iter()
+                .map(|(id, why)| format!("keyslot {id}: {why}"))
+                .collect();
+            msg = format!("{msg}; nor by its tokens: {}", why.join("; "));
+        }
+        return Err(anyhow::Error::new(super::NoKey(msg)));
     };
     // The volume pin of `--config FILE` (as the daemon and `rekey` check it): a replaced
     // header is refused before anything is written or sealed.
@@ -427,12 +436,12 @@ fn start(
         .check(&hdr, &old_key)
         .map_err(|e| anyhow!("{}: {e}", vol.path.display()))?;
     let unopened: Vec<u32> = plan.cannot.iter().map(|(id, _)| *id).collect();
+    let named: Vec<String> = plan
+        .cannot
+        .iter()
+        .map(|(id, why)| format!("keyslot {id} ({why})"))
+        .collect();
     if !plan.cannot.is_empty() && !a.drop_unopened {
-        let named: Vec<String> = plan
-            .cannot
-            .iter()
-            .map(|(id, why)| format!("keyslot {id} ({why})"))
-            .collect();
         bail!(
             "{}: {} cannot be carried over to the new key and would be lost with the old one: \
              {}. Give their secrets too (one --key-file each), make their tokens reachable (the \
@@ -478,8 +487,9 @@ fn start(
         .collect();
     if !plan.cannot.is_empty() && !a.quiet {
         eprintln!(
-            "nbdcryptctl: warning: {}: dropping keyslot(s) {unopened:?} (--drop-unopened)",
-            vol.path.display()
+            "nbdcryptctl: warning: {}: dropping {} (--drop-unopened)",
+            vol.path.display(),
+            named.join(", ")
         );
     }
     let r = Reencryption::start(&vol.io, hdr, old_key, plan.slots, &params)

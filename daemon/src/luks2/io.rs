@@ -104,8 +104,13 @@ impl VolumeIo {
         let up = crate::upstream::open(uri, writable)?;
         let name = up.uri.to_string();
         let dev = crate::upstream::UpstreamDevice::new(up, !writable, allow_discards);
-        let probe = HeaderIo::size(&dev).unwrap_or(0).min(4096);
-        let mut first = vec![0u8; usize::try_from(probe).unwrap_or(4096)];
+        let size = HeaderIo::size(&dev).map_err(|e| format!("{name}: {e}"))?;
+        if size == 0 {
+            return Err(format!(
+                "{name}: the export is empty (0 bytes): no volume there"
+            ));
+        }
+        let mut first = vec![0u8; usize::try_from(size.min(4096)).unwrap_or(4096)];
         dev.pread_exact(&mut first, 0)
             .map_err(|e| format!("{name}: cannot read the header: {e}"))?;
         Ok(VolumeIo::Upstream(std::sync::Arc::new(dev)))
@@ -131,7 +136,7 @@ impl VolumeIo {
         matches!(self, VolumeIo::Upstream(_))
     }
 
-    /// As a shared `HeaderIo` (for code that keeps one beyond a borrow).
+    /// The variant's own `HeaderIo`, which the impl below forwards to.
     fn as_dyn(&self) -> &dyn HeaderIo {
         match self {
             VolumeIo::Local(f) => f,
