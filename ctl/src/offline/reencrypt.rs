@@ -259,7 +259,6 @@ pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
             vol.path.display()
         );
     }
-    let secrets = read_secrets(&a, &vol)?;
     let limits = a.kdf_limits.limits();
 
     let result = (|| -> anyhow::Result<()> {
@@ -287,12 +286,21 @@ pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
                         st.resilience.name()
                     );
                 }
-                let r =
-                    Reencryption::open(&vol.io, &secrets, &limits).map_err(|e| vol.explain(e))?;
-                audit.record("resume", |e| e.detail("frontier", r.frontier()));
+                let (r, people_given) = open_resuming(&a, &vol, &limits)?;
+                audit.record("resume", |e| {
+                    let e = e.detail("frontier", r.frontier());
+                    if people_given.is_empty() {
+                        e
+                    } else {
+                        e.detail("share_passphrases", serde_json::Value::Object(people_given))
+                    }
+                });
                 r
             }
-            None => start(&a, &vol, &secrets, &limits, resilience, key_size, &audit)?,
+            None => {
+                let secrets = read_secrets(&a, &vol)?;
+                start(&a, &vol, &secrets, &limits, resilience, key_size, &audit)?
+            }
         };
         if let Some(z) = a.hotzone_size {
             r.set_hotzone(Some(z)).map_err(|e| vol.explain(e))?;
@@ -386,6 +394,108 @@ fn read_secrets(a: &ReencryptArgs, vol: &Volume) -> anyhow::Result<Vec<SecretByt
         .collect()
 }
 
+/// Opens both keys of the re-encryption in progress, each verified against its segment's digest
+/// (and the re-encryption digest) before anything is written: with the `--key-file` secrets
+/// alone first (nobody asked, no provider called), then through the keyslots' tokens with the
+/// same providers a start uses (`--config`, `--kms-*`, `--pkcs11-*`, `--tang-allow`,
+/// `--tpm2-tcti`; quorums with their machine shares and, while short of the threshold, people's
+/// passphrases at the terminal or from `--share-passphrase-file`): the daemon's code
+/// (`luks2::tokens::resume`). Without `--key-file`, the passphrase is asked only when the
+/// tokens did not open both keys. Returns who gave a share passphrase (for the audit log).
+fn open_resuming(
+    a: &ReencryptArgs,
+    vol: &Volume,
+    limits: &nbdcrypt::luks2::KdfLimits,
+) -> anyhow::Result<(Reencryption, serde_json::Map<String, serde_json::Value>)> {
+    use nbdcrypt::luks2::tokens::resume::KeyFinder;
+    use nbdcrypt::luks2::FormatError;
+    let p = vol.path.display();
+    let hdr = nbdcrypt::luks2::online::read_any_header(&vol.io).map_err(|e| vol.explain(e))?;
+    // The volume pin of --config FILE: a header naming another volume is refused before any
+    // provider is asked; the key is checked once opened.
+    let pin = super::enroll::config_pin(&a.location)?;
+    pin.check_uuid(hdr.uuid())
+        .map_err(|e| anyhow!("{p}: {e}"))?;
+    let check_pin = |r: &Reencryption| -> anyhow::Result<()> {
+        // The pin names the old key until it is updated; the new one is accepted too.
+        if pin.check_key(r.old_key()).is_ok() {
+            return Ok(());
+        }
+        pin.check_key(r.new_key()).map_err(|e| anyhow!("{p}: {e}"))
+    };
+    let given = if a.key_file.is_empty() {
+        Vec::new()
+    } else {
+        read_secrets(a, vol)?
+    };
+    let not_both = |e: &FormatError| {
+        matches!(
+            e,
+            FormatError::InvalidParams(_)
+                | FormatError::WrongVolumeKey
+                | FormatError::WrongPassphrase
+        )
+    };
+    if !given.is_empty() {
+        match Reencryption::open(&vol.io, &given, limits) {
+            Ok(r) => {
+                check_pin(&r)?;
+                return Ok((r, serde_json::Map::new()));
+            }
+            Err(e) if not_both(&e) => {}
+            Err(e) => return Err(vol.explain(e)),
+        }
+    }
+    let settings = super::enroll::seal_settings(&a.location)?;
+    let mut people = LazyPeople(PeopleShares::lazy(a, &hdr, limits)?, vol);
+    let mut finder = KeyFinder::new(&settings, limits, &mut people, Some(&pin));
+    let mut r = finder.open(&vol.io, &given);
+    let mut asked = None;
+    if a.key_file.is_empty() && r.as_ref().is_err_and(not_both) {
+        // The tokens alone did not: the passphrase (at the terminal, or a line on standard
+        // input), tried with what the tokens gave (no provider is asked again).
+        let tty = std::io::stdin().is_terminal();
+        if tty && !finder.failures().is_empty() {
+            eprintln!(
+                "nbdcryptctl: the tokens did not open both keys ({})",
+                finder.failures().join("; ")
+            );
+        }
+        match read_existing(&Source::Interactive, &format!("Enter passphrase for {p}: ")) {
+            Ok(pass) => r = finder.open(&vol.io, std::slice::from_ref(&pass)),
+            Err(e) if !tty => asked = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    let failures = finder.failures().to_vec();
+    drop(finder);
+    let people_given = people.0.audit_sources();
+    match r {
+        Ok(r) => {
+            nbdcrypt::sys::scrub_stack();
+            check_pin(&r)?;
+            Ok((r, people_given))
+        }
+        Err(e) if not_both(&e) => {
+            let mut msg = format!("{p}: {e}");
+            if !failures.is_empty() {
+                msg.push_str(&format!("; the tokens: {}", failures.join("; ")));
+            }
+            if let Some(why) = asked {
+                msg.push_str(&format!("; no passphrase either ({why:#})"));
+            }
+            msg.push_str(
+                "; give the passphrase or --key-file of a keyslot of each key, or make the tokens \
+                 reachable (--config, or the --kms-*/--pkcs11-*/--tang-allow/--tpm2-tcti options; \
+                 people's quorum shares at the terminal or with --share-passphrase-file \
+                 NAME=FILE). Nothing was written",
+            );
+            Err(anyhow::Error::new(super::NoKey(msg)))
+        }
+        Err(e) => Err(vol.explain(e)),
+    }
+}
+
 fn start(
     a: &ReencryptArgs,
     vol: &Volume,
@@ -410,11 +520,7 @@ fn start(
     .plan(&vol.io, &hdr, secrets)
     .map_err(|e| anyhow!("{}: {e}", vol.path.display()))?;
     // Who gave a share passphrase, and how (never the passphrase): for the audit log.
-    let people_given: serde_json::Map<String, serde_json::Value> = people
-        .sources
-        .iter()
-        .map(|(n, how)| (n.clone(), serde_json::Value::String((*how).to_owned())))
-        .collect();
+    let people_given = people.audit_sources();
     drop(people);
     let Some(old_key) = plan.old_key else {
         // Say why the token-bound keyslots did not open either (a KMS out of reach, a share
@@ -536,31 +642,41 @@ fn start(
 /// terminal (up to three tries), or read from `--share-passphrase-file NAME=FILE` (the first
 /// line of FILE); every passphrase is checked against its share's tag at once, as
 /// `reencrypt --control SOCK --share NAME` does online. Kept in locked memory, wiped on drop.
+///
+/// A start asks everyone first ([`PeopleShares::ask`]: a carry needs every holder); a resume
+/// asks a person only when a quorum needs their share to reach its threshold
+/// ([`PeopleShares::lazy`]), and each person once (the same passphrase opens their share of the
+/// old and of the new quorum).
 struct PeopleShares {
     checked: Vec<(String, SecretBytes)>,
     /// (share name, where its passphrase came from: `terminal` or `file`), for the audit log.
     sources: Vec<(String, &'static str)>,
     tty: bool,
+    files: Vec<(String, PathBuf)>,
+    /// The quorums (of the volume key; of both keys during a re-encryption).
+    quorums: Vec<QuorumToken>,
+    /// The header the shares are checked against (their tags bind its UUID).
+    hdr: Luks2Header,
+    limits: nbdcrypt::luks2::KdfLimits,
+    /// Ask when a quorum asks ([`SharePassphrases::passphrase`]), not up front.
+    lazy: bool,
 }
 
 impl PeopleShares {
-    fn ask(
+    /// The quorums on keyslots `slots` of `hdr`, with `--share-passphrase-file` checked against
+    /// their shares' names.
+    fn new(
         a: &ReencryptArgs,
-        vol: &Volume,
         hdr: &Luks2Header,
+        slots: &[u32],
         limits: &nbdcrypt::luks2::KdfLimits,
+        lazy: bool,
     ) -> anyhow::Result<PeopleShares> {
         let files = share_files(&a.share_passphrase_file)?;
-        let data_slots: Vec<u32> = hdr
-            .keyslots()
-            .into_iter()
-            .filter(|k| k.for_data)
-            .map(|k| k.id)
-            .collect();
         let quorums: Vec<QuorumToken> = quorum::tokens(hdr)
             .into_iter()
             .filter_map(|(_, q)| q.ok())
-            .filter(|q| data_slots.contains(&q.keyslot))
+            .filter(|q| slots.contains(&q.keyslot))
             .collect();
         for (name, _) in &files {
             if !quorums.iter().any(|q| q.share_named(name).is_some()) {
@@ -570,64 +686,126 @@ impl PeopleShares {
                 );
             }
         }
-        let tty = std::io::stdin().is_terminal();
-        let mut out = PeopleShares {
+        Ok(PeopleShares {
             checked: Vec::new(),
             sources: Vec::new(),
-            tty,
-        };
-        for q in &quorums {
+            tty: std::io::stdin().is_terminal(),
+            files,
+            quorums,
+            hdr: hdr.clone(),
+            limits: *limits,
+            lazy,
+        })
+    }
+
+    /// For a start: every person of the quorums on the volume key's keyslots, asked now.
+    fn ask(
+        a: &ReencryptArgs,
+        vol: &Volume,
+        hdr: &Luks2Header,
+        limits: &nbdcrypt::luks2::KdfLimits,
+    ) -> anyhow::Result<PeopleShares> {
+        let data_slots: Vec<u32> = hdr
+            .keyslots()
+            .into_iter()
+            .filter(|k| k.for_data)
+            .map(|k| k.id)
+            .collect();
+        let mut out = PeopleShares::new(a, hdr, &data_slots, limits, false)?;
+        let mut people = Vec::new();
+        for (i, q) in out.quorums.iter().enumerate() {
             for s in &q.shares {
-                let Holder::Passphrase { name, .. } = &s.holder else {
-                    continue;
-                };
-                if out.checked.iter().any(|(n, _)| n == name) {
-                    continue;
+                if let Holder::Passphrase { name, .. } = &s.holder {
+                    if !people.iter().any(|(_, n)| n == name) {
+                        people.push((i, name.clone()));
+                    }
                 }
-                let shown = super::printable(name);
-                let from_file = files.iter().find(|(n, _)| n == name);
-                let pass = if let Some((_, path)) = from_file {
-                    let pass = read_share_file(path)?;
-                    if let Err(e) = quorum::open_passphrase_share(hdr, q, name, &pass, limits) {
-                        return Err(wrong_share(vol, &e, path.display().to_string()));
-                    }
-                    pass
-                } else if tty {
-                    let mut tries = 0;
-                    loop {
-                        let pass = read_existing(
-                            &Source::Interactive,
-                            &format!(
-                                "Passphrase of quorum share {shown} (keyslot {}), for {shown} to \
-                                 type: ",
-                                q.keyslot
-                            ),
-                        )?;
-                        match quorum::open_passphrase_share(hdr, q, name, &pass, limits) {
-                            Ok(_) => break pass,
-                            Err(e @ quorum::QuorumError::WrongShare { .. }) if tries < 2 => {
-                                tries += 1;
-                                eprintln!("nbdcryptctl: {e}; try again");
-                            }
-                            Err(e) => return Err(wrong_share(vol, &e, "the terminal".into())),
-                        }
-                    }
-                } else {
-                    // Named by the carry, with what to do.
-                    continue;
-                };
-                out.checked.push((name.clone(), pass));
-                out.sources.push((
-                    shown,
-                    if from_file.is_some() {
-                        "file"
-                    } else {
-                        "terminal"
-                    },
-                ));
             }
         }
+        for (i, name) in people {
+            // Not on a terminal and not in a file: named by the carry, with what to do.
+            out.obtain(vol, i, &name)?;
+        }
         Ok(out)
+    }
+
+    /// For a resume: the people of the quorums on any keyslot of either key, asked when
+    /// needed.
+    fn lazy(
+        a: &ReencryptArgs,
+        hdr: &Luks2Header,
+        limits: &nbdcrypt::luks2::KdfLimits,
+    ) -> anyhow::Result<PeopleShares> {
+        let slots: Vec<u32> = hdr.keyslots().into_iter().map(|k| k.id).collect();
+        PeopleShares::new(a, hdr, &slots, limits, true)
+    }
+
+    /// Person `name`'s passphrase for their share of quorum `self.quorums[i]`, from their file
+    /// or the terminal (three tries), checked at once; `None` when neither can give it. A wrong
+    /// one is [`super::NoKey`] (exit 3).
+    fn obtain(
+        &mut self,
+        vol: &Volume,
+        i: usize,
+        name: &str,
+    ) -> anyhow::Result<Option<SecretBytes>> {
+        if let Some((_, p)) = self.checked.iter().find(|(n, _)| n == name) {
+            return Ok(Some(SecretBytes::from_slice(p.expose_secret())));
+        }
+        let Some(q) = self.quorums.get(i) else {
+            return Ok(None);
+        };
+        let shown = super::printable(name);
+        let from_file = self.files.iter().find(|(n, _)| n == name);
+        let pass = if let Some((_, path)) = from_file {
+            let pass = read_share_file(path)?;
+            if let Err(e) = quorum::open_passphrase_share(&self.hdr, q, name, &pass, &self.limits) {
+                return Err(wrong_share(vol, &e, path.display().to_string()));
+            }
+            pass
+        } else if self.tty {
+            let mut tries = 0;
+            loop {
+                let pass = read_existing(
+                    &Source::Interactive,
+                    &format!(
+                        "Passphrase of quorum share {shown} (keyslot {}), for {shown} to type: ",
+                        q.keyslot
+                    ),
+                )?;
+                match quorum::open_passphrase_share(&self.hdr, q, name, &pass, &self.limits) {
+                    Ok(_) => break pass,
+                    Err(e @ quorum::QuorumError::WrongShare { .. }) if tries < 2 => {
+                        tries += 1;
+                        eprintln!("nbdcryptctl: {e}; try again");
+                    }
+                    Err(e) => return Err(wrong_share(vol, &e, "the terminal".into())),
+                }
+            }
+        } else {
+            return Ok(None);
+        };
+        self.checked.push((
+            name.to_owned(),
+            SecretBytes::from_slice(pass.expose_secret()),
+        ));
+        self.sources.push((
+            shown,
+            if from_file.is_some() {
+                "file"
+            } else {
+                "terminal"
+            },
+        ));
+        Ok(Some(pass))
+    }
+
+    /// Who gave a share passphrase, and how (never the passphrase): for the audit log.
+    fn audit_sources(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.sources
+            .iter()
+            .map(|(n, how)| (n.clone(), serde_json::Value::String((*how).to_owned())))
+            .collect()
     }
 }
 
@@ -639,8 +817,32 @@ fn wrong_share(vol: &Volume, e: &quorum::QuorumError, from: String) -> anyhow::E
     )))
 }
 
+/// [`PeopleShares`] in a resume: the volume, for messages.
+struct LazyPeople<'a>(PeopleShares, &'a Volume);
+
+impl SharePassphrases for LazyPeople<'_> {
+    fn passphrase(&mut self, name: &str, keyslot: u32) -> Result<Option<SecretBytes>, String> {
+        let Some(i) = self
+            .0
+            .quorums
+            .iter()
+            .position(|q| q.keyslot == keyslot && q.share_named(name).is_some())
+        else {
+            return Ok(None);
+        };
+        self.0.obtain(self.1, i, name).map_err(|e| format!("{e:#}"))
+    }
+    fn missing(&self, names: &[String]) -> String {
+        self.0.missing(names)
+    }
+}
+
 impl SharePassphrases for PeopleShares {
     fn passphrase(&mut self, name: &str, _keyslot: u32) -> Result<Option<SecretBytes>, String> {
+        debug_assert!(
+            !self.lazy,
+            "a lazy PeopleShares is asked through LazyPeople"
+        );
         Ok(self
             .checked
             .iter()

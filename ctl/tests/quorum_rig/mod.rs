@@ -147,10 +147,16 @@ impl Rig {
 
     /// nbdcryptctl with `stdin` fed (or none), AWS dummies and the test's SoftHSM2.
     pub fn ctl(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        self.ctl_env(args, stdin, &[])
+    }
+
+    /// [`Rig::ctl`] with more environment variables (the debug builds' test hooks).
+    pub fn ctl_env(&self, args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nbdcryptctl"));
         aws_env(&mut cmd);
         let mut child = cmd
             .env("SOFTHSM2_CONF", &self.softhsm_conf)
+            .envs(env.iter().copied())
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

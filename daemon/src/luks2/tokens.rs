@@ -7,12 +7,14 @@
 //! - [`quorum`]: one keyslot opened by k of n shares held by providers and people.
 //! - [`clevis`]: clevis's own tokens (type `clevis`): unlock with them, enrol new ones.
 //! - [`carry`]: a re-encryption carries each keyslot of the old key over to the new one.
+//! - [`resume`]: an interrupted re-encryption's old and new keys opened through the tokens.
 
 pub mod carry;
 pub mod clevis;
 pub mod enroll;
 pub mod format;
 pub mod quorum;
+pub mod resume;
 
 use serde_json::{Map, Value};
 

@@ -20,11 +20,10 @@ use crate::crypto::keys::{SecretBytes, VolumeKey};
 use crate::crypto::xts::SectorCipher;
 use crate::luks2::reencrypt::{BlockIo, Reencryption, Resilience, StartParams, ZoneIo};
 use crate::luks2::tokens::carry::{self, Carrier, SharePassphrases};
-use crate::luks2::tokens::quorum::{self, Holder, QuorumToken};
-use crate::luks2::tokens::{clevis, enroll, format, resolver};
+use crate::luks2::tokens::quorum;
+use crate::luks2::tokens::resume::{KeyFinder, NoPeople};
 use crate::luks2::{FormatError, HeaderIo, Luks2Header};
-use crate::seal::shamir::{self, Share};
-use crate::seal::{Binding, SealSettings};
+use crate::seal::SealSettings;
 
 /// Per-volume state shared by the unlock path and the worker's backend.
 #[derive(Default)]
@@ -287,140 +286,46 @@ pub(super) fn unlock_resuming(
 
 /// [`unlock_resuming`] through the tokens: each keyslot of the old and of the new key is tried
 /// with the secrets its tokens unseal (our KMS/HSM tokens through the provider registry, clevis
-/// tokens through their pins, quorums whose machine shares alone reach the threshold), lazily,
-/// until both keys are found. A quorum that needs people's shares cannot resume one.
+/// tokens through their pins, quorums whose machine shares reach the threshold, with the
+/// people's passphrases `people` gives), lazily, until both keys are found and verified
+/// (`luks2::tokens::resume`, the code the offline `nbdcryptctl reencrypt VOLUME` runs too).
 pub(super) fn unlock_resuming_with_tokens(
     vol: &Volume,
     settings: &SealSettings,
 ) -> Result<(Arc<dyn BlockDevice>, u32), UnlockError> {
+    let mut people = NoPeople(
+        "people's shares are given with `nbdcryptctl unlock --share NAME` (or unlock with the \
+         recovery passphrase)",
+    );
+    unlock_resuming_by(vol, settings, &mut people)
+}
+
+/// [`unlock_resuming_with_tokens`] with people's passphrases from `people`.
+fn unlock_resuming_by(
+    vol: &Volume,
+    settings: &SealSettings,
+    people: &mut dyn SharePassphrases,
+) -> Result<(Arc<dyn BlockDevice>, u32), UnlockError> {
     let file = open_rw(vol)?;
-    let mut failures = Vec::new();
-    let mut transient = false;
-    let r = Reencryption::open_by(&file, &vol.limits, &mut |hdr, slot| {
-        if vol.pin.check_uuid(hdr.uuid()).is_err() {
-            // Never ask a provider about a volume that is not the pinned one.
-            return Vec::new();
-        }
-        token_secrets(hdr, slot, settings, &mut failures, &mut transient)
-    });
+    let mut finder = KeyFinder::new(settings, &vol.limits, people, Some(&vol.pin));
+    let r = finder.open(&*file, &[]);
     match r {
         Ok(r) => serve_resuming(vol, file, r),
-        Err(e @ FormatError::InvalidParams(_)) => {
+        Err(e @ (FormatError::InvalidParams(_) | FormatError::WrongVolumeKey)) => {
             let mut message = format!(
                 "the volume is in the middle of a re-encryption and its tokens did not open it: {e}"
             );
-            if !failures.is_empty() {
-                message.push_str(&format!(" ({})", failures.join("; ")));
+            if !finder.failures().is_empty() {
+                message.push_str(&format!(" ({})", finder.failures().join("; ")));
             }
             message.push_str("; or unlock it with its passphrase or key file");
-            Err(UnlockError::Tokens { message, transient })
+            Err(UnlockError::Tokens {
+                message,
+                transient: finder.transient(),
+            })
         }
         Err(e) => Err(e.into()),
     }
-}
-
-/// Secrets the tokens bound to keyslot `slot` unseal: our KMS/HSM tokens (the provider is built
-/// from the operator's settings, never from the header alone) and clevis tokens. Failures are
-/// collected for the message (`transient`: a provider was unreachable).
-fn token_secrets(
-    hdr: &Luks2Header,
-    slot: u32,
-    settings: &SealSettings,
-    failures: &mut Vec<String>,
-    transient: &mut bool,
-) -> Vec<SecretBytes> {
-    let mut out = Vec::new();
-    for (tid, t) in hdr.tokens() {
-        if !t.keyslots().contains(&slot) {
-            continue;
-        }
-        let mut fail = |e: crate::seal::SealError| {
-            *transient |= e.is_transient();
-            failures.push(format!("token {tid} (keyslot {slot}): {e}"));
-        };
-        match format::parse(t) {
-            Ok(Some(p)) if p.keyslot == slot => {
-                let binding = Binding {
-                    volume_uuid: hdr.uuid().to_owned(),
-                    keyslot: p.keyslot,
-                };
-                match resolver(t.json(), settings).and_then(|pr| pr.unseal(&p.sealed, &binding)) {
-                    Ok(secret) => out.push(enroll::passphrase_for(&secret)),
-                    Err(e) => fail(e),
-                }
-                continue;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                fail(e);
-                continue;
-            }
-        }
-        if t.type_name() == quorum::TOKEN_TYPE {
-            match quorum::parse(t) {
-                Ok(Some(q)) if q.keyslot == slot => {
-                    match machine_quorum(hdr, &q, settings, transient) {
-                        Ok(secret) => out.push(enroll::passphrase_for(&secret)),
-                        Err(e) => {
-                            failures.push(format!("quorum token {tid} (keyslot {slot}): {e}"))
-                        }
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => failures.push(format!("quorum token {tid} (keyslot {slot}): {e}")),
-            }
-            continue;
-        }
-        match clevis::parse_token(tid, t.json()) {
-            Ok(Some(c)) => match crate::seal::clevis::decrypt_jwe(&c.jwe, &settings.clevis(), 0) {
-                Ok(pass) => out.push(pass),
-                Err(e) => fail(e),
-            },
-            Ok(None) => {}
-            Err(e) => fail(e),
-        }
-    }
-    out
-}
-
-/// The secret of quorum `q` from its machine shares alone (each through the provider the
-/// operator's settings build, tag checked), if they reach the threshold.
-fn machine_quorum(
-    hdr: &Luks2Header,
-    q: &QuorumToken,
-    settings: &SealSettings,
-    transient: &mut bool,
-) -> Result<SecretBytes, String> {
-    let mut opened = Vec::new();
-    let mut why = Vec::new();
-    for s in &q.shares {
-        if opened.len() == q.threshold {
-            break;
-        }
-        if !matches!(s.holder, Holder::Provider { .. }) {
-            continue;
-        }
-        match quorum::open_machine_share(hdr, q, s, settings) {
-            Ok(share) => opened.push(share),
-            Err(e) => {
-                if let quorum::QuorumError::Provider { source, .. } = &e {
-                    *transient |= source.is_transient();
-                }
-                why.push(e.to_string());
-            }
-        }
-    }
-    if opened.len() < q.threshold {
-        why.push(format!(
-            "{} of {} needed shares from machines; people's shares cannot resume a \
-             re-encryption (give the recovery passphrase instead)",
-            opened.len(),
-            q.threshold
-        ));
-        return Err(why.join("; "));
-    }
-    let refs: Vec<&Share> = opened.iter().collect();
-    shamir::combine(&refs).map_err(|e| e.to_string())
 }
 
 /// The common end of both resuming unlocks.

@@ -362,8 +362,8 @@ impl Carrier<'_> {
             ));
         }
         let k = q.threshold;
-        let first: Vec<&Share> = opened.iter().take(k).collect();
-        let secret = shamir::combine(&first).map_err(|e| e.to_string())?;
+        let secret =
+            combine_proven(q, &opened).map_err(|e| format!("{e}; refusing to carry it"))?;
         let key = hdr
             .unlock_slot(
                 file,
@@ -379,19 +379,6 @@ impl Carrier<'_> {
                 ),
                 e => e.to_string(),
             })?;
-        for (j, other) in opened.iter().enumerate().skip(k) {
-            let mut set: Vec<&Share> = opened.iter().take(k - 1).collect();
-            set.push(other);
-            let again = shamir::combine(&set).map_err(|e| e.to_string())?;
-            if again.expose_secret() != secret.expose_secret() {
-                return Err(format!(
-                    "share {} does not belong to a {k}-of-{} split of the keyslot's secret: the \
-                     token's threshold or shares were changed; refusing to carry it",
-                    printable(&q.shares[j].name()),
-                    q.shares.len()
-                ));
-            }
-        }
         drop(secret);
         let fresh = fresh_secret()?;
         let xs: Vec<u8> = opened.iter().map(|s| s.x).collect();
@@ -435,6 +422,42 @@ impl Carrier<'_> {
         };
         Ok((slot, key))
     }
+}
+
+/// The secret of quorum `q` from `opened` (tag-checked shares, at least its threshold K): the
+/// first K combined, and every other share must give the same secret with the first K - 1,
+/// i.e. lie on the same polynomial. Together with the secret opening the quorum's keyslot (the
+/// caller's check) this proves the threshold: a header writer who lowered it, added a holder or
+/// re-labelled a share is refused. The error says which share does not fit.
+pub fn combine_proven(q: &QuorumToken, opened: &[Share]) -> Result<SecretBytes, String> {
+    let k = q.threshold;
+    if k == 0 || opened.len() < k {
+        return Err(format!(
+            "{} of {k} needed shares opened ({} holders)",
+            opened.len(),
+            q.shares.len()
+        ));
+    }
+    let first: Vec<&Share> = opened.iter().take(k).collect();
+    let secret = shamir::combine(&first).map_err(|e| e.to_string())?;
+    for other in opened.iter().skip(k) {
+        let mut set: Vec<&Share> = opened.iter().take(k - 1).collect();
+        set.push(other);
+        let again = shamir::combine(&set).map_err(|e| e.to_string())?;
+        if again.expose_secret() != secret.expose_secret() {
+            let name = q
+                .shares
+                .iter()
+                .find(|s| s.x == other.x)
+                .map_or_else(|| format!("#{}", other.x), |s| printable(&s.name()));
+            return Err(format!(
+                "share {name} does not belong to a {k}-of-{} split of the keyslot's secret: the \
+                 token's threshold or shares were changed",
+                q.shares.len()
+            ));
+        }
+    }
+    Ok(secret)
 }
 
 /// A fresh random secret for a token keyslot (locked memory, wiped on drop).
