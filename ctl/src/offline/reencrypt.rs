@@ -58,6 +58,18 @@ same passphrase with a fresh salt. The old tokens go with the old key. A keyslot
 these opens would be lost, so the command refuses unless --drop-unopened says to drop it. The
 audit log's start event says how each keyslot was carried (`carried`) and what was dropped.
 
+Resuming (the same command again, or --resume-only) needs both keys, the old and the new. It
+tries the --key-file secrets first; then each keyslot's tokens, through the same providers a
+start uses (--config, or --kms-*/--pkcs11-*/--tang-allow/--tpm2-tcti: a token never picks a KMS
+key, HSM object or Tang server outside them), so a volume with KMS/HSM/clevis tokens resumes
+with no secret at all. A quorum keyslot needs K of its shares: the machine shares through those
+options, then, while fewer than K are open, people's passphrases asked at the terminal in turn
+or read from --share-passphrase-file NAME=FILE; shares beyond K must lie on the same
+polynomial (a header edited to lower K is refused). Without --key-file the passphrase is asked
+only when the tokens did not open both keys. Every key is checked against its own segment's
+digest (old or new) and the re-encryption digest before anything is written; when the keys do
+not open, it exits 3, names what each token said, and the volume is untouched.
+
 Resilience (how a zone interrupted mid-way is recovered):
   checksum  (default) a hash of each 4 KiB of the zone's old ciphertext;
   journal   a copy of the whole zone (slower: every byte written twice);
@@ -73,7 +85,10 @@ Examples:
   nbdcryptctl reencrypt vol.img --status                            # progress, no secret needed
   nbdcryptctl reencrypt vol.img --key-file a.key --config /etc/nbdcrypt/vol.toml  # + KMS/HSM/Tang
   nbdcryptctl reencrypt vol.img --key-file a.key --kms-allow-key ARN \\
-      --share-passphrase-file alice=/run/alice.pass     # a quorum, no terminal";
+      --share-passphrase-file alice=/run/alice.pass     # a quorum, no terminal
+  nbdcryptctl reencrypt vol.img --resume-only --config /etc/nbdcrypt/vol.toml  # resume by tokens
+  nbdcryptctl reencrypt vol.img --resume-only --kms-allow-key ARN \\
+      --share-passphrase-file alice=/run/alice.pass     # resume a quorum: KMS + alice";
 
 #[derive(Args, Debug)]
 pub struct ReencryptArgs {
@@ -81,7 +96,8 @@ pub struct ReencryptArgs {
     #[arg(value_name = "VOLUME")]
     pub volume: PathBuf,
     /// A secret (passphrase or key file, bytes as-is; `-` = standard input). Repeat for the
-    /// secrets of several keyslots. Without it, one passphrase is asked.
+    /// secrets of several keyslots. Without it, one passphrase is asked (on a resume, only
+    /// when the tokens did not open both keys).
     #[arg(long, value_name = "FILE")]
     pub key_file: Vec<PathBuf>,
     /// New volume key size in bits: 512 (AES-256-XTS) or 256 (AES-128-XTS). Default: as now.
@@ -104,6 +120,7 @@ pub struct ReencryptArgs {
     #[arg(long, conflicts_with_all = ["resume_only", "key_file"])]
     pub status: bool,
     /// Only resume a re-encryption already started (by us or by cryptsetup); never start one.
+    /// Its keys come from --key-file, or the tokens and quorums (see above).
     #[arg(long, alias = "resume")]
     pub resume_only: bool,
     /// Drop the old key's keyslots that none of the given secrets opens (cryptsetup's
