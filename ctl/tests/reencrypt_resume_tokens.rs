@@ -348,3 +348,58 @@ fn an_interrupted_quorum_volume_resumes_offline_with_kms_and_a_persons_share_fil
         state(s) == "unlocked"
     });
 }
+
+#[test]
+fn an_interrupted_quorum_volume_resumes_online_when_the_person_gives_their_share() {
+    let moto = Moto::start();
+    let key = moto.create_key(Some("db"));
+    let r = Rig::new("24M", TOKEN).with_hsm();
+    let (vol, rec) = (r.vol(), r.path("recovery.key"));
+    ok(r.enroll_kms_hsm_alice(&moto.endpoint));
+    let (kms, hsm) = (kms(&moto, &key), hsm(&r));
+    let both: Vec<String> = kms.iter().chain(&hsm).cloned().collect();
+    let data = write_data(&r, &both, 23);
+    let good = r.path("alice.pass");
+    std::fs::write(&good, "alice's words\n").unwrap();
+    let mut start = vec!["--key-file".to_owned(), rec.clone()];
+    start.extend(both.iter().cloned());
+    start.extend([
+        "--share-passphrase-file".to_owned(),
+        format!("alice={good}"),
+    ]);
+    interrupted(&r, &start);
+
+    // nbdcryptd with the KMS only: one share of two for each quorum; it stays locked and says
+    // whose share is missing.
+    let mut a = vec!["--auto-unlock"];
+    a.extend(kms.iter().map(String::as_str));
+    let d = r.daemon("online", &a);
+    let s = d.wait_for(&r, 60, "locked, alice named", |s| {
+        s["locked_reason"]
+            .as_str()
+            .is_some_and(|m| m.contains("alice") && m.contains("unlock --control SOCK --share"))
+    });
+    assert_eq!(state(&s), "locked", "{s}");
+    // A wrong passphrase for alice: exit 3, still locked, not one byte written.
+    let before = std::fs::read(&vol).unwrap();
+    let o = d.unlock_share(&r, "alice", "not alice's words");
+    refused_untouched(&r, &o, &before, "a wrong share online");
+    assert!(text(&o).contains("\"alice\" is wrong"), "{}", text(&o));
+    assert_eq!(state(&d.status(&r)), "locked");
+    // alice's passphrase: both keys open (KMS + alice, old and new quorum), the daemon resumes
+    // the re-encryption and finishes it.
+    let o = ok(d.unlock_share(&r, "alice", "alice's words"));
+    assert!(text(&o).contains("unlocked"), "{}", text(&o));
+    d.wait_for(&r, 120, "resumed and finished", |s| {
+        s["reencrypt"]["state"] == "finished"
+    });
+    let audit = d.audit();
+    assert!(!audit.contains("alice's words"), "{audit}");
+    drop(d);
+    assert_finished_and_cryptsetup_decrypts(
+        Path::new(&vol),
+        quorum_rig::PASS,
+        &data,
+        "after an online resume by share",
+    );
+}

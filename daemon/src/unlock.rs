@@ -468,6 +468,9 @@ impl Volume {
         passphrase: &SecretBytes,
         settings: &SealSettings,
     ) -> Result<(Arc<dyn BlockDevice>, u32), UnlockError> {
+        if self.reencrypt_state()?.is_some() {
+            return reencrypt::unlock_resuming_with_share(self, name, passphrase, settings);
+        }
         let (header, file) = self.read_header()?;
         self.pin.check_uuid(header.uuid())?;
         let found = quorum::tokens(&header)

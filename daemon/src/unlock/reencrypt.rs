@@ -21,7 +21,7 @@ use crate::crypto::xts::SectorCipher;
 use crate::luks2::reencrypt::{BlockIo, Reencryption, Resilience, StartParams, ZoneIo};
 use crate::luks2::tokens::carry::{self, Carrier, SharePassphrases};
 use crate::luks2::tokens::quorum;
-use crate::luks2::tokens::resume::{KeyFinder, NoPeople};
+use crate::luks2::tokens::resume::KeyFinder;
 use crate::luks2::{FormatError, HeaderIo, Luks2Header};
 use crate::seal::SealSettings;
 
@@ -287,17 +287,13 @@ pub(super) fn unlock_resuming(
 /// [`unlock_resuming`] through the tokens: each keyslot of the old and of the new key is tried
 /// with the secrets its tokens unseal (our KMS/HSM tokens through the provider registry, clevis
 /// tokens through their pins, quorums whose machine shares reach the threshold, with the
-/// people's passphrases `people` gives), lazily, until both keys are found and verified
+/// people's passphrases given so far with `unlock --share NAME`), lazily, until both keys are found and verified
 /// (`luks2::tokens::resume`, the code the offline `nbdcryptctl reencrypt VOLUME` runs too).
 pub(super) fn unlock_resuming_with_tokens(
     vol: &Volume,
     settings: &SealSettings,
 ) -> Result<(Arc<dyn BlockDevice>, u32), UnlockError> {
-    let mut people = NoPeople(
-        "people's shares are given with `nbdcryptctl unlock --share NAME` (or unlock with the \
-         recovery passphrase)",
-    );
-    unlock_resuming_by(vol, settings, &mut people)
+    unlock_resuming_by(vol, settings, &mut ResumeShares(vol))
 }
 
 /// [`unlock_resuming_with_tokens`] with people's passphrases from `people`.
@@ -325,6 +321,86 @@ fn unlock_resuming_by(
             })
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// People's passphrases for the resume of an interrupted quorum volume: those given with
+/// `nbdcryptctl unlock --share NAME` while the volume is in the middle of a re-encryption (kept
+/// in the share store's staging, locked memory, wiped at the unlock, a lock, or its timeout).
+struct ResumeShares<'a>(&'a Volume);
+
+impl SharePassphrases for ResumeShares<'_> {
+    fn passphrase(&mut self, name: &str, _keyslot: u32) -> Result<Option<SecretBytes>, String> {
+        Ok(self.0.shares().staged_passphrase(name))
+    }
+    fn missing(&self, names: &[String]) -> String {
+        format!(
+            "{} `nbdcryptctl unlock --control SOCK --share NAME`",
+            if names.len() == 1 {
+                "the holder runs"
+            } else {
+                "each holder runs"
+            }
+        )
+    }
+}
+
+/// `nbdcryptctl unlock --share NAME` on a volume in the middle of a re-encryption: the person's
+/// passphrase is checked against their share at once, kept (both keys need it: their share of
+/// the old quorum and of the new one, under different salts), and the volume resumed if the
+/// tokens, the machine shares and the passphrases given so far open both keys (verified as in
+/// every resume: `luks2::tokens::resume`). Otherwise the share waits for the others
+/// ([`UnlockError::SharePending`]).
+pub(super) fn unlock_resuming_with_share(
+    vol: &Volume,
+    name: &str,
+    passphrase: &SecretBytes,
+    settings: &SealSettings,
+) -> Result<(Arc<dyn BlockDevice>, u32), UnlockError> {
+    let file = open_rw(vol)?;
+    let hdr = crate::luks2::online::read_any_header(&*file)?;
+    vol.pin.check_uuid(hdr.uuid())?;
+    let Some(q) = quorum::tokens(&hdr)
+        .into_iter()
+        .filter_map(|(_, q)| q.ok())
+        .find(|q| q.share_named(name).is_some())
+    else {
+        return Err(UnlockError::WrongShare(
+            quorum::QuorumError::UnknownShare(name.to_owned()).to_string(),
+        ));
+    };
+    match quorum::open_passphrase_share(&hdr, &q, name, passphrase, &vol.limits) {
+        Ok(_) => {}
+        Err(e @ quorum::QuorumError::WrongShare { .. }) => {
+            return Err(UnlockError::WrongShare(e.to_string()))
+        }
+        Err(e) => {
+            return Err(UnlockError::Tokens {
+                message: e.to_string(),
+                transient: false,
+            })
+        }
+    }
+    drop(file);
+    let staged = vol
+        .shares()
+        .stage_passphrase(name, SecretBytes::from_slice(passphrase.expose_secret()));
+    match unlock_resuming_by(vol, settings, &mut ResumeShares(vol)) {
+        Ok(done) => {
+            vol.shares().clear_staged();
+            Ok(done)
+        }
+        Err(UnlockError::Tokens { message, .. }) => {
+            // The details (which holder failed) go to the log, not to the person.
+            info!(share = name, status = %message, "re-encryption resume: share accepted");
+            Err(UnlockError::SharePending(format!(
+                "share {name:?} accepted; the volume is in the middle of a re-encryption and \
+                 needs more shares to open both its keys (given: {}; kept {} s)",
+                staged.join(", "),
+                vol.shares().timeout().as_secs()
+            )))
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -34,18 +34,6 @@ use crate::seal::pin::VolumePin;
 use crate::seal::shamir::Share;
 use crate::seal::{Binding, SealSettings};
 
-/// People's passphrases when nobody can give one (the daemon's `--auto-unlock`).
-pub struct NoPeople(pub &'static str);
-
-impl SharePassphrases for NoPeople {
-    fn passphrase(&mut self, _name: &str, _keyslot: u32) -> Result<Option<SecretBytes>, String> {
-        Ok(None)
-    }
-    fn missing(&self, _names: &[String]) -> String {
-        self.0.to_owned()
-    }
-}
-
 /// Finds the secrets of the keyslots of an interrupted re-encryption through their tokens.
 /// Remembers what each keyslot's tokens gave (a second attempt asks no provider again) and why
 /// tokens failed (for the error message).
