@@ -11,6 +11,12 @@
 //!   exit 3, byte-identical; KMS + alice's file resumes and finishes; the data reads back. A
 //!   header writer who lowers the threshold of the (new) quorum to 1 is refused by the
 //!   polynomial check while the genuine token (negative control) opens.
+//! - The same quorum volume online: nbdcryptd with the KMS alone stays locked and names alice;
+//!   her wrong passphrase (`unlock --share`) is refused with exit 3, byte-identical; her right
+//!   one opens both keys, and the daemon resumes and finishes the re-encryption.
+//! - A header writer swaps the old and the new KMS keyslots between the two keys' digests:
+//!   each token's secret opens a key of the other segment; nothing opens, exit 3, untouched;
+//!   the genuine header (negative control) resumes through the KMS token alone.
 
 // The cast lints of ctl/ are not the tests crate's (its home).
 #[allow(dead_code, clippy::cast_possible_truncation)]
@@ -20,11 +26,11 @@ mod moto;
 mod quorum_rig;
 
 use std::path::Path;
-use std::process::Output;
+use std::process::{Command, Output};
 
 use moto::{Moto, REGION};
 use nbdcrypt_tests::{assert_finished_and_cryptsetup_decrypts, random_bytes, write_export};
-use quorum_rig::{ok, state, text, Rig, MODULE};
+use quorum_rig::{ok, run_ok, state, text, Rig, MODULE};
 use serde_json::Value;
 
 const TOKEN: &str = "nbdcrypt-rt";
@@ -227,20 +233,102 @@ fn an_interrupted_offline_reencryption_resumes_through_kms_or_hsm_tokens_without
     });
 }
 
-/// Replaces token `id` of the volume with `json` in both header copies (fresh checksums), as a
-/// header writer could (cryptsetup refuses to edit a header in re-encryption).
-fn replace_token(r: &Rig, id: u32, json: &Value) {
+/// Edits the header's JSON in both copies (fresh checksums), as a header writer could
+/// (cryptsetup refuses to edit a header in re-encryption).
+fn edit_header(r: &Rig, edit: impl FnOnce(&mut Value)) {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(r.vol())
         .unwrap();
     let (mut md, hdr_size) = generator::read_json(&f);
-    md["tokens"][id.to_string()] = json.clone();
+    edit(&mut md);
     let mut orig = vec![0u8; usize::try_from(2 * hdr_size).unwrap()];
     std::os::unix::fs::FileExt::read_exact_at(&f, &mut orig, 0).unwrap();
     let new = generator::headers_with(&orig, hdr_size, md.to_string().as_bytes());
     std::os::unix::fs::FileExt::write_all_at(&f, &new, 0).unwrap();
+}
+
+/// Replaces token `id` of the volume with `json`.
+fn replace_token(r: &Rig, id: u32, json: &Value) {
+    edit_header(r, |md| md["tokens"][id.to_string()] = json.clone());
+}
+
+/// The keyslot (id) token `t` (header JSON) is bound to.
+fn token_slot(t: &Value) -> String {
+    t["keyslots"][0].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn a_token_keyslot_moved_to_the_other_keys_digest_opens_nothing_and_nothing_is_written() {
+    let moto = Moto::start();
+    let key = moto.create_key(Some("db"));
+    let r = Rig::new("24M", TOKEN);
+    let (vol, rec) = (r.vol(), r.path("recovery.key"));
+    ok(r.ctl(
+        &[
+            "enroll",
+            &vol,
+            "--kms",
+            "alias/db",
+            "--kms-endpoint",
+            &moto.endpoint,
+            "--region",
+            REGION,
+            "--key-file",
+            &rec,
+        ],
+        None,
+    ));
+    let kms = kms(&moto, &key);
+    let mut start = vec!["--key-file".to_owned(), rec.clone()];
+    start.extend(kms.iter().cloned());
+    interrupted(&r, &start);
+
+    // The old KMS keyslot's and the new KMS keyslot's digests swapped: each token now unseals
+    // the key of the other segment than its keyslot claims.
+    let (md, _) = generator::read_json(&std::fs::File::open(&vol).unwrap());
+    let kms_slots: Vec<String> = md["tokens"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|t| t["type"] == "nbdcrypt-aws-kms")
+        .map(token_slot)
+        .collect();
+    assert_eq!(kms_slots.len(), 2, "old and new KMS token: {md}");
+    let genuine = md.clone();
+    edit_header(&r, |md| {
+        for d in md["digests"].as_object_mut().unwrap().values_mut() {
+            for ks in d["keyslots"].as_array_mut().unwrap() {
+                if *ks == kms_slots[0].as_str() {
+                    *ks = kms_slots[1].clone().into();
+                } else if *ks == kms_slots[1].as_str() {
+                    *ks = kms_slots[0].clone().into();
+                }
+            }
+        }
+    });
+    let before = std::fs::read(&vol).unwrap();
+    let o = reencrypt(&r, &kms, &[]);
+    refused_untouched(&r, &o, &before, "keyslots moved between the keys");
+    assert!(
+        text(&o).contains("neither of the two volume keys")
+            && text(&o).contains("did not open the key that keyslot's digest names"),
+        "{}",
+        text(&o)
+    );
+
+    // Negative control: the genuine assignment resumes through the KMS token alone.
+    edit_header(&r, |md| *md = genuine);
+    let o = ok(reencrypt(&r, &kms, &[]));
+    assert!(text(&o).contains("re-encryption finished"), "{}", text(&o));
+    run_ok(Command::new("cryptsetup").args([
+        "open",
+        "--test-passphrase",
+        "--key-file",
+        &rec,
+        &vol,
+    ]));
 }
 
 #[test]

@@ -485,6 +485,7 @@ fn open_resuming(
         }
     }
     let failures = finder.failures().to_vec();
+    let unsealed: Vec<String> = finder.unsealed().iter().map(u32::to_string).collect();
     drop(finder);
     let people_given = people.0.audit_sources();
     match r {
@@ -494,9 +495,20 @@ fn open_resuming(
             Ok((r, people_given))
         }
         Err(e) if not_both(&e) => {
-            let mut msg = format!("{p}: {e}");
+            let mut msg = match e {
+                FormatError::InvalidParams(m) => format!("{p}: {m}"),
+                e => format!("{p}: {e}"),
+            };
             if !failures.is_empty() {
                 msg.push_str(&format!("; the tokens: {}", failures.join("; ")));
+            }
+            if !unsealed.is_empty() {
+                msg.push_str(&format!(
+                    "; the tokens of keyslot(s) {} gave secrets that did not open the key that \
+                     keyslot's digest names (old or new; a header edited to move keyslots \
+                     between the keys?)",
+                    unsealed.join(", ")
+                ));
             }
             if let Some(why) = asked {
                 msg.push_str(&format!("; no passphrase either ({why:#})"));
@@ -777,6 +789,10 @@ impl PeopleShares {
         let pass = if let Some((_, path)) = from_file {
             let pass = read_share_file(path)?;
             if let Err(e) = quorum::open_passphrase_share(&self.hdr, q, name, &pass, &self.limits) {
+                if self.lazy {
+                    // Named in the resume's own "no key" error.
+                    bail!("{e} (read from {})", path.display());
+                }
                 return Err(wrong_share(vol, &e, path.display().to_string()));
             }
             pass

@@ -71,6 +71,15 @@ impl<'a> KeyFinder<'a> {
         &self.failures
     }
 
+    /// The keyslots whose tokens gave a secret (whether or not it opened the keyslot's key).
+    pub fn unsealed(&self) -> Vec<u32> {
+        self.found
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
     /// Whether a provider was unreachable (worth retrying later).
     pub fn transient(&self) -> bool {
         self.transient
