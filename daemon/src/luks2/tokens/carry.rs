@@ -480,3 +480,67 @@ pub fn printable(s: &str) -> String {
         .map(|c| if c.is_ascii_graphic() { c } else { '?' })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::kdf::{HashAlg, KdfParams};
+
+    /// A 2-of-3 token of people (only the names and indices matter here).
+    fn token(threshold: usize) -> QuorumToken {
+        let share = |x: u8, name: &str| quorum::StoredShare {
+            x,
+            holder: Holder::Passphrase {
+                name: name.into(),
+                kdf: KdfParams::Pbkdf2 {
+                    hash: HashAlg::Sha256,
+                    iterations: 1000,
+                },
+                salt: vec![0; 32],
+            },
+            tag: [0; 32],
+            sealed: Vec::new(),
+        };
+        QuorumToken {
+            keyslot: 1,
+            threshold,
+            created: String::new(),
+            shares: vec![share(1, "alice"), share(2, "bob"), share(3, "carol")],
+        }
+    }
+
+    #[test]
+    fn combine_proven_takes_shares_of_one_polynomial_and_names_one_that_is_not() {
+        let secret = [7u8; 32];
+        let shares = shamir::split_at(&secret, 2, &[1, 2, 3]).unwrap();
+        let q = token(2);
+        // Exactly K, and all three: the secret.
+        let got = combine_proven(&q, &shares[..2]).unwrap();
+        assert_eq!(got.expose_secret(), &secret);
+        let got = combine_proven(&q, &shares).unwrap();
+        assert_eq!(got.expose_secret(), &secret);
+        // Fewer than K: refused, counted.
+        let e = combine_proven(&q, &shares[..1]).err().unwrap();
+        assert!(e.contains("1 of 2 needed shares"), "{e}");
+        // A header that says 1 of 3: the second share is not on a degree-0 polynomial.
+        let e = combine_proven(&token(1), &shares[..2]).err().unwrap();
+        assert!(
+            e.contains("share bob does not belong to a 1-of-3 split")
+                && e.contains("threshold or shares were changed"),
+            "{e}"
+        );
+        // carol's share from another split (a replaced share): named.
+        let other = shamir::split_at(&[9u8; 32], 2, &[1, 2, 3]).unwrap();
+        let mixed: Vec<Share> = shares
+            .iter()
+            .take(2)
+            .chain(other.iter().skip(2))
+            .map(|s| Share {
+                x: s.x,
+                y: SecretBytes::from_slice(s.y.expose_secret()),
+            })
+            .collect();
+        let e = combine_proven(&q, &mixed).err().unwrap();
+        assert!(e.contains("share carol does not belong"), "{e}");
+    }
+}
