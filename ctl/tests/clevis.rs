@@ -9,6 +9,8 @@
 //! - Hostile tokens: an unallowed Tang URL is refused with no request sent; a Tang whose
 //!   advertisement is not signed by the allowed key is refused; an unreachable Tang is retried
 //!   with back-off and unlocks once it is back; no secret reaches a log.
+//! - An offline re-encryption killed mid-way resumes through the clevis Tang binding alone
+//!   (exit 3 and nothing written while the Tang is down).
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -750,4 +752,88 @@ fn a_quorum_of_tang_and_tpm2_needs_both() {
         &args(&["--tang-allow", &tang.allow(), "--tpm2-tcti", &tpm.tcti()]),
     );
     d.unlocked(30);
+}
+
+/// An offline re-encryption (`nbdcryptctl reencrypt VOLUME`) of a volume clevis bound to a
+/// Tang, killed inside a zone, is resumed through the clevis binding alone (no passphrase): with
+/// the Tang down the resume says so with exit 3 and writes nothing; with it back it finishes,
+/// and both the passphrase and the clevis binding open the new key.
+#[test]
+fn an_interrupted_offline_reencryption_resumes_through_a_clevis_tang_binding() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut tang = Tang::start(&dir.join("tang"));
+    let img = image(dir, "resume.img");
+    clevis_bind(
+        dir,
+        &img,
+        None,
+        "tang",
+        &format!("{{\"url\":\"{}\"}}", tang.url()),
+    );
+    let pw = dir.join("pw").to_str().unwrap().to_owned();
+    let allow = tang.allow();
+    let resume = [
+        "--tang-allow",
+        &allow,
+        "--no-progress-bar",
+        "--hotzone-size",
+        "1M",
+    ];
+    let o = run(Command::new(env!("CARGO_BIN_EXE_nbdcryptctl"))
+        .env("NBDCRYPT_TEST_REENCRYPT_CRASH_AFTER_ZONES", "3")
+        .args(["reencrypt", &img, "--key-file", &pw])
+        .args(resume));
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("simulated crash"),
+        "not interrupted: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // The Tang down: exit 3, the binding named, not one byte written.
+    tang.stop();
+    let before = std::fs::read(&img).unwrap();
+    let o = ctl(&[&["reencrypt", img.as_str()][..], &resume[..]].concat());
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("token 0 (keyslot 1)") && err.contains("tang"),
+        "{err}"
+    );
+    assert!(std::fs::read(&img).unwrap() == before, "written: {err}");
+
+    // The Tang back: the binding alone resumes and finishes.
+    tang.restart();
+    let o = ok(ctl(&[
+        &["reencrypt", img.as_str(), "--resume-only"][..],
+        &resume[..],
+    ]
+    .concat()));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("re-encryption finished"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    ok(run(Command::new("cryptsetup").args([
+        "open",
+        "--test-passphrase",
+        "--key-file",
+        &pw,
+        &img,
+    ])));
+    let listed = stdout(&ok(run(
+        Command::new("clevis").args(["luks", "list", "-d", &img])
+    )));
+    let slot: u32 = listed
+        .split(':')
+        .next()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("clevis luks list: {listed}"));
+    let pass = ok(clevis_pass(&img, slot, None)).stdout;
+    let key = dir.join("clevis.pass");
+    std::fs::write(&key, pass).unwrap();
+    ok(run(Command::new("cryptsetup")
+        .args(["open", "--test-passphrase", "--key-file"])
+        .arg(&key)
+        .arg(&img)));
 }
