@@ -233,25 +233,11 @@ fn an_interrupted_offline_reencryption_resumes_through_kms_or_hsm_tokens_without
     });
 }
 
-/// Edits the header's JSON in both copies (fresh checksums), as a header writer could
-/// (cryptsetup refuses to edit a header in re-encryption).
-fn edit_header(r: &Rig, edit: impl FnOnce(&mut Value)) {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(r.vol())
-        .unwrap();
-    let (mut md, hdr_size) = generator::read_json(&f);
-    edit(&mut md);
-    let mut orig = vec![0u8; usize::try_from(2 * hdr_size).unwrap()];
-    std::os::unix::fs::FileExt::read_exact_at(&f, &mut orig, 0).unwrap();
-    let new = generator::headers_with(&orig, hdr_size, md.to_string().as_bytes());
-    std::os::unix::fs::FileExt::write_all_at(&f, &new, 0).unwrap();
-}
-
-/// Replaces token `id` of the volume with `json`.
-fn replace_token(r: &Rig, id: u32, json: &Value) {
-    edit_header(r, |md| md["tokens"][id.to_string()] = json.clone());
+/// Replaces token `id` of the volume with `json`, as a header writer could.
+fn forge_token(r: &Rig, id: u32, json: &Value) {
+    generator::rewrite_json(Path::new(&r.vol()), |md| {
+        md["tokens"][id.to_string()] = json.clone();
+    });
 }
 
 /// The keyslot (id) token `t` (header JSON) is bound to.
@@ -297,7 +283,7 @@ fn a_token_keyslot_moved_to_the_other_keys_digest_opens_nothing_and_nothing_is_w
         .collect();
     assert_eq!(kms_slots.len(), 2, "old and new KMS token: {md}");
     let genuine = md.clone();
-    edit_header(&r, |md| {
+    generator::rewrite_json(Path::new(&vol), |md| {
         for d in md["digests"].as_object_mut().unwrap().values_mut() {
             for ks in d["keyslots"].as_array_mut().unwrap() {
                 if *ks == kms_slots[0].as_str() {
@@ -319,7 +305,7 @@ fn a_token_keyslot_moved_to_the_other_keys_digest_opens_nothing_and_nothing_is_w
     );
 
     // Negative control: the genuine assignment resumes through the KMS token alone.
-    edit_header(&r, |md| *md = genuine);
+    generator::rewrite_json(Path::new(&vol), |md| *md = genuine);
     let o = ok(reencrypt(&r, &kms, &[]));
     assert!(text(&o).contains("re-encryption finished"), "{}", text(&o));
     run_ok(Command::new("cryptsetup").args([
@@ -391,7 +377,7 @@ fn an_interrupted_quorum_volume_resumes_offline_with_kms_and_a_persons_share_fil
         .unwrap();
     let mut forged = genuine.clone();
     forged["threshold"] = 1.into();
-    replace_token(&r, new_id, &forged);
+    forge_token(&r, new_id, &forged);
     let forged_bytes = std::fs::read(&vol).unwrap();
     let o = reencrypt(&r, &both, &[]);
     refused_untouched(&r, &o, &forged_bytes, "a lowered threshold");
@@ -400,7 +386,7 @@ fn an_interrupted_quorum_volume_resumes_offline_with_kms_and_a_persons_share_fil
         "{}",
         text(&o)
     );
-    replace_token(&r, new_id, &genuine);
+    forge_token(&r, new_id, &genuine);
 
     // KMS + alice's file: resumed and finished.
     let audit = r.path("resume.audit");

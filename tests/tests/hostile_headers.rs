@@ -330,18 +330,6 @@ fn data_area(img: &Path) -> Vec<u8> {
     read_at(img, 16 * MIB, MIB as usize)
 }
 
-fn rewrite_json(img: &Path, edit: impl Fn(&mut serde_json::Value)) {
-    let f = OpenOptions::new().read(true).write(true).open(img).unwrap();
-    let (mut json, hdr_size) = generator::read_json(&f);
-    let mut orig = vec![0u8; 2 * hdr_size as usize];
-    f.read_exact_at(&mut orig, 0).unwrap();
-    edit(&mut json);
-    let text = serde_json::to_vec(&json).unwrap();
-    f.write_all_at(&generator::headers_with(&orig, hdr_size, &text), 0)
-        .unwrap();
-    f.sync_all().unwrap();
-}
-
 fn remove_key(img: &Path, slot: &str) -> Out {
     nbdcryptctl(&[
         OsStr::new("remove-key"),
@@ -363,7 +351,7 @@ fn remove_key_never_wipes_the_area_a_crafted_foreign_keyslot_names() {
     let data = data_area(&img);
 
     // The header from the issue: a keyslot of type "foo" whose "area" is the data segment.
-    rewrite_json(&img, |j| {
+    generator::rewrite_json(&img, |j| {
         j["keyslots"]["5"] = serde_json::json!({"type": "foo",
             "area": {"offset": "16777216", "size": "1073741824"}});
     });
@@ -372,7 +360,7 @@ fn remove_key_never_wipes_the_area_a_crafted_foreign_keyslot_names() {
     assert!(data_area(&img) == data, "remove-key changed the data area");
 
     // A well-formed foreign keyslot in free space: kept, never wiped or removed by us.
-    rewrite_json(&img, |j| {
+    generator::rewrite_json(&img, |j| {
         j["keyslots"]["5"] = serde_json::json!({"type": "foo", "key_size": 64,
             "area": {"type": "raw", "offset": "12582912", "size": "4096"}});
     });
@@ -437,7 +425,7 @@ fn an_expensive_kdf_is_refused_at_once_naming_the_cost_and_the_flag() {
     for (kdf, member, value, shown) in cases {
         let img = base_image(dir.path(), &format!("{kdf}-{member}"), kdf, 4096);
         // Both keyslots: no cheap slot to fall back on.
-        rewrite_json(&img, |j| {
+        generator::rewrite_json(&img, |j| {
             for s in ["0", "1"] {
                 j["keyslots"][s]["kdf"][member] = value.clone();
             }

@@ -4,8 +4,9 @@
 //! references; missing members; duplicate ids), and the writer that puts a variant into both
 //! header copies with valid checksums so the mangling reaches JSON validation.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -728,4 +729,20 @@ pub fn headers_with(orig: &[u8], hdr_size: u64, json: &[u8]) -> Vec<u8> {
         out[copy + 448..copy + 448 + 32].copy_from_slice(c.as_slice());
     }
     out
+}
+
+/// Rewrites the JSON of both header copies of `img` with `edit` applied, with fresh valid
+/// checksums, as anyone who can write the disk could (cryptsetup refuses some such edits, e.g.
+/// of a header in re-encryption).
+#[allow(dead_code)] // not every test that includes this file edits headers
+pub fn rewrite_json(img: &Path, edit: impl FnOnce(&mut Value)) {
+    let f = OpenOptions::new().read(true).write(true).open(img).unwrap();
+    let (mut json, hdr_size) = read_json(&f);
+    let mut orig = vec![0u8; 2 * hdr_size as usize];
+    f.read_exact_at(&mut orig, 0).unwrap();
+    edit(&mut json);
+    let text = serde_json::to_vec(&json).unwrap();
+    f.write_all_at(&headers_with(&orig, hdr_size, &text), 0)
+        .unwrap();
+    f.sync_all().unwrap();
 }
