@@ -226,9 +226,10 @@ impl Vol {
         ]));
     }
 
+    /// The header, also one in the middle of a re-encryption.
     fn header(&self) -> nbdcrypt::luks2::Luks2Header {
         let f = std::fs::File::open(&self.vol).unwrap();
-        nbdcrypt::luks2::Luks2Header::read(&f).unwrap().0
+        nbdcrypt::luks2::online::read_any_header(&f).unwrap()
     }
 
     /// Rewrites our token (the first) through the project's LUKS2 API, as an attacker with the
@@ -532,6 +533,43 @@ fn swap_header(from: &Vol, to: &Vol) {
     f.sync_all().unwrap();
 }
 
+/// The attacker's volume: the victim's UUID, the attacker's passphrase (`a.key`), and a token
+/// sealed by a KMS key the daemon accepts (the attacker can Encrypt with it, or controls it).
+fn impostor(uuid: &str, moto: &Moto, kms_key: &str) -> Vol {
+    let attacker = tempfile::tempdir().unwrap();
+    let a_vol = attacker.path().join("a.img");
+    let a_key = attacker.path().join("a.key");
+    std::fs::write(&a_key, b"attacker passphrase").unwrap();
+    std::fs::File::create(&a_vol)
+        .unwrap()
+        .set_len(20 << 20)
+        .unwrap();
+    let o = Command::new("cryptsetup")
+        .args([
+            "luksFormat",
+            "--type",
+            "luks2",
+            "--batch-mode",
+            "--uuid",
+            uuid,
+            "--pbkdf",
+            "pbkdf2",
+        ])
+        .args(["--pbkdf-force-iterations", "1000", "--key-file"])
+        .arg(&a_key)
+        .arg(&a_vol)
+        .output()
+        .expect("cryptsetup");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let a = Vol {
+        dir: attacker,
+        vol: a_vol.to_str().unwrap().to_owned(),
+        key: a_key.to_str().unwrap().to_owned(),
+    };
+    a.enroll(moto, kms_key);
+    a
+}
+
 #[test]
 fn a_swapped_header_is_refused_by_a_pinned_daemon_and_the_volume_stays_locked() {
     // moto plays a KMS the daemon trusts and the attacker can Encrypt with (or controls).
@@ -560,37 +598,7 @@ fn a_swapped_header_is_refused_by_a_pinned_daemon_and_the_volume_stays_locked() 
 
     // The attacker: their own volume with the victim's UUID, their passphrase, and a token
     // sealed by a KMS key the daemon accepts; its header then replaces the victim's.
-    let attacker = tempfile::tempdir().unwrap();
-    let a_vol = attacker.path().join("a.img");
-    let a_key = attacker.path().join("a.key");
-    std::fs::write(&a_key, b"attacker passphrase").unwrap();
-    std::fs::File::create(&a_vol)
-        .unwrap()
-        .set_len(20 << 20)
-        .unwrap();
-    let o = Command::new("cryptsetup")
-        .args([
-            "luksFormat",
-            "--type",
-            "luks2",
-            "--batch-mode",
-            "--uuid",
-            &uuid,
-            "--pbkdf",
-            "pbkdf2",
-        ])
-        .args(["--pbkdf-force-iterations", "1000", "--key-file"])
-        .arg(&a_key)
-        .arg(&a_vol)
-        .output()
-        .expect("cryptsetup");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let a = Vol {
-        dir: attacker,
-        vol: a_vol.to_str().unwrap().to_owned(),
-        key: a_key.to_str().unwrap().to_owned(),
-    };
-    a.enroll(&moto, &key);
+    let a = impostor(&uuid, &moto, &key);
     let backup = Vol {
         dir: tempfile::tempdir().unwrap(),
         vol: String::new(),
@@ -705,6 +713,115 @@ fn a_swapped_header_is_refused_by_a_pinned_daemon_and_the_volume_stays_locked() 
 
     // Positive control: the victim's own header back (from a backup), the same pinned daemon
     // (it re-reads the header at each unlock) unlocks with the victim's passphrase.
+    swap_header(&backup, &victim);
+    ok(ctl(&[
+        "unlock",
+        "--key-file",
+        &victim.key,
+        "--control",
+        &d.control(),
+    ]));
+    assert_eq!(state(&d.status()), "unlocked");
+}
+
+/// The same attack with a header that claims a re-encryption in progress: unlocking such a
+/// volume takes the resume path (both keys, a router across the frontier), which must hold the
+/// pin too — the pinned key must be the old or the new one.
+#[test]
+fn a_swapped_header_in_the_middle_of_a_reencryption_is_refused_by_a_pinned_daemon() {
+    let moto = Moto::start();
+    let key = moto.create_key(None);
+    let victim = Vol::new(b"victim passphrase");
+    let uuid = victim.header().uuid().to_owned();
+    let dir = victim.dir.path().to_owned();
+    let conf = dir.join("nbdcryptd.toml");
+    ok(ctl(&[
+        "pin",
+        &victim.vol,
+        "--key-file",
+        &victim.key,
+        "--write",
+        conf.to_str().unwrap(),
+    ]));
+    let kms = [
+        "--kms-endpoint",
+        &moto.endpoint,
+        "--kms-region",
+        REGION,
+        "--kms-allow-key",
+        &key,
+    ];
+    // The attacker's volume, its re-encryption stopped after one zone (its KMS token re-sealed
+    // for the new key, so the tokens alone open both keys), then its header over the victim's.
+    let a = impostor(&uuid, &moto, &key);
+    let mut args = vec![
+        "reencrypt",
+        a.vol.as_str(),
+        "--key-file",
+        &a.key,
+        "--hotzone-size",
+        "1M",
+        "--quiet",
+    ];
+    args.extend(kms);
+    let o = ctl_env(&args, &[("NBDCRYPT_TEST_REENCRYPT_STOP_AFTER_ZONES", "1")]);
+    assert!(!o.status.success(), "the test hook stops it\n{}", text(&o));
+    let o = ok(ctl(&["reencrypt", &a.vol, "--status"]));
+    assert!(text(&o).contains("in progress"), "{}", text(&o));
+    let backup_dir = tempfile::tempdir().unwrap();
+    let backup = Vol {
+        vol: backup_dir
+            .path()
+            .join("victim.img")
+            .to_str()
+            .unwrap()
+            .to_owned(),
+        key: victim.key.clone(),
+        dir: backup_dir,
+    };
+    std::fs::copy(&victim.vol, &backup.vol).unwrap();
+    swap_header(&a, &victim);
+
+    // Negative control: unpinned, the daemon resumes the attacker's re-encryption through the
+    // tokens (the attack: the victim's clients would write under the attacker's keys).
+    {
+        let mut args = vec!["--volume", victim.vol.as_str(), "--auto-unlock"];
+        args.extend(kms);
+        let d = Daemon::start(&dir, "unpinned-reenc", &args);
+        d.wait_for(
+            30,
+            "the unpinned daemon to resume the attacker's re-encryption",
+            |s| state(s) == "unlocked",
+        );
+        assert!(d.log().contains("re-encryption"), "{}", d.log());
+    }
+
+    // Pinned: refused, locked, through the tokens and through the attacker's passphrase.
+    let mut args = vec!["--config", conf.to_str().unwrap(), "--auto-unlock"];
+    args.extend(kms);
+    let d = Daemon::start(&dir, "pinned-reenc", &args);
+    let s = d.wait_for(30, "the pin refusal", |s| reason(s).contains("refused"));
+    assert_eq!(state(&s), "locked", "{s}\n{}", d.log());
+    assert!(
+        reason(&s).contains("does not match the pinned volume-key-digest"),
+        "{s}"
+    );
+    let o = fails(ctl(&[
+        "unlock",
+        "--key-file",
+        &a.key,
+        "--control",
+        &d.control(),
+    ]));
+    assert!(
+        text(&o).contains("does not match the pinned"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(state(&d.status()), "locked");
+    assert!(!d.audit().contains("unlock_ok"), "{}", d.audit());
+
+    // Positive control: the victim's header back, the same daemon unlocks with its passphrase.
     swap_header(&backup, &victim);
     ok(ctl(&[
         "unlock",

@@ -411,6 +411,13 @@ fn serve_resuming(
     mut r: Reencryption,
 ) -> Result<(Arc<dyn BlockDevice>, u32), UnlockError> {
     vol.pin.check_uuid(r.header().uuid())?;
+    // The pinned key is the old one (pinned before the re-encryption began) or the new one
+    // (re-pinned mid-way): one of the two must be it, as in the offline resume. Without this a
+    // header that claims a re-encryption, written by someone whose tokens the daemon accepts,
+    // would be served under their keys while a normal header of theirs is refused.
+    if vol.pin.check_key(r.old_key()).is_err() {
+        vol.pin.check_key(r.new_key())?;
+    }
     let backing = vol.open_backing()?;
     r.set_hotzone(Some(zone_size()))?;
     if let Some(hot) = r.hot_zone() {
