@@ -570,16 +570,12 @@ fn impostor(uuid: &str, moto: &Moto, kms_key: &str) -> Vol {
     a
 }
 
-#[test]
-fn a_swapped_header_is_refused_by_a_pinned_daemon_and_the_volume_stays_locked() {
-    // moto plays a KMS the daemon trusts and the attacker can Encrypt with (or controls).
-    let moto = Moto::start();
-    let key = moto.create_key(None);
+/// The victim's volume, pinned by its operator while it is theirs (checked with their
+/// passphrase): `(volume, its UUID, the daemon config with the pin)`.
+fn pinned_victim() -> (Vol, String, PathBuf) {
     let victim = Vol::new(b"victim passphrase");
     let uuid = victim.header().uuid().to_owned();
-    let dir = victim.dir.path().to_owned();
-    let conf = dir.join("nbdcryptd.toml");
-    // The operator pins the volume while it is theirs (checked with their passphrase).
+    let conf = victim.path("nbdcryptd.toml");
     let o = ok(ctl(&[
         "pin",
         &victim.vol,
@@ -589,6 +585,50 @@ fn a_swapped_header_is_refused_by_a_pinned_daemon_and_the_volume_stays_locked() 
         conf.to_str().unwrap(),
     ]));
     assert!(text(&o).contains("pinned"), "{}", text(&o));
+    (victim, uuid, conf)
+}
+
+/// A copy of `v` (its header to put back later).
+fn backup_of(v: &Vol) -> Vol {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("backup.img").to_str().unwrap().to_owned();
+    std::fs::copy(&v.vol, &vol).unwrap();
+    Vol {
+        dir,
+        vol,
+        key: v.key.clone(),
+    }
+}
+
+/// The operator's KMS settings: moto's endpoint, and `key` allowed.
+fn kms_flags<'a>(moto: &'a Moto, key: &'a str) -> [&'a str; 6] {
+    [
+        "--kms-endpoint",
+        &moto.endpoint,
+        "--kms-region",
+        REGION,
+        "--kms-allow-key",
+        key,
+    ]
+}
+
+/// The negative control of the swap tests: a daemon without the pin unlocks `victim`'s
+/// (swapped) header through the token alone.
+fn unpinned_daemon_unlocks(victim: &Vol, kms: [&str; 6], name: &str, what: &str) -> Daemon {
+    let mut args = vec!["--volume", victim.vol.as_str(), "--auto-unlock"];
+    args.extend(kms);
+    let d = Daemon::start(victim.dir.path(), name, &args);
+    d.wait_for(30, what, |s| state(s) == "unlocked");
+    d
+}
+
+#[test]
+fn a_swapped_header_is_refused_by_a_pinned_daemon_and_the_volume_stays_locked() {
+    // moto plays a KMS the daemon trusts and the attacker can Encrypt with (or controls).
+    let moto = Moto::start();
+    let key = moto.create_key(None);
+    let (victim, uuid, conf) = pinned_victim();
+    let dir = victim.dir.path().to_owned();
     let pinned = std::fs::read_to_string(&conf).unwrap();
     assert!(
         pinned.contains(&format!("volume-uuid = \"{uuid}\"")),
@@ -599,22 +639,7 @@ fn a_swapped_header_is_refused_by_a_pinned_daemon_and_the_volume_stays_locked() 
     // The attacker: their own volume with the victim's UUID, their passphrase, and a token
     // sealed by a KMS key the daemon accepts; its header then replaces the victim's.
     let a = impostor(&uuid, &moto, &key);
-    let backup = Vol {
-        dir: tempfile::tempdir().unwrap(),
-        vol: String::new(),
-        key: String::new(),
-    };
-    let backup = Vol {
-        vol: backup
-            .dir
-            .path()
-            .join("victim.img")
-            .to_str()
-            .unwrap()
-            .to_owned(),
-        ..backup
-    };
-    std::fs::copy(&victim.vol, &backup.vol).unwrap();
+    let backup = backup_of(&victim);
     swap_header(&a, &victim);
     assert_eq!(
         victim.header().uuid(),
@@ -622,14 +647,7 @@ fn a_swapped_header_is_refused_by_a_pinned_daemon_and_the_volume_stays_locked() 
         "same UUID: only the key digest tells them apart"
     );
 
-    let kms = [
-        "--kms-endpoint",
-        &moto.endpoint,
-        "--kms-region",
-        REGION,
-        "--kms-allow-key",
-        &key,
-    ];
+    let kms = kms_flags(&moto, &key);
 
     // nbdcryptctl test-token: the token opens the attacker's header; with the daemon's config
     // (and so its pin) that is a failure, as in the daemon.
@@ -645,16 +663,12 @@ fn a_swapped_header_is_refused_by_a_pinned_daemon_and_the_volume_stays_locked() 
     );
 
     // Negative control: without the pin the daemon unlocks the swapped header (the attack).
-    {
-        let mut args = vec!["--volume", victim.vol.as_str(), "--auto-unlock"];
-        args.extend(kms);
-        let d = Daemon::start(&dir, "unpinned", &args);
-        d.wait_for(
-            30,
-            "the unpinned daemon to unlock the attacker's header",
-            |s| state(s) == "unlocked",
-        );
-    }
+    drop(unpinned_daemon_unlocks(
+        &victim,
+        kms,
+        "unpinned",
+        "the unpinned daemon to unlock the attacker's header",
+    ));
 
     // Pinned (the config written by `nbdcryptctl pin`): refused, locked, audited.
     let mut args = vec!["--config", conf.to_str().unwrap(), "--auto-unlock"];
@@ -731,26 +745,9 @@ fn a_swapped_header_is_refused_by_a_pinned_daemon_and_the_volume_stays_locked() 
 fn a_swapped_header_in_the_middle_of_a_reencryption_is_refused_by_a_pinned_daemon() {
     let moto = Moto::start();
     let key = moto.create_key(None);
-    let victim = Vol::new(b"victim passphrase");
-    let uuid = victim.header().uuid().to_owned();
+    let (victim, uuid, conf) = pinned_victim();
     let dir = victim.dir.path().to_owned();
-    let conf = dir.join("nbdcryptd.toml");
-    ok(ctl(&[
-        "pin",
-        &victim.vol,
-        "--key-file",
-        &victim.key,
-        "--write",
-        conf.to_str().unwrap(),
-    ]));
-    let kms = [
-        "--kms-endpoint",
-        &moto.endpoint,
-        "--kms-region",
-        REGION,
-        "--kms-allow-key",
-        &key,
-    ];
+    let kms = kms_flags(&moto, &key);
     // The attacker's volume, its re-encryption stopped after one zone (its KMS token re-sealed
     // for the new key, so the tokens alone open both keys), then its header over the victim's.
     let a = impostor(&uuid, &moto, &key);
@@ -768,33 +765,19 @@ fn a_swapped_header_in_the_middle_of_a_reencryption_is_refused_by_a_pinned_daemo
     assert!(!o.status.success(), "the test hook stops it\n{}", text(&o));
     let o = ok(ctl(&["reencrypt", &a.vol, "--status"]));
     assert!(text(&o).contains("in progress"), "{}", text(&o));
-    let backup_dir = tempfile::tempdir().unwrap();
-    let backup = Vol {
-        vol: backup_dir
-            .path()
-            .join("victim.img")
-            .to_str()
-            .unwrap()
-            .to_owned(),
-        key: victim.key.clone(),
-        dir: backup_dir,
-    };
-    std::fs::copy(&victim.vol, &backup.vol).unwrap();
+    let backup = backup_of(&victim);
     swap_header(&a, &victim);
 
     // Negative control: unpinned, the daemon resumes the attacker's re-encryption through the
     // tokens (the attack: the victim's clients would write under the attacker's keys).
-    {
-        let mut args = vec!["--volume", victim.vol.as_str(), "--auto-unlock"];
-        args.extend(kms);
-        let d = Daemon::start(&dir, "unpinned-reenc", &args);
-        d.wait_for(
-            30,
-            "the unpinned daemon to resume the attacker's re-encryption",
-            |s| state(s) == "unlocked",
-        );
-        assert!(d.log().contains("re-encryption"), "{}", d.log());
-    }
+    let d = unpinned_daemon_unlocks(
+        &victim,
+        kms,
+        "unpinned-reenc",
+        "the unpinned daemon to resume the attacker's re-encryption",
+    );
+    assert!(d.log().contains("re-encryption"), "{}", d.log());
+    drop(d);
 
     // Pinned: refused, locked, through the tokens and through the attacker's passphrase.
     let mut args = vec!["--config", conf.to_str().unwrap(), "--auto-unlock"];
