@@ -612,6 +612,20 @@ fn kms_flags<'a>(moto: &'a Moto, key: &'a str) -> [&'a str; 6] {
     ]
 }
 
+/// `nbdcryptctl unlock ARGS` on the pinned daemon `d` is refused by the pin.
+#[track_caller]
+fn assert_pin_refuses(d: &Daemon, args: &[&str]) {
+    let control = d.control();
+    let mut all = vec!["unlock", "--control", control.as_str()];
+    all.extend(args);
+    let o = fails(ctl(&all));
+    assert!(
+        text(&o).contains("does not match the pinned"),
+        "{}",
+        text(&o)
+    );
+}
+
 /// The negative control of the swap tests: a daemon without the pin unlocks `victim`'s
 /// (swapped) header through the token alone.
 fn unpinned_daemon_unlocks(victim: &Vol, kms: [&str; 6], name: &str, what: &str) -> Daemon {
@@ -688,24 +702,8 @@ fn a_swapped_header_is_refused_by_a_pinned_daemon_and_the_volume_stays_locked() 
     let digest = digest.split('"').nth(1).unwrap();
     assert!(r.contains(digest), "the error names the pinned digest: {r}");
     // The attacker's passphrase opens a keyslot of their header: refused all the same.
-    let o = fails(ctl(&[
-        "unlock",
-        "--key-file",
-        &a.key,
-        "--control",
-        &d.control(),
-    ]));
-    assert!(
-        text(&o).contains("does not match the pinned"),
-        "{}",
-        text(&o)
-    );
-    let o = fails(ctl(&["unlock", "--token", "--control", &d.control()]));
-    assert!(
-        text(&o).contains("does not match the pinned"),
-        "{}",
-        text(&o)
-    );
+    assert_pin_refuses(&d, &["--key-file", &a.key]);
+    assert_pin_refuses(&d, &["--token"]);
     assert_eq!(state(&d.status()), "locked");
     let audit = d.audit();
     let events: Vec<Value> = audit
@@ -789,18 +787,7 @@ fn a_swapped_header_in_the_middle_of_a_reencryption_is_refused_by_a_pinned_daemo
         reason(&s).contains("does not match the pinned volume-key-digest"),
         "{s}"
     );
-    let o = fails(ctl(&[
-        "unlock",
-        "--key-file",
-        &a.key,
-        "--control",
-        &d.control(),
-    ]));
-    assert!(
-        text(&o).contains("does not match the pinned"),
-        "{}",
-        text(&o)
-    );
+    assert_pin_refuses(&d, &["--key-file", &a.key]);
     assert_eq!(state(&d.status()), "locked");
     assert!(!d.audit().contains("unlock_ok"), "{}", d.audit());
 

@@ -54,6 +54,25 @@ fn kms(moto: &Moto, key: &str) -> Vec<String> {
 }
 
 /// The operator's HSM settings (the rig's SoftHSM2).
+/// `enroll` a KMS keyslot (moto's key `alias/db`) on the rig's volume, opened by `recovery`.
+fn enroll_kms(r: &Rig, moto: &Moto, recovery: &str) {
+    ok(r.ctl(
+        &[
+            "enroll",
+            &r.vol(),
+            "--kms",
+            "alias/db",
+            "--kms-endpoint",
+            &moto.endpoint,
+            "--region",
+            REGION,
+            "--key-file",
+            recovery,
+        ],
+        None,
+    ));
+}
+
 fn hsm(r: &Rig) -> Vec<String> {
     ["--pkcs11-module", MODULE, "--pkcs11-pin", &r.pin()]
         .map(str::to_owned)
@@ -126,21 +145,7 @@ fn an_interrupted_offline_reencryption_resumes_through_kms_or_hsm_tokens_without
     let r = Rig::new("24M", TOKEN).with_hsm();
     let (vol, rec, pin) = (r.vol(), r.path("recovery.key"), r.pin());
     let uri = format!("pkcs11:token={TOKEN};object=kek;type=secret-key");
-    ok(r.ctl(
-        &[
-            "enroll",
-            &vol,
-            "--kms",
-            "alias/db",
-            "--kms-endpoint",
-            &moto.endpoint,
-            "--region",
-            REGION,
-            "--key-file",
-            &rec,
-        ],
-        None,
-    ));
+    enroll_kms(&r, &moto, &rec);
     ok(r.ctl(
         &[
             "enroll",
@@ -251,21 +256,7 @@ fn a_token_keyslot_moved_to_the_other_keys_digest_opens_nothing_and_nothing_is_w
     let key = moto.create_key(Some("db"));
     let r = Rig::new("24M", TOKEN);
     let (vol, rec) = (r.vol(), r.path("recovery.key"));
-    ok(r.ctl(
-        &[
-            "enroll",
-            &vol,
-            "--kms",
-            "alias/db",
-            "--kms-endpoint",
-            &moto.endpoint,
-            "--region",
-            REGION,
-            "--key-file",
-            &rec,
-        ],
-        None,
-    ));
+    enroll_kms(&r, &moto, &rec);
     let kms = kms(&moto, &key);
     let mut start = vec!["--key-file".to_owned(), rec.clone()];
     start.extend(kms.iter().cloned());
