@@ -803,6 +803,81 @@ fn a_swapped_header_in_the_middle_of_a_reencryption_is_refused_by_a_pinned_daemo
     assert_eq!(state(&d.status()), "unlocked");
 }
 
+/// A header rolled back to the middle of an earlier rotation: its re-encryption digest is
+/// genuine and the same passphrase opens both its keys, and its *new* key is the one pinned
+/// after that rotation finished. Resuming it would serve data above its frontier under the
+/// rotated-out key (and then destroy it): offline and in the daemon it is refused, untouched.
+#[test]
+fn a_header_rolled_back_to_the_middle_of_an_earlier_rotation_is_refused_by_the_pin() {
+    let (v, _, before_conf) = pinned_victim();
+    let conf = |c: &PathBuf| c.to_str().unwrap().to_owned();
+    // A rotation, stopped after two 1 MiB zones; the attacker keeps that header.
+    let o = ctl_env(
+        &[
+            "reencrypt",
+            &v.vol,
+            "--key-file",
+            &v.key,
+            "--hotzone-size",
+            "1M",
+            "--quiet",
+        ],
+        &[("NBDCRYPT_TEST_REENCRYPT_STOP_AFTER_ZONES", "2")],
+    );
+    assert!(!o.status.success(), "the test hook stops it\n{}", text(&o));
+    let mid = backup_of(&v);
+    // Control: the genuine mid-way header resumes under the pin taken before the rotation.
+    ok(ctl(&[
+        "reencrypt",
+        &v.vol,
+        "--resume-only",
+        "--key-file",
+        &v.key,
+        "--config",
+        &conf(&before_conf),
+        "--quiet",
+    ]));
+    // The operator pins the new key, as the README says to after a rotation.
+    let after_conf = v.path("after.toml");
+    ok(ctl(&[
+        "pin",
+        &v.vol,
+        "--key-file",
+        &v.key,
+        "--write",
+        &conf(&after_conf),
+    ]));
+    swap_header(&mid, &v);
+    let rolled_back = std::fs::read(&v.vol).unwrap();
+    let o = fails(ctl(&[
+        "reencrypt",
+        &v.vol,
+        "--resume-only",
+        "--key-file",
+        &v.key,
+        "--config",
+        &conf(&after_conf),
+        "--quiet",
+    ]));
+    assert!(text(&o).contains("rolled back"), "{}", text(&o));
+    assert!(
+        std::fs::read(&v.vol).unwrap() == rolled_back,
+        "a refused resume wrote to the volume"
+    );
+    let d = Daemon::start(
+        v.dir.path(),
+        "rolled-back",
+        &["--config", &conf(&after_conf)],
+    );
+    assert_pin_refuses(&d, &["--key-file", &v.key]);
+    assert_eq!(state(&d.status()), "locked");
+    drop(d);
+    assert!(
+        std::fs::read(&v.vol).unwrap() == rolled_back,
+        "the refused daemon wrote to the volume"
+    );
+}
+
 #[test]
 fn a_volume_with_another_uuid_is_refused_at_start_naming_both() {
     let victim = Vol::new(b"victim passphrase");

@@ -434,23 +434,36 @@ fn open_resuming(
     pin.check_uuid(hdr.uuid())
         .map_err(|e| anyhow!("{p}: {e}"))?;
     let check_pin = |r: &Reencryption| -> anyhow::Result<()> {
-        // The pin names the old key until it is updated; the new one is accepted too.
-        if pin.check_key(r.old_key()).is_ok() {
-            return Ok(());
-        }
-        pin.check_key(r.new_key()).map_err(|e| anyhow!("{p}: {e}"))
+        // Mid-way the pin names the old key (`pin` refuses a volume in re-encryption, so it is
+        // never re-pinned to the new key before the end). Trust passes to the new key through
+        // the re-encryption digest, which binds both keys. A header whose *new* key is the
+        // pinned one is a rollback to the middle of an earlier rotation: refused.
+        pin.check_key(r.old_key()).map_err(|e| {
+            if pin.check_key(r.new_key()).is_ok() {
+                anyhow!(
+                    "{p}: refused: this header is in the middle of a re-encryption *to* the pinned \
+                     volume key, from another key: a header rolled back to an earlier rotation \
+                     (restore the current header from a backup); nothing was written"
+                )
+            } else {
+                anyhow!("{p}: {e}")
+            }
+        })
     };
     let given = if a.key_file.is_empty() {
         Vec::new()
     } else {
         read_secrets(a, vol)?
     };
+    // "These secrets did not open both keys": go on to the next source. A keyslot over the KDF
+    // limits (a header writer's easy move) is one such keyslot, not the end of the resume.
     let not_both = |e: &FormatError| {
         matches!(
             e,
             FormatError::InvalidParams(_)
                 | FormatError::WrongVolumeKey
                 | FormatError::WrongPassphrase
+                | FormatError::KdfLimit { .. }
         )
     };
     if !given.is_empty() {

@@ -400,7 +400,11 @@ pub(super) fn unlock_resuming_with_share(
                 vol.shares().timeout().as_secs()
             )))
         }
-        Err(e) => Err(e),
+        Err(e) => {
+            // Refused for another reason (pin, limits, I/O, digest): nothing waits for it.
+            vol.shares().clear_staged();
+            Err(e)
+        }
     }
 }
 
@@ -411,12 +415,17 @@ fn serve_resuming(
     mut r: Reencryption,
 ) -> Result<(Arc<dyn BlockDevice>, u32), UnlockError> {
     vol.pin.check_uuid(r.header().uuid())?;
-    // The pinned key is the old one (pinned before the re-encryption began) or the new one
-    // (re-pinned mid-way): one of the two must be it, as in the offline resume. Without this a
-    // header that claims a re-encryption, written by someone whose tokens the daemon accepts,
-    // would be served under their keys while a normal header of theirs is refused.
-    if vol.pin.check_key(r.old_key()).is_err() {
-        vol.pin.check_key(r.new_key())?;
+    // Mid-way the pin names the old key (`nbdcryptctl pin` refuses a volume in re-encryption,
+    // so nobody re-pins to the new key before the end); trust passes to the new key through the
+    // re-encryption digest, which binds both. Without this a header that claims a
+    // re-encryption, written by someone whose tokens the daemon accepts, would be served under
+    // their keys; and accepting the new key too would let a header rolled back to the middle
+    // of an earlier rotation bring the rotated-out key back.
+    if let Err(e) = vol.pin.check_key(r.old_key()) {
+        if vol.pin.check_key(r.new_key()).is_ok() {
+            warn!("refused: the header is in the middle of a re-encryption to the pinned key from another key (rolled back to an earlier rotation?)");
+        }
+        return Err(e.into());
     }
     let backing = vol.open_backing()?;
     r.set_hotzone(Some(zone_size()))?;
@@ -458,6 +467,9 @@ fn serve_resuming(
         "unlocked mid-re-encryption"
     );
     vol.online.set_router(&router);
+    // However the keys opened (passphrase, tokens, people's shares), a passphrase staged with
+    // `unlock --share` for this resume has done its work.
+    vol.shares().clear_staged();
     let slot = r.state().keyslot;
     *vol.online.resumed.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(EngineJob {
         r: Some(r),
