@@ -702,6 +702,9 @@ struct PeopleShares {
     limits: nbdcrypt::luks2::KdfLimits,
     /// Ask when a quorum asks ([`SharePassphrases::passphrase`]), not up front.
     lazy: bool,
+    /// (share name, why): people whose passphrase failed in this run (lazy mode). They are not
+    /// asked again for the next quorum naming them (a header may name a person in many).
+    refused: Vec<(String, String)>,
 }
 
 impl PeopleShares {
@@ -737,6 +740,7 @@ impl PeopleShares {
             hdr: hdr.clone(),
             limits: *limits,
             lazy,
+            refused: Vec::new(),
         })
     }
 
@@ -786,6 +790,22 @@ impl PeopleShares {
     /// or the terminal (three tries), checked at once; `None` when neither can give it. A wrong
     /// one is [`super::NoKey`] (exit 3).
     fn obtain(
+        &mut self,
+        vol: &Volume,
+        i: usize,
+        name: &str,
+    ) -> anyhow::Result<Option<SecretBytes>> {
+        if let Some((_, why)) = self.refused.iter().find(|(n, _)| n == name) {
+            bail!("{why}");
+        }
+        let got = self.obtain_once(vol, i, name);
+        if let (true, Err(e)) = (self.lazy, &got) {
+            self.refused.push((name.to_owned(), format!("{e:#}")));
+        }
+        got
+    }
+
+    fn obtain_once(
         &mut self,
         vol: &Volume,
         i: usize,
