@@ -676,6 +676,32 @@ fn a_swapped_header_is_refused_by_a_pinned_daemon_and_the_volume_stays_locked() 
         text(&o)
     );
 
+    // enroll with the daemon's config: the attacker's key gets no keyslot, token or pin lines.
+    let before = std::fs::read(&victim.vol).unwrap();
+    let o = fails(ctl(&[
+        "enroll",
+        &victim.vol,
+        "--kms",
+        &key,
+        "--kms-region",
+        REGION,
+        "--kms-endpoint",
+        &moto.endpoint,
+        "--key-file",
+        &a.key,
+        "--config",
+        conf.to_str().unwrap(),
+    ]));
+    assert!(
+        text(&o).contains("does not match the pinned"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        std::fs::read(&victim.vol).unwrap() == before,
+        "a refused enroll wrote to the volume"
+    );
+
     // Negative control: without the pin the daemon unlocks the swapped header (the attack).
     drop(unpinned_daemon_unlocks(
         &victim,
@@ -876,6 +902,113 @@ fn a_header_rolled_back_to_the_middle_of_an_earlier_rotation_is_refused_by_the_p
         std::fs::read(&v.vol).unwrap() == rolled_back,
         "the refused daemon wrote to the volume"
     );
+}
+
+/// The digest line of a daemon config written by `nbdcryptctl pin`.
+fn pinned_digest(conf: &Path) -> String {
+    std::fs::read_to_string(conf)
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("volume-key-digest"))
+        .expect("a volume-key-digest line")
+        .to_owned()
+}
+
+/// After a rotation of `v` (pinned in `conf`, whose digest line was `before`): the pin in `conf`
+/// names the new key, a daemon started with it unlocks the current header and refuses the
+/// header from before the rotation (`old`, the rotated-out key, which may have leaked).
+fn assert_pin_moved_to_the_new_key(v: &Vol, conf: &Path, before: &str, old: &Vol, name: &str) {
+    let after = pinned_digest(conf);
+    assert_ne!(after, before, "the pin still names the rotated-out key");
+    let current = backup_of(v);
+    let d = Daemon::start(v.dir.path(), name, &["--config", conf.to_str().unwrap()]);
+    ok(ctl(&[
+        "unlock",
+        "--key-file",
+        &v.key,
+        "--control",
+        &d.control(),
+    ]));
+    ok(ctl(&["lock", "--control", &d.control()]));
+    swap_header(old, v);
+    assert_pin_refuses(&d, &["--key-file", &v.key]);
+    assert_eq!(state(&d.status()), "locked");
+    swap_header(&current, v);
+    ok(ctl(&[
+        "unlock",
+        "--key-file",
+        &v.key,
+        "--control",
+        &d.control(),
+    ]));
+}
+
+/// Offline: `reencrypt --config FILE` moves FILE's pin to the new key when it finishes.
+#[test]
+fn after_an_offline_rotation_the_pin_names_the_new_key_and_the_old_header_is_refused() {
+    let (v, _, conf) = pinned_victim();
+    let before = pinned_digest(&conf);
+    let old = backup_of(&v);
+    let o = ok(ctl(&[
+        "reencrypt",
+        &v.vol,
+        "--key-file",
+        &v.key,
+        "--config",
+        conf.to_str().unwrap(),
+    ]));
+    assert!(
+        text(&o).contains("now names the new volume key"),
+        "{}",
+        text(&o)
+    );
+    assert_pin_moved_to_the_new_key(&v, &conf, &before, &old, "after-offline");
+}
+
+/// Online: the daemon moves its pin (in memory and in its --config file) when the run finishes;
+/// a lock and unlock in the same process opens the new key, and the old header is refused.
+#[test]
+fn after_an_online_rotation_the_pin_names_the_new_key_and_the_old_header_is_refused() {
+    let (v, _, conf) = pinned_victim();
+    let before = pinned_digest(&conf);
+    let old = backup_of(&v);
+    let d = Daemon::start(
+        v.dir.path(),
+        "online",
+        &["--config", conf.to_str().unwrap()],
+    );
+    ok(ctl(&[
+        "unlock",
+        "--key-file",
+        &v.key,
+        "--control",
+        &d.control(),
+    ]));
+    ok(ctl(&[
+        "reencrypt",
+        "--control",
+        &d.control(),
+        "--key-file",
+        &v.key,
+        "--wait",
+    ]));
+    // Same process: the in-memory pin moved too.
+    ok(ctl(&["lock", "--control", &d.control()]));
+    ok(ctl(&[
+        "unlock",
+        "--key-file",
+        &v.key,
+        "--control",
+        &d.control(),
+    ]));
+    ok(ctl(&["lock", "--control", &d.control()]));
+    let current = backup_of(&v);
+    swap_header(&old, &v);
+    assert_pin_refuses(&d, &["--key-file", &v.key]);
+    drop(d);
+    // And a new process reads the moved pin from the config file.
+    swap_header(&current, &v);
+    assert_pin_moved_to_the_new_key(&v, &conf, &before, &old, "online-restart");
 }
 
 #[test]

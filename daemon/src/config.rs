@@ -254,6 +254,9 @@ pub struct Config {
     pub share_timeout: Duration,
     /// Which volume may be unlocked (UUID, volume-key digest); empty: any.
     pub pin: crate::seal::pin::VolumePin,
+    /// The `--config` file the volume-key digest came from (not the command line): a finished
+    /// re-encryption moves the pin there to the new key.
+    pub pin_file: Option<PathBuf>,
     pub allow_expensive_kdf: bool,
     pub audit_log: Option<PathBuf>,
     pub control: PathBuf,
@@ -317,6 +320,19 @@ impl Config {
             a.volume_uuid.as_deref(),
             a.volume_key_digest.as_deref(),
         )?;
+        let pin_file = match (&a.config, &a.volume_key_digest) {
+            (Some(file), Some(digest)) => std::fs::read_to_string(file)
+                .ok()
+                .filter(|t| {
+                    t.lines().any(|l| {
+                        crate::seal::pin::is_pin_line(l)
+                            && l.contains(crate::seal::pin::KEY_DIGEST)
+                            && l.contains(digest.trim())
+                    })
+                })
+                .map(|_| file.clone()),
+            _ => None,
+        };
         if !pin.is_empty() && mode != Mode::Volume {
             return Err(
                 "--volume-uuid / --volume-key-digest pin a --volume; they make no sense here"
@@ -336,6 +352,7 @@ impl Config {
             seal,
             share_timeout: Duration::from_secs(a.share_timeout.clamp(1, 86_400)),
             pin,
+            pin_file,
             allow_expensive_kdf: a.allow_expensive_kdf,
             audit_log: a.audit_log,
             control,

@@ -113,7 +113,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let (volume, info) = Volume::open(&config.backing, config.file.clone())
         .with_context(|| format!("cannot serve {}", config.backing.display()))?;
     let volume = volume
-        .pinned(config.pin.clone())
+        .pinned(config.pin.clone(), config.pin_file.clone())
         .with_context(|| format!("cannot serve {}", config.backing.display()))?;
     if config.pin.key_digest.is_some() {
         info!("volume pinned: every unlock checks the volume key against the configured digest");

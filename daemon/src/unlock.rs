@@ -17,7 +17,7 @@ use crate::luks2::tokens::enroll::{self, EnrollError, TokenFailureReason};
 use crate::luks2::tokens::quorum::{self, QuorumError, QuorumToken};
 use crate::luks2::tokens::resolver;
 use crate::luks2::{FormatError, Luks2Header, SegmentSize, VolumeIo};
-use crate::seal::pin::VolumePin;
+use crate::seal::pin::{PinKeeper, VolumePin};
 use crate::seal::SealSettings;
 
 pub mod shares;
@@ -93,8 +93,9 @@ pub struct Volume {
     /// lock exist there: best effort, see `luks2::VolumeIo`).
     backing: VolumeIo,
     limits: KdfLimits,
-    /// Which volume may be unlocked; checked at every unlock (see [`Volume::pinned`]).
-    pin: VolumePin,
+    /// Which volume may be unlocked; checked at every unlock (see [`Volume::pinned`]); moved
+    /// to the new key when a re-encryption finishes.
+    pin: Arc<PinKeeper>,
     /// Online re-encryption: the router of the unlocked device, a job found at unlock.
     online: reencrypt::Online,
     /// Shares of quorums being assembled (locked memory, forgotten after a timeout).
@@ -125,7 +126,7 @@ impl Volume {
             file_options,
             backing: VolumeIo::Local(claim),
             limits: KdfLimits::default(),
-            pin: VolumePin::default(),
+            pin: Arc::default(),
             online: reencrypt::Online::default(),
             shares: ShareStore::default(),
         };
@@ -150,7 +151,7 @@ impl Volume {
             file_options,
             backing,
             limits: KdfLimits::default(),
-            pin: VolumePin::default(),
+            pin: Arc::default(),
             online: reencrypt::Online::default(),
             shares: ShareStore::default(),
         };
@@ -166,10 +167,12 @@ impl Volume {
 
     /// Pins the volume: refuses now if the header names another UUID, and from then on refuses
     /// every unlock whose header or volume key is not the pinned one.
-    pub fn pinned(mut self, pin: VolumePin) -> Result<Volume, UnlockError> {
+    /// `file`: the `--config` file the key digest came from, kept up to date when a
+    /// re-encryption moves the pin to the new key.
+    pub fn pinned(mut self, pin: VolumePin, file: Option<PathBuf>) -> Result<Volume, UnlockError> {
         let (header, _) = self.read_header()?;
         pin.check_uuid(header.uuid())?;
-        self.pin = pin;
+        self.pin = Arc::new(PinKeeper::new(pin, file));
         Ok(self)
     }
 
@@ -333,7 +336,7 @@ impl Volume {
         }
         let (header, file) = self.read_header()?;
         // A header naming another volume is refused before any provider is asked.
-        self.pin.check_uuid(header.uuid())?;
+        self.pin.get().check_uuid(header.uuid())?;
         let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolver(json, settings);
         let quorums = quorum::tokens(&header);
         let opened = enroll::unlock_with_tokens(&file, &header, &resolve).or_else(|ours| {
@@ -472,7 +475,7 @@ impl Volume {
             return reencrypt::unlock_resuming_with_share(self, name, passphrase, settings);
         }
         let (header, file) = self.read_header()?;
-        self.pin.check_uuid(header.uuid())?;
+        self.pin.get().check_uuid(header.uuid())?;
         let found = quorum::tokens(&header)
             .into_iter()
             .filter_map(|(id, q)| q.ok().map(|q| (id, q)))
@@ -566,6 +569,7 @@ impl Volume {
             });
         }
         self.pin
+            .get()
             .check_uuid(header.uuid())
             .map_err(|e| format!("{p}: {e}"))?;
         let resolve = |json: &serde_json::Map<String, serde_json::Value>| resolver(json, settings);
@@ -573,7 +577,10 @@ impl Volume {
         for id in targets {
             let (key, _) = enroll::unlock_with_token(file, &header, id, &resolve)
                 .map_err(|e| format!("token {id}: {e}"))?;
-            self.pin.check_key(&key).map_err(|e| format!("{p}: {e}"))?;
+            self.pin
+                .get()
+                .check_key(&key)
+                .map_err(|e| format!("{p}: {e}"))?;
             let json = header
                 .token(id)
                 .map(|t| t.json().clone())
@@ -608,7 +615,7 @@ impl Volume {
         header: &Luks2Header,
         key: &VolumeKey,
     ) -> Result<Arc<dyn BlockDevice>, UnlockError> {
-        self.pin.check(header, key)?;
+        self.pin.get().check(header, key)?;
         // The volume key is in hand: shares people gave towards a quorum are no longer needed,
         // whichever way the volume was opened.
         self.shares.forget_partial_quorums();

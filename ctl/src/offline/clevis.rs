@@ -129,6 +129,7 @@ pub fn enroll(a: &EnrollArgs, seal: &SealSettings) -> anyhow::Result<()> {
         &hdr,
         a.key_file.as_deref(),
         a.kdf_limits.limits(),
+        &super::enroll::config_pin(&a.location)?,
     )?;
     let event = AuditEvent::new(AuditEventKind::Enrol).volume(hdr.uuid());
     match luks::enroll(&vol.io, &mut hdr, &key, &pin, &settings) {

@@ -357,11 +357,15 @@ fn token_key(hdr: &Luks2Header, id: u32) -> Option<String> {
         .and_then(|p| p.key_reference().map(str::to_owned))
 }
 
+/// The volume key through a passphrase or key file, held to the `--config` file's pin (`pin`;
+/// empty without `--config`) before anything is written for it: a header swapped for one whose
+/// key the attacker knows gets no new keyslot or token, and no pin lines printed for its key.
 pub(super) fn unlock_by_passphrase(
     vol: &Volume,
     hdr: &Luks2Header,
     key_file: Option<&Path>,
     limits: KdfLimits,
+    pin: &VolumePin,
 ) -> anyhow::Result<VolumeKey> {
     let pass = read_existing(
         &Source::from_arg(key_file),
@@ -371,6 +375,8 @@ pub(super) fn unlock_by_passphrase(
         .unlock(&vol.io, &pass, &limits)
         .map_err(|e| vol.explain(e))?;
     eprintln!("keyslot {slot} unlocked");
+    pin.check(hdr, &key)
+        .map_err(|e| anyhow!("{}: {e}", vol.path.display()))?;
     Ok(key)
 }
 
@@ -402,7 +408,13 @@ pub fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
         ),
     };
     let provider = new_provider(kind, value, &settings)?;
-    let key = unlock_by_passphrase(&vol, &hdr, a.key_file.as_deref(), a.kdf_limits.limits())?;
+    let key = unlock_by_passphrase(
+        &vol,
+        &hdr,
+        a.key_file.as_deref(),
+        a.kdf_limits.limits(),
+        &config_pin(&a.location)?,
+    )?;
     let requested = provider.key_reference();
     let event = AuditEvent::new(AuditEventKind::Enrol)
         .volume(hdr.uuid())
@@ -461,7 +473,13 @@ fn enroll_quorum(
         .iter()
         .map(|(kind, value)| Ok((*kind, new_provider(*kind, value, settings)?)))
         .collect::<anyhow::Result<_>>()?;
-    let key = unlock_by_passphrase(&vol, &hdr, a.key_file.as_deref(), a.kdf_limits.limits())?;
+    let key = unlock_by_passphrase(
+        &vol,
+        &hdr,
+        a.key_file.as_deref(),
+        a.kdf_limits.limits(),
+        &config_pin(&a.location)?,
+    )?;
     let kdf = if a.passphrase_share.is_empty() {
         None
     } else {
@@ -660,7 +678,13 @@ pub fn rekey(a: RekeyArgs) -> anyhow::Result<()> {
     };
     // The volume key: from a passphrase, or by unsealing (the first of) the old tokens.
     let key = if a.key_file.is_some() || a.passphrase {
-        unlock_by_passphrase(&vol, &hdr, a.key_file.as_deref(), a.kdf_limits.limits())?
+        unlock_by_passphrase(
+            &vol,
+            &hdr,
+            a.key_file.as_deref(),
+            a.kdf_limits.limits(),
+            &config_pin(&a.location)?,
+        )?
     } else {
         let mut last = None;
         let mut found = None;

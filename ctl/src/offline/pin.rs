@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context};
 use clap::Args;
 
 use nbdcrypt::luks2::KdfLimits;
-use nbdcrypt::seal::pin::{VolumePin, KEY_DIGEST, KEY_UUID};
+use nbdcrypt::seal::pin::VolumePin;
 
 use super::Volume;
 use crate::secret_input::{read_existing, Source};
@@ -100,11 +100,6 @@ pub fn run(a: PinArgs) -> anyhow::Result<()> {
     }
 }
 
-fn is_pin_line(line: &str) -> bool {
-    let key = line.split('=').next().unwrap_or("").trim();
-    key == KEY_UUID || key == KEY_DIGEST
-}
-
 /// Replaces the pin lines of `file` (or creates it), checks the result parses as a daemon config
 /// serving `volume`, and renames it into place.
 fn write_config(file: &Path, volume: &Path, lines: &str) -> anyhow::Result<()> {
@@ -121,7 +116,7 @@ fn write_config(file: &Path, volume: &Path, lines: &str) -> anyhow::Result<()> {
     let mut text = String::new();
     match &old {
         Some(t) => {
-            for l in t.lines().filter(|l| !is_pin_line(l)) {
+            for l in t.lines().filter(|l| !nbdcrypt::seal::pin::is_pin_line(l)) {
                 text.push_str(l);
                 text.push('\n');
             }

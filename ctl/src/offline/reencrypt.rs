@@ -359,9 +359,11 @@ pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
             std::process::abort();
         }
         run_zones(&a, &vol, &mut r, &audit)?;
+        let new_key = nbdcrypt::crypto::keys::VolumeKey::from_slice(r.new_key().expose_secret());
         let hdr = r
             .finish_dropping_orphans(&vol.io, carry::resealed_token)
             .map_err(|e| vol.explain(e))?;
+        move_pin(&a, &vol, &hdr, &new_key);
         let age = KeyAge::of(&hdr).map(|k| nbdcrypt::audit::rfc3339(k.created_unix));
         audit.record("finish", |e| match &age {
             Some(t) => e.detail("key_created", t.as_str()),
@@ -379,6 +381,45 @@ pub fn run(a: ReencryptArgs) -> anyhow::Result<()> {
         audit.record("failed", |ev| ev.failed(format!("{e:#}")));
     }
     result
+}
+
+/// After the finish: the `--config` file's volume-key pin named the old key (it was checked at
+/// the start or resume); it now names the new one, as the daemon does after an online run.
+/// Without `--config`, a reminder: a daemon config pinning this volume's key must be updated.
+fn move_pin(
+    a: &ReencryptArgs,
+    vol: &Volume,
+    hdr: &Luks2Header,
+    new_key: &nbdcrypt::crypto::keys::VolumeKey,
+) {
+    use nbdcrypt::seal::pin::{PinKeeper, Rotated};
+    let p = vol.path.display();
+    let Some(file) = &a.location.config else {
+        if !a.quiet {
+            eprintln!(
+                "{p}: a daemon config that pins this volume's key (volume-key-digest) names the old \
+                 key: update it with `nbdcryptctl pin {p} --key-file KEY --write FILE`"
+            );
+        }
+        return;
+    };
+    let pin = match super::enroll::config_pin(&a.location) {
+        Ok(pin) => pin,
+        Err(e) => {
+            eprintln!("{p}: {e:#}");
+            return;
+        }
+    };
+    match PinKeeper::new(pin, Some(file.clone())).rotate(hdr, new_key) {
+        Ok(Rotated::InFile(f)) if !a.quiet => {
+            eprintln!(
+                "{p}: the pin in {} now names the new volume key",
+                f.display()
+            );
+        }
+        Ok(_) => {}
+        Err(e) => eprintln!("nbdcryptctl: {p}: {e}"),
+    }
 }
 
 /// UUID from the binary header (`Luks2Header` refuses a header in re-encryption).

@@ -242,6 +242,106 @@ fn is_uuid(s: &str) -> bool {
         })
 }
 
+/// True for a config line that sets one of the pin keys.
+pub fn is_pin_line(line: &str) -> bool {
+    let key = line.split('=').next().unwrap_or("").trim();
+    key == KEY_UUID || key == KEY_DIGEST
+}
+
+/// Replaces the pin lines of the config file `file` with `lines` (the other lines kept as they
+/// are), through a temporary file in the same directory, synced and renamed into place with the
+/// file's mode: a crash leaves the old file or the new one, never half of each.
+pub fn rewrite_config_pin(file: &std::path::Path, lines: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let old = std::fs::read_to_string(file)?;
+    let mode = std::fs::metadata(file)?.permissions().mode() & 0o7777;
+    let mut text = String::new();
+    for l in old.lines().filter(|l| !is_pin_line(l)) {
+        text.push_str(l);
+        text.push('\n');
+    }
+    text.push_str(lines);
+    let dir = file.parent().filter(|d| !d.as_os_str().is_empty());
+    let dir = dir.unwrap_or(std::path::Path::new("."));
+    let name = file.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.nbdcrypt-pin.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, file)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// The daemon's pin, which moves to the new volume key when a re-encryption finishes: in
+/// memory (later unlocks of this process) and in the `--config` file it was read from (later
+/// starts). Otherwise the pin would go on naming the rotated-out key: the current header would
+/// be refused and a header rolled back to before the rotation accepted.
+#[derive(Debug, Default)]
+pub struct PinKeeper {
+    pin: std::sync::RwLock<VolumePin>,
+    /// The config file that holds the pin's `volume-key-digest` line, if it came from one.
+    file: Option<std::path::PathBuf>,
+}
+
+/// Where [`PinKeeper::rotate`] left the pin.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rotated {
+    /// No key digest is pinned (only the UUID, or nothing): nothing to move.
+    NotPinned,
+    /// Moved in memory only (the pin came from the command line).
+    InMemory,
+    /// Moved in memory and in this config file.
+    InFile(std::path::PathBuf),
+}
+
+impl PinKeeper {
+    pub fn new(pin: VolumePin, file: Option<std::path::PathBuf>) -> PinKeeper {
+        PinKeeper {
+            pin: std::sync::RwLock::new(pin),
+            file,
+        }
+    }
+
+    /// The pin as it is now.
+    pub fn get(&self) -> VolumePin {
+        self.pin.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A re-encryption from the pinned key to `new_key` finished and `header` is the header it
+    /// committed: pin `new_key` (its digest in `header`, checked against the key itself). The
+    /// in-memory pin moves even if the file cannot be written (the error says what to run).
+    pub fn rotate(&self, header: &Luks2Header, new_key: &VolumeKey) -> Result<Rotated, String> {
+        let mut pin = self.pin.write().unwrap_or_else(|e| e.into_inner());
+        if pin.key_digest.is_none() {
+            return Ok(Rotated::NotPinned);
+        }
+        let digest = KeyDigest::of_header(header)
+            .filter(|d| d.matches(new_key))
+            .ok_or("the finished header's volume-key digest does not match the new key")?;
+        pin.key_digest = Some(digest);
+        let Some(file) = &self.file else {
+            return Ok(Rotated::InMemory);
+        };
+        rewrite_config_pin(file, &pin.toml_lines()).map_err(|e| {
+            format!(
+                "the pin in {} still names the old key ({e}); run `nbdcryptctl pin VOLUME \
+                 --key-file KEY --write {}` before the next start",
+                file.display(),
+                file.display()
+            )
+        })?;
+        Ok(Rotated::InFile(file.clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

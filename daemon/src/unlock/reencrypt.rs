@@ -7,7 +7,7 @@ use std::fs::OpenOptions;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, Weak};
 
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{UnlockError, Volume};
 use crate::block::crypt::{CryptDevice, Segment};
@@ -23,6 +23,7 @@ use crate::luks2::tokens::carry::{self, Carrier, SharePassphrases};
 use crate::luks2::tokens::quorum;
 use crate::luks2::tokens::resume::KeyFinder;
 use crate::luks2::{FormatError, HeaderIo, Luks2Header};
+use crate::seal::pin::{PinKeeper, Rotated};
 use crate::seal::SealSettings;
 
 /// Per-volume state shared by the unlock path and the worker's backend.
@@ -134,6 +135,8 @@ impl ZoneIo for HookIo<'_> {
 /// it rewrites.
 struct EngineJob {
     r: Option<Reencryption>,
+    /// The volume's pin, moved to the new key at the finish.
+    pin: Arc<PinKeeper>,
     file: Arc<dyn HeaderIo>,
     backing: Arc<dyn BlockDevice>,
     new: Option<Arc<dyn BlockDevice>>,
@@ -197,9 +200,25 @@ impl Job for EngineJob {
         }
         // Our KMS/HSM and quorum tokens of the old keyslots were re-sealed for new ones: they
         // go too.
+        let new_key = VolumeKey::from_slice(r.new_key().expose_secret());
         let hdr = r
             .finish_dropping_orphans(&self.file, carry::resealed_token)
             .map_err(|e| e.to_string())?;
+        // The pin follows the key: the old one is retired (see `PinKeeper`).
+        match self.pin.rotate(&hdr, &new_key) {
+            Ok(Rotated::NotPinned) => {}
+            Ok(Rotated::InMemory) => warn!(
+                "re-encryption finished: the pin now names the new volume key in this process; \
+                 update --volume-key-digest (`nbdcryptctl pin VOLUME`) before the next start"
+            ),
+            Ok(Rotated::InFile(f)) => info!(
+                config = %f.display(),
+                "re-encryption finished: the pin moved to the new volume key (config file updated)"
+            ),
+            Err(e) => {
+                error!(error = %e, "re-encryption finished, but the pin file was not updated")
+            }
+        }
         // status and the metrics show the new key's age from now on.
         let created = crate::luks2::reencrypt::KeyAge::of(&hdr).map_or(0, |a| a.created_unix);
         crate::metrics::METRICS
@@ -303,7 +322,8 @@ fn unlock_resuming_by(
     people: &mut dyn SharePassphrases,
 ) -> Result<(Arc<dyn BlockDevice>, u32), UnlockError> {
     let file = open_rw(vol)?;
-    let mut finder = KeyFinder::new(settings, &vol.limits, people, Some(&vol.pin));
+    let pin = vol.pin.get();
+    let mut finder = KeyFinder::new(settings, &vol.limits, people, Some(&pin));
     let r = finder.open(&*file, &[]);
     match r {
         Ok(r) => serve_resuming(vol, file, r),
@@ -359,7 +379,7 @@ pub(super) fn unlock_resuming_with_share(
 ) -> Result<(Arc<dyn BlockDevice>, u32), UnlockError> {
     let file = open_rw(vol)?;
     let hdr = crate::luks2::online::read_any_header(&*file)?;
-    vol.pin.check_uuid(hdr.uuid())?;
+    vol.pin.get().check_uuid(hdr.uuid())?;
     let Some(q) = quorum::tokens(&hdr)
         .into_iter()
         .filter_map(|(_, q)| q.ok())
@@ -414,15 +434,16 @@ fn serve_resuming(
     file: Arc<dyn HeaderIo>,
     mut r: Reencryption,
 ) -> Result<(Arc<dyn BlockDevice>, u32), UnlockError> {
-    vol.pin.check_uuid(r.header().uuid())?;
+    vol.pin.get().check_uuid(r.header().uuid())?;
     // Mid-way the pin names the old key (`nbdcryptctl pin` refuses a volume in re-encryption,
     // so nobody re-pins to the new key before the end); trust passes to the new key through the
     // re-encryption digest, which binds both. Without this a header that claims a
     // re-encryption, written by someone whose tokens the daemon accepts, would be served under
     // their keys; and accepting the new key too would let a header rolled back to the middle
     // of an earlier rotation bring the rotated-out key back.
-    if let Err(e) = vol.pin.check_key(r.old_key()) {
-        if vol.pin.check_key(r.new_key()).is_ok() {
+    let pin = vol.pin.get();
+    if let Err(e) = pin.check_key(r.old_key()) {
+        if pin.check_key(r.new_key()).is_ok() {
             warn!("refused: the header is in the middle of a re-encryption to the pinned key from another key (rolled back to an earlier rotation?)");
         }
         return Err(e.into());
@@ -473,6 +494,7 @@ fn serve_resuming(
     let slot = r.state().keyslot;
     *vol.online.resumed.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(EngineJob {
         r: Some(r),
+        pin: vol.pin.clone(),
         file,
         backing,
         new: None,
@@ -570,7 +592,10 @@ impl Backend for VolumeBackend {
         let vol = &*self.volume;
         let file = open_rw(vol).map_err(|e| e.to_string())?;
         let (hdr, _) = Luks2Header::read(&file).map_err(|e| e.to_string())?;
-        vol.pin.check_uuid(hdr.uuid()).map_err(|e| e.to_string())?;
+        vol.pin
+            .get()
+            .check_uuid(hdr.uuid())
+            .map_err(|e| e.to_string())?;
         let q = quorum::tokens(&hdr)
             .into_iter()
             .filter_map(|(_, q)| q.ok())
@@ -598,6 +623,7 @@ impl Backend for VolumeBackend {
         let file = open_rw(vol).map_err(|e| e.to_string())?;
         let (hdr, _) = Luks2Header::read(&file).map_err(|e| format!("{p}: {e}"))?;
         vol.pin
+            .get()
             .check_uuid(hdr.uuid())
             .map_err(|e| format!("{p}: {e}"))?;
         // Every keyslot of the data key is carried over, or named; nothing is dropped silently.
@@ -640,6 +666,7 @@ impl Backend for VolumeBackend {
             });
         };
         vol.pin
+            .get()
             .check(&hdr, &old_key)
             .map_err(|e| format!("{p}: {e}"))?;
         if !cannot.is_empty() && !drop_unopened {
@@ -691,6 +718,7 @@ impl Backend for VolumeBackend {
         info!(carried = ?carried, dropped = dropped.len(), "re-encryption: keyslots carried over");
         Ok(Box::new(EngineJob {
             r: Some(r),
+            pin: vol.pin.clone(),
             file,
             backing,
             new: Some(new),
