@@ -933,6 +933,19 @@ fn assert_pin_moved_to_the_new_key(v: &Vol, conf: &Path, before: &str, old: &Vol
     swap_header(old, v);
     assert_pin_refuses(&d, &["--key-file", &v.key]);
     assert_eq!(state(&d.status()), "locked");
+    // The refusal says to compare with `nbdcryptctl pin`: re-pinning the old header over the
+    // moved pin is refused unless asked for (--replace), and then only with a passphrase.
+    let o = fails(ctl(&["pin", &v.vol, "--write", conf.to_str().unwrap()]));
+    assert!(text(&o).contains("pins another volume key"), "{}", text(&o));
+    let o = fails(ctl(&[
+        "pin",
+        &v.vol,
+        "--write",
+        conf.to_str().unwrap(),
+        "--replace",
+    ]));
+    assert!(text(&o).contains("--replace needs"), "{}", text(&o));
+    assert_eq!(pinned_digest(conf), after, "a refused pin rewrote the file");
     swap_header(&current, v);
     ok(ctl(&[
         "unlock",

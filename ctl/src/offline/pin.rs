@@ -34,7 +34,11 @@ Examples:
 
 Then restart nbdcryptd (systemctl restart nbdcryptd@db). --write replaces the volume-uuid and
 volume-key-digest lines of FILE (or creates FILE, mode 0600, with `volume = ...`); the file is
-checked as a daemon config and replaced atomically.";
+checked as a daemon config and replaced atomically. It refuses to replace a pin of another volume
+key unless --replace (with --key-file or --verify): a re-encryption moves the pin by itself
+(nbdcryptd, and `reencrypt --config FILE`), so a different key on disk is more likely a swapped
+or rolled-back header than a change of yours.
+  nbdcryptctl pin /srv/db.img --replace --key-file recovery.key --write /etc/nbdcrypt/db.toml";
 
 #[derive(Args, Debug)]
 pub struct PinArgs {
@@ -53,6 +57,10 @@ pub struct PinArgs {
     /// Pin the UUID only (a volume whose key may legitimately change: none today).
     #[arg(long)]
     pub uuid_only: bool,
+    /// With --write: replace a pin of FILE that names another volume key (refused without it:
+    /// the disk may hold a swapped or rolled-back header). Needs --key-file or --verify.
+    #[arg(long, requires = "write")]
+    pub replace: bool,
 }
 
 pub fn run(a: PinArgs) -> anyhow::Result<()> {
@@ -88,6 +96,7 @@ pub fn run(a: PinArgs) -> anyhow::Result<()> {
             Ok(())
         }
         Some(file) => {
+            refuse_silent_replace(&a, file, &pin)?;
             write_config(file, &vol.path, &lines)?;
             println!(
                 "pinned {} (UUID {}) in {}",
@@ -98,6 +107,41 @@ pub fn run(a: PinArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `--write` over a config whose pin names another volume key: the header on disk may be the
+/// swapped or rolled-back one the pin is there to refuse (and the daemon's refusal tells the
+/// operator to come here). Only with --replace, and then only after a passphrase the operator
+/// knows proved the key (--key-file / --verify).
+fn refuse_silent_replace(a: &PinArgs, file: &Path, new: &VolumePin) -> anyhow::Result<()> {
+    let Ok((cfg, _)) = nbdcrypt::config_file::load(file) else {
+        return Ok(()); // no file yet, or not a config: write_config says what is wrong
+    };
+    let old = cfg
+        .volume_pin()
+        .map_err(|e| anyhow!("{}: {e}", file.display()))?;
+    let (Some(was), Some(now)) = (&old.key_digest, &new.key_digest) else {
+        return Ok(());
+    };
+    if was == now {
+        return Ok(());
+    }
+    if !a.replace {
+        bail!(
+            "{} pins another volume key ({was}) than the header now holds ({now}); if the key \
+             changed by your hand (a re-encryption without --config), run again with --replace \
+             --key-file KEY (or --verify); if not, the header may have been swapped or rolled \
+             back: restore it from your header backup instead",
+            file.display()
+        );
+    }
+    if a.key_file.is_none() && !a.verify {
+        bail!(
+            "--replace needs --key-file or --verify: prove a passphrase you know opens the new key"
+        );
+    }
+    eprintln!("replacing the pinned key {was} with {now}");
+    Ok(())
 }
 
 /// Replaces the pin lines of `file` (or creates it), checks the result parses as a daemon config
