@@ -431,3 +431,40 @@ fn writes_until_blocked_then_reads_never_waits_a_whole_second_over_tls() {
 fn one_request_per_wait_like_nbd_tester_client_never_waits_a_whole_second_over_tls() {
     tls_run(Writes::One);
 }
+
+/// The same over an upstream NBD server (`--plain nbd+unix://…` over nbdkit `file`): there the
+/// READs are started on the upstream by the thread that read them and replied to by the
+/// session's completer thread, which must not stop the request stream either.
+fn upstream_run(writes: Writes) {
+    let dir = tempdir();
+    let img = dir.path().join("image.bin");
+    std::fs::write(&img, patterned_image()).unwrap();
+    let up = Upstream::nbdkit(dir.path(), "up", &["file", img.to_str().unwrap()]);
+    let served = tempdir();
+    let sock = served.path().join("nbd.sock");
+    let d = Daemon::start_in(
+        served,
+        vec![
+            "--plain".into(),
+            up.uri.clone().into(),
+            "--unix".into(),
+            sock.into(),
+        ],
+    );
+    let mut s = UnixStream::connect(&d.sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(handshake(&mut s), SIZE);
+    s.set_nonblocking(true).unwrap();
+    let run = pipeline(&mut s, SIZE, TOTAL, writes, &pattern);
+    check(run, &format!("over an upstream, {writes:?}"), depth(writes));
+}
+
+#[test]
+fn writes_until_blocked_then_reads_never_waits_a_whole_second_over_an_upstream() {
+    upstream_run(Writes::Burst);
+}
+
+#[test]
+fn one_request_per_wait_like_nbd_tester_client_never_waits_a_whole_second_over_an_upstream() {
+    upstream_run(Writes::One);
+}

@@ -12,7 +12,10 @@
 
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::{BlockDevice, Caps, Error, ErrorKind, Extent, Op, ZeroFlags};
+use super::{
+    BlockDevice, Caps, Completion, Error, ErrorKind, Extent, Op, StartOp, Started, Ticket,
+    ZeroFlags,
+};
 use crate::crypto::xts::{SectorCipher, XtsError};
 use crate::metrics::METRICS;
 use crate::sys::LockedBox;
@@ -307,7 +310,7 @@ impl<C: SectorTransform> CryptDevice<C> {
     }
 }
 
-impl<C: SectorTransform> BlockDevice for CryptDevice<C> {
+impl<C: SectorTransform + 'static> BlockDevice for CryptDevice<C> {
     fn size(&self) -> u64 {
         self.segment.size
     }
@@ -478,6 +481,151 @@ impl<C: SectorTransform> BlockDevice for CryptDevice<C> {
         own + self
             .inner
             .scratch_bytes(op, self.segment.offset.saturating_add(offset), length)
+    }
+
+    fn starts(&self) -> bool {
+        self.inner.starts()
+    }
+
+    fn can_start(&self, op: Op, offset: u64, length: u64, fua: bool) -> bool {
+        let inside = offset
+            .checked_add(length)
+            .is_some_and(|end| end <= self.segment.size);
+        inside
+            && length > 0
+            && self.is_aligned(offset, length)
+            && self
+                .inner
+                .can_start(op, self.segment.offset + offset, length, fua)
+    }
+
+    /// Whole-sector requests only (unaligned ones need read-modify-write: the blocking path).
+    /// A READ is decrypted when its ticket is finished. A WRITE takes the range lock, is
+    /// encrypted in place and handed down; its ticket keeps the lock until it is finished, so
+    /// an unaligned write's read-modify-write of the same sectors still waits for it.
+    fn start(self: Arc<Self>, op: StartOp<'_>, done: Completion) -> Started {
+        match op {
+            StartOp::Read {
+                offset,
+                length,
+                buf,
+            } => {
+                if !self.can_start(Op::Read, offset, length as u64, false) {
+                    return Started::No(done);
+                }
+                let down = StartOp::Read {
+                    offset: self.segment.offset + offset,
+                    length,
+                    buf,
+                };
+                match self.inner.clone().start(down, done) {
+                    Started::Yes(inner) => Started::Yes(Box::new(CryptTicket {
+                        dev: self,
+                        offset,
+                        read: Some(length),
+                        lock: None,
+                        inner: Some(inner),
+                    })),
+                    no => no,
+                }
+            }
+            StartOp::Write { offset, data, fua } => {
+                let len = data.len() as u64;
+                if !self.can_start(Op::Write, offset, len, fua) {
+                    return Started::No(done);
+                }
+                let range = (self.align_down(offset), self.align_up(offset + len));
+                // Held by the ticket from here on (released by its drop).
+                std::mem::forget(self.locks.lock(range.0, range.1));
+                let mut ticket = CryptTicket {
+                    dev: self.clone(),
+                    offset,
+                    read: None,
+                    lock: Some(range),
+                    inner: None,
+                };
+                let mut at = 0usize;
+                for piece in data.chunks_mut(self.chunk) {
+                    let off = offset + at as u64;
+                    let n = piece.len();
+                    let sealed = METRICS.xts_chunk(true, n, || {
+                        self.cipher.encrypt_in_place(piece, self.iv(off))
+                    });
+                    if sealed.is_err() {
+                        done(Err(Self::crypto_err(Op::Write, off, n as u64)));
+                        return Started::Yes(Box::new(ticket));
+                    }
+                    at += n;
+                }
+                // `data` is ciphertext now: whatever happens below, it must not come back to
+                // the caller as plaintext to encrypt again.
+                let down = StartOp::Write {
+                    offset: self.segment.offset + offset,
+                    data: &mut *data,
+                    fua,
+                };
+                match self.inner.clone().start(down, done) {
+                    Started::Yes(inner) => ticket.inner = Some(inner),
+                    Started::No(done) => {
+                        // `can_start` said it would be taken; serve it here rather than fail.
+                        let r = self
+                            .inner
+                            .write_at(data, self.segment.offset + offset, fua)
+                            .map(|()| Vec::new());
+                        done(r);
+                    }
+                }
+                Started::Yes(Box::new(ticket))
+            }
+        }
+    }
+}
+
+/// A started request of the crypt layer: a READ still to be decrypted, a WRITE's range lock.
+struct CryptTicket<C: SectorTransform + 'static> {
+    dev: Arc<CryptDevice<C>>,
+    offset: u64,
+    /// READ: its length.
+    read: Option<usize>,
+    /// The range lock this request holds (a WRITE), released on drop.
+    lock: Option<(u64, u64)>,
+    inner: Option<Box<dyn Ticket>>,
+}
+
+impl<C: SectorTransform + 'static> Ticket for CryptTicket<C> {
+    fn finish(mut self: Box<Self>, answer: Result<Vec<u8>, Error>) -> Result<Vec<u8>, Error> {
+        let mut data = match self.inner.take() {
+            Some(t) => t.finish(answer)?,
+            None => answer?,
+        };
+        let Some(len) = self.read else {
+            return Ok(data);
+        };
+        let dev = &*self.dev;
+        if data.len() != len {
+            return Err(Error::new(ErrorKind::Io).at(Op::Read, self.offset, len as u64));
+        }
+        let mut at = 0usize;
+        for piece in data.chunks_mut(dev.chunk) {
+            let off = self.offset + at as u64;
+            let n = piece.len();
+            METRICS
+                .xts_chunk(false, n, || dev.cipher.decrypt_in_place(piece, dev.iv(off)))
+                .map_err(|_| CryptDevice::<C>::crypto_err(Op::Read, off, n as u64))?;
+            at += n;
+        }
+        Ok(data)
+    }
+}
+
+impl<C: SectorTransform + 'static> Drop for CryptTicket<C> {
+    fn drop(&mut self) {
+        if let Some(range) = self.lock.take() {
+            drop(RangeGuard {
+                locks: &self.dev.locks,
+                range,
+            });
+        }
     }
 }
 

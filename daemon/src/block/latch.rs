@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use tracing::error;
 
-use super::{BlockDevice, Caps, Error, ErrorKind, Extent, Op, ZeroFlags};
+use super::{
+    BlockDevice, Caps, Completion, Error, ErrorKind, Extent, Op, StartOp, Started, Ticket,
+    ZeroFlags,
+};
 
 pub struct Latch {
     inner: Arc<dyn BlockDevice>,
@@ -107,6 +110,49 @@ impl BlockDevice for Latch {
 
     fn scratch_bytes(&self, op: Op, offset: u64, length: u64) -> u64 {
         self.inner.scratch_bytes(op, offset, length)
+    }
+
+    fn starts(&self) -> bool {
+        self.inner.starts()
+    }
+
+    fn can_start(&self, op: Op, offset: u64, length: u64, fua: bool) -> bool {
+        !(fua && self.has_failed()) && self.inner.can_start(op, offset, length, fua)
+    }
+
+    /// As the blocking calls: a FUA write after a failure is refused (here by leaving it to
+    /// `write_at_scratch`), and a started write's failure trips the latch when it is finished,
+    /// before its reply can be sent.
+    fn start(self: Arc<Self>, op: StartOp<'_>, done: Completion) -> Started {
+        let write = matches!(op, StartOp::Write { .. });
+        if matches!(op, StartOp::Write { fua: true, .. }) && self.has_failed() {
+            return Started::No(done);
+        }
+        match self.inner.clone().start(op, done) {
+            Started::Yes(inner) => Started::Yes(Box::new(LatchTicket {
+                latch: self,
+                inner,
+                write,
+            })),
+            no => no,
+        }
+    }
+}
+
+struct LatchTicket {
+    latch: Arc<Latch>,
+    inner: Box<dyn Ticket>,
+    write: bool,
+}
+
+impl Ticket for LatchTicket {
+    fn finish(self: Box<Self>, answer: Result<Vec<u8>, Error>) -> Result<Vec<u8>, Error> {
+        let r = self.inner.finish(answer);
+        if self.write {
+            self.latch.note(r)
+        } else {
+            r
+        }
     }
 }
 

@@ -17,6 +17,7 @@ pub mod reencrypt;
 
 use std::fmt;
 use std::io;
+use std::sync::Arc;
 
 /// What a device can do; the session advertises exactly this to clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +105,77 @@ pub trait BlockDevice: Send + Sync {
     fn scratch_bytes(&self, op: Op, offset: u64, length: u64) -> u64 {
         let _ = (op, offset, length);
         0
+    }
+
+    /// Whether this device (through every layer below it) may [`start`](Self::start)
+    /// requests: its backend completes them by itself, an upstream NBD server. Fixed for the
+    /// life of the device. Default: no (the local file backend: a thread waits in pread).
+    fn starts(&self) -> bool {
+        false
+    }
+
+    /// Whether [`start`](Self::start) would take this request (`op` Read or Write, `fua` for
+    /// a write): a layer that must commit to a request before passing it on (the crypt layer
+    /// encrypts a WRITE's payload in place) asks the layer below first. Default: no.
+    fn can_start(&self, op: Op, offset: u64, length: u64, fua: bool) -> bool {
+        let _ = (op, offset, length, fua);
+        false
+    }
+
+    /// Start a READ or WRITE without a thread waiting for it. `Started::Yes(ticket)`: `done`
+    /// will be called exactly once, on any thread (possibly before this returns), with the
+    /// backend's answer; then `ticket.finish(answer)` gives the request's result (each layer
+    /// decrypts, notes failures, and releases what it holds for the request: a layer keeps its
+    /// locks in the ticket, so a request holds them from start to finish, as the blocking
+    /// call would; dropping a ticket unfinished releases them too). `Started::No(done)`: nothing was done, `done` comes back uncalled; serve the
+    /// request with the blocking methods. Same checks, durability and error contract as
+    /// `read_at` / `write_at_scratch`. Default: `No`.
+    fn start(self: Arc<Self>, op: StartOp<'_>, done: Completion) -> Started {
+        let _ = op;
+        Started::No(done)
+    }
+}
+
+/// A request for [`BlockDevice::start`].
+pub enum StartOp<'b> {
+    /// Read `length` bytes at `offset`. `buf` is a spare buffer the device may fill and hand
+    /// back with the answer (its old contents are never seen).
+    Read {
+        offset: u64,
+        length: usize,
+        buf: Vec<u8>,
+    },
+    /// Write `data` at `offset`, durable before the answer if `fua`. The layers may use `data`
+    /// as scratch (as `write_at_scratch`); it is not needed once `start` has returned.
+    Write {
+        offset: u64,
+        data: &'b mut [u8],
+        fua: bool,
+    },
+}
+
+/// Called once with the backend's answer to a started request: a READ's data as the backend
+/// returned it (still to be finished by the ticket), or an empty buffer for a WRITE.
+pub type Completion = Box<dyn FnOnce(Result<Vec<u8>, Error>) + Send>;
+
+/// What the layers still have to do for a started request once its answer has come.
+pub trait Ticket: Send {
+    /// The request's result from the backend's answer (a READ's plaintext).
+    fn finish(self: Box<Self>, answer: Result<Vec<u8>, Error>) -> Result<Vec<u8>, Error>;
+}
+
+/// Whether [`BlockDevice::start`] took a request.
+pub enum Started {
+    Yes(Box<dyn Ticket>),
+    No(Completion),
+}
+
+/// The ticket of a layer with nothing left to do: the answer is the result.
+pub struct Done;
+
+impl Ticket for Done {
+    fn finish(self: Box<Self>, answer: Result<Vec<u8>, Error>) -> Result<Vec<u8>, Error> {
+        answer
     }
 }
 

@@ -29,7 +29,10 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
-use super::{BlockDevice, Caps, Error, ErrorKind, Extent, Op, ZeroFlags};
+use super::{
+    BlockDevice, Caps, Completion, Error, ErrorKind, Extent, Op, StartOp, Started, Ticket,
+    ZeroFlags,
+};
 
 /// The on-disk half of re-encryption (the LUKS2 engine, `luks2::reencrypt`): it names the next
 /// zone and rewrites it, ciphertext to ciphertext, while [`ReencryptDevice::reencrypt_zone`]
@@ -380,6 +383,81 @@ impl BlockDevice for ReencryptDevice {
             .as_ref()
             .map_or(0, |b| b.scratch_bytes(op, offset, length));
         above.max(below)
+    }
+
+    fn starts(&self) -> bool {
+        self.current().above.starts()
+    }
+
+    fn can_start(&self, op: Op, offset: u64, length: u64, fua: bool) -> bool {
+        let r = self.current();
+        r.below.is_none() && r.poisoned.is_none() && r.above.can_start(op, offset, length, fua)
+    }
+
+    /// Only while not re-encrypting (one device): the request takes its shared range lock
+    /// first, as `routed` does, and keeps it in its ticket until it is finished, so a zone step
+    /// (or `begin`) waits for started requests exactly as for blocking ones. While a
+    /// re-encryption runs, requests are left to the blocking path (`No`).
+    fn start(self: Arc<Self>, op: StartOp<'_>, done: Completion) -> Started {
+        let (offset, len) = match &op {
+            StartOp::Read { offset, length, .. } => (*offset, *length as u64),
+            StartOp::Write { offset, data, .. } => (*offset, data.len() as u64),
+        };
+        let end = offset.saturating_add(len);
+        if end > self.size || len == 0 {
+            return Started::No(done);
+        }
+        // Held by the ticket from here on (released by its drop).
+        std::mem::forget(self.locks.shared(offset, end));
+        let range = (offset, end);
+        let r = self.current();
+        if r.below.is_some() || r.poisoned.is_some() {
+            drop(SharedGuard {
+                locks: &self.locks,
+                range,
+            });
+            return Started::No(done);
+        }
+        self.note(len);
+        match r.above.start(op, done) {
+            Started::Yes(inner) => Started::Yes(Box::new(RoutedTicket {
+                router: self,
+                range,
+                inner: Some(inner),
+            })),
+            no => {
+                drop(SharedGuard {
+                    locks: &self.locks,
+                    range,
+                });
+                no
+            }
+        }
+    }
+}
+
+/// A started request's shared range lock, held until it is finished (or dropped).
+struct RoutedTicket {
+    router: Arc<ReencryptDevice>,
+    range: (u64, u64),
+    inner: Option<Box<dyn Ticket>>,
+}
+
+impl Drop for RoutedTicket {
+    fn drop(&mut self) {
+        drop(SharedGuard {
+            locks: &self.router.locks,
+            range: self.range,
+        });
+    }
+}
+
+impl Ticket for RoutedTicket {
+    fn finish(mut self: Box<Self>, answer: Result<Vec<u8>, Error>) -> Result<Vec<u8>, Error> {
+        match self.inner.take() {
+            Some(t) => t.finish(answer),
+            None => answer,
+        }
     }
 }
 

@@ -29,6 +29,18 @@
 //! spent: then the worker holding the read lock waits and the connection stops reading —
 //! back-pressure, bounded by what the client asked for, not by the socket.
 //!
+//! Devices that are themselves asynchronous (an upstream NBD server below: `BlockDevice::starts`)
+//! get READs and WRITEs without a thread waiting for each: the worker that read the request
+//! starts it on the device (`Session::try_start`: the crypt layer encrypts a WRITE in place and
+//! the upstream client puts it on its socket) and, still holding the read lock, goes on reading
+//! the next request; the upstream connection's reader thread hands the answer to the session's
+//! completer thread, which finishes it (decrypts a READ, notes a failure in the fail-stop latch,
+//! releases the layers' range locks) and sends the reply as any worker would. Per request that
+//! saves the two thread wake-ups of the blocking path (the read lock passed to the next worker,
+//! the worker woken by its answer): the completer and the reader wake once per batch. A reply is
+//! still sent only after the device's answer; FLUSH, TRIM, unaligned and other requests, and
+//! every request while an online re-encryption runs, take the blocking path.
+//!
 //! Memory: every request is charged, before any I/O, the bytes it will really hold while it is
 //! in flight — its payload or reply buffer with the page-alignment slack, the scratch the
 //! device layers allocate for it (the crypt layer's ciphertext chunk and read-modify-write
@@ -39,9 +51,9 @@
 //! The handshake runs on the async reactor; the socket is handed here afterwards. A controller
 //! stops a session by setting `stop` and shutting the socket's read side (`Stopper`).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufReader, IoSlice, Read, Write};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use tracing::{debug, warn};
@@ -51,7 +63,7 @@ use super::errno::{self, NbdErrno};
 use super::handshake::Negotiated;
 use super::wire::*;
 use super::ProtocolError;
-use crate::block::{Error as BlockError, Op, ZeroFlags};
+use crate::block::{Completion, Error as BlockError, Op, StartOp, Started, Ticket, ZeroFlags};
 use crate::export::{Export, IoStats};
 
 /// Fixed cost charged per request on top of its buffers, so many tiny requests are bounded too:
@@ -273,13 +285,46 @@ enum Body {
         buf: Scratch,
         range: std::ops::Range<usize>,
     },
+    /// A started READ's reply: its header, and the data as the device answered it.
+    Split {
+        head: Vec<u8>,
+        data: Vec<u8>,
+    },
 }
 
 impl Body {
+    /// The reply's bytes as one slice (the non-blocking paths; a `Split` body is made whole
+    /// first by `flatten`, and never reaches them: requests are only started when the socket's
+    /// owner may block, see `Session::try_start`).
     fn bytes(&self) -> &[u8] {
         match self {
             Body::Owned(v) => v,
             Body::Output { buf, range } => &buf.0[range.clone()],
+            Body::Split { head, .. } => head,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Body::Split { head, data } => head.len() + data.len(),
+            b => b.bytes().len(),
+        }
+    }
+
+    /// The bytes from `from` on, in at most two pieces.
+    fn rest(&self, from: usize) -> [&[u8]; 2] {
+        match self {
+            Body::Split { head, data } if from < head.len() => [&head[from..], data],
+            Body::Split { head, data } => [&data[from - head.len()..], &[]],
+            b => [&b.bytes()[from..], &[]],
+        }
+    }
+
+    fn flatten(&mut self) {
+        if let Body::Split { head, data } = self {
+            let mut v = std::mem::take(head);
+            v.extend_from_slice(data);
+            *self = Body::Owned(v);
         }
     }
 }
@@ -356,6 +401,61 @@ struct Session<'a> {
     /// Large READs are streamed (`stream_read`); the environment variable
     /// NBDCRYPT_BENCH_NO_STREAM (benchmarks only) turns it off, to compare both in one build.
     stream_reads: bool,
+    /// The device starts requests (`BlockDevice::starts`: an upstream NBD server below): READs
+    /// and WRITEs go from the thread that read them straight to the device, and the completer
+    /// thread replies when they are answered (see `Session::try_start`). The environment
+    /// variable NBDCRYPT_BENCH_NO_START (benchmarks only) turns it off.
+    starts: bool,
+    /// WRITEs are started too; NBDCRYPT_BENCH_NO_START_WRITES (benchmarks only) leaves them to
+    /// the blocking path.
+    start_writes: bool,
+    /// Started requests by sequence number, until the completer has replied.
+    started: Mutex<HashMap<u64, InFlight<'a>>>,
+    next_seq: AtomicU64,
+    /// Answers of started requests, from the device's completion callbacks.
+    answers: Arc<Answers>,
+    /// Spare buffers for started READs (counted in `retained`).
+    spare: Mutex<Vec<Vec<u8>>>,
+}
+
+/// A started request: what its reply needs, and what it holds until then.
+struct InFlight<'a> {
+    header: RequestHeader,
+    structured: bool,
+    grants: Grants<'a>,
+    timer: Option<crate::metrics::RequestTimer>,
+    /// Set by the reader right after `start` returned.
+    ticket: Option<Box<dyn Ticket>>,
+    /// An answer that came before the ticket was set (the device answered inside `start`).
+    early: Option<Result<Vec<u8>, BlockError>>,
+}
+
+/// Answers of started requests by sequence number, from any thread to the completer thread.
+#[derive(Default)]
+struct Answers {
+    state: Mutex<AnswerState>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct AnswerState {
+    done: Vec<(u64, Result<Vec<u8>, BlockError>)>,
+    /// Every worker has exited: once nothing is in flight, the completer ends.
+    closed: bool,
+    /// The completer waits: the next answer wakes it.
+    idle: bool,
+}
+
+impl Answers {
+    fn put(&self, seq: u64, r: Result<Vec<u8>, BlockError>) {
+        let mut st = lock(&self.state);
+        st.done.push((seq, r));
+        if st.idle {
+            st.idle = false;
+            drop(st);
+            self.ready.notify_one();
+        }
+    }
 }
 
 /// Serve a negotiated connection until the client disconnects, the stopper fires or the peer
@@ -401,6 +501,12 @@ pub fn serve(
         // Set once a second worker runs (fewer may start than asked for).
         may_block: AtomicBool::new(false),
         stream_reads: std::env::var_os("NBDCRYPT_BENCH_NO_STREAM").is_none(),
+        starts: neg.export.device.starts() && std::env::var_os("NBDCRYPT_BENCH_NO_START").is_none(),
+        start_writes: std::env::var_os("NBDCRYPT_BENCH_NO_START_WRITES").is_none(),
+        started: Mutex::new(HashMap::new()),
+        next_seq: AtomicU64::new(0),
+        answers: Arc::new(Answers::default()),
+        spare: Mutex::new(Vec::new()),
     };
     std::thread::scope(|scope| {
         let session = &session;
@@ -413,6 +519,24 @@ pub fn serve(
             session.finish(Err(ProtocolError::Io(e)));
             return;
         }
+        let completer = if session.starts {
+            let spawned = std::thread::Builder::new()
+                .name("nbd-completer".to_owned())
+                .stack_size(256 * 1024)
+                .spawn_scoped(scope, move || session.complete_loop());
+            match spawned {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    warn!(error = %e, "could not start the completer thread");
+                    session.finish(Err(ProtocolError::Io(e)));
+                    lock(&session.out.state).closed = true;
+                    session.out.ready.notify_all();
+                    return;
+                }
+            }
+        } else {
+            None
+        };
         let mut workers = Vec::new();
         for i in 0..threads {
             let spawned = std::thread::Builder::new()
@@ -439,6 +563,18 @@ pub fn serve(
         for h in workers {
             let _ = h.join();
         }
+        // Started requests are answered by the device in any case (a reply, a connection
+        // failure, its timeout): the completer replies to them (or drops the replies when the
+        // client is gone) and ends when none is left.
+        if let Some(h) = completer {
+            {
+                let mut st = lock(&session.answers.state);
+                st.closed = true;
+                st.idle = false;
+            }
+            session.answers.ready.notify_all();
+            let _ = h.join();
+        }
         lock(&session.out.state).closed = true;
         session.out.ready.notify_all();
     });
@@ -459,25 +595,32 @@ impl<'a> Session<'a> {
         loop {
             let (next, grants, timer) = {
                 let mut rd = lock(&self.read);
-                if rd.done || self.broken.load(Ordering::Acquire) {
-                    return;
-                }
-                match self.next_request(&mut rd.reader, &mut bufs.input) {
-                    Ok(Some(x)) => x,
-                    Ok(None) => {
-                        rd.done = true;
-                        let end = if self.stopper.stopped() {
-                            End::Stopped
-                        } else {
-                            End::Disconnected
-                        };
-                        self.finish(Ok(end));
+                // Requests the device starts are handed to it here, and this worker goes on
+                // reading: no other thread wakes for them until their answers come.
+                loop {
+                    if rd.done || self.broken.load(Ordering::Acquire) {
                         return;
                     }
-                    Err(e) => {
-                        rd.done = true;
-                        self.finish(Err(e));
-                        return;
+                    let x = match self.next_request(&mut rd.reader, &mut bufs.input) {
+                        Ok(Some(x)) => x,
+                        Ok(None) => {
+                            rd.done = true;
+                            let end = if self.stopper.stopped() {
+                                End::Stopped
+                            } else {
+                                End::Disconnected
+                            };
+                            self.finish(Ok(end));
+                            return;
+                        }
+                        Err(e) => {
+                            rd.done = true;
+                            self.finish(Err(e));
+                            return;
+                        }
+                    };
+                    if let Some(x) = self.try_start(x, &mut bufs.input) {
+                        break x;
                     }
                 }
             };
@@ -522,13 +665,209 @@ impl<'a> Session<'a> {
             }) {
                 // Sent here: the buffer goes back to the connection's pool.
                 Some(Body::Output { buf, .. }) => self.recycle(buf),
-                Some(Body::Owned(_)) => {}
+                Some(Body::Owned(_)) | Some(Body::Split { .. }) => {}
                 // Queued with the reply; whoever sends it recycles its buffer.
                 None => {}
             }
             bufs.input.trim(&self.retained);
             bufs.output.trim(&self.retained);
         }
+    }
+
+    /// Hand a READ or WRITE to a device that starts requests (`BlockDevice::start`), from the
+    /// thread that read it, which then goes on reading; the completer thread replies once the
+    /// device has answered. Gives the request back (to be run here, blocking) when it is not one
+    /// to start: other commands, requests the device will not start (unaligned, FUA without
+    /// native FUA, during a re-encryption ...), or a connection whose socket owner may not
+    /// block (a single worker: then the completer could not send either).
+    #[allow(clippy::type_complexity)]
+    fn try_start(
+        &self,
+        x: (Next, Grants<'a>, Option<crate::metrics::RequestTimer>),
+        input: &mut Scratch,
+    ) -> Option<(Next, Grants<'a>, Option<crate::metrics::RequestTimer>)> {
+        let (next, grants, timer) = x;
+        let Next::Run(job) = &next else {
+            return Some((next, grants, timer));
+        };
+        let h = job.header;
+        let write = match h.command {
+            Command::Read => false,
+            Command::Write if self.start_writes => true,
+            _ => return Some((next, grants, timer)),
+        };
+        let fua = h.flags & CMD_FLAG_FUA != 0;
+        let dev = &self.neg.export.device;
+        let op = if write { Op::Write } else { Op::Read };
+        if !self.starts
+            || !self.may_block.load(Ordering::Acquire)
+            || self.broken.load(Ordering::Acquire)
+            || !dev.can_start(op, h.offset, u64::from(h.length), fua)
+        {
+            return Some((next, grants, timer));
+        }
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        lock(&self.started).insert(
+            seq,
+            InFlight {
+                header: h,
+                structured: job.structured,
+                grants,
+                timer,
+                ticket: None,
+                early: None,
+            },
+        );
+        let answers = self.answers.clone();
+        let done: Completion = Box::new(move |r| answers.put(seq, r));
+        let started = if write {
+            let stats = &self.neg.export.stats;
+            IoStats::add(&stats.writes, 1);
+            IoStats::add(&stats.bytes_written, u64::from(h.length));
+            let data = input.get(h.length as usize);
+            dev.clone().start(
+                StartOp::Write {
+                    offset: h.offset,
+                    data,
+                    fua,
+                },
+                done,
+            )
+        } else {
+            let buf = self.take_spare();
+            dev.clone().start(
+                StartOp::Read {
+                    offset: h.offset,
+                    length: h.length as usize,
+                    buf,
+                },
+                done,
+            )
+        };
+        let mut map = lock(&self.started);
+        match started {
+            Started::Yes(ticket) => {
+                let early = map.get_mut(&seq).and_then(|e| {
+                    e.ticket = Some(ticket);
+                    e.early.take()
+                });
+                drop(map);
+                if let Some(r) = early {
+                    // Answered before the ticket was in: the completer gets it again.
+                    self.answers.put(seq, r);
+                }
+                None
+            }
+            // Never answered (the device gave `done` back), so never seen by the completer.
+            Started::No(_) => {
+                let e = map.remove(&seq)?;
+                if write {
+                    let stats = &self.neg.export.stats;
+                    stats.writes.fetch_sub(1, Ordering::Relaxed);
+                    stats
+                        .bytes_written
+                        .fetch_sub(u64::from(h.length), Ordering::Relaxed);
+                }
+                Some((next, e.grants, e.timer))
+            }
+        }
+    }
+
+    /// The completer thread: reply to started requests as their answers come, until every
+    /// worker has exited and nothing is in flight.
+    fn complete_loop(&self) {
+        let mut batch = Vec::new();
+        loop {
+            {
+                let mut st = lock(&self.answers.state);
+                while st.done.is_empty() {
+                    if st.closed && lock(&self.started).is_empty() {
+                        return;
+                    }
+                    st.idle = true;
+                    st = self
+                        .answers
+                        .ready
+                        .wait(st)
+                        .unwrap_or_else(|e| e.into_inner());
+                }
+                std::mem::swap(&mut batch, &mut st.done);
+            }
+            for (seq, r) in batch.drain(..) {
+                let entry = {
+                    let mut map = lock(&self.started);
+                    match map.get_mut(&seq) {
+                        Some(e) if e.ticket.is_none() => {
+                            // The reader puts the answer back once the ticket is in.
+                            e.early = Some(r);
+                            continue;
+                        }
+                        Some(_) => map.remove(&seq),
+                        None => None,
+                    }
+                };
+                if let Some(e) = entry {
+                    self.answer(e, r);
+                }
+            }
+        }
+    }
+
+    /// Finish a started request with its answer and send its reply.
+    fn answer(&self, e: InFlight<'a>, r: Result<Vec<u8>, BlockError>) {
+        let h = e.header;
+        let export = &self.neg.export;
+        let r = match e.ticket {
+            Some(t) => t.finish(r),
+            None => r,
+        };
+        let body = match r {
+            Ok(data) if h.command == Command::Read => {
+                IoStats::add(&export.stats.reads, 1);
+                IoStats::add(&export.stats.bytes_read, u64::from(h.length));
+                let head = if e.structured {
+                    codec::offset_data_prefix(h.cookie, h.offset, h.length).to_vec()
+                } else {
+                    codec::simple_reply(0, h.cookie).to_vec()
+                };
+                Body::Split { head, data }
+            }
+            Ok(_) => Body::Owned(codec::simple_reply(0, h.cookie).to_vec()),
+            Err(err) => Body::Owned(block_error_reply(export, &h, &err, e.structured)),
+        };
+        let sent = self.deliver(Reply {
+            body,
+            sent: 0,
+            _grants: e.grants,
+            _timer: e.timer,
+        });
+        if let Some(Body::Split { data, .. }) = sent {
+            self.keep_spare(data);
+        }
+    }
+
+    /// A spare buffer for a started READ (or an empty one).
+    fn take_spare(&self) -> Vec<u8> {
+        match lock(&self.spare).pop() {
+            Some(v) => {
+                self.retained.fetch_sub(v.capacity(), Ordering::AcqRel);
+                v
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Keep a started READ's buffer for the next one, within KEEP_BUFFER and RETAIN.
+    fn keep_spare(&self, v: Vec<u8>) {
+        let n = v.capacity();
+        if n == 0 || n > KEEP_BUFFER {
+            return;
+        }
+        if self.retained.fetch_add(n, Ordering::AcqRel) + n > RETAIN {
+            self.retained.fetch_sub(n, Ordering::AcqRel);
+            return;
+        }
+        lock(&self.spare).push(v);
     }
 
     /// Send `r` now if nobody else is writing and the socket takes all of it without blocking;
@@ -561,6 +900,7 @@ impl<'a> Session<'a> {
             self.drain_blocking();
             return Some(r.body);
         }
+        r.body.flatten();
         let tried = lock(&self.write).try_write(r.body.bytes());
         if matches!(tried, Ok(n) if n == r.body.bytes().len()) {
             // Still owning the socket: send what others queued meanwhile, as long as the
@@ -739,6 +1079,7 @@ impl<'a> Session<'a> {
                     }
                 }
             };
+            r.body.flatten();
             let tried = if self.broken.load(Ordering::Acquire) {
                 Ok(r.body.bytes().len() - r.sent)
             } else {
@@ -810,8 +1151,10 @@ impl<'a> Session<'a> {
         // One end time for the batch's request timers: one write sent them.
         let _clock = crate::metrics::ClockBatch::begin();
         for r in batch.drain(..) {
-            if let Body::Output { buf, .. } = r.body {
-                self.recycle(buf);
+            match r.body {
+                Body::Output { buf, .. } => self.recycle(buf),
+                Body::Split { data, .. } => self.keep_spare(data),
+                Body::Owned(_) => {}
             }
         }
     }
@@ -823,7 +1166,9 @@ impl<'a> Session<'a> {
         while first < batch.len() {
             let slices: Vec<IoSlice<'_>> = batch[first..]
                 .iter()
-                .map(|r| IoSlice::new(&r.body.bytes()[r.sent..]))
+                .flat_map(|r| r.body.rest(r.sent))
+                .filter(|p| !p.is_empty())
+                .map(IoSlice::new)
                 .collect();
             let mut n = match w.write_vectored(&slices) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -833,11 +1178,11 @@ impl<'a> Session<'a> {
             };
             while n > 0 && first < batch.len() {
                 let r = &mut batch[first];
-                let left = r.body.bytes().len() - r.sent;
+                let left = r.body.len() - r.sent;
                 let step = left.min(n);
                 r.sent += step;
                 n -= step;
-                if r.sent == r.body.bytes().len() {
+                if r.sent == r.body.len() {
                     first += 1;
                 }
             }

@@ -8,7 +8,12 @@
 //! memory, 2 vCPUs under load): 1 MiB reads and writes -35..45 %, 4k QD1 -25 %; 4k QD32
 //! unchanged: there the scheduler's wakeups (worker and reader thread, about 2.5 context
 //! switches per request) dominate either way. Negotiation and reconnection stay async on a
-//! small runtime (the supervisor per slot).
+//! small runtime (the supervisor per slot). `Upstream::start` sends a request whose answer goes
+//! to a callback on the reader thread instead (the NBD session's started requests): no caller
+//! waits on it, so each connection's supervisor checks once a second that none has waited
+//! longer than REQUEST_TIMEOUT (else the connection is dropped, failing what is in flight).
+//! The reader wakes the callers of all the replies one read(2) brought in together, before its
+//! next read.
 //!
 //! Failure: a dead connection fails everything in flight with an error (EIO to the NBD client;
 //! the fail-stop latch above us applies), and its supervisor reconnects with back-off (100 ms
@@ -29,13 +34,23 @@ use std::time::Duration;
 use tokio_rustls::rustls;
 
 use super::handshake::{self, ExportInfo};
-use super::proto::{self, Decoded, Pending, PendingMap, ReplyError, Waiter};
+use super::proto::{self, Completer, Decoded, Pending, PendingMap, ReplyError, Waiter};
 use super::transport::{Receiver, Transport};
 use super::uri::UpstreamUri;
 use crate::nbd::wire::*;
 
 /// Connections opened when the upstream offers CAN_MULTI_CONN.
 pub const POOL_SIZE: usize = 4;
+/// Connections to open under CAN_MULTI_CONN: `POOL_SIZE`, or what the environment variable
+/// NBDCRYPT_BENCH_UPSTREAM_CONNECTIONS says (1..=16; benchmarks only, to compare pool sizes
+/// in one build).
+fn pool_size() -> usize {
+    std::env::var("NBDCRYPT_BENCH_UPSTREAM_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| (1..=16).contains(n))
+        .unwrap_or(POOL_SIZE)
+}
 /// How long one request may wait for its reply.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -254,7 +269,7 @@ impl Upstream {
             ));
         }
         let n = if info.has(TFLAG_CAN_MULTI_CONN) {
-            POOL_SIZE
+            pool_size()
         } else {
             1
         };
@@ -298,33 +313,45 @@ impl Upstream {
         self.health.connected.load(Ordering::Relaxed)
     }
 
-    /// Registers a request on a live connection and writes it to the socket from this thread.
-    fn submit(
+    /// Registers a request on a live connection and writes it to the socket from this thread;
+    /// the connection it went to, or `reply` back (no connection is up). `buf`: a spare buffer
+    /// for a READ's data (else one from the connection's pool). `timed`: nobody waits on it
+    /// with a timeout, the connection's watchdog watches its age.
+    #[allow(clippy::too_many_arguments)]
+    fn send(
         &self,
         cmd: u16,
         flags: u16,
         offset: u64,
         len: u32,
         data: &[u8],
-    ) -> Result<Ticket, ReplyError> {
+        mut buf: Option<Vec<u8>>,
+        reply: Completer,
+        timed: bool,
+    ) -> Result<Arc<Conn>, Completer> {
+        let mut reply = Some(reply);
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         for i in 0..self.slots.len() {
             let slot = &self.slots[(start + i) % self.slots.len()];
             let Some(conn) = slot.get() else { continue };
-            let buf = if cmd == CMD_READ {
-                conn.take_buf()
+            let b = if cmd == CMD_READ {
+                buf.take().unwrap_or_else(|| conn.take_buf())
             } else {
                 Vec::new()
             };
-            let waiter = Arc::new(Waiter::default());
-            let mut p = Pending::with_buf(cmd, offset, len, buf);
-            p.reply = Some(waiter.clone());
+            let mut p = Pending::with_buf(cmd, offset, len, b);
+            p.reply = reply.take();
+            p.since = timed.then(std::time::Instant::now);
             p.volatile =
                 matches!(cmd, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) && flags & CMD_FLAG_FUA == 0;
             let handle = conn.next_handle.fetch_add(1, Ordering::Relaxed);
             // Registered before it is sent (the reply may come at once); refused once the
             // connection's reader has drained the map: then try the next connection.
-            if conn.pending.insert(handle, p).is_err() {
+            if let Err(mut p) = conn.pending.insert(handle, p) {
+                reply = p.reply.take();
+                if cmd == CMD_READ {
+                    buf = Some(std::mem::take(&mut p.buf));
+                }
                 continue;
             }
             let mut hdr = [0u8; 28];
@@ -339,17 +366,73 @@ impl Upstream {
                 // fails everything in flight, this request too, with this reason.
                 conn.fail(format!("sending a request: {e}"));
             }
-            return Ok(Ticket { conn, waiter });
+            return Ok(conn);
         }
-        self.health.failed_requests.fetch_add(1, Ordering::Relaxed);
-        Err(ReplyError::Connection(format!(
+        match reply {
+            Some(r) => Err(r),
+            // Never: every path above that takes it gives it back or returns.
+            None => Err(Completer::Call(Box::new(|_| {}))),
+        }
+    }
+
+    fn not_connected(&self) -> ReplyError {
+        ReplyError::Connection(format!(
             "not connected to {} (reconnecting{})",
             self.uri,
             self.health
                 .last_error()
                 .map(|e| format!("; last error: {e}"))
                 .unwrap_or_default()
-        )))
+        ))
+    }
+
+    /// Registers a request and writes it to the socket from this thread; wait for it with
+    /// `wait`.
+    fn submit(
+        &self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) -> Result<Ticket, ReplyError> {
+        let waiter = Arc::new(Waiter::default());
+        let reply = Completer::Wait(waiter.clone());
+        match self.send(cmd, flags, offset, len, data, None, reply, false) {
+            Ok(conn) => Ok(Ticket { conn, waiter }),
+            Err(_) => {
+                self.health.failed_requests.fetch_add(1, Ordering::Relaxed);
+                Err(self.not_connected())
+            }
+        }
+    }
+
+    /// Sends one request (READ or WRITE, at most `info.max_request` bytes) without waiting:
+    /// `done` runs once with its answer, on the connection's reader thread (or on this one
+    /// if no connection is up). A WRITE's `data` is on the socket when this returns. A reply
+    /// that does not come within REQUEST_TIMEOUT drops the connection (its watchdog), which
+    /// fails the request.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        &self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+        buf: Vec<u8>,
+        done: Box<dyn FnOnce(Result<Vec<u8>, ReplyError>) + Send>,
+    ) {
+        let health = self.health.clone();
+        let call = Completer::Call(Box::new(move |r: Result<Vec<u8>, ReplyError>| {
+            if r.is_err() {
+                health.failed_requests.fetch_add(1, Ordering::Relaxed);
+            }
+            done(r);
+        }));
+        if let Err(c) = self.send(cmd, flags, offset, len, data, Some(buf), call, true) {
+            c.complete(Err(self.not_connected()));
+        }
     }
 
     fn wait(&self, t: &Ticket) -> Result<Vec<u8>, ReplyError> {
@@ -536,6 +619,7 @@ impl Supervisor {
             conn.transport.shutdown();
         }
         self.health.connected.fetch_add(1, Ordering::Relaxed);
+        let watched = conn.clone();
         let reader = Reader {
             uri: self.uri.clone(),
             structured: self.want.structured,
@@ -552,9 +636,24 @@ impl Supervisor {
                 let _ = done_tx.send(reader.run(rx));
             });
         match spawned {
-            Ok(_) => done_rx
-                .await
-                .unwrap_or_else(|_| "the reply reader ended".to_string()),
+            Ok(_) => {
+                // The watchdog of requests nobody waits on with a timeout (`Upstream::start`):
+                // one overdue drops the connection, which fails everything in flight on it.
+                let mut done_rx = done_rx;
+                loop {
+                    match tokio::time::timeout(Duration::from_secs(1), &mut done_rx).await {
+                        Ok(r) => break r.unwrap_or_else(|_| "the reply reader ended".to_string()),
+                        Err(_) if watched.pending.overdue(REQUEST_TIMEOUT) => {
+                            watched.fail(format!(
+                                "no reply from {} within {} s",
+                                self.uri,
+                                REQUEST_TIMEOUT.as_secs()
+                            ))
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
             // `reader` went with the closure: nothing was sent on this connection yet, but
             // it was registered; drop it the way a reader would.
             Err(e) => {
@@ -576,6 +675,31 @@ impl Supervisor {
     }
 }
 
+/// The reply reader's socket side. Completions decoded from bytes already in memory wait here
+/// and their callers are woken together right before the next read of the socket, the one that
+/// may block: a caller woken in the middle of a batch of replies preempts the reader on a busy
+/// machine (an involuntary switch, and the rest of the batch waits for it). No completion waits
+/// for the upstream: every read of the socket wakes what is decoded first.
+struct Deferring {
+    rx: Receiver,
+    ready: Vec<(Completer, Result<Vec<u8>, ReplyError>)>,
+}
+
+impl Deferring {
+    fn wake(&mut self) {
+        for (w, r) in self.ready.drain(..) {
+            w.complete(r);
+        }
+    }
+}
+
+impl std::io::Read for Deferring {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.wake();
+        std::io::Read::read(&mut self.rx, buf)
+    }
+}
+
 /// A connection's reply reader (its own thread): decodes replies and completes their waiters;
 /// when the connection ends, takes it out of its slot and fails everything in flight.
 struct Reader {
@@ -592,7 +716,13 @@ impl Reader {
     fn run(self, rx: Receiver) -> String {
         // Buffered: one read(2) takes many small replies; a payload at least this large
         // bypasses the buffer and is read straight into the request's buffer.
-        let mut rd = BufReader::with_capacity(128 * 1024, rx);
+        let mut rd = BufReader::with_capacity(
+            128 * 1024,
+            Deferring {
+                rx,
+                ready: Vec::new(),
+            },
+        );
         let health = &self.health;
         let err = loop {
             match proto::read_reply(&mut rd, self.structured, &self.conn.pending) {
@@ -609,7 +739,7 @@ impl Reader {
                         }
                     }
                     if let Some(w) = p.reply {
-                        w.complete(r);
+                        rd.get_mut().ready.push((w, r));
                     }
                     if shutting_down {
                         break "the upstream is shutting down (ESHUTDOWN)".to_string();
@@ -618,6 +748,7 @@ impl Reader {
                 Err(e) => break e,
             }
         };
+        rd.get_mut().wake();
         // A sender's failure is the cause (the reader then only saw its shutdown).
         let err = self
             .conn

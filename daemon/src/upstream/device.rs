@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::client::Upstream;
 use super::proto::ReplyError;
-use crate::block::{self, BlockDevice, Caps, Extent, Op, ZeroFlags};
+use crate::block::{self, BlockDevice, Caps, Completion, Extent, Op, StartOp, Started, ZeroFlags};
 use crate::luks2::HeaderIo;
 use crate::nbd::wire::*;
 
@@ -187,6 +187,64 @@ impl BlockDevice for UpstreamDevice {
             hole: false,
             zero: false,
         }])
+    }
+
+    /// The upstream answers by itself: a request goes on the socket from the caller's thread
+    /// and the connection's reader thread completes it (`Upstream::start`).
+    fn starts(&self) -> bool {
+        true
+    }
+
+    /// One upstream request each (at most its largest request); a FUA write only where the
+    /// upstream has FUA (else it needs a FLUSH after it: the blocking path).
+    fn can_start(&self, op: Op, offset: u64, length: u64, fua: bool) -> bool {
+        let info = &self.up.info;
+        let fits = length > 0
+            && length <= u64::from(info.max_request.max(4096))
+            && offset.checked_add(length).is_some_and(|e| e <= info.size);
+        match op {
+            Op::Read => fits,
+            Op::Write => fits && !self.read_only && (!fua || info.has(TFLAG_SEND_FUA)),
+            _ => false,
+        }
+    }
+
+    fn start(self: Arc<Self>, op: StartOp<'_>, done: Completion) -> Started {
+        match op {
+            StartOp::Read {
+                offset,
+                length,
+                buf,
+            } => {
+                let n = length as u64;
+                let Ok(len) = u32::try_from(length) else {
+                    return Started::No(done);
+                };
+                if !self.can_start(Op::Read, offset, n, false) {
+                    return Started::No(done);
+                }
+                let answer = Box::new(move |r: Result<Vec<u8>, ReplyError>| {
+                    done(r.map_err(|e| to_block(e, Op::Read, offset, n)));
+                });
+                self.up.start(CMD_READ, 0, offset, len, &[], buf, answer);
+            }
+            StartOp::Write { offset, data, fua } => {
+                let n = data.len() as u64;
+                let Ok(len) = u32::try_from(data.len()) else {
+                    return Started::No(done);
+                };
+                if !self.can_start(Op::Write, offset, n, fua) {
+                    return Started::No(done);
+                }
+                let flags = if fua { CMD_FLAG_FUA } else { 0 };
+                let answer = Box::new(move |r: Result<Vec<u8>, ReplyError>| {
+                    done(r.map_err(|e| to_block(e, Op::Write, offset, n)));
+                });
+                self.up
+                    .start(CMD_WRITE, flags, offset, len, data, Vec::new(), answer);
+            }
+        }
+        Started::Yes(Box::new(block::Done))
     }
 }
 

@@ -33,7 +33,10 @@ pub struct Pending {
     /// Chunks received so far (bounded by `MAX_CHUNKS`).
     pub chunks: usize,
     /// Where the completion goes (None in the fuzz target).
-    pub reply: Option<Arc<Waiter>>,
+    pub reply: Option<Completer>,
+    /// When a request with a callback was sent: nobody waits on it with a timeout, so the
+    /// connection's watchdog checks its age ([`PendingMap::overdue`]).
+    pub since: Option<Instant>,
     /// A write-class command sent without FUA: once acknowledged, its data may sit in the
     /// upstream's volatile cache until a FLUSH (counted by the connection's reader).
     pub volatile: bool,
@@ -62,6 +65,7 @@ impl Pending {
             error: None,
             chunks: 0,
             reply: None,
+            since: None,
             volatile: false,
         }
     }
@@ -111,6 +115,15 @@ impl PendingMap {
     pub fn take(&self, handle: u64) -> Option<Pending> {
         self.0.lock().ok()?.0.remove(&handle)
     }
+    /// Whether a request with a callback has waited longer than `timeout` for its reply.
+    pub fn overdue(&self, timeout: Duration) -> bool {
+        let Ok(m) = self.0.lock() else {
+            return false;
+        };
+        m.0.values()
+            .filter_map(|p| p.since)
+            .any(|t| t.elapsed() > timeout)
+    }
     /// Closes the map and returns every request still in flight (the connection died).
     pub fn drain(&self) -> Vec<Pending> {
         match self.0.lock() {
@@ -119,6 +132,24 @@ impl PendingMap {
                 m.0.drain().map(|(_, p)| p).collect()
             }
             Err(_) => Vec::new(),
+        }
+    }
+}
+
+/// Where a request's completion goes.
+pub enum Completer {
+    /// A blocked caller.
+    Wait(Arc<Waiter>),
+    /// A callback, run on the thread that completes the request (the connection's reader, or
+    /// the one that failed it).
+    Call(Box<dyn FnOnce(Result<Vec<u8>, ReplyError>) + Send>),
+}
+
+impl Completer {
+    pub fn complete(self, r: Result<Vec<u8>, ReplyError>) {
+        match self {
+            Completer::Wait(w) => w.complete(r),
+            Completer::Call(f) => f(r),
         }
     }
 }
