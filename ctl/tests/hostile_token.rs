@@ -1024,6 +1024,51 @@ fn after_an_online_rotation_the_pin_names_the_new_key_and_the_old_header_is_refu
     assert_pin_moved_to_the_new_key(&v, &conf, &before, &old, "online-restart");
 }
 
+/// Unpinned: an online re-encryption start re-reads the header; one swapped in since the unlock
+/// (another volume key the same passphrase opens) would have its key carried over and the data
+/// rewritten from it. Refused, nothing written; the served header back, the same start runs.
+#[test]
+fn an_online_reencryption_start_refuses_a_header_swapped_since_the_unlock() {
+    let v = Vol::new(b"same passphrase");
+    let other = Vol::new(b"same passphrase");
+    let d = Daemon::start(v.dir.path(), "swap-start", &["--volume", &v.vol]);
+    ok(ctl(&[
+        "unlock",
+        "--key-file",
+        &v.key,
+        "--control",
+        &d.control(),
+    ]));
+    let served = backup_of(&v);
+    swap_header(&other, &v);
+    let before = std::fs::read(&v.vol).unwrap();
+    let o = fails(ctl(&[
+        "reencrypt",
+        "--control",
+        &d.control(),
+        "--key-file",
+        &v.key,
+    ]));
+    assert!(
+        text(&o).contains("another volume key than the one being served"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        std::fs::read(&v.vol).unwrap() == before,
+        "a refused start wrote to the volume"
+    );
+    swap_header(&served, &v);
+    ok(ctl(&[
+        "reencrypt",
+        "--control",
+        &d.control(),
+        "--key-file",
+        &v.key,
+        "--wait",
+    ]));
+}
+
 #[test]
 fn a_volume_with_another_uuid_is_refused_at_start_naming_both() {
     let victim = Vol::new(b"victim passphrase");

@@ -616,6 +616,7 @@ impl Volume {
         key: &VolumeKey,
     ) -> Result<Arc<dyn BlockDevice>, UnlockError> {
         self.pin.get().check(header, key)?;
+        self.pin.set_served(Some(key));
         // The volume key is in hand: shares people gave towards a quorum are no longer needed,
         // whichever way the volume was opened.
         self.shares.forget_partial_quorums();

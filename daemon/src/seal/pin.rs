@@ -284,11 +284,25 @@ pub fn rewrite_config_pin(file: &std::path::Path, lines: &str) -> std::io::Resul
 /// memory (later unlocks of this process) and in the `--config` file it was read from (later
 /// starts). Otherwise the pin would go on naming the rotated-out key: the current header would
 /// be refused and a header rolled back to before the rotation accepted.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct PinKeeper {
     pin: std::sync::RwLock<VolumePin>,
     /// The config file that holds the pin's `volume-key-digest` line, if it came from one.
     file: Option<std::path::PathBuf>,
+    /// Which volume key is being served (pinned or not): SHA-256 of a per-process random salt
+    /// and the key, so a later command that re-reads the header (an online re-encryption start)
+    /// can tell the header on disk still holds that key and was not swapped after the unlock.
+    served: std::sync::Mutex<Option<[u8; 32]>>,
+    salt: std::sync::OnceLock<[u8; 32]>,
+}
+
+impl fmt::Debug for PinKeeper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PinKeeper")
+            .field("pin", &self.get())
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where [`PinKeeper::rotate`] left the pin.
@@ -307,7 +321,35 @@ impl PinKeeper {
         PinKeeper {
             pin: std::sync::RwLock::new(pin),
             file,
+            ..PinKeeper::default()
         }
+    }
+
+    fn fingerprint(&self, key: &VolumeKey) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let salt = self.salt.get_or_init(|| {
+            let mut s = [0u8; 32];
+            // Without randomness the salt stays zero: still a fingerprint, just not salted.
+            let _ = getrandom::fill(&mut s);
+            s
+        });
+        let mut h = Sha256::new();
+        h.update(salt);
+        h.update(key.expose_secret());
+        h.finalize().into()
+    }
+
+    /// The key now served (`None`: none, or two during a re-encryption).
+    pub fn set_served(&self, key: Option<&VolumeKey>) {
+        let fp = key.map(|k| self.fingerprint(k));
+        *self.served.lock().unwrap_or_else(|e| e.into_inner()) = fp;
+    }
+
+    /// Whether `key` is the key being served; `None` if no single key is recorded.
+    pub fn is_served(&self, key: &VolumeKey) -> Option<bool> {
+        let served = *self.served.lock().unwrap_or_else(|e| e.into_inner());
+        let fp = self.fingerprint(key);
+        served.map(|s| s.iter().zip(&fp).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0)
     }
 
     /// The pin as it is now.
@@ -319,6 +361,7 @@ impl PinKeeper {
     /// committed: pin `new_key` (its digest in `header`, checked against the key itself). The
     /// in-memory pin moves even if the file cannot be written (the error says what to run).
     pub fn rotate(&self, header: &Luks2Header, new_key: &VolumeKey) -> Result<Rotated, String> {
+        self.set_served(Some(new_key));
         let mut pin = self.pin.write().unwrap_or_else(|e| e.into_inner());
         if pin.key_digest.is_none() {
             return Ok(Rotated::NotPinned);

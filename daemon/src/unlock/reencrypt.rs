@@ -488,6 +488,8 @@ fn serve_resuming(
         "unlocked mid-re-encryption"
     );
     vol.online.set_router(&router);
+    // Two keys are served until the finish records the new one.
+    vol.pin.set_served(None);
     // However the keys opened (passphrase, tokens, people's shares), a passphrase staged with
     // `unlock --share` for this resume has done its work.
     vol.shares().clear_staged();
@@ -669,6 +671,15 @@ impl Backend for VolumeBackend {
             .get()
             .check(&hdr, &old_key)
             .map_err(|e| format!("{p}: {e}"))?;
+        // Pinned or not, the header must still hold the key being served: one swapped in since
+        // the unlock would have its key carried over and the data rewritten from it.
+        if vol.pin.is_served(&old_key) == Some(false) {
+            return Err(format!(
+                "{p}: refused: the header on disk holds another volume key than the one being \
+                 served (replaced since the unlock?); nothing was written. Lock and unlock to \
+                 read it again, or restore the header from a backup"
+            ));
+        }
         if !cannot.is_empty() && !drop_unopened {
             return Err(format!(
                 "{} cannot be carried over to the new key and would be lost with the old one: \
