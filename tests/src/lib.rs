@@ -435,6 +435,34 @@ impl Upstream {
             let _ = c.wait();
         }
     }
+
+    /// Sends `sig` (e.g. SIGSTOP to hold requests in flight there, SIGCONT to let them go).
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = self.child.as_ref().expect("nbdkit runs").id();
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid"));
+        nix::sys::signal::kill(pid, sig).expect("signal nbdkit");
+    }
+}
+
+/// `nbdcryptctl format URI --yes` with a cheap KDF and a random key (from `seed`) in
+/// `dir/key`; returns the key file.
+pub fn format_upstream(dir: &Path, uri: &str, seed: u64) -> PathBuf {
+    let key = dir.join("key");
+    std::fs::write(&key, random_bytes(seed, 32)).expect("write the key");
+    let mut args: Vec<&OsStr> = vec![
+        OsStr::new("format"),
+        OsStr::new(uri),
+        OsStr::new("--yes"),
+        OsStr::new("--key-file"),
+        key.as_os_str(),
+    ];
+    args.extend(
+        ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]
+            .iter()
+            .map(OsStr::new),
+    );
+    nbdcryptctl(&args).success();
+    key
 }
 
 impl Drop for Upstream {

@@ -12,33 +12,16 @@ mod moto;
 mod pki;
 
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nbdcrypt_tests::*;
 
-const FAST: [&str; 4] = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
 /// 16 MiB of header + 32 MiB of data.
 const SIZE: u64 = 48 * MIB;
 /// A plaintext pattern that must never reach the upstream.
 const PATTERN: &[u8] = b"NBDCRYPT-UPSTREAM-PLAINTEXT-PATTERN-";
-
-/// `nbdcryptctl format URI` with a cheap KDF and the key in `dir/key`.
-fn format_through_us(dir: &Path, uri: &str) -> PathBuf {
-    let key = dir.join("key");
-    std::fs::write(&key, random_bytes(7, 32)).unwrap();
-    let mut args: Vec<&OsStr> = vec![
-        OsStr::new("format"),
-        OsStr::new(uri),
-        OsStr::new("--yes"),
-        OsStr::new("--key-file"),
-        key.as_os_str(),
-    ];
-    args.extend(FAST.iter().map(OsStr::new));
-    nbdcryptctl(&args).success();
-    key
-}
 
 /// `nbdcryptd --volume URI`, unlocked at start.
 fn serve(dir: TempDir, uri: &str, key: &Path) -> Daemon {
@@ -99,7 +82,7 @@ fn nbdkit_file_upstream_holds_only_ciphertext_and_cryptsetup_reads_our_header() 
     let img = dir.path().join("backing.img");
     std::fs::File::create(&img).unwrap().set_len(SIZE).unwrap();
     let up = Upstream::nbdkit(dir.path(), "file", &["file", img.to_str().unwrap()]);
-    let key = format_through_us(dir.path(), &up.uri);
+    let key = format_upstream(dir.path(), &up.uri, 7);
 
     // cryptsetup reads the header we wrote over NBD.
     let dump = run(tool("cryptsetup").arg("luksDump").arg(&img), TOOL_TIMEOUT)
@@ -143,7 +126,7 @@ fn nbdkit_memory_qemu_nbd_and_nbdcryptd_plain_upstreams_round_trip() {
     // nbdkit memory (multi-conn), with qemu-io as the client of our export.
     let dir = tempdir();
     let up = Upstream::nbdkit(dir.path(), "mem", &["memory", "48M"]);
-    let key = format_through_us(dir.path(), &up.uri);
+    let key = format_upstream(dir.path(), &up.uri, 7);
     let d = serve(tempdir(), &up.uri, &key);
     let qemu = |cmd: &str| {
         run(
@@ -176,7 +159,7 @@ fn nbdkit_memory_qemu_nbd_and_nbdcryptd_plain_upstreams_round_trip() {
         .expect("qemu-nbd (qemu-utils)");
     wait_for_socket(&qsock);
     let quri = format!("nbd+unix:///vol?socket={}", qsock.display());
-    let key = format_through_us(qdir.path(), &quri);
+    let key = format_upstream(qdir.path(), &quri, 7);
     let d = serve(tempdir(), &quri, &key);
     let data = pattern(2 * MIB as usize);
     round_trip(&d, &data);
@@ -190,7 +173,7 @@ fn nbdkit_memory_qemu_nbd_and_nbdcryptd_plain_upstreams_round_trip() {
     let plain = Daemon::plain(SIZE, &[]);
     let puri = plain.uri();
     let pdir = tempdir();
-    let key = format_through_us(pdir.path(), &puri);
+    let key = format_upstream(pdir.path(), &puri, 7);
     let d = serve(tempdir(), &puri, &key);
     round_trip(&d, &data);
     drop(d);
@@ -206,7 +189,7 @@ fn an_upstream_killed_mid_run_gives_eio_and_the_daemon_reconnects() {
     let img = dir.path().join("backing.img");
     std::fs::File::create(&img).unwrap().set_len(SIZE).unwrap();
     let mut up = Upstream::nbdkit(dir.path(), "file", &["file", img.to_str().unwrap()]);
-    let key = format_through_us(dir.path(), &up.uri);
+    let key = format_upstream(dir.path(), &up.uri, 7);
     let mut d = serve(tempdir(), &up.uri, &key);
     let data = pattern(MIB as usize);
     round_trip(&d, &data);
@@ -271,7 +254,7 @@ fn nbds_upstream_with_client_certificates_and_a_wrong_ca_is_refused() {
         "nbds://127.0.0.1:{port}/?tls-certificates={}",
         pki.client().display()
     );
-    let key = format_through_us(dir.path(), &uri);
+    let key = format_upstream(dir.path(), &uri, 7);
     let d = serve(tempdir(), &uri, &key);
     round_trip(&d, &pattern(MIB as usize));
     drop(d);
@@ -349,7 +332,7 @@ fn s3_through_nbdkit_over_moto_holds_only_ciphertext_objects() {
         .expect("nbdkit S3 (nbdkit-plugin-python)");
     wait_for_socket(&sock);
     let uri = format!("nbd+unix:///?socket={}", sock.display());
-    let key = format_through_us(dir.path(), &uri);
+    let key = format_upstream(dir.path(), &uri, 7);
     let d = serve(tempdir(), &uri, &key);
     let data = pattern(MIB as usize);
     round_trip(&d, &data);

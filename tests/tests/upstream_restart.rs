@@ -33,7 +33,6 @@ use std::time::{Duration, Instant};
 
 use nbdcrypt_tests::*;
 
-const FAST: [&str; 4] = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
 /// 16 MiB of header + 48 MiB of data (12288 blocks of 4 KiB).
 const SIZE: u64 = 64 * MIB;
 const BLOCKS: u64 = 12 * 1024;
@@ -101,21 +100,6 @@ impl Drop for Kit {
     fn drop(&mut self) {
         self.kill9();
     }
-}
-
-fn format_through(dir: &Path, uri: &str) -> PathBuf {
-    let key = dir.join("key");
-    std::fs::write(&key, random_bytes(0x4b45, 32)).unwrap();
-    let mut args: Vec<&OsStr> = vec![
-        OsStr::new("format"),
-        OsStr::new(uri),
-        OsStr::new("--yes"),
-        OsStr::new("--key-file"),
-        key.as_os_str(),
-    ];
-    args.extend(FAST.iter().map(OsStr::new));
-    nbdcryptctl(&args).success();
-    key
 }
 
 fn serve(uri: &str, key: &Path) -> Daemon {
@@ -229,7 +213,7 @@ fn trial(filters: &[&str], params: &[&str], salt: u32, kill_ms: u64, down_ms: u6
     File::create(&img).unwrap().set_len(SIZE).unwrap();
     let key = {
         let k = Kit::start(dir.path(), &[OsStr::new("file"), img.as_os_str()]);
-        format_through(dir.path(), &k.uri())
+        format_upstream(dir.path(), &k.uri(), 0x4b45)
     };
     let mut args: Vec<&OsStr> = filters.iter().map(OsStr::new).collect();
     args.extend([OsStr::new("file"), img.as_os_str()]);
@@ -419,7 +403,7 @@ fn a_flush_after_losing_unflushed_writes_with_the_upstream_fails_instead_of_cove
     File::create(&img).unwrap().set_len(SIZE).unwrap();
     let key = {
         let k = Kit::start(dir.path(), &[OsStr::new("file"), img.as_os_str()]);
-        format_through(dir.path(), &k.uri())
+        format_upstream(dir.path(), &k.uri(), 0x4b45)
     };
     let mut kit = Kit::start(
         dir.path(),

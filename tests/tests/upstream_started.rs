@@ -13,91 +13,15 @@
 //!
 //! The upstream is held still with SIGSTOP so requests are really in flight there.
 
-use std::ffi::{OsStr, OsString};
-use std::path::{Path, PathBuf};
+use std::ffi::OsString;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nbdcrypt_tests::*;
 
-const FAST: [&str; 4] = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
 /// 16 MiB of header + 32 MiB of data.
 const SIZE: u64 = 48 * MIB;
-
-/// nbdkit on a Unix socket whose process the test can stop, kill and restart.
-struct Kit {
-    child: Option<Child>,
-    sock: PathBuf,
-    argv: Vec<OsString>,
-}
-
-impl Kit {
-    fn start(dir: &Path, args: &[&str]) -> Kit {
-        let sock = dir.join("up.sock");
-        let mut argv: Vec<OsString> = vec!["-f".into(), "-U".into(), sock.clone().into()];
-        argv.extend(args.iter().map(OsString::from));
-        let mut k = Kit {
-            child: None,
-            sock,
-            argv,
-        };
-        k.restart();
-        k
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd+unix:///?socket={}", self.sock.display())
-    }
-
-    fn restart(&mut self) {
-        let _ = std::fs::remove_file(&self.sock);
-        self.child = Some(
-            tool("nbdkit")
-                .args(&self.argv)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("nbdkit"),
-        );
-        wait_for_socket(&self.sock);
-    }
-
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        let pid = self.child.as_ref().expect("nbdkit runs").id();
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
-        nix::sys::signal::kill(pid, sig).unwrap();
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Kit {
-    fn drop(&mut self) {
-        // A stopped process dies of SIGKILL as well.
-        self.kill9();
-    }
-}
-
-fn format_through_us(dir: &Path, uri: &str) -> PathBuf {
-    let key = dir.join("key");
-    std::fs::write(&key, random_bytes(0x5354, 32)).unwrap();
-    let mut args: Vec<&OsStr> = vec![
-        OsStr::new("format"),
-        OsStr::new(uri),
-        OsStr::new("--yes"),
-        OsStr::new("--key-file"),
-        key.as_os_str(),
-    ];
-    args.extend(FAST.iter().map(OsStr::new));
-    nbdcryptctl(&args).success();
-    key
-}
 
 /// `nbdcryptd --volume URI`, unlocked; `env` set for it alone (through env(1)).
 fn serve_env(uri: &str, key: &Path, env: &[&str]) -> Daemon {
@@ -264,9 +188,9 @@ fn an_upstream_dying_with_requests_in_flight_fails_them_with_eio_and_the_daemon_
     let dir = tempdir();
     let img = dir.path().join("backing.img");
     std::fs::File::create(&img).unwrap().set_len(SIZE).unwrap();
-    let mut kit = Kit::start(dir.path(), &["file", img.to_str().unwrap()]);
-    let key = format_through_us(dir.path(), &kit.uri());
-    let mut d = serve(&kit.uri(), &key);
+    let mut kit = Upstream::nbdkit(dir.path(), "up", &["file", img.to_str().unwrap()]);
+    let key = format_upstream(dir.path(), &kit.uri, 0x5354);
+    let mut d = serve(&kit.uri, &key);
     let data = random_bytes(0x4445, MIB as usize);
     write_file(&d, &data, "data.bin");
 
@@ -280,7 +204,7 @@ fn an_upstream_dying_with_requests_in_flight_fails_them_with_eio_and_the_daemon_
          would prove nothing; threads: {:?}",
         threads(&d)
     );
-    kit.kill9();
+    kit.kill();
     let out = finish_client(client, Duration::from_secs(30));
     assert!(
         out.contains("ok 0 eio 40 other 0"),
@@ -291,7 +215,7 @@ fn an_upstream_dying_with_requests_in_flight_fails_them_with_eio_and_the_daemon_
     d.assert_alive();
 
     // Back: the daemon reconnects and serves what it acknowledged before.
-    kit.restart();
+    kit.start();
     wait_connected(&d, 4);
     assert_eq!(
         first_difference(&read_back(&d, data.len(), "back.bin"), &data),
@@ -307,9 +231,9 @@ fn a_client_leaving_with_requests_in_flight_at_the_upstream_leaves_the_daemon_se
     let dir = tempdir();
     let img = dir.path().join("backing.img");
     std::fs::File::create(&img).unwrap().set_len(SIZE).unwrap();
-    let kit = Kit::start(dir.path(), &["file", img.to_str().unwrap()]);
-    let key = format_through_us(dir.path(), &kit.uri());
-    let mut d = serve(&kit.uri(), &key);
+    let kit = Upstream::nbdkit(dir.path(), "up", &["file", img.to_str().unwrap()]);
+    let key = format_upstream(dir.path(), &kit.uri, 0x5354);
+    let mut d = serve(&kit.uri, &key);
 
     kit.signal(nix::sys::signal::Signal::SIGSTOP);
     let out = finish_client(spawn_client(&d.uri(), "leave"), Duration::from_secs(30));
@@ -332,11 +256,11 @@ fn a_client_leaving_with_requests_in_flight_at_the_upstream_leaves_the_daemon_se
 fn started_and_blocking_requests_write_the_same_ciphertext_and_fio_verifies_out_of_order() {
     let dir = tempdir();
     // nbdkit memory offers multi-conn: four upstream connections, answers out of order.
-    let kit = Kit::start(dir.path(), &["memory", "48M"]);
-    let key = format_through_us(dir.path(), &kit.uri());
+    let kit = Upstream::nbdkit(dir.path(), "up", &["memory", "48M"]);
+    let key = format_upstream(dir.path(), &kit.uri, 0x5354);
 
     // Mixed sizes at queue depth 32 with fio's verifier, through started requests.
-    let mut started = serve(&kit.uri(), &key);
+    let mut started = serve(&kit.uri, &key);
     let fio = run(
         tool("fio")
             .arg("--ioengine=nbd")
@@ -358,7 +282,7 @@ fn started_and_blocking_requests_write_the_same_ciphertext_and_fio_verifies_out_
     let one = random_bytes(0x4f4e, 8 * MIB as usize);
     write_file(&started, &one, "one.bin");
     started.terminate(Duration::from_secs(20));
-    let mut blocking = serve_env(&kit.uri(), &key, &["NBDCRYPT_BENCH_NO_START=1"]);
+    let mut blocking = serve_env(&kit.uri, &key, &["NBDCRYPT_BENCH_NO_START=1"]);
     assert!(!threads(&blocking).iter().any(|t| t == "nbd-completer"));
     assert_eq!(
         first_difference(&read_back(&blocking, one.len(), "one.back"), &one),
@@ -368,7 +292,7 @@ fn started_and_blocking_requests_write_the_same_ciphertext_and_fio_verifies_out_
     let two = random_bytes(0x5457, 8 * MIB as usize);
     write_file(&blocking, &two, "two.bin");
     blocking.terminate(Duration::from_secs(20));
-    let d = serve(&kit.uri(), &key);
+    let d = serve(&kit.uri, &key);
     assert_eq!(
         first_difference(&read_back(&d, two.len(), "two.back"), &two),
         None,
