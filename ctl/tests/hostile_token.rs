@@ -612,6 +612,18 @@ fn kms_flags<'a>(moto: &'a Moto, key: &'a str) -> [&'a str; 6] {
     ]
 }
 
+/// `nbdcryptctl unlock --key-file KEY` on `d` succeeds.
+#[track_caller]
+fn unlock_with(d: &Daemon, key: &str) {
+    ok(ctl(&[
+        "unlock",
+        "--key-file",
+        key,
+        "--control",
+        &d.control(),
+    ]));
+}
+
 /// `nbdcryptctl unlock ARGS` on the pinned daemon `d` is refused by the pin.
 #[track_caller]
 fn assert_pin_refuses(d: &Daemon, args: &[&str]) {
@@ -752,19 +764,13 @@ fn a_swapped_header_is_refused_by_a_pinned_daemon_and_the_volume_stays_locked() 
     // Positive control: the victim's own header back (from a backup), the same pinned daemon
     // (it re-reads the header at each unlock) unlocks with the victim's passphrase.
     swap_header(&backup, &victim);
-    ok(ctl(&[
-        "unlock",
-        "--key-file",
-        &victim.key,
-        "--control",
-        &d.control(),
-    ]));
+    unlock_with(&d, &victim.key);
     assert_eq!(state(&d.status()), "unlocked");
 }
 
 /// The same attack with a header that claims a re-encryption in progress: unlocking such a
 /// volume takes the resume path (both keys, a router across the frontier), which must hold the
-/// pin too — the pinned key must be the old or the new one.
+/// pin too — the pinned key must be the one the rotation started from.
 #[test]
 fn a_swapped_header_in_the_middle_of_a_reencryption_is_refused_by_a_pinned_daemon() {
     let moto = Moto::start();
@@ -819,13 +825,7 @@ fn a_swapped_header_in_the_middle_of_a_reencryption_is_refused_by_a_pinned_daemo
 
     // Positive control: the victim's header back, the same daemon unlocks with its passphrase.
     swap_header(&backup, &victim);
-    ok(ctl(&[
-        "unlock",
-        "--key-file",
-        &victim.key,
-        "--control",
-        &d.control(),
-    ]));
+    unlock_with(&d, &victim.key);
     assert_eq!(state(&d.status()), "unlocked");
 }
 
@@ -922,13 +922,7 @@ fn assert_pin_moved_to_the_new_key(v: &Vol, conf: &Path, before: &str, old: &Vol
     assert_ne!(after, before, "the pin still names the rotated-out key");
     let current = backup_of(v);
     let d = Daemon::start(v.dir.path(), name, &["--config", conf.to_str().unwrap()]);
-    ok(ctl(&[
-        "unlock",
-        "--key-file",
-        &v.key,
-        "--control",
-        &d.control(),
-    ]));
+    unlock_with(&d, &v.key);
     ok(ctl(&["lock", "--control", &d.control()]));
     swap_header(old, v);
     assert_pin_refuses(&d, &["--key-file", &v.key]);
@@ -947,13 +941,7 @@ fn assert_pin_moved_to_the_new_key(v: &Vol, conf: &Path, before: &str, old: &Vol
     assert!(text(&o).contains("--replace needs"), "{}", text(&o));
     assert_eq!(pinned_digest(conf), after, "a refused pin rewrote the file");
     swap_header(&current, v);
-    ok(ctl(&[
-        "unlock",
-        "--key-file",
-        &v.key,
-        "--control",
-        &d.control(),
-    ]));
+    unlock_with(&d, &v.key);
 }
 
 /// Offline: `reencrypt --config FILE` moves FILE's pin to the new key when it finishes.
@@ -990,13 +978,7 @@ fn after_an_online_rotation_the_pin_names_the_new_key_and_the_old_header_is_refu
         "online",
         &["--config", conf.to_str().unwrap()],
     );
-    ok(ctl(&[
-        "unlock",
-        "--key-file",
-        &v.key,
-        "--control",
-        &d.control(),
-    ]));
+    unlock_with(&d, &v.key);
     ok(ctl(&[
         "reencrypt",
         "--control",
@@ -1007,13 +989,7 @@ fn after_an_online_rotation_the_pin_names_the_new_key_and_the_old_header_is_refu
     ]));
     // Same process: the in-memory pin moved too.
     ok(ctl(&["lock", "--control", &d.control()]));
-    ok(ctl(&[
-        "unlock",
-        "--key-file",
-        &v.key,
-        "--control",
-        &d.control(),
-    ]));
+    unlock_with(&d, &v.key);
     ok(ctl(&["lock", "--control", &d.control()]));
     let current = backup_of(&v);
     swap_header(&old, &v);
@@ -1032,13 +1008,7 @@ fn an_online_reencryption_start_refuses_a_header_swapped_since_the_unlock() {
     let v = Vol::new(b"same passphrase");
     let other = Vol::new(b"same passphrase");
     let d = Daemon::start(v.dir.path(), "swap-start", &["--volume", &v.vol]);
-    ok(ctl(&[
-        "unlock",
-        "--key-file",
-        &v.key,
-        "--control",
-        &d.control(),
-    ]));
+    unlock_with(&d, &v.key);
     let served = backup_of(&v);
     swap_header(&other, &v);
     let before = std::fs::read(&v.vol).unwrap();
@@ -1110,13 +1080,7 @@ fn a_volume_with_another_uuid_is_refused_at_start_naming_both() {
     );
     // And the pinned volume itself starts (locked) and unlocks with its passphrase.
     let d = Daemon::start(dir, "right", &["--config", conf.to_str().unwrap()]);
-    ok(ctl(&[
-        "unlock",
-        "--key-file",
-        &victim.key,
-        "--control",
-        &d.control(),
-    ]));
+    unlock_with(&d, &victim.key);
     assert_eq!(state(&d.status()), "unlocked");
 }
 
