@@ -255,6 +255,8 @@ impl Volume {
         })
     }
 
+    /// The data segment for `status`: a re-encryption's (from the disk) if one is in progress,
+    /// else `header`'s.
     fn segment(
         &self,
         header: &Luks2Header,
@@ -267,6 +269,13 @@ impl Volume {
                 iv_tweak: 0,
             });
         }
+        Self::segment_of(header, backing)
+    }
+
+    /// The data segment `header` describes, checked against the device. An unlock takes it from
+    /// the header its key was verified with, never from a second read of the disk (a header
+    /// swapped in between could otherwise move or resize what is served under the pinned key).
+    fn segment_of(header: &Luks2Header, backing: &dyn BlockDevice) -> Result<Segment, UnlockError> {
         let ds = header.data_segment();
         let device = backing.size();
         let size = match ds.size {
@@ -626,7 +635,7 @@ impl Volume {
             .volume_key_created
             .store(created, std::sync::atomic::Ordering::Relaxed);
         let backing = self.open_backing()?;
-        let segment = self.segment(header, &*backing)?;
+        let segment = Self::segment_of(header, &*backing)?;
         let cipher = SectorCipher::new(key, header.data_segment().sector_size as usize)
             .map_err(|e| UnlockError::Layout(e.to_string()))?;
         let allow_discards = self.file_options.allow_discards;
