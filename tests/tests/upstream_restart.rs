@@ -236,13 +236,28 @@ fn trial(filters: &[&str], params: &[&str], salt: u32, kill_ms: u64, down_ms: u6
     .stderr(File::create(dir.path().join("writer.err")).unwrap())
     .spawn()
     .expect("python3 with python3-libnbd");
-    std::thread::sleep(Duration::from_millis(kill_ms));
-    let acked_at_kill = std::fs::read_to_string(&out_path)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with("acked "))
-        .map(|l| l.split_whitespace().count() - 1)
-        .sum();
+    let acked_now = || -> usize {
+        std::fs::read_to_string(&out_path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("acked "))
+            .map(|l| l.split_whitespace().count() - 1)
+            .sum()
+    };
+    // The kill lands part-way through the writer's run, whatever the machine's speed: at
+    // `kill_ms` or once the writer has acknowledged the share of the blocks `kill_ms` stands for
+    // (500..2500 ms -> 10..90 %), whichever comes first. (A fixed time alone missed on a quiet
+    // machine: the writer had finished before it.)
+    let share = (kill_ms.clamp(500, 2500) - 500) * 80 / 2000 + 10;
+    let target = usize::try_from(BLOCKS * share / 100).unwrap();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(kill_ms) && acked_now() < target {
+        if writer.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let acked_at_kill = acked_now();
     kit.kill9();
     std::thread::sleep(Duration::from_millis(down_ms));
     kit.restart();
